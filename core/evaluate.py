@@ -1,0 +1,87 @@
+"""Accuracy, per-class accuracy, confusion matrix, MACs and parameters of a classifier."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .data import ImageSet, normalize
+from .models import InputSpec
+
+
+@dataclass
+class Accuracy:
+    accuracy: float
+    per_class: dict[str, float]
+    confusion: list[list[int]]
+    n: int
+
+    def to_dict(self) -> dict:
+        return {"accuracy": self.accuracy, "per_class": self.per_class, "confusion": self.confusion, "n": self.n}
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor, spec: InputSpec, batch_size: int = 256) -> torch.Tensor:
+    """Logits for uint8 images, in eval mode, batched to bound memory."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        out.append(model(normalize(images[i:i + batch_size], spec)).float())
+    model.train(was_training)
+    if not out:
+        return torch.zeros((0, 0))
+    return torch.cat(out)
+
+
+def accuracy_from_predictions(pred: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> Accuracy:
+    k = len(class_names)
+    conf = torch.zeros((k, k), dtype=torch.long)
+    conf.index_put_((labels, pred.clamp(0, k - 1)), torch.ones_like(labels), accumulate=True)
+    per_class = {}
+    for i, name in enumerate(class_names):
+        total = int(conf[i].sum())
+        per_class[name] = float(conf[i, i]) / total if total else float("nan")
+    acc = float((pred == labels).float().mean()) if len(labels) else float("nan")
+    return Accuracy(acc, per_class, conf.tolist(), int(len(labels)))
+
+
+def evaluate_accuracy(model: nn.Module, data: ImageSet, spec: InputSpec, batch_size: int = 256) -> Accuracy:
+    logits = predict_logits(model, data.images, spec, batch_size)
+    return accuracy_from_predictions(logits.argmax(1), data.labels, data.class_names)
+
+
+def count_macs_params(model: nn.Module, spec: InputSpec) -> tuple[int, int]:
+    """Multiply-accumulates of conv and linear layers for one image, and the parameter count.
+
+    Counted from the real forward pass (hooks), so it follows whatever shape the model really has.
+    """
+    macs = 0
+
+    def conv_hook(m: nn.Conv2d, inp, out):
+        nonlocal macs
+        kh, kw = m.kernel_size
+        macs += out.numel() // out.shape[0] * (m.in_channels // m.groups) * kh * kw
+
+    def linear_hook(m: nn.Linear, inp, out):
+        nonlocal macs
+        macs += out.numel() // out.shape[0] * m.in_features
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            handles.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, nn.Linear):
+            handles.append(m.register_forward_hook(linear_hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(spec.shape(1)))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    params = sum(p.numel() for p in model.parameters())
+    return int(macs), int(params)

@@ -1,0 +1,371 @@
+"""Loading and saving models safely; the architecture registry; the specs that let any model be rebuilt.
+
+Weights are always read with ``torch.load(weights_only=True)``, which refuses to run code. A whole
+pickled ``nn.Module`` needs code to run, so it is loaded only when the caller says the file is
+trusted. Everything PruneScope writes itself is architecture name + state dict (+ pruning history),
+so it reloads without pickle.
+"""
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .architectures import SAMPLE_ARCHITECTURES
+from .errors import ModelLoadError, UntrustedPickleError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_DIR = REPO_ROOT / "sample_models"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Keys under which training scripts commonly nest the state dict, in the order they are tried.
+CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "net", "ema", "state_dict_ema", "model_ema")
+# Torchvision builders whose auxiliary classifiers only matter for training; we build them without.
+_AUX_ARCHS = {"googlenet": ("aux1.", "aux2."), "inception_v3": ("AuxLogits.",)}
+
+
+@dataclass
+class InputSpec:
+    """What the model expects: the tool resizes, converts and normalises images to this."""
+
+    height: int = 224
+    width: int = 224
+    channels: int = 3
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    colour_order: str = "RGB"
+
+    def shape(self, batch: int = 1) -> tuple[int, int, int, int]:
+        return (batch, self.channels, self.height, self.width)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "InputSpec":
+        d = dict(d)
+        d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class ModelSpec:
+    """How to rebuild a model without pickle: architecture + number of classes (+ where its weights are)."""
+
+    arch: str
+    num_classes: int
+    input: InputSpec = field(default_factory=InputSpec)
+    class_names: list[str] | None = None
+    source: str = ""
+    checkpoint_key: str | None = None
+    pickled: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSpec":
+        d = dict(d)
+        d["input"] = InputSpec.from_dict(d.get("input") or {})
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    spec: ModelSpec
+    notes: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- architecture registry
+
+
+def torchvision_classifiers() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def list_architectures() -> list[str]:
+    return sorted(SAMPLE_ARCHITECTURES) + torchvision_classifiers()
+
+
+def build_architecture(arch: str, num_classes: int) -> nn.Module:
+    """A freshly initialised model of a registered architecture, with ``num_classes`` outputs."""
+    if arch in SAMPLE_ARCHITECTURES:
+        return SAMPLE_ARCHITECTURES[arch](num_classes=num_classes)
+    import torchvision
+
+    if arch not in torchvision_classifiers():
+        raise ModelLoadError(
+            f"Unknown architecture '{arch}'. Choose one of the sample architectures "
+            f"({', '.join(sorted(SAMPLE_ARCHITECTURES))}) or a torchvision classification model (e.g. resnet18)."
+        )
+    kwargs: dict[str, Any] = {"weights": None, "num_classes": num_classes}
+    if arch in _AUX_ARCHS:
+        kwargs.update(aux_logits=False, init_weights=False)
+    return torchvision.models.get_model(arch, **kwargs)
+
+
+def default_input_spec(arch: str) -> InputSpec:
+    if arch == "inception_v3":
+        return InputSpec(height=299, width=299)
+    return InputSpec()
+
+
+# ----------------------------------------------------------------------------- reading files
+
+
+def _sniff(data: bytes) -> str:
+    """Tell file kinds apart before unpickling anything, so each gets a specific message."""
+    if not data:
+        return "empty"
+    if data[:4] == b"PK\x03\x04":
+        try:
+            names = zipfile.ZipFile(io.BytesIO(data)).namelist()
+        except zipfile.BadZipFile:
+            return "unknown"
+        if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+            return "torchscript"
+        if any(n.endswith("/data.pkl") for n in names):
+            return "torch_zip"
+        return "zip"
+    if data[:1] == b"\x80" and len(data) > 1 and data[1] in range(2, 6):
+        return "pickle"
+    if _looks_like_onnx(data):
+        return "onnx"
+    return "unknown"
+
+
+def _looks_like_onnx(data: bytes) -> bool:
+    if b"onnx" not in data[:4096].lower() and b"ir_version" not in data[:64]:
+        # ONNX files start with field 1 (ir_version, varint) = 0x08; producer names usually follow.
+        if data[:1] != b"\x08":
+            return False
+    try:
+        import onnx
+
+        proto = onnx.load_model_from_string(data)
+        return len(proto.graph.node) > 0
+    except Exception:
+        return False
+
+
+def read_checkpoint(data: bytes, trusted: bool = False) -> tuple[Any, list[str]]:
+    """The object stored in a PyTorch file, loaded without running code unless ``trusted``."""
+    kind = _sniff(data)
+    if kind == "empty":
+        raise ModelLoadError("The model file is empty (0 bytes). Upload the .pt/.pth file again.")
+    if kind == "torchscript":
+        raise ModelLoadError(
+            "This is a TorchScript archive (torch.jit.save), not a state dict. TorchScript graphs cannot be "
+            "pruned structurally; save the model's state_dict() with torch.save and choose its architecture."
+        )
+    if kind == "onnx":
+        raise ModelLoadError(
+            "This is an ONNX model. PruneScope prunes PyTorch models: upload the PyTorch state dict (.pt/.pth) "
+            "the ONNX file was exported from, and choose its architecture."
+        )
+    if kind in ("unknown", "zip"):
+        raise ModelLoadError(
+            "This file is not a PyTorch checkpoint (no torch.save header found). Expected a .pt/.pth file "
+            "written by torch.save(model.state_dict(), path)."
+        )
+    notes: list[str] = []
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not trusted:
+            raise UntrustedPickleError(
+                "This file is a pickled Python object, not plain weights "
+                f"({_unsupported_global(exc)}). Loading it would run code from the file, so it was not "
+                "loaded. Save model.state_dict() instead, or tick 'I trust this file' if you made it yourself."
+            ) from None
+        try:
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+        except Exception as exc2:  # a trusted pickle can still fail to import its classes
+            raise ModelLoadError(f"The trusted pickle could not be loaded: {exc2}") from None
+        notes.append("Loaded as a trusted pickle (code in the file was allowed to run).")
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+        raise ModelLoadError(f"The checkpoint is damaged or truncated and cannot be read ({exc}).") from None
+    return obj, notes
+
+
+def _unsupported_global(exc: Exception) -> str:
+    text = str(exc)
+    for line in text.splitlines():
+        if "Unsupported global" in line or "GLOBAL" in line:
+            return line.strip().rstrip(".")[:200]
+    return "it references Python classes or functions"
+
+
+def extract_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], str | None, list[str]]:
+    """The state dict inside a checkpoint, however it was nested; names the key it used."""
+    notes: list[str] = []
+    key_used = None
+    if isinstance(obj, nn.Module):
+        return obj.state_dict(), None, notes
+    if isinstance(obj, dict) and not _is_state_dict(obj):
+        for key in CHECKPOINT_KEYS:
+            if key in obj:
+                inner = obj[key]
+                if isinstance(inner, nn.Module):
+                    inner = inner.state_dict()
+                if isinstance(inner, dict) and _is_state_dict(inner):
+                    obj, key_used = inner, key
+                    notes.append(f"Weights read from the checkpoint's '{key}' entry.")
+                    break
+    if not isinstance(obj, dict) or not _is_state_dict(obj):
+        keys = ", ".join(list(obj)[:8]) if isinstance(obj, dict) else type(obj).__name__
+        raise ModelLoadError(
+            f"No state dict found in the checkpoint (top-level entries: {keys}). Expected tensors by "
+            f"parameter name, possibly under one of: {', '.join(CHECKPOINT_KEYS)}."
+        )
+    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    for prefix in ("module.", "_orig_mod.", "model."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+            notes.append(f"Removed the '{prefix}' prefix from parameter names.")
+    if any(v.is_floating_point() and v.dtype != torch.float32 for v in sd.values()):
+        sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+        notes.append("Converted half-precision weights to float32.")
+    return sd, key_used, notes
+
+
+def _is_state_dict(d: dict) -> bool:
+    tensors = [v for v in d.values() if isinstance(v, torch.Tensor)]
+    return bool(tensors) and len(tensors) >= 0.5 * len(d) and all(isinstance(k, str) for k in d)
+
+
+def classifier_keys(arch: str) -> list[str]:
+    """State-dict keys of the output layer, found by building the model with an unlikely class count."""
+    probe_classes = 7919
+    probe = build_architecture(arch, probe_classes)
+    return [k for k, v in probe.state_dict().items() if v.ndim >= 1 and v.shape[0] == probe_classes]
+
+
+def infer_num_classes(arch: str, sd: dict[str, torch.Tensor]) -> int:
+    for key in classifier_keys(arch):
+        if key in sd:
+            return int(sd[key].shape[0])
+    raise ModelLoadError(
+        f"Cannot tell the number of classes: the checkpoint has no output layer of a '{arch}' "
+        f"(looked for {', '.join(classifier_keys(arch)) or 'a final layer'}). Is it the right architecture?"
+    )
+
+
+def load_state_dict_strict(model: nn.Module, sd: dict[str, torch.Tensor], arch: str) -> None:
+    """Load weights, or say exactly which keys and shapes do not fit."""
+    own = model.state_dict()
+    drop = _AUX_ARCHS.get(arch, ())
+    sd = {k: v for k, v in sd.items() if not k.startswith(drop)} if drop else sd
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    mismatched = [(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        parts = []
+        if mismatched:
+            parts.append("shape mismatch: " + "; ".join(f"{k} is {a} in the file but {b} in {arch}" for k, a, b in mismatched[:3]))
+        if missing:
+            parts.append(f"{len(missing)} missing key(s), first: {', '.join(missing[:3])}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s), first: {', '.join(unexpected[:3])}")
+        raise ModelLoadError(f"The weights do not fit architecture '{arch}': " + "; ".join(parts) + ".")
+    model.load_state_dict(sd, strict=True)
+
+
+def load_model(
+    path: str | Path | bytes,
+    arch: str | None = None,
+    trusted: bool = False,
+    input_spec: InputSpec | None = None,
+    class_names: list[str] | None = None,
+) -> LoadedModel:
+    """Load a model from a file: architecture name + state dict, or a whole trusted pickled module.
+
+    ``path`` may be ``sample:NAME`` for a bundled sample.
+    """
+    if isinstance(path, str) and path.startswith("sample:"):
+        return load_sample_model(path.split(":", 1)[1])
+    data = path if isinstance(path, bytes) else _read_file(Path(path))
+    source = "upload" if isinstance(path, bytes) else str(path)
+    obj, notes = read_checkpoint(data, trusted=trusted)
+    if isinstance(obj, nn.Module) and arch is None:
+        model = obj.float().eval()
+        num_classes = _output_features(model)
+        spec = ModelSpec(arch=f"pickled:{type(obj).__name__}", num_classes=num_classes,
+                         input=input_spec or InputSpec(), class_names=class_names, source=source, pickled=True)
+        return LoadedModel(model, spec, notes)
+    if arch is None:
+        raise ModelLoadError("This file holds only weights (a state dict): choose its architecture (e.g. --arch resnet18).")
+    sd, key_used, more = extract_state_dict(obj)
+    notes += more
+    num_classes = infer_num_classes(arch, sd)
+    model = build_architecture(arch, num_classes)
+    load_state_dict_strict(model, sd, arch)
+    spec = ModelSpec(arch=arch, num_classes=num_classes, input=input_spec or default_input_spec(arch),
+                     class_names=class_names, source=source, checkpoint_key=key_used)
+    return LoadedModel(model.eval(), spec, notes)
+
+
+def _read_file(path: Path) -> bytes:
+    if not path.exists():
+        raise ModelLoadError(f"Model file not found: {path}")
+    if path.is_dir():
+        raise ModelLoadError(f"Expected a model file, got a folder: {path}")
+    return path.read_bytes()
+
+
+def _output_features(model: nn.Module) -> int:
+    last = None
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            last = m
+    if last is None:
+        raise ModelLoadError("The pickled object has no Linear or Conv2d layer: is it a classifier?")
+    return last.out_features if isinstance(last, nn.Linear) else last.out_channels
+
+
+# ----------------------------------------------------------------------------- bundled samples
+
+
+def sample_manifest() -> dict:
+    path = SAMPLE_DIR / "manifest.json"
+    if not path.exists():
+        raise ModelLoadError("The bundled sample models are missing (sample_models/manifest.json).")
+    return json.loads(path.read_text())
+
+
+def sample_names() -> list[str]:
+    return [m["name"] for m in sample_manifest()["models"]]
+
+
+def sample_entry(name: str) -> dict:
+    for entry in sample_manifest()["models"]:
+        if entry["name"] == name:
+            return entry
+    raise ModelLoadError(f"No bundled sample named '{name}'. Available: {', '.join(sample_names())}.")
+
+
+def load_sample_model(name: str) -> LoadedModel:
+    entry = sample_entry(name)
+    spec_input = InputSpec(height=entry["input_size"][1], width=entry["input_size"][2], channels=entry["input_size"][0],
+                           mean=tuple(entry["mean"]), std=tuple(entry["std"]))
+    loaded = load_model(SAMPLE_DIR / entry["weights"], arch=entry["architecture"], input_spec=spec_input,
+                        class_names=list(entry["class_names"]))
+    loaded.spec.source = f"sample:{name}"
+    return loaded
+
+
+def rebuild_from_spec(spec: ModelSpec, state_dict: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """A fresh model of ``spec``'s architecture, optionally with weights; never unpickles."""
+    if spec.pickled:
+        raise ModelLoadError("A pickled model can only be rebuilt from its trusted file.")
+    model = build_architecture(spec.arch, spec.num_classes)
+    if state_dict is not None:
+        load_state_dict_strict(model, state_dict, spec.arch)
+    return model.eval()

@@ -1,0 +1,69 @@
+"""The OpenVINO side: convert a PyTorch model through ONNX and time it on the CPU runtime.
+
+Conversion goes through ONNX at opset 13 (TorchScript exporter) rather than ``ov.convert_model`` on
+the module: the direct path emits newer op versions (e.g. MaxPool-14) that older runtimes, and the
+NCS2's 2022.3 toolchain, cannot read.
+"""
+from __future__ import annotations
+
+import io
+import statistics
+import time
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+
+ONNX_OPSET = 13
+
+
+def export_onnx_bytes(model: nn.Module, input_shape: tuple[int, ...], opset: int = ONNX_OPSET) -> bytes:
+    """ONNX of the model with a static input shape (batch included)."""
+    model = model.eval()
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(input_shape),), buf, opset_version=opset, dynamo=False,
+                          input_names=["input"], output_names=["logits"], do_constant_folding=True)
+    return buf.getvalue()
+
+
+def to_openvino(model: nn.Module, input_shape: tuple[int, ...]):
+    """An ``ov.Model`` of the PyTorch model, converted from its ONNX export."""
+    return _read_onnx(export_onnx_bytes(model, input_shape))
+
+
+def _read_onnx(onnx_bytes: bytes):
+    import openvino as ov
+
+    return ov.convert_model(io.BytesIO(onnx_bytes))
+
+
+def compile_cpu(ov_model, threads: int | None = None):
+    import openvino as ov
+
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    return ov.Core().compile_model(ov_model, "CPU", config)
+
+
+def time_compiled(compiled, input_shape: tuple[int, ...], runs: int = 50, warmup: int = 10) -> list[float]:
+    """Per-run latencies in ms of a compiled model on a fixed random input (batch as in the shape)."""
+    request = compiled.create_infer_request()
+    x = np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)
+    for _ in range(warmup):
+        request.infer([x])
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        request.infer([x])
+        times.append((time.perf_counter() - t0) * 1000.0)
+    return times
+
+
+def measure_latency_ms(model: nn.Module, input_shape: tuple[int, ...], runs: int = 50, warmup: int = 10) -> float:
+    """Median batch-1 latency of the model on the OpenVINO CPU runtime, in milliseconds."""
+    compiled = compile_cpu(to_openvino(model, input_shape))
+    return float(statistics.median(time_compiled(compiled, input_shape, runs, warmup)))
