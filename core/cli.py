@@ -1,0 +1,136 @@
+"""Headless command line: evaluate, analyse, prune, export, bench.
+
+Every user error ends in one line on stderr and a non-zero exit code, never a traceback. Progress
+goes to stderr so that ``--json`` output on stdout stays machine-readable.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import PruneScopeError
+
+EXIT_USER_ERROR = 2
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="weights file (.pt/.pth) or sample:NAME")
+    p.add_argument("--arch", help="architecture of a state dict (e.g. resnet18, sample_resnet)")
+    p.add_argument("--trusted", action="store_true", help="allow loading a pickled module (runs code from the file)")
+    p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="model input size (default: per architecture)")
+    p.add_argument("--mean", type=float, nargs=3, help="per-channel mean of the model's normalisation")
+    p.add_argument("--std", type=float, nargs=3, help="per-channel std of the model's normalisation")
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="ImageFolder zip or folder, or sample:NAME")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="held-out fraction when the data is not pre-split")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m core", description="PruneScope: CAR analysis and cluster pruning of CNNs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ev = sub.add_parser("evaluate", help="accuracy, per-class accuracy, MACs, params, OpenVINO CPU latency")
+    _add_model_args(ev)
+    _add_data_args(ev)
+    ev.add_argument("--no-latency", action="store_true", help="skip the OpenVINO latency measurement")
+    ev.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    from . import cli_engine
+
+    cli_engine.add_commands(sub, _add_model_args, _add_data_args)
+    return parser
+
+
+def load_model_and_data(args):
+    """The model and the data set named on the command line, checked against each other."""
+    from .data import load_dataset
+    from .models import InputSpec, load_model
+
+    spec = None
+    if args.input_size or args.mean or args.std:
+        spec = InputSpec()
+        if args.input_size:
+            spec.height, spec.width = args.input_size
+        if args.mean:
+            spec.mean = tuple(args.mean)
+        if args.std:
+            spec.std = tuple(args.std)
+    loaded = load_model(args.model, arch=args.arch, trusted=args.trusted, input_spec=spec)
+    data = load_dataset(args.data, loaded.spec.input, expected_classes=loaded.spec.num_classes,
+                        val_fraction=args.val_fraction, seed=args.seed)
+    if loaded.spec.class_names is None:
+        loaded.spec.class_names = data.class_names
+    return loaded, data
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import count_macs_params, evaluate_accuracy
+    from .ov_runtime import measure_latency_ms
+
+    loaded, data = load_model_and_data(args)
+    progress("evaluating accuracy on %d validation images" % len(data.val))
+    acc = evaluate_accuracy(loaded.model, data.val, loaded.spec.input)
+    macs, params = count_macs_params(loaded.model, loaded.spec.input)
+    latency = None
+    if not args.no_latency:
+        progress("measuring OpenVINO CPU latency (batch 1)")
+        latency = measure_latency_ms(loaded.model, loaded.spec.input.shape(1))
+    result = {
+        "model": loaded.spec.source,
+        "arch": loaded.spec.arch,
+        "data": data.source,
+        "num_val": len(data.val),
+        "accuracy": acc.accuracy,
+        "per_class": acc.per_class,
+        "confusion": acc.confusion,
+        "macs": macs,
+        "params": params,
+        "latency_ms": latency,
+        "notes": loaded.notes,
+        "data_report": data.report.to_dict(),
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"accuracy   {acc.accuracy * 100:.2f}% on {len(data.val)} images")
+        print(f"MACs       {format_macs(macs)}")
+        print(f"params     {params / 1e6:.3f} M")
+        if latency is not None:
+            print(f"latency    {latency:.3f} ms (OpenVINO CPU, batch 1, median)")
+        for name, a in acc.per_class.items():
+            print(f"  {name:>16}: {a * 100:.1f}%")
+    return 0
+
+
+def format_macs(macs: float) -> str:
+    if macs >= 1e9:
+        return f"{macs / 1e9:.2f} G"
+    return f"{macs / 1e6:.2f} M"
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+COMMANDS = {"evaluate": cmd_evaluate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from . import cli_engine
+
+    handler = COMMANDS.get(args.command) or cli_engine.COMMANDS[args.command]
+    try:
+        return handler(args)
+    except PruneScopeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,17 @@
+"""Shared fixtures: every test gets its own workspace so runs and uploads never leak between tests."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_workspace(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNESCOPE_WORKSPACE", str(tmp_path / "workspace"))
+    yield

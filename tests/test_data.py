@@ -1,0 +1,128 @@
+"""Data set loading: layouts, the validation report, and refusal of unsafe or unusable uploads."""
+from __future__ import annotations
+
+import io
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.data import Limits, load_dataset, safe_extract_zip
+from core.errors import DataError
+from core.models import InputSpec
+
+SPEC = InputSpec(height=16, width=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+def _png(colour=(255, 0, 0), mode="RGB", size=(20, 20)) -> bytes:
+    img = Image.new("RGB", size, colour).convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _zip(entries: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def _classes(n_classes=3, per_class=5, prefix="") -> dict[str, bytes]:
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
+    return {f"{prefix}c{c}/img{i}.png": _png(colours[c % 4]) for c in range(n_classes) for i in range(per_class)}
+
+
+def test_zip_imagefolder_with_wrapper_folder_and_split():
+    ds = load_dataset(_zip(_classes(prefix="mydata/")), SPEC, expected_classes=3)
+    assert ds.class_names == ["c0", "c1", "c2"]
+    assert len(ds.train) + len(ds.val) == 15
+    assert set(ds.val.labels.tolist()) == {0, 1, 2}, "the split is stratified"
+    assert ds.train.images.shape[1:] == (3, 16, 16)
+
+
+def test_split_is_reproducible():
+    data = _zip(_classes(per_class=10))
+    a, b = load_dataset(data, SPEC), load_dataset(data, SPEC)
+    assert a.val.labels.tolist() == b.val.labels.tolist()
+    assert np.array_equal(a.val.images.numpy(), b.val.images.numpy())
+
+
+def test_presplit_train_val_folder(tmp_path):
+    for split in ("train", "val"):
+        for c in ("cat", "dog"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(3):
+                (tmp_path / split / c / f"{i}.png").write_bytes(_png())
+    ds = load_dataset(tmp_path, SPEC)
+    assert ds.report.presplit and len(ds.train) == 6 and len(ds.val) == 6
+
+
+def test_report_lists_non_images_and_corrupt_files_and_conversions():
+    entries = _classes()
+    entries["c0/notes.txt"] = b"hello"
+    entries["c1/broken.jpg"] = b"\xff\xd8\xff\xe0 definitely not a jpeg"
+    entries["c2/grey.png"] = _png(mode="L")
+    entries["c2/alpha.png"] = _png(mode="RGBA")
+    entries["__MACOSX/c0/._img0.png"] = b"junk"
+    ds = load_dataset(_zip(entries), SPEC)
+    assert any("notes.txt" in s for s in ds.report.skipped_non_images)
+    assert any("broken.jpg" in s for s in ds.report.corrupt_images)
+    assert ds.report.converted.get("L") == 1 and ds.report.converted.get("RGBA") == 1
+    assert len(ds.train) + len(ds.val) == 17
+
+
+def test_zip_slip_refused_before_anything_is_written(tmp_path):
+    entries = _classes()
+    entries["../../evil.png"] = _png()
+    dest = tmp_path / "out"
+    with pytest.raises(DataError, match="Unsafe path"):
+        safe_extract_zip(_zip(entries), dest=dest)
+    assert not dest.exists() and not (tmp_path / "evil.png").exists()
+
+
+def test_absolute_path_refused():
+    entries = _classes()
+    entries["/etc/evil.png"] = _png()
+    with pytest.raises(DataError, match="Unsafe path"):
+        load_dataset(_zip(entries), SPEC)
+
+
+def test_zip_bomb_refused_before_expansion(tmp_path):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("c0/a.png", _png())
+        zf.writestr("c1/bomb.png", b"\0" * (50 * 1024 * 1024))
+    limits = Limits(max_uncompressed_bytes=20 * 1024 * 1024)
+    dest = tmp_path / "bomb"
+    with pytest.raises(DataError, match="limit|zip bomb"):
+        safe_extract_zip(buf.getvalue(), dest=dest, limits=limits)
+    assert not dest.exists()
+
+
+def test_too_many_files_refused():
+    with pytest.raises(DataError, match="entries"):
+        load_dataset(_zip(_classes(per_class=5)), SPEC, limits=Limits(max_files=10))
+
+
+def test_not_a_zip():
+    with pytest.raises(DataError, match="not a valid zip"):
+        load_dataset(b"this is not a zip", SPEC)
+
+
+def test_fewer_than_two_classes():
+    with pytest.raises(DataError, match="at least 2"):
+        load_dataset(_zip(_classes(n_classes=1)), SPEC)
+
+
+def test_class_count_mismatch_names_both_numbers():
+    with pytest.raises(DataError, match="3 classes but the model outputs 10"):
+        load_dataset(_zip(_classes(n_classes=3)), SPEC, expected_classes=10)
+
+
+def test_grey_model_gets_one_channel():
+    spec = InputSpec(height=8, width=8, channels=1, mean=(0.5,), std=(0.5,))
+    ds = load_dataset(_zip(_classes()), spec)
+    assert ds.train.images.shape[1] == 1
