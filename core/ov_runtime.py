@@ -67,3 +67,42 @@ def measure_latency_ms(model: nn.Module, input_shape: tuple[int, ...], runs: int
     """Median batch-1 latency of the model on the OpenVINO CPU runtime, in milliseconds."""
     compiled = compile_cpu(to_openvino(model, input_shape))
     return float(statistics.median(time_compiled(compiled, input_shape, runs, warmup)))
+
+
+def read_ir(xml_path):
+    """An ``ov.Model`` read from an IR .xml (its .bin next to it)."""
+    import openvino as ov
+
+    return ov.Core().read_model(str(xml_path))
+
+
+def time_interleaved(compiled_models: list, input_shape: tuple[int, ...], runs: int = 50, warmup: int = 10,
+                     seed: int = 0) -> list[list[float]]:
+    """Per-run latencies in ms of several compiled models, measured in alternation.
+
+    Each round runs every model once, in a shuffled order, so slow drifts of a noisy machine (other
+    processes, frequency changes) hit all models alike instead of whichever was timed last.
+    """
+    x = np.random.default_rng(seed).standard_normal(input_shape).astype(np.float32)
+    requests = [c.create_infer_request() for c in compiled_models]
+    for _ in range(warmup):
+        for r in requests:
+            r.infer([x])
+    times: list[list[float]] = [[] for _ in requests]
+    order = np.arange(len(requests))
+    rng = np.random.default_rng(seed + 1)
+    for _ in range(runs):
+        rng.shuffle(order)
+        for i in order:
+            t0 = time.perf_counter()
+            requests[i].infer([x])
+            times[i].append((time.perf_counter() - t0) * 1000.0)
+    return times
+
+
+def measure_latencies_ms(ov_models: list, input_shape: tuple[int, ...], runs: int = 50, warmup: int = 10,
+                         threads: int | None = None) -> list[float]:
+    """Median batch-1 CPU latency of each ``ov.Model`` (or IR path), timed in alternation."""
+    compiled = [compile_cpu(read_ir(m) if isinstance(m, (str, bytes)) or hasattr(m, "__fspath__") else m, threads)
+                for m in ov_models]
+    return [float(statistics.median(t)) for t in time_interleaved(compiled, input_shape, runs, warmup)]
