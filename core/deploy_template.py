@@ -1,0 +1,265 @@
+#!/usr/bin/env python3
+"""Run a PruneScope export bundle: the pruned model, or the original when the pruned one cannot be trusted.
+
+    python deploy.py                       # load on CPU, run the self-test, say which model is used and why
+    python deploy.py --device MYRIAD       # Intel NCS2 (needs OpenVINO 2022.3 LTS, the last with MYRIAD)
+    python deploy.py --image cat.jpg       # also classify an image (reading images needs Pillow)
+
+The pruned model (model/) is used unless one of its files is missing or altered (sha256 against
+manifest.json), it fails to compile on the device, or it fails the built-in self-test (the stored
+inputs in selftest.npz must give the stored outputs within a tolerance). Then the original model
+(fallback/) goes through the same checks and is used instead.
+
+From Python:
+
+    import deploy
+    compiled, which, reason = deploy.load(".", "CPU")
+    logits = deploy.predict(images)        # uint8 images, HWC/NHWC/CHW/NCHW, already at the input size
+
+Needs only openvino and numpy (Python 3.7+, OpenVINO 2022.3 or newer). Written by PruneScope; it does
+not import PruneScope or torch.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# (name, folder, key of its expected outputs in selftest.npz)
+CANDIDATES = (("pruned", "model", "expected_model"), ("fallback", "fallback", "expected_fallback"))
+_STATE = {}
+
+
+def _core():
+    try:
+        from openvino import Core  # OpenVINO 2023.0 and newer
+    except ImportError:
+        from openvino.runtime import Core  # OpenVINO 2022.x (MYRIAD)
+    return Core()
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_manifest(bundle_dir=None):
+    path = os.path.join(bundle_dir or HERE, "manifest.json")
+    with open(path, "r", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _entry(manifest, name):
+    return manifest["models"]["pruned" if name == "pruned" else "original"]
+
+
+def check_files(bundle_dir, manifest, name):
+    """None when every file of the model is present and unaltered, else what is wrong."""
+    entry = _entry(manifest, name)
+    files = dict(entry.get("files") or {})
+    for required in (entry["xml"], entry["bin"]):
+        if required not in files:
+            return "manifest.json lists no sha256 for %s" % required
+    for rel, digest in sorted(files.items()):
+        path = os.path.join(bundle_dir, *rel.split("/"))
+        if not os.path.isfile(path):
+            return "file %s is missing" % rel
+        if sha256_file(path) != digest:
+            return "file %s was altered (sha256 differs from manifest.json)" % rel
+    return None
+
+
+def _load_selftest(bundle_dir, manifest):
+    path = os.path.join(bundle_dir, "selftest.npz")
+    digest = (manifest.get("files") or {}).get("selftest.npz")
+    if not os.path.isfile(path):
+        return None, "selftest.npz is missing"
+    if digest and sha256_file(path) != digest:
+        return None, "selftest.npz was altered (sha256 differs from manifest.json)"
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}, None
+
+
+def _infer(compiled, x):
+    return np.asarray(compiled([x])[compiled.output(0)], dtype=np.float32)
+
+
+def self_test(compiled, selftest, key):
+    """(passed, detail): the stored inputs must give the stored outputs within the tolerance."""
+    frac = float(selftest.get("tolerance_fraction", 0.1))
+    floor = float(selftest.get("tolerance_floor", 1e-3))
+    inputs, expected = selftest["input"], selftest[key]
+    worst = 0.0
+    for i in range(len(inputs)):
+        got = _infer(compiled, inputs[i:i + 1]).reshape(-1)
+        want = expected[i].reshape(-1)
+        if got.shape != want.shape:
+            return False, "output has %d values, expected %d" % (got.size, want.size)
+        if not np.all(np.isfinite(got)):
+            return False, "output of self-test input %d is not finite" % i
+        diff = float(np.max(np.abs(got - want)))
+        tol = frac * float(want.max() - want.min()) + floor
+        worst = max(worst, diff / tol)
+        if int(got.argmax()) != int(want.argmax()):
+            return False, "self-test input %d gives class %d, expected %d" % (i, int(got.argmax()), int(want.argmax()))
+        if diff > tol:
+            return False, "self-test input %d differs by %.4g (tolerance %.4g)" % (i, diff, tol)
+    return True, "%d self-test inputs within tolerance (worst %.0f%% of it)" % (len(inputs), 100 * worst)
+
+
+def load(bundle_dir=None, device="CPU"):
+    """(compiled_model, which, reason): the pruned model if it is intact, compiles and passes the self-test,
+    else the fallback (original) model under the same checks. Raises RuntimeError when neither works."""
+    bundle_dir = os.path.abspath(bundle_dir or HERE)
+    manifest = read_manifest(bundle_dir)
+    selftest, selftest_problem = _load_selftest(bundle_dir, manifest)
+    core = _core()
+    failures = []
+    for name, folder, key in CANDIDATES:
+        bad = check_files(bundle_dir, manifest, name)
+        if bad:
+            failures.append("%s model: %s" % (name, bad))
+            continue
+        entry = _entry(manifest, name)
+        try:
+            model = core.read_model(os.path.join(bundle_dir, *entry["xml"].split("/")))
+            compiled = core.compile_model(model, device)
+        except Exception as exc:  # any loader/compiler error means "do not use this model"
+            failures.append("%s model failed to load/compile on %s: %s" % (name, device, _short(exc)))
+            continue
+        if selftest is None:
+            detail = "self-test skipped: %s" % selftest_problem
+        else:
+            try:
+                ok, detail = self_test(compiled, selftest, key)
+            except Exception as exc:
+                ok, detail = False, "self-test could not run: %s" % _short(exc)
+            if not ok:
+                failures.append("%s model failed the self-test on %s: %s" % (name, device, detail))
+                continue
+        if name == "pruned":
+            reason = "files match manifest.json, compiled on %s, %s" % (device, detail)
+        else:
+            reason = "; ".join(failures) + ". The fallback (original) model is intact and %s" % detail
+        _STATE.update(compiled=compiled, which=name, reason=reason, manifest=manifest, bundle_dir=bundle_dir,
+                      device=device)
+        return compiled, name, reason
+    raise RuntimeError("No usable model in %s: %s" % (bundle_dir, "; ".join(failures)))
+
+
+def _short(exc):
+    text = str(exc).strip().splitlines()
+    return (type(exc).__name__ + ": " + (text[0] if text else ""))[:300]
+
+
+# ----------------------------------------------------------------------------- inference helpers
+
+
+def preprocess(images, manifest):
+    """uint8 images (HWC, NHWC, CHW or NCHW, at the model's input size) -> normalised float32 NCHW."""
+    spec = manifest["input"]
+    _, c, h, w = spec["input_shape"]
+    x = np.asarray(images)
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4:
+        raise ValueError("expected image arrays of 3 or 4 dimensions, got shape %s" % (x.shape,))
+    if x.shape[1] != c and x.shape[-1] == c:
+        x = x.transpose(0, 3, 1, 2)  # NHWC -> NCHW
+    if tuple(x.shape[1:]) != (c, h, w):
+        raise ValueError("images must be %dx%dx%d (channels x height x width); got %s. Use load_image() to resize."
+                         % (c, h, w, x.shape[1:]))
+    x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+    mean = np.asarray(spec["mean"], np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(spec["std"], np.float32).reshape(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+def predict(images, compiled=None, bundle_dir=None, device="CPU"):
+    """Logits (N, classes) for uint8 images; loads the bundle next to this file on first use."""
+    if compiled is None:
+        if "compiled" not in _STATE or (bundle_dir and os.path.abspath(bundle_dir) != _STATE.get("bundle_dir")):
+            load(bundle_dir, device)
+        compiled = _STATE["compiled"]
+    manifest = _STATE.get("manifest") or read_manifest(bundle_dir)
+    x = preprocess(images, manifest)
+    return np.concatenate([_infer(compiled, x[i:i + 1]) for i in range(len(x))], axis=0)
+
+
+def load_image(path, manifest):
+    """An image file as uint8 CHW at the model's input size (resize shorter side, centre crop), in the
+    manifest's colour order. .npy files are taken as they are (uint8 HWC or CHW)."""
+    _, c, h, w = manifest["input"]["input_shape"]
+    if path.lower().endswith(".npy"):
+        return np.load(path)
+    try:
+        from PIL import Image
+    except ImportError:
+        raise SystemExit("Reading %s needs Pillow (pip install pillow), or pass a .npy array." % path)
+    with Image.open(path) as img:
+        img = img.convert("L" if c == 1 else "RGB")
+        iw, ih = img.size
+        scale = max(float(w) / iw, float(h) / ih)
+        nw, nh = max(w, int(round(iw * scale))), max(h, int(round(ih * scale)))
+        if (nw, nh) != (iw, ih):
+            img = img.resize((nw, nh), Image.BILINEAR)
+        left, top = (nw - w) // 2, (nh - h) // 2
+        arr = np.asarray(img.crop((left, top, left + w, top + h)), dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if manifest["input"].get("colour_order", "RGB").upper() == "BGR" and arr.shape[-1] == 3:
+        arr = arr[:, :, ::-1]
+    return arr.transpose(2, 0, 1).copy()
+
+
+def _softmax(z):
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Run the PruneScope bundle (pruned model with fallback).")
+    parser.add_argument("--device", default="CPU", help="OpenVINO device: CPU (default), MYRIAD (NCS2, OpenVINO 2022.3), ...")
+    parser.add_argument("--image", action="append", default=[], help="image file to classify (repeatable)")
+    parser.add_argument("--bundle", default=HERE, help="bundle folder (default: the folder of this script)")
+    parser.add_argument("--top", type=int, default=5, help="classes to print per image")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    args = parser.parse_args(argv)
+    try:
+        compiled, which, reason = load(args.bundle, args.device)
+    except RuntimeError as exc:
+        if args.json:
+            print(json.dumps({"which": None, "reason": str(exc)}))
+        else:
+            print("ERROR: %s" % exc, file=sys.stderr)
+        return 2
+    manifest = _STATE["manifest"]
+    names = manifest.get("class_names") or []
+    results = []
+    for path in args.image:
+        logits = predict(load_image(path, manifest)[None], compiled)[0]
+        probs = _softmax(logits)
+        top = np.argsort(-probs)[:args.top]
+        results.append({"image": path, "top": [{"class": names[i] if i < len(names) else str(i),
+                                                "index": int(i), "probability": float(probs[i])} for i in top]})
+    if args.json:
+        print(json.dumps({"which": which, "reason": reason, "device": args.device, "results": results}))
+        return 0
+    folder = "model/" if which == "pruned" else "fallback/"
+    label = "pruned model" if which == "pruned" else "FALLBACK (original) model"
+    print("Using the %s (%s) on %s: %s" % (label, folder, args.device, reason))
+    for r in results:
+        print("%s: %s" % (r["image"], ", ".join("%s %.1f%%" % (t["class"], 100 * t["probability"]) for t in r["top"])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

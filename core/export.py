@@ -1,0 +1,480 @@
+"""Export for the NCS2: ONNX + OpenVINO IR FP16, NCS2 check, verification on real images, fallback bundle.
+
+A bundle is one folder (and a zip of it) that an engineer copies to the edge device:
+
+    model/        the pruned model: model.xml + model.bin (IR, FP16, static 1xCxHxW) + model.onnx (opset 13)
+    fallback/     the original model through the same export
+    deploy.py     loads model/ on the chosen device, falls back to fallback/ when the pruned files are
+                  missing, altered, fail to compile or fail the self-test (needs only openvino + numpy)
+    selftest.npz  stored inputs with the expected outputs of both models
+    manifest.json sha256 of every file, accuracy, MACs, params, latency, input spec, class names,
+                  threshold and step, tool version, NCS2 report, verification result
+    README.txt
+
+The IR is converted from the ONNX export (opset 13, TorchScript exporter), never from the torch
+module: ``ov.convert_model(module)`` writes newer op versions (MaxPool-14) that the 2022.3 runtime,
+the last with the MYRIAD plugin, cannot read. The bundle is built in a temporary folder next to its
+destination and renamed into place, so a failed export leaves nothing behind.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import os
+import shutil
+import statistics
+import uuid
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from .data import ImageSet, normalize
+from .errors import PruneScopeError
+from .models import InputSpec, ModelSpec
+from .ncs2 import Ncs2Report, check_ncs2
+from .ov_runtime import ONNX_OPSET, compile_cpu, export_onnx_bytes, read_ir, time_interleaved
+from .workspace import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+AGREEMENT_REQUIRED = 0.99
+SELFTEST_INPUTS = 4
+# Self-test tolerance: max |output - expected| <= fraction x (max - min of the expected logits) + floor.
+# Wide enough for FP16 arithmetic on the NCS2, far too narrow for wrong or damaged weights.
+SELFTEST_TOLERANCE_FRACTION = 0.1
+SELFTEST_TOLERANCE_FLOOR = 1e-3
+BUNDLE_FORMAT = "prunescope-bundle/1"
+TEMPLATE = Path(__file__).with_name("deploy_template.py")
+
+
+class ExportError(PruneScopeError):
+    """The model could not be exported or bundled; nothing partial was left behind."""
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _input_spec(spec: ModelSpec | InputSpec) -> InputSpec:
+    return spec.input if isinstance(spec, ModelSpec) else spec
+
+
+def export_model(model: nn.Module, spec: ModelSpec | InputSpec, out_dir: str | Path, name: str = "model") -> dict:
+    """Write ``name.onnx`` (static 1xCxHxW, opset 13) and ``name.xml/.bin`` (OpenVINO IR, FP16) into ``out_dir``.
+
+    Returns what a deployment needs to feed the model: file paths, input name and shape, mean/std,
+    colour order, class names.
+    """
+    import openvino as ov
+
+    ispec = _input_spec(spec)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shape = ispec.shape(1)
+    model = model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(shape))
+    except Exception as exc:
+        raise ExportError(f"The model does not run on a {tuple(shape)} input ({type(exc).__name__}: {exc}).") from None
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 1:
+        raise ExportError(f"The model must return one (1, classes) logits tensor; it returned "
+                          f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}.")
+    try:
+        onnx_bytes = export_onnx_bytes(model, shape, ONNX_OPSET)
+    except Exception as exc:
+        raise ExportError(f"ONNX export (opset {ONNX_OPSET}) failed: {type(exc).__name__}: {exc}") from None
+    onnx_path = out_dir / f"{name}.onnx"
+    atomic_write_bytes(onnx_path, onnx_bytes)
+    try:
+        ov_model = ov.convert_model(str(onnx_path))
+    except Exception as exc:
+        raise ExportError(f"OpenVINO could not convert the ONNX export: {type(exc).__name__}: {exc}") from None
+    if len(ov_model.inputs) != 1 or len(ov_model.outputs) != 1:
+        raise ExportError(f"Expected one input and one output, the converted model has {len(ov_model.inputs)} "
+                          f"and {len(ov_model.outputs)}.")
+    if not ov_model.inputs[0].get_partial_shape().is_static:
+        raise ExportError("The converted model has a dynamic input shape; the NCS2 needs a static one.")
+    xml_path = out_dir / f"{name}.xml"
+    try:
+        ov.save_model(ov_model, str(xml_path), compress_to_fp16=True)
+    except Exception as exc:
+        raise ExportError(f"Saving the OpenVINO IR failed: {type(exc).__name__}: {exc}") from None
+    out_shape = [int(d) for d in ov_model.outputs[0].get_partial_shape().to_shape()]
+    return {
+        "onnx": str(onnx_path),
+        "xml": str(xml_path),
+        "bin": str(xml_path.with_suffix(".bin")),
+        "onnx_opset": ONNX_OPSET,
+        "ir_precision": "FP16",
+        "openvino_version": ov.__version__,
+        "input_name": ov_model.inputs[0].get_any_name() if ov_model.inputs[0].get_names() else INPUT_NAME,
+        "input_shape": list(shape),
+        "output_name": ov_model.outputs[0].get_any_name() if ov_model.outputs[0].get_names() else OUTPUT_NAME,
+        "output_shape": out_shape,
+        **_input_description(ispec, spec.class_names if isinstance(spec, ModelSpec) else None),
+    }
+
+
+def _input_description(ispec: InputSpec, class_names: list[str] | None) -> dict:
+    return {
+        "layout": "NCHW",
+        "element_type": "f32",
+        "mean": list(ispec.mean),
+        "std": list(ispec.std),
+        "colour_order": ispec.colour_order,
+        "preprocess": "resize shorter side to fit, centre-crop to HxW, pixel/255, then (x - mean) / std per channel",
+        "class_names": list(class_names) if class_names else None,
+    }
+
+
+# ----------------------------------------------------------------------------- verification
+
+
+@dataclass
+class Verification:
+    verified: bool
+    agreement: float
+    max_abs_logit_diff: float
+    n_images: int
+    min_images: int
+    distinct_predictions: int
+    message: str
+    device: str = "OpenVINO CPU (FP16 weights decompressed, f32 arithmetic)"
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _ir_logits(compiled, inputs: torch.Tensor) -> np.ndarray:
+    """Logits of a compiled batch-1 IR, image by image."""
+    request = compiled.create_infer_request()
+    out = compiled.output(0)
+    rows = []
+    for i in range(len(inputs)):
+        request.infer([inputs[i:i + 1].numpy()])
+        rows.append(np.array(request.get_tensor(out).data, dtype=np.float32).reshape(-1))
+    return np.stack(rows) if rows else np.zeros((0, 0), np.float32)
+
+
+@torch.no_grad()
+def _torch_logits(model: nn.Module, inputs: torch.Tensor, batch: int = 128) -> np.ndarray:
+    model = model.eval()
+    return torch.cat([model(inputs[i:i + batch]).float() for i in range(0, len(inputs), batch)]).numpy()
+
+
+def verify_ir(xml_path: str | Path, model: nn.Module, images: ImageSet, spec: ModelSpec | InputSpec,
+              min_images: int = 200, max_images: int = 1000) -> Verification:
+    """Run the IR on the OpenVINO CPU runtime over validation images and compare with PyTorch.
+
+    Uses every image up to ``max_images`` (a stratified subset beyond), and at least ``min_images``
+    when that many exist; with fewer it uses all and says so. ``verified`` when top-1 agreement is
+    at least 99%.
+    """
+    if len(images) == 0:
+        raise ExportError("No validation images to verify the exported model on.")
+    ispec = _input_spec(spec)
+    subset = images.subset(max(min_images, max_images))
+    refs, gots = [], []
+    try:
+        compiled = compile_cpu(read_ir(xml_path))
+    except Exception as exc:
+        raise ExportError(f"OpenVINO could not load the exported IR {Path(xml_path).name}: {type(exc).__name__}: {exc}") from None
+    for start in range(0, len(subset), 64):  # chunks bound memory for large inputs
+        inputs = normalize(subset.images[start:start + 64], ispec).contiguous()
+        refs.append(_torch_logits(model, inputs))
+        try:
+            gots.append(_ir_logits(compiled, inputs))
+        except Exception as exc:
+            raise ExportError(f"Running the exported IR failed: {type(exc).__name__}: {exc}") from None
+    ref, got = np.concatenate(refs), np.concatenate(gots)
+    if got.shape != ref.shape:
+        raise ExportError(f"The IR outputs shape {got.shape[1:]} per image but PyTorch gives {ref.shape[1:]}.")
+    agree = float(np.mean(ref.argmax(1) == got.argmax(1)))
+    diff = float(np.max(np.abs(ref - got)))
+    distinct = int(len(np.unique(ref.argmax(1))))
+    n = len(subset)
+    notes = ["The CPU plugin decompresses the FP16 weights and computes in f32, so this measures the FP16 "
+             "rounding of the weights; the NCS2 also computes activations in FP16, so expect slightly larger "
+             "logit differences on the device."]
+    if n < min_images:
+        notes.append(f"Only {n} validation images were available (fewer than the {min_images} asked for); all were used.")
+    if distinct == 1 and n > 1:
+        notes.append("PyTorch predicts the same class for every image, so top-1 agreement says little here.")
+    verified = agree >= AGREEMENT_REQUIRED
+    pct = f"{100 * agree:.1f}%"
+    if verified:
+        message = f"Verified: the IR agrees with PyTorch on {pct} of {n} images (largest logit difference {diff:.2g})."
+    else:
+        message = (f"Not verified: the IR agrees with PyTorch on only {pct} of {n} images (at least "
+                   f"{100 * AGREEMENT_REQUIRED:.0f}% required; largest logit difference {diff:.2g}). The FP16 "
+                   "conversion changes this model's predictions; check for layers with very large or very small "
+                   "weights, or ship the fallback.")
+    if n < min_images:
+        message += f" Only {n} images were available (fewer than {min_images})."
+    return Verification(verified, agree, diff, n, min_images, distinct, message, notes=notes)
+
+
+# ----------------------------------------------------------------------------- bundle
+
+
+@dataclass
+class BundleResult:
+    bundle_dir: Path
+    manifest: dict
+    ncs2: Ncs2Report
+    ncs2_fallback: Ncs2Report
+    verification: Verification
+    verification_fallback: Verification
+    files: list[Path]
+    zip_path: Path | None = None
+
+    @property
+    def ncs_compatible(self) -> bool:
+        return self.ncs2.compatible
+
+    @property
+    def verified(self) -> bool:
+        return self.verification.verified
+
+    def to_dict(self) -> dict:
+        return {
+            "bundle": str(self.bundle_dir),
+            "zip": str(self.zip_path) if self.zip_path else None,
+            "ncs_compatible": self.ncs2.compatible,
+            "ncs2": self.ncs2.to_dict(),
+            "ncs2_fallback": self.ncs2_fallback.to_dict(),
+            "verified": self.verification.verified,
+            "agreement": self.verification.agreement,
+            "verification": self.verification.to_dict(),
+            "verification_fallback": self.verification_fallback.to_dict(),
+            "files": [str(f) for f in self.files],
+        }
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _model_meta(meta: dict, which: str) -> dict:
+    """The caller's figures for 'pruned' or 'original': a nested dict, or flat keys (``original_`` prefix)."""
+    nested = meta.get(which)
+    out = dict(nested) if isinstance(nested, dict) else {}
+    prefix = "" if which == "pruned" else "original_"
+    for key in ("accuracy", "macs", "params", "latency_ms"):
+        if key not in out and f"{prefix}{key}" in meta and not isinstance(meta[f"{prefix}{key}"], dict):
+            out[key] = meta[f"{prefix}{key}"]
+    return out
+
+
+def _selftest_choice(ref_a: np.ndarray, ref_b: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` inputs both models classify with the widest top-1 margin (robust to FP16)."""
+    def margin(z: np.ndarray) -> np.ndarray:
+        part = np.sort(z, axis=1)
+        return (part[:, -1] - part[:, -2]) / (part[:, -1] - part[:, 0] + 1e-12) if z.shape[1] > 1 else np.ones(len(z))
+
+    score = np.minimum(margin(ref_a), margin(ref_b))
+    return np.sort(np.argsort(-score)[:k])
+
+
+def build_bundle(pruned_model: nn.Module, original_model: nn.Module, spec: ModelSpec, val_images: ImageSet,
+                 out_path: str | Path, meta: dict | None = None, min_images: int = 200,
+                 latency_runs: int = 30) -> BundleResult:
+    """Export both models, check and verify them, and write the deployable bundle folder ``out_path``.
+
+    Built in a temporary folder next to ``out_path`` and renamed into place (an existing bundle there
+    is replaced only once the new one is complete). Any failure removes the temporary folder and
+    raises :class:`ExportError` saying why.
+    """
+    meta = dict(meta or {})
+    out_path = Path(out_path).resolve()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.parent / f".{out_path.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        result = _build_into(tmp, pruned_model, original_model, spec, val_images, meta, min_images, latency_runs)
+        old = None
+        if out_path.exists():
+            old = out_path.parent / f".{out_path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out_path, old)
+        os.replace(tmp, out_path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, PruneScopeError):
+            raise
+        if not isinstance(exc, Exception):
+            raise
+        raise ExportError(f"Building the bundle failed ({type(exc).__name__}: {exc}); nothing was written to "
+                          f"{out_path}.") from exc
+    result.bundle_dir = out_path
+    result.files = [out_path / f.relative_to(tmp) for f in result.files]
+    result.ncs2.xml_path = str(out_path / "model" / "model.xml")
+    result.ncs2_fallback.xml_path = str(out_path / "fallback" / "model.xml")
+    return result
+
+
+def _build_into(root: Path, pruned: nn.Module, original: nn.Module, spec: ModelSpec, val: ImageSet, meta: dict,
+                min_images: int, latency_runs: int) -> BundleResult:
+    from .evaluate import count_macs_params, evaluate_accuracy
+
+    ispec = spec.input
+    class_names = list(spec.class_names or val.class_names or [])
+    exports = {
+        "pruned": export_model(pruned, spec, root / "model", "model"),
+        "original": export_model(original, spec, root / "fallback", "model"),
+    }
+    torch_models = {"pruned": pruned, "original": original}
+    reports = {k: check_ncs2(v["xml"]) for k, v in exports.items()}
+    checks = {k: verify_ir(exports[k]["xml"], torch_models[k], val, spec, min_images=min_images) for k in exports}
+    if exports["pruned"]["output_shape"] != exports["original"]["output_shape"]:
+        raise ExportError(f"The pruned model outputs {exports['pruned']['output_shape']} but the original "
+                          f"{exports['original']['output_shape']}; they must have the same classes.")
+
+    figures = {k: _model_meta(meta, k) for k in exports}
+    for k, fig in figures.items():
+        if fig.get("accuracy") is None:
+            fig["accuracy"] = evaluate_accuracy(torch_models[k], val, ispec).accuracy
+            fig["accuracy_source"] = f"measured at export on {len(val)} validation images"
+        if fig.get("macs") is None or fig.get("params") is None:
+            macs, params = count_macs_params(torch_models[k], ispec)
+            fig["macs"] = macs if fig.get("macs") is None else fig["macs"]
+            fig["params"] = params if fig.get("params") is None else fig["params"]
+    need_latency = [k for k in exports if figures[k].get("latency_ms") is None]
+    if need_latency:
+        compiled = [compile_cpu(read_ir(exports[k]["xml"])) for k in need_latency]
+        times = time_interleaved(compiled, ispec.shape(1), runs=latency_runs, warmup=5)
+        for k, t in zip(need_latency, times):
+            figures[k]["latency_ms"] = float(statistics.median(t))
+            figures[k]["latency_source"] = "OpenVINO CPU, batch 1, median of interleaved runs of the exported IR"
+
+    # self-test: stored inputs with the expected (PyTorch) outputs of both models
+    inputs = normalize(val.subset(max(min_images, 64)).images, ispec)
+    ref = {k: _torch_logits(torch_models[k], inputs) for k in exports}
+    pick = _selftest_choice(ref["pruned"], ref["original"], min(SELFTEST_INPUTS, len(inputs)))
+    np.savez(root / "selftest.npz", input=inputs[pick].numpy().astype(np.float32),
+             expected_model=ref["pruned"][pick].astype(np.float32),
+             expected_fallback=ref["original"][pick].astype(np.float32),
+             tolerance_fraction=np.float32(SELFTEST_TOLERANCE_FRACTION),
+             tolerance_floor=np.float32(SELFTEST_TOLERANCE_FLOOR))
+    shutil.copyfile(TEMPLATE, root / "deploy.py")
+    atomic_write_text(root / "README.txt", _readme(spec, reports["pruned"], checks["pruned"]))
+
+    def hashes(folder: str) -> dict:
+        return {f"{folder}/{p.name}": sha256_file(p) for p in sorted((root / folder).iterdir()) if p.is_file()}
+
+    dirs = {"pruned": "model", "original": "fallback"}
+    models_section = {}
+    for k in exports:
+        e = exports[k]
+        models_section[k] = {
+            "dir": dirs[k],
+            "xml": f"{dirs[k]}/model.xml", "bin": f"{dirs[k]}/model.bin", "onnx": f"{dirs[k]}/model.onnx",
+            "files": hashes(dirs[k]),
+            "arch": spec.arch,
+            **{key: figures[k].get(key) for key in ("accuracy", "macs", "params", "latency_ms")},
+            "figures_notes": {key: v for key, v in figures[k].items() if key.endswith("_source")},
+            "output_shape": e["output_shape"],
+            "ncs2": reports[k].to_dict(),
+            "verification": checks[k].to_dict(),
+        }
+    for k in models_section:  # paths in the reports relative to the bundle
+        models_section[k]["ncs2"]["xml_path"] = models_section[k]["xml"]
+    extra = {k: v for k, v in meta.items() if k not in ("pruned", "original", "threshold", "step")
+             and not k.startswith("original_") and k not in ("accuracy", "macs", "params", "latency_ms")}
+    e = exports["pruned"]
+    manifest: dict[str, Any] = {
+        "format": BUNDLE_FORMAT,
+        "tool": {"name": "PruneScope", "version": __version__},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "converter": {"openvino": e["openvino_version"], "torch": torch.__version__, "onnx_opset": ONNX_OPSET,
+                      "route": "torch -> ONNX (opset 13, TorchScript exporter) -> ov.convert_model -> "
+                               "ov.save_model(compress_to_fp16=True)"},
+        "input": {key: e[key] for key in ("input_name", "input_shape", "layout", "element_type", "mean", "std",
+                                          "colour_order", "preprocess")},
+        "output": {"name": e["output_name"], "shape": e["output_shape"]},
+        "class_names": class_names,
+        "threshold": meta.get("threshold"),
+        "step": meta.get("step"),
+        "models": models_section,
+        "ncs2": reports["pruned"].to_dict() | {"xml_path": "model/model.xml"},
+        "verification": checks["pruned"].to_dict(),
+        "selftest": {"file": "selftest.npz", "inputs": int(len(pick)),
+                     "tolerance": f"max |output - expected| <= {SELFTEST_TOLERANCE_FRACTION} x (max - min of the "
+                                  f"expected logits) + {SELFTEST_TOLERANCE_FLOOR}, and the same top-1 class"},
+        "files": {"deploy.py": sha256_file(root / "deploy.py"), "selftest.npz": sha256_file(root / "selftest.npz"),
+                  "README.txt": sha256_file(root / "README.txt")},
+        "meta": extra,
+    }
+    atomic_write_json(root / "manifest.json", manifest)
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return BundleResult(root, manifest, reports["pruned"], reports["original"], checks["pruned"], checks["original"], files)
+
+
+def _readme(spec: ModelSpec, report: Ncs2Report, check: Verification) -> str:
+    i = spec.input
+    return f"""PruneScope export bundle ({spec.arch})
+
+model/      pruned model: model.xml + model.bin (OpenVINO IR, FP16, input 1x{i.channels}x{i.height}x{i.width}) and model.onnx (opset {ONNX_OPSET})
+fallback/   the original model, exported the same way
+deploy.py   python deploy.py [--device CPU|MYRIAD] [--image PATH]
+            Loads model/ and falls back to fallback/ when a file is missing or altered (sha256 against
+            manifest.json), fails to compile, or fails the self-test (selftest.npz). Needs openvino + numpy
+            (Pillow to read images). For the NCS2 use OpenVINO 2022.3 LTS, the last release with MYRIAD.
+manifest.json  hashes, accuracy, MACs, params, latency, input spec, class names, NCS2 report, verification.
+
+Input: {i.colour_order}, NCHW float32, pixel/255 then (x - mean) / std with mean={list(i.mean)} std={list(i.std)}.
+NCS2 check: {"compatible" if report.compatible else "NOT compatible: " + "; ".join(str(p) for p in report.problems[:5])}
+Verification: {check.message}
+"""
+
+
+def zip_bundle(bundle_dir: str | Path) -> Path:
+    """Zip the bundle folder next to it (``<bundle>.zip``), written to a temporary name and renamed."""
+    bundle_dir = Path(bundle_dir)
+    if not (bundle_dir / "manifest.json").is_file():
+        raise ExportError(f"{bundle_dir} is not a complete bundle (no manifest.json).")
+    zip_path = bundle_dir.parent / f"{bundle_dir.name}.zip"
+    tmp = zip_path.parent / f".{zip_path.name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for f in sorted(p for p in bundle_dir.rglob("*") if p.is_file()):
+                zf.write(f, f"{bundle_dir.name}/{f.relative_to(bundle_dir).as_posix()}")
+        os.replace(tmp, zip_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return zip_path
+
+
+def export_for_cli(pruned_model: nn.Module, original_model: nn.Module, spec: ModelSpec, val_images: ImageSet,
+                   out_path: str | Path, meta: dict | None = None) -> dict:
+    """Build the bundle and its zip; a flat summary for the CLI (and the UI)."""
+    result = build_bundle(pruned_model, original_model, spec, val_images, out_path, meta)
+    result.zip_path = zip_bundle(result.bundle_dir)
+    return {
+        "ncs_compatible": result.ncs2.compatible,
+        "ncs2_problems": [str(p) for p in result.ncs2.problems],
+        "ncs2_warnings": [str(w) for w in result.ncs2.warnings],
+        "verified": result.verification.verified,
+        "agreement": result.verification.agreement,
+        "max_abs_logit_diff": result.verification.max_abs_logit_diff,
+        "verification_message": result.verification.message,
+        "fallback_ncs_compatible": result.ncs2_fallback.compatible,
+        "fallback_verified": result.verification_fallback.verified,
+        "files": [str(f) for f in result.files],
+        "bundle": str(result.bundle_dir),
+        "zip": str(result.zip_path),
+        "manifest": str(result.bundle_dir / "manifest.json"),
+    }
