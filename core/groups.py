@@ -1,0 +1,202 @@
+"""Coupled channel groups from Torch-Pruning's DependencyGraph, and safe structural surgery on them.
+
+A *group* is a set of channels that must be removed together (a residual stream, a depthwise pair,
+a concatenation); each channel index of a group is one *filter* of PruneScope. For every filter we
+keep which input channels of which conv/linear layers read it: zeroing exactly those inputs
+emulates removing the filter, which is how CAR is measured without surgery.
+
+Torch-Pruning is trusted for the bookkeeping, not blindly: after every structural change the model
+is run and its output shape checked, and a change that breaks it is undone and reported.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from .errors import PruneScopeError, SettingsError
+
+
+@dataclass
+class ChannelGroup:
+    """One prunable group: its root layer, width, and for each filter the consumer inputs that read it."""
+
+    gid: int
+    root: str  # name of the layer whose output channels define the group
+    width: int
+    producers: list[str]  # layers whose output channels are removed with the group
+    consumers: dict[str, list[list[int]]] = field(default_factory=dict)  # layer -> per filter, its input indices
+    macs_per_filter: float = 0.0  # MACs saved per removed filter (from the traced shapes)
+
+    @property
+    def label(self) -> str:
+        return self.root if len(self.producers) <= 1 else f"{self.root} (+{len(self.producers) - 1} coupled)"
+
+    def to_dict(self) -> dict:
+        return {"gid": self.gid, "root": self.root, "width": self.width, "producers": self.producers,
+                "consumers": sorted(self.consumers), "macs_per_filter": self.macs_per_filter}
+
+
+class PruningGraph:
+    """A model with its dependency graph; the only place that changes a model's structure."""
+
+    def __init__(self, model: nn.Module, input_shape: tuple[int, ...], history: list | None = None):
+        self.model = model.eval()
+        self.input_shape = tuple(input_shape)
+        self.example = torch.zeros(self.input_shape)
+        with torch.no_grad():
+            self.output_shape = tuple(self.model(self.example).shape)
+        self.output_layers = self._output_layers()
+        self.history: list = list(history or [])
+        self._build()
+
+    # -- graph ---------------------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.dg = tp.DependencyGraph().build_dependency(self.model, example_inputs=self.example, verbose=False)
+        self.dg._pruning_history = [list(h) for h in self.history]
+        self.names = {m: n for n, m in self.model.named_modules()}
+
+    def _output_layers(self) -> list[nn.Module]:
+        """The last conv/linear layers executed: their outputs are the classes and are never pruned."""
+        order: list[nn.Module] = []
+        hooks = [m.register_forward_hook(lambda mod, i, o: order.append(mod))
+                 for m in self.model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        try:
+            with torch.no_grad():
+                self.model(self.example)
+        finally:
+            for h in hooks:
+                h.remove()
+        if not order:
+            raise PruneScopeError("The model has no Conv2d or Linear layer: nothing to prune.")
+        return [order[-1]]
+
+    def groups(self) -> list[ChannelGroup]:
+        """Every prunable group, with per-filter consumer indices and MACs per filter."""
+        shapes = self._conv_output_sizes()
+        out = []
+        ignored = list(self.output_layers)
+        for g in self.dg.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]):
+            root_module = g[0].dep.target.module
+            width = len(g[0].idxs)
+            if width < 2:
+                continue
+            group = ChannelGroup(gid=len(out), root=self.names.get(root_module, "?"), width=width, producers=[])
+            macs = 0.0
+            for item in g.items:
+                module, fn = item.dep.target.module, item.dep.handler
+                name = self.names.get(module)
+                if name is None:
+                    continue
+                if self.dg.is_out_channel_pruning_fn(fn) and isinstance(module, (nn.Conv2d, nn.Linear)):
+                    if name not in group.producers:
+                        group.producers.append(name)
+                    macs += _macs_per_out_channel(module, shapes.get(module))
+                elif self.dg.is_in_channel_pruning_fn(fn) and _is_consumer(module):
+                    per_filter: list[list[int]] = [[] for _ in range(width)]
+                    for idx, root_idx in zip(item.idxs, item.root_idxs):
+                        per_filter[root_idx].append(int(idx))
+                    group.consumers[name] = per_filter
+                    macs += _macs_per_in_channel(module, shapes.get(module)) * (len(item.idxs) / width)
+            group.macs_per_filter = macs
+            if group.consumers:
+                out.append(group)
+        return out
+
+    def _conv_output_sizes(self) -> dict[nn.Module, int]:
+        sizes: dict[nn.Module, int] = {}
+        hooks = [m.register_forward_hook(lambda mod, i, o: sizes.__setitem__(mod, o[0].numel() // o.shape[1] if o.dim() > 2 else 1))
+                 for m in self.model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        try:
+            with torch.no_grad():
+                self.model(self.example)
+        finally:
+            for h in hooks:
+                h.remove()
+        return sizes
+
+    def module(self, name: str) -> nn.Module:
+        return self.model.get_submodule(name)
+
+    # -- surgery -------------------------------------------------------------------------------------
+
+    def prune(self, root: str, idxs: list[int]) -> None:
+        """Remove filters ``idxs`` of the group rooted at ``root``; undo and raise if the model breaks."""
+        module = self.module(root)
+        pruner = self.dg.get_pruner_of_module(module)
+        group = self.dg.get_pruning_group(module, pruner.prune_out_channels, sorted(int(i) for i in idxs))
+        if not self.dg.check_pruning_group(group):
+            raise SettingsError(f"Removing {len(idxs)} filters from {root} would leave a layer with no channels.")
+        backup = copy.deepcopy(self.model.state_dict())
+        backup_model = copy.deepcopy(self.model)
+        group.prune()
+        problem = self.check_runs()
+        if problem:
+            self.model = backup_model
+            self.model.load_state_dict(backup)
+            self._build()
+            raise PruneScopeError(f"Pruning {root} broke the model ({problem}); that change was undone.")
+        self.history = [list(h) for h in self.dg.pruning_history()]
+
+    def check_runs(self) -> str | None:
+        """None if the model still runs and gives the original output shape, else what went wrong."""
+        try:
+            with torch.no_grad():
+                out = self.model.eval()(self.example)
+        except Exception as exc:  # any failure means the surgery produced an inconsistent model
+            return f"forward pass fails: {type(exc).__name__}: {str(exc)[:200]}"
+        if tuple(out.shape) != self.output_shape:
+            return f"output shape {tuple(out.shape)} instead of {self.output_shape}"
+        if not torch.isfinite(out).all():
+            return "output has NaN or infinite values"
+        return None
+
+    def widths(self) -> dict[str, int]:
+        """Output channels of every conv/linear layer, for the per-layer before/after view."""
+        return {n: (m.out_channels if isinstance(m, nn.Conv2d) else m.out_features)
+                for n, m in self.model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
+def _is_consumer(module: nn.Module) -> bool:
+    """Layers whose input channels we zero to emulate removal (depthwise convs are producers instead)."""
+    if isinstance(module, nn.Linear):
+        return True
+    return isinstance(module, nn.Conv2d) and not (module.groups == module.in_channels and module.groups > 1)
+
+
+def _macs_per_out_channel(module: nn.Module, spatial: int | None) -> float:
+    spatial = spatial or 1
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        return spatial * (module.in_channels // module.groups) * kh * kw
+    return float(module.in_features)
+
+
+def _macs_per_in_channel(module: nn.Module, spatial: int | None) -> float:
+    spatial = spatial or 1
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        return spatial * module.out_channels * kh * kw / module.groups
+    return float(module.out_features)
+
+
+def rebuild_pruned(fresh_model: nn.Module, input_shape: tuple[int, ...], history: list,
+                   state_dict: dict | None = None) -> nn.Module:
+    """Replay a Torch-Pruning history on a freshly built model, then load the step's weights."""
+    pg = PruningGraph(fresh_model, input_shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pg.dg.load_pruning_history([list(h) for h in history])
+    if state_dict is not None:
+        pg.model.load_state_dict(state_dict)
+    problem = pg.check_runs()
+    if problem:
+        raise PruneScopeError(f"The rebuilt model does not run: {problem}")
+    return pg.model.eval()
