@@ -1,0 +1,374 @@
+"""Greedy cluster pruning with short fine-tuning between steps (CAR + Cluster Pruning).
+
+Each step removes one *cluster* — the lowest-scoring filters of one group, as many as it takes to
+bring the group's width down to the next multiple of the hardware cluster size c — choosing, across
+the whole network, the cluster with the least accuracy cost per MAC saved. With the ``car``
+criterion the cost of a candidate cluster is measured exactly (its joint emulated removal), not
+summed from single-filter scores. After each structural change the model is fine-tuned briefly and
+evaluated; a step that would take the accuracy drop past the threshold is undone and the next
+candidate tried (``patience`` times) before the run stops.
+"""
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+from torch import nn
+
+from .car import CarScorer, compute_car, filter_ablation
+from .data import DataSet, ImageSet, normalize
+from .errors import CancelledError, PruneScopeError, SettingsError
+from .evaluate import count_macs_params, evaluate_accuracy
+from .groups import ChannelGroup, PruningGraph
+from .models import InputSpec, LoadedModel
+from .runs import RunWriter
+
+CRITERIA = ("car", "l1", "taylor", "random")
+
+
+@dataclass
+class PruneConfig:
+    criterion: str = "car"
+    cluster: int = 8
+    max_drop: float = 1.0  # accuracy points (percentage points) below baseline
+    mac_target: float | None = None  # stop once MACs <= this fraction of the original
+    finetune_steps: int = 40  # mini-batches of fine-tuning after each step
+    finetune_lr: float = 0.01
+    batch_size: int = 64
+    score_images: int = 400  # validation images used to score filters
+    rescore_every: int = 1
+    max_steps: int = 200
+    patience: int = 2  # candidates tried after one that breaks the threshold
+    latency: bool = True
+    latency_runs: int = 30
+    analyse_car: bool = True  # store a full CAR analysis of the original in the run
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.criterion not in CRITERIA:
+            raise SettingsError(f"Unknown criterion '{self.criterion}'. Choose one of: {', '.join(CRITERIA)}.")
+        if not 0 <= self.max_drop <= 100:
+            raise SettingsError(f"The accuracy threshold must be between 0 and 100 points; got {self.max_drop}.")
+        if self.cluster < 1:
+            raise SettingsError(f"The cluster size must be at least 1; got {self.cluster}.")
+        if self.mac_target is not None and not 0 < self.mac_target < 1:
+            raise SettingsError(f"The MAC target is a fraction of the original MACs in (0, 1); got {self.mac_target}.")
+        if self.finetune_steps < 0 or self.batch_size < 1 or self.score_images < 10 or self.rescore_every < 1:
+            raise SettingsError("Fine-tune steps must be >= 0, batch size >= 1, score images >= 10, re-score every >= 1.")
+        if self.max_steps < 1:
+            raise SettingsError("The step limit must be at least 1.")
+
+
+class Callbacks:
+    """What the job runner hears: progress (0..1 of the current phase), finished steps, the stop reason.
+
+    Subclass or pass callables; the engine never touches any UI.
+    """
+
+    def __init__(self, progress: Callable[[float, str], None] | None = None,
+                 step: Callable[[dict], None] | None = None):
+        self._progress, self._step = progress, step
+
+    def progress(self, fraction: float, message: str) -> None:
+        if self._progress:
+            self._progress(fraction, message)
+
+    def step(self, record: dict) -> None:
+        if self._step:
+            self._step(record)
+
+
+def new_widths(width: int, cluster: int) -> int | None:
+    """Width after removing one cluster: the next multiple of ``cluster`` below ``width`` (None if < cluster)."""
+    target = ((width - 1) // cluster) * cluster
+    return target if target >= cluster else None
+
+
+def check_prunable(groups: list[ChannelGroup], cluster: int) -> None:
+    if not groups:
+        raise SettingsError("The model has no prunable channel group (only the classifier output?).")
+    if all(new_widths(g.width, cluster) is None for g in groups):
+        widest = max(g.width for g in groups)
+        raise SettingsError(
+            f"Cluster size {cluster} is too large: no group can lose a cluster and keep at least {cluster} filters "
+            f"(widest group: {widest} filters). Choose a cluster size of at most {widest // 2}."
+        )
+
+
+# ----------------------------------------------------------------------------- scores
+
+
+def score_filters(criterion: str, graph: PruningGraph, groups: list[ChannelGroup], scorer: CarScorer | None,
+                  train: ImageSet, spec: InputSpec, rng: np.random.Generator, cancel=None,
+                  progress: Callable[[float, str], None] | None = None) -> dict[int, np.ndarray]:
+    """Per group, a score per filter: lower = less important, removed first."""
+    if criterion == "car":
+        ablations, owners = [], []
+        for g in groups:
+            for f in range(g.width):
+                ablations.append(filter_ablation(g, [f]))
+                owners.append(g.gid)
+        total = len(ablations) * len(scorer.labels)
+        correct = scorer.accuracies(ablations, cancel=cancel,
+                                    progress=(lambda d: progress(d / total, "scoring filters (CAR)")) if progress else None)
+        car = scorer.baseline_accuracy - correct.float().mean(1).numpy()
+        owners_a = np.asarray(owners)
+        # Ties (many filters with CAR 0 on a small subset) are broken by the L1 norm.
+        l1 = _tp_scores(graph, groups, tp.importance.GroupMagnitudeImportance(p=1))
+        return {g.gid: car[owners_a == g.gid] + 1e-6 * _unit(l1[g.gid]) for g in groups}
+    if criterion == "l1":
+        return _tp_scores(graph, groups, tp.importance.GroupMagnitudeImportance(p=1))
+    if criterion == "taylor":
+        _accumulate_gradients(graph.model, train, spec, rng)
+        scores = _tp_scores(graph, groups, tp.importance.GroupTaylorImportance())
+        graph.model.zero_grad(set_to_none=True)
+        return scores
+    return {g.gid: rng.random(g.width) for g in groups}
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x - x.min()) / (np.ptp(x) + 1e-12)
+
+
+def _tp_scores(graph: PruningGraph, groups: list[ChannelGroup], importance) -> dict[int, np.ndarray]:
+    out = {}
+    for g in groups:
+        module = graph.module(g.root)
+        pruner = graph.dg.get_pruner_of_module(module)
+        full = graph.dg.get_pruning_group(module, pruner.prune_out_channels, list(range(g.width)))
+        scores = importance(full)
+        out[g.gid] = np.zeros(g.width) if scores is None else scores.detach().float().numpy()
+    return out
+
+
+def _accumulate_gradients(model: nn.Module, train: ImageSet, spec: InputSpec, rng, batches: int = 4, bs: int = 64) -> None:
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    for _ in range(batches):
+        idx = rng.choice(len(train), size=min(bs, len(train)), replace=False)
+        loss = F.cross_entropy(model(normalize(train.images[idx], spec)), train.labels[idx])
+        loss.backward()
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+def _augment(x: torch.Tensor, rng: np.random.Generator, shift: int = 2) -> torch.Tensor:
+    """Random translation by up to ``shift`` pixels (zero padded): mild, label-preserving for any image."""
+    if shift <= 0:
+        return x
+    padded = F.pad(x, (shift, shift, shift, shift))
+    h, w = x.shape[2:]
+    out = torch.empty_like(x)
+    offs = rng.integers(0, 2 * shift + 1, size=(len(x), 2))
+    for i, (dy, dx) in enumerate(offs):
+        out[i] = padded[i, :, dy:dy + h, dx:dx + w]
+    return out
+
+
+def finetune(model: nn.Module, train: ImageSet, spec: InputSpec, steps: int, lr: float, batch_size: int,
+             rng: np.random.Generator, cancel: threading.Event | None = None,
+             progress: Callable[[float, str], None] | None = None) -> None:
+    """A few mini-batches of SGD on the training split, to let the network adapt to the removal."""
+    if steps <= 0 or len(train) == 0:
+        return
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    for i in range(steps):
+        if cancel is not None and cancel.is_set():
+            break
+        idx = rng.choice(len(train), size=min(batch_size, len(train)), replace=False)
+        x = _augment(normalize(train.images[idx], spec), rng)
+        loss = F.cross_entropy(model(x), train.labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if progress:
+            progress((i + 1) / steps, f"fine-tuning ({i + 1}/{steps})")
+    model.eval()
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def measure(model: nn.Module, data: DataSet, spec: InputSpec, config: PruneConfig) -> dict:
+    acc = evaluate_accuracy(model, data.val, spec)
+    macs, params = count_macs_params(model, spec)
+    latency = None
+    if config.latency:
+        from .ov_runtime import measure_latency_ms
+
+        latency = measure_latency_ms(model, spec.shape(1), runs=config.latency_runs, warmup=5)
+    return {"accuracy": acc.accuracy, "per_class": acc.per_class, "macs": macs, "params": params, "latency_ms": latency}
+
+
+def run_pruning(loaded: LoadedModel, data: DataSet, config: PruneConfig, run_dir: Path,
+                callbacks: Callbacks | None = None, cancel: threading.Event | None = None,
+                data_source: str | None = None, original_bytes: bytes | None = None) -> dict:
+    """Run greedy cluster pruning into ``run_dir``; returns a summary. Every step is on disk when reported."""
+    config.validate()
+    cb = callbacks or Callbacks()
+    cancel = cancel or threading.Event()
+    spec = loaded.spec.input
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    model = copy.deepcopy(loaded.model).eval()
+    writer = RunWriter(run_dir)
+    writer.start({"prune": asdict(config), "data_source": data_source or data.source, "class_names": data.class_names,
+                  "val_fraction": None, "created": time.time()}, loaded, original_bytes)
+    try:
+        graph = PruningGraph(model, spec.shape(1))
+        check_prunable(graph.groups(), config.cluster)
+        return _loop(graph, loaded, data, config, writer, cb, cancel, rng)
+    except CancelledError:
+        writer.status("cancelled", "Cancelled by the user; completed steps are kept.")
+        return _summary(writer.dir, "cancelled")
+    except PruneScopeError as exc:
+        writer.status("failed", str(exc))
+        raise
+    except BaseException as exc:
+        writer.status("failed", f"{type(exc).__name__}: {exc}")
+        raise
+
+
+def _loop(graph: PruningGraph, loaded: LoadedModel, data: DataSet, config: PruneConfig, writer: RunWriter,
+          cb: Callbacks, cancel: threading.Event, rng) -> dict:
+    spec = loaded.spec.input
+    cb.progress(0.0, "measuring the original model")
+    base = measure(graph.model, data, spec, config)
+    writer.write_json("baseline.json", base)
+    base_widths = graph.widths()
+    record0 = {"step": 0, **base, "widths": base_widths, "removed": None, "seconds": 0.0, "elapsed": 0.0}
+    writer.add_step(record0, None, [])
+    cb.step(record0)
+    if config.analyse_car:
+        car = compute_car(graph.model, spec, data.val, n_images=config.score_images, sensitivity=True,
+                          progress=lambda f, m: cb.progress(f, f"analysing the original: {m}"), cancel=cancel)
+        writer.write_json("car.json", car.to_dict())
+    channel_maps = {n: list(range(w)) for n, w in base_widths.items()}
+    t_start = time.perf_counter()
+    scores: dict[int, np.ndarray] | None = None
+    reason = "step limit reached"
+    last = record0
+    for step in range(1, config.max_steps + 1):
+        if cancel.is_set():
+            raise CancelledError("Cancelled.")
+        t0 = time.perf_counter()
+        groups = graph.groups()
+        subset = data.val.subset(config.score_images, seed=config.seed)
+        scorer = CarScorer(graph.model, spec, subset) if config.criterion == "car" else None
+        if scores is None or (step - 1) % config.rescore_every == 0 or set(scores) != {g.gid for g in groups} \
+                or any(len(scores[g.gid]) != g.width for g in groups):
+            scores = score_filters(config.criterion, graph, groups, scorer, data.train, spec, rng, cancel,
+                                   progress=lambda f, m: cb.progress(f * 0.5, f"step {step}: {m}"))
+        candidates = _candidates(groups, scores, config, scorer, rng, cancel)
+        if not candidates:
+            reason = "every group is down to one cluster"
+            break
+        accepted = None
+        for attempt, cand in enumerate(candidates[: config.patience + 1]):
+            snapshot = (copy.deepcopy(graph.model), [list(h) for h in graph.history])
+            try:
+                graph.prune(cand["group"].root, cand["filters"])
+            except PruneScopeError as exc:
+                cb.progress(0.5, f"step {step}: skipped {cand['group'].root}: {exc}")
+                graph = PruningGraph(snapshot[0], spec.shape(1), history=snapshot[1])
+                continue
+            finetune(graph.model, data.train, spec, config.finetune_steps, config.finetune_lr, config.batch_size, rng,
+                     cancel, progress=lambda f, m: cb.progress(0.5 + 0.4 * f, f"step {step}: {m}"))
+            if cancel.is_set():
+                raise CancelledError("Cancelled.")
+            cb.progress(0.92, f"step {step}: evaluating")
+            metrics = measure(graph.model, data, spec, config)
+            drop = (base["accuracy"] - metrics["accuracy"]) * 100
+            if drop > config.max_drop + 1e-9:
+                cb.progress(0.95, f"step {step}: {cand['group'].root} would drop {drop:.2f} points; undone")
+                graph = PruningGraph(snapshot[0], spec.shape(1), history=snapshot[1])
+                continue
+            accepted = (cand, metrics, attempt)
+            break
+        if accepted is None:
+            reason = f"the next clusters would exceed the {config.max_drop:g}-point threshold"
+            break
+        cand, metrics, attempt = accepted
+        removed = _removed_record(cand, channel_maps)
+        now = time.perf_counter()
+        record = {"step": step, **metrics, "widths": graph.widths(), "removed": removed,
+                  "estimated_drop": cand["cost"], "candidates_tried": attempt + 1,
+                  "seconds": now - t0, "elapsed": now - t_start}
+        writer.add_step(record, graph.model, graph.history)
+        cb.step(record)
+        last = record
+        if config.mac_target is not None and metrics["macs"] <= config.mac_target * base["macs"]:
+            reason = f"MAC target reached ({metrics['macs'] / base['macs']:.2f} of the original)"
+            break
+    writer.status("done", reason)
+    return _summary(writer.dir, "done", reason)
+
+
+def _candidates(groups, scores, config: PruneConfig, scorer: CarScorer | None, rng, cancel) -> list[dict]:
+    """Candidate clusters, cheapest accuracy cost per MAC saved first."""
+    cands = []
+    for g in groups:
+        target = new_widths(g.width, config.cluster)
+        if target is None:
+            continue
+        k = g.width - target
+        order = np.argsort(scores[g.gid], kind="stable")[:k]
+        cands.append({"group": g, "filters": sorted(order.tolist()), "macs_saved": max(k * g.macs_per_filter, 1.0)})
+    if not cands:
+        return []
+    if config.criterion == "car":
+        correct = scorer.accuracies([filter_ablation(c["group"], c["filters"]) for c in cands], cancel=cancel)
+        drops = scorer.baseline_accuracy - correct.float().mean(1).numpy()
+        eps = 1.0 / max(len(scorer.labels), 1)
+        for c, d in zip(cands, drops):
+            c["cost"] = float(d)
+            c["rank"] = (max(float(d), 0.0) + eps) / c["macs_saved"]
+    elif config.criterion == "random":
+        for c in cands:
+            c["cost"], c["rank"] = None, float(rng.random())
+    else:
+        for c in cands:
+            s = scores[c["group"].gid]
+            norm = s / (np.mean(np.abs(s)) + 1e-12)
+            c["cost"] = None
+            c["rank"] = float(np.sum(norm[c["filters"]])) / c["macs_saved"]
+    return sorted(cands, key=lambda c: c["rank"])
+
+
+def _removed_record(cand: dict, channel_maps: dict[str, list[int]]) -> dict:
+    g: ChannelGroup = cand["group"]
+    original = None
+    for name in g.producers:
+        cmap = channel_maps.get(name)
+        if cmap is None or len(cmap) != g.width:
+            continue
+        if original is None:
+            original = [cmap[i] for i in cand["filters"]]
+        channel_maps[name] = [c for i, c in enumerate(cmap) if i not in set(cand["filters"])]
+    return {"group": g.root, "producers": g.producers, "filters": cand["filters"], "filters_original": original,
+            "width_before": g.width, "width_after": g.width - len(cand["filters"])}
+
+
+def _summary(run_dir: Path, state: str, reason: str = "") -> dict:
+    from .runs import Run
+
+    run = Run(run_dir)
+    hist = run.history
+    first, last = (hist[0], hist[-1]) if hist else ({}, {})
+    return {
+        "run": str(run_dir), "state": state, "reason": reason, "steps": len(hist) - 1 if hist else 0,
+        "baseline_accuracy": first.get("accuracy"), "final_accuracy": last.get("accuracy"),
+        "baseline_macs": first.get("macs"), "final_macs": last.get("macs"),
+        "baseline_params": first.get("params"), "final_params": last.get("params"),
+        "baseline_latency_ms": first.get("latency_ms"), "final_latency_ms": last.get("latency_ms"),
+    }
