@@ -262,8 +262,12 @@ def check_ncs2(xml_path: str | Path, strict: bool = True) -> Ncs2Report:
             n = _numel(shape)
             if et in ("f32", "f64", "bf16"):
                 if n is None or n > MAX_F32_SCALAR_ELEMENTS:
+                    peak = _const_peak(xml_path, attrs, et)
+                    hint = ("save with compress_to_fp16=True" if peak is None or peak < 1000 else
+                            f"its values reach {peak:.4g}: OpenVINO keeps constants it judges unsafe in FP16 as FP32; "
+                            "the NCS2 computes in FP16 (largest value 65504), so rescale the layer")
                     issue(layer, f"constant stored as {et} with shape [{','.join(shape)}]; NCS2 weights must be FP16 "
-                          "(save with compress_to_fp16=True).")
+                          f"({hint}).")
             elif et in ("i8", "u8", "i4", "u4", "u1", "nf4", "f8e4m3", "f8e5m2"):
                 issue(layer, f"constant stored as {et}: quantized (INT8/low-bit) models are not supported on the NCS2.")
             elif et not in ("f16",) and et not in INDEX_TYPES and et != "boolean":
@@ -352,6 +356,24 @@ def _specific_checks(layer, ltype, opset, attrs, in_dims, out_list, consumers, p
     if status == "partial" and ltype not in ("MaxPool", "Convert", "Interpolate", "MVN", "Pad", "Gather"):
         issue(layer, "supported with restrictions the static check cannot fully verify: "
               + (op_support(ltype, opset) or ("", ""))[1], "warning")
+
+
+def _const_peak(xml_path: Path, attrs: dict, et: str) -> float | None:
+    """Largest |value| of an f32/f64 constant, read from the IR's .bin; None when unreadable."""
+    import numpy as np
+
+    dtype = {"f32": np.float32, "f64": np.float64}.get(et)
+    bin_path = xml_path.with_suffix(".bin")
+    try:
+        offset, size = int(attrs["offset"]), int(attrs["size"])
+        if dtype is None or not bin_path.is_file():
+            return None
+        with open(bin_path, "rb") as f:
+            f.seek(offset)
+            values = np.frombuffer(f.read(size), dtype=dtype)
+        return float(np.max(np.abs(values))) if values.size else None
+    except (KeyError, ValueError, OSError):
+        return None
 
 
 _PRECISION_TO_ET = {"FP32": "f32", "FP16": "f16", "I64": "i64", "I32": "i32", "U8": "u8", "I8": "i8", "BOOL": "boolean",
