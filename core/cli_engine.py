@@ -1,6 +1,106 @@
-"""CLI commands of the pruning engine (analyse, prune, export); filled in as the engine lands."""
-COMMANDS: dict = {}
+"""CLI commands of the pruning engine: analyse, prune, export."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+from .errors import PruneScopeError
+
+
+def _progress_printer(prefix: str = ""):
+    last = [0.0]
+
+    def show(fraction: float, message: str) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 1.0 or fraction >= 1.0:
+            last[0] = now
+            print(f"{prefix}[{fraction * 100:5.1f}%] {message}", file=sys.stderr, flush=True)
+
+    return show
 
 
 def add_commands(sub, add_model_args, add_data_args) -> None:
-    return None
+    an = sub.add_parser("analyse", aliases=["analyze"], help="CAR of every filter, per-class CAR and per-layer sensitivity into a run folder")
+    add_model_args(an)
+    add_data_args(an)
+    an.add_argument("--images", type=int, default=500, help="validation images used for CAR (default 500)")
+    an.add_argument("--out", required=True, help="run folder to write (created)")
+    an.add_argument("--naive", action="store_true", help="one full evaluation per filter (reference, slow)")
+    an.add_argument("--json", action="store_true")
+
+    pr = sub.add_parser("prune", help="greedy cluster pruning with fine-tuning into a run folder")
+    add_model_args(pr)
+    add_data_args(pr)
+    pr.add_argument("--out", required=True, help="run folder to write (created)")
+    pr.add_argument("--criterion", default="car", help="car | l1 | taylor | random")
+    pr.add_argument("--cluster", type=int, default=8, help="hardware cluster size c (widths stay multiples of c)")
+    pr.add_argument("--max-drop", type=float, default=1.0, help="acceptable accuracy drop in points")
+    pr.add_argument("--mac-target", type=float, help="stop at this fraction of the original MACs")
+    pr.add_argument("--finetune-steps", type=int, default=40)
+    pr.add_argument("--finetune-lr", type=float, default=0.01)
+    pr.add_argument("--score-images", type=int, default=400)
+    pr.add_argument("--rescore-every", type=int, default=1)
+    pr.add_argument("--max-steps", type=int, default=200)
+    pr.add_argument("--no-latency", action="store_true", help="skip OpenVINO latency per step")
+    pr.add_argument("--no-analysis", action="store_true", help="skip the full CAR analysis of the original")
+    pr.add_argument("--json", action="store_true")
+
+
+def _prepare_out(path: str) -> Path:
+    out = Path(path)
+    if out.exists() and any(out.iterdir()):
+        raise PruneScopeError(f"{out} exists and is not empty; choose a new run folder.")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def cmd_analyse(args) -> int:
+    from .car import compute_car
+    from .cli import load_model_and_data
+    from .workspace import atomic_write_json
+
+    loaded, data = load_model_and_data(args)
+    out = _prepare_out(args.out)
+    result = compute_car(loaded.model, loaded.spec.input, data.val, n_images=args.images,
+                         progress=_progress_printer(), fast=not args.naive)
+    atomic_write_json(out / "car.json", result.to_dict())
+    atomic_write_json(out / "analysis.json", {"model_spec": loaded.spec.to_dict(), "data_source": args.data})
+    summary = {"run": str(out), "baseline_accuracy": result.baseline_accuracy, "n_images": result.n_images,
+               "filters": sum(len(v) for v in result.car.values()), "groups": len(result.groups),
+               "seconds": result.seconds}
+    print(json.dumps(summary) if args.json else "\n".join(f"{k}: {v}" for k, v in summary.items()))
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from .cli import load_model_and_data
+    from .prune import Callbacks, PruneConfig, run_pruning
+
+    config = PruneConfig(criterion=args.criterion, cluster=args.cluster, max_drop=args.max_drop,
+                         mac_target=args.mac_target, finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
+                         score_images=args.score_images, rescore_every=args.rescore_every, max_steps=args.max_steps,
+                         latency=not args.no_latency, analyse_car=not args.no_analysis, seed=args.seed)
+    config.validate()
+    loaded, data = load_model_and_data(args)
+    out = _prepare_out(args.out)
+
+    def on_step(r: dict) -> None:
+        print(f"step {r['step']}: accuracy {r['accuracy'] * 100:.2f}%  MACs {r['macs'] / 1e6:.2f} M"
+              + (f"  removed {len(r['removed']['filters'])} from {r['removed']['group']}" if r.get("removed") else ""),
+              file=sys.stderr, flush=True)
+
+    original_bytes = Path(args.model).read_bytes() if loaded.spec.pickled else None
+    summary = run_pruning(loaded, data, config, out, Callbacks(_progress_printer("  "), on_step),
+                          data_source=args.data, original_bytes=original_bytes)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for k, v in summary.items():
+            print(f"{k}: {v}")
+    return 0
+
+
+COMMANDS = {"analyse": cmd_analyse, "analyze": cmd_analyse, "prune": cmd_prune}

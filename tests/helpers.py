@@ -1,0 +1,43 @@
+"""Small builders shared by the engine tests: synthetic data sets and a fast pruning config."""
+from __future__ import annotations
+
+import torch
+
+from core.data import DataReport, DataSet, ImageSet
+from core.models import InputSpec, LoadedModel, ModelSpec
+from core.prune import PruneConfig
+
+
+def random_dataset(num_classes: int, size: int = 32, n_train: int = 64, n_val: int = 48, seed: int = 0) -> DataSet:
+    g = torch.Generator().manual_seed(seed)
+    names = [f"c{i}" for i in range(num_classes)]
+    spec = InputSpec(height=size, width=size, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+
+    def make(n):
+        return ImageSet(torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g),
+                        torch.arange(n) % num_classes, names)
+
+    return DataSet(make(n_train), make(n_val), names, spec, DataReport(num_classes=num_classes), "random")
+
+
+def loaded(model: torch.nn.Module, arch: str, num_classes: int, size: int = 32) -> LoadedModel:
+    spec = InputSpec(height=size, width=size, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    return LoadedModel(model.eval(), ModelSpec(arch=arch, num_classes=num_classes, input=spec))
+
+
+def quick_config(**kw) -> PruneConfig:
+    base = dict(criterion="l1", cluster=8, max_drop=100.0, finetune_steps=1, batch_size=16, score_images=16,
+                max_steps=2, latency=False, analyse_car=False, patience=0)
+    base.update(kw)
+    return PruneConfig(**base)
+
+
+def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give BatchNorm layers non-trivial statistics so that emulation errors would show."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+    return model.eval()
