@@ -119,7 +119,11 @@ def load(bundle_dir=None, device="CPU"):
     """(compiled_model, which, reason): the pruned model if it is intact, compiles and passes the self-test,
     else the fallback (original) model under the same checks. Raises RuntimeError when neither works."""
     bundle_dir = os.path.abspath(bundle_dir or HERE)
-    manifest = read_manifest(bundle_dir)
+    try:
+        manifest = read_manifest(bundle_dir)
+    except (OSError, ValueError) as exc:
+        raise RuntimeError("manifest.json in %s is missing or unreadable (%s); without it no model can be "
+                           "checked" % (bundle_dir, _short(exc)))
     selftest, selftest_problem = _load_selftest(bundle_dir, manifest)
     core = _core()
     failures = []
@@ -245,7 +249,12 @@ def main(argv=None):
     names = manifest.get("class_names") or []
     results = []
     for path in args.image:
-        logits = predict(load_image(path, manifest)[None], compiled)[0]
+        try:
+            image = load_image(path, manifest)
+        except (OSError, ValueError) as exc:
+            print("ERROR: cannot read image %s: %s" % (path, _short(exc)), file=sys.stderr)
+            return 2
+        logits = predict(image[None], compiled)[0]
         probs = _softmax(logits)
         top = np.argsort(-probs)[:args.top]
         results.append({"image": path, "top": [{"class": names[i] if i < len(names) else str(i),

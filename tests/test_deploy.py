@@ -148,3 +148,9 @@ def test_template_needs_only_openvino_numpy_and_old_python():
     assert modules <= {"__future__", "argparse", "hashlib", "json", "os", "sys", "numpy", "openvino", "PIL"}
     bundle_dir, _ = shared_bundle()
     assert (bundle_dir / "deploy.py").read_text() == src
+
+
+def test_missing_manifest_is_reported_not_a_traceback(bundle):
+    (bundle / "manifest.json").unlink()
+    rc, out = run_deploy(bundle)
+    assert rc == 2 and out["which"] is None and "manifest.json" in out["reason"]

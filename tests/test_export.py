@@ -193,18 +193,18 @@ def test_zip_holds_every_bundle_file():
     assert names == {f"bundle/{p.relative_to(bundle).as_posix()}" for p in bundle.rglob("*") if p.is_file()}
 
 
-def test_verify_ir_reports_few_images_and_disagreement(tmp_path):
-    model, _, spec, val = toy_setup()
-    info = export_model(model, spec, tmp_path / "m")
+def test_verify_ir_reports_few_images_and_disagreement():
+    model, pruned, spec, val = toy_setup()
+    bundle, _ = shared_bundle()
+    xml = bundle / "fallback" / "model.xml"  # the IR of ``model``
     few = ImageSet(val.images[:50], val.labels[:50], val.class_names)
-    v = verify_ir(info["xml"], model, few, spec, min_images=200)
+    v = verify_ir(xml, model, few, spec, min_images=200)
     assert v.n_images == 50 and v.verified
     assert "fewer than" in v.message and any("50" in n for n in v.notes)
-    other = fitted_toy(seed=5)  # a different model: the IR does not match it
-    bad = verify_ir(info["xml"], other, val, spec)
+    bad = verify_ir(xml, pruned, val, spec)  # a different model: the IR does not match it
     assert not bad.verified and bad.agreement < 0.99 and "Not verified" in bad.message
     with pytest.raises(ExportError):
-        verify_ir(info["xml"], model, ImageSet(val.images[:0], val.labels[:0], val.class_names), spec)
+        verify_ir(xml, model, ImageSet(val.images[:0], val.labels[:0], val.class_names), spec)
 
 
 class _BadOutput(nn.Module):
