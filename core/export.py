@@ -307,7 +307,12 @@ def build_bundle(pruned_model: nn.Module, original_model: nn.Module, spec: Model
         if out_path.exists():
             old = out_path.parent / f".{out_path.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(out_path, old)
-        os.replace(tmp, out_path)
+        try:
+            os.replace(tmp, out_path)
+        except BaseException:
+            if old is not None:  # put the previous bundle back
+                os.replace(old, out_path)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException as exc:
