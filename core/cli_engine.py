@@ -48,6 +48,14 @@ def add_commands(sub, add_model_args, add_data_args) -> None:
     pr.add_argument("--no-analysis", action="store_true", help="skip the full CAR analysis of the original")
     pr.add_argument("--json", action="store_true")
 
+    ex = sub.add_parser("export", help="OpenVINO IR FP16 + ONNX bundle of a run's step, with the original as fallback")
+    ex.add_argument("--run", required=True, help="run folder written by 'prune' or the app")
+    pick = ex.add_mutually_exclusive_group()
+    pick.add_argument("--step", type=int, help="step to export (default: the last step)")
+    pick.add_argument("--max-drop", type=float, help="export the smallest step within this accuracy drop (points)")
+    ex.add_argument("--out", required=True, help="bundle folder to create (a .zip is written beside it)")
+    ex.add_argument("--json", action="store_true")
+
 
 def _prepare_out(path: str) -> Path:
     out = Path(path)
@@ -94,7 +102,8 @@ def cmd_prune(args) -> int:
 
     original_bytes = Path(args.model).read_bytes() if loaded.spec.pickled else None
     summary = run_pruning(loaded, data, config, out, Callbacks(_progress_printer("  "), on_step),
-                          data_source=args.data, original_bytes=original_bytes)
+                          data_source=args.data, original_bytes=original_bytes,
+                          data_options={"val_fraction": args.val_fraction, "seed": args.seed})
     if args.json:
         print(json.dumps(summary))
     else:
@@ -103,4 +112,20 @@ def cmd_prune(args) -> int:
     return 0
 
 
-COMMANDS = {"analyse": cmd_analyse, "analyze": cmd_analyse, "prune": cmd_prune}
+def cmd_export(args) -> int:
+    from .export import export_run
+
+    result = export_run(args.run, step=args.step, max_drop=args.max_drop, out_path=args.out,
+                        progress=_progress_printer())
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"bundle: {result['bundle']}  (zip: {result['zip']})")
+        print(f"step {result['step']}: NCS2 {'compatible' if result['ncs_compatible'] else 'NOT compatible'}; "
+              f"verified: {result['verified']} (agreement {result['agreement'] * 100:.2f}%)")
+        for p in result["ncs2_problems"]:
+            print(f"  NCS2 problem: {p}")
+    return 0
+
+
+COMMANDS = {"analyse": cmd_analyse, "analyze": cmd_analyse, "prune": cmd_prune, "export": cmd_export}

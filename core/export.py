@@ -483,3 +483,44 @@ def export_for_cli(pruned_model: nn.Module, original_model: nn.Module, spec: Mod
         "zip": str(result.zip_path),
         "manifest": str(result.bundle_dir / "manifest.json"),
     }
+
+
+def export_run(run_dir: str | Path, step: int | None = None, max_drop: float | None = None,
+               out_path: str | Path | None = None, progress=None) -> dict:
+    """Export one step of a run folder (default: the last; or the smallest within ``max_drop`` points)."""
+    from .data import load_dataset
+    from .runs import Run
+    from .workspace import workspace_root
+
+    run = Run(run_dir)
+    if max_drop is not None:
+        if not 0 <= max_drop <= 100:
+            raise ExportError(f"The accuracy threshold must be between 0 and 100 points; got {max_drop}.")
+        step = run.select_step(max_drop)
+    elif step is None:
+        step = run.history[-1]["step"] if run.history else 0
+    record = run.record(step)
+    if progress:
+        progress(0.05, f"rebuilding step {step}")
+    pruned = run.rebuild_step(step)
+    original = run.original()
+    options = run.config.get("data_options") or {}
+    data = load_dataset(run.config["data_source"], run.spec.input, expected_classes=run.spec.num_classes,
+                        val_fraction=options.get("val_fraction", 0.2), seed=options.get("seed", 0))
+    spec = run.spec
+    if spec.class_names is None:
+        spec.class_names = data.class_names
+    base = run.history[0]
+    meta = {
+        "pruned": {k: record.get(k) for k in ("accuracy", "macs", "params", "latency_ms")},
+        "original": {k: base.get(k) for k in ("accuracy", "macs", "params", "latency_ms")},
+        "step": step, "run": run.name, "threshold_points": max_drop,
+        "criterion": run.config.get("prune", {}).get("criterion"), "cluster": run.config.get("prune", {}).get("cluster"),
+    }
+    out = Path(out_path) if out_path else workspace_root() / "exports" / f"{run.name}-step{step:04d}"
+    if progress:
+        progress(0.2, "exporting, checking for the NCS2 and verifying on OpenVINO")
+    result = export_for_cli(pruned, original.model, spec, data.val, out, meta)
+    result["step"] = step
+    result["run"] = str(run.dir)
+    return result

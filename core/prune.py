@@ -212,7 +212,8 @@ def measure(model: nn.Module, data: DataSet, spec: InputSpec, config: PruneConfi
 
 def run_pruning(loaded: LoadedModel, data: DataSet, config: PruneConfig, run_dir: Path,
                 callbacks: Callbacks | None = None, cancel: threading.Event | None = None,
-                data_source: str | None = None, original_bytes: bytes | None = None) -> dict:
+                data_source: str | None = None, original_bytes: bytes | None = None,
+                data_options: dict | None = None) -> dict:
     """Run greedy cluster pruning into ``run_dir``; returns a summary. Every step is on disk when reported."""
     config.validate()
     cb = callbacks or Callbacks()
@@ -223,7 +224,7 @@ def run_pruning(loaded: LoadedModel, data: DataSet, config: PruneConfig, run_dir
     model = copy.deepcopy(loaded.model).eval()
     writer = RunWriter(run_dir)
     writer.start({"prune": asdict(config), "data_source": data_source or data.source, "class_names": data.class_names,
-                  "val_fraction": None, "created": time.time()}, loaded, original_bytes)
+                  "data_options": data_options or {"val_fraction": 0.2, "seed": 0}, "created": time.time()}, loaded, original_bytes)
     try:
         graph = PruningGraph(model, spec.shape(1))
         check_prunable(graph.groups(), config.cluster)
