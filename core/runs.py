@@ -139,12 +139,16 @@ class Run:
 
     def select_step(self, max_drop: float) -> int:
         """The step with the fewest MACs whose accuracy drop (points) is within ``max_drop``."""
-        hist = self.history
-        if not hist:
+        if not self.history:
             raise PruneScopeError(f"Run {self.name} has no completed step yet.")
-        base = hist[0]["accuracy"]
-        ok = [r for r in hist if (base - r["accuracy"]) * 100 <= max_drop + 1e-9]
-        return min(ok, key=lambda r: (r["macs"], -r["accuracy"]))["step"] if ok else 0
+        return select_step(self.history, max_drop)
+
+
+def select_step(history: list[dict], max_drop: float) -> int:
+    """The step with the fewest MACs whose accuracy drop from step 0 (points) is within ``max_drop``."""
+    base = history[0]["accuracy"]
+    ok = [r for r in history if (base - r["accuracy"]) * 100 <= max_drop + 1e-9]
+    return min(ok, key=lambda r: (r["macs"], -r["accuracy"]))["step"] if ok else 0
 
 
 def list_runs() -> list[Run]:

@@ -15,7 +15,6 @@ conv output.
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 from typing import Any, Iterable
 
 import numpy as np
@@ -65,13 +64,13 @@ def format_pct(acc_fraction: float | None) -> str:
 def pick_smallest_within(history: list[dict], max_drop_points: float) -> dict:
     """The record with the fewest MACs whose accuracy drop from step 0 is within ``max_drop_points``.
 
-    Uses :meth:`core.runs.Run.select_step` itself (on a stand-in holding ``history``), so the review
-    page and the CLI/export always agree on which step a threshold picks. Step 0 when nothing fits.
+    Uses :func:`core.runs.select_step`, so the review page and the CLI/export always agree on which
+    step a threshold picks. Step 0 when nothing fits.
     """
-    from .runs import Run
+    from .runs import select_step
 
     hist = list(history)
-    step = Run.select_step(SimpleNamespace(history=hist, name="(history)"), float(max_drop_points))
+    step = select_step(hist, float(max_drop_points))
     for r in hist:
         if r["step"] == step:
             return r
