@@ -1,0 +1,338 @@
+"""Background jobs: long work (CAR analysis, pruning) in a thread, with progress, ETA and cancel.
+
+The job thread only ever touches its :class:`Job` (under the job's lock); a UI reads
+:meth:`Job.snapshot`, a consistent copy, and never shares mutable state with the thread. No
+Streamlit here: the app keeps one :class:`JobRegistry` for the whole process (``st.cache_resource``),
+so a reloaded browser tab finds the job it started, and the CLI or tests can use it unchanged.
+
+What a job produced that must outlive the process (a pruning run) is written by the engine into its
+run folder (:mod:`core.runs`); after an app restart the registry is empty and runs are listed from
+the workspace, a run whose process died reading as ``interrupted`` with its completed steps intact.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import CancelledError, PruneScopeError
+
+RUNNING_STATES = ("running", "cancelling")
+FINAL_STATES = ("done", "cancelled", "failed")
+ETA_MIN_PROGRESS = 0.02  # below this fraction an ETA is a guess, not an estimate
+
+
+class JobAlreadyRunning(PruneScopeError):
+    """A job of the same kind and key is still running; ``job`` is that job (attach to it instead)."""
+
+    def __init__(self, job: "Job"):
+        super().__init__(f"A {job.kind} job is already running (started {time.strftime('%H:%M:%S', time.localtime(job.started))}); "
+                         "wait for it to finish or cancel it first.")
+        self.job = job
+
+
+@dataclass
+class JobSnapshot:
+    """A consistent copy of a job's state at one moment; safe to read anywhere."""
+
+    id: str
+    kind: str
+    key: str
+    state: str
+    progress: float
+    message: str
+    error: str | None
+    started: float
+    finished: float | None
+    elapsed: float
+    eta: float | None
+    steps: list[dict]
+    result: Any
+    run_dir: Path | None
+    meta: dict
+
+    @property
+    def running(self) -> bool:
+        return self.state in RUNNING_STATES
+
+    @property
+    def last_step(self) -> dict | None:
+        return self.steps[-1] if self.steps else None
+
+
+@dataclass
+class Job:
+    """One unit of background work. Mutated only under ``lock``; read through :meth:`snapshot`."""
+
+    id: str
+    kind: str
+    key: str
+    run_dir: Path | None = None
+    meta: dict = field(default_factory=dict)
+    total_steps: int | None = None  # known upper bound of step records, for the ETA
+    state: str = "running"
+    progress: float = 0.0  # 0..1 of the whole job
+    message: str = "starting"
+    error: str | None = None
+    traceback: str | None = None
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+    steps: list[dict] = field(default_factory=list)
+    result: Any = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    thread: threading.Thread | None = field(default=None, repr=False)
+
+    # -- written by the worker -------------------------------------------------------------------
+
+    def set_progress(self, fraction: float, message: str | None = None) -> None:
+        with self.lock:
+            fraction = min(max(float(fraction), 0.0), 1.0)
+            self.progress = max(self.progress, fraction)  # never runs backwards on screen
+            if message is not None:
+                self.message = message
+
+    def add_step(self, record: dict) -> None:
+        with self.lock:
+            self.steps.append(copy.deepcopy(record))
+
+    # -- read by anyone --------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        with self.lock:
+            return self.state in RUNNING_STATES
+
+    def eta_seconds(self, now: float | None = None) -> float | None:
+        with self.lock:
+            return self._eta(now or time.time())
+
+    def _eta(self, now: float) -> float | None:
+        """Seconds left, extrapolated from the rate of progress so far (None while too early to tell)."""
+        if self.state not in RUNNING_STATES:
+            return 0.0 if self.state == "done" else None
+        p = self.progress
+        if p < ETA_MIN_PROGRESS or p >= 1.0:
+            return None
+        elapsed = now - self.started
+        return elapsed * (1.0 - p) / p
+
+    def snapshot(self) -> JobSnapshot:
+        with self.lock:
+            now = time.time()
+            end = self.finished or now
+            return JobSnapshot(
+                id=self.id, kind=self.kind, key=self.key, state=self.state, progress=self.progress,
+                message=self.message, error=self.error, started=self.started, finished=self.finished,
+                elapsed=end - self.started, eta=self._eta(now), steps=copy.deepcopy(self.steps),
+                result=self.result, run_dir=self.run_dir, meta=dict(self.meta),
+            )
+
+    def request_cancel(self) -> None:
+        """Ask the worker to stop; it does at its next check (within one pruning step)."""
+        with self.lock:
+            if self.state == "running":
+                self.state = "cancelling"
+                self.message = "cancelling after the current operation..."
+        self.cancel.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the worker ends; True if it did within ``timeout``."""
+        if self.thread is not None:
+            self.thread.join(timeout)
+            return not self.thread.is_alive()
+        return True
+
+
+class JobContext:
+    """What a job function gets: report progress and steps, and see whether it should stop."""
+
+    def __init__(self, job: Job):
+        self.job = job
+        self.cancel = job.cancel
+
+    def progress(self, fraction: float, message: str | None = None) -> None:
+        self.job.set_progress(fraction, message)
+
+    def step(self, record: dict) -> None:
+        self.job.add_step(record)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel.is_set()
+
+    def check_cancel(self) -> None:
+        if self.cancel.is_set():
+            raise CancelledError("Cancelled by the user.")
+
+
+JobFunction = Callable[[JobContext], Any]
+
+
+class JobRegistry:
+    """Every job of this process. Thread-safe; at most one running job per (kind, key)."""
+
+    def __init__(self, keep_finished: int = 50):
+        self._jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self.keep_finished = keep_finished
+
+    def start(self, kind: str, fn: JobFunction, key: str | None = None, run_dir: Path | str | None = None,
+              total_steps: int | None = None, meta: dict | None = None) -> Job:
+        """Start ``fn(context)`` in a daemon thread and return its job.
+
+        Raises :class:`JobAlreadyRunning` (carrying the running job) if a job of the same ``kind`` and
+        ``key`` (default: the kind alone) is still running, so starting twice never starts two jobs.
+        """
+        key = str(key if key is not None else kind)
+        with self._lock:
+            for job in self._jobs.values():
+                if job.kind == kind and job.key == key and job.running:
+                    raise JobAlreadyRunning(job)
+            job = Job(id=f"{kind}-{next(self._ids)}-{int(time.time())}", kind=kind, key=key,
+                      run_dir=Path(run_dir) if run_dir is not None else None, meta=dict(meta or {}),
+                      total_steps=total_steps)
+            self._jobs[job.id] = job
+            self._prune_old()
+            job.thread = threading.Thread(target=self._run, args=(job, fn), name=f"prunescope-{job.id}", daemon=True)
+            job.thread.start()
+        return job
+
+    @staticmethod
+    def _run(job: Job, fn: JobFunction) -> None:
+        ctx = JobContext(job)
+        try:
+            result = fn(ctx)
+        except CancelledError:
+            state, result, error, tb = "cancelled", None, None, None
+        except PruneScopeError as exc:
+            state, result, error, tb = "failed", None, str(exc), None
+        except BaseException as exc:  # the thread must always leave a final state behind
+            state, result, error, tb = "failed", None, f"{type(exc).__name__}: {exc}", traceback.format_exc()
+        else:
+            reported = result.get("state") if isinstance(result, dict) else None
+            if reported in FINAL_STATES:
+                state = reported
+            else:
+                state = "cancelled" if job.cancel.is_set() else "done"
+            error, tb = None, None
+        with job.lock:
+            job.result, job.error, job.traceback = result, error, tb
+            job.state = state
+            job.finished = time.time()
+            if state == "done":
+                job.progress = 1.0
+            job.message = {"done": "finished", "cancelled": "cancelled; completed steps are kept",
+                           "failed": f"failed: {error}"}[state]
+
+    def _prune_old(self) -> None:
+        """Forget the oldest finished jobs beyond ``keep_finished`` (their runs stay on disk)."""
+        finished = sorted((j for j in self._jobs.values() if j.state in FINAL_STATES), key=lambda j: j.started)
+        for j in finished[:max(len(finished) - self.keep_finished, 0)]:
+            del self._jobs[j.id]
+
+    def get(self, job_id: str | None) -> Job | None:
+        with self._lock:
+            return self._jobs.get(job_id) if job_id else None
+
+    def list(self, kind: str | None = None) -> list[Job]:
+        """Jobs, newest first."""
+        with self._lock:
+            jobs = [j for j in self._jobs.values() if kind is None or j.kind == kind]
+        return sorted(jobs, key=lambda j: j.started, reverse=True)
+
+    def active(self, kind: str | None = None, key: str | None = None) -> list[Job]:
+        return [j for j in self.list(kind) if j.running and (key is None or j.key == key)]
+
+    def latest(self, kind: str, key: str | None = None) -> Job | None:
+        """The newest job of a kind (running or not), e.g. to re-attach after a browser reload."""
+        for j in self.list(kind):
+            if key is None or j.key == key:
+                return j
+        return None
+
+    def for_run(self, run_dir: Path | str) -> Job | None:
+        target = Path(run_dir).resolve()
+        for j in self.list():
+            if j.run_dir is not None and j.run_dir.resolve() == target:
+                return j
+        return None
+
+    def cancel(self, job_id: str) -> bool:
+        job = self.get(job_id)
+        if job is None or not job.running:
+            return False
+        job.request_cancel()
+        return True
+
+
+# ----------------------------------------------------------------------------- the two jobs of the app
+
+
+def prune_job(loaded, data, config, run_dir: Path, data_source: str | None = None,
+              original_bytes: bytes | None = None) -> JobFunction:
+    """A job function running :func:`core.prune.run_pruning` into ``run_dir``.
+
+    Overall progress: the original's measurement and analysis count as one step, then each pruning
+    step one more, of ``config.max_steps + 1``; the run may stop earlier (threshold, MAC target),
+    so the ETA is an upper bound.
+    """
+    from .prune import Callbacks, run_pruning
+
+    total = config.max_steps + 1
+
+    def fn(ctx: JobContext) -> dict:
+        done = [0]  # completed step records, step 0 included
+
+        def progress(fraction: float, message: str) -> None:
+            phase = max(done[0] - 1, 0) + min(max(fraction, 0.0), 1.0) if done[0] else 0.9 * fraction
+            ctx.progress(min(phase / total, 0.999), message)
+
+        def step(record: dict) -> None:
+            ctx.step(record)
+            done[0] += 1
+            ctx.progress(min(done[0] / total, 0.999),
+                         "original model measured" if record["step"] == 0 else f"step {record['step']} done")
+
+        return run_pruning(loaded, data, config, run_dir, callbacks=Callbacks(progress, step), cancel=ctx.cancel,
+                           data_source=data_source, original_bytes=original_bytes)
+
+    return fn
+
+
+def car_job(model, spec, imageset, n_images: int = 500, sensitivity: bool = True) -> JobFunction:
+    """A job function computing CAR (+ per-class CAR, sensitivity) on a private copy of ``model``."""
+    from .car import compute_car
+
+    model = copy.deepcopy(model).eval()  # the UI keeps using its own model while this runs
+
+    def fn(ctx: JobContext):
+        return compute_car(model, spec, imageset, n_images=n_images, sensitivity=sensitivity,
+                           progress=ctx.progress, cancel=ctx.cancel)
+
+    return fn
+
+
+def past_runs(registry: JobRegistry | None = None) -> list[dict]:
+    """Every run in the workspace (newest first) with its state; a live job of this process wins."""
+    from .runs import list_runs
+
+    out = []
+    for run in list_runs():
+        status = run.status
+        job = registry.for_run(run.dir) if registry is not None else None
+        state = status.get("state", "unknown")
+        if job is not None and job.running:
+            state = job.snapshot().state
+        hist = run.history
+        out.append({"run": run, "name": run.name, "dir": run.dir, "state": state, "message": status.get("message", ""),
+                    "steps": max(len(hist) - 1, 0), "created": run.config.get("created"),
+                    "criterion": (run.config.get("prune") or {}).get("criterion"),
+                    "arch": run.spec.arch, "data_source": run.config.get("data_source")})
+    return out

@@ -1,0 +1,195 @@
+"""JobRegistry: start, progress snapshots, cancel within one step, no double start, interrupted runs."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from core.architectures import SampleVGG
+from core.errors import PruneScopeError
+from core.jobs import JobAlreadyRunning, JobRegistry, past_runs, prune_job
+from core.runs import Run
+from core.workspace import new_run_dir
+from tests.helpers import loaded as make_loaded, quick_config, random_dataset
+
+
+def wait_until(predicate, timeout=20.0, interval=0.02):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def stepping_job(n_steps: int, step_seconds: float, gate: threading.Event | None = None):
+    """A fake job: ``n_steps`` steps of ``step_seconds``, checking the cancel flag between steps."""
+
+    def fn(ctx):
+        for i in range(n_steps):
+            if gate is not None:
+                gate.wait(10)
+            ctx.check_cancel()
+            time.sleep(step_seconds)
+            ctx.step({"step": i, "value": i * i})
+            ctx.progress((i + 1) / n_steps, f"step {i} done")
+        return {"state": "done", "steps": n_steps}
+
+    return fn
+
+
+def test_start_reports_progress_and_result():
+    reg = JobRegistry()
+    gate = threading.Event()
+    job = reg.start("demo", stepping_job(4, 0.01, gate), meta={"who": "test"})
+    snap = job.snapshot()
+    assert snap.state == "running" and snap.running and snap.progress == 0.0 and snap.steps == []
+    assert snap.eta is None, "no ETA before any progress"
+    assert reg.active("demo") == [job] and reg.get(job.id) is job and reg.latest("demo") is job
+    gate.set()
+    assert job.wait(10)
+    snap = job.snapshot()
+    assert snap.state == "done" and snap.progress == 1.0 and snap.eta == 0.0
+    assert [s["step"] for s in snap.steps] == [0, 1, 2, 3]
+    assert snap.result == {"state": "done", "steps": 4}
+    assert snap.meta == {"who": "test"} and snap.finished >= snap.started
+    assert reg.active() == []
+
+
+def test_snapshot_is_a_copy_and_eta_is_extrapolated():
+    reg = JobRegistry()
+    release = threading.Event()
+
+    def fn(ctx):
+        ctx.step({"step": 0, "widths": {"a": 8}})
+        ctx.progress(0.25, "quarter")
+        release.wait(10)
+
+    job = reg.start("demo", fn)
+    assert wait_until(lambda: job.snapshot().progress == 0.25)
+    time.sleep(0.2)
+    snap = job.snapshot()
+    snap.steps[0]["widths"]["a"] = 999  # mutating the copy must not touch the job
+    assert job.snapshot().steps[0]["widths"]["a"] == 8
+    assert snap.message == "quarter"
+    # 25 % done after ~0.2 s: about three times that is left
+    assert snap.eta == pytest.approx(3 * snap.elapsed, rel=0.2)
+    release.set()
+    assert job.wait(10)
+
+
+def test_double_start_is_refused_while_running():
+    reg = JobRegistry()
+    gate = threading.Event()
+    first = reg.start("prune", stepping_job(2, 0.0, gate))
+    with pytest.raises(JobAlreadyRunning) as info:
+        reg.start("prune", stepping_job(2, 0.0))
+    assert info.value.job is first and "already running" in str(info.value)
+    assert len(reg.list("prune")) == 1, "starting twice does not start two jobs"
+    other = reg.start("prune", stepping_job(1, 0.0), key="another-model")  # a different key is independent
+    other.wait(10)
+    gate.set()
+    assert first.wait(10)
+    again = reg.start("prune", stepping_job(1, 0.0))  # once finished, a new job may start
+    assert again is not first and again.wait(10) and again.snapshot().state == "done"
+
+
+def test_cancel_takes_effect_within_one_step_and_keeps_completed_steps():
+    reg = JobRegistry()
+    job = reg.start("demo", stepping_job(100, 0.05))
+    assert wait_until(lambda: len(job.snapshot().steps) >= 3)
+    t0 = time.time()
+    assert reg.cancel(job.id)
+    assert job.snapshot().state in ("cancelling", "cancelled")
+    assert job.wait(5)
+    assert time.time() - t0 < 0.5, "stops within one step (0.05 s) plus scheduling slack"
+    snap = job.snapshot()
+    assert snap.state == "cancelled" and "cancelled" in snap.message
+    assert [s["step"] for s in snap.steps] == list(range(len(snap.steps))) and len(snap.steps) >= 3
+    assert not reg.cancel(job.id), "cancelling a finished job is a no-op"
+
+
+def test_failures_are_reported_not_raised():
+    reg = JobRegistry()
+    user = reg.start("a", lambda ctx: (_ for _ in ()).throw(PruneScopeError("The cluster size is too large.")))
+    bug = reg.start("b", lambda ctx: 1 / 0)
+    assert user.wait(5) and bug.wait(5)
+    assert user.snapshot().state == "failed" and user.snapshot().error == "The cluster size is too large."
+    assert user.traceback is None
+    assert bug.snapshot().state == "failed" and bug.snapshot().error.startswith("ZeroDivisionError")
+    assert "Traceback" in bug.traceback
+
+
+def test_finished_jobs_are_forgotten_beyond_the_limit():
+    reg = JobRegistry(keep_finished=2)
+    for i in range(4):
+        reg.start("demo", lambda ctx: None, key=str(i)).wait(5)
+    reg.start("demo", lambda ctx: None, key="last").wait(5)
+    assert len(reg.list()) <= 3
+
+
+# ----------------------------------------------------------------------------- with the real engine
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    data = random_dataset(4, size=16, n_train=32, n_val=24)
+    return make_loaded(SampleVGG(num_classes=4), "sample_vgg", 4, size=16), data
+
+
+def test_prune_job_cancel_keeps_completed_steps(tiny):
+    loaded, data = tiny
+    reg = JobRegistry()
+    run_dir = new_run_dir("jobtest")
+    config = quick_config(max_steps=50, cluster=2, finetune_steps=3)
+    job = reg.start("prune", prune_job(loaded, data, config, run_dir, data_source="random"), run_dir=run_dir,
+                    total_steps=config.max_steps + 1)
+    assert wait_until(lambda: len(job.snapshot().steps) >= 2, timeout=60)
+    reg.cancel(job.id)
+    assert job.wait(60)
+    snap = job.snapshot()
+    assert snap.state == "cancelled"
+    run = Run(run_dir)
+    assert run.status["state"] == "cancelled"
+    hist = run.history
+    assert len(hist) >= 2 and len(hist) < 51, "stopped long before the step limit"
+    assert [r["step"] for r in hist] == list(range(len(hist)))
+    assert [s["step"] for s in snap.steps] == [r["step"] for r in hist], "the job saw exactly the steps on disk"
+    run.rebuild_step(hist[-1]["step"])  # the last completed step is whole
+    assert reg.for_run(run_dir) is job
+    assert 0 < snap.progress < 1
+
+
+def test_prune_job_runs_to_the_end(tiny):
+    loaded, data = tiny
+    reg = JobRegistry()
+    run_dir = new_run_dir("jobtest")
+    job = reg.start("prune", prune_job(loaded, data, quick_config(max_steps=2), run_dir), run_dir=run_dir)
+    assert job.wait(60)
+    snap = job.snapshot()
+    assert snap.state == "done", snap.error
+    assert snap.result["steps"] == 2 and [s["step"] for s in snap.steps] == [0, 1, 2]
+    assert snap.progress == 1.0
+
+
+def test_interrupted_run_is_listed_with_its_steps(tiny):
+    loaded, data = tiny
+    run_dir = new_run_dir("crashed")
+    from core.prune import run_pruning
+
+    run_pruning(loaded, data, quick_config(max_steps=1), run_dir)
+    # the process that owned this run died while it was running: a pid that no longer exists
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    status = json.loads((run_dir / "status.json").read_text())
+    status.update(state="running", pid=dead.pid)
+    (run_dir / "status.json").write_text(json.dumps(status))
+    listed = {r["name"]: r for r in past_runs(JobRegistry())}
+    entry = listed[run_dir.name]
+    assert entry["state"] == "interrupted" and entry["steps"] == 1
+    assert "completed steps are kept" in Run(run_dir).status["message"]
+    assert [r["step"] for r in Run(run_dir).history] == [0, 1]
