@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SettingsError
+from .ov_runtime import compile_cpu, time_interleaved
 
 
 @dataclass(frozen=True)
@@ -214,30 +215,11 @@ def latency_staircase(in_channels: int = 64, spatial: int = 32, channel_counts=N
     median per width is kept. The step width is found by :func:`fit_staircase`. One inference thread
     by default: several threads split the channels between cores, which adds steps of their own.
     """
-    import openvino as ov
-
     channels = sorted(int(c) for c in (channel_counts if channel_counts is not None else range(8, 129, 4)))
     if len(channels) < 6 or channels[0] < 1:
         raise SettingsError("Give at least 6 positive output-channel counts for the staircase probe.")
-    core = ov.Core()
-    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": int(threads)}
-    requests = [core.compile_model(_conv_model(in_channels, c, spatial, seed), "CPU", config).create_infer_request()
-                for c in channels]
-    x = np.random.default_rng(seed).standard_normal((1, in_channels, spatial, spatial)).astype(np.float32)
-    import time
-
-    for r in requests:
-        for _ in range(warmup):
-            r.infer([x])
-    times: list[list[float]] = [[] for _ in channels]
-    order = np.arange(len(channels))
-    rng = np.random.default_rng(seed + 1)
-    for _ in range(runs):
-        rng.shuffle(order)
-        for i in order:
-            t0 = time.perf_counter()
-            requests[i].infer([x])
-            times[i].append((time.perf_counter() - t0) * 1000.0)
+    compiled = [compile_cpu(_conv_model(in_channels, c, spatial, seed), threads) for c in channels]
+    times = time_interleaved(compiled, (1, in_channels, spatial, spatial), runs=runs, warmup=warmup, seed=seed)
     med = [float(statistics.median(t)) for t in times]
     p25 = [float(np.percentile(t, 25)) for t in times]
     p75 = [float(np.percentile(t, 75)) for t in times]

@@ -66,17 +66,20 @@ class PruningGraph:
     def _output_layers(self) -> list[nn.Module]:
         """The last conv/linear layers executed: their outputs are the classes and are never pruned."""
         order: list[nn.Module] = []
-        hooks = [m.register_forward_hook(lambda mod, i, o: order.append(mod))
-                 for m in self.model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        self._forward_with_hooks(lambda mod, i, o: order.append(mod))
+        if not order:
+            raise PruneScopeError("The model has no Conv2d or Linear layer: nothing to prune.")
+        return [order[-1]]
+
+    def _forward_with_hooks(self, hook) -> None:
+        """One forward pass of the example input with ``hook`` on every conv/linear layer."""
+        handles = [m.register_forward_hook(hook) for m in self.model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         try:
             with torch.no_grad():
                 self.model(self.example)
         finally:
-            for h in hooks:
+            for h in handles:
                 h.remove()
-        if not order:
-            raise PruneScopeError("The model has no Conv2d or Linear layer: nothing to prune.")
-        return [order[-1]]
 
     def groups(self) -> list[ChannelGroup]:
         """Every prunable group, with per-filter consumer indices and MACs per filter."""
@@ -111,15 +114,9 @@ class PruningGraph:
         return out
 
     def _conv_output_sizes(self) -> dict[nn.Module, int]:
+        """Output positions per channel (H*W for a conv, 1 for a linear layer) of every layer."""
         sizes: dict[nn.Module, int] = {}
-        hooks = [m.register_forward_hook(lambda mod, i, o: sizes.__setitem__(mod, o[0].numel() // o.shape[1] if o.dim() > 2 else 1))
-                 for m in self.model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-        try:
-            with torch.no_grad():
-                self.model(self.example)
-        finally:
-            for h in hooks:
-                h.remove()
+        self._forward_with_hooks(lambda mod, i, o: sizes.__setitem__(mod, o[0].numel() // o.shape[1] if o.dim() > 2 else 1))
         return sizes
 
     def module(self, name: str) -> nn.Module:
