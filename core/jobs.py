@@ -276,10 +276,10 @@ class JobRegistry:
 
 
 def prune_job(loaded, data, config, run_dir: Path, data_source: str | None = None,
-              original_bytes: bytes | None = None) -> JobFunction:
+              original_bytes: bytes | None = None, data_options: dict | None = None) -> JobFunction:
     """A job function running :func:`core.prune.run_pruning` into ``run_dir``.
 
-    Overall progress: the original's measurement and analysis count as one step, then each pruning
+    Overall progress: the original's measurement and analysis count as one unit, then each pruning
     step one more, of ``config.max_steps + 1``; the run may stop earlier (threshold, MAC target),
     so the ETA is an upper bound.
     """
@@ -291,17 +291,18 @@ def prune_job(loaded, data, config, run_dir: Path, data_source: str | None = Non
         done = [0]  # completed step records, step 0 included
 
         def progress(fraction: float, message: str) -> None:
-            phase = max(done[0] - 1, 0) + min(max(fraction, 0.0), 1.0) if done[0] else 0.9 * fraction
-            ctx.progress(min(phase / total, 0.999), message)
+            # unit 0: measuring + analysing the original; unit k: pruning step k
+            unit = 0 if (not done[0] or "the original" in message) else done[0]
+            ctx.progress(min((unit + min(max(fraction, 0.0), 1.0)) / total, 0.999), message)
 
         def step(record: dict) -> None:
             ctx.step(record)
             done[0] += 1
-            ctx.progress(min(done[0] / total, 0.999),
-                         "original model measured" if record["step"] == 0 else f"step {record['step']} done")
+            if record["step"] > 0:
+                ctx.progress(min((record["step"] + 1) / total, 0.999), f"step {record['step']} done")
 
         return run_pruning(loaded, data, config, run_dir, callbacks=Callbacks(progress, step), cancel=ctx.cancel,
-                           data_source=data_source, original_bytes=original_bytes)
+                           data_source=data_source, original_bytes=original_bytes, data_options=data_options)
 
     return fn
 
@@ -315,6 +316,19 @@ def car_job(model, spec, imageset, n_images: int = 500, sensitivity: bool = True
     def fn(ctx: JobContext):
         return compute_car(model, spec, imageset, n_images=n_images, sensitivity=sensitivity,
                            progress=ctx.progress, cancel=ctx.cancel)
+
+    return fn
+
+
+def export_job(run_dir: Path | str, step: int, max_drop: float | None = None, out_path: Path | str | None = None
+               ) -> JobFunction:
+    """A job function exporting one step of a run (:func:`core.export.export_run`): bundle folder + zip."""
+    from .export import export_run
+
+    def fn(ctx: JobContext) -> dict:
+        result = export_run(run_dir, step=step, out_path=out_path, progress=ctx.progress)
+        result["threshold_points"] = max_drop
+        return result
 
     return fn
 

@@ -1,0 +1,190 @@
+"""Load: a model (weights + architecture, or a trusted pickle) and a data set, or the bundled sample."""
+from __future__ import annotations
+
+import streamlit as st
+
+from core.data import load_dataset
+from core.errors import PruneScopeError
+from core.models import InputSpec, list_architectures, load_model, sample_entry, sample_names
+from ui.charts import fig_class_counts, fig_confusion, fig_per_class_accuracy
+from ui.common import format_pct, metrics_row, page_link, setup_page
+from ui.state import DEFAULT_SAMPLE, baseline, digest, files_to_zip, save_upload, use_sample
+
+state = setup_page("Load", "A trained classifier and an image data set: upload your own or take the bundled sample.")
+
+MODEL_KINDS = ("Weights (state dict) + architecture", "Whole pickled model (trusted files only)")
+DATA_KINDS = ("Zip archive", "Folder")
+
+
+def parse_floats(text: str, n: int, what: str) -> tuple[float, ...]:
+    try:
+        vals = tuple(float(v) for v in text.replace(";", ",").split(",") if v.strip())
+    except ValueError:
+        raise PruneScopeError(f"The {what} must be {n} numbers separated by commas, e.g. 0.485, 0.456, 0.406.") from None
+    if len(vals) != n:
+        raise PruneScopeError(f"The {what} must have {n} values (one per input channel); got {len(vals)}.")
+    return vals
+
+
+def load_upload(kind: str, model_file, trusted: bool, arch: str | None, spec: InputSpec, data_kind: str, data_files) -> None:
+    """Load model + data from the uploads; every user error ends as one clear message."""
+    if model_file is None:
+        st.error("Choose a model file (.pt / .pth) first.")
+        return
+    model_bytes = model_file.getvalue()
+    try:
+        loaded = load_model(model_bytes, arch=arch if kind == MODEL_KINDS[0] else None, trusted=trusted, input_spec=spec)
+    except PruneScopeError as exc:
+        st.error(f"**The model could not be loaded.** {exc}", icon=":material/error:")
+        return
+    key = f"upload:{digest(model_bytes)}:{loaded.spec.arch}:{spec.height}x{spec.width}:{spec.mean}:{spec.std}"
+    state.set_model(loaded, f"uploaded {loaded.spec.arch} ({len(model_bytes) / 1e6:.1f} MB)", key,
+                    model_bytes if loaded.spec.pickled else None)
+    if not data_files:
+        st.warning("Model loaded. Now add a data set (a zip of class folders, or a folder) to validate and measure it.")
+        return
+    try:
+        if data_kind == DATA_KINDS[0]:
+            raw = data_files.getvalue()
+            label = f"uploaded zip ({len(raw) / 1e6:.1f} MB)"
+        else:
+            raw = files_to_zip([(f.name, f.getvalue()) for f in data_files])
+            label = f"uploaded folder ({len(data_files)} files)"
+        path = save_upload(raw, "data", ".zip")
+        data = load_dataset(path, loaded.spec.input, expected_classes=loaded.spec.num_classes)
+    except PruneScopeError as exc:
+        st.error(f"**The data set could not be used.** {exc}", icon=":material/error:")
+        return
+    if loaded.spec.class_names is None:
+        loaded.spec.class_names = list(data.class_names)
+    state.set_data(data, label, str(path))
+    state.baseline = baseline(state.key, loaded, data)
+
+
+tab_sample, tab_upload = st.tabs(["Bundled sample", "Upload your own"])
+with tab_sample:
+    names = sample_names()
+    name = st.selectbox("Sample", names, index=names.index(DEFAULT_SAMPLE) if DEFAULT_SAMPLE in names else 0,
+                        key="load_sample_name")
+    entry = sample_entry(name)
+    st.markdown(f"**{entry['architecture']}** trained on **{entry['dataset']}**: {entry['dataset_description']}  \n"
+                f"Reported accuracy {format_pct(entry['accuracy'])} on {entry['num_val_images']} validation images.")
+    if st.button("Load the sample", type="primary", key="load_sample", icon=":material/play_arrow:"):
+        try:
+            use_sample(state, name)
+        except PruneScopeError as exc:
+            st.error(str(exc))
+
+with tab_upload:
+    left, right = st.columns(2, gap="large")
+    with left:
+        st.subheader("Model")
+        kind = st.radio("What the file holds", MODEL_KINDS, key="load_model_kind",
+                        help="A state dict (torch.save(model.state_dict())) is read without running any code. "
+                             "A whole pickled model runs code from the file when loaded: only for files you made.")
+        archs = list_architectures()
+        arch = None
+        if kind == MODEL_KINDS[0]:
+            arch = st.selectbox("Architecture", archs, index=archs.index("resnet18") if "resnet18" in archs else 0,
+                                key="load_arch", help="The sample architectures or any torchvision classifier; the "
+                                                      "number of classes is read from the weights.")
+        default_side = 32 if (arch or "").startswith("sample_") else 224
+        c1, c2 = st.columns(2)
+        height = c1.number_input("Input height (px)", 8, 1024, default_side, key=f"load_h_{arch}")
+        width = c2.number_input("Input width (px)", 8, 1024, default_side, key=f"load_w_{arch}")
+        mean_text = st.text_input("Normalisation mean (R, G, B)", "0.485, 0.456, 0.406", key="load_mean")
+        std_text = st.text_input("Normalisation std (R, G, B)", "0.229, 0.224, 0.225", key="load_std")
+        model_file = st.file_uploader("Model file (.pt / .pth)", type=["pt", "pth", "bin", "ckpt", "tar"],
+                                      key="load_model_file")
+        trusted = st.toggle("I trust this file (loading a pickled model runs code from it)", value=False,
+                            key="load_trusted", help="Leave off for files from others: without it only plain "
+                                                     "weights are read, and a pickle is refused.")
+    with right:
+        st.subheader("Data set")
+        st.markdown("An **ImageFolder**: one folder per class (optionally inside `train/` and `val/`). "
+                    "Non-image and unreadable files are skipped and listed.")
+        data_kind = st.radio("Upload as", DATA_KINDS, horizontal=True, key="load_data_kind")
+        if data_kind == DATA_KINDS[0]:
+            data_files = st.file_uploader("Zip of class folders", type=["zip"], key="load_data_zip")
+        else:
+            data_files = st.file_uploader("Folder of class folders", accept_multiple_files="directory",
+                                          key="load_data_dir")
+    if st.button("Load and validate", type="primary", key="load_upload", icon=":material/task_alt:"):
+        try:
+            spec = InputSpec(height=int(height), width=int(width), mean=parse_floats(mean_text, 3, "mean"),
+                             std=parse_floats(std_text, 3, "std"))
+        except PruneScopeError as exc:
+            st.error(str(exc))
+        else:
+            with st.spinner("Loading and validating..."):
+                load_upload(kind, model_file, trusted, arch, spec, data_kind, data_files)
+
+# ----------------------------------------------------------------------------- what is loaded
+st.divider()
+if state.model is None:
+    st.info("Nothing loaded yet: take the sample or upload a model and a data set above.", icon=":material/info:")
+    st.stop()
+
+st.subheader("Current model")
+spec = state.model.spec
+st.markdown(f"**{state.model_label}** · {spec.num_classes} classes · input "
+            f"{spec.input.channels}×{spec.input.height}×{spec.input.width} ({spec.input.colour_order}), "
+            f"mean {list(spec.input.mean)}, std {list(spec.input.std)}")
+for note in state.model.notes:
+    st.caption(f"Note: {note}")
+if state.data is None:
+    st.stop()
+
+b = state.baseline
+st.subheader("Baseline")
+metrics_row(b)
+st.caption(f"Accuracy on {b['n']} validation images; MACs and parameters of one {spec.input.height}×{spec.input.width} "
+           f"image; latency: {b['latency_note']}.")
+
+st.subheader("Data set validation")
+report = state.data.report
+st.markdown(f"**{state.data_label}** · {report.num_classes} classes · {len(state.data.train)} training and "
+            f"{len(state.data.val)} validation images" + (" (pre-split train/val)" if report.presplit else
+                                                          " (20 % held out for validation, stratified)"))
+problems = 0
+if report.skipped_non_images:
+    problems += 1
+    st.warning(f"{len(report.skipped_non_images)} file(s) skipped: not images or outside a class folder.",
+               icon=":material/warning:")
+    with st.expander("Skipped files"):
+        st.code("\n".join(report.skipped_non_images[:500]), language=None)
+if report.corrupt_images:
+    problems += 1
+    st.error(f"{len(report.corrupt_images)} image(s) could not be decoded (damaged or not what the extension says) "
+             "and were left out.", icon=":material/broken_image:")
+    with st.expander("Unreadable images"):
+        st.code("\n".join(report.corrupt_images[:500]), language=None)
+if report.converted:
+    st.info("Converted to the model's colour mode: " + ", ".join(f"{n} {mode} image(s)" for mode, n in report.converted.items()),
+            icon=":material/palette:")
+for w in report.warnings:
+    problems += 1
+    st.warning(w, icon=":material/warning:")
+if spec.class_names and list(spec.class_names) != list(state.data.class_names):
+    problems += 1
+    st.warning("The model's class names differ from the data set's folder names: "
+               f"model {list(spec.class_names)[:12]}, data {list(state.data.class_names)[:12]}. "
+               "Classes are matched by sorted folder order.", icon=":material/warning:")
+if not problems:
+    st.success("All files were readable images in class folders; the classes match the model's outputs.",
+               icon=":material/check_circle:")
+
+c1, c2 = st.columns(2)
+with c1:
+    st.plotly_chart(fig_class_counts(report.class_counts), key="load_counts")
+with c2:
+    st.plotly_chart(fig_per_class_accuracy(b["per_class"], b["accuracy"]), key="load_per_class")
+with st.expander("Confusion matrix"):
+    st.plotly_chart(fig_confusion(b["confusion"], list(state.data.class_names)), key="load_confusion")
+
+st.markdown("**Next**")
+c1, c2, _ = st.columns([1, 1, 3])
+with c1:
+    page_link("analyse", "Analyse the filters")
+with c2:
+    page_link("prune", "Prune")

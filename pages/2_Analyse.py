@@ -1,0 +1,204 @@
+"""Analyse: CAR of every filter (background job), per-layer sensitivity, heat map, filter gallery, per-class CAR."""
+from __future__ import annotations
+
+import streamlit as st
+from torch import nn
+
+from core import visualize as V
+from core.errors import PruneScopeError
+from core.jobs import JobAlreadyRunning, car_job
+from ui.charts import to_image
+from ui.common import format_pct, format_seconds, job_progress, need_model, page_link, setup_page
+from ui.state import get_registry
+
+state = setup_page("Analyse", "Which filters matter? CAR (Classification Accuracy Reduction) of a filter is the "
+                   "accuracy lost when that one filter is removed, measured exactly on validation images.")
+need_model(state, "the analysis")
+registry = get_registry()
+key = state.key
+model, spec, data = state.model.model, state.model.spec.input, state.data
+
+# Re-attach to this model's CAR job (it lives in the app-wide registry, so a reload finds it).
+job = registry.latest("car", key)
+if job is not None:
+    snap = job.snapshot()
+    if snap.state == "done" and state.car is None:
+        state.car, state.car_settings = snap.result, snap.meta
+running = job is not None and job.running
+
+
+def start_car(n_images: int, sensitivity: bool) -> None:
+    try:
+        registry.start("car", car_job(model, spec, data.val, n_images=n_images, sensitivity=sensitivity), key=key,
+                       meta={"n_images": n_images, "sensitivity": sensitivity})
+        state.car = None
+    except JobAlreadyRunning:
+        pass  # the running job is shown below
+
+
+def cancel_car() -> None:
+    j = registry.latest("car", key)
+    if j is not None:
+        j.request_cancel()
+
+
+with st.container(border=True):
+    c1, c2, c3 = st.columns([2, 1, 1], vertical_alignment="bottom")
+    n_max = len(data.val)
+    n_images = c1.slider("Validation images used", min(50, n_max), n_max, min(300, n_max), step=10, key="car_images",
+                         help="More images give finer CAR scores (one image = 1/N accuracy) and take longer.")
+    sensitivity = c2.toggle("Per-layer sensitivity", value=True, key="car_sensitivity",
+                            help="Accuracy with the lowest-CAR 10 %..90 % of one layer removed, per layer.")
+    if running:
+        c3.button("Cancel", key="car_cancel", on_click=cancel_car, icon=":material/stop:", width="stretch")
+    else:
+        c3.button("Compute CAR" if state.car is None else "Recompute CAR", key="car_start", type="primary",
+                  on_click=start_car, args=(n_images, sensitivity), icon=":material/play_arrow:", width="stretch")
+
+
+@st.fragment(run_every=1.0 if running else None)
+def car_status() -> None:
+    j = registry.latest("car", key)
+    if j is None:
+        return
+    s = j.snapshot()
+    if s.running:
+        job_progress(s, "CAR analysis")
+    elif running:
+        st.rerun()  # it has just finished: redraw the page with the results
+    elif s.state == "failed":
+        st.error(f"The CAR analysis failed: {s.error}", icon=":material/error:")
+    elif s.state == "cancelled":
+        st.info("The CAR analysis was cancelled.", icon=":material/info:")
+
+
+car_status()
+
+car = state.car
+if car is None:
+    if not running:
+        st.info("Press **Compute CAR** to score every filter. On the bundled sample it takes well under a minute "
+                "and runs in the background: you can look at other pages meanwhile.", icon=":material/info:")
+    st.stop()
+
+n_filters = sum(len(v) for v in car.car.values())
+st.success(f"CAR of {n_filters} filters in {len(car.groups)} layers, on {car.n_images} images "
+           f"(baseline {format_pct(car.baseline_accuracy)}; {car.mode}; {format_seconds(car.seconds)}).",
+           icon=":material/check_circle:")
+groups = {int(g["gid"]): g for g in car.groups}
+gids = list(groups)
+
+
+def label(gid: int) -> str:
+    g = groups[gid]
+    return f"{V.group_label(g)} · {g['width']} filters"
+
+
+tab_layer, tab_heat, tab_sens, tab_gallery, tab_class = st.tabs(
+    ["CAR per layer", "Heat map", "Sensitivity", "Filter gallery", "Per-class CAR"])
+
+with tab_layer:
+    c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
+    gid = c1.selectbox("Layer", gids, format_func=label, key="an_layer")
+    sort = c2.toggle("Lowest CAR first", value=True, key="an_layer_sort")
+    st.plotly_chart(V.fig_car_per_filter(car, gid, sort=sort), key="an_fig_layer")
+    st.caption("One bar per filter: accuracy points lost when that filter alone is removed. Filters at or below "
+               "zero can go at no cost on these images; pruning removes the lowest first.")
+
+with tab_heat:
+    by = st.radio("Columns", ["rank", "index"], horizontal=True, key="an_heat_by",
+                  format_func=lambda b: "sorted by CAR within each layer" if b == "rank" else "channel index")
+    st.plotly_chart(V.fig_car_heatmap(car, by=by), key="an_fig_heat")
+
+with tab_sens:
+    if not car.sensitivity:
+        st.info("Sensitivity was not computed: switch on **Per-layer sensitivity** and recompute.")
+    else:
+        chosen = st.multiselect("Layers", gids, default=gids[: min(len(gids), 8)], format_func=label, key="an_sens")
+        if chosen:
+            st.plotly_chart(V.fig_sensitivity(car, chosen), key="an_fig_sens")
+            st.caption("Each line removes the lowest-CAR share of one layer's filters (that layer only, no "
+                       "fine-tuning). Layers whose line stays flat are where pruning is cheap.")
+        else:
+            st.info("Choose at least one layer.")
+
+
+def conv_layers() -> list[tuple[int, str]]:
+    """(group, producer) for every producer conv of every analysed group: the layers with filter images."""
+    out = []
+    for gid in gids:
+        for name in groups[gid].get("producers", [groups[gid]["root"]]):
+            try:
+                if isinstance(model.get_submodule(name), nn.Conv2d):
+                    out.append((gid, name))
+            except AttributeError:
+                continue
+    return out
+
+
+@st.cache_resource(max_entries=12, show_spinner="Drawing filters and finding their top-activating patches...")
+def cached_gallery(cache_key: tuple, layer: str, sort: str, limit: int, descending: bool, _model, _spec, _images,
+                   _scores) -> list[dict]:
+    return V.gallery(_model, _spec, _images, layer, _scores, sort=sort, limit=limit, k=4, size=64,
+                     descending=descending)
+
+
+with tab_gallery:
+    layers = conv_layers()
+    if not layers:
+        st.info("This model has no convolution whose filters can be drawn.")
+    else:
+        c1, c2, c3 = st.columns([2, 1, 1])
+        gl = c1.selectbox("Layer", layers, format_func=lambda t: f"{t[1]} ({groups[t[0]]['width']} filters)",
+                          key="an_gal_layer")
+        order = c2.selectbox("Order", ["lowest CAR first", "highest CAR first", "channel index"], key="an_gal_order")
+        width_gl = groups[gl[0]]["width"]
+        limit = (c3.slider("Filters shown", 4, min(64, width_gl), min(12, width_gl), step=4, key="an_gal_limit")
+                 if width_gl > 4 else width_gl)
+        names = list(data.class_names)
+        c1, c2, c3 = st.columns([2, 2, 1], vertical_alignment="center")
+        cls = c1.selectbox("Image for the activation maps: class", range(len(names)), format_func=lambda i: names[i],
+                           key="an_gal_class")
+        members = (data.val.labels == cls).nonzero().flatten().tolist()
+        pick = c2.slider("Image of that class", 1, max(1, len(members)), 1, key="an_gal_image") if len(members) > 1 else 1
+        image_index = members[pick - 1] if members else 0
+        c3.image(to_image(data.val.images[image_index]), caption="chosen image", width=96)
+        try:
+            entries = cached_gallery((key, car.n_images, car.seconds), gl[1], "index" if order == "channel index" else "car", limit,
+                                     order == "highest CAR first", model, spec, data.val.images[:256], car.car[gl[0]])
+        except PruneScopeError as exc:
+            st.error(str(exc))
+            entries = []
+        st.caption("Per filter: its weights (first layer in colour: R, G, B kernels; deeper layers: mean kernel, red "
+                   "positive / blue negative), the 4 validation patches that excite it most, and its activation on the "
+                   "chosen image (bright = strong). CAR in accuracy points.")
+        per_row = 4
+        for row in range(0, len(entries), per_row):
+            cols = st.columns(per_row)
+            for col, e in zip(cols, entries[row:row + per_row]):
+                with col.container(border=True):
+                    car_txt = "—" if e["car_points"] is None else f"{e['car_points']:+.2f} points"
+                    extra = "" if e["colour"] is None else f" · colour {e['colour']:.2f}"
+                    st.markdown(f"**Filter {e['index']}** · CAR {car_txt}{extra}")
+                    a, m = st.columns(2)
+                    a.image(e["weight"], caption="weights", width=64)
+                    m.image(V.activation_map(model, gl[1], data.val.images[image_index], spec, e["index"], size=64),
+                            caption="activation", width=64)
+                    if e["patches"]:
+                        st.image(e["patches"], width=40)
+                        st.caption("top-activating patches")
+
+with tab_class:
+    if not car.per_class:
+        st.info("Per-class CAR was not computed for this result.")
+    else:
+        c1, c2 = st.columns(2)
+        names = list(car.class_names)
+        ci = c1.selectbox("Class", range(len(names)), format_func=lambda i: names[i], key="an_pc_class")
+        gid_pc = c2.selectbox("Layer", gids, format_func=label, key="an_pc_layer")
+        st.plotly_chart(V.fig_per_class_car(car, gid_pc, ci), key="an_fig_class")
+        st.caption(f"Bars: how much the accuracy on '{names[ci]}' falls when each filter is removed; diamonds: the "
+                   "overall CAR. A filter with a small overall CAR can still matter for one class.")
+
+st.markdown("**Next**")
+page_link("prune", "Prune with these scores in mind")

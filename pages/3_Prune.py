@@ -1,0 +1,205 @@
+"""Prune: settings, Start / Cancel, and the live progress of the background pruning job."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from core import visualize as V
+from core.clusters import PROFILES, detect_cpu_profile, latency_staircase
+from core.errors import PruneScopeError
+from core.jobs import JobAlreadyRunning, prune_job
+from core.prune import CRITERIA, PruneConfig
+from core.runs import Run
+from core.workspace import new_run_dir
+from ui.common import (format_macs, format_pct, format_seconds, job_progress, metrics_row, need_model, page_link,
+                       setup_page, state_badge)
+from ui.state import get_registry
+
+# Defaults that finish the bundled sample's flow within about 3 minutes on 2 CPU cores (see the README).
+DEFAULTS = {"criterion": "car", "max_drop": 1.0, "finetune_steps": 20, "score_images": 200, "max_steps": 4,
+            "latency": True, "analyse_car": True}
+CRITERION_HELP = {
+    "car": "CAR (exact accuracy loss of each cluster, the paper's criterion)",
+    "l1": "L1 norm of the filter weights (magnitude)",
+    "taylor": "first-order Taylor (gradient × activation)",
+    "random": "random (a baseline to compare against)",
+}
+OTHER = "custom"
+
+state = setup_page("Prune", "Greedy cluster pruning: each step removes the cheapest cluster of filters (accuracy lost "
+                   "per MAC saved), fine-tunes briefly and measures. Runs in the background; cancel at any time.")
+registry = get_registry()
+active = registry.active("prune")
+job = active[0] if active else registry.get(st.session_state.get("prune_job_id"))
+running = job is not None and job.running
+if not running and not state.ready:
+    need_model(state, "pruning")
+
+
+@st.cache_resource
+def cpu_profile():
+    return detect_cpu_profile()
+
+
+def start_prune(config: PruneConfig) -> None:
+    st.session_state.pop("prune_error", None)
+    try:
+        config.validate()
+        run_dir = new_run_dir(state.model.spec.arch.replace("pickled:", ""))
+        j = registry.start("prune", prune_job(state.model, state.data, config, run_dir, data_source=state.data_source,
+                                              original_bytes=state.model_bytes),
+                           run_dir=run_dir, total_steps=config.max_steps + 1,
+                           meta={"max_drop": config.max_drop, "max_steps": config.max_steps, "model": state.model_label})
+    except JobAlreadyRunning as exc:
+        j = exc.job  # starting twice attaches to the running job
+    except PruneScopeError as exc:
+        st.session_state["prune_error"] = str(exc)
+        return
+    st.session_state["prune_job_id"] = j.id
+    state.run_dir = str(j.run_dir)
+    state.export_step = None
+
+
+def cancel_prune() -> None:
+    for j in registry.active("prune"):
+        j.request_cancel()
+
+
+# ----------------------------------------------------------------------------- settings
+settings = st.container(border=True)
+with settings:
+    if not state.ready:
+        st.info("This tab has no model loaded (the page was reloaded); the running job is shown below.")
+        config = None
+    else:
+        b = state.baseline or {}
+        st.markdown(f"**{state.model_label}** · baseline {format_pct(b.get('accuracy'))}, "
+                    f"{format_macs(b.get('macs'))} MACs")
+        c1, c2, c3 = st.columns(3, gap="large")
+        with c1:
+            criterion = st.selectbox("Criterion", CRITERIA, index=CRITERIA.index(DEFAULTS["criterion"]),
+                                     format_func=lambda c: CRITERION_HELP[c], key="pr_criterion", disabled=running)
+            max_drop = st.slider("Acceptable accuracy drop (points)", 0.0, 10.0, DEFAULTS["max_drop"], step=0.1,
+                                 key="pr_max_drop", disabled=running,
+                                 help="A step that would lose more than this (against the original) is undone; "
+                                      "the run stops when no cluster fits.")
+            mac_on = st.toggle("Stop at a MAC target", value=False, key="pr_mac_on", disabled=running)
+            mac_target = st.slider("MAC target (% of the original)", 10, 95, 50, step=5, key="pr_mac_target",
+                                   disabled=running or not mac_on) if mac_on else None
+        with c2:
+            detected = cpu_profile()
+            names = list(PROFILES) + [OTHER]
+            profile = st.selectbox("Hardware profile", names, index=0, key="pr_profile", disabled=running,
+                                   format_func=lambda n: "custom cluster size" if n == OTHER else
+                                   f"{PROFILES[n].label} (cluster {PROFILES[n].cluster})")
+            if profile == OTHER:
+                measured = st.session_state.get("pr_staircase")
+                cluster = int(st.number_input("Cluster size (filters)", 1, 64, measured.cluster if measured else 8,
+                                              key="pr_cluster", disabled=running))
+            else:
+                cluster = PROFILES[profile].cluster
+                st.caption(PROFILES[profile].description)
+            st.caption(f"This machine: {detected.cpu_name or 'CPU'} → **{detected.profile}** "
+                       f"(cluster {detected.cluster}): {detected.reason}.")
+        with c3:
+            finetune_steps = st.slider("Fine-tune budget (mini-batches per step)", 0, 200, DEFAULTS["finetune_steps"],
+                                       step=5, key="pr_finetune", disabled=running)
+            score_images = st.slider("Images for scoring", 50, 1000, DEFAULTS["score_images"], step=50,
+                                     key="pr_score_images", disabled=running)
+            max_steps = st.slider("Step limit", 1, 100, DEFAULTS["max_steps"], key="pr_max_steps", disabled=running)
+            latency = st.toggle("Measure OpenVINO latency every step", value=DEFAULTS["latency"], key="pr_latency",
+                                disabled=running)
+            analyse = st.toggle("Store a CAR analysis of the original in the run", value=DEFAULTS["analyse_car"],
+                                key="pr_analyse", disabled=running)
+        config = PruneConfig(criterion=criterion, cluster=cluster, max_drop=float(max_drop),
+                             mac_target=None if mac_target is None else mac_target / 100,
+                             finetune_steps=int(finetune_steps), score_images=int(score_images),
+                             max_steps=int(max_steps), latency=latency, analyse_car=analyse)
+        with st.expander("Latency staircase: why clusters", icon=":material/stairs:"):
+            st.markdown("Latency on vector hardware moves in steps of channel count, not smoothly: removing filters "
+                        "pays only when a layer drops to the next multiple of the hardware's width. Measure the "
+                        "staircase of one 3×3 convolution on this CPU's OpenVINO runtime:")
+            if st.button("Measure the staircase", key="pr_measure", disabled=running, icon=":material/speed:"):
+                with st.spinner("Timing one convolution at 8..128 output channels..."):
+                    try:
+                        st.session_state["pr_staircase"] = latency_staircase(runs=20)
+                    except PruneScopeError as exc:
+                        st.error(str(exc))
+            sc = st.session_state.get("pr_staircase")
+            if sc is not None:
+                st.plotly_chart(V.fig_staircase(sc.channels, sc.latency_ms, sc.cluster, sc.latency_p25_ms,
+                                                sc.latency_p75_ms), key="pr_fig_staircase")
+                st.caption(f"Measured step: **{sc.cluster} channels** (confidence {sc.confidence:.2f}). {sc.method} "
+                           "Choose 'custom cluster size' above to use it.")
+
+    b1, b2, _ = st.columns([1, 1, 4])
+    b1.button("Start pruning", type="primary", key="pr_start", disabled=running or config is None,
+              on_click=start_prune, args=(config,), icon=":material/play_arrow:", width="stretch")
+    b2.button("Cancel", key="pr_cancel", disabled=not running, on_click=cancel_prune, icon=":material/stop:",
+              width="stretch")
+    if st.session_state.get("prune_error"):
+        st.error(st.session_state["prune_error"], icon=":material/error:")
+
+
+# ----------------------------------------------------------------------------- live progress
+def step_text(r: dict | None) -> str:
+    if not r:
+        return "measuring the original model"
+    if r["step"] == 0:
+        return "step 0 (the original) measured"
+    rem = r.get("removed") or {}
+    return (f"step {r['step']}: removed {len(rem.get('filters', []))} filters from `{rem.get('group')}` "
+            f"({rem.get('width_before')} → {rem.get('width_after')}), accuracy {format_pct(r['accuracy'])}, "
+            f"MACs {format_macs(r['macs'])}")
+
+
+@st.fragment(run_every=1.0 if running else None)
+def live() -> None:
+    j = registry.get(job.id) if job is not None else None
+    if j is None:
+        return
+    s = j.snapshot()
+    if not s.running and running:
+        st.rerun()  # finished since the page was drawn: full redraw with the result
+    st.subheader("Progress" if s.running else "Last run")
+    name = s.run_dir.name if s.run_dir else s.id
+    st.markdown(f"Run `{name}` · {state_badge(s.state)}")
+    if s.running:
+        job_progress(s, "Pruning")
+        max_steps = s.meta.get("max_steps")
+        done = max(len(s.steps) - 1, 0)
+        st.markdown(f"**Current step** {done + 1 if s.steps else 0} of at most {max_steps} · last: {step_text(s.last_step)}")
+        st.caption("The ETA assumes every step up to the limit is taken; the run stops earlier when no cluster fits "
+                   "the accuracy budget.")
+    if s.steps:
+        metrics_row(s.steps[-1], s.steps[0] if len(s.steps) > 1 else None)
+        c1, c2 = st.columns(2)
+        with c1:
+            st.plotly_chart(V.fig_tradeoff({name: s.steps}, x="macs", threshold_points=s.meta.get("max_drop")),
+                            key="pr_fig_tradeoff")
+        with c2:
+            st.plotly_chart(V.fig_progress(s.steps), key="pr_fig_progress")
+    if not s.running:
+        if s.state == "failed":
+            st.error(f"The run failed: {s.error}", icon=":material/error:")
+        else:
+            reason = ""
+            if s.run_dir is not None:
+                reason = Run(s.run_dir).status.get("message", "")
+            msg = (f"Finished after {format_seconds(s.elapsed)}: {max(len(s.steps) - 1, 0)} step(s) kept"
+                   + (f"; stopped because {reason}" if reason and s.state == "done" else "") + ".")
+            (st.success if s.state == "done" else st.info)(msg if s.state == "done" else
+                                                            f"Cancelled after {format_seconds(s.elapsed)}; "
+                                                            f"{max(len(s.steps) - 1, 0)} completed step(s) kept.")
+            page_link("review", "Review the run")
+
+
+if job is not None:
+    live()
+elif state.run_dir and Path(state.run_dir).exists():
+    st.caption(f"Last run of this session: `{Path(state.run_dir).name}`. The job list was reset (app restart).")
+    page_link("review", "Review it")
+else:
+    st.info("Choose the settings and press **Start pruning**. The defaults finish the bundled sample in about "
+            "three minutes on a laptop.", icon=":material/info:")

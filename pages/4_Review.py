@@ -1,0 +1,164 @@
+"""Review: the trade-off of every step, a threshold that picks the smallest model within it, widths,
+removed filters, per-class change, and a comparison of runs."""
+from __future__ import annotations
+
+import streamlit as st
+
+from core import visualize as V
+from core.errors import PruneScopeError
+from core.jobs import past_runs
+from core.runs import Run
+from ui.common import (change, format_macs, format_ms, format_params, format_pct, metrics_row, page_link, setup_page,
+                       started_at, state_badge)
+from ui.state import data_for_run, get_registry, get_state, run_model
+
+state = setup_page("Review", "Every step of a run on the accuracy / cost curve. Set the accuracy you can give up: "
+                   "the smallest model within it is picked for export.")
+registry = get_registry()
+runs = [r for r in past_runs(registry)]
+if not runs:
+    with st.container(border=True):
+        st.info("**No pruning run yet.** Start one on the Prune page; every run is kept in the workspace.",
+                icon=":material/info:")
+        page_link("prune", "Go to Prune")
+    st.stop()
+
+by_name = {r["name"]: r for r in runs}
+names = list(by_name)
+current = next((n for n in names if state.run_dir and str(by_name[n]["dir"]) == str(state.run_dir)), names[0])
+sel = st.selectbox("Run", names, index=names.index(current), key="rv_run",
+                   format_func=lambda n: f"{n} · {by_name[n]['state']} · {by_name[n]['steps']} step(s)")
+entry = by_name[sel]
+run: Run = entry["run"]
+hist = run.history
+prune_cfg = run.config.get("prune") or {}
+st.markdown(f"{state_badge(entry['state'])} **{run.spec.arch}** on `{entry['data_source']}` · criterion "
+            f"**{prune_cfg.get('criterion')}**, cluster **{prune_cfg.get('cluster')}**, budget "
+            f"**{prune_cfg.get('max_drop')} points** · started {started_at(entry['created'])}")
+if entry["state"] == "interrupted":
+    st.warning("This run was interrupted (the app stopped while it ran). Its completed steps are intact and can be "
+               "reviewed and exported.", icon=":material/warning:")
+elif entry["state"] in ("running", "cancelling"):
+    st.info("This run is still going: the page shows the steps completed so far.", icon=":material/hourglass_top:")
+    st.button("Refresh", key="rv_refresh", icon=":material/refresh:")
+elif entry["message"] and entry["state"] in ("done", "cancelled", "failed"):
+    st.caption(f"Status: {entry['message']}")
+if len(hist) < 2:
+    st.info("No pruning step has completed in this run yet." if hist else "This run has no measured step.",
+            icon=":material/info:")
+    st.stop()
+
+# ----------------------------------------------------------------------------- threshold
+base = hist[0]
+drops = [(base["accuracy"] - r["accuracy"]) * 100 for r in hist]
+top = max(5.0, float(prune_cfg.get("max_drop") or 0), max(drops) + 0.5)
+default_thr = state.threshold if state.threshold is not None and str(state.run_dir) == str(run.dir) else \
+    float(prune_cfg.get("max_drop") or 1.0)
+thr = st.slider("Acceptable accuracy drop (points below the original)", 0.0, round(top, 1),
+                min(default_thr, round(top, 1)), step=0.1, key=f"rv_thr_{sel}")
+pick = V.pick_smallest_within(hist, thr)
+state.threshold, state.run_dir, state.export_step = thr, str(run.dir), pick["step"]
+
+with st.container(border=True):
+    if pick["step"] == 0:
+        st.markdown(f"No pruned step stays within **{thr:.1f} points**: the original is the pick.")
+    else:
+        st.markdown(f"**Step {pick['step']}** is the smallest model within **{thr:.1f} points**: "
+                    f"{format_pct(pick['accuracy'])} accuracy ({change(pick['accuracy'], base['accuracy'], 'points')}), "
+                    f"{format_macs(pick['macs'])} MACs ({change(pick['macs'], base['macs'])}), "
+                    f"{format_params(pick['params'])} parameters ({change(pick['params'], base['params'])}).")
+    metrics_row(pick, base)
+    page_link("export", f"Export step {pick['step']}")
+
+tab_macs, tab_lat = st.tabs(["Accuracy vs MACs", "Accuracy vs latency"])
+with tab_macs:
+    st.plotly_chart(V.fig_tradeoff({run.name: hist}, x="macs", threshold_points=thr, selected_step=pick["step"]),
+                    key="rv_fig_macs")
+with tab_lat:
+    if any(r.get("latency_ms") is not None for r in hist):
+        st.plotly_chart(V.fig_tradeoff({run.name: hist}, x="latency_ms", threshold_points=thr,
+                                       selected_step=pick["step"]), key="rv_fig_latency")
+        st.caption("Latency: OpenVINO CPU runtime, batch 1, median per step. Small models are noisy at this scale; "
+                   "compare with MACs.")
+    else:
+        st.info("Latency was not measured in this run (switch it on in the Prune settings).")
+
+c1, c2 = st.columns(2)
+with c1:
+    st.plotly_chart(V.fig_widths(base["widths"], pick["widths"]), key="rv_fig_widths")
+with c2:
+    st.plotly_chart(V.fig_per_class_change(base["per_class"], pick["per_class"]), key="rv_fig_per_class")
+
+# ----------------------------------------------------------------------------- removed filters
+st.subheader("Removed filters")
+removals = [r for r in hist[1:pick["step"] + 1] if r.get("removed")]
+if not removals:
+    st.caption("Nothing removed at this threshold.")
+else:
+    st.dataframe([{"step": r["step"], "layer": r["removed"]["group"], "filters removed": len(r["removed"]["filters"]),
+                   "width": f"{r['removed']['width_before']} → {r['removed']['width_after']}",
+                   "accuracy after": format_pct(r["accuracy"]), "MACs after": format_macs(r["macs"]),
+                   "latency after": format_ms(r.get("latency_ms"))} for r in removals],
+                 hide_index=True, width="stretch")
+    which = st.selectbox("Show the filters removed at step", [r["step"] for r in removals], key=f"rv_gal_step_{sel}")
+    rec = next(r for r in removals if r["step"] == which)["removed"]
+    car = run.car
+    car_scores = None
+    if car:
+        for g in car.get("groups", []):
+            if g["root"] == rec["group"] or rec["group"] in g.get("producers", []):
+                car_scores = car["car"].get(str(g["gid"]))
+    indices = rec.get("filters_original")
+    if not indices:
+        st.info("The original channel numbers of these filters were not recorded; they cannot be drawn.")
+    else:
+        try:
+            original = run_model(str(run.dir), 0, (run.dir / "original.pt").stat().st_mtime)
+            data = data_for_run(run)
+            layer = rec["group"]
+            patches = {}
+            if data is not None:
+                patches = V.top_activating_patches(original, layer, data.val.images[:256], run.spec.input,
+                                                   indices=indices, k=3, size=40)
+            else:
+                st.caption("The run's data set is not available any more: weights only, no patches.")
+            st.caption(f"Layer `{layer}` of the original model; CAR from the run's analysis of the original "
+                       "(accuracy points; small = little accuracy lost).")
+            per_row = 6
+            for row in range(0, len(indices), per_row):
+                cols = st.columns(per_row)
+                for col, f in zip(cols, indices[row:row + per_row]):
+                    with col.container(border=True):
+                        car_txt = f"{car_scores[f] * 100:+.2f}" if car_scores is not None and f < len(car_scores) else "—"
+                        st.markdown(f"**#{f}** · CAR {car_txt}")
+                        st.image(V.filter_weight_image(original, layer, f, size=56, spec=run.spec.input),
+                                 caption="weights", width=56)
+                        if patches.get(f):
+                            st.image(patches[f], width=36)
+        except PruneScopeError as exc:
+            st.error(str(exc))
+
+# ----------------------------------------------------------------------------- comparison
+st.subheader("Compare runs")
+others = [n for n in names if n != sel and by_name[n]["steps"] >= 1]
+if not others:
+    st.caption("Start another run (e.g. another criterion or cluster size) to compare it here.")
+else:
+    chosen = st.multiselect("Runs to compare with this one", others, default=others[: min(2, len(others))],
+                            key="rv_compare")
+    if chosen:
+        histories = {sel: hist}
+        for n in chosen:
+            histories[n] = by_name[n]["run"].history
+        st.plotly_chart(V.fig_tradeoff(histories, x="macs", threshold_points=thr, baseline_accuracy=base["accuracy"],
+                                       selected_step=(sel, pick["step"])), key="rv_fig_compare")
+        rows = []
+        for n, h in histories.items():
+            p = V.pick_smallest_within(h, thr)
+            cfg = by_name[n]["run"].config.get("prune") or {}
+            rows.append({"run": n, "criterion": cfg.get("criterion"), "cluster": cfg.get("cluster"),
+                         "steps": len(h) - 1, f"pick within {thr:.1f} pts": p["step"],
+                         "accuracy": format_pct(p["accuracy"]), "MACs": format_macs(p["macs"]),
+                         "MACs kept": f"{p['macs'] / h[0]['macs'] * 100:.0f} %", "latency": format_ms(p.get("latency_ms"))})
+        st.dataframe(rows, hide_index=True, width="stretch")
+        st.caption("Each run's pick is the smallest of its steps within the same drop, measured against its own original.")

@@ -1,0 +1,144 @@
+"""Export: one step of a run as OpenVINO IR FP16 + ONNX, NCS2 check, verification, bundle zip with the fallback."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from core.jobs import JobAlreadyRunning, export_job, past_runs
+from core.workspace import read_json, workspace_root
+from ui.common import (format_macs, format_ms, format_params, format_pct, job_progress, page_link, setup_page,
+                       state_badge)
+from ui.state import get_registry
+
+state = setup_page("Export", "For the Intel NCS2: OpenVINO IR (FP16, static 1×C×H×W) + ONNX (opset 13), checked "
+                   "against the MYRIAD plugin of OpenVINO 2022.3, verified on real images, with the original as "
+                   "fail-safe.")
+registry = get_registry()
+runs = [r for r in past_runs(registry) if r["steps"] >= 0 and r["run"].history]
+if not runs:
+    with st.container(border=True):
+        st.info("**Nothing to export yet.** Prune a model first, then pick a step on the Review page.",
+                icon=":material/info:")
+        page_link("prune", "Go to Prune")
+    st.stop()
+
+by_name = {r["name"]: r for r in runs}
+names = list(by_name)
+current = next((n for n in names if state.run_dir and str(by_name[n]["dir"]) == str(state.run_dir)), names[0])
+c1, c2 = st.columns(2)
+sel = c1.selectbox("Run", names, index=names.index(current), key="ex_run",
+                   format_func=lambda n: f"{n} · {by_name[n]['state']} · {by_name[n]['steps']} step(s)")
+run = by_name[sel]["run"]
+hist = run.history
+steps = [r["step"] for r in hist]
+max_drop = (run.config.get("prune") or {}).get("max_drop", 1.0)
+if state.export_step is not None and str(state.run_dir) == str(run.dir) and state.export_step in steps:
+    default_step, why = state.export_step, f"the Review threshold ({state.threshold:.1f} points) picked it"
+else:
+    default_step, why = run.select_step(float(max_drop)), f"the smallest within the run's budget ({max_drop} points)"
+records = {r["step"]: r for r in hist}
+step = c2.selectbox("Step", steps, index=steps.index(default_step), key=f"ex_step_{sel}",
+                    format_func=lambda k: f"step {k} · {format_pct(records[k]['accuracy'])} · "
+                                          f"{format_macs(records[k]['macs'])} MACs"
+                                          + (" · threshold pick" if k == default_step else ""))
+st.caption(f"Default: step {default_step}, {why}. {state_badge(by_name[sel]['state'])}")
+
+bundle_dir = workspace_root() / "exports" / f"{run.name}-step{step:04d}"
+zip_path = bundle_dir.parent / f"{bundle_dir.name}.zip"
+job_key = f"{run.name}:{step}"
+job = registry.latest("export", job_key)
+running = job is not None and job.running
+
+
+def start_export() -> None:
+    try:
+        registry.start("export", export_job(run.dir, step, out_path=bundle_dir), key=job_key,
+                       meta={"run": run.name, "step": step})
+    except JobAlreadyRunning:
+        pass
+
+
+exists = (bundle_dir / "manifest.json").exists() and zip_path.exists()
+st.button("Export again" if exists else f"Export step {step}", type="secondary" if exists else "primary",
+          key="ex_start", on_click=start_export, disabled=running, icon=":material/deployed_code:")
+
+
+@st.fragment(run_every=1.0 if running else None)
+def export_status() -> None:
+    j = registry.latest("export", job_key)
+    if j is None:
+        return
+    s = j.snapshot()
+    if s.running:
+        job_progress(s, "Export")
+    elif running:
+        st.rerun()
+    elif s.state == "failed":
+        st.error(f"The export failed: {s.error}", icon=":material/error:")
+
+
+export_status()
+if running or not exists:
+    if not running:
+        st.info("Press **Export** to write the bundle: ONNX + IR of the pruned step and of the original, the NCS2 "
+                "check, verification on the validation images and a self-test. It takes a few seconds on the sample.",
+                icon=":material/info:")
+    st.stop()
+
+# ----------------------------------------------------------------------------- the bundle
+manifest = read_json(bundle_dir / "manifest.json")
+pruned, original = manifest["models"]["pruned"], manifest["models"]["original"]
+ncs2, verification = manifest["ncs2"], manifest["verification"]
+top = bundle_dir.name
+
+st.subheader(f"Bundle of step {manifest.get('step', step)}")
+col_ncs, col_ver = st.columns(2)
+with col_ncs:
+    with st.container(border=True):
+        if ncs2["compatible"]:
+            st.success(f"**NCS2 ready**: every layer is supported by the MYRIAD plugin of OpenVINO 2022.3 "
+                       f"({sum(ncs2['ops'].values())} layers, FP16, static input "
+                       f"{'×'.join(str(d) for d in manifest['input']['input_shape'])}).", icon=":material/check_circle:")
+        else:
+            st.error(f"**Not NCS2 compatible**: {len(ncs2['problems'])} problem(s). The bundle still works on CPU; "
+                     "on the stick deploy.py falls back to the original.", icon=":material/error:")
+            for p in ncs2["problems"][:20]:
+                st.markdown(f"- layer `{p['layer']}` ({p['type']}, {p['version']}): {p['reason']}")
+        for w in ncs2.get("warnings", [])[:10]:
+            st.caption(f"Warning: layer `{w['layer']}` ({w['type']}): {w['reason']}")
+        with st.expander("Operations in the IR"):
+            st.dataframe([{"operation": k, "count": v} for k, v in sorted(ncs2["ops"].items())], hide_index=True,
+                         width="stretch")
+with col_ver:
+    with st.container(border=True):
+        (st.success if verification["verified"] else st.warning)(
+            verification["message"], icon=":material/verified:" if verification["verified"] else ":material/warning:")
+        for note in verification.get("notes", []):
+            st.caption(note)
+        fb_ok = original["ncs2"]["compatible"] and original["verification"]["verified"]
+        st.markdown(f"**Fallback (original)**: NCS2 {'compatible' if original['ncs2']['compatible'] else 'NOT compatible'}, "
+                    f"{'verified' if original['verification']['verified'] else 'NOT verified'} "
+                    f"({original['verification']['agreement'] * 100:.1f} % agreement)." + ("" if fb_ok else " Check it."))
+
+st.dataframe([
+    {"model": "pruned (model/)", "accuracy": format_pct(pruned.get("accuracy")), "MACs": format_macs(pruned.get("macs")),
+     "parameters": format_params(pruned.get("params")), "latency (OpenVINO CPU)": format_ms(pruned.get("latency_ms"))},
+    {"model": "original (fallback/)", "accuracy": format_pct(original.get("accuracy")),
+     "MACs": format_macs(original.get("macs")), "parameters": format_params(original.get("params")),
+     "latency (OpenVINO CPU)": format_ms(original.get("latency_ms"))},
+], hide_index=True, width="stretch")
+
+with st.container(border=True):
+    st.markdown(f"""**What is in the zip** (`{zip_path.name}`, {zip_path.stat().st_size / 1e6:.2f} MB)
+
+- `{top}/model/`: the pruned model, `model.xml` + `model.bin` (IR, FP16) and `model.onnx`
+- `{top}/fallback/`: **the original model, the fail-safe**: `fallback/model.xml` + `model.bin` + `model.onnx`
+- `{top}/deploy.py`: loads `model/` on the device and switches to `fallback/` by itself when a file is missing or
+  altered (sha256 in the manifest), fails to compile, or fails the self-test (`selftest.npz`)
+- `{top}/manifest.json`, `README.txt`: hashes, figures, input format, class names, NCS2 report, verification
+
+On the target: `python deploy.py --device MYRIAD --image picture.png` (OpenVINO 2022.3 LTS, the last with the NCS2).""")
+    st.download_button("Download the bundle (.zip)", data=zip_path.read_bytes(), file_name=zip_path.name,
+                       mime="application/zip", type="primary", key="ex_download", icon=":material/download:")
+    st.caption(f"Also on disk: `{bundle_dir}`")

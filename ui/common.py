@@ -1,0 +1,128 @@
+"""Layout pieces every page uses: page set-up, empty states, number formats, job progress."""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import streamlit as st
+
+from core.jobs import JobSnapshot
+from core.visualize import format_macs, format_pct  # noqa: F401  (re-exported for the pages)
+
+from .state import AppState, get_state
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+PAGES = {
+    "home": ("streamlit_app.py", "Home", ":material/home:"),
+    "load": ("pages/1_Load.py", "Load", ":material/upload:"),
+    "analyse": ("pages/2_Analyse.py", "Analyse", ":material/insights:"),
+    "prune": ("pages/3_Prune.py", "Prune", ":material/content_cut:"),
+    "review": ("pages/4_Review.py", "Review", ":material/fact_check:"),
+    "export": ("pages/5_Export.py", "Export", ":material/deployed_code:"),
+}
+STATE_BADGES = {
+    "running": ":blue-badge[running]", "cancelling": ":orange-badge[cancelling]", "done": ":green-badge[done]",
+    "cancelled": ":gray-badge[cancelled]", "failed": ":red-badge[failed]", "interrupted": ":orange-badge[interrupted]",
+    "unknown": ":gray-badge[unknown]",
+}
+
+
+def setup_page(title: str, caption: str | None = None) -> AppState:
+    """Page config, shared style, title; returns the session's state."""
+    st.set_page_config(page_title=f"{title} · PruneScope", page_icon=":material/content_cut:", layout="wide")
+    css = ASSETS / "style.css"
+    if css.exists():
+        st.html(f"<style>{css.read_text()}</style>")
+    st.title(title)
+    if caption:
+        st.caption(caption)
+    return get_state()
+
+
+def page_link(page: str, label: str | None = None) -> None:
+    path, name, icon = PAGES[page]
+    st.page_link(path, label=label or name, icon=icon)
+
+
+def need_model(state: AppState, what: str = "this step") -> None:
+    """Stop the page with a clear next step when no model and data are loaded."""
+    if state.ready:
+        return
+    with st.container(border=True):
+        st.info(f"**Load a model first.** {what[0].upper() + what[1:]} needs a model and a data set: "
+                "upload yours or take the bundled sample on the Load page.", icon=":material/info:")
+        page_link("load", "Go to Load")
+    st.stop()
+
+
+def format_seconds(seconds: float | None) -> str:
+    if seconds is None or (isinstance(seconds, float) and (math.isnan(seconds) or math.isinf(seconds))):
+        return "—"
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds} s"
+    m, s = divmod(seconds, 60)
+    if m < 60:
+        return f"{m} min {s:02d} s"
+    h, m = divmod(m, 60)
+    return f"{h} h {m:02d} min"
+
+
+def format_params(n: float | int | None) -> str:
+    if n is None:
+        return "—"
+    n = float(n)
+    if n >= 1e6:
+        return f"{n / 1e6:.2f} M"
+    if n >= 1e3:
+        return f"{n / 1e3:.1f} K"
+    return f"{n:.0f}"
+
+
+def format_ms(ms: float | None) -> str:
+    return "—" if ms is None else f"{ms:.3f} ms" if ms < 1 else f"{ms:.2f} ms"
+
+
+def change(new: float | None, old: float | None, kind: str = "relative") -> str | None:
+    """A delta for st.metric: relative change in %, or accuracy points."""
+    if new is None or old is None:
+        return None
+    if kind == "points":
+        return f"{(new - old) * 100:+.2f} points"
+    if not old:
+        return None
+    return f"{(new / old - 1) * 100:+.1f} %"
+
+
+def state_badge(state: str) -> str:
+    return STATE_BADGES.get(state, f":gray-badge[{state}]")
+
+
+def metrics_row(record: dict, base: dict | None = None) -> None:
+    """Accuracy, MACs, parameters, latency of a step (with changes against ``base``)."""
+    c1, c2, c3, c4 = st.columns(4)
+    b = base or {}
+    c1.metric("Accuracy", format_pct(record.get("accuracy")),
+              change(record.get("accuracy"), b.get("accuracy"), "points") if base else None)
+    c2.metric("MACs", format_macs(record.get("macs")), change(record.get("macs"), b.get("macs")) if base else None,
+              delta_color="inverse")
+    c3.metric("Parameters", format_params(record.get("params")),
+              change(record.get("params"), b.get("params")) if base else None, delta_color="inverse")
+    c4.metric("Latency (OpenVINO CPU)", format_ms(record.get("latency_ms")),
+              change(record.get("latency_ms"), b.get("latency_ms")) if base else None, delta_color="inverse")
+
+
+def job_progress(snap: JobSnapshot, label: str) -> None:
+    """Progress bar with the current message, elapsed time and ETA of a job snapshot."""
+    pct = int(round(snap.progress * 100))
+    st.progress(min(max(snap.progress, 0.0), 1.0), text=f"{label}: {pct} % · {snap.message}")
+    c1, c2, c3 = st.columns(3)
+    c1.markdown(f"**State** {state_badge(snap.state)}")
+    c2.markdown(f"**Elapsed** {format_seconds(snap.elapsed)}")
+    eta = snap.eta
+    c3.markdown(f"**ETA** {'—' if eta is None else ('≤ ' if snap.kind == 'prune' else '') + format_seconds(eta)}")
+
+
+def started_at(ts: float | None) -> str:
+    return "—" if not ts else time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))

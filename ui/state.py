@@ -1,0 +1,187 @@
+"""What the pages share: the session's current model / data / run, the job registry, cached loaders.
+
+Pages only lay out widgets; everything they share lives here. The job registry is one object for
+the whole process (``st.cache_resource``), so a reloaded tab finds the job it started; the model and
+data of a session live in ``st.session_state`` (a reload asks for them again: one click for the
+sample, which is cached).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+from core.data import DataSet, load_dataset
+from core.jobs import JobRegistry
+from core.models import LoadedModel, load_model, sample_entry
+from core.workspace import atomic_write_bytes, uploads_dir
+
+STATE_KEY = "prunescope"
+DEFAULT_SAMPLE = "vgg_digits"
+
+
+@dataclass
+class AppState:
+    """The session's working set. ``model_key`` names model + data, so jobs and caches can tell them apart."""
+
+    model: LoadedModel | None = None
+    model_label: str = ""
+    model_key: str = ""
+    model_bytes: bytes | None = None  # only for a trusted pickle: runs store it to rebuild the model
+    data: DataSet | None = None
+    data_label: str = ""
+    data_source: str = ""  # what a run records: 'sample:NAME' or the saved upload's path
+    baseline: dict | None = None  # accuracy, per_class, confusion, macs, params, latency_ms
+    car: Any = None  # CarResult of the current model
+    car_settings: dict = field(default_factory=dict)
+    run_dir: str | None = None  # the run being pruned / reviewed
+    threshold: float | None = None  # accuracy drop (points) chosen on Review
+    export_step: int | None = None  # step the threshold picked on Review (for Export)
+    sample: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.model is not None and self.data is not None
+
+    @property
+    def key(self) -> str:
+        return f"{self.model_key}|{self.data_source}"
+
+    def set_model(self, loaded: LoadedModel, label: str, key: str, model_bytes: bytes | None = None) -> None:
+        self.model, self.model_label, self.model_key, self.model_bytes = loaded, label, key, model_bytes
+        self.data = None
+        self.data_label = self.data_source = ""
+        self.baseline = None
+        self.car = None
+        self.sample = None
+
+    def set_data(self, data: DataSet, label: str, source: str) -> None:
+        self.data, self.data_label, self.data_source = data, label, source
+        self.baseline = None
+        self.car = None
+
+
+def get_state() -> AppState:
+    if STATE_KEY not in st.session_state:
+        st.session_state[STATE_KEY] = AppState()
+    return st.session_state[STATE_KEY]
+
+
+@st.cache_resource
+def get_registry() -> JobRegistry:
+    """The one job registry of this app process (shared by every tab, survives reloads)."""
+    return JobRegistry()
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+@st.cache_resource(show_spinner="Loading the bundled sample...")
+def _sample(name: str) -> tuple[LoadedModel, DataSet]:
+    loaded = load_model(f"sample:{name}")
+    data = load_dataset(f"sample:{name}", loaded.spec.input, expected_classes=loaded.spec.num_classes)
+    return loaded, data
+
+
+def use_sample(state: AppState, name: str) -> None:
+    """Make the bundled sample (model + its data set) the current one, with its baseline measured."""
+    loaded, data = _sample(name)
+    entry = sample_entry(name)
+    state.set_model(loaded, f"{name} (bundled sample, {entry['architecture']})", f"sample:{name}")
+    state.set_data(data, f"{entry['dataset']} (bundled): {entry['dataset_description']}", f"sample:{name}")
+    state.sample = name
+    state.baseline = baseline(state.key, loaded, data)
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def save_upload(data: bytes, prefix: str, suffix: str) -> Path:
+    """Keep an upload in the workspace under a name made from its hash (never from the uploaded name)."""
+    path = uploads_dir() / f"{prefix}-{digest(data)}{suffix}"
+    if not path.exists():
+        atomic_write_bytes(path, data)
+    return path
+
+
+_SAFE_PART = re.compile(r"[^A-Za-z0-9._ -]+")
+
+
+def files_to_zip(files: list[tuple[str, bytes]], keep_parts: int = 3) -> bytes:
+    """A zip of uploaded files (a folder upload), keeping only the last ``keep_parts`` path parts of each
+    name, each part reduced to safe characters; '..', '.' and empty parts are dropped. The zip then goes
+    through the same safe extraction as an uploaded zip."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+        seen: set[str] = set()
+        for name, data in files:
+            parts = [p for p in re.split(r"[\\/]+", name or "") if p not in ("", ".", "..")]
+            parts = [_SAFE_PART.sub("_", p).strip(" .") or "_" for p in parts[-keep_parts:]]
+            if not parts:
+                continue
+            arc = "/".join(parts)
+            while arc in seen:
+                arc = "/".join(parts[:-1] + ["_" + parts[-1]])
+                parts[-1] = "_" + parts[-1]
+            seen.add(arc)
+            zf.writestr(arc, data)
+    return buf.getvalue()
+
+
+@st.cache_resource(show_spinner="Measuring the baseline: accuracy, MACs, parameters, OpenVINO latency...", max_entries=8)
+def _baseline(key: str, _loaded: LoadedModel, _data: DataSet) -> dict:
+    from core.evaluate import count_macs_params, evaluate_accuracy
+    from core.ov_runtime import measure_latency_ms
+
+    acc = evaluate_accuracy(_loaded.model, _data.val, _loaded.spec.input)
+    macs, params = count_macs_params(_loaded.model, _loaded.spec.input)
+    try:
+        latency = measure_latency_ms(_loaded.model, _loaded.spec.input.shape(1), runs=30, warmup=5)
+        latency_note = "OpenVINO CPU, batch 1, median of 30 runs"
+    except Exception as exc:  # OpenVINO cannot convert every model; accuracy still matters
+        latency, latency_note = None, f"not measured: {type(exc).__name__}: {exc}"
+    return {"accuracy": acc.accuracy, "per_class": acc.per_class, "confusion": acc.confusion, "n": acc.n,
+            "macs": macs, "params": params, "latency_ms": latency, "latency_note": latency_note}
+
+
+def baseline(key: str, loaded: LoadedModel, data: DataSet) -> dict:
+    return _baseline(key, loaded, data)
+
+
+@st.cache_resource(show_spinner="Loading the run's data set...", max_entries=4)
+def run_data(data_source: str, input_spec: tuple, num_classes: int, val_fraction: float = 0.2, seed: int = 0) -> DataSet:
+    """The data set a run was made with (for galleries of past runs), cached."""
+    from core.models import InputSpec
+
+    spec = InputSpec.from_dict(dict(input_spec))
+    return load_dataset(data_source, spec, expected_classes=num_classes, val_fraction=val_fraction, seed=seed)
+
+
+def data_for_run(run) -> DataSet | None:
+    """The current data if it is the run's, else the run's data set reloaded; None if it is gone."""
+    state = get_state()
+    if state.data is not None and state.data_source == run.config.get("data_source"):
+        return state.data
+    opts = run.config.get("data_options") or {}
+    spec = run.spec.input
+    frozen = tuple(sorted((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in spec.__dict__.items()))
+    try:
+        return run_data(run.config.get("data_source", ""), frozen, run.spec.num_classes,
+                        opts.get("val_fraction", 0.2), opts.get("seed", 0))
+    except Exception:
+        return None
+
+
+@st.cache_resource(max_entries=6)
+def run_model(run_dir: str, step: int, mtime: float):
+    """A step's model rebuilt from its run folder (cached; ``mtime`` invalidates on change)."""
+    from core.runs import Run
+
+    return Run(run_dir).rebuild_step(step)
