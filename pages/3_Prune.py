@@ -31,9 +31,11 @@ state = setup_page("Prune", "Greedy cluster pruning: each step removes the cheap
                    "per MAC saved), fine-tunes briefly and measures. Runs in the background; cancel at any time.")
 registry = get_registry()
 active = registry.active("prune")
-job = active[0] if active else registry.get(st.session_state.get("prune_job_id"))
+if active:  # re-attach (e.g. after a reload): there is at most one pruning job at a time
+    st.session_state["prune_job_id"] = active[0].id
+job = registry.get(st.session_state.get("prune_job_id"))
 running = job is not None and job.running
-if not running and not state.ready:
+if job is None and not state.ready:
     need_model(state, "pruning")
 
 
@@ -70,7 +72,9 @@ def cancel_prune() -> None:
 settings = st.container(border=True)
 with settings:
     if not state.ready:
-        st.info("This tab has no model loaded (the page was reloaded); the running job is shown below.")
+        st.info("This tab has no model loaded (the page was reloaded); the pruning job is shown below. "
+                "Load a model to start another run.")
+        page_link("load", "Go to Load")
         config = None
     else:
         b = state.baseline or {}
