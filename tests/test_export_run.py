@@ -57,7 +57,7 @@ def test_cli_export_of_pruned_resnet(resnet_run, tmp_path):
     # deploy.py's self-test passes on the pruned model.
     dep = subprocess.run([sys.executable, "deploy.py", "--json"], cwd=bundle, capture_output=True, text=True, timeout=300)
     assert dep.returncode == 0, dep.stderr
-    assert json.loads(dep.stdout.strip().splitlines()[-1])["model"] == "pruned"
+    assert json.loads(dep.stdout.strip().splitlines()[-1])["which"] == "pruned"
     with zipfile.ZipFile(out["zip"]) as zf:
         names = zf.namelist()
     assert any(n.endswith("fallback/model.xml") for n in names) and any(n.endswith("model/model.xml") for n in names)
