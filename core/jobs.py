@@ -276,16 +276,28 @@ class JobRegistry:
 
 
 def prune_job(loaded, data, config, run_dir: Path, data_source: str | None = None,
-              original_bytes: bytes | None = None, data_options: dict | None = None) -> JobFunction:
+              original_bytes: bytes | None = None, data_options: dict | None = None,
+              car: Any = None) -> JobFunction:
     """A job function running :func:`core.prune.run_pruning` into ``run_dir``.
+
+    ``car``: a CAR analysis of this very model already computed (a :class:`core.car.CarResult` or its
+    dict); with ``config.analyse_car`` it is stored as the run's ``car.json`` instead of computing it
+    again (the run's config then says ``analyse_car: false``, and ``car.json`` says how it was made).
 
     Overall progress: the original's measurement and analysis count as one unit, then each pruning
     step one more, of ``config.max_steps + 1``; the run may stop earlier (threshold, MAC target),
     so the ETA is an upper bound.
     """
+    from dataclasses import replace
+
     from .prune import Callbacks, run_pruning
+    from .workspace import atomic_write_json
 
     total = config.max_steps + 1
+    if car is not None and config.analyse_car:
+        analysis = car.to_dict() if hasattr(car, "to_dict") else dict(car)
+        atomic_write_json(Path(run_dir) / "car.json", {**analysis, "reused_from": "analysis of the loaded model"})
+        config = replace(config, analyse_car=False)
 
     def fn(ctx: JobContext) -> dict:
         done = [0]  # completed step records, step 0 included

@@ -125,6 +125,7 @@ with tab_sens:
 
 def conv_layers() -> list[tuple[int, str]]:
     """(group, producer) for every producer conv of every analysed group: the layers with filter images."""
+    position = {name: i for i, (name, _) in enumerate(model.named_modules())}
     out = []
     for gid in gids:
         for name in groups[gid].get("producers", [groups[gid]["root"]]):
@@ -133,7 +134,7 @@ def conv_layers() -> list[tuple[int, str]]:
                     out.append((gid, name))
             except AttributeError:
                 continue
-    return out
+    return sorted(out, key=lambda t: position.get(t[1], 0))  # in network order: the first layer first
 
 
 @st.cache_resource(max_entries=12, show_spinner="Drawing filters and finding their top-activating patches...")

@@ -50,7 +50,7 @@ def start_prune(config: PruneConfig) -> None:
         config.validate()
         run_dir = new_run_dir(state.model.spec.arch.replace("pickled:", ""))
         j = registry.start("prune", prune_job(state.model, state.data, config, run_dir, data_source=state.data_source,
-                                              original_bytes=state.model_bytes),
+                                              original_bytes=state.model_bytes, car=state.car),
                            run_dir=run_dir, total_steps=config.max_steps + 1,
                            meta={"max_drop": config.max_drop, "max_steps": config.max_steps, "model": state.model_label})
     except JobAlreadyRunning as exc:
@@ -115,7 +115,9 @@ with settings:
             latency = st.toggle("Measure OpenVINO latency every step", value=DEFAULTS["latency"], key="pr_latency",
                                 disabled=running)
             analyse = st.toggle("Store a CAR analysis of the original in the run", value=DEFAULTS["analyse_car"],
-                                key="pr_analyse", disabled=running)
+                                key="pr_analyse", disabled=running,
+                                help="Shown with the removed filters on Review. The Analyse page's result is "
+                                     "reused when there is one; otherwise it is computed first.")
         config = PruneConfig(criterion=criterion, cluster=cluster, max_drop=float(max_drop),
                              mac_target=None if mac_target is None else mac_target / 100,
                              finetune_steps=int(finetune_steps), score_images=int(score_images),
@@ -172,8 +174,10 @@ def live() -> None:
     if s.running:
         job_progress(s, "Pruning")
         max_steps = s.meta.get("max_steps")
-        done = max(len(s.steps) - 1, 0)
-        st.markdown(f"**Current step** {done + 1 if s.steps else 0} of at most {max_steps} · last: {step_text(s.last_step)}")
+        current = 0 if (not s.steps or "the original" in s.message) else len(s.steps)
+        st.markdown(f"**Current step** {current} of at most {max_steps}"
+                    + (" (0 = measuring and analysing the original)" if current == 0 else "")
+                    + f" · last finished: {step_text(s.last_step)}")
         st.caption("The ETA assumes every step up to the limit is taken; the run stops earlier when no cluster fits "
                    "the accuracy budget.")
     if s.steps:

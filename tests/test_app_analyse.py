@@ -11,7 +11,7 @@ from ui.state import get_registry
 def test_needs_a_model_first():
     at = goto(new_app().run(), "analyse")
     assert "Load a model first" in texts(at)
-    assert [p.proto.label for p in at.get("page_link")] == ["Go to Load"]
+    assert [p.proto.label for p in at.main.get("page_link")] == ["Go to Load"]
     assert not at.get("plotly_chart")
 
 

@@ -17,7 +17,7 @@ def test_home_explains_and_points_to_load():
     for word in ("CAR", "clusters sized to the hardware", "NCS2", "fallback"):
         assert word in page
     assert "No model loaded." in page and "No runs yet" in page
-    assert any(p.proto.page.endswith("1_Load.py") or "Load" in p.proto.label for p in at.get("page_link"))
+    assert any(p.proto.page.endswith("1_Load.py") or "Load" in p.proto.label for p in at.main.get("page_link"))
 
 
 def test_one_click_sample_fills_the_glance():

@@ -65,7 +65,7 @@ def test_empty_state_and_sample():
     assert values["MACs"] == "9.9 M" and values["Latency (OpenVINO CPU)"].endswith("ms")
     assert len(at.get("plotly_chart")) == 3  # class counts, per-class accuracy, confusion matrix
     assert "All files were readable images" in texts(at)
-    assert "Analyse" in [p.proto.label for p in at.get("page_link")][-2]
+    assert "Analyse" in [p.proto.label for p in at.main.get("page_link")][-2]
 
 
 def test_state_dict_and_zip_upload_with_report():

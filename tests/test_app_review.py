@@ -14,7 +14,7 @@ from tests.app_conftest import (assert_no_exception, fresh_registry, goto, image
 def test_empty_state_points_to_prune():
     at = goto(new_app().run(), "review")
     assert "No pruning run yet" in texts(at)
-    assert [p.proto.label for p in at.get("page_link")] == ["Go to Prune"]
+    assert [p.proto.label for p in at.main.get("page_link")] == ["Go to Prune"]
 
 
 def test_tradeoff_threshold_and_removed_filters(sample_run):

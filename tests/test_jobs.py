@@ -193,3 +193,17 @@ def test_interrupted_run_is_listed_with_its_steps(tiny):
     assert entry["state"] == "interrupted" and entry["steps"] == 1
     assert "completed steps are kept" in Run(run_dir).status["message"]
     assert [r["step"] for r in Run(run_dir).history] == [0, 1]
+
+
+def test_prune_job_reuses_a_given_car_analysis(tiny):
+    from core.car import compute_car
+
+    loaded, data = tiny
+    car = compute_car(loaded.model, loaded.spec.input, data.val, n_images=24, sensitivity=False)
+    run_dir = new_run_dir("jobtest")
+    job = JobRegistry().start("prune", prune_job(loaded, data, quick_config(max_steps=1, analyse_car=True), run_dir,
+                                                 car=car), run_dir=run_dir)
+    assert job.wait(60) and job.snapshot().state == "done", job.snapshot().error
+    run = Run(run_dir)
+    assert run.car["reused_from"] and run.car["car"] == {str(k): v for k, v in car.car.items()}
+    assert run.config["prune"]["analyse_car"] is False

@@ -34,10 +34,31 @@ def setup_page(title: str, caption: str | None = None) -> AppState:
     css = ASSETS / "style.css"
     if css.exists():
         st.html(f"<style>{css.read_text()}</style>")
+    state = get_state()
+    sidebar(state)
     st.title(title)
     if caption:
         st.caption(caption)
-    return get_state()
+    return state
+
+
+def sidebar(state: AppState) -> None:
+    """The flow as a menu (Streamlit's own page list is off: it would call the home page 'streamlit app'),
+    and what is loaded / running."""
+    from .state import get_registry
+
+    with st.sidebar:
+        st.markdown("**PruneScope**")
+        for key in PAGES:
+            page_link(key)
+        st.divider()
+        if state.model is not None:
+            st.caption(f"Model: {state.model_label}")
+        else:
+            st.caption("No model loaded")
+        for job in get_registry().active():
+            s = job.snapshot()
+            st.caption(f"{s.kind.capitalize()} job: {int(s.progress * 100)} % · {s.message}")
 
 
 def page_link(page: str, label: str | None = None) -> None:
