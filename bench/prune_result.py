@@ -23,7 +23,9 @@ def main() -> None:
     ap.add_argument("--sample", default="resnet_shapes")
     ap.add_argument("--max-drop", type=float, default=1.0)
     ap.add_argument("--finetune-steps", type=int, default=40)
-    ap.add_argument("--clusters", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--clusters", type=int, nargs="*", default=[1, 16], help="cluster sizes compared at the same MACs")
+    ap.add_argument("--compare-finetune-steps", type=int, default=20, help="fine-tuning per step of the compared runs")
+    ap.add_argument("--reuse", help="a finished c=8 run folder to take instead of pruning again")
     ap.add_argument("--runs", type=int, default=300, help="timed inferences per model")
     ap.add_argument("--out", help="keep run folders here (default: a temporary folder)")
     args = ap.parse_args()
@@ -38,10 +40,10 @@ def main() -> None:
     out = Path(args.out or tempfile.mkdtemp(prefix="prune_result_"))
     results = {}
 
-    def run(label, cluster, mac_target=None, rescore=1):
+    def run(label, cluster, mac_target=None, rescore=1, finetune_steps=args.finetune_steps):
         t0 = time.time()
         cfg = PruneConfig(criterion="car", cluster=cluster, max_drop=args.max_drop, mac_target=mac_target,
-                          finetune_steps=args.finetune_steps, rescore_every=rescore, latency=False, analyse_car=False,
+                          finetune_steps=finetune_steps, rescore_every=rescore, latency=False, analyse_car=False,
                           max_steps=400)
         summary = run_pruning(loaded, data, cfg, out / label)
         r = Run(out / label)
@@ -51,10 +53,18 @@ def main() -> None:
               f"{summary['final_accuracy'] * 100:.2f}% ({summary['reason']}; {time.time() - t0:.0f} s)", flush=True)
         return summary
 
-    main_summary = run("c8", 8)
+    if args.reuse:
+        from core.prune import _summary
+
+        main_summary = _summary(Path(args.reuse), "done", Run(args.reuse).status.get("message", ""))
+        results["c8"] = (Run(args.reuse), main_summary)
+        print(f"c8: reused {args.reuse}: {main_summary['steps']} steps, MACs {main_summary['baseline_macs'] / 1e6:.2f} M -> "
+              f"{main_summary['final_macs'] / 1e6:.2f} M, accuracy {main_summary['final_accuracy'] * 100:.2f}%")
+    else:
+        main_summary = run("c8", 8)
     budget = main_summary["final_macs"] / main_summary["baseline_macs"]
     for c in args.clusters:
-        run(f"c{c}", c, mac_target=budget, rescore=1 if c > 1 else 8)
+        run(f"c{c}", c, mac_target=budget, rescore=1 if c > 1 else 8, finetune_steps=args.compare_finetune_steps)
 
     models = {"original": loaded.model}
     for label, (r, s) in results.items():
