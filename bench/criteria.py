@@ -2,7 +2,8 @@
 
 For both samples and each fraction p in 10..70 %, every prunable group loses round(p * width) of its
 filters, chosen as the lowest-scoring by each criterion (CAR measured on training images, so the
-validation accuracy reported here is not the set the choice was made on). Accuracy is reported
+validation accuracy reported here is not the set the choice was made on; filters with equal CAR are
+ordered by the loss increase of the same ablation, as in the pruning loop). Accuracy is reported
 without fine-tuning (exact emulated removal) and after the same short fine-tuning of the really
 pruned model. This is the CAR paper's per-layer comparison, applied to all groups at once.
 
@@ -32,7 +33,7 @@ def main() -> None:
     from core.car import CarScorer, filter_ablation
     from core.evaluate import evaluate_accuracy
     from core.groups import PruningGraph
-    from core.prune import _tp_scores, finetune
+    from core.prune import _tp_scores, car_with_tiebreak, finetune
 
     print(f"machine: {machine()}")
     rows = []
@@ -43,14 +44,13 @@ def main() -> None:
         groups = graph.groups()
         score_set = data.train.subset(args.score_images, seed=args.seed)
         car_scorer = CarScorer(loaded.model, spec, score_set)
-        car_correct = car_scorer.accuracies([filter_ablation(g, [f]) for g in groups for f in range(g.width)])
-        car_flat = car_scorer.baseline_accuracy - car_correct.float().mean(1).numpy()
-        scores, i = {"car": {}, "l1": _tp_scores(graph, groups, tp.importance.GroupMagnitudeImportance(p=1)), "random": {}}, 0
+        car_correct, loss_up = car_scorer.accuracies_and_loss([filter_ablation(g, [f]) for g in groups for f in range(g.width)])
+        owners = np.asarray([g.gid for g in groups for _ in range(g.width)])
+        car = car_with_tiebreak(car_scorer.baseline_accuracy - car_correct.float().mean(1).numpy(), loss_up.numpy(),
+                                owners, groups, len(score_set))
         rng = np.random.default_rng(args.seed)
-        for g in groups:
-            scores["car"][g.gid] = car_flat[i:i + g.width]
-            scores["random"][g.gid] = rng.random(g.width)
-            i += g.width
+        scores = {"car": car, "l1": _tp_scores(graph, groups, tp.importance.GroupMagnitudeImportance(p=1)),
+                  "random": {g.gid: rng.random(g.width) for g in groups}}
         val_scorer = CarScorer(loaded.model, spec, data.val)
         base = val_scorer.baseline_accuracy
         for frac in args.fractions:

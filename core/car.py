@@ -79,6 +79,15 @@ class CarScorer:
         preds = self.engine.predictions(ablations, progress=progress, cancel=cancel, fast=fast)
         return preds == self.labels.unsqueeze(0)
 
+    def accuracies_and_loss(self, ablations: list[Ablation], progress: Callable[[int], None] | None = None,
+                            cancel: threading.Event | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Correct-prediction matrix and the mean loss increase over the unablated model, per ablation."""
+        if not hasattr(self, "_base_loss"):
+            _, base = self.engine.evaluate([{}], self.labels)
+            self._base_loss = float(base[0])
+        preds, loss = self.engine.evaluate(ablations, self.labels, progress=progress, cancel=cancel)
+        return preds == self.labels.unsqueeze(0), loss - self._base_loss
+
     def per_class_drop(self, correct: torch.Tensor, num_classes: int) -> list[list[float]]:
         """Per ablation, the drop in each class's accuracy."""
         onehot = torch.nn.functional.one_hot(self.labels, num_classes).float()  # (N, C)

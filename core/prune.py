@@ -117,13 +117,10 @@ def score_filters(criterion: str, graph: PruningGraph, groups: list[ChannelGroup
                 ablations.append(filter_ablation(g, [f]))
                 owners.append(g.gid)
         total = len(ablations) * len(scorer.labels)
-        correct = scorer.accuracies(ablations, cancel=cancel,
-                                    progress=(lambda d: progress(d / total, "scoring filters (CAR)")) if progress else None)
-        car = scorer.baseline_accuracy - correct.float().mean(1).numpy()
-        owners_a = np.asarray(owners)
-        # Ties (many filters with CAR 0 on a small subset) are broken by the L1 norm.
-        l1 = _tp_scores(graph, groups, tp.importance.GroupMagnitudeImportance(p=1))
-        return {g.gid: car[owners_a == g.gid] + 1e-6 * _unit(l1[g.gid]) for g in groups}
+        correct, loss_up = scorer.accuracies_and_loss(
+            ablations, cancel=cancel, progress=(lambda d: progress(d / total, "scoring filters (CAR)")) if progress else None)
+        return car_with_tiebreak(scorer.baseline_accuracy - correct.float().mean(1).numpy(), loss_up.numpy(),
+                                 np.asarray(owners), groups, len(scorer.labels))
     if criterion == "l1":
         return _tp_scores(graph, groups, tp.importance.GroupMagnitudeImportance(p=1))
     if criterion == "taylor":
@@ -134,8 +131,20 @@ def score_filters(criterion: str, graph: PruningGraph, groups: list[ChannelGroup
     return {g.gid: rng.random(g.width) for g in groups}
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    return (x - x.min()) / (np.ptp(x) + 1e-12)
+def car_with_tiebreak(car: np.ndarray, loss_up: np.ndarray, owners: np.ndarray, groups: list[ChannelGroup],
+                      n_images: int) -> dict[int, np.ndarray]:
+    """Per group, CAR with ties broken by the loss increase of the same ablation.
+
+    The loss term is scaled below one image's worth of accuracy (0.5 / N), so it only orders filters
+    whose CAR is equal; without it the many filters with CAR 0 on a small image set would be removed
+    in arbitrary order.
+    """
+    out = {}
+    for g in groups:
+        mask = owners == g.gid
+        lu = loss_up[mask]
+        out[g.gid] = car[mask] + (0.5 / max(n_images, 1)) * (lu - lu.min()) / (np.ptp(lu) + 1e-12)
+    return out
 
 
 def _tp_scores(graph: PruningGraph, groups: list[ChannelGroup], importance) -> dict[int, np.ndarray]:

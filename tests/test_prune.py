@@ -146,3 +146,17 @@ def test_cli_prune_json_and_bad_setting(tmp_path):
     bad = subprocess.run(cmd[:-3] + ["--out", str(tmp_path / "cli2"), "--max-drop", "200"], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "between 0 and 100" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_car_tiebreak_orders_ties_by_loss_only():
+    import numpy as np
+
+    from core.groups import ChannelGroup
+    from core.prune import car_with_tiebreak
+
+    g = ChannelGroup(gid=0, root="x", width=4, producers=["x"])
+    n = 100
+    car = np.array([0.0, 0.0, 0.01, 0.0])
+    loss_up = np.array([0.5, 0.1, 0.0, 2.0])
+    scores = car_with_tiebreak(car, loss_up, np.zeros(4, dtype=int), [g], n)[0]
+    assert list(np.argsort(scores)) == [1, 0, 3, 2], "ties by loss; the one-image CAR difference still wins"
