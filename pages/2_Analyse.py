@@ -9,7 +9,7 @@ from core.errors import PruneScopeError
 from core.jobs import JobAlreadyRunning, car_job
 from ui.charts import to_image
 from ui.common import format_pct, format_seconds, job_progress, need_model, page_link, setup_page
-from ui.state import get_registry
+from ui.state import get_registry, model_lock, private_copy
 
 state = setup_page("Analyse", "Which filters matter? CAR (Classification Accuracy Reduction) of a filter is the "
                    "accuracy lost when that one filter is removed, measured exactly on validation images.")
@@ -29,7 +29,8 @@ running = job is not None and job.running
 
 def start_car(n_images: int, sensitivity: bool) -> None:
     try:
-        registry.start("car", car_job(model, spec, data.val, n_images=n_images, sensitivity=sensitivity), key=key,
+        registry.start("car", car_job(private_copy(state.model).model, spec, data.val, n_images=n_images,
+                                      sensitivity=sensitivity), key=key,
                        meta={"n_images": n_images, "sensitivity": sensitivity})
         state.car = None
     except JobAlreadyRunning:
@@ -140,8 +141,9 @@ def conv_layers() -> list[tuple[int, str]]:
 @st.cache_resource(max_entries=12, show_spinner="Drawing filters and finding their top-activating patches...")
 def cached_gallery(cache_key: tuple, layer: str, sort: str, limit: int, descending: bool, _model, _spec, _images,
                    _scores) -> list[dict]:
-    return V.gallery(_model, _spec, _images, layer, _scores, sort=sort, limit=limit, k=4, size=64,
-                     descending=descending)
+    with model_lock(_model):
+        return V.gallery(_model, _spec, _images, layer, _scores, sort=sort, limit=limit, k=4, size=64,
+                         descending=descending)
 
 
 with tab_gallery:
@@ -183,8 +185,9 @@ with tab_gallery:
                     st.markdown(f"**Filter {e['index']}** · CAR {car_txt}{extra}")
                     a, m = st.columns(2)
                     a.image(e["weight"], caption="weights", width=64)
-                    m.image(V.activation_map(model, gl[1], data.val.images[image_index], spec, e["index"], size=64),
-                            caption="activation", width=64)
+                    with model_lock(model):
+                        heat = V.activation_map(model, gl[1], data.val.images[image_index], spec, e["index"], size=64)
+                    m.image(heat, caption="activation", width=64)
                     if e["patches"]:
                         st.image(e["patches"], width=40)
                         st.caption("top-activating patches")

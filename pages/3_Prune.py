@@ -1,6 +1,7 @@
 """Prune: settings, Start / Cancel, and the live progress of the background pruning job."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import streamlit as st
@@ -14,16 +15,16 @@ from core.runs import Run
 from core.workspace import new_run_dir
 from ui.common import (format_macs, format_pct, format_seconds, job_progress, metrics_row, need_model, page_link,
                        setup_page, state_badge)
-from ui.state import get_registry
+from ui.state import get_registry, private_copy
 
 # Defaults that finish the bundled sample's flow within about 3 minutes on 2 CPU cores (see the README).
 DEFAULTS = {"criterion": "car", "max_drop": 1.0, "finetune_steps": 20, "score_images": 200, "max_steps": 4,
             "latency": True, "analyse_car": True}
 CRITERION_HELP = {
-    "car": "CAR (exact accuracy loss of each cluster, the paper's criterion)",
-    "l1": "L1 norm of the filter weights (magnitude)",
-    "taylor": "first-order Taylor (gradient × activation)",
-    "random": "random (a baseline to compare against)",
+    "car": "CAR (exact accuracy loss)",
+    "l1": "L1 norm (weight magnitude)",
+    "taylor": "Taylor (gradient × activation)",
+    "random": "Random (a baseline)",
 }
 OTHER = "custom"
 
@@ -46,15 +47,22 @@ def cpu_profile():
 
 def start_prune(config: PruneConfig) -> None:
     st.session_state.pop("prune_error", None)
+    running_now = registry.active("prune")
+    if running_now:  # starting twice attaches to the running job
+        st.session_state["prune_job_id"] = running_now[0].id
+        return
+    run_dir = None
     try:
         config.validate()
         run_dir = new_run_dir(state.model.spec.arch.replace("pickled:", ""))
-        j = registry.start("prune", prune_job(state.model, state.data, config, run_dir, data_source=state.data_source,
+        j = registry.start("prune", prune_job(private_copy(state.model), state.data, config, run_dir,
+                                              data_source=state.data_source,
                                               original_bytes=state.model_bytes, car=state.car),
                            run_dir=run_dir, total_steps=config.max_steps + 1,
                            meta={"max_drop": config.max_drop, "max_steps": config.max_steps, "model": state.model_label})
-    except JobAlreadyRunning as exc:
-        j = exc.job  # starting twice attaches to the running job
+    except JobAlreadyRunning as exc:  # another tab won the race: attach to its job
+        shutil.rmtree(run_dir, ignore_errors=True)
+        j = exc.job
     except PruneScopeError as exc:
         st.session_state["prune_error"] = str(exc)
         return
@@ -83,7 +91,9 @@ with settings:
         c1, c2, c3 = st.columns(3, gap="large")
         with c1:
             criterion = st.selectbox("Criterion", CRITERIA, index=CRITERIA.index(DEFAULTS["criterion"]),
-                                     format_func=lambda c: CRITERION_HELP[c], key="pr_criterion", disabled=running)
+                                     format_func=lambda c: CRITERION_HELP[c], key="pr_criterion", disabled=running,
+                                     help="How filters are ranked. CAR measures each candidate cluster's real "
+                                          "accuracy loss; the others are cheaper proxies, for comparison.")
             max_drop = st.slider("Acceptable accuracy drop (points)", 0.0, 10.0, DEFAULTS["max_drop"], step=0.1,
                                  key="pr_max_drop", disabled=running,
                                  help="A step that would lose more than this (against the original) is undone; "
@@ -180,6 +190,19 @@ def live() -> None:
                     + f" · last finished: {step_text(s.last_step)}")
         st.caption("The ETA assumes every step up to the limit is taken; the run stops earlier when no cluster fits "
                    "the accuracy budget.")
+    if not s.running:
+        kept = max(len(s.steps) - 1, 0)
+        if s.state == "failed":
+            st.error(f"The run failed: {s.error}", icon=":material/error:")
+        elif s.state == "done":
+            reason = Run(s.run_dir).status.get("message", "") if s.run_dir is not None else ""
+            st.success(f"Finished after {format_seconds(s.elapsed)}: {kept} step(s) kept"
+                       + (f"; stopped because {reason}" if reason else "") + ".", icon=":material/check_circle:")
+        else:
+            st.info(f"Cancelled after {format_seconds(s.elapsed)}; {kept} completed step(s) kept.",
+                    icon=":material/info:")
+        if s.state != "failed" or s.steps:
+            page_link("review", "Review the run")
     if s.steps:
         metrics_row(s.steps[-1], s.steps[0] if len(s.steps) > 1 else None)
         c1, c2 = st.columns(2)
@@ -188,19 +211,6 @@ def live() -> None:
                             key="pr_fig_tradeoff")
         with c2:
             st.plotly_chart(V.fig_progress(s.steps), key="pr_fig_progress")
-    if not s.running:
-        if s.state == "failed":
-            st.error(f"The run failed: {s.error}", icon=":material/error:")
-        else:
-            reason = ""
-            if s.run_dir is not None:
-                reason = Run(s.run_dir).status.get("message", "")
-            msg = (f"Finished after {format_seconds(s.elapsed)}: {max(len(s.steps) - 1, 0)} step(s) kept"
-                   + (f"; stopped because {reason}" if reason and s.state == "done" else "") + ".")
-            (st.success if s.state == "done" else st.info)(msg if s.state == "done" else
-                                                            f"Cancelled after {format_seconds(s.elapsed)}; "
-                                                            f"{max(len(s.steps) - 1, 0)} completed step(s) kept.")
-            page_link("review", "Review the run")
 
 
 if job is not None:

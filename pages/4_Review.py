@@ -10,7 +10,7 @@ from core.jobs import past_runs
 from core.runs import Run
 from ui.common import (change, format_macs, format_ms, format_params, format_pct, metrics_row, page_link, setup_page,
                        started_at, state_badge)
-from ui.state import data_for_run, get_registry, get_state, run_model
+from ui.state import data_for_run, get_registry, model_lock, run_model
 
 state = setup_page("Review", "Every step of a run on the accuracy / cost curve. Set the accuracy you can give up: "
                    "the smallest model within it is picked for export.")
@@ -67,7 +67,7 @@ with st.container(border=True):
                     f"{format_pct(pick['accuracy'])} accuracy ({change(pick['accuracy'], base['accuracy'], 'points')}), "
                     f"{format_macs(pick['macs'])} MACs ({change(pick['macs'], base['macs'])}), "
                     f"{format_params(pick['params'])} parameters ({change(pick['params'], base['params'])}).")
-    metrics_row(pick, base)
+    metrics_row(pick, base if pick["step"] else None)
     page_link("export", f"Export step {pick['step']}")
 
 tab_macs, tab_lat = st.tabs(["Accuracy vs MACs", "Accuracy vs latency"])
@@ -118,8 +118,9 @@ else:
             layer = rec["group"]
             patches = {}
             if data is not None:
-                patches = V.top_activating_patches(original, layer, data.val.images[:256], run.spec.input,
-                                                   indices=indices, k=3, size=40)
+                with model_lock(original):
+                    patches = V.top_activating_patches(original, layer, data.val.images[:256], run.spec.input,
+                                                       indices=indices, k=3, size=40)
             else:
                 st.caption("The run's data set is not available any more: weights only, no patches.")
             st.caption(f"Layer `{layer}` of the original model; CAR from the run's analysis of the original "

@@ -124,8 +124,11 @@ def test_whole_flow_on_the_sample(server, tmp_path):
         def shot(name: str, to_assets: bool = False) -> None:
             page.wait_for_timeout(600)  # let plotly finish drawing
             page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
-            if to_assets:
+            if to_assets:  # the README's picture: the slider, the pick and the trade-off curve
+                page.set_viewport_size({"width": 1440, "height": 1560})
+                page.wait_for_timeout(800)
                 page.screenshot(path=str(ROOT / "assets" / f"{name}.png"), full_page=False)
+                page.set_viewport_size({"width": 1440, "height": 1000})
 
         def nav(label: str) -> None:
             page.get_by_test_id("stSidebar").get_by_role("link", name=label, exact=True).click()
@@ -199,9 +202,10 @@ def test_whole_flow_on_the_sample(server, tmp_path):
         expect(main).to_contain_text("smallest model within", timeout=60_000)
         thr = slider("Acceptable accuracy drop")
         thr.focus()
-        for _ in range(5):
-            page.keyboard.press("ArrowLeft")
-        expect(main).to_contain_text("0.5 points", timeout=30_000)
+        for _ in range(10):
+            page.keyboard.press("ArrowRight")
+        expect(main).to_contain_text("2.0 points", timeout=30_000)
+        expect(main).to_contain_text("is the smallest model within 2.0 points")
         expect(main.locator(".js-plotly-plot")).to_have_count(4, timeout=30_000)
         expect(main).to_contain_text("Removed filters")
         no_exception()
@@ -209,7 +213,7 @@ def test_whole_flow_on_the_sample(server, tmp_path):
 
         # -- export: the pick by default; NCS2 report, verification; download the zip
         nav("Export")
-        expect(main).to_contain_text("the Review threshold (0.5 points) picked it", timeout=30_000)
+        expect(main).to_contain_text("the Review threshold (2.0 points) picked it", timeout=30_000)
         t0 = time.time()
         main.get_by_role("button", name="Export step").click()
         expect(main).to_contain_text("NCS2 ready", timeout=240_000)

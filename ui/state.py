@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+import threading
+import weakref
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +81,30 @@ def get_registry() -> JobRegistry:
     return JobRegistry()
 
 
+_MODEL_LOCKS: "weakref.WeakKeyDictionary[Any, threading.Lock]" = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model) -> threading.Lock:
+    """A lock per model object. Filter images use forward hooks on the model; cached models are shared
+    between script runs, and a fast rerun can start while the previous run is still computing, so two
+    runs must not hook the same model at once."""
+    with _MODEL_LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.Lock()
+        return lock
+
+
+def private_copy(loaded: LoadedModel) -> LoadedModel:
+    """A copy of the model for a background job, taken while no script run has hooks on it."""
+    import copy
+
+    with model_lock(loaded.model):
+        model = copy.deepcopy(loaded.model)
+    return LoadedModel(model.eval(), copy.deepcopy(loaded.spec), list(loaded.notes))
+
+
 # ----------------------------------------------------------------------------- loading
 
 
@@ -94,7 +120,7 @@ def use_sample(state: AppState, name: str) -> None:
     loaded, data = _sample(name)
     entry = sample_entry(name)
     state.set_model(loaded, f"{name} (bundled sample, {entry['architecture']})", f"sample:{name}")
-    state.set_data(data, f"{entry['dataset']} (bundled): {entry['dataset_description']}", f"sample:{name}")
+    state.set_data(data, f"{entry['dataset']} (bundled sample data set)", f"sample:{name}")
     state.sample = name
     state.baseline = baseline(state.key, loaded, data)
 
