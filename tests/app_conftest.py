@@ -83,9 +83,14 @@ def fresh_registry():
     get_registry.clear()
 
 
+_TEMPLATE: list[Path] = []  # the test modules import the fixture, each its own copy: share the run itself
+
+
 @pytest.fixture(scope="session")
 def sample_run_template(tmp_path_factory):
     """One short pruning run of the sample (made once with core, copied into each test's workspace)."""
+    if _TEMPLATE and _TEMPLATE[0].exists():
+        return _TEMPLATE[0]
     from core.data import load_dataset
     from core.models import load_model
     from core.prune import PruneConfig, run_pruning
@@ -96,6 +101,7 @@ def sample_run_template(tmp_path_factory):
     config = PruneConfig(criterion="car", cluster=8, max_drop=5.0, finetune_steps=3, score_images=60, max_steps=2,
                          latency=True, latency_runs=5, analyse_car=True, patience=0)
     run_pruning(loaded, data, config, out, data_source="sample:vgg_digits")
+    _TEMPLATE[:] = [out]
     return out
 
 
