@@ -29,19 +29,27 @@ def parse_floats(text: str, n: int, what: str) -> tuple[float, ...]:
 def load_upload(kind: str, model_file, trusted: bool, arch: str | None, spec: InputSpec, data_kind: str, data_files) -> None:
     """Load model + data from the uploads; every user error ends as one clear message."""
     if model_file is None:
-        st.error("Choose a model file (.pt / .pth) first.")
-        return
-    model_bytes = model_file.getvalue()
-    try:
-        loaded = load_model(model_bytes, arch=arch if kind == MODEL_KINDS[0] else None, trusted=trusted, input_spec=spec)
-    except PruneScopeError as exc:
-        st.error(f"**The model could not be loaded.** {exc}", icon=":material/error:")
-        return
-    key = f"upload:{digest(model_bytes)}:{loaded.spec.arch}:{spec.height}x{spec.width}:{spec.mean}:{spec.std}"
-    state.set_model(loaded, f"uploaded {loaded.spec.arch} ({len(model_bytes) / 1e6:.1f} MB)", key,
-                    model_bytes if loaded.spec.pickled else None)
+        if state.model is None:
+            st.error("Choose a model file (.pt / .pth) first.")
+            return
+        if not data_files:
+            st.error("Choose a model file and a data set to upload (or a data set for the current model).")
+            return
+        loaded = state.model  # add a data set to the model loaded before
+    else:
+        model_bytes = model_file.getvalue()
+        try:
+            loaded = load_model(model_bytes, arch=arch if kind == MODEL_KINDS[0] else None, trusted=trusted,
+                                input_spec=spec)
+        except PruneScopeError as exc:
+            st.error(f"**The model could not be loaded.** {exc}", icon=":material/error:")
+            return
+        key = f"upload:{digest(model_bytes)}:{loaded.spec.arch}:{spec.height}x{spec.width}:{spec.mean}:{spec.std}"
+        state.set_model(loaded, f"uploaded {loaded.spec.arch} ({len(model_bytes) / 1e6:.1f} MB)", key,
+                        model_bytes if loaded.spec.pickled else None)
     if not data_files:
-        st.warning("Model loaded. Now add a data set (a zip of class folders, or a folder) to validate and measure it.")
+        st.warning("Model loaded. Now add a data set (a zip of class folders, or a folder) and press "
+                   "**Load and validate** again to check and measure it.")
         return
     try:
         if data_kind == DATA_KINDS[0]:

@@ -46,8 +46,12 @@ def cancel_car() -> None:
 with st.container(border=True):
     c1, c2, c3 = st.columns([2, 1, 1], vertical_alignment="bottom")
     n_max = len(data.val)
-    n_images = c1.slider("Validation images used", min(50, n_max), n_max, min(300, n_max), step=10, key="car_images",
-                         help="More images give finer CAR scores (one image = 1/N accuracy) and take longer.")
+    if n_max > 50:
+        n_images = c1.slider("Validation images used", 50, n_max, min(300, n_max), step=10, key="car_images",
+                             help="More images give finer CAR scores (one image = 1/N accuracy) and take longer.")
+    else:
+        n_images = n_max
+        c1.markdown(f"All **{n_max}** validation images are used (a larger data set gives finer CAR scores).")
     sensitivity = c2.toggle("Per-layer sensitivity", value=True, key="car_sensitivity",
                             help="Accuracy with the lowest-CAR 10 %..90 % of one layer removed, per layer.")
     if running:

@@ -1,7 +1,6 @@
 """Export: one step of a run as OpenVINO IR FP16 + ONNX, NCS2 check, verification, bundle zip with the fallback."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import streamlit as st
 

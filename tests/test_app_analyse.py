@@ -1,7 +1,6 @@
 """Analyse page: CAR as a background job, the charts, the filter gallery, per-class CAR."""
 from __future__ import annotations
 
-import time
 
 from tests.app_conftest import (assert_no_exception, fresh_registry, goto, images, new_app, progress_values,  # noqa: F401
                                 texts, wait_until, with_sample)

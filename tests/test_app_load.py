@@ -170,3 +170,18 @@ def test_pickled_model_needs_explicit_trust(trusted):
     else:
         assert "not loaded" in at.error[0].value and "I trust this file" in at.error[0].value
         assert not at.metric
+
+
+def test_small_upload_flows_to_analyse_and_model_only_asks_for_data():
+    at = upload_page()
+    at.file_uploader(key="load_model_file").set_value(("weights.pt", weights_bytes(), "application/octet-stream"))
+    at.button(key="load_upload").click().run()
+    assert "Now add a data set" in at.warning[0].value
+    goto(at, "analyse")
+    assert "Load a data set first" in texts(at)
+    goto(at, "load")
+    at.file_uploader(key="load_data_zip").set_value(("d.zip", make_zip(digits_files(per_class=4)), "application/zip"))
+    at.button(key="load_upload").click().run()
+    assert_no_exception(at)
+    goto(at, "analyse")
+    assert "All **10** validation images are used" in texts(at)

@@ -70,8 +70,9 @@ def need_model(state: AppState, what: str = "this step") -> None:
     """Stop the page with a clear next step when no model and data are loaded."""
     if state.ready:
         return
+    first = "a data set" if state.model is not None else "a model"
     with st.container(border=True):
-        st.info(f"**Load a model first.** {what[0].upper() + what[1:]} needs a model and a data set: "
+        st.info(f"**Load {first} first.** {what[0].upper() + what[1:]} needs a model and a data set: "
                 "upload yours or take the bundled sample on the Load page.", icon=":material/info:")
         page_link("load", "Go to Load")
     st.stop()
