@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core.errors import PruneScopeError
 from core.jobs import past_runs
 from core.models import sample_entry, sample_names
 from ui.common import (format_macs, format_params, format_pct, format_seconds, page_link, setup_page, started_at,
                        state_badge)
-from ui.state import DEFAULT_SAMPLE, get_registry, use_sample
+from ui.state import DEFAULT_SAMPLE, get_registry, load_sample_callback
 
 state = setup_page("PruneScope", "Structured compression of CNNs for edge hardware: find the filters that matter, "
                    "remove the rest in hardware-sized clusters, and export for the Intel NCS2 with the original as fail-safe.")
@@ -42,12 +41,10 @@ with start:
         entry = sample_entry(sample)
         st.caption(f"{entry['architecture']}, {format_pct(entry['accuracy'])} accuracy, "
                    f"{format_macs(entry['macs'])} MACs. {entry['dataset_description']}")
-        if st.button("Load the sample", type="primary", icon=":material/play_arrow:", key="home_start",
-                     width="stretch"):
-            try:
-                use_sample(state, sample)
-            except PruneScopeError as exc:
-                st.error(str(exc))
+        st.button("Load the sample", type="primary", icon=":material/play_arrow:", key="home_start", width="stretch",
+                  on_click=load_sample_callback, args=(sample,))
+        if st.session_state.get("sample_error"):
+            st.error(st.session_state["sample_error"])
         if state.ready and state.sample == sample:
             st.success(f"Loaded **{sample}**: {format_pct(state.baseline['accuracy'])} on "
                        f"{len(state.data.val)} validation images. Next: analyse its filters or prune it.")

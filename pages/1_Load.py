@@ -8,7 +8,7 @@ from core.errors import PruneScopeError
 from core.models import InputSpec, list_architectures, load_model, sample_entry, sample_names
 from ui.charts import fig_class_counts, fig_confusion, fig_per_class_accuracy
 from ui.common import format_pct, metrics_row, page_link, setup_page
-from ui.state import DEFAULT_SAMPLE, baseline, digest, files_to_zip, save_upload, use_sample
+from ui.state import DEFAULT_SAMPLE, baseline, digest, files_to_zip, load_sample_callback, save_upload
 
 state = setup_page("Load", "A trained classifier and an image data set: upload your own or take the bundled sample.")
 
@@ -77,11 +77,10 @@ with tab_sample:
     entry = sample_entry(name)
     st.markdown(f"**{entry['architecture']}** trained on **{entry['dataset']}**: {entry['dataset_description']}  \n"
                 f"Reported accuracy {format_pct(entry['accuracy'])} on {entry['num_val_images']} validation images.")
-    if st.button("Load the sample", type="primary", key="load_sample", icon=":material/play_arrow:"):
-        try:
-            use_sample(state, name)
-        except PruneScopeError as exc:
-            st.error(str(exc))
+    st.button("Load the sample", type="primary", key="load_sample", icon=":material/play_arrow:",
+              on_click=load_sample_callback, args=(name,))
+    if st.session_state.get("sample_error"):
+        st.error(st.session_state["sample_error"])
 
 with tab_upload:
     left, right = st.columns(2, gap="large")

@@ -125,6 +125,16 @@ def use_sample(state: AppState, name: str) -> None:
     state.baseline = baseline(state.key, loaded, data)
 
 
+def load_sample_callback(name: str) -> None:
+    """Button callback: runs before the page is drawn, so every part of the page (the sidebar too) sees the sample."""
+    state = get_state()
+    try:
+        use_sample(state, name)
+        st.session_state.pop("sample_error", None)
+    except Exception as exc:  # a user-readable PruneScopeError, or a damaged installation
+        st.session_state["sample_error"] = str(exc)
+
+
 def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
