@@ -2,7 +2,8 @@
 
 load → analyse (CAR job, gallery) → prune (small budget, live progress) → review (threshold slider) →
 export → download the zip. Screenshots go to tests/_artifacts/ (git-ignored); the Review one is also
-written to assets/screenshot_review.png for the README.
+written to assets/screenshot_review.png for the README when that file is missing or
+``PRUNESCOPE_UPDATE_SCREENSHOT=1`` (so that a test run leaves the working tree clean).
 
 Needs Chromium: Debian's ``chromium`` package is installed with apt-get when /usr/bin/chromium is
 missing (Playwright cannot download its own browser here); the test is skipped, saying why, only
@@ -27,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "tests" / "_artifacts"
 CHROMIUM = "/usr/bin/chromium"
 USE_DEFAULTS = os.environ.get("PRUNESCOPE_E2E_DEFAULTS") == "1"
+UPDATE_SCREENSHOT = os.environ.get("PRUNESCOPE_UPDATE_SCREENSHOT") == "1"
 
 pytestmark = pytest.mark.browser
 
@@ -124,7 +126,8 @@ def test_whole_flow_on_the_sample(server, tmp_path):
         def shot(name: str, to_assets: bool = False) -> None:
             page.wait_for_timeout(600)  # let plotly finish drawing
             page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
-            if to_assets:  # the README's picture: the slider, the pick and the trade-off curve
+            if to_assets and (UPDATE_SCREENSHOT or not (ROOT / "assets" / f"{name}.png").exists()):
+                # the README's picture: the slider, the pick and the trade-off curve
                 page.set_viewport_size({"width": 1440, "height": 1560})
                 page.wait_for_timeout(800)
                 page.screenshot(path=str(ROOT / "assets" / f"{name}.png"), full_page=False)
