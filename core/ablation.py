@@ -5,8 +5,10 @@ one CAR score per filter affordable, the model is traced with ``torch.fx`` and s
 
 * the part of the network that does not depend on the group's consumers (the *prefix*, including
   skip branches computed before them) runs once per image chunk and is cached;
-* the rest (the *suffix*) runs once for K ablations at a time, stacked along the batch axis with a
-  per-sample channel mask, so K filters cost one large forward instead of K small ones;
+* the rest (the *suffix*) is re-run per ablation with a per-sample channel mask (ablations can be
+  stacked along the batch axis; on CPUs a batch of ~64 images in all is fastest, so with the default
+  chunk of 64 images each suffix pass holds one ablation);
+* eval-mode BatchNorm is folded into the conv before it in the traced copy;
 * a consumer conv whose input comes from the prefix is not re-run at all: its ablated output is the
   cached output minus the contribution of the removed channel (a conv of that one channel).
 
@@ -31,7 +33,11 @@ Ablation = dict[str, list[int]]  # consumer layer name -> its input channels to 
 _INPLACE_FUNCS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
                   operator.itruediv: operator.truediv, torch.relu_: torch.relu}
 _BASE_BUDGET_BYTES = 384 * 1024**2
-_SUFFIX_BUDGET_BYTES = 1024 * 1024**2
+# Measured on 2 CPU cores (bench/car_speed.py): batches of ~64 images keep activations in cache and
+# beat larger ones by 2-4x, for the naive path and ours alike; stacking ablations beyond that only
+# adds memory traffic, so a suffix batch holds about this many images in all.
+_CHUNK_IMAGES = 64
+_SUFFIX_BATCH_IMAGES = 64
 
 
 class AblationEngine:
@@ -43,7 +49,7 @@ class AblationEngine:
         self.gm = self._trace(model)
         self.fast = self.gm is not None
         self._per_image_bytes = self._measure_node_bytes() if self.fast else 0
-        self.chunk = chunk or max(8, min(512, _BASE_BUDGET_BYTES // max(self._per_image_bytes, 1))) if self.fast else (chunk or 256)
+        self.chunk = chunk or max(8, min(_CHUNK_IMAGES, _BASE_BUDGET_BYTES // max(self._per_image_bytes, 1))) if self.fast else (chunk or _CHUNK_IMAGES)
         self._taint_cache: dict[frozenset, tuple[set, dict]] = {}
 
     # -- setup ---------------------------------------------------------------------------------------
@@ -231,7 +237,7 @@ class AblationEngine:
             x = self.inputs[start:start + self.chunk]
             n = len(x)
             base = self._run_base(x)
-            batch_k = max(1, int(4 * _SUFFIX_BUDGET_BYTES / max(self._per_image_bytes * n, 1)))
+            batch_k = max(1, _SUFFIX_BATCH_IMAGES // n)
             for members in by_signature.values():
                 for b in range(0, len(members), batch_k):
                     if cancel is not None and cancel.is_set():
