@@ -486,8 +486,12 @@ def export_for_cli(pruned_model: nn.Module, original_model: nn.Module, spec: Mod
 
 
 def export_run(run_dir: str | Path, step: int | None = None, max_drop: float | None = None,
-               out_path: str | Path | None = None, progress=None) -> dict:
-    """Export one step of a run folder (default: the last; or the smallest within ``max_drop`` points)."""
+               out_path: str | Path | None = None, progress=None, threshold_points: float | None = None) -> dict:
+    """Export one step of a run folder (default: the last; or the smallest within ``max_drop`` points).
+
+    ``threshold_points`` records the accuracy threshold the user chose the step with (the manifest
+    keeps it); it defaults to ``max_drop`` when the step is picked by threshold here.
+    """
     from .data import load_dataset
     from .runs import Run
     from .workspace import workspace_root
@@ -514,7 +518,7 @@ def export_run(run_dir: str | Path, step: int | None = None, max_drop: float | N
     meta = {
         "pruned": {k: record.get(k) for k in ("accuracy", "macs", "params", "latency_ms")},
         "original": {k: base.get(k) for k in ("accuracy", "macs", "params", "latency_ms")},
-        "step": step, "run": run.name, "threshold_points": max_drop,
+        "step": step, "run": run.name, "threshold": max_drop if max_drop is not None else threshold_points,
         "criterion": run.config.get("prune", {}).get("criterion"), "cluster": run.config.get("prune", {}).get("cluster"),
     }
     out = Path(out_path) if out_path else workspace_root() / "exports" / f"{run.name}-step{step:04d}"

@@ -338,7 +338,7 @@ def export_job(run_dir: Path | str, step: int, max_drop: float | None = None, ou
     from .export import export_run
 
     def fn(ctx: JobContext) -> dict:
-        result = export_run(run_dir, step=step, out_path=out_path, progress=ctx.progress)
+        result = export_run(run_dir, step=step, out_path=out_path, progress=ctx.progress, threshold_points=max_drop)
         result["threshold_points"] = max_drop
         return result
 

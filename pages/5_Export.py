@@ -34,8 +34,10 @@ steps = [r["step"] for r in hist]
 max_drop = (run.config.get("prune") or {}).get("max_drop", 1.0)
 if state.export_step is not None and str(state.run_dir) == str(run.dir) and state.export_step in steps:
     default_step, why = state.export_step, f"the Review threshold ({state.threshold:.1f} points) picked it"
+    threshold = float(state.threshold)
 else:
     default_step, why = run.select_step(float(max_drop)), f"the smallest within the run's budget ({max_drop} points)"
+    threshold = float(max_drop)
 records = {r["step"]: r for r in hist}
 step = c2.selectbox("Step", steps, index=steps.index(default_step), key=f"ex_step_{sel}",
                     format_func=lambda k: f"step {k} · {format_pct(records[k]['accuracy'])} · "
@@ -52,7 +54,7 @@ running = job is not None and job.running
 
 def start_export() -> None:
     try:
-        registry.start("export", export_job(run.dir, step, out_path=bundle_dir), key=job_key,
+        registry.start("export", export_job(run.dir, step, max_drop=threshold, out_path=bundle_dir), key=job_key,
                        meta={"run": run.name, "step": step})
     except JobAlreadyRunning:
         pass

@@ -42,6 +42,7 @@ def test_cli_export_of_pruned_resnet(resnet_run, tmp_path):
     assert out["ncs_compatible"] is True, out["ncs2_problems"]
     assert out["verified"] is True and out["agreement"] >= 0.99
     manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["threshold"] == 2.0 and manifest["step"] == out["step"]
     # The IR of the pruned step loads in OpenVINO and really is the smaller model.
     core = ov.Core()
     pruned_ir = core.read_model(str(bundle / "model" / "model.xml"))
