@@ -8,27 +8,18 @@ from core import visualize as V
 from core.errors import PruneScopeError
 from core.jobs import past_runs
 from core.runs import Run
-from ui.common import (change, format_macs, format_ms, format_params, format_pct, metrics_row, page_link, setup_page,
-                       started_at, state_badge)
+from ui.common import (change, format_macs, format_ms, format_params, format_pct, metrics_row, page_link, pick_run,
+                       setup_page, started_at, state_badge)
 from ui.state import data_for_run, get_registry, model_lock, run_model
 
 state = setup_page("Review", "Every step of a run on the accuracy / cost curve. Set the accuracy you can give up: "
                    "the smallest model within it is picked for export.")
 registry = get_registry()
 runs = [r for r in past_runs(registry)]
-if not runs:
-    with st.container(border=True):
-        st.info("**No pruning run yet.** Start one on the Prune page; every run is kept in the workspace.",
-                icon=":material/info:")
-        page_link("prune", "Go to Prune")
-    st.stop()
-
+entry = pick_run(state, runs, "**No pruning run yet.** Start one on the Prune page; every run is kept in the "
+                 "workspace.", key="rv_run")
 by_name = {r["name"]: r for r in runs}
-names = list(by_name)
-current = next((n for n in names if state.run_dir and str(by_name[n]["dir"]) == str(state.run_dir)), names[0])
-sel = st.selectbox("Run", names, index=names.index(current), key="rv_run",
-                   format_func=lambda n: f"{n} · {by_name[n]['state']} · {by_name[n]['steps']} step(s)")
-entry = by_name[sel]
+names, sel = list(by_name), entry["name"]
 run: Run = entry["run"]
 hist = run.history
 prune_cfg = run.config.get("prune") or {}

@@ -6,8 +6,8 @@ import streamlit as st
 
 from core.jobs import JobAlreadyRunning, export_job, past_runs
 from core.workspace import read_json, workspace_root
-from ui.common import (format_macs, format_ms, format_params, format_pct, job_progress, page_link, setup_page,
-                       state_badge)
+from ui.common import (format_macs, format_ms, format_params, format_pct, job_progress, pick_run,
+                       setup_page, state_badge)
 from ui.state import get_registry
 
 state = setup_page("Export", "For the Intel NCS2: OpenVINO IR (FP16, static 1×C×H×W) + ONNX (opset 13), checked "
@@ -15,20 +15,10 @@ state = setup_page("Export", "For the Intel NCS2: OpenVINO IR (FP16, static 1×C
                    "fail-safe.")
 registry = get_registry()
 runs = [r for r in past_runs(registry) if r["steps"] >= 0 and r["run"].history]
-if not runs:
-    with st.container(border=True):
-        st.info("**Nothing to export yet.** Prune a model first, then pick a step on the Review page.",
-                icon=":material/info:")
-        page_link("prune", "Go to Prune")
-    st.stop()
-
-by_name = {r["name"]: r for r in runs}
-names = list(by_name)
-current = next((n for n in names if state.run_dir and str(by_name[n]["dir"]) == str(state.run_dir)), names[0])
 c1, c2 = st.columns(2)
-sel = c1.selectbox("Run", names, index=names.index(current), key="ex_run",
-                   format_func=lambda n: f"{n} · {by_name[n]['state']} · {by_name[n]['steps']} step(s)")
-run = by_name[sel]["run"]
+entry = pick_run(state, runs, "**Nothing to export yet.** Prune a model first, then pick a step on the Review page.",
+                 key="ex_run", where=c1)
+sel, run = entry["name"], entry["run"]
 hist = run.history
 steps = [r["step"] for r in hist]
 max_drop = (run.config.get("prune") or {}).get("max_drop", 1.0)
@@ -43,7 +33,7 @@ step = c2.selectbox("Step", steps, index=steps.index(default_step), key=f"ex_ste
                     format_func=lambda k: f"step {k} · {format_pct(records[k]['accuracy'])} · "
                                           f"{format_macs(records[k]['macs'])} MACs"
                                           + (" · threshold pick" if k == default_step else ""))
-st.caption(f"Default: step {default_step}, {why}. {state_badge(by_name[sel]['state'])}")
+st.caption(f"Default: step {default_step}, {why}. {state_badge(entry['state'])}")
 
 bundle_dir = workspace_root() / "exports" / f"{run.name}-step{step:04d}"
 zip_path = bundle_dir.parent / f"{bundle_dir.name}.zip"

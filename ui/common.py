@@ -148,3 +148,19 @@ def job_progress(snap: JobSnapshot, label: str) -> None:
 
 def started_at(ts: float | None) -> str:
     return "—" if not ts else time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+
+
+def pick_run(state: AppState, runs: list[dict], empty_message: str, key: str, where=st) -> dict:
+    """The run picker of Review and Export: an empty state when there is none, else a select box
+    defaulting to the current run. Returns the chosen entry of ``core.jobs.past_runs``."""
+    if not runs:
+        with st.container(border=True):
+            st.info(empty_message, icon=":material/info:")
+            page_link("prune", "Go to Prune")
+        st.stop()
+    by_name = {r["name"]: r for r in runs}
+    names = list(by_name)
+    current = next((n for n in names if state.run_dir and str(by_name[n]["dir"]) == str(state.run_dir)), names[0])
+    sel = where.selectbox("Run", names, index=names.index(current), key=key,
+                          format_func=lambda n: f"{n} · {by_name[n]['state']} · {by_name[n]['steps']} step(s)")
+    return by_name[sel]
