@@ -8,7 +8,7 @@ from core import visualize as V
 from core.errors import PruneScopeError
 from core.jobs import JobAlreadyRunning, car_job
 from ui.charts import to_image
-from ui.common import format_pct, format_seconds, job_progress, need_model, page_link, setup_page
+from ui.common import format_pct, format_seconds, job_status, need_model, page_link, setup_page
 from ui.state import get_registry, model_lock, private_copy
 
 state = setup_page("Analyse", "Which filters matter? CAR (Classification Accuracy Reduction) of a filter is the "
@@ -63,18 +63,7 @@ with st.container(border=True):
 
 @st.fragment(run_every=1.0 if running else None)
 def car_status() -> None:
-    j = registry.latest("car", key)
-    if j is None:
-        return
-    s = j.snapshot()
-    if s.running:
-        job_progress(s, "CAR analysis")
-    elif running:
-        st.rerun()  # it has just finished: redraw the page with the results
-    elif s.state == "failed":
-        st.error(f"The CAR analysis failed: {s.error}", icon=":material/error:")
-    elif s.state == "cancelled":
-        st.info("The CAR analysis was cancelled.", icon=":material/info:")
+    job_status(registry, "car", key, "CAR analysis", running, what="CAR analysis")
 
 
 car_status()

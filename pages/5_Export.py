@@ -6,7 +6,7 @@ import streamlit as st
 
 from core.jobs import JobAlreadyRunning, export_job, past_runs
 from core.workspace import read_json, workspace_root
-from ui.common import (format_macs, format_ms, format_params, format_pct, job_progress, pick_run,
+from ui.common import (format_macs, format_ms, format_params, format_pct, job_status, pick_run,
                        setup_page, state_badge)
 from ui.state import get_registry
 
@@ -57,16 +57,7 @@ st.button("Export again" if exists else f"Export step {step}", type="secondary" 
 
 @st.fragment(run_every=1.0 if running else None)
 def export_status() -> None:
-    j = registry.latest("export", job_key)
-    if j is None:
-        return
-    s = j.snapshot()
-    if s.running:
-        job_progress(s, "Export")
-    elif running:
-        st.rerun()
-    elif s.state == "failed":
-        st.error(f"The export failed: {s.error}", icon=":material/error:")
+    job_status(registry, "export", job_key, "Export", running, what="export")
 
 
 export_status()

@@ -164,3 +164,20 @@ def pick_run(state: AppState, runs: list[dict], empty_message: str, key: str, wh
     sel = where.selectbox("Run", names, index=names.index(current), key=key,
                           format_func=lambda n: f"{n} · {by_name[n]['state']} · {by_name[n]['steps']} step(s)")
     return by_name[sel]
+
+
+def job_status(registry, kind: str, key: str, label: str, was_running: bool, what: str) -> None:
+    """Body of a polling fragment: progress while the job runs, a full rerun the moment it finishes
+    (so the page redraws with the results), its error or cancellation afterwards."""
+    job = registry.latest(kind, key)
+    if job is None:
+        return
+    s = job.snapshot()
+    if s.running:
+        job_progress(s, label)
+    elif was_running:
+        st.rerun()
+    elif s.state == "failed":
+        st.error(f"The {what} failed: {s.error}", icon=":material/error:")
+    elif s.state == "cancelled":
+        st.info(f"The {what} was cancelled.", icon=":material/info:")
