@@ -54,9 +54,9 @@ def main() -> None:
         return summary
 
     if args.reuse:
-        from core.prune import _summary
+        from core.prune import run_summary
 
-        main_summary = _summary(Path(args.reuse), "done", Run(args.reuse).status.get("message", ""))
+        main_summary = run_summary(Path(args.reuse), "done", Run(args.reuse).status.get("message", ""))
         results["c8"] = (Run(args.reuse), main_summary)
         print(f"c8: reused {args.reuse}: {main_summary['steps']} steps, MACs {main_summary['baseline_macs'] / 1e6:.2f} M -> "
               f"{main_summary['final_macs'] / 1e6:.2f} M, accuracy {main_summary['final_accuracy'] * 100:.2f}%")

@@ -240,7 +240,7 @@ def run_pruning(loaded: LoadedModel, data: DataSet, config: PruneConfig, run_dir
         return _loop(graph, loaded, data, config, writer, cb, cancel, rng)
     except CancelledError:
         writer.status("cancelled", "Cancelled by the user; completed steps are kept.")
-        return _summary(writer.dir, "cancelled")
+        return run_summary(writer.dir, "cancelled")
     except PruneScopeError as exc:
         writer.status("failed", str(exc))
         raise
@@ -321,7 +321,7 @@ def _loop(graph: PruningGraph, loaded: LoadedModel, data: DataSet, config: Prune
             reason = f"MAC target reached ({metrics['macs'] / base['macs']:.2f} of the original)"
             break
     writer.status("done", reason)
-    return _summary(writer.dir, "done", reason)
+    return run_summary(writer.dir, "done", reason)
 
 
 def _candidates(groups, scores, config: PruneConfig, scorer: CarScorer | None, rng, cancel) -> list[dict]:
@@ -369,7 +369,8 @@ def _removed_record(cand: dict, channel_maps: dict[str, list[int]]) -> dict:
             "width_before": g.width, "width_after": g.width - len(cand["filters"])}
 
 
-def _summary(run_dir: Path, state: str, reason: str = "") -> dict:
+def run_summary(run_dir: Path, state: str, reason: str = "") -> dict:
+    """The headline figures of a run folder (first vs last step): what the CLI prints and benches reuse."""
     from .runs import Run
 
     run = Run(run_dir)
