@@ -206,34 +206,81 @@ def _unsupported_global(exc: Exception) -> str:
 def extract_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], str | None, list[str]]:
     """The state dict inside a checkpoint, however it was nested; names the key it used."""
     notes: list[str] = []
-    key_used = None
     if isinstance(obj, nn.Module):
         return obj.state_dict(), None, notes
-    if isinstance(obj, dict) and not _is_state_dict(obj):
-        for key in CHECKPOINT_KEYS:
-            if key in obj:
-                inner = obj[key]
-                if isinstance(inner, nn.Module):
-                    inner = inner.state_dict()
-                if isinstance(inner, dict) and _is_state_dict(inner):
-                    obj, key_used = inner, key
-                    notes.append(f"Weights read from the checkpoint's '{key}' entry.")
-                    break
+    inner, key_used = _nested_state_dict(obj) if isinstance(obj, dict) else (None, None)
+    if inner is not None:
+        obj = inner
+        notes.append(f"Weights read from the checkpoint's '{key_used}' entry.")
     if not isinstance(obj, dict) or not _is_state_dict(obj):
-        keys = ", ".join(list(obj)[:8]) if isinstance(obj, dict) else type(obj).__name__
+        keys = ", ".join(map(str, list(obj)[:8])) if isinstance(obj, dict) else type(obj).__name__
         raise ModelLoadError(
             f"No state dict found in the checkpoint (top-level entries: {keys}). Expected tensors by "
             f"parameter name, possibly under one of: {', '.join(CHECKPOINT_KEYS)}."
         )
     sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    for prefix in ("module.", "_orig_mod.", "model."):
-        if sd and all(k.startswith(prefix) for k in sd):
+    sd = _strip_wrapper_prefixes(sd, notes)
+    sd = _to_float32(sd, notes)
+    return sd, key_used, notes
+
+
+def _nested_state_dict(ckpt: dict) -> tuple[dict | None, str | None]:
+    """The state dict under a known key (or the only one among the entries), else None.
+
+    Nested entries win over the top level: a training checkpoint such as
+    ``{'state_dict': ..., 'best_prec1': tensor(91.2)}`` is half tensors itself, yet its weights are inside.
+    """
+    candidates = {}
+    for key, value in ckpt.items():
+        if isinstance(value, nn.Module):
+            value = value.state_dict()
+        if isinstance(value, dict) and _is_state_dict(value):
+            candidates[key] = value
+    for key in CHECKPOINT_KEYS:
+        if key in candidates:
+            return candidates[key], key
+    if len(candidates) == 1 and not _is_state_dict(ckpt):
+        key = next(iter(candidates))
+        return candidates[key], str(key)
+    return None, None
+
+
+# Prefixes that wrappers add to every parameter name: DataParallel/DDP, torch.compile, Lightning-style modules.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
+# Of those, the ones that only wrappers produce; a checkpoint mixing them with bare names is stripped key by key.
+_MIXABLE_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _strip_wrapper_prefixes(sd: dict[str, torch.Tensor], notes: list[str]) -> dict[str, torch.Tensor]:
+    for prefix in _WRAPPER_PREFIXES:
+        with_prefix = [k for k in sd if k.startswith(prefix)]
+        if not with_prefix:
+            continue
+        if len(with_prefix) == len(sd):
             sd = {k[len(prefix):]: v for k, v in sd.items()}
             notes.append(f"Removed the '{prefix}' prefix from parameter names.")
-    if any(v.is_floating_point() and v.dtype != torch.float32 for v in sd.values()):
-        sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
-        notes.append("Converted half-precision weights to float32.")
-    return sd, key_used, notes
+        elif prefix in _MIXABLE_PREFIXES and _strip_is_unambiguous(sd, prefix):
+            sd = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+            notes.append(f"Removed the '{prefix}' prefix from {len(with_prefix)} of {len(sd)} parameter names "
+                         "(the others had none).")
+    return sd
+
+
+def _strip_is_unambiguous(sd: dict[str, torch.Tensor], prefix: str) -> bool:
+    """Stripping must not make two entries share a name (then the file holds two copies of a weight)."""
+    stripped = [k[len(prefix):] if k.startswith(prefix) else k for k in sd]
+    return len(set(stripped)) == len(stripped)
+
+
+def _to_float32(sd: dict[str, torch.Tensor], notes: list[str]) -> dict[str, torch.Tensor]:
+    """Analysis and fine-tuning run in float32 on the CPU; other float types are converted once, here."""
+    other = sorted({str(v.dtype).replace("torch.", "") for v in sd.values()
+                    if v.is_floating_point() and v.dtype != torch.float32})
+    if not other:
+        return sd
+    notes.append(f"Converted {', '.join(other)} weights to float32"
+                 + (" (half precision)." if set(other) <= {"float16", "bfloat16"} else "."))
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
 
 
 def _is_state_dict(d: dict) -> bool:

@@ -144,3 +144,54 @@ def test_truncated_checkpoint(resnet18_sd):
     data = _save(resnet18_sd)
     with pytest.raises(ModelLoadError):
         load_model(data[: len(data) // 2], arch="resnet18")
+
+
+def _training_checkpoint(sd: dict) -> dict:
+    """A checkpoint as training scripts write it: weights next to the optimizer's state and bookkeeping."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(3))], lr=0.1, momentum=0.9)
+    opt.state[opt.param_groups[0]["params"][0]] = {"momentum_buffer": torch.ones(3)}
+    return {"epoch": 1, "state_dict": sd, "optimizer": opt.state_dict(), "arch": "resnet18",
+            "best_prec1": torch.tensor(91.0)}
+
+
+def test_training_checkpoint_siblings_do_not_confuse(resnet18_sd):
+    loaded = load_model(_save(_training_checkpoint(resnet18_sd)), arch="resnet18")
+    assert loaded.spec.checkpoint_key == "state_dict"
+    assert torch.equal(loaded.model.fc.weight, resnet18_sd["fc.weight"])
+
+
+def test_nested_weights_win_over_a_half_tensor_top_level(resnet18_sd):
+    """{'state_dict': ..., 'best_prec1': tensor} is itself 50 % tensors; the weights are still inside."""
+    loaded = load_model(_save({"state_dict": resnet18_sd, "best_prec1": torch.tensor(91.2)}), arch="resnet18")
+    assert loaded.spec.checkpoint_key == "state_dict"
+
+
+def test_weights_under_an_unknown_key_are_found_when_alone(resnet18_sd):
+    loaded = load_model(_save({"student": resnet18_sd, "epoch": 3, "acc": 71.0}), arch="resnet18")
+    assert loaded.spec.checkpoint_key == "student"
+    assert any("'student' entry" in n for n in loaded.notes)
+
+
+def test_mixed_dataparallel_prefix_is_stripped_where_present(resnet18_sd):
+    keys = list(resnet18_sd)
+    sd = {("module." + k if i % 2 else k): v for i, (k, v) in enumerate(resnet18_sd.items())}
+    loaded = load_model(_save(sd), arch="resnet18")
+    assert torch.equal(loaded.model.fc.weight, resnet18_sd["fc.weight"])
+    assert any(f"from {len(keys) // 2} of {len(keys)} parameter names" in n for n in loaded.notes)
+
+
+def test_mixed_prefix_that_would_duplicate_names_is_left_alone(resnet18_sd):
+    sd = dict(resnet18_sd)
+    sd["module.fc.weight"] = torch.zeros_like(sd["fc.weight"])
+    with pytest.raises(ModelLoadError, match=r"unexpected key\(s\), first: module\.fc\.weight"):
+        load_model(_save(sd), arch="resnet18")
+
+
+def test_half_model_state_dict(tmp_path):
+    model = build_architecture("sample_resnet", 5)
+    path = tmp_path / "half.pth"
+    torch.save(model.half().state_dict(), path)
+    loaded = load_model(path, arch="sample_resnet")
+    assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
+    assert torch.equal(loaded.model.state_dict()["fc.weight"], model.state_dict()["fc.weight"].float())
+    assert any("float16" in n and "half precision" in n for n in loaded.notes)
