@@ -18,7 +18,13 @@ EXIT_USER_ERROR = 2
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="weights file (.pt/.pth) or sample:NAME")
     p.add_argument("--arch", help="architecture of a state dict (e.g. resnet18, sample_resnet)")
-    p.add_argument("--trusted", action="store_true", help="allow loading a pickled module (runs code from the file)")
+    p.add_argument("--trusted", action="store_true",
+                   help="allow loading a pickled module or running --model-code (both run code from the file)")
+    p.add_argument("--model-code", metavar="PATH",
+                   help="Python file defining a custom architecture; --model is then its weights (needs --trusted)")
+    p.add_argument("--model-class", metavar="NAME", help="class or factory function in --model-code that builds the model")
+    p.add_argument("--model-args", metavar="JSON",
+                   help='arguments for --model-class: a JSON object (keywords, e.g. \'{"num_classes": 4}\') or list')
     p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="model input size (default: per architecture)")
     p.add_argument("--mean", type=float, nargs=3, help="per-channel mean of the model's normalisation")
     p.add_argument("--std", type=float, nargs=3, help="per-channel std of the model's normalisation")
@@ -60,12 +66,31 @@ def load_model_and_data(args):
             spec.mean = tuple(args.mean)
         if args.std:
             spec.std = tuple(args.std)
-    loaded = load_model(args.model, arch=args.arch, trusted=args.trusted, input_spec=spec)
+    check_model_code_args(args)
+    loaded = load_model(args.model, arch=args.arch, trusted=args.trusted, input_spec=spec, code_path=args.model_code,
+                        code_name=args.model_class, code_args=args.model_args)
     data = load_dataset(args.data, loaded.spec.input, expected_classes=loaded.spec.num_classes,
                         val_fraction=args.val_fraction, seed=args.seed)
     if loaded.spec.class_names is None:
         loaded.spec.class_names = data.class_names
     return loaded, data
+
+
+def check_model_code_args(args) -> None:
+    """The custom-architecture flags only make sense together; say which one is missing in flag names."""
+    from .errors import ModelLoadError
+
+    if args.model_code and not args.model_class:
+        raise ModelLoadError("--model-code needs --model-class: the class or factory function in the file that builds "
+                             "the model (e.g. --model-class resnet56).")
+    if args.model_class and not args.model_code:
+        raise ModelLoadError("--model-class needs --model-code: the Python file that defines it.")
+    if args.model_args is not None and not args.model_code:
+        raise ModelLoadError("--model-args only applies to a custom architecture (--model-code and --model-class).")
+    if args.model_code and args.arch:
+        raise ModelLoadError("--arch and --model-code both name the architecture; give one of them.")
+    if args.model_code and args.model.startswith("sample:"):
+        raise ModelLoadError("--model-code builds your own architecture: --model must be its weights file, not a sample.")
 
 
 def cmd_evaluate(args) -> int:

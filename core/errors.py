@@ -23,3 +23,11 @@ class SettingsError(PruneScopeError):
 
 class CancelledError(PruneScopeError):
     """The user cancelled a long job; completed work is kept."""
+
+
+class UntrustedCodeError(UntrustedPickleError):
+    """The model's architecture is a Python file, which runs code when built, and the user has not said they trust it.
+
+    A subclass of the pickle refusal because it is the same decision behind the same switch: whoever
+    handles one (the Load page, the CLI) handles the other.
+    """

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .architectures import SAMPLE_ARCHITECTURES
+from .custom_code import build_from_code, parse_model_args
 from .errors import ModelLoadError, UntrustedPickleError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -63,6 +64,15 @@ class ModelSpec:
     source: str = ""
     checkpoint_key: str | None = None
     pickled: bool = False
+    # A custom architecture: the Python file that defines it (an absolute path when loaded; a file name
+    # inside the run folder once a run has copied it), the class or factory called, and its arguments.
+    code_file: str | None = None
+    code_name: str | None = None
+    code_args: Any = None
+
+    @property
+    def custom(self) -> bool:
+        return self.code_file is not None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -331,13 +341,21 @@ def load_model(
     trusted: bool = False,
     input_spec: InputSpec | None = None,
     class_names: list[str] | None = None,
+    *,
+    code_path: str | Path | None = None,
+    code_name: str | None = None,
+    code_args: Any = None,
 ) -> LoadedModel:
-    """Load a model from a file: architecture name + state dict, or a whole trusted pickled module.
+    """Load a model from a file: architecture name + state dict, a whole trusted pickled module, or a state
+    dict + the user's own Python file that builds the architecture (``code_path``, trusted only).
 
-    ``path`` may be ``sample:NAME`` for a bundled sample.
+    ``path`` may be ``sample:NAME`` for a bundled sample. ``code_args`` are the class's or factory's
+    arguments: JSON text or already parsed (an object = keyword arguments, a list = positional ones).
     """
     if isinstance(path, str) and path.startswith("sample:"):
         return load_sample_model(path.split(":", 1)[1])
+    if code_path is not None or code_name:
+        return _load_custom(path, code_path, code_name, code_args, arch, trusted, input_spec, class_names)
     data = path if isinstance(path, bytes) else _read_file(Path(path))
     source = "upload" if isinstance(path, bytes) else str(path)
     obj, notes = read_checkpoint(data, trusted=trusted)
@@ -359,6 +377,53 @@ def load_model(
     return LoadedModel(model.eval(), spec, notes)
 
 
+def _load_custom(path, code_path, code_name, code_args, arch, trusted, input_spec, class_names) -> LoadedModel:
+    """Weights into the model that the user's Python file builds; the file runs only when trusted."""
+    if code_path is None:
+        raise ModelLoadError(f"A model class or function ('{code_name}') was named without the Python file that "
+                             "defines it: give the file too (--model-code).")
+    if arch is not None:
+        raise ModelLoadError(f"Both an architecture ('{arch}') and a Python file with the architecture were given; "
+                             "give one of them.")
+    args = parse_model_args(code_args)
+    model = build_from_code(code_path, code_name, args, trusted=trusted)
+    name = f"custom:{code_name.strip()}"
+    data = path if isinstance(path, bytes) else _read_file(Path(path))
+    obj, notes = read_checkpoint(data, trusted=trusted)
+    sd, key_used, more = extract_state_dict(obj)
+    notes += more
+    _load_custom_weights(model, sd, name)
+    spec = ModelSpec(arch=name, num_classes=_output_features(model), input=input_spec or InputSpec(),
+                     class_names=class_names, source="upload" if isinstance(path, bytes) else str(path),
+                     checkpoint_key=key_used, code_file=str(Path(code_path).resolve()), code_name=code_name.strip(),
+                     code_args=args)
+    if input_spec is None:
+        notes.append("Input size 224×224 assumed (a Python file does not say what its model was trained on); "
+                     "set the input size if it differs, e.g. 32×32 for CIFAR models.")
+    return LoadedModel(model.float().eval(), spec, notes)
+
+
+def _load_custom_weights(model: nn.Module, sd: dict[str, torch.Tensor], name: str) -> None:
+    """As :func:`load_state_dict_strict`, with a hint when only the output layer's size differs."""
+    try:
+        load_state_dict_strict(model, sd, name)
+    except ModelLoadError as exc:
+        head = _output_layer_key(model)
+        if head in sd and sd[head].shape != model.state_dict()[head].shape:
+            raise ModelLoadError(f"{exc} The file's output layer has {sd[head].shape[0]} outputs: pass the number "
+                                 f"of classes in the model arguments, e.g. {{\"num_classes\": {sd[head].shape[0]}}}."
+                                 ) from None
+        raise
+
+
+def _output_layer_key(model: nn.Module) -> str | None:
+    last = None
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            last = name
+    return f"{last}.weight" if last is not None else None
+
+
 def _read_file(path: Path) -> bytes:
     if not path.exists():
         raise ModelLoadError(f"Model file not found: {path}")
@@ -373,7 +438,7 @@ def _output_features(model: nn.Module) -> int:
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             last = m
     if last is None:
-        raise ModelLoadError("The pickled object has no Linear or Conv2d layer: is it a classifier?")
+        raise ModelLoadError("The model has no Linear or Conv2d layer, so its number of classes is unknown: is it a classifier?")
     return last.out_features if isinstance(last, nn.Linear) else last.out_channels
 
 
@@ -408,11 +473,19 @@ def load_sample_model(name: str) -> LoadedModel:
     return loaded
 
 
-def rebuild_from_spec(spec: ModelSpec, state_dict: dict[str, torch.Tensor] | None = None) -> nn.Module:
-    """A fresh model of ``spec``'s architecture, optionally with weights; never unpickles."""
+def rebuild_from_spec(spec: ModelSpec, state_dict: dict[str, torch.Tensor] | None = None,
+                      code_path: str | Path | None = None, trusted: bool = False) -> nn.Module:
+    """A fresh model of ``spec``'s architecture, optionally with weights; never unpickles.
+
+    A custom architecture is rebuilt by running its Python file (``code_path``, else ``spec.code_file``),
+    so it needs ``trusted`` like the first load did; a run folder passes its own copy of the file.
+    """
     if spec.pickled:
         raise ModelLoadError("A pickled model can only be rebuilt from its trusted file.")
-    model = build_architecture(spec.arch, spec.num_classes)
+    if spec.custom:
+        model = build_from_code(code_path or spec.code_file, spec.code_name, spec.code_args, trusted=trusted)
+    else:
+        model = build_architecture(spec.arch, spec.num_classes)
     if state_dict is not None:
         load_state_dict_strict(model, state_dict, spec.arch)
     return model.eval()

@@ -4,6 +4,8 @@ Layout of a run folder::
 
     config.json        settings, model spec, data source
     original.pt        the original weights (state dict), never modified
+    original_pickle.pt the trusted pickled module, when the model was loaded as one
+    model_code.py      the Python file of a custom architecture (config.json's spec names this copy)
     baseline.json      accuracy, per-class accuracy, MACs, params, latency of the original
     car.json           CAR scores of the original model (when computed)
     history.jsonl      one record per completed step (step 0 = the original)
@@ -16,16 +18,19 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .errors import PruneScopeError, SettingsError
+from .errors import ModelLoadError, PruneScopeError, SettingsError
 from .models import LoadedModel, ModelSpec, load_model, rebuild_from_spec
-from .workspace import append_jsonl, atomic_torch_save, atomic_write_json, read_json, read_jsonl, runs_dir
+from .workspace import (append_jsonl, atomic_torch_save, atomic_write_bytes, atomic_write_json, read_json, read_jsonl,
+                        runs_dir)
 
 ACTIVE_RUNS: set[str] = set()  # run folders being written by this process
+CODE_COPY = "model_code.py"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -42,12 +47,25 @@ class RunWriter:
         (self.dir / "steps").mkdir(parents=True, exist_ok=True)
 
     def start(self, config: dict, loaded: LoadedModel, original_bytes: bytes | None = None) -> None:
+        spec = self._keep_code(loaded.spec)
         ACTIVE_RUNS.add(str(self.dir.resolve()))
-        atomic_write_json(self.dir / "config.json", {**config, "model_spec": loaded.spec.to_dict()})
+        atomic_write_json(self.dir / "config.json", {**config, "model_spec": spec.to_dict()})
         atomic_torch_save(self.dir / "original.pt", loaded.model.state_dict())
         if loaded.spec.pickled and original_bytes is not None:
             (self.dir / "original_pickle.pt").write_bytes(original_bytes)
         self.status("running", "started")
+
+    def _keep_code(self, spec: ModelSpec) -> ModelSpec:
+        """Copy a custom architecture's Python file into the run, so the run rebuilds its models even after
+        the user's file has moved or changed; the stored spec names the copy."""
+        if not spec.custom:
+            return spec
+        source = Path(spec.code_file)
+        if not source.is_file():
+            raise ModelLoadError(f"The model's Python file {source} is gone since the model was loaded; load the "
+                                 "model again.")
+        atomic_write_bytes(self.dir / CODE_COPY, source.read_bytes())
+        return replace(spec, code_file=CODE_COPY)
 
     def status(self, state: str, message: str = "", **extra) -> None:
         atomic_write_json(self.dir / "status.json", {"state": state, "message": message, "pid": os.getpid(),
@@ -113,9 +131,13 @@ class Run:
         raise SettingsError(f"Run {self.name} has no step {step} (steps: {self.steps()}).")
 
     def fresh_model(self) -> nn.Module:
+        """The run's architecture with fresh weights; trusted code and pickles come from the run's own copies,
+        which the user trusted when the run started."""
         if self.spec.pickled:
             data = (self.dir / "original_pickle.pt").read_bytes()
             return load_model(data, trusted=True).model
+        if self.spec.custom:
+            return rebuild_from_spec(self.spec, code_path=self.dir / Path(self.spec.code_file).name, trusted=True)
         return rebuild_from_spec(self.spec)
 
     def original(self) -> LoadedModel:
