@@ -1,8 +1,10 @@
-"""Load: a model (weights + architecture, or a trusted pickle) and a data set, or the bundled sample."""
+"""Load: a model (weights + architecture, weights + the user's own Python file, or a trusted pickle) and a data
+set, or the bundled sample."""
 from __future__ import annotations
 
 import streamlit as st
 
+from core.custom_code import keep_uploaded_code, model_candidates
 from core.data import load_dataset
 from core.errors import PruneScopeError
 from core.models import InputSpec, list_architectures, load_model, sample_entry, sample_names
@@ -12,7 +14,8 @@ from ui.state import DEFAULT_SAMPLE, baseline, digest, files_to_zip, load_sample
 
 state = setup_page("Load", "A trained classifier and an image data set: upload your own or take the bundled sample.")
 
-MODEL_KINDS = ("Weights (state dict) + architecture", "Whole pickled model (trusted files only)")
+MODEL_KINDS = ("Weights (state dict) + architecture", "Whole pickled model (trusted files only)",
+               "Custom architecture (Python file) + weights")
 DATA_KINDS = ("Zip archive", "Folder")
 
 
@@ -26,7 +29,20 @@ def parse_floats(text: str, n: int, what: str) -> tuple[float, ...]:
     return vals
 
 
-def load_upload(kind: str, model_file, trusted: bool, arch: str | None, spec: InputSpec, data_kind: str, data_files) -> None:
+def read_model(kind: str, model_bytes: bytes, trusted: bool, arch: str | None, spec: InputSpec, code: dict):
+    """The uploaded model as the chosen kind says; a custom architecture's file is kept in the workspace first,
+    because the model spec (and every run made from it) points at a real file."""
+    if kind == MODEL_KINDS[2]:
+        if code["file"] is None:
+            raise PruneScopeError("Choose the Python file (.py) that defines the model.")
+        code_path = keep_uploaded_code(code["file"].getvalue(), code["file"].name)
+        return load_model(model_bytes, trusted=trusted, input_spec=spec, code_path=code_path, code_name=code["name"],
+                          code_args=code["args"])
+    return load_model(model_bytes, arch=arch if kind == MODEL_KINDS[0] else None, trusted=trusted, input_spec=spec)
+
+
+def load_upload(kind: str, model_file, trusted: bool, arch: str | None, spec: InputSpec, data_kind: str, data_files,
+                code: dict) -> None:
     """Load model + data from the uploads; every user error ends as one clear message."""
     if model_file is None:
         if state.model is None:
@@ -39,12 +55,12 @@ def load_upload(kind: str, model_file, trusted: bool, arch: str | None, spec: In
     else:
         model_bytes = model_file.getvalue()
         try:
-            loaded = load_model(model_bytes, arch=arch if kind == MODEL_KINDS[0] else None, trusted=trusted,
-                                input_spec=spec)
+            loaded = read_model(kind, model_bytes, trusted, arch, spec, code)
         except PruneScopeError as exc:
             st.error(f"**The model could not be loaded.** {exc}", icon=":material/error:")
             return
-        key = f"upload:{digest(model_bytes)}:{loaded.spec.arch}:{spec.height}x{spec.width}:{spec.mean}:{spec.std}"
+        key = (f"upload:{digest(model_bytes)}:{loaded.spec.arch}:{loaded.spec.code_file}:{loaded.spec.code_args}:"
+               f"{spec.height}x{spec.width}:{spec.mean}:{spec.std}")
         state.set_model(loaded, f"uploaded {loaded.spec.arch} ({len(model_bytes) / 1e6:.1f} MB)", key,
                         model_bytes if loaded.spec.pickled else None)
     if not data_files:
@@ -69,6 +85,29 @@ def load_upload(kind: str, model_file, trusted: bool, arch: str | None, spec: In
     state.baseline = baseline(state.key, loaded, data)
 
 
+def custom_code_inputs() -> dict:
+    """The Python file, what in it builds the model, and its arguments. The names on offer are read from the
+    file without running it, so the user can pick before deciding to trust the file."""
+    code = {"file": st.file_uploader("Model code (.py)", type=["py"], key="load_code_file",
+                                     help="One self-contained Python file defining the model, e.g. a published "
+                                          "resnet.py. It runs only when you trust it (below).")}
+    names = []
+    if code["file"] is not None:
+        try:
+            names = model_candidates(code["file"].getvalue(), code["file"].name)
+        except PruneScopeError as exc:
+            st.error(str(exc), icon=":material/error:")
+    if names:
+        code["name"] = st.selectbox("Class or factory function", names, key="load_code_name",
+                                    help="What builds the model: its class, or a function such as resnet56().")
+    else:
+        code["name"] = st.text_input("Class or factory function", key="load_code_name_text")
+    code["args"] = st.text_input("Arguments (JSON)", "", key="load_code_args", placeholder='{"num_classes": 10}',
+                                 help="Keyword arguments as a JSON object, or positional ones as a list. The number "
+                                      "of classes is read from the built model's output layer.")
+    return code
+
+
 tab_sample, tab_upload = st.tabs(["Bundled sample", "Upload your own"])
 with tab_sample:
     names = sample_names()
@@ -88,24 +127,29 @@ with tab_upload:
         st.subheader("Model")
         kind = st.radio("What the file holds", MODEL_KINDS, key="load_model_kind",
                         help="A state dict (torch.save(model.state_dict())) is read without running any code. "
-                             "A whole pickled model runs code from the file when loaded: only for files you made.")
+                             "A whole pickled model, or a Python file defining the architecture, runs code when "
+                             "loaded: only for files you made or have read.")
         archs = list_architectures()
         arch = None
+        code = {"file": None, "name": None, "args": None}
         if kind == MODEL_KINDS[0]:
             arch = st.selectbox("Architecture", archs, index=archs.index("resnet18") if "resnet18" in archs else 0,
                                 key="load_arch", help="The sample architectures or any torchvision classifier; the "
                                                       "number of classes is read from the weights.")
+        elif kind == MODEL_KINDS[2]:
+            code = custom_code_inputs()
         default_side = 32 if (arch or "").startswith("sample_") else 224
         c1, c2 = st.columns(2)
         height = c1.number_input("Input height (px)", 8, 1024, default_side, key=f"load_h_{arch}")
         width = c2.number_input("Input width (px)", 8, 1024, default_side, key=f"load_w_{arch}")
         mean_text = st.text_input("Normalisation mean (R, G, B)", "0.485, 0.456, 0.406", key="load_mean")
         std_text = st.text_input("Normalisation std (R, G, B)", "0.229, 0.224, 0.225", key="load_std")
-        model_file = st.file_uploader("Model file (.pt / .pth)", type=["pt", "pth", "bin", "ckpt", "tar"],
+        model_file = st.file_uploader("Model file (.pt / .pth)", type=["pt", "pth", "bin", "ckpt", "tar", "th"],
                                       key="load_model_file")
-        trusted = st.toggle("I trust this file (loading a pickled model runs code from it)", value=False,
-                            key="load_trusted", help="Leave off for files from others: without it only plain "
-                                                     "weights are read, and a pickle is refused.")
+        trusted = st.toggle("I trust this file (a pickled model or a Python model file runs code when loaded)",
+                            value=False, key="load_trusted",
+                            help="Leave off for files from others: without it only plain weights are read, and a "
+                                 "pickle or a Python file is refused.")
     with right:
         st.subheader("Data set")
         st.markdown("An **ImageFolder**: one folder per class (optionally inside `train/` and `val/`). "
@@ -124,7 +168,7 @@ with tab_upload:
             st.error(str(exc))
         else:
             with st.spinner("Loading and validating..."):
-                load_upload(kind, model_file, trusted, arch, spec, data_kind, data_files)
+                load_upload(kind, model_file, trusted, arch, spec, data_kind, data_files, code)
 
 # ----------------------------------------------------------------------------- what is loaded
 st.divider()
