@@ -58,7 +58,7 @@ class CarResult:
 
 def filter_ablation(group: ChannelGroup, filters: list[int]) -> Ablation:
     """The consumer inputs to zero to emulate removing ``filters`` of ``group``."""
-    return {name: sorted({i for f in filters for i in per_filter[f]}) for name, per_filter in group.consumers.items()}
+    return group.ablation(filters)
 
 
 class CarScorer:

@@ -39,6 +39,7 @@ from .errors import PruneScopeError
 from .models import InputSpec, ModelSpec
 from .ncs2 import Ncs2Report, check_ncs2
 from .ov_runtime import ONNX_OPSET, compile_cpu, export_onnx_bytes, read_ir, time_interleaved
+from .shortcuts import convert_zero_pad_shortcuts
 from .workspace import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 INPUT_NAME = "input"
@@ -64,6 +65,12 @@ def _input_spec(spec: ModelSpec | InputSpec) -> InputSpec:
     return spec.input if isinstance(spec, ModelSpec) else spec
 
 
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one readable line: torch's export errors can carry whole tensor dumps."""
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first[:limit]}"
+
+
 def export_model(model: nn.Module, spec: ModelSpec | InputSpec, out_dir: str | Path, name: str = "model") -> dict:
     """Write ``name.onnx`` (static 1xCxHxW, opset 13) and ``name.xml/.bin`` (OpenVINO IR, FP16) into ``out_dir``.
 
@@ -77,24 +84,27 @@ def export_model(model: nn.Module, spec: ModelSpec | InputSpec, out_dir: str | P
     out_dir.mkdir(parents=True, exist_ok=True)
     shape = ispec.shape(1)
     model = model.eval()
+    # Zero-padded shortcuts export as Slice + Pad, which the NCS2 lacks; their exact 1x1-conv
+    # equivalent exports as a Conv (see ``shortcuts``).
+    convert_zero_pad_shortcuts(model, shape)
     try:
         with torch.no_grad():
             out = model(torch.zeros(shape))
     except Exception as exc:
-        raise ExportError(f"The model does not run on a {tuple(shape)} input ({type(exc).__name__}: {exc}).") from None
+        raise ExportError(f"The model does not run on a {tuple(shape)} input ({_one_line(exc)}).") from None
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 1:
         raise ExportError(f"The model must return one (1, classes) logits tensor; it returned "
                           f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}.")
     try:
         onnx_bytes = export_onnx_bytes(model, shape, ONNX_OPSET)
     except Exception as exc:
-        raise ExportError(f"ONNX export (opset {ONNX_OPSET}) failed: {type(exc).__name__}: {exc}") from None
+        raise ExportError(f"ONNX export (opset {ONNX_OPSET}) failed: {_one_line(exc)}") from None
     onnx_path = out_dir / f"{name}.onnx"
     atomic_write_bytes(onnx_path, onnx_bytes)
     try:
         ov_model = ov.convert_model(str(onnx_path))
     except Exception as exc:
-        raise ExportError(f"OpenVINO could not convert the ONNX export: {type(exc).__name__}: {exc}") from None
+        raise ExportError(f"OpenVINO could not convert the ONNX export: {_one_line(exc)}") from None
     if len(ov_model.inputs) != 1 or len(ov_model.outputs) != 1:
         raise ExportError(f"Expected one input and one output, the converted model has {len(ov_model.inputs)} "
                           f"and {len(ov_model.outputs)}.")
@@ -104,7 +114,7 @@ def export_model(model: nn.Module, spec: ModelSpec | InputSpec, out_dir: str | P
     try:
         ov.save_model(ov_model, str(xml_path), compress_to_fp16=True)
     except Exception as exc:
-        raise ExportError(f"Saving the OpenVINO IR failed: {type(exc).__name__}: {exc}") from None
+        raise ExportError(f"Saving the OpenVINO IR failed: {_one_line(exc)}") from None
     out_shape = [int(d) for d in ov_model.outputs[0].get_partial_shape().to_shape()]
     return {
         "onnx": str(onnx_path),
@@ -185,14 +195,14 @@ def verify_ir(xml_path: str | Path, model: nn.Module, images: ImageSet, spec: Mo
     try:
         compiled = compile_cpu(read_ir(xml_path))
     except Exception as exc:
-        raise ExportError(f"OpenVINO could not load the exported IR {Path(xml_path).name}: {type(exc).__name__}: {exc}") from None
+        raise ExportError(f"OpenVINO could not load the exported IR {Path(xml_path).name}: {_one_line(exc)}") from None
     for start in range(0, len(subset), 64):  # chunks bound memory for large inputs
         inputs = normalize(subset.images[start:start + 64], ispec).contiguous()
         refs.append(_torch_logits(model, inputs))
         try:
             gots.append(_ir_logits(compiled, inputs))
         except Exception as exc:
-            raise ExportError(f"Running the exported IR failed: {type(exc).__name__}: {exc}") from None
+            raise ExportError(f"Running the exported IR failed: {_one_line(exc)}") from None
     ref, got = np.concatenate(refs), np.concatenate(gots)
     if got.shape != ref.shape:
         raise ExportError(f"The IR outputs shape {got.shape[1:]} per image but PyTorch gives {ref.shape[1:]}.")
@@ -321,7 +331,7 @@ def build_bundle(pruned_model: nn.Module, original_model: nn.Module, spec: Model
             raise
         if not isinstance(exc, Exception):
             raise
-        raise ExportError(f"Building the bundle failed ({type(exc).__name__}: {exc}); nothing was written to "
+        raise ExportError(f"Building the bundle failed ({_one_line(exc)}); nothing was written to "
                           f"{out_path}.") from exc
     result.bundle_dir = out_path
     result.files = [out_path / f.relative_to(tmp) for f in result.files]

@@ -19,6 +19,7 @@ import torch_pruning as tp
 from torch import nn
 
 from .errors import PruneScopeError, SettingsError
+from .shortcuts import convert_zero_pad_shortcuts, refreeze
 
 
 @dataclass
@@ -31,23 +32,44 @@ class ChannelGroup:
     producers: list[str]  # layers whose output channels are removed with the group
     consumers: dict[str, list[list[int]]] = field(default_factory=dict)  # layer -> per filter, its input indices
     macs_per_filter: float = 0.0  # MACs saved per removed filter (from the traced shapes)
+    left_alone: str | None = None  # why this group is never pruned (a structure surgery cannot handle)
 
     @property
     def label(self) -> str:
         return self.root if len(self.producers) <= 1 else f"{self.root} (+{len(self.producers) - 1} coupled)"
 
+    def ablation(self, filters: list[int]) -> dict[str, list[int]]:
+        """The consumer inputs to zero to emulate removing ``filters``."""
+        return {name: sorted({i for f in filters for i in per_filter[f]}) for name, per_filter in self.consumers.items()}
+
     def to_dict(self) -> dict:
         return {"gid": self.gid, "root": self.root, "width": self.width, "producers": self.producers,
-                "consumers": sorted(self.consumers), "macs_per_filter": self.macs_per_filter}
+                "consumers": sorted(self.consumers), "macs_per_filter": self.macs_per_filter,
+                "left_alone": self.left_alone}
+
+
+class UnsupportedModelError(PruneScopeError):
+    """The dependency graph cannot be built: no group of this model can be pruned safely."""
+
+
+class UnsafeGroupError(PruneScopeError):
+    """Torch-Pruning's surgery on this group does not do what removing the filters means."""
 
 
 class PruningGraph:
-    """A model with its dependency graph; the only place that changes a model's structure."""
+    """A model with its dependency graph; the only place that changes a model's structure.
+
+    Building one converts zero-padded shortcuts in place (see ``shortcuts``); ``notes`` says where.
+    """
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...], history: list | None = None):
         self.model = model.eval()
         self.input_shape = tuple(input_shape)
+        self.notes = convert_zero_pad_shortcuts(self.model, self.input_shape)
         self.example = torch.zeros(self.input_shape)
+        # Zeros hide wrong channel bookkeeping (a zero channel moved is still zero); a fixed random
+        # probe does not.
+        self.probe = torch.randn((2, *self.input_shape[1:]), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             self.output_shape = tuple(self.model(self.example).shape)
         self.output_layers = self._output_layers()
@@ -59,7 +81,16 @@ class PruningGraph:
     def _build(self) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self.dg = tp.DependencyGraph().build_dependency(self.model, example_inputs=self.example, verbose=False)
+            try:  # the graph is traced through autograd, so it must work inside a caller's no_grad
+                with torch.enable_grad():
+                    self.dg = tp.DependencyGraph().build_dependency(self.model, example_inputs=self.example,
+                                                                    verbose=False)
+            except Exception as exc:  # Torch-Pruning's tracer has no error types of its own
+                raise UnsupportedModelError(
+                    f"This model is not supported for pruning: Torch-Pruning cannot follow its channels "
+                    f"({type(exc).__name__}: {str(exc)[:160]}). Typical cause: a reshape that mixes channels, "
+                    "such as ShuffleNet's channel shuffle."
+                ) from exc
         self.dg._pruning_history = [list(h) for h in self.history]
         self.names = {m: n for n, m in self.model.named_modules()}
 
@@ -87,31 +118,48 @@ class PruningGraph:
         out = []
         ignored = list(self.output_layers)
         for g in self.dg.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]):
-            root_module = g[0].dep.target.module
-            width = len(g[0].idxs)
-            if width < 2:
-                continue
-            group = ChannelGroup(gid=len(out), root=self.names.get(root_module, "?"), width=width, producers=[])
-            macs = 0.0
-            for item in g.items:
-                module, fn = item.dep.target.module, item.dep.handler
-                name = self.names.get(module)
-                if name is None:
-                    continue
-                if self.dg.is_out_channel_pruning_fn(fn) and isinstance(module, (nn.Conv2d, nn.Linear)):
-                    if name not in group.producers:
-                        group.producers.append(name)
-                    macs += _macs_per_out_channel(module, shapes.get(module))
-                elif self.dg.is_in_channel_pruning_fn(fn) and _is_consumer(module):
-                    per_filter: list[list[int]] = [[] for _ in range(width)]
-                    for idx, root_idx in zip(item.idxs, item.root_idxs):
-                        per_filter[root_idx].append(int(idx))
-                    group.consumers[name] = per_filter
-                    macs += _macs_per_in_channel(module, shapes.get(module)) * (len(item.idxs) / width)
-            group.macs_per_filter = macs
-            if group.consumers:
+            group = self._channel_group(g, len(out), shapes)
+            if group is not None and group.consumers:
                 out.append(group)
         return out
+
+    def _channel_group(self, g, gid: int, shapes: dict) -> ChannelGroup | None:
+        """Our view of one Torch-Pruning group: producers, per-filter consumer inputs, MACs per filter."""
+        root_module = g[0].dep.target.module
+        # A group from get_pruning_group lists only the channels to remove; filters index the full width.
+        width = _out_width(root_module) or len(g[0].idxs)
+        if width < 2:
+            return None
+        group = ChannelGroup(gid=gid, root=self.names.get(root_module, "?"), width=width, producers=[])
+        macs = 0.0
+        for item in g.items:
+            module, fn = item.dep.target.module, item.dep.handler
+            name = self.names.get(module)
+            if name is None:
+                continue
+            if self.dg.is_out_channel_pruning_fn(fn) and isinstance(module, (nn.Conv2d, nn.Linear)):
+                if name not in group.producers:
+                    group.producers.append(name)
+                macs += _macs_per_out_channel(module, shapes.get(module))
+            elif self.dg.is_in_channel_pruning_fn(fn) and _is_consumer(module):
+                per_filter: list[list[int]] = [[] for _ in range(width)]
+                for idx, root_idx in zip(item.idxs, item.root_idxs):
+                    per_filter[root_idx].append(int(idx))
+                group.consumers[name] = per_filter
+                macs += _macs_per_in_channel(module, shapes.get(module)) * (len(item.idxs) / width)
+        group.macs_per_filter = macs
+        group.left_alone = self._grouped_conv_reason(group)
+        return group
+
+    def _grouped_conv_reason(self, group: ChannelGroup) -> str | None:
+        """Grouped (not depthwise) convolutions need every conv group to lose the same channels;
+        Torch-Pruning's surgery does not keep that, so such groups are left alone."""
+        for name in [*group.producers, *group.consumers]:
+            m = self.module(name)
+            if isinstance(m, nn.Conv2d) and 1 < m.groups and not m.groups == m.in_channels == m.out_channels:
+                return (f"{name} is a grouped convolution ({m.groups} groups): removing channels must keep every "
+                        "group the same size, which the surgery does not guarantee; left alone")
+        return None
 
     def _conv_output_sizes(self) -> dict[nn.Module, int]:
         """Output positions per channel (H*W for a conv, 1 for a linear layer) of every layer."""
@@ -127,20 +175,50 @@ class PruningGraph:
     def prune(self, root: str, idxs: list[int]) -> None:
         """Remove filters ``idxs`` of the group rooted at ``root``; undo and raise if the model breaks."""
         module = self.module(root)
+        if isinstance(module, nn.Conv2d) and 1 < module.groups and not module.groups == module.in_channels == module.out_channels:
+            raise UnsafeGroupError(f"{root} is a grouped convolution ({module.groups} groups); it is left alone.")
         pruner = self.dg.get_pruner_of_module(module)
         group = self.dg.get_pruning_group(module, pruner.prune_out_channels, sorted(int(i) for i in idxs))
         if not self.dg.check_pruning_group(group):
             raise SettingsError(f"Removing {len(idxs)} filters from {root} would leave a layer with no channels.")
-        backup = copy.deepcopy(self.model.state_dict())
+        idxs = sorted(int(i) for i in idxs)
+        expected = self._emulated(group, idxs)
         backup_model = copy.deepcopy(self.model)
         group.prune()
+        refreeze(self.model)
         problem = self.check_runs()
+        if problem is None and expected is not None:
+            problem = self._differs_from(expected)
         if problem:
             self.model = backup_model
-            self.model.load_state_dict(backup)
             self._build()
-            raise PruneScopeError(f"Pruning {root} broke the model ({problem}); that change was undone.")
+            raise UnsafeGroupError(f"Pruning {root} broke the model ({problem}); that change was undone "
+                                   "and the group is left alone.")
         self.history = [list(h) for h in self.dg.pruning_history()]
+
+    def _emulated(self, tp_group, idxs: list[int]) -> torch.Tensor | None:
+        """The output the model must give once ``idxs`` are removed: the original with their reads zeroed."""
+        from .ablation import zeroed_inputs
+
+        group = self._channel_group(tp_group, -1, {})
+        if group is not None and group.left_alone:
+            raise UnsafeGroupError(group.left_alone)
+        if group is None or not group.consumers:
+            return None
+        with torch.no_grad(), zeroed_inputs(self.model, group.ablation(idxs)):
+            return self.model(self.probe)
+
+    def _differs_from(self, expected: torch.Tensor) -> str | None:
+        """Why the pruned model is not the emulated removal, or None if it is (to float precision)."""
+        with torch.no_grad():
+            got = self.model(self.probe)
+        scale = float(expected.abs().max()) + 1e-6
+        err = float((got - expected).abs().max())
+        if err > 1e-3 * scale:
+            return (f"its output differs from the removal it should perform by {err / scale:.1%} of the output's "
+                    "range: the dependency graph mis-tracks channels here (e.g. a channel shuffle, a pad or a "
+                    "normalisation across channels)")
+        return None
 
     def check_runs(self) -> str | None:
         """None if the model still runs and gives the original output shape, else what went wrong."""
@@ -159,6 +237,14 @@ class PruningGraph:
         """Output channels of every conv/linear layer, for the per-layer before/after view."""
         return {n: (m.out_channels if isinstance(m, nn.Conv2d) else m.out_features)
                 for n, m in self.model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
+def _out_width(module: nn.Module) -> int | None:
+    if isinstance(module, nn.Conv2d):
+        return module.out_channels
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    return None
 
 
 def _is_consumer(module: nn.Module) -> bool:
@@ -191,6 +277,7 @@ def rebuild_pruned(fresh_model: nn.Module, input_shape: tuple[int, ...], history
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pg.dg.load_pruning_history([list(h) for h in history])
+    refreeze(pg.model)
     if state_dict is not None:
         pg.model.load_state_dict(state_dict)
     problem = pg.check_runs()

@@ -27,7 +27,7 @@ from .car import CarScorer, compute_car, filter_ablation
 from .data import DataSet, ImageSet, normalize
 from .errors import CancelledError, PruneScopeError, SettingsError
 from .evaluate import count_macs_params, evaluate_accuracy
-from .groups import ChannelGroup, PruningGraph
+from .groups import ChannelGroup, PruningGraph, UnsafeGroupError
 from .models import InputSpec, LoadedModel
 from .runs import RunWriter
 
@@ -95,6 +95,9 @@ def new_widths(width: int, cluster: int) -> int | None:
 def check_prunable(groups: list[ChannelGroup], cluster: int) -> None:
     if not groups:
         raise SettingsError("The model has no prunable channel group (only the classifier output?).")
+    if all(g.left_alone for g in groups):
+        raise SettingsError("No channel group of this model can be pruned safely: " + groups[0].left_alone)
+    groups = [g for g in groups if not g.left_alone]
     if all(new_widths(g.width, cluster) is None for g in groups):
         widest = max(g.width for g in groups)
         raise SettingsError(
@@ -264,6 +267,10 @@ def _loop(graph: PruningGraph, loaded: LoadedModel, data: DataSet, config: Prune
                           progress=lambda f, m: cb.progress(f, f"analysing the original: {m}"), cancel=cancel)
         writer.write_json("car.json", car.to_dict())
     channel_maps = {n: list(range(w)) for n, w in base_widths.items()}
+    # group root -> why Torch-Pruning's surgery on it cannot be trusted
+    left_alone: dict[str, str] = {g.root: g.left_alone for g in graph.groups() if g.left_alone}
+    structure = {"notes": list(graph.notes), "left_alone": left_alone}
+    writer.write_json("structure.json", structure)
     t_start = time.perf_counter()
     scores: dict[int, np.ndarray] | None = None
     reason = "step limit reached"
@@ -279,19 +286,32 @@ def _loop(graph: PruningGraph, loaded: LoadedModel, data: DataSet, config: Prune
                 or any(len(scores[g.gid]) != g.width for g in groups):
             scores = score_filters(config.criterion, graph, groups, scorer, data.train, spec, rng, cancel,
                                    progress=lambda f, m: cb.progress(f * 0.5, f"step {step}: {m}"))
-        candidates = _candidates(groups, scores, config, scorer, rng, cancel)
+        candidates = _candidates([g for g in groups if g.root not in left_alone], scores, config, scorer, rng, cancel)
         if not candidates:
             reason = "every group is down to one cluster"
             break
         accepted = None
-        for attempt, cand in enumerate(candidates[: config.patience + 1]):
+        tried = 0
+        for cand in candidates:
+            if tried > config.patience:
+                break
+            if cand["group"].root in left_alone:
+                continue
             snapshot = (copy.deepcopy(graph.model), [list(h) for h in graph.history])
             try:
                 graph.prune(cand["group"].root, cand["filters"])
+            except UnsafeGroupError as exc:
+                left_alone[cand["group"].root] = str(exc)
+                writer.write_json("structure.json", structure)
+                cb.progress(0.5, f"step {step}: leaving {cand['group'].label} alone: {exc}")
+                graph = PruningGraph(snapshot[0], spec.shape(1), history=snapshot[1])
+                continue
             except PruneScopeError as exc:
+                tried += 1
                 cb.progress(0.5, f"step {step}: skipped {cand['group'].root}: {exc}")
                 graph = PruningGraph(snapshot[0], spec.shape(1), history=snapshot[1])
                 continue
+            tried += 1
             finetune(graph.model, data.train, spec, config.finetune_steps, config.finetune_lr, config.batch_size, rng,
                      cancel, progress=lambda f, m: cb.progress(0.5 + 0.4 * f, f"step {step}: {m}"))
             if cancel.is_set():
@@ -303,7 +323,7 @@ def _loop(graph: PruningGraph, loaded: LoadedModel, data: DataSet, config: Prune
                 cb.progress(0.95, f"step {step}: {cand['group'].root} would drop {drop:.2f} points; undone")
                 graph = PruningGraph(snapshot[0], spec.shape(1), history=snapshot[1])
                 continue
-            accepted = (cand, metrics, attempt)
+            accepted = (cand, metrics, tried - 1)
             break
         if accepted is None:
             reason = f"the next clusters would exceed the {config.max_drop:g}-point threshold"

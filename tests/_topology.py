@@ -33,10 +33,13 @@ def assert_emulation_matches_surgery(model: torch.nn.Module, size: int, max_grou
         assert torch.allclose(emulated, removed, atol=1e-4, rtol=1e-3), f"group {g.label}"
 
 
-def assert_prunes_in_clusters(model, arch: str, num_classes: int, size: int, tmp_path, cluster: int = 8, steps: int = 2):
-    """A short run removes real channels in multiples of the cluster size and every step rebuilds."""
+def assert_prunes_in_clusters(model, arch: str, num_classes: int, size: int, tmp_path, cluster: int = 8, steps: int = 2,
+                              lm=None):
+    """A short run removes real channels in multiples of the cluster size and every step rebuilds.
+
+    ``lm`` overrides the LoadedModel (for custom architectures, whose spec must name their code)."""
     data = random_dataset(num_classes, size=size)
-    lm = loaded(model, arch, num_classes, size)
+    lm = lm or loaded(model, arch, num_classes, size)
     before = PruningGraph(copy.deepcopy(model), (1, 3, size, size)).widths()
     summary = run_pruning(lm, data, quick_config(cluster=cluster, max_steps=steps), tmp_path / "run")
     assert summary["steps"] >= 1
