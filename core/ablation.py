@@ -182,11 +182,14 @@ class AblationEngine:
             x = x.repeat(k, *([1] * (x.dim() - 1)))
         else:
             x = env[arg]
-        mask = torch.ones((k, x.shape[1]), dtype=x.dtype)
+        axis = channel_axis(module, x)
+        mask = torch.ones((k, x.shape[axis]), dtype=x.dtype)
         for j, idxs in enumerate(idx_lists):
             if idxs:
                 mask[j, idxs] = 0
-        x = (x.reshape(k, n, *x.shape[1:]) * mask.reshape(k, 1, x.shape[1], *([1] * (x.dim() - 2)))).reshape(x.shape)
+        shape = [k] + [1] * x.dim()
+        shape[1 + axis % x.dim()] = x.shape[axis]
+        x = (x.reshape(k, n, *x.shape[1:]) * mask.reshape(shape)).reshape(x.shape)
         return module(x)
 
     # -- public API ----------------------------------------------------------------------------------
@@ -276,6 +279,12 @@ def _is_batched(node: torch.fx.Node) -> bool:
     return False
 
 
+def channel_axis(module: nn.Module, x: torch.Tensor) -> int:
+    """Where a consumer reads its input channels: a Linear reads the last axis (also on the
+    channels-last tensors of ConvNeXt or the tokens of a ViT), a conv reads axis 1."""
+    return -1 if isinstance(module, nn.Linear) else 1
+
+
 def _delta(module: nn.Module, x: torch.Tensor, idx_lists: list[list[int]]) -> torch.Tensor | None:
     """Contribution (K, N, ...) of the ablated input channels to a consumer's output, or None if not
     computable this way (grouped conv, unequal channel counts, non-zero padding mode)."""
@@ -315,7 +324,7 @@ class zeroed_inputs:
 
             def hook(mod, args, index=index):
                 x = args[0].clone()
-                x[:, index] = 0
+                x.index_fill_(channel_axis(mod, x) % x.dim(), index, 0)
                 return (x, *args[1:])
 
             self.handles.append(module.register_forward_pre_hook(hook))

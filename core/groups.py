@@ -184,9 +184,12 @@ class PruningGraph:
         idxs = sorted(int(i) for i in idxs)
         expected = self._emulated(group, idxs)
         backup_model = copy.deepcopy(self.model)
-        group.prune()
-        refreeze(self.model)
-        problem = self.check_runs()
+        try:
+            group.prune()
+            refreeze(self.model)
+            problem = self.check_runs()
+        except Exception as exc:  # the surgery itself failed half-way: the model is in an unknown state
+            problem = f"the surgery failed: {type(exc).__name__}: {str(exc)[:160]}"
         if problem is None and expected is not None:
             problem = self._differs_from(expected)
         if problem:
