@@ -313,3 +313,22 @@ def test_sample_boxes_are_tight_around_what_is_drawn(label):
         drawn = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])  # pixel edges of the painted area
         box = sample._extent(label, r, rot) + [cx, cy, cx, cy]
         assert np.abs(drawn - box).max() < 1.0, (label, drawn, box)
+
+
+def test_sample_voc_zip_loads_back_to_the_same_split_and_boxes(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from core.detection import sample
+
+    small = replace(sample.SAMPLE_DETECTION_SETS["counting"], n_train=8, n_val=4)
+    monkeypatch.setitem(sample.SAMPLE_DETECTION_SETS, "counting", small)
+    path = sample.write_sample_voc_zip("counting", tmp_path / "counting.zip", image_format="png")
+    direct = load_sample_detection("counting")
+    loaded = load_voc_dataset(path, 128)
+    assert loaded.report.presplit and len(loaded.train) == 8 and len(loaded.val) == 4
+    assert loaded.class_names == direct.class_names
+    for a, b in ((direct.train, loaded.train), (direct.val, loaded.val)):
+        assert np.array_equal(a.images.numpy(), b.images.numpy())
+        for ba, bb, la, lb in zip(a.boxes, b.boxes, a.labels, b.labels):
+            np.testing.assert_allclose(bb, ba, atol=0.5 / 128 + 1e-6)
+            assert la.tolist() == lb.tolist()
