@@ -242,6 +242,11 @@ def test_no_class_at_all_is_a_data_error():
         load_voc_dataset(_zip(_entries(n=3, objects=[("", (1, 1, 5, 5), False)])), SIZE)
 
 
+def test_an_empty_given_class_list_is_a_data_error():
+    with pytest.raises(DataError, match="class list is empty"):
+        load_voc_dataset(_zip(_entries(n=3)), SIZE, class_names=[])
+
+
 def test_no_usable_image_is_a_data_error():
     entries = {"JPEGImages/a.jpg": b"garbage", "Annotations/a.xml": _entries(n=1)["Annotations/im0.xml"]}
     with pytest.raises(DataError, match="No usable image"):
