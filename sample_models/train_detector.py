@@ -1,6 +1,6 @@
 """Train the bundled sample detector on the CPU and write its weights and manifest entry.
 
-    python sample_models/train_detector.py                 # ssd_counting (a few minutes on 2 cores)
+    python sample_models/train_detector.py                 # ssd_counting (about 11 min on one busy CPU core)
     python sample_models/train_detector.py --epochs 5      # a quick, worse model (manifest says so)
     python sample_models/train_detector.py --write-zip DIR # also write the data set as a VOC zip
 
@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from core.detection.evaluate import EvalSettings, evaluate_map, normalize_images  # noqa: E402
+from core.detection.evaluate import EvalSettings, evaluate_map  # noqa: E402
 from core.detection.loss import encode_batch, multibox_loss  # noqa: E402
 from core.detection.models import build_detector  # noqa: E402
 from core.detection.sample import DATA_SEED, SAMPLE_DETECTION_SETS, load_sample_detection, write_sample_voc_zip  # noqa: E402
@@ -82,8 +82,8 @@ def train(model, data, mean, std, r: Recipe, log) -> None:
     n = len(data)
     steps_per_epoch = math.ceil(n / r.batch_size)
     total, warmup = r.epochs * steps_per_epoch, steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(total - warmup, 1))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warmup if s < warmup
+                                              else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(total - warmup, 1))))
     anchors = model.anchors()
     mean_t, std_t = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
     model.train()

@@ -136,11 +136,15 @@ def load_voc_dataset(source: str | Path | bytes, input_size: tuple[int, int] | i
     report = DetectionReport()
     pairs = pair_files(root, report, limits)
     annotations = parse_annotations(pairs, root, report)
-    names = list(class_names) if class_names is not None else sorted({o.name for a in annotations.values() for o in a.objects if o.name})
-    if not names:
-        raise DataError("The class list is empty: a detector needs at least one object class." if class_names is not None
-                        else "No object class found: no annotation has an <object> with a <name>. "
-                             "Nothing to detect; check the Annotations/ folder.")
+    if class_names is not None:
+        names = list(class_names)
+        if not names:
+            raise DataError("The class list is empty: a detector needs at least one object class.")
+    else:
+        names = sorted({o.name for a in annotations.values() for o in a.objects if o.name})
+        if not names:
+            raise DataError("No object class found: no annotation has an <object> with a <name>. "
+                            "Nothing to detect; check the Annotations/ folder.")
     full = decode_dataset(pairs, annotations, names, size, root, report)
     if len(full) == 0:
         raise DataError("No usable image: every image was corrupt or lacked a readable annotation (see the report).")
@@ -352,7 +356,8 @@ def decode_dataset(pairs: list[tuple[str, Path, Path]], annotations: dict[str, _
     return DetectionSet(images, boxes, labels, difficult, names, ids)
 
 
-def read_image(path: Path, size: tuple[int, int], report: DetectionReport | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+def read_image(path: Path, size: tuple[int, int],
+               report: DetectionReport | None = None) -> tuple[np.ndarray, tuple[int, int]]:
     """(uint8 [3, H, W] resized to ``size`` without keeping the aspect ratio, original (width, height))."""
     with Image.open(path) as img:
         img.load()

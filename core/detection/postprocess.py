@@ -34,7 +34,10 @@ class Detections(NamedTuple):
 
 
 def decode(raw: np.ndarray, anchors: np.ndarray, weights=SSD_BOX_CODER_WEIGHTS) -> np.ndarray:
-    """Boxes (normalised x1y1x2y2, not clipped) from deltas; ``raw[..., :4]`` is used, so the full raw output may be passed."""
+    """Boxes (normalised x1y1x2y2, not clipped) from deltas.
+
+    Only ``raw[..., :4]`` is read, so the whole raw output can be passed without slicing.
+    """
     deltas = np.asarray(raw, dtype=np.float32)[..., :4]
     anchors = np.asarray(anchors, dtype=np.float32)
     wx, wy, ww, wh = (float(w) for w in weights)
@@ -69,7 +72,7 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
-    """Indices kept by greedy NMS, by descending score; a box goes when its IoU with a kept one exceeds the threshold."""
+    """Indices kept by greedy NMS in descending score order; a box goes when its IoU with a kept one exceeds the threshold."""
     order = np.argsort(-scores, kind="stable")
     keep = []
     while order.size:

@@ -68,7 +68,9 @@ def load_sample_detection(name: str = "counting", input_size: tuple[int, int] | 
                           seed: int = DATA_SEED) -> DetectionData:
     """The sample as ``DetectionData`` (its fixed train/val split), resized to ``input_size`` (H, W) if given."""
     info = SAMPLE_DETECTION_SETS[detection_set_name(name)]
-    size = (SIZE, SIZE) if input_size is None else ((input_size,) * 2 if isinstance(input_size, int) else tuple(input_size))
+    if input_size is None:
+        input_size = SIZE
+    size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
     splits = [_as_set(*_generate_cached(info.name, seed, split, n), info, size)
               for split, n in (("train", info.n_train), ("val", info.n_val))]
     report = DetectionReport(split=f"generated: {info.n_train} train / {info.n_val} val, seed {seed}")
