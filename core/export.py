@@ -65,6 +65,9 @@ def _input_spec(spec: ModelSpec | InputSpec) -> InputSpec:
     return spec.input if isinstance(spec, ModelSpec) else spec
 
 
+FALLBACK_OPSETS = (14, 17)
+
+
 def _one_line(exc: BaseException, limit: int = 300) -> str:
     """An exception as one readable line: torch's export errors can carry whole tensor dumps."""
     first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
@@ -95,12 +98,8 @@ def export_model(model: nn.Module, spec: ModelSpec | InputSpec, out_dir: str | P
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 1:
         raise ExportError(f"The model must return one (1, classes) logits tensor; it returned "
                           f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}.")
-    try:
-        onnx_bytes = export_onnx_bytes(model, shape, ONNX_OPSET)
-    except Exception as exc:
-        raise ExportError(f"ONNX export (opset {ONNX_OPSET}) failed: {_one_line(exc)}") from None
     onnx_path = out_dir / f"{name}.onnx"
-    atomic_write_bytes(onnx_path, onnx_bytes)
+    opset = _write_onnx(model, shape, onnx_path)
     try:
         ov_model = ov.convert_model(str(onnx_path))
     except Exception as exc:
@@ -120,7 +119,7 @@ def export_model(model: nn.Module, spec: ModelSpec | InputSpec, out_dir: str | P
         "onnx": str(onnx_path),
         "xml": str(xml_path),
         "bin": str(xml_path.with_suffix(".bin")),
-        "onnx_opset": ONNX_OPSET,
+        "onnx_opset": opset,
         "ir_precision": "FP16",
         "openvino_version": ov.__version__,
         "input_name": ov_model.inputs[0].get_any_name() if ov_model.inputs[0].get_names() else INPUT_NAME,
@@ -129,6 +128,41 @@ def export_model(model: nn.Module, spec: ModelSpec | InputSpec, out_dir: str | P
         "output_shape": out_shape,
         **_input_description(ispec, spec.class_names if isinstance(spec, ModelSpec) else None),
     }
+
+
+def _write_onnx(model: nn.Module, shape: tuple[int, ...], onnx_path: Path) -> int:
+    """Write the ONNX file; returns the opset used.
+
+    Opset 13 is what the NCS2's OpenVINO 2022.3 reads best. Some ops (attention as
+    ``scaled_dot_product_attention``) only export from a later opset: then the export uses the first
+    opset that works, and the NCS2 check judges the result. Models over ONNX's 2 GB message limit
+    are written with their weights in a side file (``.onnx.data``).
+    """
+    last = None
+    for opset in (ONNX_OPSET, *FALLBACK_OPSETS):
+        try:
+            atomic_write_bytes(onnx_path, export_onnx_bytes(model, shape, opset))
+            return opset
+        except Exception as exc:
+            last = exc
+            if "2GB" in str(exc) or "2 GB" in str(exc) or "protobuf" in str(exc).lower():
+                return _write_large_onnx(model, shape, onnx_path, opset)
+            if "opset" not in str(exc).lower() and "version" not in str(exc).lower():
+                break
+    raise ExportError(f"ONNX export (opset {ONNX_OPSET}) failed: {_one_line(last)}")
+
+
+def _write_large_onnx(model: nn.Module, shape: tuple[int, ...], onnx_path: Path, opset: int) -> int:
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (torch.zeros(shape),), str(onnx_path), opset_version=opset, dynamo=False,
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], do_constant_folding=True)
+    except Exception as exc:
+        raise ExportError(f"ONNX export of a model over 2 GB failed: {_one_line(exc)}") from None
+    return opset
 
 
 def _input_description(ispec: InputSpec, class_names: list[str] | None) -> dict:

@@ -62,8 +62,12 @@ class PruningGraph:
     Building one converts zero-padded shortcuts in place (see ``shortcuts``); ``notes`` says where.
     """
 
-    def __init__(self, model: nn.Module, input_shape: tuple[int, ...], history: list | None = None):
+    def __init__(self, model: nn.Module, input_shape: tuple[int, ...], history: list | None = None,
+                 output_layers: list[str] | None = None):
+        """``output_layers``: layers whose outputs are the model's outputs (a detector's head convs);
+        by default the last conv/linear layer executed (a classifier's)."""
         self.model = model.eval()
+        self.output_layer_names = list(output_layers) if output_layers else None
         self.input_shape = tuple(input_shape)
         self.notes = convert_zero_pad_shortcuts(self.model, self.input_shape)
         self.example = torch.zeros(self.input_shape)
@@ -96,6 +100,8 @@ class PruningGraph:
 
     def _output_layers(self) -> list[nn.Module]:
         """The last conv/linear layers executed: their outputs are the classes and are never pruned."""
+        if self.output_layer_names:
+            return [self.model.get_submodule(n) for n in self.output_layer_names]
         order: list[nn.Module] = []
         self._forward_with_hooks(lambda mod, i, o: order.append(mod))
         if not order:
@@ -274,9 +280,9 @@ def _macs_per_in_channel(module: nn.Module, spatial: int | None) -> float:
 
 
 def rebuild_pruned(fresh_model: nn.Module, input_shape: tuple[int, ...], history: list,
-                   state_dict: dict | None = None) -> nn.Module:
+                   state_dict: dict | None = None, output_layers: list[str] | None = None) -> nn.Module:
     """Replay a Torch-Pruning history on a freshly built model, then load the step's weights."""
-    pg = PruningGraph(fresh_model, input_shape)
+    pg = PruningGraph(fresh_model, input_shape, output_layers=output_layers)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pg.dg.load_pruning_history([list(h) for h in history])
