@@ -124,13 +124,19 @@ def score_filters(criterion: str, graph: PruningGraph, groups: list[ChannelGroup
             ablations, cancel=cancel, progress=(lambda d: progress(d / total, "scoring filters (CAR)")) if progress else None)
         return car_with_tiebreak(scorer.baseline_accuracy - correct.float().mean(1).numpy(), loss_up.numpy(),
                                  np.asarray(owners), groups, len(scorer.labels))
-    if criterion == "l1":
-        return _tp_scores(graph, groups, tp.importance.GroupMagnitudeImportance(p=1))
     if criterion == "taylor":
         _accumulate_gradients(graph.model, train, spec, rng)
         scores = _tp_scores(graph, groups, tp.importance.GroupTaylorImportance())
         graph.model.zero_grad(set_to_none=True)
         return scores
+    return group_filter_scores(criterion, graph, groups, rng)
+
+
+def group_filter_scores(criterion: str, graph: PruningGraph, groups: list[ChannelGroup],
+                        rng: np.random.Generator) -> dict[int, np.ndarray]:
+    """The criteria that need no data (``l1``: filter weight magnitude; ``random``), for any task."""
+    if criterion == "l1":
+        return _tp_scores(graph, groups, tp.importance.GroupMagnitudeImportance(p=1))
     return {g.gid: rng.random(g.width) for g in groups}
 
 
@@ -237,10 +243,23 @@ def run_pruning(loaded: LoadedModel, data: DataSet, config: PruneConfig, run_dir
     writer = RunWriter(run_dir)
     writer.start({"prune": asdict(config), "data_source": data_source or data.source, "class_names": data.class_names,
                   "data_options": data_options or {"val_fraction": 0.2, "seed": 0}, "created": time.time()}, loaded, original_bytes)
-    try:
+
+    def body() -> dict:
         graph = PruningGraph(model, spec.shape(1))
         check_prunable(graph.groups(), config.cluster)
         return _loop(graph, loaded, data, config, writer, cb, cancel, rng)
+
+    return run_guarded(writer, body)
+
+
+def run_guarded(writer: RunWriter, body: Callable[[], dict]) -> dict:
+    """Run a pruning loop so that its run folder always ends in a final status.
+
+    A cancel keeps the completed steps (state ``cancelled``); any error is recorded (``failed``, with
+    its message) before it propagates, so the app never shows a dead run as running.
+    """
+    try:
+        return body()
     except CancelledError:
         writer.status("cancelled", "Cancelled by the user; completed steps are kept.")
         return run_summary(writer.dir, "cancelled")
@@ -329,7 +348,7 @@ def _loop(graph: PruningGraph, loaded: LoadedModel, data: DataSet, config: Prune
             reason = f"the next clusters would exceed the {config.max_drop:g}-point threshold"
             break
         cand, metrics, attempt = accepted
-        removed = _removed_record(cand, channel_maps)
+        removed = removed_record(cand, channel_maps)
         now = time.perf_counter()
         record = {"step": step, **metrics, "widths": graph.widths(), "removed": removed,
                   "estimated_drop": cand["cost"], "candidates_tried": attempt + 1,
@@ -375,7 +394,7 @@ def _candidates(groups, scores, config: PruneConfig, scorer: CarScorer | None, r
     return sorted(cands, key=lambda c: c["rank"])
 
 
-def _removed_record(cand: dict, channel_maps: dict[str, list[int]]) -> dict:
+def removed_record(cand: dict, channel_maps: dict[str, list[int]]) -> dict:
     g: ChannelGroup = cand["group"]
     original = None
     for name in g.producers:

@@ -99,6 +99,19 @@ class Run:
         return self.dir.name
 
     @property
+    def task(self) -> str:
+        """``classification`` (runs before detection existed say nothing) or ``detection``."""
+        return self.config.get("task", "classification")
+
+    def output_layers(self) -> list[str] | None:
+        """Layers never pruned, by name: a detector's head output convs; None for a classifier (its last layer)."""
+        if self.task != "detection":
+            return None
+        from .detection.prune import output_layer_names
+
+        return output_layer_names(self.fresh_model())
+
+    @property
     def history(self) -> list[dict]:
         return read_jsonl(self.dir / "history.jsonl")
 
@@ -132,7 +145,11 @@ class Run:
 
     def fresh_model(self) -> nn.Module:
         """The run's architecture with fresh weights; trusted code and pickles come from the run's own copies,
-        which the user trusted when the run started."""
+        which the user trusted when the run started. A detector is rebuilt from its recorded config."""
+        if self.task == "detection":
+            from .detection.models import rebuild_detector
+
+            return rebuild_detector(self.config["detector_config"])
         if self.spec.pickled:
             data = (self.dir / "original_pickle.pt").read_bytes()
             return load_model(data, trusted=True).model
@@ -157,7 +174,8 @@ class Run:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         from .groups import rebuild_pruned
 
-        return rebuild_pruned(self.fresh_model(), self.spec.input.shape(1), saved["pruning_history"], saved["state_dict"])
+        return rebuild_pruned(self.fresh_model(), self.spec.input.shape(1), saved["pruning_history"], saved["state_dict"],
+                              output_layers=self.output_layers())
 
     def select_step(self, max_drop: float) -> int:
         """The step with the fewest MACs whose accuracy drop (points) is within ``max_drop``."""
