@@ -5,6 +5,10 @@
     python deploy.py --device MYRIAD       # Intel NCS2 (needs OpenVINO 2022.3 LTS, the last with MYRIAD)
     python deploy.py --image cat.jpg       # also classify an image (reading images needs Pillow)
 
+A detection bundle (manifest "task": "detection") uses the same checks; --image then prints the
+detected boxes: the raw output is decoded with anchors.npy and NMS runs on the host, in numpy
+(postprocess.py, next to this file).
+
 The pruned model (model/) is used unless one of its files is missing or altered (sha256 against
 manifest.json), it fails to compile on the device, or it fails the built-in self-test (the stored
 inputs in selftest.npz must give the stored outputs within a tolerance). Then the original model
@@ -92,8 +96,13 @@ def _infer(compiled, x):
     return np.asarray(compiled([x])[compiled.output(0)], dtype=np.float32)
 
 
-def self_test(compiled, selftest, key):
-    """(passed, detail): the stored inputs must give the stored outputs within the tolerance."""
+def is_detection(manifest):
+    return manifest.get("task") == "detection"
+
+
+def self_test(compiled, selftest, key, check_class=True):
+    """(passed, detail): the stored inputs must give the stored outputs within the tolerance (and, for a
+    classifier, the same top-1 class; a detector's raw output has no single class to compare)."""
     frac = float(selftest.get("tolerance_fraction", 0.1))
     floor = float(selftest.get("tolerance_floor", 1e-3))
     inputs, expected = selftest["input"], selftest[key]
@@ -108,7 +117,7 @@ def self_test(compiled, selftest, key):
         diff = float(np.max(np.abs(got - want)))
         tol = frac * float(want.max() - want.min()) + floor
         worst = max(worst, diff / tol)
-        if int(got.argmax()) != int(want.argmax()):
+        if check_class and int(got.argmax()) != int(want.argmax()):
             return False, "self-test input %d gives class %d, expected %d" % (i, int(got.argmax()), int(want.argmax()))
         if diff > tol:
             return False, "self-test input %d differs by %.4g (tolerance %.4g)" % (i, diff, tol)
@@ -143,7 +152,7 @@ def load(bundle_dir=None, device="CPU"):
             detail = "self-test skipped: %s" % selftest_problem
         else:
             try:
-                ok, detail = self_test(compiled, selftest, key)
+                ok, detail = self_test(compiled, selftest, key, check_class=not is_detection(manifest))
             except Exception as exc:
                 ok, detail = False, "self-test could not run: %s" % _short(exc)
             if not ok:
@@ -211,6 +220,9 @@ def load_image(path, manifest):
     with Image.open(path) as img:
         img = img.convert("L" if c == 1 else "RGB")
         iw, ih = img.size
+        if manifest["input"].get("resize") == "stretch":  # detectors: the whole image, aspect not kept
+            img = img.resize((w, h), Image.BILINEAR)
+            iw, ih = w, h
         scale = max(float(w) / iw, float(h) / ih)
         nw, nh = max(w, int(round(iw * scale))), max(h, int(round(ih * scale)))
         if (nw, nh) != (iw, ih):
@@ -229,6 +241,44 @@ def _softmax(z):
     return e / e.sum()
 
 
+def detect(image_path, compiled, manifest, score_thresh):
+    """Detections of one image file: boxes in the image's pixels (x1, y1, x2, y2), class, score."""
+    sys.path.insert(0, HERE)
+    import postprocess  # the numpy decoder + NMS written next to this file
+
+    anchors = _anchors(manifest)
+    raw = predict(load_image(image_path, manifest)[None], compiled)
+    raw = raw.reshape(1, len(anchors), -1)
+    post = manifest["postprocess"]
+    det = postprocess.postprocess(raw, anchors, score_thresh, post["nms_iou"], post["max_det"],
+                                  post["box_coder_weights"])[0]
+    width, height = _image_size(image_path, manifest)
+    names = manifest.get("class_names") or []
+    scale = np.asarray([width, height, width, height], np.float32)
+    return [{"class": names[lab - 1] if 0 < lab <= len(names) else str(lab), "label": int(lab),
+             "score": float(sc), "box": [round(float(v), 1) for v in box * scale],
+             "box_normalised": [float(v) for v in box]} for box, sc, lab in zip(det.boxes, det.scores, det.labels)]
+
+
+def _anchors(manifest):
+    path = os.path.join(_STATE.get("bundle_dir") or HERE, "anchors.npy")
+    digest = (manifest.get("files") or {}).get("anchors.npy")
+    if digest and sha256_file(path) != digest:
+        raise RuntimeError("anchors.npy was altered (sha256 differs from manifest.json)")
+    return np.load(path)
+
+
+def _image_size(path, manifest):
+    """(width, height) the normalised boxes map to: the file's own size (the input size for .npy arrays)."""
+    _, _, h, w = manifest["input"]["input_shape"]
+    if path.lower().endswith(".npy"):
+        return w, h
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return img.size
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Run the PruneScope bundle (pruned model with fallback).")
     parser.add_argument("--device", default="CPU", help="OpenVINO device: CPU (default), MYRIAD (NCS2, OpenVINO 2022.3), ...")
@@ -236,6 +286,7 @@ def main(argv=None):
     parser.add_argument("--bundle", default=HERE, help="bundle folder (default: the folder of this script)")
     parser.add_argument("--top", type=int, default=5, help="classes to print per image")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--score", type=float, default=0.3, help="detection bundles: lowest score printed")
     args = parser.parse_args(argv)
     try:
         compiled, which, reason = load(args.bundle, args.device)
@@ -251,7 +302,10 @@ def main(argv=None):
     for path in args.image:
         try:
             image = load_image(path, manifest)
-        except (OSError, ValueError) as exc:
+            if is_detection(manifest):
+                results.append({"image": path, "detections": detect(path, compiled, manifest, args.score)})
+                continue
+        except (OSError, ValueError, RuntimeError) as exc:
             print("ERROR: cannot read image %s: %s" % (path, _short(exc)), file=sys.stderr)
             return 2
         logits = predict(image[None], compiled)[0]
@@ -266,6 +320,11 @@ def main(argv=None):
     label = "pruned model" if which == "pruned" else "FALLBACK (original) model"
     print("Using the %s (%s) on %s: %s" % (label, folder, args.device, reason))
     for r in results:
+        if "detections" in r:
+            print("%s: %d detection(s)" % (r["image"], len(r["detections"])))
+            for d in r["detections"]:
+                print("  %-12s %.2f  box %s" % (d["class"], d["score"], d["box"]))
+            continue
         print("%s: %s" % (r["image"], ", ".join("%s %.1f%%" % (t["class"], 100 * t["probability"]) for t in r["top"])))
     return 0
 

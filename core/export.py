@@ -80,8 +80,6 @@ def export_model(model: nn.Module, spec: ModelSpec | InputSpec, out_dir: str | P
     Returns what a deployment needs to feed the model: file paths, input name and shape, mean/std,
     colour order, class names.
     """
-    import openvino as ov
-
     ispec = _input_spec(spec)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -98,6 +96,17 @@ def export_model(model: nn.Module, spec: ModelSpec | InputSpec, out_dir: str | P
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 1:
         raise ExportError(f"The model must return one (1, classes) logits tensor; it returned "
                           f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}.")
+    return {**convert_to_ir(model, shape, out_dir, name),
+            **_input_description(ispec, spec.class_names if isinstance(spec, ModelSpec) else None)}
+
+
+def convert_to_ir(model: nn.Module, shape: tuple[int, ...], out_dir: Path, name: str = "model") -> dict:
+    """ONNX (opset 13 first) then OpenVINO IR FP16 of a one-input, one-output model: what every task exports.
+
+    Checked here: the converted model has one input and one output, and a static input shape.
+    """
+    import openvino as ov
+
     onnx_path = out_dir / f"{name}.onnx"
     opset = _write_onnx(model, shape, onnx_path)
     try:
@@ -126,7 +135,6 @@ def export_model(model: nn.Module, spec: ModelSpec | InputSpec, out_dir: str | P
         "input_shape": list(shape),
         "output_name": ov_model.outputs[0].get_any_name() if ov_model.outputs[0].get_names() else OUTPUT_NAME,
         "output_shape": out_shape,
-        **_input_description(ispec, spec.class_names if isinstance(spec, ModelSpec) else None),
     }
 
 
@@ -342,11 +350,28 @@ def build_bundle(pruned_model: nn.Module, original_model: nn.Module, spec: Model
     """
     meta = dict(meta or {})
     out_path = Path(out_path).resolve()
+    result, tmp = build_atomically(
+        out_path, lambda tmp: _build_into(tmp, pruned_model, original_model, spec, val_images, meta, min_images,
+                                          latency_runs))
+    result.bundle_dir = out_path
+    result.files = [out_path / f.relative_to(tmp) for f in result.files]
+    result.ncs2.xml_path = str(out_path / "model" / "model.xml")
+    result.ncs2_fallback.xml_path = str(out_path / "fallback" / "model.xml")
+    return result
+
+
+def build_atomically(out_path: Path, build):
+    """``build(tmp)`` into a temporary folder next to ``out_path``, then renamed into place.
+
+    An existing bundle at ``out_path`` is replaced only once the new one is complete; any failure
+    removes the temporary folder and raises :class:`ExportError` saying why. Returns ``(build's
+    result, the temporary path it was built in)`` so the caller can rebase paths it recorded.
+    """
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.parent / f".{out_path.name}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        result = _build_into(tmp, pruned_model, original_model, spec, val_images, meta, min_images, latency_runs)
+        result = build(tmp)
         old = None
         if out_path.exists():
             old = out_path.parent / f".{out_path.name}.old-{uuid.uuid4().hex[:8]}"
@@ -367,11 +392,7 @@ def build_bundle(pruned_model: nn.Module, original_model: nn.Module, spec: Model
             raise
         raise ExportError(f"Building the bundle failed ({_one_line(exc)}); nothing was written to "
                           f"{out_path}.") from exc
-    result.bundle_dir = out_path
-    result.files = [out_path / f.relative_to(tmp) for f in result.files]
-    result.ncs2.xml_path = str(out_path / "model" / "model.xml")
-    result.ncs2_fallback.xml_path = str(out_path / "fallback" / "model.xml")
-    return result
+    return result, tmp
 
 
 def _build_into(root: Path, pruned: nn.Module, original: nn.Module, spec: ModelSpec, val: ImageSet, meta: dict,

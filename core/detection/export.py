@@ -1,0 +1,262 @@
+"""Export of a pruned detector for the NCS2: the raw network as IR FP16, anchors and decoder beside it.
+
+The exported graph is the raw SSD (one input, one output ``[1, A, 4 + C]``): no anchors, decoding or
+NMS in it, so it stays a static stack of convolutions the NCS2 can run. The bundle carries what the
+host needs to turn the raw output into boxes:
+
+    model/, fallback/  pruned and original detector: model.xml/.bin (IR FP16) + model.onnx
+    anchors.npy        [A, 4] float32, normalised (cx, cy, w, h), row a = output row a
+    postprocess.py     core/detection/postprocess.py as it is (numpy only: decode, softmax, NMS)
+    deploy.py          the PruneScope deploy script: fallback on missing/altered files, failed compile or
+                       failed self-test; ``--image`` prints the decoded detections
+    selftest.npz, manifest.json (sha256 of every file, mAP, MACs, latency, NCS2 report, verification)
+
+Verification is what matters for a detector: the mAP of the IR on the OpenVINO CPU runtime against
+PyTorch's on the validation images, within ``MAP_TOLERANCE_POINTS``.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import shutil
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import __version__
+from ..errors import PruneScopeError
+from ..export import (BUNDLE_FORMAT, SELFTEST_TOLERANCE_FLOOR, SELFTEST_TOLERANCE_FRACTION, TEMPLATE, ExportError,
+                      _ir_logits, _one_line, _torch_logits, build_atomically, convert_to_ir, sha256_file, zip_bundle)
+from ..models import ModelSpec
+from ..ncs2 import check_ncs2
+from ..ov_runtime import ONNX_OPSET, compile_cpu, read_ir, time_interleaved
+from ..workspace import atomic_write_json, atomic_write_text
+from . import postprocess as _postprocess
+from .data import DetectionSet
+from .evaluate import EvalSettings, detect, map_of_detections, normalize_images
+
+MAP_TOLERANCE_POINTS = 0.5
+SELFTEST_INPUTS = 4
+POSTPROCESS_SOURCE = Path(_postprocess.__file__)
+
+
+@dataclass
+class DetectionVerification:
+    verified: bool
+    map_torch: float
+    map_openvino: float
+    delta_points: float
+    max_abs_raw_diff: float
+    n_images: int
+    message: str
+    device: str = "OpenVINO CPU (FP16 weights decompressed, f32 arithmetic)"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def export_detector(model: nn.Module, spec: ModelSpec, out_dir: Path, name: str = "model") -> dict:
+    """ONNX + IR FP16 of the raw detector; refuses a model whose output is not one [1, A, 4 + C] tensor."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shape = spec.input.shape(1)
+    model = model.eval()
+    with torch.no_grad():
+        out = model(torch.zeros(shape))
+    if not isinstance(out, torch.Tensor) or out.ndim != 3 or out.shape[0] != 1:
+        raise ExportError(f"A detector must return one [1, anchors, 4 + classes] tensor; it returned "
+                          f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}.")
+    return convert_to_ir(model, shape, out_dir, name)
+
+
+def raw_outputs(compiled, model: nn.Module, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Raw outputs [N, A, 4 + C] of the compiled IR and of PyTorch on the same normalised images."""
+    ref = _torch_logits(model, images, batch=64)
+    got = _ir_logits(compiled, images).reshape(ref.shape)
+    return ref, got
+
+
+def verify_detector_ir(xml_path: Path, model: nn.Module, val: DetectionSet, spec: ModelSpec,
+                       settings: EvalSettings = EvalSettings()) -> DetectionVerification:
+    """mAP of the IR on the OpenVINO CPU runtime vs PyTorch, on every validation image."""
+    if len(val) == 0:
+        raise ExportError("No validation images to verify the exported detector on.")
+    try:
+        compiled = compile_cpu(read_ir(xml_path))
+    except Exception as exc:
+        raise ExportError(f"OpenVINO could not load the exported IR {Path(xml_path).name}: {_one_line(exc)}") from None
+    anchors = model.anchors()
+    refs, gots = [], []
+    for start in range(0, len(val), 64):
+        x = normalize_images(val.images[start:start + 64], spec.input.mean, spec.input.std).contiguous()
+        ref, got = raw_outputs(compiled, model, x)
+        refs.append(ref)
+        gots.append(got)
+    ref, got = np.concatenate(refs), np.concatenate(gots)
+    map_t = map_of_detections(detect(ref, anchors, settings, model.box_coder_weights), val, settings).map
+    map_o = map_of_detections(detect(got, anchors, settings, model.box_coder_weights), val, settings).map
+    delta = abs(map_t - map_o) * 100
+    ok = delta <= MAP_TOLERANCE_POINTS + 1e-9
+    message = (f"{'Verified' if ok else 'Not verified'}: mAP@0.5 on OpenVINO CPU {map_o * 100:.2f} vs PyTorch "
+               f"{map_t * 100:.2f} on {len(val)} images ({delta:.2f} points apart; at most "
+               f"{MAP_TOLERANCE_POINTS} allowed).")
+    return DetectionVerification(ok, map_t, map_o, delta, float(np.max(np.abs(ref - got))), len(val), message)
+
+
+def build_detection_bundle(pruned: nn.Module, original: nn.Module, spec: ModelSpec, val: DetectionSet,
+                           out_path: str | Path, meta: dict | None = None, latency_runs: int = 30) -> dict:
+    """Export, check, verify both detectors and write the bundle folder ``out_path`` (and its zip).
+
+    Built in a temporary folder and renamed into place, as classification bundles are.
+    """
+    out_path = Path(out_path).resolve()
+    result, _ = build_atomically(out_path, lambda tmp: _build_into(tmp, pruned, original, spec, val,
+                                                                   dict(meta or {}), latency_runs))
+    zip_path = zip_bundle(out_path)
+    files = sorted(str(p) for p in out_path.rglob("*") if p.is_file())
+    return {**result, "bundle": str(out_path), "zip": str(zip_path), "manifest": str(out_path / "manifest.json"),
+            "files": files}
+
+
+def _build_into(root: Path, pruned: nn.Module, original: nn.Module, spec: ModelSpec, val: DetectionSet, meta: dict,
+                latency_runs: int) -> dict:
+    settings = EvalSettings()
+    models = {"pruned": pruned.eval(), "original": original.eval()}
+    dirs = {"pruned": "model", "original": "fallback"}
+    exports = {k: export_detector(m, spec, root / dirs[k]) for k, m in models.items()}
+    if exports["pruned"]["output_shape"] != exports["original"]["output_shape"]:
+        raise ExportError(f"The pruned detector outputs {exports['pruned']['output_shape']} but the original "
+                          f"{exports['original']['output_shape']}; pruning must not change the output.")
+    reports = {k: check_ncs2(e["xml"]) for k, e in exports.items()}
+    checks = {k: verify_detector_ir(Path(exports[k]["xml"]), models[k], val, spec, settings) for k in models}
+    compiled = [compile_cpu(read_ir(exports[k]["xml"])) for k in models]
+    latency = [float(statistics.median(t)) for t in time_interleaved(compiled, spec.input.shape(1), runs=latency_runs,
+                                                                      warmup=5)]
+    anchors = pruned.anchors().astype(np.float32)
+    np.save(root / "anchors.npy", anchors)
+    shutil.copyfile(POSTPROCESS_SOURCE, root / "postprocess.py")
+    shutil.copyfile(TEMPLATE, root / "deploy.py")
+    _write_selftest(root, models, val, spec)
+    atomic_write_text(root / "README.txt", _readme(spec, reports["pruned"].compatible, checks["pruned"].message))
+    models_section = {}
+    for (k, e), lat in zip(exports.items(), latency):
+        figures = dict(meta.get(k) or {})
+        models_section[k] = {
+            "dir": dirs[k], "xml": f"{dirs[k]}/model.xml", "bin": f"{dirs[k]}/model.bin",
+            "onnx": f"{dirs[k]}/model.onnx",
+            "files": {f"{dirs[k]}/{p.name}": sha256_file(p) for p in sorted((root / dirs[k]).iterdir()) if p.is_file()},
+            "arch": spec.arch, "map": checks[k].map_torch, "accuracy": checks[k].map_torch,
+            "macs": figures.get("macs"), "params": figures.get("params"), "latency_ms": lat,
+            "latency_source": "OpenVINO CPU, batch 1, median of interleaved runs of the exported IR",
+            "output_shape": e["output_shape"], "ncs2": {**reports[k].to_dict(), "xml_path": f"{dirs[k]}/model.xml"},
+            "verification": checks[k].to_dict(),
+        }
+    e = exports["pruned"]
+    manifest = {
+        "format": BUNDLE_FORMAT, "task": "detection", "metric": "mAP@0.5",
+        "tool": {"name": "PruneScope", "version": __version__},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "converter": {"openvino": e["openvino_version"], "torch": torch.__version__, "onnx_opset": e["onnx_opset"]},
+        "input": {"input_name": e["input_name"], "input_shape": e["input_shape"], "layout": "NCHW",
+                  "element_type": "f32", "mean": list(spec.input.mean), "std": list(spec.input.std),
+                  "colour_order": spec.input.colour_order, "resize": "stretch",
+                  "preprocess": "resize to HxW (aspect ratio not kept), pixel/255, then (x - mean) / std per channel"},
+        "output": {"name": e["output_name"], "shape": e["output_shape"],
+                   "layout": "[1, anchors, 4 + classes]: box deltas (dx, dy, dw, dh), then class logits "
+                             "(index 0 = background)"},
+        "postprocess": {"file": "postprocess.py", "anchors": "anchors.npy", "anchor_format": "normalised cx cy w h",
+                        "num_anchors": int(len(anchors)), "box_coder_weights": list(pruned.box_coder_weights),
+                        "score_thresh": settings.score_thresh, "nms_iou": settings.nms_iou,
+                        "max_det": settings.max_det, "boxes": "normalised x1 y1 x2 y2"},
+        "class_names": list(spec.class_names or []),
+        "threshold": meta.get("threshold"), "step": meta.get("step"),
+        "models": models_section,
+        "ncs2": models_section["pruned"]["ncs2"],
+        "verification": checks["pruned"].to_dict(),
+        "selftest": {"file": "selftest.npz", "inputs": SELFTEST_INPUTS,
+                     "tolerance": f"max |output - expected| <= {SELFTEST_TOLERANCE_FRACTION} x (max - min of the "
+                                  f"expected raw output) + {SELFTEST_TOLERANCE_FLOOR}"},
+        "files": {name: sha256_file(root / name)
+                  for name in ("deploy.py", "selftest.npz", "README.txt", "anchors.npy", "postprocess.py")},
+        "meta": {k: v for k, v in meta.items() if k not in ("pruned", "original", "threshold", "step")},
+    }
+    atomic_write_json(root / "manifest.json", manifest)
+    return {"ncs_compatible": reports["pruned"].compatible,
+            "ncs2_problems": [str(p) for p in reports["pruned"].problems],
+            "ncs2_warnings": [str(w) for w in reports["pruned"].warnings],
+            "fallback_ncs_compatible": reports["original"].compatible,
+            "verified": checks["pruned"].verified, "verification": checks["pruned"].to_dict(),
+            "verification_message": checks["pruned"].message, "fallback_verified": checks["original"].verified,
+            "map_torch": checks["pruned"].map_torch, "map_openvino": checks["pruned"].map_openvino,
+            "latency_ms": latency[0], "original_latency_ms": latency[1]}
+
+
+def _write_selftest(root: Path, models: dict, val: DetectionSet, spec: ModelSpec) -> None:
+    """The first validation images with both detectors' PyTorch raw outputs, for deploy.py's self-test."""
+    x = normalize_images(val.images[:SELFTEST_INPUTS], spec.input.mean, spec.input.std)
+    np.savez(root / "selftest.npz", input=x.numpy().astype(np.float32),
+             expected_model=_torch_logits(models["pruned"], x).astype(np.float32),
+             expected_fallback=_torch_logits(models["original"], x).astype(np.float32),
+             tolerance_fraction=np.float32(SELFTEST_TOLERANCE_FRACTION),
+             tolerance_floor=np.float32(SELFTEST_TOLERANCE_FLOOR))
+
+
+def _readme(spec: ModelSpec, compatible: bool, verification: str) -> str:
+    i = spec.input
+    return f"""PruneScope detection bundle ({spec.arch})
+
+model/          pruned detector: model.xml + model.bin (OpenVINO IR, FP16, input 1x{i.channels}x{i.height}x{i.width}), model.onnx (opset {ONNX_OPSET})
+fallback/       the original detector, exported the same way
+anchors.npy     anchors [A, 4], normalised (cx, cy, w, h), one per output row
+postprocess.py  numpy decoder + NMS (boxes normalised x1 y1 x2 y2)
+deploy.py       python deploy.py [--device CPU|MYRIAD] [--image PATH] [--score 0.3] [--json]
+                Loads model/, falls back to fallback/ when a file is missing or altered, fails to compile
+                or fails the self-test; prints the detections of each image. Needs openvino + numpy (+ Pillow).
+
+Input: RGB resized to {i.height}x{i.width} (aspect ratio not kept), pixel/255 then (x - mean) / std, mean={list(i.mean)} std={list(i.std)}.
+NCS2 check: {"compatible" if compatible else "NOT compatible (see manifest.json)"}
+Verification: {verification}
+"""
+
+
+def export_detection_run(run_dir: str | Path, step: int | None = None, max_drop: float | None = None,
+                         out_path: str | Path | None = None, progress=None) -> dict:
+    """Export one step of a detection run (default: the last; or the smallest within ``max_drop`` mAP points)."""
+    from ..runs import Run
+    from ..workspace import workspace_root
+    from .data import load_voc_dataset
+
+    run = Run(run_dir)
+    if run.task != "detection":
+        raise PruneScopeError(f"Run {run.name} is a {run.task} run, not a detection run.")
+    if max_drop is not None:
+        if not 0 <= max_drop <= 100:
+            raise ExportError(f"The mAP threshold must be between 0 and 100 points; got {max_drop}.")
+        step = run.select_step(max_drop)
+    elif step is None:
+        step = run.history[-1]["step"] if run.history else 0
+    record = run.record(step)
+    if progress:
+        progress(0.05, f"rebuilding step {step}")
+    pruned, original = run.rebuild_step(step), run.original().model
+    options = run.config.get("data_options") or {}
+    data = load_voc_dataset(run.config["data_source"], (run.spec.input.height, run.spec.input.width),
+                            class_names=run.config.get("class_names"), val_fraction=options.get("val_fraction", 0.2),
+                            seed=options.get("seed", 0))
+    spec = run.spec
+    if spec.class_names is None:
+        spec.class_names = data.class_names
+    base = run.history[0]
+    meta = {"pruned": {k: record.get(k) for k in ("map", "macs", "params")},
+            "original": {k: base.get(k) for k in ("map", "macs", "params")},
+            "step": step, "run": run.name, "threshold": max_drop,
+            "criterion": run.config.get("prune", {}).get("criterion"),
+            "cluster": run.config.get("prune", {}).get("cluster")}
+    out = Path(out_path) if out_path else workspace_root() / "exports" / f"{run.name}-step{step:04d}"
+    if progress:
+        progress(0.2, "exporting, checking for the NCS2 and verifying mAP on OpenVINO")
+    result = build_detection_bundle(pruned, original, spec, data.val, out, meta)
+    return {**result, "step": step, "run": str(run.dir), "agreement": None,
+            "macs": record.get("macs"), "original_macs": base.get("macs")}
