@@ -97,6 +97,10 @@ def cmd_evaluate(args) -> int:
     from .evaluate import count_macs_params, evaluate_accuracy
     from .ov_runtime import measure_latency_ms
 
+    if args.task == "detection":
+        from .detection.cli import cmd_evaluate_detection
+
+        return cmd_evaluate_detection(args)
     loaded, data = load_model_and_data(args)
     progress("evaluating accuracy on %d validation images" % len(data.val))
     acc = evaluate_accuracy(loaded.model, data.val, loaded.spec.input)

@@ -39,14 +39,17 @@ def add_commands(sub, add_model_args, add_data_args) -> None:
     pr.add_argument("--cluster", type=int, default=8, help="hardware cluster size c (widths stay multiples of c)")
     pr.add_argument("--max-drop", type=float, default=1.0, help="acceptable accuracy drop in points")
     pr.add_argument("--mac-target", type=float, help="stop at this fraction of the original MACs")
-    pr.add_argument("--finetune-steps", type=int, default=40)
-    pr.add_argument("--finetune-lr", type=float, default=0.01)
-    pr.add_argument("--score-images", type=int, default=400)
-    pr.add_argument("--rescore-every", type=int, default=1)
+    pr.add_argument("--finetune-steps", type=int, help="default 40 (detection: 20)")
+    pr.add_argument("--finetune-lr", type=float, help="default 0.01 (detection: 1e-4, AdamW)")
+    pr.add_argument("--score-images", type=int, help="default 400 (detection: 128, the loss-screening subset)")
+    pr.add_argument("--rescore-every", type=int, help="default 1 (detection: 10)")
     pr.add_argument("--max-steps", type=int, default=200)
     pr.add_argument("--no-latency", action="store_true", help="skip OpenVINO latency per step")
     pr.add_argument("--no-analysis", action="store_true", help="skip the full CAR analysis of the original")
     pr.add_argument("--json", action="store_true")
+    from .detection.cli import add_detection_args
+
+    add_detection_args(ev_parser(sub), pr)
 
     ex = sub.add_parser("export", help="OpenVINO IR FP16 + ONNX bundle of a run's step, with the original as fallback")
     ex.add_argument("--run", required=True, help="run folder written by 'prune' or the app")
@@ -83,15 +86,43 @@ def cmd_analyse(args) -> int:
     return 0
 
 
+def ev_parser(sub):
+    """The ``evaluate`` sub-parser, defined in ``cli``."""
+    return sub.choices["evaluate"]
+
+
+def config_from_args(args, config_class):
+    """A pruning config from the command line; options left out keep the task's own defaults."""
+    given = {"criterion": args.criterion, "cluster": args.cluster, "max_drop": args.max_drop,
+             "mac_target": args.mac_target, "finetune_steps": args.finetune_steps, "finetune_lr": args.finetune_lr,
+             "score_images": args.score_images, "rescore_every": args.rescore_every, "max_steps": args.max_steps,
+             "latency": not args.no_latency, "seed": args.seed}
+    for extra in ("optimizer", "exact_candidates", "map_images"):
+        if extra in config_class.__dataclass_fields__:
+            given[extra] = getattr(args, extra, None)
+    config = config_class(**{k: v for k, v in given.items() if v is not None})
+    config.validate()
+    return config
+
+
+def print_summary(summary: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary))
+    else:
+        for k, v in summary.items():
+            print(f"{k}: {v}")
+
+
 def cmd_prune(args) -> int:
     from .cli import load_model_and_data
     from .prune import Callbacks, PruneConfig, run_pruning
 
-    config = PruneConfig(criterion=args.criterion, cluster=args.cluster, max_drop=args.max_drop,
-                         mac_target=args.mac_target, finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
-                         score_images=args.score_images, rescore_every=args.rescore_every, max_steps=args.max_steps,
-                         latency=not args.no_latency, analyse_car=not args.no_analysis, seed=args.seed)
-    config.validate()
+    if args.task == "detection":
+        from .detection.cli import cmd_prune_detection
+
+        return cmd_prune_detection(args)
+    config = config_from_args(args, PruneConfig)
+    config.analyse_car = not args.no_analysis
     loaded, data = load_model_and_data(args)
     out = _prepare_out(args.out)
 
@@ -104,17 +135,18 @@ def cmd_prune(args) -> int:
     summary = run_pruning(loaded, data, config, out, Callbacks(_progress_printer("  "), on_step),
                           data_source=args.data, original_bytes=original_bytes,
                           data_options={"val_fraction": args.val_fraction, "seed": args.seed})
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        for k, v in summary.items():
-            print(f"{k}: {v}")
+    print_summary(summary, args.json)
     return 0
 
 
 def cmd_export(args) -> int:
     from .export import export_run
+    from .runs import Run
 
+    if Run(args.run).task == "detection":
+        from .detection.cli import cmd_export_detection
+
+        return cmd_export_detection(args)
     result = export_run(args.run, step=args.step, max_drop=args.max_drop, out_path=args.out,
                         progress=_progress_printer())
     if args.json:
