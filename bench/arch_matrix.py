@@ -61,7 +61,7 @@ def run_one(arch: str) -> dict:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             weights = Path(tmp) / f"{arch}.pt"
-            torch.save({"model": build_architecture(arch, NUM_CLASSES).state_dict(), "epoch": 1}, weights)
+            torch.save({"model": _nontrivial(build_architecture(arch, NUM_CLASSES)).state_dict(), "epoch": 1}, weights)
             loaded = load_model(weights, arch=arch, input_spec=spec)
             weights.unlink()
             model = loaded.model
@@ -69,8 +69,9 @@ def run_one(arch: str) -> dict:
 
             stage = "car"
             g = torch.Generator().manual_seed(0)
-            images = torch.randint(0, 256, (32, 3, size, size), dtype=torch.uint8, generator=g)
-            probe = ImageSet(images, torch.zeros(32, dtype=torch.long), [str(i) for i in range(NUM_CLASSES)])
+            n = 32 if size <= 64 else 8
+            images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
+            probe = ImageSet(images, torch.zeros(n, dtype=torch.long), [str(i) for i in range(NUM_CLASSES)])
             graph = PruningGraph(model, spec.shape(1))
             groups = graph.groups()
             safe = [gr for gr in groups if not gr.left_alone and gr.width >= 2 * CLUSTER]
@@ -125,6 +126,30 @@ def run_one(arch: str) -> dict:
     return row
 
 
+def _nontrivial(model):
+    """Random weights, but no all-zero layer (ViT's head starts at zero: every logit would be 0 and the
+    IR check vacuous) and BatchNorm statistics that are not the identity."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model
+
+
+def _limit_memory(gib: int) -> None:
+    """A child over this address space fails with MemoryError instead of waking the OOM killer."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (gib * 1024**3, gib * 1024**3))
+
+
 def _first_problem(report) -> str:
     p = report.problems[0]
     return " ".join(str(getattr(p, "message", p)).split())[:80]
@@ -145,9 +170,9 @@ def _ir_vs_torch(xml: str, model, images, spec) -> float:
     return round(float(np.abs(got - ref).max() / (np.abs(ref).max() + 1e-6)), 5)
 
 
-def run_isolated(arch: str, timeout: int) -> dict:
+def run_isolated(arch: str, timeout: int, memory_gib: int) -> dict:
     """One architecture in a child process: a crash, a hang or memory exhaustion stays its own row."""
-    cmd = [sys.executable, str(Path(__file__)), "--one", arch]
+    cmd = [sys.executable, str(Path(__file__)), "--one", arch, "--memory-gib", str(memory_gib)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     except subprocess.TimeoutExpired:
@@ -177,12 +202,14 @@ def main() -> None:
     ap.add_argument("archs", nargs="*", help="architectures (default: every torchvision classifier)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--timeout", type=int, default=900, help="seconds per architecture")
+    ap.add_argument("--memory-gib", type=int, default=14, help="address-space limit per architecture")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "arch_matrix.json"))
     args = ap.parse_args()
     if args.one:
         import warnings
 
         warnings.filterwarnings("ignore")
+        _limit_memory(args.memory_gib)
         print(json.dumps(run_one(args.one)), flush=True)
         return
     from core.models import torchvision_classifiers
@@ -191,7 +218,7 @@ def main() -> None:
     print(f"# {len(archs)} architectures on {machine()}", file=sys.stderr)
     rows = []
     for arch in archs:
-        row = run_isolated(arch, args.timeout)
+        row = run_isolated(arch, args.timeout, args.memory_gib)
         rows.append(row)
         ok = len(row["passed"]) == len(STAGES)
         print(f"{arch:28s} {'PASS' if ok else 'FAIL at ' + str(row.get('failed_at'))} "

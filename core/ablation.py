@@ -223,10 +223,18 @@ class AblationEngine:
                 ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.repeat(logits.shape[0]), reduction="none")
                 loss[ids] += ce.reshape(logits.shape[0], -1).sum(1)
 
+        if fast and self.fast:
+            try:
+                self._evaluate_fast(ablations, account, progress, cancel)
+            except (RuntimeError, ValueError, TypeError):
+                # A traced graph can bake in batch sizes (MaxViT's window partition): the split
+                # run fails where the model itself works. Same numbers the naive way, only slower.
+                self.fast = False
+                preds.zero_()
+                if loss is not None:
+                    loss.zero_()
         if not (fast and self.fast):
             self._evaluate_naive(ablations, account, progress, cancel)
-        else:
-            self._evaluate_fast(ablations, account, progress, cancel)
         if loss is not None:
             loss /= len(self.inputs)
         return preds, loss

@@ -123,11 +123,48 @@ class PruningGraph:
         shapes = self._conv_output_sizes()
         out = []
         ignored = list(self.output_layers)
-        for g in self.dg.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]):
+        for g in self._all_groups(ignored):
+            if isinstance(g, ChannelGroup):  # a root whose dependencies never settle
+                g.gid = len(out)
+                out.append(g)
+                continue
             group = self._channel_group(g, len(out), shapes)
             if group is not None and group.consumers:
                 out.append(group)
         return out
+
+    def _all_groups(self, ignored: list[nn.Module]):
+        """Torch-Pruning's ``get_all_groups``, with each group's growth bounded.
+
+        On some attention blocks (Swin's window reshapes) the index propagation never settles and
+        eats all memory; such a root is yielded as a ChannelGroup marked left alone instead.
+        """
+        visited: set[int] = set()
+        ignored_ids = {id(m) for m in ignored + list(self.dg.IGNORED_LAYERS_IN_TRACING)}
+        for m in list(self.dg.module2node):
+            if id(m) in ignored_ids or id(m) in visited or not isinstance(m, (nn.Conv2d, nn.Linear)):
+                continue
+            pruner = self.dg.get_pruner_of_module(m)
+            if pruner is None or pruner.get_out_channels(m) is None:
+                continue
+            width = pruner.get_out_channels(m)
+            try:
+                with _bounded_groups():
+                    g = self.dg.get_pruning_group(m, pruner.prune_out_channels, list(range(width)))
+            except _GroupTooLarge:
+                visited.add(id(m))
+                yield ChannelGroup(gid=-1, root=self.names.get(m, "?"), width=width, producers=[self.names.get(m, "?")],
+                                   left_alone="its channel dependencies do not settle (reshapes across channels, "
+                                              "e.g. attention heads or windows); left alone")
+                continue
+            prunable = True
+            for dep, _ in g:
+                if self.dg.is_out_channel_pruning_fn(dep.handler):
+                    visited.add(id(dep.target.module))
+                    if id(dep.target.module) in ignored_ids:
+                        prunable = False
+            if prunable:
+                yield g
 
     def _channel_group(self, g, gid: int, shapes: dict) -> ChannelGroup | None:
         """Our view of one Torch-Pruning group: producers, per-filter consumer inputs, MACs per filter."""
@@ -246,6 +283,37 @@ class PruningGraph:
         """Output channels of every conv/linear layer, for the per-layer before/after view."""
         return {n: (m.out_channels if isinstance(m, nn.Conv2d) else m.out_features)
                 for n, m in self.model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
+class _GroupTooLarge(Exception):
+    pass
+
+
+class _bounded_groups:
+    """Swap Torch-Pruning's Group for one that stops growing past a bound (restored on exit)."""
+
+    MAX_ITEMS = 4000
+    MAX_INDICES = 4_000_000
+
+    def __enter__(self):
+        import torch_pruning.dependency.graph as graph_module
+
+        base = graph_module.Group
+
+        class Bounded(base):
+            def add_dep(inner, dep, idxs):
+                inner._n_idx = getattr(inner, "_n_idx", 0) + len(idxs)
+                if len(inner._group) >= self.MAX_ITEMS or inner._n_idx > self.MAX_INDICES:
+                    raise _GroupTooLarge()
+                super().add_dep(dep, idxs)
+
+        self.module, self.base = graph_module, base
+        graph_module.Group = Bounded
+        return self
+
+    def __exit__(self, *exc):
+        self.module.Group = self.base
+        return False
 
 
 def _out_width(module: nn.Module) -> int | None:
