@@ -31,9 +31,11 @@ from _common import ROOT, machine
 
 STAGES = ("load", "car", "prune", "export", "verify")
 # Inputs the architecture needs: ViT/MaxViT have fixed-size position tables, Inception's stem
-# needs at least 75 px; everything else runs at 64 px.
+# needs at least 75 px, and AlexNet/VGG end in an adaptive pool to 6x6/7x7 that ONNX exports only
+# when it is a plain average pool (feature map a multiple of it); everything else runs at 64 px.
 INPUT_SIZE = {"vit_b_16": 224, "vit_b_32": 224, "vit_l_16": 224, "vit_l_32": 224, "vit_h_14": 224, "maxvit_t": 224,
-              "inception_v3": 96}
+              "inception_v3": 96, "alexnet": 224,
+              **{f"vgg{d}{bn}": 224 for d in (11, 13, 16, 19) for bn in ("", "_bn")}}
 CLUSTER = 8
 NUM_CLASSES = 10
 

@@ -157,7 +157,11 @@ def _write_onnx(model: nn.Module, shape: tuple[int, ...], onnx_path: Path) -> in
                 return _write_large_onnx(model, shape, onnx_path, opset)
             if "opset" not in str(exc).lower() and "version" not in str(exc).lower():
                 break
-    raise ExportError(f"ONNX export (opset {ONNX_OPSET}) failed: {_one_line(last)}")
+    hint = ""
+    if "adaptive_avg_pool2d" in str(last) or "adaptive_max_pool2d" in str(last):
+        hint = (" Hint: an adaptive pool exports only when its input is a multiple of its output size; "
+                "export at the model's native input size (e.g. 224x224 for VGG/AlexNet).")
+    raise ExportError(f"ONNX export (opset {ONNX_OPSET}) failed: {_one_line(last)}.{hint}")
 
 
 def _write_large_onnx(model: nn.Module, shape: tuple[int, ...], onnx_path: Path, opset: int) -> int:

@@ -422,3 +422,13 @@ def run_summary(run_dir: Path, state: str, reason: str = "") -> dict:
         "baseline_params": first.get("params"), "final_params": last.get("params"),
         "baseline_latency_ms": first.get("latency_ms"), "final_latency_ms": last.get("latency_ms"),
     }
+
+
+def read_structure(run_dir: Path) -> dict:
+    """What a run changed about the model's structure (converted shortcuts) and which groups it left
+    alone, with why; empty for runs written before this was recorded."""
+    from .workspace import read_json
+
+    path = Path(run_dir) / "structure.json"
+    data = read_json(path) if path.exists() else {}
+    return {"notes": data.get("notes", []), "left_alone": data.get("left_alone", {})}

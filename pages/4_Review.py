@@ -7,6 +7,7 @@ import streamlit as st
 from core import visualize as V
 from core.errors import PruneScopeError
 from core.jobs import past_runs
+from core.prune import read_structure
 from core.runs import Run
 from ui.common import (change, format_macs, format_ms, format_params, format_pct, metrics_row, page_link, pick_run,
                        setup_page, started_at, state_badge)
@@ -82,6 +83,12 @@ with c2:
 
 # ----------------------------------------------------------------------------- removed filters
 st.subheader("Removed filters")
+structure = read_structure(run.dir)
+for note in structure["notes"]:
+    st.caption(note)
+if structure["left_alone"]:
+    with st.expander(f"{len(structure['left_alone'])} layer group(s) left alone", icon=":material/block:"):
+        st.markdown("\n".join(f"- **{root}**: {why}" for root, why in structure["left_alone"].items()))
 removals = [r for r in hist[1:pick["step"] + 1] if r.get("removed")]
 if not removals:
     st.caption("Nothing removed at this threshold.")

@@ -7,6 +7,7 @@ import pytest
 import torchvision
 
 from core.groups import PruningGraph, UnsafeGroupError
+from core.prune import read_structure
 from tests._topology import assert_emulation_matches_surgery, assert_prunes_in_clusters
 from tests.helpers import randomize_bn
 
@@ -49,5 +50,7 @@ def test_grouped_stream_emulation_matches_surgery():
 
 def test_regnet_prunes_streams_in_clusters(tmp_path):
     run = assert_prunes_in_clusters(_regnet(), "regnet_x_400mf", 4, 32, tmp_path)
+    left_alone = read_structure(run.dir)["left_alone"]
+    assert left_alone and all("grouped convolution" in why for why in left_alone.values())
     for record in run.history[1:]:
         assert not any("conv" in p and ".b." in p for p in record["removed"]["producers"]), record["removed"]

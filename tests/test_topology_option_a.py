@@ -20,6 +20,7 @@ from core.export import export_model, verify_ir
 from core.groups import PruningGraph, UnsafeGroupError
 from core.models import load_model
 from core.ncs2 import check_ncs2
+from core.prune import read_structure
 from tests._topology import assert_emulation_matches_surgery, assert_prunes_in_clusters
 from tests.helpers import random_dataset, randomize_bn
 
@@ -90,6 +91,8 @@ def test_a_pruning_run_rebuilds_from_the_users_file(tmp_path):
     lm.spec.input.mean, lm.spec.input.std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
     run = assert_prunes_in_clusters(lm.model, lm.spec.arch, 4, 32, tmp_path, steps=3, lm=lm)
     assert (tmp_path / "run" / "model_code.py").is_file()
+    notes = read_structure(tmp_path / "run")["notes"]
+    assert any(n.startswith("layer2.0.shortcut") for n in notes), notes
     pruned = run.rebuild_step(run.history[-1]["step"])
     exported = export_model(pruned, lm.spec, tmp_path / "ir")
     ncs2 = check_ncs2(exported["xml"])
