@@ -6,6 +6,7 @@ hardware-sized clusters pay off in latency against unclustered pruning at the sa
 All final models are timed together, interleaved, on the OpenVINO CPU runtime (batch 1, median).
 
     python bench/prune_result.py [--finetune-steps 40]
+    python bench/prune_result.py --task detection [--reuse RUN]   # the sample SSD, mAP (see prune_result_detection.py)
 """
 from __future__ import annotations
 
@@ -28,7 +29,13 @@ def main() -> None:
     ap.add_argument("--reuse", help="a finished c=8 run folder to take instead of pruning again")
     ap.add_argument("--runs", type=int, default=300, help="timed inferences per model")
     ap.add_argument("--out", help="keep run folders here (default: a temporary folder)")
+    ap.add_argument("--task", choices=("classification", "detection"), default="classification",
+                    help="detection: the sample SSD on the counting set, mAP instead of accuracy")
     args = ap.parse_args()
+    if args.task == "detection":
+        from prune_result_detection import main as detection_main
+
+        return detection_main(args)
 
     from core.ov_runtime import compile_cpu, time_compiled, to_openvino
     from core.prune import PruneConfig, run_pruning
