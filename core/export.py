@@ -554,6 +554,20 @@ def export_for_cli(pruned_model: nn.Module, original_model: nn.Module, spec: Mod
     }
 
 
+def pick_step(run, step: int | None, max_drop: float | None, progress=None) -> tuple[int, dict]:
+    """(step, its history record): the one asked for, else the smallest within ``max_drop`` points, else the last."""
+    if max_drop is not None:
+        if not 0 <= max_drop <= 100:
+            raise ExportError(f"The threshold must be between 0 and 100 points; got {max_drop}.")
+        step = run.select_step(max_drop)
+    elif step is None:
+        step = run.history[-1]["step"] if run.history else 0
+    record = run.record(step)
+    if progress:
+        progress(0.05, f"rebuilding step {step}")
+    return step, record
+
+
 def export_run(run_dir: str | Path, step: int | None = None, max_drop: float | None = None,
                out_path: str | Path | None = None, progress=None, threshold_points: float | None = None) -> dict:
     """Export one step of a run folder (default: the last; or the smallest within ``max_drop`` points).
@@ -566,15 +580,7 @@ def export_run(run_dir: str | Path, step: int | None = None, max_drop: float | N
     from .workspace import workspace_root
 
     run = Run(run_dir)
-    if max_drop is not None:
-        if not 0 <= max_drop <= 100:
-            raise ExportError(f"The accuracy threshold must be between 0 and 100 points; got {max_drop}.")
-        step = run.select_step(max_drop)
-    elif step is None:
-        step = run.history[-1]["step"] if run.history else 0
-    record = run.record(step)
-    if progress:
-        progress(0.05, f"rebuilding step {step}")
+    step, record = pick_step(run, step, max_drop, progress)
     pruned = run.rebuild_step(step)
     original = run.original()
     options = run.config.get("data_options") or {}

@@ -29,7 +29,8 @@ from torch import nn
 from .. import __version__
 from ..errors import PruneScopeError
 from ..export import (BUNDLE_FORMAT, SELFTEST_TOLERANCE_FLOOR, SELFTEST_TOLERANCE_FRACTION, TEMPLATE, ExportError,
-                      _ir_logits, _one_line, _torch_logits, build_atomically, convert_to_ir, sha256_file, zip_bundle)
+                      _ir_logits, _one_line, _torch_logits, build_atomically, convert_to_ir, pick_step, sha256_file,
+                      zip_bundle)
 from ..models import ModelSpec
 from ..ncs2 import check_ncs2
 from ..ov_runtime import ONNX_OPSET, compile_cpu, read_ir, time_interleaved
@@ -231,15 +232,7 @@ def export_detection_run(run_dir: str | Path, step: int | None = None, max_drop:
     run = Run(run_dir)
     if run.task != "detection":
         raise PruneScopeError(f"Run {run.name} is a {run.task} run, not a detection run.")
-    if max_drop is not None:
-        if not 0 <= max_drop <= 100:
-            raise ExportError(f"The mAP threshold must be between 0 and 100 points; got {max_drop}.")
-        step = run.select_step(max_drop)
-    elif step is None:
-        step = run.history[-1]["step"] if run.history else 0
-    record = run.record(step)
-    if progress:
-        progress(0.05, f"rebuilding step {step}")
+    step, record = pick_step(run, step, max_drop, progress)
     pruned, original = run.rebuild_step(step), run.original().model
     options = run.config.get("data_options") or {}
     data = load_voc_dataset(run.config["data_source"], (run.spec.input.height, run.spec.input.width),
