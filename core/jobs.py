@@ -319,6 +319,49 @@ def prune_job(loaded, data, config, run_dir: Path, data_source: str | None = Non
     return fn
 
 
+def detection_prune_job(model, info: dict, data, config, run_dir: Path, data_options: dict | None = None
+                        ) -> JobFunction:
+    """A job function running :func:`core.detection.prune.run_detection_pruning` into ``run_dir``.
+
+    Same plumbing as :func:`prune_job`: measuring the original counts as one unit, then each step one
+    more, of ``config.max_steps + 1`` (an upper bound: the run may stop earlier).
+    """
+    from .detection.prune import run_detection_pruning
+    from .prune import Callbacks
+
+    total = config.max_steps + 1
+    model = copy.deepcopy(model).eval()
+
+    def fn(ctx: JobContext) -> dict:
+        done = [0]
+
+        def progress(fraction: float, message: str) -> None:
+            unit = done[0]
+            ctx.progress(min((unit + min(max(fraction, 0.0), 1.0)) / total, 0.999), message)
+
+        def step(record: dict) -> None:
+            ctx.step(record)
+            done[0] += 1
+            ctx.progress(min(done[0] / total, 0.999), f"step {record['step']} done")
+
+        return run_detection_pruning(model, info, data, config, run_dir, callbacks=Callbacks(progress, step),
+                                     cancel=ctx.cancel, data_options=data_options)
+
+    return fn
+
+
+def detection_car_job(model, root: str, val, mean, std, n_images: int = 64) -> JobFunction:
+    """A job function: detection CAR (mAP drop) of every filter of one group, on a private copy of ``model``."""
+    from .detection.analysis import group_car
+
+    model = copy.deepcopy(model).eval()
+
+    def fn(ctx: JobContext):
+        return group_car(model, root, val, mean, std, n_images=n_images, progress=ctx.progress, cancel=ctx.cancel)
+
+    return fn
+
+
 def car_job(model, spec, imageset, n_images: int = 500, sensitivity: bool = True) -> JobFunction:
     """A job function computing CAR (+ per-class CAR, sensitivity) on a private copy of ``model``."""
     from .car import compute_car
@@ -339,6 +382,19 @@ def export_job(run_dir: Path | str, step: int, max_drop: float | None = None, ou
 
     def fn(ctx: JobContext) -> dict:
         result = export_run(run_dir, step=step, out_path=out_path, progress=ctx.progress, threshold_points=max_drop)
+        result["threshold_points"] = max_drop
+        return result
+
+    return fn
+
+
+def detection_export_job(run_dir: Path | str, step: int, max_drop: float | None = None,
+                         out_path: Path | str | None = None) -> JobFunction:
+    """A job function exporting one step of a detection run (:func:`core.detection.export.export_detection_run`)."""
+    from .detection.export import export_detection_run
+
+    def fn(ctx: JobContext) -> dict:
+        result = export_detection_run(run_dir, step=step, max_drop=max_drop, out_path=out_path, progress=ctx.progress)
         result["threshold_points"] = max_drop
         return result
 

@@ -46,10 +46,35 @@ class AppState:
     threshold: float | None = None  # accuracy drop (points) chosen on Review
     export_step: int | None = None  # step the threshold picked on Review (for Export)
     sample: str | None = None
+    # object detection (task == "detection"): the detector, its normalisation and the VOC data set
+    task: str = "classification"  # which model the pages work on: "classification" or "detection"
+    detector: Any = None  # core.detection.models.SSDDetector
+    det_info: dict = field(default_factory=dict)  # mean, std, class_names, source (what a run records)
+    det_label: str = ""
+    det_key: str = ""
+    det_data: Any = None  # core.detection.data.DetectionData
+    det_data_label: str = ""
+    det_baseline: dict | None = None  # map, per_class, n, macs, params
+    det_car: Any = None  # core.detection.analysis.GroupCar of the chosen group
 
     @property
     def ready(self) -> bool:
         return self.model is not None and self.data is not None
+
+    @property
+    def det_ready(self) -> bool:
+        return self.detector is not None and self.det_data is not None
+
+    @property
+    def det_run_key(self) -> str:
+        return f"{self.det_key}|{self.det_data.source if self.det_data is not None else ''}"
+
+    def set_detection(self, detector, info: dict, label: str, key: str, data, data_label: str) -> None:
+        self.task = "detection"
+        self.detector, self.det_info, self.det_label, self.det_key = detector, dict(info), label, key
+        self.det_data, self.det_data_label = data, data_label
+        self.det_baseline = None
+        self.det_car = None
 
     @property
     def key(self) -> str:
@@ -57,6 +82,7 @@ class AppState:
 
     def set_model(self, loaded: LoadedModel, label: str, key: str, model_bytes: bytes | None = None) -> None:
         self.model, self.model_label, self.model_key, self.model_bytes = loaded, label, key, model_bytes
+        self.task = "classification"
         self.data = None
         self.data_label = self.data_source = ""
         self.baseline = None
@@ -221,3 +247,51 @@ def run_model(run_dir: str, step: int, mtime: float):
     from core.runs import Run
 
     return Run(run_dir).rebuild_step(step)
+
+
+# ----------------------------------------------------------------------------- object detection
+
+
+@st.cache_resource(show_spinner="Loading the bundled sample detector and its data set...")
+def sample_detection(name: str = "ssd_counting"):
+    """(detector, manifest entry, DetectionData) of the bundled sample detector, cached for the process."""
+    from core.detection.data import load_voc_dataset
+    from core.detection.sample_model import load_sample_detector
+
+    model, entry = load_sample_detector(name)
+    data = load_voc_dataset(f"sample:{entry['dataset']}", tuple(model.input_size))
+    return model, entry, data
+
+
+@st.cache_resource(show_spinner="Measuring mAP@0.5, MACs and parameters...", max_entries=8)
+def detection_baseline(key: str, _model, _data, mean: tuple, std: tuple) -> dict:
+    from core.detection.analysis import detector_cost
+    from core.detection.evaluate import evaluate_map
+
+    result = evaluate_map(_model, _data.val, mean, std)
+    macs, params = detector_cost(_model, mean, std)
+    return {"map": result.map, "accuracy": result.map, "per_class": result.per_class, "n": result.n_images,
+            "macs": macs, "params": params}
+
+
+@st.cache_resource(show_spinner="Loading the run's data set...", max_entries=4)
+def detection_run_data(data_source: str, size: tuple, class_names: tuple, val_fraction: float = 0.2, seed: int = 0):
+    from core.detection.data import load_voc_dataset
+
+    return load_voc_dataset(data_source, size, class_names=list(class_names) or None, val_fraction=val_fraction,
+                            seed=seed)
+
+
+def detection_data_for_run(run):
+    """The detection data set a run was made with: the session's if it is the same, else reloaded (None if gone)."""
+    state = get_state()
+    source = run.config.get("data_source", "")
+    if state.det_data is not None and state.det_data.source == source:
+        return state.det_data
+    opts = run.config.get("data_options") or {}
+    try:
+        return detection_run_data(source, (run.spec.input.height, run.spec.input.width),
+                                  tuple(run.config.get("class_names") or ()), opts.get("val_fraction", 0.2),
+                                  opts.get("seed", 0))
+    except Exception:
+        return None
