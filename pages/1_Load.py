@@ -10,9 +10,17 @@ from core.errors import PruneScopeError
 from core.models import InputSpec, list_architectures, load_model, sample_entry, sample_names
 from ui.charts import fig_class_counts, fig_confusion, fig_per_class_accuracy
 from ui.common import format_pct, metrics_row, page_link, setup_page
+from ui.detection import detection_load_page
 from ui.state import DEFAULT_SAMPLE, baseline, digest, files_to_zip, load_sample_callback, save_upload
 
-state = setup_page("Load", "A trained classifier and an image data set: upload your own or take the bundled sample.")
+state = setup_page("Load", "A trained model and its data set: upload your own or take the bundled sample.")
+TASKS = ("Image classification", "Object detection (SSD)")
+task = st.radio("Task", TASKS, index=1 if state.task == "detection" else 0, horizontal=True, key="load_task",
+                help="Classification: a classifier and an ImageFolder data set. Detection: an SSD detector and a "
+                     "Pascal VOC data set; pruning is then scored by mAP@0.5.")
+if task == TASKS[1]:
+    detection_load_page(state)
+    st.stop()
 
 MODEL_KINDS = ("Weights (state dict) + architecture", "Whole pickled model (trusted files only)",
                "Custom architecture (Python file) + weights")

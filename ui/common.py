@@ -52,7 +52,9 @@ def sidebar(state: AppState) -> None:
         for key in PAGES:
             page_link(key)
         st.divider()
-        if state.model is not None:
+        if state.task == "detection" and state.detector is not None:
+            st.caption(f"Detector: {state.det_label}")
+        elif state.model is not None:
             st.caption(f"Model: {state.model_label}")
         else:
             st.caption("No model loaded")
