@@ -9,10 +9,14 @@ from core.errors import PruneScopeError
 from core.jobs import JobAlreadyRunning, car_job
 from ui.charts import to_image
 from ui.common import format_pct, format_seconds, job_status, need_model, page_link, setup_page
+from ui.detection import detection_analyse_page
 from ui.state import get_registry, model_lock, private_copy
 
 state = setup_page("Analyse", "Which filters matter? CAR (Classification Accuracy Reduction) of a filter is the "
                    "accuracy lost when that one filter is removed, measured exactly on validation images.")
+if state.task == "detection":
+    detection_analyse_page(state)
+    st.stop()
 need_model(state, "the analysis")
 registry = get_registry()
 key = state.key

@@ -15,6 +15,7 @@ from core.runs import Run
 from core.workspace import new_run_dir
 from ui.common import (format_macs, format_pct, format_seconds, job_progress, metrics_row, need_model, page_link,
                        setup_page, state_badge)
+from ui.detection import detection_prune_page
 from ui.state import get_registry, private_copy
 
 # Defaults that finish the bundled sample's flow within about 3 minutes on 2 CPU cores (see the README).
@@ -30,6 +31,9 @@ OTHER = "custom"
 
 state = setup_page("Prune", "Greedy cluster pruning: each step removes the cheapest cluster of filters (accuracy lost "
                    "per MAC saved), fine-tunes briefly and measures. Runs in the background; cancel at any time.")
+if state.task == "detection":
+    detection_prune_page(state)
+    st.stop()
 registry = get_registry()
 active = registry.active("prune")
 if active:  # re-attach (e.g. after a reload): there is at most one pruning job at a time

@@ -13,7 +13,8 @@ from core import visualize as V
 from ui.charts import fig_class_counts
 from ui.common import (format_macs, format_params, format_pct, format_seconds, job_progress, job_status, page_link,
                        state_badge)
-from ui.state import AppState, detection_baseline, digest, get_registry, sample_detection, save_upload
+from ui.state import (AppState, detection_baseline, detection_groups, detection_pictures, digest, get_registry,
+                      sample_detection, save_upload)
 
 METRIC = "mAP@0.5"
 MODEL_SOURCES = ("Bundled sample detector (ssd_counting)", "Architecture + weights (state dict)")
@@ -183,7 +184,8 @@ def detection_summary(state: AppState) -> None:
         st.markdown("**Validation images**: ground truth in green, detections in red")
         min_score = st.slider("Show detections scoring at least", 0.05, 0.95, 0.3, step=0.05, key="det_min_score")
         n = min(6, len(data.val))
-        pictures = DV.detection_images(model, data.val, info["mean"], info["std"], range(n), min_score)
+        pictures = detection_pictures(state.det_run_key, model, data.val, tuple(info["mean"]), tuple(info["std"]),
+                                      tuple(range(n)), float(min_score))
         st.image(pictures, width=200, caption=[f"val image {i}" for i in range(n)])
     st.markdown("**Next**")
     c1, c2, _ = st.columns([1, 1, 3])
@@ -224,3 +226,208 @@ def detection_report(report) -> None:
     if not shown:
         st.success("Every image had a readable annotation and every box lay inside its image.",
                    icon=":material/check_circle:")
+
+
+# ----------------------------------------------------------------------------- Analyse
+
+
+def detection_analyse_page(state: AppState) -> None:
+    if not state.det_ready:
+        st.info("**Load a detector first** on the Load page.", icon=":material/info:")
+        page_link("load", "Go to Load")
+        return
+    registry = get_registry()
+    st.markdown(f"For a detector, the CAR of a filter is the **{METRIC} drop** when that filter alone is removed. "
+                "Every filter costs one decode + NMS + mAP, so CAR is measured here for the filters of **one layer "
+                "group** at a time, on a subset of the validation images. The pruning run scores every filter by "
+                "its MultiBox-loss increase and decides each cluster by its exact mAP drop.")
+    groups = [g for g in detection_groups(state.det_key, state.detector) if not g.get("left_alone")]
+    roots = [g["root"] for g in groups]
+    by_root = {g["root"]: g for g in groups}
+    st.dataframe([{"layer group": g["root"], "filters": g["width"], "MACs per filter": format_macs(g["macs_per_filter"]),
+                   "coupled layers": len(g["producers"])} for g in groups], hide_index=True, width="stretch")
+    st.caption("The head's output convolutions fix the [anchors, 4 + classes] output and are never pruned.")
+    job_key = state.det_run_key
+    job = registry.latest("detection-car", job_key)
+    if job is not None:
+        snap = job.snapshot()
+        if snap.state == "done" and (state.det_car is None or state.det_car is not snap.result):
+            state.det_car = snap.result
+    running = job is not None and job.running
+
+    def start(root: str, n_images: int) -> None:
+        try:
+            registry.start("detection-car", detection_car_job(state.detector, root, state.det_data.val,
+                                                              state.det_info["mean"], state.det_info["std"],
+                                                              n_images), key=job_key, meta={"root": root})
+            state.det_car = None
+        except JobAlreadyRunning:
+            pass
+
+    def cancel() -> None:
+        j = registry.latest("detection-car", job_key)
+        if j is not None:
+            j.request_cancel()
+
+    with st.container(border=True):
+        c1, c2, c3 = st.columns([2, 1, 1], vertical_alignment="bottom")
+        root = c1.selectbox("Layer group", roots, key="det_an_group",
+                            format_func=lambda r: f"{r} · {by_root[r]['width']} filters")
+        n_max = len(state.det_data.val)
+        n_images = c2.slider("Validation images", min(10, n_max), n_max, min(48, n_max), key="det_an_images",
+                             help="mAP is measured on this many validation images per filter.")
+        if running:
+            c3.button("Cancel", key="det_an_cancel", on_click=cancel, icon=":material/stop:", width="stretch")
+        else:
+            c3.button("Compute CAR", key="det_an_start", type="primary", on_click=start, args=(root, n_images),
+                      icon=":material/play_arrow:", width="stretch")
+
+    @st.fragment(run_every=1.0 if running else None)
+    def car_status() -> None:
+        job_status(registry, "detection-car", job_key, "Detection CAR", running, what="CAR analysis")
+
+    car_status()
+    car = state.det_car
+    if car is None:
+        if not running:
+            st.info("Choose a layer group and press **Compute CAR**: it runs in the background.",
+                    icon=":material/info:")
+        return
+    st.success(f"CAR of the {car.width} filters of `{car.root}` on {car.n_images} images (baseline {METRIC} "
+               f"{format_map(car.baseline_map)}; {format_seconds(car.seconds)}).", icon=":material/check_circle:")
+    sort = st.toggle("Lowest CAR first", value=True, key="det_an_sort")
+    st.plotly_chart(DV.fig_group_car(car, sort), key="det_an_fig")
+    st.caption(f"One bar per filter: {METRIC} points lost when that filter alone is removed. Filters at or below "
+               "zero can go at no cost on these images.")
+    page_link("prune", "Prune")
+
+
+# ----------------------------------------------------------------------------- Prune
+
+
+def detection_prune_page(state: AppState) -> None:
+    from core.detection.prune import DetectionPruneConfig
+    from core.prune import CRITERIA
+    from core.runs import Run
+    from core.workspace import new_run_dir
+
+    registry = get_registry()
+    active = registry.active("prune")
+    if active:
+        st.session_state["prune_job_id"] = active[0].id
+    job = registry.get(st.session_state.get("prune_job_id"))
+    running = job is not None and job.running
+
+    def start(config) -> None:
+        st.session_state.pop("prune_error", None)
+        if registry.active("prune"):
+            st.session_state["prune_job_id"] = registry.active("prune")[0].id
+            return
+        run_dir = None
+        try:
+            config.validate()
+            run_dir = new_run_dir(state.detector.config["arch"])
+            j = registry.start("prune", detection_prune_job(state.detector, state.det_info, state.det_data, config,
+                                                            run_dir),
+                               run_dir=run_dir, total_steps=config.max_steps + 1,
+                               meta={"max_drop": config.max_drop, "max_steps": config.max_steps,
+                                     "model": state.det_label, "task": "detection"})
+        except JobAlreadyRunning as exc:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            j = exc.job
+        except PruneScopeError as exc:
+            st.session_state["prune_error"] = str(exc)
+            return
+        st.session_state["prune_job_id"] = j.id
+        state.run_dir, state.export_step = str(j.run_dir), None
+
+    def cancel() -> None:
+        for j in registry.active("prune"):
+            j.request_cancel()
+
+    config = None
+    with st.container(border=True):
+        if not state.det_ready:
+            st.info("No detector loaded in this tab; the pruning job is shown below.")
+            page_link("load", "Go to Load")
+        else:
+            b = state.det_baseline or {}
+            st.markdown(f"**{state.det_label}** · baseline {METRIC} {format_map(b.get('map'))}, "
+                        f"{format_macs(b.get('macs'))} MACs")
+            criteria = [c for c in CRITERIA if c != "taylor"]
+            c1, c2, c3 = st.columns(3, gap="large")
+            with c1:
+                criterion = st.selectbox("Criterion", criteria, key="det_pr_criterion", disabled=running,
+                                         help="car: filters ordered by their loss increase, clusters decided by "
+                                              "exact mAP drop; l1 / random for comparison.")
+                max_drop = st.slider(f"Acceptable {METRIC} drop (points)", 0.0, 10.0, 1.0, step=0.1,
+                                     key="det_pr_max_drop", disabled=running)
+                mac_on = st.toggle("Stop at a MAC target", value=False, key="det_pr_mac_on", disabled=running)
+                mac_target = st.slider("MAC target (% of the original)", 10, 95, 50, step=5, key="det_pr_mac_target",
+                                       disabled=running) if mac_on else None
+            with c2:
+                cluster = int(st.number_input("Cluster size (filters)", 1, 64, 8, key="det_pr_cluster",
+                                              disabled=running))
+                max_steps = st.slider("Step limit", 1, 50, 3, key="det_pr_max_steps", disabled=running)
+            with c3:
+                finetune_steps = st.slider("Fine-tune budget (mini-batches per step)", 0, 200, 20, step=5,
+                                           key="det_pr_finetune", disabled=running)
+                score_images = st.slider("Images for screening", 16, 512, 128, step=16, key="det_pr_score_images",
+                                         disabled=running)
+                latency = st.toggle("Measure OpenVINO latency every step", value=False, key="det_pr_latency",
+                                    disabled=running)
+            config = DetectionPruneConfig(criterion=criterion, cluster=cluster, max_drop=float(max_drop),
+                                          mac_target=None if mac_target is None else mac_target / 100,
+                                          finetune_steps=int(finetune_steps), score_images=int(score_images),
+                                          max_steps=int(max_steps), latency=latency)
+        b1, b2, _ = st.columns([1, 1, 4])
+        b1.button("Start pruning", type="primary", key="pr_start", disabled=running or config is None,
+                  on_click=start, args=(config,), icon=":material/play_arrow:", width="stretch")
+        b2.button("Cancel", key="pr_cancel", disabled=not running, on_click=cancel, icon=":material/stop:",
+                  width="stretch")
+        if st.session_state.get("prune_error"):
+            st.error(st.session_state["prune_error"], icon=":material/error:")
+
+    @st.fragment(run_every=1.0 if running else None)
+    def live() -> None:
+        j = registry.get(job.id) if job is not None else None
+        if j is None:
+            return
+        s = j.snapshot()
+        if not s.running and running:
+            st.rerun()
+        st.subheader("Progress" if s.running else "Last run")
+        name = s.run_dir.name if s.run_dir else s.id
+        st.markdown(f"Run `{name}` · {state_badge(s.state)}")
+        if s.running:
+            job_progress(s, "Pruning")
+        elif s.state == "failed":
+            st.error(f"The run failed: {s.error}", icon=":material/error:")
+        elif s.state == "done":
+            reason = Run(s.run_dir).status.get("message", "") if s.run_dir is not None else ""
+            st.success(f"Finished after {format_seconds(s.elapsed)}: {max(len(s.steps) - 1, 0)} step(s) kept"
+                       + (f"; stopped because {reason}" if reason else "") + ".", icon=":material/check_circle:")
+        else:
+            st.info(f"Cancelled; {max(len(s.steps) - 1, 0)} completed step(s) kept.", icon=":material/info:")
+        if not s.running and (s.state != "failed" or s.steps):
+            page_link("review", "Review the run")
+        if s.steps:
+            last, first = s.steps[-1], s.steps[0]
+            c1, c2, c3 = st.columns(3)
+            c1.metric(METRIC, format_map(last.get("map", last.get("accuracy"))),
+                      f"{(last['accuracy'] - first['accuracy']) * 100:+.2f} points" if len(s.steps) > 1 else None)
+            c2.metric("MACs", format_macs(last.get("macs")))
+            c3.metric("Parameters", format_params(last.get("params")))
+            c1, c2 = st.columns(2)
+            with c1:
+                st.plotly_chart(DV.relabel_metric(V.fig_tradeoff({name: s.steps}, x="macs",
+                                                                 threshold_points=s.meta.get("max_drop"))),
+                                key="det_pr_fig_tradeoff")
+            with c2:
+                st.plotly_chart(DV.relabel_metric(V.fig_progress(s.steps)), key="det_pr_fig_progress")
+
+    if job is not None:
+        live()
+    else:
+        st.info(f"Choose the settings and press **Start pruning**. Each step screens every cluster, measures the "
+                f"exact {METRIC} of the best few, removes one, fine-tunes and measures again.", icon=":material/info:")

@@ -295,3 +295,20 @@ def detection_data_for_run(run):
                                   opts.get("seed", 0))
     except Exception:
         return None
+
+
+@st.cache_resource(max_entries=8)
+def detection_groups(key: str, _model) -> list[dict]:
+    """The detector's prunable groups, cached: tracing it on every rerun would also race a background job's trace
+    (``torch.fx`` patches module calls process-wide while it traces)."""
+    from core.detection.analysis import detector_groups
+
+    return detector_groups(_model)
+
+
+@st.cache_resource(max_entries=16, show_spinner="Drawing detections...")
+def detection_pictures(key: str, _model, _dset, mean: tuple, std: tuple, indices: tuple, min_score: float) -> list:
+    """Validation images with ground truth and the model's detections drawn (cached per model, images, score)."""
+    from core.detection.visualize import detection_images
+
+    return detection_images(_model, _dset, mean, std, list(indices), min_score)
