@@ -11,6 +11,7 @@ from core.prune import read_structure
 from core.runs import Run
 from ui.common import (change, format_macs, format_ms, format_params, format_pct, metrics_row, page_link, pick_run,
                        setup_page, started_at, state_badge)
+from ui.detection import detection_review_page
 from ui.state import data_for_run, get_registry, model_lock, run_model
 
 state = setup_page("Review", "Every step of a run on the accuracy / cost curve. Set the accuracy you can give up: "
@@ -22,6 +23,9 @@ entry = pick_run(state, runs, "**No pruning run yet.** Start one on the Prune pa
 by_name = {r["name"]: r for r in runs}
 names, sel = list(by_name), entry["name"]
 run: Run = entry["run"]
+if run.task == "detection":
+    detection_review_page(state, entry)
+    st.stop()
 hist = run.history
 prune_cfg = run.config.get("prune") or {}
 st.markdown(f"{state_badge(entry['state'])} **{run.spec.arch}** on `{entry['data_source']}` · criterion "

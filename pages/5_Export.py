@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core.jobs import JobAlreadyRunning, export_job, past_runs
+from core.jobs import JobAlreadyRunning, detection_export_job, export_job, past_runs
 from core.workspace import read_json, workspace_root
 from ui.common import (format_macs, format_ms, format_params, format_pct, job_status, pick_run,
                        setup_page, state_badge)
+from ui.detection import detection_bundle_view
 from ui.state import get_registry
 
 state = setup_page("Export", "For the Intel NCS2: OpenVINO IR (FP16, static 1×C×H×W) + ONNX (opset 13), checked "
@@ -30,7 +31,8 @@ else:
     threshold = float(max_drop)
 records = {r["step"]: r for r in hist}
 step = c2.selectbox("Step", steps, index=steps.index(default_step), key=f"ex_step_{sel}",
-                    format_func=lambda k: f"step {k} · {format_pct(records[k]['accuracy'])} · "
+                    format_func=lambda k: f"step {k} · {run.config.get('metric', 'accuracy')} "
+                                          f"{format_pct(records[k]['accuracy'])} · "
                                           f"{format_macs(records[k]['macs'])} MACs"
                                           + (" · threshold pick" if k == default_step else ""))
 st.caption(f"Default: step {default_step}, {why}. {state_badge(entry['state'])}")
@@ -44,7 +46,8 @@ running = job is not None and job.running
 
 def start_export() -> None:
     try:
-        registry.start("export", export_job(run.dir, step, max_drop=threshold, out_path=bundle_dir), key=job_key,
+        make_job = detection_export_job if run.task == "detection" else export_job
+        registry.start("export", make_job(run.dir, step, max_drop=threshold, out_path=bundle_dir), key=job_key,
                        meta={"run": run.name, "step": step})
     except JobAlreadyRunning:
         pass
@@ -70,6 +73,9 @@ if running or not exists:
 
 # ----------------------------------------------------------------------------- the bundle
 manifest = read_json(bundle_dir / "manifest.json")
+if manifest.get("task") == "detection":
+    detection_bundle_view(manifest, bundle_dir, zip_path)
+    st.stop()
 pruned, original = manifest["models"]["pruned"], manifest["models"]["original"]
 ncs2, verification = manifest["ncs2"], manifest["verification"]
 top = bundle_dir.name

@@ -431,3 +431,141 @@ def detection_prune_page(state: AppState) -> None:
     else:
         st.info(f"Choose the settings and press **Start pruning**. Each step screens every cluster, measures the "
                 f"exact {METRIC} of the best few, removes one, fine-tunes and measures again.", icon=":material/info:")
+
+
+# ----------------------------------------------------------------------------- Review
+
+
+def detection_review_page(state: AppState, entry: dict) -> None:
+    """A detection run: mAP (the run's config 'metric') against MACs, the threshold's pick, per-class AP, widths,
+    removed clusters, and validation images with boxes before and after pruning."""
+    from ui.state import detection_data_for_run, run_model
+
+    run = entry["run"]
+    sel, hist = entry["name"], run.history
+    metric = run.config.get("metric", METRIC)
+    cfg = run.config.get("prune") or {}
+    st.markdown(f"{state_badge(entry['state'])} **{run.spec.arch}** detector on `{entry['data_source']}` · metric "
+                f"**{metric}** · criterion **{cfg.get('criterion')}**, cluster **{cfg.get('cluster')}**, budget "
+                f"**{cfg.get('max_drop')} {metric} points**")
+    if entry["state"] == "interrupted":
+        st.warning("This run was interrupted; its completed steps are intact.", icon=":material/warning:")
+    elif entry["state"] in ("running", "cancelling"):
+        st.info("This run is still going: the page shows the steps completed so far.", icon=":material/hourglass_top:")
+        st.button("Refresh", key="rv_refresh", icon=":material/refresh:")
+    if len(hist) < 2:
+        st.info("No pruning step has completed in this run yet.", icon=":material/info:")
+        return
+    base = hist[0]
+    drops = [(base["accuracy"] - r["accuracy"]) * 100 for r in hist]
+    top = max(5.0, float(cfg.get("max_drop") or 0), max(drops) + 0.5)
+    default = state.threshold if state.threshold is not None and str(state.run_dir) == str(run.dir) else \
+        float(cfg.get("max_drop") or 1.0)
+    thr = st.slider(f"Acceptable {metric} drop (points below the original)", 0.0, round(top, 1),
+                    min(default, round(top, 1)), step=0.1, key=f"rv_thr_{sel}")
+    pick = V.pick_smallest_within(hist, thr)
+    state.threshold, state.run_dir, state.export_step = thr, str(run.dir), pick["step"]
+    with st.container(border=True):
+        if pick["step"] == 0:
+            st.markdown(f"No pruned step stays within **{thr:.1f} points**: the original is the pick.")
+        else:
+            st.markdown(f"**Step {pick['step']}** is the smallest model within **{thr:.1f} points**: {metric} "
+                        f"{format_map(pick['accuracy'])} ({(pick['accuracy'] - base['accuracy']) * 100:+.2f} points), "
+                        f"{format_macs(pick['macs'])} MACs ({(pick['macs'] / base['macs'] - 1) * 100:+.1f} %).")
+        c1, c2, c3 = st.columns(3)
+        c1.metric(metric, format_map(pick["accuracy"]),
+                  f"{(pick['accuracy'] - base['accuracy']) * 100:+.2f} points" if pick["step"] else None)
+        c2.metric("MACs", format_macs(pick["macs"]), delta_color="inverse",
+                  delta=f"{(pick['macs'] / base['macs'] - 1) * 100:+.1f} %" if pick["step"] else None)
+        c3.metric("Parameters", format_params(pick["params"]), delta_color="inverse",
+                  delta=f"{(pick['params'] / base['params'] - 1) * 100:+.1f} %" if pick["step"] else None)
+        page_link("export", f"Export step {pick['step']}")
+    c1, c2 = st.columns(2)
+    with c1:
+        st.plotly_chart(DV.relabel_metric(V.fig_tradeoff({run.name: hist}, x="macs", threshold_points=thr,
+                                                         selected_step=pick["step"]), metric), key="rv_fig_macs")
+    with c2:
+        st.plotly_chart(V.fig_widths(base["widths"], pick["widths"]), key="rv_fig_widths")
+    if base.get("per_class") and pick.get("per_class"):
+        st.markdown("**AP per class** (validation)")
+        st.dataframe([{"class": c, "original": format_map(ap), f"step {pick['step']}": format_map(pick["per_class"].get(c)),
+                       "change (points)": f"{((pick['per_class'].get(c) or 0) - ap) * 100:+.2f}"}
+                      for c, ap in base["per_class"].items()], hide_index=True, width="stretch")
+    removals = [r for r in hist[1:pick["step"] + 1] if r.get("removed")]
+    if removals:
+        st.markdown("**Removed clusters**")
+        st.dataframe([{"step": r["step"], "layer": r["removed"]["group"], "filters removed": len(r["removed"]["filters"]),
+                       "width": f"{r['removed']['width_before']} → {r['removed']['width_after']}",
+                       f"{metric} after": format_map(r["accuracy"]), "MACs after": format_macs(r["macs"])}
+                      for r in removals], hide_index=True, width="stretch")
+
+    st.subheader("Images with predicted boxes before and after pruning")
+    data = detection_data_for_run(run)
+    if data is None:
+        st.info("The run's data set is not available any more, so no images can be drawn.")
+        return
+    c1, c2 = st.columns(2)
+    n = c1.slider("Validation images", 1, min(8, len(data.val)), min(4, len(data.val)), key=f"rv_det_n_{sel}")
+    min_score = c2.slider("Show detections scoring at least", 0.05, 0.95, 0.3, step=0.05, key=f"rv_det_score_{sel}")
+    try:
+        mtime = (run.dir / "original.pt").stat().st_mtime
+        original = run_model(str(run.dir), 0, mtime)
+        pruned = run_model(str(run.dir), pick["step"], mtime)
+    except PruneScopeError as exc:
+        st.error(str(exc))
+        return
+    mean, std = tuple(run.spec.input.mean), tuple(run.spec.input.std)
+    before = detection_pictures(f"{run.dir}:0", original, data.val, mean, std, tuple(range(n)), float(min_score))
+    after = detection_pictures(f"{run.dir}:{pick['step']}", pruned, data.val, mean, std, tuple(range(n)),
+                               float(min_score))
+    st.caption("Ground truth in green, detections in red.")
+    for i in range(n):
+        a, b = st.columns(2)
+        a.image(before[i], caption=f"val image {i}: original", width=240)
+        b.image(after[i], caption=f"val image {i}: step {pick['step']}", width=240)
+
+
+# ----------------------------------------------------------------------------- Export
+
+
+def detection_bundle_view(manifest: dict, bundle_dir, zip_path) -> None:
+    """What a detection bundle holds: NCS2 check, OpenVINO mAP against PyTorch, figures, the zip."""
+    pruned, original = manifest["models"]["pruned"], manifest["models"]["original"]
+    ncs2, ver = manifest["ncs2"], manifest["verification"]
+    metric = manifest.get("metric", METRIC)
+    st.subheader(f"Detection bundle of step {manifest.get('step')}")
+    c1, c2 = st.columns(2)
+    with c1.container(border=True):
+        if ncs2["compatible"]:
+            st.success(f"**NCS2 ready**: every layer is supported by the MYRIAD plugin of OpenVINO 2022.3 "
+                       f"({sum(ncs2['ops'].values())} layers, FP16, static input "
+                       f"{'×'.join(str(d) for d in manifest['input']['input_shape'])}).", icon=":material/check_circle:")
+        else:
+            st.error(f"**Not NCS2 compatible**: {len(ncs2['problems'])} problem(s); deploy.py falls back to the "
+                     "original on the stick.", icon=":material/error:")
+            for p in ncs2["problems"][:20]:
+                st.markdown(f"- layer `{p['layer']}` ({p['type']}): {p['reason']}")
+    with c2.container(border=True):
+        (st.success if ver["verified"] else st.warning)(
+            ver["message"], icon=":material/verified:" if ver["verified"] else ":material/warning:")
+        ov = original["verification"]
+        st.markdown(f"**Fallback (original)**: NCS2 {'compatible' if original['ncs2']['compatible'] else 'NOT compatible'}"
+                    f", {metric} OpenVINO {format_map(ov['map_openvino'])} vs PyTorch {format_map(ov['map_torch'])}.")
+    st.dataframe([{"model": label, f"{metric} (PyTorch)": format_map(m["verification"]["map_torch"]),
+                   f"{metric} (OpenVINO CPU)": format_map(m["verification"]["map_openvino"]),
+                   "MACs": format_macs(m.get("macs")), "parameters": format_params(m.get("params")),
+                   "latency (OpenVINO CPU)": f"{m['latency_ms']:.2f} ms" if m.get("latency_ms") else "—"}
+                  for label, m in (("pruned (model/)", pruned), ("original (fallback/)", original))],
+                 hide_index=True, width="stretch")
+    with st.container(border=True):
+        top = bundle_dir.name
+        st.markdown(f"""**What is in the zip** (`{zip_path.name}`, {zip_path.stat().st_size / 1e6:.2f} MB)
+
+- `{top}/model/`, `{top}/fallback/`: the pruned and the original raw SSD (IR FP16 + ONNX), output [1, anchors, 4 + classes]
+- `{top}/anchors.npy` + `postprocess.py`: decoding, softmax and NMS on the host (numpy)
+- `{top}/deploy.py`: falls back to `fallback/` when a file is missing or altered, fails to compile or fails the self-test;
+  `python deploy.py --device MYRIAD --image picture.jpg` prints the detections
+- `{top}/manifest.json`, `README.txt`: hashes, figures, input format, class names, NCS2 report, verification""")
+        st.download_button("Download the bundle (.zip)", data=zip_path.read_bytes(), file_name=zip_path.name,
+                           mime="application/zip", type="primary", key="ex_download", icon=":material/download:")
+        st.caption(f"Also on disk: `{bundle_dir}`")

@@ -1,0 +1,121 @@
+"""Object detection in the app: Load (sample detector: mAP, boxes; a bad VOC zip: its error), Review of a small
+detection run (mAP labels, before/after images), Export of that run (detection bundle, mAP verification)."""
+from __future__ import annotations
+
+import io
+import shutil
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from tests.app_conftest import (assert_no_exception, fresh_registry, goto, images, new_app, texts,  # noqa: F401
+                                wait_until)
+
+DETECTION = "Object detection (SSD)"
+_RUN: list = []
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def with_detector(page: str = "load"):
+    at = goto(new_app().run(), "load")
+    at.radio(key="load_task").set_value(DETECTION).run()
+    assert_no_exception(at)
+    at.button(key="det_load_sample").click().run()
+    assert_no_exception(at)
+    return goto(at, page) if page != "load" else at
+
+
+def test_load_sample_detector_shows_map_and_boxes():
+    at = with_detector()
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["mAP@0.5"].endswith("%") and float(metrics["mAP@0.5"].rstrip(" %")) > 90
+    assert metrics["MACs"] != "—"
+    page = texts(at)
+    assert "AP per class" in page and "ground truth in green" in page
+    assert images(at) == 6
+    assert at.session_state["prunescope"].task == "detection"
+
+
+def test_bad_voc_zip_shows_the_specific_error():
+    at = goto(new_app().run(), "load")
+    at.radio(key="load_task").set_value(DETECTION).run()
+    at.radio(key="det_data_source").set_value("Pascal VOC zip").run()
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:  # annotations without a single <object>: nothing to detect
+        zf.writestr("VOC/JPEGImages/a.txt", b"not an image")
+        zf.writestr("VOC/Annotations/a.xml", b"<annotation><filename>a.jpg</filename></annotation>")
+    from streamlit.runtime.uploaded_file_manager import UploadedFile, UploadedFileRec  # noqa: F401
+
+    at.session_state["det_voc_zip"] = _Upload("bad.zip", buf.getvalue())
+    at.button(key="det_load_upload").click().run()
+    assert_no_exception(at)
+    errors = [e.value for e in at.error]
+    assert errors and "The data set could not be used" in errors[0], errors
+    assert at.session_state["prunescope"].det_data is None
+
+
+class _Upload:
+    """What st.file_uploader returns, enough for the page (name + getvalue)."""
+
+    def __init__(self, name: str, data: bytes):
+        self.name, self._data, self.size = name, data, len(data)
+
+    def getvalue(self) -> bytes:
+        return self._data
+
+
+@pytest.fixture(scope="module")
+def detection_run_template(tmp_path_factory):
+    from core.detection.prune import DetectionPruneConfig, run_detection_pruning
+    from core.detection.sample import load_sample_detection
+    from core.detection.sample_model import load_sample_detector
+
+    torch.set_num_threads(1)
+    model, entry = load_sample_detector("ssd_counting")
+    data = load_sample_detection("counting")
+    data.val = data.val.subset(np.arange(48))
+    out = tmp_path_factory.mktemp("det") / "20260101-000000-sample_ssd-abcdef"
+    config = DetectionPruneConfig(cluster=8, max_steps=1, finetune_steps=2, score_images=16, filter_images=8,
+                                  exact_candidates=1, latency=False, max_drop=5.0)
+    run_detection_pruning(model, entry, data, config, out)
+    return out
+
+
+@pytest.fixture
+def detection_run(detection_run_template):
+    from core.workspace import runs_dir
+
+    dest = runs_dir() / detection_run_template.name
+    shutil.copytree(detection_run_template, dest)
+    return dest
+
+
+def test_review_and_export_of_a_detection_run(detection_run):
+    at = goto(new_app().run(), "review")
+    assert at.selectbox(key="rv_run").value == detection_run.name
+    page = texts(at)
+    assert "metric **mAP@0.5**" in page and "mAP@0.5" in [m.label for m in at.metric]
+    assert "Images with predicted boxes before and after pruning" in page
+    n = at.slider(key=f"rv_det_n_{detection_run.name}").value
+    captions = [c for e in at.get("image") for c in [i.caption for i in e.proto.imgs]]
+    assert sum("original" in c for c in captions) == n and sum("step" in c for c in captions) == n
+    assert "AP per class" in page
+    # Export dispatches on the run's task: a detection bundle verified by mAP on OpenVINO
+    goto(at, "export")
+    at.button(key="ex_start").click().run()
+    wait_until(at, lambda a: "Detection bundle of step" in texts(a) or any("failed" in e.value for e in a.error),
+               timeout=180, interval=2)
+    page = texts(at)
+    assert "Detection bundle of step" in page, page[-1500:]
+    assert "mAP@0.5 on OpenVINO CPU" in page
+    assert "NCS2" in page
+    assert at.get("download_button")
