@@ -53,24 +53,13 @@ def test_bad_voc_zip_shows_the_specific_error():
     with zipfile.ZipFile(buf, "w") as zf:  # annotations without a single <object>: nothing to detect
         zf.writestr("VOC/JPEGImages/a.txt", b"not an image")
         zf.writestr("VOC/Annotations/a.xml", b"<annotation><filename>a.jpg</filename></annotation>")
-    from streamlit.runtime.uploaded_file_manager import UploadedFile, UploadedFileRec  # noqa: F401
-
-    at.session_state["det_voc_zip"] = _Upload("bad.zip", buf.getvalue())
+    at.file_uploader(key="det_voc_zip").set_value(("bad.zip", buf.getvalue(), "application/zip"))
     at.button(key="det_load_upload").click().run()
     assert_no_exception(at)
     errors = [e.value for e in at.error]
     assert errors and "The data set could not be used" in errors[0], errors
+    assert "No usable image" in errors[0], errors  # the loader's own reason, not a generic failure
     assert at.session_state["prunescope"].det_data is None
-
-
-class _Upload:
-    """What st.file_uploader returns, enough for the page (name + getvalue)."""
-
-    def __init__(self, name: str, data: bytes):
-        self.name, self._data, self.size = name, data, len(data)
-
-    def getvalue(self) -> bytes:
-        return self._data
 
 
 @pytest.fixture(scope="module")
