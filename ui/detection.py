@@ -11,7 +11,7 @@ from core.errors import PruneScopeError
 from core.jobs import JobAlreadyRunning, detection_car_job, detection_prune_job
 from core import visualize as V
 from ui.charts import fig_class_counts
-from ui.common import (format_macs, format_params, format_pct, format_seconds, job_progress, job_status, page_link,
+from ui.common import (format_macs, format_params, format_seconds, job_progress, job_status, page_link,
                        state_badge)
 from ui.state import (AppState, detection_baseline, detection_groups, detection_pictures, digest, get_registry,
                       sample_detection, save_upload)
