@@ -316,6 +316,21 @@ def infer_num_classes(arch: str, sd: dict[str, torch.Tensor]) -> int:
     )
 
 
+def _with_version_metadata(sd: dict, own: dict) -> dict:
+    """Weights as the loader found them (nested, prefixes stripped) lost the per-module version
+    numbers a state dict carries; some modules refuse to load without them (torchvision's MNASNet).
+    The file's own versions are kept when they fit this model, else the model's current ones."""
+    from collections import OrderedDict
+
+    meta = getattr(sd, "_metadata", None)
+    own_meta = getattr(own, "_metadata", None)
+    if own_meta is None or (meta is not None and set(meta) <= set(own_meta)):
+        return sd
+    out = OrderedDict(sd)
+    out._metadata = own_meta
+    return out
+
+
 def load_state_dict_strict(model: nn.Module, sd: dict[str, torch.Tensor], arch: str) -> None:
     """Load weights, or say exactly which keys and shapes do not fit."""
     own = model.state_dict()
@@ -333,7 +348,7 @@ def load_state_dict_strict(model: nn.Module, sd: dict[str, torch.Tensor], arch: 
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected key(s), first: {', '.join(unexpected[:3])}")
         raise ModelLoadError(f"The weights do not fit architecture '{arch}': " + "; ".join(parts) + ".")
-    model.load_state_dict(sd, strict=True)
+    model.load_state_dict(_with_version_metadata(sd, own), strict=True)
 
 
 def load_model(

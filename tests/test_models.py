@@ -195,3 +195,15 @@ def test_half_model_state_dict(tmp_path):
     assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
     assert torch.equal(loaded.model.state_dict()["fc.weight"], model.state_dict()["fc.weight"].float())
     assert any("float16" in n and "half precision" in n for n in loaded.notes)
+
+
+def test_versioned_modules_load_from_nested_prefixed_checkpoints(tmp_path):
+    """MNASNet refuses weights without its version number, which nesting and prefix stripping drop."""
+    import torchvision
+
+    sd = torchvision.models.mnasnet0_5(num_classes=3).state_dict()
+    path = tmp_path / "mnasnet.pt"
+    torch.save({"epoch": 5, "state_dict": {f"module.{k}": v for k, v in sd.items()}}, path)
+    loaded = load_model(path, arch="mnasnet0_5")
+    assert loaded.spec.num_classes == 3
+    assert torch.equal(loaded.model.state_dict()["classifier.1.weight"], sd["classifier.1.weight"])
