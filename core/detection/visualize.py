@@ -77,3 +77,17 @@ def relabel_metric(fig, metric: str = "mAP@0.5"):
         if getattr(tr, "hovertemplate", None):
             tr.hovertemplate = swap(tr.hovertemplate)
     return fig
+
+
+def fig_group_car(car, sort: bool = True):
+    """Bars: mAP points lost per filter of one group (a ``core.detection.analysis.GroupCar``)."""
+    import plotly.graph_objects as go
+
+    points = [c * 100 for c in car.car]
+    order = sorted(range(len(points)), key=lambda i: points[i]) if sort else list(range(len(points)))
+    fig = go.Figure(go.Bar(x=[str(i) for i in order], y=[points[i] for i in order], marker_color="#1f77b4",
+                           hovertemplate="filter %{x}: %{y:.3f} mAP points<extra></extra>"))
+    fig.update_layout(title=f"Detection CAR of {car.root} ({car.n_images} images)", xaxis_title="Filter",
+                      yaxis_title="mAP@0.5 drop (points)", height=340, margin={"t": 50, "b": 40})
+    fig.update_xaxes(type="category", showticklabels=len(points) <= 64)
+    return fig
