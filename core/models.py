@@ -301,7 +301,10 @@ def _is_state_dict(d: dict) -> bool:
 def classifier_keys(arch: str) -> list[str]:
     """State-dict keys of the output layer, found by building the model with an unlikely class count."""
     probe_classes = 7919
-    with torch.device("meta"):  # shapes only: no memory, no initialisation (matters for 600M-parameter models)
+    try:
+        with torch.device("meta"):  # shapes only: no memory, no initialisation (matters for 600M-parameter models)
+            probe = build_architecture(arch, probe_classes)
+    except (NotImplementedError, RuntimeError):  # a constructor that computes with tensors (RegNet's widths)
         probe = build_architecture(arch, probe_classes)
     return [k for k, v in probe.state_dict().items() if v.ndim >= 1 and v.shape[0] == probe_classes]
 

@@ -15,3 +15,14 @@ if str(ROOT) not in sys.path:
 def _isolated_workspace(tmp_path, monkeypatch):
     monkeypatch.setenv("PRUNESCOPE_WORKSPACE", str(tmp_path / "workspace"))
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, spinning OpenMP threads slow small convs many-fold."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -17,12 +17,7 @@ DETECTION = "Object detection (SSD)"
 _RUN: list = []
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def with_detector(page: str = "load"):

@@ -17,13 +17,7 @@ from core.errors import ModelLoadError
 SMALL_SIZES = {"ssdlite320_mobilenet_v3_large": (320, 320), "ssd_mobilenet_v2": (160, 160), "sample_ssd": (96, 128)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, spinning OpenMP threads slow small convs many-fold."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random_boxes(rng, k):

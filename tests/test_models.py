@@ -207,3 +207,11 @@ def test_versioned_modules_load_from_nested_prefixed_checkpoints(tmp_path):
     loaded = load_model(path, arch="mnasnet0_5")
     assert loaded.spec.num_classes == 3
     assert torch.equal(loaded.model.state_dict()["classifier.1.weight"], sd["classifier.1.weight"])
+
+
+@pytest.mark.parametrize("arch", ["regnet_x_400mf", "mobilenet_v3_small"])
+def test_class_count_is_inferred_for_every_builder(arch, tmp_path):
+    """The class-count probe builds on the meta device where it can; RegNet's builder cannot."""
+    path = tmp_path / "w.pt"
+    torch.save(build_architecture(arch, 7).state_dict(), path)
+    assert load_model(path, arch=arch).spec.num_classes == 7
