@@ -86,7 +86,7 @@ class PruningGraph:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:  # the graph is traced through autograd, so it must work inside a caller's no_grad
-                with torch.enable_grad():
+                with torch.enable_grad(), _deep_shape_inference():
                     self.dg = tp.DependencyGraph().build_dependency(self.model, example_inputs=self.example,
                                                                     verbose=False)
             except Exception as exc:  # Torch-Pruning's tracer has no error types of its own
@@ -283,6 +283,31 @@ class PruningGraph:
         """Output channels of every conv/linear layer, for the per-layer before/after view."""
         return {n: (m.out_channels if isinstance(m, nn.Conv2d) else m.out_features)
                 for n, m in self.model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
+class _deep_shape_inference:
+    """Torch-Pruning infers a concat's input widths by walking back up to 500 nodes and then gives
+    up with None, which crashes on deep models (Swin-S/B's patch merging after 18 blocks). A deeper
+    walk is cheap; both limits are restored on exit."""
+
+    DEPTH = 5000
+
+    def __enter__(self):
+        import sys
+
+        import torch_pruning.dependency.constants as constants
+
+        self.constants, self.depth, self.limit = constants, constants.MAX_RECURSION_DEPTH, sys.getrecursionlimit()
+        constants.MAX_RECURSION_DEPTH = max(self.depth, self.DEPTH)
+        sys.setrecursionlimit(max(self.limit, 4 * self.DEPTH))
+        return self
+
+    def __exit__(self, *exc):
+        import sys
+
+        self.constants.MAX_RECURSION_DEPTH = self.depth
+        sys.setrecursionlimit(self.limit)
+        return False
 
 
 class _GroupTooLarge(Exception):
