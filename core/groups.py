@@ -90,6 +90,9 @@ class PruningGraph:
                     self.dg = tp.DependencyGraph().build_dependency(self.model, example_inputs=self.example,
                                                                     verbose=False)
             except Exception as exc:  # Torch-Pruning's tracer has no error types of its own
+                if isinstance(exc, MemoryError) or "allocate memory" in str(exc):
+                    raise PruneScopeError("Not enough memory to trace this model's channel dependencies; "
+                                          "close other work or use a machine with more memory.") from exc
                 raise UnsupportedModelError(
                     f"This model is not supported for pruning: Torch-Pruning cannot follow its channels "
                     f"({type(exc).__name__}: {str(exc)[:160]}). Typical cause: a reshape that mixes channels, "
