@@ -244,9 +244,7 @@ def _softmax(z):
 def detect(image_path, compiled, manifest, score_thresh):
     """Detections of one image file: boxes in the image's pixels (x1, y1, x2, y2), class, score."""
     sys.path.insert(0, HERE)
-    # The bundle's own postprocess.py (numpy only): loaded by name so that this script's imports stay
-    # openvino + numpy (+ Pillow), which is all a classification bundle ships.
-    postprocess = __import__("postprocess")
+    import postprocess  # the bundle's own numpy-only decoder + NMS, shipped beside this script
 
     anchors = _anchors(manifest)
     raw = predict(load_image(image_path, manifest)[None], compiled)
