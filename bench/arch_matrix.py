@@ -212,6 +212,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=900, help="seconds per architecture")
     ap.add_argument("--memory-gib", type=int, default=14, help="address-space limit per architecture")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "arch_matrix.json"))
+    ap.add_argument("--update", action="store_true",
+                    help="replace the rows of the given architectures in --out and print the whole table")
     args = ap.parse_args()
     if args.one:
         import warnings
@@ -224,6 +226,8 @@ def main() -> None:
 
     archs = args.archs or torchvision_classifiers()
     print(f"# {len(archs)} architectures on {machine()}", file=sys.stderr)
+    out = Path(args.out)
+    kept = [r for r in json.loads(out.read_text()) if r["arch"] not in archs] if args.update and out.exists() else []
     rows = []
     for arch in archs:
         row = run_isolated(arch, args.timeout, args.memory_gib)
@@ -231,8 +235,9 @@ def main() -> None:
         ok = len(row["passed"]) == len(STAGES)
         print(f"{arch:28s} {'PASS' if ok else 'FAIL at ' + str(row.get('failed_at'))} "
               f"{row.get('seconds', '')}s {row.get('reason', '')[:120]}", file=sys.stderr, flush=True)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(rows, indent=1))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(sorted(kept + rows, key=lambda r: r["arch"]), indent=1))
+    rows = sorted(kept + rows, key=lambda r: r["arch"])
     passed = sum(len(r["passed"]) == len(STAGES) for r in rows)
     print(markdown(rows))
     print(f"\n{passed}/{len(rows)} architectures pass every stage ({passed / len(rows):.0%}).")
