@@ -293,7 +293,6 @@ def _loop(graph: PruningGraph, loaded: LoadedModel, data: DataSet, config: Prune
     t_start = time.perf_counter()
     scores: dict[int, np.ndarray] | None = None
     reason = "step limit reached"
-    last = record0
     for step in range(1, config.max_steps + 1):
         if cancel.is_set():
             raise CancelledError("Cancelled.")
@@ -309,58 +308,79 @@ def _loop(graph: PruningGraph, loaded: LoadedModel, data: DataSet, config: Prune
         if not candidates:
             reason = "every group is down to one cluster"
             break
-        accepted = None
-        tried = 0
-        for cand in candidates:
-            if tried > config.patience:
-                break
-            if cand["group"].root in left_alone:
-                continue
-            snapshot = (copy.deepcopy(graph.model), [list(h) for h in graph.history])
-            try:
-                graph.prune(cand["group"].root, cand["filters"])
-            except UnsafeGroupError as exc:
-                left_alone[cand["group"].root] = str(exc)
-                writer.write_json("structure.json", structure)
-                cb.progress(0.5, f"step {step}: leaving {cand['group'].label} alone: {exc}")
-                graph = PruningGraph(snapshot[0], spec.shape(1), history=snapshot[1])
-                continue
-            except PruneScopeError as exc:
-                tried += 1
-                cb.progress(0.5, f"step {step}: skipped {cand['group'].root}: {exc}")
-                graph = PruningGraph(snapshot[0], spec.shape(1), history=snapshot[1])
-                continue
-            tried += 1
-            finetune(graph.model, data.train, spec, config.finetune_steps, config.finetune_lr, config.batch_size, rng,
-                     cancel, progress=lambda f, m: cb.progress(0.5 + 0.4 * f, f"step {step}: {m}"))
-            if cancel.is_set():
-                raise CancelledError("Cancelled.")
-            cb.progress(0.92, f"step {step}: evaluating")
-            metrics = measure(graph.model, data, spec, config)
-            drop = (base["accuracy"] - metrics["accuracy"]) * 100
-            if drop > config.max_drop + 1e-9:
-                cb.progress(0.95, f"step {step}: {cand['group'].root} would drop {drop:.2f} points; undone")
-                graph = PruningGraph(snapshot[0], spec.shape(1), history=snapshot[1])
-                continue
-            accepted = (cand, metrics, tried - 1)
-            break
+        accepted, graph = try_candidates(
+            graph, candidates, structure, writer, cb, step, config.patience,
+            rebuild=lambda model, history: PruningGraph(model, spec.shape(1), history=history),
+            apply=lambda model: _finetune_and_measure(model, data, spec, config, rng, cancel, cb, step),
+            drop=lambda metrics: (base["accuracy"] - metrics["accuracy"]) * 100, max_drop=config.max_drop)
         if accepted is None:
             reason = f"the next clusters would exceed the {config.max_drop:g}-point threshold"
             break
-        cand, metrics, attempt = accepted
+        cand, metrics, tried = accepted
         removed = removed_record(cand, channel_maps)
         now = time.perf_counter()
         record = {"step": step, **metrics, "widths": graph.widths(), "removed": removed,
-                  "estimated_drop": cand["cost"], "candidates_tried": attempt + 1,
+                  "estimated_drop": cand["cost"], "candidates_tried": tried,
                   "seconds": now - t0, "elapsed": now - t_start}
         writer.add_step(record, graph.model, graph.history)
         cb.step(record)
-        last = record
         if config.mac_target is not None and metrics["macs"] <= config.mac_target * base["macs"]:
             reason = f"MAC target reached ({metrics['macs'] / base['macs']:.2f} of the original)"
             break
     writer.status("done", reason)
     return run_summary(writer.dir, "done", reason)
+
+
+def try_candidates(graph: PruningGraph, candidates: list[dict], structure: dict, writer: RunWriter, cb: Callbacks,
+                   step: int, patience: int, rebuild, apply, drop, max_drop: float, unit: str = "points"):
+    """Remove, fine-tune and measure candidates in order until one stays within the threshold.
+
+    ``apply(model) -> metrics`` fine-tunes and measures; ``drop(metrics)`` is the loss in points;
+    ``rebuild(model, history)`` makes a graph from a snapshot. A group whose surgery fails the check
+    is recorded in ``structure["left_alone"]`` and does not count against ``patience``. Returns
+    ``((candidate, metrics, tried), graph)``, or ``(None, graph)``; a rejected candidate leaves the
+    graph as it was.
+    """
+    left_alone = structure["left_alone"]
+    tried = 0
+    for cand in candidates:
+        if tried > patience:
+            break
+        if cand["group"].root in left_alone:
+            continue
+        snapshot = (copy.deepcopy(graph.model), [list(h) for h in graph.history])
+        try:
+            graph.prune(cand["group"].root, cand["filters"])
+        except UnsafeGroupError as exc:
+            left_alone[cand["group"].root] = str(exc)
+            writer.write_json("structure.json", structure)
+            cb.progress(0.5, f"step {step}: leaving {cand['group'].label} alone: {exc}")
+            graph = rebuild(*snapshot)
+            continue
+        except PruneScopeError as exc:
+            tried += 1
+            cb.progress(0.5, f"step {step}: skipped {cand['group'].root}: {exc}")
+            graph = rebuild(*snapshot)
+            continue
+        tried += 1
+        metrics = apply(graph.model)
+        lost = drop(metrics)
+        if lost > max_drop + 1e-9:
+            cb.progress(0.95, f"step {step}: {cand['group'].root} would drop {lost:.2f} {unit}; undone")
+            graph = rebuild(*snapshot)
+            continue
+        return (cand, metrics, tried), graph
+    return None, graph
+
+
+def _finetune_and_measure(model: nn.Module, data: DataSet, spec: InputSpec, config: PruneConfig, rng, cancel,
+                          cb: Callbacks, step: int) -> dict:
+    finetune(model, data.train, spec, config.finetune_steps, config.finetune_lr, config.batch_size, rng, cancel,
+             progress=lambda f, m: cb.progress(0.5 + 0.4 * f, f"step {step}: {m}"))
+    if cancel.is_set():
+        raise CancelledError("Cancelled.")
+    cb.progress(0.92, f"step {step}: evaluating")
+    return measure(model, data, spec, config)
 
 
 def _candidates(groups, scores, config: PruneConfig, scorer: CarScorer | None, rng, cancel) -> list[dict]:

@@ -34,12 +34,12 @@ import torch
 from torch import nn
 
 from ..ablation import AblationEngine
-from ..errors import CancelledError, PruneScopeError, SettingsError
+from ..errors import CancelledError, SettingsError
 from ..evaluate import count_macs_params
-from ..groups import ChannelGroup, PruningGraph, UnsafeGroupError
+from ..groups import ChannelGroup, PruningGraph
 from ..models import InputSpec, LoadedModel, ModelSpec
 from ..prune import (Callbacks, PruneConfig, check_prunable, group_filter_scores, new_widths, removed_record,
-                     run_guarded, run_summary)
+                     run_guarded, run_summary, try_candidates)
 from ..runs import RunWriter
 from .data import DetectionData, DetectionSet
 from .evaluate import EvalSettings, detect, evaluate_map, map_of_detections, normalize_images
@@ -334,8 +334,11 @@ def _loop(graph: PruningGraph, spec: InputSpec, data: DetectionData, config: Det
         if not candidates:
             reason = "every group is down to one cluster"
             break
-        accepted, graph = _try_candidates(graph, candidates, base, spec, data, config, writer, structure, cb, cancel,
-                                          rng, step, outputs)
+        accepted, graph = try_candidates(
+            graph, candidates, structure, writer, cb, step, config.patience,
+            rebuild=lambda model, history: PruningGraph(model, spec.shape(1), history=history, output_layers=outputs),
+            apply=lambda model: _finetune_and_measure(model, data, spec, config, rng, cancel, cb, step),
+            drop=lambda metrics: (base["map"] - metrics["map"]) * 100, max_drop=config.max_drop, unit="mAP points")
         if accepted is None:
             reason = f"the next clusters would exceed the {config.max_drop:g}-point mAP threshold"
             break
@@ -416,47 +419,11 @@ def rank_candidates(groups: list[ChannelGroup], scores: dict[str, np.ndarray], c
     return sorted(top, key=lambda c: c["rank"]) + cands[config.exact_candidates:]
 
 
-def _try_candidates(graph: PruningGraph, candidates: list[dict], base: dict, spec: InputSpec, data: DetectionData,
-                    config: DetectionPruneConfig, writer: RunWriter, structure: dict, cb: Callbacks,
-                    cancel: threading.Event, rng, step: int, outputs: list[str]):
-    """Remove, fine-tune and measure candidates in order until one stays within the threshold.
-
-    Returns ``((candidate, metrics, tried), graph)``, or ``(None, graph)`` when ``patience`` runs out;
-    a rejected or broken candidate leaves the graph as it was.
-    """
-    left_alone = structure["left_alone"]
-    tried = 0
-    for cand in candidates:
-        if tried > config.patience:
-            break
-        snapshot = (copy.deepcopy(graph.model), [list(h) for h in graph.history])
-
-        def restore() -> PruningGraph:
-            return PruningGraph(snapshot[0], spec.shape(1), history=snapshot[1], output_layers=outputs)
-
-        try:
-            graph.prune(cand["group"].root, cand["filters"])
-        except UnsafeGroupError as exc:
-            left_alone[cand["group"].root] = str(exc)
-            writer.write_json("structure.json", structure)
-            graph = restore()
-            continue
-        except PruneScopeError as exc:
-            tried += 1
-            cb.progress(0.5, f"step {step}: skipped {cand['group'].root}: {exc}")
-            graph = restore()
-            continue
-        tried += 1
-        finetune_detector(graph.model, data.train, spec, config, rng, cancel,
-                          progress=lambda f, m: cb.progress(0.4 + 0.5 * f, f"step {step}: {m}"))
-        if cancel.is_set():
-            raise CancelledError("Cancelled.")
-        cb.progress(0.92, f"step {step}: measuring mAP")
-        metrics = measure_detector(graph.model, data, spec, config)
-        drop = (base["map"] - metrics["map"]) * 100
-        if drop > config.max_drop + 1e-9:
-            cb.progress(0.95, f"step {step}: {cand['group'].root} would drop {drop:.2f} mAP points; undone")
-            graph = restore()
-            continue
-        return (cand, metrics, tried), graph
-    return None, graph
+def _finetune_and_measure(model: nn.Module, data: DetectionData, spec: InputSpec, config: DetectionPruneConfig, rng,
+                          cancel: threading.Event, cb: Callbacks, step: int) -> dict:
+    finetune_detector(model, data.train, spec, config, rng, cancel,
+                      progress=lambda f, m: cb.progress(0.4 + 0.5 * f, f"step {step}: {m}"))
+    if cancel.is_set():
+        raise CancelledError("Cancelled.")
+    cb.progress(0.92, f"step {step}: measuring mAP")
+    return measure_detector(model, data, spec, config)
