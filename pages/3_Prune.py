@@ -14,7 +14,7 @@ from core.prune import CRITERIA, PruneConfig
 from core.runs import Run
 from core.workspace import new_run_dir
 from ui.common import (format_macs, format_pct, format_seconds, job_progress, metrics_row, need_model, page_link,
-                       setup_page, state_badge)
+                       setup_page, start_cancel_buttons, state_badge)
 from ui.detection import detection_prune_page
 from ui.state import get_registry, private_copy
 
@@ -153,13 +153,7 @@ with settings:
                 st.caption(f"Measured step: **{sc.cluster} channels** (confidence {sc.confidence:.2f}). {sc.method} "
                            "Choose 'custom cluster size' above to use it.")
 
-    b1, b2, _ = st.columns([1, 1, 4])
-    b1.button("Start pruning", type="primary", key="pr_start", disabled=running or config is None,
-              on_click=start_prune, args=(config,), icon=":material/play_arrow:", width="stretch")
-    b2.button("Cancel", key="pr_cancel", disabled=not running, on_click=cancel_prune, icon=":material/stop:",
-              width="stretch")
-    if st.session_state.get("prune_error"):
-        st.error(st.session_state["prune_error"], icon=":material/error:")
+    start_cancel_buttons(running, config, start_prune, cancel_prune)
 
 
 # ----------------------------------------------------------------------------- live progress

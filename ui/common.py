@@ -183,3 +183,14 @@ def job_status(registry, kind: str, key: str, label: str, was_running: bool, wha
         st.error(f"The {what} failed: {s.error}", icon=":material/error:")
     elif s.state == "cancelled":
         st.info(f"The {what} was cancelled.", icon=":material/info:")
+
+
+def start_cancel_buttons(running: bool, config, start, cancel) -> None:
+    """Start / Cancel of a pruning job, and the error the last start left (both Prune views)."""
+    b1, b2, _ = st.columns([1, 1, 4])
+    b1.button("Start pruning", type="primary", key="pr_start", disabled=running or config is None,
+              on_click=start, args=(config,), icon=":material/play_arrow:", width="stretch")
+    b2.button("Cancel", key="pr_cancel", disabled=not running, on_click=cancel, icon=":material/stop:",
+              width="stretch")
+    if st.session_state.get("prune_error"):
+        st.error(st.session_state["prune_error"], icon=":material/error:")

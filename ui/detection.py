@@ -12,7 +12,7 @@ from core.jobs import JobAlreadyRunning, detection_car_job, detection_prune_job
 from core import visualize as V
 from ui.charts import fig_class_counts
 from ui.common import (format_macs, format_params, format_seconds, job_progress, job_status, page_link,
-                       state_badge)
+                       start_cancel_buttons, state_badge)
 from ui.state import (AppState, detection_baseline, detection_groups, detection_pictures, digest, get_registry,
                       sample_detection, save_upload)
 
@@ -380,13 +380,7 @@ def detection_prune_page(state: AppState) -> None:
                                           mac_target=None if mac_target is None else mac_target / 100,
                                           finetune_steps=int(finetune_steps), score_images=int(score_images),
                                           max_steps=int(max_steps), latency=latency)
-        b1, b2, _ = st.columns([1, 1, 4])
-        b1.button("Start pruning", type="primary", key="pr_start", disabled=running or config is None,
-                  on_click=start, args=(config,), icon=":material/play_arrow:", width="stretch")
-        b2.button("Cancel", key="pr_cancel", disabled=not running, on_click=cancel, icon=":material/stop:",
-                  width="stretch")
-        if st.session_state.get("prune_error"):
-            st.error(st.session_state["prune_error"], icon=":material/error:")
+        start_cancel_buttons(running, config, start, cancel)
 
     @st.fragment(run_every=1.0 if running else None)
     def live() -> None:
