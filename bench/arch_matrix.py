@@ -193,6 +193,21 @@ def run_isolated(arch: str, timeout: int, memory_gib: int) -> dict:
             "passed": ()}
 
 
+def _ncs2_cell(text: str) -> str:
+    """'ok', or the op (type, opset) of the first problem: the layer name is noise in a table."""
+    import re
+
+    if not text.startswith("no"):
+        return text
+    op = re.search(r"\(([^)]*)\)", text)
+    return f"no: {op.group(1)}" if op else text
+
+
+def _reason_cell(row: dict) -> str:
+    reason = row.get("reason", "")
+    return reason.split(". Typical cause")[0].replace("|", "/")[:160]
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| architecture | input | params (M) | " + " | ".join(STAGES) + " | pruned cluster | NCS2 check | reason of failure |",
              "|---|---|---|" + "---|" * len(STAGES) + "---|---|---|"]
@@ -201,7 +216,7 @@ def markdown(rows: list[dict]) -> str:
         for s in STAGES:
             marks.append("✓" if s in r["passed"] else ("✗" if r.get("failed_at") == s else "·"))
         lines.append(f"| {r['arch']} | {r.get('input', '')} | {r.get('params_m', '')} | " + " | ".join(marks)
-                     + f" | {r.get('pruned', '')} | {r.get('ncs2', '')} | {r.get('reason', '')} |")
+                     + f" | {r.get('pruned', '')} | {_ncs2_cell(r.get('ncs2', ''))} | {_reason_cell(r)} |")
     return "\n".join(lines)
 
 
