@@ -29,7 +29,7 @@ def main(args) -> None:
     from core.prune import run_summary
     from core.runs import Run
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     print(f"machine: {machine()}")
     model, entry = load_sample_detector("ssd_counting")
     data = load_sample_detection("counting")
