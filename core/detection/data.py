@@ -60,6 +60,16 @@ class DetectionReport:
         return {k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v)
                 for k, v in self.__dict__.items()}
 
+    def problem_summary(self, per_kind: int = 3) -> str:
+        """The problems found, a few files per kind: the error must say what to fix when no report
+        can be shown (the load failed before returning it)."""
+        kinds = [("corrupt images", self.corrupt_images), ("malformed XML", self.malformed_xml),
+                 ("images without annotation", self.missing_annotation),
+                 ("annotations without image", self.missing_image), ("rejected boxes", self.rejected_boxes)]
+        parts = [f"{name}: {len(files)} ({', '.join(files[:per_kind])}{', …' if len(files) > per_kind else ''})"
+                 for name, files in kinds if files]
+        return ("Found " + "; ".join(parts) + ".") if parts else "No image/annotation pair was found."
+
 
 @dataclass
 class DetectionSet:
@@ -147,7 +157,8 @@ def load_voc_dataset(source: str | Path | bytes, input_size: tuple[int, int] | i
                             "Nothing to detect; check the Annotations/ folder.")
     full = decode_dataset(pairs, annotations, names, size, root, report)
     if len(full) == 0:
-        raise DataError("No usable image: every image was corrupt or lacked a readable annotation (see the report).")
+        raise DataError("No usable image: every image was corrupt or lacked a readable annotation. "
+                        + report.problem_summary())
     train_idx, val_idx = split_indices(root, full.ids, val_fraction, seed, report)
     if len(val_idx) == 0 or len(train_idx) == 0:
         raise DataError(f"The {'validation' if len(val_idx) == 0 else 'training'} split is empty "
