@@ -29,6 +29,8 @@ def main() -> None:
     ap.add_argument("--reuse", help="a finished c=8 run folder to take instead of pruning again")
     ap.add_argument("--runs", type=int, default=300, help="timed inferences per model")
     ap.add_argument("--out", help="keep run folders here (default: a temporary folder)")
+    ap.add_argument("--mac-budget", type=float, help="detection, with --reuse: compare at the first c8 step within "
+                    "this fraction of the original MACs")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the detection row (1: steady on a busy machine)")
     ap.add_argument("--task", choices=("classification", "detection"), default="classification",
                     help="detection: the sample SSD on the counting set, mAP instead of accuracy")

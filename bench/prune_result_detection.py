@@ -47,10 +47,17 @@ def main(args) -> None:
               f"{summary['final_accuracy'] * 100:.2f} ({summary['reason']}; {time.time() - t0:.0f} s)", flush=True)
         return summary
 
+    steps: dict[str, int] = {}
     if args.reuse:
-        main_summary = run_summary(Path(args.reuse), "done", Run(args.reuse).status.get("message", ""))
-        results["c8"] = (Run(args.reuse), main_summary, Run(args.reuse).history[-1].get("elapsed", 0.0))
-        print(f"c8: reused {args.reuse}: {main_summary['steps']} steps")
+        reused = Run(args.reuse)
+        main_summary = run_summary(Path(args.reuse), "done", reused.status.get("message", ""))
+        record = reused.history[-1]
+        if args.mac_budget:  # compare at an earlier step of the c8 run: a cheaper unclustered run
+            record = next(r for r in reused.history if r["macs"] <= args.mac_budget * main_summary["baseline_macs"])
+            main_summary.update(final_macs=record["macs"], final_accuracy=record["accuracy"], steps=record["step"])
+        steps["c8"] = record["step"]
+        results["c8"] = (reused, main_summary, record.get("elapsed", 0.0))
+        print(f"c8: reused {args.reuse}: step {record['step']} of {len(reused.history) - 1}")
     else:
         main_summary = run("c8", 8, DETECTION_SETTINGS["mac_target"])
     budget = main_summary["final_macs"] / main_summary["baseline_macs"]
@@ -58,7 +65,8 @@ def main(args) -> None:
         run(f"c{c}", c, budget)
 
     shape = (1, 3, *model.input_size)
-    models = {"original": model, **{k: r.rebuild_step(r.history[-1]["step"]) for k, (r, _, _) in results.items()}}
+    models = {"original": model, **{k: r.rebuild_step(steps.get(k, r.history[-1]["step"]))
+                                    for k, (r, _, _) in results.items()}}
     compiled = [compile_cpu(to_openvino(m, shape)) for m in models.values()]
     times = time_interleaved(compiled, shape, runs=args.runs, warmup=10)
     lat = {k: statistics.median(t) for k, t in zip(models, times)}
