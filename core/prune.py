@@ -317,18 +317,29 @@ def _loop(graph: PruningGraph, loaded: LoadedModel, data: DataSet, config: Prune
             reason = f"the next clusters would exceed the {config.max_drop:g}-point threshold"
             break
         cand, metrics, tried = accepted
-        removed = removed_record(cand, channel_maps)
-        now = time.perf_counter()
-        record = {"step": step, **metrics, "widths": graph.widths(), "removed": removed,
-                  "estimated_drop": cand["cost"], "candidates_tried": tried,
-                  "seconds": now - t0, "elapsed": now - t_start}
-        writer.add_step(record, graph.model, graph.history)
-        cb.step(record)
-        if config.mac_target is not None and metrics["macs"] <= config.mac_target * base["macs"]:
-            reason = f"MAC target reached ({metrics['macs'] / base['macs']:.2f} of the original)"
+        target_reached = record_step(writer, cb, graph, step, cand, metrics, tried, channel_maps, (t0, t_start),
+                                     base["macs"], config.mac_target)
+        if target_reached:
+            reason = target_reached
             break
     writer.status("done", reason)
     return run_summary(writer.dir, "done", reason)
+
+
+def record_step(writer: RunWriter, cb: Callbacks, graph: PruningGraph, step: int, cand: dict, metrics: dict,
+                tried: int, channel_maps: dict, times: tuple[float, float], base_macs: float,
+                mac_target: float | None, **extra) -> str | None:
+    """Write an accepted step (weights, then its history line) and report it; returns why to stop
+    when the MAC target is reached, else None."""
+    now = time.perf_counter()
+    record = {"step": step, **metrics, "widths": graph.widths(), "removed": removed_record(cand, channel_maps),
+              "estimated_drop": cand["cost"], **extra, "candidates_tried": tried,
+              "seconds": now - times[0], "elapsed": now - times[1]}
+    writer.add_step(record, graph.model, graph.history)
+    cb.step(record)
+    if mac_target is not None and metrics["macs"] <= mac_target * base_macs:
+        return f"MAC target reached ({metrics['macs'] / base_macs:.2f} of the original)"
+    return None
 
 
 def try_candidates(graph: PruningGraph, candidates: list[dict], structure: dict, writer: RunWriter, cb: Callbacks,

@@ -11,10 +11,9 @@ from core.clusters import PROFILES, detect_cpu_profile, latency_staircase
 from core.errors import PruneScopeError
 from core.jobs import JobAlreadyRunning, prune_job
 from core.prune import CRITERIA, PruneConfig
-from core.runs import Run
 from core.workspace import new_run_dir
-from ui.common import (format_macs, format_pct, format_seconds, job_progress, metrics_row, need_model, page_link,
-                       setup_page, start_cancel_buttons, state_badge)
+from ui.common import (format_macs, format_pct, job_progress, metrics_row, need_model, page_link,
+                       prune_outcome, setup_page, start_cancel_buttons, state_badge)
 from ui.detection import detection_prune_page
 from ui.state import get_registry, private_copy
 
@@ -189,16 +188,7 @@ def live() -> None:
         st.caption("The ETA assumes every step up to the limit is taken; the run stops earlier when no cluster fits "
                    "the accuracy budget.")
     if not s.running:
-        kept = max(len(s.steps) - 1, 0)
-        if s.state == "failed":
-            st.error(f"The run failed: {s.error}", icon=":material/error:")
-        elif s.state == "done":
-            reason = Run(s.run_dir).status.get("message", "") if s.run_dir is not None else ""
-            st.success(f"Finished after {format_seconds(s.elapsed)}: {kept} step(s) kept"
-                       + (f"; stopped because {reason}" if reason else "") + ".", icon=":material/check_circle:")
-        else:
-            st.info(f"Cancelled after {format_seconds(s.elapsed)}; {kept} completed step(s) kept.",
-                    icon=":material/info:")
+        prune_outcome(s)
         if s.state != "failed" or s.steps:
             page_link("review", "Review the run")
     if s.steps:

@@ -194,3 +194,19 @@ def start_cancel_buttons(running: bool, config, start, cancel) -> None:
               width="stretch")
     if st.session_state.get("prune_error"):
         st.error(st.session_state["prune_error"], icon=":material/error:")
+
+
+def prune_outcome(s) -> None:
+    """How a finished pruning job ended (failed / done and why it stopped / cancelled): both Prune views."""
+    from core.runs import Run
+
+    kept = max(len(s.steps) - 1, 0)
+    if s.state == "failed":
+        st.error(f"The run failed: {s.error}", icon=":material/error:")
+    elif s.state == "done":
+        reason = Run(s.run_dir).status.get("message", "") if s.run_dir is not None else ""
+        st.success(f"Finished after {format_seconds(s.elapsed)}: {kept} step(s) kept"
+                   + (f"; stopped because {reason}" if reason else "") + ".", icon=":material/check_circle:")
+    else:
+        st.info(f"Cancelled after {format_seconds(s.elapsed)}; {kept} completed step(s) kept.",
+                icon=":material/info:")

@@ -12,7 +12,7 @@ from core.jobs import JobAlreadyRunning, detection_car_job, detection_prune_job
 from core import visualize as V
 from ui.charts import fig_class_counts
 from ui.common import (format_macs, format_params, format_seconds, job_progress, job_status, page_link,
-                       start_cancel_buttons, state_badge)
+                       prune_outcome, start_cancel_buttons, state_badge)
 from ui.state import (AppState, detection_baseline, detection_groups, detection_pictures, digest, get_registry,
                       sample_detection, save_upload)
 
@@ -308,7 +308,6 @@ def detection_analyse_page(state: AppState) -> None:
 def detection_prune_page(state: AppState) -> None:
     from core.detection.prune import DetectionPruneConfig
     from core.prune import CRITERIA
-    from core.runs import Run
     from core.workspace import new_run_dir
 
     registry = get_registry()
@@ -395,14 +394,8 @@ def detection_prune_page(state: AppState) -> None:
         st.markdown(f"Run `{name}` · {state_badge(s.state)}")
         if s.running:
             job_progress(s, "Pruning")
-        elif s.state == "failed":
-            st.error(f"The run failed: {s.error}", icon=":material/error:")
-        elif s.state == "done":
-            reason = Run(s.run_dir).status.get("message", "") if s.run_dir is not None else ""
-            st.success(f"Finished after {format_seconds(s.elapsed)}: {max(len(s.steps) - 1, 0)} step(s) kept"
-                       + (f"; stopped because {reason}" if reason else "") + ".", icon=":material/check_circle:")
         else:
-            st.info(f"Cancelled; {max(len(s.steps) - 1, 0)} completed step(s) kept.", icon=":material/info:")
+            prune_outcome(s)
         if not s.running and (s.state != "failed" or s.steps):
             page_link("review", "Review the run")
         if s.steps:

@@ -38,8 +38,8 @@ from ..errors import CancelledError, SettingsError
 from ..evaluate import count_macs_params
 from ..groups import ChannelGroup, PruningGraph
 from ..models import InputSpec, LoadedModel, ModelSpec
-from ..prune import (Callbacks, PruneConfig, check_prunable, group_filter_scores, new_widths, removed_record,
-                     run_guarded, run_summary, try_candidates)
+from ..prune import (Callbacks, PruneConfig, check_prunable, group_filter_scores, new_widths,
+                     record_step, run_guarded, run_summary, try_candidates)
 from ..runs import RunWriter
 from .data import DetectionData, DetectionSet
 from .evaluate import EvalSettings, detect, evaluate_map, map_of_detections, normalize_images
@@ -343,14 +343,10 @@ def _loop(graph: PruningGraph, spec: InputSpec, data: DetectionData, config: Det
             reason = f"the next clusters would exceed the {config.max_drop:g}-point mAP threshold"
             break
         cand, metrics, tried = accepted
-        now = time.perf_counter()
-        record = {"step": step, **metrics, "widths": graph.widths(), "removed": removed_record(cand, channel_maps),
-                  "estimated_drop": cand["cost"], "screen_loss_increase": cand["loss_up"],
-                  "candidates_tried": tried, "seconds": now - t0, "elapsed": now - t_start}
-        writer.add_step(record, graph.model, graph.history)
-        cb.step(record)
-        if config.mac_target is not None and metrics["macs"] <= config.mac_target * base["macs"]:
-            reason = f"MAC target reached ({metrics['macs'] / base['macs']:.2f} of the original)"
+        target_reached = record_step(writer, cb, graph, step, cand, metrics, tried, channel_maps, (t0, t_start),
+                                     base["macs"], config.mac_target, screen_loss_increase=cand["loss_up"])
+        if target_reached:
+            reason = target_reached
             break
     writer.status("done", reason)
     return run_summary(writer.dir, "done", reason)
