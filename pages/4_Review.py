@@ -10,7 +10,7 @@ from core.jobs import past_runs
 from core.prune import read_structure
 from core.runs import Run
 from ui.common import (change, format_macs, format_ms, format_params, format_pct, metrics_row, page_link, pick_run,
-                       setup_page, started_at, state_badge)
+                       setup_page, started_at, state_badge, threshold_pick)
 from ui.detection import detection_review_page
 from ui.state import data_for_run, get_registry, model_lock, run_model
 
@@ -46,14 +46,7 @@ if len(hist) < 2:
 
 # ----------------------------------------------------------------------------- threshold
 base = hist[0]
-drops = [(base["accuracy"] - r["accuracy"]) * 100 for r in hist]
-top = max(5.0, float(prune_cfg.get("max_drop") or 0), max(drops) + 0.5)
-default_thr = state.threshold if state.threshold is not None and str(state.run_dir) == str(run.dir) else \
-    float(prune_cfg.get("max_drop") or 1.0)
-thr = st.slider("Acceptable accuracy drop (points below the original)", 0.0, round(top, 1),
-                min(default_thr, round(top, 1)), step=0.1, key=f"rv_thr_{sel}")
-pick = V.pick_smallest_within(hist, thr)
-state.threshold, state.run_dir, state.export_step = thr, str(run.dir), pick["step"]
+thr, pick = threshold_pick(state, run, hist, prune_cfg, sel)
 
 with st.container(border=True):
     if pick["step"] == 0:

@@ -210,3 +210,21 @@ def prune_outcome(s) -> None:
     else:
         st.info(f"Cancelled after {format_seconds(s.elapsed)}; {kept} completed step(s) kept.",
                 icon=":material/info:")
+
+
+def threshold_pick(state, run, hist: list[dict], prune_cfg: dict, sel, metric: str = "accuracy"):
+    """The threshold slider of a run and the smallest step within it, remembered for Export.
+
+    Returns (threshold in points, the picked history record)."""
+    from core import visualize as V
+
+    base = hist[0]
+    drops = [(base["accuracy"] - r["accuracy"]) * 100 for r in hist]
+    top = max(5.0, float(prune_cfg.get("max_drop") or 0), max(drops) + 0.5)
+    default = state.threshold if state.threshold is not None and str(state.run_dir) == str(run.dir) else \
+        float(prune_cfg.get("max_drop") or 1.0)
+    thr = st.slider(f"Acceptable {metric} drop (points below the original)", 0.0, round(top, 1),
+                    min(default, round(top, 1)), step=0.1, key=f"rv_thr_{sel}")
+    pick = V.pick_smallest_within(hist, thr)
+    state.threshold, state.run_dir, state.export_step = thr, str(run.dir), pick["step"]
+    return thr, pick

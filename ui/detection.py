@@ -12,7 +12,7 @@ from core.jobs import JobAlreadyRunning, detection_car_job, detection_prune_job
 from core import visualize as V
 from ui.charts import fig_class_counts
 from ui.common import (format_macs, format_params, format_seconds, job_progress, job_status, page_link,
-                       prune_outcome, start_cancel_buttons, state_badge)
+                       prune_outcome, start_cancel_buttons, state_badge, threshold_pick)
 from ui.state import (AppState, detection_baseline, detection_groups, detection_pictures, digest, get_registry,
                       sample_detection, save_upload)
 
@@ -444,14 +444,7 @@ def detection_review_page(state: AppState, entry: dict) -> None:
         st.info("No pruning step has completed in this run yet.", icon=":material/info:")
         return
     base = hist[0]
-    drops = [(base["accuracy"] - r["accuracy"]) * 100 for r in hist]
-    top = max(5.0, float(cfg.get("max_drop") or 0), max(drops) + 0.5)
-    default = state.threshold if state.threshold is not None and str(state.run_dir) == str(run.dir) else \
-        float(cfg.get("max_drop") or 1.0)
-    thr = st.slider(f"Acceptable {metric} drop (points below the original)", 0.0, round(top, 1),
-                    min(default, round(top, 1)), step=0.1, key=f"rv_thr_{sel}")
-    pick = V.pick_smallest_within(hist, thr)
-    state.threshold, state.run_dir, state.export_step = thr, str(run.dir), pick["step"]
+    thr, pick = threshold_pick(state, run, hist, cfg, sel, metric)
     with st.container(border=True):
         if pick["step"] == 0:
             st.markdown(f"No pruned step stays within **{thr:.1f} points**: the original is the pick.")
