@@ -7,6 +7,7 @@ without unpickling anything.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -86,4 +87,81 @@ class SampleResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-SAMPLE_ARCHITECTURES = {"sample_vgg": SampleVGG, "sample_resnet": SampleResNet}
+class ZeroPadShortcut(nn.Module):
+    """Option-A shortcut of He et al. (arXiv 1512.03385, sec. 4.2): subsample by 2, zero-pad channels.
+
+    ``[N, C, H, W] -> [N, C + 2 * pad, ceil(H / 2), ceil(W / 2)]``; no parameters. A named module (not
+    a lambda) so that ``core.shortcuts`` finds it and swaps in its exact 1x1-conv embedding for pruning.
+    """
+
+    def __init__(self, pad: int):
+        super().__init__()
+        self.pad = pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad), "constant", 0.0)
+
+
+class CifarBlock(nn.Module):
+    """Basic block of the CIFAR ResNet with an option-A (zero-padding) shortcut where the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = ZeroPadShortcut(cout // 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """The CIFAR-10 ResNet of He et al. (6n+2 layers: 3 stages of 16/32/64 filters, option-A shortcuts).
+
+    Parameter names follow the most copied public implementation (akamaster/pytorch_resnet_cifar10:
+    ``conv1``, ``bn1``, ``layer1..3.k.conv1/bn1/conv2/bn2``, ``linear``), so its checkpoints and the
+    many forks of it load into this class unchanged. Input ``[N, 3, 32, 32]``, output logits ``[N, classes]``.
+    """
+
+    def __init__(self, depth: int = 20, num_classes: int = 10):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110), not {depth}.")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.layer1 = self._stage(16, 16, n, 1)
+        self.layer2 = self._stage(16, 32, n, 2)
+        self.layer3 = self._stage(32, 64, n, 2)
+        self.linear = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+
+    @staticmethod
+    def _stage(cin: int, cout: int, blocks: int, stride: int) -> nn.Sequential:
+        return nn.Sequential(CifarBlock(cin, cout, stride), *[CifarBlock(cout, cout) for _ in range(blocks - 1)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        out = F.adaptive_avg_pool2d(out, 1)
+        return self.linear(torch.flatten(out, 1))
+
+
+def cifar_resnet20(num_classes: int = 10) -> CifarResNet:
+    return CifarResNet(20, num_classes)
+
+
+def cifar_resnet56(num_classes: int = 10) -> CifarResNet:
+    return CifarResNet(56, num_classes)
+
+
+SAMPLE_ARCHITECTURES = {"sample_vgg": SampleVGG, "sample_resnet": SampleResNet,
+                        "cifar_resnet20": cifar_resnet20, "cifar_resnet56": cifar_resnet56}

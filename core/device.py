@@ -1,0 +1,52 @@
+"""Where a job runs: the compute device and the number of CPU threads, both chosen, never inherited.
+
+``auto`` picks CUDA when PyTorch sees a GPU and the CPU otherwise. Threads: torch's default is one per
+core of the machine regardless of what else runs; a job sets its count explicitly (default: the cores
+this process may use, ``os.sched_getaffinity``), and the run records it.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .errors import SettingsError
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` -> a torch device. Raises ``SettingsError`` for CUDA without a GPU."""
+    name = (name or "auto").lower()
+    if name not in DEVICES:
+        raise SettingsError(f"Unknown device '{name}'. Choose one of: {', '.join(DEVICES)}.")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SettingsError("Device 'cuda' was asked for, but PyTorch sees no CUDA GPU on this machine "
+                            "(torch.cuda.is_available() is False); use the CPU ('cpu' or 'auto').")
+    return torch.device(name)
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (respects affinity masks and container CPU sets)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Set torch's intra-op thread count for this process (``None``: all available cores); returns it."""
+    n = available_cores() if not threads else int(threads)
+    if n < 1:
+        raise SettingsError(f"The thread count must be at least 1; got {threads}.")
+    torch.set_num_threads(n)
+    return n
+
+
+def describe(device: torch.device, threads: int) -> str:
+    """One line for the UI and logs: which device runs the job."""
+    if device.type == "cuda":
+        return f"GPU: {torch.cuda.get_device_name(device)}"
+    return f"CPU, {threads} thread{'s' if threads != 1 else ''}"
