@@ -38,6 +38,8 @@ class Screen:
     loss_up: dict[int, np.ndarray]
     baseline_accuracy: float
     n_images: int
+    margin: np.ndarray | None = None  # [N] logit margin per image (positive = classified right)
+    margin_change: dict[int, np.ndarray] | None = None  # gid -> [N, width] first-order margin change
 
 
 @dataclass
@@ -112,6 +114,7 @@ def screen_filters(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
     flips = {g.gid: torch.zeros(g.width, dtype=torch.float64) for g in groups}
     loss_up = {g.gid: torch.zeros(g.width, dtype=torch.float64) for g in groups}
     base_correct = 0
+    margins, changes = [], {g.gid: [] for g in groups}
     matrices: dict[tuple[int, str], torch.Tensor] = {}
     params = [p for p in model.parameters()]
     saved = [p.requires_grad for p in params]
@@ -136,6 +139,7 @@ def screen_filters(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
             grads_l = {k: g for k, g in zip(names, dl) if g is not None}
             m = margin.detach()
             correct = m > 0
+            margins.append(m.float())
             base_correct += int(correct.sum())
             for g in groups:
                 d_m = torch.zeros((len(x), g.width), dtype=x.dtype)
@@ -148,6 +152,7 @@ def screen_filters(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
                         matrices[key] = _filter_matrix(g, c, grads_m[c].shape[1]).to(x.dtype)
                     d_m += grads_m[c] @ matrices[key]
                     d_l += grads_l[c] @ matrices[key]
+                changes[g.gid].append((-d_m).float())
                 after = (m.unsqueeze(1) - d_m) > 0  # removing f: gate 1 -> 0, first-order change -dm/dg
                 flips[g.gid] += correct.float().sum() - after.float().sum(0)
                 loss_up[g.gid] += (-d_l).sum(0)
@@ -156,7 +161,9 @@ def screen_filters(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
             p.requires_grad_(s)
     return Screen(car={k: (v / n).numpy() for k, v in flips.items()},
                   loss_up={k: (v / n).numpy() for k, v in loss_up.items()},
-                  baseline_accuracy=base_correct / max(n, 1), n_images=n)
+                  baseline_accuracy=base_correct / max(n, 1), n_images=n,
+                  margin=torch.cat(margins).numpy() if margins else np.zeros(0),
+                  margin_change={k: torch.cat(v).numpy() for k, v in changes.items() if v})
 
 
 def shortlist(screen_scores: np.ndarray, remove: int, margin: float = 1.0, min_extra: int = 4) -> np.ndarray:
