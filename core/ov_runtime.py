@@ -10,9 +10,11 @@ import io
 import statistics
 import time
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.stats import wilcoxon
 from torch import nn
 
 ONNX_OPSET = 13
@@ -106,3 +108,78 @@ def measure_latencies_ms(ov_models: list, input_shape: tuple[int, ...], runs: in
     compiled = [compile_cpu(read_ir(m) if isinstance(m, (str, bytes)) or hasattr(m, "__fspath__") else m, threads)
                 for m in ov_models]
     return [float(statistics.median(t)) for t in time_interleaved(compiled, input_shape, runs, warmup)]
+
+
+@dataclass
+class LatencyStats:
+    """Batch-1 latency of one model in ms: median and interquartile range over timed runs; FPS = 1000 / median."""
+
+    median_ms: float
+    q1_ms: float
+    q3_ms: float
+    runs: int
+
+    @property
+    def iqr_ms(self) -> float:
+        return self.q3_ms - self.q1_ms
+
+    @property
+    def fps(self) -> float:
+        return 1000.0 / self.median_ms if self.median_ms > 0 else float("inf")
+
+    def to_dict(self) -> dict:
+        return {"latency_ms": self.median_ms, "latency_q1_ms": self.q1_ms, "latency_q3_ms": self.q3_ms,
+                "latency_iqr_ms": self.iqr_ms, "fps": self.fps, "latency_runs": self.runs}
+
+    def label(self) -> str:
+        return f"{self.median_ms:.3g} ms (IQR {self.q1_ms:.3g}–{self.q3_ms:.3g}), {self.fps:.0f} FPS"
+
+
+def latency_stats(times_ms: list[float]) -> LatencyStats:
+    q1, med, q3 = np.percentile(np.asarray(times_ms, dtype=float), [25, 50, 75])
+    return LatencyStats(float(med), float(q1), float(q3), len(times_ms))
+
+
+def latency_difference(a_ms: list[float], b_ms: list[float], alpha: float = 0.01) -> dict:
+    """Whether two models' latencies, timed in alternation (``time_interleaved``), really differ.
+
+    Round ``i`` of ``a`` and of ``b`` ran back to back, so the rounds are paired: the Wilcoxon
+    signed-rank test on the per-round differences says whether ``b`` is slower or faster beyond the
+    machine's noise. Returns the ratio of medians ``b / a``, the p-value and ``significant``.
+    """
+    a, b = np.asarray(a_ms, dtype=float), np.asarray(b_ms, dtype=float)
+    ratio = float(np.median(b) / np.median(a)) if np.median(a) > 0 else float("nan")
+    diff = b - a
+    if len(diff) < 6 or not np.any(diff):
+        return {"ratio": ratio, "p_value": 1.0, "significant": False}
+    p = float(wilcoxon(diff).pvalue)
+    return {"ratio": ratio, "p_value": p, "significant": bool(p < alpha)}
+
+
+def layer_timings(ov_model, input_shape: tuple[int, ...], runs: int = 20, threads: int | None = None) -> list[dict]:
+    """Per-layer execution time from OpenVINO's performance counters (``PERF_COUNT``), CPU plugin.
+
+    Returns one dict per executed node (``name``, ``type``, ``exec_type``, ``median_ms``), slowest
+    first; nodes the plugin fused away or did not run are left out. Times are medians over ``runs``.
+    """
+    import openvino as ov
+
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32", "PERF_COUNT": True}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    compiled = ov.Core().compile_model(ov_model, "CPU", config)
+    request = compiled.create_infer_request()
+    x = np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)
+    request.infer([x])
+    per_node: dict[str, dict] = {}
+    for _ in range(runs):
+        request.infer([x])
+        for info in request.profiling_info:
+            if info.status != info.Status.EXECUTED:
+                continue
+            entry = per_node.setdefault(info.node_name, {"name": info.node_name, "type": info.node_type,
+                                                         "exec_type": info.exec_type, "times": []})
+            entry["times"].append(info.real_time.total_seconds() * 1000.0)
+    rows = [{"name": e["name"], "type": e["type"], "exec_type": e["exec_type"],
+             "median_ms": float(np.median(e["times"]))} for e in per_node.values()]
+    return sorted(rows, key=lambda r: -r["median_ms"])
