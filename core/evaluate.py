@@ -8,6 +8,7 @@ from torch import nn
 
 from .data import ImageSet, normalize
 from .models import InputSpec
+from .shortcuts import is_shortcut_embedding
 
 
 @dataclass
@@ -56,6 +57,9 @@ def count_macs_params(model: nn.Module, spec: InputSpec) -> tuple[int, int]:
     """Multiply-accumulates of conv and linear layers for one image, and the parameter count.
 
     Counted from the real forward pass (hooks), so it follows whatever shape the model really has.
+    The frozen 1x1 embeddings that stand in for zero-padded shortcuts (``core.shortcuts``) are data
+    movement, not learned layers: their MACs and weights count as the pad they replace does (zero), so
+    a model shows the same figures before and after its graph is built, on every page.
     """
     macs = 0
 
@@ -70,6 +74,8 @@ def count_macs_params(model: nn.Module, spec: InputSpec) -> tuple[int, int]:
 
     handles = []
     for m in model.modules():
+        if is_shortcut_embedding(m):
+            continue
         if isinstance(m, nn.Conv2d):
             handles.append(m.register_forward_hook(conv_hook))
         elif isinstance(m, nn.Linear):
@@ -83,5 +89,6 @@ def count_macs_params(model: nn.Module, spec: InputSpec) -> tuple[int, int]:
         for h in handles:
             h.remove()
         model.train(was_training)
-    params = sum(p.numel() for p in model.parameters())
+    embedded = {id(m.weight) for m in model.modules() if is_shortcut_embedding(m)}
+    params = sum(p.numel() for p in model.parameters() if id(p) not in embedded)
     return int(macs), int(params)

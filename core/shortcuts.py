@@ -47,6 +47,11 @@ def embedding_conv(c_in: int, stride: int, before: int, after: int) -> nn.Conv2d
     return conv
 
 
+def is_shortcut_embedding(module: nn.Module) -> bool:
+    """Whether ``module`` is a frozen 1x1 embedding made by :func:`embedding_conv`."""
+    return hasattr(module, MARKER)
+
+
 def refreeze(model: nn.Module) -> None:
     """Pruning re-wraps weights as trainable parameters; the embeddings must stay fixed."""
     for m in model.modules():
