@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..data import IGNORED_NAMES, IMAGE_EXTENSIONS, Limits, find_dataset_root, safe_extract_zip
+from ..data import IGNORED_NAMES, IMAGE_EXTENSIONS, Limits, check_split_options, find_dataset_root, safe_extract_zip
 from ..errors import DataError
 
 CLIP_TOLERANCE_PX = 1.0
@@ -136,6 +136,7 @@ def load_voc_dataset(source: str | Path | bytes, input_size: tuple[int, int] | i
     dropped and counted. Without it the classes are the sorted names found in the annotations.
     """
     size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    check_split_options(val_fraction, seed)
     if isinstance(source, str) and source.startswith("sample:"):
         from .sample import load_sample_detection
 
