@@ -279,6 +279,6 @@ def keep_uploaded_code(data: bytes, filename: str) -> Path:
     if not name.endswith(".py"):
         name += ".py"
     path = uploads_dir() / f"code-{hashlib.sha256(data).hexdigest()[:16]}" / name
-    if not path.exists():
+    if not path.is_file() or path.read_bytes() != data:  # a file changed on disk is not the one the user trusts
         atomic_write_bytes(path, data)
     return path

@@ -51,9 +51,7 @@ class InputSpec:
     def validate(self) -> None:
         """Refuse a size or normalisation no model can take, before any work starts (a negative size
         otherwise fails deep inside torch, a zero std divides by zero)."""
-        if not all(isinstance(v, int) and 1 <= v <= MAX_INPUT_SIDE for v in (self.height, self.width)):
-            raise SettingsError(f"The input size must be two whole numbers from 1 to {MAX_INPUT_SIDE} pixels; "
-                                f"got {self.height}×{self.width}.")
+        check_input_size(self.height, self.width)
         if self.channels not in (1, 3):
             raise SettingsError(f"The model input must have 1 (grey) or 3 (colour) channels; got {self.channels}.")
         for what, values in (("mean", self.mean), ("std", self.std)):
@@ -68,6 +66,13 @@ class InputSpec:
         d = dict(d)
         d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def check_input_size(height: int, width: int) -> None:
+    """Refuse an input size no model can take (a negative one otherwise fails deep inside torch)."""
+    if not all(isinstance(v, int) and 1 <= v <= MAX_INPUT_SIDE for v in (height, width)):
+        raise SettingsError(f"The input size must be two whole numbers from 1 to {MAX_INPUT_SIDE} pixels; "
+                            f"got {height}×{width}.")
 
 
 @dataclass

@@ -148,8 +148,12 @@ class Run:
         self.dir = Path(run_dir)
         if not (self.dir / "config.json").exists():
             raise PruneScopeError(f"{self.dir} is not a PruneScope run folder (no config.json).")
-        self.config = read_json(self.dir / "config.json")
-        self.spec = ModelSpec.from_dict(self.config["model_spec"])
+        try:
+            self.config = read_json(self.dir / "config.json")
+            self.spec = ModelSpec.from_dict(self.config["model_spec"])
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # run folders are data: edited or damaged
+            raise PruneScopeError(f"{self.dir.name}/config.json is damaged ({one_line(exc)}); the run cannot be "
+                                  "opened.") from None
 
     @property
     def name(self) -> str:
@@ -170,7 +174,10 @@ class Run:
 
     @property
     def history(self) -> list[dict]:
-        return read_jsonl(self.dir / "history.jsonl")
+        try:
+            return read_jsonl(self.dir / "history.jsonl")
+        except ValueError as exc:  # every line is written atomically: a bad one was edited in
+            raise PruneScopeError(f"{self.name}/history.jsonl is damaged ({one_line(exc)}).") from None
 
     @property
     def baseline(self) -> dict | None:

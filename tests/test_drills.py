@@ -25,7 +25,7 @@ from PIL import Image
 from torch import nn
 
 from core import cli
-from core.custom_code import build_from_code
+from core.custom_code import build_from_code, keep_uploaded_code
 from core.data import folder_upload_to_zip, load_dataset, safe_extract_zip
 from core.errors import DataError, PruneScopeError, UntrustedPickleError, UntrustedRunError
 from core.jobs import JobAlreadyRunning, JobRegistry
@@ -212,6 +212,25 @@ def test_replaced_model_code_in_a_run_is_refused(tmp_path, marker):
     assert not marker.exists()
 
 
+def test_damaged_run_files_are_one_line(digits_run, capsys):
+    (digits_run.dir / "history.jsonl").write_text('{"step": 0, "accuracy": 0.9\n')
+    code, err = _main(["export", "--run", str(digits_run.dir), "--out", str(digits_run.dir.parent / "b")], capsys)
+    assert code == 2
+    assert_one_error_line(err, "history.jsonl is damaged")
+    (digits_run.dir / "config.json").write_text("{not json")
+    code, err = _main(["export", "--run", str(digits_run.dir), "--out", str(digits_run.dir.parent / "b")], capsys)
+    assert code == 2
+    assert_one_error_line(err, "config.json is damaged")
+
+
+def test_uploaded_code_changed_on_disk_is_not_reused(tmp_path):
+    """The upload cache: a kept model file altered afterwards is replaced by the upload the user trusts."""
+    source = b"import torch.nn as nn\ndef net():\n    return nn.Linear(2, 2)\n"
+    path = keep_uploaded_code(source, "model.py")
+    path.write_bytes(source + b"open('/tmp/x', 'w')\n")
+    assert keep_uploaded_code(source, "model.py") == path and path.read_bytes() == source
+
+
 def test_untrusted_pickle_upload_names_the_interfaces_control(tmp_path, marker):
     """Item 9 and a held drill: a pickle as an upload runs nothing; each interface names its own switch."""
     evil = tmp_path / "evil.pt"
@@ -392,6 +411,17 @@ def test_negative_learning_rate_in_a_real_process(tmp_path):
                   str(tmp_path / "run"), "--finetune-lr", "-1")
     assert_refused(res, "learning rate")
     assert not (tmp_path / "run").exists()
+
+
+def test_detection_settings_are_checked_too(capsys):
+    code, err = _main(["evaluate", "--task", "detection", "--model", "sample:ssd_counting", "--data",
+                       "sample:counting", "--input-size", "-32", "-32"], capsys)
+    assert code == 2
+    assert_one_error_line(err, "input size")
+    code, err = _main(["evaluate", "--task", "detection", "--model", "sample:ssd_counting", "--data",
+                       "sample:counting", "--val-fraction", "1.5"], capsys)
+    assert code == 2
+    assert_one_error_line(err, "validation fraction")
 
 
 def test_analyse_image_count_is_checked_first(tmp_path, capsys):

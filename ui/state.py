@@ -165,7 +165,7 @@ def digest(data: bytes) -> str:
 def save_upload(data: bytes, prefix: str, suffix: str) -> Path:
     """Keep an upload in the workspace under a name made from its hash (never from the uploaded name)."""
     path = uploads_dir() / f"{prefix}-{digest(data)}{suffix}"
-    if not path.exists():
+    if not path.is_file() or path.read_bytes() != data:  # issue 15: never reuse a file changed on disk
         atomic_write_bytes(path, data)
     return path
 

@@ -28,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..data import IGNORED_NAMES, IMAGE_EXTENSIONS, Limits, check_split_options, find_dataset_root, safe_extract_zip
 from ..errors import DataError
+from ..models import check_input_size
 
 CLIP_TOLERANCE_PX = 1.0
 """Boxes outside the image by at most this much are clipped silently: exporters disagree on 0- vs 1-based pixels."""
@@ -136,6 +137,7 @@ def load_voc_dataset(source: str | Path | bytes, input_size: tuple[int, int] | i
     dropped and counted. Without it the classes are the sorted names found in the annotations.
     """
     size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    check_input_size(*size)
     check_split_options(val_fraction, seed)
     if isinstance(source, str) and source.startswith("sample:"):
         from .sample import load_sample_detection
