@@ -19,12 +19,13 @@ import unicodedata
 import uuid
 import zipfile
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .errors import DataError, SettingsError, one_line
 from .models import InputSpec
@@ -498,13 +499,9 @@ def load_dataset(
         ds = load_sample_dataset(source.split(":", 1)[1], spec, val_fraction=val_fraction, seed=seed)
         _check_class_count(ds.num_classes, expected_classes)
         return ds
-    folder, created, label = _materialise(source, limits)
-    try:
+    folder, created, label = materialise(source, limits)
+    with discard_on_refusal(folder, created):
         return _load_folder(folder, label, spec, expected_classes, val_fraction, seed, limits)
-    except DataError:
-        if created:  # unpacked by this call for a data set now refused: keep nothing
-            shutil.rmtree(folder, ignore_errors=True)
-        raise
 
 
 def check_split_options(val_fraction: float, seed: int = 0) -> None:
@@ -515,8 +512,10 @@ def check_split_options(val_fraction: float, seed: int = 0) -> None:
         raise SettingsError(f"The seed must be a whole number >= 0; got {seed}.")
 
 
-def _materialise(source: str | Path | bytes, limits: Limits) -> tuple[Path, bool, str]:
-    """(folder of the data set, whether this call unpacked it, label for reports)."""
+def materialise(source: str | Path | bytes, limits: Limits, layout: str = "a folder of class folders"
+                ) -> tuple[Path, bool, str]:
+    """(folder of the data set, whether this call unpacked it, label for reports) for a zip (bytes or
+    path) or a folder; ``layout`` names the expected folder layout in the message for other files."""
     if isinstance(source, bytes):
         folder, created = _extract_zip(source, None, limits)
         return folder, created, "upload.zip"
@@ -525,10 +524,21 @@ def _materialise(source: str | Path | bytes, limits: Limits) -> tuple[Path, bool
         raise DataError(f"Data set not found: {path}")
     if path.is_file():
         if not zipfile.is_zipfile(path):
-            raise DataError(f"{path.name} is neither a zip archive nor a folder of class folders.")
+            raise DataError(f"{path.name} is neither a zip archive nor {layout}.")
         folder, created = _extract_zip(path, None, limits)
         return folder, created, str(path)
     return path, False, str(path)
+
+
+@contextmanager
+def discard_on_refusal(folder: Path, created: bool):
+    """Remove ``folder`` when the data set in it is refused and this call unpacked it: a refusal keeps nothing."""
+    try:
+        yield
+    except DataError:
+        if created:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 def _load_folder(folder: Path, label: str, spec: InputSpec, expected_classes: int | None, val_fraction: float,
