@@ -5,9 +5,9 @@ from __future__ import annotations
 import streamlit as st
 
 from core.custom_code import keep_uploaded_code, model_candidates
-from core.runs import remember_trusted_model
 from core.errors import PruneScopeError
 from core.models import InputSpec, list_architectures, load_model, sample_entry, sample_names
+from core.runs import remember_trusted_model
 from ui.charts import fig_class_counts, fig_confusion, fig_per_class_accuracy
 from ui.common import format_pct, metrics_row, page_link, setup_page
 from ui.detection import detection_load_page
