@@ -17,6 +17,7 @@ from torch import nn
 
 from .ablation import Ablation, AblationEngine
 from .data import ImageSet, normalize
+from .errors import SettingsError
 from .groups import ChannelGroup, PruningGraph
 from .models import InputSpec
 
@@ -97,6 +98,12 @@ class CarScorer:
         return (base.unsqueeze(0) - acc).tolist()
 
 
+def check_image_count(n_images: int | None) -> None:
+    """Refuse a number of CAR images below 1 before any work starts (None: all validation images)."""
+    if n_images is not None and (not isinstance(n_images, int) or n_images < 1):
+        raise SettingsError(f"CAR needs at least 1 validation image; got {n_images}.")
+
+
 def compute_car(
     model: nn.Module,
     spec: InputSpec,
@@ -109,6 +116,7 @@ def compute_car(
     fast: bool = True,
 ) -> CarResult:
     """CAR of every filter of every prunable group (+ per-class CAR and per-layer sensitivity)."""
+    check_image_count(n_images)
     t0 = time.perf_counter()
     subset = images.subset(n_images)
     graph = PruningGraph(model, spec.shape(1))

@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import PruneScopeError
+from .errors import PruneScopeError, one_line, user_message
 
 EXIT_USER_ERROR = 2
 
@@ -67,13 +67,28 @@ def load_model_and_data(args):
         if args.std:
             spec.std = tuple(args.std)
     check_model_code_args(args)
+    check_settings(spec, args)
     loaded = load_model(args.model, arch=args.arch, trusted=args.trusted, input_spec=spec, code_path=args.model_code,
                         code_name=args.model_class, code_args=args.model_args)
     data = load_dataset(args.data, loaded.spec.input, expected_classes=loaded.spec.num_classes,
                         val_fraction=args.val_fraction, seed=args.seed)
     if loaded.spec.class_names is None:
         loaded.spec.class_names = data.class_names
+    for line in data.report.notices():  # stderr keeps --json output on stdout clean
+        print(f"data: {line}", file=sys.stderr)
     return loaded, data
+
+
+def check_settings(spec, args) -> None:
+    """Every setting checked before any work starts (issue 15: a bad one used to fail minutes later)."""
+    from .car import check_image_count
+    from .data import check_split_options
+
+    if spec is not None:
+        spec.validate()
+    check_split_options(args.val_fraction, args.seed)
+    if getattr(args, "images", None) is not None:
+        check_image_count(args.images)
 
 
 def check_model_code_args(args) -> None:
@@ -158,7 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except PruneScopeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {user_message(exc, 'cli')}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as exc:  # a path the user named cannot be written or read (read-only, full disk, missing)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -57,6 +57,8 @@ def add_commands(sub, add_model_args, add_data_args) -> None:
     pick.add_argument("--step", type=int, help="step to export (default: the last step)")
     pick.add_argument("--max-drop", type=float, help="export the smallest step within this accuracy drop (points)")
     ex.add_argument("--out", required=True, help="bundle folder to create (a .zip is written beside it)")
+    ex.add_argument("--trusted", action="store_true",
+                    help="run the run's own pickle or model code even without a trust record in this workspace")
     ex.add_argument("--json", action="store_true")
 
 
@@ -148,7 +150,7 @@ def cmd_export(args) -> int:
 
         return cmd_export_detection(args)
     result = export_run(args.run, step=args.step, max_drop=args.max_drop, out_path=args.out,
-                        progress=_progress_printer())
+                        progress=_progress_printer(), trusted=args.trusted)
     if args.json:
         print(json.dumps(result))
     else:

@@ -24,7 +24,7 @@ from typing import Any
 
 from torch import nn
 
-from .errors import ModelLoadError, UntrustedCodeError
+from .errors import TRUST_CONTROL, ModelLoadError, UntrustedCodeError
 
 # Base classes that make a class a model part even when the scan cannot see their definition.
 _MODULE_BASES = {"Module", "Sequential", "ModuleList", "ModuleDict"}
@@ -151,7 +151,7 @@ def import_code_file(path: str | Path, trusted: bool = False) -> ModuleType:
     if not trusted:
         raise UntrustedCodeError(
             f"Building the model runs the code in {path.name}, so it was not run. If you wrote or have read this "
-            "file, allow it with --trusted (command line) or 'I trust this file' on the Load page."
+            f"file, {TRUST_CONTROL} to allow it."
         )
     source = path.read_bytes()
     code = _compile(source, path)
@@ -279,6 +279,6 @@ def keep_uploaded_code(data: bytes, filename: str) -> Path:
     if not name.endswith(".py"):
         name += ".py"
     path = uploads_dir() / f"code-{hashlib.sha256(data).hexdigest()[:16]}" / name
-    if not path.exists():
+    if not path.is_file() or path.read_bytes() != data:  # a file changed on disk is not the one the user trusts
         atomic_write_bytes(path, data)
     return path

@@ -9,17 +9,25 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
+import os
+import re
 import shutil
 import stat
+import struct
+import unicodedata
+import uuid
 import zipfile
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from .errors import DataError
+from .errors import DataError, SettingsError, one_line
 from .models import InputSpec
 from .workspace import uploads_dir
 
@@ -34,7 +42,8 @@ class Limits:
 
     max_uncompressed_bytes: int = 2 * 1024**3
     max_files: int = 100_000
-    max_ratio: float = 200.0  # compressed-to-uncompressed ratio above which an entry is a bomb
+    max_ratio: float = 200.0  # compressed-to-uncompressed ratio above which an entry, or the whole, is a bomb
+    bomb_floor_bytes: int = 10_000_000  # below this an entry (or the whole) is too small to harm, whatever its ratio
     max_images: int = 50_000
 
 
@@ -49,6 +58,20 @@ class DataReport:
     converted: dict[str, int] = field(default_factory=dict)
     presplit: bool = False
     warnings: list[str] = field(default_factory=list)
+
+    def notices(self, limit: int = 5) -> list[str]:
+        """One line per thing the user should know (warnings, skipped and corrupt files, conversions), for
+        interfaces that print text; long lists are cut after ``limit`` names."""
+        lines = list(self.warnings)
+        for what, names in (("not an image, skipped", self.skipped_non_images),
+                            ("unreadable image, skipped", self.corrupt_images)):
+            if names:
+                shown = ", ".join(names[:limit]) + (f", … ({len(names) - limit} more)" if len(names) > limit else "")
+                lines.append(f"{len(names)} file(s) {what}: {shown}")
+        if self.converted:
+            lines.append("Converted to the model's colour mode: "
+                         + ", ".join(f"{n} {mode} image(s)" for mode, n in sorted(self.converted.items())))
+        return lines
 
     def to_dict(self) -> dict:
         return {
@@ -161,51 +184,135 @@ def stratified_split(labels: np.ndarray, val_fraction: float = 0.2, seed: int = 
 
 # ----------------------------------------------------------------------------- zip safety
 
+COMPLETE_MARKER = ".complete"
+# Errors the zip reader raises on a damaged archive (bad CRC, truncated or corrupt deflate stream,
+# unsupported compression or encryption, nonsense in the headers).
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, ValueError, struct.error,
+               OverflowError, UnicodeDecodeError)
+
 
 def safe_extract_zip(data: bytes | Path, dest: Path | None = None, limits: Limits | None = None) -> Path:
-    """Unpack a zip after checking every entry; refuse the whole archive if any entry is unsafe.
+    """Unpack a zip after checking every entry and the whole; refuse the archive if anything is unsafe.
 
-    The destination is named by the archive's hash, never by a name taken from the upload.
+    The destination is named by the archive's hash, never by a name taken from the upload. The
+    archive is unpacked into a private temporary folder, checked against its directory, and published
+    with one atomic rename, so a folder at ``dest`` is always complete; two processes unpacking the
+    same archive both get it. A refusal (unsafe entry, damaged data, full disk) leaves nothing behind.
+    Raises :class:`DataError` with one line saying why.
     """
+    return _extract_zip(data, dest, limits)[0]
+
+
+def _extract_zip(data: bytes | Path, dest: Path | None, limits: Limits | None) -> tuple[Path, bool]:
+    """(the unpacked folder, whether this call published it)."""
     limits = limits or Limits()
     raw = data.read_bytes() if isinstance(data, Path) else data
-    try:
-        zf = zipfile.ZipFile(io.BytesIO(raw))
-    except zipfile.BadZipFile:
-        raise DataError("The upload is not a valid zip archive.") from None
-    infos = zf.infolist()
-    _check_zip_entries(infos, limits)
+    zf = _open_zip(raw)
+    infos = _read_directory(zf)
+    _check_zip_entries(infos, limits, len(raw))
     dest = dest or uploads_dir() / f"data-{hashlib.sha256(raw).hexdigest()[:16]}"
-    if dest.exists() and (dest / ".complete").exists():
-        return dest
-    tmp = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    written = 0
+    if (dest / COMPLETE_MARKER).exists():
+        return dest, False
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _check_free_space(dest.parent, sum(i.file_size for i in infos))
+    tmp = dest.parent / f".{dest.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
-        for info in infos:
-            if info.is_dir():
-                continue
-            target = tmp.joinpath(*PurePosixPath(info.filename).parts)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(info) as src, open(target, "wb") as out:
-                while chunk := src.read(1 << 20):
-                    written += len(chunk)
-                    if written > limits.max_uncompressed_bytes:  # sizes in headers can lie
-                        raise DataError("The archive expands beyond the size limit while unpacking; refused.")
-                    out.write(chunk)
-        (tmp / ".complete").touch()
-        shutil.rmtree(dest, ignore_errors=True)
-        tmp.rename(dest)
+        tmp.mkdir()
+        _unpack(zf, infos, tmp, limits)
+        _verify_unpacked(infos, tmp)
+        (tmp / COMPLETE_MARKER).touch()
+        return dest, _publish(tmp, dest)
+    except DataError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except _ZIP_ERRORS as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"The archive is damaged ({one_line(exc)}); nothing was unpacked.") from None
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"The archive could not be unpacked into {dest.parent} ({one_line(exc)}); "
+                        "nothing was kept.") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return dest
 
 
-def _check_zip_entries(infos: list[zipfile.ZipInfo], limits: Limits) -> None:
+def _open_zip(raw: bytes) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(io.BytesIO(raw))
+    except _ZIP_ERRORS as exc:
+        raise DataError(f"The upload is not a valid zip archive ({one_line(exc)}).") from None
+
+
+def _read_directory(zf: zipfile.ZipFile) -> list[zipfile.ZipInfo]:
+    try:
+        return zf.infolist()
+    except _ZIP_ERRORS as exc:  # pragma: no cover - the directory is parsed when the archive is opened
+        raise DataError(f"The archive's directory is damaged ({one_line(exc)}).") from None
+
+
+def _check_free_space(folder: Path, needed: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise DataError(f"The archive expands to {needed / 1e9:.2f} GB but only {free / 1e9:.2f} GB are free in "
+                        f"{folder}; nothing was unpacked.")
+
+
+def _entry_target(root: Path, info: zipfile.ZipInfo) -> Path:
+    return root.joinpath(*PurePosixPath(info.filename).parts)
+
+
+def _unpack(zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], root: Path, limits: Limits) -> None:
+    written = 0
+    for info in infos:
+        if info.is_dir():
+            continue
+        target = _entry_target(root, info)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with zf.open(info) as src, open(target, "wb") as out:
+            while chunk := src.read(1 << 20):
+                written += len(chunk)
+                if written > limits.max_uncompressed_bytes:  # sizes in headers can lie
+                    raise DataError("The archive expands beyond the size limit while unpacking; refused, nothing kept.")
+                out.write(chunk)
+
+
+def _verify_unpacked(infos: list[zipfile.ZipInfo], root: Path) -> None:
+    """Every file of the archive's directory is on disk with its size (the last entry of a repeated name wins)."""
+    expected = {_entry_target(root, i): i.file_size for i in infos if not i.is_dir()}
+    for path, size in expected.items():
+        if not path.is_file() or path.stat().st_size != size:
+            raise DataError(f"Unpacking '{path.relative_to(root).as_posix()}' did not give the {size} bytes the "
+                            "archive lists; refused, nothing kept.")
+
+
+def _publish(tmp: Path, dest: Path) -> bool:
+    """Rename the verified folder into place; False when another process published the same archive first."""
+    for _ in range(3):
+        try:
+            os.rename(tmp, dest)  # atomic; fails while a non-empty folder is there
+            return True
+        except OSError:
+            if (dest / COMPLETE_MARKER).exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+                return False
+            stale = dest.parent / f".{dest.name}.stale-{uuid.uuid4().hex[:8]}"
+            try:  # an incomplete folder left by an older version or a crash: set it aside
+                os.rename(dest, stale)
+            except FileNotFoundError:
+                pass
+            shutil.rmtree(stale, ignore_errors=True)
+    raise DataError(f"Could not publish the unpacked archive at {dest}: the folder keeps changing. Try again.")
+
+
+def _is_bomb(size: int, packed: int, limits: Limits) -> bool:
+    return size >= limits.bomb_floor_bytes and size / max(packed, 1) > limits.max_ratio
+
+
+def _check_zip_entries(infos: list[zipfile.ZipInfo], limits: Limits, archive_bytes: int | None = None) -> None:
+    """Refuse unsafe names, links, single-entry and many-entry bombs, from the directory alone (nothing written)."""
     if len(infos) > limits.max_files:
-        raise DataError(f"The archive has {len(infos)} entries; the limit is {limits.max_files}.")
+        raise DataError(f"The archive has {len(infos)} entries; the limit is {limits.max_files}. Nothing was unpacked.")
     total = 0
     for info in infos:
         name = info.filename
@@ -216,13 +323,78 @@ def _check_zip_entries(infos: list[zipfile.ZipInfo], limits: Limits) -> None:
         if stat.S_ISLNK(mode):
             raise DataError(f"The archive contains a symbolic link ('{name}'); refused. Nothing was unpacked.")
         total += info.file_size
-        if info.compress_size and info.file_size / max(info.compress_size, 1) > limits.max_ratio and info.file_size > 10_000_000:
-            raise DataError(f"'{name}' expands {info.file_size / info.compress_size:.0f}-fold: refused as a zip bomb.")
+        if _is_bomb(info.file_size, info.compress_size, limits):
+            raise DataError(f"'{name}' expands {info.file_size / max(info.compress_size, 1):.0f}-fold: refused as a "
+                            "zip bomb. Nothing was unpacked.")
     if total > limits.max_uncompressed_bytes:
         raise DataError(
             f"The archive would expand to {total / 1e9:.1f} GB; the limit is {limits.max_uncompressed_bytes / 1e9:.1f} GB. "
             "Nothing was unpacked."
         )
+    packed = archive_bytes if archive_bytes is not None else sum(i.compress_size for i in infos)
+    if _is_bomb(total, packed, limits):
+        raise DataError(f"The archive's {len(infos)} entries expand {total / max(packed, 1):.0f}-fold in total "
+                        f"({packed / 1e6:.2f} MB to {total / 1e6:.0f} MB): refused as a zip bomb. Nothing was unpacked.")
+
+
+# ----------------------------------------------------------------------------- folder uploads
+
+# Characters that some common file system (NTFS, APFS, ext4) cannot hold in a name; all others stay,
+# so class folders named in any script keep their names.
+_UNSAFE_NAME_CHARS = re.compile(r'[\x00-\x1f\x7f<>:"/\\|?*]')
+MAX_NAME_BYTES = 200  # below the 255-byte limit of most file systems, leaving room for a suffix
+
+
+def safe_name_part(part: str) -> str:
+    """One path part with only what a file system cannot hold replaced by '_' (never empty, '.' or '..')."""
+    part = unicodedata.normalize("NFC", part)
+    safe = _UNSAFE_NAME_CHARS.sub("_", part).strip(" .")
+    while len(safe.encode("utf-8")) > MAX_NAME_BYTES:
+        safe = safe[:-1]
+    return safe or "_"
+
+
+def folder_upload_to_zip(files: list[tuple[str, bytes]], keep_parts: int = 3) -> bytes:
+    """A zip of uploaded files (a folder upload), keeping the last ``keep_parts`` parts of each name.
+
+    '..', '.' and empty parts are dropped and each part keeps its characters except those a file
+    system cannot hold; two different folders never merge (a second one that would get the same safe
+    name gets '~2'), and two files of the same name are both kept. The zip then goes through the same
+    safe extraction as an uploaded zip.
+    """
+    buf = io.BytesIO()
+    folders: dict[tuple[str, ...], tuple[str, ...]] = {}  # original folder parts -> safe folder parts
+    taken: set[tuple[str, ...]] = set()
+    seen: set[str] = set()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name, data in files:
+            parts = [p for p in re.split(r"[\\/]+", name or "") if p not in ("", ".", "..")][-keep_parts:]
+            if not parts:
+                continue
+            folder = _safe_folder(tuple(parts[:-1]), folders, taken)
+            leaf = safe_name_part(parts[-1])
+            arc = "/".join(folder + (leaf,))
+            while arc in seen:
+                leaf = "_" + leaf
+                arc = "/".join(folder + (leaf,))
+            seen.add(arc)
+            zf.writestr(arc, data)
+    return buf.getvalue()
+
+
+def _safe_folder(parts: tuple[str, ...], folders: dict, taken: set) -> tuple[str, ...]:
+    if not parts:
+        return ()
+    if parts not in folders:
+        parent = _safe_folder(parts[:-1], folders, taken)
+        base = safe_name_part(parts[-1])
+        candidate, n = parent + (base,), 1
+        while candidate in taken:
+            n += 1
+            candidate = parent + (f"{base}~{n}",)
+        folders[parts] = candidate
+        taken.add(candidate)
+    return folders[parts]
 
 
 # ----------------------------------------------------------------------------- folder discovery
@@ -233,17 +405,26 @@ def _visible_children(folder: Path) -> list[Path]:
 
 
 def find_dataset_root(folder: Path) -> Path:
-    """Descend through single wrapper folders (a zip of 'mydata/' holds 'mydata/class/...')."""
+    """Descend through single wrapper folders (a zip of 'mydata/' holds 'mydata/class/...').
+
+    A single folder of images without subfolders is a class folder, not a wrapper: a data set of one
+    class must be reported as one class folder, not descended into and counted as none.
+    """
     root = folder
     for _ in range(5):
         kids = _visible_children(root)
         dirs = [k for k in kids if k.is_dir()]
         files = [k for k in kids if k.is_file()]
-        if len(dirs) == 1 and not files:
+        if len(dirs) == 1 and not files and not _is_class_folder(dirs[0]):
             root = dirs[0]
         else:
             break
     return root
+
+
+def _is_class_folder(folder: Path) -> bool:
+    kids = _visible_children(folder)
+    return not any(p.is_dir() for p in kids) and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in kids)
 
 
 def discover_layout(root: Path) -> dict[str, Path] | None:
@@ -285,7 +466,7 @@ def decode_images(items: list[tuple[Path, str]], class_names: list[str], spec: I
                 img.load()
                 arrays.append(image_to_array(img, spec, report))
                 labels.append(index[cls])
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        except Exception as exc:  # Pillow's decoders raise many kinds on damaged files; one bad file is skipped, not fatal
             report.corrupt_images.append(f"{path.relative_to(root)} ({type(exc).__name__})")
     if not arrays:
         images = torch.zeros((0, spec.channels, spec.height, spec.width), dtype=torch.uint8)
@@ -305,28 +486,64 @@ def load_dataset(
     seed: int = 0,
     limits: Limits | None = None,
 ) -> DataSet:
-    """Load, validate and split a data set: a zip (path or bytes), a folder, or ``sample:NAME``."""
+    """Load, validate and split a data set: a zip (path or bytes), a folder, or ``sample:NAME``.
+
+    Settings are checked before anything is read; a refused zip leaves no unpacked files behind.
+    Raises :class:`DataError` (unusable data) or :class:`SettingsError` (bad split settings).
+    """
     limits = limits or Limits()
+    check_split_options(val_fraction, seed)
     if isinstance(source, str) and source.startswith("sample:"):
         from .sample_data import load_sample_dataset
 
         ds = load_sample_dataset(source.split(":", 1)[1], spec, val_fraction=val_fraction, seed=seed)
         _check_class_count(ds.num_classes, expected_classes)
         return ds
-    report = DataReport()
+    folder, created, label = materialise(source, limits)
+    with discard_on_refusal(folder, created):
+        return _load_folder(folder, label, spec, expected_classes, val_fraction, seed, limits)
+
+
+def check_split_options(val_fraction: float, seed: int = 0) -> None:
+    """Refuse a held-out fraction outside (0, 1) or a non-integer seed, before any work starts."""
+    if not (isinstance(val_fraction, (int, float)) and math.isfinite(val_fraction) and 0 < val_fraction < 1):
+        raise SettingsError(f"The validation fraction must be between 0 and 1 (e.g. 0.2 for 20%); got {val_fraction}.")
+    if not isinstance(seed, int) or seed < 0:
+        raise SettingsError(f"The seed must be a whole number >= 0; got {seed}.")
+
+
+def materialise(source: str | Path | bytes, limits: Limits, layout: str = "a folder of class folders"
+                ) -> tuple[Path, bool, str]:
+    """(folder of the data set, whether this call unpacked it, label for reports) for a zip (bytes or
+    path) or a folder; ``layout`` names the expected folder layout in the message for other files."""
     if isinstance(source, bytes):
-        folder, label = safe_extract_zip(source, limits=limits), "upload.zip"
-    else:
-        path = Path(source)
-        if not path.exists():
-            raise DataError(f"Data set not found: {path}")
-        if path.is_file():
-            if not zipfile.is_zipfile(path):
-                raise DataError(f"{path.name} is neither a zip archive nor a folder of class folders.")
-            folder = safe_extract_zip(path, limits=limits)
-        else:
-            folder = path
-        label = str(path)
+        folder, created = _extract_zip(source, None, limits)
+        return folder, created, "upload.zip"
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"Data set not found: {path}")
+    if path.is_file():
+        if not zipfile.is_zipfile(path):
+            raise DataError(f"{path.name} is neither a zip archive nor {layout}.")
+        folder, created = _extract_zip(path, None, limits)
+        return folder, created, str(path)
+    return path, False, str(path)
+
+
+@contextmanager
+def discard_on_refusal(folder: Path, created: bool):
+    """Remove ``folder`` when the data set in it is refused and this call unpacked it: a refusal keeps nothing."""
+    try:
+        yield
+    except DataError:
+        if created:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _load_folder(folder: Path, label: str, spec: InputSpec, expected_classes: int | None, val_fraction: float,
+                 seed: int, limits: Limits) -> DataSet:
+    report = DataReport()
     root = find_dataset_root(folder)
     layout = discover_layout(root)
     if layout:

@@ -35,7 +35,7 @@ from torch import nn
 
 from . import __version__
 from .data import ImageSet, normalize
-from .errors import PruneScopeError
+from .errors import PruneScopeError, one_line
 from .models import InputSpec, ModelSpec
 from .ncs2 import Ncs2Report, check_ncs2
 from .ov_runtime import ONNX_OPSET, compile_cpu, export_onnx_bytes, read_ir, time_interleaved
@@ -68,10 +68,7 @@ def _input_spec(spec: ModelSpec | InputSpec) -> InputSpec:
 FALLBACK_OPSETS = (14, 17)
 
 
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    """An exception as one readable line: torch's export errors can carry whole tensor dumps."""
-    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-    return f"{type(exc).__name__}: {first[:limit]}"
+_one_line = one_line  # the name the export modules use
 
 
 def export_model(model: nn.Module, spec: ModelSpec | InputSpec, out_dir: str | Path, name: str = "model") -> dict:
@@ -345,8 +342,9 @@ def _selftest_choice(ref_a: np.ndarray, ref_b: np.ndarray, k: int) -> np.ndarray
 
 def build_bundle(pruned_model: nn.Module, original_model: nn.Module, spec: ModelSpec, val_images: ImageSet,
                  out_path: str | Path, meta: dict | None = None, min_images: int = 200,
-                 latency_runs: int = 30) -> BundleResult:
-    """Export both models, check and verify them, and write the deployable bundle folder ``out_path``.
+                 latency_runs: int = 30, with_zip: bool = False) -> BundleResult:
+    """Export both models, check and verify them, and write the deployable bundle folder ``out_path``
+    (and, with ``with_zip``, its zip ``<out_path>.zip``).
 
     Built in a temporary folder next to ``out_path`` and renamed into place (an existing bundle there
     is replaced only once the new one is complete). Any failure removes the temporary folder and
@@ -356,40 +354,45 @@ def build_bundle(pruned_model: nn.Module, original_model: nn.Module, spec: Model
     out_path = Path(out_path).resolve()
     result, tmp = build_atomically(
         out_path, lambda tmp: _build_into(tmp, pruned_model, original_model, spec, val_images, meta, min_images,
-                                          latency_runs))
+                                          latency_runs), with_zip=with_zip)
     result.bundle_dir = out_path
+    result.zip_path = bundle_zip_path(out_path) if with_zip else None
     result.files = [out_path / f.relative_to(tmp) for f in result.files]
     result.ncs2.xml_path = str(out_path / "model" / "model.xml")
     result.ncs2_fallback.xml_path = str(out_path / "fallback" / "model.xml")
     return result
 
 
-def build_atomically(out_path: Path, build):
+def bundle_zip_path(bundle_dir: Path) -> Path:
+    return bundle_dir.parent / f"{bundle_dir.name}.zip"
+
+
+def build_atomically(out_path: Path, build, with_zip: bool = False):
     """``build(tmp)`` into a temporary folder next to ``out_path``, then renamed into place.
 
-    An existing bundle at ``out_path`` is replaced only once the new one is complete; any failure
-    removes the temporary folder and raises :class:`ExportError` saying why. Returns ``(build's
-    result, the temporary path it was built in)`` so the caller can rebase paths it recorded.
+    With ``with_zip`` the zip of the bundle is written (to a temporary name) before anything is
+    renamed, and the folder and its zip are published together: a full disk or any other failure
+    leaves neither, never a bundle without its zip. An existing bundle at ``out_path`` is replaced
+    only once the new one is complete; any failure removes the temporary files and raises
+    :class:`ExportError` saying why. Returns ``(build's result, the temporary path it was built in)``
+    so the caller can rebase paths it recorded.
     """
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.parent / f".{out_path.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as exc:
+        raise ExportError(f"Cannot write the bundle into {out_path.parent} ({_one_line(exc)}); choose a folder "
+                          "you can write to.") from None
+    tmp_zip = out_path.parent / f".{out_path.name}.zip.{uuid.uuid4().hex[:8]}.tmp"
     try:
         result = build(tmp)
-        old = None
-        if out_path.exists():
-            old = out_path.parent / f".{out_path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out_path, old)
-        try:
-            os.replace(tmp, out_path)
-        except BaseException:
-            if old is not None:  # put the previous bundle back
-                os.replace(old, out_path)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        if with_zip:
+            _write_zip(tmp, out_path.name, tmp_zip)
+        _publish_bundle(tmp, out_path, tmp_zip if with_zip else None)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp_zip.unlink(missing_ok=True)
         if isinstance(exc, PruneScopeError):
             raise
         if not isinstance(exc, Exception):
@@ -397,6 +400,28 @@ def build_atomically(out_path: Path, build):
         raise ExportError(f"Building the bundle failed ({_one_line(exc)}); nothing was written to "
                           f"{out_path}.") from exc
     return result, tmp
+
+
+def _publish_bundle(tmp: Path, out_path: Path, tmp_zip: Path | None) -> None:
+    """Rename the finished folder (and zip) into place; on failure the previous bundle is put back."""
+    old = None
+    if out_path.exists():
+        old = out_path.parent / f".{out_path.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out_path, old)
+    try:
+        os.replace(tmp, out_path)
+        if tmp_zip is not None:
+            try:
+                os.replace(tmp_zip, bundle_zip_path(out_path))
+            except BaseException:
+                os.replace(out_path, tmp)  # the folder goes back to its temporary name, removed by the caller
+                raise
+    except BaseException:
+        if old is not None:
+            os.replace(old, out_path)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _build_into(root: Path, pruned: nn.Module, original: nn.Module, spec: ModelSpec, val: ImageSet, meta: dict,
@@ -519,12 +544,10 @@ def zip_bundle(bundle_dir: str | Path) -> Path:
     bundle_dir = Path(bundle_dir)
     if not (bundle_dir / "manifest.json").is_file():
         raise ExportError(f"{bundle_dir} is not a complete bundle (no manifest.json).")
-    zip_path = bundle_dir.parent / f"{bundle_dir.name}.zip"
+    zip_path = bundle_zip_path(bundle_dir)
     tmp = zip_path.parent / f".{zip_path.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            for f in sorted(p for p in bundle_dir.rglob("*") if p.is_file()):
-                zf.write(f, f"{bundle_dir.name}/{f.relative_to(bundle_dir).as_posix()}")
+        _write_zip(bundle_dir, bundle_dir.name, tmp)
         os.replace(tmp, zip_path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -532,11 +555,17 @@ def zip_bundle(bundle_dir: str | Path) -> Path:
     return zip_path
 
 
+def _write_zip(folder: Path, arc_root: str, dest: Path) -> None:
+    """Every file of ``folder`` into the zip ``dest``, under ``arc_root/``."""
+    with zipfile.ZipFile(dest, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+            zf.write(f, f"{arc_root}/{f.relative_to(folder).as_posix()}")
+
+
 def export_for_cli(pruned_model: nn.Module, original_model: nn.Module, spec: ModelSpec, val_images: ImageSet,
                    out_path: str | Path, meta: dict | None = None) -> dict:
-    """Build the bundle and its zip; a flat summary for the CLI (and the UI)."""
-    result = build_bundle(pruned_model, original_model, spec, val_images, out_path, meta)
-    result.zip_path = zip_bundle(result.bundle_dir)
+    """Build the bundle and its zip (published together); a flat summary for the CLI (and the UI)."""
+    result = build_bundle(pruned_model, original_model, spec, val_images, out_path, meta, with_zip=True)
     return {
         "ncs_compatible": result.ncs2.compatible,
         "ncs2_problems": [str(p) for p in result.ncs2.problems],
@@ -569,11 +598,13 @@ def pick_step(run, step: int | None, max_drop: float | None, progress=None) -> t
 
 
 def export_run(run_dir: str | Path, step: int | None = None, max_drop: float | None = None,
-               out_path: str | Path | None = None, progress=None, threshold_points: float | None = None) -> dict:
+               out_path: str | Path | None = None, progress=None, threshold_points: float | None = None,
+               trusted: bool = False) -> dict:
     """Export one step of a run folder (default: the last; or the smallest within ``max_drop`` points).
 
     ``threshold_points`` records the accuracy threshold the user chose the step with (the manifest
-    keeps it); it defaults to ``max_drop`` when the step is picked by threshold here.
+    keeps it); it defaults to ``max_drop`` when the step is picked by threshold here. ``trusted``:
+    the user trusts this run's pickle or model code even without a trust record (see ``core.runs``).
     """
     from .data import load_dataset
     from .runs import Run
@@ -581,8 +612,8 @@ def export_run(run_dir: str | Path, step: int | None = None, max_drop: float | N
 
     run = Run(run_dir)
     step, record = pick_step(run, step, max_drop, progress)
-    pruned = run.rebuild_step(step)
-    original = run.original()
+    pruned = run.rebuild_step(step, trusted)
+    original = run.original(trusted)
     options = run.config.get("data_options") or {}
     data = load_dataset(run.config["data_source"], run.spec.input, expected_classes=run.spec.num_classes,
                         val_fraction=options.get("val_fraction", 0.2), seed=options.get("seed", 0))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import pickle
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -20,10 +21,11 @@ from torch import nn
 
 from .architectures import SAMPLE_ARCHITECTURES
 from .custom_code import build_from_code, parse_model_args
-from .errors import ModelLoadError, UntrustedPickleError
+from .errors import TRUST_CONTROL, ModelLoadError, SettingsError, UntrustedPickleError, one_line
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_DIR = REPO_ROOT / "sample_models"
+MAX_INPUT_SIDE = 4096  # pixels per side; larger inputs do not fit a review tool's memory
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Keys under which training scripts commonly nest the state dict, in the order they are tried.
@@ -46,11 +48,31 @@ class InputSpec:
     def shape(self, batch: int = 1) -> tuple[int, int, int, int]:
         return (batch, self.channels, self.height, self.width)
 
+    def validate(self) -> None:
+        """Refuse a size or normalisation no model can take, before any work starts (a negative size
+        otherwise fails deep inside torch, a zero std divides by zero)."""
+        check_input_size(self.height, self.width)
+        if self.channels not in (1, 3):
+            raise SettingsError(f"The model input must have 1 (grey) or 3 (colour) channels; got {self.channels}.")
+        for what, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) != self.channels or not all(math.isfinite(v) for v in values):
+                raise SettingsError(f"The normalisation {what} must be {self.channels} finite number(s), one per "
+                                    f"channel; got {list(values)}.")
+        if not all(v > 0 for v in self.std):
+            raise SettingsError(f"The normalisation std must be positive (it divides the pixels); got {list(self.std)}.")
+
     @classmethod
     def from_dict(cls, d: dict) -> "InputSpec":
         d = dict(d)
         d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def check_input_size(height: int, width: int) -> None:
+    """Refuse an input size no model can take (a negative one otherwise fails deep inside torch)."""
+    if not all(isinstance(v, int) and 1 <= v <= MAX_INPUT_SIDE for v in (height, width)):
+        raise SettingsError(f"The input size must be two whole numbers from 1 to {MAX_INPUT_SIDE} pixels; "
+                            f"got {height}×{width}.")
 
 
 @dataclass
@@ -137,8 +159,8 @@ def _sniff(data: bytes) -> str:
     if data[:4] == b"PK\x03\x04":
         try:
             names = zipfile.ZipFile(io.BytesIO(data)).namelist()
-        except zipfile.BadZipFile:
-            return "unknown"
+        except Exception:  # a torch.save archive with a damaged directory: the reader then says it is damaged
+            return "torch_zip"
         if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
             return "torchscript"
         if any(n.endswith("/data.pkl") for n in names):
@@ -193,15 +215,15 @@ def read_checkpoint(data: bytes, trusted: bool = False) -> tuple[Any, list[str]]
             raise UntrustedPickleError(
                 "This file is a pickled Python object, not plain weights "
                 f"({_unsupported_global(exc)}). Loading it would run code from the file, so it was not "
-                "loaded. Save model.state_dict() instead, or tick 'I trust this file' if you made it yourself."
+                f"loaded. Save model.state_dict() instead, or {TRUST_CONTROL} if you made it yourself."
             ) from None
         try:
             obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
         except Exception as exc2:  # a trusted pickle can still fail to import its classes
-            raise ModelLoadError(f"The trusted pickle could not be loaded: {exc2}") from None
+            raise ModelLoadError(f"The trusted pickle could not be loaded ({one_line(exc2)}).") from None
         notes.append("Loaded as a trusted pickle (code in the file was allowed to run).")
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as exc:
-        raise ModelLoadError(f"The checkpoint is damaged or truncated and cannot be read ({exc}).") from None
+    except Exception as exc:  # the weights-only reader runs no code from the file: any failure means a damaged file
+        raise ModelLoadError(f"The checkpoint is damaged or truncated and cannot be read ({one_line(exc)}).") from None
     return obj, notes
 
 
@@ -371,6 +393,8 @@ def load_model(
     ``path`` may be ``sample:NAME`` for a bundled sample. ``code_args`` are the class's or factory's
     arguments: JSON text or already parsed (an object = keyword arguments, a list = positional ones).
     """
+    if input_spec is not None:
+        input_spec.validate()
     if isinstance(path, str) and path.startswith("sample:"):
         return load_sample_model(path.split(":", 1)[1])
     if code_path is not None or code_name:

@@ -32,6 +32,7 @@ from .models import InputSpec, LoadedModel
 from .runs import RunWriter
 
 CRITERIA = ("car", "l1", "taylor", "random")
+MAX_LEARNING_RATE = 10.0  # above this SGD and AdamW diverge on any network; a typo, not a setting
 
 
 @dataclass
@@ -65,6 +66,11 @@ class PruneConfig:
             raise SettingsError("Fine-tune steps must be >= 0, batch size >= 1, score images >= 10, re-score every >= 1.")
         if self.max_steps < 1:
             raise SettingsError("The step limit must be at least 1.")
+        if not (isinstance(self.finetune_lr, (int, float)) and 0 < self.finetune_lr <= MAX_LEARNING_RATE):
+            raise SettingsError(f"The fine-tuning learning rate must be above 0 and at most {MAX_LEARNING_RATE}; "
+                                f"got {self.finetune_lr}.")
+        if self.patience < 0 or self.latency_runs < 1:
+            raise SettingsError("Patience must be >= 0 and latency runs >= 1.")
 
 
 class Callbacks:

@@ -13,9 +13,17 @@ Layout of a run folder::
     status.json        running / done / cancelled / failed (+ pid, so a dead run reads 'interrupted')
 
 All writes are atomic, so an interruption at any moment leaves every completed step intact.
+
+Run folders are data: they can be copied, shared or edited, so nothing read from one runs code on
+the strength of the folder alone. A run made from a trusted pickle or trusted model code records
+that decision and each file's sha256 in ``config.json`` and in the workspace's trust record
+(``trusted_files.json`` in the workspace root, outside every run); a run's copy is run only when its
+current sha256 is in that record (or the user trusts the run explicitly, ``trusted=True``), so a
+replaced or foreign file is refused before it runs.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from dataclasses import replace
@@ -24,13 +32,54 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ModelLoadError, PruneScopeError, SettingsError
+from .errors import TRUST_CONTROL, ModelLoadError, PruneScopeError, SettingsError, UntrustedRunError, one_line
 from .models import LoadedModel, ModelSpec, load_model, rebuild_from_spec
 from .workspace import (append_jsonl, atomic_torch_save, atomic_write_bytes, atomic_write_json, read_json, read_jsonl,
-                        runs_dir)
+                        runs_dir, workspace_root)
 
 ACTIVE_RUNS: set[str] = set()  # run folders being written by this process
 CODE_COPY = "model_code.py"
+PICKLE_COPY = "original_pickle.pt"
+TRUST_RECORD = "trusted_files.json"
+_COPY_KIND = {PICKLE_COPY: "pickled model", CODE_COPY: "model code"}
+
+
+# ----------------------------------------------------------------------------- trust record
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _trust_record_path() -> Path:
+    return workspace_root() / TRUST_RECORD
+
+
+def trusted_hashes() -> dict[str, dict]:
+    """sha256 -> what the user trusted (kind, name, when); an unreadable record trusts nothing."""
+    try:
+        record = read_json(_trust_record_path(), {})
+    except (ValueError, OSError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def record_trust(data: bytes, kind: str, name: str = "") -> str:
+    """Remember that the user trusted this content (a pickle or model code they chose to run); its sha256."""
+    digest = sha256_bytes(data)
+    record = trusted_hashes()
+    if digest not in record:
+        record[digest] = {"kind": kind, "name": name, "trusted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        atomic_write_json(_trust_record_path(), record)
+    return digest
+
+
+def remember_trusted_model(loaded: LoadedModel, model_bytes: bytes | None) -> None:
+    """The user loaded ``loaded`` with trust given: runs holding the same pickle or code may then run it."""
+    if loaded.spec.pickled and model_bytes is not None:
+        record_trust(model_bytes, "pickle", loaded.spec.source)
+    if loaded.spec.custom and Path(loaded.spec.code_file).is_file():
+        record_trust(Path(loaded.spec.code_file).read_bytes(), "code", Path(loaded.spec.code_file).name)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -47,24 +96,32 @@ class RunWriter:
         (self.dir / "steps").mkdir(parents=True, exist_ok=True)
 
     def start(self, config: dict, loaded: LoadedModel, original_bytes: bytes | None = None) -> None:
-        spec = self._keep_code(loaded.spec)
-        ACTIVE_RUNS.add(str(self.dir.resolve()))
-        atomic_write_json(self.dir / "config.json", {**config, "model_spec": spec.to_dict()})
-        atomic_torch_save(self.dir / "original.pt", loaded.model.state_dict())
+        """Write the run's config and originals; trusted copies (pickle, code) first, with their trust recorded."""
+        trusted: dict[str, str] = {}
+        spec = self._keep_code(loaded.spec, trusted)
         if loaded.spec.pickled and original_bytes is not None:
-            (self.dir / "original_pickle.pt").write_bytes(original_bytes)
+            atomic_write_bytes(self.dir / PICKLE_COPY, original_bytes)
+            trusted[PICKLE_COPY] = record_trust(original_bytes, "pickle", loaded.spec.source)
+        ACTIVE_RUNS.add(str(self.dir.resolve()))
+        trust = {"files": trusted, "decision": "trusted by the user when the run started"} if trusted else None
+        atomic_write_json(self.dir / "config.json", {**config, "model_spec": spec.to_dict(),
+                                                     **({"trust": trust} if trust else {})})
+        atomic_torch_save(self.dir / "original.pt", loaded.model.state_dict())
         self.status("running", "started")
 
-    def _keep_code(self, spec: ModelSpec) -> ModelSpec:
+    def _keep_code(self, spec: ModelSpec, trusted: dict[str, str]) -> ModelSpec:
         """Copy a custom architecture's Python file into the run, so the run rebuilds its models even after
-        the user's file has moved or changed; the stored spec names the copy."""
+        the user's file has moved or changed; the stored spec names the copy. The code ran when the model
+        was loaded, which needed trust: that trust is recorded for the copy."""
         if not spec.custom:
             return spec
         source = Path(spec.code_file)
         if not source.is_file():
             raise ModelLoadError(f"The model's Python file {source} is gone since the model was loaded; load the "
                                  "model again.")
-        atomic_write_bytes(self.dir / CODE_COPY, source.read_bytes())
+        code = source.read_bytes()
+        atomic_write_bytes(self.dir / CODE_COPY, code)
+        trusted[CODE_COPY] = record_trust(code, "code", source.name)
         return replace(spec, code_file=CODE_COPY)
 
     def status(self, state: str, message: str = "", **extra) -> None:
@@ -91,8 +148,12 @@ class Run:
         self.dir = Path(run_dir)
         if not (self.dir / "config.json").exists():
             raise PruneScopeError(f"{self.dir} is not a PruneScope run folder (no config.json).")
-        self.config = read_json(self.dir / "config.json")
-        self.spec = ModelSpec.from_dict(self.config["model_spec"])
+        try:
+            self.config = read_json(self.dir / "config.json")
+            self.spec = ModelSpec.from_dict(self.config["model_spec"])
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # run folders are data: edited or damaged
+            raise PruneScopeError(f"{self.dir.name}/config.json is damaged ({one_line(exc)}); the run cannot be "
+                                  "opened.") from None
 
     @property
     def name(self) -> str:
@@ -113,7 +174,10 @@ class Run:
 
     @property
     def history(self) -> list[dict]:
-        return read_jsonl(self.dir / "history.jsonl")
+        try:
+            return read_jsonl(self.dir / "history.jsonl")
+        except ValueError as exc:  # every line is written atomically: a bad one was edited in
+            raise PruneScopeError(f"{self.name}/history.jsonl is damaged ({one_line(exc)}).") from None
 
     @property
     def baseline(self) -> dict | None:
@@ -143,39 +207,77 @@ class Run:
                 return r
         raise SettingsError(f"Run {self.name} has no step {step} (steps: {self.steps()}).")
 
-    def fresh_model(self) -> nn.Module:
-        """The run's architecture with fresh weights; trusted code and pickles come from the run's own copies,
-        which the user trusted when the run started. A detector is rebuilt from its recorded config."""
+    def fresh_model(self, trusted: bool = False) -> nn.Module:
+        """The run's architecture with fresh weights. A pickled or custom model runs code from the run's own
+        copy, so only when that copy is trusted (see the module docstring) or ``trusted`` says the user
+        trusts this run. A detector is rebuilt from its recorded config.
+
+        Raises :class:`UntrustedRunError` (nothing was run) when the copy is not trusted.
+        """
         if self.task == "detection":
             from .detection.models import rebuild_detector
 
             return rebuild_detector(self.config["detector_config"])
         if self.spec.pickled:
-            data = (self.dir / "original_pickle.pt").read_bytes()
-            return load_model(data, trusted=True).model
+            return load_model(self.trusted_copy(PICKLE_COPY, trusted), trusted=True).model
         if self.spec.custom:
-            return rebuild_from_spec(self.spec, code_path=self.dir / Path(self.spec.code_file).name, trusted=True)
+            code_path = self.dir / Path(self.spec.code_file).name
+            self.trusted_copy(code_path.name, trusted)
+            return rebuild_from_spec(self.spec, code_path=code_path, trusted=True)
         return rebuild_from_spec(self.spec)
 
-    def original(self) -> LoadedModel:
-        sd = torch.load(self.dir / "original.pt", map_location="cpu", weights_only=True)
-        model = self.fresh_model()
+    def trusted_copy(self, name: str, trusted: bool = False) -> bytes:
+        """The bytes of the run's copy ``name`` (a pickle or model code), refused unless they may run."""
+        path = self.dir / name
+        if not path.is_file():
+            raise PruneScopeError(f"Run {self.name} is incomplete: its {_COPY_KIND.get(name, 'file')} ({name}) is "
+                                  "missing, so its models cannot be rebuilt.")
+        data = path.read_bytes()
+        if trusted:
+            return data
+        digest = sha256_bytes(data)
+        if digest in trusted_hashes():
+            return data
+        recorded = ((self.config.get("trust") or {}).get("files") or {}).get(name)
+        if recorded and recorded != digest:
+            why = (f"the file changed since the run was made (sha256 {digest[:12]}…, recorded {recorded[:12]}…); "
+                   "do not trust it unless you changed it yourself")
+        else:
+            why = "this workspace has no record of trusting that file (the run may come from elsewhere)"
+        raise UntrustedRunError(
+            f"Run {self.name}: opening its models would run code from its {_COPY_KIND.get(name, 'file')} ({name}), "
+            f"and {why}; nothing was run. If you trust this run, {TRUST_CONTROL}.")
+
+    def original(self, trusted: bool = False) -> LoadedModel:
+        sd = self._weights(self.dir / "original.pt")
+        model = self.fresh_model(trusted)
         model.load_state_dict(sd)
         return LoadedModel(model.eval(), self.spec)
 
-    def rebuild_step(self, step: int) -> nn.Module:
-        """The model of ``step``, rebuilt from the architecture + pruning history + weights (no pickle)."""
+    def rebuild_step(self, step: int, trusted: bool = False) -> nn.Module:
+        """The model of ``step``, rebuilt from the architecture + pruning history + weights (no pickle);
+        ``trusted`` as for :meth:`fresh_model`."""
         if step == 0:
-            return self.original().model
+            return self.original(trusted).model
         self.record(step)
         path = self.dir / "steps" / f"{step:04d}.pt"
         if not path.exists():
             raise PruneScopeError(f"The weights of step {step} are missing from {self.dir}.")
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = self._weights(path)
         from .groups import rebuild_pruned
 
-        return rebuild_pruned(self.fresh_model(), self.spec.input.shape(1), saved["pruning_history"], saved["state_dict"],
-                              output_layers=self.output_layers())
+        return rebuild_pruned(self.fresh_model(trusted), self.spec.input.shape(1), saved["pruning_history"],
+                              saved["state_dict"], output_layers=self.output_layers())
+
+    def _weights(self, path: Path):
+        """A weights file of the run, read without running code; a damaged or replaced file is one clear error."""
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise PruneScopeError(f"Run {self.name} is incomplete: {path.name} is missing.") from None
+        except Exception as exc:  # the weights-only reader runs no code: any failure means a damaged file
+            raise PruneScopeError(f"Run {self.name}: {path.relative_to(self.dir)} is damaged or not plain weights "
+                                  f"({one_line(exc)}); it was not loaded.") from None
 
     def select_step(self, max_drop: float) -> int:
         """The step with the fewest MACs whose accuracy drop (points) is within ``max_drop``."""

@@ -5,13 +5,13 @@ from __future__ import annotations
 import streamlit as st
 
 from core.custom_code import keep_uploaded_code, model_candidates
-from core.data import load_dataset
 from core.errors import PruneScopeError
 from core.models import InputSpec, list_architectures, load_model, sample_entry, sample_names
+from core.runs import remember_trusted_model
 from ui.charts import fig_class_counts, fig_confusion, fig_per_class_accuracy
 from ui.common import format_pct, metrics_row, page_link, setup_page
 from ui.detection import detection_load_page
-from ui.state import DEFAULT_SAMPLE, baseline, digest, files_to_zip, load_sample_callback, save_upload
+from ui.state import DEFAULT_SAMPLE, baseline, digest, files_to_zip, load_sample_callback, load_uploaded_data
 
 state = setup_page("Load", "A trained model and its data set: upload your own or take the bundled sample.")
 TASKS = ("Image classification", "Object detection (SSD)")
@@ -67,6 +67,8 @@ def load_upload(kind: str, model_file, trusted: bool, arch: str | None, spec: In
         except PruneScopeError as exc:
             st.error(f"**The model could not be loaded.** {exc}", icon=":material/error:")
             return
+        if trusted:  # issue 15: runs holding this pickle or code may run it now
+            remember_trusted_model(loaded, model_bytes)
         key = (f"upload:{digest(model_bytes)}:{loaded.spec.arch}:{loaded.spec.code_file}:{loaded.spec.code_args}:"
                f"{spec.height}x{spec.width}:{spec.mean}:{spec.std}")
         state.set_model(loaded, f"uploaded {loaded.spec.arch} ({len(model_bytes) / 1e6:.1f} MB)", key,
@@ -82,8 +84,7 @@ def load_upload(kind: str, model_file, trusted: bool, arch: str | None, spec: In
         else:
             raw = files_to_zip([(f.name, f.getvalue()) for f in data_files])
             label = f"uploaded folder ({len(data_files)} files)"
-        path = save_upload(raw, "data", ".zip")
-        data = load_dataset(path, loaded.spec.input, expected_classes=loaded.spec.num_classes)
+        data, path = load_uploaded_data(raw, loaded)  # issue 15: a refused upload leaves nothing behind
     except PruneScopeError as exc:
         st.error(f"**The data set could not be used.** {exc}", icon=":material/error:")
         return

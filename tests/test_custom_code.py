@@ -212,9 +212,11 @@ def test_untrusted_code_is_refused_and_never_runs(tmp_path):
     with pytest.raises(UntrustedCodeError) as info:
         load_model(_bytes(torch.nn.Linear(2, 2).state_dict()), code_path=code, code_name="net")
     assert isinstance(info.value, UntrustedPickleError)  # the same switch handles both refusals
-    message = str(info.value)
-    assert "evil.py" in message and "--trusted" in message and "I trust this file" in message
-    assert "\n" not in message
+    message = str(info.value)  # the app's wording: it names the app's switch only
+    assert "evil.py" in message and "I trust this file" in message and "--trusted" not in message
+    cli = info.value.for_interface("cli")  # the CLI's wording names its flag only
+    assert "--trusted" in cli and "I trust this file" not in cli
+    assert "\n" not in message and "{" not in message
     assert not marker.exists()
     build_from_code(code, "net", trusted=True)
     assert marker.exists(), "the file's code is real: trusted, it runs"

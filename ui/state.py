@@ -8,18 +8,15 @@ sample, which is cached).
 from __future__ import annotations
 
 import hashlib
-import io
-import re
 import threading
 import weakref
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import streamlit as st
 
-from core.data import DataSet, load_dataset
+from core.data import DataSet, folder_upload_to_zip, load_dataset
 from core.jobs import JobRegistry
 from core.models import LoadedModel, load_model, sample_entry
 from core.workspace import atomic_write_bytes, uploads_dir
@@ -168,33 +165,27 @@ def digest(data: bytes) -> str:
 def save_upload(data: bytes, prefix: str, suffix: str) -> Path:
     """Keep an upload in the workspace under a name made from its hash (never from the uploaded name)."""
     path = uploads_dir() / f"{prefix}-{digest(data)}{suffix}"
-    if not path.exists():
+    if not path.is_file() or path.read_bytes() != data:  # issue 15: never reuse a file changed on disk
         atomic_write_bytes(path, data)
     return path
 
 
-_SAFE_PART = re.compile(r"[^A-Za-z0-9._ -]+")
+def load_uploaded_data(raw: bytes, loaded: LoadedModel) -> tuple[DataSet, Path]:
+    """The uploaded data zip, kept in the workspace and loaded; a refused upload leaves nothing behind."""
+    path = uploads_dir() / f"data-{digest(raw)}.zip"
+    created = not path.exists()
+    path = save_upload(raw, "data", ".zip")
+    try:
+        return load_dataset(path, loaded.spec.input, expected_classes=loaded.spec.num_classes), path
+    except Exception:
+        if created:
+            path.unlink(missing_ok=True)
+        raise
 
 
 def files_to_zip(files: list[tuple[str, bytes]], keep_parts: int = 3) -> bytes:
-    """A zip of uploaded files (a folder upload), keeping only the last ``keep_parts`` path parts of each
-    name, each part reduced to safe characters; '..', '.' and empty parts are dropped. The zip then goes
-    through the same safe extraction as an uploaded zip."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
-        seen: set[str] = set()
-        for name, data in files:
-            parts = [p for p in re.split(r"[\\/]+", name or "") if p not in ("", ".", "..")]
-            parts = [_SAFE_PART.sub("_", p).strip(" .") or "_" for p in parts[-keep_parts:]]
-            if not parts:
-                continue
-            arc = "/".join(parts)
-            while arc in seen:
-                arc = "/".join(parts[:-1] + ["_" + parts[-1]])
-                parts[-1] = "_" + parts[-1]
-            seen.add(arc)
-            zf.writestr(arc, data)
-    return buf.getvalue()
+    """A zip of a folder upload; names keep their characters (see :func:`core.data.folder_upload_to_zip`)."""
+    return folder_upload_to_zip(files, keep_parts)
 
 
 @st.cache_resource(show_spinner="Measuring the baseline: accuracy, MACs, parameters, OpenVINO latency...", max_entries=8)

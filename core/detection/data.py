@@ -26,8 +26,10 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..data import IGNORED_NAMES, IMAGE_EXTENSIONS, Limits, find_dataset_root, safe_extract_zip
+from ..data import (IGNORED_NAMES, IMAGE_EXTENSIONS, Limits, check_split_options, discard_on_refusal, find_dataset_root,
+                    materialise)
 from ..errors import DataError
+from ..models import check_input_size
 
 CLIP_TOLERANCE_PX = 1.0
 """Boxes outside the image by at most this much are clipped silently: exporters disagree on 0- vs 1-based pixels."""
@@ -136,12 +138,20 @@ def load_voc_dataset(source: str | Path | bytes, input_size: tuple[int, int] | i
     dropped and counted. Without it the classes are the sorted names found in the annotations.
     """
     size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    check_input_size(*size)
+    check_split_options(val_fraction, seed)
     if isinstance(source, str) and source.startswith("sample:"):
         from .sample import load_sample_detection
 
         return load_sample_detection(source.split(":", 1)[1], size)
     limits = limits or Limits()
-    folder, label = _materialise(source, limits)
+    folder, created, label = materialise(source, limits, "a folder in Pascal VOC layout")
+    with discard_on_refusal(folder, created):
+        return _load_voc_folder(folder, label, size, class_names, val_fraction, seed, limits)
+
+
+def _load_voc_folder(folder: Path, label: str, size: tuple[int, int], class_names: Sequence[str] | None,
+                     val_fraction: float, seed: int, limits: Limits) -> DetectionData:
     root = find_voc_root(folder)
     report = DetectionReport()
     pairs = pair_files(root, report, limits)
@@ -165,19 +175,6 @@ def load_voc_dataset(source: str | Path | bytes, input_size: tuple[int, int] | i
                         f"({len(full)} usable image(s)): at least 2 usable images are needed, one per split.")
     _summarise(full, names, report)
     return DetectionData(full.subset(train_idx), full.subset(val_idx), names, report, size, label)
-
-
-def _materialise(source: str | Path | bytes, limits: Limits) -> tuple[Path, str]:
-    if isinstance(source, bytes):
-        return safe_extract_zip(source, limits=limits), "upload.zip"
-    path = Path(source)
-    if not path.exists():
-        raise DataError(f"Data set not found: {path}")
-    if path.is_file():
-        if not zipfile.is_zipfile(path):
-            raise DataError(f"{path.name} is neither a zip archive nor a folder in Pascal VOC layout.")
-        return safe_extract_zip(path, limits=limits), str(path)
-    return path, str(path)
 
 
 def _summarise(full: DetectionSet, names: list[str], report: DetectionReport) -> None:

@@ -29,8 +29,8 @@ from torch import nn
 from .. import __version__
 from ..errors import PruneScopeError
 from ..export import (BUNDLE_FORMAT, SELFTEST_TOLERANCE_FLOOR, SELFTEST_TOLERANCE_FRACTION, TEMPLATE, ExportError,
-                      _ir_logits, _one_line, _torch_logits, build_atomically, convert_to_ir, pick_step, sha256_file,
-                      zip_bundle)
+                      _ir_logits, _one_line, _torch_logits, build_atomically, bundle_zip_path, convert_to_ir, pick_step,
+                      sha256_file)
 from ..models import ModelSpec
 from ..ncs2 import check_ncs2
 from ..ov_runtime import ONNX_OPSET, compile_cpu, read_ir, time_interleaved
@@ -114,8 +114,8 @@ def build_detection_bundle(pruned: nn.Module, original: nn.Module, spec: ModelSp
     """
     out_path = Path(out_path).resolve()
     result, _ = build_atomically(out_path, lambda tmp: _build_into(tmp, pruned, original, spec, val,
-                                                                   dict(meta or {}), latency_runs))
-    zip_path = zip_bundle(out_path)
+                                                                   dict(meta or {}), latency_runs), with_zip=True)
+    zip_path = bundle_zip_path(out_path)
     files = sorted(str(p) for p in out_path.rglob("*") if p.is_file())
     return {**result, "bundle": str(out_path), "zip": str(zip_path), "manifest": str(out_path / "manifest.json"),
             "files": files}
