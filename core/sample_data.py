@@ -2,6 +2,9 @@
 
 - ``digits``: scikit-learn's handwritten digits (1797 real 8x8 grey scans, classes "0".."9"),
   upscaled bilinearly to 32x32 and replicated to RGB.
+- ``cifar10``: 2,000 real CIFAR-10 images (200 per class, 32x32 JPEG; Krizhevsky, 2009), a fixed
+  subset of the 5,000 images held out from training the bundled ResNet-20, shipped as
+  ``sample_models/cifar10_sample.zip`` (written by ``sample_models/train_cifar.py --write-sample``).
 - ``shapes``: a generated colour-and-shape set, 32x32 RGB, 8 classes of 600 images. Four classes
   are circles told apart *only by colour* (blue/green/red/yellow_circle); four are shapes of a
   random colour (cross, square, star, triangle). Every image has a random position, size and
@@ -67,8 +70,16 @@ SAMPLE_DATASETS: dict[str, SampleDatasetInfo] = {
         tuple(sorted(list(SHAPE_COLOURS) + list(SHAPE_FORMS))),
     ),
 }
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR10_ZIP = Path(__file__).resolve().parent.parent / "sample_models" / "cifar10_sample.zip"
+SAMPLE_DATASETS["cifar10"] = SampleDatasetInfo(
+    "cifar10",
+    "2,000 real CIFAR-10 images (200 per class, 32x32 JPEG), held out from the training of the bundled "
+    "CIFAR-10 ResNet-20.",
+    CIFAR10_CLASSES,
+)
 # Fallback when sample_models/manifest.json is absent (e.g. while the samples are being trained).
-_MODEL_TO_DATASET = {"vgg_digits": "digits", "resnet_shapes": "shapes"}
+_MODEL_TO_DATASET = {"vgg_digits": "digits", "resnet_shapes": "shapes", "cifar10": "cifar10"}
 
 
 # ----------------------------------------------------------------------------- public API
@@ -162,7 +173,24 @@ def _generate(name: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
     if name == "shapes":
         images, labels, _ = _shapes(seed)
         return images, labels
+    if name == "cifar10":
+        return _cifar10_zip(CIFAR10_ZIP)
     raise DataError(f"No sample data set named '{name}'.")
+
+
+def _cifar10_zip(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The bundled CIFAR-10 subset: ``class/NNNN.jpg`` entries, classes and files in sorted order
+    (the order ``core.data.load_dataset`` reads the same zip in)."""
+    if not path.exists():
+        raise DataError(f"The CIFAR-10 sample's images are missing ({path.name}); "
+                        "run python sample_models/train_cifar.py --write-sample to write them.")
+    index = {c: i for i, c in enumerate(CIFAR10_CLASSES)}
+    with zipfile.ZipFile(path) as zf:
+        names = sorted((n for n in zf.namelist() if n.lower().endswith(".jpg")),
+                       key=lambda n: (index[n.split("/")[-2]], n))
+        images = np.stack([np.asarray(Image.open(io.BytesIO(zf.read(n))).convert("RGB")) for n in names])
+    labels = np.array([index[n.split("/")[-2]] for n in names], dtype=np.int64)
+    return images, labels
 
 
 def _digits() -> tuple[np.ndarray, np.ndarray]:

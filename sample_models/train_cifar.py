@@ -36,6 +36,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from core.architectures import CifarResNet  # noqa: E402
+from core.evaluate import count_macs_params, evaluate_accuracy  # noqa: E402
+from core.models import InputSpec, build_architecture  # noqa: E402
+from core.sample_data import SAMPLE_DATASETS, load_sample_dataset  # noqa: E402
 from core.workspace import atomic_torch_save, atomic_write_json  # noqa: E402
 
 DATA_ZIP = REPO.parent / "shared" / "data" / "cifar10_train_jpeg.zip"
@@ -224,7 +227,36 @@ def train(args: argparse.Namespace) -> dict:
     if args.write_sample:
         n = write_sample_zip(images, labels, classes, names, held_idx, OUT / "cifar10_sample.zip")
         print(f"wrote sample_models/cifar10_sample.zip ({n} held-out images)", flush=True)
+        print(json.dumps(register_sample(record), indent=1), flush=True)
     return record
+
+
+def register_sample(record: dict) -> dict:
+    """The ``cifar10`` entry of ``sample_models/manifest.json``: the ResNet-20 with the 2,000-image subset.
+
+    Its accuracy is measured as every user of the sample will see it: on the val split that
+    ``load_dataset('sample:cifar10', spec)`` gives (default split, seed 0).
+    """
+    spec = InputSpec(height=32, width=32, mean=tuple(record["mean"]), std=tuple(record["std"]))
+    model = build_architecture(record["architecture"], 10)
+    model.load_state_dict(torch.load(OUT / record["weights"], weights_only=True))
+    data = load_sample_dataset("cifar10", spec)
+    acc = evaluate_accuracy(model.eval(), data.val, spec).accuracy
+    macs, params = count_macs_params(model, spec)
+    entry = {
+        "name": "cifar10", "architecture": record["architecture"], "weights": record["weights"],
+        "dataset": "cifar10", "dataset_description": SAMPLE_DATASETS["cifar10"].description,
+        "input_size": [3, 32, 32], "mean": record["mean"], "std": record["std"], "class_names": record["class_names"],
+        "accuracy": round(acc, 6), "num_val_images": len(data.val), "num_train_images": len(data.train),
+        "held_out_accuracy": record["held_out_accuracy"], "num_held_out": record["num_held_out"],
+        "macs": macs, "params": params, "seed": record["recipe"]["seed"], "data_seed": SPLIT_SEED,
+        "recipe": record["recipe"], "trained_with": record["trained_with"] + " --write-sample",
+    }
+    path = OUT / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["models"] = [m for m in manifest["models"] if m["name"] != "cifar10"] + [entry]
+    atomic_write_json(path, manifest)
+    return entry
 
 
 def main(argv: list[str] | None = None) -> int:
