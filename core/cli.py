@@ -26,8 +26,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-args", metavar="JSON",
                    help='arguments for --model-class: a JSON object (keywords, e.g. \'{"num_classes": 4}\') or list')
     p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="model input size (default: per architecture)")
-    p.add_argument("--mean", type=float, nargs=3, help="per-channel mean of the model's normalisation")
-    p.add_argument("--std", type=float, nargs=3, help="per-channel std of the model's normalisation")
+    p.add_argument("--mean", type=float, nargs="+", help="mean of the model's normalisation, one value per input channel")
+    p.add_argument("--std", type=float, nargs="+", help="std of the model's normalisation, one value per input channel")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -55,11 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
 def load_model_and_data(args):
     """The model and the data set named on the command line, checked against each other."""
     from .data import load_dataset
-    from .models import InputSpec, load_model
+    from .models import default_input_spec, load_model, open_input_spec
 
     spec = None
     if args.input_size or args.mean or args.std:
-        spec = InputSpec()
+        spec = default_input_spec(args.arch) if args.arch else open_input_spec()
         if args.input_size:
             spec.height, spec.width = args.input_size
         if args.mean:
@@ -71,18 +71,26 @@ def load_model_and_data(args):
                         code_name=args.model_class, code_args=args.model_args)
     data = load_dataset(args.data, loaded.spec.input, expected_classes=loaded.spec.num_classes,
                         val_fraction=args.val_fraction, seed=args.seed)
+    loaded.spec.input = data.input  # the size the data gave a model that does not fix it (issue 13)
+    report_inputs(loaded, data)
     if loaded.spec.class_names is None:
         loaded.spec.class_names = data.class_names
     return loaded, data
+
+
+def report_inputs(loaded, data) -> None:
+    """What was inferred about the model's input and done to the images, and the data report's warnings,
+    on stderr (stdout stays for results)."""
+    for line in [*loaded.notes, *data.report.notes]:
+        print(f"note: {line}", file=sys.stderr)
+    for line in data.report.warnings:
+        print(f"warning: {line}", file=sys.stderr)
 
 
 def check_model_code_args(args) -> None:
     """The custom-architecture flags only make sense together; say which one is missing in flag names."""
     from .errors import ModelLoadError
 
-    if args.model_code and not args.model_class:
-        raise ModelLoadError("--model-code needs --model-class: the class or factory function in the file that builds "
-                             "the model (e.g. --model-class resnet56).")
     if args.model_class and not args.model_code:
         raise ModelLoadError("--model-class needs --model-code: the Python file that defines it.")
     if args.model_args is not None and not args.model_code:
@@ -114,6 +122,7 @@ def cmd_evaluate(args) -> int:
         "arch": loaded.spec.arch,
         "data": data.source,
         "num_val": len(data.val),
+        "input": loaded.spec.input.__dict__,
         "accuracy": acc.accuracy,
         "per_class": acc.per_class,
         "confusion": acc.confusion,

@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .errors import DataError
 from .models import InputSpec
+from .preprocess import HIGH_BIT_MODES, BitDepthLog, infer_input_size, size_is_open, to_8bit
 from .workspace import uploads_dir
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -49,6 +50,9 @@ class DataReport:
     converted: dict[str, int] = field(default_factory=dict)
     presplit: bool = False
     warnings: list[str] = field(default_factory=list)
+    # what was inferred or done to the pixels (input size from the data, 16-bit scaling): said, not a problem
+    notes: list[str] = field(default_factory=list)
+    bit_depth: BitDepthLog = field(default_factory=BitDepthLog, repr=False, compare=False)
 
     def to_dict(self) -> dict:
         return {
@@ -59,6 +63,7 @@ class DataReport:
             "converted": self.converted,
             "presplit": self.presplit,
             "warnings": self.warnings,
+            "notes": self.notes,
         }
 
 
@@ -112,6 +117,8 @@ def image_to_array(img: Image.Image, spec: InputSpec, report: DataReport | None 
     if img.mode != want:
         if report is not None:
             report.converted[img.mode] = report.converted.get(img.mode, 0) + 1
+        if img.mode in HIGH_BIT_MODES:
+            img = to_8bit(img, report.bit_depth if report is not None else None)
         if img.mode in ("RGBA", "LA", "P") and want == "RGB":
             img = img.convert("RGBA")
             bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
@@ -337,18 +344,21 @@ def load_dataset(
             raise DataError(f"val/ has classes that train/ lacks: {', '.join(sorted(set(names_va) - set(names_tr)))}.")
         class_names = sorted(names_tr)
         _check_class_count(len(class_names), expected_classes)
+        spec = _settle_size(spec, items_tr + items_va, report)
         train = decode_images(items_tr, class_names, spec, root, report)
         val = decode_images(items_va, class_names, spec, root, report)
     else:
         class_names, items = scan_class_folders(root, report, limits)
         class_names = sorted(class_names)
         _check_class_count(len(class_names), expected_classes)
+        spec = _settle_size(spec, items, report)
         full = decode_images(items, class_names, spec, root, report)
         if len(full) == 0:
             raise DataError("No readable images were found in the class folders.")
         tr, va = stratified_split(full.labels.numpy(), val_fraction, seed)
         train = ImageSet(full.images[tr], full.labels[tr], class_names)
         val = ImageSet(full.images[va], full.labels[va], class_names)
+    report.notes += report.bit_depth.sentences()
     report.num_classes = len(class_names)
     counts = torch.bincount(torch.cat([train.labels, val.labels]), minlength=len(class_names)).tolist()
     report.class_counts = dict(zip(class_names, counts))
@@ -358,6 +368,15 @@ def load_dataset(
     if len(val) == 0:
         raise DataError("The validation split is empty: every class needs at least 2 readable images.")
     return DataSet(train, val, class_names, spec, report, label)
+
+
+def _settle_size(spec: InputSpec, items: list[tuple[Path, str]], report: DataReport) -> InputSpec:
+    """The input size from the images when the model left it open (see :func:`core.preprocess.size_is_open`)."""
+    if not size_is_open(spec):
+        return spec
+    spec, note = infer_input_size([p for p, _ in items], spec)
+    report.notes.append(note)
+    return spec
 
 
 def _check_class_count(found: int, expected: int | None) -> None:
