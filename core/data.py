@@ -311,8 +311,13 @@ def load_dataset(
     val_fraction: float = 0.2,
     seed: int = 0,
     limits: Limits | None = None,
+    class_order: list[str] | None = None,
 ) -> DataSet:
-    """Load, validate and split a data set: a zip (path or bytes), a folder, or ``sample:NAME``."""
+    """Load, validate and split a data set: a zip (path or bytes), a folder, or ``sample:NAME``.
+
+    ``class_order``: the folder names in the order of the model's outputs (label j = ``class_order[j]``);
+    by default the sorted folder names, as torchvision's ImageFolder orders them.
+    """
     limits = limits or Limits()
     if isinstance(source, str) and source.startswith("sample:"):
         from .sample_data import load_sample_dataset
@@ -342,14 +347,14 @@ def load_dataset(
         names_va, items_va = scan_class_folders(layout["val"], report, limits)
         if set(names_va) - set(names_tr):
             raise DataError(f"val/ has classes that train/ lacks: {', '.join(sorted(set(names_va) - set(names_tr)))}.")
-        class_names = sorted(names_tr)
+        class_names = _ordered(sorted(names_tr), class_order)
         _check_class_count(len(class_names), expected_classes)
         spec = _settle_size(spec, items_tr + items_va, report)
         train = decode_images(items_tr, class_names, spec, root, report)
         val = decode_images(items_va, class_names, spec, root, report)
     else:
         class_names, items = scan_class_folders(root, report, limits)
-        class_names = sorted(class_names)
+        class_names = _ordered(sorted(class_names), class_order)
         _check_class_count(len(class_names), expected_classes)
         spec = _settle_size(spec, items, report)
         full = decode_images(items, class_names, spec, root, report)
@@ -365,9 +370,33 @@ def load_dataset(
     empty = [c for c, n in report.class_counts.items() if n == 0]
     if empty:
         report.warnings.append(f"Classes with no readable image: {', '.join(empty)}.")
+    report.warnings += _unmeasurable_classes(class_names, val.labels, report.class_counts, empty)
     if len(val) == 0:
         raise DataError("The validation split is empty: every class needs at least 2 readable images.")
     return DataSet(train, val, class_names, spec, report, label)
+
+
+def _unmeasurable_classes(class_names: list[str], val_labels: torch.Tensor, counts: dict[str, int],
+                          empty: list[str]) -> list[str]:
+    """A warning for classes with images but none in validation: their accuracy is undefined (shown empty,
+    ``null`` in --json), so a model that fails them entirely would not show it."""
+    in_val = torch.bincount(val_labels, minlength=len(class_names)).tolist()
+    unmeasured = [f"{c} ({counts[c]} image{'s' if counts[c] != 1 else ''})" for c, n in zip(class_names, in_val)
+                  if n == 0 and c not in empty]
+    if not unmeasured:
+        return []
+    return [f"{len(unmeasured)} class(es) have no validation image, so their accuracy cannot be measured (shown "
+            f"empty; null in --json): {', '.join(unmeasured[:10])}. Give every class at least 2 images "
+            "(pre-split data: at least 1 in val/)."]
+
+
+def _ordered(found: list[str], order: list[str] | None) -> list[str]:
+    if not order:
+        return found
+    if sorted(order) != sorted(found):
+        raise DataError(f"The class order ({', '.join(order[:10])}) must name each class folder once; the folders "
+                        f"are: {', '.join(found[:10])}.")
+    return list(order)
 
 
 def _settle_size(spec: InputSpec, items: list[tuple[Path, str]], report: DataReport) -> InputSpec:

@@ -8,6 +8,7 @@ from core.custom_code import keep_uploaded_code, model_candidates
 from core.data import load_dataset
 from core.errors import PruneScopeError
 from core.models import InputSpec, list_architectures, load_model, sample_entry, sample_names
+from core.plausibility import apply_fix, check_plausibility, describe_fix
 from ui.charts import fig_class_counts, fig_confusion, fig_per_class_accuracy
 from ui.common import format_pct, metrics_row, page_link, setup_page
 from ui.detection import detection_load_page
@@ -93,6 +94,20 @@ def load_upload(kind: str, model_file, trusted: bool, arch: str | None, spec: In
         loaded.spec.class_names = list(data.class_names)
     state.set_data(data, label, str(path))
     state.baseline = baseline(state.key, loaded, data)
+    st.session_state["load_plausibility"] = (state.key, check_plausibility(loaded.model, data, loaded.spec.input,
+                                                                           state.baseline["accuracy"]))
+
+
+def apply_plausibility_fix(fix) -> None:
+    """The one-click fix of a near-chance baseline: the normalisation (and class order) found, re-measured."""
+    loaded = state.model
+    loaded.spec.input, data = apply_fix(fix, loaded.spec.input, state.data)
+    loaded.spec.class_names = list(data.class_names)
+    state.model_key += f":fix:{fix.label}:{fix.class_order}"  # a new baseline, not the cached one
+    state.set_data(data, state.data_label, state.data_source)
+    state.baseline = baseline(state.key, loaded, data)
+    st.session_state["load_plausibility"] = (state.key, check_plausibility(loaded.model, data, loaded.spec.input,
+                                                                           state.baseline["accuracy"]))
 
 
 def custom_code_inputs() -> dict:
@@ -202,6 +217,12 @@ st.subheader("Baseline")
 metrics_row(b)
 st.caption(f"Accuracy on {b['n']} validation images; MACs and parameters of one {spec.input.height}×{spec.input.width} "
            f"image; latency: {b['latency_note']}.")
+plaus_key, plaus = st.session_state.get("load_plausibility", (None, None))
+if plaus is not None and plaus_key == state.key and plaus.near_chance:  # issue 13: a near-chance baseline
+    st.warning(plaus.message(), icon=":material/warning:")
+    if plaus.fix is not None:
+        st.button(f"Apply: {describe_fix(plaus.fix)}", key="load_apply_fix", icon=":material/auto_fix_high:",
+                  on_click=apply_plausibility_fix, args=(plaus.fix,))
 
 st.subheader("Data set validation")
 report = state.data.report
