@@ -250,8 +250,9 @@ def _missing_class_message(exc: Exception, classes: ModuleType | None) -> str:
             where = (f"the file given as model code does not define '{name}'" if classes is not None else
                      "that script is not available here")
             return (f"The pickled model needs class '{name}' from the script that saved it (it was run as __main__), "
-                    f"and {where}. Give the Python file that defines '{name}' as the model code (--model-code FILE "
-                    "with --trusted on the command line); or save model.state_dict() instead.")
+                    f"and {where}. Give the Python file that defines '{name}' as the model code (command line: "
+                    "--model-code FILE with --trusted; Load page: 'Custom architecture (Python file) + weights' with "
+                    f"that file and '{name}'); or save model.state_dict() instead.")
         return f"The pickled model needs '{name}' from module '{module}', which does not define it."
     if isinstance(exc, ModuleNotFoundError) and getattr(exc, "name", None):
         return (f"The pickled model needs module '{exc.name}', which cannot be imported here. Give the Python file "
@@ -473,9 +474,9 @@ def load_model(
                          input=input_spec or open_input_spec(), class_names=class_names, source=source, pickled=True)
         return _with_first_layer(LoadedModel(model, spec, notes))
     if classes is not None:
-        raise ModelLoadError("The model code was given without a class or factory name, which is only right for a "
-                             "whole pickled model; this file holds weights: name what builds the model "
-                             "(--model-class).")
+        raise ModelLoadError("Name the class or factory function in the model code that builds the model "
+                             "(--model-class): without one, the code only serves to unpickle a whole pickled model, "
+                             "and this file holds weights.")
     if arch is None:
         raise ModelLoadError("This file holds only weights (a state dict): choose its architecture (e.g. --arch resnet18).")
     sd, key_used, more = extract_state_dict(obj)
@@ -513,7 +514,8 @@ def _load_custom(path, code_path, code_name, code_args, arch, trusted, input_spe
     model = build_from_code(code_path, code_name, args, trusted=trusted)
     name = f"custom:{code_name.strip()}"
     data = path if isinstance(path, bytes) else _read_file(Path(path))
-    obj, notes = read_checkpoint(data, trusted=trusted)
+    # A whole model pickled by a training script works too: its __main__ classes come from the same file.
+    obj, notes = read_checkpoint(data, trusted=trusted, classes=import_code_file(code_path, trusted=trusted))
     sd, key_used, more = extract_state_dict(obj)
     notes += more
     _load_custom_weights(model, sd, name)

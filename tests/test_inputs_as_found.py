@@ -242,14 +242,27 @@ def test_script_pickle_without_its_code_names_the_class_and_the_way_out(script_p
 def test_script_pickle_loads_with_its_code(script_pickle):
     path, script = script_pickle
     loaded = load_model(path, trusted=True, code_path=script)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), _reference_net()(x))
+    assert loaded.spec.pickled and loaded.spec.num_classes == 2
+
+
+def test_script_pickle_as_weights_of_the_class_in_its_code(script_pickle):
+    """The Load page's way: the script as custom architecture, its class named, the pickle as the weights."""
+    path, script = script_pickle
+    loaded = load_model(path, trusted=True, code_path=script, code_name="Net")
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), _reference_net()(x))
+
+
+def _reference_net() -> torch.nn.Module:
+    """The network the training script saved, rebuilt independently (same seed, same class)."""
     torch.manual_seed(0)
     namespace: dict = {"__name__": "reference"}
     exec(TRAIN_SCRIPT, namespace)
-    reference = namespace["Net"]().eval()
-    x = torch.randn(2, 3, 16, 16)
-    with torch.no_grad():
-        assert torch.equal(loaded.model(x), reference(x))
-    assert loaded.spec.pickled and loaded.spec.num_classes == 2
+    return namespace["Net"]().eval()
 
 
 def test_cli_script_pickle_with_model_code(script_pickle, tmp_path):
