@@ -59,6 +59,7 @@ def load_model_and_data(args):
     """The model and the data set named on the command line, checked against each other."""
     from .data import load_dataset
     from .models import default_input_spec, load_model, open_input_spec
+    from .plausibility import quick_check
 
     spec = None
     if args.input_size or args.mean or args.std:
@@ -75,47 +76,17 @@ def load_model_and_data(args):
     data = load_dataset(args.data, loaded.spec.input, expected_classes=loaded.spec.num_classes,
                         val_fraction=args.val_fraction, seed=args.seed, class_order=_names(args.class_order))
     loaded.spec.input = data.input  # the size the data gave a model that does not fix it (issue 13)
-    report_inputs(loaded, data)
-    args.plausibility = check_baseline(loaded, data)
+    args.plausibility = quick_check(loaded.model, data, loaded.spec.input)  # a near-chance baseline, said first
+    for line in ([f"note: {n}" for n in loaded.notes + data.report.notes] + [f"warning: {w}" for w in
+                 data.report.warnings] + args.plausibility.cli_lines()):
+        print(line, file=sys.stderr)
     if loaded.spec.class_names is None:
         loaded.spec.class_names = data.class_names
     return loaded, data
 
 
-def report_inputs(loaded, data) -> None:
-    """What was inferred about the model's input and done to the images, and the data report's warnings,
-    on stderr (stdout stays for results)."""
-    for line in [*loaded.notes, *data.report.notes]:
-        print(f"note: {line}", file=sys.stderr)
-    for line in data.report.warnings:
-        print(f"warning: {line}", file=sys.stderr)
-
-
 def _names(text: str | None) -> list[str] | None:
     return [n.strip() for n in text.split(",") if n.strip()] if text else None
-
-
-def check_baseline(loaded, data):
-    """A near-chance baseline (on up to 400 validation images) is said on stderr, with the best preprocessing
-    found as flags to rerun with; returns the :class:`core.plausibility.Plausibility`."""
-    from .evaluate import evaluate_accuracy
-    from .plausibility import CHECK_IMAGES, check_plausibility
-
-    subset = data.val.subset(CHECK_IMAGES)
-    accuracy = evaluate_accuracy(loaded.model, subset, loaded.spec.input).accuracy
-    result = check_plausibility(loaded.model, data, loaded.spec.input, accuracy)
-    if result.near_chance:
-        print(f"warning: {result.message()}", file=sys.stderr)
-        if result.fix is not None:
-            print("suggestion: rerun with " + fix_flags(result.fix), file=sys.stderr)
-    return result
-
-
-def fix_flags(fix) -> str:
-    flags = f"--mean {' '.join(f'{v:g}' for v in fix.mean)} --std {' '.join(f'{v:g}' for v in fix.std)}"
-    if fix.class_order is not None:
-        flags += f" --class-order {','.join(fix.class_order)}"
-    return flags
 
 
 def check_model_code_args(args) -> None:

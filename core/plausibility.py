@@ -44,6 +44,13 @@ class Fix:
     accuracy: float  # measured on the held-out half of the checked images
     n: int
 
+    def cli_flags(self) -> str:
+        """The command-line options that apply this fix."""
+        flags = f"--mean {' '.join(f'{v:g}' for v in self.mean)} --std {' '.join(f'{v:g}' for v in self.std)}"
+        if self.class_order is not None:
+            flags += f" --class-order {','.join(self.class_order)}"
+        return flags
+
 
 @dataclass
 class Plausibility:
@@ -58,6 +65,15 @@ class Plausibility:
         d = asdict(self)
         d["message"] = self.message()
         return d
+
+    def cli_lines(self) -> list[str]:
+        """What the CLI prints on stderr: the warning and, if one was found, the flags to rerun with."""
+        if not self.near_chance:
+            return []
+        lines = [f"warning: {self.message()}"]
+        if self.fix is not None:
+            lines.append(f"suggestion: rerun with {self.fix.cli_flags()}")
+        return lines
 
     def message(self) -> str:
         if not self.near_chance:
@@ -127,6 +143,15 @@ def check_plausibility(model: nn.Module, data: DataSet, spec: InputSpec, accurac
         names = [data.class_names[int(i)] for i in order] if order is not None else None
         result.fix = Fix(label, tuple(trial.mean), tuple(trial.std), names, held, len(hold))
     return result
+
+
+def quick_check(model: nn.Module, data: DataSet, spec: InputSpec, n_images: int = CHECK_IMAGES) -> Plausibility:
+    """:func:`check_plausibility` of the accuracy on up to ``n_images`` validation images: cheap enough to run
+    before any long command, so a wrongly fed model is said before analysis or pruning starts."""
+    subset = data.val.subset(n_images)
+    pred = predict_logits(model, subset.images, spec).argmax(1)
+    accuracy = float((pred == subset.labels).float().mean()) if len(subset) else float("nan")
+    return check_plausibility(model, data, spec, accuracy, n_images)
 
 
 def best_class_order(pred: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
