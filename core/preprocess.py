@@ -46,11 +46,11 @@ def match_first_layer(spec: InputSpec, model: nn.Module) -> tuple[InputSpec, lis
         if len(spec.mean) == len(spec.std) == channels:
             return spec, notes
         # one value given for several channels (or the reverse): the same statistics for every channel
-        return replace(spec, mean=_per_channel(spec.mean, channels), std=_per_channel(spec.std, channels)), notes
+        return replace(spec, mean=per_channel(spec.mean, channels), std=per_channel(spec.std, channels)), notes
     if channels not in (1, 3):
         return spec, [f"The first convolution reads {channels} channels; images have 1 (grey) or 3 (RGB), so "
                       "evaluation will fail unless the model converts them itself."]
-    mean, std = _per_channel(spec.mean, channels), _per_channel(spec.std, channels)
+    mean, std = per_channel(spec.mean, channels), per_channel(spec.std, channels)
     spec = replace(spec, channels=channels, mean=mean, std=std, colour_order="grey" if channels == 1 else "RGB")
     kind = "grey-scale (1 channel)" if channels == 1 else "RGB (3 channels)"
     notes.append(f"The first convolution reads {channels} channel(s): images are converted to {kind}, with mean "
@@ -59,7 +59,7 @@ def match_first_layer(spec: InputSpec, model: nn.Module) -> tuple[InputSpec, lis
     return spec, notes
 
 
-def _per_channel(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
+def per_channel(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
     if len(values) == channels:
         return tuple(values)
     if channels == 1:
