@@ -36,6 +36,8 @@ class CarResult:
     sensitivity: dict[int, list[tuple[float, float]]] = field(default_factory=dict)  # gid -> (fraction, accuracy)
     seconds: float = 0.0
     mode: str = "exact"
+    # layer -> why it is neither analysed nor pruned (see PruningGraph.left_alone); includes left-alone groups
+    left_alone: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -43,7 +45,7 @@ class CarResult:
             "groups": self.groups, "car": {str(k): v for k, v in self.car.items()},
             "per_class": {str(k): v for k, v in self.per_class.items()},
             "sensitivity": {str(k): v for k, v in self.sensitivity.items()},
-            "seconds": self.seconds, "mode": self.mode,
+            "seconds": self.seconds, "mode": self.mode, "left_alone": self.left_alone,
         }
 
     @classmethod
@@ -53,7 +55,7 @@ class CarResult:
             groups=d["groups"], car={int(k): v for k, v in d["car"].items()},
             per_class={int(k): v for k, v in d.get("per_class", {}).items()},
             sensitivity={int(k): [tuple(x) for x in v] for k, v in d.get("sensitivity", {}).items()},
-            seconds=d.get("seconds", 0.0), mode=d.get("mode", "exact"),
+            seconds=d.get("seconds", 0.0), mode=d.get("mode", "exact"), left_alone=d.get("left_alone", {}),
         )
 
 
@@ -144,6 +146,7 @@ def compute_car(
             result.per_class[g.gid] = scorer.per_class_drop(correct[rows], len(images.class_names))
     if sensitivity:
         result.sensitivity = _sensitivity(scorer, groups, result.car, progress, cancel, len(ablations) * len(subset), total)
+    result.left_alone = graph.left_alone()
     result.seconds = time.perf_counter() - t0
     result.mode = "exact" if (fast and scorer.engine.fast) or not fast else "exact (naive)"
     return result

@@ -6,11 +6,12 @@ goes to stderr so that ``--json`` output on stdout stays machine-readable.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+import traceback
 from pathlib import Path
 
 from .errors import PruneScopeError, one_line, user_message
+from .jsonout import emit_json, json_mode
 
 EXIT_USER_ERROR = 2
 
@@ -26,14 +27,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-args", metavar="JSON",
                    help='arguments for --model-class: a JSON object (keywords, e.g. \'{"num_classes": 4}\') or list')
     p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="model input size (default: per architecture)")
-    p.add_argument("--mean", type=float, nargs=3, help="per-channel mean of the model's normalisation")
-    p.add_argument("--std", type=float, nargs=3, help="per-channel std of the model's normalisation")
+    p.add_argument("--mean", type=float, nargs="+", help="mean of the model's normalisation, one value per input channel")
+    p.add_argument("--std", type=float, nargs="+", help="std of the model's normalisation, one value per input channel")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="ImageFolder zip or folder, or sample:NAME")
     p.add_argument("--val-fraction", type=float, default=0.2, help="held-out fraction when the data is not pre-split")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--class-order", metavar="NAMES",
+                   help="class folders in the order of the model's outputs, comma-separated (default: sorted)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,11 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
 def load_model_and_data(args):
     """The model and the data set named on the command line, checked against each other."""
     from .data import load_dataset
-    from .models import InputSpec, load_model
+    from .models import default_input_spec, load_model, open_input_spec
+    from .plausibility import quick_check
 
     spec = None
     if args.input_size or args.mean or args.std:
-        spec = InputSpec()
+        spec = default_input_spec(args.arch) if args.arch else open_input_spec()
         if args.input_size:
             spec.height, spec.width = args.input_size
         if args.mean:
@@ -71,11 +75,15 @@ def load_model_and_data(args):
     loaded = load_model(args.model, arch=args.arch, trusted=args.trusted, input_spec=spec, code_path=args.model_code,
                         code_name=args.model_class, code_args=args.model_args)
     data = load_dataset(args.data, loaded.spec.input, expected_classes=loaded.spec.num_classes,
-                        val_fraction=args.val_fraction, seed=args.seed)
+                        val_fraction=args.val_fraction, seed=args.seed, class_order=_names(args.class_order))
+    loaded.spec.input = data.input  # the size the data gave a model that does not fix it (issue 13)
+    args.plausibility = quick_check(loaded.model, data, loaded.spec.input)  # a near-chance baseline, said first
+    # stderr keeps --json output on stdout clean: what was inferred, the data report, the plausibility check
+    for line in ([f"note: {n}" for n in loaded.notes + data.report.notes] + [f"data: {n}" for n in data.report.notices()]
+                 + args.plausibility.cli_lines()):
+        print(line, file=sys.stderr)
     if loaded.spec.class_names is None:
         loaded.spec.class_names = data.class_names
-    for line in data.report.notices():  # stderr keeps --json output on stdout clean
-        print(f"data: {line}", file=sys.stderr)
     return loaded, data
 
 
@@ -91,13 +99,14 @@ def check_settings(spec, args) -> None:
         check_image_count(args.images)
 
 
+def _names(text: str | None) -> list[str] | None:
+    return [n.strip() for n in text.split(",") if n.strip()] if text else None
+
+
 def check_model_code_args(args) -> None:
     """The custom-architecture flags only make sense together; say which one is missing in flag names."""
     from .errors import ModelLoadError
 
-    if args.model_code and not args.model_class:
-        raise ModelLoadError("--model-code needs --model-class: the class or factory function in the file that builds "
-                             "the model (e.g. --model-class resnet56).")
     if args.model_class and not args.model_code:
         raise ModelLoadError("--model-class needs --model-code: the Python file that defines it.")
     if args.model_args is not None and not args.model_code:
@@ -129,6 +138,7 @@ def cmd_evaluate(args) -> int:
         "arch": loaded.spec.arch,
         "data": data.source,
         "num_val": len(data.val),
+        "input": loaded.spec.input.__dict__,
         "accuracy": acc.accuracy,
         "per_class": acc.per_class,
         "confusion": acc.confusion,
@@ -137,9 +147,10 @@ def cmd_evaluate(args) -> int:
         "latency_ms": latency,
         "notes": loaded.notes,
         "data_report": data.report.to_dict(),
+        "plausibility": args.plausibility.to_dict(),
     }
     if args.json:
-        print(json.dumps(result))
+        emit_json(result)
     else:
         print(f"accuracy   {acc.accuracy * 100:.2f}% on {len(data.val)} images")
         print(f"MACs       {format_macs(macs)}")
@@ -170,14 +181,30 @@ def main(argv: list[str] | None = None) -> int:
     from . import cli_engine
 
     handler = COMMANDS.get(args.command) or cli_engine.COMMANDS[args.command]
+    as_json = bool(getattr(args, "json", False))
+    with json_mode(as_json) as emitted:  # --json: stdout holds exactly one strict JSON object, whatever happens
+        code, error = run_handler(handler, args, as_json)
+        if as_json and not emitted():
+            emit_json({"error": error or "the command produced no result", "exit_code": code})
+    return code
+
+
+def run_handler(handler, args, as_json: bool) -> tuple[int, str | None]:
+    """(exit code, error message or None); user errors are one line on stderr, never a traceback."""
     try:
-        return handler(args)
+        return handler(args), None
     except PruneScopeError as exc:
-        print(f"error: {user_message(exc, 'cli')}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        message = user_message(exc, "cli")
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR, message
     except OSError as exc:  # a path the user named cannot be written or read (read-only, full disk, missing)
         print(f"error: {one_line(exc)}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return EXIT_USER_ERROR, one_line(exc)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
-        return 130
+        return 130, "interrupted"
+    except Exception as exc:
+        if not as_json:
+            raise
+        traceback.print_exc(file=sys.stderr)  # a bug: its traceback on stderr, the JSON contract kept
+        return 1, f"internal error: {type(exc).__name__}: {exc}"

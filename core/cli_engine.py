@@ -1,13 +1,13 @@
 """CLI commands of the pruning engine: analyse, prune, export."""
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import fields
 from pathlib import Path
 
 from .errors import PruneScopeError
+from .jsonout import emit_json
 
 
 def _progress_printer(prefix: str = ""):
@@ -84,7 +84,7 @@ def cmd_analyse(args) -> int:
     summary = {"run": str(out), "baseline_accuracy": result.baseline_accuracy, "n_images": result.n_images,
                "filters": sum(len(v) for v in result.car.values()), "groups": len(result.groups),
                "seconds": result.seconds}
-    print(json.dumps(summary) if args.json else "\n".join(f"{k}: {v}" for k, v in summary.items()))
+    print_summary(summary, args.json)
     return 0
 
 
@@ -109,7 +109,7 @@ def config_from_args(args, config_class):
 
 def print_summary(summary: dict, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(summary))
+        emit_json(summary)
     else:
         for k, v in summary.items():
             print(f"{k}: {v}")
@@ -152,14 +152,25 @@ def cmd_export(args) -> int:
     result = export_run(args.run, step=args.step, max_drop=args.max_drop, out_path=args.out,
                         progress=_progress_printer(), trusted=args.trusted)
     if args.json:
-        print(json.dumps(result))
+        emit_json(result)
     else:
         print(f"bundle: {result['bundle']}  (zip: {result['zip']})")
         print(f"step {result['step']}: NCS2 {'compatible' if result['ncs_compatible'] else 'NOT compatible'}; "
               f"verified: {result['verified']} (agreement {result['agreement'] * 100:.2f}%)")
         for p in result["ncs2_problems"]:
             print(f"  NCS2 problem: {p}")
-    return 0
+    return _export_exit_code(result)
+
+
+def _export_exit_code(result: dict) -> int:
+    """0 for the NCS2-ready, verified bundle asked for; else the reason on stderr and a non-zero code."""
+    from .export import EXIT_NOT_READY, bundle_shortfall
+
+    shortfall = bundle_shortfall(result)
+    if shortfall is None:
+        return 0
+    print(f"error: {shortfall}", file=sys.stderr)
+    return EXIT_NOT_READY
 
 
 COMMANDS = {"analyse": cmd_analyse, "analyze": cmd_analyse, "prune": cmd_prune, "export": cmd_export}

@@ -29,6 +29,7 @@ from PIL import Image
 
 from .errors import DataError, SettingsError, one_line
 from .models import InputSpec
+from .preprocess import HIGH_BIT_MODES, BitDepthLog, infer_input_size, size_is_open, to_8bit
 from .workspace import uploads_dir
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -58,6 +59,9 @@ class DataReport:
     converted: dict[str, int] = field(default_factory=dict)
     presplit: bool = False
     warnings: list[str] = field(default_factory=list)
+    # what was inferred or done to the pixels (input size from the data, 16-bit scaling): said, not a problem
+    notes: list[str] = field(default_factory=list)
+    bit_depth: BitDepthLog = field(default_factory=BitDepthLog, repr=False, compare=False)
 
     def notices(self, limit: int = 5) -> list[str]:
         """One line per thing the user should know (warnings, skipped and corrupt files, conversions), for
@@ -82,6 +86,7 @@ class DataReport:
             "converted": self.converted,
             "presplit": self.presplit,
             "warnings": self.warnings,
+            "notes": self.notes,
         }
 
 
@@ -135,6 +140,8 @@ def image_to_array(img: Image.Image, spec: InputSpec, report: DataReport | None 
     if img.mode != want:
         if report is not None:
             report.converted[img.mode] = report.converted.get(img.mode, 0) + 1
+        if img.mode in HIGH_BIT_MODES:
+            img = to_8bit(img, report.bit_depth if report is not None else None)
         if img.mode in ("RGBA", "LA", "P") and want == "RGB":
             img = img.convert("RGBA")
             bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
@@ -485,11 +492,14 @@ def load_dataset(
     val_fraction: float = 0.2,
     seed: int = 0,
     limits: Limits | None = None,
+    class_order: list[str] | None = None,
 ) -> DataSet:
     """Load, validate and split a data set: a zip (path or bytes), a folder, or ``sample:NAME``.
 
     Settings are checked before anything is read; a refused zip leaves no unpacked files behind.
     Raises :class:`DataError` (unusable data) or :class:`SettingsError` (bad split settings).
+    ``class_order``: the folder names in the order of the model's outputs (label j = ``class_order[j]``);
+    by default the sorted folder names, as torchvision's ImageFolder orders them.
     """
     limits = limits or Limits()
     check_split_options(val_fraction, seed)
@@ -501,7 +511,7 @@ def load_dataset(
         return ds
     folder, created, label = materialise(source, limits)
     with discard_on_refusal(folder, created):
-        return _load_folder(folder, label, spec, expected_classes, val_fraction, seed, limits)
+        return _load_folder(folder, label, spec, expected_classes, val_fraction, seed, limits, class_order)
 
 
 def check_split_options(val_fraction: float, seed: int = 0) -> None:
@@ -542,7 +552,7 @@ def discard_on_refusal(folder: Path, created: bool):
 
 
 def _load_folder(folder: Path, label: str, spec: InputSpec, expected_classes: int | None, val_fraction: float,
-                 seed: int, limits: Limits) -> DataSet:
+                 seed: int, limits: Limits, class_order: list[str] | None = None) -> DataSet:
     report = DataReport()
     root = find_dataset_root(folder)
     layout = discover_layout(root)
@@ -552,29 +562,65 @@ def _load_folder(folder: Path, label: str, spec: InputSpec, expected_classes: in
         names_va, items_va = scan_class_folders(layout["val"], report, limits)
         if set(names_va) - set(names_tr):
             raise DataError(f"val/ has classes that train/ lacks: {', '.join(sorted(set(names_va) - set(names_tr)))}.")
-        class_names = sorted(names_tr)
+        class_names = _ordered(sorted(names_tr), class_order)
         _check_class_count(len(class_names), expected_classes)
+        spec = _settle_size(spec, items_tr + items_va, report)
         train = decode_images(items_tr, class_names, spec, root, report)
         val = decode_images(items_va, class_names, spec, root, report)
     else:
         class_names, items = scan_class_folders(root, report, limits)
-        class_names = sorted(class_names)
+        class_names = _ordered(sorted(class_names), class_order)
         _check_class_count(len(class_names), expected_classes)
+        spec = _settle_size(spec, items, report)
         full = decode_images(items, class_names, spec, root, report)
         if len(full) == 0:
             raise DataError("No readable images were found in the class folders.")
         tr, va = stratified_split(full.labels.numpy(), val_fraction, seed)
         train = ImageSet(full.images[tr], full.labels[tr], class_names)
         val = ImageSet(full.images[va], full.labels[va], class_names)
+    report.notes += report.bit_depth.sentences()
     report.num_classes = len(class_names)
     counts = torch.bincount(torch.cat([train.labels, val.labels]), minlength=len(class_names)).tolist()
     report.class_counts = dict(zip(class_names, counts))
     empty = [c for c, n in report.class_counts.items() if n == 0]
     if empty:
         report.warnings.append(f"Classes with no readable image: {', '.join(empty)}.")
+    report.warnings += _unmeasurable_classes(class_names, val.labels, report.class_counts, empty)
     if len(val) == 0:
         raise DataError("The validation split is empty: every class needs at least 2 readable images.")
     return DataSet(train, val, class_names, spec, report, label)
+
+
+def _unmeasurable_classes(class_names: list[str], val_labels: torch.Tensor, counts: dict[str, int],
+                          empty: list[str]) -> list[str]:
+    """A warning for classes with images but none in validation: their accuracy is undefined (shown empty,
+    ``null`` in --json), so a model that fails them entirely would not show it."""
+    in_val = torch.bincount(val_labels, minlength=len(class_names)).tolist()
+    unmeasured = [f"{c} ({counts[c]} image{'s' if counts[c] != 1 else ''})" for c, n in zip(class_names, in_val)
+                  if n == 0 and c not in empty]
+    if not unmeasured:
+        return []
+    return [f"{len(unmeasured)} class(es) have no validation image, so their accuracy cannot be measured (shown "
+            f"empty; null in --json): {', '.join(unmeasured[:10])}. Give every class at least 2 images "
+            "(pre-split data: at least 1 in val/)."]
+
+
+def _ordered(found: list[str], order: list[str] | None) -> list[str]:
+    if not order:
+        return found
+    if sorted(order) != sorted(found):
+        raise DataError(f"The class order ({', '.join(order[:10])}) must name each class folder once; the folders "
+                        f"are: {', '.join(found[:10])}.")
+    return list(order)
+
+
+def _settle_size(spec: InputSpec, items: list[tuple[Path, str]], report: DataReport) -> InputSpec:
+    """The input size from the images when the model left it open (see :func:`core.preprocess.size_is_open`)."""
+    if not size_is_open(spec):
+        return spec
+    spec, note = infer_input_size([p for p, _ in items], spec)
+    report.notes.append(note)
+    return spec
 
 
 def _check_class_count(found: int, expected: int | None) -> None:

@@ -37,8 +37,10 @@ from . import __version__
 from .data import ImageSet, normalize
 from .errors import PruneScopeError, one_line
 from .models import InputSpec, ModelSpec
-from .ncs2 import Ncs2Report, check_ncs2
-from .ov_runtime import ONNX_OPSET, compile_cpu, export_onnx_bytes, read_ir, time_interleaved
+from .fp16 import Fp16Range, measure_fp16_range
+from .ir_rewrite import interpolate11_to_4
+from .ncs2 import Ncs2Issue, Ncs2Report, check_ncs2
+from .ov_runtime import ONNX_OPSET, compile_cpu, cpu_has_fp16, export_onnx_bytes, read_ir, time_interleaved
 from .shortcuts import convert_zero_pad_shortcuts
 from .workspace import atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -110,6 +112,7 @@ def convert_to_ir(model: nn.Module, shape: tuple[int, ...], out_dir: Path, name:
         ov_model = ov.convert_model(str(onnx_path))
     except Exception as exc:
         raise ExportError(f"OpenVINO could not convert the ONNX export: {_one_line(exc)}") from None
+    rewritten, not_rewritten = interpolate11_to_4(ov_model)  # the NCS2's runtime reads Interpolate-4 only
     if len(ov_model.inputs) != 1 or len(ov_model.outputs) != 1:
         raise ExportError(f"Expected one input and one output, the converted model has {len(ov_model.inputs)} "
                           f"and {len(ov_model.outputs)}.")
@@ -132,6 +135,8 @@ def convert_to_ir(model: nn.Module, shape: tuple[int, ...], out_dir: Path, name:
         "input_shape": list(shape),
         "output_name": ov_model.outputs[0].get_any_name() if ov_model.outputs[0].get_names() else OUTPUT_NAME,
         "output_shape": out_shape,
+        "rewrites": ([f"{rewritten} Interpolate-11 rewritten as the equivalent Interpolate-4"] if rewritten else [])
+                    + [f"Interpolate-11 left as it is ({p})" for p in not_rewritten],
     }
 
 
@@ -223,7 +228,7 @@ def _torch_logits(model: nn.Module, inputs: torch.Tensor, batch: int = 128) -> n
 
 
 def verify_ir(xml_path: str | Path, model: nn.Module, images: ImageSet, spec: ModelSpec | InputSpec,
-              min_images: int = 200, max_images: int = 1000) -> Verification:
+              min_images: int = 200, max_images: int = 1000, precision: str = "f32") -> Verification:
     """Run the IR on the OpenVINO CPU runtime over validation images and compare with PyTorch.
 
     Uses every image up to ``max_images`` (a stratified subset beyond), and at least ``min_images``
@@ -236,7 +241,7 @@ def verify_ir(xml_path: str | Path, model: nn.Module, images: ImageSet, spec: Mo
     subset = images.subset(max(min_images, max_images))
     refs, gots = [], []
     try:
-        compiled = compile_cpu(read_ir(xml_path))
+        compiled = compile_cpu(read_ir(xml_path), precision=precision)
     except Exception as exc:
         raise ExportError(f"OpenVINO could not load the exported IR {Path(xml_path).name}: {_one_line(exc)}") from None
     for start in range(0, len(subset), 64):  # chunks bound memory for large inputs
@@ -261,6 +266,8 @@ def verify_ir(xml_path: str | Path, model: nn.Module, images: ImageSet, spec: Mo
     if distinct == 1 and n > 1:
         notes.append("PyTorch predicts the same class for every image, so top-1 agreement says little here.")
     verified = agree >= AGREEMENT_REQUIRED
+    if precision != "f32":
+        notes[0] = f"Run by the OpenVINO CPU plugin in {precision} arithmetic, as the NCS2 computes."
     pct = f"{100 * agree:.1f}%"
     if verified:
         message = f"Verified: the IR agrees with PyTorch on {pct} of {n} images (largest logit difference {diff:.2g})."
@@ -271,7 +278,35 @@ def verify_ir(xml_path: str | Path, model: nn.Module, images: ImageSet, spec: Mo
                    "weights, or ship the fallback.")
     if n < min_images:
         message += f" Only {n} images were available (fewer than {min_images})."
-    return Verification(verified, agree, diff, n, min_images, distinct, message, notes=notes)
+    device = ("OpenVINO CPU (FP16 weights decompressed, f32 arithmetic)" if precision == "f32" else
+              f"OpenVINO CPU ({precision} arithmetic)")
+    return Verification(verified, agree, diff, n, min_images, distinct, message, device=device, notes=notes)
+
+
+def check_fp16(model: nn.Module, xml_path: str | Path, images: ImageSet, spec: ModelSpec | InputSpec,
+               report: Ncs2Report, verification: Verification, min_images: int) -> Fp16Range:
+    """FP16 is what the NCS2 computes in: measure the activation range on validation images and, where the CPU
+    can, verify the IR in FP16 arithmetic too. An overflow fails the NCS2 check (naming the layer) and the
+    verification, since a model that runs to inf/NaN on the device is neither compatible nor verified."""
+    ispec = _input_spec(spec)
+    fp16 = measure_fp16_range(model, images, ispec)
+    for layer, reason in fp16.problems():
+        report.problems.append(Ncs2Issue(layer=layer, type="FP16 range", version="", reason=reason))
+        report.compatible = False
+    if fp16.problems():
+        verification.verified = False
+        verification.message = "Not verified in FP16: " + fp16.problems()[0][1]
+    if cpu_has_fp16():
+        in_f16 = verify_ir(xml_path, model, images, spec, min_images=min_images, precision="f16")
+        verification.notes.append(in_f16.message)
+        verification.verified = verification.verified and in_f16.verified
+    else:
+        finite = {True: "stays finite", False: "becomes inf/NaN", None: "could not be computed"}[fp16.fp16_finite]
+        verification.notes.append(
+            f"This CPU has no FP16 arithmetic, so the IR could not be run in FP16 here; FP16 was checked instead by "
+            f"measuring activation ranges on {fp16.n_images} validation images (peak {max(fp16.peaks.values(), default=0):.4g}, "
+            f"FP16 max 65,504) and running the model in torch float16 (its output {finite}).")
+    return fp16
 
 
 # ----------------------------------------------------------------------------- bundle
@@ -309,6 +344,24 @@ class BundleResult:
             "verification_fallback": self.verification_fallback.to_dict(),
             "files": [str(f) for f in self.files],
         }
+
+
+EXIT_NOT_READY = 3  # the CLI's exit code when a bundle was written but is not the NCS2-ready, verified one asked for
+
+
+def bundle_shortfall(result: dict) -> str | None:
+    """Why an exported bundle is not what an export asks for (an NCS2-ready, verified model), or None."""
+    reasons = []
+    if not result.get("ncs_compatible"):
+        problems = result.get("ncs2_problems") or []
+        more = f"; {len(problems) - 1} more" if len(problems) > 1 else ""
+        reasons.append("it is not NCS2-compatible" + (f" ({problems[0]}{more})" if problems else ""))
+    if not result.get("verified"):
+        reasons.append("the IR does not agree with PyTorch (not verified)")
+    if not reasons:
+        return None
+    return (f"the bundle was written to {result.get('bundle')}, but {' and '.join(reasons)}; the original model is "
+            "inside as fallback.")
 
 
 def sha256_file(path: str | Path) -> str:
@@ -437,6 +490,8 @@ def _build_into(root: Path, pruned: nn.Module, original: nn.Module, spec: ModelS
     torch_models = {"pruned": pruned, "original": original}
     reports = {k: check_ncs2(v["xml"]) for k, v in exports.items()}
     checks = {k: verify_ir(exports[k]["xml"], torch_models[k], val, spec, min_images=min_images) for k in exports}
+    fp16 = {k: check_fp16(torch_models[k], exports[k]["xml"], val, spec, reports[k], checks[k], min_images)
+            for k in exports}
     if exports["pruned"]["output_shape"] != exports["original"]["output_shape"]:
         raise ExportError(f"The pruned model outputs {exports['pruned']['output_shape']} but the original "
                           f"{exports['original']['output_shape']}; they must have the same classes.")
@@ -487,6 +542,8 @@ def _build_into(root: Path, pruned: nn.Module, original: nn.Module, spec: ModelS
             "output_shape": e["output_shape"],
             "ncs2": reports[k].to_dict(),
             "verification": checks[k].to_dict(),
+            "fp16_range": fp16[k].to_dict(),
+            "ir_rewrites": e["rewrites"],
         }
     for k in models_section:  # paths in the reports relative to the bundle
         models_section[k]["ncs2"]["xml_path"] = models_section[k]["xml"]

@@ -122,9 +122,15 @@ class PruningGraph:
                 h.remove()
 
     def groups(self) -> list[ChannelGroup]:
-        """Every prunable group, with per-filter consumer indices and MACs per filter."""
+        """Every prunable group, with per-filter consumer indices and MACs per filter.
+
+        Groups whose channel bookkeeping is inconsistent (see :func:`_mistracked`) are not returned:
+        their emulated removal would be wrong. They, and every layer no group covers, are in
+        :meth:`left_alone` with the reason.
+        """
         shapes = self._conv_output_sizes()
         out = []
+        self._dropped: dict[str, str] = {}
         ignored = list(self.output_layers)
         for g in self._all_groups(ignored):
             if isinstance(g, ChannelGroup):  # a root whose dependencies never settle
@@ -132,8 +138,71 @@ class PruningGraph:
                 out.append(g)
                 continue
             group = self._channel_group(g, len(out), shapes)
-            if group is not None and group.consumers:
+            problem = self._mistracked(g) if group is not None else None
+            if group is not None and group.consumers and problem is None:
                 out.append(group)
+            else:
+                self._note_dropped(g, group, problem)
+        return out
+
+    def _note_dropped(self, g, group: ChannelGroup | None, problem: str | None) -> None:
+        """Why the producers of a Torch-Pruning group that became no ChannelGroup are left alone."""
+        root = self.names.get(g[0].dep.target.module, "?")
+        if problem is not None:
+            why = problem
+        elif group is None:
+            why = (f"its channels are coupled with {root}, which has a single output channel (e.g. a broadcast gate "
+                   "such as x * sigmoid(gate(x))); Torch-Pruning ties them channel for channel, so removing one "
+                   "cannot be done consistently; left alone")
+        else:
+            why = "no conv or linear layer reads its channels, so removing one cannot be emulated; left alone"
+        for item in g.items:
+            module = item.dep.target.module
+            name = self.names.get(module)
+            if name and isinstance(module, (nn.Conv2d, nn.Linear)) and self.dg.is_out_channel_pruning_fn(item.dep.handler):
+                self._dropped.setdefault(name, why)
+
+    def _mistracked(self, g) -> str | None:
+        """Why a Torch-Pruning group's index bookkeeping cannot be right, or None.
+
+        Torch-Pruning maps the outputs of ``torch.split`` with unequal sizes to the wrong consumers
+        (a split [16, 32] gives the 16-channel branch 32 indices and the other branch the wrong 16). Every index
+        a consumer reads must exist in that consumer, and every filter must exist in the root.
+        """
+        split = _split_reason(g)
+        if split is not None:
+            return split
+        root_module = g[0].dep.target.module
+        width = _out_width(root_module) or len(g[0].idxs)
+        for item in g.items:
+            module, fn = item.dep.target.module, item.dep.handler
+            if not (self.dg.is_in_channel_pruning_fn(fn) and _is_consumer(module)):
+                continue
+            n_in = module.in_channels if isinstance(module, nn.Conv2d) else module.in_features
+            idxs, roots = list(item.idxs), list(item.root_idxs or [])
+            if len(idxs) > n_in or any(int(i) >= n_in for i in idxs) or any(int(r) >= width for r in roots):
+                name = self.names.get(module, "?")
+                return (f"the dependency graph maps {len(idxs)} of its channels onto {name}, which reads only {n_in} "
+                        "(an operation it mis-tracks, e.g. torch.split with unequal sizes); removing filters here "
+                        "would not remove what it should, so the group is left alone")
+        return None
+
+    def left_alone(self) -> dict[str, str]:
+        """Every conv/linear layer with prunable outputs (two or more output channels, not a model output)
+        that pruning will not touch, with the reason: groups marked left alone, groups whose bookkeeping is
+        wrong, and layers the dependency graph put in no group. Nothing disappears silently."""
+        groups = self.groups()
+        out = {g.root: g.left_alone for g in groups if g.left_alone}
+        covered = {p for g in groups for p in g.producers}
+        for name, why in self._dropped.items():
+            if name not in covered and (_out_width(self.module(name)) or 0) >= 2:
+                out.setdefault(name, why)
+        outputs = {id(m) for m in self.output_layers}
+        for name, m in self.model.named_modules():
+            if (isinstance(m, (nn.Conv2d, nn.Linear)) and id(m) not in outputs and (_out_width(m) or 0) >= 2
+                    and name not in covered and name not in out and m in self.dg.module2node):
+                out[name] = ("the dependency graph put it in no channel group (its outputs reach the model's output "
+                             "through operations it cannot follow); left alone")
         return out
 
     def _all_groups(self, ignored: list[nn.Module]):
@@ -190,7 +259,8 @@ class PruningGraph:
             elif self.dg.is_in_channel_pruning_fn(fn) and _is_consumer(module):
                 per_filter: list[list[int]] = [[] for _ in range(width)]
                 for idx, root_idx in zip(item.idxs, item.root_idxs):
-                    per_filter[root_idx].append(int(idx))
+                    if int(root_idx) < width:  # out-of-range indices: a mis-tracked group, refused by _mistracked
+                        per_filter[root_idx].append(int(idx))
                 group.consumers[name] = per_filter
                 macs += _macs_per_in_channel(module, shapes.get(module)) * (len(item.idxs) / width)
         group.macs_per_filter = macs
@@ -252,6 +322,11 @@ class PruningGraph:
         group = self._channel_group(tp_group, -1, {})
         if group is not None and group.left_alone:
             raise UnsafeGroupError(group.left_alone)
+        root = tp_group[0].dep.target.module
+        width = _out_width(root) or len(tp_group[0].idxs)
+        problem = self._mistracked(self.dg.get_pruning_group(root, tp_group[0].dep.handler, list(range(width))))
+        if problem is not None:  # judged on all filters: a few removed ones may happen to look in range
+            raise UnsafeGroupError(problem)
         if group is None or not group.consumers:
             return None
         with torch.no_grad(), zeroed_inputs(self.model, group.ablation(idxs)):
@@ -342,6 +417,25 @@ class _bounded_groups:
     def __exit__(self, *exc):
         self.module.Group = self.base
         return False
+
+
+def _split_reason(g) -> str | None:
+    """Why a group whose channels pass through torch.split / torch.chunk / unbind cannot be trusted.
+
+    Measured with Torch-Pruning 1.x: after ``torch.split(x, [24, 24])`` the first 24 filters are mapped
+    to the second branch and vice versa; with ``[16, 32]`` the 16-channel branch is given 32 indices.
+    So neither the emulated removal (CAR) nor the surgery would be right; besides, the split positions
+    are numbers fixed in the model's forward and would cut in the wrong place after surgery.
+    """
+    for item in g.items:
+        op = item.dep.target.module
+        if isinstance(op, (tp.ops._SplitOp, tp.ops._UnbindOp)):
+            sizes = getattr(op, "split_sizes", None)
+            shown = f" (sizes {list(sizes)})" if sizes else ""
+            return (f"its channels pass through torch.split / torch.chunk{shown}, which the dependency graph maps to "
+                    "the wrong branches, and whose split positions are fixed in the model's forward; neither its "
+                    "CAR nor its removal could be right, so it is left alone")
+    return None
 
 
 def _out_width(module: nn.Module) -> int | None:

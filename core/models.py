@@ -11,17 +11,20 @@ import io
 import json
 import math
 import pickle
+import re
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 from torch import nn
 
 from .architectures import SAMPLE_ARCHITECTURES
-from .custom_code import build_from_code, parse_model_args
+from .custom_code import build_from_code, import_code_file, parse_model_args
 from .errors import TRUST_CONTROL, ModelLoadError, SettingsError, UntrustedPickleError, one_line
+from .preprocess import match_first_layer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_DIR = REPO_ROOT / "sample_models"
@@ -187,8 +190,12 @@ def _looks_like_onnx(data: bytes) -> bool:
         return False
 
 
-def read_checkpoint(data: bytes, trusted: bool = False) -> tuple[Any, list[str]]:
-    """The object stored in a PyTorch file, loaded without running code unless ``trusted``."""
+def read_checkpoint(data: bytes, trusted: bool = False, classes: ModuleType | None = None) -> tuple[Any, list[str]]:
+    """The object stored in a PyTorch file, loaded without running code unless ``trusted``.
+
+    ``classes``: the module made from the user's model file; a trusted pickle's references to classes of the
+    script that saved it (``__main__``) are resolved there (see :func:`_main_resolving_pickle`).
+    """
     kind = _sniff(data)
     if kind == "empty":
         raise ModelLoadError("The model file is empty (0 bytes). Upload the .pt/.pth file again.")
@@ -218,13 +225,62 @@ def read_checkpoint(data: bytes, trusted: bool = False) -> tuple[Any, list[str]]
                 f"loaded. Save model.state_dict() instead, or {TRUST_CONTROL} if you made it yourself."
             ) from None
         try:
-            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False,
+                             pickle_module=_main_resolving_pickle(classes))
         except Exception as exc2:  # a trusted pickle can still fail to import its classes
-            raise ModelLoadError(f"The trusted pickle could not be loaded ({one_line(exc2)}).") from None
+            raise ModelLoadError(_missing_class_message(exc2, classes)) from None
         notes.append("Loaded as a trusted pickle (code in the file was allowed to run).")
     except Exception as exc:  # the weights-only reader runs no code from the file: any failure means a damaged file
         raise ModelLoadError(f"The checkpoint is damaged or truncated and cannot be read ({one_line(exc)}).") from None
     return obj, notes
+
+
+_SCRIPT_MODULES = ("__main__", "__mp_main__")
+
+
+def _main_resolving_pickle(classes: ModuleType | None) -> ModuleType:
+    """A ``pickle`` look-alike for ``torch.load`` whose unpickler finds the classes of a training script.
+
+    ``torch.save(model)`` in a script run as ``python train.py`` records the model's class as
+    ``__main__.Net``; elsewhere ``__main__`` is another program (here ``core.__main__``), so plain
+    unpickling fails. With ``classes``, every name looked up in ``__main__`` that ``classes`` defines
+    comes from there; other lookups are pickle's own.
+    """
+    if classes is None:
+        return pickle
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            if module in _SCRIPT_MODULES and hasattr(classes, name):
+                return getattr(classes, name)
+            return super().find_class(module, name)
+
+    shim = ModuleType("prunescope_script_pickle")
+    shim.__dict__.update({k: getattr(pickle, k) for k in dir(pickle) if not k.startswith("__")})
+    shim.Unpickler = Unpickler
+    shim.load = lambda f, **kw: Unpickler(f, **kw).load()
+    return shim
+
+
+def _missing_class_message(exc: Exception, classes: ModuleType | None) -> str:
+    """Which class the pickle needs that cannot be found, and how to supply it."""
+    text = str(exc)
+    found = re.search(r"Can't get attribute '([^']+)' on <module '([^']+)'", text)
+    if found:
+        name, module = found.groups()
+        if module in _SCRIPT_MODULES or module.endswith(".__main__"):
+            where = (f"the file given as model code does not define '{name}'" if classes is not None else
+                     "that script is not available here")
+            return (f"The pickled model needs class '{name}' from the script that saved it (it was run as __main__), "
+                    f"and {where}. Give the Python file that defines '{name}' as the model code (command line: "
+                    "--model-code FILE with --trusted; Load page: 'Custom architecture (Python file) + weights' with "
+                    f"that file and '{name}'); or save model.state_dict() instead.")
+        return f"The pickled model needs '{name}' from module '{module}', which does not define it."
+    if isinstance(exc, ModuleNotFoundError) and getattr(exc, "name", None):
+        return (f"The pickled model needs module '{exc.name}', which cannot be imported here. Give the Python file "
+                "that defines the model's classes as the model code (--model-code FILE with --trusted), or install "
+                "that module.")
+    return f"The trusted pickle could not be loaded: {type(exc).__name__}: {text[:300]}"
 
 
 def _unsupported_global(exc: Exception) -> str:
@@ -357,23 +413,53 @@ def _with_version_metadata(sd: dict, own: dict) -> dict:
 
 
 def load_state_dict_strict(model: nn.Module, sd: dict[str, torch.Tensor], arch: str) -> None:
-    """Load weights, or say exactly which keys and shapes do not fit."""
+    """Load weights as PyTorch's ``load_state_dict(strict=True)`` does; when PyTorch refuses, say exactly which
+    keys and shapes do not fit.
+
+    PyTorch decides, never a stricter check of ours: e.g. checkpoints written before PyTorch 0.4.1 lack every
+    BatchNorm's ``num_batches_tracked``, which PyTorch fills with its default (see :func:`_legacy_batchnorm`).
+    """
     own = model.state_dict()
     drop = _AUX_ARCHS.get(arch, ())
     sd = {k: v for k, v in sd.items() if not k.startswith(drop)} if drop else sd
+    sd = _legacy_batchnorm(model, sd)
+    try:
+        model.load_state_dict(_with_version_metadata(sd, own), strict=True)
+    except RuntimeError as exc:
+        raise ModelLoadError(_misfit_message(own, sd, arch, exc)) from None
+
+
+def _legacy_batchnorm(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """PyTorch's own rule for BatchNorm state dicts older than version 2 (PyTorch < 0.4.1): a missing
+    ``num_batches_tracked`` takes the module's default. Applied here because the loader re-attaches current
+    version numbers (which a plain dict has lost), and PyTorch would then no longer apply the rule itself."""
+    missing = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:
+            prefix = f"{name}." if name else ""
+            if prefix + "num_batches_tracked" not in sd and prefix + "running_mean" in sd:
+                missing[prefix + "num_batches_tracked"] = m.num_batches_tracked.clone()
+    if not missing:
+        return sd
+    out = dict(sd)
+    out.update(missing)
+    return out
+
+
+def _misfit_message(own: dict, sd: dict, arch: str, exc: RuntimeError) -> str:
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     mismatched = [(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in own if k in sd and sd[k].shape != own[k].shape]
-    if missing or unexpected or mismatched:
-        parts = []
-        if mismatched:
-            parts.append("shape mismatch: " + "; ".join(f"{k} is {a} in the file but {b} in {arch}" for k, a, b in mismatched[:3]))
-        if missing:
-            parts.append(f"{len(missing)} missing key(s), first: {', '.join(missing[:3])}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s), first: {', '.join(unexpected[:3])}")
-        raise ModelLoadError(f"The weights do not fit architecture '{arch}': " + "; ".join(parts) + ".")
-    model.load_state_dict(_with_version_metadata(sd, own), strict=True)
+    parts = []
+    if mismatched:
+        parts.append("shape mismatch: " + "; ".join(f"{k} is {a} in the file but {b} in {arch}" for k, a, b in mismatched[:3]))
+    if missing:
+        parts.append(f"{len(missing)} missing key(s), first: {', '.join(missing[:3])}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s), first: {', '.join(unexpected[:3])}")
+    if not parts:  # PyTorch refused for a reason the keys do not show (e.g. a module's own version check)
+        parts.append(" ".join(str(exc).split())[:300])
+    return f"The weights do not fit architecture '{arch}': " + "; ".join(parts) + "."
 
 
 def load_model(
@@ -397,17 +483,24 @@ def load_model(
         input_spec.validate()
     if isinstance(path, str) and path.startswith("sample:"):
         return load_sample_model(path.split(":", 1)[1])
-    if code_path is not None or code_name:
-        return _load_custom(path, code_path, code_name, code_args, arch, trusted, input_spec, class_names)
+    if code_name or (code_path is not None and arch is not None):
+        return _with_first_layer(_load_custom(path, code_path, code_name, code_args, arch, trusted, input_spec,
+                                              class_names))
     data = path if isinstance(path, bytes) else _read_file(Path(path))
     source = "upload" if isinstance(path, bytes) else str(path)
-    obj, notes = read_checkpoint(data, trusted=trusted)
+    # Model code without a class name: the file holds a pickled model whose classes are defined in that code.
+    classes = import_code_file(code_path, trusted=trusted) if code_path is not None else None
+    obj, notes = read_checkpoint(data, trusted=trusted, classes=classes)
     if isinstance(obj, nn.Module) and arch is None:
         model = obj.float().eval()
         num_classes = _output_features(model)
         spec = ModelSpec(arch=f"pickled:{type(obj).__name__}", num_classes=num_classes,
-                         input=input_spec or InputSpec(), class_names=class_names, source=source, pickled=True)
-        return LoadedModel(model, spec, notes)
+                         input=input_spec or open_input_spec(), class_names=class_names, source=source, pickled=True)
+        return _with_first_layer(LoadedModel(model, spec, notes))
+    if classes is not None:
+        raise ModelLoadError("Name the class or factory function in the model code that builds the model "
+                             "(--model-class): without one, the code only serves to unpickle a whole pickled model, "
+                             "and this file holds weights.")
     if arch is None:
         raise ModelLoadError("This file holds only weights (a state dict): choose its architecture (e.g. --arch resnet18).")
     sd, key_used, more = extract_state_dict(obj)
@@ -417,7 +510,20 @@ def load_model(
     load_state_dict_strict(model, sd, arch)
     spec = ModelSpec(arch=arch, num_classes=num_classes, input=input_spec or default_input_spec(arch),
                      class_names=class_names, source=source, checkpoint_key=key_used)
-    return LoadedModel(model.eval(), spec, notes)
+    return _with_first_layer(LoadedModel(model.eval(), spec, notes))
+
+
+def open_input_spec() -> InputSpec:
+    """The input of a model that does not say its size (a Python file, a pickle): 0×0 until the data set's
+    images give it (see :func:`core.preprocess.size_is_open`)."""
+    return InputSpec(height=0, width=0)
+
+
+def _with_first_layer(loaded: LoadedModel) -> LoadedModel:
+    """The model's spec with the channel count its first convolution reads (grey models read 1)."""
+    loaded.spec.input, notes = match_first_layer(loaded.spec.input, loaded.model)
+    loaded.notes += notes
+    return loaded
 
 
 def _load_custom(path, code_path, code_name, code_args, arch, trusted, input_spec, class_names) -> LoadedModel:
@@ -432,17 +538,15 @@ def _load_custom(path, code_path, code_name, code_args, arch, trusted, input_spe
     model = build_from_code(code_path, code_name, args, trusted=trusted)
     name = f"custom:{code_name.strip()}"
     data = path if isinstance(path, bytes) else _read_file(Path(path))
-    obj, notes = read_checkpoint(data, trusted=trusted)
+    # A whole model pickled by a training script works too: its __main__ classes come from the same file.
+    obj, notes = read_checkpoint(data, trusted=trusted, classes=import_code_file(code_path, trusted=trusted))
     sd, key_used, more = extract_state_dict(obj)
     notes += more
     _load_custom_weights(model, sd, name)
-    spec = ModelSpec(arch=name, num_classes=_output_features(model), input=input_spec or InputSpec(),
+    spec = ModelSpec(arch=name, num_classes=_output_features(model), input=input_spec or open_input_spec(),
                      class_names=class_names, source="upload" if isinstance(path, bytes) else str(path),
                      checkpoint_key=key_used, code_file=str(Path(code_path).resolve()), code_name=code_name.strip(),
                      code_args=args)
-    if input_spec is None:
-        notes.append("Input size 224×224 assumed (a Python file does not say what its model was trained on); "
-                     "set the input size if it differs, e.g. 32×32 for CIFAR models.")
     return LoadedModel(model.float().eval(), spec, notes)
 
 

@@ -233,8 +233,9 @@ def check_ncs2(xml_path: str | Path, strict: bool = True) -> Ncs2Report:
             issue(layer, f"version '{version}' is not a standard opset; the 2022.3 runtime cannot create it.")
             continue
         if opset > max_opset:
-            issue(layer, f"{ltype} from opset{opset} cannot be read by OpenVINO 2022.3 (it knows opset1..opset{max_opset}); "
-                  "export through ONNX opset 13 and convert that, or use an older converter.")
+            issue(layer, f"{ltype} from opset{opset} cannot be read by OpenVINO 2022.3 (it knows opset1..opset{max_opset}), "
+                  "and no equivalent older op was written for it: this model cannot be made NCS2-ready as it is; "
+                  "replace that layer in the model, or deploy the fallback on a CPU.")
             continue
         support = op_support(ltype, opset)
         if support is None:

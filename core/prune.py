@@ -293,7 +293,7 @@ def _loop(graph: PruningGraph, loaded: LoadedModel, data: DataSet, config: Prune
         writer.write_json("car.json", car.to_dict())
     channel_maps = {n: list(range(w)) for n, w in base_widths.items()}
     # group root -> why Torch-Pruning's surgery on it cannot be trusted
-    left_alone: dict[str, str] = {g.root: g.left_alone for g in graph.groups() if g.left_alone}
+    left_alone: dict[str, str] = graph.left_alone()
     structure = {"notes": list(graph.notes), "left_alone": left_alone}
     writer.write_json("structure.json", structure)
     t_start = time.perf_counter()

@@ -26,7 +26,7 @@ import colorsys
 import functools
 import io
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,7 @@ from PIL import Image
 from .data import DataReport, DataSet, ImageSet, image_to_array, stratified_split
 from .errors import DataError, PruneScopeError
 from .models import InputSpec
+from .preprocess import size_is_open
 
 SIZE = 32  # native side of every sample image
 DATA_SEED = 0  # seed the bundled sample models were trained with
@@ -120,6 +121,10 @@ def load_sample_dataset(name: str, spec: InputSpec, val_fraction: float = 0.2, s
     """
     ds_name = dataset_name(name)
     arr, labels, class_names = make_sample_images(ds_name, data_seed)
+    notes = []
+    if size_is_open(spec):  # a model that does not fix its input size reads the sample at its own size
+        spec = replace(spec, height=int(arr.shape[1]), width=int(arr.shape[2]))
+        notes.append(f"Input size {spec.height}×{spec.width} taken from the data (the sample's image size).")
     if (spec.channels, spec.height, spec.width) == (3, arr.shape[1], arr.shape[2]):
         chw = np.ascontiguousarray(arr.transpose(0, 3, 1, 2))
     else:
@@ -130,7 +135,7 @@ def load_sample_dataset(name: str, spec: InputSpec, val_fraction: float = 0.2, s
     train = ImageSet(images[tr], targets[tr], class_names)
     val = ImageSet(images[va], targets[va], class_names)
     counts = np.bincount(labels, minlength=len(class_names)).tolist()
-    report = DataReport(num_classes=len(class_names), class_counts=dict(zip(class_names, counts)))
+    report = DataReport(num_classes=len(class_names), class_counts=dict(zip(class_names, counts)), notes=notes)
     return DataSet(train, val, class_names, spec, report, f"sample:{name}")
 
 

@@ -7,6 +7,7 @@ import streamlit as st
 from core.custom_code import keep_uploaded_code, model_candidates
 from core.errors import PruneScopeError
 from core.models import InputSpec, list_architectures, load_model, sample_entry, sample_names
+from core.plausibility import apply_fix, check_plausibility, describe_fix
 from core.runs import remember_trusted_model
 from ui.charts import fig_class_counts, fig_confusion, fig_per_class_accuracy
 from ui.common import format_pct, metrics_row, page_link, setup_page
@@ -32,8 +33,9 @@ def parse_floats(text: str, n: int, what: str) -> tuple[float, ...]:
         vals = tuple(float(v) for v in text.replace(";", ",").split(",") if v.strip())
     except ValueError:
         raise PruneScopeError(f"The {what} must be {n} numbers separated by commas, e.g. 0.485, 0.456, 0.406.") from None
-    if len(vals) != n:
-        raise PruneScopeError(f"The {what} must have {n} values (one per input channel); got {len(vals)}.")
+    if len(vals) not in (1, n):  # one value: a grey-scale model (the first layer's channels decide)
+        raise PruneScopeError(f"The {what} must have {n} values (one per input channel) or 1 for a grey-scale "
+                              f"model; got {len(vals)}.")
     return vals
 
 
@@ -88,10 +90,25 @@ def load_upload(kind: str, model_file, trusted: bool, arch: str | None, spec: In
     except PruneScopeError as exc:
         st.error(f"**The data set could not be used.** {exc}", icon=":material/error:")
         return
+    loaded.spec.input = data.input  # the size the data gave a model that does not fix it
     if loaded.spec.class_names is None:
         loaded.spec.class_names = list(data.class_names)
     state.set_data(data, label, str(path))
     state.baseline = baseline(state.key, loaded, data)
+    st.session_state["load_plausibility"] = (state.key, check_plausibility(loaded.model, data, loaded.spec.input,
+                                                                           state.baseline["accuracy"]))
+
+
+def apply_plausibility_fix(fix) -> None:
+    """The one-click fix of a near-chance baseline: the normalisation (and class order) found, re-measured."""
+    loaded = state.model
+    loaded.spec.input, data = apply_fix(fix, loaded.spec.input, state.data)
+    loaded.spec.class_names = list(data.class_names)
+    state.model_key += f":fix:{fix.label}:{fix.class_order}"  # a new baseline, not the cached one
+    state.set_data(data, state.data_label, state.data_source)
+    state.baseline = baseline(state.key, loaded, data)
+    st.session_state["load_plausibility"] = (state.key, check_plausibility(loaded.model, data, loaded.spec.input,
+                                                                           state.baseline["accuracy"]))
 
 
 def custom_code_inputs() -> dict:
@@ -147,12 +164,13 @@ with tab_upload:
                                                       "number of classes is read from the weights.")
         elif kind == MODEL_KINDS[2]:
             code = custom_code_inputs()
-        default_side = 32 if (arch or "").startswith("sample_") else 224
+        default_side = 32 if (arch or "").startswith("sample_") else 224 if arch else 0  # 0: from the data
         c1, c2 = st.columns(2)
-        height = c1.number_input("Input height (px)", 8, 1024, default_side, key=f"load_h_{arch}")
-        width = c2.number_input("Input width (px)", 8, 1024, default_side, key=f"load_w_{arch}")
-        mean_text = st.text_input("Normalisation mean (R, G, B)", "0.485, 0.456, 0.406", key="load_mean")
-        std_text = st.text_input("Normalisation std (R, G, B)", "0.229, 0.224, 0.225", key="load_std")
+        size_help = "0 = from the data set's images (a Python file or a pickle does not fix the model's input size)"
+        height = c1.number_input("Input height (px)", 0, 1024, default_side, key=f"load_h_{arch}", help=size_help)
+        width = c2.number_input("Input width (px)", 0, 1024, default_side, key=f"load_w_{arch}", help=size_help)
+        mean_text = st.text_input("Normalisation mean (R, G, B or one grey value)", "0.485, 0.456, 0.406", key="load_mean")
+        std_text = st.text_input("Normalisation std (R, G, B or one grey value)", "0.229, 0.224, 0.225", key="load_std")
         model_file = st.file_uploader("Model file (.pt / .pth)", type=["pt", "pth", "bin", "ckpt", "tar", "th"],
                                       key="load_model_file")
         trusted = st.toggle("I trust this file (a pickled model or a Python model file runs code when loaded)",
@@ -200,6 +218,12 @@ st.subheader("Baseline")
 metrics_row(b)
 st.caption(f"Accuracy on {b['n']} validation images; MACs and parameters of one {spec.input.height}×{spec.input.width} "
            f"image; latency: {b['latency_note']}.")
+plaus_key, plaus = st.session_state.get("load_plausibility", (None, None))
+if plaus is not None and plaus_key == state.key and plaus.near_chance:  # issue 13: a near-chance baseline
+    st.warning(plaus.message(), icon=":material/warning:")
+    if plaus.fix is not None:
+        st.button(f"Apply: {describe_fix(plaus.fix)}", key="load_apply_fix", icon=":material/auto_fix_high:",
+                  on_click=apply_plausibility_fix, args=(plaus.fix,))
 
 st.subheader("Data set validation")
 report = state.data.report
@@ -222,6 +246,8 @@ if report.corrupt_images:
 if report.converted:
     st.info("Converted to the model's colour mode: " + ", ".join(f"{n} {mode} image(s)" for mode, n in report.converted.items()),
             icon=":material/palette:")
+for note in getattr(report, "notes", []):  # inferred input size, 16-bit scaling: what was done, said plainly
+    st.info(note, icon=":material/info:")
 for w in report.warnings:
     problems += 1
     st.warning(w, icon=":material/warning:")
@@ -230,7 +256,7 @@ if spec.class_names and list(spec.class_names) != list(state.data.class_names):
     st.warning("The model's class names differ from the data set's folder names: "
                f"model {list(spec.class_names)[:12]}, data {list(state.data.class_names)[:12]}. "
                "Classes are matched by sorted folder order.", icon=":material/warning:")
-if not problems:
+if not problems and not report.converted:  # a conversion is said above, not hidden behind "all readable"
     st.success("All files were readable images in class folders; the classes match the model's outputs.",
                icon=":material/check_circle:")
 

@@ -85,10 +85,10 @@ st.success(f"CAR of {n_filters} filters in {len(car.groups)} layers, on {car.n_i
            icon=":material/check_circle:")
 groups = {int(g["gid"]): g for g in car.groups}
 gids = list(groups)
-left_alone = [g for g in car.groups if g.get("left_alone")]
-if left_alone:
-    with st.expander(f"{len(left_alone)} layer group(s) will be left alone by pruning", icon=":material/block:"):
-        st.markdown("\n".join(f"- **{V.group_label(g)}**: {g['left_alone']}" for g in left_alone))
+left_alone = getattr(car, "left_alone", None) or {g["root"]: g["left_alone"] for g in car.groups if g.get("left_alone")}
+if left_alone:  # every layer pruning will not touch, with why (issue 13 item 8)
+    with st.expander(f"{len(left_alone)} layer(s) will be left alone by pruning", icon=":material/block:"):
+        st.markdown("\n".join(f"- **{root}**: {why}" for root, why in left_alone.items()))
 
 
 def label(gid: int) -> str:

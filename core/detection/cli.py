@@ -7,11 +7,11 @@
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from ..errors import ModelLoadError
+from ..jsonout import emit_json
 
 
 def add_detection_args(evaluate, prune) -> None:
@@ -99,7 +99,7 @@ def cmd_evaluate_detection(args) -> int:
            "num_val": len(data.val), "map": result.map, "per_class": result.per_class, "macs": macs, "params": params,
            "latency_ms": latency, "data_report": data.report.to_dict()}
     if args.json:
-        print(json.dumps(out))
+        emit_json(out)
         return 0
     print(f"mAP@0.5    {result.map * 100:.2f} on {len(data.val)} images")
     print(f"MACs       {format_macs(macs)}")
@@ -132,17 +132,17 @@ def cmd_prune_detection(args) -> int:
 
 
 def cmd_export_detection(args) -> int:
-    from ..cli_engine import _progress_printer
+    from ..cli_engine import _export_exit_code, _progress_printer
     from .export import export_detection_run
 
     result = export_detection_run(args.run, step=args.step, max_drop=args.max_drop, out_path=args.out,
                                   progress=_progress_printer())
     if args.json:
-        print(json.dumps(result))
-        return 0
+        emit_json(result)
+        return _export_exit_code(result)
     print(f"bundle: {result['bundle']}  (zip: {result['zip']})")
     print(f"step {result['step']}: NCS2 {'compatible' if result['ncs_compatible'] else 'NOT compatible'}; "
           f"verified: {result['verified']} ({result['verification_message']})")
     for p in result["ncs2_problems"]:
         print(f"  NCS2 problem: {p}")
-    return 0
+    return _export_exit_code(result)

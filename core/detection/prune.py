@@ -307,7 +307,7 @@ def _loop(graph: PruningGraph, spec: InputSpec, data: DetectionData, config: Det
     writer.add_step(record0, None, [])
     cb.step(record0)
     channel_maps = {n: list(range(w)) for n, w in graph.widths().items()}
-    left_alone: dict[str, str] = {g.root: g.left_alone for g in graph.groups() if g.left_alone}
+    left_alone: dict[str, str] = graph.left_alone()
     structure = {"notes": list(graph.notes), "left_alone": left_alone, "output_layers": outputs}
     writer.write_json("structure.json", structure)
     screen = data.val.subset(_subset_indices(len(data.val), config.score_images, config.seed))
