@@ -40,6 +40,7 @@ class Screen:
     n_images: int
     margin: np.ndarray | None = None  # [N] logit margin per image (positive = classified right)
     margin_change: dict[int, np.ndarray] | None = None  # gid -> [N, width] first-order margin change
+    per_class: dict[int, np.ndarray] | None = None  # gid -> [width, classes] screened drop of each class's accuracy
 
 
 @dataclass
@@ -115,6 +116,8 @@ def screen_filters(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
     loss_up = {g.gid: torch.zeros(g.width, dtype=torch.float64) for g in groups}
     base_correct = 0
     margins, changes = [], {g.gid: [] for g in groups}
+    class_flips: dict[int, torch.Tensor] = {}
+    class_counts: torch.Tensor | None = None
     matrices: dict[tuple[int, str], torch.Tensor] = {}
     params = [p for p in model.parameters()]
     saved = [p.requires_grad for p in params]
@@ -139,6 +142,8 @@ def screen_filters(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
             grads_l = {k: g for k, g in zip(names, dl) if g is not None}
             m = margin.detach()
             correct = m > 0
+            onehot = F.one_hot(y, logits.shape[1]).to(torch.float64)  # [n, classes]
+            class_counts = onehot.sum(0) if class_counts is None else class_counts + onehot.sum(0)
             margins.append(m.float())
             base_correct += int(correct.sum())
             for g in groups:
@@ -154,7 +159,9 @@ def screen_filters(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
                     d_l += grads_l[c] @ matrices[key]
                 changes[g.gid].append((-d_m).float())
                 after = (m.unsqueeze(1) - d_m) > 0  # removing f: gate 1 -> 0, first-order change -dm/dg
-                flips[g.gid] += correct.float().sum() - after.float().sum(0)
+                lost = correct.unsqueeze(1).to(torch.float64) - after.to(torch.float64)  # [n, width]
+                flips[g.gid] += lost.sum(0)
+                class_flips[g.gid] = class_flips.get(g.gid, 0) + lost.T @ onehot
                 loss_up[g.gid] += (-d_l).sum(0)
     finally:
         for p, s in zip(params, saved):
@@ -163,7 +170,9 @@ def screen_filters(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
                   loss_up={k: (v / n).numpy() for k, v in loss_up.items()},
                   baseline_accuracy=base_correct / max(n, 1), n_images=n,
                   margin=torch.cat(margins).numpy() if margins else np.zeros(0),
-                  margin_change={k: torch.cat(v).numpy() for k, v in changes.items() if v})
+                  margin_change={k: torch.cat(v).numpy() for k, v in changes.items() if v},
+                  per_class={k: (v / class_counts.clamp(min=1)).numpy() for k, v in class_flips.items()}
+                  if class_counts is not None else None)
 
 
 def shortlist(screen_scores: np.ndarray, remove: int, margin: float = 1.0, min_extra: int = 4) -> np.ndarray:

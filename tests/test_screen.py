@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from core.car import CarScorer, filter_ablation
+from core.car import CarResult, CarScorer, compute_car, filter_ablation
 from core.data import ImageSet, load_dataset, normalize
 from core.groups import PruningGraph
 from core.models import InputSpec, load_model
@@ -126,3 +126,22 @@ def test_fast_scores_use_exact_car_on_the_shortlist(one_thread):
         assert set(chosen) <= set(idx.tolist())
         assert sorted(exact_all[g.gid][chosen]) == sorted(np.sort(exact_all[g.gid][idx])[:4])
     assert fast.n_exact < fast.n_filters
+
+
+def test_fast_car_analysis_is_exact_where_it_says_so(one_thread):
+    loaded = load_model("sample:vgg_digits")
+    spec = loaded.spec.input
+    images = load_dataset("sample:vgg_digits", spec).val.subset(100)
+    exact = compute_car(loaded.model, spec, images, n_images=100, sensitivity=False)
+    fast = compute_car(loaded.model, spec, images, n_images=100, sensitivity=False, method="fast", exact_fraction=0.2)
+    assert not exact.exact and exact.n_exact == sum(len(v) for v in exact.car.values())
+    total = sum(len(v) for v in fast.car.values())
+    assert 0 < fast.n_exact < total and fast.mode.startswith("fast")
+    for gid, flags in fast.exact.items():
+        for f, is_exact in enumerate(flags):
+            assert fast.is_exact(gid, f) == is_exact
+            if is_exact:  # a measured figure equals the exact analysis' figure, per class too
+                assert fast.car[gid][f] == exact.car[gid][f]
+                assert fast.per_class[gid][f] == exact.per_class[gid][f]
+    again = CarResult.from_dict(fast.to_dict())
+    assert again.exact == fast.exact and again.n_exact == fast.n_exact
