@@ -53,8 +53,10 @@ class InputSpec:
 
     def validate(self) -> None:
         """Refuse a size or normalisation no model can take, before any work starts (a negative size
-        otherwise fails deep inside torch, a zero std divides by zero)."""
-        check_input_size(self.height, self.width)
+        otherwise fails deep inside torch, a zero std divides by zero). 0x0 is the open size of a model
+        that does not fix it (:func:`open_input_spec`): the data set's images decide it later."""
+        if (self.height, self.width) != (0, 0):
+            check_input_size(self.height, self.width)
         if self.channels not in (1, 3):
             raise SettingsError(f"The model input must have 1 (grey) or 3 (colour) channels; got {self.channels}.")
         for what, values in (("mean", self.mean), ("std", self.std)):
