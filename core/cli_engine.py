@@ -3,23 +3,15 @@ from __future__ import annotations
 
 import json
 import sys
-import time
-from dataclasses import fields
 from pathlib import Path
 
-from .errors import PruneScopeError
-
-
-def _progress_printer(prefix: str = ""):
-    last = [0.0]
-
-    def show(fraction: float, message: str) -> None:
-        now = time.monotonic()
-        if now - last[0] >= 1.0 or fraction >= 1.0:
-            last[0] = now
-            print(f"{prefix}[{fraction * 100:5.1f}%] {message}", file=sys.stderr, flush=True)
-
-    return show
+from .car import compute_car
+from .cli_common import config_from_args, load_model_and_data, prepare_out, print_summary, progress_printer
+from .detection.cli import add_detection_args, cmd_export_detection, cmd_prune_detection
+from .export import export_run
+from .prune import Callbacks, PruneConfig, run_pruning
+from .runs import Run
+from .workspace import atomic_write_json
 
 
 def add_commands(sub, add_model_args, add_data_args) -> None:
@@ -47,8 +39,6 @@ def add_commands(sub, add_model_args, add_data_args) -> None:
     pr.add_argument("--no-latency", action="store_true", help="skip OpenVINO latency per step")
     pr.add_argument("--no-analysis", action="store_true", help="skip the full CAR analysis of the original")
     pr.add_argument("--json", action="store_true")
-    from .detection.cli import add_detection_args
-
     add_detection_args(ev_parser(sub), pr)
 
     ex = sub.add_parser("export", help="OpenVINO IR FP16 + ONNX bundle of a run's step, with the original as fallback")
@@ -60,23 +50,11 @@ def add_commands(sub, add_model_args, add_data_args) -> None:
     ex.add_argument("--json", action="store_true")
 
 
-def _prepare_out(path: str) -> Path:
-    out = Path(path)
-    if out.exists() and any(out.iterdir()):
-        raise PruneScopeError(f"{out} exists and is not empty; choose a new run folder.")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
 def cmd_analyse(args) -> int:
-    from .car import compute_car
-    from .cli import load_model_and_data
-    from .workspace import atomic_write_json
-
     loaded, data = load_model_and_data(args)
-    out = _prepare_out(args.out)
+    out = prepare_out(args.out)
     result = compute_car(loaded.model, loaded.spec.input, data.val, n_images=args.images,
-                         progress=_progress_printer(), fast=not args.naive)
+                         progress=progress_printer(), fast=not args.naive)
     atomic_write_json(out / "car.json", result.to_dict())
     atomic_write_json(out / "analysis.json", {"model_spec": loaded.spec.to_dict(), "data_source": args.data})
     summary = {"run": str(out), "baseline_accuracy": result.baseline_accuracy, "n_images": result.n_images,
@@ -91,40 +69,13 @@ def ev_parser(sub):
     return sub.choices["evaluate"]
 
 
-def config_from_args(args, config_class):
-    """A pruning config from the command line; options left out keep the task's own defaults."""
-    given = {"criterion": args.criterion, "cluster": args.cluster, "max_drop": args.max_drop,
-             "mac_target": args.mac_target, "finetune_steps": args.finetune_steps, "finetune_lr": args.finetune_lr,
-             "score_images": args.score_images, "rescore_every": args.rescore_every, "max_steps": args.max_steps,
-             "latency": not args.no_latency, "seed": args.seed}
-    for extra in ("optimizer", "exact_candidates", "map_images"):
-        if extra in config_class.__dataclass_fields__:
-            given[extra] = getattr(args, extra, None)
-    config = config_class(**{k: v for k, v in given.items() if v is not None})
-    config.validate()
-    return config
-
-
-def print_summary(summary: dict, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(summary))
-    else:
-        for k, v in summary.items():
-            print(f"{k}: {v}")
-
-
 def cmd_prune(args) -> int:
-    from .cli import load_model_and_data
-    from .prune import Callbacks, PruneConfig, run_pruning
-
     if args.task == "detection":
-        from .detection.cli import cmd_prune_detection
-
         return cmd_prune_detection(args)
     config = config_from_args(args, PruneConfig)
     config.analyse_car = not args.no_analysis
     loaded, data = load_model_and_data(args)
-    out = _prepare_out(args.out)
+    out = prepare_out(args.out)
 
     def on_step(r: dict) -> None:
         print(f"step {r['step']}: accuracy {r['accuracy'] * 100:.2f}%  MACs {r['macs'] / 1e6:.2f} M"
@@ -132,7 +83,7 @@ def cmd_prune(args) -> int:
               file=sys.stderr, flush=True)
 
     original_bytes = Path(args.model).read_bytes() if loaded.spec.pickled else None
-    summary = run_pruning(loaded, data, config, out, Callbacks(_progress_printer("  "), on_step),
+    summary = run_pruning(loaded, data, config, out, Callbacks(progress_printer("  "), on_step),
                           data_source=args.data, original_bytes=original_bytes,
                           data_options={"val_fraction": args.val_fraction, "seed": args.seed})
     print_summary(summary, args.json)
@@ -140,15 +91,10 @@ def cmd_prune(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_run
-    from .runs import Run
-
     if Run(args.run).task == "detection":
-        from .detection.cli import cmd_export_detection
-
         return cmd_export_detection(args)
     result = export_run(args.run, step=args.step, max_drop=args.max_drop, out_path=args.out,
-                        progress=_progress_printer())
+                        progress=progress_printer())
     if args.json:
         print(json.dumps(result))
     else:

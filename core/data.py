@@ -305,14 +305,8 @@ def load_dataset(
     seed: int = 0,
     limits: Limits | None = None,
 ) -> DataSet:
-    """Load, validate and split a data set: a zip (path or bytes), a folder, or ``sample:NAME``."""
+    """Load, validate and split a data set: a zip (path or bytes) or a folder (``sample:NAME``: ``core.sources``)."""
     limits = limits or Limits()
-    if isinstance(source, str) and source.startswith("sample:"):
-        from .sample_data import load_sample_dataset
-
-        ds = load_sample_dataset(source.split(":", 1)[1], spec, val_fraction=val_fraction, seed=seed)
-        _check_class_count(ds.num_classes, expected_classes)
-        return ds
     report = DataReport()
     if isinstance(source, bytes):
         folder, label = safe_extract_zip(source, limits=limits), "upload.zip"

@@ -40,6 +40,7 @@ from .models import InputSpec, ModelSpec
 from .ncs2 import Ncs2Report, check_ncs2
 from .ov_runtime import ONNX_OPSET, compile_cpu, export_onnx_bytes, read_ir, time_interleaved
 from .shortcuts import convert_zero_pad_shortcuts
+from .sources import load_dataset
 from .workspace import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 INPUT_NAME = "input"
@@ -575,7 +576,6 @@ def export_run(run_dir: str | Path, step: int | None = None, max_drop: float | N
     ``threshold_points`` records the accuracy threshold the user chose the step with (the manifest
     keeps it); it defaults to ``max_drop`` when the step is picked by threshold here.
     """
-    from .data import load_dataset
     from .runs import Run
     from .workspace import workspace_root
 

@@ -29,7 +29,9 @@ from .errors import CancelledError, PruneScopeError, SettingsError
 from .evaluate import count_macs_params, evaluate_accuracy
 from .groups import ChannelGroup, PruningGraph, UnsafeGroupError
 from .models import InputSpec, LoadedModel
-from .runs import RunWriter
+from .ov_runtime import measure_latency_ms
+from .runs import Run, RunWriter
+from .workspace import read_json
 
 CRITERIA = ("car", "l1", "taylor", "random")
 
@@ -222,8 +224,6 @@ def measure(model: nn.Module, data: DataSet, spec: InputSpec, config: PruneConfi
     macs, params = count_macs_params(model, spec)
     latency = None
     if config.latency:
-        from .ov_runtime import measure_latency_ms
-
         latency = measure_latency_ms(model, spec.shape(1), runs=config.latency_runs, warmup=5)
     return {"accuracy": acc.accuracy, "per_class": acc.per_class, "macs": macs, "params": params, "latency_ms": latency}
 
@@ -441,8 +441,6 @@ def removed_record(cand: dict, channel_maps: dict[str, list[int]]) -> dict:
 
 def run_summary(run_dir: Path, state: str, reason: str = "") -> dict:
     """The headline figures of a run folder (first vs last step): what the CLI prints and benches reuse."""
-    from .runs import Run
-
     run = Run(run_dir)
     hist = run.history
     first, last = (hist[0], hist[-1]) if hist else ({}, {})
@@ -458,8 +456,6 @@ def run_summary(run_dir: Path, state: str, reason: str = "") -> dict:
 def read_structure(run_dir: Path) -> dict:
     """What a run changed about the model's structure (converted shortcuts) and which groups it left
     alone, with why; empty for runs written before this was recorded."""
-    from .workspace import read_json
-
     path = Path(run_dir) / "structure.json"
     data = read_json(path) if path.exists() else {}
     return {"notes": data.get("notes", []), "left_alone": data.get("left_alone", {})}

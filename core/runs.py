@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .detection.models import output_layer_names, rebuild_detector
 from .errors import ModelLoadError, PruneScopeError, SettingsError
+from .groups import rebuild_pruned
 from .models import LoadedModel, ModelSpec, load_model, rebuild_from_spec
 from .workspace import (append_jsonl, atomic_torch_save, atomic_write_bytes, atomic_write_json, read_json, read_jsonl,
                         runs_dir)
@@ -107,8 +109,6 @@ class Run:
         """Layers never pruned, by name: a detector's head output convs; None for a classifier (its last layer)."""
         if self.task != "detection":
             return None
-        from .detection.prune import output_layer_names
-
         return output_layer_names(self.fresh_model())
 
     @property
@@ -147,8 +147,6 @@ class Run:
         """The run's architecture with fresh weights; trusted code and pickles come from the run's own copies,
         which the user trusted when the run started. A detector is rebuilt from its recorded config."""
         if self.task == "detection":
-            from .detection.models import rebuild_detector
-
             return rebuild_detector(self.config["detector_config"])
         if self.spec.pickled:
             data = (self.dir / "original_pickle.pt").read_bytes()
@@ -172,8 +170,6 @@ class Run:
         if not path.exists():
             raise PruneScopeError(f"The weights of step {step} are missing from {self.dir}.")
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        from .groups import rebuild_pruned
-
         return rebuild_pruned(self.fresh_model(), self.spec.input.shape(1), saved["pruning_history"], saved["state_dict"],
                               output_layers=self.output_layers())
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import openvino as ov
 import pytest
 
-from core.data import load_dataset
+from core.sources import load_dataset
 from core.export import sha256_file
 from core.models import load_model
 from core.prune import PruneConfig, run_pruning

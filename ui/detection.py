@@ -9,6 +9,7 @@ import streamlit as st
 from core.detection import visualize as DV
 from core.errors import PruneScopeError
 from core.jobs import JobAlreadyRunning, detection_car_job, detection_prune_job
+from core.sources import load_voc_dataset
 from core import visualize as V
 from ui.charts import fig_class_counts
 from ui.common import (format_macs, format_params, format_seconds, job_progress, job_status, page_link,
@@ -56,7 +57,6 @@ def _parse_floats(text: str, what: str) -> tuple[float, ...]:
 def load_detection_upload(state: AppState, model_source: str, arch: str, size: tuple[int, int], mean_text: str,
                           std_text: str, weights_file, data_source: str, voc_file) -> None:
     """Load the chosen detector and data set; every user error ends as one clear message."""
-    from core.detection.data import load_voc_dataset
     from core.detection.loading import load_detector_weights
 
     try:

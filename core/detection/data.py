@@ -130,16 +130,12 @@ class _Annotation:
 def load_voc_dataset(source: str | Path | bytes, input_size: tuple[int, int] | int,
                      class_names: Sequence[str] | None = None, val_fraction: float = 0.2, seed: int = 0,
                      limits: Limits | None = None) -> DetectionData:
-    """Load, validate and split a VOC data set: a zip (path or bytes), a folder, or ``sample:NAME``.
+    """Load, validate and split a VOC data set: a zip (path or bytes) or a folder (``sample:NAME``: ``core.sources``).
 
     ``class_names`` fixes the label order (a trained detector's); objects of other classes are then
     dropped and counted. Without it the classes are the sorted names found in the annotations.
     """
     size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
-    if isinstance(source, str) and source.startswith("sample:"):
-        from .sample import load_sample_detection
-
-        return load_sample_detection(source.split(":", 1)[1], size)
     limits = limits or Limits()
     folder, label = _materialise(source, limits)
     root = find_voc_root(folder)

@@ -34,6 +34,7 @@ from ..export import (BUNDLE_FORMAT, SELFTEST_TOLERANCE_FLOOR, SELFTEST_TOLERANC
 from ..models import ModelSpec
 from ..ncs2 import check_ncs2
 from ..ov_runtime import ONNX_OPSET, compile_cpu, read_ir, time_interleaved
+from ..sources import load_voc_dataset
 from ..workspace import atomic_write_json, atomic_write_text
 from . import postprocess as _postprocess
 from .data import DetectionSet
@@ -227,7 +228,6 @@ def export_detection_run(run_dir: str | Path, step: int | None = None, max_drop:
     """Export one step of a detection run (default: the last; or the smallest within ``max_drop`` mAP points)."""
     from ..runs import Run
     from ..workspace import workspace_root
-    from .data import load_voc_dataset
 
     run = Run(run_dir)
     if run.task != "detection":

@@ -38,12 +38,14 @@ from ..errors import CancelledError, SettingsError
 from ..evaluate import count_macs_params
 from ..groups import ChannelGroup, PruningGraph
 from ..models import InputSpec, LoadedModel, ModelSpec
+from ..ov_runtime import measure_latency_ms
 from ..prune import (Callbacks, PruneConfig, check_prunable, group_filter_scores, new_widths,
                      record_step, run_guarded, run_summary, try_candidates)
 from ..runs import RunWriter
 from .data import DetectionData, DetectionSet
 from .evaluate import EvalSettings, detect, evaluate_map, map_of_detections, normalize_images
 from .loss import encode_batch, multibox_loss
+from .models import output_layer_names
 
 TASK = "detection"
 METRIC = "mAP@0.5"
@@ -90,12 +92,6 @@ def as_detection_config(config: PruneConfig) -> DetectionPruneConfig:
     if isinstance(config, DetectionPruneConfig):
         return config
     return DetectionPruneConfig(**asdict(config))
-
-
-def output_layer_names(model: nn.Module) -> list[str]:
-    """Names of the head's output convs, the layers ``PruningGraph`` must never prune."""
-    names = {m: n for n, m in model.named_modules()}
-    return [names[m] for m in model.output_layers()]
 
 
 def detection_spec(model: nn.Module, info: dict) -> ModelSpec:
@@ -199,8 +195,6 @@ def measure_detector(model: nn.Module, data: DetectionData, spec: InputSpec, con
     macs, params = count_macs_params(model, spec)
     latency = None
     if config.latency:
-        from ..ov_runtime import measure_latency_ms
-
         latency = measure_latency_ms(model, spec.shape(1), runs=config.latency_runs, warmup=5)
     return {"accuracy": result.map, "map": result.map, "per_class": result.per_class, "macs": macs,
             "params": params, "latency_ms": latency}

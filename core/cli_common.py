@@ -1,0 +1,128 @@
+"""What every CLI command shares: the model/data flags, loading them, progress on stderr, run folders.
+
+The leaf of the CLI module tree: ``core.cli`` (the entry point), ``core.cli_engine`` (analyse, prune,
+export) and ``core.detection.cli`` (the detection task) import it, and it imports none of them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import ModelLoadError, PruneScopeError
+from .models import InputSpec, load_model
+from .sources import load_dataset
+
+EXIT_USER_ERROR = 2
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="weights file (.pt/.pth) or sample:NAME")
+    p.add_argument("--arch", help="architecture of a state dict (e.g. resnet18, sample_resnet)")
+    p.add_argument("--trusted", action="store_true",
+                   help="allow loading a pickled module or running --model-code (both run code from the file)")
+    p.add_argument("--model-code", metavar="PATH",
+                   help="Python file defining a custom architecture; --model is then its weights (needs --trusted)")
+    p.add_argument("--model-class", metavar="NAME", help="class or factory function in --model-code that builds the model")
+    p.add_argument("--model-args", metavar="JSON",
+                   help='arguments for --model-class: a JSON object (keywords, e.g. \'{"num_classes": 4}\') or list')
+    p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="model input size (default: per architecture)")
+    p.add_argument("--mean", type=float, nargs=3, help="per-channel mean of the model's normalisation")
+    p.add_argument("--std", type=float, nargs=3, help="per-channel std of the model's normalisation")
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="ImageFolder zip or folder, or sample:NAME")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="held-out fraction when the data is not pre-split")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def load_model_and_data(args):
+    """The model and the data set named on the command line, checked against each other."""
+    spec = None
+    if args.input_size or args.mean or args.std:
+        spec = InputSpec()
+        if args.input_size:
+            spec.height, spec.width = args.input_size
+        if args.mean:
+            spec.mean = tuple(args.mean)
+        if args.std:
+            spec.std = tuple(args.std)
+    check_model_code_args(args)
+    loaded = load_model(args.model, arch=args.arch, trusted=args.trusted, input_spec=spec, code_path=args.model_code,
+                        code_name=args.model_class, code_args=args.model_args)
+    data = load_dataset(args.data, loaded.spec.input, expected_classes=loaded.spec.num_classes,
+                        val_fraction=args.val_fraction, seed=args.seed)
+    if loaded.spec.class_names is None:
+        loaded.spec.class_names = data.class_names
+    return loaded, data
+
+
+def check_model_code_args(args) -> None:
+    """The custom-architecture flags only make sense together; say which one is missing in flag names."""
+    if args.model_code and not args.model_class:
+        raise ModelLoadError("--model-code needs --model-class: the class or factory function in the file that builds "
+                             "the model (e.g. --model-class resnet56).")
+    if args.model_class and not args.model_code:
+        raise ModelLoadError("--model-class needs --model-code: the Python file that defines it.")
+    if args.model_args is not None and not args.model_code:
+        raise ModelLoadError("--model-args only applies to a custom architecture (--model-code and --model-class).")
+    if args.model_code and args.arch:
+        raise ModelLoadError("--arch and --model-code both name the architecture; give one of them.")
+    if args.model_code and args.model.startswith("sample:"):
+        raise ModelLoadError("--model-code builds your own architecture: --model must be its weights file, not a sample.")
+
+
+def format_macs(macs: float) -> str:
+    if macs >= 1e9:
+        return f"{macs / 1e9:.2f} G"
+    return f"{macs / 1e6:.2f} M"
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def progress_printer(prefix: str = ""):
+    """A ``progress(fraction, message)`` callback that prints at most once a second (and at 100%) on stderr."""
+    last = [0.0]
+
+    def show(fraction: float, message: str) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 1.0 or fraction >= 1.0:
+            last[0] = now
+            print(f"{prefix}[{fraction * 100:5.1f}%] {message}", file=sys.stderr, flush=True)
+
+    return show
+
+
+def prepare_out(path: str) -> Path:
+    out = Path(path)
+    if out.exists() and any(out.iterdir()):
+        raise PruneScopeError(f"{out} exists and is not empty; choose a new run folder.")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def print_summary(summary: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary))
+    else:
+        for k, v in summary.items():
+            print(f"{k}: {v}")
+
+
+def config_from_args(args, config_class):
+    """A pruning config from the command line; options left out keep the task's own defaults."""
+    given = {"criterion": args.criterion, "cluster": args.cluster, "max_drop": args.max_drop,
+             "mac_target": args.mac_target, "finetune_steps": args.finetune_steps, "finetune_lr": args.finetune_lr,
+             "score_images": args.score_images, "rescore_every": args.rescore_every, "max_steps": args.max_steps,
+             "latency": not args.no_latency, "seed": args.seed}
+    for extra in ("optimizer", "exact_candidates", "map_images"):
+        if extra in config_class.__dataclass_fields__:
+            given[extra] = getattr(args, extra, None)
+    config = config_class(**{k: v for k, v in given.items() if v is not None})
+    config.validate()
+    return config
