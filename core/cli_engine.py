@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+from . import criteria
 from .car import compute_car
 from .cli_common import config_from_args, load_model_and_data, prepare_out, print_summary, progress_printer
 from .detection.cli import add_detection_args, cmd_export_detection, cmd_prune_detection
@@ -27,7 +28,9 @@ def add_commands(sub, add_model_args, add_data_args) -> None:
     add_model_args(pr)
     add_data_args(pr)
     pr.add_argument("--out", required=True, help="run folder to write (created)")
-    pr.add_argument("--criterion", default="car", help="car | l1 | taylor | random")
+    pr.add_argument("--criterion", default="car", choices=criteria.names(), metavar="NAME",
+                    help="; ".join(f"{n}: {criteria.label(n)}" + ("" if len(c.tasks) > 1 else f" ({c.tasks[0]} only)")
+                                   for n, c in criteria.REGISTRY.items()))
     pr.add_argument("--cluster", type=int, default=8, help="hardware cluster size c (widths stay multiples of c)")
     pr.add_argument("--max-drop", type=float, default=1.0, help="acceptable accuracy drop in points")
     pr.add_argument("--mac-target", type=float, help="stop at this fraction of the original MACs")

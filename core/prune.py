@@ -20,10 +20,11 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torch_pruning as tp
 from torch import nn
 
+from . import criteria
 from .car import CarScorer, compute_car, filter_ablation
+from .criteria import ScoreContext
 from .data import DataSet, ImageSet, normalize
 from .errors import CancelledError, PruneScopeError, SettingsError
 from .evaluate import count_macs_params, evaluate_accuracy
@@ -33,7 +34,7 @@ from .ov_runtime import measure_latency_ms
 from .runs import Run, RunWriter
 from .workspace import read_json
 
-CRITERIA = ("car", "l1", "taylor", "random")
+TASK = "classification"
 
 
 @dataclass
@@ -54,9 +55,10 @@ class PruneConfig:
     analyse_car: bool = True  # store a full CAR analysis of the original in the run
     seed: int = 0
 
+    task = TASK  # the task whose criteria are valid (not a field: not stored in the run)
+
     def validate(self) -> None:
-        if self.criterion not in CRITERIA:
-            raise SettingsError(f"Unknown criterion '{self.criterion}'. Choose one of: {', '.join(CRITERIA)}.")
+        criteria.get(self.criterion, self.task)
         if not 0 <= self.max_drop <= 100:
             raise SettingsError(f"The accuracy threshold must be between 0 and 100 points; got {self.max_drop}.")
         if self.cluster < 1:
@@ -111,35 +113,45 @@ def check_prunable(groups: list[ChannelGroup], cluster: int) -> None:
 # ----------------------------------------------------------------------------- scores
 
 
+def score_context(graph: PruningGraph, groups: list[ChannelGroup], scorer: CarScorer | None, train: ImageSet,
+                  spec: InputSpec, rng: np.random.Generator, cancel=None,
+                  progress: Callable[[float, str], None] | None = None) -> ScoreContext:
+    """What classification gives a criterion: exact CAR of filters and clusters (``scorer``), CE gradients."""
+
+    def filter_costs(gs: list[ChannelGroup]) -> dict[int, np.ndarray]:
+        return car_filter_scores(scorer, gs, cancel, progress)
+
+    def cluster_costs(clusters: list[dict]) -> np.ndarray:
+        correct = scorer.accuracies([filter_ablation(c["group"], c["filters"]) for c in clusters], cancel=cancel)
+        return scorer.baseline_accuracy - correct.float().mean(1).numpy()
+
+    return ScoreContext(graph, groups, rng, filter_costs=filter_costs if scorer else None,
+                        cluster_costs=cluster_costs if scorer else None,
+                        accumulate_gradients=lambda: _accumulate_gradients(graph.model, train, spec, rng),
+                        cluster_eps=1.0 / max(len(scorer.labels), 1) if scorer else 0.0)
+
+
 def score_filters(criterion: str, graph: PruningGraph, groups: list[ChannelGroup], scorer: CarScorer | None,
                   train: ImageSet, spec: InputSpec, rng: np.random.Generator, cancel=None,
                   progress: Callable[[float, str], None] | None = None) -> dict[int, np.ndarray]:
     """Per group, a score per filter: lower = less important, removed first."""
-    if criterion == "car":
-        ablations, owners = [], []
-        for g in groups:
-            for f in range(g.width):
-                ablations.append(filter_ablation(g, [f]))
-                owners.append(g.gid)
-        total = len(ablations) * len(scorer.labels)
-        correct, loss_up = scorer.accuracies_and_loss(
-            ablations, cancel=cancel, progress=(lambda d: progress(d / total, "scoring filters (CAR)")) if progress else None)
-        return car_with_tiebreak(scorer.baseline_accuracy - correct.float().mean(1).numpy(), loss_up.numpy(),
-                                 np.asarray(owners), groups, len(scorer.labels))
-    if criterion == "taylor":
-        _accumulate_gradients(graph.model, train, spec, rng)
-        scores = _tp_scores(graph, groups, tp.importance.GroupTaylorImportance())
-        graph.model.zero_grad(set_to_none=True)
-        return scores
-    return group_filter_scores(criterion, graph, groups, rng)
+    ctx = score_context(graph, groups, scorer, train, spec, rng, cancel, progress)
+    return criteria.get(criterion, TASK).score(ctx)
 
 
-def group_filter_scores(criterion: str, graph: PruningGraph, groups: list[ChannelGroup],
-                        rng: np.random.Generator) -> dict[int, np.ndarray]:
-    """The criteria that need no data (``l1``: filter weight magnitude; ``random``), for any task."""
-    if criterion == "l1":
-        return _tp_scores(graph, groups, tp.importance.GroupMagnitudeImportance(p=1))
-    return {g.gid: rng.random(g.width) for g in groups}
+def car_filter_scores(scorer: CarScorer, groups: list[ChannelGroup], cancel=None,
+                      progress: Callable[[float, str], None] | None = None) -> dict[int, np.ndarray]:
+    """Per group, the exact CAR of each filter alone, ties broken by the loss increase."""
+    ablations, owners = [], []
+    for g in groups:
+        for f in range(g.width):
+            ablations.append(filter_ablation(g, [f]))
+            owners.append(g.gid)
+    total = len(ablations) * len(scorer.labels)
+    correct, loss_up = scorer.accuracies_and_loss(
+        ablations, cancel=cancel, progress=(lambda d: progress(d / total, "scoring filters (CAR)")) if progress else None)
+    return car_with_tiebreak(scorer.baseline_accuracy - correct.float().mean(1).numpy(), loss_up.numpy(),
+                             np.asarray(owners), groups, len(scorer.labels))
 
 
 def car_with_tiebreak(car: np.ndarray, loss_up: np.ndarray, owners: np.ndarray, groups: list[ChannelGroup],
@@ -155,17 +167,6 @@ def car_with_tiebreak(car: np.ndarray, loss_up: np.ndarray, owners: np.ndarray, 
         mask = owners == g.gid
         lu = loss_up[mask]
         out[g.gid] = car[mask] + (0.5 / max(n_images, 1)) * (lu - lu.min()) / (np.ptp(lu) + 1e-12)
-    return out
-
-
-def _tp_scores(graph: PruningGraph, groups: list[ChannelGroup], importance) -> dict[int, np.ndarray]:
-    out = {}
-    for g in groups:
-        module = graph.module(g.root)
-        pruner = graph.dg.get_pruner_of_module(module)
-        full = graph.dg.get_pruning_group(module, pruner.prune_out_channels, list(range(g.width)))
-        scores = importance(full)
-        out[g.gid] = np.zeros(g.width) if scores is None else scores.detach().float().numpy()
     return out
 
 
@@ -304,7 +305,7 @@ def _loop(graph: PruningGraph, loaded: LoadedModel, data: DataSet, config: Prune
                 or any(len(scores[g.gid]) != g.width for g in groups):
             scores = score_filters(config.criterion, graph, groups, scorer, data.train, spec, rng, cancel,
                                    progress=lambda f, m: cb.progress(f * 0.5, f"step {step}: {m}"))
-        candidates = _candidates([g for g in groups if g.root not in left_alone], scores, config, scorer, rng, cancel)
+        candidates = _candidates(graph, [g for g in groups if g.root not in left_alone], scores, config, scorer, rng, cancel)
         if not candidates:
             reason = "every group is down to one cluster"
             break
@@ -394,7 +395,8 @@ def _finetune_and_measure(model: nn.Module, data: DataSet, spec: InputSpec, conf
     return measure(model, data, spec, config)
 
 
-def _candidates(groups, scores, config: PruneConfig, scorer: CarScorer | None, rng, cancel) -> list[dict]:
+def _candidates(graph: PruningGraph, groups, scores, config: PruneConfig, scorer: CarScorer | None, rng,
+                cancel) -> list[dict]:
     """Candidate clusters, cheapest accuracy cost per MAC saved first."""
     cands = []
     for g in groups:
@@ -406,22 +408,8 @@ def _candidates(groups, scores, config: PruneConfig, scorer: CarScorer | None, r
         cands.append({"group": g, "filters": sorted(order.tolist()), "macs_saved": max(k * g.macs_per_filter, 1.0)})
     if not cands:
         return []
-    if config.criterion == "car":
-        correct = scorer.accuracies([filter_ablation(c["group"], c["filters"]) for c in cands], cancel=cancel)
-        drops = scorer.baseline_accuracy - correct.float().mean(1).numpy()
-        eps = 1.0 / max(len(scorer.labels), 1)
-        for c, d in zip(cands, drops):
-            c["cost"] = float(d)
-            c["rank"] = (max(float(d), 0.0) + eps) / c["macs_saved"]
-    elif config.criterion == "random":
-        for c in cands:
-            c["cost"], c["rank"] = None, float(rng.random())
-    else:
-        for c in cands:
-            s = scores[c["group"].gid]
-            norm = s / (np.mean(np.abs(s)) + 1e-12)
-            c["cost"] = None
-            c["rank"] = float(np.sum(norm[c["filters"]])) / c["macs_saved"]
+    ctx = score_context(graph, groups, scorer, None, None, rng, cancel)
+    criteria.get(config.criterion, TASK).rank(cands, scores, ctx)
     return sorted(cands, key=lambda c: c["rank"])
 
 

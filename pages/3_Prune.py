@@ -10,7 +10,8 @@ from core import visualize as V
 from core.clusters import PROFILES, detect_cpu_profile, latency_staircase
 from core.errors import PruneScopeError
 from core.jobs import JobAlreadyRunning, prune_job
-from core.prune import CRITERIA, PruneConfig
+from core import criteria
+from core.prune import PruneConfig
 from core.workspace import new_run_dir
 from ui.common import (format_macs, format_pct, job_progress, metrics_row, need_model, page_link,
                        prune_outcome, setup_page, start_cancel_buttons, state_badge)
@@ -20,12 +21,6 @@ from ui.state import get_registry, private_copy
 # Defaults that finish the bundled sample's flow within about 3 minutes on 2 CPU cores (see the README).
 DEFAULTS = {"criterion": "car", "max_drop": 1.0, "finetune_steps": 20, "score_images": 200, "max_steps": 4,
             "latency": True, "analyse_car": True}
-CRITERION_HELP = {
-    "car": "CAR (exact accuracy loss)",
-    "l1": "L1 norm (weight magnitude)",
-    "taylor": "Taylor (gradient × activation)",
-    "random": "Random (a baseline)",
-}
 OTHER = "custom"
 
 state = setup_page("Prune", "Greedy cluster pruning: each step removes the cheapest cluster of filters (accuracy lost "
@@ -93,8 +88,9 @@ with settings:
                     f"{format_macs(b.get('macs'))} MACs")
         c1, c2, c3 = st.columns(3, gap="large")
         with c1:
-            criterion = st.selectbox("Criterion", CRITERIA, index=CRITERIA.index(DEFAULTS["criterion"]),
-                                     format_func=lambda c: CRITERION_HELP[c], key="pr_criterion", disabled=running,
+            choices = criteria.names(PruneConfig.task)
+            criterion = st.selectbox("Criterion", choices, index=choices.index(DEFAULTS["criterion"]),
+                                     format_func=criteria.label, key="pr_criterion", disabled=running,
                                      help="How filters are ranked. CAR measures each candidate cluster's real "
                                           "accuracy loss; the others are cheaper proxies, for comparison.")
             max_drop = st.slider("Acceptable accuracy drop (points)", 0.0, 10.0, DEFAULTS["max_drop"], step=0.1,

@@ -7,6 +7,7 @@ import shutil
 import streamlit as st
 
 from core.detection import visualize as DV
+from core import criteria
 from core.errors import PruneScopeError
 from core.jobs import JobAlreadyRunning, detection_car_job, detection_prune_job
 from core.sources import load_voc_dataset
@@ -307,7 +308,6 @@ def detection_analyse_page(state: AppState) -> None:
 
 def detection_prune_page(state: AppState) -> None:
     from core.detection.prune import DetectionPruneConfig
-    from core.prune import CRITERIA
     from core.workspace import new_run_dir
 
     registry = get_registry()
@@ -353,10 +353,10 @@ def detection_prune_page(state: AppState) -> None:
             b = state.det_baseline or {}
             st.markdown(f"**{state.det_label}** · baseline {METRIC} {format_map(b.get('map'))}, "
                         f"{format_macs(b.get('macs'))} MACs")
-            criteria = [c for c in CRITERIA if c != "taylor"]
             c1, c2, c3 = st.columns(3, gap="large")
             with c1:
-                criterion = st.selectbox("Criterion", criteria, key="det_pr_criterion", disabled=running,
+                criterion = st.selectbox("Criterion", criteria.names(DetectionPruneConfig.task), key="det_pr_criterion",
+                                         disabled=running,
                                          help="car: filters ordered by their loss increase, clusters decided by "
                                               "exact mAP drop; l1 / random for comparison.")
                 max_drop = st.slider(f"Acceptable {METRIC} drop (points)", 0.0, 10.0, 1.0, step=0.1,

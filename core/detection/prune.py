@@ -39,7 +39,9 @@ from ..evaluate import count_macs_params
 from ..groups import ChannelGroup, PruningGraph
 from ..models import InputSpec, LoadedModel, ModelSpec
 from ..ov_runtime import measure_latency_ms
-from ..prune import (Callbacks, PruneConfig, check_prunable, group_filter_scores, new_widths,
+from .. import criteria
+from ..criteria import ScoreContext
+from ..prune import (Callbacks, PruneConfig, check_prunable, new_widths,
                      record_step, run_guarded, run_summary, try_candidates)
 from ..runs import RunWriter
 from .data import DetectionData, DetectionSet
@@ -75,14 +77,14 @@ class DetectionPruneConfig(PruneConfig):
     filter_images: int = 32  # screen images used to order the filters of a group (one ablation per filter)
     analyse_car: bool = False  # the classification CAR analysis does not apply to detectors
 
+    task = TASK
+
     def validate(self) -> None:
         super().validate()
         if self.optimizer not in ("sgd", "adamw"):
             raise SettingsError(f"Unknown optimizer '{self.optimizer}'. Choose sgd or adamw.")
         if self.exact_candidates < 1:
             raise SettingsError("At least one screened cluster must get an exact mAP (exact_candidates >= 1).")
-        if self.criterion == "taylor":
-            raise SettingsError("The taylor criterion is not available for detectors; choose car, l1 or random.")
         if self.map_images is not None and self.map_images < 10:
             raise SettingsError("mAP needs at least 10 validation images (map_images >= 10).")
 
@@ -355,21 +357,22 @@ def _subset_indices(n: int, k: int, seed: int) -> np.ndarray:
 
 def _filter_scores(criterion: str, graph: PruningGraph, groups: list[ChannelGroup], scorer: DetectionScorer, rng,
                    cancel, images: int | None = None) -> dict[str, np.ndarray]:
-    """Which filters of a group form its cluster: lowest score first.
+    """Which filters of a group form its cluster: lowest score first, keyed by group root.
 
     ``car`` orders a group's filters by the loss increase of removing each one alone (detection's
-    per-filter CAR on the screen images); ``l1`` / ``taylor`` / ``random`` as in classification.
+    per-filter CAR on the screen images); the other criteria as in classification.
     """
-    if criterion != "car":
-        by_gid = group_filter_scores(criterion, graph, groups, rng)
-        return {g.root: by_gid[g.gid] for g in groups}
-    ablations = [g.ablation([f]) for g in groups for f in range(g.width)]
-    up = scorer.loss_increase(ablations, cancel, images)
-    out, i = {}, 0
-    for g in groups:
-        out[g.root] = up[i:i + g.width]
-        i += g.width
-    return out
+
+    def loss_increase(gs: list[ChannelGroup]) -> dict[str, np.ndarray]:
+        up = scorer.loss_increase([g.ablation([f]) for g in gs for f in range(g.width)], cancel, images)
+        out, i = {}, 0
+        for g in gs:
+            out[g.root] = up[i:i + g.width]
+            i += g.width
+        return out
+
+    ctx = ScoreContext(graph, groups, rng, key=lambda g: g.root, filter_costs=loss_increase)
+    return criteria.get(criterion, TASK).score(ctx)
 
 
 def rank_candidates(groups: list[ChannelGroup], scores: dict[str, np.ndarray], config: DetectionPruneConfig,
