@@ -221,10 +221,11 @@ def threshold_pick(state, run, hist: list[dict], prune_cfg: dict, sel, metric: s
     base = hist[0]
     drops = [(base["accuracy"] - r["accuracy"]) * 100 for r in hist]
     top = max(5.0, float(prune_cfg.get("max_drop") or 0), max(drops) + 0.5)
-    default = state.threshold if state.threshold is not None and str(state.run_dir) == str(run.dir) else \
+    default = state.max_drop if state.max_drop is not None and str(state.run_dir) == str(run.dir) else \
         float(prune_cfg.get("max_drop") or 1.0)
     thr = st.slider(f"Acceptable {metric} drop (points below the original)", 0.0, round(top, 1),
                     min(default, round(top, 1)), step=0.1, key=f"rv_thr_{sel}")
     pick = V.pick_smallest_within(hist, thr)
-    state.threshold, state.run_dir, state.export_step = thr, str(run.dir), pick["step"]
+    state.max_drop, state.run_dir, state.export_step = thr, str(run.dir), pick["step"]
     return thr, pick
+

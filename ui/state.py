@@ -44,7 +44,7 @@ class AppState:
     car: Any = None  # CarResult of the current model
     car_settings: dict = field(default_factory=dict)
     run_dir: str | None = None  # the run being pruned / reviewed
-    threshold: float | None = None  # accuracy drop (points) chosen on Review
+    max_drop: float | None = None  # metric drop (points) chosen on Review: the export's threshold
     export_step: int | None = None  # step the threshold picked on Review (for Export)
     sample: str | None = None
     # object detection (task == "detection"): the detector, its normalisation and the VOC data set

@@ -173,7 +173,7 @@ def _build_into(root: Path, pruned: nn.Module, original: nn.Module, spec: ModelS
                         "score_thresh": settings.score_thresh, "nms_iou": settings.nms_iou,
                         "max_det": settings.max_det, "boxes": "normalised x1 y1 x2 y2"},
         "class_names": list(spec.class_names or []),
-        "threshold": meta.get("threshold"), "step": meta.get("step"),
+        "max_drop": meta.get("max_drop"), "step": meta.get("step"),
         "models": models_section,
         "ncs2": models_section["pruned"]["ncs2"],
         "verification": checks["pruned"].to_dict(),
@@ -182,7 +182,7 @@ def _build_into(root: Path, pruned: nn.Module, original: nn.Module, spec: ModelS
                                   f"expected raw output) + {SELFTEST_TOLERANCE_FLOOR}"},
         "files": {name: sha256_file(root / name)
                   for name in ("deploy.py", "selftest.npz", "README.txt", "anchors.npy", "postprocess.py")},
-        "meta": {k: v for k, v in meta.items() if k not in ("pruned", "original", "threshold", "step")},
+        "meta": {k: v for k, v in meta.items() if k not in ("pruned", "original", "max_drop", "step")},
     }
     atomic_write_json(root / "manifest.json", manifest)
     return {"ncs_compatible": reports["pruned"].compatible,
@@ -225,7 +225,10 @@ Verification: {verification}
 
 def export_detection_run(run_dir: str | Path, step: int | None = None, max_drop: float | None = None,
                          out_path: str | Path | None = None, progress=None) -> dict:
-    """Export one step of a detection run (default: the last; or the smallest within ``max_drop`` mAP points)."""
+    """Export one step of a detection run: ``step``, else the smallest within ``max_drop`` mAP points, else the last.
+
+    An explicit ``step`` is never overridden; ``max_drop`` is then only recorded in the manifest.
+    """
     from ..runs import Run
     from ..workspace import workspace_root
 
@@ -244,7 +247,7 @@ def export_detection_run(run_dir: str | Path, step: int | None = None, max_drop:
     base = run.history[0]
     meta = {"pruned": {k: record.get(k) for k in ("map", "macs", "params")},
             "original": {k: base.get(k) for k in ("map", "macs", "params")},
-            "step": step, "run": run.name, "threshold": max_drop,
+            "step": step, "run": run.name, "max_drop": max_drop,
             "criterion": run.config.get("prune", {}).get("criterion"),
             "cluster": run.config.get("prune", {}).get("cluster")}
     out = Path(out_path) if out_path else workspace_root() / "exports" / f"{run.name}-step{step:04d}"
