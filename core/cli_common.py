@@ -11,7 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import ModelLoadError, PruneScopeError
+from .clusters import get_profile
+from .errors import ModelLoadError, PruneScopeError, SettingsError
 from .models import InputSpec, load_model
 from .sources import load_dataset
 
@@ -114,9 +115,21 @@ def print_summary(summary: dict, as_json: bool) -> None:
             print(f"{k}: {v}")
 
 
+def cluster_from_args(args) -> int | None:
+    """``--cluster``, or the cluster size of ``--profile``; both given must agree (None: the config's default)."""
+    profile = getattr(args, "profile", None)
+    if profile is None:
+        return args.cluster
+    cluster = get_profile(profile).cluster
+    if args.cluster is not None and args.cluster != cluster:
+        raise SettingsError(f"--cluster {args.cluster} contradicts --profile {profile} (cluster {cluster}); "
+                            "give one of them.")
+    return cluster
+
+
 def config_from_args(args, config_class):
     """A pruning config from the command line; options left out keep the task's own defaults."""
-    given = {"criterion": args.criterion, "cluster": args.cluster, "max_drop": args.max_drop,
+    given = {"criterion": args.criterion, "cluster": cluster_from_args(args), "max_drop": args.max_drop,
              "mac_target": args.mac_target, "finetune_steps": args.finetune_steps, "finetune_lr": args.finetune_lr,
              "score_images": args.score_images, "rescore_every": args.rescore_every, "max_steps": args.max_steps,
              "latency": not args.no_latency, "seed": args.seed}

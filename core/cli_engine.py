@@ -8,6 +8,7 @@ from pathlib import Path
 from . import criteria
 from .car import compute_car
 from .cli_common import config_from_args, load_model_and_data, prepare_out, print_summary, progress_printer
+from .clusters import PROFILES
 from .detection.cli import add_detection_args, cmd_export_detection, cmd_prune_detection
 from .export import export_run
 from .prune import Callbacks, PruneConfig, run_pruning
@@ -31,7 +32,11 @@ def add_commands(sub, add_model_args, add_data_args) -> None:
     pr.add_argument("--criterion", default="car", choices=criteria.names(), metavar="NAME",
                     help="; ".join(f"{n}: {criteria.label(n)}" + ("" if len(c.tasks) > 1 else f" ({c.tasks[0]} only)")
                                    for n, c in criteria.REGISTRY.items()))
-    pr.add_argument("--cluster", type=int, default=8, help="hardware cluster size c (widths stay multiples of c)")
+    pr.add_argument("--cluster", type=int, help="hardware cluster size c (widths stay multiples of c; default 8, "
+                                                "or the --profile's)")
+    pr.add_argument("--profile", metavar="NAME",
+                    help="hardware profile that sets the cluster size: " + ", ".join(f"{n} (c={p.cluster})"
+                                                                                      for n, p in PROFILES.items()))
     pr.add_argument("--max-drop", type=float, default=1.0, help="acceptable accuracy drop in points")
     pr.add_argument("--mac-target", type=float, help="stop at this fraction of the original MACs")
     pr.add_argument("--finetune-steps", type=int, help="default 40 (detection: 20)")

@@ -7,21 +7,20 @@ from pathlib import Path
 import streamlit as st
 
 from core import visualize as V
-from core.clusters import PROFILES, detect_cpu_profile, latency_staircase
+from core.clusters import latency_staircase
 from core.errors import PruneScopeError
 from core.jobs import JobAlreadyRunning, prune_job
 from core import criteria
 from core.prune import PruneConfig
 from core.workspace import new_run_dir
-from ui.common import (format_macs, format_pct, job_progress, metrics_row, need_model, page_link,
-                       prune_outcome, setup_page, start_cancel_buttons, state_badge)
+from ui.common import (format_macs, format_pct, hardware_profile_picker, job_progress, metrics_row, need_model,
+                       page_link, prune_outcome, setup_page, start_cancel_buttons, state_badge)
 from ui.detection import detection_prune_page
 from ui.state import get_registry, private_copy
 
 # Defaults that finish the bundled sample's flow within about 3 minutes on 2 CPU cores (see the README).
 DEFAULTS = {"criterion": "car", "max_drop": 1.0, "finetune_steps": 20, "score_images": 200, "max_steps": 4,
             "latency": True, "analyse_car": True}
-OTHER = "custom"
 
 state = setup_page("Prune", "Greedy cluster pruning: each step removes the cheapest cluster of filters (accuracy lost "
                    "per MAC saved), fine-tunes briefly and measures. Runs in the background; cancel at any time.")
@@ -36,11 +35,6 @@ job = registry.get(st.session_state.get("prune_job_id"))
 running = job is not None and job.running
 if job is None and not state.ready:
     need_model(state, "pruning")
-
-
-@st.cache_resource
-def cpu_profile():
-    return detect_cpu_profile()
 
 
 def start_prune(config: PruneConfig) -> None:
@@ -101,20 +95,7 @@ with settings:
             mac_target = st.slider("MAC target (% of the original)", 10, 95, 50, step=5, key="pr_mac_target",
                                    disabled=running or not mac_on) if mac_on else None
         with c2:
-            detected = cpu_profile()
-            names = list(PROFILES) + [OTHER]
-            profile = st.selectbox("Hardware profile", names, index=0, key="pr_profile", disabled=running,
-                                   format_func=lambda n: "custom cluster size" if n == OTHER else
-                                   f"{PROFILES[n].label} (cluster {PROFILES[n].cluster})")
-            if profile == OTHER:
-                measured = st.session_state.get("pr_staircase")
-                cluster = int(st.number_input("Cluster size (filters)", 1, 64, measured.cluster if measured else 8,
-                                              key="pr_cluster", disabled=running))
-            else:
-                cluster = PROFILES[profile].cluster
-                st.caption(PROFILES[profile].description)
-            st.caption(f"This machine: {detected.cpu_name or 'CPU'} → **{detected.profile}** "
-                       f"(cluster {detected.cluster}): {detected.reason}.")
+            cluster = hardware_profile_picker("pr", running)
         with c3:
             finetune_steps = st.slider("Fine-tune budget (mini-batches per step)", 0, 200, DEFAULTS["finetune_steps"],
                                        step=5, key="pr_finetune", disabled=running)

@@ -13,8 +13,8 @@ from core.jobs import JobAlreadyRunning, detection_car_job, detection_prune_job
 from core.sources import load_voc_dataset
 from core import visualize as V
 from ui.charts import fig_class_counts
-from ui.common import (format_macs, format_params, format_seconds, job_progress, job_status, page_link,
-                       prune_outcome, start_cancel_buttons, state_badge, threshold_pick)
+from ui.common import (format_macs, format_params, format_seconds, hardware_profile_picker, job_progress, job_status,
+                       page_link, prune_outcome, start_cancel_buttons, state_badge, threshold_pick)
 from ui.state import (AppState, detection_baseline, detection_groups, detection_pictures, digest, get_registry,
                       sample_detection, save_upload)
 
@@ -365,8 +365,7 @@ def detection_prune_page(state: AppState) -> None:
                 mac_target = st.slider("MAC target (% of the original)", 10, 95, 50, step=5, key="det_pr_mac_target",
                                        disabled=running) if mac_on else None
             with c2:
-                cluster = int(st.number_input("Cluster size (filters)", 1, 64, 8, key="det_pr_cluster",
-                                              disabled=running))
+                cluster = hardware_profile_picker("det_pr", running)
                 max_steps = st.slider("Step limit", 1, 50, 3, key="det_pr_max_steps", disabled=running)
             with c3:
                 finetune_steps = st.slider("Fine-tune budget (mini-batches per step)", 0, 200, 20, step=5,
