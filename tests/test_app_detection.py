@@ -140,3 +140,17 @@ def test_export_of_a_non_default_step_of_a_detection_run(detection_run):
     assert manifest["models"]["pruned"]["macs"] == run.record(chosen)["macs"]
     # the exported network itself is the chosen step's: its conv shapes, not the threshold pick's
     assert conv_weight_shapes_onnx(bundle / "model" / "model.onnx") == conv_weight_shapes(run.rebuild_step(chosen))
+
+
+def test_detection_prune_view_offers_the_hardware_profiles():
+    from core.clusters import PROFILES
+
+    at = with_detector("prune")
+    picker = at.selectbox(key="det_pr_profile")
+    assert picker.value == "ncs2" and "cluster 8" in picker.format_func("ncs2")
+    assert {picker.format_func(n) for n in PROFILES} <= set(picker.options)
+    picker.set_value("cpu-avx512").run()
+    assert_no_exception(at)
+    assert PROFILES["cpu-avx512"].description in texts(at)
+    at.selectbox(key="det_pr_profile").set_value("custom").run()
+    assert at.number_input(key="det_pr_cluster").value >= 1
