@@ -133,14 +133,13 @@ class DetectionScorer:
         self.base_loss = float(self._summed_loss(base, [0], 0, np.zeros(1))[0]) / self.num_pos
         self.base_map = self._maps_of(self.exact_engine.baseline_logits().unsqueeze(0).numpy())[0]
 
-    def _run(self, engine: AblationEngine, ablations: list[dict], account, cancel) -> None:
-        """The engine's batched emulation; its outputs arrive flattened per image and are reshaped back."""
-        run = engine._evaluate_fast if engine.fast else engine._evaluate_naive
+    def _run(self, engine: AblationEngine, ablations: list[dict], account, cancel, reset=None) -> None:
+        """The engine's batched emulation (with its naive fallback); outputs are reshaped back to [A, 4 + C]."""
 
         def shaped(ids, start, outputs):
             account(ids, start, outputs.reshape(outputs.shape[0], outputs.shape[1], *self.raw_shape))
 
-        run(ablations, shaped, None, cancel)
+        engine.run(ablations, shaped, None, cancel, reset=reset)
 
     def _summed_loss(self, outputs: torch.Tensor, ids, start: int, total: np.ndarray) -> np.ndarray:
         """Add each ablation's MultiBox loss x positives of this chunk of images into ``total``."""
@@ -164,7 +163,8 @@ class DetectionScorer:
         if images is not None and images < len(self.screen):
             engine, pos, base = self._small_engine(images)
         total = np.zeros(len(ablations))
-        self._run(engine, ablations, lambda ids, start, out: self._summed_loss(out, ids, start, total), cancel)
+        self._run(engine, ablations, lambda ids, start, out: self._summed_loss(out, ids, start, total), cancel,
+                  reset=lambda: total.fill(0.0))
         return total / pos - base
 
     def _small_engine(self, images: int) -> tuple[AblationEngine, float, float]:
