@@ -26,7 +26,7 @@ from .detection.export import export_detection_run
 from .detection.prune import run_detection_pruning
 from .errors import CancelledError, PruneScopeError
 from .export import export_run
-from .prune import Callbacks, run_pruning
+from .prune import Callbacks, Progress, run_pruning
 from .runs import Run, list_runs
 from .workspace import atomic_write_json
 
@@ -283,6 +283,22 @@ class JobRegistry:
 # ----------------------------------------------------------------------------- the two jobs of the app
 
 
+def run_progress(ctx: JobContext, total: int) -> Callbacks:
+    """A pruning run's callbacks as one job's progress: the original (measured and analysed) is unit 0,
+    pruning step k is unit k, of ``total`` units; every accepted step record goes to the job."""
+
+    def event(p: Progress) -> None:
+        unit = p.step if p.phase == "step" else 0
+        ctx.progress(min((unit + min(max(p.fraction, 0.0), 1.0)) / total, 0.999), p.message)
+
+    def step(record: dict) -> None:
+        ctx.step(record)
+        if record["step"] > 0:
+            ctx.progress(min((record["step"] + 1) / total, 0.999), f"step {record['step']} done")
+
+    return Callbacks(step=step, event=event)
+
+
 def prune_job(loaded, data, config, run_dir: Path, data_source: str | None = None,
               original_bytes: bytes | None = None, data_options: dict | None = None,
               car: Any = None) -> JobFunction:
@@ -304,20 +320,7 @@ def prune_job(loaded, data, config, run_dir: Path, data_source: str | None = Non
         config = replace(config, analyse_car=False)
 
     def fn(ctx: JobContext) -> dict:
-        done = [0]  # completed step records, step 0 included
-
-        def progress(fraction: float, message: str) -> None:
-            # unit 0: measuring + analysing the original; unit k: pruning step k
-            unit = 0 if (not done[0] or "the original" in message) else done[0]
-            ctx.progress(min((unit + min(max(fraction, 0.0), 1.0)) / total, 0.999), message)
-
-        def step(record: dict) -> None:
-            ctx.step(record)
-            done[0] += 1
-            if record["step"] > 0:
-                ctx.progress(min((record["step"] + 1) / total, 0.999), f"step {record['step']} done")
-
-        return run_pruning(loaded, data, config, run_dir, callbacks=Callbacks(progress, step), cancel=ctx.cancel,
+        return run_pruning(loaded, data, config, run_dir, callbacks=run_progress(ctx, total), cancel=ctx.cancel,
                            data_source=data_source, original_bytes=original_bytes, data_options=data_options)
 
     return fn
@@ -334,18 +337,7 @@ def detection_prune_job(model, info: dict, data, config, run_dir: Path, data_opt
     model = copy.deepcopy(model).eval()
 
     def fn(ctx: JobContext) -> dict:
-        done = [0]
-
-        def progress(fraction: float, message: str) -> None:
-            unit = done[0]
-            ctx.progress(min((unit + min(max(fraction, 0.0), 1.0)) / total, 0.999), message)
-
-        def step(record: dict) -> None:
-            ctx.step(record)
-            done[0] += 1
-            ctx.progress(min(done[0] / total, 0.999), f"step {record['step']} done")
-
-        return run_detection_pruning(model, info, data, config, run_dir, callbacks=Callbacks(progress, step),
+        return run_detection_pruning(model, info, data, config, run_dir, callbacks=run_progress(ctx, total),
                                      cancel=ctx.cancel, data_options=data_options)
 
     return fn

@@ -71,19 +71,42 @@ class PruneConfig:
             raise SettingsError("The step limit must be at least 1.")
 
 
+@dataclass(frozen=True)
+class Progress:
+    """One progress report of a pruning run.
+
+    ``phase``: ``original`` (measuring / analysing the unpruned model, ``step`` 0) or ``step``
+    (pruning step ``step`` >= 1); ``fraction``: 0..1 within that phase; ``message``: for people only,
+    never parsed.
+    """
+
+    phase: str
+    step: int
+    fraction: float
+    message: str
+
+
 class Callbacks:
     """What the job runner hears: progress (0..1 of the current phase), finished steps, the stop reason.
 
-    Subclass or pass callables; the engine never touches any UI.
+    ``progress(fraction, message)`` is the plain form (the CLI prints it); ``event(Progress)`` the
+    structured one (the job runner places it in the run by phase and step). The loop says which
+    phase it is in with ``enter``. Subclass or pass callables; the engine never touches any UI.
     """
 
     def __init__(self, progress: Callable[[float, str], None] | None = None,
-                 step: Callable[[dict], None] | None = None):
-        self._progress, self._step = progress, step
+                 step: Callable[[dict], None] | None = None, event: Callable[[Progress], None] | None = None):
+        self._progress, self._step, self._event = progress, step, event
+        self.phase, self.current_step = "original", 0
+
+    def enter(self, phase: str, step: int = 0) -> None:
+        self.phase, self.current_step = phase, step
 
     def progress(self, fraction: float, message: str) -> None:
         if self._progress:
             self._progress(fraction, message)
+        if self._event:
+            self._event(Progress(self.phase, self.current_step, fraction, message))
 
     def step(self, record: dict) -> None:
         if self._step:
@@ -295,6 +318,7 @@ def _loop(graph: PruningGraph, loaded: LoadedModel, data: DataSet, config: Prune
     scores: dict[int, np.ndarray] | None = None
     reason = "step limit reached"
     for step in range(1, config.max_steps + 1):
+        cb.enter("step", step)
         if cancel.is_set():
             raise CancelledError("Cancelled.")
         t0 = time.perf_counter()

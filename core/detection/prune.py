@@ -313,6 +313,7 @@ def _loop(graph: PruningGraph, spec: InputSpec, data: DetectionData, config: Det
     scores: dict[str, np.ndarray] | None = None  # group root -> score per filter
     reason = "step limit reached"
     for step in range(1, config.max_steps + 1):
+        cb.enter("step", step)
         if cancel.is_set():
             raise CancelledError("Cancelled.")
         t0 = time.perf_counter()
