@@ -10,10 +10,17 @@ from .car import compute_car
 from .cli_common import config_from_args, load_model_and_data, prepare_out, print_summary, progress_printer
 from .clusters import PROFILES
 from .detection.cli import add_detection_args, cmd_export_detection, cmd_prune_detection
+from .detection.prune import DetectionPruneConfig
 from .export import export_run
 from .prune import Callbacks, PruneConfig, run_pruning
 from .runs import Run
 from .workspace import atomic_write_json
+
+
+def default_help(field: str, what: str) -> str:
+    """Help text naming each task's default of a ``PruneConfig`` field, read from the config classes."""
+    cls, det = PruneConfig.__dataclass_fields__[field].default, DetectionPruneConfig.__dataclass_fields__[field].default
+    return f"{what}; default {cls:g}" + ("" if det == cls else f" (detection: {det:g})")
 
 
 def add_commands(sub, add_model_args, add_data_args) -> None:
@@ -37,13 +44,14 @@ def add_commands(sub, add_model_args, add_data_args) -> None:
     pr.add_argument("--profile", metavar="NAME",
                     help="hardware profile that sets the cluster size: " + ", ".join(f"{n} (c={p.cluster})"
                                                                                       for n, p in PROFILES.items()))
-    pr.add_argument("--max-drop", type=float, default=1.0, help="acceptable accuracy drop in points")
+    pr.add_argument("--max-drop", type=float, help=default_help("max_drop", "acceptable metric drop in points"))
     pr.add_argument("--mac-target", type=float, help="stop at this fraction of the original MACs")
-    pr.add_argument("--finetune-steps", type=int, help="default 40 (detection: 20)")
-    pr.add_argument("--finetune-lr", type=float, help="default 0.01 (detection: 1e-4, AdamW)")
-    pr.add_argument("--score-images", type=int, help="default 400 (detection: 128, the loss-screening subset)")
-    pr.add_argument("--rescore-every", type=int, help="default 1 (detection: 10)")
-    pr.add_argument("--max-steps", type=int, default=200)
+    pr.add_argument("--finetune-steps", type=int, help=default_help("finetune_steps", "mini-batches after each step"))
+    pr.add_argument("--finetune-lr", type=float, help=default_help("finetune_lr", "fine-tuning learning rate"))
+    pr.add_argument("--score-images", type=int,
+                    help=default_help("score_images", "images scored (detection: the loss-screening subset)"))
+    pr.add_argument("--rescore-every", type=int, help=default_help("rescore_every", "steps between full re-scores"))
+    pr.add_argument("--max-steps", type=int, help=default_help("max_steps", "step limit"))
     pr.add_argument("--no-latency", action="store_true", help="skip OpenVINO latency per step")
     pr.add_argument("--no-analysis", action="store_true", help="skip the full CAR analysis of the original")
     pr.add_argument("--json", action="store_true")

@@ -22,6 +22,47 @@ TASKS = ("classification", "detection")
 
 
 @dataclass
+class Cluster:
+    """A candidate removal: ``filters`` (indices into the current width) of one channel ``group``.
+
+    ``macs_saved``: MACs the removal saves (>= 1); ``cost``: its measured metric loss (a fraction,
+    e.g. 0.01 = one point), None where only screened; ``rank``: lower goes first; ``loss_up``: the
+    screening loss increase, where the task screens (detection).
+    """
+
+    group: ChannelGroup
+    filters: list[int]
+    macs_saved: float
+    cost: float | None = None
+    rank: float = 0.0
+    loss_up: float | None = None
+
+    def ablation(self):
+        """The emulated removal of these filters (what their consumers read is zeroed)."""
+        return self.group.ablation(self.filters)
+
+
+def new_width(width: int, cluster: int) -> int | None:
+    """Width after removing one cluster: the next multiple of ``cluster`` below ``width`` (None if < cluster)."""
+    target = ((width - 1) // cluster) * cluster
+    return target if target >= cluster else None
+
+
+def lowest_clusters(groups: list[ChannelGroup], scores: dict, cluster: int,
+                    key: Callable[[ChannelGroup], Hashable]) -> list[Cluster]:
+    """Per group that can lose a cluster, its lowest-scoring filters down to the next multiple of ``cluster``."""
+    out = []
+    for g in groups:
+        target = new_width(g.width, cluster)
+        if target is None:
+            continue
+        k = g.width - target
+        filters = sorted(np.argsort(scores[key(g)], kind="stable")[:k].tolist())
+        out.append(Cluster(g, filters, max(k * g.macs_per_filter, 1.0)))
+    return out
+
+
+@dataclass
 class ScoreContext:
     """What a criterion may use to score the filters of ``groups`` in ``graph.model``.
 
@@ -37,7 +78,7 @@ class ScoreContext:
     rng: np.random.Generator
     key: Callable[[ChannelGroup], Hashable] = lambda g: g.gid
     filter_costs: Callable[[list[ChannelGroup]], dict] | None = None
-    cluster_costs: Callable[[list[dict]], np.ndarray] | None = None
+    cluster_costs: Callable[[list[Cluster]], np.ndarray] | None = None
     accumulate_gradients: Callable[[], None] | None = None
     cluster_eps: float = 0.0  # added to a measured cluster cost so that zero-cost clusters still prefer more MACs
 
@@ -53,17 +94,17 @@ class Criterion:
         """Per group (keyed by ``ctx.key``), one score per filter, shape [group.width]; lower = removed first."""
         raise NotImplementedError
 
-    def rank(self, clusters: list[dict], scores: dict, ctx: ScoreContext) -> None:
+    def rank(self, clusters: list[Cluster], scores: dict, ctx: ScoreContext) -> None:
         """Set ``cost`` (measured loss, or None) and ``rank`` (lower = removed first) on every candidate cluster.
 
         Default: the cluster's filter scores, normalised by the group's mean |score| so that groups are
         comparable, summed and divided by the MACs the cluster saves.
         """
         for c in clusters:
-            s = scores[ctx.key(c["group"])]
+            s = scores[ctx.key(c.group)]
             norm = s / (np.mean(np.abs(s)) + 1e-12)
-            c["cost"] = None
-            c["rank"] = float(np.sum(norm[c["filters"]])) / c["macs_saved"]
+            c.cost = None
+            c.rank = float(np.sum(norm[c.filters])) / c.macs_saved
 
 
 class TorchPruningCriterion(Criterion):
@@ -124,11 +165,11 @@ class CAR(Criterion):
     def score(self, ctx: ScoreContext) -> dict:
         return ctx.filter_costs(ctx.groups)
 
-    def rank(self, clusters: list[dict], scores: dict, ctx: ScoreContext) -> None:
+    def rank(self, clusters: list[Cluster], scores: dict, ctx: ScoreContext) -> None:
         drops = ctx.cluster_costs(clusters)
         for c, d in zip(clusters, drops):
-            c["cost"] = float(d)
-            c["rank"] = (max(float(d), 0.0) + ctx.cluster_eps) / c["macs_saved"]
+            c.cost = float(d)
+            c.rank = (max(float(d), 0.0) + ctx.cluster_eps) / c.macs_saved
 
 
 @register
@@ -170,6 +211,6 @@ class Random(Criterion):
     def score(self, ctx: ScoreContext) -> dict:
         return {ctx.key(g): ctx.rng.random(g.width) for g in ctx.groups}
 
-    def rank(self, clusters: list[dict], scores: dict, ctx: ScoreContext) -> None:
+    def rank(self, clusters: list[Cluster], scores: dict, ctx: ScoreContext) -> None:
         for c in clusters:
-            c["cost"], c["rank"] = None, float(ctx.rng.random())
+            c.cost, c.rank = None, float(ctx.rng.random())

@@ -24,7 +24,7 @@ from torch import nn
 
 from . import criteria
 from .car import CarScorer, compute_car, filter_ablation
-from .criteria import ScoreContext
+from .criteria import Cluster, ScoreContext, lowest_clusters, new_width
 from .data import DataSet, ImageSet, normalize
 from .errors import CancelledError, PruneScopeError, SettingsError
 from .evaluate import count_macs_params, evaluate_accuracy
@@ -56,6 +56,14 @@ class PruneConfig:
     seed: int = 0
 
     task = TASK  # the task whose criteria are valid (not a field: not stored in the run)
+    # The app's starting values where they differ from the CLI's: they finish the bundled sample's flow
+    # within about 3 minutes on 2 CPU cores (see the README). Not fields: not stored in the run.
+    APP_DEFAULTS = {"finetune_steps": 20, "score_images": 200, "max_steps": 4}
+
+    @classmethod
+    def app_defaults(cls) -> "PruneConfig":
+        """The settings the Prune page starts from: the class defaults with ``APP_DEFAULTS`` over them."""
+        return cls(**cls.APP_DEFAULTS)
 
     def validate(self) -> None:
         criteria.get(self.criterion, self.task)
@@ -113,19 +121,13 @@ class Callbacks:
             self._step(record)
 
 
-def new_widths(width: int, cluster: int) -> int | None:
-    """Width after removing one cluster: the next multiple of ``cluster`` below ``width`` (None if < cluster)."""
-    target = ((width - 1) // cluster) * cluster
-    return target if target >= cluster else None
-
-
 def check_prunable(groups: list[ChannelGroup], cluster: int) -> None:
     if not groups:
         raise SettingsError("The model has no prunable channel group (only the classifier output?).")
     if all(g.left_alone for g in groups):
         raise SettingsError("No channel group of this model can be pruned safely: " + groups[0].left_alone)
     groups = [g for g in groups if not g.left_alone]
-    if all(new_widths(g.width, cluster) is None for g in groups):
+    if all(new_width(g.width, cluster) is None for g in groups):
         widest = max(g.width for g in groups)
         raise SettingsError(
             f"Cluster size {cluster} is too large: no group can lose a cluster and keep at least {cluster} filters "
@@ -144,8 +146,8 @@ def score_context(graph: PruningGraph, groups: list[ChannelGroup], scorer: CarSc
     def filter_costs(gs: list[ChannelGroup]) -> dict[int, np.ndarray]:
         return car_filter_scores(scorer, gs, cancel, progress)
 
-    def cluster_costs(clusters: list[dict]) -> np.ndarray:
-        correct = scorer.accuracies([filter_ablation(c["group"], c["filters"]) for c in clusters], cancel=cancel)
+    def cluster_costs(clusters: list[Cluster]) -> np.ndarray:
+        correct = scorer.accuracies([filter_ablation(c.group, c.filters) for c in clusters], cancel=cancel)
         return scorer.baseline_accuracy - correct.float().mean(1).numpy()
 
     return ScoreContext(graph, groups, rng, filter_costs=filter_costs if scorer else None,
@@ -351,14 +353,14 @@ def _loop(graph: PruningGraph, loaded: LoadedModel, data: DataSet, config: Prune
     return run_summary(writer.dir, "done", reason)
 
 
-def record_step(writer: RunWriter, cb: Callbacks, graph: PruningGraph, step: int, cand: dict, metrics: dict,
+def record_step(writer: RunWriter, cb: Callbacks, graph: PruningGraph, step: int, cand: Cluster, metrics: dict,
                 tried: int, channel_maps: dict, times: tuple[float, float], base_macs: float,
                 mac_target: float | None, **extra) -> str | None:
     """Write an accepted step (weights, then its history line) and report it; returns why to stop
     when the MAC target is reached, else None."""
     now = time.perf_counter()
     record = {"step": step, **metrics, "widths": graph.widths(), "removed": removed_record(cand, channel_maps),
-              "estimated_drop": cand["cost"], **extra, "candidates_tried": tried,
+              "estimated_drop": cand.cost, **extra, "candidates_tried": tried,
               "seconds": now - times[0], "elapsed": now - times[1]}
     writer.add_step(record, graph.model, graph.history)
     cb.step(record)
@@ -367,7 +369,7 @@ def record_step(writer: RunWriter, cb: Callbacks, graph: PruningGraph, step: int
     return None
 
 
-def try_candidates(graph: PruningGraph, candidates: list[dict], structure: dict, writer: RunWriter, cb: Callbacks,
+def try_candidates(graph: PruningGraph, candidates: list[Cluster], structure: dict, writer: RunWriter, cb: Callbacks,
                    step: int, patience: int, rebuild, apply, drop, max_drop: float, unit: str = "points"):
     """Remove, fine-tune and measure candidates in order until one stays within the threshold.
 
@@ -382,27 +384,27 @@ def try_candidates(graph: PruningGraph, candidates: list[dict], structure: dict,
     for cand in candidates:
         if tried > patience:
             break
-        if cand["group"].root in left_alone:
+        if cand.group.root in left_alone:
             continue
         snapshot = (copy.deepcopy(graph.model), [list(h) for h in graph.history])
         try:
-            graph.prune(cand["group"].root, cand["filters"])
+            graph.prune(cand.group.root, cand.filters)
         except UnsafeGroupError as exc:
-            left_alone[cand["group"].root] = str(exc)
+            left_alone[cand.group.root] = str(exc)
             writer.write_json("structure.json", structure)
-            cb.progress(0.5, f"step {step}: leaving {cand['group'].label} alone: {exc}")
+            cb.progress(0.5, f"step {step}: leaving {cand.group.label} alone: {exc}")
             graph = rebuild(*snapshot)
             continue
         except PruneScopeError as exc:
             tried += 1
-            cb.progress(0.5, f"step {step}: skipped {cand['group'].root}: {exc}")
+            cb.progress(0.5, f"step {step}: skipped {cand.group.root}: {exc}")
             graph = rebuild(*snapshot)
             continue
         tried += 1
         metrics = apply(graph.model)
         lost = drop(metrics)
         if lost > max_drop + 1e-9:
-            cb.progress(0.95, f"step {step}: {cand['group'].root} would drop {lost:.2f} {unit}; undone")
+            cb.progress(0.95, f"step {step}: {cand.group.root} would drop {lost:.2f} {unit}; undone")
             graph = rebuild(*snapshot)
             continue
         return (cand, metrics, tried), graph
@@ -420,35 +422,28 @@ def _finetune_and_measure(model: nn.Module, data: DataSet, spec: InputSpec, conf
 
 
 def _candidates(graph: PruningGraph, groups, scores, config: PruneConfig, scorer: CarScorer | None, rng,
-                cancel) -> list[dict]:
+                cancel) -> list[Cluster]:
     """Candidate clusters, cheapest accuracy cost per MAC saved first."""
-    cands = []
-    for g in groups:
-        target = new_widths(g.width, config.cluster)
-        if target is None:
-            continue
-        k = g.width - target
-        order = np.argsort(scores[g.gid], kind="stable")[:k]
-        cands.append({"group": g, "filters": sorted(order.tolist()), "macs_saved": max(k * g.macs_per_filter, 1.0)})
+    cands = lowest_clusters(groups, scores, config.cluster, key=lambda g: g.gid)
     if not cands:
         return []
     ctx = score_context(graph, groups, scorer, None, None, rng, cancel)
     criteria.get(config.criterion, TASK).rank(cands, scores, ctx)
-    return sorted(cands, key=lambda c: c["rank"])
+    return sorted(cands, key=lambda c: c.rank)
 
 
-def removed_record(cand: dict, channel_maps: dict[str, list[int]]) -> dict:
-    g: ChannelGroup = cand["group"]
+def removed_record(cand: Cluster, channel_maps: dict[str, list[int]]) -> dict:
+    g: ChannelGroup = cand.group
     original = None
     for name in g.producers:
         cmap = channel_maps.get(name)
         if cmap is None or len(cmap) != g.width:
             continue
         if original is None:
-            original = [cmap[i] for i in cand["filters"]]
-        channel_maps[name] = [c for i, c in enumerate(cmap) if i not in set(cand["filters"])]
-    return {"group": g.root, "producers": g.producers, "filters": cand["filters"], "filters_original": original,
-            "width_before": g.width, "width_after": g.width - len(cand["filters"])}
+            original = [cmap[i] for i in cand.filters]
+        channel_maps[name] = [c for i, c in enumerate(cmap) if i not in set(cand.filters)]
+    return {"group": g.root, "producers": g.producers, "filters": cand.filters, "filters_original": original,
+            "width_before": g.width, "width_after": g.width - len(cand.filters)}
 
 
 def run_summary(run_dir: Path, state: str, reason: str = "") -> dict:

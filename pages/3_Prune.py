@@ -18,9 +18,7 @@ from ui.common import (format_macs, format_pct, hardware_profile_picker, job_pro
 from ui.detection import detection_prune_page
 from ui.state import get_registry, private_copy
 
-# Defaults that finish the bundled sample's flow within about 3 minutes on 2 CPU cores (see the README).
-DEFAULTS = {"criterion": "car", "max_drop": 1.0, "finetune_steps": 20, "score_images": 200, "max_steps": 4,
-            "latency": True, "analyse_car": True}
+DEFAULTS = PruneConfig.app_defaults()  # one place: core.prune.PruneConfig (APP_DEFAULTS over the class defaults)
 
 state = setup_page("Prune", "Greedy cluster pruning: each step removes the cheapest cluster of filters (accuracy lost "
                    "per MAC saved), fine-tunes briefly and measures. Runs in the background; cancel at any time.")
@@ -83,11 +81,11 @@ with settings:
         c1, c2, c3 = st.columns(3, gap="large")
         with c1:
             choices = criteria.names(PruneConfig.task)
-            criterion = st.selectbox("Criterion", choices, index=choices.index(DEFAULTS["criterion"]),
+            criterion = st.selectbox("Criterion", choices, index=choices.index(DEFAULTS.criterion),
                                      format_func=criteria.label, key="pr_criterion", disabled=running,
                                      help="How filters are ranked. CAR measures each candidate cluster's real "
                                           "accuracy loss; the others are cheaper proxies, for comparison.")
-            max_drop = st.slider("Acceptable accuracy drop (points)", 0.0, 10.0, DEFAULTS["max_drop"], step=0.1,
+            max_drop = st.slider("Acceptable accuracy drop (points)", 0.0, 10.0, DEFAULTS.max_drop, step=0.1,
                                  key="pr_max_drop", disabled=running,
                                  help="A step that would lose more than this (against the original) is undone; "
                                       "the run stops when no cluster fits.")
@@ -97,14 +95,14 @@ with settings:
         with c2:
             cluster = hardware_profile_picker("pr", running)
         with c3:
-            finetune_steps = st.slider("Fine-tune budget (mini-batches per step)", 0, 200, DEFAULTS["finetune_steps"],
+            finetune_steps = st.slider("Fine-tune budget (mini-batches per step)", 0, 200, DEFAULTS.finetune_steps,
                                        step=5, key="pr_finetune", disabled=running)
-            score_images = st.slider("Images for scoring", 50, 1000, DEFAULTS["score_images"], step=50,
+            score_images = st.slider("Images for scoring", 50, 1000, DEFAULTS.score_images, step=50,
                                      key="pr_score_images", disabled=running)
-            max_steps = st.slider("Step limit", 1, 100, DEFAULTS["max_steps"], key="pr_max_steps", disabled=running)
-            latency = st.toggle("Measure OpenVINO latency every step", value=DEFAULTS["latency"], key="pr_latency",
+            max_steps = st.slider("Step limit", 1, 100, DEFAULTS.max_steps, key="pr_max_steps", disabled=running)
+            latency = st.toggle("Measure OpenVINO latency every step", value=DEFAULTS.latency, key="pr_latency",
                                 disabled=running)
-            analyse = st.toggle("Store a CAR analysis of the original in the run", value=DEFAULTS["analyse_car"],
+            analyse = st.toggle("Store a CAR analysis of the original in the run", value=DEFAULTS.analyse_car,
                                 key="pr_analyse", disabled=running,
                                 help="Shown with the removed filters on Review. The Analyse page's result is "
                                      "reused when there is one; otherwise it is computed first.")

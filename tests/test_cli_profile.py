@@ -37,3 +37,21 @@ def test_unknown_profile_is_one_line_and_exit_code_2(capsys, tmp_path):
     err = capsys.readouterr().err
     assert code == 2 and "Unknown hardware profile 'tpu9000'" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_defaults_live_in_the_config_classes_and_the_cli_help_reads_them():
+    prune = build_parser()._subparsers._group_actions[0].choices["prune"]
+    helps = {a.dest: a.help for a in prune._actions}
+    assert f"default {PruneConfig().finetune_steps}" in helps["finetune_steps"]
+    assert f"(detection: {DetectionPruneConfig().finetune_steps})" in helps["finetune_steps"]
+    assert f"default {PruneConfig().max_steps}" in helps["max_steps"]
+    args = build_parser().parse_args(BASE)
+    assert config_from_args(args, PruneConfig) == PruneConfig()
+    det = build_parser().parse_args(BASE + ["--task", "detection"])
+    assert config_from_args(det, DetectionPruneConfig) == DetectionPruneConfig()
+    app = PruneConfig.app_defaults()
+    assert (app.finetune_steps, app.score_images, app.max_steps) == (20, 200, 4) and app.cluster == 8
+    det_app = DetectionPruneConfig.app_defaults()
+    assert det_app.max_steps == 3 and det_app.latency is False and det_app.finetune_steps == 20
+    app.validate()
+    det_app.validate()

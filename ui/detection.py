@@ -344,7 +344,7 @@ def detection_prune_page(state: AppState) -> None:
         for j in registry.active("prune"):
             j.request_cancel()
 
-    config = None
+    config, defaults = None, DetectionPruneConfig.app_defaults()
     with st.container(border=True):
         if not state.det_ready:
             st.info("No detector loaded in this tab; the pruning job is shown below.")
@@ -359,20 +359,20 @@ def detection_prune_page(state: AppState) -> None:
                                          disabled=running,
                                          help="car: filters ordered by their loss increase, clusters decided by "
                                               "exact mAP drop; l1 / random for comparison.")
-                max_drop = st.slider(f"Acceptable {METRIC} drop (points)", 0.0, 10.0, 1.0, step=0.1,
+                max_drop = st.slider(f"Acceptable {METRIC} drop (points)", 0.0, 10.0, defaults.max_drop, step=0.1,
                                      key="det_pr_max_drop", disabled=running)
                 mac_on = st.toggle("Stop at a MAC target", value=False, key="det_pr_mac_on", disabled=running)
                 mac_target = st.slider("MAC target (% of the original)", 10, 95, 50, step=5, key="det_pr_mac_target",
                                        disabled=running) if mac_on else None
             with c2:
                 cluster = hardware_profile_picker("det_pr", running)
-                max_steps = st.slider("Step limit", 1, 50, 3, key="det_pr_max_steps", disabled=running)
+                max_steps = st.slider("Step limit", 1, 50, defaults.max_steps, key="det_pr_max_steps", disabled=running)
             with c3:
-                finetune_steps = st.slider("Fine-tune budget (mini-batches per step)", 0, 200, 20, step=5,
-                                           key="det_pr_finetune", disabled=running)
-                score_images = st.slider("Images for screening", 16, 512, 128, step=16, key="det_pr_score_images",
-                                         disabled=running)
-                latency = st.toggle("Measure OpenVINO latency every step", value=False, key="det_pr_latency",
+                finetune_steps = st.slider("Fine-tune budget (mini-batches per step)", 0, 200, defaults.finetune_steps,
+                                           step=5, key="det_pr_finetune", disabled=running)
+                score_images = st.slider("Images for screening", 16, 512, defaults.score_images, step=16,
+                                         key="det_pr_score_images", disabled=running)
+                latency = st.toggle("Measure OpenVINO latency every step", value=defaults.latency, key="det_pr_latency",
                                     disabled=running)
             config = DetectionPruneConfig(criterion=criterion, cluster=cluster, max_drop=float(max_drop),
                                           mac_target=None if mac_target is None else mac_target / 100,

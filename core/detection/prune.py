@@ -40,8 +40,8 @@ from ..groups import ChannelGroup, PruningGraph
 from ..models import InputSpec, LoadedModel, ModelSpec
 from ..ov_runtime import measure_latency_ms
 from .. import criteria
-from ..criteria import ScoreContext
-from ..prune import (Callbacks, PruneConfig, check_prunable, new_widths,
+from ..criteria import Cluster, ScoreContext, lowest_clusters
+from ..prune import (Callbacks, PruneConfig, check_prunable,
                      record_step, run_guarded, run_summary, try_candidates)
 from ..runs import RunWriter
 from .data import DetectionData, DetectionSet
@@ -78,6 +78,7 @@ class DetectionPruneConfig(PruneConfig):
     analyse_car: bool = False  # the classification CAR analysis does not apply to detectors
 
     task = TASK
+    APP_DEFAULTS = {"max_steps": 3, "latency": False}
 
     def validate(self) -> None:
         super().validate()
@@ -341,7 +342,7 @@ def _loop(graph: PruningGraph, spec: InputSpec, data: DetectionData, config: Det
             break
         cand, metrics, tried = accepted
         target_reached = record_step(writer, cb, graph, step, cand, metrics, tried, channel_maps, (t0, t_start),
-                                     base["macs"], config.mac_target, screen_loss_increase=cand["loss_up"])
+                                     base["macs"], config.mac_target, screen_loss_increase=cand.loss_up)
         if target_reached:
             reason = target_reached
             break
@@ -378,39 +379,32 @@ def _filter_scores(criterion: str, graph: PruningGraph, groups: list[ChannelGrou
 
 def rank_candidates(groups: list[ChannelGroup], scores: dict[str, np.ndarray], config: DetectionPruneConfig,
                     scorer: DetectionScorer, cancel=None,
-                    progress: Callable[[float, str], None] | None = None) -> list[dict]:
+                    progress: Callable[[float, str], None] | None = None) -> list[Cluster]:
     """Candidate clusters, best first: screened by loss increase per MAC, the top few decided by exact mAP.
 
     The exactly measured candidates come first (cheapest mAP drop per MAC saved), the others follow
     in screening order, so ``patience`` can still reach them.
     """
-    cands = []
-    for g in groups:
-        target = new_widths(g.width, config.cluster)
-        if target is None:
-            continue
-        k = g.width - target
-        filters = sorted(np.argsort(scores[g.root], kind="stable")[:k].tolist())
-        cands.append({"group": g, "filters": filters, "macs_saved": max(k * g.macs_per_filter, 1.0), "cost": None})
+    cands = lowest_clusters(groups, scores, config.cluster, key=lambda g: g.root)
     if not cands:
         return []
     if progress:
         progress(0.0, f"screening {len(cands)} clusters (loss increase)")
-    loss_up = scorer.loss_increase([c["group"].ablation(c["filters"]) for c in cands], cancel)
+    loss_up = scorer.loss_increase([c.ablation() for c in cands], cancel)
     scale = float(np.mean(np.abs(loss_up))) + 1e-9
     for c, up in zip(cands, loss_up):
-        c["loss_up"] = float(up)
-        c["rank"] = (max(float(up), 0.0) + 0.01 * scale) / c["macs_saved"]
-    cands.sort(key=lambda c: c["rank"])
+        c.loss_up = float(up)
+        c.rank = (max(float(up), 0.0) + 0.01 * scale) / c.macs_saved
+    cands.sort(key=lambda c: c.rank)
     top = cands[:config.exact_candidates]
     if progress:
         progress(0.5, f"exact mAP of the best {len(top)} clusters")
-    maps = scorer.maps([c["group"].ablation(c["filters"]) for c in top], cancel)
+    maps = scorer.maps([c.ablation() for c in top], cancel)
     eps = 1.0 / max(len(scorer.exact), 1) / 100  # ties broken toward the larger MAC saving
     for c, m in zip(top, maps):
-        c["cost"] = scorer.base_map - m
-        c["rank"] = (max(c["cost"], 0.0) + eps) / c["macs_saved"]
-    return sorted(top, key=lambda c: c["rank"]) + cands[config.exact_candidates:]
+        c.cost = scorer.base_map - m
+        c.rank = (max(c.cost, 0.0) + eps) / c.macs_saved
+    return sorted(top, key=lambda c: c.rank) + cands[config.exact_candidates:]
 
 
 def _finetune_and_measure(model: nn.Module, data: DetectionData, spec: InputSpec, config: DetectionPruneConfig, rng,
