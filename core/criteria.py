@@ -98,7 +98,8 @@ class Criterion:
         """Set ``cost`` (measured loss, or None) and ``rank`` (lower = removed first) on every candidate cluster.
 
         Default: the cluster's filter scores, normalised by the group's mean |score| so that groups are
-        comparable, summed and divided by the MACs the cluster saves.
+        comparable, summed and divided by the MACs the cluster saves. Used by classification; detection
+        ranks every criterion's clusters by its own loss screen and exact mAP (``core.detection.prune``).
         """
         for c in clusters:
             s = scores[ctx.key(c.group)]
