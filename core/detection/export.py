@@ -35,7 +35,8 @@ from ..models import ModelSpec
 from ..ncs2 import check_ncs2
 from ..ov_runtime import ONNX_OPSET, compile_cpu, read_ir, time_interleaved
 from ..sources import load_voc_dataset
-from ..workspace import atomic_write_json, atomic_write_text
+from ..runs import Run
+from ..workspace import atomic_write_json, atomic_write_text, workspace_root
 from . import postprocess as _postprocess
 from .data import DetectionSet
 from .evaluate import EvalSettings, detect, map_of_detections, normalize_images
@@ -229,9 +230,6 @@ def export_detection_run(run_dir: str | Path, step: int | None = None, max_drop:
 
     An explicit ``step`` is never overridden; ``max_drop`` is then only recorded in the manifest.
     """
-    from ..runs import Run
-    from ..workspace import workspace_root
-
     run = Run(run_dir)
     if run.task != "detection":
         raise PruneScopeError(f"Run {run.name} is a {run.task} run, not a detection run.")
