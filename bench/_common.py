@@ -12,7 +12,7 @@ SAMPLES = ("vgg_digits", "resnet_shapes")
 
 
 def load_sample(name: str):
-    from core.data import load_dataset
+    from core.sources import load_dataset
     from core.models import load_model
 
     loaded = load_model(f"sample:{name}")

@@ -17,7 +17,6 @@ import time
 
 import numpy as np
 import torch
-import torch_pruning as tp
 
 from _common import SAMPLES, load_sample, machine, table
 
@@ -33,7 +32,9 @@ def main() -> None:
     from core.car import CarScorer, filter_ablation
     from core.evaluate import evaluate_accuracy
     from core.groups import PruningGraph
-    from core.prune import _tp_scores, car_with_tiebreak, finetune
+    from core import criteria
+    from core.criteria import ScoreContext
+    from core.prune import car_with_tiebreak, finetune
 
     print(f"machine: {machine()}")
     rows = []
@@ -49,7 +50,7 @@ def main() -> None:
         car = car_with_tiebreak(car_scorer.baseline_accuracy - car_correct.float().mean(1).numpy(), loss_up.numpy(),
                                 owners, groups, len(score_set))
         rng = np.random.default_rng(args.seed)
-        scores = {"car": car, "l1": _tp_scores(graph, groups, tp.importance.GroupMagnitudeImportance(p=1)),
+        scores = {"car": car, "l1": criteria.REGISTRY["l1"].score(ScoreContext(graph, groups, rng)),
                   "random": {g.gid: rng.random(g.width) for g in groups}}
         val_scorer = CarScorer(loaded.model, spec, data.val)
         base = val_scorer.baseline_accuracy

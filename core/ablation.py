@@ -223,6 +223,26 @@ class AblationEngine:
                 ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.repeat(logits.shape[0]), reduction="none")
                 loss[ids] += ce.reshape(logits.shape[0], -1).sum(1)
 
+        def reset() -> None:
+            preds.zero_()
+            if loss is not None:
+                loss.zero_()
+
+        self.run(ablations, account, progress, cancel, fast, reset)
+        if loss is not None:
+            loss /= len(self.inputs)
+        return preds, loss
+
+    def run(self, ablations: list[Ablation], account: Callable[[list[int], int, torch.Tensor], None],
+            progress: Callable[[int], None] | None = None, cancel: threading.Event | None = None,
+            fast: bool = True, reset: Callable[[], None] | None = None) -> None:
+        """Feed the model's outputs under every ablation to ``account(ids, start, outputs)``.
+
+        ``outputs`` is [len(ids), n, *output] for ablations ``ids`` on images ``start:start + n`` (the
+        output flattened per image on the fast path). The fast path (cached prefix, batched suffix)
+        falls back to one full pass per ablation when the traced graph cannot run split; ``reset()``
+        is then called first, so that what ``account`` accumulated from the failed attempt is cleared.
+        """
         if fast and self.fast:
             try:
                 self._evaluate_fast(ablations, account, progress, cancel)
@@ -230,14 +250,10 @@ class AblationEngine:
                 # A traced graph can bake in batch sizes (MaxViT's window partition): the split
                 # run fails where the model itself works. Same numbers the naive way, only slower.
                 self.fast = False
-                preds.zero_()
-                if loss is not None:
-                    loss.zero_()
+                if reset:
+                    reset()
         if not (fast and self.fast):
             self._evaluate_naive(ablations, account, progress, cancel)
-        if loss is not None:
-            loss /= len(self.inputs)
-        return preds, loss
 
     def _evaluate_fast(self, ablations, account, progress, cancel) -> None:
         by_signature: dict[frozenset, list[int]] = {}

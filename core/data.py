@@ -494,7 +494,7 @@ def load_dataset(
     limits: Limits | None = None,
     class_order: list[str] | None = None,
 ) -> DataSet:
-    """Load, validate and split a data set: a zip (path or bytes), a folder, or ``sample:NAME``.
+    """Load, validate and split a data set: a zip (path or bytes) or a folder (``sample:NAME``: ``core.sources``).
 
     Settings are checked before anything is read; a refused zip leaves no unpacked files behind.
     Raises :class:`DataError` (unusable data) or :class:`SettingsError` (bad split settings).
@@ -503,12 +503,6 @@ def load_dataset(
     """
     limits = limits or Limits()
     check_split_options(val_fraction, seed)
-    if isinstance(source, str) and source.startswith("sample:"):
-        from .sample_data import load_sample_dataset
-
-        ds = load_sample_dataset(source.split(":", 1)[1], spec, val_fraction=val_fraction, seed=seed)
-        _check_class_count(ds.num_classes, expected_classes)
-        return ds
     folder, created, label = materialise(source, limits)
     with discard_on_refusal(folder, created):
         return _load_folder(folder, label, spec, expected_classes, val_fraction, seed, limits, class_order)

@@ -42,6 +42,7 @@ from .ir_rewrite import interpolate11_to_4
 from .ncs2 import Ncs2Issue, Ncs2Report, check_ncs2
 from .ov_runtime import ONNX_OPSET, compile_cpu, cpu_has_fp16, export_onnx_bytes, read_ir, time_interleaved
 from .shortcuts import convert_zero_pad_shortcuts
+from .sources import load_dataset
 from .workspace import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 INPUT_NAME = "input"
@@ -547,7 +548,7 @@ def _build_into(root: Path, pruned: nn.Module, original: nn.Module, spec: ModelS
         }
     for k in models_section:  # paths in the reports relative to the bundle
         models_section[k]["ncs2"]["xml_path"] = models_section[k]["xml"]
-    extra = {k: v for k, v in meta.items() if k not in ("pruned", "original", "threshold", "step")
+    extra = {k: v for k, v in meta.items() if k not in ("pruned", "original", "max_drop", "step")
              and not k.startswith("original_") and k not in ("accuracy", "macs", "params", "latency_ms")}
     e = exports["pruned"]
     manifest: dict[str, Any] = {
@@ -561,7 +562,7 @@ def _build_into(root: Path, pruned: nn.Module, original: nn.Module, spec: ModelS
                                           "colour_order", "preprocess")},
         "output": {"name": e["output_name"], "shape": e["output_shape"]},
         "class_names": class_names,
-        "threshold": meta.get("threshold"),
+        "max_drop": meta.get("max_drop"),
         "step": meta.get("step"),
         "models": models_section,
         "ncs2": reports["pruned"].to_dict() | {"xml_path": "model/model.xml"},
@@ -641,13 +642,14 @@ def export_for_cli(pruned_model: nn.Module, original_model: nn.Module, spec: Mod
 
 
 def pick_step(run, step: int | None, max_drop: float | None, progress=None) -> tuple[int, dict]:
-    """(step, its history record): the one asked for, else the smallest within ``max_drop`` points, else the last."""
-    if max_drop is not None:
-        if not 0 <= max_drop <= 100:
-            raise ExportError(f"The threshold must be between 0 and 100 points; got {max_drop}.")
-        step = run.select_step(max_drop)
-    elif step is None:
-        step = run.history[-1]["step"] if run.history else 0
+    """(step, its history record): the one asked for, else the smallest within ``max_drop`` points, else the last.
+
+    An explicit ``step`` is never overridden: ``max_drop`` then only records the threshold it was chosen with.
+    """
+    if max_drop is not None and not 0 <= max_drop <= 100:
+        raise ExportError(f"The threshold must be between 0 and 100 points; got {max_drop}.")
+    if step is None:
+        step = run.select_step(max_drop) if max_drop is not None else (run.history[-1]["step"] if run.history else 0)
     record = run.record(step)
     if progress:
         progress(0.05, f"rebuilding step {step}")
@@ -655,15 +657,13 @@ def pick_step(run, step: int | None, max_drop: float | None, progress=None) -> t
 
 
 def export_run(run_dir: str | Path, step: int | None = None, max_drop: float | None = None,
-               out_path: str | Path | None = None, progress=None, threshold_points: float | None = None,
-               trusted: bool = False) -> dict:
-    """Export one step of a run folder (default: the last; or the smallest within ``max_drop`` points).
+               out_path: str | Path | None = None, progress=None, trusted: bool = False) -> dict:
+    """Export one step of a run folder: ``step``, else the smallest within ``max_drop`` points, else the last.
 
-    ``threshold_points`` records the accuracy threshold the user chose the step with (the manifest
-    keeps it); it defaults to ``max_drop`` when the step is picked by threshold here. ``trusted``:
-    the user trusts this run's pickle or model code even without a trust record (see ``core.runs``).
+    ``max_drop`` (accuracy points below the original) is the threshold the step was chosen with; the
+    manifest keeps it under the same name. ``trusted``: the user trusts this run's pickle or model code
+    even without a trust record (see ``core.runs``).
     """
-    from .data import load_dataset
     from .runs import Run
     from .workspace import workspace_root
 
@@ -681,7 +681,7 @@ def export_run(run_dir: str | Path, step: int | None = None, max_drop: float | N
     meta = {
         "pruned": {k: record.get(k) for k in ("accuracy", "macs", "params", "latency_ms")},
         "original": {k: base.get(k) for k in ("accuracy", "macs", "params", "latency_ms")},
-        "step": step, "run": run.name, "threshold": max_drop if max_drop is not None else threshold_points,
+        "step": step, "run": run.name, "max_drop": max_drop,
         "criterion": run.config.get("prune", {}).get("criterion"), "cluster": run.config.get("prune", {}).get("cluster"),
     }
     out = Path(out_path) if out_path else workspace_root() / "exports" / f"{run.name}-step{step:04d}"

@@ -16,11 +16,19 @@ import itertools
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from .car import compute_car
+from .detection.analysis import group_car
+from .detection.export import export_detection_run
+from .detection.prune import run_detection_pruning
 from .errors import CancelledError, PruneScopeError
+from .export import export_run
+from .prune import Callbacks, Progress, run_pruning
+from .runs import Run, list_runs
+from .workspace import atomic_write_json
 
 RUNNING_STATES = ("running", "cancelling")
 FINAL_STATES = ("done", "cancelled", "failed")
@@ -275,6 +283,22 @@ class JobRegistry:
 # ----------------------------------------------------------------------------- the two jobs of the app
 
 
+def run_progress(ctx: JobContext, total: int) -> Callbacks:
+    """A pruning run's callbacks as one job's progress: the original (measured and analysed) is unit 0,
+    pruning step k is unit k, of ``total`` units; every accepted step record goes to the job."""
+
+    def event(p: Progress) -> None:
+        unit = p.step if p.phase == "step" else 0
+        ctx.progress(min((unit + min(max(p.fraction, 0.0), 1.0)) / total, 0.999), p.message)
+
+    def step(record: dict) -> None:
+        ctx.step(record)
+        if record["step"] > 0:
+            ctx.progress(min((record["step"] + 1) / total, 0.999), f"step {record['step']} done")
+
+    return Callbacks(step=step, event=event)
+
+
 def prune_job(loaded, data, config, run_dir: Path, data_source: str | None = None,
               original_bytes: bytes | None = None, data_options: dict | None = None,
               car: Any = None) -> JobFunction:
@@ -288,10 +312,6 @@ def prune_job(loaded, data, config, run_dir: Path, data_source: str | None = Non
     step one more, of ``config.max_steps + 1``; the run may stop earlier (threshold, MAC target),
     so the ETA is an upper bound.
     """
-    from dataclasses import replace
-
-    from .prune import Callbacks, run_pruning
-    from .workspace import atomic_write_json
 
     total = config.max_steps + 1
     if car is not None and config.analyse_car:
@@ -300,20 +320,7 @@ def prune_job(loaded, data, config, run_dir: Path, data_source: str | None = Non
         config = replace(config, analyse_car=False)
 
     def fn(ctx: JobContext) -> dict:
-        done = [0]  # completed step records, step 0 included
-
-        def progress(fraction: float, message: str) -> None:
-            # unit 0: measuring + analysing the original; unit k: pruning step k
-            unit = 0 if (not done[0] or "the original" in message) else done[0]
-            ctx.progress(min((unit + min(max(fraction, 0.0), 1.0)) / total, 0.999), message)
-
-        def step(record: dict) -> None:
-            ctx.step(record)
-            done[0] += 1
-            if record["step"] > 0:
-                ctx.progress(min((record["step"] + 1) / total, 0.999), f"step {record['step']} done")
-
-        return run_pruning(loaded, data, config, run_dir, callbacks=Callbacks(progress, step), cancel=ctx.cancel,
+        return run_pruning(loaded, data, config, run_dir, callbacks=run_progress(ctx, total), cancel=ctx.cancel,
                            data_source=data_source, original_bytes=original_bytes, data_options=data_options)
 
     return fn
@@ -326,25 +333,11 @@ def detection_prune_job(model, info: dict, data, config, run_dir: Path, data_opt
     Same plumbing as :func:`prune_job`: measuring the original counts as one unit, then each step one
     more, of ``config.max_steps + 1`` (an upper bound: the run may stop earlier).
     """
-    from .detection.prune import run_detection_pruning
-    from .prune import Callbacks
-
     total = config.max_steps + 1
     model = copy.deepcopy(model).eval()
 
     def fn(ctx: JobContext) -> dict:
-        done = [0]
-
-        def progress(fraction: float, message: str) -> None:
-            unit = done[0]
-            ctx.progress(min((unit + min(max(fraction, 0.0), 1.0)) / total, 0.999), message)
-
-        def step(record: dict) -> None:
-            ctx.step(record)
-            done[0] += 1
-            ctx.progress(min(done[0] / total, 0.999), f"step {record['step']} done")
-
-        return run_detection_pruning(model, info, data, config, run_dir, callbacks=Callbacks(progress, step),
+        return run_detection_pruning(model, info, data, config, run_dir, callbacks=run_progress(ctx, total),
                                      cancel=ctx.cancel, data_options=data_options)
 
     return fn
@@ -352,8 +345,6 @@ def detection_prune_job(model, info: dict, data, config, run_dir: Path, data_opt
 
 def detection_car_job(model, root: str, val, mean, std, n_images: int = 64) -> JobFunction:
     """A job function: detection CAR (mAP drop) of every filter of one group, on a private copy of ``model``."""
-    from .detection.analysis import group_car
-
     model = copy.deepcopy(model).eval()
 
     def fn(ctx: JobContext):
@@ -364,8 +355,6 @@ def detection_car_job(model, root: str, val, mean, std, n_images: int = 64) -> J
 
 def car_job(model, spec, imageset, n_images: int = 500, sensitivity: bool = True) -> JobFunction:
     """A job function computing CAR (+ per-class CAR, sensitivity) on a private copy of ``model``."""
-    from .car import compute_car
-
     model = copy.deepcopy(model).eval()  # the UI keeps using its own model while this runs
 
     def fn(ctx: JobContext):
@@ -377,25 +366,16 @@ def car_job(model, spec, imageset, n_images: int = 500, sensitivity: bool = True
 
 def export_job(run_dir: Path | str, step: int, max_drop: float | None = None, out_path: Path | str | None = None
                ) -> JobFunction:
-    """A job function exporting one step of a run (:func:`core.export.export_run`): bundle folder + zip."""
-    from .export import export_run
+    """A job function exporting ``step`` of a run of either task: bundle folder + zip.
+
+    ``step`` is exported as given; ``max_drop`` (points) is the threshold it was picked with, recorded
+    in the manifest.
+    """
+    export = export_detection_run if Run(run_dir).task == "detection" else export_run
 
     def fn(ctx: JobContext) -> dict:
-        result = export_run(run_dir, step=step, out_path=out_path, progress=ctx.progress, threshold_points=max_drop)
-        result["threshold_points"] = max_drop
-        return result
-
-    return fn
-
-
-def detection_export_job(run_dir: Path | str, step: int, max_drop: float | None = None,
-                         out_path: Path | str | None = None) -> JobFunction:
-    """A job function exporting one step of a detection run (:func:`core.detection.export.export_detection_run`)."""
-    from .detection.export import export_detection_run
-
-    def fn(ctx: JobContext) -> dict:
-        result = export_detection_run(run_dir, step=step, max_drop=max_drop, out_path=out_path, progress=ctx.progress)
-        result["threshold_points"] = max_drop
+        result = export(run_dir, step=step, max_drop=max_drop, out_path=out_path, progress=ctx.progress)
+        result["max_drop"] = max_drop
         return result
 
     return fn
@@ -403,8 +383,6 @@ def detection_export_job(run_dir: Path | str, step: int, max_drop: float | None 
 
 def past_runs(registry: JobRegistry | None = None) -> list[dict]:
     """Every run in the workspace (newest first) with its state; a live job of this process wins."""
-    from .runs import list_runs
-
     out = []
     for run in list_runs():
         status = run.status

@@ -20,18 +20,21 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torch_pruning as tp
 from torch import nn
 
+from . import criteria
 from .car import CarScorer, compute_car, filter_ablation
+from .criteria import Cluster, ScoreContext, lowest_clusters, new_width
 from .data import DataSet, ImageSet, normalize
 from .errors import CancelledError, PruneScopeError, SettingsError
 from .evaluate import count_macs_params, evaluate_accuracy
 from .groups import ChannelGroup, PruningGraph, UnsafeGroupError
 from .models import InputSpec, LoadedModel
-from .runs import RunWriter
+from .ov_runtime import measure_latency_ms
+from .runs import Run, RunWriter
+from .workspace import read_json
 
-CRITERIA = ("car", "l1", "taylor", "random")
+TASK = "classification"
 MAX_LEARNING_RATE = 10.0  # above this SGD and AdamW diverge on any network; a typo, not a setting
 
 
@@ -53,9 +56,18 @@ class PruneConfig:
     analyse_car: bool = True  # store a full CAR analysis of the original in the run
     seed: int = 0
 
+    task = TASK  # the task whose criteria are valid (not a field: not stored in the run)
+    # The app's starting values where they differ from the CLI's: they finish the bundled sample's flow
+    # within about 3 minutes on 2 CPU cores (see the README). Not fields: not stored in the run.
+    APP_DEFAULTS = {"finetune_steps": 20, "score_images": 200, "max_steps": 4}
+
+    @classmethod
+    def app_defaults(cls) -> "PruneConfig":
+        """The settings the Prune page starts from: the class defaults with ``APP_DEFAULTS`` over them."""
+        return cls(**cls.APP_DEFAULTS)
+
     def validate(self) -> None:
-        if self.criterion not in CRITERIA:
-            raise SettingsError(f"Unknown criterion '{self.criterion}'. Choose one of: {', '.join(CRITERIA)}.")
+        criteria.get(self.criterion, self.task)
         if not 0 <= self.max_drop <= 100:
             raise SettingsError(f"The accuracy threshold must be between 0 and 100 points; got {self.max_drop}.")
         if self.cluster < 1:
@@ -73,29 +85,46 @@ class PruneConfig:
             raise SettingsError("Patience must be >= 0 and latency runs >= 1.")
 
 
+@dataclass(frozen=True)
+class Progress:
+    """One progress report of a pruning run.
+
+    ``phase``: ``original`` (measuring / analysing the unpruned model, ``step`` 0) or ``step``
+    (pruning step ``step`` >= 1); ``fraction``: 0..1 within that phase; ``message``: for people only,
+    never parsed.
+    """
+
+    phase: str
+    step: int
+    fraction: float
+    message: str
+
+
 class Callbacks:
     """What the job runner hears: progress (0..1 of the current phase), finished steps, the stop reason.
 
-    Subclass or pass callables; the engine never touches any UI.
+    ``progress(fraction, message)`` is the plain form (the CLI prints it); ``event(Progress)`` the
+    structured one (the job runner places it in the run by phase and step). The loop says which
+    phase it is in with ``enter``. Subclass or pass callables; the engine never touches any UI.
     """
 
     def __init__(self, progress: Callable[[float, str], None] | None = None,
-                 step: Callable[[dict], None] | None = None):
-        self._progress, self._step = progress, step
+                 step: Callable[[dict], None] | None = None, event: Callable[[Progress], None] | None = None):
+        self._progress, self._step, self._event = progress, step, event
+        self.phase, self.current_step = "original", 0
+
+    def enter(self, phase: str, step: int = 0) -> None:
+        self.phase, self.current_step = phase, step
 
     def progress(self, fraction: float, message: str) -> None:
         if self._progress:
             self._progress(fraction, message)
+        if self._event:
+            self._event(Progress(self.phase, self.current_step, fraction, message))
 
     def step(self, record: dict) -> None:
         if self._step:
             self._step(record)
-
-
-def new_widths(width: int, cluster: int) -> int | None:
-    """Width after removing one cluster: the next multiple of ``cluster`` below ``width`` (None if < cluster)."""
-    target = ((width - 1) // cluster) * cluster
-    return target if target >= cluster else None
 
 
 def check_prunable(groups: list[ChannelGroup], cluster: int) -> None:
@@ -104,7 +133,7 @@ def check_prunable(groups: list[ChannelGroup], cluster: int) -> None:
     if all(g.left_alone for g in groups):
         raise SettingsError("No channel group of this model can be pruned safely: " + groups[0].left_alone)
     groups = [g for g in groups if not g.left_alone]
-    if all(new_widths(g.width, cluster) is None for g in groups):
+    if all(new_width(g.width, cluster) is None for g in groups):
         widest = max(g.width for g in groups)
         raise SettingsError(
             f"Cluster size {cluster} is too large: no group can lose a cluster and keep at least {cluster} filters "
@@ -115,35 +144,45 @@ def check_prunable(groups: list[ChannelGroup], cluster: int) -> None:
 # ----------------------------------------------------------------------------- scores
 
 
+def score_context(graph: PruningGraph, groups: list[ChannelGroup], scorer: CarScorer | None, train: ImageSet,
+                  spec: InputSpec, rng: np.random.Generator, cancel=None,
+                  progress: Callable[[float, str], None] | None = None) -> ScoreContext:
+    """What classification gives a criterion: exact CAR of filters and clusters (``scorer``), CE gradients."""
+
+    def filter_costs(gs: list[ChannelGroup]) -> dict[int, np.ndarray]:
+        return car_filter_scores(scorer, gs, cancel, progress)
+
+    def cluster_costs(clusters: list[Cluster]) -> np.ndarray:
+        correct = scorer.accuracies([filter_ablation(c.group, c.filters) for c in clusters], cancel=cancel)
+        return scorer.baseline_accuracy - correct.float().mean(1).numpy()
+
+    return ScoreContext(graph, groups, rng, filter_costs=filter_costs if scorer else None,
+                        cluster_costs=cluster_costs if scorer else None,
+                        accumulate_gradients=lambda: _accumulate_gradients(graph.model, train, spec, rng),
+                        cluster_eps=1.0 / max(len(scorer.labels), 1) if scorer else 0.0)
+
+
 def score_filters(criterion: str, graph: PruningGraph, groups: list[ChannelGroup], scorer: CarScorer | None,
                   train: ImageSet, spec: InputSpec, rng: np.random.Generator, cancel=None,
                   progress: Callable[[float, str], None] | None = None) -> dict[int, np.ndarray]:
     """Per group, a score per filter: lower = less important, removed first."""
-    if criterion == "car":
-        ablations, owners = [], []
-        for g in groups:
-            for f in range(g.width):
-                ablations.append(filter_ablation(g, [f]))
-                owners.append(g.gid)
-        total = len(ablations) * len(scorer.labels)
-        correct, loss_up = scorer.accuracies_and_loss(
-            ablations, cancel=cancel, progress=(lambda d: progress(d / total, "scoring filters (CAR)")) if progress else None)
-        return car_with_tiebreak(scorer.baseline_accuracy - correct.float().mean(1).numpy(), loss_up.numpy(),
-                                 np.asarray(owners), groups, len(scorer.labels))
-    if criterion == "taylor":
-        _accumulate_gradients(graph.model, train, spec, rng)
-        scores = _tp_scores(graph, groups, tp.importance.GroupTaylorImportance())
-        graph.model.zero_grad(set_to_none=True)
-        return scores
-    return group_filter_scores(criterion, graph, groups, rng)
+    ctx = score_context(graph, groups, scorer, train, spec, rng, cancel, progress)
+    return criteria.get(criterion, TASK).score(ctx)
 
 
-def group_filter_scores(criterion: str, graph: PruningGraph, groups: list[ChannelGroup],
-                        rng: np.random.Generator) -> dict[int, np.ndarray]:
-    """The criteria that need no data (``l1``: filter weight magnitude; ``random``), for any task."""
-    if criterion == "l1":
-        return _tp_scores(graph, groups, tp.importance.GroupMagnitudeImportance(p=1))
-    return {g.gid: rng.random(g.width) for g in groups}
+def car_filter_scores(scorer: CarScorer, groups: list[ChannelGroup], cancel=None,
+                      progress: Callable[[float, str], None] | None = None) -> dict[int, np.ndarray]:
+    """Per group, the exact CAR of each filter alone, ties broken by the loss increase."""
+    ablations, owners = [], []
+    for g in groups:
+        for f in range(g.width):
+            ablations.append(filter_ablation(g, [f]))
+            owners.append(g.gid)
+    total = len(ablations) * len(scorer.labels)
+    correct, loss_up = scorer.accuracies_and_loss(
+        ablations, cancel=cancel, progress=(lambda d: progress(d / total, "scoring filters (CAR)")) if progress else None)
+    return car_with_tiebreak(scorer.baseline_accuracy - correct.float().mean(1).numpy(), loss_up.numpy(),
+                             np.asarray(owners), groups, len(scorer.labels))
 
 
 def car_with_tiebreak(car: np.ndarray, loss_up: np.ndarray, owners: np.ndarray, groups: list[ChannelGroup],
@@ -159,17 +198,6 @@ def car_with_tiebreak(car: np.ndarray, loss_up: np.ndarray, owners: np.ndarray, 
         mask = owners == g.gid
         lu = loss_up[mask]
         out[g.gid] = car[mask] + (0.5 / max(n_images, 1)) * (lu - lu.min()) / (np.ptp(lu) + 1e-12)
-    return out
-
-
-def _tp_scores(graph: PruningGraph, groups: list[ChannelGroup], importance) -> dict[int, np.ndarray]:
-    out = {}
-    for g in groups:
-        module = graph.module(g.root)
-        pruner = graph.dg.get_pruner_of_module(module)
-        full = graph.dg.get_pruning_group(module, pruner.prune_out_channels, list(range(g.width)))
-        scores = importance(full)
-        out[g.gid] = np.zeros(g.width) if scores is None else scores.detach().float().numpy()
     return out
 
 
@@ -228,8 +256,6 @@ def measure(model: nn.Module, data: DataSet, spec: InputSpec, config: PruneConfi
     macs, params = count_macs_params(model, spec)
     latency = None
     if config.latency:
-        from .ov_runtime import measure_latency_ms
-
         latency = measure_latency_ms(model, spec.shape(1), runs=config.latency_runs, warmup=5)
     return {"accuracy": acc.accuracy, "per_class": acc.per_class, "macs": macs, "params": params, "latency_ms": latency}
 
@@ -300,6 +326,7 @@ def _loop(graph: PruningGraph, loaded: LoadedModel, data: DataSet, config: Prune
     scores: dict[int, np.ndarray] | None = None
     reason = "step limit reached"
     for step in range(1, config.max_steps + 1):
+        cb.enter("step", step)
         if cancel.is_set():
             raise CancelledError("Cancelled.")
         t0 = time.perf_counter()
@@ -310,7 +337,7 @@ def _loop(graph: PruningGraph, loaded: LoadedModel, data: DataSet, config: Prune
                 or any(len(scores[g.gid]) != g.width for g in groups):
             scores = score_filters(config.criterion, graph, groups, scorer, data.train, spec, rng, cancel,
                                    progress=lambda f, m: cb.progress(f * 0.5, f"step {step}: {m}"))
-        candidates = _candidates([g for g in groups if g.root not in left_alone], scores, config, scorer, rng, cancel)
+        candidates = _candidates(graph, [g for g in groups if g.root not in left_alone], scores, config, scorer, rng, cancel)
         if not candidates:
             reason = "every group is down to one cluster"
             break
@@ -332,14 +359,14 @@ def _loop(graph: PruningGraph, loaded: LoadedModel, data: DataSet, config: Prune
     return run_summary(writer.dir, "done", reason)
 
 
-def record_step(writer: RunWriter, cb: Callbacks, graph: PruningGraph, step: int, cand: dict, metrics: dict,
+def record_step(writer: RunWriter, cb: Callbacks, graph: PruningGraph, step: int, cand: Cluster, metrics: dict,
                 tried: int, channel_maps: dict, times: tuple[float, float], base_macs: float,
                 mac_target: float | None, **extra) -> str | None:
     """Write an accepted step (weights, then its history line) and report it; returns why to stop
     when the MAC target is reached, else None."""
     now = time.perf_counter()
     record = {"step": step, **metrics, "widths": graph.widths(), "removed": removed_record(cand, channel_maps),
-              "estimated_drop": cand["cost"], **extra, "candidates_tried": tried,
+              "estimated_drop": cand.cost, **extra, "candidates_tried": tried,
               "seconds": now - times[0], "elapsed": now - times[1]}
     writer.add_step(record, graph.model, graph.history)
     cb.step(record)
@@ -348,7 +375,7 @@ def record_step(writer: RunWriter, cb: Callbacks, graph: PruningGraph, step: int
     return None
 
 
-def try_candidates(graph: PruningGraph, candidates: list[dict], structure: dict, writer: RunWriter, cb: Callbacks,
+def try_candidates(graph: PruningGraph, candidates: list[Cluster], structure: dict, writer: RunWriter, cb: Callbacks,
                    step: int, patience: int, rebuild, apply, drop, max_drop: float, unit: str = "points"):
     """Remove, fine-tune and measure candidates in order until one stays within the threshold.
 
@@ -363,27 +390,27 @@ def try_candidates(graph: PruningGraph, candidates: list[dict], structure: dict,
     for cand in candidates:
         if tried > patience:
             break
-        if cand["group"].root in left_alone:
+        if cand.group.root in left_alone:
             continue
         snapshot = (copy.deepcopy(graph.model), [list(h) for h in graph.history])
         try:
-            graph.prune(cand["group"].root, cand["filters"])
+            graph.prune(cand.group.root, cand.filters)
         except UnsafeGroupError as exc:
-            left_alone[cand["group"].root] = str(exc)
+            left_alone[cand.group.root] = str(exc)
             writer.write_json("structure.json", structure)
-            cb.progress(0.5, f"step {step}: leaving {cand['group'].label} alone: {exc}")
+            cb.progress(0.5, f"step {step}: leaving {cand.group.label} alone: {exc}")
             graph = rebuild(*snapshot)
             continue
         except PruneScopeError as exc:
             tried += 1
-            cb.progress(0.5, f"step {step}: skipped {cand['group'].root}: {exc}")
+            cb.progress(0.5, f"step {step}: skipped {cand.group.root}: {exc}")
             graph = rebuild(*snapshot)
             continue
         tried += 1
         metrics = apply(graph.model)
         lost = drop(metrics)
         if lost > max_drop + 1e-9:
-            cb.progress(0.95, f"step {step}: {cand['group'].root} would drop {lost:.2f} {unit}; undone")
+            cb.progress(0.95, f"step {step}: {cand.group.root} would drop {lost:.2f} {unit}; undone")
             graph = rebuild(*snapshot)
             continue
         return (cand, metrics, tried), graph
@@ -400,55 +427,33 @@ def _finetune_and_measure(model: nn.Module, data: DataSet, spec: InputSpec, conf
     return measure(model, data, spec, config)
 
 
-def _candidates(groups, scores, config: PruneConfig, scorer: CarScorer | None, rng, cancel) -> list[dict]:
+def _candidates(graph: PruningGraph, groups, scores, config: PruneConfig, scorer: CarScorer | None, rng,
+                cancel) -> list[Cluster]:
     """Candidate clusters, cheapest accuracy cost per MAC saved first."""
-    cands = []
-    for g in groups:
-        target = new_widths(g.width, config.cluster)
-        if target is None:
-            continue
-        k = g.width - target
-        order = np.argsort(scores[g.gid], kind="stable")[:k]
-        cands.append({"group": g, "filters": sorted(order.tolist()), "macs_saved": max(k * g.macs_per_filter, 1.0)})
+    cands = lowest_clusters(groups, scores, config.cluster, key=lambda g: g.gid)
     if not cands:
         return []
-    if config.criterion == "car":
-        correct = scorer.accuracies([filter_ablation(c["group"], c["filters"]) for c in cands], cancel=cancel)
-        drops = scorer.baseline_accuracy - correct.float().mean(1).numpy()
-        eps = 1.0 / max(len(scorer.labels), 1)
-        for c, d in zip(cands, drops):
-            c["cost"] = float(d)
-            c["rank"] = (max(float(d), 0.0) + eps) / c["macs_saved"]
-    elif config.criterion == "random":
-        for c in cands:
-            c["cost"], c["rank"] = None, float(rng.random())
-    else:
-        for c in cands:
-            s = scores[c["group"].gid]
-            norm = s / (np.mean(np.abs(s)) + 1e-12)
-            c["cost"] = None
-            c["rank"] = float(np.sum(norm[c["filters"]])) / c["macs_saved"]
-    return sorted(cands, key=lambda c: c["rank"])
+    ctx = score_context(graph, groups, scorer, None, None, rng, cancel)
+    criteria.get(config.criterion, TASK).rank(cands, scores, ctx)
+    return sorted(cands, key=lambda c: c.rank)
 
 
-def removed_record(cand: dict, channel_maps: dict[str, list[int]]) -> dict:
-    g: ChannelGroup = cand["group"]
+def removed_record(cand: Cluster, channel_maps: dict[str, list[int]]) -> dict:
+    g: ChannelGroup = cand.group
     original = None
     for name in g.producers:
         cmap = channel_maps.get(name)
         if cmap is None or len(cmap) != g.width:
             continue
         if original is None:
-            original = [cmap[i] for i in cand["filters"]]
-        channel_maps[name] = [c for i, c in enumerate(cmap) if i not in set(cand["filters"])]
-    return {"group": g.root, "producers": g.producers, "filters": cand["filters"], "filters_original": original,
-            "width_before": g.width, "width_after": g.width - len(cand["filters"])}
+            original = [cmap[i] for i in cand.filters]
+        channel_maps[name] = [c for i, c in enumerate(cmap) if i not in set(cand.filters)]
+    return {"group": g.root, "producers": g.producers, "filters": cand.filters, "filters_original": original,
+            "width_before": g.width, "width_after": g.width - len(cand.filters)}
 
 
 def run_summary(run_dir: Path, state: str, reason: str = "") -> dict:
     """The headline figures of a run folder (first vs last step): what the CLI prints and benches reuse."""
-    from .runs import Run
-
     run = Run(run_dir)
     hist = run.history
     first, last = (hist[0], hist[-1]) if hist else ({}, {})
@@ -464,8 +469,6 @@ def run_summary(run_dir: Path, state: str, reason: str = "") -> dict:
 def read_structure(run_dir: Path) -> dict:
     """What a run changed about the model's structure (converted shortcuts) and which groups it left
     alone, with why; empty for runs written before this was recorded."""
-    from .workspace import read_json
-
     path = Path(run_dir) / "structure.json"
     data = read_json(path) if path.exists() else {}
     return {"notes": data.get("notes", []), "left_alone": data.get("left_alone", {})}

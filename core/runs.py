@@ -32,7 +32,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .detection.models import output_layer_names, rebuild_detector
 from .errors import TRUST_CONTROL, ModelLoadError, PruneScopeError, SettingsError, UntrustedRunError, one_line
+from .groups import rebuild_pruned
 from .models import LoadedModel, ModelSpec, load_model, rebuild_from_spec
 from .workspace import (append_jsonl, atomic_torch_save, atomic_write_bytes, atomic_write_json, read_json, read_jsonl,
                         runs_dir, workspace_root)
@@ -168,8 +170,6 @@ class Run:
         """Layers never pruned, by name: a detector's head output convs; None for a classifier (its last layer)."""
         if self.task != "detection":
             return None
-        from .detection.prune import output_layer_names
-
         return output_layer_names(self.fresh_model())
 
     @property
@@ -215,8 +215,6 @@ class Run:
         Raises :class:`UntrustedRunError` (nothing was run) when the copy is not trusted.
         """
         if self.task == "detection":
-            from .detection.models import rebuild_detector
-
             return rebuild_detector(self.config["detector_config"])
         if self.spec.pickled:
             return load_model(self.trusted_copy(PICKLE_COPY, trusted), trusted=True).model
@@ -264,8 +262,6 @@ class Run:
         if not path.exists():
             raise PruneScopeError(f"The weights of step {step} are missing from {self.dir}.")
         saved = self._weights(path)
-        from .groups import rebuild_pruned
-
         return rebuild_pruned(self.fresh_model(trusted), self.spec.input.shape(1), saved["pruning_history"],
                               saved["state_dict"], output_layers=self.output_layers())
 

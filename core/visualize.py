@@ -28,6 +28,7 @@ from .car import CarResult
 from .data import ImageSet, normalize
 from .errors import SettingsError
 from .models import InputSpec
+from .runs import select_step
 
 MAX_PATCH_IMAGES = 256  # images scanned for top-activating patches
 _BATCH = 64
@@ -67,8 +68,6 @@ def pick_smallest_within(history: list[dict], max_drop_points: float) -> dict:
     Uses :func:`core.runs.select_step`, so the review page and the CLI/export always agree on which
     step a threshold picks. Step 0 when nothing fits.
     """
-    from .runs import select_step
-
     hist = list(history)
     step = select_step(hist, float(max_drop_points))
     for r in hist:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from core.custom_code import keep_uploaded_code, model_candidates
+from core.sources import load_dataset
 from core.errors import PruneScopeError
 from core.models import InputSpec, list_architectures, load_model, sample_entry, sample_names
 from core.plausibility import apply_fix, check_plausibility, describe_fix

@@ -7,26 +7,18 @@ from pathlib import Path
 import streamlit as st
 
 from core import visualize as V
-from core.clusters import PROFILES, detect_cpu_profile, latency_staircase
+from core.clusters import latency_staircase
 from core.errors import PruneScopeError
 from core.jobs import JobAlreadyRunning, prune_job
-from core.prune import CRITERIA, PruneConfig
+from core import criteria
+from core.prune import PruneConfig
 from core.workspace import new_run_dir
-from ui.common import (format_macs, format_pct, job_progress, metrics_row, need_model, page_link,
-                       prune_outcome, setup_page, start_cancel_buttons, state_badge)
+from ui.common import (format_macs, format_pct, hardware_profile_picker, job_progress, metrics_row, need_model,
+                       page_link, prune_outcome, setup_page, start_cancel_buttons, state_badge)
 from ui.detection import detection_prune_page
 from ui.state import get_registry, private_copy
 
-# Defaults that finish the bundled sample's flow within about 3 minutes on 2 CPU cores (see the README).
-DEFAULTS = {"criterion": "car", "max_drop": 1.0, "finetune_steps": 20, "score_images": 200, "max_steps": 4,
-            "latency": True, "analyse_car": True}
-CRITERION_HELP = {
-    "car": "CAR (exact accuracy loss)",
-    "l1": "L1 norm (weight magnitude)",
-    "taylor": "Taylor (gradient × activation)",
-    "random": "Random (a baseline)",
-}
-OTHER = "custom"
+DEFAULTS = PruneConfig.app_defaults()  # one place: core.prune.PruneConfig (APP_DEFAULTS over the class defaults)
 
 state = setup_page("Prune", "Greedy cluster pruning: each step removes the cheapest cluster of filters (accuracy lost "
                    "per MAC saved), fine-tunes briefly and measures. Runs in the background; cancel at any time.")
@@ -41,11 +33,6 @@ job = registry.get(st.session_state.get("prune_job_id"))
 running = job is not None and job.running
 if job is None and not state.ready:
     need_model(state, "pruning")
-
-
-@st.cache_resource
-def cpu_profile():
-    return detect_cpu_profile()
 
 
 def start_prune(config: PruneConfig) -> None:
@@ -93,11 +80,12 @@ with settings:
                     f"{format_macs(b.get('macs'))} MACs")
         c1, c2, c3 = st.columns(3, gap="large")
         with c1:
-            criterion = st.selectbox("Criterion", CRITERIA, index=CRITERIA.index(DEFAULTS["criterion"]),
-                                     format_func=lambda c: CRITERION_HELP[c], key="pr_criterion", disabled=running,
+            choices = criteria.names(PruneConfig.task)
+            criterion = st.selectbox("Criterion", choices, index=choices.index(DEFAULTS.criterion),
+                                     format_func=criteria.label, key="pr_criterion", disabled=running,
                                      help="How filters are ranked. CAR measures each candidate cluster's real "
                                           "accuracy loss; the others are cheaper proxies, for comparison.")
-            max_drop = st.slider("Acceptable accuracy drop (points)", 0.0, 10.0, DEFAULTS["max_drop"], step=0.1,
+            max_drop = st.slider("Acceptable accuracy drop (points)", 0.0, 10.0, DEFAULTS.max_drop, step=0.1,
                                  key="pr_max_drop", disabled=running,
                                  help="A step that would lose more than this (against the original) is undone; "
                                       "the run stops when no cluster fits.")
@@ -105,29 +93,16 @@ with settings:
             mac_target = st.slider("MAC target (% of the original)", 10, 95, 50, step=5, key="pr_mac_target",
                                    disabled=running or not mac_on) if mac_on else None
         with c2:
-            detected = cpu_profile()
-            names = list(PROFILES) + [OTHER]
-            profile = st.selectbox("Hardware profile", names, index=0, key="pr_profile", disabled=running,
-                                   format_func=lambda n: "custom cluster size" if n == OTHER else
-                                   f"{PROFILES[n].label} (cluster {PROFILES[n].cluster})")
-            if profile == OTHER:
-                measured = st.session_state.get("pr_staircase")
-                cluster = int(st.number_input("Cluster size (filters)", 1, 64, measured.cluster if measured else 8,
-                                              key="pr_cluster", disabled=running))
-            else:
-                cluster = PROFILES[profile].cluster
-                st.caption(PROFILES[profile].description)
-            st.caption(f"This machine: {detected.cpu_name or 'CPU'} → **{detected.profile}** "
-                       f"(cluster {detected.cluster}): {detected.reason}.")
+            cluster = hardware_profile_picker("pr", running)
         with c3:
-            finetune_steps = st.slider("Fine-tune budget (mini-batches per step)", 0, 200, DEFAULTS["finetune_steps"],
+            finetune_steps = st.slider("Fine-tune budget (mini-batches per step)", 0, 200, DEFAULTS.finetune_steps,
                                        step=5, key="pr_finetune", disabled=running)
-            score_images = st.slider("Images for scoring", 50, 1000, DEFAULTS["score_images"], step=50,
+            score_images = st.slider("Images for scoring", 50, 1000, DEFAULTS.score_images, step=50,
                                      key="pr_score_images", disabled=running)
-            max_steps = st.slider("Step limit", 1, 100, DEFAULTS["max_steps"], key="pr_max_steps", disabled=running)
-            latency = st.toggle("Measure OpenVINO latency every step", value=DEFAULTS["latency"], key="pr_latency",
+            max_steps = st.slider("Step limit", 1, 100, DEFAULTS.max_steps, key="pr_max_steps", disabled=running)
+            latency = st.toggle("Measure OpenVINO latency every step", value=DEFAULTS.latency, key="pr_latency",
                                 disabled=running)
-            analyse = st.toggle("Store a CAR analysis of the original in the run", value=DEFAULTS["analyse_car"],
+            analyse = st.toggle("Store a CAR analysis of the original in the run", value=DEFAULTS.analyse_car,
                                 key="pr_analyse", disabled=running,
                                 help="Shown with the removed filters on Review. The Analyse page's result is "
                                      "reused when there is one; otherwise it is computed first.")

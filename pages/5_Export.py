@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core.jobs import JobAlreadyRunning, detection_export_job, export_job, past_runs
+from core.jobs import JobAlreadyRunning, export_job, past_runs
 from core.workspace import read_json, workspace_root
 from ui.common import (format_macs, format_ms, format_params, format_pct, job_status, pick_run,
                        setup_page, state_badge)
@@ -24,11 +24,11 @@ hist = run.history
 steps = [r["step"] for r in hist]
 max_drop = (run.config.get("prune") or {}).get("max_drop", 1.0)
 if state.export_step is not None and str(state.run_dir) == str(run.dir) and state.export_step in steps:
-    default_step, why = state.export_step, f"the Review threshold ({state.threshold:.1f} points) picked it"
-    threshold = float(state.threshold)
+    max_drop = float(state.max_drop)
+    default_step, why = state.export_step, f"the Review threshold ({max_drop:.1f} points) picked it"
 else:
     default_step, why = run.select_step(float(max_drop)), f"the smallest within the run's budget ({max_drop} points)"
-    threshold = float(max_drop)
+    max_drop = float(max_drop)
 records = {r["step"]: r for r in hist}
 step = c2.selectbox("Step", steps, index=steps.index(default_step), key=f"ex_step_{sel}",
                     format_func=lambda k: f"step {k} · {run.config.get('metric', 'accuracy')} "
@@ -46,8 +46,7 @@ running = job is not None and job.running
 
 def start_export() -> None:
     try:
-        make_job = detection_export_job if run.task == "detection" else export_job
-        registry.start("export", make_job(run.dir, step, max_drop=threshold, out_path=bundle_dir), key=job_key,
+        registry.start("export", export_job(run.dir, step, max_drop=max_drop, out_path=bundle_dir), key=job_key,
                        meta={"run": run.name, "step": step})
     except JobAlreadyRunning:
         pass

@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from core.data import ImageSet, load_dataset, normalize  # noqa: E402
+from core.data import ImageSet, normalize  # noqa: E402
+from core.sources import load_dataset  # noqa: E402
 from core.evaluate import count_macs_params, evaluate_accuracy  # noqa: E402
 from core.models import InputSpec, build_architecture  # noqa: E402
 from core.sample_data import DATA_SEED, SAMPLE_DATASETS, write_imagefolder_zip  # noqa: E402

@@ -91,7 +91,7 @@ def sample_run_template(tmp_path_factory):
     """One short pruning run of the sample (made once with core, copied into each test's workspace)."""
     if _TEMPLATE and _TEMPLATE[0].exists():
         return _TEMPLATE[0]
-    from core.data import load_dataset
+    from core.sources import load_dataset
     from core.models import load_model
     from core.prune import PruneConfig, run_pruning
 

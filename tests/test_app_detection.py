@@ -3,6 +3,7 @@ detection run (mAP labels, before/after images), Export of that run (detection b
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import zipfile
 
@@ -68,7 +69,7 @@ def detection_run_template(tmp_path_factory):
     data = load_sample_detection("counting")
     data.val = data.val.subset(np.arange(48))
     out = tmp_path_factory.mktemp("det") / "20260101-000000-sample_ssd-abcdef"
-    config = DetectionPruneConfig(cluster=8, max_steps=1, finetune_steps=2, score_images=16, filter_images=8,
+    config = DetectionPruneConfig(cluster=8, max_steps=2, finetune_steps=2, score_images=16, filter_images=8,
                                   exact_candidates=1, latency=False, max_drop=5.0)
     run_detection_pruning(model, entry, data, config, out)
     return out
@@ -103,3 +104,53 @@ def test_review_and_export_of_a_detection_run(detection_run):
     assert "mAP@0.5 on OpenVINO CPU" in page
     assert "NCS2" in page
     assert at.get("download_button")
+
+
+def conv_weight_shapes_onnx(path) -> list[tuple]:
+    import onnx
+
+    return sorted(tuple(t.dims) for t in onnx.load(str(path)).graph.initializer if len(t.dims) == 4)
+
+
+def conv_weight_shapes(model) -> list[tuple]:
+    return sorted(tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+
+
+def test_export_of_a_non_default_step_of_a_detection_run(detection_run):
+    """The step picked on Export is the step in the bundle, whatever the threshold would have picked
+    (it used to export the threshold's pick into a folder named after the chosen step)."""
+    from core.runs import Run
+    from core.workspace import workspace_root
+
+    run = Run(detection_run)
+    at = goto(new_app().run(), "export")
+    default = at.selectbox(key=f"ex_step_{run.name}").value
+    steps = run.steps()
+    chosen = next(s for s in reversed(steps) if s != default and s != 0) if len(steps) > 2 else \
+        next(s for s in steps if s != default)
+    assert conv_weight_shapes(run.rebuild_step(chosen)) != conv_weight_shapes(run.rebuild_step(default))
+    at.selectbox(key=f"ex_step_{run.name}").set_value(chosen).run()
+    at.button(key="ex_start").click().run()
+    wait_until(at, lambda a: "Detection bundle of step" in texts(a) or any("failed" in e.value for e in a.error),
+               timeout=180, interval=2)
+    assert f"Detection bundle of step {chosen}" in texts(at)
+    bundle = workspace_root() / "exports" / f"{run.name}-step{chosen:04d}"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["step"] == chosen
+    assert manifest["models"]["pruned"]["macs"] == run.record(chosen)["macs"]
+    # the exported network itself is the chosen step's: its conv shapes, not the threshold pick's
+    assert conv_weight_shapes_onnx(bundle / "model" / "model.onnx") == conv_weight_shapes(run.rebuild_step(chosen))
+
+
+def test_detection_prune_view_offers_the_hardware_profiles():
+    from core.clusters import PROFILES
+
+    at = with_detector("prune")
+    picker = at.selectbox(key="det_pr_profile")
+    assert picker.value == "ncs2" and "cluster 8" in picker.format_func("ncs2")
+    assert {picker.format_func(n) for n in PROFILES} <= set(picker.options)
+    picker.set_value("cpu-avx512").run()
+    assert_no_exception(at)
+    assert PROFILES["cpu-avx512"].description in texts(at)
+    at.selectbox(key="det_pr_profile").set_value("custom").run()
+    assert at.number_input(key="det_pr_cluster").value >= 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 from core.runs import Run
 from tests.app_conftest import (assert_no_exception, fresh_registry, goto, new_app, progress_values,  # noqa: F401
                                 texts, wait_until, with_sample)
+from tests.test_criteria import fpgm  # noqa: F401  (the README example criterion, registered)
 from ui.state import get_registry
 
 
@@ -89,3 +90,13 @@ def test_impossible_cluster_size_fails_with_a_clear_message():
     assert job.wait(60)
     wait_until(at, lambda a: bool(a.error), timeout=30)
     assert "Cluster size 64 is too large" in at.error[0].value
+
+
+def test_a_newly_registered_criterion_is_offered_on_the_prune_page(fpgm):
+    """The README's example criterion, once registered, is a choice of the Prune page (and its label shown)."""
+    at = with_sample("prune")
+    picker = at.selectbox(key="pr_criterion")
+    assert "fpgm" in picker.options or picker.format_func("fpgm") in picker.options
+    picker.set_value("fpgm").run()
+    assert_no_exception(at)
+    assert at.selectbox(key="pr_criterion").value == "fpgm"

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from core.car import CarScorer, compute_car, filter_ablation
-from core.data import load_dataset, normalize
+from core.data import normalize
+from core.sources import load_dataset
 from core.groups import PruningGraph
 from core.models import load_model
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from core.architectures import SampleVGG
-from core.data import load_dataset
+from core.sources import load_dataset
 from core.jsonout import dumps, strict
 from core.models import InputSpec
 

@@ -401,7 +401,7 @@ def _data_zip(path: Path, classes: int = 4, per_class: int = 5) -> Path:
 
 
 def test_cli_evaluate_custom_model(tmp_path, resnet20_4):
-    from core.data import load_dataset
+    from core.sources import load_dataset
     from core.evaluate import evaluate_accuracy
 
     weights = tmp_path / "resnet20.th"

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from core.data import Limits
-from core.detection.data import annotation_xml, load_voc_dataset, voc_zip_bytes
+from core.detection.data import annotation_xml, voc_zip_bytes
+from core.sources import load_voc_dataset
 from core.detection.sample import load_sample_detection, make_sample_scenes
 from core.errors import DataError
 

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from core.detection.evaluate import evaluate_map
-from core.detection.prune import (DetectionPruneConfig, DetectionScorer, output_layer_names, run_detection_pruning)
+from core.ablation import AblationEngine
+from core.detection.prune import (DetectionPruneConfig, DetectionScorer, detection_spec, output_layer_names,
+                                  run_detection_pruning)
 from core.detection.sample import load_sample_detection
 from core.detection.sample_model import load_sample_detector
 from core.errors import SettingsError
@@ -105,3 +107,32 @@ def test_detection_settings_are_checked():
         DetectionPruneConfig(optimizer="lion").validate()
     with pytest.raises(SettingsError, match="taylor"):
         DetectionPruneConfig(criterion="taylor").validate()
+
+
+def test_scorer_falls_back_to_the_naive_path_with_the_same_numbers(detector, monkeypatch):
+    """Detection goes through the engine's public ``run``: when the split (fast) path fails midway,
+    what it accumulated is cleared and the naive path gives the same loss increases and mAPs."""
+    model, entry, data = detector
+    torch.set_num_threads(1)
+    spec_input = detection_spec_input(model, entry)
+    screen, exact = data.val.subset(np.arange(8)), data.val.subset(np.arange(12))
+    scorer = DetectionScorer(model, spec_input, screen, exact)
+    group = next(g for g in PruningGraph(model, spec_input.shape(1), output_layers=output_layer_names(model)).groups()
+                 if not g.left_alone)
+    ablations = [group.ablation([0]), group.ablation([1, 2])]
+    fast_loss, fast_maps = scorer.loss_increase(ablations), scorer.maps(ablations)
+    real_fast = AblationEngine._evaluate_fast
+
+    def broken(self, ablations, account, progress, cancel):  # accounts one chunk, then fails like MaxViT does
+        real_fast(self, ablations[:1], account, progress, cancel)
+        raise RuntimeError("shape baked into the traced graph")
+
+    monkeypatch.setattr(AblationEngine, "_evaluate_fast", broken)
+    slow = DetectionScorer(model, spec_input, screen, exact)
+    np.testing.assert_allclose(slow.loss_increase(ablations), fast_loss, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(slow.maps(ablations), fast_maps, atol=1e-6)
+    assert not slow.screen_engine.fast and not slow.exact_engine.fast
+
+
+def detection_spec_input(model, entry):
+    return detection_spec(model, entry).input

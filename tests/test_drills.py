@@ -26,7 +26,8 @@ from torch import nn
 
 from core import cli
 from core.custom_code import build_from_code, keep_uploaded_code
-from core.data import folder_upload_to_zip, load_dataset, safe_extract_zip
+from core.data import folder_upload_to_zip, safe_extract_zip
+from core.sources import load_dataset
 from core.errors import DataError, PruneScopeError, UntrustedPickleError, UntrustedRunError
 from core.jobs import JobAlreadyRunning, JobRegistry
 from core.models import InputSpec, load_model, sample_entry

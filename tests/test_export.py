@@ -106,7 +106,7 @@ def shared_bundle() -> tuple[Path, dict]:
     model, pruned, spec, val = toy_setup()
     root = Path(tempfile.mkdtemp(prefix="prunescope-bundle-"))
     atexit.register(shutil.rmtree, root, True)
-    summary = export_for_cli(pruned, model, spec, val, root / "bundle", {"threshold": 0.02, "step": 3, "run": "test"})
+    summary = export_for_cli(pruned, model, spec, val, root / "bundle", {"max_drop": 0.02, "step": 3, "run": "test"})
     return root / "bundle", summary
 
 
@@ -173,7 +173,7 @@ def test_manifest_hashes_match_files_and_figures_are_recorded():
     for rel, digest in listed.items():
         assert sha256_file(bundle / rel) == digest, rel
     assert manifest["models"]["pruned"]["macs"] < manifest["models"]["original"]["macs"]
-    assert manifest["threshold"] == 0.02 and manifest["step"] == 3 and manifest["meta"] == {"run": "test"}
+    assert manifest["max_drop"] == 0.02 and manifest["step"] == 3 and manifest["meta"] == {"run": "test"}
     from core import __version__
 
     assert manifest["tool"]["version"] == __version__

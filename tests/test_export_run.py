@@ -10,7 +10,7 @@ from pathlib import Path
 import openvino as ov
 import pytest
 
-from core.data import load_dataset
+from core.sources import load_dataset
 from core.export import sha256_file
 from core.models import load_model
 from core.prune import PruneConfig, run_pruning
@@ -42,7 +42,7 @@ def test_cli_export_of_pruned_resnet(resnet_run, tmp_path):
     assert out["ncs_compatible"] is True, out["ncs2_problems"]
     assert out["verified"] is True and out["agreement"] >= 0.99
     manifest = json.loads((bundle / "manifest.json").read_text())
-    assert manifest["threshold"] == 2.0 and manifest["step"] == out["step"]
+    assert manifest["max_drop"] == 2.0 and manifest["step"] == out["step"]
     # The IR of the pruned step loads in OpenVINO and really is the smaller model.
     core = ov.Core()
     pruned_ir = core.read_model(str(bundle / "model" / "model.xml"))
@@ -87,3 +87,16 @@ def test_export_refuses_unknown_step(resnet_run, tmp_path):
                           "--out", str(tmp_path / "b")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "no step 99" in res.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_an_explicit_step_is_never_overridden_by_the_threshold(resnet_run):
+    from core.export import ExportError, pick_step
+
+    pick = resnet_run.select_step(100.0)
+    assert pick != 0
+    assert pick_step(resnet_run, None, 100.0)[0] == pick
+    step, record = pick_step(resnet_run, 0, 100.0)
+    assert step == 0 and record == resnet_run.record(0)
+    assert pick_step(resnet_run, None, None)[0] == resnet_run.history[-1]["step"]
+    with pytest.raises(ExportError, match="between 0 and 100"):
+        pick_step(resnet_run, 0, 101.0)

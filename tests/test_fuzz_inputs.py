@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.data import COMPLETE_MARKER, load_dataset
+from core.data import COMPLETE_MARKER
+from core.sources import load_dataset
 from core.errors import PruneScopeError
 from core.models import SAMPLE_DIR, InputSpec, load_model, sample_entry
 from core.sample_data import make_sample_images

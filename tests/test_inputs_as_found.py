@@ -17,7 +17,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from core.data import load_dataset
+from core.sources import load_dataset
 from core.errors import ModelLoadError
 from core.evaluate import evaluate_accuracy, predict_logits
 from core.models import InputSpec, load_model

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from core.data import load_dataset
+from core.sources import load_dataset
 from core.evaluate import evaluate_accuracy
 from core.models import IMAGENET_MEAN, IMAGENET_STD, InputSpec
 from core.plausibility import apply_fix, check_plausibility

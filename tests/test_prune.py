@@ -9,11 +9,12 @@ import threading
 import pytest
 import torch
 
-from core.data import load_dataset
+from core.sources import load_dataset
 from core.errors import SettingsError
 from core.evaluate import evaluate_accuracy
 from core.models import load_model
-from core.prune import Callbacks, PruneConfig, run_pruning
+from core.jobs import run_progress
+from core.prune import Callbacks, Progress, PruneConfig, run_pruning
 from core.runs import Run, list_runs
 from tests.helpers import loaded as make_loaded, quick_config, random_dataset
 
@@ -32,8 +33,47 @@ def vgg_run(vgg, tmp_path_factory):
     config = PruneConfig(criterion="car", cluster=8, max_drop=1.0, finetune_steps=15, score_images=150,
                          max_steps=3, latency=True, latency_runs=5, analyse_car=False)
     out = tmp_path_factory.mktemp("runs") / "vgg"
-    summary = run_pruning(loaded, data, config, out)
+    summary = run_pruning(loaded, data, config, out, Callbacks(event=EVENTS.append, step=STEPS.append))
     return Run(out), summary
+
+
+EVENTS: list[Progress] = []  # structured progress of vgg_run
+STEPS: list[dict] = []
+
+
+def test_progress_is_structured_by_phase_and_step(vgg_run):
+    run, _ = vgg_run
+    assert EVENTS and EVENTS[0].phase == "original" and EVENTS[0].step == 0
+    first_step = next(i for i, e in enumerate(EVENTS) if e.phase == "step")
+    assert all(e.phase == "original" and e.step == 0 for e in EVENTS[:first_step])
+    steps = [e.step for e in EVENTS[first_step:]]
+    assert all(e.phase == "step" for e in EVENTS[first_step:]) and steps == sorted(steps)
+    assert set(range(1, run.history[-1]["step"] + 1)) <= set(steps)
+    assert all(0.0 <= e.fraction <= 1.0 for e in EVENTS)
+    assert [r["step"] for r in STEPS] == [r["step"] for r in run.history]
+
+
+def test_job_progress_places_events_by_phase_not_by_message():
+    class Ctx:
+        def __init__(self):
+            self.reports, self.steps = [], []
+
+        def progress(self, fraction, message=None):
+            self.reports.append(round(fraction, 6))
+
+        def step(self, record):
+            self.steps.append(record)
+
+    ctx = Ctx()
+    cb = run_progress(ctx, total=4)
+    cb.progress(0.5, "measuring")  # the original: unit 0
+    cb.step({"step": 0})
+    cb.progress(0.5, "analysing something")  # still the original, whatever the words
+    cb.enter("step", 2)
+    cb.progress(0.5, "analysing the original model's twin")  # step 2, even with 'the original' in the text
+    assert ctx.reports == [0.125, 0.125, 0.625]
+    cb.step({"step": 2})
+    assert ctx.reports[-1] == 0.75 and [r["step"] for r in ctx.steps] == [0, 2]
 
 
 def test_run_records_every_step(vgg_run):

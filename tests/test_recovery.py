@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from core.data import load_dataset
+from core.sources import load_dataset
 from core.errors import SettingsError
 from core.evaluate import evaluate_accuracy
 from core.fingerprint import model_fingerprint

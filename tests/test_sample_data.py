@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.data import load_dataset
+from core.sources import load_dataset
 from core.errors import DataError
 from core.evaluate import evaluate_accuracy, predict_logits
 from core.models import InputSpec, load_model, sample_entry

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from core.car import CarResult, CarScorer, compute_car, filter_ablation
-from core.data import ImageSet, load_dataset, normalize
+from core.data import ImageSet, normalize
+from core.sources import load_dataset
 from core.groups import PruningGraph
 from core.models import InputSpec, load_model
 from core.screen import combine, screen_filters, screened_order_scores, shortlist

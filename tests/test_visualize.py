@@ -16,7 +16,7 @@ from PIL import Image
 
 from core import visualize as V
 from core.car import CarResult, compute_car
-from core.data import load_dataset
+from core.sources import load_dataset
 from core.errors import SettingsError
 from core.models import load_model
 from core.runs import Run

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from core.clusters import PROFILES, detect_cpu_profile
 from core.jobs import JobSnapshot
 from core.visualize import format_macs, format_pct  # noqa: F401  (re-exported for the pages)
 
@@ -221,10 +222,41 @@ def threshold_pick(state, run, hist: list[dict], prune_cfg: dict, sel, metric: s
     base = hist[0]
     drops = [(base["accuracy"] - r["accuracy"]) * 100 for r in hist]
     top = max(5.0, float(prune_cfg.get("max_drop") or 0), max(drops) + 0.5)
-    default = state.threshold if state.threshold is not None and str(state.run_dir) == str(run.dir) else \
+    default = state.max_drop if state.max_drop is not None and str(state.run_dir) == str(run.dir) else \
         float(prune_cfg.get("max_drop") or 1.0)
     thr = st.slider(f"Acceptable {metric} drop (points below the original)", 0.0, round(top, 1),
                     min(default, round(top, 1)), step=0.1, key=f"rv_thr_{sel}")
     pick = V.pick_smallest_within(hist, thr)
-    state.threshold, state.run_dir, state.export_step = thr, str(run.dir), pick["step"]
+    state.max_drop, state.run_dir, state.export_step = thr, str(run.dir), pick["step"]
     return thr, pick
+
+
+CUSTOM_PROFILE = "custom"
+
+
+@st.cache_resource
+def cpu_profile():
+    return detect_cpu_profile()
+
+
+def hardware_profile_picker(prefix: str, running: bool) -> int:
+    """The hardware profile (or a custom cluster size) of a Prune view; returns the cluster size c.
+
+    Widget keys: ``{prefix}_profile`` and ``{prefix}_cluster``; a measured latency staircase in
+    ``st.session_state["pr_staircase"]`` is the custom size's default.
+    """
+    detected = cpu_profile()
+    names = list(PROFILES) + [CUSTOM_PROFILE]
+    profile = st.selectbox("Hardware profile", names, index=0, key=f"{prefix}_profile", disabled=running,
+                           format_func=lambda n: "custom cluster size" if n == CUSTOM_PROFILE else
+                           f"{PROFILES[n].label} (cluster {PROFILES[n].cluster})")
+    if profile == CUSTOM_PROFILE:
+        measured = st.session_state.get("pr_staircase")
+        cluster = int(st.number_input("Cluster size (filters)", 1, 64, measured.cluster if measured else 8,
+                                      key=f"{prefix}_cluster", disabled=running))
+    else:
+        cluster = PROFILES[profile].cluster
+        st.caption(PROFILES[profile].description)
+    st.caption(f"This machine: {detected.cpu_name or 'CPU'} → **{detected.profile}** "
+               f"(cluster {detected.cluster}): {detected.reason}.")
+    return cluster

@@ -7,12 +7,14 @@ import shutil
 import streamlit as st
 
 from core.detection import visualize as DV
+from core import criteria
 from core.errors import PruneScopeError
 from core.jobs import JobAlreadyRunning, detection_car_job, detection_prune_job
+from core.sources import load_voc_dataset
 from core import visualize as V
 from ui.charts import fig_class_counts
-from ui.common import (format_macs, format_params, format_seconds, job_progress, job_status, page_link,
-                       prune_outcome, start_cancel_buttons, state_badge, threshold_pick)
+from ui.common import (format_macs, format_params, format_seconds, hardware_profile_picker, job_progress, job_status,
+                       page_link, prune_outcome, start_cancel_buttons, state_badge, threshold_pick)
 from ui.state import (AppState, detection_baseline, detection_groups, detection_pictures, digest, get_registry,
                       sample_detection, save_upload)
 
@@ -56,7 +58,6 @@ def _parse_floats(text: str, what: str) -> tuple[float, ...]:
 def load_detection_upload(state: AppState, model_source: str, arch: str, size: tuple[int, int], mean_text: str,
                           std_text: str, weights_file, data_source: str, voc_file) -> None:
     """Load the chosen detector and data set; every user error ends as one clear message."""
-    from core.detection.data import load_voc_dataset
     from core.detection.loading import load_detector_weights
 
     try:
@@ -307,7 +308,6 @@ def detection_analyse_page(state: AppState) -> None:
 
 def detection_prune_page(state: AppState) -> None:
     from core.detection.prune import DetectionPruneConfig
-    from core.prune import CRITERIA
     from core.workspace import new_run_dir
 
     registry = get_registry()
@@ -344,7 +344,7 @@ def detection_prune_page(state: AppState) -> None:
         for j in registry.active("prune"):
             j.request_cancel()
 
-    config = None
+    config, defaults = None, DetectionPruneConfig.app_defaults()
     with st.container(border=True):
         if not state.det_ready:
             st.info("No detector loaded in this tab; the pruning job is shown below.")
@@ -353,27 +353,26 @@ def detection_prune_page(state: AppState) -> None:
             b = state.det_baseline or {}
             st.markdown(f"**{state.det_label}** · baseline {METRIC} {format_map(b.get('map'))}, "
                         f"{format_macs(b.get('macs'))} MACs")
-            criteria = [c for c in CRITERIA if c != "taylor"]
             c1, c2, c3 = st.columns(3, gap="large")
             with c1:
-                criterion = st.selectbox("Criterion", criteria, key="det_pr_criterion", disabled=running,
+                criterion = st.selectbox("Criterion", criteria.names(DetectionPruneConfig.task), key="det_pr_criterion",
+                                         disabled=running,
                                          help="car: filters ordered by their loss increase, clusters decided by "
                                               "exact mAP drop; l1 / random for comparison.")
-                max_drop = st.slider(f"Acceptable {METRIC} drop (points)", 0.0, 10.0, 1.0, step=0.1,
+                max_drop = st.slider(f"Acceptable {METRIC} drop (points)", 0.0, 10.0, defaults.max_drop, step=0.1,
                                      key="det_pr_max_drop", disabled=running)
                 mac_on = st.toggle("Stop at a MAC target", value=False, key="det_pr_mac_on", disabled=running)
                 mac_target = st.slider("MAC target (% of the original)", 10, 95, 50, step=5, key="det_pr_mac_target",
                                        disabled=running) if mac_on else None
             with c2:
-                cluster = int(st.number_input("Cluster size (filters)", 1, 64, 8, key="det_pr_cluster",
-                                              disabled=running))
-                max_steps = st.slider("Step limit", 1, 50, 3, key="det_pr_max_steps", disabled=running)
+                cluster = hardware_profile_picker("det_pr", running)
+                max_steps = st.slider("Step limit", 1, 50, defaults.max_steps, key="det_pr_max_steps", disabled=running)
             with c3:
-                finetune_steps = st.slider("Fine-tune budget (mini-batches per step)", 0, 200, 20, step=5,
-                                           key="det_pr_finetune", disabled=running)
-                score_images = st.slider("Images for screening", 16, 512, 128, step=16, key="det_pr_score_images",
-                                         disabled=running)
-                latency = st.toggle("Measure OpenVINO latency every step", value=False, key="det_pr_latency",
+                finetune_steps = st.slider("Fine-tune budget (mini-batches per step)", 0, 200, defaults.finetune_steps,
+                                           step=5, key="det_pr_finetune", disabled=running)
+                score_images = st.slider("Images for screening", 16, 512, defaults.score_images, step=16,
+                                         key="det_pr_score_images", disabled=running)
+                latency = st.toggle("Measure OpenVINO latency every step", value=defaults.latency, key="det_pr_latency",
                                     disabled=running)
             config = DetectionPruneConfig(criterion=criterion, cluster=cluster, max_drop=float(max_drop),
                                           mac_target=None if mac_target is None else mac_target / 100,

@@ -16,7 +16,8 @@ from typing import Any
 
 import streamlit as st
 
-from core.data import DataSet, folder_upload_to_zip, load_dataset
+from core.data import DataSet, folder_upload_to_zip
+from core.sources import load_dataset, load_voc_dataset
 from core.jobs import JobRegistry
 from core.models import LoadedModel, load_model, sample_entry
 from core.workspace import atomic_write_bytes, uploads_dir
@@ -40,7 +41,7 @@ class AppState:
     car: Any = None  # CarResult of the current model
     car_settings: dict = field(default_factory=dict)
     run_dir: str | None = None  # the run being pruned / reviewed
-    threshold: float | None = None  # accuracy drop (points) chosen on Review
+    max_drop: float | None = None  # metric drop (points) chosen on Review: the export's threshold
     export_step: int | None = None  # step the threshold picked on Review (for Export)
     sample: str | None = None
     # object detection (task == "detection"): the detector, its normalisation and the VOC data set
@@ -246,7 +247,6 @@ def run_model(run_dir: str, step: int, mtime: float):
 @st.cache_resource(show_spinner="Loading the bundled sample detector and its data set...")
 def sample_detection(name: str = "ssd_counting"):
     """(detector, manifest entry, DetectionData) of the bundled sample detector, cached for the process."""
-    from core.detection.data import load_voc_dataset
     from core.detection.sample_model import load_sample_detector
 
     model, entry = load_sample_detector(name)
@@ -267,8 +267,6 @@ def detection_baseline(key: str, _model, _data, mean: tuple, std: tuple) -> dict
 
 @st.cache_resource(show_spinner="Loading the run's data set...", max_entries=4)
 def detection_run_data(data_source: str, size: tuple, class_names: tuple, val_fraction: float = 0.2, seed: int = 0):
-    from core.detection.data import load_voc_dataset
-
     return load_voc_dataset(data_source, size, class_names=list(class_names) or None, val_fraction=val_fraction,
                             seed=seed)
 

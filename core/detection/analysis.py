@@ -17,11 +17,13 @@ from typing import Callable
 import numpy as np
 from torch import nn
 
-from ..errors import CancelledError
+from ..errors import CancelledError, SettingsError
 from ..evaluate import count_macs_params
 from ..groups import PruningGraph
 from ..models import InputSpec
 from .data import DetectionSet
+from .models import output_layer_names
+from .prune import DetectionScorer
 
 
 @dataclass
@@ -46,8 +48,6 @@ def detector_input(model: nn.Module, mean, std) -> InputSpec:
 
 def detector_groups(model: nn.Module) -> list[dict]:
     """Every prunable group of a detector (the head's output convs excluded): root, width, MACs per filter."""
-    from .prune import output_layer_names
-
     graph = PruningGraph(copy.deepcopy(model).eval(), (1, 3, *model.input_size),
                          output_layers=output_layer_names(model))
     return [g.to_dict() for g in graph.groups()]
@@ -62,16 +62,12 @@ def group_car(model: nn.Module, root: str, val: DetectionSet, mean, std, n_image
               progress: Callable[[float, str], None] | None = None,
               cancel: threading.Event | None = None) -> GroupCar:
     """mAP drop of removing each filter of group ``root`` alone, on the first ``n_images`` validation images."""
-    from .prune import DetectionScorer, output_layer_names
-
     t0 = time.perf_counter()
     model = copy.deepcopy(model).eval()
     spec = detector_input(model, mean, std)
     graph = PruningGraph(model, spec.shape(1), output_layers=output_layer_names(model))
     groups = {g.root: g for g in graph.groups()}
     if root not in groups:
-        from ..errors import SettingsError
-
         raise SettingsError(f"'{root}' is not a prunable layer group of this detector.")
     g = groups[root]
     subset = val.subset(np.arange(min(n_images, len(val))))

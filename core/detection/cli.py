@@ -1,4 +1,4 @@
-"""``--task detection`` for the CLI's evaluate, prune and export (wired in ``core.cli`` / ``core.cli_engine``).
+"""``--task detection`` for the CLI's evaluate, prune and export (dispatched to from ``core.cli`` / ``core.cli_engine``).
 
     python -m core evaluate --task detection --model sample:ssd_counting --data sample:counting
     python -m core prune --task detection --model sample:ssd_counting --data sample:counting --out RUN
@@ -10,8 +10,20 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ..cli_common import (check_model_code_args, config_from_args, export_exit_code, format_macs, prepare_out,
+                          print_summary, progress, progress_printer)
 from ..errors import ModelLoadError
 from ..jsonout import emit_json
+from ..evaluate import count_macs_params
+from ..models import extract_state_dict, load_state_dict_strict, read_checkpoint
+from ..ov_runtime import measure_latency_ms
+from ..prune import Callbacks
+from ..sources import load_voc_dataset
+from .evaluate import evaluate_map
+from .export import export_detection_run
+from .models import DETECTION_ARCHITECTURES, build_detector
+from .prune import DetectionPruneConfig, detection_spec, run_detection_pruning
+from .sample_model import detector_entry, load_sample_detector
 
 
 def add_detection_args(evaluate, prune) -> None:
@@ -27,17 +39,11 @@ def add_detection_args(evaluate, prune) -> None:
 
 def load_detector_and_data(args):
     """(detector, info, DetectionData) named on the command line; the data at the detector's input size."""
-    from ..cli import check_model_code_args
-    from .data import load_voc_dataset
-    from .models import DETECTION_ARCHITECTURES
-
     check_model_code_args(args)
     if args.model_code:
         raise ModelLoadError("--model-code is not supported for detection; choose a detection --arch.")
     sample = args.model.startswith("sample:")
     if sample:
-        from .sample_model import detector_entry
-
         entry = detector_entry(args.model.split(":", 1)[1])
         class_names, arch = list(entry["class_names"]), entry["architecture"]
         size = tuple(args.input_size or entry["input_size"][-2:])
@@ -52,10 +58,6 @@ def load_detector_and_data(args):
 
 
 def _detector(args, arch: str, entry: dict | None, class_names: list[str], size: tuple[int, int]):
-    from ..models import extract_state_dict, load_state_dict_strict, read_checkpoint
-    from .models import DETECTION_ARCHITECTURES, build_detector
-    from .sample_model import load_sample_detector
-
     if entry is not None and args.input_size is None:
         model, info = load_sample_detector(entry["name"])
         info = dict(info)
@@ -80,11 +82,6 @@ def _detector(args, arch: str, entry: dict | None, class_names: list[str], size:
 
 
 def cmd_evaluate_detection(args) -> int:
-    from ..cli import format_macs, progress
-    from ..evaluate import count_macs_params
-    from .evaluate import evaluate_map
-    from .prune import detection_spec
-
     model, info, data = load_detector_and_data(args)
     spec = detection_spec(model, info)
     progress(f"evaluating mAP@0.5 on {len(data.val)} validation images")
@@ -92,8 +89,6 @@ def cmd_evaluate_detection(args) -> int:
     macs, params = count_macs_params(model, spec.input)
     latency = None
     if not args.no_latency:
-        from ..ov_runtime import measure_latency_ms
-
         latency = measure_latency_ms(model, spec.input.shape(1))
     out = {"task": "detection", "model": args.model, "arch": model.config["arch"], "data": data.source,
            "num_val": len(data.val), "map": result.map, "per_class": result.per_class, "macs": macs, "params": params,
@@ -112,37 +107,30 @@ def cmd_evaluate_detection(args) -> int:
 
 
 def cmd_prune_detection(args) -> int:
-    from ..cli_engine import _prepare_out, _progress_printer, config_from_args, print_summary
-    from ..prune import Callbacks
-    from .prune import DetectionPruneConfig, run_detection_pruning
-
     config = config_from_args(args, DetectionPruneConfig)
     model, info, data = load_detector_and_data(args)
-    out = _prepare_out(args.out)
+    out = prepare_out(args.out)
 
     def on_step(r: dict) -> None:
         print(f"step {r['step']}: mAP {r['map'] * 100:.2f}  MACs {r['macs'] / 1e6:.2f} M"
               + (f"  removed {len(r['removed']['filters'])} from {r['removed']['group']}" if r.get("removed") else ""),
               file=sys.stderr, flush=True)
 
-    summary = run_detection_pruning(model, info, data, config, out, Callbacks(_progress_printer("  "), on_step),
+    summary = run_detection_pruning(model, info, data, config, out, Callbacks(progress_printer("  "), on_step),
                                     data_options={"val_fraction": args.val_fraction, "seed": args.seed})
     print_summary(summary, args.json)
     return 0
 
 
 def cmd_export_detection(args) -> int:
-    from ..cli_engine import _export_exit_code, _progress_printer
-    from .export import export_detection_run
-
     result = export_detection_run(args.run, step=args.step, max_drop=args.max_drop, out_path=args.out,
-                                  progress=_progress_printer())
+                                  progress=progress_printer())
     if args.json:
         emit_json(result)
-        return _export_exit_code(result)
+        return export_exit_code(result)
     print(f"bundle: {result['bundle']}  (zip: {result['zip']})")
     print(f"step {result['step']}: NCS2 {'compatible' if result['ncs_compatible'] else 'NOT compatible'}; "
           f"verified: {result['verified']} ({result['verification_message']})")
     for p in result["ncs2_problems"]:
         print(f"  NCS2 problem: {p}")
-    return _export_exit_code(result)
+    return export_exit_code(result)

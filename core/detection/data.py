@@ -132,7 +132,7 @@ class _Annotation:
 def load_voc_dataset(source: str | Path | bytes, input_size: tuple[int, int] | int,
                      class_names: Sequence[str] | None = None, val_fraction: float = 0.2, seed: int = 0,
                      limits: Limits | None = None) -> DetectionData:
-    """Load, validate and split a VOC data set: a zip (path or bytes), a folder, or ``sample:NAME``.
+    """Load, validate and split a VOC data set: a zip (path or bytes) or a folder (``sample:NAME``: ``core.sources``).
 
     ``class_names`` fixes the label order (a trained detector's); objects of other classes are then
     dropped and counted. Without it the classes are the sorted names found in the annotations.
@@ -140,10 +140,6 @@ def load_voc_dataset(source: str | Path | bytes, input_size: tuple[int, int] | i
     size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
     check_input_size(*size)
     check_split_options(val_fraction, seed)
-    if isinstance(source, str) and source.startswith("sample:"):
-        from .sample import load_sample_detection
-
-        return load_sample_detection(source.split(":", 1)[1], size)
     limits = limits or Limits()
     folder, created, label = materialise(source, limits, "a folder in Pascal VOC layout")
     with discard_on_refusal(folder, created):

@@ -34,7 +34,9 @@ from ..export import (BUNDLE_FORMAT, SELFTEST_TOLERANCE_FLOOR, SELFTEST_TOLERANC
 from ..models import ModelSpec
 from ..ncs2 import check_ncs2
 from ..ov_runtime import ONNX_OPSET, compile_cpu, read_ir, time_interleaved
-from ..workspace import atomic_write_json, atomic_write_text
+from ..sources import load_voc_dataset
+from ..runs import Run
+from ..workspace import atomic_write_json, atomic_write_text, workspace_root
 from . import postprocess as _postprocess
 from .data import DetectionSet
 from .evaluate import EvalSettings, detect, map_of_detections, normalize_images
@@ -172,7 +174,7 @@ def _build_into(root: Path, pruned: nn.Module, original: nn.Module, spec: ModelS
                         "score_thresh": settings.score_thresh, "nms_iou": settings.nms_iou,
                         "max_det": settings.max_det, "boxes": "normalised x1 y1 x2 y2"},
         "class_names": list(spec.class_names or []),
-        "threshold": meta.get("threshold"), "step": meta.get("step"),
+        "max_drop": meta.get("max_drop"), "step": meta.get("step"),
         "models": models_section,
         "ncs2": models_section["pruned"]["ncs2"],
         "verification": checks["pruned"].to_dict(),
@@ -181,7 +183,7 @@ def _build_into(root: Path, pruned: nn.Module, original: nn.Module, spec: ModelS
                                   f"expected raw output) + {SELFTEST_TOLERANCE_FLOOR}"},
         "files": {name: sha256_file(root / name)
                   for name in ("deploy.py", "selftest.npz", "README.txt", "anchors.npy", "postprocess.py")},
-        "meta": {k: v for k, v in meta.items() if k not in ("pruned", "original", "threshold", "step")},
+        "meta": {k: v for k, v in meta.items() if k not in ("pruned", "original", "max_drop", "step")},
     }
     atomic_write_json(root / "manifest.json", manifest)
     return {"ncs_compatible": reports["pruned"].compatible,
@@ -224,11 +226,10 @@ Verification: {verification}
 
 def export_detection_run(run_dir: str | Path, step: int | None = None, max_drop: float | None = None,
                          out_path: str | Path | None = None, progress=None) -> dict:
-    """Export one step of a detection run (default: the last; or the smallest within ``max_drop`` mAP points)."""
-    from ..runs import Run
-    from ..workspace import workspace_root
-    from .data import load_voc_dataset
+    """Export one step of a detection run: ``step``, else the smallest within ``max_drop`` mAP points, else the last.
 
+    An explicit ``step`` is never overridden; ``max_drop`` is then only recorded in the manifest.
+    """
     run = Run(run_dir)
     if run.task != "detection":
         raise PruneScopeError(f"Run {run.name} is a {run.task} run, not a detection run.")
@@ -244,7 +245,7 @@ def export_detection_run(run_dir: str | Path, step: int | None = None, max_drop:
     base = run.history[0]
     meta = {"pruned": {k: record.get(k) for k in ("map", "macs", "params")},
             "original": {k: base.get(k) for k in ("map", "macs", "params")},
-            "step": step, "run": run.name, "threshold": max_drop,
+            "step": step, "run": run.name, "max_drop": max_drop,
             "criterion": run.config.get("prune", {}).get("criterion"),
             "cluster": run.config.get("prune", {}).get("cluster")}
     out = Path(out_path) if out_path else workspace_root() / "exports" / f"{run.name}-step{step:04d}"

@@ -312,3 +312,9 @@ def _as_hw(size: tuple[int, int] | list[int] | int) -> tuple[int, int]:
         return (size, size)
     size = tuple(int(s) for s in size)
     return size[-2:] if len(size) == 3 else size  # accept (C, H, W) as the manifests write it
+
+
+def output_layer_names(model: nn.Module) -> list[str]:
+    """Names of the head's output convs, the layers ``PruningGraph`` must never prune."""
+    names = {m: n for n, m in model.named_modules()}
+    return [names[m] for m in model.output_layers()]

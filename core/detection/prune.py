@@ -38,12 +38,16 @@ from ..errors import CancelledError, SettingsError
 from ..evaluate import count_macs_params
 from ..groups import ChannelGroup, PruningGraph
 from ..models import InputSpec, LoadedModel, ModelSpec
-from ..prune import (Callbacks, PruneConfig, check_prunable, group_filter_scores, new_widths,
+from ..ov_runtime import measure_latency_ms
+from .. import criteria
+from ..criteria import Cluster, ScoreContext, lowest_clusters
+from ..prune import (Callbacks, PruneConfig, check_prunable,
                      record_step, run_guarded, run_summary, try_candidates)
 from ..runs import RunWriter
 from .data import DetectionData, DetectionSet
 from .evaluate import EvalSettings, detect, evaluate_map, map_of_detections, normalize_images
 from .loss import encode_batch, multibox_loss
+from .models import output_layer_names
 
 TASK = "detection"
 METRIC = "mAP@0.5"
@@ -73,14 +77,15 @@ class DetectionPruneConfig(PruneConfig):
     filter_images: int = 32  # screen images used to order the filters of a group (one ablation per filter)
     analyse_car: bool = False  # the classification CAR analysis does not apply to detectors
 
+    task = TASK
+    APP_DEFAULTS = {"max_steps": 3, "latency": False}
+
     def validate(self) -> None:
         super().validate()
         if self.optimizer not in ("sgd", "adamw"):
             raise SettingsError(f"Unknown optimizer '{self.optimizer}'. Choose sgd or adamw.")
         if self.exact_candidates < 1:
             raise SettingsError("At least one screened cluster must get an exact mAP (exact_candidates >= 1).")
-        if self.criterion == "taylor":
-            raise SettingsError("The taylor criterion is not available for detectors; choose car, l1 or random.")
         if self.map_images is not None and self.map_images < 10:
             raise SettingsError("mAP needs at least 10 validation images (map_images >= 10).")
 
@@ -90,12 +95,6 @@ def as_detection_config(config: PruneConfig) -> DetectionPruneConfig:
     if isinstance(config, DetectionPruneConfig):
         return config
     return DetectionPruneConfig(**asdict(config))
-
-
-def output_layer_names(model: nn.Module) -> list[str]:
-    """Names of the head's output convs, the layers ``PruningGraph`` must never prune."""
-    names = {m: n for n, m in model.named_modules()}
-    return [names[m] for m in model.output_layers()]
 
 
 def detection_spec(model: nn.Module, info: dict) -> ModelSpec:
@@ -135,14 +134,13 @@ class DetectionScorer:
         self.base_loss = float(self._summed_loss(base, [0], 0, np.zeros(1))[0]) / self.num_pos
         self.base_map = self._maps_of(self.exact_engine.baseline_logits().unsqueeze(0).numpy())[0]
 
-    def _run(self, engine: AblationEngine, ablations: list[dict], account, cancel) -> None:
-        """The engine's batched emulation; its outputs arrive flattened per image and are reshaped back."""
-        run = engine._evaluate_fast if engine.fast else engine._evaluate_naive
+    def _run(self, engine: AblationEngine, ablations: list[dict], account, cancel, reset=None) -> None:
+        """The engine's batched emulation (with its naive fallback); outputs are reshaped back to [A, 4 + C]."""
 
         def shaped(ids, start, outputs):
             account(ids, start, outputs.reshape(outputs.shape[0], outputs.shape[1], *self.raw_shape))
 
-        run(ablations, shaped, None, cancel)
+        engine.run(ablations, shaped, None, cancel, reset=reset)
 
     def _summed_loss(self, outputs: torch.Tensor, ids, start: int, total: np.ndarray) -> np.ndarray:
         """Add each ablation's MultiBox loss x positives of this chunk of images into ``total``."""
@@ -166,7 +164,8 @@ class DetectionScorer:
         if images is not None and images < len(self.screen):
             engine, pos, base = self._small_engine(images)
         total = np.zeros(len(ablations))
-        self._run(engine, ablations, lambda ids, start, out: self._summed_loss(out, ids, start, total), cancel)
+        self._run(engine, ablations, lambda ids, start, out: self._summed_loss(out, ids, start, total), cancel,
+                  reset=lambda: total.fill(0.0))
         return total / pos - base
 
     def _small_engine(self, images: int) -> tuple[AblationEngine, float, float]:
@@ -199,8 +198,6 @@ def measure_detector(model: nn.Module, data: DetectionData, spec: InputSpec, con
     macs, params = count_macs_params(model, spec)
     latency = None
     if config.latency:
-        from ..ov_runtime import measure_latency_ms
-
         latency = measure_latency_ms(model, spec.shape(1), runs=config.latency_runs, warmup=5)
     return {"accuracy": result.map, "map": result.map, "per_class": result.per_class, "macs": macs,
             "params": params, "latency_ms": latency}
@@ -317,6 +314,7 @@ def _loop(graph: PruningGraph, spec: InputSpec, data: DetectionData, config: Det
     scores: dict[str, np.ndarray] | None = None  # group root -> score per filter
     reason = "step limit reached"
     for step in range(1, config.max_steps + 1):
+        cb.enter("step", step)
         if cancel.is_set():
             raise CancelledError("Cancelled.")
         t0 = time.perf_counter()
@@ -344,7 +342,7 @@ def _loop(graph: PruningGraph, spec: InputSpec, data: DetectionData, config: Det
             break
         cand, metrics, tried = accepted
         target_reached = record_step(writer, cb, graph, step, cand, metrics, tried, channel_maps, (t0, t_start),
-                                     base["macs"], config.mac_target, screen_loss_increase=cand["loss_up"])
+                                     base["macs"], config.mac_target, screen_loss_increase=cand.loss_up)
         if target_reached:
             reason = target_reached
             break
@@ -361,58 +359,52 @@ def _subset_indices(n: int, k: int, seed: int) -> np.ndarray:
 
 def _filter_scores(criterion: str, graph: PruningGraph, groups: list[ChannelGroup], scorer: DetectionScorer, rng,
                    cancel, images: int | None = None) -> dict[str, np.ndarray]:
-    """Which filters of a group form its cluster: lowest score first.
+    """Which filters of a group form its cluster: lowest score first, keyed by group root.
 
     ``car`` orders a group's filters by the loss increase of removing each one alone (detection's
-    per-filter CAR on the screen images); ``l1`` / ``taylor`` / ``random`` as in classification.
+    per-filter CAR on the screen images); the other criteria as in classification.
     """
-    if criterion != "car":
-        by_gid = group_filter_scores(criterion, graph, groups, rng)
-        return {g.root: by_gid[g.gid] for g in groups}
-    ablations = [g.ablation([f]) for g in groups for f in range(g.width)]
-    up = scorer.loss_increase(ablations, cancel, images)
-    out, i = {}, 0
-    for g in groups:
-        out[g.root] = up[i:i + g.width]
-        i += g.width
-    return out
+
+    def loss_increase(gs: list[ChannelGroup]) -> dict[str, np.ndarray]:
+        up = scorer.loss_increase([g.ablation([f]) for g in gs for f in range(g.width)], cancel, images)
+        out, i = {}, 0
+        for g in gs:
+            out[g.root] = up[i:i + g.width]
+            i += g.width
+        return out
+
+    ctx = ScoreContext(graph, groups, rng, key=lambda g: g.root, filter_costs=loss_increase)
+    return criteria.get(criterion, TASK).score(ctx)
 
 
 def rank_candidates(groups: list[ChannelGroup], scores: dict[str, np.ndarray], config: DetectionPruneConfig,
                     scorer: DetectionScorer, cancel=None,
-                    progress: Callable[[float, str], None] | None = None) -> list[dict]:
+                    progress: Callable[[float, str], None] | None = None) -> list[Cluster]:
     """Candidate clusters, best first: screened by loss increase per MAC, the top few decided by exact mAP.
 
     The exactly measured candidates come first (cheapest mAP drop per MAC saved), the others follow
     in screening order, so ``patience`` can still reach them.
     """
-    cands = []
-    for g in groups:
-        target = new_widths(g.width, config.cluster)
-        if target is None:
-            continue
-        k = g.width - target
-        filters = sorted(np.argsort(scores[g.root], kind="stable")[:k].tolist())
-        cands.append({"group": g, "filters": filters, "macs_saved": max(k * g.macs_per_filter, 1.0), "cost": None})
+    cands = lowest_clusters(groups, scores, config.cluster, key=lambda g: g.root)
     if not cands:
         return []
     if progress:
         progress(0.0, f"screening {len(cands)} clusters (loss increase)")
-    loss_up = scorer.loss_increase([c["group"].ablation(c["filters"]) for c in cands], cancel)
+    loss_up = scorer.loss_increase([c.ablation() for c in cands], cancel)
     scale = float(np.mean(np.abs(loss_up))) + 1e-9
     for c, up in zip(cands, loss_up):
-        c["loss_up"] = float(up)
-        c["rank"] = (max(float(up), 0.0) + 0.01 * scale) / c["macs_saved"]
-    cands.sort(key=lambda c: c["rank"])
+        c.loss_up = float(up)
+        c.rank = (max(float(up), 0.0) + 0.01 * scale) / c.macs_saved
+    cands.sort(key=lambda c: c.rank)
     top = cands[:config.exact_candidates]
     if progress:
         progress(0.5, f"exact mAP of the best {len(top)} clusters")
-    maps = scorer.maps([c["group"].ablation(c["filters"]) for c in top], cancel)
+    maps = scorer.maps([c.ablation() for c in top], cancel)
     eps = 1.0 / max(len(scorer.exact), 1) / 100  # ties broken toward the larger MAC saving
     for c, m in zip(top, maps):
-        c["cost"] = scorer.base_map - m
-        c["rank"] = (max(c["cost"], 0.0) + eps) / c["macs_saved"]
-    return sorted(top, key=lambda c: c["rank"]) + cands[config.exact_candidates:]
+        c.cost = scorer.base_map - m
+        c.rank = (max(c.cost, 0.0) + eps) / c.macs_saved
+    return sorted(top, key=lambda c: c.rank) + cands[config.exact_candidates:]
 
 
 def _finetune_and_measure(model: nn.Module, data: DetectionData, spec: InputSpec, config: DetectionPruneConfig, rng,

@@ -9,6 +9,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .evaluate import EvalSettings, detect, predict_raw
+
 GROUND_TRUTH = (40, 200, 60)
 PREDICTED = (230, 50, 50)
 
@@ -53,8 +55,6 @@ def ground_truth_and_predictions(image, gt_boxes, gt_labels, det, class_names: S
 def detection_images(model, dset, mean, std, indices: Sequence[int], min_score: float = 0.3,
                      scale: int = 2) -> list[Image.Image]:
     """The images ``indices`` of ``dset`` with ground truth and ``model``'s detections drawn."""
-    from .evaluate import EvalSettings, detect, predict_raw
-
     sub = dset.subset(list(indices))
     raw = predict_raw(model, sub.images, mean, std)
     dets = detect(raw, model.anchors(tuple(sub.images.shape[-2:])), EvalSettings(), model.box_coder_weights)

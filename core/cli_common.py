@@ -1,0 +1,173 @@
+"""What every CLI command shares: the model/data flags, loading them, progress on stderr, run folders.
+
+The leaf of the CLI module tree: ``core.cli`` (the entry point), ``core.cli_engine`` (analyse, prune,
+export) and ``core.detection.cli`` (the detection task) import it, and it imports none of them.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .car import check_image_count
+from .clusters import get_profile
+from .data import check_split_options
+from .errors import ModelLoadError, PruneScopeError, SettingsError
+from .export import EXIT_NOT_READY, bundle_shortfall
+from .jsonout import emit_json
+from .models import default_input_spec, load_model, open_input_spec
+from .plausibility import quick_check
+from .sources import load_dataset
+
+EXIT_USER_ERROR = 2
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="weights file (.pt/.pth) or sample:NAME")
+    p.add_argument("--arch", help="architecture of a state dict (e.g. resnet18, sample_resnet)")
+    p.add_argument("--trusted", action="store_true",
+                   help="allow loading a pickled module or running --model-code (both run code from the file)")
+    p.add_argument("--model-code", metavar="PATH",
+                   help="Python file defining a custom architecture; --model is then its weights (needs --trusted)")
+    p.add_argument("--model-class", metavar="NAME", help="class or factory function in --model-code that builds the model")
+    p.add_argument("--model-args", metavar="JSON",
+                   help='arguments for --model-class: a JSON object (keywords, e.g. \'{"num_classes": 4}\') or list')
+    p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="model input size (default: per architecture)")
+    p.add_argument("--mean", type=float, nargs="+", help="mean of the model's normalisation, one value per input channel")
+    p.add_argument("--std", type=float, nargs="+", help="std of the model's normalisation, one value per input channel")
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="ImageFolder zip or folder, or sample:NAME")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="held-out fraction when the data is not pre-split")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--class-order", metavar="NAMES",
+                   help="class folders in the order of the model's outputs, comma-separated (default: sorted)")
+
+
+def load_model_and_data(args):
+    """The model and the data set named on the command line, checked against each other."""
+    spec = None
+    if args.input_size or args.mean or args.std:
+        spec = default_input_spec(args.arch) if args.arch else open_input_spec()
+        if args.input_size:
+            spec.height, spec.width = args.input_size
+        if args.mean:
+            spec.mean = tuple(args.mean)
+        if args.std:
+            spec.std = tuple(args.std)
+    check_model_code_args(args)
+    check_settings(spec, args)
+    loaded = load_model(args.model, arch=args.arch, trusted=args.trusted, input_spec=spec, code_path=args.model_code,
+                        code_name=args.model_class, code_args=args.model_args)
+    data = load_dataset(args.data, loaded.spec.input, expected_classes=loaded.spec.num_classes,
+                        val_fraction=args.val_fraction, seed=args.seed, class_order=_names(args.class_order))
+    loaded.spec.input = data.input  # the size the data gave a model that does not fix it (issue 13)
+    args.plausibility = quick_check(loaded.model, data, loaded.spec.input)  # a near-chance baseline, said first
+    # stderr keeps --json output on stdout clean: what was inferred, the data report, the plausibility check
+    for line in ([f"note: {n}" for n in loaded.notes + data.report.notes] + [f"data: {n}" for n in data.report.notices()]
+                 + args.plausibility.cli_lines()):
+        print(line, file=sys.stderr)
+    if loaded.spec.class_names is None:
+        loaded.spec.class_names = data.class_names
+    return loaded, data
+
+
+def check_settings(spec, args) -> None:
+    """Every setting checked before any work starts (issue 15: a bad one used to fail minutes later)."""
+    if spec is not None:
+        spec.validate()
+    check_split_options(args.val_fraction, args.seed)
+    if getattr(args, "images", None) is not None:
+        check_image_count(args.images)
+
+
+def _names(text: str | None) -> list[str] | None:
+    return [n.strip() for n in text.split(",") if n.strip()] if text else None
+
+
+def check_model_code_args(args) -> None:
+    """The custom-architecture flags only make sense together; say which one is missing in flag names."""
+    if args.model_class and not args.model_code:
+        raise ModelLoadError("--model-class needs --model-code: the Python file that defines it.")
+    if args.model_args is not None and not args.model_code:
+        raise ModelLoadError("--model-args only applies to a custom architecture (--model-code and --model-class).")
+    if args.model_code and args.arch:
+        raise ModelLoadError("--arch and --model-code both name the architecture; give one of them.")
+    if args.model_code and args.model.startswith("sample:"):
+        raise ModelLoadError("--model-code builds your own architecture: --model must be its weights file, not a sample.")
+
+
+def format_macs(macs: float) -> str:
+    if macs >= 1e9:
+        return f"{macs / 1e9:.2f} G"
+    return f"{macs / 1e6:.2f} M"
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def progress_printer(prefix: str = ""):
+    """A ``progress(fraction, message)`` callback that prints at most once a second (and at 100%) on stderr."""
+    last = [0.0]
+
+    def show(fraction: float, message: str) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 1.0 or fraction >= 1.0:
+            last[0] = now
+            print(f"{prefix}[{fraction * 100:5.1f}%] {message}", file=sys.stderr, flush=True)
+
+    return show
+
+
+def prepare_out(path: str) -> Path:
+    out = Path(path)
+    if out.exists() and any(out.iterdir()):
+        raise PruneScopeError(f"{out} exists and is not empty; choose a new run folder.")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def print_summary(summary: dict, as_json: bool) -> None:
+    if as_json:
+        emit_json(summary)
+    else:
+        for k, v in summary.items():
+            print(f"{k}: {v}")
+
+
+def cluster_from_args(args) -> int | None:
+    """``--cluster``, or the cluster size of ``--profile``; both given must agree (None: the config's default)."""
+    profile = getattr(args, "profile", None)
+    if profile is None:
+        return args.cluster
+    cluster = get_profile(profile).cluster
+    if args.cluster is not None and args.cluster != cluster:
+        raise SettingsError(f"--cluster {args.cluster} contradicts --profile {profile} (cluster {cluster}); "
+                            "give one of them.")
+    return cluster
+
+
+def config_from_args(args, config_class):
+    """A pruning config from the command line; options left out keep the task's own defaults."""
+    given = {"criterion": args.criterion, "cluster": cluster_from_args(args), "max_drop": args.max_drop,
+             "mac_target": args.mac_target, "finetune_steps": args.finetune_steps, "finetune_lr": args.finetune_lr,
+             "score_images": args.score_images, "rescore_every": args.rescore_every, "max_steps": args.max_steps,
+             "latency": not args.no_latency, "seed": args.seed}
+    for extra in ("optimizer", "exact_candidates", "map_images"):
+        if extra in config_class.__dataclass_fields__:
+            given[extra] = getattr(args, extra, None)
+    config = config_class(**{k: v for k, v in given.items() if v is not None})
+    config.validate()
+    return config
+
+
+def export_exit_code(result: dict) -> int:
+    """0 for the NCS2-ready, verified bundle asked for; else the reason on stderr and a non-zero code."""
+    shortfall = bundle_shortfall(result)
+    if shortfall is None:
+        return 0
+    print(f"error: {shortfall}", file=sys.stderr)
+    return EXIT_NOT_READY

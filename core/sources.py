@@ -1,0 +1,58 @@
+"""Where a data set comes from: ``sample:NAME`` or a file, resolved one floor above the loaders.
+
+The file loaders (``core.data``, ``core.detection.data``) know nothing of the generated samples, and
+the sample generators build on the loaders' types; this module is the one place that tells the two
+apart, so that neither loader has to import its own sample module (which would be an import circle).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from . import data as image_data
+from .data import DataSet, Limits, check_split_options, _check_class_count as check_class_count  # the rule every data set obeys
+from .detection import data as voc_data
+from .detection.data import DetectionData
+from .detection.sample import load_sample_detection
+from .models import InputSpec
+from .sample_data import load_sample_dataset
+
+SAMPLE_PREFIX = "sample:"
+
+
+def sample_name(source) -> str | None:
+    """``NAME`` of a ``sample:NAME`` source, None for anything else (a path, a folder, zip bytes)."""
+    if isinstance(source, str) and source.startswith(SAMPLE_PREFIX):
+        return source[len(SAMPLE_PREFIX):]
+    return None
+
+
+def load_dataset(source: str | Path | bytes, spec: InputSpec, expected_classes: int | None = None,
+                 val_fraction: float = 0.2, seed: int = 0, limits: Limits | None = None,
+                 class_order: list[str] | None = None) -> DataSet:
+    """An image-classification data set: a generated sample (``sample:NAME``) or an ImageFolder zip/folder.
+
+    Raises ``DataError`` as ``core.data.load_dataset`` does (``SettingsError`` for bad split settings,
+    before anything is read); a sample is checked against ``expected_classes`` like any other data set.
+    ``class_order`` (folder names in the model's output order) applies to files; a sample has its own.
+    """
+    name = sample_name(source)
+    if name is None:
+        return image_data.load_dataset(source, spec, expected_classes=expected_classes, val_fraction=val_fraction,
+                                       seed=seed, limits=limits, class_order=class_order)
+    check_split_options(val_fraction, seed)
+    ds = load_sample_dataset(name, spec, val_fraction=val_fraction, seed=seed)
+    check_class_count(ds.num_classes, expected_classes)
+    return ds
+
+
+def load_voc_dataset(source: str | Path | bytes, input_size: tuple[int, int] | int,
+                     class_names: Sequence[str] | None = None, val_fraction: float = 0.2, seed: int = 0,
+                     limits: Limits | None = None) -> DetectionData:
+    """A detection data set: the generated sample (``sample:NAME``, its own fixed split) or a Pascal VOC zip/folder."""
+    name = sample_name(source)
+    if name is None:
+        return voc_data.load_voc_dataset(source, input_size, class_names=class_names, val_fraction=val_fraction,
+                                         seed=seed, limits=limits)
+    size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    return load_sample_detection(name, size)
