@@ -8,7 +8,7 @@ import re
 import torch
 from torch import nn
 
-from core.cli_engine import _export_exit_code
+from core.cli_common import export_exit_code
 from core.export import EXIT_NOT_READY, build_bundle
 from core.fp16 import FP16_MAX, measure_fp16_range
 from tests.test_export import fitted_toy, synthetic_images, toy_spec
@@ -63,7 +63,7 @@ def test_fp16_overflow_fails_the_ncs2_check_and_verification(tmp_path):
     assert not result.ncs2.compatible and not result.verification.verified
     fp16_problems = [p for p in result.ncs2.problems if p.type == "FP16 range"]
     assert fp16_problems and fp16_problems[0].layer == "up" and "65,504" in fp16_problems[0].reason
-    assert _export_exit_code(result.to_dict() | {"ncs2_problems": [str(p) for p in result.ncs2.problems]}) == EXIT_NOT_READY
+    assert export_exit_code(result.to_dict() | {"ncs2_problems": [str(p) for p in result.ncs2.problems]}) == EXIT_NOT_READY
 
 
 def test_upsample_exports_as_interpolate4_and_passes(tmp_path):
@@ -77,4 +77,4 @@ def test_upsample_exports_as_interpolate4_and_passes(tmp_path):
         assert result.ncs2.compatible, [str(p) for p in result.ncs2.problems]
         assert result.verification.verified and result.verification.agreement >= 0.99
         assert result.manifest["models"]["pruned"]["ir_rewrites"]
-        assert _export_exit_code(result.to_dict() | {"ncs2_problems": []}) == 0
+        assert export_exit_code(result.to_dict() | {"ncs2_problems": []}) == 0
