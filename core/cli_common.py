@@ -124,6 +124,8 @@ def progress_printer(prefix: str = ""):
 
 def prepare_out(path: str) -> Path:
     out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise PruneScopeError(f"{out} is a file, not a folder; choose a new run folder.")
     if out.exists() and any(out.iterdir()):
         raise PruneScopeError(f"{out} exists and is not empty; choose a new run folder.")
     out.mkdir(parents=True, exist_ok=True)

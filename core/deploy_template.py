@@ -207,6 +207,25 @@ def predict(images, compiled=None, bundle_dir=None, device="CPU"):
     return np.concatenate([_infer(compiled, x[i:i + 1]) for i in range(len(x))], axis=0)
 
 
+HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def _high_bit_to_8bit(img, Image):
+    """16-bit and 32-bit grey images scaled to 8 bits by their real range, as PruneScope scaled its own
+    images (core/preprocess.py, kept equal by a test); Pillow's convert() would clip them at 255."""
+    if img.mode not in HIGH_BIT_MODES:
+        return img
+    arr = np.asarray(img, dtype=np.float64)
+    hi = float(arr.max()) if arr.size else 0.0
+    if img.mode == "F":
+        top = 1.0 if hi <= 1.0 else 65535.0 if hi <= 65535.0 else hi
+    elif img.mode == "I":
+        top = 255.0 if hi <= 255 else 65535.0 if hi <= 65535.0 else hi
+    else:
+        top = 65535.0
+    return Image.fromarray(np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
+
+
 def load_image(path, manifest):
     """An image file as uint8 CHW at the model's input size (resize shorter side, centre crop), in the
     manifest's colour order. .npy files are taken as they are (uint8 HWC or CHW)."""
@@ -218,7 +237,7 @@ def load_image(path, manifest):
     except ImportError:
         raise SystemExit("Reading %s needs Pillow (pip install pillow), or pass a .npy array." % path)
     with Image.open(path) as img:
-        img = img.convert("L" if c == 1 else "RGB")
+        img = _high_bit_to_8bit(img, Image).convert("L" if c == 1 else "RGB")
         iw, ih = img.size
         if manifest["input"].get("resize") == "stretch":  # detectors: the whole image, aspect not kept
             img = img.resize((w, h), Image.BILINEAR)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import json
 import os
 import shutil
 import statistics
@@ -421,6 +422,34 @@ def bundle_zip_path(bundle_dir: Path) -> Path:
     return bundle_dir.parent / f"{bundle_dir.name}.zip"
 
 
+def check_bundle_target(out_path: str | Path) -> Path:
+    """Refuse to put a bundle where it would destroy something that is not an earlier bundle.
+
+    An export replaces an earlier PruneScope bundle at ``out_path`` (and its zip) atomically; it never
+    replaces a file, a non-empty folder of anything else (a run folder, the user's documents), or a zip
+    beside it that no bundle wrote. Called before any work starts. Returns the resolved path.
+    """
+    out = Path(out_path).resolve()
+    zip_path = bundle_zip_path(out)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} is a file, not a folder; choose a new folder for the bundle.")
+    ours = out.is_dir() and _is_bundle(out)
+    if out.is_dir() and any(out.iterdir()) and not ours:
+        raise ExportError(f"{out} already exists and is not a PruneScope bundle; nothing was changed. Choose a new "
+                          "or empty folder for the bundle.")
+    if zip_path.exists() and not ours:
+        raise ExportError(f"{zip_path} already exists and was not written with a bundle in {out}; nothing was "
+                          "changed. Choose another bundle folder name.")
+    return out
+
+
+def _is_bundle(folder: Path) -> bool:
+    try:
+        return json.loads((folder / "manifest.json").read_text()).get("format") == BUNDLE_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def build_atomically(out_path: Path, build, with_zip: bool = False):
     """``build(tmp)`` into a temporary folder next to ``out_path``, then renamed into place.
 
@@ -431,6 +460,7 @@ def build_atomically(out_path: Path, build, with_zip: bool = False):
     :class:`ExportError` saying why. Returns ``(build's result, the temporary path it was built in)``
     so the caller can rebase paths it recorded.
     """
+    check_bundle_target(out_path)
     tmp = out_path.parent / f".{out_path.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -669,6 +699,8 @@ def export_run(run_dir: str | Path, step: int | None = None, max_drop: float | N
 
     run = Run(run_dir)
     step, record = pick_step(run, step, max_drop, progress)
+    if out_path:
+        check_bundle_target(out_path)  # before any work: an export never destroys what is not a bundle
     pruned = run.rebuild_step(step, trusted)
     original = run.original(trusted)
     options = run.config.get("data_options") or {}

@@ -484,6 +484,9 @@ def load_model(
     if input_spec is not None:
         input_spec.validate()
     if isinstance(path, str) and path.startswith("sample:"):
+        if input_spec is not None:
+            raise SettingsError("A bundled sample fixes its own input size and normalisation; the input size, mean "
+                                "and std settings apply to your own models only.")
         return load_sample_model(path.split(":", 1)[1])
     if code_name or (code_path is not None and arch is not None):
         return _with_first_layer(_load_custom(path, code_path, code_name, code_args, arch, trusted, input_spec,

@@ -14,6 +14,7 @@ from .data import DataSet, Limits, check_split_options, _check_class_count as ch
 from .detection import data as voc_data
 from .detection.data import DetectionData
 from .detection.sample import load_sample_detection
+from .errors import SettingsError
 from .models import InputSpec
 from .sample_data import load_sample_dataset
 
@@ -41,6 +42,9 @@ def load_dataset(source: str | Path | bytes, spec: InputSpec, expected_classes: 
         return image_data.load_dataset(source, spec, expected_classes=expected_classes, val_fraction=val_fraction,
                                        seed=seed, limits=limits, class_order=class_order)
     check_split_options(val_fraction, seed)
+    if class_order:
+        raise SettingsError("A bundled sample data set has its own class order; a class order applies to a data set "
+                            "given as a zip or folder.")
     ds = load_sample_dataset(name, spec, val_fraction=val_fraction, seed=seed)
     check_class_count(ds.num_classes, expected_classes)
     return ds

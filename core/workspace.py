@@ -14,6 +14,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from .jsonout import strict
+
 ENV_VAR = "PRUNESCOPE_WORKSPACE"
 
 
@@ -64,7 +66,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+    # strict JSON (NaN/Infinity -> null): run folders are read by other tools too, and strict parsers reject NaN
+    atomic_write_text(path, json.dumps(strict(obj), indent=2, default=_json_default, allow_nan=False) + "\n")
 
 
 def atomic_torch_save(path: Path, obj: Any) -> None:
@@ -82,7 +85,7 @@ def append_jsonl(path: Path, record: dict) -> None:
     """Append one record by rewriting the file atomically: a crash leaves the previous complete file."""
     path = Path(path)
     old = path.read_text(encoding="utf-8") if path.exists() else ""
-    atomic_write_text(path, old + json.dumps(record, default=_json_default) + "\n")
+    atomic_write_text(path, old + json.dumps(strict(record), default=_json_default, allow_nan=False) + "\n")
 
 
 def read_jsonl(path: Path) -> list[dict]:

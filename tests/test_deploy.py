@@ -164,3 +164,28 @@ def test_missing_manifest_is_reported_not_a_traceback(bundle):
     (bundle / "manifest.json").unlink()
     rc, out = run_deploy(bundle)
     assert rc == 2 and out["which"] is None and "manifest.json" in out["reason"]
+
+
+def test_bundle_reads_16_bit_images_as_the_tool_did(tmp_path):
+    """deploy.py scales 16-bit grey images by their real range, like core.preprocess (never clips at 255)."""
+    from PIL import Image
+
+    from core.data import image_to_array
+    from core.models import InputSpec
+
+    spec = importlib.util.spec_from_file_location("deploy_template_mod", TEMPLATE)
+    deploy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(deploy)
+    rng = np.random.default_rng(0)
+    eight = rng.integers(0, 256, (16, 16)).astype(np.uint8)
+    Image.fromarray(eight, mode="L").save(tmp_path / "8.png")
+    Image.fromarray(eight.astype(np.uint16) * 257).save(tmp_path / "16.png")  # the same picture in 16 bits
+    assert Image.open(tmp_path / "16.png").mode.startswith("I")
+    for channels in (1, 3):
+        manifest = {"input": {"input_shape": [1, channels, 16, 16]}}
+        a8 = deploy.load_image(str(tmp_path / "8.png"), manifest)
+        a16 = deploy.load_image(str(tmp_path / "16.png"), manifest)
+        assert np.array_equal(a8, a16)
+        tool = image_to_array(Image.open(tmp_path / "16.png"), InputSpec(height=16, width=16, channels=channels,
+                                                                         mean=(0.5,) * channels, std=(0.5,) * channels))
+        assert a16.shape == tool.shape and np.array_equal(a16, tool)

@@ -564,3 +564,62 @@ def test_double_start_is_refused_and_changes_nothing(digits_run):
     assert info.value.job is first
     release.set()
     first.wait(30)
+
+
+def test_export_never_replaces_what_is_not_a_bundle(digits_run, tmp_path, capsys):
+    """An existing folder of anything else, the run folder itself, a file, or a foreign zip beside the
+    bundle name: refused with one line before any work, nothing changed. An earlier bundle is replaced."""
+    docs = tmp_path / "important"
+    docs.mkdir()
+    (docs / "thesis.txt").write_text("years of work")
+    run_before = snapshot(digits_run.dir)
+    for out in (docs, digits_run.dir):
+        code, err = _main(["export", "--run", str(digits_run.dir), "--out", str(out)], capsys)
+        assert code == 2
+        assert_one_error_line(err, "not a PruneScope bundle", "nothing was changed")
+    assert (docs / "thesis.txt").read_text() == "years of work"
+    assert snapshot(digits_run.dir) == run_before
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    code, err = _main(["export", "--run", str(digits_run.dir), "--out", str(a_file)], capsys)
+    assert code == 2 and a_file.read_text() == "x"
+    (tmp_path / "fresh.zip").write_bytes(b"someone else's zip")
+    code, err = _main(["export", "--run", str(digits_run.dir), "--out", str(tmp_path / "fresh")], capsys)
+    assert code == 2 and (tmp_path / "fresh.zip").read_bytes() == b"someone else's zip"
+    bundle = tmp_path / "bundle"
+    for _ in range(2):  # a bundle of our own is replaced, atomically, with its zip
+        code, err = _main(["export", "--run", str(digits_run.dir), "--out", str(bundle)], capsys)
+        assert code in (0, 3), err
+    assert (bundle / "manifest.json").is_file() and (tmp_path / "bundle.zip").is_file()
+
+
+def test_settings_a_sample_would_ignore_are_refused(capsys):
+    for extra in (["--mean", "0", "0", "0"], ["--input-size", "20", "20"]):
+        code, err = _main(["evaluate", "--model", "sample:vgg_digits", "--data", "sample:vgg_digits", "--no-latency",
+                           *extra], capsys)
+        assert code == 2
+        assert_one_error_line(err, "sample fixes its own input size and normalisation")
+    code, err = _main(["evaluate", "--model", "sample:vgg_digits", "--data", "sample:vgg_digits", "--no-latency",
+                       "--class-order", "9,8,7,6,5,4,3,2,1,0"], capsys)
+    assert code == 2
+    assert_one_error_line(err, "sample data set has its own class order")
+
+
+def test_run_folder_json_is_strict(tmp_path):
+    """A class with one image has no validation image: its accuracy is null in the run's files, not NaN."""
+    files = [(n, b) for n, b in digit_files(per_class=6) if not n.startswith("9/")]
+    files += [(n, b) for n, b in digit_files(per_class=1) if n.startswith("9/")]
+    data = tmp_path / "d.zip"
+    data.write_bytes(make_zip(files))
+    out = tmp_path / "run"
+    res = cli_run("prune", "--model", "sample:vgg_digits", "--data", str(data), "--out", str(out), "--criterion", "l1",
+                  "--max-steps", "1", "--finetune-steps", "1", "--score-images", "16", "--no-latency", "--no-analysis")
+    assert res.returncode == 0, res.stderr
+
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    baseline = json.loads((out / "baseline.json").read_text(), parse_constant=refuse)
+    assert baseline["per_class"]["9"] is None
+    for line in (out / "history.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=refuse)

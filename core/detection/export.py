@@ -29,8 +29,8 @@ from torch import nn
 from .. import __version__
 from ..errors import PruneScopeError
 from ..export import (BUNDLE_FORMAT, SELFTEST_TOLERANCE_FLOOR, SELFTEST_TOLERANCE_FRACTION, TEMPLATE, ExportError,
-                      _ir_logits, _one_line, _torch_logits, build_atomically, bundle_zip_path, convert_to_ir, pick_step,
-                      sha256_file)
+                      _ir_logits, _one_line, _torch_logits, build_atomically, bundle_zip_path, check_bundle_target,
+                      convert_to_ir, pick_step, sha256_file)
 from ..models import ModelSpec
 from ..ncs2 import check_ncs2
 from ..ov_runtime import ONNX_OPSET, compile_cpu, read_ir, time_interleaved
@@ -234,6 +234,8 @@ def export_detection_run(run_dir: str | Path, step: int | None = None, max_drop:
     if run.task != "detection":
         raise PruneScopeError(f"Run {run.name} is a {run.task} run, not a detection run.")
     step, record = pick_step(run, step, max_drop, progress)
+    if out_path:
+        check_bundle_target(out_path)  # before any work: an export never destroys what is not a bundle
     pruned, original = run.rebuild_step(step), run.original().model
     options = run.config.get("data_options") or {}
     data = load_voc_dataset(run.config["data_source"], (run.spec.input.height, run.spec.input.width),
