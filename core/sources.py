@@ -15,7 +15,7 @@ from .detection import data as voc_data
 from .detection.data import DetectionData
 from .detection.sample import load_sample_detection
 from .errors import SettingsError
-from .models import InputSpec
+from .models import InputSpec, check_input_size
 from .sample_data import load_sample_dataset
 
 SAMPLE_PREFIX = "sample:"
@@ -59,4 +59,6 @@ def load_voc_dataset(source: str | Path | bytes, input_size: tuple[int, int] | i
         return voc_data.load_voc_dataset(source, input_size, class_names=class_names, val_fraction=val_fraction,
                                          seed=seed, limits=limits)
     size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    check_input_size(*size)  # settings are checked before any work, for samples as for files
+    check_split_options(val_fraction, seed)
     return load_sample_detection(name, size)
