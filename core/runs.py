@@ -225,7 +225,15 @@ class Run:
             if self.spec.pickle_code:  # the classes the pickle names come from the run's copy of the user's file
                 code_path = self.dir / Path(self.spec.pickle_code).name
                 self.trusted_copy(code_path.name, trusted)
-            return load_model(self.trusted_copy(PICKLE_COPY, trusted), trusted=True, code_path=code_path).model
+            pickle_bytes = self.trusted_copy(PICKLE_COPY, trusted)
+            try:
+                return load_model(pickle_bytes, trusted=True, code_path=code_path).model
+            except ModelLoadError as exc:
+                if code_path is not None:
+                    raise
+                raise ModelLoadError(f"Run {self.name} cannot rebuild its pickled model: {exc} The run holds no copy "
+                                     "of that code (it was made without it, or before runs kept it): prune again from "
+                                     "the pickle with --trusted --model-code FILE.") from None
         if self.spec.custom:
             code_path = self.dir / Path(self.spec.code_file).name
             self.trusted_copy(code_path.name, trusted)

@@ -18,7 +18,7 @@ import torchvision
 from PIL import Image
 
 from core.sources import load_dataset
-from core.errors import ModelLoadError
+from core.errors import ModelLoadError, UntrustedRunError
 from core.evaluate import evaluate_accuracy, predict_logits
 from core.models import InputSpec, load_model
 
@@ -312,6 +312,17 @@ def test_run_from_a_script_pickle_keeps_its_code_and_exports_without_the_script(
         if ex.returncode == 3:
             assert "NCS2" in ex.stderr or "ncs2" in ex.stderr.lower(), ex.stderr
         assert out.is_dir()
+    code_copy = run_dir / "model_code.py"
+    kept = code_copy.read_bytes()
+    code_copy.write_text(TRAIN_SCRIPT.replace("nn.Linear(8, 2)", "nn.Linear(8, 2); open('ran', 'w')"))
+    with pytest.raises(UntrustedRunError, match="model code"):  # a replaced copy is refused before anything runs
+        Run(run_dir).original()
+    assert not (ROOT / "ran").exists() and not Path("ran").exists()
+    code_copy.write_bytes(kept)
+    config["model_spec"]["pickle_code"] = None  # a run made without the code says how to make one that works
+    (run_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="holds no copy of that code.*prune again"):
+        Run(run_dir).original()
 
 
 # A pickle whose classes live in the user's own module (not __main__): torch.save(models_def.Up(), 'up.pt').
