@@ -96,6 +96,9 @@ class ModelSpec:
     code_file: str | None = None
     code_name: str | None = None
     code_args: Any = None
+    # A whole pickled model whose classes come from the user's Python file (a training script run as __main__,
+    # or a module that cannot be imported here): that file, as ``code_file`` (absolute, then the run's copy).
+    pickle_code: str | None = None
 
     @property
     def custom(self) -> bool:
@@ -240,22 +243,39 @@ def read_checkpoint(data: bytes, trusted: bool = False, classes: ModuleType | No
 _SCRIPT_MODULES = ("__main__", "__mp_main__")
 
 
-def _main_resolving_pickle(classes: ModuleType | None) -> ModuleType:
-    """A ``pickle`` look-alike for ``torch.load`` whose unpickler finds the classes of a training script.
+class _NotInCode(Exception):
+    """A pickle names a class of a module that cannot be imported here, and the model code lacks it too."""
 
-    ``torch.save(model)`` in a script run as ``python train.py`` records the model's class as
-    ``__main__.Net``; elsewhere ``__main__`` is another program (here ``core.__main__``), so plain
-    unpickling fails. With ``classes``, every name looked up in ``__main__`` that ``classes`` defines
-    comes from there; other lookups are pickle's own.
+    def __init__(self, module: str, name: str, code: str):
+        super().__init__(f"{module}.{name}")
+        self.module, self.name, self.code = module, name, code
+
+
+def _main_resolving_pickle(classes: ModuleType | None) -> ModuleType:
+    """A ``pickle`` look-alike for ``torch.load`` whose unpickler finds the pickled classes in the user's file.
+
+    ``torch.save(model)`` records each class by module and name: ``__main__.Net`` from a script run as
+    ``python train.py`` (elsewhere ``__main__`` is another program, here ``core.__main__``), or
+    ``models_def.Up`` from the user's own module, which is not importable here. With ``classes`` (the module
+    made from the file given as model code), a name looked up in a module that file stands for (``__main__``,
+    or a module named like the file) comes from the file; so does one of any module that cannot be imported
+    here. Other lookups are pickle's own. Nothing is added to ``sys.modules`` under the pickled names.
     """
     if classes is None:
         return pickle
+    stem = Path(getattr(classes, "__file__", "") or "").stem
 
     class Unpickler(pickle.Unpickler):
         def find_class(self, module: str, name: str):
-            if module in _SCRIPT_MODULES and hasattr(classes, name):
-                return getattr(classes, name)
-            return super().find_class(module, name)
+            found = _attribute(classes, name)
+            if found is not None and _stands_for(module, stem):
+                return found
+            try:
+                return super().find_class(module, name)
+            except ModuleNotFoundError:
+                if found is not None:
+                    return found
+                raise _NotInCode(module, name, Path(getattr(classes, "__file__", "") or "").name) from None
 
     shim = ModuleType("prunescope_script_pickle")
     shim.__dict__.update({k: getattr(pickle, k) for k in dir(pickle) if not k.startswith("__")})
@@ -264,8 +284,29 @@ def _main_resolving_pickle(classes: ModuleType | None) -> ModuleType:
     return shim
 
 
+def _stands_for(module: str, stem: str) -> bool:
+    """Whether a pickled module name means the user's file: the script's ``__main__``, or the file's own name
+    (``models_def`` for ``models_def.py``). A dotted name (``pkg.models_def``) is left to the import, so an
+    installed package is never shadowed; when it cannot be imported the file answers."""
+    return module in _SCRIPT_MODULES or module.endswith(".__main__") or (bool(stem) and module == stem)
+
+
+def _attribute(module: ModuleType, qualname: str):
+    """``module``'s object of a (possibly dotted, protocol-4) qualified name, else None."""
+    obj: Any = module
+    for part in qualname.split("."):
+        obj = vars(obj).get(part) if hasattr(obj, "__dict__") else None
+        if obj is None:
+            return None
+    return obj
+
+
 def _missing_class_message(exc: Exception, classes: ModuleType | None) -> str:
     """Which class the pickle needs that cannot be found, and how to supply it."""
+    if isinstance(exc, _NotInCode):
+        return (f"The pickled model needs class '{exc.name}' from module '{exc.module}', which cannot be imported "
+                f"here, and the file given as model code ({exc.code}) does not define '{exc.name}'. Give the Python "
+                f"file that defines it (--model-code FILE with --trusted), or save model.state_dict() instead.")
     text = str(exc)
     found = re.search(r"Can't get attribute '([^']+)' on <module '([^']+)'", text)
     if found:
@@ -500,7 +541,8 @@ def load_model(
         model = obj.float().eval()
         num_classes = _output_features(model)
         spec = ModelSpec(arch=f"pickled:{type(obj).__name__}", num_classes=num_classes,
-                         input=input_spec or open_input_spec(), class_names=class_names, source=source, pickled=True)
+                         input=input_spec or open_input_spec(), class_names=class_names, source=source, pickled=True,
+                         pickle_code=str(Path(code_path).resolve()) if code_path is not None else None)
         return _with_first_layer(LoadedModel(model, spec, notes))
     if classes is not None:
         raise ModelLoadError("Name the class or factory function in the model code that builds the model "

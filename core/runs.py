@@ -5,7 +5,8 @@ Layout of a run folder::
     config.json        settings, model spec, data source
     original.pt        the original weights (state dict), never modified
     original_pickle.pt the trusted pickled module, when the model was loaded as one
-    model_code.py      the Python file of a custom architecture (config.json's spec names this copy)
+    model_code.py      the Python file of a custom architecture, or the file whose classes a pickled model
+                       needs (config.json's spec names this copy)
     baseline.json      accuracy, per-class accuracy, MACs, params, latency of the original
     car.json           CAR scores of the original model (when computed)
     history.jsonl      one record per completed step (step 0 = the original)
@@ -80,8 +81,9 @@ def remember_trusted_model(loaded: LoadedModel, model_bytes: bytes | None) -> No
     """The user loaded ``loaded`` with trust given: runs holding the same pickle or code may then run it."""
     if loaded.spec.pickled and model_bytes is not None:
         record_trust(model_bytes, "pickle", loaded.spec.source)
-    if loaded.spec.custom and Path(loaded.spec.code_file).is_file():
-        record_trust(Path(loaded.spec.code_file).read_bytes(), "code", Path(loaded.spec.code_file).name)
+    for code in (loaded.spec.code_file, loaded.spec.pickle_code):
+        if code is not None and Path(code).is_file():
+            record_trust(Path(code).read_bytes(), "code", Path(code).name)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -112,19 +114,21 @@ class RunWriter:
         self.status("running", "started")
 
     def _keep_code(self, spec: ModelSpec, trusted: dict[str, str]) -> ModelSpec:
-        """Copy a custom architecture's Python file into the run, so the run rebuilds its models even after
-        the user's file has moved or changed; the stored spec names the copy. The code ran when the model
-        was loaded, which needed trust: that trust is recorded for the copy."""
-        if not spec.custom:
+        """Copy the model's Python file (a custom architecture's, or the one a pickled model's classes came from)
+        into the run, so the run rebuilds its models even after the user's file has moved or changed; the stored
+        spec names the copy. The code ran when the model was loaded, which needed trust: that trust is recorded
+        for the copy."""
+        field_name = "code_file" if spec.custom else "pickle_code" if spec.pickled and spec.pickle_code else None
+        if field_name is None:
             return spec
-        source = Path(spec.code_file)
+        source = Path(getattr(spec, field_name))
         if not source.is_file():
             raise ModelLoadError(f"The model's Python file {source} is gone since the model was loaded; load the "
                                  "model again.")
         code = source.read_bytes()
         atomic_write_bytes(self.dir / CODE_COPY, code)
         trusted[CODE_COPY] = record_trust(code, "code", source.name)
-        return replace(spec, code_file=CODE_COPY)
+        return replace(spec, **{field_name: CODE_COPY})
 
     def status(self, state: str, message: str = "", **extra) -> None:
         atomic_write_json(self.dir / "status.json", {"state": state, "message": message, "pid": os.getpid(),
@@ -217,7 +221,19 @@ class Run:
         if self.task == "detection":
             return rebuild_detector(self.config["detector_config"])
         if self.spec.pickled:
-            return load_model(self.trusted_copy(PICKLE_COPY, trusted), trusted=True).model
+            code_path = None
+            if self.spec.pickle_code:  # the classes the pickle names come from the run's copy of the user's file
+                code_path = self.dir / Path(self.spec.pickle_code).name
+                self.trusted_copy(code_path.name, trusted)
+            pickle_bytes = self.trusted_copy(PICKLE_COPY, trusted)
+            try:
+                return load_model(pickle_bytes, trusted=True, code_path=code_path).model
+            except ModelLoadError as exc:
+                if code_path is not None:
+                    raise
+                raise ModelLoadError(f"Run {self.name} cannot rebuild its pickled model: {exc} The run holds no copy "
+                                     "of that code (it was made without it, or before runs kept it): prune again from "
+                                     "the pickle with --trusted --model-code FILE.") from None
         if self.spec.custom:
             code_path = self.dir / Path(self.spec.code_file).name
             self.trusted_copy(code_path.name, trusted)

@@ -220,7 +220,7 @@ metrics_row(b)
 st.caption(f"Accuracy on {b['n']} validation images; MACs and parameters of one {spec.input.height}×{spec.input.width} "
            f"image; latency: {b['latency_note']}.")
 plaus_key, plaus = st.session_state.get("load_plausibility", (None, None))
-if plaus is not None and plaus_key == state.key and plaus.near_chance:  # issue 13: a near-chance baseline
+if plaus is not None and plaus_key == state.key and plaus.suspect:  # issue 13: a baseline near or below chance
     st.warning(plaus.message(), icon=":material/warning:")
     if plaus.fix is not None:
         st.button(f"Apply: {describe_fix(plaus.fix)}", key="load_apply_fix", icon=":material/auto_fix_high:",

@@ -18,7 +18,7 @@ import torchvision
 from PIL import Image
 
 from core.sources import load_dataset
-from core.errors import ModelLoadError
+from core.errors import ModelLoadError, UntrustedRunError
 from core.evaluate import evaluate_accuracy, predict_logits
 from core.models import InputSpec, load_model
 
@@ -257,12 +257,12 @@ def test_script_pickle_as_weights_of_the_class_in_its_code(script_pickle):
         assert torch.equal(loaded.model(x), _reference_net()(x))
 
 
-def _reference_net() -> torch.nn.Module:
+def _reference_net(code: str = TRAIN_SCRIPT, name: str = "Net") -> torch.nn.Module:
     """The network the training script saved, rebuilt independently (same seed, same class)."""
     torch.manual_seed(0)
     namespace: dict = {"__name__": "reference"}
-    exec(TRAIN_SCRIPT, namespace)
-    return namespace["Net"]().eval()
+    exec(code, namespace)
+    return namespace[name]().eval()
 
 
 def test_cli_script_pickle_with_model_code(script_pickle, tmp_path):
@@ -276,3 +276,117 @@ def test_cli_script_pickle_with_model_code(script_pickle, tmp_path):
                         cwd=ROOT, timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["num_val"] == 2
+
+
+def test_run_from_a_script_pickle_keeps_its_code_and_exports_without_the_script(script_pickle, tmp_path):
+    """A run made from a __main__ pickle + --model-code copies the code, so export and Review rebuild it after the
+    user's script is gone."""
+    path, script = script_pickle
+    data = write_images(tmp_path / "d", {c: [np.stack([a] * 3, -1) for a in arrays]
+                                         for c, arrays in brightness_images(10, 16, 60, 190).items()})
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "core", "prune", "--model", str(path), "--trusted", "--model-code",
+                           str(script), "--data", str(data), "--out", str(run_dir), "--max-steps", "1",
+                           "--score-images", "16", "--finetune-steps", "1", "--no-latency", "--no-analysis",
+                           "--criterion", "l1", "--cluster", "4"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["model_spec"]["pickle_code"] == "model_code.py"
+    assert (run_dir / "model_code.py").read_bytes() == script.read_bytes()
+    assert "model_code.py" in config["trust"]["files"]
+    script.unlink()  # the user's script is gone
+
+    from core.runs import Run
+
+    run = Run(run_dir)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(run.original().model(x), _reference_net()(x))
+    for trusted in ([], ["--trusted"]):
+        out = tmp_path / f"bundle{len(trusted)}"
+        ex = subprocess.run([sys.executable, "-m", "core", "export", "--run", str(run_dir), "--out", str(out)]
+                            + trusted, capture_output=True, text=True, cwd=ROOT, timeout=600)
+        assert ex.returncode in (0, 3), ex.stderr
+        assert "needs class" not in ex.stderr and "Traceback" not in ex.stderr
+        if ex.returncode == 3:
+            assert "NCS2" in ex.stderr or "ncs2" in ex.stderr.lower(), ex.stderr
+        assert out.is_dir()
+    code_copy = run_dir / "model_code.py"
+    kept = code_copy.read_bytes()
+    code_copy.write_text(TRAIN_SCRIPT.replace("nn.Linear(8, 2)", "nn.Linear(8, 2); open('ran', 'w')"))
+    with pytest.raises(UntrustedRunError, match="model code"):  # a replaced copy is refused before anything runs
+        Run(run_dir).original()
+    assert not (ROOT / "ran").exists() and not Path("ran").exists()
+    code_copy.write_bytes(kept)
+    config["model_spec"]["pickle_code"] = None  # a run made without the code says how to make one that works
+    (run_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="holds no copy of that code.*prune again"):
+        Run(run_dir).original()
+
+
+# A pickle whose classes live in the user's own module (not __main__): torch.save(models_def.Up(), 'up.pt').
+MODULE_CODE = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 6, 3, padding=1)
+
+        def forward(self, x):
+            return torch.relu(self.conv(x))
+
+    class Up(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = Block()
+            self.fc = nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.fc(self.block(x).mean((2, 3)))
+''')
+
+
+@pytest.fixture()
+def module_pickle(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "models_def.py").write_text(MODULE_CODE)
+    out = tmp_path / "up.pt"
+    subprocess.run([sys.executable, "-c", "import sys, torch, models_def; torch.manual_seed(0); "
+                    "torch.save(models_def.Up(), sys.argv[1])", str(out)], check=True, cwd=src, timeout=120)
+    code = tmp_path / "models_def.py"  # the user's file, given beside the pickle; the saving folder is not importable
+    code.write_text(MODULE_CODE)
+    return out, code
+
+
+def test_module_pickle_loads_with_its_file_and_leaves_sys_modules_alone(module_pickle, tmp_path):
+    path, code = module_pickle
+    with pytest.raises(ModelLoadError, match="module 'models_def'"):
+        load_model(path, trusted=True)
+    loaded = load_model(path, trusted=True, code_path=code)
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), _reference_net(MODULE_CODE, "Up")(x))
+    assert "models_def" not in sys.modules
+    renamed = tmp_path / "my_net.py"  # the file may have another name: the module it stands for cannot be imported
+    renamed.write_text(MODULE_CODE)
+    with torch.no_grad():
+        assert torch.equal(load_model(path, trusted=True, code_path=renamed).model(x), _reference_net(MODULE_CODE, "Up")(x))
+    lacking = tmp_path / "other.py"
+    lacking.write_text("import torch\n")
+    with pytest.raises(ModelLoadError, match="needs class 'Up' from module 'models_def'.*other.py"):
+        load_model(path, trusted=True, code_path=lacking)
+
+
+def test_cli_module_pickle_with_model_code(module_pickle, tmp_path):
+    path, code = module_pickle
+    data = write_images(tmp_path / "d", {c: [np.stack([a] * 3, -1) for a in arrays]
+                                         for c, arrays in brightness_images(4, 12, 60, 190).items()})
+    proc = subprocess.run([sys.executable, "-m", "core", "evaluate", "--model", str(path), "--trusted", "--model-code",
+                           str(code), "--data", str(data), "--no-latency", "--json"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["num_val"] == 2
