@@ -32,6 +32,7 @@ from .groups import ChannelGroup, PruningGraph, UnsafeGroupError
 from .models import InputSpec, LoadedModel
 from .ov_runtime import measure_latency_ms
 from .runs import Run, RunWriter
+from .screen import tiebreak
 from .workspace import read_json
 
 TASK = "classification"
@@ -193,12 +194,7 @@ def car_with_tiebreak(car: np.ndarray, loss_up: np.ndarray, owners: np.ndarray, 
     whose CAR is equal; without it the many filters with CAR 0 on a small image set would be removed
     in arbitrary order.
     """
-    out = {}
-    for g in groups:
-        mask = owners == g.gid
-        lu = loss_up[mask]
-        out[g.gid] = car[mask] + (0.5 / max(n_images, 1)) * (lu - lu.min()) / (np.ptp(lu) + 1e-12)
-    return out
+    return {g.gid: tiebreak(car[owners == g.gid], loss_up[owners == g.gid], n_images) for g in groups}
 
 
 def _accumulate_gradients(model: nn.Module, train: ImageSet, spec: InputSpec, rng, batches: int = 4, bs: int = 64) -> None:
