@@ -1,10 +1,18 @@
 """Shared fixtures: every test gets its own workspace so runs and uploads never leak between tests."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+# Under pytest-xdist (``-n 2``, see pytest.ini) each worker gets one intra-op thread: two workers with
+# one thread each keep both cores busy, where two workers with two OpenMP threads each oversubscribe
+# them and slow small convolutions many-fold. Set before torch is imported; subprocesses inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
