@@ -18,6 +18,7 @@ from torch import nn
 from .ablation import Ablation, AblationEngine
 from .data import ImageSet, normalize
 from .errors import SettingsError
+from .fingerprint import model_fingerprint, tensors_fingerprint
 from .groups import ChannelGroup, PruningGraph
 from .models import InputSpec
 from .screen import global_shortlist, screen_filters, screened_order_scores
@@ -46,6 +47,11 @@ class CarResult:
     exact: dict[int, list[bool]] = field(default_factory=dict)
     # layer -> why it is neither analysed nor pruned (see PruningGraph.left_alone); includes left-alone groups
     left_alone: dict[str, str] = field(default_factory=dict)
+    # gid -> per filter, the mean loss increase of the same ablation (ties of CAR are broken by it)
+    loss_up: dict[int, list[float]] = field(default_factory=dict)
+    # the model state and score images it was measured on (CarScorer.fingerprint): a result is reused
+    # only where both match; empty for analyses written before fingerprints
+    fingerprint: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -55,6 +61,7 @@ class CarResult:
             "sensitivity": {str(k): v for k, v in self.sensitivity.items()},
             "seconds": self.seconds, "mode": self.mode, "left_alone": self.left_alone,
             "exact": {str(k): v for k, v in self.exact.items()},
+            "loss_up": {str(k): v for k, v in self.loss_up.items()}, "fingerprint": self.fingerprint,
         }
 
     @classmethod
@@ -66,6 +73,7 @@ class CarResult:
             sensitivity={int(k): [tuple(x) for x in v] for k, v in d.get("sensitivity", {}).items()},
             seconds=d.get("seconds", 0.0), mode=d.get("mode", "exact"), left_alone=d.get("left_alone", {}),
             exact={int(k): v for k, v in d.get("exact", {}).items()},
+            loss_up={int(k): v for k, v in d.get("loss_up", {}).items()}, fingerprint=d.get("fingerprint", {}),
         )
 
     def is_exact(self, gid: int, f: int) -> bool:
@@ -89,7 +97,8 @@ class CarScorer:
         self.model = model.eval()
         self.images = images
         self.labels = images.labels
-        self.engine = AblationEngine(self.model, normalize(images.images, spec))
+        self.inputs = normalize(images.images, spec)
+        self.engine = AblationEngine(self.model, self.inputs)
         self.base_pred = self.engine.baseline_logits().argmax(1)
         self.base_correct = (self.base_pred == self.labels)
         self.baseline_accuracy = float(self.base_correct.float().mean())
@@ -101,13 +110,17 @@ class CarScorer:
         return preds == self.labels.unsqueeze(0)
 
     def accuracies_and_loss(self, ablations: list[Ablation], progress: Callable[[int], None] | None = None,
-                            cancel: threading.Event | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            cancel: threading.Event | None = None, fast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Correct-prediction matrix and the mean loss increase over the unablated model, per ablation."""
         if not hasattr(self, "_base_loss"):
-            _, base = self.engine.evaluate([{}], self.labels)
+            _, base = self.engine.evaluate([{}], self.labels, fast=fast)
             self._base_loss = float(base[0])
-        preds, loss = self.engine.evaluate(ablations, self.labels, progress=progress, cancel=cancel)
+        preds, loss = self.engine.evaluate(ablations, self.labels, progress=progress, cancel=cancel, fast=fast)
         return preds == self.labels.unsqueeze(0), loss - self._base_loss
+
+    def fingerprint(self) -> dict:
+        """What its measurements depend on: the model state and the score images with their labels."""
+        return {"model": model_fingerprint(self.model), "images": tensors_fingerprint(self.images.images, self.labels)}
 
     def per_class_drop(self, correct: torch.Tensor, num_classes: int) -> list[list[float]]:
         """Per ablation, the drop in each class's accuracy."""
@@ -177,28 +190,31 @@ def compute_car(
         if progress:
             progress(min(done / max(total, 1), 1.0), f"CAR: {done // max(len(subset), 1)} of {len(ablations)} {what}")
 
-    correct = scorer.accuracies(ablations, progress=report, cancel=cancel, fast=fast)
+    correct, loss_up = scorer.accuracies_and_loss(ablations, progress=report, cancel=cancel, fast=fast)
     acc = correct.float().mean(1)
-    result = CarResult(scorer.baseline_accuracy, len(subset), list(images.class_names), [g.to_dict() for g in groups], {})
+    result = CarResult(scorer.baseline_accuracy, len(subset), list(images.class_names), [g.to_dict() for g in groups], {},
+                       fingerprint=scorer.fingerprint())
     owners_t = torch.tensor(owners, dtype=torch.long)
     for g in groups:
         rows = (owners_t == g.gid).nonzero().flatten()
         measured = [scorer.baseline_accuracy - float(acc[r]) for r in rows]
+        measured_loss = [float(loss_up[r]) for r in rows]
         measured_pc = scorer.per_class_drop(correct[rows], len(images.class_names)) if per_class and len(rows) else []
         if screen is None:
-            result.car[g.gid] = measured
+            result.car[g.gid], result.loss_up[g.gid] = measured, measured_loss
             if per_class:
                 result.per_class[g.gid] = measured_pc
             continue
         car = screen.car[g.gid].astype(float).tolist()
+        loss = screen.loss_up[g.gid].astype(float).tolist()
         pc = screen.per_class[g.gid].tolist()
         exact = [False] * g.width
         for k, r in enumerate(rows.tolist()):
             f = filters[r]
-            car[f], exact[f] = measured[k], True
+            car[f], loss[f], exact[f] = measured[k], measured_loss[k], True
             if per_class:
                 pc[f] = measured_pc[k]
-        result.car[g.gid], result.exact[g.gid] = car, exact
+        result.car[g.gid], result.exact[g.gid], result.loss_up[g.gid] = car, exact, loss
         if per_class:
             result.per_class[g.gid] = pc
     if sensitivity:
