@@ -183,7 +183,7 @@ class AblationEngine:
         else:
             x = env[arg]
         axis = channel_axis(module, x)
-        mask = torch.ones((k, x.shape[axis]), dtype=x.dtype)
+        mask = torch.ones((k, x.shape[axis]), dtype=x.dtype, device=x.device)
         for j, idxs in enumerate(idx_lists):
             if idxs:
                 mask[j, idxs] = 0
@@ -196,7 +196,9 @@ class AblationEngine:
 
     @torch.no_grad()
     def baseline_logits(self) -> torch.Tensor:
-        return torch.cat([self.model(self.inputs[i:i + self.chunk]) for i in range(0, len(self.inputs), self.chunk)])
+        """Logits ``[N, classes]`` of the unablated model, on the CPU."""
+        return torch.cat([self.model(self.inputs[i:i + self.chunk]).cpu()
+                          for i in range(0, len(self.inputs), self.chunk)])
 
     def predictions(self, ablations: list[Ablation], progress: Callable[[int], None] | None = None,
                     cancel: threading.Event | None = None, fast: bool = True) -> torch.Tensor:
@@ -243,6 +245,11 @@ class AblationEngine:
         falls back to one full pass per ablation when the traced graph cannot run split; ``reset()``
         is then called first, so that what ``account`` accumulated from the failed attempt is cleared.
         """
+        device_account = account
+
+        def account(ids, start, outputs):  # outputs of a GPU model are accounted for on the CPU
+            device_account(ids, start, outputs.cpu())
+
         if fast and self.fast:
             try:
                 self._evaluate_fast(ablations, account, progress, cancel)
@@ -316,7 +323,7 @@ def _delta(module: nn.Module, x: torch.Tensor, idx_lists: list[list[int]]) -> to
     if len(sizes) != 1 or 0 in sizes:
         return None
     k, m = len(idx_lists), sizes.pop()
-    idx = torch.tensor(idx_lists, dtype=torch.long)  # (K, m)
+    idx = torch.tensor(idx_lists, dtype=torch.long, device=x.device)  # (K, m)
     if isinstance(module, nn.Conv2d):
         if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
             return None
@@ -348,7 +355,7 @@ class zeroed_inputs:
 
             def hook(mod, args, index=index):
                 x = args[0].clone()
-                x.index_fill_(channel_axis(mod, x) % x.dim(), index, 0)
+                x.index_fill_(channel_axis(mod, x) % x.dim(), index.to(x.device), 0)
                 return (x, *args[1:])
 
             self.handles.append(module.register_forward_pre_hook(hook))

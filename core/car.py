@@ -17,6 +17,7 @@ from torch import nn
 
 from .ablation import Ablation, AblationEngine
 from .data import ImageSet, normalize
+from .device import model_device, on_device
 from .errors import SettingsError
 from .fingerprint import model_fingerprint, tensors_fingerprint
 from .groups import ChannelGroup, PruningGraph
@@ -97,7 +98,7 @@ class CarScorer:
         self.model = model.eval()
         self.images = images
         self.labels = images.labels
-        self.inputs = normalize(images.images, spec)
+        self.inputs = normalize(images.images.to(model_device(model)), spec)
         self.engine = AblationEngine(self.model, self.inputs)
         self.base_pred = self.engine.baseline_logits().argmax(1)
         self.base_correct = (self.base_pred == self.labels)
@@ -154,13 +155,15 @@ def compute_car(
     fast: bool = True,
     method: str = "exact",
     exact_fraction: float = FAST_EXACT_FRACTION,
+    device: torch.device | str | None = None,
 ) -> CarResult:
     """CAR of every filter of every prunable group (+ per-class CAR and per-layer sensitivity).
 
     ``method="exact"`` measures every filter (``fast`` only chooses the batched engine over the naive
     one; same numbers). ``method="fast"`` screens every filter to first order (``core.screen``, one
     forward and two backward passes) and measures exact CAR for the lowest-screened ``exact_fraction``
-    of them; ``result.exact`` says which figures are measured and which screened.
+    of them; ``result.exact`` says which figures are measured and which screened. ``device``: where the
+    forward passes run (``core.device``); the model is back on the CPU afterwards.
     """
     check_image_count(n_images)
     check_method(method)
@@ -168,6 +171,16 @@ def compute_car(
     subset = images.subset(n_images)
     graph = PruningGraph(model, spec.shape(1))
     groups = graph.groups()
+    with on_device(model, device):
+        result = _car_on_device(model, spec, images, subset, groups, sensitivity, per_class, progress, cancel, fast,
+                                method, exact_fraction)
+    result.left_alone = graph.left_alone()
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _car_on_device(model, spec, images, subset, groups, sensitivity, per_class, progress, cancel, fast, method,
+                   exact_fraction) -> CarResult:
     scorer = CarScorer(model, spec, subset)
     screen = None
     if method == "fast":
@@ -219,8 +232,6 @@ def compute_car(
             result.per_class[g.gid] = pc
     if sensitivity:
         result.sensitivity = _sensitivity(scorer, groups, result.car, progress, cancel, len(ablations) * len(subset), total)
-    result.left_alone = graph.left_alone()
-    result.seconds = time.perf_counter() - t0
     engine = "exact" if (fast and scorer.engine.fast) or not fast else "exact (naive)"
     result.mode = engine if screen is None else (
         f"fast: first-order screen of all {sum(g.width for g in groups)} filters, {engine} CAR for the "

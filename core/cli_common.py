@@ -13,7 +13,9 @@ from pathlib import Path
 from .car import check_image_count
 from .clusters import get_profile
 from .data import check_split_options
+from .device import DEVICES, describe, resolve_device, set_threads
 from .errors import ModelLoadError, PruneScopeError, SettingsError
+from .eta import EtaTracker, format_duration
 from .export import EXIT_NOT_READY, bundle_shortfall
 from .jsonout import emit_json
 from .models import default_input_spec, load_model, open_input_spec
@@ -36,6 +38,21 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="model input size (default: per architecture)")
     p.add_argument("--mean", type=float, nargs="+", help="mean of the model's normalisation, one value per input channel")
     p.add_argument("--std", type=float, nargs="+", help="std of the model's normalisation, one value per input channel")
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help="where CAR, fine-tuning and evaluation run: auto (CUDA when PyTorch sees a GPU), cpu or cuda")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads for PyTorch (default: the cores this process may use)")
+
+
+def device_from_args(args):
+    """Resolve ``--device`` and set ``--threads``; prints which device runs the job. Raises SettingsError."""
+    device = resolve_device(args.device)
+    threads = set_threads(args.threads)
+    progress(f"device: {describe(device, threads)}")
+    return device
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
@@ -109,17 +126,41 @@ def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def progress_printer(prefix: str = ""):
-    """A ``progress(fraction, message)`` callback that prints at most once a second (and at 100%) on stderr."""
-    last = [0.0]
+class ProgressPrinter:
+    """Progress on stderr, at most once a second (and at 100 %), with the phase's elapsed time and ETA.
 
-    def show(fraction: float, message: str) -> None:
+    ``progress(fraction, message)`` is one phase (e.g. a CAR analysis); ``event(p)`` takes the pruning
+    loop's structured ``Progress(phase, step, fraction, message)`` and times each ``(phase, step)`` on
+    its own: the ETA is the phase's remaining fraction at the rate measured over its recent reports
+    (``core.eta.EtaTracker``), never one overall fraction extrapolated over phases of other rates.
+    """
+
+    def __init__(self, prefix: str = "", interval_s: float = 1.0):
+        self.prefix, self.interval_s = prefix, interval_s
+        self.tracker = EtaTracker()
+        self._last = float("-inf")
+
+    def __call__(self, fraction: float, message: str) -> None:
+        self.show("", fraction, message)
+
+    def event(self, p) -> None:
+        self.show(f"{p.phase} {p.step}" if p.step else p.phase, p.fraction, p.message)
+
+    def show(self, phase: str, fraction: float, message: str) -> None:
+        state = self.tracker.update(phase, fraction, 1.0, message)
         now = time.monotonic()
-        if now - last[0] >= 1.0 or fraction >= 1.0:
-            last[0] = now
-            print(f"{prefix}[{fraction * 100:5.1f}%] {message}", file=sys.stderr, flush=True)
+        if now - self._last < self.interval_s and fraction < 1.0:
+            return
+        self._last = now
+        timing = f"{format_duration(state.phase_elapsed_s)} elapsed"
+        if fraction < 1.0:
+            timing += f", ETA {format_duration(state.eta_s)}"
+        print(f"{self.prefix}[{fraction * 100:5.1f}%] {message} ({timing})", file=sys.stderr, flush=True)
 
-    return show
+
+def progress_printer(prefix: str = "") -> ProgressPrinter:
+    """A ``progress(fraction, message)`` callback for stderr with elapsed time and ETA (``ProgressPrinter``)."""
+    return ProgressPrinter(prefix)
 
 
 def prepare_out(path: str) -> Path:

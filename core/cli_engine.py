@@ -6,8 +6,8 @@ from pathlib import Path
 
 from . import criteria
 from .car import CAR_METHODS, compute_car
-from .cli_common import (config_from_args, export_exit_code, load_model_and_data, prepare_out, print_summary,
-                         progress_printer)
+from .cli_common import (add_device_args, config_from_args, device_from_args, export_exit_code, load_model_and_data,
+                         prepare_out, print_summary, progress_printer)
 from .clusters import PROFILES
 from .detection.cli import add_detection_args, cmd_export_detection, cmd_prune_detection
 from .detection.prune import DetectionPruneConfig
@@ -34,6 +34,7 @@ def add_commands(sub, add_model_args, add_data_args) -> None:
     an.add_argument("--car", choices=CAR_METHODS, default="exact",
                     help="exact: measure every filter; fast: first-order screen of every filter, exact CAR for the "
                          "lowest-screened 15 %% (the result says which figures are exact)")
+    add_device_args(an)
     an.add_argument("--json", action="store_true")
 
     pr = sub.add_parser("prune", help="greedy cluster pruning with fine-tuning into a run folder")
@@ -73,15 +74,17 @@ def add_commands(sub, add_model_args, add_data_args) -> None:
 
 
 def cmd_analyse(args) -> int:
+    device = device_from_args(args)
     loaded, data = load_model_and_data(args)
     out = prepare_out(args.out)
     result = compute_car(loaded.model, loaded.spec.input, data.val, n_images=args.images,
-                         progress=progress_printer(), fast=not args.naive, method=args.car)
+                         progress=progress_printer(), fast=not args.naive, method=args.car, device=device)
     atomic_write_json(out / "car.json", result.to_dict())
     atomic_write_json(out / "analysis.json", {"model_spec": loaded.spec.to_dict(), "data_source": args.data})
     summary = {"run": str(out), "baseline_accuracy": result.baseline_accuracy, "n_images": result.n_images,
                "filters": sum(len(v) for v in result.car.values()), "groups": len(result.groups),
-               "exact_filters": result.n_exact, "mode": result.mode, "seconds": result.seconds}
+               "exact_filters": result.n_exact, "mode": result.mode, "seconds": result.seconds,
+               "device": str(device)}
     print_summary(summary, args.json)
     return 0
 

@@ -129,8 +129,8 @@ class DataSet:
 def normalize(images_u8: torch.Tensor, spec: InputSpec) -> torch.Tensor:
     """uint8 (N, C, H, W) -> float input the model was trained on."""
     x = images_u8.float().div_(255.0)
-    mean = torch.tensor(spec.mean, dtype=x.dtype).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std, dtype=x.dtype).view(1, -1, 1, 1)
+    mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return (x - mean) / std
 
 

@@ -45,6 +45,34 @@ def set_threads(threads: int | None = None) -> int:
     return n
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of a model's parameters (the CPU for a model without parameters)."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+class on_device:
+    """Context manager: the model's parameters live on ``device`` inside, back on the CPU after.
+
+    Graph surgery (Torch-Pruning traces with CPU example inputs), MAC counting, latency (OpenVINO) and
+    saving stay on the CPU; scoring, fine-tuning and evaluation run where the job's device is. The
+    model is moved in place (``Module.to``), so every reference to it stays valid.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: torch.device | str | None):
+        self.model, self.device = model, torch.device(device) if device is not None else None
+
+    def __enter__(self) -> torch.nn.Module:
+        if self.device is not None and self.device.type != "cpu":
+            self.model.to(self.device)
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        if self.device is not None and self.device.type != "cpu":
+            self.model.to("cpu")
+
+
 def describe(device: torch.device, threads: int) -> str:
     """One line for the UI and logs: which device runs the job."""
     if device.type == "cuda":

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .data import ImageSet, normalize
+from .device import model_device
 from .models import InputSpec
 from .shortcuts import is_shortcut_embedding
 
@@ -24,12 +25,14 @@ class Accuracy:
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: torch.Tensor, spec: InputSpec, batch_size: int = 256) -> torch.Tensor:
-    """Logits for uint8 images, in eval mode, batched to bound memory."""
+    """Logits ``[N, classes]`` (on the CPU) for uint8 images ``[N, C, H, W]``, in eval mode, batched to bound
+    memory, computed on the model's device."""
     was_training = model.training
     model.eval()
+    device = model_device(model)
     out = []
     for i in range(0, len(images), batch_size):
-        out.append(model(normalize(images[i:i + batch_size], spec)).float())
+        out.append(model(normalize(images[i:i + batch_size].to(device), spec)).float().cpu())
     model.train(was_training)
     if not out:
         return torch.zeros((0, 0))

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ablation import channel_axis
+from .device import model_device
 from .errors import CancelledError
 from .groups import ChannelGroup
 
@@ -78,7 +79,8 @@ class _Gates:
             x = args[0]
             axis = channel_axis(module, x) % x.dim()
             if name not in self.gates:
-                self.gates[name] = torch.ones((x.shape[0], x.shape[axis]), dtype=x.dtype, requires_grad=True)
+                self.gates[name] = torch.ones((x.shape[0], x.shape[axis]), dtype=x.dtype, device=x.device,
+                                              requires_grad=True)
             shape = [1] * x.dim()
             shape[0], shape[axis] = x.shape[0], x.shape[axis]
             return (x * self.gates[name].reshape(shape),) + tuple(args[1:])
@@ -110,6 +112,7 @@ def screen_filters(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
     images are independent and per-image gate gradients are exact per-image derivatives.
     """
     model.eval()
+    device = model_device(model)
     consumers = sorted({c for g in groups for c in g.consumers})
     n = len(inputs)
     flips = {g.gid: torch.zeros(g.width, dtype=torch.float64) for g in groups}
@@ -127,7 +130,7 @@ def screen_filters(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
         for start in range(0, n, chunk):
             if cancel is not None and cancel.is_set():
                 raise CancelledError("Cancelled.")
-            x, y = inputs[start:start + chunk], labels[start:start + chunk]
+            x, y = inputs[start:start + chunk].to(device), labels[start:start + chunk].to(device)
             with _Gates(model, consumers) as gates:
                 logits = model(x)
                 if isinstance(logits, (tuple, list)):
@@ -140,23 +143,24 @@ def screen_filters(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
                 dl = torch.autograd.grad(loss.sum(), tensors, allow_unused=True)
             grads_m = {k: g for k, g in zip(names, dm) if g is not None}
             grads_l = {k: g for k, g in zip(names, dl) if g is not None}
-            m = margin.detach()
+            m = margin.detach().cpu()  # sums are kept on the CPU; the gradients come from the model's device
             correct = m > 0
-            onehot = F.one_hot(y, logits.shape[1]).to(torch.float64)  # [n, classes]
+            onehot = F.one_hot(y.cpu(), logits.shape[1]).to(torch.float64)  # [n, classes]
             class_counts = onehot.sum(0) if class_counts is None else class_counts + onehot.sum(0)
             margins.append(m.float())
             base_correct += int(correct.sum())
             for g in groups:
-                d_m = torch.zeros((len(x), g.width), dtype=x.dtype)
-                d_l = torch.zeros((len(x), g.width), dtype=x.dtype)
+                d_m = torch.zeros((len(x), g.width), dtype=x.dtype, device=device)
+                d_l = torch.zeros((len(x), g.width), dtype=x.dtype, device=device)
                 for c in g.consumers:
                     if c not in grads_m:
                         continue
                     key = (g.gid, c)
                     if key not in matrices:
-                        matrices[key] = _filter_matrix(g, c, grads_m[c].shape[1]).to(x.dtype)
+                        matrices[key] = _filter_matrix(g, c, grads_m[c].shape[1]).to(device, x.dtype)
                     d_m += grads_m[c] @ matrices[key]
                     d_l += grads_l[c] @ matrices[key]
+                d_m, d_l = d_m.cpu(), d_l.cpu()
                 changes[g.gid].append((-d_m).float())
                 after = (m.unsqueeze(1) - d_m) > 0  # removing f: gate 1 -> 0, first-order change -dm/dg
                 lost = correct.unsqueeze(1).to(torch.float64) - after.to(torch.float64)  # [n, width]
