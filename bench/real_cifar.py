@@ -10,16 +10,28 @@ Part 1 — CAR of every filter of the original, exact vs fast, side by side in o
 score images (held-out images, never seen in training): wall time of each and their ratio, Spearman's
 rho between the two (ties averaged), and the recall of the exact lowest 10 % among the fast lowest
 10 % (a fast pick counts when its exact CAR is within the exact lowest 10 %, ties at the cut included).
+
+Part 2 (``--prune``) — the default prune flow end to end, as a user runs it: ``python -m core prune ...
+--max-drop 1.0 --cluster 8`` in a subprocess, once with ``--car fast`` (the default) and once with
+``--car exact``, on an ImageFolder the bench writes from the training split (``train/``: fine-tuning
+images; ``val/``: 2,000 selection images, disjoint from train) with the 5,000 held-out images as
+``test/``. Reported: wall time, steps, MAC ratio, the selection drop the run saw, the drop on the 5,000
+held-out images pruning never saw (measured here on the rebuilt final step), and the OpenVINO CPU
+latency ratio (original and final timed in alternation; paired Wilcoxon test says whether it is real).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from scipy.stats import spearmanr
 
 from _common import ROOT, machine, table
@@ -30,7 +42,10 @@ import train_cifar  # noqa: E402
 from core.architectures import CifarResNet  # noqa: E402
 from core.car import FAST_EXACT_FRACTION, compute_car  # noqa: E402
 from core.data import ImageSet  # noqa: E402
+from core.evaluate import count_macs_params, evaluate_accuracy  # noqa: E402
 from core.models import InputSpec  # noqa: E402
+from core.ov_runtime import compile_cpu, latency_difference, time_interleaved, to_openvino  # noqa: E402
+from core.runs import Run  # noqa: E402
 
 
 def score_images(n: int) -> tuple[ImageSet, np.ndarray, np.ndarray]:
@@ -66,11 +81,68 @@ def car_exact_vs_fast(model: torch.nn.Module, spec: InputSpec, images: ImageSet,
             "Spearman rho": round(float(spearmanr(e, f).statistic), 3), "recall low 10%": round(recall, 2)}
 
 
+def write_imagefolder(root: Path, images: np.ndarray, labels: np.ndarray, classes: list[str],
+                     roles: dict[str, np.ndarray]) -> Path:
+    """``root/<role>/<class>/<index>.png`` for each role's indices (PNG: the decoded pixels, unchanged)."""
+    for role, idx in roles.items():
+        for c in classes:
+            (root / role / c).mkdir(parents=True, exist_ok=True)
+        for i in idx.tolist():
+            Image.fromarray(images[i]).save(root / role / classes[labels[i]] / f"{i:05d}.png")
+    return root
+
+
+def prune_roles(labels: np.ndarray, train_images: int, selection_images: int, seed: int = 1) -> dict[str, np.ndarray]:
+    """Fine-tuning and selection images from the 45,000-image training split (disjoint), the 5,000 held out as test."""
+    train_idx, held_idx = train_cifar.held_out_split(labels, train_cifar.HELD_OUT_PER_CLASS, train_cifar.SPLIT_SEED)
+    pool = np.random.default_rng(seed).permutation(train_idx)
+    return {"val": np.sort(pool[:selection_images]), "train": np.sort(pool[selection_images:selection_images + train_images]),
+            "test": np.sort(held_idx)}
+
+
+def prune_flow(depth: int, record: dict, folder: Path, held_out: ImageSet, car: str, threads: int, out: Path) -> dict:
+    """One ``python -m core prune`` run, timed; the final step rebuilt and scored on the held-out images."""
+    weights = ROOT / "sample_models" / record["weights"]
+    cmd = [sys.executable, "-m", "core", "prune", "--model", str(weights), "--arch", f"cifar_resnet{depth}",
+           "--input-size", "32", "32", "--mean", *map(str, record["mean"]), "--std", *map(str, record["std"]),
+           "--data", str(folder), "--out", str(out), "--max-drop", "1.0", "--cluster", "8", "--car", car,
+           "--threads", str(threads), "--json"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        return {"flow": f"--car {car}", "steps": f"failed ({proc.returncode}): {proc.stderr.strip()[-300:]}"}
+    summary = json.loads(proc.stdout)
+    run = Run(out)
+    spec = InputSpec(height=32, width=32, mean=tuple(record["mean"]), std=tuple(record["std"]))
+    original, final = run.rebuild_step(0).eval(), run.rebuild_step(run.steps[-1]).eval()
+    acc0 = evaluate_accuracy(original, held_out, spec).accuracy
+    acc1 = evaluate_accuracy(final, held_out, spec).accuracy
+    macs0, _ = count_macs_params(original, spec)
+    macs1, _ = count_macs_params(final, spec)
+    compiled = [compile_cpu(to_openvino(m, spec.shape(1)), threads) for m in (original, final)]
+    t_orig, t_final = time_interleaved(compiled, spec.shape(1), runs=200, warmup=20)
+    lat = latency_difference(t_orig, t_final)
+    hist = run.history
+    sel0, sel1 = hist[0].get("metric", hist[0].get("accuracy")), hist[-1].get("metric", hist[-1].get("accuracy"))
+    return {"flow": f"--car {car}", "wall min": round(wall / 60, 1), "steps": summary["steps"],
+            "MAC ratio": f"{macs0 / macs1:.2f}x", "selection drop": f"{(sel0 - sel1) * 100:.2f}",
+            "held-out drop": f"{(acc0 - acc1) * 100:.2f}", "held-out acc": f"{acc1 * 100:.2f}",
+            "latency ratio": f"{1 / lat['ratio']:.2f}x" + ("" if lat["significant"] else " (n.s.)"),
+            "stop": summary.get("reason", "")}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=400)
     ap.add_argument("--exact-fraction", type=float, default=FAST_EXACT_FRACTION)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prune", action="store_true", help="also run part 2: the prune flows (tens of minutes)")
+    ap.add_argument("--no-car", action="store_true", help="skip part 1 (exact vs fast CAR of the original)")
+    ap.add_argument("--depths", type=int, nargs="+", default=[20, 56])
+    ap.add_argument("--train-images", type=int, default=10000, help="fine-tuning images written for part 2")
+    ap.add_argument("--selection-images", type=int, default=2000)
+    ap.add_argument("--flows", nargs="+", default=["fast", "exact"], choices=["fast", "exact"])
     args = ap.parse_args()
     if not train_cifar.DATA_ZIP.exists():
         print(f"skipped: the CIFAR-10 zip is not at {train_cifar.DATA_ZIP} (it lives in ../shared/data, "
@@ -81,8 +153,16 @@ def main() -> int:
     trained = {m["name"]: m for m in manifest["models"]}
     images, mean, std = score_images(args.images)
     print(f"machine: {machine()}; score images: {args.images} held-out CIFAR-10 images")
+    if not args.no_car:
+        car_table(args, trained, images)
+    if args.prune:
+        prune_table(args, trained)
+    return 0
+
+
+def car_table(args, trained: dict, images: ImageSet) -> None:
     rows = []
-    for depth in (20, 56):
+    for depth in args.depths:
         name = f"cifar10_resnet{depth}"
         if name not in trained:
             rows.append({"model": f"ResNet-{depth}", "filters": "not trained yet "
@@ -100,7 +180,33 @@ def main() -> int:
     cols = ["model", "filters", "exact CAR s", "fast CAR s", "ratio", "exact in fast", "Spearman rho",
             "recall low 10%"]
     print(table(rows, cols))
-    return 0
+
+
+def prune_table(args, trained: dict) -> None:
+    all_images, labels, classes, _ = train_cifar.cached_arrays(train_cifar.DATA_ZIP)
+    roles = prune_roles(labels, args.train_images, args.selection_images)
+    held = roles["test"]
+    held_out = ImageSet(torch.from_numpy(all_images[held]).permute(0, 3, 1, 2).contiguous(),
+                        torch.from_numpy(labels[held]), classes)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="prunescope-bench-") as tmp:
+        folder = write_imagefolder(Path(tmp) / "cifar", all_images, labels, classes, roles)
+        print(f"prune data: {len(roles['train'])} fine-tuning, {len(roles['val'])} selection (from the training "
+              f"split), {len(held)} held-out test images", flush=True)
+        for depth in args.depths:
+            name = f"cifar10_resnet{depth}"
+            if name not in trained:
+                rows.append({"model": f"ResNet-{depth}", "flow": "not trained yet"})
+                continue
+            for car in args.flows:
+                row = {"model": f"ResNet-{depth}", **prune_flow(depth, trained[name], folder, held_out, car,
+                                                                args.threads, Path(tmp) / f"run-{depth}-{car}")}
+                rows.append(row)
+                print(table([row], list(row)), flush=True)
+    print()
+    print("Default prune flow (python -m core prune ... --max-drop 1.0 --cluster 8), end to end:")
+    print(table(rows, ["model", "flow", "wall min", "steps", "MAC ratio", "selection drop", "held-out drop",
+                       "held-out acc", "latency ratio", "stop"]))
 
 
 if __name__ == "__main__":
