@@ -135,7 +135,7 @@ def test_plan_from_a_real_analysis_holds_in_a_real_prune(one_thread):
     loaded = load_sample_model("vgg_digits")
     spec = loaded.spec.input
     data = load_sample_dataset("vgg_digits", spec)
-    car = compute_car(loaded.model, spec, data.val, n_images=120, per_class=False)
+    car = compute_car(loaded.model, spec, data.val, n_images=60, per_class=False)
     plan = plan_from_sensitivity(car, max_points=2.0, cluster=8)
     graph = PruningGraph(copy.deepcopy(loaded.model).eval(), spec.shape(1))
     groups = graph.groups()
