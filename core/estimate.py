@@ -38,6 +38,7 @@ from .car import FAST_EXACT_FRACTION, SENSITIVITY_FRACTIONS, CarScorer, filter_a
 from .criteria import new_width
 from .data import ImageSet, normalize
 from .errors import SettingsError
+from .eta import format_duration
 from .evaluate import count_macs_params, predict_logits
 from .groups import ChannelGroup, PruningGraph
 from .measure import time_models
@@ -87,24 +88,13 @@ class Estimate:
 
     def label(self) -> str:
         """'about 2 min 10 s – 4 min 30 s (7–12 steps), measured on this machine'."""
-        return (f"about {_duration(self.seconds_low)} – {_duration(self.seconds_high)} "
+        return (f"about {format_duration(self.seconds_low)} – {format_duration(self.seconds_high)} "
                 f"({self.steps[0]}–{self.steps[1]} steps), from rates measured on this machine")
 
     def to_dict(self) -> dict:
         return {"seconds_low": self.seconds_low, "seconds_high": self.seconds_high,
                 "breakdown": {k: list(v) for k, v in self.breakdown.items()}, "steps": list(self.steps),
                 "rates": self.rates.to_dict() if self.rates else None}
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    m, s = divmod(seconds, 60)
-    if m < 60:
-        return f"{m} min {s:02d} s"
-    h, m = divmod(m, 60)
-    return f"{h} h {m:02d} min"
 
 
 def _repeat(fn, repeats: int = CALIBRATION_REPEATS) -> tuple[float, float]:
