@@ -14,8 +14,8 @@ from .cli_common import EXIT_USER_ERROR, add_data_args, add_model_args, format_m
 from .detection.cli import cmd_evaluate_detection
 from .errors import PruneScopeError, one_line, user_message
 from .jsonout import emit_json, json_mode
-from .evaluate import count_macs_params, evaluate_accuracy
-from .ov_runtime import measure_latency_ms
+from .evaluate import evaluate_accuracy
+from .measure import measure_model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,11 +38,9 @@ def cmd_evaluate(args) -> int:
     loaded, data = load_model_and_data(args)
     progress("evaluating accuracy on %d validation images" % len(data.val))
     acc = evaluate_accuracy(loaded.model, data.val, loaded.spec.input)
-    macs, params = count_macs_params(loaded.model, loaded.spec.input)
-    latency = None
     if not args.no_latency:
         progress("measuring OpenVINO CPU latency (batch 1)")
-        latency = measure_latency_ms(loaded.model, loaded.spec.input.shape(1))
+    figures = measure_model(loaded.model, loaded.spec.input, latency=not args.no_latency, runs=50, warmup=10)
     result = {
         "model": loaded.spec.source,
         "arch": loaded.spec.arch,
@@ -52,9 +50,7 @@ def cmd_evaluate(args) -> int:
         "accuracy": acc.accuracy,
         "per_class": acc.per_class,
         "confusion": acc.confusion,
-        "macs": macs,
-        "params": params,
-        "latency_ms": latency,
+        **figures.to_dict(),
         "notes": loaded.notes,
         "data_report": data.report.to_dict(),
         "plausibility": args.plausibility.to_dict(),
@@ -63,10 +59,10 @@ def cmd_evaluate(args) -> int:
         emit_json(result)
     else:
         print(f"accuracy   {acc.accuracy * 100:.2f}% on {len(data.val)} images")
-        print(f"MACs       {format_macs(macs)}")
-        print(f"params     {params / 1e6:.3f} M")
-        if latency is not None:
-            print(f"latency    {latency:.3f} ms (OpenVINO CPU, batch 1, median)")
+        print(f"MACs       {format_macs(figures.macs)}")
+        print(f"params     {figures.params / 1e6:.3f} M")
+        if figures.latency is not None:
+            print(f"latency    {figures.latency.label()} (OpenVINO CPU, batch 1)")
         for name, a in acc.per_class.items():
             print(f"  {name:>16}: {a * 100:.1f}%")
     return 0

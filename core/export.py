@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import shutil
-import statistics
 import uuid
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -41,7 +40,8 @@ from .models import InputSpec, ModelSpec
 from .fp16 import Fp16Range, measure_fp16_range
 from .ir_rewrite import interpolate11_to_4
 from .ncs2 import Ncs2Issue, Ncs2Report, check_ncs2
-from .ov_runtime import ONNX_OPSET, compile_cpu, cpu_has_fp16, export_onnx_bytes, read_ir, time_interleaved
+from .measure import compare_times, measure_model, time_models
+from .ov_runtime import ONNX_OPSET, compile_cpu, cpu_has_fp16, export_onnx_bytes, latency_stats, read_ir
 from .shortcuts import convert_zero_pad_shortcuts
 from .sources import load_dataset
 from .workspace import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -510,7 +510,7 @@ def _publish_bundle(tmp: Path, out_path: Path, tmp_zip: Path | None) -> None:
 
 def _build_into(root: Path, pruned: nn.Module, original: nn.Module, spec: ModelSpec, val: ImageSet, meta: dict,
                 min_images: int, latency_runs: int) -> BundleResult:
-    from .evaluate import count_macs_params, evaluate_accuracy
+    from .evaluate import evaluate_accuracy
 
     ispec = spec.input
     class_names = list(spec.class_names or val.class_names or [])
@@ -533,16 +533,10 @@ def _build_into(root: Path, pruned: nn.Module, original: nn.Module, spec: ModelS
             fig["accuracy"] = evaluate_accuracy(torch_models[k], val, ispec).accuracy
             fig["accuracy_source"] = f"measured at export on {len(val)} validation images"
         if fig.get("macs") is None or fig.get("params") is None:
-            macs, params = count_macs_params(torch_models[k], ispec)
-            fig["macs"] = macs if fig.get("macs") is None else fig["macs"]
-            fig["params"] = params if fig.get("params") is None else fig["params"]
-    need_latency = [k for k in exports if figures[k].get("latency_ms") is None]
-    if need_latency:
-        compiled = [compile_cpu(read_ir(exports[k]["xml"])) for k in need_latency]
-        times = time_interleaved(compiled, ispec.shape(1), runs=latency_runs, warmup=5)
-        for k, t in zip(need_latency, times):
-            figures[k]["latency_ms"] = float(statistics.median(t))
-            figures[k]["latency_source"] = "OpenVINO CPU, batch 1, median of interleaved runs of the exported IR"
+            counted = measure_model(torch_models[k], ispec, latency=False)
+            fig["macs"] = counted.macs if fig.get("macs") is None else fig["macs"]
+            fig["params"] = counted.params if fig.get("params") is None else fig["params"]
+    latency_comparison = _time_exports(exports, figures, ispec, latency_runs)
 
     # self-test: stored inputs with the expected (PyTorch) outputs of both models
     inputs = normalize(val.subset(max(min_images, 64)).images, ispec)
@@ -570,6 +564,7 @@ def _build_into(root: Path, pruned: nn.Module, original: nn.Module, spec: ModelS
             "arch": spec.arch,
             **{key: figures[k].get(key) for key in ("accuracy", "macs", "params", "latency_ms")},
             "figures_notes": {key: v for key, v in figures[k].items() if key.endswith("_source")},
+            "latency_spread": figures[k].get("latency_spread"),
             "output_shape": e["output_shape"],
             "ncs2": reports[k].to_dict(),
             "verification": checks[k].to_dict(),
@@ -603,10 +598,32 @@ def _build_into(root: Path, pruned: nn.Module, original: nn.Module, spec: ModelS
         "files": {"deploy.py": sha256_file(root / "deploy.py"), "selftest.npz": sha256_file(root / "selftest.npz"),
                   "README.txt": sha256_file(root / "README.txt")},
         "meta": extra,
+        "latency_comparison": latency_comparison,
     }
     atomic_write_json(root / "manifest.json", manifest)
     files = sorted(p for p in root.rglob("*") if p.is_file())
     return BundleResult(root, manifest, reports["pruned"], reports["original"], checks["pruned"], checks["original"], files)
+
+
+def _time_exports(exports: dict, figures: dict, ispec: InputSpec, runs: int) -> dict | None:
+    """Time the exported IRs whose latency the caller did not give, in alternation (``core.measure``).
+
+    Fills ``latency_ms`` (median) and ``latency_spread`` (median, IQR, FPS) of each; when both models were
+    timed, returns the pruned-vs-original comparison (ratio, its interval, p-value, ``significant``), else None.
+    """
+    need = [k for k in exports if figures[k].get("latency_ms") is None]
+    if not need:
+        return None
+    times = time_models([exports[k]["xml"] for k in need], ispec, runs=runs, warmup=5)
+    for k, t in zip(need, times):
+        stats = latency_stats(t)
+        figures[k]["latency_ms"] = stats.median_ms
+        figures[k]["latency_spread"] = stats.to_dict()
+        figures[k]["latency_source"] = "OpenVINO CPU, batch 1, median of interleaved runs of the exported IR"
+    if len(need) < 2:
+        return None
+    by_name = dict(zip(need, times))
+    return compare_times(by_name["original"], by_name["pruned"]).to_dict()
 
 
 def _readme(spec: ModelSpec, report: Ncs2Report, check: Verification) -> str:
@@ -668,6 +685,7 @@ def export_for_cli(pruned_model: nn.Module, original_model: nn.Module, spec: Mod
         "bundle": str(result.bundle_dir),
         "zip": str(result.zip_path),
         "manifest": str(result.bundle_dir / "manifest.json"),
+        "latency_comparison": result.manifest.get("latency_comparison"),
     }
 
 
@@ -710,9 +728,11 @@ def export_run(run_dir: str | Path, step: int | None = None, max_drop: float | N
     if spec.class_names is None:
         spec.class_names = data.class_names
     base = run.history[0]
+    # Latency is not taken from the run: its steps were timed minutes apart under different load, so
+    # their ratio can be noise. Both exported IRs are timed in alternation instead (_time_exports).
     meta = {
-        "pruned": {k: record.get(k) for k in ("accuracy", "macs", "params", "latency_ms")},
-        "original": {k: base.get(k) for k in ("accuracy", "macs", "params", "latency_ms")},
+        "pruned": {k: record.get(k) for k in ("accuracy", "macs", "params")},
+        "original": {k: base.get(k) for k in ("accuracy", "macs", "params")},
         "step": step, "run": run.name, "max_drop": max_drop,
         "criterion": run.config.get("prune", {}).get("criterion"), "cluster": run.config.get("prune", {}).get("cluster"),
     }

@@ -19,7 +19,7 @@ import torch_pruning as tp
 from torch import nn
 
 from .errors import PruneScopeError, SettingsError
-from .shortcuts import convert_zero_pad_shortcuts, refreeze
+from .shortcuts import convert_zero_pad_shortcuts, is_shortcut_embedding, refreeze
 
 
 @dataclass
@@ -33,10 +33,13 @@ class ChannelGroup:
     consumers: dict[str, list[list[int]]] = field(default_factory=dict)  # layer -> per filter, its input indices
     macs_per_filter: float = 0.0  # MACs saved per removed filter (from the traced shapes)
     left_alone: str | None = None  # why this group is never pruned (a structure surgery cannot handle)
+    # the name a user knows the group by: its first convolution in model order that is not a frozen
+    # shortcut embedding (core.shortcuts); empty = the root
+    display: str = ""
 
     @property
     def label(self) -> str:
-        return self.root if len(self.producers) <= 1 else f"{self.root} (+{len(self.producers) - 1} coupled)"
+        return group_label(self)
 
     def ablation(self, filters: list[int]) -> dict[str, list[int]]:
         """The consumer inputs to zero to emulate removing ``filters``."""
@@ -45,7 +48,27 @@ class ChannelGroup:
     def to_dict(self) -> dict:
         return {"gid": self.gid, "root": self.root, "width": self.width, "producers": self.producers,
                 "consumers": sorted(self.consumers), "macs_per_filter": self.macs_per_filter,
-                "left_alone": self.left_alone}
+                "left_alone": self.left_alone, "display": self.display}
+
+
+def group_display_name(group: ChannelGroup | dict) -> str:
+    """The layer a user knows a group by (a ``ChannelGroup`` or its ``to_dict()``).
+
+    The dependency graph may root a residual stream at the frozen 1x1 embedding that stands in for an
+    option-A shortcut (``layer3.0.shortcut``), a layer that is not in the user's model; the group is
+    then named by its first real convolution (``layer3.0.conv2``). Group dicts written before this was
+    recorded fall back to the root.
+    """
+    if isinstance(group, dict):
+        return group.get("display") or group["root"]
+    return group.display or group.root
+
+
+def group_label(group: ChannelGroup | dict) -> str:
+    """``'layer3.0.conv2'`` or ``'layer3.0.conv2 (+3 coupled)'``: the display name and how many layers share it."""
+    producers = group["producers"] if isinstance(group, dict) else group.producers
+    name = group_display_name(group)
+    return name if len(producers) <= 1 else f"{name} (+{len(producers) - 1} coupled)"
 
 
 class UnsupportedModelError(PruneScopeError):
@@ -265,7 +288,14 @@ class PruningGraph:
                 macs += _macs_per_in_channel(module, shapes.get(module)) * (len(item.idxs) / width)
         group.macs_per_filter = macs
         group.left_alone = self._grouped_conv_reason(group)
+        group.display = self._display_name(group)
         return group
+
+    def _display_name(self, group: ChannelGroup) -> str:
+        """The group's first producer in model order that is not a frozen shortcut embedding (else its root)."""
+        order = {name: i for i, name in enumerate(self.names.values())}
+        real = [p for p in group.producers if not is_shortcut_embedding(self.module(p))]
+        return min(real, key=lambda p: order.get(p, len(order))) if real else group.root
 
     def _grouped_conv_reason(self, group: ChannelGroup) -> str | None:
         """Grouped (not depthwise) convolutions need every conv group to lose the same channels;

@@ -33,10 +33,10 @@ def export_onnx_bytes(model: nn.Module, input_shape: tuple[int, ...], opset: int
 
 def to_openvino(model: nn.Module, input_shape: tuple[int, ...]):
     """An ``ov.Model`` of the PyTorch model, converted from its ONNX export."""
-    return _read_onnx(export_onnx_bytes(model, input_shape))
+    return read_onnx_bytes(export_onnx_bytes(model, input_shape))
 
 
-def _read_onnx(onnx_bytes: bytes):
+def read_onnx_bytes(onnx_bytes: bytes):
     import openvino as ov
 
     return ov.convert_model(io.BytesIO(onnx_bytes))
@@ -81,6 +81,18 @@ def measure_latency_ms(model: nn.Module, input_shape: tuple[int, ...], runs: int
     """Median batch-1 latency of the model on the OpenVINO CPU runtime, in milliseconds."""
     compiled = compile_cpu(to_openvino(model, input_shape))
     return float(statistics.median(time_compiled(compiled, input_shape, runs, warmup)))
+
+
+def runtime_description(threads: int | None = None) -> str:
+    """Where a latency was measured: 'OpenVINO 2026.4.1 CPU (<CPU name>), 2 threads, batch 1, f32'."""
+    import openvino as ov
+
+    try:
+        cpu = ov.Core().get_property("CPU", "FULL_DEVICE_NAME")
+    except Exception:  # a runtime without the property: the name is only for people
+        cpu = "CPU"
+    return (f"OpenVINO {ov.get_version().split('-')[0]} CPU ({cpu}), "
+            f"{threads or 'default'} thread{'s' if threads != 1 else ''}, batch 1, f32")
 
 
 def read_ir(xml_path):
@@ -168,7 +180,8 @@ def latency_difference(a_ms: list[float], b_ms: list[float], alpha: float = 0.01
     return {"ratio": ratio, "p_value": p, "significant": bool(p < alpha)}
 
 
-def layer_timings(ov_model, input_shape: tuple[int, ...], runs: int = 20, threads: int | None = None) -> list[dict]:
+def layer_timings(ov_model, input_shape: tuple[int, ...], runs: int = 20, threads: int | None = None,
+                  warmup: int = 1) -> list[dict]:
     """Per-layer execution time from OpenVINO's performance counters (``PERF_COUNT``), CPU plugin.
 
     Returns one dict per executed node (``name``, ``type``, ``exec_type``, ``median_ms``), slowest
@@ -182,7 +195,8 @@ def layer_timings(ov_model, input_shape: tuple[int, ...], runs: int = 20, thread
     compiled = ov.Core().compile_model(ov_model, "CPU", config)
     request = compiled.create_infer_request()
     x = np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)
-    request.infer([x])
+    for _ in range(max(warmup, 1)):
+        request.infer([x])
     per_node: dict[str, dict] = {}
     for _ in range(runs):
         request.infer([x])

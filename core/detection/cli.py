@@ -14,9 +14,8 @@ from ..cli_common import (check_model_code_args, config_from_args, export_exit_c
                           print_summary, progress, progress_printer)
 from ..errors import ModelLoadError
 from ..jsonout import emit_json
-from ..evaluate import count_macs_params
 from ..models import extract_state_dict, load_state_dict_strict, read_checkpoint
-from ..ov_runtime import measure_latency_ms
+from ..measure import measure_model
 from ..prune import Callbacks
 from ..sources import load_voc_dataset
 from .evaluate import evaluate_map
@@ -86,21 +85,18 @@ def cmd_evaluate_detection(args) -> int:
     spec = detection_spec(model, info)
     progress(f"evaluating mAP@0.5 on {len(data.val)} validation images")
     result = evaluate_map(model, data.val, info["mean"], info["std"])
-    macs, params = count_macs_params(model, spec.input)
-    latency = None
-    if not args.no_latency:
-        latency = measure_latency_ms(model, spec.input.shape(1))
+    figures = measure_model(model, spec.input, latency=not args.no_latency, runs=50, warmup=10)
     out = {"task": "detection", "model": args.model, "arch": model.config["arch"], "data": data.source,
-           "num_val": len(data.val), "map": result.map, "per_class": result.per_class, "macs": macs, "params": params,
-           "latency_ms": latency, "data_report": data.report.to_dict()}
+           "num_val": len(data.val), "map": result.map, "per_class": result.per_class, **figures.to_dict(),
+           "data_report": data.report.to_dict()}
     if args.json:
         emit_json(out)
         return 0
     print(f"mAP@0.5    {result.map * 100:.2f} on {len(data.val)} images")
-    print(f"MACs       {format_macs(macs)}")
-    print(f"params     {params / 1e6:.3f} M")
-    if latency is not None:
-        print(f"latency    {latency:.3f} ms (OpenVINO CPU, batch 1, median)")
+    print(f"MACs       {format_macs(figures.macs)}")
+    print(f"params     {figures.params / 1e6:.3f} M")
+    if figures.latency is not None:
+        print(f"latency    {figures.latency.label()} (OpenVINO CPU, batch 1)")
     for name, ap in result.per_class.items():
         print(f"  {name:>16}: AP {ap * 100:.1f}")
     return 0

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import shutil
-import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,7 +32,8 @@ from ..export import (BUNDLE_FORMAT, SELFTEST_TOLERANCE_FLOOR, SELFTEST_TOLERANC
                       convert_to_ir, pick_step, sha256_file)
 from ..models import ModelSpec
 from ..ncs2 import check_ncs2
-from ..ov_runtime import ONNX_OPSET, compile_cpu, read_ir, time_interleaved
+from ..measure import compare_times, time_models
+from ..ov_runtime import ONNX_OPSET, compile_cpu, latency_stats, read_ir
 from ..sources import load_voc_dataset
 from ..runs import Run
 from ..workspace import atomic_write_json, atomic_write_text, workspace_root
@@ -134,9 +134,10 @@ def _build_into(root: Path, pruned: nn.Module, original: nn.Module, spec: ModelS
                           f"{exports['original']['output_shape']}; pruning must not change the output.")
     reports = {k: check_ncs2(e["xml"]) for k, e in exports.items()}
     checks = {k: verify_detector_ir(Path(exports[k]["xml"]), models[k], val, spec, settings) for k in models}
-    compiled = [compile_cpu(read_ir(exports[k]["xml"])) for k in models]
-    latency = [float(statistics.median(t)) for t in time_interleaved(compiled, spec.input.shape(1), runs=latency_runs,
-                                                                      warmup=5)]
+    times = time_models([exports[k]["xml"] for k in models], spec.input, runs=latency_runs, warmup=5)
+    spread = [latency_stats(t) for t in times]
+    latency = [s.median_ms for s in spread]
+    comparison = compare_times(times[1], times[0]).to_dict()  # pruned against the original
     anchors = pruned.anchors().astype(np.float32)
     np.save(root / "anchors.npy", anchors)
     shutil.copyfile(POSTPROCESS_SOURCE, root / "postprocess.py")
@@ -144,7 +145,7 @@ def _build_into(root: Path, pruned: nn.Module, original: nn.Module, spec: ModelS
     _write_selftest(root, models, val, spec)
     atomic_write_text(root / "README.txt", _readme(spec, reports["pruned"].compatible, checks["pruned"].message))
     models_section = {}
-    for (k, e), lat in zip(exports.items(), latency):
+    for (k, e), lat, lat_spread in zip(exports.items(), latency, spread):
         figures = dict(meta.get(k) or {})
         models_section[k] = {
             "dir": dirs[k], "xml": f"{dirs[k]}/model.xml", "bin": f"{dirs[k]}/model.bin",
@@ -153,6 +154,7 @@ def _build_into(root: Path, pruned: nn.Module, original: nn.Module, spec: ModelS
             "arch": spec.arch, "map": checks[k].map_torch, "accuracy": checks[k].map_torch,
             "macs": figures.get("macs"), "params": figures.get("params"), "latency_ms": lat,
             "latency_source": "OpenVINO CPU, batch 1, median of interleaved runs of the exported IR",
+            "latency_spread": lat_spread.to_dict(),
             "output_shape": e["output_shape"], "ncs2": {**reports[k].to_dict(), "xml_path": f"{dirs[k]}/model.xml"},
             "verification": checks[k].to_dict(),
         }
@@ -184,6 +186,7 @@ def _build_into(root: Path, pruned: nn.Module, original: nn.Module, spec: ModelS
         "files": {name: sha256_file(root / name)
                   for name in ("deploy.py", "selftest.npz", "README.txt", "anchors.npy", "postprocess.py")},
         "meta": {k: v for k, v in meta.items() if k not in ("pruned", "original", "max_drop", "step")},
+        "latency_comparison": comparison,
     }
     atomic_write_json(root / "manifest.json", manifest)
     return {"ncs_compatible": reports["pruned"].compatible,
@@ -193,7 +196,7 @@ def _build_into(root: Path, pruned: nn.Module, original: nn.Module, spec: ModelS
             "verified": checks["pruned"].verified, "verification": checks["pruned"].to_dict(),
             "verification_message": checks["pruned"].message, "fallback_verified": checks["original"].verified,
             "map_torch": checks["pruned"].map_torch, "map_openvino": checks["pruned"].map_openvino,
-            "latency_ms": latency[0], "original_latency_ms": latency[1]}
+            "latency_ms": latency[0], "original_latency_ms": latency[1], "latency_comparison": comparison}
 
 
 def _write_selftest(root: Path, models: dict, val: DetectionSet, spec: ModelSpec) -> None:

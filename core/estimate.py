@@ -1,0 +1,267 @@
+"""How long a pruning run will take, from rates measured on this machine before it starts.
+
+No duration is promised from a table: :func:`measure_rates` times the real model here and now (a forward
+pass, a few SGD steps, emulated single-filter removals through the real CAR engine, one OpenVINO
+conversion and a few timed inferences; about 1-3 s on a small CNN), each a few times, and keeps the
+fastest and slowest repeat. :func:`estimate_prune_time` multiplies those rates by the work the flow
+will do (``core.prune``):
+
+    original  = eval(n_val) + latency + [CAR analysis]
+    CAR analysis (exact) = (F + S) x images x ablation          F: filters, S: sensitivity points (9 per group)
+    CAR analysis (fast)  = images x screen + (ceil(q F) + S) x images x ablation     q: FAST_EXACT_FRACTION
+    per step  = scoring + attempts x (fine-tune + eval(n_val) + latency)
+      scoring (car)     = (F_step [if re-scored this step] + G_step candidates) x images x ablation
+      scoring (other)   = gradient passes (4 SGD-step equivalents) where the criterion needs them, else 0
+      fine-tune         = finetune_steps x train_step
+      latency           = OpenVINO conversion + (warm-up + latency_runs) x inference
+    total     = original + sum over the expected steps
+
+The number of steps is simulated on the model's groups: one cluster leaves one group per step, until the
+MAC target (or ``max_steps``, or no group can lose a cluster). The low end removes the cluster that saves
+the most MACs first (fewest steps), one attempt per step and the fastest repeats; the high end the
+fewest MACs first, ``min(patience + 1, 2)`` attempts and the slowest repeats. The accuracy threshold can
+stop a run earlier than either: that is not predictable before the run.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .car import FAST_EXACT_FRACTION, SENSITIVITY_FRACTIONS, CarScorer, filter_ablation
+from .criteria import new_width
+from .data import ImageSet, normalize
+from .errors import SettingsError
+from .eta import format_duration
+from .evaluate import count_macs_params, predict_logits
+from .groups import ChannelGroup, PruningGraph
+from .measure import time_models
+from .models import InputSpec, ModelSpec
+
+CALIBRATION_REPEATS = 2
+CALIBRATION_IMAGES = 32
+CALIBRATION_FILTERS = 4
+LATENCY_WARMUP = 5  # as core.prune.measure
+GRADIENT_PASSES = 4  # core.prune._accumulate_gradients: 4 mini-batches for gradient-based criteria
+GRADIENT_CRITERIA = ("taylor",)
+
+
+@dataclass
+class Rates:
+    """Seconds per unit of work measured on this machine, as (fastest, slowest) repeat.
+
+    ``forward_image``: eval forward per image (batched); ``train_step``: one SGD mini-batch of
+    ``batch_size`` images (forward, backward, update); ``ablation_image``: one emulated filter removal on
+    one image through the CAR engine; ``screen_image``: the fast-CAR screen per image (one forward and two
+    backward passes, timed as forward + 2 x backward of a training step); ``ov_setup``: ONNX export, OpenVINO
+    conversion and compilation; ``ov_inference``: one batch-1 OpenVINO inference.
+    """
+
+    forward_image: tuple[float, float]
+    train_step: tuple[float, float]
+    ablation_image: tuple[float, float]
+    screen_image: tuple[float, float]
+    ov_setup: tuple[float, float]
+    ov_inference: tuple[float, float]
+    batch_size: int
+    calibration_seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Estimate:
+    """A run's expected duration in seconds, low to high, with the phases it is made of."""
+
+    seconds_low: float
+    seconds_high: float
+    breakdown: dict[str, tuple[float, float]] = field(default_factory=dict)
+    steps: tuple[int, int] = (0, 0)
+    rates: Rates | None = None
+
+    def label(self) -> str:
+        """'about 2 min 10 s – 4 min 30 s (7–12 steps), measured on this machine'."""
+        return (f"about {format_duration(self.seconds_low)} – {format_duration(self.seconds_high)} "
+                f"({self.steps[0]}–{self.steps[1]} steps), from rates measured on this machine")
+
+    def to_dict(self) -> dict:
+        return {"seconds_low": self.seconds_low, "seconds_high": self.seconds_high,
+                "breakdown": {k: list(v) for k, v in self.breakdown.items()}, "steps": list(self.steps),
+                "rates": self.rates.to_dict() if self.rates else None}
+
+
+def _repeat(fn, repeats: int = CALIBRATION_REPEATS) -> tuple[float, float]:
+    """(fastest, slowest) wall time of ``fn`` over ``repeats`` calls, after one untimed warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), max(times)
+
+
+def _scaled(pair: tuple[float, float], factor: float) -> tuple[float, float]:
+    return pair[0] * factor, pair[1] * factor
+
+
+def _random_images(spec: InputSpec, n: int, classes: int) -> ImageSet:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, spec.channels, spec.height, spec.width), dtype=torch.uint8, generator=g)
+    return ImageSet(images, torch.randint(0, classes, (n,), generator=g), [str(i) for i in range(classes)])
+
+
+def measure_rates(model: nn.Module, spec: InputSpec | ModelSpec, batch_size: int = 64, latency: bool = True) -> Rates:
+    """Time the work units of a pruning run on a copy of ``model`` (its weights are not changed).
+
+    Random images stand in for the data set: timing does not depend on pixel values. Raises
+    ``SettingsError`` if the model has no prunable group (a run could not start either).
+    """
+    ispec = spec.input if isinstance(spec, ModelSpec) else spec
+    t_start = time.perf_counter()
+    model = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        classes = int(model(torch.zeros(ispec.shape(1))).shape[1])
+    images = _random_images(ispec, CALIBRATION_IMAGES, classes)
+    n = len(images)
+
+    forward = _scaled(_repeat(lambda: predict_logits(model, images.images, ispec, batch_size=n)), 1.0 / n)
+    train_batch = _random_images(ispec, batch_size, classes)
+    train = _train_step_timer(model, train_batch, ispec)
+    train_step = _repeat(train)
+    # screen: one forward and two backward passes per image; a training step is one forward and one backward
+    per_image_train = _scaled(train_step, 1.0 / batch_size)
+    screen = (max(2 * per_image_train[0] - forward[0], forward[0]), max(2 * per_image_train[1] - forward[1], forward[1]))
+
+    graph = PruningGraph(copy.deepcopy(model), ispec.shape(1))
+    groups = [g for g in graph.groups() if not g.left_alone]
+    if not groups:
+        raise SettingsError("The model has no prunable channel group: there is no run to estimate.")
+    scorer = CarScorer(graph.model, ispec, images)
+    picks = _calibration_ablations(groups)
+    ablation = _scaled(_repeat(lambda: scorer.accuracies(picks)), 1.0 / (len(picks) * n))
+
+    ov_setup, ov_inference = (0.0, 0.0), (0.0, 0.0)
+    if latency:
+        t0 = time.perf_counter()
+        (times,) = time_models([model], ispec, runs=10, warmup=2)
+        setup = time.perf_counter() - t0 - sum(times) / 1000.0
+        ms = np.asarray(times) / 1000.0
+        ov_setup = (setup, setup)
+        ov_inference = (float(np.percentile(ms, 25)), float(np.percentile(ms, 75)))
+    return Rates(forward, train_step, ablation, screen, ov_setup, ov_inference, batch_size,
+                 time.perf_counter() - t_start)
+
+
+def _train_step_timer(model: nn.Module, batch: ImageSet, spec: InputSpec):
+    """One SGD step as ``core.prune.finetune`` does it, on a copy so the model's weights stay as they are."""
+    net = copy.deepcopy(model).train()
+    opt = torch.optim.SGD(net.parameters(), lr=1e-9, momentum=0.9)
+    x = normalize(batch.images, spec)
+
+    def step():
+        loss = F.cross_entropy(net(x), batch.labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def _calibration_ablations(groups: list[ChannelGroup]) -> list:
+    """Single-filter removals spread over the network (early, middle, late groups): their suffix passes
+    differ in length, as the real analysis' do."""
+    idx = np.linspace(0, len(groups) - 1, num=min(CALIBRATION_FILTERS, len(groups))).round().astype(int)
+    return [filter_ablation(groups[i], [0]) for i in sorted(set(idx.tolist()))]
+
+
+def _step_widths(groups: list[ChannelGroup], cluster: int, mac_budget: float, max_steps: int,
+                 biggest_first: bool) -> list[int]:
+    """Total filters before each simulated step: one cluster leaves one group per step, until ``mac_budget``
+    MACs are saved, ``max_steps`` is reached or no group can lose a cluster."""
+    widths = {g.gid: g.width for g in groups}
+    per_filter = {g.gid: g.macs_per_filter for g in groups}
+    saved, out = 0.0, []
+    while len(out) < max_steps and saved < mac_budget:
+        options = {k: (w - t) * per_filter[k] for k, w in widths.items() if (t := new_width(w, cluster)) is not None}
+        if not options:
+            break
+        k = (max if biggest_first else min)(options, key=options.get)
+        out.append(sum(widths.values()))
+        saved += options[k]
+        widths[k] = new_width(widths[k], cluster)
+    return out
+
+
+def estimate_prune_time(model: nn.Module, spec: InputSpec | ModelSpec, n_val: int, config, rates: Rates | None = None,
+                        total_macs: float | None = None) -> Estimate:
+    """Expected duration of ``core.prune.run_pruning(model, data, config)`` (formula in the module docstring).
+
+    ``n_val``: validation images (each step evaluates all of them); ``config``: a ``PruneConfig`` (any
+    object with its fields); ``rates``: from :func:`measure_rates` (measured now when None);
+    ``total_macs``: the model's MACs (counted when None). The CAR method is read from ``config.car_method``
+    when the config has one (``exact`` otherwise).
+    """
+    ispec = spec.input if isinstance(spec, ModelSpec) else spec
+    if rates is None:
+        rates = measure_rates(model, ispec, config.batch_size, config.latency)
+    groups = [g for g in PruningGraph(copy.deepcopy(model).eval(), ispec.shape(1)).groups() if not g.left_alone]
+    if total_macs is None:
+        total_macs = count_macs_params(model, ispec)[0]
+    images = min(config.score_images, n_val)
+    n_filters = sum(g.width for g in groups)
+    sens_points = sum(sum(1 for f in SENSITIVITY_FRACTIONS if 0 < round(f * g.width) < g.width) for g in groups)
+    budget = (1 - config.mac_target) * total_macs if config.mac_target is not None else math.inf
+
+    def evaluation() -> tuple[float, float]:
+        return _scaled(rates.forward_image, n_val)
+
+    def latency() -> tuple[float, float]:
+        if not config.latency:
+            return 0.0, 0.0
+        runs = config.latency_runs + LATENCY_WARMUP
+        return rates.ov_setup[0] + runs * rates.ov_inference[0], rates.ov_setup[1] + runs * rates.ov_inference[1]
+
+    breakdown: dict[str, tuple[float, float]] = {"original: evaluation and latency": _add(evaluation(), latency())}
+    if config.analyse_car:
+        if getattr(config, "car_method", "exact") == "fast":
+            exact = math.ceil(FAST_EXACT_FRACTION * n_filters)
+            analysis = _add(_scaled(rates.screen_image, images), _scaled(rates.ablation_image, (exact + sens_points) * images))
+        else:
+            analysis = _scaled(rates.ablation_image, (n_filters + sens_points) * images)
+        breakdown["original: CAR analysis"] = analysis
+    low_widths = _step_widths(groups, config.cluster, budget, config.max_steps, biggest_first=True)
+    high_widths = _step_widths(groups, config.cluster, budget, config.max_steps, biggest_first=False)
+    attempts = (1, min(config.patience + 1, 2))
+    per_attempt = _add(_scaled(rates.train_step, config.finetune_steps), evaluation(), latency())
+    scoring, tries = [0.0, 0.0], [0.0, 0.0]
+    for end, widths in enumerate((low_widths, high_widths)):
+        for i, width in enumerate(widths):
+            scoring[end] += _step_scoring(config, rates, width, len(groups), images, i)[end]
+            tries[end] += attempts[end] * per_attempt[end]
+    breakdown["steps: scoring"] = (scoring[0], scoring[1])
+    breakdown["steps: fine-tuning, evaluation, latency"] = (tries[0], tries[1])
+    low = sum(v[0] for v in breakdown.values())
+    high = sum(v[1] for v in breakdown.values())
+    return Estimate(low, high, breakdown, (len(low_widths), len(high_widths)), rates)
+
+
+def _step_scoring(config, rates: Rates, n_filters: int, n_groups: int, images: int, step_index: int) -> tuple[float, float]:
+    """Seconds to score one step's filters and rank its candidate clusters."""
+    if config.criterion == "car":
+        rescored = n_filters if step_index % config.rescore_every == 0 else 0
+        return _scaled(rates.ablation_image, (rescored + n_groups) * images)
+    if config.criterion in GRADIENT_CRITERIA:
+        return _scaled(rates.train_step, GRADIENT_PASSES)
+    return 0.0, 0.0
+
+
+def _add(*pairs: tuple[float, float]) -> tuple[float, float]:
+    return sum(p[0] for p in pairs), sum(p[1] for p in pairs)

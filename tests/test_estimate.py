@@ -1,0 +1,96 @@
+"""Run-time estimate before Start (core.estimate): measured on the real model, scaled by the flow's work.
+
+No assertion compares an estimate with wall-clock time: the rates below are fixed so that the formula's
+scaling is checked exactly; one test checks that calibration runs the real model."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from core.architectures import SampleVGG, cifar_resnet20
+from core.errors import SettingsError
+from core.estimate import Rates, estimate_prune_time, measure_rates
+from core.models import InputSpec
+from core.prune import PruneConfig
+
+SPEC = InputSpec(height=32, width=32)
+
+
+@dataclasses.dataclass
+class _FastConfig(PruneConfig):
+    """A config asking for fast CAR (the field ``core.prune`` reads as ``car_method``)."""
+
+    car_method: str = "fast"
+
+
+RATES = Rates(forward_image=(0.001, 0.002), train_step=(0.05, 0.1), ablation_image=(0.0005, 0.001),
+              screen_image=(0.003, 0.006), ov_setup=(1.0, 1.0), ov_inference=(0.001, 0.002), batch_size=64)
+
+
+def _est(config: PruneConfig, model: nn.Module | None = None, n_val: int = 400):
+    return estimate_prune_time(model or cifar_resnet20().eval(), SPEC, n_val, config, rates=RATES)
+
+
+def test_more_fine_tuning_more_images_or_a_lower_mac_target_take_longer():
+    base = PruneConfig(mac_target=0.6, max_steps=100, finetune_steps=20)
+    e = _est(base)
+    assert 0 < e.seconds_low <= e.seconds_high and e.steps[0] <= e.steps[1]
+    twice = _est(dataclasses.replace(base, finetune_steps=40))
+    tuning = "steps: fine-tuning, evaluation, latency"
+    # exactly the added fine-tuning: 20 more mini-batches per attempt, per step
+    assert twice.breakdown[tuning][0] - e.breakdown[tuning][0] == pytest.approx(e.steps[0] * 20 * 0.05)
+    assert twice.seconds_low > e.seconds_low and twice.seconds_high > e.seconds_high
+    assert _est(base, n_val=800).seconds_low > e.seconds_low
+    deeper = _est(dataclasses.replace(base, mac_target=0.3))
+    assert deeper.steps[0] > e.steps[0] and deeper.seconds_low > e.seconds_low
+
+
+def test_the_analysis_and_latency_parts_follow_the_settings():
+    base = PruneConfig(mac_target=0.6, max_steps=100)
+    exact = _est(base)
+    fast = _est(_FastConfig(**dataclasses.asdict(base)))
+    assert fast.breakdown["original: CAR analysis"][0] < exact.breakdown["original: CAR analysis"][0]
+    assert "original: CAR analysis" not in _est(dataclasses.replace(base, analyse_car=False)).breakdown
+    assert _est(dataclasses.replace(base, latency=False)).seconds_low < exact.seconds_low
+    assert _est(dataclasses.replace(base, criterion="l1")).breakdown["steps: scoring"] == (0.0, 0.0)
+    # exact CAR analysis = (filters + sensitivity points) x images x ablation rate; ResNet-20: 448 filters
+    # (16 + 3 x 16 + 32 + 3 x 32 + 64 + 3 x 64) in 12 groups, 9 sensitivity points each; 400 score images
+    assert exact.breakdown["original: CAR analysis"][0] == pytest.approx((448 + 12 * 9) * 400 * 0.0005)
+
+
+def test_the_step_count_stops_at_the_step_limit_or_when_no_group_can_lose_a_cluster():
+    assert _est(PruneConfig(mac_target=None, max_steps=3)).steps == (3, 3)
+    # SampleVGG, cluster 8: widths 16,16,32,32,64,64 can lose 1+1+3+3+7+7 = 22 clusters in all
+    assert _est(PruneConfig(mac_target=None, max_steps=500), SampleVGG().eval()).steps == (22, 22)
+
+
+class _Counted(nn.Module):
+    calls = 0  # a class attribute: calibration works on copies of the model, and they all count here
+
+    def __init__(self):
+        super().__init__()
+        self.net = SampleVGG(widths=(8, 8, 8, 8, 8, 8))
+
+    def forward(self, x):
+        type(self).calls += 1
+        return self.net(x)
+
+
+def test_calibration_runs_the_real_model(one_thread):
+    model = _Counted().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rates = measure_rates(model, SPEC, batch_size=8, latency=False)
+    assert _Counted.calls > 5, "forward, training steps and the CAR engine all ran the model"
+    assert all(v > 0 for pair in (rates.forward_image, rates.train_step, rates.ablation_image) for v in pair)
+    assert rates.ov_setup == (0.0, 0.0) and rates.batch_size == 8
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "the model is not changed"
+    e = estimate_prune_time(model, SPEC, 100, PruneConfig(mac_target=0.5, latency=False, batch_size=8), rates=rates)
+    assert e.seconds_low > 0 and "measured on this machine" in e.label()
+
+
+def test_a_model_without_prunable_groups_is_refused():
+    with pytest.raises(SettingsError, match="no prunable"):
+        measure_rates(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 4)).eval(), SPEC, batch_size=4, latency=False)
