@@ -127,3 +127,21 @@ def test_recover_cli_appends_the_threshold_step(digits_run, tmp_path):
     out = json.loads(res.stdout)
     assert out["recovered_from"] == 1 and 0 <= out["test_accuracy"] <= 1
     assert out["step"] in (Run(copy).steps()[-1], None)
+
+
+def test_prune_with_recover_epochs_records_the_split_and_appends_the_recovery(tmp_path):
+    out = tmp_path / "run"
+    res = _cli("prune", "--model", "sample:vgg_digits", "--data", "sample:vgg_digits", "--test-fraction", "0.5",
+               "--criterion", "l1", "--max-steps", "1", "--finetune-steps", "2", "--max-drop", "100",
+               "--score-images", "64", "--no-latency", "--no-analysis", "--recover-epochs", "1", "--out", str(out),
+               "--json", timeout=900)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["recovery"]["recovered_from"] == 1 and summary["recovery"]["test_accuracy"] is not None
+    run = Run(out)
+    options = run.config["data_options"]
+    assert options["test_fraction"] == 0.5 and options["split"]["counts"]["test"] == len(load_run_dataset(
+        run.config, run.spec.input).test) > 0
+    if summary["recovery"]["step"] is not None:
+        assert run.history[-1]["recovered_from"] == 1 and run.rebuild_step(summary["recovery"]["step"]) is not None
+    assert run.status["state"] == "done"
