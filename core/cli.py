@@ -10,6 +10,7 @@ import sys
 import traceback
 
 from . import cli_engine
+from .cli_recover import add_recover_command, cmd_recover
 from .cli_common import EXIT_USER_ERROR, add_data_args, add_model_args, format_macs, load_model_and_data, progress
 from .detection.cli import cmd_evaluate_detection
 from .errors import PruneScopeError, one_line, user_message
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     cli_engine.add_commands(sub, add_model_args, add_data_args)
+    add_recover_command(sub)
     return parser
 
 
@@ -68,7 +70,7 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-COMMANDS = {"evaluate": cmd_evaluate}
+COMMANDS = {"evaluate": cmd_evaluate, "recover": cmd_recover}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,7 +57,12 @@ def device_from_args(args):
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="ImageFolder zip or folder, or sample:NAME")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="held-out fraction when the data is not pre-split")
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="selection fraction (CAR, step choice, threshold) when the data is not pre-split")
+    p.add_argument("--test-fraction", type=float,
+                   help="test images, reported and never used for a decision: share of all images when the data is "
+                        "not pre-split (default 0.2), of val/ when it is (default 0.5; a test/ folder is used as is); "
+                        "0 for none (classification)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--class-order", metavar="NAMES",
                    help="class folders in the order of the model's outputs, comma-separated (default: sorted)")
@@ -79,7 +84,8 @@ def load_model_and_data(args):
     loaded = load_model(args.model, arch=args.arch, trusted=args.trusted, input_spec=spec, code_path=args.model_code,
                         code_name=args.model_class, code_args=args.model_args)
     data = load_dataset(args.data, loaded.spec.input, expected_classes=loaded.spec.num_classes,
-                        val_fraction=args.val_fraction, seed=args.seed, class_order=_names(args.class_order))
+                        val_fraction=args.val_fraction, seed=args.seed, class_order=_names(args.class_order),
+                        test_fraction=args.test_fraction)
     loaded.spec.input = data.input  # the size the data gave a model that does not fix it (issue 13)
     args.plausibility = quick_check(loaded.model, data, loaded.spec.input)  # a near-chance baseline, said first
     # stderr keeps --json output on stdout clean: what was inferred, the data report, the plausibility check
@@ -95,7 +101,7 @@ def check_settings(spec, args) -> None:
     """Every setting checked before any work starts (issue 15: a bad one used to fail minutes later)."""
     if spec is not None:
         spec.validate()
-    check_split_options(args.val_fraction, args.seed)
+    check_split_options(args.val_fraction, args.seed, getattr(args, "test_fraction", None))
     if getattr(args, "images", None) is not None:
         check_image_count(args.images)
 

@@ -8,6 +8,7 @@ from . import criteria
 from .car import CAR_METHODS, compute_car
 from .cli_common import (add_device_args, config_from_args, device_from_args, export_exit_code, load_model_and_data,
                          prepare_out, print_summary, progress_printer)
+from .cli_recover import add_recovery_options, prune_recovery_config, recover_after_prune
 from .clusters import PROFILES
 from .detection.cli import add_detection_args, cmd_export_detection, cmd_prune_detection
 from .detection.prune import DetectionPruneConfig
@@ -59,6 +60,10 @@ def add_commands(sub, add_model_args, add_data_args) -> None:
     pr.add_argument("--max-steps", type=int, help=default_help("max_steps", "step limit"))
     pr.add_argument("--no-latency", action="store_true", help="skip OpenVINO latency per step")
     pr.add_argument("--no-analysis", action="store_true", help="skip the full CAR analysis of the original")
+    pr.add_argument("--recover-epochs", type=int, metavar="N",
+                    help="after pruning, a recovery fine-tune of N epochs of the step within --max-drop, added to the "
+                         "run as a new step (classification)")
+    add_recovery_options(pr, "recover-")
     pr.add_argument("--json", action="store_true")
     add_detection_args(ev_parser(sub), pr)
 
@@ -99,6 +104,7 @@ def cmd_prune(args) -> int:
         return cmd_prune_detection(args)
     config = config_from_args(args, PruneConfig)
     config.analyse_car = not args.no_analysis
+    recovery = prune_recovery_config(args)
     loaded, data = load_model_and_data(args)
     out = prepare_out(args.out)
 
@@ -110,7 +116,11 @@ def cmd_prune(args) -> int:
     original_bytes = Path(args.model).read_bytes() if loaded.spec.pickled else None
     summary = run_pruning(loaded, data, config, out, Callbacks(progress_printer("  "), on_step),
                           data_source=args.data, original_bytes=original_bytes,
-                          data_options={"val_fraction": args.val_fraction, "seed": args.seed})
+                          data_options={"val_fraction": args.val_fraction, "seed": args.seed,
+                                        "test_fraction": data.split.get("test_fraction", 0.0),
+                                        "split": data.split_record()})
+    if summary["state"] == "done":
+        summary = recover_after_prune(recovery, out, config.max_drop, data, summary, trusted=args.trusted)
     print_summary(summary, args.json)
     return 0
 

@@ -1,7 +1,23 @@
 """Image data sets: safe unpacking of uploads, ImageFolder discovery, validation report, splits, tensors.
 
 A data set arrives as a zip or a folder in ImageFolder layout (``class/image``), optionally already
-split into ``train/`` and ``val/``. Everything that could hurt (paths escaping the folder, zip bombs)
+split into ``train/`` and ``val/`` (and ``test/``).
+
+The images have three roles (issue 14), so that a reported figure was never used to make a decision:
+
+- *train*: fine-tuning during pruning and the recovery fine-tune;
+- *selection* (``DataSet.val``, alias ``DataSet.selection``): CAR scoring, the choice of each step's
+  cluster and the accuracy threshold;
+- *test*: reported beside the selection figures and never read by any decision.
+
+Unsplit data: the selection split is exactly the held-out ``val_fraction`` of earlier versions (same
+indices for the same seed), and the test images are a further stratified ``test_fraction`` of all
+images taken from the rest, so a run made before the test split still scores the same images.
+``train/`` + ``val/`` (or ``test/`` alone beside ``train/``): the held-out folder is split stratified into
+selection and test (``test_fraction`` of it, default one half: equal halves give both figures the
+same standard error, and every class keeps at least one selection image); ``train/`` + ``val/`` +
+``test/``: the folders are the roles. ``test_fraction=0`` is the layout of runs made before the test
+split (see :func:`split_options`). Everything that could hurt (paths escaping the folder, zip bombs)
 is refused before anything is written; everything that is merely odd (a stray text file, one corrupt
 JPEG) is skipped and listed in the report, so one bad file never costs the user the whole upload.
 """
@@ -33,7 +49,10 @@ from .preprocess import HIGH_BIT_MODES, BitDepthLog, infer_input_size, size_is_o
 from .workspace import uploads_dir
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "val"}
+SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+UNSPLIT_TEST_FRACTION = 0.2  # share of all images that become test images when the data is not pre-split
+HELD_OUT_TEST_FRACTION = 0.5  # share of a pre-split held-out folder (val/) that becomes test images
+TEST_SEED_STREAM = 1  # the test draw uses its own random stream: the selection draw stays as it always was
 IGNORED_NAMES = {"__MACOSX", ".DS_Store", "Thumbs.db", "desktop.ini"}
 
 
@@ -97,30 +116,81 @@ class ImageSet:
     images: torch.Tensor
     labels: torch.Tensor
     class_names: list[str]
+    # where each image came from (a file path relative to the data set's root, or a sample's index):
+    # what the split record hashes, so that a run names the exact images behind its figures
+    ids: list[str] | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(self.labels.numel())
+
+    def take(self, idx) -> "ImageSet":
+        """The images at ``idx`` (indices or a boolean mask), with their ids."""
+        idx = torch.as_tensor(idx)
+        if idx.dtype == torch.bool:
+            idx = torch.nonzero(idx).flatten()
+        ids = [self.ids[i] for i in idx.tolist()] if self.ids is not None else None
+        return ImageSet(self.images[idx], self.labels[idx], self.class_names, ids)
 
     def subset(self, n: int | None, seed: int = 0) -> "ImageSet":
         """A stratified subset of ``n`` images (all of them when ``n`` is None or large)."""
         if n is None or n >= len(self):
             return self
-        idx = stratified_indices(self.labels.numpy(), n, seed)
-        return ImageSet(self.images[idx], self.labels[idx], self.class_names)
+        return self.take(stratified_indices(self.labels.numpy(), n, seed))
+
+    def digest(self) -> str:
+        """sha256 of the ids in order (of the pixels and labels when there are no ids): equal digests, equal images."""
+        h = hashlib.sha256()
+        if self.ids is not None:
+            h.update("\n".join(self.ids).encode("utf-8"))
+        else:
+            h.update(self.images.contiguous().numpy().tobytes())
+            h.update(self.labels.numpy().astype("<i8").tobytes())
+        return h.hexdigest()
+
+
+def empty_like(images: ImageSet) -> ImageSet:
+    """An image set of no images with the shape and classes of ``images``."""
+    return ImageSet(images.images[:0], images.labels[:0], images.class_names, [])
 
 
 @dataclass
 class DataSet:
+    """The images of a data set in their three roles; ``val`` is the *selection* role (see the module
+    docstring). ``test`` is empty (never None) when the data set has no test split; ``split`` holds
+    how the roles were drawn (see :meth:`split_record`)."""
+
     train: ImageSet
     val: ImageSet
     class_names: list[str]
     input: InputSpec
     report: DataReport
     source: str = ""
+    test: ImageSet | None = None
+    split: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.test is None:
+            self.test = empty_like(self.val)
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def selection(self) -> ImageSet:
+        """The images that make every decision: CAR scores, the step choice, the threshold (``val``)."""
+        return self.val
+
+    def split_record(self, files: bool = False) -> dict:
+        """How the roles were drawn, enough to reproduce every figure: the settings (seed, fractions,
+        where the test images came from), the count of each role and the sha256 of its image ids
+        (:meth:`ImageSet.digest`); ``files=True`` adds the id lists themselves."""
+        roles = {"train": self.train, "selection": self.val, "test": self.test}
+        record = {**self.split, "counts": {r: len(s) for r, s in roles.items()},
+                  "sha256": {r: s.digest() for r, s in roles.items()}}
+        if files:
+            record["files"] = {r: list(s.ids or []) for r, s in roles.items()}
+        return record
 
 
 # ----------------------------------------------------------------------------- preprocessing
@@ -187,6 +257,56 @@ def stratified_split(labels: np.ndarray, val_fraction: float = 0.2, seed: int = 
         val.append(members[:k])
         train.append(members[k:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def _sorted_cat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.sort(np.concatenate(parts)).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+
+
+def held_out_split(labels: np.ndarray, test_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Selection/test indices of a held-out folder: ``floor(test_fraction * n)`` of each class to test, the
+    rest (at least one image) to selection, so every class stays measurable where the threshold is decided."""
+    rng = np.random.default_rng([seed, TEST_SEED_STREAM])
+    selection, test = [], []
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        k = min(int(math.floor(len(members) * test_fraction + 1e-9)), len(members) - 1)
+        test.append(members[:k])
+        selection.append(members[k:])
+    return _sorted_cat(selection), _sorted_cat(test)
+
+
+def three_way_split(labels: np.ndarray, val_fraction: float = 0.2, test_fraction: float = UNSPLIT_TEST_FRACTION,
+                    seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Train/selection/test indices of an unsplit data set.
+
+    The selection indices are :func:`stratified_split`'s val indices for the same seed, so they do
+    not depend on ``test_fraction``; the test images are ``round(test_fraction * n)`` of each class
+    drawn from the rest on a separate random stream, leaving every class at least one training image.
+    """
+    train, selection = stratified_split(labels, val_fraction, seed)
+    if test_fraction <= 0:
+        return train, selection, np.zeros(0, dtype=np.int64)
+    rng = np.random.default_rng([seed, TEST_SEED_STREAM])
+    keep, test = [], []
+    for c in np.unique(labels):
+        pool = rng.permutation(train[labels[train] == c])
+        k = min(int(round(np.sum(labels == c) * test_fraction)), max(len(pool) - 1, 0))
+        test.append(pool[:k])
+        keep.append(pool[k:])
+    return _sorted_cat(keep), selection, _sorted_cat(test)
+
+
+def split_options(data_options: dict | None) -> dict:
+    """``val_fraction``, ``seed`` and ``test_fraction`` for the loaders from a run's recorded ``data_options``.
+
+    A run made before the test split recorded no ``test_fraction``: it reloads with ``test_fraction=0``,
+    which gives exactly the selection (val) images it was scored and pruned on, and no test images
+    (its training images included every non-selection image, so none is unseen by its fine-tuning).
+    """
+    options = data_options or {}
+    return {"val_fraction": options.get("val_fraction", 0.2), "seed": options.get("seed", 0),
+            "test_fraction": options.get("test_fraction", 0.0)}
 
 
 # ----------------------------------------------------------------------------- zip safety
@@ -435,12 +555,17 @@ def _is_class_folder(folder: Path) -> bool:
 
 
 def discover_layout(root: Path) -> dict[str, Path] | None:
-    """The train/val folders if the data set is pre-split, else None."""
+    """The split folders if the data set is pre-split, else None: ``train`` and ``val`` (the held-out
+    folder: ``val/``, or ``test/`` when there is no ``val/``), plus ``test`` when both ``val/`` and ``test/`` exist."""
     dirs = {p.name.lower(): p for p in _visible_children(root) if p.is_dir()}
     splits = {SPLIT_NAMES[k]: v for k, v in dirs.items() if k in SPLIT_NAMES}
-    if "train" in splits and "val" in splits and len(dirs) <= 3:
-        return {"train": splits["train"], "val": splits["val"]}
-    return None
+    held_out = splits.get("val") or splits.get("test")
+    if "train" not in splits or held_out is None or len(dirs) > 3:
+        return None
+    layout = {"train": splits["train"], "val": held_out}
+    if "val" in splits and "test" in splits:
+        layout["test"] = splits["test"]
+    return layout
 
 
 def scan_class_folders(root: Path, report: DataReport, limits: Limits) -> tuple[list[str], list[tuple[Path, str]]]:
@@ -465,7 +590,7 @@ def scan_class_folders(root: Path, report: DataReport, limits: Limits) -> tuple[
 
 def decode_images(items: list[tuple[Path, str]], class_names: list[str], spec: InputSpec, root: Path,
                   report: DataReport) -> ImageSet:
-    arrays, labels = [], []
+    arrays, labels, ids = [], [], []
     index = {c: i for i, c in enumerate(class_names)}
     for path, cls in items:
         try:
@@ -473,13 +598,14 @@ def decode_images(items: list[tuple[Path, str]], class_names: list[str], spec: I
                 img.load()
                 arrays.append(image_to_array(img, spec, report))
                 labels.append(index[cls])
+                ids.append(path.relative_to(root).as_posix())
         except Exception as exc:  # Pillow's decoders raise many kinds on damaged files; one bad file is skipped, not fatal
             report.corrupt_images.append(f"{path.relative_to(root)} ({type(exc).__name__})")
     if not arrays:
         images = torch.zeros((0, spec.channels, spec.height, spec.width), dtype=torch.uint8)
     else:
         images = torch.from_numpy(np.stack(arrays))
-    return ImageSet(images, torch.tensor(labels, dtype=torch.long), class_names)
+    return ImageSet(images, torch.tensor(labels, dtype=torch.long), class_names, ids)
 
 
 # ----------------------------------------------------------------------------- the entry point
@@ -493,8 +619,13 @@ def load_dataset(
     seed: int = 0,
     limits: Limits | None = None,
     class_order: list[str] | None = None,
+    test_fraction: float | None = None,
 ) -> DataSet:
     """Load, validate and split a data set: a zip (path or bytes) or a folder (``sample:NAME``: ``core.sources``).
+
+    The roles are drawn as the module docstring says; ``test_fraction`` None takes the layout's default
+    (:data:`UNSPLIT_TEST_FRACTION` of all images, :data:`HELD_OUT_TEST_FRACTION` of a held-out folder),
+    0 gives no test split (the layout of runs made before it). ``DataSet.split_record()`` says what was done.
 
     Settings are checked before anything is read; a refused zip leaves no unpacked files behind.
     Raises :class:`DataError` (unusable data) or :class:`SettingsError` (bad split settings).
@@ -502,16 +633,41 @@ def load_dataset(
     by default the sorted folder names, as torchvision's ImageFolder orders them.
     """
     limits = limits or Limits()
-    check_split_options(val_fraction, seed)
+    check_split_options(val_fraction, seed, test_fraction)
     folder, created, label = materialise(source, limits)
     with discard_on_refusal(folder, created):
-        return _load_folder(folder, label, spec, expected_classes, val_fraction, seed, limits, class_order)
+        return _load_folder(folder, label, spec, expected_classes, SplitSettings(val_fraction, seed, test_fraction),
+                            limits, class_order)
 
 
-def check_split_options(val_fraction: float, seed: int = 0) -> None:
-    """Refuse a held-out fraction outside (0, 1) or a non-integer seed, before any work starts."""
+@dataclass(frozen=True)
+class SplitSettings:
+    """The split a loader was asked for; ``test_fraction`` None means the layout's default."""
+
+    val_fraction: float = 0.2
+    seed: int = 0
+    test_fraction: float | None = None
+
+    def test_share(self, default: float) -> float:
+        return default if self.test_fraction is None else float(self.test_fraction)
+
+    def record(self, layout: str, test_from: str, test_fraction: float) -> dict:
+        return {"layout": layout, "seed": self.seed, "val_fraction": self.val_fraction,
+                "test_fraction": test_fraction, "test_from": test_from}
+
+
+def check_split_options(val_fraction: float, seed: int = 0, test_fraction: float | None = None) -> None:
+    """Refuse a held-out fraction outside (0, 1), a test fraction outside [0, 1) or leaving no training
+    images, or a non-integer seed, before any work starts. ``test_fraction`` None: the layout's default."""
     if not (isinstance(val_fraction, (int, float)) and math.isfinite(val_fraction) and 0 < val_fraction < 1):
         raise SettingsError(f"The validation fraction must be between 0 and 1 (e.g. 0.2 for 20%); got {val_fraction}.")
+    if test_fraction is not None:
+        if not (isinstance(test_fraction, (int, float)) and math.isfinite(test_fraction) and 0 <= test_fraction < 1):
+            raise SettingsError(f"The test fraction must be at least 0 and below 1 (e.g. 0.2 for 20%); "
+                                f"got {test_fraction}.")
+        if val_fraction + test_fraction >= 1:
+            raise SettingsError(f"The validation ({val_fraction:g}) and test ({test_fraction:g}) fractions together "
+                                "leave no training images; their sum must be below 1.")
     if not isinstance(seed, int) or seed < 0:
         raise SettingsError(f"The seed must be a whole number >= 0; got {seed}.")
 
@@ -545,22 +701,24 @@ def discard_on_refusal(folder: Path, created: bool):
         raise
 
 
-def _load_folder(folder: Path, label: str, spec: InputSpec, expected_classes: int | None, val_fraction: float,
-                 seed: int, limits: Limits, class_order: list[str] | None = None) -> DataSet:
+def _load_folder(folder: Path, label: str, spec: InputSpec, expected_classes: int | None, split: SplitSettings,
+                 limits: Limits, class_order: list[str] | None = None) -> DataSet:
     report = DataReport()
     root = find_dataset_root(folder)
     layout = discover_layout(root)
     if layout:
         report.presplit = True
-        names_tr, items_tr = scan_class_folders(layout["train"], report, limits)
-        names_va, items_va = scan_class_folders(layout["val"], report, limits)
-        if set(names_va) - set(names_tr):
-            raise DataError(f"val/ has classes that train/ lacks: {', '.join(sorted(set(names_va) - set(names_tr)))}.")
+        scanned = {role: scan_class_folders(path, report, limits) for role, path in layout.items()}
+        names_tr = scanned["train"][0]
+        for role in ("val", "test"):
+            extra = set(scanned.get(role, ([], []))[0]) - set(names_tr)
+            if extra:
+                raise DataError(f"{layout[role].name}/ has classes that train/ lacks: {', '.join(sorted(extra))}.")
         class_names = _ordered(sorted(names_tr), class_order)
         _check_class_count(len(class_names), expected_classes)
-        spec = _settle_size(spec, items_tr + items_va, report)
-        train = decode_images(items_tr, class_names, spec, root, report)
-        val = decode_images(items_va, class_names, spec, root, report)
+        spec = _settle_size(spec, [item for _, items in scanned.values() for item in items], report)
+        decoded = {role: decode_images(items, class_names, spec, root, report) for role, (_, items) in scanned.items()}
+        train, val, test, record = _presplit_roles(decoded, layout, split)
     else:
         class_names, items = scan_class_folders(root, report, limits)
         class_names = _ordered(sorted(class_names), class_order)
@@ -569,12 +727,13 @@ def _load_folder(folder: Path, label: str, spec: InputSpec, expected_classes: in
         full = decode_images(items, class_names, spec, root, report)
         if len(full) == 0:
             raise DataError("No readable images were found in the class folders.")
-        tr, va = stratified_split(full.labels.numpy(), val_fraction, seed)
-        train = ImageSet(full.images[tr], full.labels[tr], class_names)
-        val = ImageSet(full.images[va], full.labels[va], class_names)
+        share = split.test_share(UNSPLIT_TEST_FRACTION)
+        tr, va, te = three_way_split(full.labels.numpy(), split.val_fraction, share, split.seed)
+        train, val, test = full.take(tr), full.take(va), full.take(te)
+        record = split.record("unsplit", "images outside the selection split" if share > 0 else "none", share)
     report.notes += report.bit_depth.sentences()
     report.num_classes = len(class_names)
-    counts = torch.bincount(torch.cat([train.labels, val.labels]), minlength=len(class_names)).tolist()
+    counts = torch.bincount(torch.cat([train.labels, val.labels, test.labels]), minlength=len(class_names)).tolist()
     report.class_counts = dict(zip(class_names, counts))
     empty = [c for c, n in report.class_counts.items() if n == 0]
     if empty:
@@ -582,7 +741,21 @@ def _load_folder(folder: Path, label: str, spec: InputSpec, expected_classes: in
     report.warnings += _unmeasurable_classes(class_names, val.labels, report.class_counts, empty)
     if len(val) == 0:
         raise DataError("The validation split is empty: every class needs at least 2 readable images.")
-    return DataSet(train, val, class_names, spec, report, label)
+    return DataSet(train, val, class_names, spec, report, label, test=test, split=record)
+
+
+def _presplit_roles(decoded: dict[str, ImageSet], layout: dict[str, Path], split: SplitSettings
+                    ) -> tuple[ImageSet, ImageSet, ImageSet, dict]:
+    """(train, selection, test, split settings) of a pre-split data set (see the module docstring)."""
+    train, held = decoded["train"], decoded["val"]
+    names = "/".join(layout[r].name for r in ("train", "val", "test") if r in layout)
+    share = split.test_share(HELD_OUT_TEST_FRACTION)
+    if "test" in decoded and share > 0:  # the upload's own test folder, whatever the share
+        return train, held, decoded["test"], split.record(names, f"{layout['test'].name}/ folder", share)
+    if share <= 0:  # the layout before the test split: the whole held-out folder selects
+        return train, held, empty_like(held), split.record(names, "none", 0.0)
+    sel, te = held_out_split(held.labels.numpy(), share, split.seed)
+    return train, held.take(sel), held.take(te), split.record(names, f"{layout['val'].name}/ folder", share)
 
 
 def _unmeasurable_classes(class_names: list[str], val_labels: torch.Tensor, counts: dict[str, int],

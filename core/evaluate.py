@@ -1,7 +1,7 @@
 """Accuracy, per-class accuracy, confusion matrix, MACs and parameters of a classifier."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -14,10 +14,14 @@ from .shortcuts import is_shortcut_embedding
 
 @dataclass
 class Accuracy:
+    """``correct``: bool (N,), whether each image (in the order of the image set) was classified right:
+    what a paired comparison of two models on the same images needs (``core.stats``); not in ``to_dict``."""
+
     accuracy: float
     per_class: dict[str, float]
     confusion: list[list[int]]
     n: int
+    correct: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
         return {"accuracy": self.accuracy, "per_class": self.per_class, "confusion": self.confusion, "n": self.n}
@@ -47,8 +51,9 @@ def accuracy_from_predictions(pred: torch.Tensor, labels: torch.Tensor, class_na
     for i, name in enumerate(class_names):
         total = int(conf[i].sum())
         per_class[name] = float(conf[i, i]) / total if total else float("nan")
-    acc = float((pred == labels).float().mean()) if len(labels) else float("nan")
-    return Accuracy(acc, per_class, conf.tolist(), int(len(labels)))
+    correct = pred == labels
+    acc = float(correct.float().mean()) if len(labels) else float("nan")
+    return Accuracy(acc, per_class, conf.tolist(), int(len(labels)), correct)
 
 
 def evaluate_accuracy(model: nn.Module, data: ImageSet, spec: InputSpec, batch_size: int = 256) -> Accuracy:

@@ -11,13 +11,19 @@ Vinyals & Dean, "Distilling the Knowledge in a Neural Network", 2015):
 
 After every epoch the model is scored on the *selection* images (never the test images); the best
 epoch's weights are kept, also when the job is cancelled part-way.
+
+:func:`recover_run_step` makes the result a new step of a run folder (same structure as the step it
+started from, new weights), measured on the selection and the test images, so Review and Export pick
+it like any other step.
 """
 from __future__ import annotations
 
 import copy
 import math
 import threading
-from dataclasses import dataclass, field
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -25,9 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import ImageSet, normalize
-from .errors import SettingsError
+from .data import DataSet, ImageSet, normalize
+from .errors import DataError, PruneScopeError, SettingsError
+from .eta import EtaTracker, PhaseProgress
+from .evaluate import count_macs_params, evaluate_accuracy
 from .models import InputSpec
+from .runs import ACTIVE_RUNS, Run, RunWriter
+from .sources import load_run_dataset
+from .stats import paired_figures
 
 
 @dataclass
@@ -162,3 +173,122 @@ def recover(model: nn.Module, train: ImageSet, spec: InputSpec, config: Recovery
     model.load_state_dict(best_state)
     model.eval()
     return result
+
+
+# ----------------------------------------------------------------------------- a recovery as a run step
+
+
+def recover_run_step(run_dir: Path | str, step: int, config: RecoveryConfig, data: DataSet | None = None,
+                     cancel: threading.Event | None = None,
+                     progress: Callable[[PhaseProgress], None] | None = None,
+                     trusted: bool = False, device: torch.device | None = None) -> dict:
+    """Fine-tune step ``step`` of a classification run and append the result as a new step; its record.
+
+    The model is rebuilt from the run (:meth:`Run.rebuild_step`), trained by :func:`recover` on
+    ``data.train`` (``config.distill``: the run's original as teacher), chosen by its selection
+    accuracy, then measured on the selection and the test images. The new step keeps the source
+    step's structure (widths, Torch-Pruning history, MACs, latency) and records ``recovered_from`` and
+    ``recovery`` (epochs, kd, seconds, best epoch, per-epoch figures), the test figures
+    (``test_accuracy``, ``test_per_class``, None without a test split) and the paired drops from step 0
+    per role (``paired``: :func:`core.stats.paired_figures`). Weights are written before the record
+    (``RunWriter.add_step``), both atomically. When no epoch beat the source step on the selection images
+    (or a cancel came before the first epoch ended) nothing is appended and the record's ``step`` is
+    None. While it runs the run's status reads ``running`` (so a
+    second recovery is refused), and the previous status is restored after it, also on cancel.
+
+    ``data`` None: the run's data set with the split it recorded (``core.sources.load_run_dataset``),
+    refused when its images differ from the recorded split. ``progress`` gets a
+    :class:`~core.eta.PhaseProgress` (phase ``recovery`` in mini-batches, then ``measuring``).
+    Raises ``PruneScopeError`` subclasses with one line (no such run or step, a running run, a detection run).
+    """
+    config.validate()
+    run = Run(run_dir)
+    _check_recoverable(run)
+    source = run.record(step)
+    data = data if data is not None else _run_data(run)
+    spec = run.spec.input
+    model = run.rebuild_step(step, trusted)
+    original = run.original(trusted).model
+    history = _pruning_history(run, step)
+    tracker = EtaTracker()
+
+    def report(phase: str, done: float, total: float, message: str) -> None:
+        if progress:
+            progress(tracker.update(phase, done, total, message))
+
+    writer = RunWriter(run.dir)
+    before = run.status
+    ACTIVE_RUNS.add(str(run.dir.resolve()))  # readers in this process see it running, not interrupted
+    writer.status("running", f"recovery fine-tune of step {step}")
+    try:
+        t0 = time.perf_counter()
+        result = recover(model, data.train, spec, config, lambda m: evaluate_accuracy(m, data.val, spec).accuracy,
+                         teacher=original if config.distill else None, device=device, cancel=cancel,
+                         progress=lambda done, total, msg: report("recovery", done, total, msg))
+        seconds = time.perf_counter() - t0
+        report("measuring", 0, 2, "measuring the recovered model on the selection and test images")
+        model.cpu()
+        record = _recovered_record(run, source, model, original, data, config, result, seconds)
+        if result.best_epoch > 0:
+            writer.add_step(record, model, history)
+        else:  # no epoch beat the incoming model (or none finished): a copy of the source step is no new step
+            record["step"] = None
+        report("measuring", 2, 2, "done")
+    finally:
+        writer.status(before.get("state", "done"), before.get("message", ""))
+    return record
+
+
+def _check_recoverable(run: Run) -> None:
+    if run.task != "classification":
+        raise SettingsError(f"Run {run.name} is a {run.task} run; the recovery fine-tune trains classifiers only.")
+    if run.status.get("state") == "running":
+        raise PruneScopeError(f"Run {run.name} is still running ({run.status.get('message') or 'a job writes to it'}); "
+                              "recover a step after it has finished.")
+
+
+def _run_data(run: Run) -> DataSet:
+    """The run's data set, split as recorded; refused when the recorded split's images are not what loads now."""
+    data = load_run_dataset(run.config, run.spec.input, run.spec.num_classes)
+    recorded = ((run.config.get("data_options") or {}).get("split") or {}).get("sha256")
+    if recorded and recorded != data.split_record()["sha256"]:
+        changed = ", ".join(r for r in recorded if recorded[r] != data.split_record()["sha256"].get(r))
+        raise DataError(f"The data set {run.config['data_source']} no longer gives the images run {run.name} was made "
+                        f"with (changed: {changed}); its figures could not be compared. Load the original data.")
+    return data
+
+
+def _pruning_history(run: Run, step: int) -> list:
+    """The Torch-Pruning history of ``step`` (empty for the original): the structure the new step keeps."""
+    if step == 0:
+        return []
+    return run._weights(run.dir / "steps" / f"{step:04d}.pt")["pruning_history"]
+
+
+def _correct(model: nn.Module, data: DataSet, spec: InputSpec) -> dict[str, np.ndarray]:
+    """Per role, whether each image is classified right (roles without images left out)."""
+    return {role: evaluate_accuracy(model, images, spec).correct.numpy()
+            for role, images in (("selection", data.val), ("test", data.test)) if len(images)}
+
+
+def _recovered_record(run: Run, source: dict, model: nn.Module, original: nn.Module, data: DataSet,
+                      config: RecoveryConfig, result: RecoveryResult, seconds: float) -> dict:
+    spec = run.spec.input
+    selection = evaluate_accuracy(model, data.val, spec)
+    test = evaluate_accuracy(model, data.test, spec) if len(data.test) else None
+    macs, params = count_macs_params(model, spec)
+    return {
+        "step": max(run.steps()) + 1,
+        # the metric under the key today's step writers use (a merge that renames it renames it here)
+        "accuracy": selection.accuracy, "per_class": selection.per_class,
+        "test_accuracy": test.accuracy if test else None, "test_per_class": test.per_class if test else None,
+        "macs": macs, "params": params,
+        "latency_ms": source.get("latency_ms"),  # same structure as the source step: its latency
+        "widths": source.get("widths"), "removed": None,
+        "recovered_from": source["step"],
+        "recovery": {"epochs": config.epochs, "kd": config.distill, "seconds": seconds,
+                     "best_epoch": result.best_epoch, "cancelled": result.cancelled,
+                     "start_selection": result.start_selection, "per_epoch": result.epochs, "config": asdict(config)},
+        "paired": paired_figures(_correct(original, data, spec), _correct(model, data, spec)),
+        "seconds": seconds, "elapsed": (source.get("elapsed") or 0.0) + seconds,
+    }

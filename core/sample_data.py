@@ -16,6 +16,19 @@ Images are ordered class by class, and class names are sorted, exactly as ``core
 orders an ImageFolder: the zip written by :func:`write_imagefolder_zip` loads back to the same
 arrays, the same labels and therefore the same train/val split.
 
+Test images (issue 14) must be unseen by the bundled model, and the selection (val) images stay the
+ones the manifest accuracy was measured on, so each sample takes its test images where it has unseen
+ones (``SampleDatasetInfo.test_from``):
+
+- ``cifar10``: every image is held out from the ResNet-20's training, so the test images come from the
+  non-selection pool, as for an unsplit upload (:func:`core.data.three_way_split`: 400 of the 1,600;
+  the pruning loop then fine-tunes on the other 1,200).
+- ``shapes``: the generator makes unseen images of the same distribution: ``test_fraction`` x 4,800
+  (960) newly generated with data seed ``DATA_SEED + 1``; train and selection are unchanged.
+- ``digits``: every image outside the selection split trained ``vgg_digits``, and there are no others
+  (1,797 scans in all), so there is no test split by default; an explicit ``test_fraction`` splits the
+  selection images (:func:`core.data.held_out_split`), which changes the selection figures.
+
 ``seed`` of :func:`load_sample_dataset` is the *split* seed (as for an uploaded data set); the images
 themselves are always generated with ``data_seed`` (0, the seed the bundled samples were trained on),
 so that the default split is the one their manifest accuracy was measured on.
@@ -33,7 +46,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import DataReport, DataSet, ImageSet, image_to_array, stratified_split
+from .data import (UNSPLIT_TEST_FRACTION, DataReport, DataSet, ImageSet, SplitSettings, empty_like, held_out_split,
+                   image_to_array, three_way_split)
 from .errors import DataError, PruneScopeError
 from .models import InputSpec
 from .preprocess import size_is_open
@@ -48,6 +62,8 @@ class SampleDatasetInfo:
     description: str
     class_names: tuple[str, ...]
     size: int = SIZE
+    test_from: str = "pool"  # pool | generated | selection: where unseen test images come from (module docstring)
+    test_fraction: float = UNSPLIT_TEST_FRACTION  # default share (of all images; of the selection for 'selection')
 
 
 SHAPE_COLOURS = {"blue_circle": 2 / 3, "green_circle": 1 / 3, "red_circle": 0.0, "yellow_circle": 1 / 6}
@@ -62,6 +78,7 @@ SAMPLE_DATASETS: dict[str, SampleDatasetInfo] = {
         "scikit-learn handwritten digits: 1797 real 8x8 grey scans (UCI optdigits test set), 10 classes, "
         "upscaled bilinearly to 32x32 RGB.",
         tuple(str(i) for i in range(10)),
+        test_from="selection", test_fraction=0.0,
     ),
     "shapes": SampleDatasetInfo(
         "shapes",
@@ -69,6 +86,7 @@ SAMPLE_DATASETS: dict[str, SampleDatasetInfo] = {
         "only by colour; cross/square/star/triangle have random colours. Random position, size and rotation, "
         "noisy gradient backgrounds with distractor strokes.",
         tuple(sorted(list(SHAPE_COLOURS) + list(SHAPE_FORMS))),
+        test_from="generated",
     ),
 }
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -114,29 +132,58 @@ def dataset_name(name: str) -> str:
 
 
 def load_sample_dataset(name: str, spec: InputSpec, val_fraction: float = 0.2, seed: int = 0,
-                        data_seed: int = DATA_SEED) -> DataSet:
-    """A sample data set at ``spec``'s input size, split by ``core.data.stratified_split(labels, val_fraction, seed)``.
+                        data_seed: int = DATA_SEED, test_fraction: float | None = None) -> DataSet:
+    """A sample data set at ``spec``'s input size: train and selection (val) by
+    ``core.data.stratified_split(labels, val_fraction, seed)``, test as the module docstring says
+    (``test_fraction`` None: the sample's default; 0: none).
 
-    With the defaults this is exactly the split the manifest accuracies were measured on.
+    With the defaults the selection split is exactly the one the manifest accuracies were measured on.
     """
     ds_name = dataset_name(name)
+    info = SAMPLE_DATASETS[ds_name]
     arr, labels, class_names = make_sample_images(ds_name, data_seed)
     notes = []
     if size_is_open(spec):  # a model that does not fix its input size reads the sample at its own size
         spec = replace(spec, height=int(arr.shape[1]), width=int(arr.shape[2]))
         notes.append(f"Input size {spec.height}×{spec.width} taken from the data (the sample's image size).")
+    full = _image_set(arr, labels, class_names, spec, [f"{ds_name}/{i}" for i in range(len(labels))])
+    split = SplitSettings(val_fraction, seed, test_fraction)
+    share = split.test_share(info.test_fraction)
+    train, val, test, test_from = _sample_roles(info, full, split, share, data_seed, spec)
+    counts = np.bincount(labels, minlength=len(class_names)).tolist()
+    report = DataReport(num_classes=len(class_names), class_counts=dict(zip(class_names, counts)), notes=notes)
+    record = split.record(f"sample {ds_name}", test_from, share)
+    return DataSet(train, val, class_names, spec, report, f"sample:{name}", test=test, split=record)
+
+
+def _image_set(arr: np.ndarray, labels: np.ndarray, class_names: list[str], spec: InputSpec, ids: list[str]) -> ImageSet:
+    """(N, 32, 32, 3) uint8 sample images at ``spec``'s size and colour mode."""
     if (spec.channels, spec.height, spec.width) == (3, arr.shape[1], arr.shape[2]):
         chw = np.ascontiguousarray(arr.transpose(0, 3, 1, 2))
     else:
         chw = np.stack([image_to_array(Image.fromarray(a, "RGB"), spec) for a in arr])
-    images = torch.from_numpy(chw)
-    targets = torch.from_numpy(labels)
-    tr, va = stratified_split(labels, val_fraction, seed)
-    train = ImageSet(images[tr], targets[tr], class_names)
-    val = ImageSet(images[va], targets[va], class_names)
-    counts = np.bincount(labels, minlength=len(class_names)).tolist()
-    report = DataReport(num_classes=len(class_names), class_counts=dict(zip(class_names, counts)), notes=notes)
-    return DataSet(train, val, class_names, spec, report, f"sample:{name}")
+    return ImageSet(torch.from_numpy(chw), torch.from_numpy(np.asarray(labels, dtype=np.int64)), class_names, ids)
+
+
+def _sample_roles(info: SampleDatasetInfo, full: ImageSet, split: SplitSettings, share: float, data_seed: int,
+                  spec: InputSpec) -> tuple[ImageSet, ImageSet, ImageSet, str]:
+    """(train, selection, test, where the test images came from) of a sample; see the module docstring."""
+    labels = full.labels.numpy()
+    if info.test_from == "pool":
+        tr, va, te = three_way_split(labels, split.val_fraction, share, split.seed)
+        return full.take(tr), full.take(va), full.take(te), "images outside the selection split" if share else "none"
+    tr, va, _ = three_way_split(labels, split.val_fraction, 0.0, split.seed)
+    train, val = full.take(tr), full.take(va)
+    if share <= 0:
+        return train, val, empty_like(val), "none"
+    if info.test_from == "selection":
+        sel, te = held_out_split(val.labels.numpy(), share, split.seed)
+        return train, val.take(sel), val.take(te), "selection split (no other unseen images)"
+    per_class = max(1, round(share * len(labels) / len(info.class_names)))
+    images, test_labels = _generated_test(data_seed + 1, per_class)
+    test = _image_set(images.copy(), test_labels.copy(), full.class_names, spec,
+                      [f"{info.name}-seed{data_seed + 1}/{i}" for i in range(len(test_labels))])
+    return train, val, test, f"newly generated, data seed {data_seed + 1}"
 
 
 def write_imagefolder_zip(name: str, path: str | Path, seed: int = DATA_SEED) -> Path:
@@ -167,6 +214,15 @@ def write_imagefolder_zip(name: str, path: str | Path, seed: int = DATA_SEED) ->
 @functools.lru_cache(maxsize=4)
 def _generate_cached(name: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
     images, labels = _generate(name, seed)
+    images.setflags(write=False)
+    labels.setflags(write=False)
+    return images, labels
+
+
+@functools.lru_cache(maxsize=2)
+def _generated_test(seed: int, per_class: int) -> tuple[np.ndarray, np.ndarray]:
+    """Shapes images never used to train the bundled model (another data seed): the sample's test images."""
+    images, labels, _ = _shapes(seed, per_class)
     images.setflags(write=False)
     labels.setflags(write=False)
     return images, labels

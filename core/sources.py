@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Sequence
 
 from . import data as image_data
-from .data import DataSet, Limits, check_split_options, _check_class_count as check_class_count  # the rule every data set obeys
+from .data import (DataSet, Limits, check_split_options, split_options,
+                   _check_class_count as check_class_count)  # the rule every data set obeys
 from .detection import data as voc_data
 from .detection.data import DetectionData
 from .detection.sample import load_sample_detection
@@ -30,24 +31,33 @@ def sample_name(source) -> str | None:
 
 def load_dataset(source: str | Path | bytes, spec: InputSpec, expected_classes: int | None = None,
                  val_fraction: float = 0.2, seed: int = 0, limits: Limits | None = None,
-                 class_order: list[str] | None = None) -> DataSet:
+                 class_order: list[str] | None = None, test_fraction: float | None = None) -> DataSet:
     """An image-classification data set: a generated sample (``sample:NAME``) or an ImageFolder zip/folder.
 
     Raises ``DataError`` as ``core.data.load_dataset`` does (``SettingsError`` for bad split settings,
     before anything is read); a sample is checked against ``expected_classes`` like any other data set.
     ``class_order`` (folder names in the model's output order) applies to files; a sample has its own.
+    ``test_fraction``: None for the data set's default test split, 0 for none (see ``core.data``).
     """
     name = sample_name(source)
     if name is None:
         return image_data.load_dataset(source, spec, expected_classes=expected_classes, val_fraction=val_fraction,
-                                       seed=seed, limits=limits, class_order=class_order)
-    check_split_options(val_fraction, seed)
+                                       seed=seed, limits=limits, class_order=class_order, test_fraction=test_fraction)
+    check_split_options(val_fraction, seed, test_fraction)
     if class_order:
         raise SettingsError("A bundled sample data set has its own class order; a class order applies to a data set "
                             "given as a zip or folder.")
-    ds = load_sample_dataset(name, spec, val_fraction=val_fraction, seed=seed)
+    ds = load_sample_dataset(name, spec, val_fraction=val_fraction, seed=seed, test_fraction=test_fraction)
     check_class_count(ds.num_classes, expected_classes)
     return ds
+
+
+def load_run_dataset(config: dict, spec: InputSpec, expected_classes: int | None = None) -> DataSet:
+    """The data set of a run, split as the run recorded it (``config['data_options']``); runs made before
+    the test split get their selection images exactly as they were and no test images
+    (:func:`core.data.split_options`)."""
+    return load_dataset(config["data_source"], spec, expected_classes=expected_classes,
+                        **split_options(config.get("data_options")))
 
 
 def load_voc_dataset(source: str | Path | bytes, input_size: tuple[int, int] | int,

@@ -70,3 +70,48 @@ def resolution_points(n: int, flip_rate: float, z: float = Z95) -> float:
     if n <= 0:
         return math.inf
     return max(100.0 * 2.0 * z * math.sqrt(flip_rate / n), 200.0 / n)
+
+
+def accuracy_flip_rate(accuracy: float) -> float:
+    """The flip rate assumed when none was measured: ``p (1 - p)``, the variance of one image's correctness.
+
+    With it, the paired interval of a step is as wide as the standard error of the accuracy itself
+    (1,000 images at 80 %: about 1.3 points), the scale on which a threshold decided by chance shows;
+    an unknown or undefined accuracy takes the widest case, 0.5.
+    """
+    p = accuracy if isinstance(accuracy, (int, float)) and math.isfinite(accuracy) and 0 <= accuracy <= 1 else 0.5
+    return max(p * (1.0 - p), 1e-4)
+
+
+def resolution_warning(max_drop_points: float, n_selection: int, accuracy: float,
+                       flip_rate: float | None = None) -> str | None:
+    """One line when a threshold of ``max_drop_points`` is finer than ``n_selection`` images at ``accuracy``
+    (0..1) can resolve (:func:`resolution_points`), saying how many images would resolve it; None when it
+    is resolved. ``flip_rate`` (fraction of images flipping either way in a step) defaults to
+    :func:`accuracy_flip_rate`; pass a measured one when a run has it."""
+    rate = accuracy_flip_rate(accuracy) if flip_rate is None else flip_rate
+    if max_drop_points <= 0:
+        return (f"A threshold of {max_drop_points:g} points lets no image flip for the worse: every step is decided "
+                "by single images, which no number of selection images resolves.")
+    resolvable = resolution_points(n_selection, rate)
+    if max_drop_points >= resolvable:
+        return None
+    need = max(images_to_resolve(max_drop_points, rate), int(math.ceil(200.0 / max_drop_points)))
+    return (f"A {max_drop_points:g}-point threshold is finer than {n_selection} selection images can resolve "
+            f"(about {resolvable:.2f} points at 95 % confidence with {100 * rate:.1f} % of the images flipping per "
+            f"step): steps are then accepted or refused partly by chance. About {need:,} selection images would "
+            "resolve it.")
+
+
+def paired_figures(baseline_correct: dict[str, np.ndarray], step_correct: dict[str, np.ndarray]) -> dict[str, dict]:
+    """Per role (``selection``, ``test``, ...) the paired drop of a step from the baseline, as
+    :meth:`PairedDrop.to_dict`; roles missing on either side or without images are left out (an old run
+    without a test split has only ``selection``). Raises ``ValueError`` when a role's vectors differ in
+    length (they must be the same images in the same order)."""
+    out = {}
+    for role, before in baseline_correct.items():
+        after = step_correct.get(role)
+        if after is None or len(before) == 0:
+            continue
+        out[role] = paired_drop(np.asarray(before), np.asarray(after)).to_dict()
+    return out

@@ -38,7 +38,7 @@ def _classes(n_classes=3, per_class=5, prefix="") -> dict[str, bytes]:
 def test_zip_imagefolder_with_wrapper_folder_and_split():
     ds = load_dataset(_zip(_classes(prefix="mydata/")), SPEC, expected_classes=3)
     assert ds.class_names == ["c0", "c1", "c2"]
-    assert len(ds.train) + len(ds.val) == 15
+    assert len(ds.train) + len(ds.val) + len(ds.test) == 15
     assert set(ds.val.labels.tolist()) == {0, 1, 2}, "the split is stratified"
     assert ds.train.images.shape[1:] == (3, 16, 16)
 
@@ -57,7 +57,8 @@ def test_presplit_train_val_folder(tmp_path):
             for i in range(3):
                 (tmp_path / split / c / f"{i}.png").write_bytes(_png())
     ds = load_dataset(tmp_path, SPEC)
-    assert ds.report.presplit and len(ds.train) == 6 and len(ds.val) == 6
+    assert ds.report.presplit and len(ds.train) == 6 and len(ds.val) + len(ds.test) == 6
+    assert len(ds.val) == 4 and len(ds.test) == 2, "val/ split per class: floor(3 / 2) = 1 test image, 2 selection"
 
 
 def test_report_lists_non_images_and_corrupt_files_and_conversions():
@@ -71,7 +72,7 @@ def test_report_lists_non_images_and_corrupt_files_and_conversions():
     assert any("notes.txt" in s for s in ds.report.skipped_non_images)
     assert any("broken.jpg" in s for s in ds.report.corrupt_images)
     assert ds.report.converted.get("L") == 1 and ds.report.converted.get("RGBA") == 1
-    assert len(ds.train) + len(ds.val) == 17
+    assert len(ds.train) + len(ds.val) + len(ds.test) == 17
 
 
 def test_zip_slip_refused_before_anything_is_written(tmp_path):

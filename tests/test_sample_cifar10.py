@@ -16,9 +16,11 @@ def test_bundled_zip_reads_the_same_through_the_imagefolder_loader():
     sample = load_sample_dataset("cifar10", SPEC)
     folder = load_imagefolder(CIFAR10_ZIP, SPEC)
     assert sample.class_names == folder.class_names
-    assert len(sample.train) + len(sample.val) == 2000
-    assert torch.equal(sample.val.images, folder.val.images) and torch.equal(sample.val.labels, folder.val.labels)
-    assert torch.bincount(torch.cat([sample.train.labels, sample.val.labels])).tolist() == [200] * 10
+    assert (len(sample.train), len(sample.val), len(sample.test)) == (1200, 400, 400)
+    for role in ("val", "test"):
+        a, b = getattr(sample, role), getattr(folder, role)
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert torch.bincount(torch.cat([sample.train.labels, sample.val.labels, sample.test.labels])).tolist() == [200] * 10
 
 
 def test_sample_reproduces_its_manifest_accuracy_and_prunes(one_thread):

@@ -1,0 +1,98 @@
+"""CLI of the recovery fine-tune: ``python -m core recover RUN`` and ``prune --recover-epochs N``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .cli_common import print_summary, progress_printer
+from .eta import PhaseProgress, format_duration
+from .errors import SettingsError
+from .recovery import RecoveryConfig, recover_run_step
+from .runs import Run
+
+RECOVERY_DEFAULTS = RecoveryConfig()
+
+
+def add_recover_command(sub) -> None:
+    rc = sub.add_parser("recover", help="recovery fine-tune of a run's step, appended to the run as a new step")
+    rc.add_argument("run", help="run folder written by 'prune' or the app")
+    rc.add_argument("--step", type=int, help="step to fine-tune (default: the smallest within the run's threshold)")
+    rc.add_argument("--epochs", type=int, default=RECOVERY_DEFAULTS.epochs,
+                    help=f"passes over the train split (default {RECOVERY_DEFAULTS.epochs})")
+    add_recovery_options(rc, "")
+    rc.add_argument("--trusted", action="store_true",
+                    help="run the run's own pickle or model code even without a trust record in this workspace")
+    rc.add_argument("--json", action="store_true")
+
+
+def add_recovery_options(p: argparse.ArgumentParser, prefix: str) -> None:
+    """``--kd``, ``--lr``, ``--batch-size`` (``prefix`` 'recover-' on the prune command)."""
+    p.add_argument(f"--{prefix}kd", action="store_true",
+                   help="distil from the original model (Hinton et al. 2015: alpha 0.5, temperature 4)")
+    p.add_argument(f"--{prefix}lr", type=float, default=RECOVERY_DEFAULTS.lr,
+                   help=f"peak learning rate of the cosine schedule (default {RECOVERY_DEFAULTS.lr:g})")
+    p.add_argument(f"--{prefix}batch-size", type=int, default=RECOVERY_DEFAULTS.batch_size,
+                   help=f"mini-batch size (default {RECOVERY_DEFAULTS.batch_size})")
+
+
+def recovery_config(epochs: int, kd: bool, lr: float, batch_size: int) -> RecoveryConfig:
+    config = RecoveryConfig(epochs=epochs, lr=lr, batch_size=batch_size, distill=kd)
+    config.validate()
+    return config
+
+
+def eta_printer():
+    """A ``progress(PhaseProgress)`` callback printing the phase, its share and the time left on stderr."""
+    show = progress_printer("  ")
+
+    def report(p: PhaseProgress) -> None:
+        show(p.fraction, f"{p.message} — {format_duration(p.eta_s)} left")
+
+    return report
+
+
+def cmd_recover(args) -> int:
+    config = recovery_config(args.epochs, args.kd, args.lr, args.batch_size)
+    run = Run(args.run)  # a bad path: one line, before any work
+    step = args.step if args.step is not None else default_step(run)
+    record = recover_run_step(run.dir, step, config, progress=eta_printer(), trusted=args.trusted)
+    print_summary(recovery_summary(record), args.json)
+    return 0
+
+
+def default_step(run: Run) -> int:
+    """The step the run's own threshold selects (what Export picks); the original when none was accepted."""
+    return run.select_step(float(run.config.get("prune", {}).get("max_drop", 1.0)))
+
+
+def recovery_summary(record: dict) -> dict:
+    rec = record["recovery"]
+    return {"step": record["step"], "recovered_from": record["recovered_from"], "accuracy": record["accuracy"],
+            "test_accuracy": record["test_accuracy"], "macs": record["macs"], "kd": rec["kd"],
+            "best_epoch": rec["best_epoch"], "epochs": rec["epochs"], "cancelled": rec["cancelled"],
+            "seconds": rec["seconds"]}
+
+
+def prune_recovery_config(args) -> RecoveryConfig | None:
+    """The recovery ``prune --recover-epochs N`` asks for (None for none), checked before the pruning starts."""
+    epochs = getattr(args, "recover_epochs", None)
+    if epochs is not None and epochs < 0:
+        raise SettingsError(f"--recover-epochs must be 0 (no recovery) or more; got {epochs}.")
+    if not epochs:
+        return None
+    return recovery_config(epochs, args.recover_kd, args.recover_lr, args.recover_batch_size)
+
+
+def recover_after_prune(config: RecoveryConfig | None, run_dir, max_drop: float, data, summary: dict,
+                        trusted: bool = False) -> dict:
+    """Fine-tune the step the threshold selects (when ``config``) and add its figures to ``summary``."""
+    if config is None:
+        return summary
+    step = Run(run_dir).select_step(max_drop)
+    if step == 0:
+        print("recovery skipped: no pruning step was accepted within the threshold", file=sys.stderr)
+        return {**summary, "recovery": None}
+    print(f"recovery fine-tune of step {step}: {config.epochs} epoch(s) on {len(data.train)} training images",
+          file=sys.stderr, flush=True)
+    record = recover_run_step(run_dir, step, config, data=data, progress=eta_printer(), trusted=trusted)
+    return {**summary, "recovery": recovery_summary(record)}
