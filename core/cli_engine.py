@@ -10,7 +10,7 @@ from .cli_common import (config_from_args, export_exit_code, load_model_and_data
                          progress_printer)
 from .clusters import PROFILES
 from .detection.cli import add_detection_args, cmd_export_detection, cmd_prune_detection
-from .detection.prune import DetectionPruneConfig
+from .tasks.detection import DetectionPruneConfig
 from .export import export_run
 from .jsonout import emit_json
 from .prune import Callbacks, PruneConfig, run_pruning
@@ -100,7 +100,7 @@ def cmd_prune(args) -> int:
     out = prepare_out(args.out)
 
     def on_step(r: dict) -> None:
-        print(f"step {r['step']}: accuracy {r['accuracy'] * 100:.2f}%  MACs {r['macs'] / 1e6:.2f} M"
+        print(f"step {r['step']}: accuracy {r['metric'] * 100:.2f}%  MACs {r['macs'] / 1e6:.2f} M"
               + (f"  removed {len(r['removed']['filters'])} from {r['removed']['group']}" if r.get("removed") else ""),
               file=sys.stderr, flush=True)
 

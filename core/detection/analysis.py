@@ -21,9 +21,9 @@ from ..errors import CancelledError, SettingsError
 from ..evaluate import count_macs_params
 from ..groups import PruningGraph
 from ..models import InputSpec
+from ..tasks.detection import DetectionScorer
 from .data import DetectionSet
 from .models import output_layer_names
-from .prune import DetectionScorer
 
 
 @dataclass

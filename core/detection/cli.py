@@ -17,7 +17,7 @@ from ..jsonout import emit_json
 from ..evaluate import count_macs_params
 from ..models import extract_state_dict, load_state_dict_strict, read_checkpoint
 from ..ov_runtime import measure_latency_ms
-from ..prune import Callbacks
+from ..engine import Callbacks
 from ..sources import load_voc_dataset
 from .evaluate import evaluate_map
 from .export import export_detection_run
@@ -112,7 +112,7 @@ def cmd_prune_detection(args) -> int:
     out = prepare_out(args.out)
 
     def on_step(r: dict) -> None:
-        print(f"step {r['step']}: mAP {r['map'] * 100:.2f}  MACs {r['macs'] / 1e6:.2f} M"
+        print(f"step {r['step']}: mAP {r['metric'] * 100:.2f}  MACs {r['macs'] / 1e6:.2f} M"
               + (f"  removed {len(r['removed']['filters'])} from {r['removed']['group']}" if r.get("removed") else ""),
               file=sys.stderr, flush=True)
 
