@@ -710,9 +710,9 @@ def export_run(run_dir: str | Path, step: int | None = None, max_drop: float | N
     if spec.class_names is None:
         spec.class_names = data.class_names
     base = run.history[0]
-    meta = {
-        "pruned": {k: record.get(k) for k in ("accuracy", "macs", "params", "latency_ms")},
-        "original": {k: base.get(k) for k in ("accuracy", "macs", "params", "latency_ms")},
+    meta = {  # a classification run's metric is accuracy, the bundle's name for it
+        "pruned": {"accuracy": record.get("metric"), **{k: record.get(k) for k in ("macs", "params", "latency_ms")}},
+        "original": {"accuracy": base.get("metric"), **{k: base.get(k) for k in ("macs", "params", "latency_ms")}},
         "step": step, "run": run.name, "max_drop": max_drop,
         "criterion": run.config.get("prune", {}).get("criterion"), "cluster": run.config.get("prune", {}).get("cluster"),
     }
