@@ -18,7 +18,7 @@ from .. import criteria
 from ..car import CarScorer, compute_car, filter_ablation
 from ..criteria import Cluster, ScoreContext
 from ..data import DataSet, ImageSet, normalize
-from ..engine import PruneConfig, group_key
+from ..engine import PruneConfig, group_key, train_steps
 from ..evaluate import count_macs_params, evaluate_accuracy
 from ..groups import ChannelGroup, PruningGraph
 from ..models import InputSpec
@@ -177,15 +177,9 @@ def finetune(model: nn.Module, train: ImageSet, spec: InputSpec, steps: int, lr:
         return
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    for i in range(steps):
-        if cancel is not None and cancel.is_set():
-            break
+
+    def batch_loss() -> torch.Tensor:
         idx = rng.choice(len(train), size=min(batch_size, len(train)), replace=False)
-        x = _augment(normalize(train.images[idx], spec), rng)
-        loss = F.cross_entropy(model(x), train.labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if progress:
-            progress((i + 1) / steps, f"fine-tuning ({i + 1}/{steps})")
-    model.eval()
+        return F.cross_entropy(model(_augment(normalize(train.images[idx], spec), rng)), train.labels[idx])
+
+    train_steps(model, opt, steps, batch_loss, cancel, progress)

@@ -31,7 +31,7 @@ from ..detection.data import DetectionData, DetectionSet
 from ..detection.evaluate import EvalSettings, detect, evaluate_map, map_of_detections, normalize_images
 from ..detection.loss import encode_batch, multibox_loss
 from ..detection.models import output_layer_names
-from ..engine import PruneConfig, group_key
+from ..engine import PruneConfig, group_key, train_steps
 from ..errors import SettingsError
 from ..evaluate import count_macs_params
 from ..groups import ChannelGroup, PruningGraph
@@ -258,19 +258,14 @@ def finetune_detector(model: nn.Module, train: DetectionSet, spec: InputSpec, co
         opt = torch.optim.SGD(params, lr=config.finetune_lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     model.train()
     _freeze_batchnorm(model)
-    for i in range(steps):
-        if cancel is not None and cancel.is_set():
-            break
+
+    def batch_loss() -> torch.Tensor:
         idx = rng.choice(len(train), size=min(config.batch_size, len(train)), replace=False)
         images, boxes = _flip_batch(train.images[torch.from_numpy(idx)], [train.boxes[j] for j in idx], rng)
         targets = encode_batch(boxes, [train.labels[j] for j in idx], anchors, model.box_coder_weights)
-        loss = multibox_loss(model(normalize_images(images, spec.mean, spec.std)), targets)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if progress:
-            progress((i + 1) / steps, f"fine-tuning ({i + 1}/{steps})")
-    model.eval()
+        return multibox_loss(model(normalize_images(images, spec.mean, spec.std)), targets)
+
+    train_steps(model, opt, steps, batch_loss, cancel, progress)
 
 
 def _subset_indices(n: int, k: int, seed: int) -> np.ndarray:
