@@ -51,7 +51,7 @@ def run_one(arch: str) -> dict:
     from core.groups import PruningGraph, UnsafeGroupError
     from core.models import InputSpec, build_architecture, load_model
     from core.ncs2 import check_ncs2
-    from core.prune import score_filters
+    from core.tasks.classification import score_filters
 
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -92,7 +92,7 @@ def run_one(arch: str) -> dict:
             scores = score_filters("l1", graph, safe, None, probe, spec, np.random.default_rng(0))
             refused = []
             for gr in safe:
-                filters = sorted(np.argsort(scores[gr.gid], kind="stable")[:CLUSTER].tolist())
+                filters = sorted(np.argsort(scores[gr.root], kind="stable")[:CLUSTER].tolist())
                 try:
                     graph.prune(gr.root, filters)
                 except UnsafeGroupError as exc:

@@ -59,8 +59,8 @@ def main() -> None:
         r = Run(out / label)
         results[label] = (r, summary)
         print(f"{label}: {summary['steps']} steps, MACs {summary['baseline_macs'] / 1e6:.2f} M -> "
-              f"{summary['final_macs'] / 1e6:.2f} M, accuracy {summary['baseline_accuracy'] * 100:.2f}% -> "
-              f"{summary['final_accuracy'] * 100:.2f}% ({summary['reason']}; {time.time() - t0:.0f} s)", flush=True)
+              f"{summary['final_macs'] / 1e6:.2f} M, accuracy {summary['baseline_metric'] * 100:.2f}% -> "
+              f"{summary['final_metric'] * 100:.2f}% ({summary['reason']}; {time.time() - t0:.0f} s)", flush=True)
         return summary
 
     if args.reuse:
@@ -69,7 +69,7 @@ def main() -> None:
         main_summary = run_summary(Path(args.reuse), "done", Run(args.reuse).status.get("message", ""))
         results["c8"] = (Run(args.reuse), main_summary)
         print(f"c8: reused {args.reuse}: {main_summary['steps']} steps, MACs {main_summary['baseline_macs'] / 1e6:.2f} M -> "
-              f"{main_summary['final_macs'] / 1e6:.2f} M, accuracy {main_summary['final_accuracy'] * 100:.2f}%")
+              f"{main_summary['final_macs'] / 1e6:.2f} M, accuracy {main_summary['final_metric'] * 100:.2f}%")
     else:
         main_summary = run("c8", 8)
     budget = main_summary["final_macs"] / main_summary["baseline_macs"]
@@ -87,14 +87,14 @@ def main() -> None:
     lat = {k: statistics.median(v) for k, v in times.items()}
     base = results["c8"][1]
     rows = [{"model": "original", "cluster": "-", "MACs_M": f"{base['baseline_macs'] / 1e6:.2f}", "MAC_ratio": "1.00x",
-             "accuracy_%": f"{base['baseline_accuracy'] * 100:.2f}", "drop_pts": "0.00",
+             "accuracy_%": f"{base['baseline_metric'] * 100:.2f}", "drop_pts": "0.00",
              "latency_ms": f"{lat['original']:.3f}", "latency_ratio": "1.00"}]
     for label, (r, s) in results.items():
         widths = r.history[-1]["widths"]
         rows.append({"model": label, "cluster": label[1:], "MACs_M": f"{s['final_macs'] / 1e6:.2f}",
                      "MAC_ratio": f"{s['baseline_macs'] / s['final_macs']:.2f}x",
-                     "accuracy_%": f"{s['final_accuracy'] * 100:.2f}",
-                     "drop_pts": f"{(s['baseline_accuracy'] - s['final_accuracy']) * 100:.2f}",
+                     "accuracy_%": f"{s['final_metric'] * 100:.2f}",
+                     "drop_pts": f"{(s['baseline_metric'] - s['final_metric']) * 100:.2f}",
                      "latency_ms": f"{lat[label]:.3f}", "latency_ratio": f"{lat[label] / lat['original']:.2f}",
                      "widths": " ".join(str(w) for n, w in widths.items() if n.endswith("conv1"))})
     print()

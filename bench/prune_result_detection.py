@@ -43,8 +43,8 @@ def main(args) -> None:
         summary = run_detection_pruning(model, entry, data, cfg, out / label)
         results[label] = (Run(out / label), summary, time.time() - t0)
         print(f"{label}: {summary['steps']} steps, MACs {summary['baseline_macs'] / 1e6:.2f} M -> "
-              f"{summary['final_macs'] / 1e6:.2f} M, mAP {summary['baseline_accuracy'] * 100:.2f} -> "
-              f"{summary['final_accuracy'] * 100:.2f} ({summary['reason']}; {time.time() - t0:.0f} s)", flush=True)
+              f"{summary['final_macs'] / 1e6:.2f} M, mAP {summary['baseline_metric'] * 100:.2f} -> "
+              f"{summary['final_metric'] * 100:.2f} ({summary['reason']}; {time.time() - t0:.0f} s)", flush=True)
         return summary
 
     steps: dict[str, int] = {}
@@ -54,7 +54,7 @@ def main(args) -> None:
         record = reused.history[-1]
         if args.mac_budget:  # compare at an earlier step of the c8 run: a cheaper unclustered run
             record = next(r for r in reused.history if r["macs"] <= args.mac_budget * main_summary["baseline_macs"])
-            main_summary.update(final_macs=record["macs"], final_accuracy=record["accuracy"], steps=record["step"])
+            main_summary.update(final_macs=record["macs"], final_metric=record["metric"], steps=record["step"])
         steps["c8"] = record["step"]
         results["c8"] = (reused, main_summary, record.get("elapsed", 0.0))
         print(f"c8: reused {args.reuse}: step {record['step']} of {len(reused.history) - 1}")
@@ -72,13 +72,13 @@ def main(args) -> None:
     lat = {k: statistics.median(t) for k, t in zip(models, times)}
     base = main_summary
     rows = [{"model": "original", "cluster": "-", "MACs_M": f"{base['baseline_macs'] / 1e6:.2f}", "MAC_ratio": "1.00x",
-             "mAP": f"{base['baseline_accuracy'] * 100:.2f}", "drop_pts": "0.00", "latency_ms": f"{lat['original']:.3f}",
+             "mAP": f"{base['baseline_metric'] * 100:.2f}", "drop_pts": "0.00", "latency_ms": f"{lat['original']:.3f}",
              "latency_ratio": "1.00", "run_s": "-"}]
     for label, (r, s, seconds) in results.items():
         rows.append({"model": label, "cluster": label[1:], "MACs_M": f"{s['final_macs'] / 1e6:.2f}",
                      "MAC_ratio": f"{s['baseline_macs'] / s['final_macs']:.2f}x",
-                     "mAP": f"{s['final_accuracy'] * 100:.2f}",
-                     "drop_pts": f"{(s['baseline_accuracy'] - s['final_accuracy']) * 100:.2f}",
+                     "mAP": f"{s['final_metric'] * 100:.2f}",
+                     "drop_pts": f"{(s['baseline_metric'] - s['final_metric']) * 100:.2f}",
                      "latency_ms": f"{lat[label]:.3f}", "latency_ratio": f"{lat[label] / lat['original']:.2f}",
                      "run_s": f"{seconds:.0f}"})
     print()

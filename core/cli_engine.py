@@ -11,7 +11,7 @@ from .cli_common import (add_device_args, config_from_args, device_from_args, ex
 from .cli_recover import add_recovery_options, prune_recovery_config, recover_after_prune
 from .clusters import PROFILES
 from .detection.cli import add_detection_args, cmd_export_detection, cmd_prune_detection
-from .detection.prune import DetectionPruneConfig
+from .tasks.detection import DetectionPruneConfig
 from .export import export_run
 from .jsonout import emit_json
 from .prune import Callbacks, PruneConfig, run_pruning
@@ -109,7 +109,7 @@ def cmd_prune(args) -> int:
     out = prepare_out(args.out)
 
     def on_step(r: dict) -> None:
-        print(f"step {r['step']}: accuracy {r['accuracy'] * 100:.2f}%  MACs {r['macs'] / 1e6:.2f} M"
+        print(f"step {r['step']}: accuracy {r['metric'] * 100:.2f}%  MACs {r['macs'] / 1e6:.2f} M"
               + (f"  removed {len(r['removed']['filters'])} from {r['removed']['group']}" if r.get("removed") else ""),
               file=sys.stderr, flush=True)
 

@@ -67,8 +67,8 @@ def default_step(run: Run) -> int:
 
 def recovery_summary(record: dict) -> dict:
     rec = record["recovery"]
-    return {"step": record["step"], "recovered_from": record["recovered_from"], "accuracy": record["accuracy"],
-            "test_accuracy": record["test_accuracy"], "macs": record["macs"], "kd": rec["kd"],
+    return {"step": record["step"], "recovered_from": record["recovered_from"], "metric": record["metric"],
+            "test_metric": record["test_metric"], "macs": record["macs"], "kd": rec["kd"],
             "best_epoch": rec["best_epoch"], "epochs": rec["epochs"], "cancelled": rec["cancelled"],
             "seconds": rec["seconds"]}
 

@@ -730,9 +730,9 @@ def export_run(run_dir: str | Path, step: int | None = None, max_drop: float | N
     base = run.history[0]
     # Latency is not taken from the run: its steps were timed minutes apart under different load, so
     # their ratio can be noise. Both exported IRs are timed in alternation instead (_time_exports).
-    meta = {
-        "pruned": {k: record.get(k) for k in ("accuracy", "macs", "params")},
-        "original": {k: base.get(k) for k in ("accuracy", "macs", "params")},
+    meta = {  # a classification run's metric is accuracy, the bundle's name for it
+        "pruned": {"accuracy": record.get("metric"), **{k: record.get(k) for k in ("macs", "params")}},
+        "original": {"accuracy": base.get("metric"), **{k: base.get(k) for k in ("macs", "params")}},
         "step": step, "run": run.name, "max_drop": max_drop,
         "criterion": run.config.get("prune", {}).get("criterion"), "cluster": run.config.get("prune", {}).get("cluster"),
     }

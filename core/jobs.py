@@ -24,9 +24,10 @@ from .car import compute_car
 from .detection.analysis import group_car
 from .detection.export import export_detection_run
 from .detection.prune import run_detection_pruning
+from .engine import Callbacks, Progress
 from .errors import CancelledError, PruneScopeError
 from .export import export_run
-from .prune import Callbacks, Progress, run_pruning
+from .prune import run_pruning
 from .runs import Run, list_runs
 from .workspace import atomic_write_json
 

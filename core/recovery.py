@@ -189,7 +189,7 @@ def recover_run_step(run_dir: Path | str, step: int, config: RecoveryConfig, dat
     accuracy, then measured on the selection and the test images. The new step keeps the source
     step's structure (widths, Torch-Pruning history, MACs, latency) and records ``recovered_from`` and
     ``recovery`` (epochs, kd, seconds, best epoch, per-epoch figures), the test figures
-    (``test_accuracy``, ``test_per_class``, None without a test split) and the paired drops from step 0
+    (``test_metric``, ``test_per_class``, None without a test split) and the paired drops from step 0
     per role (``paired``: :func:`core.stats.paired_figures`). Weights are written before the record
     (``RunWriter.add_step``), both atomically. When no epoch beat the source step on the selection images
     (or a cancel came before the first epoch ended) nothing is appended and the record's ``step`` is
@@ -279,9 +279,10 @@ def _recovered_record(run: Run, source: dict, model: nn.Module, original: nn.Mod
     macs, params = count_macs_params(model, spec)
     return {
         "step": max(run.steps()) + 1,
-        # the metric under the key today's step writers use (a merge that renames it renames it here)
-        "accuracy": selection.accuracy, "per_class": selection.per_class,
-        "test_accuracy": test.accuracy if test else None, "test_per_class": test.per_class if test else None,
+        # the task's metric (accuracy) on the selection images, as every step record stores it; the
+        # test images' figure beside it (None without a test split)
+        "metric": selection.accuracy, "per_class": selection.per_class,
+        "test_metric": test.accuracy if test else None, "test_per_class": test.per_class if test else None,
         "macs": macs, "params": params,
         "latency_ms": source.get("latency_ms"),  # same structure as the source step: its latency
         "widths": source.get("widths"), "removed": None,

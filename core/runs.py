@@ -7,13 +7,18 @@ Layout of a run folder::
     original_pickle.pt the trusted pickled module, when the model was loaded as one
     model_code.py      the Python file of a custom architecture, or the file whose classes a pickled model
                        needs (config.json's spec names this copy)
-    baseline.json      accuracy, per-class accuracy, MACs, params, latency of the original
+    baseline.json      metric, per-class metric, MACs, params, latency of the original
     car.json           CAR scores of the original model (when computed)
     history.jsonl      one record per completed step (step 0 = the original)
     steps/NNNN.pt      per step: state dict + Torch-Pruning history (rebuild without pickle)
     status.json        running / done / cancelled / failed (+ pid, so a dead run reads 'interrupted')
 
 All writes are atomic, so an interruption at any moment leaves every completed step intact.
+
+Every record (``history.jsonl`` line, ``baseline.json``) holds the task's metric under ``metric``
+(a fraction 0..1); ``config.json`` names it (``metric_name``: ``accuracy``, ``mAP@0.5``). Runs
+written before that stored it as ``accuracy`` (detection: also ``map``); :class:`Run` reads them as
+``metric``, so no reader ever sees the old keys.
 
 Run folders are data: they can be copied, shared or edited, so nothing read from one runs code on
 the strength of the folder alone. A run made from a trusted pickle or trusted model code records
@@ -177,15 +182,22 @@ class Run:
         return output_layer_names(self.fresh_model())
 
     @property
+    def metric_name(self) -> str:
+        """What the records' ``metric`` measures (``accuracy``, ``mAP@0.5``); runs from before the name was
+        recorded: detection ones said ``metric``, classification ones nothing."""
+        return self.config.get("metric_name") or self.config.get("metric") or "accuracy"
+
+    @property
     def history(self) -> list[dict]:
         try:
-            return read_jsonl(self.dir / "history.jsonl")
+            return [normalise_record(r) for r in read_jsonl(self.dir / "history.jsonl")]
         except ValueError as exc:  # every line is written atomically: a bad one was edited in
             raise PruneScopeError(f"{self.name}/history.jsonl is damaged ({one_line(exc)}).") from None
 
     @property
     def baseline(self) -> dict | None:
-        return read_json(self.dir / "baseline.json")
+        base = read_json(self.dir / "baseline.json")
+        return normalise_record(base) if isinstance(base, dict) else base
 
     @property
     def car(self) -> dict | None:
@@ -292,17 +304,36 @@ class Run:
                                   f"({one_line(exc)}); it was not loaded.") from None
 
     def select_step(self, max_drop: float) -> int:
-        """The step with the fewest MACs whose accuracy drop (points) is within ``max_drop``."""
+        """The step with the fewest MACs whose metric drop (points) is within ``max_drop``."""
         if not self.history:
             raise PruneScopeError(f"Run {self.name} has no completed step yet.")
         return select_step(self.history, max_drop)
 
 
 def select_step(history: list[dict], max_drop: float) -> int:
-    """The step with the fewest MACs whose accuracy drop from step 0 (points) is within ``max_drop``."""
-    base = history[0]["accuracy"]
-    ok = [r for r in history if (base - r["accuracy"]) * 100 <= max_drop + 1e-9]
-    return min(ok, key=lambda r: (r["macs"], -r["accuracy"]))["step"] if ok else 0
+    """The step with the fewest MACs whose metric drop from step 0 (points) is within ``max_drop``."""
+    base = history[0]["metric"]
+    ok = [r for r in history if (base - r["metric"]) * 100 <= max_drop + 1e-9]
+    return min(ok, key=lambda r: (r["macs"], -r["metric"]))["step"] if ok else 0
+
+
+LEGACY_METRIC_KEYS = ("map", "accuracy")  # where records before ``metric`` kept it, most specific first
+
+
+def normalise_record(record: dict) -> dict:
+    """A run record with its metric under ``metric``: a record written before the key existed kept it as
+    ``accuracy`` (a detection one as both ``accuracy`` and ``map``, each the mAP); those keys are
+    replaced, in place of the first, so that readers see one key whatever the run's age."""
+    if "metric" in record or not any(k in record for k in LEGACY_METRIC_KEYS):
+        return record
+    value = next(record[k] for k in LEGACY_METRIC_KEYS if k in record)
+    out: dict = {}
+    for key, item in record.items():
+        if key in LEGACY_METRIC_KEYS:
+            out.setdefault("metric", value)
+        else:
+            out[key] = item
+    return out
 
 
 def list_runs() -> list[Run]:

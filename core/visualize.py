@@ -63,7 +63,7 @@ def format_pct(acc_fraction: float | None) -> str:
 
 
 def pick_smallest_within(history: list[dict], max_drop_points: float) -> dict:
-    """The record with the fewest MACs whose accuracy drop from step 0 is within ``max_drop_points``.
+    """The record with the fewest MACs whose metric drop from step 0 is within ``max_drop_points``.
 
     Uses :func:`core.runs.select_step`, so the review page and the CLI/export always agree on which
     step a threshold picks. Step 0 when nothing fits.
@@ -513,9 +513,14 @@ def fig_per_class_car(car_result, gid: int, class_index: int, sort: bool = True)
 # ----------------------------------------------------------------------------- run figures
 
 
-def _accuracy_pct(r: dict) -> float | None:
-    a = r.get("accuracy")
+def _metric_pct(r: dict) -> float | None:
+    a = r.get("metric")
     return None if a is None else float(a) * 100
+
+
+def metric_title(metric: str) -> str:
+    """A metric name as a chart title word: ``accuracy`` -> ``Accuracy``; ``mAP@0.5`` stays as it is."""
+    return metric[:1].upper() + metric[1:] if metric.islower() else metric
 
 
 def _removed_text(r: dict) -> str:
@@ -526,10 +531,11 @@ def _removed_text(r: dict) -> str:
 
 
 def fig_tradeoff(history_records_by_run: dict[str, list[dict]], x: str = "macs", threshold_points: float | None = None,
-                 baseline_accuracy: float | None = None, selected_step=None) -> go.Figure:
-    """Accuracy (%) against MACs (M) or latency (ms) of every step, one line per run.
+                 baseline_metric: float | None = None, selected_step=None, metric: str = "accuracy") -> go.Figure:
+    """The run records' ``metric`` (%, named ``metric``) against MACs (M) or latency (ms) of every step,
+    one line per run.
 
-    ``threshold_points`` draws a horizontal line at baseline − threshold (``baseline_accuracy`` is a
+    ``threshold_points`` draws a horizontal line at baseline − threshold (``baseline_metric`` is a
     fraction; default: step 0 of the first run). ``selected_step`` is highlighted: a step number (in
     the first run) or a ``(run_name, step)`` pair. Steps without a latency are left out of the latency view.
     """
@@ -537,10 +543,10 @@ def fig_tradeoff(history_records_by_run: dict[str, list[dict]], x: str = "macs",
         raise SettingsError(f"Unknown x axis '{x}': use 'macs' or 'latency_ms'.")
     runs = {name: list(recs) for name, recs in history_records_by_run.items()}
     fig = go.Figure()
-    if baseline_accuracy is None:
+    if baseline_metric is None:
         for recs in runs.values():
             if recs:
-                baseline_accuracy = recs[0].get("accuracy")
+                baseline_metric = recs[0].get("metric")
                 break
     sel_run, sel_step = (None, None)
     if isinstance(selected_step, (tuple, list)):
@@ -555,30 +561,31 @@ def fig_tradeoff(history_records_by_run: dict[str, list[dict]], x: str = "macs",
         return float(v) / 1e6 if x == "macs" else float(v)
 
     for n, (name, recs) in enumerate(runs.items()):
-        pts = [r for r in recs if xval(r) is not None and r.get("accuracy") is not None]
+        pts = [r for r in recs if xval(r) is not None and r.get("metric") is not None]
         colour = _PALETTE[n % len(_PALETTE)]
         fig.add_trace(go.Scatter(
-            x=[xval(r) for r in pts], y=[_accuracy_pct(r) for r in pts], mode="lines+markers", name=name,
+            x=[xval(r) for r in pts], y=[_metric_pct(r) for r in pts], mode="lines+markers", name=name,
             line={"color": colour}, marker={"size": 7},
             customdata=[[r["step"], _removed_text(r), format_macs(r.get("macs")),
                          "—" if r.get("latency_ms") is None else f"{r['latency_ms']:.2f} ms"] for r in pts],
-            hovertemplate="step %{customdata[0]}: %{customdata[1]}<br>accuracy %{y:.2f} %<br>"
+            hovertemplate="step %{customdata[0]}: %{customdata[1]}<br>" + metric + " %{y:.2f} %<br>"
                           "MACs %{customdata[2]}, latency %{customdata[3]}<extra>" + str(name) + "</extra>"))
         if name == sel_run:
             hit = [r for r in pts if r["step"] == sel_step]
             if hit:
                 r = hit[0]
                 fig.add_trace(go.Scatter(
-                    x=[xval(r)], y=[_accuracy_pct(r)], mode="markers", name=f"selected: step {sel_step}",
+                    x=[xval(r)], y=[_metric_pct(r)], mode="markers", name=f"selected: step {sel_step}",
                     marker={"size": 18, "symbol": "star", "color": "#ffd400", "line": {"color": "#222", "width": 1.5}},
-                    hovertemplate=f"selected step {sel_step}<br>accuracy %{{y:.2f}} %<extra>{name}</extra>"))
-    if threshold_points is not None and baseline_accuracy is not None:
-        level = float(baseline_accuracy) * 100 - float(threshold_points)
+                    hovertemplate=f"selected step {sel_step}<br>{metric} %{{y:.2f}} %<extra>{name}</extra>"))
+    if threshold_points is not None and baseline_metric is not None:
+        level = float(baseline_metric) * 100 - float(threshold_points)
         fig.add_hline(y=level, line_dash="dash", line_color="#d62728",
                       annotation_text=f"baseline − {threshold_points:g} points = {level:.2f} %",
                       annotation_position="bottom right")
-    fig.update_layout(title="Accuracy vs " + ("compute" if x == "macs" else "latency") + " of every pruning step",
-                      xaxis_title="MACs (M)" if x == "macs" else "Latency (ms)", yaxis_title="Accuracy (%)",
+    fig.update_layout(title=f"{metric_title(metric)} vs " + ("compute" if x == "macs" else "latency")
+                      + " of every pruning step",
+                      xaxis_title="MACs (M)" if x == "macs" else "Latency (ms)", yaxis_title=f"{metric_title(metric)} (%)",
                       legend_title="Run")
     return fig
 
@@ -658,19 +665,20 @@ def fig_staircase(channels: list[int], latency_ms: list[float], cluster: int,
     return fig
 
 
-def fig_progress(history: list[dict]) -> go.Figure:
-    """Live view while pruning: accuracy (%) and MACs (M) per completed step, sharing the step axis."""
+def fig_progress(history: list[dict], metric: str = "accuracy") -> go.Figure:
+    """Live view while pruning: the records' ``metric`` (%, named ``metric``) and MACs (M) per completed
+    step, sharing the step axis."""
     recs = sorted(history, key=lambda r: r["step"])
     steps = [r["step"] for r in recs]
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08)
-    fig.add_trace(go.Scatter(x=steps, y=[_accuracy_pct(r) for r in recs], mode="lines+markers", name="accuracy",
+    fig.add_trace(go.Scatter(x=steps, y=[_metric_pct(r) for r in recs], mode="lines+markers", name=metric,
                              line={"color": "#2ca02c"}, customdata=[_removed_text(r) for r in recs],
-                             hovertemplate="step %{x}: %{customdata}<br>accuracy %{y:.2f} %<extra></extra>"),
+                             hovertemplate="step %{x}: %{customdata}<br>" + metric + " %{y:.2f} %<extra></extra>"),
                   row=1, col=1)
     fig.add_trace(go.Scatter(x=steps, y=[None if r.get("macs") is None else r["macs"] / 1e6 for r in recs],
                              mode="lines+markers", name="MACs", line={"color": "#1f77b4"},
                              hovertemplate="step %{x}<br>MACs %{y:.2f} M<extra></extra>"), row=2, col=1)
-    fig.update_yaxes(title_text="Accuracy (%)", row=1, col=1)
+    fig.update_yaxes(title_text=f"{metric_title(metric)} (%)", row=1, col=1)
     fig.update_yaxes(title_text="MACs (M)", rangemode="tozero", row=2, col=1)
     fig.update_xaxes(title_text="Step", row=2, col=1, dtick=1 if len(steps) <= 20 else None)
     fig.update_layout(title="Pruning progress", showlegend=False, height=480)

@@ -216,7 +216,7 @@ if state.data is None:
 
 b = state.baseline
 st.subheader("Baseline")
-metrics_row(b)
+metrics_row(b, metric_key="accuracy")
 st.caption(f"Accuracy on {b['n']} validation images; MACs and parameters of one {spec.input.height}×{spec.input.width} "
            f"image; latency: {b['latency_note']}.")
 plaus_key, plaus = st.session_state.get("load_plausibility", (None, None))

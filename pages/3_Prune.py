@@ -138,7 +138,7 @@ def step_text(r: dict | None) -> str:
         return "step 0 (the original) measured"
     rem = r.get("removed") or {}
     return (f"step {r['step']}: removed {len(rem.get('filters', []))} filters from `{rem.get('group')}` "
-            f"({rem.get('width_before')} → {rem.get('width_after')}), accuracy {format_pct(r['accuracy'])}, "
+            f"({rem.get('width_before')} → {rem.get('width_after')}), accuracy {format_pct(r['metric'])}, "
             f"MACs {format_macs(r['macs'])}")
 
 

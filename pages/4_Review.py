@@ -53,7 +53,7 @@ with st.container(border=True):
         st.markdown(f"No pruned step stays within **{thr:.1f} points**: the original is the pick.")
     else:
         st.markdown(f"**Step {pick['step']}** is the smallest model within **{thr:.1f} points**: "
-                    f"{format_pct(pick['accuracy'])} accuracy ({change(pick['accuracy'], base['accuracy'], 'points')}), "
+                    f"{format_pct(pick['metric'])} accuracy ({change(pick['metric'], base['metric'], 'points')}), "
                     f"{format_macs(pick['macs'])} MACs ({change(pick['macs'], base['macs'])}), "
                     f"{format_params(pick['params'])} parameters ({change(pick['params'], base['params'])}).")
     metrics_row(pick, base if pick["step"] else None)
@@ -92,7 +92,7 @@ if not removals:
 else:
     st.dataframe([{"step": r["step"], "layer": r["removed"]["group"], "filters removed": len(r["removed"]["filters"]),
                    "width": f"{r['removed']['width_before']} → {r['removed']['width_after']}",
-                   "accuracy after": format_pct(r["accuracy"]), "MACs after": format_macs(r["macs"]),
+                   "accuracy after": format_pct(r["metric"]), "MACs after": format_macs(r["macs"]),
                    "latency after": format_ms(r.get("latency_ms"))} for r in removals],
                  hide_index=True, width="stretch")
     which = st.selectbox("Show the filters removed at step", [r["step"] for r in removals], key=f"rv_gal_step_{sel}")
@@ -146,7 +146,7 @@ else:
         histories = {sel: hist}
         for n in chosen:
             histories[n] = by_name[n]["run"].history
-        st.plotly_chart(V.fig_tradeoff(histories, x="macs", threshold_points=thr, baseline_accuracy=base["accuracy"],
+        st.plotly_chart(V.fig_tradeoff(histories, x="macs", threshold_points=thr, baseline_metric=base["metric"],
                                        selected_step=(sel, pick["step"])), key="rv_fig_compare")
         rows = []
         for n, h in histories.items():
@@ -154,7 +154,7 @@ else:
             cfg = by_name[n]["run"].config.get("prune") or {}
             rows.append({"run": n, "criterion": cfg.get("criterion"), "cluster": cfg.get("cluster"),
                          "steps": len(h) - 1, f"pick within {thr:.1f} pts": p["step"],
-                         "accuracy": format_pct(p["accuracy"]), "MACs": format_macs(p["macs"]),
+                         "accuracy": format_pct(p["metric"]), "MACs": format_macs(p["macs"]),
                          "MACs kept": f"{p['macs'] / h[0]['macs'] * 100:.0f} %", "latency": format_ms(p.get("latency_ms"))})
         st.dataframe(rows, hide_index=True, width="stretch")
         st.caption("Each run's pick is the smallest of its steps within the same drop, measured against its own original.")

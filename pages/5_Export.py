@@ -31,8 +31,8 @@ else:
     max_drop = float(max_drop)
 records = {r["step"]: r for r in hist}
 step = c2.selectbox("Step", steps, index=steps.index(default_step), key=f"ex_step_{sel}",
-                    format_func=lambda k: f"step {k} · {run.config.get('metric', 'accuracy')} "
-                                          f"{format_pct(records[k]['accuracy'])} · "
+                    format_func=lambda k: f"step {k} · {run.metric_name} "
+                                          f"{format_pct(records[k]['metric'])} · "
                                           f"{format_macs(records[k]['macs'])} MACs"
                                           + (" · threshold pick" if k == default_step else ""))
 st.caption(f"Default: step {default_step}, {why}. {state_badge(entry['state'])}")

@@ -1,6 +1,9 @@
 """Small builders shared by the engine tests: synthetic data sets and a fast pruning config."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from core.data import DataReport, DataSet, ImageSet
@@ -41,3 +44,32 @@ def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
             m.bias.data.copy_(torch.rand(m.num_features, generator=g) - 0.5)
     return model.eval()
+
+
+def make_legacy_run(run_dir: Path, detection: bool = False) -> None:
+    """Rewrite a run folder into the format written before records had one ``metric`` key: the metric
+    under ``accuracy`` (a detection run: under both ``accuracy`` and ``map``, and ``metric`` in the
+    config naming it), no ``metric_name`` / ``metric_unit`` (a classification run: no ``task`` either)."""
+    run_dir = Path(run_dir)
+
+    def old(record: dict) -> dict:
+        out = {}
+        for key, value in record.items():
+            if key == "metric":
+                out["accuracy"] = value
+                if detection:
+                    out["map"] = value
+            else:
+                out[key] = value
+        return out
+
+    history = run_dir / "history.jsonl"
+    lines = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
+    history.write_text("".join(json.dumps(old(r)) + "\n" for r in lines))
+    (run_dir / "baseline.json").write_text(json.dumps(old(json.loads((run_dir / "baseline.json").read_text()))))
+    config = json.loads((run_dir / "config.json").read_text())
+    for key in ("metric_name", "metric_unit", "task"):
+        config.pop(key, None)
+    if detection:
+        config.update(task="detection", metric="mAP@0.5")
+    (run_dir / "config.json").write_text(json.dumps(config))

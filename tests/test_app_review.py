@@ -7,8 +7,10 @@ import subprocess
 import sys
 
 from core.runs import Run
+from core.visualize import format_pct
 from tests.app_conftest import (assert_no_exception, fresh_registry, goto, images, new_app, sample_run,  # noqa: F401
                                 sample_run_template, texts)
+from tests.helpers import make_legacy_run
 
 
 def test_empty_state_points_to_prune():
@@ -58,3 +60,22 @@ def test_comparison_and_interrupted_run(sample_run):
     assert len(at.get("plotly_chart")) == 5
     table = at.dataframe[-1].value
     assert list(table["run"]) == [other.name, sample_run.name]
+
+
+def test_a_legacy_run_opens_in_review_and_export(sample_run):
+    """A run written before records had one ``metric`` key (accuracy stored as ``accuracy``) still reviews,
+    and Export offers its steps with their recorded accuracy."""
+    hist = Run(sample_run).history
+    make_legacy_run(sample_run)
+    at = goto(new_app().run(), "review")
+    assert_no_exception(at)
+    assert len(at.get("plotly_chart")) == 4
+    last = hist[-1]
+    page = texts(at)
+    assert f"**Step {last['step']}** is the smallest model within **5.0 points**" in page
+    assert f"{format_pct(last['metric'])} accuracy" in page
+    goto(at, "export")
+    assert_no_exception(at)
+    box = at.selectbox(key=f"ex_step_{sample_run.name}")
+    assert box.value == last["step"]
+    assert any(f"accuracy {format_pct(last['metric'])}" in o for o in box.options)

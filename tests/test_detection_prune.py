@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import core.engine as engine
 from core.detection.evaluate import evaluate_map
 from core.ablation import AblationEngine
 from core.detection.prune import (DetectionPruneConfig, DetectionScorer, detection_spec, output_layer_names,
@@ -39,12 +40,24 @@ def short_run(detector, tmp_path_factory):
     steps = []
     config = DetectionPruneConfig(cluster=CLUSTER, max_steps=1, finetune_steps=3, score_images=32, filter_images=10,
                                   exact_candidates=2, latency=False, max_drop=5.0)
-    summary = run_detection_pruning(model, entry, data, config, out, progress_steps(steps))
+    with pytest.MonkeyPatch.context() as mp:  # watch the shared loop's scoring step
+        mp.setattr(engine, "score_step", watch(engine.score_step, SCORED))
+        summary = run_detection_pruning(model, entry, data, config, out, progress_steps(steps))
     return out, summary, steps
 
 
+SCORED: list[str] = []  # the task of every step core.engine.score_step scored in short_run
+
+
+def watch(real, seen: list[str]):
+    def watched(task, *args, **kwargs):
+        seen.append(task.name)
+        return real(task, *args, **kwargs)
+    return watched
+
+
 def progress_steps(steps):
-    from core.prune import Callbacks
+    from core.engine import Callbacks
 
     return Callbacks(None, steps.append)
 
@@ -54,15 +67,14 @@ def test_short_run_removes_whole_clusters_and_keeps_the_head_outputs(detector, s
     out, summary, steps = short_run
     run = Run(out)
     assert summary["state"] == "done" and summary["steps"] >= 1
-    assert run.task == "detection" and run.config["metric"] == "mAP@0.5"
+    assert run.task == "detection" and run.config["metric_name"] == run.metric_name == "mAP@0.5"
     assert run.config["detector_config"] == model.config
     hist = run.history
     assert [r["step"] for r in steps] == [r["step"] for r in hist]
     base_widths = hist[0]["widths"]
     heads = output_layer_names(model)
     for r in hist[1:]:
-        assert {"step", "macs", "params", "latency_ms", "widths", "removed", "seconds", "accuracy", "map"} <= set(r)
-        assert r["accuracy"] == r["map"]
+        assert {"step", "metric", "macs", "params", "latency_ms", "widths", "removed", "seconds"} <= set(r)
         removed = r["removed"]
         assert len(removed["filters"]) % CLUSTER == 0 or removed["width_after"] % CLUSTER == 0
         assert removed["width_after"] % CLUSTER == 0 and removed["width_after"] < removed["width_before"]
@@ -74,13 +86,28 @@ def test_short_run_removes_whole_clusters_and_keeps_the_head_outputs(detector, s
         assert last(torch.zeros(1, 3, 128, 128)).shape == model(torch.zeros(1, 3, 128, 128)).shape
 
 
+def test_detection_runs_through_the_one_loop(short_run):
+    """No second loop: every step of a detection run is scored by the loop classification uses."""
+    out, summary, _ = short_run
+    assert SCORED == ["detection"] * summary["steps"] and summary["steps"] >= 1
+
+
+def test_detection_records_hold_the_map_as_metric_only(short_run):
+    out, _, _ = short_run
+    written = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    written.append(json.loads((out / "baseline.json").read_text()))
+    for record in written:  # as on disk: no record stores the mAP under 'accuracy' (or twice)
+        assert 0.0 < record["metric"] <= 1.0 and "accuracy" not in record and "map" not in record
+    assert json.loads((out / "config.json").read_text())["metric_name"] == "mAP@0.5"
+
+
 def test_a_rebuilt_step_gives_the_recorded_map(detector, short_run):
     _, entry, data = detector
     out, _, _ = short_run
     run = Run(out)
     record = run.history[-1]
     rebuilt = run.rebuild_step(record["step"])
-    assert evaluate_map(rebuilt, data.val, entry["mean"], entry["std"]).map == pytest.approx(record["map"], abs=1e-6)
+    assert evaluate_map(rebuilt, data.val, entry["mean"], entry["std"]).map == pytest.approx(record["metric"], abs=1e-6)
     assert run.original().model.config == rebuilt.config
 
 

@@ -132,7 +132,7 @@ def write_run(out: Path, loaded, original_bytes: bytes | None = None) -> Run:
     writer = RunWriter(out)
     writer.start({"data_source": "sample:vgg_digits", "data_options": {"val_fraction": 0.2, "seed": 0},
                   "prune": {"criterion": "l1", "cluster": 8}}, loaded, original_bytes)
-    writer.add_step({"step": 0, "accuracy": 0.9, "macs": 1, "params": 1, "latency_ms": None}, None, [])
+    writer.add_step({"step": 0, "metric": 0.9, "macs": 1, "params": 1, "latency_ms": None}, None, [])
     writer.status("done", "finished")
     return Run(out)
 

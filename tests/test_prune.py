@@ -9,6 +9,7 @@ import threading
 import pytest
 import torch
 
+import core.engine as engine
 from core.sources import load_dataset
 from core.errors import SettingsError
 from core.evaluate import evaluate_accuracy
@@ -33,12 +34,28 @@ def vgg_run(vgg, tmp_path_factory):
     config = PruneConfig(criterion="car", cluster=8, max_drop=1.0, finetune_steps=15, score_images=150,
                          max_steps=3, latency=True, latency_runs=5, analyse_car=False)
     out = tmp_path_factory.mktemp("runs") / "vgg"
-    summary = run_pruning(loaded, data, config, out, Callbacks(event=EVENTS.append, step=STEPS.append))
+    real = engine.score_step
+
+    def watched(task, *args, **kwargs):
+        SCORED.append(task.name)
+        return real(task, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:  # watch the shared loop's scoring step
+        mp.setattr(engine, "score_step", watched)
+        summary = run_pruning(loaded, data, config, out, Callbacks(event=EVENTS.append, step=STEPS.append))
     return Run(out), summary
 
 
 EVENTS: list[Progress] = []  # structured progress of vgg_run
 STEPS: list[dict] = []
+SCORED: list[str] = []  # the task of every step core.engine.score_step scored in vgg_run
+
+
+def test_classification_runs_through_the_one_loop(vgg_run):
+    """No second loop: every step of a classification run is scored by the loop detection uses."""
+    run, summary = vgg_run
+    assert SCORED[:summary["steps"]] == ["classification"] * summary["steps"] and summary["steps"] >= 1
+    assert set(SCORED) == {"classification"}
 
 
 def test_progress_is_structured_by_phase_and_step(vgg_run):
@@ -84,7 +101,7 @@ def test_run_records_every_step(vgg_run):
     assert run.status["state"] == "done"
     for r in hist[1:]:
         assert r["macs"] < hist[0]["macs"]
-        assert (hist[0]["accuracy"] - r["accuracy"]) * 100 <= 1.0 + 1e-9, "every kept step is within the threshold"
+        assert (hist[0]["metric"] - r["metric"]) * 100 <= 1.0 + 1e-9, "every kept step is within the threshold"
         assert r["latency_ms"] > 0 and set(r["per_class"]) == set(run.config["class_names"])
         assert r["removed"]["width_after"] % 8 == 0
     for name in ("config.json", "baseline.json", "history.jsonl", "status.json", "original.pt"):
@@ -97,7 +114,7 @@ def test_rebuilt_step_reproduces_recorded_accuracy(vgg, vgg_run):
     last = run.history[-1]
     model = run.rebuild_step(last["step"])
     acc = evaluate_accuracy(model, data.val, loaded.spec.input).accuracy
-    assert acc == pytest.approx(last["accuracy"], abs=1e-9)
+    assert acc == pytest.approx(last["metric"], abs=1e-9)
     assert run.rebuild_step(0).state_dict()["features.0.weight"].shape[0] == 16
 
 
@@ -105,7 +122,7 @@ def test_select_step_respects_threshold(vgg_run):
     run, _ = vgg_run
     k = run.select_step(1.0)
     assert run.record(k)["macs"] == min(r["macs"] for r in run.history)
-    assert run.select_step(0.0) in [r["step"] for r in run.history if r["accuracy"] >= run.history[0]["accuracy"]]
+    assert run.select_step(0.0) in [r["step"] for r in run.history if r["metric"] >= run.history[0]["metric"]]
 
 
 def test_mac_target_stops_the_run(tmp_path):
@@ -180,8 +197,9 @@ def test_cli_prune_json_and_bad_setting(tmp_path):
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
-    for key in ("baseline_accuracy", "final_accuracy", "baseline_macs", "final_macs", "steps"):
+    for key in ("baseline_metric", "final_metric", "baseline_macs", "final_macs", "steps"):
         assert key in out
+    assert out["metric_name"] == "accuracy"
     assert out["final_macs"] < out["baseline_macs"]
     bad = subprocess.run(cmd[:-3] + ["--out", str(tmp_path / "cli2"), "--max-drop", "200"], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
@@ -192,7 +210,7 @@ def test_car_tiebreak_orders_ties_by_loss_only():
     import numpy as np
 
     from core.groups import ChannelGroup
-    from core.prune import car_with_tiebreak
+    from core.tasks.classification import car_with_tiebreak
 
     g = ChannelGroup(gid=0, root="x", width=4, producers=["x"])
     n = 100

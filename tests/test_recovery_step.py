@@ -58,9 +58,9 @@ def test_recovered_step_has_both_figures_and_rebuilds(digits_run):
     source = run.rebuild_step(2)
     assert count_macs_params(model, spec) == count_macs_params(source, spec) == (record["macs"], record["params"])
     assert record["macs"] < run.history[0]["macs"], "the recovered step is the pruned structure"
-    assert evaluate_accuracy(model, data.val, spec).accuracy == pytest.approx(record["accuracy"])
-    assert evaluate_accuracy(model, data.test, spec).accuracy == pytest.approx(record["test_accuracy"])
-    assert record["accuracy"] >= run.history[2]["accuracy"], "the best epoch never loses selection accuracy"
+    assert evaluate_accuracy(model, data.val, spec).accuracy == pytest.approx(record["metric"])
+    assert evaluate_accuracy(model, data.test, spec).accuracy == pytest.approx(record["test_metric"])
+    assert record["metric"] >= run.history[2]["metric"], "the best epoch never loses selection accuracy"
     assert set(record["paired"]) == {"selection", "test"}
     assert record["paired"]["test"]["n"] == len(data.test) and record["paired"]["selection"]["n"] == len(data.val)
     assert {p.phase for p in seen} == {"recovery", "measuring"} and seen[-1].fraction == 1.0
@@ -78,7 +78,7 @@ def test_old_run_without_a_test_split_recovers_with_selection_figures_only(digit
     data = load_run_dataset(config, run.spec.input)
     assert len(data.val) == 359 and len(data.test) == 0
     record = recover_run_step(old, 1, RecoveryConfig(epochs=1, batch_size=64))
-    assert record["test_accuracy"] is None and set(record["paired"]) <= {"selection"}
+    assert record["test_metric"] is None and set(record["paired"]) <= {"selection"}
 
 
 def test_a_cancelled_recovery_adds_no_copy_of_its_source(digits_run, tmp_path):
@@ -125,7 +125,7 @@ def test_recover_cli_appends_the_threshold_step(digits_run, tmp_path):
     res = _cli("recover", str(copy), "--step", "1", "--epochs", "1", "--json")
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
-    assert out["recovered_from"] == 1 and 0 <= out["test_accuracy"] <= 1
+    assert out["recovered_from"] == 1 and 0 <= out["test_metric"] <= 1
     assert out["step"] in (Run(copy).steps()[-1], None)
 
 
@@ -137,7 +137,7 @@ def test_prune_with_recover_epochs_records_the_split_and_appends_the_recovery(tm
                "--json", timeout=900)
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout)
-    assert summary["recovery"]["recovered_from"] == 1 and summary["recovery"]["test_accuracy"] is not None
+    assert summary["recovery"]["recovered_from"] == 1 and summary["recovery"]["test_metric"] is not None
     run = Run(out)
     options = run.config["data_options"]
     assert options["test_fraction"] == 0.5 and options["split"]["counts"]["test"] == len(load_run_dataset(

@@ -42,7 +42,7 @@ def _history(base_acc: float = 0.98) -> list[dict]:
     for i, (a, m) in enumerate(zip(accs, macs)):
         removed = None if i == 0 else {"group": f"layer{i}.conv", "producers": [f"layer{i}.conv"], "filters": [0],
                                        "filters_original": [0], "width_before": 32, "width_after": 24}
-        out.append({"step": i, "accuracy": a, "per_class": {"a": a, "b": a - 0.01}, "macs": m, "params": 1000 - i,
+        out.append({"step": i, "metric": a, "per_class": {"a": a, "b": a - 0.01}, "macs": m, "params": 1000 - i,
                     "latency_ms": None if i == 2 else 1.0 - 0.1 * i, "widths": {"conv": 32 - i}, "removed": removed})
     return out
 
@@ -260,23 +260,23 @@ def test_fig_per_class_car(env):
 
 def test_fig_tradeoff_macs_and_latency():
     hist = _history()
-    other = [{**r, "accuracy": r["accuracy"] - 0.01} for r in hist]
-    fig = V.fig_tradeoff({"run A": hist, "run B": other}, x="macs", threshold_points=1.0, baseline_accuracy=0.98,
+    other = [{**r, "metric": r["metric"] - 0.01} for r in hist]
+    fig = V.fig_tradeoff({"run A": hist, "run B": other}, x="macs", threshold_points=1.0, baseline_metric=0.98,
                          selected_step=3)
     names = [t.name for t in fig.data]
     assert names[:2] == ["run A", "selected: step 3"] and "run B" in names
     assert np.allclose(fig.data[0].x, [m["macs"] / 1e6 for m in hist])
-    assert np.allclose(fig.data[0].y, [r["accuracy"] * 100 for r in hist])
+    assert np.allclose(fig.data[0].y, [r["metric"] * 100 for r in hist])
     assert fig.data[1].x[0] == pytest.approx(19.0)
     assert fig.layout.xaxis.title.text == "MACs (M)" and fig.layout.yaxis.title.text == "Accuracy (%)"
     assert len(fig.layout.shapes) == 1 and fig.layout.shapes[0].y0 == pytest.approx(97.0)
 
-    lat = V.fig_tradeoff({"run A": hist}, x="latency_ms", threshold_points=None, baseline_accuracy=None,
+    lat = V.fig_tradeoff({"run A": hist}, x="latency_ms", threshold_points=None, baseline_metric=None,
                          selected_step=("run A", 2))
     assert len(lat.data) == 1 and len(lat.data[0].x) == 5  # step 2 has no latency; nothing to highlight
     assert lat.layout.xaxis.title.text == "Latency (ms)" and not lat.layout.shapes
     with pytest.raises(SettingsError):
-        V.fig_tradeoff({"run A": hist}, x="params", threshold_points=None, baseline_accuracy=None)
+        V.fig_tradeoff({"run A": hist}, x="params", threshold_points=None, baseline_metric=None)
 
 
 def test_fig_widths_and_per_class_change():
@@ -312,6 +312,17 @@ def test_fig_progress():
     assert fig.layout.yaxis.title.text == "Accuracy (%)" and fig.layout.yaxis2.title.text == "MACs (M)"
     assert fig.layout.xaxis2.title.text == "Step"
     assert len(V.fig_progress(hist[:1]).data[0].x) == 1
+
+
+def test_run_figures_take_the_metric_name():
+    """A detection run's charts are labelled with its metric, not relabelled from 'Accuracy' afterwards."""
+    hist = _history()
+    trade = V.fig_tradeoff({"run A": hist}, x="macs", threshold_points=1.0, selected_step=2, metric="mAP@0.5")
+    assert trade.layout.yaxis.title.text == "mAP@0.5 (%)" and trade.layout.title.text.startswith("mAP@0.5 vs")
+    assert all("accuracy" not in (t.hovertemplate or "").lower() for t in trade.data)
+    assert "mAP@0.5" in trade.data[0].hovertemplate
+    prog = V.fig_progress(hist[:3], "mAP@0.5")
+    assert [t.name for t in prog.data] == ["mAP@0.5", "MACs"] and prog.layout.yaxis.title.text == "mAP@0.5 (%)"
 
 
 def test_figures_serialise(env):

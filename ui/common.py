@@ -124,12 +124,13 @@ def state_badge(state: str) -> str:
     return STATE_BADGES.get(state, f":gray-badge[{state}]")
 
 
-def metrics_row(record: dict, base: dict | None = None) -> None:
-    """Accuracy, MACs, parameters, latency of a step (with changes against ``base``)."""
+def metrics_row(record: dict, base: dict | None = None, metric_key: str = "metric") -> None:
+    """Accuracy, MACs, parameters, latency of a step (with changes against ``base``); a run record holds
+    the accuracy under ``metric``, the Load page's evaluation under ``accuracy`` (``metric_key``)."""
     c1, c2, c3, c4 = st.columns(4)
     b = base or {}
-    c1.metric("Accuracy", format_pct(record.get("accuracy")),
-              change(record.get("accuracy"), b.get("accuracy"), "points") if base else None)
+    c1.metric("Accuracy", format_pct(record.get(metric_key)),
+              change(record.get(metric_key), b.get(metric_key), "points") if base else None)
     c2.metric("MACs", format_macs(record.get("macs")), change(record.get("macs"), b.get("macs")) if base else None,
               delta_color="inverse")
     c3.metric("Parameters", format_params(record.get("params")),
@@ -220,7 +221,7 @@ def threshold_pick(state, run, hist: list[dict], prune_cfg: dict, sel, metric: s
     from core import visualize as V
 
     base = hist[0]
-    drops = [(base["accuracy"] - r["accuracy"]) * 100 for r in hist]
+    drops = [(base["metric"] - r["metric"]) * 100 for r in hist]
     top = max(5.0, float(prune_cfg.get("max_drop") or 0), max(drops) + 0.5)
     default = state.max_drop if state.max_drop is not None and str(state.run_dir) == str(run.dir) else \
         float(prune_cfg.get("max_drop") or 1.0)

@@ -400,17 +400,16 @@ def detection_prune_page(state: AppState) -> None:
         if s.steps:
             last, first = s.steps[-1], s.steps[0]
             c1, c2, c3 = st.columns(3)
-            c1.metric(METRIC, format_map(last.get("map", last.get("accuracy"))),
-                      f"{(last['accuracy'] - first['accuracy']) * 100:+.2f} points" if len(s.steps) > 1 else None)
+            c1.metric(METRIC, format_map(last.get("metric")),
+                      f"{(last['metric'] - first['metric']) * 100:+.2f} points" if len(s.steps) > 1 else None)
             c2.metric("MACs", format_macs(last.get("macs")))
             c3.metric("Parameters", format_params(last.get("params")))
             c1, c2 = st.columns(2)
             with c1:
-                st.plotly_chart(DV.relabel_metric(V.fig_tradeoff({name: s.steps}, x="macs",
-                                                                 threshold_points=s.meta.get("max_drop"))),
-                                key="det_pr_fig_tradeoff")
+                st.plotly_chart(V.fig_tradeoff({name: s.steps}, x="macs", threshold_points=s.meta.get("max_drop"),
+                                               metric=METRIC), key="det_pr_fig_tradeoff")
             with c2:
-                st.plotly_chart(DV.relabel_metric(V.fig_progress(s.steps)), key="det_pr_fig_progress")
+                st.plotly_chart(V.fig_progress(s.steps, METRIC), key="det_pr_fig_progress")
 
     if job is not None:
         live()
@@ -429,7 +428,7 @@ def detection_review_page(state: AppState, entry: dict) -> None:
 
     run = entry["run"]
     sel, hist = entry["name"], run.history
-    metric = run.config.get("metric", METRIC)
+    metric = run.metric_name
     cfg = run.config.get("prune") or {}
     st.markdown(f"{state_badge(entry['state'])} **{run.spec.arch}** detector on `{entry['data_source']}` · metric "
                 f"**{metric}** · criterion **{cfg.get('criterion')}**, cluster **{cfg.get('cluster')}**, budget "
@@ -449,11 +448,11 @@ def detection_review_page(state: AppState, entry: dict) -> None:
             st.markdown(f"No pruned step stays within **{thr:.1f} points**: the original is the pick.")
         else:
             st.markdown(f"**Step {pick['step']}** is the smallest model within **{thr:.1f} points**: {metric} "
-                        f"{format_map(pick['accuracy'])} ({(pick['accuracy'] - base['accuracy']) * 100:+.2f} points), "
+                        f"{format_map(pick['metric'])} ({(pick['metric'] - base['metric']) * 100:+.2f} points), "
                         f"{format_macs(pick['macs'])} MACs ({(pick['macs'] / base['macs'] - 1) * 100:+.1f} %).")
         c1, c2, c3 = st.columns(3)
-        c1.metric(metric, format_map(pick["accuracy"]),
-                  f"{(pick['accuracy'] - base['accuracy']) * 100:+.2f} points" if pick["step"] else None)
+        c1.metric(metric, format_map(pick["metric"]),
+                  f"{(pick['metric'] - base['metric']) * 100:+.2f} points" if pick["step"] else None)
         c2.metric("MACs", format_macs(pick["macs"]), delta_color="inverse",
                   delta=f"{(pick['macs'] / base['macs'] - 1) * 100:+.1f} %" if pick["step"] else None)
         c3.metric("Parameters", format_params(pick["params"]), delta_color="inverse",
@@ -461,8 +460,8 @@ def detection_review_page(state: AppState, entry: dict) -> None:
         page_link("export", f"Export step {pick['step']}")
     c1, c2 = st.columns(2)
     with c1:
-        st.plotly_chart(DV.relabel_metric(V.fig_tradeoff({run.name: hist}, x="macs", threshold_points=thr,
-                                                         selected_step=pick["step"]), metric), key="rv_fig_macs")
+        st.plotly_chart(V.fig_tradeoff({run.name: hist}, x="macs", threshold_points=thr, selected_step=pick["step"],
+                                       metric=metric), key="rv_fig_macs")
     with c2:
         st.plotly_chart(V.fig_widths(base["widths"], pick["widths"]), key="rv_fig_widths")
     if base.get("per_class") and pick.get("per_class"):
@@ -475,7 +474,7 @@ def detection_review_page(state: AppState, entry: dict) -> None:
         st.markdown("**Removed clusters**")
         st.dataframe([{"step": r["step"], "layer": r["removed"]["group"], "filters removed": len(r["removed"]["filters"]),
                        "width": f"{r['removed']['width_before']} → {r['removed']['width_after']}",
-                       f"{metric} after": format_map(r["accuracy"]), "MACs after": format_macs(r["macs"])}
+                       f"{metric} after": format_map(r["metric"]), "MACs after": format_macs(r["macs"])}
                       for r in removals], hide_index=True, width="stretch")
 
     st.subheader("Images with predicted boxes before and after pruning")

@@ -261,7 +261,7 @@ def detection_baseline(key: str, _model, _data, mean: tuple, std: tuple) -> dict
 
     result = evaluate_map(_model, _data.val, mean, std)
     macs, params = detector_cost(_model, mean, std)
-    return {"map": result.map, "accuracy": result.map, "per_class": result.per_class, "n": result.n_images,
+    return {"map": result.map, "per_class": result.per_class, "n": result.n_images,
             "macs": macs, "params": params}
 
 

@@ -2,7 +2,7 @@
 
 A detector's per-filter CAR costs one decode + NMS + mAP per filter, so the app measures it for the
 filters of one chosen group on a validation subset (the pruning run scores every filter by the cheaper
-MultiBox-loss increase and decides clusters by exact mAP, see ``core.detection.prune``). Removal is
+MultiBox-loss increase and decides clusters by exact mAP, see ``core.tasks.detection``). Removal is
 emulated exactly as in pruning: the consumers' inputs of the filter are zeroed
 (``core.ablation.AblationEngine`` through ``DetectionScorer.maps``).
 """
@@ -21,9 +21,9 @@ from ..errors import CancelledError, SettingsError
 from ..evaluate import count_macs_params
 from ..groups import PruningGraph
 from ..models import InputSpec
+from ..tasks.detection import DetectionScorer
 from .data import DetectionSet
 from .models import output_layer_names
-from .prune import DetectionScorer
 
 
 @dataclass

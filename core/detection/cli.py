@@ -15,8 +15,8 @@ from ..cli_common import (check_model_code_args, config_from_args, export_exit_c
 from ..errors import ModelLoadError
 from ..jsonout import emit_json
 from ..models import extract_state_dict, load_state_dict_strict, read_checkpoint
+from ..engine import Callbacks
 from ..measure import measure_model
-from ..prune import Callbacks
 from ..sources import load_voc_dataset
 from .evaluate import evaluate_map
 from .export import export_detection_run
@@ -108,7 +108,7 @@ def cmd_prune_detection(args) -> int:
     out = prepare_out(args.out)
 
     def on_step(r: dict) -> None:
-        print(f"step {r['step']}: mAP {r['map'] * 100:.2f}  MACs {r['macs'] / 1e6:.2f} M"
+        print(f"step {r['step']}: mAP {r['metric'] * 100:.2f}  MACs {r['macs'] / 1e6:.2f} M"
               + (f"  removed {len(r['removed']['filters'])} from {r['removed']['group']}" if r.get("removed") else ""),
               file=sys.stderr, flush=True)
 

@@ -151,7 +151,7 @@ def _build_into(root: Path, pruned: nn.Module, original: nn.Module, spec: ModelS
             "dir": dirs[k], "xml": f"{dirs[k]}/model.xml", "bin": f"{dirs[k]}/model.bin",
             "onnx": f"{dirs[k]}/model.onnx",
             "files": {f"{dirs[k]}/{p.name}": sha256_file(p) for p in sorted((root / dirs[k]).iterdir()) if p.is_file()},
-            "arch": spec.arch, "map": checks[k].map_torch, "accuracy": checks[k].map_torch,
+            "arch": spec.arch, "map": checks[k].map_torch,
             "macs": figures.get("macs"), "params": figures.get("params"), "latency_ms": lat,
             "latency_source": "OpenVINO CPU, batch 1, median of interleaved runs of the exported IR",
             "latency_spread": lat_spread.to_dict(),
@@ -248,8 +248,8 @@ def export_detection_run(run_dir: str | Path, step: int | None = None, max_drop:
     if spec.class_names is None:
         spec.class_names = data.class_names
     base = run.history[0]
-    meta = {"pruned": {k: record.get(k) for k in ("map", "macs", "params")},
-            "original": {k: base.get(k) for k in ("map", "macs", "params")},
+    meta = {"pruned": {"map": record.get("metric"), "macs": record.get("macs"), "params": record.get("params")},
+            "original": {"map": base.get("metric"), "macs": base.get("macs"), "params": base.get("params")},
             "step": step, "run": run.name, "max_drop": max_drop,
             "criterion": run.config.get("prune", {}).get("criterion"),
             "cluster": run.config.get("prune", {}).get("cluster")}

@@ -1,4 +1,4 @@
-"""Pictures of detections: boxes drawn on images (PIL), and relabelling of the shared charts to mAP.
+"""Pictures of detections: boxes drawn on images (PIL), and the per-group detection CAR chart.
 
 No Streamlit here: the pages call these and show the result.
 """
@@ -60,23 +60,6 @@ def detection_images(model, dset, mean, std, indices: Sequence[int], min_score: 
     dets = detect(raw, model.anchors(tuple(sub.images.shape[-2:])), EvalSettings(), model.box_coder_weights)
     return [ground_truth_and_predictions(sub.images[i], sub.boxes[i], sub.labels[i], dets[i], dset.class_names,
                                          min_score, scale) for i in range(len(sub))]
-
-
-def relabel_metric(fig, metric: str = "mAP@0.5"):
-    """A shared accuracy chart (``core.visualize``) relabelled for a detection metric."""
-    def swap(text):
-        return text.replace("Accuracy", metric).replace("accuracy", metric) if isinstance(text, str) else text
-
-    fig.for_each_yaxis(lambda ax: ax.update(title_text=swap(ax.title.text)))
-    fig.for_each_xaxis(lambda ax: ax.update(title_text=swap(ax.title.text)))
-    if fig.layout.title and fig.layout.title.text:
-        fig.update_layout(title_text=swap(fig.layout.title.text))
-    for tr in fig.data:
-        if getattr(tr, "name", None):
-            tr.name = swap(tr.name)
-        if getattr(tr, "hovertemplate", None):
-            tr.hovertemplate = swap(tr.hovertemplate)
-    return fig
 
 
 def fig_group_car(car, sort: bool = True):

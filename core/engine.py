@@ -1,0 +1,427 @@
+"""The one greedy cluster-pruning loop, for every task (CAR + Cluster Pruning).
+
+Each step removes one *cluster* — the lowest-scoring filters of one channel group, as many as it
+takes to bring the group's width down to the next multiple of the hardware cluster size c —
+choosing, across the whole network, the cluster with the least metric cost per MAC saved. After
+each structural change the model is fine-tuned briefly and measured; a step that would take the
+metric drop past the threshold is undone and the next candidate tried (``patience`` times) before
+the run stops.
+
+The loop owns that flow; a task (``core.tasks.Task``: classification, detection) owns only what
+differs: the metric and its measurement, the fine-tuning loss, what a criterion may use to score
+filters, and how candidate clusters are ranked. Every record of the run folder stores the task's
+metric under ``metric`` (a fraction 0..1); ``config.json`` names it (``metric_name``).
+"""
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import criteria
+from .criteria import Cluster, lowest_clusters, new_width
+from .errors import CancelledError, PruneScopeError, SettingsError
+from .groups import ChannelGroup, PruningGraph, UnsafeGroupError
+from .models import LoadedModel
+from .runs import Run, RunWriter
+from .tasks import Task
+from .workspace import read_json
+
+MAX_LEARNING_RATE = 10.0  # above this SGD and AdamW diverge on any network; a typo, not a setting
+
+
+@dataclass
+class PruneConfig:
+    criterion: str = "car"
+    cluster: int = 8
+    max_drop: float = 1.0  # metric points (percentage points) below baseline
+    mac_target: float | None = None  # stop once MACs <= this fraction of the original
+    finetune_steps: int = 40  # mini-batches of fine-tuning after each step
+    finetune_lr: float = 0.01
+    batch_size: int = 64
+    score_images: int = 400  # validation images used to score filters
+    rescore_every: int = 1
+    max_steps: int = 200
+    patience: int = 2  # candidates tried after one that breaks the threshold
+    latency: bool = True
+    latency_runs: int = 30
+    analyse_car: bool = True  # store a full CAR analysis of the original in the run
+    seed: int = 0
+
+    task = "classification"  # the task whose criteria are valid (not a field: not stored in the run)
+    # The app's starting values where they differ from the CLI's: they finish the bundled sample's flow
+    # within about 3 minutes on 2 CPU cores (see the README). Not fields: not stored in the run.
+    APP_DEFAULTS = {"finetune_steps": 20, "score_images": 200, "max_steps": 4}
+
+    @classmethod
+    def app_defaults(cls) -> "PruneConfig":
+        """The settings the Prune page starts from: the class defaults with ``APP_DEFAULTS`` over them."""
+        return cls(**cls.APP_DEFAULTS)
+
+    def validate(self) -> None:
+        criteria.get(self.criterion, self.task)
+        if not 0 <= self.max_drop <= 100:
+            raise SettingsError(f"The accuracy threshold must be between 0 and 100 points; got {self.max_drop}.")
+        if self.cluster < 1:
+            raise SettingsError(f"The cluster size must be at least 1; got {self.cluster}.")
+        if self.mac_target is not None and not 0 < self.mac_target < 1:
+            raise SettingsError(f"The MAC target is a fraction of the original MACs in (0, 1); got {self.mac_target}.")
+        if self.finetune_steps < 0 or self.batch_size < 1 or self.score_images < 10 or self.rescore_every < 1:
+            raise SettingsError("Fine-tune steps must be >= 0, batch size >= 1, score images >= 10, re-score every >= 1.")
+        if self.max_steps < 1:
+            raise SettingsError("The step limit must be at least 1.")
+        if not (isinstance(self.finetune_lr, (int, float)) and 0 < self.finetune_lr <= MAX_LEARNING_RATE):
+            raise SettingsError(f"The fine-tuning learning rate must be above 0 and at most {MAX_LEARNING_RATE}; "
+                                f"got {self.finetune_lr}.")
+        if self.patience < 0 or self.latency_runs < 1:
+            raise SettingsError("Patience must be >= 0 and latency runs >= 1.")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One progress report of a pruning run.
+
+    ``phase``: ``original`` (measuring / analysing the unpruned model, ``step`` 0) or ``step``
+    (pruning step ``step`` >= 1); ``fraction``: 0..1 within that phase; ``message``: for people only,
+    never parsed.
+    """
+
+    phase: str
+    step: int
+    fraction: float
+    message: str
+
+
+class Callbacks:
+    """What the job runner hears: progress (0..1 of the current phase), finished steps, the stop reason.
+
+    ``progress(fraction, message)`` is the plain form (the CLI prints it); ``event(Progress)`` the
+    structured one (the job runner places it in the run by phase and step). The loop says which
+    phase it is in with ``enter``. Subclass or pass callables; the engine never touches any UI.
+    """
+
+    def __init__(self, progress: Callable[[float, str], None] | None = None,
+                 step: Callable[[dict], None] | None = None, event: Callable[[Progress], None] | None = None):
+        self._progress, self._step, self._event = progress, step, event
+        self.phase, self.current_step = "original", 0
+
+    def enter(self, phase: str, step: int = 0) -> None:
+        self.phase, self.current_step = phase, step
+
+    def progress(self, fraction: float, message: str) -> None:
+        if self._progress:
+            self._progress(fraction, message)
+        if self._event:
+            self._event(Progress(self.phase, self.current_step, fraction, message))
+
+    def step(self, record: dict) -> None:
+        if self._step:
+            self._step(record)
+
+
+def check_prunable(groups: list[ChannelGroup], cluster: int) -> None:
+    if not groups:
+        raise SettingsError("The model has no prunable channel group (only the classifier output?).")
+    if all(g.left_alone for g in groups):
+        raise SettingsError("No channel group of this model can be pruned safely: " + groups[0].left_alone)
+    groups = [g for g in groups if not g.left_alone]
+    if all(new_width(g.width, cluster) is None for g in groups):
+        widest = max(g.width for g in groups)
+        raise SettingsError(
+            f"Cluster size {cluster} is too large: no group can lose a cluster and keep at least {cluster} filters "
+            f"(widest group: {widest} filters). Choose a cluster size of at most {widest // 2}."
+        )
+
+
+def group_key(group: ChannelGroup) -> str:
+    """How the loop keys per-group scores: the group's root layer (stable while other groups shrink)."""
+    return group.root
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def run_task(task: Task, loaded: LoadedModel, run_config: dict, run_dir: Path, callbacks: Callbacks | None = None,
+             cancel: threading.Event | None = None, original_bytes: bytes | None = None) -> dict:
+    """Prune ``loaded.model`` for ``task`` into ``run_dir``; returns :func:`run_summary`.
+
+    ``run_config``: the task's entries of ``config.json`` (data source, class names, ...); the loop
+    adds the task, its metric and the settings. Every step is on disk when reported; ``cancel``
+    stops after the current phase and keeps the completed steps. Touches no UI.
+    """
+    config = task.config
+    config.validate()
+    cb = callbacks or Callbacks()
+    cancel = cancel or threading.Event()
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    model = copy.deepcopy(loaded.model).eval()
+    writer = RunWriter(run_dir)
+    writer.start({"task": task.name, "metric_name": task.metric_name, "metric_unit": task.metric_unit,
+                  "prune": asdict(config), **run_config, "created": time.time()}, loaded, original_bytes)
+
+    def body() -> dict:
+        graph = PruningGraph(model, task.input_shape, output_layers=task.output_layers(model))
+        check_prunable(graph.groups(), config.cluster)
+        return prune_loop(graph, task, writer, cb, cancel, rng)
+
+    return run_guarded(writer, body)
+
+
+def run_guarded(writer: RunWriter, body: Callable[[], dict]) -> dict:
+    """Run a pruning loop so that its run folder always ends in a final status.
+
+    A cancel keeps the completed steps (state ``cancelled``); any error is recorded (``failed``, with
+    its message) before it propagates, so the app never shows a dead run as running.
+    """
+    try:
+        return body()
+    except CancelledError:
+        writer.status("cancelled", "Cancelled by the user; completed steps are kept.")
+        return run_summary(writer.dir, "cancelled")
+    except PruneScopeError as exc:
+        writer.status("failed", str(exc))
+        raise
+    except BaseException as exc:
+        writer.status("failed", f"{type(exc).__name__}: {exc}")
+        raise
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks, cancel: threading.Event,
+               rng: np.random.Generator) -> dict:
+    """The greedy loop: measure the original, then per step score, form candidates, try them, record."""
+    config = task.config
+    base = measure_original(graph, task, writer, cb, cancel)
+    channel_maps = {n: list(range(w)) for n, w in base["widths"].items()}
+    left_alone: dict[str, str] = graph.left_alone()  # group root -> why its surgery cannot be trusted
+    structure = {"notes": list(graph.notes), "left_alone": left_alone}
+    outputs = task.output_layers(graph.model)
+    if outputs is not None:
+        structure["output_layers"] = outputs
+    writer.write_json("structure.json", structure)
+    t_start = time.perf_counter()
+    scores: dict[str, np.ndarray] | None = None  # group root -> score per filter
+    reason = "step limit reached"
+    for step in range(1, config.max_steps + 1):
+        cb.enter("step", step)
+        if cancel.is_set():
+            raise CancelledError("Cancelled.")
+        t0 = time.perf_counter()
+        groups = [g for g in graph.groups() if g.root not in left_alone]
+        scorer = task.scorer(graph.model)
+        scores = score_step(task, graph, groups, scorer, scores, step, rng, cancel, cb)
+        candidates = step_candidates(task, graph, groups, scores, scorer, rng, cancel, cb, step)
+        if not candidates:
+            reason = "every group is down to one cluster"
+            break
+        accepted, graph = try_candidates(graph, candidates, task, structure, writer, cb, step, base["metric"], rng,
+                                         cancel)
+        if accepted is None:
+            reason = f"the next clusters would exceed the {config.max_drop:g}-point {task.metric_name} threshold"
+            break
+        cand, metrics, tried = accepted
+        target_reached = record_step(writer, cb, graph, step, cand, metrics, tried, channel_maps, (t0, t_start),
+                                     base["macs"], config.mac_target, **task.step_extra(cand))
+        if target_reached:
+            reason = target_reached
+            break
+    writer.status("done", reason)
+    return run_summary(writer.dir, "done", reason)
+
+
+def measure_original(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks,
+                     cancel: threading.Event) -> dict:
+    """Measure the unpruned model (``baseline.json``, step 0) and, if asked, analyse it (``car.json``).
+    Returns step 0's record."""
+    cb.progress(0.0, "measuring the original model")
+    base = task.measure(graph.model)
+    writer.write_json("baseline.json", base)
+    record0 = {"step": 0, **base, "widths": graph.widths(), "removed": None, "seconds": 0.0, "elapsed": 0.0}
+    writer.add_step(record0, None, [])
+    cb.step(record0)
+    if task.config.analyse_car:
+        analysis = task.analyse(graph.model, cancel, lambda f, m: cb.progress(f, f"analysing the original: {m}"))
+        if analysis is not None:
+            writer.write_json("car.json", analysis)
+    return record0
+
+
+def stale_groups(groups: list[ChannelGroup], scores: dict | None, step: int, rescore_every: int,
+                 partial: bool) -> list[ChannelGroup]:
+    """The groups to score at ``step``: all of them on a full re-score (the first step, every
+    ``rescore_every`` steps); else those whose scores are missing or no longer match their width
+    (their filter indices changed) — only those when ``partial``, every group otherwise."""
+    if scores is None or (step - 1) % rescore_every == 0:
+        return groups
+    keys = {group_key(g) for g in groups}
+    stale = [g for g in groups if group_key(g) not in scores or len(scores[group_key(g)]) != g.width]
+    if partial:
+        return stale
+    return groups if stale or set(scores) != keys else []
+
+
+def score_step(task: Task, graph: PruningGraph, groups: list[ChannelGroup], scorer, scores: dict | None, step: int,
+               rng: np.random.Generator, cancel: threading.Event, cb: Callbacks) -> dict[str, np.ndarray]:
+    """Per group root, one score per filter of the current model (lower = removed first), with the
+    criterion ``task.config.criterion``; scores still valid from an earlier step are kept."""
+    config = task.config
+    stale = stale_groups(groups, scores, step, config.rescore_every, task.partial_rescore)
+    if not stale:
+        return scores
+    cb.progress(0.0, f"step {step}: scoring the filters of {len(stale)} group(s)")
+    ctx = task.score_context(graph, stale, scorer, rng, cancel,
+                             lambda f, m: cb.progress(f * 0.3, f"step {step}: {m}"))
+    fresh = criteria.get(config.criterion, task.name).score(ctx)
+    return {**(scores or {}), **fresh} if task.partial_rescore else fresh
+
+
+def step_candidates(task: Task, graph: PruningGraph, groups: list[ChannelGroup], scores: dict, scorer,
+                    rng: np.random.Generator, cancel: threading.Event, cb: Callbacks, step: int) -> list[Cluster]:
+    """Candidate clusters (each group's lowest-scoring filters down to the next multiple of c), best first."""
+    clusters = lowest_clusters(groups, scores, task.config.cluster, key=group_key)
+    if not clusters:
+        return []
+    return task.rank(graph, clusters, scores, scorer, rng, cancel,
+                     lambda f, m: cb.progress(0.3 + 0.2 * f, f"step {step}: {m}"))
+
+
+def try_candidates(graph: PruningGraph, candidates: list[Cluster], task: Task, structure: dict, writer: RunWriter,
+                   cb: Callbacks, step: int, base_metric: float, rng: np.random.Generator,
+                   cancel: threading.Event):
+    """Remove, fine-tune and measure candidates in order until one stays within the threshold.
+
+    A group whose surgery fails the check is recorded in ``structure["left_alone"]`` and does not
+    count against ``patience``. Returns ``((candidate, metrics, tried), graph)``, or ``(None, graph)``;
+    a rejected candidate leaves the graph as it was.
+    """
+    config = task.config
+    left_alone = structure["left_alone"]
+    tried = 0
+    for cand in candidates:
+        if tried > config.patience:
+            break
+        if cand.group.root in left_alone:
+            continue
+        snapshot = (copy.deepcopy(graph.model), [list(h) for h in graph.history])
+        try:
+            graph.prune(cand.group.root, cand.filters)
+        except UnsafeGroupError as exc:
+            left_alone[cand.group.root] = str(exc)
+            writer.write_json("structure.json", structure)
+            cb.progress(0.5, f"step {step}: leaving {cand.group.label} alone: {exc}")
+            graph = rebuild_graph(task, *snapshot)
+            continue
+        except PruneScopeError as exc:
+            tried += 1
+            cb.progress(0.5, f"step {step}: skipped {cand.group.root}: {exc}")
+            graph = rebuild_graph(task, *snapshot)
+            continue
+        tried += 1
+        metrics = finetune_and_measure(task, graph.model, rng, cancel, cb, step)
+        lost = (base_metric - metrics["metric"]) * 100
+        if lost > config.max_drop + 1e-9:
+            cb.progress(0.95, f"step {step}: {cand.group.root} would drop {lost:.2f} {task.metric_name} points; undone")
+            graph = rebuild_graph(task, *snapshot)
+            continue
+        return (cand, metrics, tried), graph
+    return None, graph
+
+
+def rebuild_graph(task: Task, model, history: list) -> PruningGraph:
+    """The pruning graph of a snapshot (model + Torch-Pruning history), for undoing a removal."""
+    return PruningGraph(model, task.input_shape, history=history, output_layers=task.output_layers(model))
+
+
+def finetune_and_measure(task: Task, model, rng: np.random.Generator, cancel: threading.Event, cb: Callbacks,
+                         step: int) -> dict:
+    """Let the model adapt to a removal, then measure it (the record's figures)."""
+    task.finetune(model, rng, cancel, lambda f, m: cb.progress(0.5 + 0.4 * f, f"step {step}: {m}"))
+    if cancel.is_set():
+        raise CancelledError("Cancelled.")
+    cb.progress(0.92, f"step {step}: measuring {task.metric_name}")
+    return task.measure(model)
+
+
+def train_steps(model, opt: torch.optim.Optimizer, steps: int, batch_loss: Callable[[], torch.Tensor],
+                cancel: threading.Event | None = None, progress: Callable[[float, str], None] | None = None) -> None:
+    """The fine-tuning loop every task shares: ``steps`` optimiser steps on ``batch_loss()`` (a fresh
+    mini-batch's loss each call), stopping early on ``cancel``; leaves the model in eval mode. The task
+    sets the train mode it wants (e.g. frozen BatchNorm) before calling."""
+    for i in range(steps):
+        if cancel is not None and cancel.is_set():
+            break
+        loss = batch_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if progress:
+            progress((i + 1) / steps, f"fine-tuning ({i + 1}/{steps})")
+    model.eval()
+
+
+def record_step(writer: RunWriter, cb: Callbacks, graph: PruningGraph, step: int, cand: Cluster, metrics: dict,
+                tried: int, channel_maps: dict, times: tuple[float, float], base_macs: float,
+                mac_target: float | None, **extra) -> str | None:
+    """Write an accepted step (weights, then its history line) and report it; returns why to stop
+    when the MAC target is reached, else None."""
+    now = time.perf_counter()
+    record = {"step": step, **metrics, "widths": graph.widths(), "removed": removed_record(cand, channel_maps),
+              "estimated_drop": cand.cost, **extra, "candidates_tried": tried,
+              "seconds": now - times[0], "elapsed": now - times[1]}
+    writer.add_step(record, graph.model, graph.history)
+    cb.step(record)
+    if mac_target is not None and metrics["macs"] <= mac_target * base_macs:
+        return f"MAC target reached ({metrics['macs'] / base_macs:.2f} of the original)"
+    return None
+
+
+def removed_record(cand: Cluster, channel_maps: dict[str, list[int]]) -> dict:
+    g: ChannelGroup = cand.group
+    original = None
+    for name in g.producers:
+        cmap = channel_maps.get(name)
+        if cmap is None or len(cmap) != g.width:
+            continue
+        if original is None:
+            original = [cmap[i] for i in cand.filters]
+        channel_maps[name] = [c for i, c in enumerate(cmap) if i not in set(cand.filters)]
+    return {"group": g.root, "producers": g.producers, "filters": cand.filters, "filters_original": original,
+            "width_before": g.width, "width_after": g.width - len(cand.filters)}
+
+
+# ----------------------------------------------------------------------------- reading a run
+
+
+def run_summary(run_dir: Path, state: str, reason: str = "") -> dict:
+    """The headline figures of a run folder (first vs last step): what the CLI prints and benches reuse.
+
+    ``metric_name`` says what ``baseline_metric`` / ``final_metric`` (fractions 0..1) measure.
+    """
+    run = Run(run_dir)
+    hist = run.history
+    first, last = (hist[0], hist[-1]) if hist else ({}, {})
+    return {
+        "run": str(run_dir), "state": state, "reason": reason, "steps": len(hist) - 1 if hist else 0,
+        "metric_name": run.metric_name,
+        "baseline_metric": first.get("metric"), "final_metric": last.get("metric"),
+        "baseline_macs": first.get("macs"), "final_macs": last.get("macs"),
+        "baseline_params": first.get("params"), "final_params": last.get("params"),
+        "baseline_latency_ms": first.get("latency_ms"), "final_latency_ms": last.get("latency_ms"),
+    }
+
+
+def read_structure(run_dir: Path) -> dict:
+    """What a run changed about the model's structure (converted shortcuts) and which groups it left
+    alone, with why; empty for runs written before this was recorded."""
+    path = Path(run_dir) / "structure.json"
+    data = read_json(path) if path.exists() else {}
+    return {"notes": data.get("notes", []), "left_alone": data.get("left_alone", {})}
