@@ -6,6 +6,7 @@ export) and ``core.detection.cli`` (the detection task) import it, and it import
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -150,17 +151,21 @@ class ProgressPrinter:
         self.show("", fraction, message)
 
     def event(self, p) -> None:
-        self.show(f"{p.phase} {p.step}" if p.step else p.phase, p.fraction, p.message)
+        """A structured report: timed per (phase, step, part) on the part's own fraction when it has one."""
+        key = " ".join(str(x) for x in (p.phase, p.step or "", p.part) if x != "")
+        part_fraction = p.fraction if p.part_fraction is None else p.part_fraction
+        self.show(key, p.fraction, p.message, part_fraction)
 
-    def show(self, phase: str, fraction: float, message: str) -> None:
-        state = self.tracker.update(phase, fraction, 1.0, message)
+    def show(self, phase: str, fraction: float, message: str, part_fraction: float | None = None) -> None:
+        done = fraction if part_fraction is None else part_fraction
+        state = self.tracker.update(phase, done, 1.0, message)
         now = time.monotonic()
-        if now - self._last < self.interval_s and fraction < 1.0:
+        if now - self._last < self.interval_s and done < 1.0:
             return
         self._last = now
         timing = f"{format_duration(state.phase_elapsed_s)} elapsed"
-        if fraction < 1.0:
-            timing += f", ETA {format_duration(state.eta_s)}"
+        if done < 1.0:
+            timing += f", ETA {format_duration(state.eta_s)}" + (" for this part" if part_fraction is not None else "")
         print(f"{self.prefix}[{fraction * 100:5.1f}%] {message} ({timing})", file=sys.stderr, flush=True)
 
 
@@ -205,12 +210,50 @@ def config_from_args(args, config_class):
              "mac_target": args.mac_target, "finetune_steps": args.finetune_steps, "finetune_lr": args.finetune_lr,
              "score_images": args.score_images, "rescore_every": args.rescore_every, "max_steps": args.max_steps,
              "latency": not args.no_latency, "seed": args.seed}
-    for extra in ("optimizer", "exact_candidates", "map_images"):
+    for extra in ("optimizer", "exact_candidates", "map_images", "car", "device"):
         if extra in config_class.__dataclass_fields__:
             given[extra] = getattr(args, extra, None)
+    plan = plan_from_args(args)
+    if plan is not None:
+        given["plan"] = plan
     config = config_class(**{k: v for k, v in given.items() if v is not None})
     config.validate()
     return config
+
+
+def add_plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--exclude", nargs="+", metavar="LAYER", default=[],
+                   help="groups never pruned, by any layer of the group (e.g. layer1.0.conv1)")
+    p.add_argument("--max-fraction", nargs="+", metavar="LAYER=F", default=[],
+                   help="the most a group may lose, as a fraction of its original width (e.g. layer3.0.conv2=0.25)")
+    p.add_argument("--plan", metavar="JSON", help="a pruning plan file ({\"exclude\": [...], \"max_fraction\": {...}})")
+
+
+def plan_from_args(args) -> dict | None:
+    """The per-layer plan of ``--plan``, ``--exclude`` and ``--max-fraction`` (None when none is given);
+    names are checked against the model's groups when the run starts. Raises ``SettingsError``."""
+    if not (getattr(args, "plan", None) or getattr(args, "exclude", None) or getattr(args, "max_fraction", None)):
+        return None
+    plan = {"exclude": [], "max_fraction": {}}
+    if args.plan:
+        try:
+            loaded = json.loads(Path(args.plan).read_text())
+        except (OSError, ValueError) as exc:
+            raise SettingsError(f"Cannot read the pruning plan {args.plan}: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise SettingsError(f"The pruning plan {args.plan} must be a JSON object with 'exclude' and 'max_fraction'.")
+        plan["exclude"] = list(loaded.get("exclude") or [])
+        plan["max_fraction"] = dict(loaded.get("max_fraction") or {})
+    plan["exclude"] += list(args.exclude or [])
+    for item in args.max_fraction or []:
+        name, sep, value = item.rpartition("=")
+        try:
+            plan["max_fraction"][name] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise SettingsError(f"--max-fraction takes LAYER=FRACTION (e.g. layer3.0.conv2=0.25); got '{item}'.")
+    return plan
 
 
 def export_exit_code(result: dict) -> int:

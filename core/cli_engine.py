@@ -6,8 +6,8 @@ from pathlib import Path
 
 from . import criteria
 from .car import CAR_METHODS, compute_car
-from .cli_common import (add_device_args, config_from_args, device_from_args, export_exit_code, load_model_and_data,
-                         prepare_out, print_summary, progress_printer)
+from .cli_common import (add_device_args, add_plan_args, config_from_args, device_from_args, export_exit_code,
+                         load_model_and_data, prepare_out, print_summary, progress, progress_printer)
 from .cli_recover import add_recovery_options, prune_recovery_config, recover_after_prune
 from .clusters import PROFILES
 from .detection.cli import add_detection_args, cmd_export_detection, cmd_prune_detection
@@ -56,7 +56,12 @@ def add_commands(sub, add_model_args, add_data_args) -> None:
     pr.add_argument("--finetune-lr", type=float, help=default_help("finetune_lr", "fine-tuning learning rate"))
     pr.add_argument("--score-images", type=int,
                     help=default_help("score_images", "images scored (detection: the loss-screening subset)"))
-    pr.add_argument("--rescore-every", type=int, help=default_help("rescore_every", "steps between full re-scores"))
+    pr.add_argument("--rescore-every", type=int, help=default_help(
+        "rescore_every", "steps between full re-scores (in between only the pruned group is re-scored)"))
+    pr.add_argument("--car", choices=CAR_METHODS, help="single-filter CAR: fast (first-order screen of every filter, "
+                    "exact CAR for each group's shortlist; default) or exact (every filter)")
+    add_device_args(pr)
+    add_plan_args(pr)
     pr.add_argument("--max-steps", type=int, help=default_help("max_steps", "step limit"))
     pr.add_argument("--no-latency", action="store_true", help="skip OpenVINO latency per step")
     pr.add_argument("--no-analysis", action="store_true", help="skip the full CAR analysis of the original")
@@ -105,16 +110,12 @@ def cmd_prune(args) -> int:
     config = config_from_args(args, PruneConfig)
     config.analyse_car = not args.no_analysis
     recovery = prune_recovery_config(args)
+    device_from_args(args)
     loaded, data = load_model_and_data(args)
     out = prepare_out(args.out)
-
-    def on_step(r: dict) -> None:
-        print(f"step {r['step']}: accuracy {r['metric'] * 100:.2f}%  MACs {r['macs'] / 1e6:.2f} M"
-              + (f"  removed {len(r['removed']['filters'])} from {r['removed']['group']}" if r.get("removed") else ""),
-              file=sys.stderr, flush=True)
-
+    printer = progress_printer("  ")
     original_bytes = Path(args.model).read_bytes() if loaded.spec.pickled else None
-    summary = run_pruning(loaded, data, config, out, Callbacks(progress_printer("  "), on_step),
+    summary = run_pruning(loaded, data, config, out, Callbacks(step=print_step, event=printer.event),
                           data_source=args.data, original_bytes=original_bytes,
                           data_options={"val_fraction": args.val_fraction, "seed": args.seed,
                                         "test_fraction": data.split.get("test_fraction", 0.0),
@@ -123,6 +124,25 @@ def cmd_prune(args) -> int:
         summary = recover_after_prune(recovery, out, config.max_drop, data, summary, trusted=args.trusted)
     print_summary(summary, args.json)
     return 0
+
+
+def print_step(r: dict) -> None:
+    """One line per accepted step: selection accuracy with its paired drop and interval, test beside it."""
+    line = f"step {r['step']}: accuracy {r['metric'] * 100:.2f}%"
+    paired = r.get("paired") or {}
+    if r["step"] and "selection" in paired:
+        sel = paired["selection"]
+        line += f" (drop {sel['drop_points']:+.2f}, 95 % CI {sel['ci_low_points']:+.2f}..{sel['ci_high_points']:+.2f})"
+    if r.get("test_metric") is not None:
+        line += f"  test {r['test_metric'] * 100:.2f}%"
+        if r["step"] and "test" in paired:
+            line += f" (drop {paired['test']['drop_points']:+.2f})"
+    line += f"  MACs {r['macs'] / 1e6:.2f} M"
+    if r.get("removed"):
+        line += f"  removed {len(r['removed']['filters'])} from {r['removed']['group']}"
+    print(line, file=sys.stderr, flush=True)
+    if r.get("resolution_warning"):
+        progress(f"warning: {r['resolution_warning']}")
 
 
 def cmd_export(args) -> int:

@@ -25,10 +25,13 @@ import numpy as np
 import torch
 
 from . import criteria
+from .car import CAR_METHODS
 from .criteria import Cluster, lowest_clusters, new_width
+from .device import DEVICES
 from .errors import CancelledError, PruneScopeError, SettingsError
 from .groups import ChannelGroup, PruningGraph, UnsafeGroupError
 from .models import LoadedModel
+from .plan import PrunePlan
 from .runs import Run, RunWriter
 from .tasks import Task
 from .workspace import read_json
@@ -45,8 +48,13 @@ class PruneConfig:
     finetune_steps: int = 40  # mini-batches of fine-tuning after each step
     finetune_lr: float = 0.01
     batch_size: int = 64
-    score_images: int = 400  # validation images used to score filters
-    rescore_every: int = 1
+    score_images: int = 400  # selection images used to score filters
+    # a full re-score of every group every this many steps; in between only the groups whose width
+    # changed are re-scored (measured on ResNet-20 in bench/real_cifar.py, see the README)
+    rescore_every: int = 4
+    car: str = "fast"  # CAR scoring of filters: "fast" (first-order screen + exact shortlist) or "exact"
+    device: str = "auto"  # where scoring, fine-tuning and evaluation run: auto | cpu | cuda
+    plan: dict | None = None  # per-layer control (core.plan.PrunePlan.to_dict): excluded / capped groups
     max_steps: int = 200
     patience: int = 2  # candidates tried after one that breaks the threshold
     latency: bool = True
@@ -81,6 +89,10 @@ class PruneConfig:
                                 f"got {self.finetune_lr}.")
         if self.patience < 0 or self.latency_runs < 1:
             raise SettingsError("Patience must be >= 0 and latency runs >= 1.")
+        if self.car not in CAR_METHODS:
+            raise SettingsError(f"Unknown CAR method '{self.car}'. Choose one of: {', '.join(CAR_METHODS)}.")
+        if self.device not in DEVICES:
+            raise SettingsError(f"Unknown device '{self.device}'. Choose one of: {', '.join(DEVICES)}.")
 
 
 @dataclass(frozen=True)
@@ -89,13 +101,17 @@ class Progress:
 
     ``phase``: ``original`` (measuring / analysing the unpruned model, ``step`` 0) or ``step``
     (pruning step ``step`` >= 1); ``fraction``: 0..1 within that phase; ``message``: for people only,
-    never parsed.
+    never parsed. ``part``: the work within the phase (``measuring``, ``analysing``, ``scoring``,
+    ``ranking``, ``fine-tuning``), whose rates differ by orders of magnitude, and ``part_fraction``
+    (0..1 of that part): an ETA is the part's remaining fraction at the part's measured rate.
     """
 
     phase: str
     step: int
     fraction: float
     message: str
+    part: str = ""
+    part_fraction: float | None = None
 
 
 class Callbacks:
@@ -114,11 +130,15 @@ class Callbacks:
     def enter(self, phase: str, step: int = 0) -> None:
         self.phase, self.current_step = phase, step
 
-    def progress(self, fraction: float, message: str) -> None:
+    def progress(self, fraction: float, message: str, part: str = "", part_fraction: float | None = None) -> None:
         if self._progress:
             self._progress(fraction, message)
         if self._event:
-            self._event(Progress(self.phase, self.current_step, fraction, message))
+            self._event(Progress(self.phase, self.current_step, fraction, message, part, part_fraction))
+
+    def part(self, start: float, end: float, part: str, prefix: str = ""):
+        """A ``progress(f, message)`` callback for one part of the phase mapped onto ``start..end``."""
+        return lambda f, m: self.progress(start + (end - start) * f, prefix + m, part, f)
 
     def step(self, record: dict) -> None:
         if self._step:
@@ -169,6 +189,7 @@ def run_task(task: Task, loaded: LoadedModel, run_config: dict, run_dir: Path, c
     def body() -> dict:
         graph = PruningGraph(model, task.input_shape, output_layers=task.output_layers(model))
         check_prunable(graph.groups(), config.cluster)
+        PrunePlan.from_dict(config.plan).validate(graph.groups())
         return prune_loop(graph, task, writer, cb, cancel, rng)
 
     return run_guarded(writer, body)
@@ -200,6 +221,7 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
                rng: np.random.Generator) -> dict:
     """The greedy loop: measure the original, then per step score, form candidates, try them, record."""
     config = task.config
+    plan = PrunePlan.from_dict(config.plan).validate(graph.groups())
     base = measure_original(graph, task, writer, cb, cancel)
     channel_maps = {n: list(range(w)) for n, w in base["widths"].items()}
     left_alone: dict[str, str] = graph.left_alone()  # group root -> why its surgery cannot be trusted
@@ -216,12 +238,13 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
         if cancel.is_set():
             raise CancelledError("Cancelled.")
         t0 = time.perf_counter()
-        groups = [g for g in graph.groups() if g.root not in left_alone]
+        groups = [g for g in graph.groups() if g.root not in left_alone and g.root not in plan.exclude]
         scorer = task.scorer(graph.model)
         scores = score_step(task, graph, groups, scorer, scores, step, rng, cancel, cb)
-        candidates = step_candidates(task, graph, groups, scores, scorer, rng, cancel, cb, step)
+        candidates = step_candidates(task, graph, groups, scores, scorer, rng, cancel, cb, step,
+                                     lambda clusters: plan.filter_candidates(clusters, base["widths"]))
         if not candidates:
-            reason = "every group is down to one cluster"
+            reason = "every group is down to one cluster" + ("" if plan.empty else " or at its limit in the plan")
             break
         accepted, graph = try_candidates(graph, candidates, task, structure, writer, cb, step, base["metric"], rng,
                                          cancel)
@@ -242,14 +265,14 @@ def measure_original(graph: PruningGraph, task: Task, writer: RunWriter, cb: Cal
                      cancel: threading.Event) -> dict:
     """Measure the unpruned model (``baseline.json``, step 0) and, if asked, analyse it (``car.json``).
     Returns step 0's record."""
-    cb.progress(0.0, "measuring the original model")
+    cb.progress(0.0, "measuring the original model", "measuring", 0.0)
     base = task.measure(graph.model)
     writer.write_json("baseline.json", base)
     record0 = {"step": 0, **base, "widths": graph.widths(), "removed": None, "seconds": 0.0, "elapsed": 0.0}
     writer.add_step(record0, None, [])
     cb.step(record0)
     if task.config.analyse_car:
-        analysis = task.analyse(graph.model, cancel, lambda f, m: cb.progress(f, f"analysing the original: {m}"))
+        analysis = task.analyse(graph.model, cancel, cb.part(0.0, 1.0, "analysing", "analysing the original: "))
         if analysis is not None:
             writer.write_json("car.json", analysis)
     return record0
@@ -277,21 +300,21 @@ def score_step(task: Task, graph: PruningGraph, groups: list[ChannelGroup], scor
     stale = stale_groups(groups, scores, step, config.rescore_every, task.partial_rescore)
     if not stale:
         return scores
-    cb.progress(0.0, f"step {step}: scoring the filters of {len(stale)} group(s)")
-    ctx = task.score_context(graph, stale, scorer, rng, cancel,
-                             lambda f, m: cb.progress(f * 0.3, f"step {step}: {m}"))
+    cb.progress(0.0, f"step {step}: scoring the filters of {len(stale)} group(s)", "scoring", 0.0)
+    ctx = task.score_context(graph, stale, scorer, rng, cancel, cb.part(0.0, 0.3, "scoring", f"step {step}: "))
     fresh = criteria.get(config.criterion, task.name).score(ctx)
     return {**(scores or {}), **fresh} if task.partial_rescore else fresh
 
 
 def step_candidates(task: Task, graph: PruningGraph, groups: list[ChannelGroup], scores: dict, scorer,
-                    rng: np.random.Generator, cancel: threading.Event, cb: Callbacks, step: int) -> list[Cluster]:
-    """Candidate clusters (each group's lowest-scoring filters down to the next multiple of c), best first."""
-    clusters = lowest_clusters(groups, scores, task.config.cluster, key=group_key)
+                    rng: np.random.Generator, cancel: threading.Event, cb: Callbacks, step: int,
+                    allowed: Callable[[list[Cluster]], list[Cluster]] = lambda clusters: clusters) -> list[Cluster]:
+    """Candidate clusters (each group's lowest-scoring filters down to the next multiple of c) that the
+    run's plan ``allowed``, best first (ranked only after the plan's filter: no measurement is wasted)."""
+    clusters = allowed(lowest_clusters(groups, scores, task.config.cluster, key=group_key))
     if not clusters:
         return []
-    return task.rank(graph, clusters, scores, scorer, rng, cancel,
-                     lambda f, m: cb.progress(0.3 + 0.2 * f, f"step {step}: {m}"))
+    return task.rank(graph, clusters, scores, scorer, rng, cancel, cb.part(0.3, 0.5, "ranking", f"step {step}: "))
 
 
 def try_candidates(graph: PruningGraph, candidates: list[Cluster], task: Task, structure: dict, writer: RunWriter,
@@ -344,10 +367,10 @@ def rebuild_graph(task: Task, model, history: list) -> PruningGraph:
 def finetune_and_measure(task: Task, model, rng: np.random.Generator, cancel: threading.Event, cb: Callbacks,
                          step: int) -> dict:
     """Let the model adapt to a removal, then measure it (the record's figures)."""
-    task.finetune(model, rng, cancel, lambda f, m: cb.progress(0.5 + 0.4 * f, f"step {step}: {m}"))
+    task.finetune(model, rng, cancel, cb.part(0.5, 0.9, "fine-tuning", f"step {step}: "))
     if cancel.is_set():
         raise CancelledError("Cancelled.")
-    cb.progress(0.92, f"step {step}: measuring {task.metric_name}")
+    cb.progress(0.92, f"step {step}: measuring {task.metric_name}", "measuring", 0.0)
     return task.measure(model)
 
 
@@ -413,6 +436,9 @@ def run_summary(run_dir: Path, state: str, reason: str = "") -> dict:
         "run": str(run_dir), "state": state, "reason": reason, "steps": len(hist) - 1 if hist else 0,
         "metric_name": run.metric_name,
         "baseline_metric": first.get("metric"), "final_metric": last.get("metric"),
+        # the held-out test images' figures (None without a test split): reported, never decided on
+        "baseline_test_metric": first.get("test_metric"), "final_test_metric": last.get("test_metric"),
+        "final_paired": last.get("paired"),
         "baseline_macs": first.get("macs"), "final_macs": last.get("macs"),
         "baseline_params": first.get("params"), "final_params": last.get("params"),
         "baseline_latency_ms": first.get("latency_ms"), "final_latency_ms": last.get("latency_ms"),

@@ -78,6 +78,7 @@ class ScoreBook:
         self.exact_mask: dict[str, np.ndarray] = {}
         self.seeded: dict[str, set[int]] = {}  # filters whose entry came from the original's analysis
         self.widths: dict[str, int] = {}  # the width each root had when its entries were measured
+        self.fingerprint: dict | None = None  # the model state and images every entry was measured on
 
     def fresh(self, group: ChannelGroup) -> bool:
         s = self.scores.get(group.root)
@@ -90,6 +91,7 @@ class ScoreBook:
     def clear(self) -> None:
         for d in (self.entries, self.scores, self.exact_mask, self.seeded, self.widths):
             d.clear()
+        self.fingerprint = None
 
     def known(self, group: ChannelGroup) -> dict[int, tuple[float, float]]:
         """The group's measured filters; entries measured at another width are dropped (indices shifted)."""
@@ -98,28 +100,29 @@ class ScoreBook:
         self.widths[group.root] = group.width
         return self.entries.setdefault(group.root, {})
 
-    def seed_from_analysis(self, result: CarResult, groups: list[ChannelGroup], fingerprint: dict) -> int:
-        """Take the exact CAR of ``result`` when it was measured on the same model and images.
+    def seed_from_analysis(self, result: CarResult) -> int:
+        """Take the exact CAR and loss increase of ``result`` (an analysis of the original).
 
-        Returns how many filters were taken (0 when the fingerprints differ, the analysis predates
-        fingerprints or has no loss increase, or the groups' widths do not match).
+        They are used only while the scorer's fingerprint (model state and score images) equals the
+        analysis' (``car_scores`` clears the book otherwise). Returns how many filters were taken (0 for
+        an analysis without fingerprint or loss increase, written before they were recorded).
         """
-        if not result.fingerprint or result.fingerprint != fingerprint or not result.loss_up:
+        self.clear()
+        if not result.fingerprint or not result.loss_up:
             return 0
-        by_root = {g["root"]: g for g in result.groups}
+        self.fingerprint = dict(result.fingerprint)
         taken = 0
-        for g in groups:
-            stored = by_root.get(g.root)
-            if stored is None or stored["width"] != g.width or stored["gid"] not in result.car:
+        for g in result.groups:
+            gid, root = g["gid"], g["root"]
+            car, loss = result.car.get(gid), result.loss_up.get(gid)
+            if car is None or loss is None:
                 continue
-            car, loss = result.car[stored["gid"]], result.loss_up.get(stored["gid"])
-            if loss is None:
-                continue
-            known = self.known(g)
-            for f in range(g.width):
-                if result.is_exact(stored["gid"], f):
+            self.widths[root] = g["width"]
+            known = self.entries.setdefault(root, {})
+            for f in range(g["width"]):
+                if result.is_exact(gid, f):
                     known[f] = (float(car[f]), float(loss[f]))
-                    self.seeded.setdefault(g.root, set()).add(f)
+                    self.seeded.setdefault(root, set()).add(f)
                     taken += 1
         return taken
 
@@ -133,9 +136,14 @@ def car_scores(scorer: CarScorer, groups: list[ChannelGroup], book: ScoreBook, m
     first-order screen of the groups to rescore, exact CAR for each group's shortlist (the filters
     that can form its next cluster of size ``cluster``, plus ``margin`` times as many); other filters
     keep their screened rank, after every exact filter of their group (``core.screen.combine``).
-    Returns the scores and a report of what was measured, reused and screened.
+    Returns the scores and a report of what was measured, reused and screened. What the book holds
+    is used only for the very model state and images it was measured on (``CarScorer.fingerprint``).
     """
     report = ScoreReport(method=method, total=sum(g.width for g in groups))
+    fingerprint = scorer.fingerprint()
+    if book.fingerprint != fingerprint:  # another model state or other images: nothing measured still holds
+        book.clear()
+        book.fingerprint = fingerprint
     stale = [g for g in groups if not book.fresh(g)]
     report.rescored_groups = [g.root for g in stale]
     picks, screened = _picks(scorer, stale, book, method, cluster, margin, cancel, progress)

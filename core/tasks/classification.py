@@ -1,8 +1,14 @@
-"""Classification as a pruning task: top-1 accuracy, exact CAR, cross-entropy fine-tuning.
+"""Classification as a pruning task: top-1 accuracy, CAR, cross-entropy fine-tuning.
 
-With the ``car`` criterion the cost of a filter and of a candidate cluster is measured exactly (its
-emulated removal on ``score_images`` validation images, ``core.car.CarScorer``), not summed from
-single-filter scores; other criteria rank clusters by their normalised filter scores per MAC saved.
+With the ``car`` criterion the cost of a candidate cluster is measured exactly (its joint emulated
+removal on ``score_images`` selection images, ``core.car.CarScorer``), not summed from single-filter
+scores; single-filter CAR is exact or fast (``config.car``, ``core.rescore``), each measurement made
+once (the original's analysis seeds step 1). Other criteria rank clusters by their normalised filter
+scores per MAC saved.
+
+Image roles (``core.data``): ``train`` fine-tunes; ``val`` (the *selection* images) scores filters,
+chooses candidates and decides the threshold; ``test`` is measured and recorded beside it
+(``test_metric``) and never read by any decision.
 """
 from __future__ import annotations
 
@@ -15,15 +21,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import criteria
-from ..car import CarScorer, compute_car, filter_ablation
+from ..car import CarResult, CarScorer, compute_car, filter_ablation
 from ..criteria import Cluster, ScoreContext
 from ..data import DataSet, ImageSet, normalize
+from ..device import model_device, on_device, resolve_device
 from ..engine import PruneConfig, group_key, train_steps
-from ..evaluate import count_macs_params, evaluate_accuracy
+from ..evaluate import evaluate_accuracy
+from ..fingerprint import model_fingerprint, tensors_fingerprint
 from ..groups import ChannelGroup, PruningGraph
+from ..measure import measure_model
 from ..models import InputSpec
-from ..ov_runtime import measure_latency_ms
+from ..rescore import ScoreBook, ScoreReport, car_scores
 from ..screen import tiebreak
+from ..stats import paired_figures, resolution_warning
 
 NAME = "classification"
 METRIC = "accuracy"
@@ -35,56 +45,124 @@ class ClassificationTask:
     name = NAME
     metric_name = METRIC
     metric_unit = "%"
-    partial_rescore = False  # a re-score scores every group: exact CAR depends on the whole current model
+    # Between full re-scores (every ``rescore_every`` steps) only groups whose width changed are scored;
+    # a candidate's cost is still measured exactly on the current model (CAR's rank).
+    partial_rescore = True
 
-    def __init__(self, spec: InputSpec, data: DataSet, config: PruneConfig):
+    def __init__(self, spec: InputSpec, data: DataSet, config: PruneConfig, analysis: CarResult | None = None):
+        """``analysis``: a finished CAR analysis of this very model (e.g. the app's Analyse job); it is
+        used, and said to be, only when its fingerprint matches the model and the score images."""
         self.spec, self.data, self.config = spec, data, config
         self.input_shape = spec.shape(1)
+        self.device = resolve_device(config.device)
+        self.book = ScoreBook()
+        self.analysis = analysis
+        self._report: ScoreReport | None = None
+        self._baseline_correct: dict[str, np.ndarray] | None = None
 
     def output_layers(self, model: nn.Module) -> None:
         return None
 
+    def score_images(self) -> ImageSet:
+        """The selection images that score filters (a fixed stratified subset)."""
+        return self.data.val.subset(self.config.score_images, seed=self.config.seed)
+
     def measure(self, model: nn.Module) -> dict:
-        return measure(model, self.data, self.spec, self.config)
+        """Figures of a record (``measure``) with the paired drops from the original (``paired``); the first
+        call (the original) is their base and says when the threshold is finer than the selection images
+        resolve (``resolution_warning``, None when they resolve it)."""
+        figures, correct = measure(model, self.data, self.spec, self.config, self.device)
+        if self._baseline_correct is None:
+            self._baseline_correct = correct
+            figures["resolution_warning"] = resolution_warning(self.config.max_drop, len(self.data.val),
+                                                               figures["metric"])
+        figures["paired"] = paired_figures(self._baseline_correct, correct)
+        return figures
 
     def analyse(self, model: nn.Module, cancel: threading.Event, progress) -> dict:
-        """CAR of every filter of the original, per class, and per-layer sensitivity (``car.json``)."""
-        return compute_car(model, self.spec, self.data.val, n_images=self.config.score_images, sensitivity=True,
-                           progress=progress, cancel=cancel).to_dict()
+        """CAR of every filter of the original, per class, and per-layer sensitivity (``car.json``), on the
+        score images; seeds the score book so that step 1 measures nothing twice."""
+        images = self.score_images()
+        wanted = {"model": model_fingerprint(model), "images": tensors_fingerprint(images.images, images.labels)}
+        if self.analysis is not None and self.analysis.fingerprint == wanted:
+            progress(1.0, "reused the finished analysis of this model on the same images (not recomputed)")
+            result = self.analysis
+        else:
+            result = compute_car(model, self.spec, images, n_images=None, sensitivity=True, progress=progress,
+                                 cancel=cancel, method=self.config.car, device=self.device)
+        if self.config.criterion == "car":
+            self.book.seed_from_analysis(result)
+        return result.to_dict()
 
     def scorer(self, model: nn.Module) -> CarScorer | None:
         if self.config.criterion != "car":
             return None
-        return CarScorer(model, self.spec, self.data.val.subset(self.config.score_images, seed=self.config.seed))
+        with on_device(model, self.device):
+            return CarScorer(model, self.spec, self.score_images())
 
     def score_context(self, graph: PruningGraph, groups: list[ChannelGroup], scorer: CarScorer | None, rng,
                       cancel, progress) -> ScoreContext:
-        return score_context(graph, groups, scorer, self.data.train, self.spec, rng, cancel, progress)
+        return score_context(graph, groups, scorer, self.data.train, self.spec, rng, cancel, progress,
+                             filter_costs=self._filter_costs(scorer, cancel, progress), device=self.device)
+
+    def _filter_costs(self, scorer: CarScorer | None, cancel, progress):
+        """CAR of single filters through the score book (exact or fast, measured once)."""
+        if scorer is None:
+            return None
+
+        def filter_costs(gs: list[ChannelGroup]) -> dict[str, np.ndarray]:
+            with on_device(scorer.model, self.device):
+                by_gid, report = car_scores(scorer, gs, self.book, self.config.car, self.config.cluster, cancel, progress)
+            if progress:
+                progress(1.0, f"CAR ({self.config.car}): {report.describe()}")
+            self._report = report
+            return {group_key(g): by_gid[g.gid] for g in gs}
+
+        return filter_costs
 
     def rank(self, graph: PruningGraph, clusters: list[Cluster], scores: dict, scorer: CarScorer | None, rng,
              cancel, progress) -> list[Cluster]:
         """The criterion's own ranking: CAR's exact cluster cost per MAC, or normalised scores per MAC."""
-        ctx = score_context(graph, [c.group for c in clusters], scorer, None, None, rng, cancel)
-        criteria.get(self.config.criterion, NAME).rank(clusters, scores, ctx)
+        ctx = score_context(graph, [c.group for c in clusters], scorer, None, None, rng, cancel, device=self.device)
+        with on_device(graph.model, self.device):
+            criteria.get(self.config.criterion, NAME).rank(clusters, scores, ctx)
         return sorted(clusters, key=lambda c: c.rank)
 
     def finetune(self, model: nn.Module, rng, cancel, progress) -> None:
         c = self.config
-        finetune(model, self.data.train, self.spec, c.finetune_steps, c.finetune_lr, c.batch_size, rng, cancel, progress)
+        with on_device(model, self.device):
+            finetune(model, self.data.train, self.spec, c.finetune_steps, c.finetune_lr, c.batch_size, rng, cancel,
+                     progress)
 
     def step_extra(self, cluster: Cluster) -> dict:
-        return {}
+        """How the step's single-filter scores were made (``core.rescore.ScoreReport``): exact or screened,
+        measured or reused; ``rescored_groups`` is empty when every group kept its earlier scores."""
+        if self.config.criterion != "car":
+            return {}
+        report, self._report = self._report, None
+        return {"car_scoring": (report or ScoreReport(method=self.config.car)).to_dict()}
 
 
-def measure(model: nn.Module, data: DataSet, spec: InputSpec, config: PruneConfig) -> dict:
-    """One record's figures: ``metric`` (top-1 accuracy, 0..1), ``per_class`` accuracy, MACs, params,
-    OpenVINO CPU latency in ms (None when ``config.latency`` is off)."""
-    acc = evaluate_accuracy(model, data.val, spec)
-    macs, params = count_macs_params(model, spec)
-    latency = None
-    if config.latency:
-        latency = measure_latency_ms(model, spec.shape(1), runs=config.latency_runs, warmup=5)
-    return {"metric": acc.accuracy, "per_class": acc.per_class, "macs": macs, "params": params, "latency_ms": latency}
+def measure(model: nn.Module, data: DataSet, spec: InputSpec, config: PruneConfig,
+            device=None) -> tuple[dict, dict[str, np.ndarray]]:
+    """One record's figures and the per-image correctness behind them.
+
+    Figures: ``metric`` (top-1 accuracy on the selection images, 0..1) and ``per_class``; with a test
+    split ``test_metric`` and ``test_per_class`` (None without one); MACs, params and OpenVINO CPU
+    latency (median ms with its spread, None when ``config.latency`` is off) from
+    ``core.measure.measure_model``. Correctness: role -> bool per image (for paired drops).
+    """
+    with on_device(model, device):
+        selection = evaluate_accuracy(model, data.val, spec)
+        test = evaluate_accuracy(model, data.test, spec) if len(data.test) else None
+    cost = measure_model(model, spec, latency=config.latency, runs=config.latency_runs).to_dict()
+    figures = {"metric": selection.accuracy, "per_class": selection.per_class,
+               "test_metric": test.accuracy if test else None, "test_per_class": test.per_class if test else None,
+               **cost}
+    correct = {"selection": selection.correct.numpy()}
+    if test is not None:
+        correct["test"] = test.correct.numpy()
+    return figures, correct
 
 
 # ----------------------------------------------------------------------------- scores
@@ -92,11 +170,13 @@ def measure(model: nn.Module, data: DataSet, spec: InputSpec, config: PruneConfi
 
 def score_context(graph: PruningGraph, groups: list[ChannelGroup], scorer: CarScorer | None, train: ImageSet | None,
                   spec: InputSpec | None, rng: np.random.Generator, cancel=None,
-                  progress: Callable[[float, str], None] | None = None) -> ScoreContext:
-    """What classification gives a criterion: exact CAR of filters and clusters (``scorer``), CE gradients.
-    Scores are keyed by group root (``core.engine.group_key``)."""
+                  progress: Callable[[float, str], None] | None = None, filter_costs=None,
+                  device=None) -> ScoreContext:
+    """What classification gives a criterion: CAR of filters (``filter_costs``, default exact CAR of every
+    filter) and exact CAR of clusters (``scorer``), CE gradients. Scores are keyed by group root
+    (``core.engine.group_key``)."""
 
-    def filter_costs(gs: list[ChannelGroup]) -> dict[str, np.ndarray]:
+    def exact_filter_costs(gs: list[ChannelGroup]) -> dict[str, np.ndarray]:
         by_gid = car_filter_scores(scorer, gs, cancel, progress)
         return {group_key(g): by_gid[g.gid] for g in gs}
 
@@ -104,9 +184,14 @@ def score_context(graph: PruningGraph, groups: list[ChannelGroup], scorer: CarSc
         correct = scorer.accuracies([filter_ablation(c.group, c.filters) for c in clusters], cancel=cancel)
         return scorer.baseline_accuracy - correct.float().mean(1).numpy()
 
-    return ScoreContext(graph, groups, rng, key=group_key, filter_costs=filter_costs if scorer else None,
+    def accumulate_gradients() -> None:
+        with on_device(graph.model, device):
+            _accumulate_gradients(graph.model, train, spec, rng)
+
+    return ScoreContext(graph, groups, rng, key=group_key,
+                        filter_costs=(filter_costs or exact_filter_costs) if scorer else None,
                         cluster_costs=cluster_costs if scorer else None,
-                        accumulate_gradients=lambda: _accumulate_gradients(graph.model, train, spec, rng),
+                        accumulate_gradients=accumulate_gradients,
                         cluster_eps=1.0 / max(len(scorer.labels), 1) if scorer else 0.0)
 
 
@@ -147,9 +232,10 @@ def car_with_tiebreak(car: np.ndarray, loss_up: np.ndarray, owners: np.ndarray, 
 def _accumulate_gradients(model: nn.Module, train: ImageSet, spec: InputSpec, rng, batches: int = 4, bs: int = 64) -> None:
     model.eval()
     model.zero_grad(set_to_none=True)
+    device = model_device(model)
     for _ in range(batches):
         idx = rng.choice(len(train), size=min(bs, len(train)), replace=False)
-        loss = F.cross_entropy(model(normalize(train.images[idx], spec)), train.labels[idx])
+        loss = F.cross_entropy(model(normalize(train.images[idx].to(device), spec)), train.labels[idx].to(device))
         loss.backward()
 
 
@@ -178,8 +264,11 @@ def finetune(model: nn.Module, train: ImageSet, spec: InputSpec, steps: int, lr:
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
+    device = model_device(model)
+
     def batch_loss() -> torch.Tensor:
         idx = rng.choice(len(train), size=min(batch_size, len(train)), replace=False)
-        return F.cross_entropy(model(_augment(normalize(train.images[idx], spec), rng)), train.labels[idx])
+        x = _augment(normalize(train.images[idx].to(device), spec), rng)
+        return F.cross_entropy(model(x), train.labels[idx].to(device))
 
     train_steps(model, opt, steps, batch_loss, cancel, progress)
