@@ -5,25 +5,21 @@ from __future__ import annotations
 import streamlit as st
 
 from core.custom_code import keep_uploaded_code, model_candidates
-from core.sources import load_dataset
 from core.errors import PruneScopeError
 from core.models import InputSpec, list_architectures, load_model, sample_entry, sample_names
 from core.plausibility import apply_fix, check_plausibility, describe_fix
 from core.runs import remember_trusted_model
 from ui.charts import fig_class_counts, fig_confusion, fig_per_class_accuracy
-from ui.common import format_pct, metrics_row, page_link, setup_page
-from ui.detection import detection_load_page
+from ui import detection
+from ui.common import format_pct, metric_name, metrics_row, model_shape, page_link, setup_page
 from ui.state import DEFAULT_SAMPLE, baseline, digest, files_to_zip, load_sample_callback, load_uploaded_data
 
 state = setup_page("Load", "A trained model and its data set: upload your own or take the bundled sample.")
-TASKS = ("Image classification", "Object detection (SSD)")
-task = st.radio("Task", TASKS, index=1 if state.task == "detection" else 0, horizontal=True, key="load_task",
-                help="Classification: a classifier and an ImageFolder data set. Detection: an SSD detector and a "
-                     "Pascal VOC data set; pruning is then scored by mAP@0.5.")
-if task == TASKS[1]:
-    detection_load_page(state)
-    st.stop()
-
+TASKS = {"Image classification": "classification", "Object detection (SSD)": "detection"}  # label -> AppState.task
+task = TASKS[st.radio("Task", list(TASKS), index=list(TASKS.values()).index(state.task), horizontal=True,
+                      key="load_task",
+                      help="Classification: a classifier and an ImageFolder data set. Detection: an SSD detector "
+                           "and a Pascal VOC data set; pruning is then scored by mAP@0.5.")]
 MODEL_KINDS = ("Weights (state dict) + architecture", "Whole pickled model (trusted files only)",
                "Custom architecture (Python file) + weights")
 DATA_KINDS = ("Zip archive", "Folder")
@@ -135,8 +131,7 @@ def custom_code_inputs() -> dict:
     return code
 
 
-tab_sample, tab_upload = st.tabs(["Bundled sample", "Upload your own"])
-with tab_sample:
+def classification_sample() -> None:
     names = sample_names()
     name = st.selectbox("Sample", names, index=names.index(DEFAULT_SAMPLE) if DEFAULT_SAMPLE in names else 0,
                         key="load_sample_name")
@@ -148,7 +143,8 @@ with tab_sample:
     if st.session_state.get("sample_error"):
         st.error(st.session_state["sample_error"])
 
-with tab_upload:
+
+def classification_upload() -> None:
     left, right = st.columns(2, gap="large")
     with left:
         st.subheader("Model")
@@ -198,76 +194,87 @@ with tab_upload:
             with st.spinner("Loading and validating..."):
                 load_upload(kind, model_file, trusted, arch, spec, data_kind, data_files, code)
 
+def classification_details() -> None:
+    """Baseline note, plausibility, validation report and charts of a classifier and its ImageFolder data."""
+    b, spec = state.baseline, state.model.spec
+    st.caption(f"Accuracy on {b['n']} validation images; MACs and parameters of one {spec.input.height}×"
+               f"{spec.input.width} image; latency: {b['latency_note']}.")
+    plaus_key, plaus = st.session_state.get("load_plausibility", (None, None))
+    if plaus is not None and plaus_key == state.key and plaus.suspect:  # issue 13: a baseline near or below chance
+        st.warning(plaus.message(), icon=":material/warning:")
+        if plaus.fix is not None:
+            st.button(f"Apply: {describe_fix(plaus.fix)}", key="load_apply_fix", icon=":material/auto_fix_high:",
+                      on_click=apply_plausibility_fix, args=(plaus.fix,))
+
+    st.subheader("Data set validation")
+    report = state.data.report
+    st.markdown(f"**{state.data_label}** · {report.num_classes} classes · {len(state.data.train)} training and "
+                f"{len(state.data.val)} validation images" + (" (pre-split train/val)" if report.presplit else
+                                                              " (20 % held out for validation, stratified)"))
+    problems = 0
+    if report.skipped_non_images:
+        problems += 1
+        st.warning(f"{len(report.skipped_non_images)} file(s) skipped: not images or outside a class folder.",
+                   icon=":material/warning:")
+        with st.expander("Skipped files"):
+            st.code("\n".join(report.skipped_non_images[:500]), language=None)
+    if report.corrupt_images:
+        problems += 1
+        st.error(f"{len(report.corrupt_images)} image(s) could not be decoded (damaged or not what the extension says) "
+                 "and were left out.", icon=":material/broken_image:")
+        with st.expander("Unreadable images"):
+            st.code("\n".join(report.corrupt_images[:500]), language=None)
+    if report.converted:
+        st.info("Converted to the model's colour mode: "
+                + ", ".join(f"{n} {mode} image(s)" for mode, n in report.converted.items()), icon=":material/palette:")
+    for note in getattr(report, "notes", []):  # inferred input size, 16-bit scaling: what was done, said plainly
+        st.info(note, icon=":material/info:")
+    for w in report.warnings:
+        problems += 1
+        st.warning(w, icon=":material/warning:")
+    if spec.class_names and list(spec.class_names) != list(state.data.class_names):
+        problems += 1
+        st.warning("The model's class names differ from the data set's folder names: "
+                   f"model {list(spec.class_names)[:12]}, data {list(state.data.class_names)[:12]}. "
+                   "Classes are matched by sorted folder order.", icon=":material/warning:")
+    if not problems and not report.converted:  # a conversion is said above, not hidden behind "all readable"
+        st.success("All files were readable images in class folders; the classes match the model's outputs.",
+                   icon=":material/check_circle:")
+
+    c1, c2 = st.columns(2)
+    with c1:
+        st.plotly_chart(fig_class_counts(report.class_counts), key="load_counts")
+    with c2:
+        st.plotly_chart(fig_per_class_accuracy(b["per_class"], b["accuracy"]), key="load_per_class")
+    with st.expander("Confusion matrix"):
+        st.plotly_chart(fig_confusion(b["confusion"], list(state.data.class_names)), key="load_confusion")
+
+
+tab_sample, tab_upload = st.tabs(["Bundled sample", "Upload your own"])
+with tab_sample:
+    classification_sample() if task == "classification" else detection.sample_tab()
+with tab_upload:
+    classification_upload() if task == "classification" else detection.upload_form(state)
+
 # ----------------------------------------------------------------------------- what is loaded
 st.divider()
-if state.model is None:
+if state.model is None or state.task != task:
     st.info("Nothing loaded yet: take the sample or upload a model and a data set above.", icon=":material/info:")
     st.stop()
 
 st.subheader("Current model")
-spec = state.model.spec
-st.markdown(f"**{state.model_label}** · {spec.num_classes} classes · input "
-            f"{spec.input.channels}×{spec.input.height}×{spec.input.width} ({spec.input.colour_order}), "
-            f"mean {list(spec.input.mean)}, std {list(spec.input.std)}")
-for note in state.model.notes:
+st.markdown(f"**{state.model_label}** · {model_shape(state)}" + (
+    f" ({state.model.spec.input.colour_order}), mean {list(state.model.spec.input.mean)}, "
+    f"std {list(state.model.spec.input.std)}" if task == "classification" else
+    f", mean {list(state.model_info['mean'])}, std {list(state.model_info['std'])}"))
+for note in getattr(state.model, "notes", []):
     st.caption(f"Note: {note}")
 if state.data is None:
     st.stop()
 
-b = state.baseline
 st.subheader("Baseline")
-metrics_row(b)
-st.caption(f"Accuracy on {b['n']} validation images; MACs and parameters of one {spec.input.height}×{spec.input.width} "
-           f"image; latency: {b['latency_note']}.")
-plaus_key, plaus = st.session_state.get("load_plausibility", (None, None))
-if plaus is not None and plaus_key == state.key and plaus.suspect:  # issue 13: a baseline near or below chance
-    st.warning(plaus.message(), icon=":material/warning:")
-    if plaus.fix is not None:
-        st.button(f"Apply: {describe_fix(plaus.fix)}", key="load_apply_fix", icon=":material/auto_fix_high:",
-                  on_click=apply_plausibility_fix, args=(plaus.fix,))
-
-st.subheader("Data set validation")
-report = state.data.report
-st.markdown(f"**{state.data_label}** · {report.num_classes} classes · {len(state.data.train)} training and "
-            f"{len(state.data.val)} validation images" + (" (pre-split train/val)" if report.presplit else
-                                                          " (20 % held out for validation, stratified)"))
-problems = 0
-if report.skipped_non_images:
-    problems += 1
-    st.warning(f"{len(report.skipped_non_images)} file(s) skipped: not images or outside a class folder.",
-               icon=":material/warning:")
-    with st.expander("Skipped files"):
-        st.code("\n".join(report.skipped_non_images[:500]), language=None)
-if report.corrupt_images:
-    problems += 1
-    st.error(f"{len(report.corrupt_images)} image(s) could not be decoded (damaged or not what the extension says) "
-             "and were left out.", icon=":material/broken_image:")
-    with st.expander("Unreadable images"):
-        st.code("\n".join(report.corrupt_images[:500]), language=None)
-if report.converted:
-    st.info("Converted to the model's colour mode: " + ", ".join(f"{n} {mode} image(s)" for mode, n in report.converted.items()),
-            icon=":material/palette:")
-for note in getattr(report, "notes", []):  # inferred input size, 16-bit scaling: what was done, said plainly
-    st.info(note, icon=":material/info:")
-for w in report.warnings:
-    problems += 1
-    st.warning(w, icon=":material/warning:")
-if spec.class_names and list(spec.class_names) != list(state.data.class_names):
-    problems += 1
-    st.warning("The model's class names differ from the data set's folder names: "
-               f"model {list(spec.class_names)[:12]}, data {list(state.data.class_names)[:12]}. "
-               "Classes are matched by sorted folder order.", icon=":material/warning:")
-if not problems and not report.converted:  # a conversion is said above, not hidden behind "all readable"
-    st.success("All files were readable images in class folders; the classes match the model's outputs.",
-               icon=":material/check_circle:")
-
-c1, c2 = st.columns(2)
-with c1:
-    st.plotly_chart(fig_class_counts(report.class_counts), key="load_counts")
-with c2:
-    st.plotly_chart(fig_per_class_accuracy(b["per_class"], b["accuracy"]), key="load_per_class")
-with st.expander("Confusion matrix"):
-    st.plotly_chart(fig_confusion(b["confusion"], list(state.data.class_names)), key="load_confusion")
+metrics_row(state.baseline, metric=metric_name(task))
+classification_details() if task == "classification" else detection.loaded_details(state)
 
 st.markdown("**Next**")
 c1, c2, _ = st.columns([1, 1, 3])
