@@ -476,6 +476,30 @@ def export_job(run_dir: Path | str, step: int, max_drop: float | None = None, ou
     return fn
 
 
+Phase = tuple[str, Callable[[dict], Any]]
+
+
+def phased_job(phases: list[Phase]) -> JobFunction:
+    """A job function running named phases in order, e.g. the app's "Load and validate" (read the model,
+    read the data set, measure the baseline, check its plausibility).
+
+    Each phase is ``(name, fn)`` with ``fn(results)`` getting the results of the phases before it (by
+    name) and returning its own; the job's result is that dict. Progress is the share of phases done,
+    with the running phase's name and number; a cancel takes effect between phases (a phase runs to its
+    end). A phase's :class:`PruneScopeError` ends the job as failed with its message.
+    """
+
+    def fn(ctx: JobContext) -> dict:
+        results: dict[str, Any] = {}
+        for k, (name, phase) in enumerate(phases):
+            ctx.check_cancel()
+            ctx.progress(k / len(phases), f"{name} (phase {k + 1} of {len(phases)})")
+            results[name] = phase(results)
+        return results
+
+    return fn
+
+
 def past_runs(registry: JobRegistry | None = None) -> list[dict]:
     """Every run in the workspace (newest first) with its state; a live job of this process wins."""
     out = []

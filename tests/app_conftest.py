@@ -43,6 +43,20 @@ def with_sample(page: str = "home") -> AppTest:
     return goto(at, page) if page != "home" else at
 
 
+def click_load(at: AppTest) -> AppTest:
+    """Press "Load and validate" and let its background job end: the next run takes its result in (the
+    app frame adopts it) or shows its error, as a browser tab's polling does."""
+    from ui.state import get_registry
+
+    before = get_registry().latest("load")
+    at.button(key="load_upload").click().run()
+    job = get_registry().latest("load")
+    if job is not None and job is not before:
+        assert job.wait(300), "the load job ends"
+        at.run()
+    return at
+
+
 def texts(at: AppTest) -> str:
     """All visible text of the page in one string (markdown, alerts, captions, titles)."""
     parts = []

@@ -13,7 +13,7 @@ import pytest
 
 from core.architectures import SampleVGG
 from core.errors import PruneScopeError
-from core.jobs import JobAlreadyRunning, JobRegistry, car_settings, past_runs, prune_job, reusable_car
+from core.jobs import JobAlreadyRunning, JobRegistry, car_settings, past_runs, phased_job, prune_job, reusable_car
 from core.runs import Run
 from core.workspace import new_run_dir
 from tests.helpers import loaded as make_loaded, quick_config, random_dataset
@@ -247,3 +247,29 @@ def test_working_sets_recall_by_token_then_latest():
     assert sets.recall(None) == "set of tab b"
     sets.clear()
     assert sets.recall("a") is None
+
+
+def test_phased_job_passes_results_on_reports_phases_and_cancels_between_them():
+    gate, seen = threading.Event(), []
+
+    def second(results):
+        seen.append(results["read"])
+        gate.wait(10)
+        return results["read"] * 2
+
+    reg = JobRegistry()
+    job = reg.start("load", phased_job([("read", lambda r: 21), ("measure", second), ("never", lambda r: 1 / 0)]))
+    wait_until(lambda: seen)
+    snap = job.snapshot()
+    assert snap.message == "measure (phase 2 of 3)" and abs(snap.progress - 1 / 3) < 1e-9
+    job.request_cancel()
+    gate.set()
+    assert job.wait(10) and job.snapshot().state == "cancelled"  # the third phase never ran
+    done = reg.start("load", phased_job([("read", lambda r: 21), ("measure", lambda r: r["read"] * 2)]))
+    assert done.wait(10) and done.snapshot().result == {"read": 21, "measure": 42}
+
+    def refuse(results):
+        raise PruneScopeError("The data set could not be used: no images.")
+
+    failed = reg.start("load", phased_job([("read", refuse)]))
+    assert failed.wait(10) and failed.snapshot().error == "The data set could not be used: no images."

@@ -11,7 +11,7 @@ from core.clusters import PROFILES, detect_cpu_profile
 from core.jobs import JobSnapshot
 from core.visualize import format_macs, format_pct  # noqa: F401  (re-exported for the pages)
 
-from .state import AppState, get_registry, get_state
+from .state import AppState, adopt_finished_load, get_registry, get_state
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 # key -> (page file, title, icon); the app frame (streamlit_app.py) builds st.navigation from this, in this order
@@ -28,7 +28,8 @@ STATE_BADGES = {
     "cancelled": ":gray-badge[cancelled]", "failed": ":red-badge[failed]", "interrupted": ":orange-badge[interrupted]",
     "unknown": ":gray-badge[unknown]",
 }
-JOB_LABELS = {"car": "CAR analysis", "detection-car": "CAR analysis", "prune": "Pruning", "export": "Export"}
+JOB_LABELS = {"car": "CAR analysis", "detection-car": "CAR analysis", "prune": "Pruning", "export": "Export",
+              "load": "Load and validate"}
 RECENT_JOB_S = 600  # a job that finished within this many seconds is still listed (as finished) in the sidebar
 
 
@@ -46,6 +47,7 @@ def frame() -> AppState:
     if css.exists():
         st.html(f"<style>{css.read_text()}</style>")
     state = get_state()
+    adopt_finished_load(state)
     sidebar(state)
     return state
 

@@ -26,6 +26,8 @@ from typing import Any
 import streamlit as st
 
 from core.data import DataSet, folder_upload_to_zip
+from core.evaluate import count_macs_params, evaluate_accuracy
+from core.ov_runtime import measure_latency_ms
 from core.sources import load_dataset, load_voc_dataset
 from core.jobs import JobRegistry
 from core.models import LoadedModel, load_model, sample_entry
@@ -66,6 +68,7 @@ class AppState:
     max_drop: float | None = None  # metric drop (points) chosen on Review: the export's threshold
     export_step: int | None = None  # step the threshold picked on Review (for Export)
     sample: str | None = None
+    load_job: str | None = None  # the "Load and validate" job whose result this set holds (adopted once)
 
     @property
     def ready(self) -> bool:
@@ -89,6 +92,37 @@ class AppState:
         self.data, self.data_label, self.data_source = data, label, source
         self.baseline = None
         self.car, self.car_settings = None, {}
+
+
+# The phases of the classification "Load and validate" job (core.jobs.phased_job), whose results they name.
+LOAD_MODEL, LOAD_DATA, LOAD_BASELINE, LOAD_CHECK = ("reading the model", "reading the data set",
+                                                     "measuring accuracy, MACs and OpenVINO latency",
+                                                     "checking the baseline's plausibility")
+
+
+def adopt_finished_load(state: "AppState") -> None:
+    """Take the result of this session's finished "Load and validate" job into its working set, once.
+
+    Runs in the app frame on every page, so a load finishes into the session wherever the user is, and
+    in a reloaded tab (same token). ``state.load_job`` marks the job as adopted in the working set itself:
+    a later reload restores the set, CAR result included, instead of adopting the load again.
+    """
+    job = get_registry().latest("load", session_token())
+    if job is None or job.running or state.load_job == job.id:
+        return
+    snap = job.snapshot()
+    state.load_job = job.id
+    if snap.state != "done":
+        return
+    result = snap.result
+    if LOAD_MODEL in result:
+        loaded, key, label, kept_bytes = result[LOAD_MODEL]
+        state.set_model(loaded, label, key, kept_bytes)
+    if LOAD_DATA in result:
+        data, label, path = result[LOAD_DATA]
+        state.set_data(data, label, str(path))
+        state.baseline = result[LOAD_BASELINE]
+        st.session_state["load_plausibility"] = (state.key, result[LOAD_CHECK])
 
 
 def session_token() -> str:
@@ -207,21 +241,23 @@ def files_to_zip(files: list[tuple[str, bytes]], keep_parts: int = 3) -> bytes:
     return folder_upload_to_zip(files, keep_parts)
 
 
-@st.cache_resource(show_spinner="Measuring the baseline: accuracy, MACs, parameters, OpenVINO latency...", max_entries=8)
-def _baseline(key: str, _loaded: LoadedModel, _data: DataSet) -> dict:
-    from core.evaluate import count_macs_params, evaluate_accuracy
-    from core.ov_runtime import measure_latency_ms
-
-    acc = evaluate_accuracy(_loaded.model, _data.val, _loaded.spec.input)
-    macs, params = count_macs_params(_loaded.model, _loaded.spec.input)
+def measure_baseline(loaded: LoadedModel, data: DataSet) -> dict:
+    """Accuracy (also under ``metric``), per-class accuracy, confusion, MACs, parameters and OpenVINO CPU
+    latency of a model on its data's validation images. No Streamlit: a background job may call it."""
+    acc = evaluate_accuracy(loaded.model, data.val, loaded.spec.input)
+    macs, params = count_macs_params(loaded.model, loaded.spec.input)
     try:
-        latency = measure_latency_ms(_loaded.model, _loaded.spec.input.shape(1), runs=30, warmup=5)
+        latency = measure_latency_ms(loaded.model, loaded.spec.input.shape(1), runs=30, warmup=5)
         latency_note = "OpenVINO CPU, batch 1, median of 30 runs"
     except Exception as exc:  # OpenVINO cannot convert every model; accuracy still matters
         latency, latency_note = None, f"not measured: {type(exc).__name__}: {exc}"
     return {"metric": acc.accuracy, "accuracy": acc.accuracy, "per_class": acc.per_class, "confusion": acc.confusion,
-            "n": acc.n,
-            "macs": macs, "params": params, "latency_ms": latency, "latency_note": latency_note}
+            "n": acc.n, "macs": macs, "params": params, "latency_ms": latency, "latency_note": latency_note}
+
+
+@st.cache_resource(show_spinner="Measuring the baseline: accuracy, MACs, parameters, OpenVINO latency...", max_entries=8)
+def _baseline(key: str, _loaded: LoadedModel, _data: DataSet) -> dict:
+    return measure_baseline(_loaded, _data)
 
 
 def baseline(key: str, loaded: LoadedModel, data: DataSet) -> dict:
