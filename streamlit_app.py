@@ -1,113 +1,19 @@
-"""PruneScope home: what the tool does, the current model / data / run at a glance, a one-click start."""
+"""PruneScope's app frame (``streamlit run streamlit_app.py``): the page menu (``st.navigation`` over the
+files in ``pages/``), the shared page set-up and sidebar, then the chosen page.
+
+Every run of any page passes through here, so this is where the session's working set is kept for a
+browser reload (``ui.state.remember_state``), also when the page stops early (``st.stop``) or reruns.
+"""
 from __future__ import annotations
 
 import streamlit as st
 
-from core.jobs import past_runs
-from core.models import sample_entry, sample_names
-from ui.common import (format_macs, format_params, format_pct, format_seconds, page_link, setup_page, started_at,
-                       state_badge)
-from ui.state import DEFAULT_SAMPLE, get_registry, load_sample_callback
+from ui.common import frame, navigation
+from ui.state import remember_state
 
-state = setup_page("PruneScope", "Structured compression of CNNs for edge hardware: find the filters that matter, "
-                   "remove the rest in hardware-sized clusters, and export for the Intel NCS2 with the original as fail-safe.")
-registry = get_registry()
-
-intro, start = st.columns([3, 2], gap="large")
-with intro:
-    st.markdown(
-        """
-**How it works**
-
-1. **Load** a trained PyTorch classifier and an image data set (or the bundled sample). The tool checks both and
-   measures accuracy, MACs, parameters and OpenVINO CPU latency.
-2. **Analyse** every filter with **CAR** (Classification Accuracy Reduction): the accuracy lost when that one filter
-   is removed, measured exactly; per-layer sensitivity and a filter gallery show what each filter does.
-3. **Prune** greedily in **clusters sized to the hardware** (8 channels on the NCS2), with short fine-tuning
-   between steps, in the background: live progress, ETA, cancel at any time.
-4. **Review** the accuracy / cost trade-off of every step and pick the smallest model within your accuracy budget.
-5. **Export** OpenVINO IR (FP16) + ONNX, checked for the NCS2 and verified on real images, bundled with the
-   original model as fallback.
-"""
-    )
-    st.caption("Everything stays on this machine: runs are kept in the workspace folder and survive an app restart.")
-
-with start:
-    with st.container(border=True):
-        st.subheader("Start with the sample")
-        names = sample_names()
-        sample = st.selectbox("Bundled sample", names, index=names.index(DEFAULT_SAMPLE) if DEFAULT_SAMPLE in names else 0,
-                              format_func=lambda n: f"{n} ({sample_entry(n)['dataset']})", key="home_sample")
-        entry = sample_entry(sample)
-        st.caption(f"{entry['architecture']}, {format_pct(entry['accuracy'])} accuracy, "
-                   f"{format_macs(entry['macs'])} MACs. {entry['dataset_description']}")
-        st.button("Load the sample", type="primary", icon=":material/play_arrow:", key="home_start", width="stretch",
-                  on_click=load_sample_callback, args=(sample,))
-        if st.session_state.get("sample_error"):
-            st.error(st.session_state["sample_error"])
-        if state.ready and state.sample == sample:
-            st.success(f"Loaded **{sample}**: {format_pct(state.baseline['accuracy'])} on "
-                       f"{len(state.data.val)} validation images. Next: analyse its filters or prune it.")
-            c1, c2 = st.columns(2)
-            with c1:
-                page_link("analyse", "Analyse")
-            with c2:
-                page_link("prune", "Prune")
-
-st.divider()
-st.subheader("At a glance")
-col_model, col_data, col_run = st.columns(3, gap="medium")
-with col_model:
-    with st.container(border=True):
-        st.markdown("**Model**")
-        if state.model is None:
-            st.markdown("No model loaded.")
-            page_link("load", "Load a model")
-        else:
-            spec = state.model.spec
-            b = state.baseline or {}
-            st.markdown(f"{state.model_label}  \n{spec.num_classes} classes, input "
-                        f"{spec.input.channels}×{spec.input.height}×{spec.input.width}")
-            if b:
-                st.markdown(f"Accuracy **{format_pct(b['accuracy'])}** · MACs **{format_macs(b['macs'])}** · "
-                            f"params **{format_params(b['params'])}**")
-with col_data:
-    with st.container(border=True):
-        st.markdown("**Data**")
-        if state.data is None:
-            st.markdown("No data set loaded.")
-            page_link("load", "Load a data set")
-        else:
-            st.markdown(f"{state.data_label}  \n{len(state.data.train)} training / {len(state.data.val)} validation "
-                        f"images, {state.data.num_classes} classes")
-with col_run:
-    with st.container(border=True):
-        st.markdown("**Pruning run**")
-        active = registry.active("prune")
-        if active:
-            snap = active[0].snapshot()
-            st.markdown(f"{state_badge(snap.state)} {snap.run_dir.name if snap.run_dir else ''}  \n"
-                        f"{int(snap.progress * 100)} % · {snap.message} · {format_seconds(snap.elapsed)} elapsed")
-            page_link("prune", "Watch it")
-        elif state.run_dir:
-            from pathlib import Path
-
-            st.markdown(f"Current run: `{Path(state.run_dir).name}`")
-            page_link("review", "Review it")
-        else:
-            st.markdown("No run in this session yet.")
-            page_link("prune", "Prune")
-
-runs = past_runs(registry)
-st.subheader("Runs in the workspace")
-if not runs:
-    st.caption("No runs yet. Runs you start on the Prune page are listed here, also after an app restart.")
-else:
-    rows = [{"run": r["name"], "state": r["state"], "steps": r["steps"], "model": r["arch"],
-             "criterion": r["criterion"], "data": r["data_source"], "created": started_at(r["created"])} for r in runs[:20]]
-    st.dataframe(rows, hide_index=True, width="stretch")
-    interrupted = [r for r in runs if r["state"] == "interrupted"]
-    if interrupted:
-        st.warning(f"{len(interrupted)} run(s) were interrupted (the app stopped while they ran); their completed "
-                   "steps are kept and can be reviewed and exported.", icon=":material/warning:")
-    page_link("review", "Review runs")
+page = st.navigation(navigation())
+frame()
+try:
+    page.run()
+finally:
+    remember_state()

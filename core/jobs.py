@@ -27,6 +27,7 @@ from .detection.prune import run_detection_pruning
 from .engine import Callbacks, Progress
 from .errors import CancelledError, PruneScopeError
 from .export import export_run
+from .fingerprint import model_fingerprint, settings_fingerprint, tensors_fingerprint
 from .prune import run_pruning
 from .runs import Run, list_runs
 from .workspace import atomic_write_json
@@ -64,6 +65,7 @@ class JobSnapshot:
     result: Any
     run_dir: Path | None
     meta: dict
+    log: list[str] = field(default_factory=list)
 
     @property
     def running(self) -> bool:
@@ -92,6 +94,7 @@ class Job:
     started: float = field(default_factory=time.time)
     finished: float | None = None
     steps: list[dict] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)  # decisions the job made that a user should read
     result: Any = None
     cancel: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -109,6 +112,10 @@ class Job:
     def add_step(self, record: dict) -> None:
         with self.lock:
             self.steps.append(copy.deepcopy(record))
+
+    def add_log(self, line: str) -> None:
+        with self.lock:
+            self.log.append(str(line))
 
     # -- read by anyone --------------------------------------------------------------------------
 
@@ -139,7 +146,7 @@ class Job:
                 id=self.id, kind=self.kind, key=self.key, state=self.state, progress=self.progress,
                 message=self.message, error=self.error, started=self.started, finished=self.finished,
                 elapsed=end - self.started, eta=self._eta(now), steps=copy.deepcopy(self.steps),
-                result=self.result, run_dir=self.run_dir, meta=dict(self.meta),
+                result=self.result, run_dir=self.run_dir, meta=dict(self.meta), log=list(self.log),
             )
 
     def request_cancel(self) -> None:
@@ -171,6 +178,9 @@ class JobContext:
     def step(self, record: dict) -> None:
         self.job.add_step(record)
 
+    def log(self, line: str) -> None:
+        self.job.add_log(line)
+
     @property
     def cancelled(self) -> bool:
         return self.cancel.is_set()
@@ -183,14 +193,60 @@ class JobContext:
 JobFunction = Callable[[JobContext], Any]
 
 
+class WorkingSets:
+    """The working sets (loaded model, data, baseline, analysis...) of this process's sessions, so that a
+    reloaded or new browser tab gets its work back instead of "Load a model first".
+
+    A browser reload starts a new app session with empty session state, but the process lives on, and
+    so do the objects a session loaded. Sessions ``remember`` their set under a token (the app carries
+    it in the URL, so a reload of the same tab finds its own set even after another tab loaded
+    something else) and the newest set is also kept as ``latest`` for a tab opened without a token
+    (PruneScope is a local single-user tool: a new tab continues the work of the last one). Values are
+    opaque to this class (the app stores a copy of its state object); at most ``keep`` tokens are
+    kept, oldest dropped first. Thread-safe; holds objects in memory only (an app restart forgets
+    them; runs on disk are listed from the workspace as before).
+    """
+
+    def __init__(self, keep: int = 8):
+        self._sets: dict[str, tuple[float, Any]] = {}
+        self._latest: Any = None
+        self._lock = threading.Lock()
+        self.keep = keep
+
+    def remember(self, token: str, value: Any) -> None:
+        with self._lock:
+            self._sets.pop(token, None)
+            self._sets[token] = (time.time(), value)
+            self._latest = value
+            while len(self._sets) > self.keep:
+                del self._sets[next(iter(self._sets))]
+
+    def recall(self, token: str | None) -> Any:
+        """The set remembered under ``token``, else the newest set of any session (None if there is none)."""
+        with self._lock:
+            if token and token in self._sets:
+                return self._sets[token][1]
+            return self._latest
+
+    def clear(self) -> None:
+        with self._lock:
+            self._sets.clear()
+            self._latest = None
+
+
 class JobRegistry:
-    """Every job of this process. Thread-safe; at most one running job per (kind, key)."""
+    """Every job of this process. Thread-safe; at most one running job per (kind, key).
+
+    ``working_sets`` keeps what the app's sessions had loaded (see :class:`WorkingSets`): the registry
+    is the one object that outlives a browser tab, so the jobs and the work they belong to live together.
+    """
 
     def __init__(self, keep_finished: int = 50):
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self.keep_finished = keep_finished
+        self.working_sets = WorkingSets()
 
     def start(self, kind: str, fn: JobFunction, key: str | None = None, run_dir: Path | str | None = None,
               total_steps: int | None = None, meta: dict | None = None) -> Job:
@@ -300,14 +356,42 @@ def run_progress(ctx: JobContext, total: int) -> Callbacks:
     return Callbacks(step=step, event=event)
 
 
+def car_settings(model, images, n_images: int | None, sensitivity: bool) -> dict:
+    """What a whole-model CAR analysis depends on: the model's state, the images it was measured on
+    and the settings (:mod:`core.fingerprint` hashes), so a finished analysis can be recognised later.
+
+    ``images``: the validation :class:`core.data.ImageSet` the analysis draws its ``n_images`` from.
+    """
+    n = len(images) if n_images is None else min(int(n_images), len(images))
+    return {"model": model_fingerprint(model), "images": tensors_fingerprint(images.images, images.labels),
+            "n_images": n, "sensitivity": bool(sensitivity), "method": "exact"}
+
+
+def reusable_car(car: Any, settings: dict | None, model, images, config) -> tuple[bool, str]:
+    """Whether a finished CAR analysis is the one a pruning run with ``config`` would compute for its
+    original (same model state, same images, ``score_images`` images, with sensitivity), and why not."""
+    if car is None or not settings:
+        return False, "no finished analysis of this model"
+    wanted = car_settings(model, images, config.score_images, sensitivity=True)
+    for what, label in (("model", "the model changed"), ("images", "other validation images"),
+                        ("n_images", f"it used {settings.get('n_images')} images, the run scores on "
+                                     f"{wanted['n_images']}"),
+                        ("sensitivity", "it has no per-layer sensitivity"), ("method", "another CAR method")):
+        if settings.get(what) != wanted[what]:
+            return False, label
+    return True, f"same model, images and settings ({settings_fingerprint(wanted)})"
+
+
 def prune_job(loaded, data, config, run_dir: Path, data_source: str | None = None,
               original_bytes: bytes | None = None, data_options: dict | None = None,
-              car: Any = None) -> JobFunction:
+              car: Any = None, car_meta: dict | None = None) -> JobFunction:
     """A job function running :func:`core.prune.run_pruning` into ``run_dir``.
 
-    ``car``: a CAR analysis of this very model already computed (a :class:`core.car.CarResult` or its
-    dict); with ``config.analyse_car`` it is stored as the run's ``car.json`` instead of computing it
-    again (the run's config then says ``analyse_car: false``, and ``car.json`` says how it was made).
+    ``car`` + ``car_meta``: a finished CAR analysis (a :class:`core.car.CarResult`) and the
+    :func:`car_settings` it was computed with. With ``config.analyse_car``, when they match this run's
+    original, images and ``score_images`` (:func:`reusable_car`), the analysis is stored as the run's
+    ``car.json`` instead of being computed again (minutes on a real model), and the job's log says so;
+    the run's config then says ``analyse_car: false`` and ``car.json`` says where it came from.
 
     Overall progress: the original's measurement and analysis count as one unit, then each pruning
     step one more, of ``config.max_steps + 1``; the run may stop earlier (threshold, MAC target),
@@ -315,12 +399,23 @@ def prune_job(loaded, data, config, run_dir: Path, data_source: str | None = Non
     """
 
     total = config.max_steps + 1
-    if car is not None and config.analyse_car:
-        analysis = car.to_dict() if hasattr(car, "to_dict") else dict(car)
-        atomic_write_json(Path(run_dir) / "car.json", {**analysis, "reused_from": "analysis of the loaded model"})
-        config = replace(config, analyse_car=False)
+    note = None
+    if config.analyse_car:
+        reuse, why = reusable_car(car, car_meta, loaded.model, data.val, config)
+        if reuse:
+            analysis = car.to_dict() if hasattr(car, "to_dict") else dict(car)
+            atomic_write_json(Path(run_dir) / "car.json", {**analysis, "reused_from": "finished analysis of the "
+                                                            "loaded model (Analyse page)", "settings": car_meta})
+            config = replace(config, analyse_car=False)
+            note = (f"CAR analysis of the original: reused the finished analysis ({car_meta['n_images']} images; "
+                    f"{why}) instead of recomputing it.")
+        else:
+            note = f"CAR analysis of the original: computed for this run ({why})."
 
     def fn(ctx: JobContext) -> dict:
+        if note:
+            ctx.log(note)
+            ctx.progress(0.0, note)
         return run_pruning(loaded, data, config, run_dir, callbacks=run_progress(ctx, total), cancel=ctx.cancel,
                            data_source=data_source, original_bytes=original_bytes, data_options=data_options)
 
@@ -378,6 +473,30 @@ def export_job(run_dir: Path | str, step: int, max_drop: float | None = None, ou
         result = export(run_dir, step=step, max_drop=max_drop, out_path=out_path, progress=ctx.progress)
         result["max_drop"] = max_drop
         return result
+
+    return fn
+
+
+Phase = tuple[str, Callable[[dict], Any]]
+
+
+def phased_job(phases: list[Phase]) -> JobFunction:
+    """A job function running named phases in order, e.g. the app's "Load and validate" (read the model,
+    read the data set, measure the baseline, check its plausibility).
+
+    Each phase is ``(name, fn)`` with ``fn(results)`` getting the results of the phases before it (by
+    name) and returning its own; the job's result is that dict. Progress is the share of phases done,
+    with the running phase's name and number; a cancel takes effect between phases (a phase runs to its
+    end). A phase's :class:`PruneScopeError` ends the job as failed with its message.
+    """
+
+    def fn(ctx: JobContext) -> dict:
+        results: dict[str, Any] = {}
+        for k, (name, phase) in enumerate(phases):
+            ctx.check_cancel()
+            ctx.progress(k / len(phases), f"{name} (phase {k + 1} of {len(phases)})")
+            results[name] = phase(results)
+        return results
 
     return fn
 

@@ -5,25 +5,23 @@ from __future__ import annotations
 import streamlit as st
 
 from core.custom_code import keep_uploaded_code, model_candidates
-from core.sources import load_dataset
 from core.errors import PruneScopeError
 from core.models import InputSpec, list_architectures, load_model, sample_entry, sample_names
 from core.plausibility import apply_fix, check_plausibility, describe_fix
 from core.runs import remember_trusted_model
 from ui.charts import fig_class_counts, fig_confusion, fig_per_class_accuracy
-from ui.common import format_pct, metrics_row, page_link, setup_page
-from ui.detection import detection_load_page
-from ui.state import DEFAULT_SAMPLE, baseline, digest, files_to_zip, load_sample_callback, load_uploaded_data
+from ui import detection
+from core.jobs import JobAlreadyRunning, phased_job
+from ui.common import format_pct, job_progress, metric_name, metrics_row, model_shape, page_link, setup_page
+from ui.state import (DEFAULT_SAMPLE, LOAD_BASELINE, LOAD_CHECK, LOAD_DATA, LOAD_MODEL, baseline, digest, files_to_zip,
+                      get_registry, load_sample_callback, load_uploaded_data, measure_baseline, session_token)
 
 state = setup_page("Load", "A trained model and its data set: upload your own or take the bundled sample.")
-TASKS = ("Image classification", "Object detection (SSD)")
-task = st.radio("Task", TASKS, index=1 if state.task == "detection" else 0, horizontal=True, key="load_task",
-                help="Classification: a classifier and an ImageFolder data set. Detection: an SSD detector and a "
-                     "Pascal VOC data set; pruning is then scored by mAP@0.5.")
-if task == TASKS[1]:
-    detection_load_page(state)
-    st.stop()
-
+TASKS = {"Image classification": "classification", "Object detection (SSD)": "detection"}  # label -> AppState.task
+task = TASKS[st.radio("Task", list(TASKS), index=list(TASKS.values()).index(state.task), horizontal=True,
+                      key="load_task",
+                      help="Classification: a classifier and an ImageFolder data set. Detection: an SSD detector "
+                           "and a Pascal VOC data set; pruning is then scored by mAP@0.5.")]
 MODEL_KINDS = ("Weights (state dict) + architecture", "Whole pickled model (trusted files only)",
                "Custom architecture (Python file) + weights")
 DATA_KINDS = ("Zip archive", "Folder")
@@ -44,60 +42,94 @@ def read_model(kind: str, model_bytes: bytes, trusted: bool, arch: str | None, s
     """The uploaded model as the chosen kind says; a custom architecture's file is kept in the workspace first,
     because the model spec (and every run made from it) points at a real file."""
     if kind == MODEL_KINDS[2]:
-        if code["file"] is None:
+        if code["bytes"] is None:
             raise PruneScopeError("Choose the Python file (.py) that defines the model.")
-        code_path = keep_uploaded_code(code["file"].getvalue(), code["file"].name)
+        code_path = keep_uploaded_code(code["bytes"], code["filename"])
         return load_model(model_bytes, trusted=trusted, input_spec=spec, code_path=code_path, code_name=code["name"],
                           code_args=code["args"])
     return load_model(model_bytes, arch=arch if kind == MODEL_KINDS[0] else None, trusted=trusted, input_spec=spec)
 
 
-def load_upload(kind: str, model_file, trusted: bool, arch: str | None, spec: InputSpec, data_kind: str, data_files,
-                code: dict) -> None:
-    """Load model + data from the uploads; every user error ends as one clear message."""
+def model_phase(kind: str, model_bytes: bytes, trusted: bool, arch: str | None, spec: InputSpec, code: dict):
+    """Phase 1 of the load job: the uploaded model, with the key and label the working set keeps."""
+    def phase(results: dict):
+        try:
+            loaded = read_model(kind, model_bytes, trusted, arch, spec, code)
+        except PruneScopeError as exc:
+            raise PruneScopeError(f"**The model could not be loaded.** {exc}") from None
+        if trusted:  # issue 15: runs holding this pickle or code may run it now
+            remember_trusted_model(loaded, model_bytes)
+        key = (f"upload:{digest(model_bytes)}:{loaded.spec.arch}:{loaded.spec.code_file}:{loaded.spec.code_args}:"
+               f"{spec.height}x{spec.width}:{spec.mean}:{spec.std}")
+        return (loaded, key, f"uploaded {loaded.spec.arch} ({len(model_bytes) / 1e6:.1f} MB)",
+                model_bytes if loaded.spec.pickled else None)
+
+    return phase
+
+
+def data_phase(data_kind: str, files, current):
+    """Phase 2: the uploaded data set, kept in the workspace and checked against the model (phase 1's, or the
+    session's ``current`` one when only data was uploaded)."""
+    def phase(results: dict):
+        loaded = results[LOAD_MODEL][0] if LOAD_MODEL in results else current
+        try:
+            if data_kind == DATA_KINDS[0]:
+                raw = files
+                label = f"uploaded zip ({len(raw) / 1e6:.1f} MB)"
+            else:
+                raw = files_to_zip(files)
+                label = f"uploaded folder ({len(files)} files)"
+            data, path = load_uploaded_data(raw, loaded)  # issue 15: a refused upload leaves nothing behind
+        except PruneScopeError as exc:
+            raise PruneScopeError(f"**The data set could not be used.** {exc}") from None
+        loaded.spec.input = data.input  # the size the data gave a model that does not fix it
+        if loaded.spec.class_names is None:
+            loaded.spec.class_names = list(data.class_names)
+        return data, label, path
+
+    return phase
+
+
+def start_load(kind: str, model_file, trusted: bool, arch: str | None, spec: InputSpec, data_kind: str, data_files,
+               code: dict) -> None:
+    """Start "Load and validate" as a background job (read the model, read the data, measure, check);
+    the frame takes its result into the session when it ends (``ui.state.adopt_finished_load``).
+    What is missing is said at once; every error of the job ends as one clear message."""
     if model_file is None:
-        if state.model is None:
+        if state.model is None or state.task != "classification":
             st.error("Choose a model file (.pt / .pth) first.")
             return
         if not data_files:
             st.error("Choose a model file and a data set to upload (or a data set for the current model).")
             return
-        loaded = state.model  # add a data set to the model loaded before
-    else:
-        model_bytes = model_file.getvalue()
-        try:
-            loaded = read_model(kind, model_bytes, trusted, arch, spec, code)
-        except PruneScopeError as exc:
-            st.error(f"**The model could not be loaded.** {exc}", icon=":material/error:")
-            return
-        if trusted:  # issue 15: runs holding this pickle or code may run it now
-            remember_trusted_model(loaded, model_bytes)
-        key = (f"upload:{digest(model_bytes)}:{loaded.spec.arch}:{loaded.spec.code_file}:{loaded.spec.code_args}:"
-               f"{spec.height}x{spec.width}:{spec.mean}:{spec.std}")
-        state.set_model(loaded, f"uploaded {loaded.spec.arch} ({len(model_bytes) / 1e6:.1f} MB)", key,
-                        model_bytes if loaded.spec.pickled else None)
-    if not data_files:
-        st.warning("Model loaded. Now add a data set (a zip of class folders, or a folder) and press "
-                   "**Load and validate** again to check and measure it.")
-        return
+    current = state.model
+    phases = []
+    if model_file is not None:  # the uploads' bytes are read here: the job never touches a widget
+        code = {"bytes": code["file"].getvalue() if code["file"] is not None else None,
+                "filename": code["file"].name if code["file"] is not None else "", "name": code["name"],
+                "args": code["args"]}
+        phases.append((LOAD_MODEL, model_phase(kind, model_file.getvalue(), trusted, arch, spec, code)))
+    if data_files:
+        files = data_files.getvalue() if data_kind == DATA_KINDS[0] else [(f.name, f.getvalue()) for f in data_files]
+        phases += [(LOAD_DATA, data_phase(data_kind, files, current)),
+                   (LOAD_BASELINE, lambda r: measure_baseline(model_of_results(r, current), r[LOAD_DATA][0])),
+                   (LOAD_CHECK, lambda r: check_plausibility(model_of_results(r, current).model, r[LOAD_DATA][0],
+                                                             model_of_results(r, current).spec.input,
+                                                             r[LOAD_BASELINE]["metric"]))]
     try:
-        if data_kind == DATA_KINDS[0]:
-            raw = data_files.getvalue()
-            label = f"uploaded zip ({len(raw) / 1e6:.1f} MB)"
-        else:
-            raw = files_to_zip([(f.name, f.getvalue()) for f in data_files])
-            label = f"uploaded folder ({len(data_files)} files)"
-        data, path = load_uploaded_data(raw, loaded)  # issue 15: a refused upload leaves nothing behind
-    except PruneScopeError as exc:
-        st.error(f"**The data set could not be used.** {exc}", icon=":material/error:")
-        return
-    loaded.spec.input = data.input  # the size the data gave a model that does not fix it
-    if loaded.spec.class_names is None:
-        loaded.spec.class_names = list(data.class_names)
-    state.set_data(data, label, str(path))
-    state.baseline = baseline(state.key, loaded, data)
-    st.session_state["load_plausibility"] = (state.key, check_plausibility(loaded.model, data, loaded.spec.input,
-                                                                           state.baseline["accuracy"]))
+        get_registry().start("load", phased_job(phases), key=session_token(), meta={"with_data": bool(data_files)})
+    except JobAlreadyRunning:
+        st.warning("A load is already running in this tab: wait for it or cancel it.")
+
+
+def model_of_results(results: dict, current):
+    return results[LOAD_MODEL][0] if LOAD_MODEL in results else current
+
+
+def cancel_load() -> None:
+    job = get_registry().latest("load", session_token())
+    if job is not None:
+        job.request_cancel()
 
 
 def apply_plausibility_fix(fix) -> None:
@@ -135,8 +167,7 @@ def custom_code_inputs() -> dict:
     return code
 
 
-tab_sample, tab_upload = st.tabs(["Bundled sample", "Upload your own"])
-with tab_sample:
+def classification_sample() -> None:
     names = sample_names()
     name = st.selectbox("Sample", names, index=names.index(DEFAULT_SAMPLE) if DEFAULT_SAMPLE in names else 0,
                         key="load_sample_name")
@@ -148,7 +179,8 @@ with tab_sample:
     if st.session_state.get("sample_error"):
         st.error(st.session_state["sample_error"])
 
-with tab_upload:
+
+def classification_upload() -> None:
     left, right = st.columns(2, gap="large")
     with left:
         st.subheader("Model")
@@ -188,86 +220,126 @@ with tab_upload:
         else:
             data_files = st.file_uploader("Folder of class folders", accept_multiple_files="directory",
                                           key="load_data_dir")
-    if st.button("Load and validate", type="primary", key="load_upload", icon=":material/task_alt:"):
+    job = get_registry().latest("load", session_token())
+    running = job is not None and job.running
+    b1, b2, _ = st.columns([1, 1, 3])
+    if b1.button("Load and validate", type="primary", key="load_upload", icon=":material/task_alt:",
+                 disabled=running):
         try:
             spec = InputSpec(height=int(height), width=int(width), mean=parse_floats(mean_text, 3, "mean"),
                              std=parse_floats(std_text, 3, "std"))
         except PruneScopeError as exc:
             st.error(str(exc))
         else:
-            with st.spinner("Loading and validating..."):
-                load_upload(kind, model_file, trusted, arch, spec, data_kind, data_files, code)
+            start_load(kind, model_file, trusted, arch, spec, data_kind, data_files, code)
+            running = True
+    b2.button("Cancel", key="load_cancel", disabled=not running, on_click=cancel_load, icon=":material/stop:")
+    load_status(running)
+
+
+def load_status(running: bool) -> None:
+    """Phase, elapsed time while the load job runs (polled); its error, cancellation or a missing data set after."""
+    @st.fragment(run_every=1.0 if running else None)
+    def status() -> None:
+        job = get_registry().latest("load", session_token())
+        if job is None:
+            return
+        s = job.snapshot()
+        if s.running:
+            job_progress(s, "Loading and validating")
+        elif running:
+            st.rerun()  # finished since the page was drawn: the frame takes its result in
+        elif s.state == "failed":
+            st.error(s.error, icon=":material/error:")
+        elif s.state == "cancelled":
+            st.info("Loading was cancelled; nothing was changed.", icon=":material/info:")
+        elif not s.meta.get("with_data") and state.data is None:
+            st.warning("Model loaded. Now add a data set (a zip of class folders, or a folder) and press "
+                       "**Load and validate** again to check and measure it.")
+
+    status()
+
+def classification_details() -> None:
+    """Baseline note, plausibility, validation report and charts of a classifier and its ImageFolder data."""
+    b, spec = state.baseline, state.model.spec
+    st.caption(f"Accuracy on {b['n']} validation images; MACs and parameters of one {spec.input.height}×"
+               f"{spec.input.width} image; latency: {b['latency_note']}.")
+    plaus_key, plaus = st.session_state.get("load_plausibility", (None, None))
+    if plaus is not None and plaus_key == state.key and plaus.suspect:  # issue 13: a baseline near or below chance
+        st.warning(plaus.message(), icon=":material/warning:")
+        if plaus.fix is not None:
+            st.button(f"Apply: {describe_fix(plaus.fix)}", key="load_apply_fix", icon=":material/auto_fix_high:",
+                      on_click=apply_plausibility_fix, args=(plaus.fix,))
+
+    st.subheader("Data set validation")
+    report = state.data.report
+    st.markdown(f"**{state.data_label}** · {report.num_classes} classes · {len(state.data.train)} training and "
+                f"{len(state.data.val)} validation images" + (" (pre-split train/val)" if report.presplit else
+                                                              " (20 % held out for validation, stratified)"))
+    problems = 0
+    if report.skipped_non_images:
+        problems += 1
+        st.warning(f"{len(report.skipped_non_images)} file(s) skipped: not images or outside a class folder.",
+                   icon=":material/warning:")
+        with st.expander("Skipped files"):
+            st.code("\n".join(report.skipped_non_images[:500]), language=None)
+    if report.corrupt_images:
+        problems += 1
+        st.error(f"{len(report.corrupt_images)} image(s) could not be decoded (damaged or not what the extension says) "
+                 "and were left out.", icon=":material/broken_image:")
+        with st.expander("Unreadable images"):
+            st.code("\n".join(report.corrupt_images[:500]), language=None)
+    if report.converted:
+        st.info("Converted to the model's colour mode: "
+                + ", ".join(f"{n} {mode} image(s)" for mode, n in report.converted.items()), icon=":material/palette:")
+    for note in getattr(report, "notes", []):  # inferred input size, 16-bit scaling: what was done, said plainly
+        st.info(note, icon=":material/info:")
+    for w in report.warnings:
+        problems += 1
+        st.warning(w, icon=":material/warning:")
+    if spec.class_names and list(spec.class_names) != list(state.data.class_names):
+        problems += 1
+        st.warning("The model's class names differ from the data set's folder names: "
+                   f"model {list(spec.class_names)[:12]}, data {list(state.data.class_names)[:12]}. "
+                   "Classes are matched by sorted folder order.", icon=":material/warning:")
+    if not problems and not report.converted:  # a conversion is said above, not hidden behind "all readable"
+        st.success("All files were readable images in class folders; the classes match the model's outputs.",
+                   icon=":material/check_circle:")
+
+    c1, c2 = st.columns(2)
+    with c1:
+        st.plotly_chart(fig_class_counts(report.class_counts), key="load_counts")
+    with c2:
+        st.plotly_chart(fig_per_class_accuracy(b["per_class"], b["accuracy"]), key="load_per_class")
+    with st.expander("Confusion matrix"):
+        st.plotly_chart(fig_confusion(b["confusion"], list(state.data.class_names)), key="load_confusion")
+
+
+tab_sample, tab_upload = st.tabs(["Bundled sample", "Upload your own"])
+with tab_sample:
+    classification_sample() if task == "classification" else detection.sample_tab()
+with tab_upload:
+    classification_upload() if task == "classification" else detection.upload_form(state)
 
 # ----------------------------------------------------------------------------- what is loaded
 st.divider()
-if state.model is None:
+if state.model is None or state.task != task:
     st.info("Nothing loaded yet: take the sample or upload a model and a data set above.", icon=":material/info:")
     st.stop()
 
 st.subheader("Current model")
-spec = state.model.spec
-st.markdown(f"**{state.model_label}** · {spec.num_classes} classes · input "
-            f"{spec.input.channels}×{spec.input.height}×{spec.input.width} ({spec.input.colour_order}), "
-            f"mean {list(spec.input.mean)}, std {list(spec.input.std)}")
-for note in state.model.notes:
+st.markdown(f"**{state.model_label}** · {model_shape(state)}" + (
+    f" ({state.model.spec.input.colour_order}), mean {list(state.model.spec.input.mean)}, "
+    f"std {list(state.model.spec.input.std)}" if task == "classification" else
+    f", mean {list(state.model_info['mean'])}, std {list(state.model_info['std'])}"))
+for note in getattr(state.model, "notes", []):
     st.caption(f"Note: {note}")
 if state.data is None:
     st.stop()
 
-b = state.baseline
 st.subheader("Baseline")
-metrics_row(b, metric_key="accuracy")
-st.caption(f"Accuracy on {b['n']} validation images; MACs and parameters of one {spec.input.height}×{spec.input.width} "
-           f"image; latency: {b['latency_note']}.")
-plaus_key, plaus = st.session_state.get("load_plausibility", (None, None))
-if plaus is not None and plaus_key == state.key and plaus.suspect:  # issue 13: a baseline near or below chance
-    st.warning(plaus.message(), icon=":material/warning:")
-    if plaus.fix is not None:
-        st.button(f"Apply: {describe_fix(plaus.fix)}", key="load_apply_fix", icon=":material/auto_fix_high:",
-                  on_click=apply_plausibility_fix, args=(plaus.fix,))
-
-st.subheader("Data set validation")
-report = state.data.report
-st.markdown(f"**{state.data_label}** · {report.num_classes} classes · {len(state.data.train)} training and "
-            f"{len(state.data.val)} validation images" + (" (pre-split train/val)" if report.presplit else
-                                                          " (20 % held out for validation, stratified)"))
-problems = 0
-if report.skipped_non_images:
-    problems += 1
-    st.warning(f"{len(report.skipped_non_images)} file(s) skipped: not images or outside a class folder.",
-               icon=":material/warning:")
-    with st.expander("Skipped files"):
-        st.code("\n".join(report.skipped_non_images[:500]), language=None)
-if report.corrupt_images:
-    problems += 1
-    st.error(f"{len(report.corrupt_images)} image(s) could not be decoded (damaged or not what the extension says) "
-             "and were left out.", icon=":material/broken_image:")
-    with st.expander("Unreadable images"):
-        st.code("\n".join(report.corrupt_images[:500]), language=None)
-if report.converted:
-    st.info("Converted to the model's colour mode: " + ", ".join(f"{n} {mode} image(s)" for mode, n in report.converted.items()),
-            icon=":material/palette:")
-for note in getattr(report, "notes", []):  # inferred input size, 16-bit scaling: what was done, said plainly
-    st.info(note, icon=":material/info:")
-for w in report.warnings:
-    problems += 1
-    st.warning(w, icon=":material/warning:")
-if spec.class_names and list(spec.class_names) != list(state.data.class_names):
-    problems += 1
-    st.warning("The model's class names differ from the data set's folder names: "
-               f"model {list(spec.class_names)[:12]}, data {list(state.data.class_names)[:12]}. "
-               "Classes are matched by sorted folder order.", icon=":material/warning:")
-if not problems and not report.converted:  # a conversion is said above, not hidden behind "all readable"
-    st.success("All files were readable images in class folders; the classes match the model's outputs.",
-               icon=":material/check_circle:")
-
-c1, c2 = st.columns(2)
-with c1:
-    st.plotly_chart(fig_class_counts(report.class_counts), key="load_counts")
-with c2:
-    st.plotly_chart(fig_per_class_accuracy(b["per_class"], b["accuracy"]), key="load_per_class")
-with st.expander("Confusion matrix"):
-    st.plotly_chart(fig_confusion(b["confusion"], list(state.data.class_names)), key="load_confusion")
+metrics_row(state.baseline, metric=metric_name(task))
+classification_details() if task == "classification" else detection.loaded_details(state)
 
 st.markdown("**Next**")
 c1, c2, _ = st.columns([1, 1, 3])

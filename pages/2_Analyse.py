@@ -6,18 +6,18 @@ from torch import nn
 
 from core import visualize as V
 from core.errors import PruneScopeError
-from core.jobs import JobAlreadyRunning, car_job
+from core.jobs import JobAlreadyRunning, car_job, car_settings
+from ui import detection
 from ui.charts import to_image
 from ui.common import format_pct, format_seconds, job_status, need_model, page_link, setup_page
-from ui.detection import detection_analyse_page
 from ui.state import get_registry, model_lock, private_copy
 
 state = setup_page("Analyse", "Which filters matter? CAR (Classification Accuracy Reduction) of a filter is the "
                    "accuracy lost when that one filter is removed, measured exactly on validation images.")
-if state.task == "detection":
-    detection_analyse_page(state)
-    st.stop()
 need_model(state, "the analysis")
+if state.task == "detection":  # a detector's CAR is per layer group (one mAP per filter): its own panel
+    detection.analysis_panel(state)
+    st.stop()
 registry = get_registry()
 key = state.key
 model, spec, data = state.model.model, state.model.spec.input, state.data
@@ -32,11 +32,11 @@ running = job is not None and job.running
 
 
 def start_car(n_images: int, sensitivity: bool) -> None:
-    try:
-        registry.start("car", car_job(private_copy(state.model).model, spec, data.val, n_images=n_images,
-                                      sensitivity=sensitivity), key=key,
-                       meta={"n_images": n_images, "sensitivity": sensitivity})
-        state.car = None
+    model_copy = private_copy(state.model).model
+    try:  # meta: what the result depends on, so a prune with the same model, images and settings reuses it
+        registry.start("car", car_job(model_copy, spec, data.val, n_images=n_images, sensitivity=sensitivity),
+                       key=key, meta=car_settings(model_copy, data.val, n_images, sensitivity))
+        state.car, state.car_settings = None, {}
     except JobAlreadyRunning:
         pass  # the running job is shown below
 
@@ -75,8 +75,8 @@ car_status()
 car = state.car
 if car is None:
     if not running:
-        st.info("Press **Compute CAR** to score every filter. On the bundled sample it takes well under a minute "
-                "and runs in the background: you can look at other pages meanwhile.", icon=":material/info:")
+        st.info("Press **Compute CAR** to score every filter. It runs in the background with live progress: you "
+                "can look at other pages meanwhile, and a reloaded tab finds it again.", icon=":material/info:")
     st.stop()
 
 n_filters = sum(len(v) for v in car.car.values())

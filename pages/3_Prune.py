@@ -1,4 +1,4 @@
-"""Prune: settings, Start / Cancel, and the live progress of the background pruning job."""
+"""Prune: settings, Start / Cancel, and the live progress of the background pruning job (either task)."""
 from __future__ import annotations
 
 import shutil
@@ -6,25 +6,29 @@ from pathlib import Path
 
 import streamlit as st
 
+from core import criteria
 from core import visualize as V
 from core.clusters import latency_staircase
+from core.detection.prune import DetectionPruneConfig
 from core.errors import PruneScopeError
-from core.jobs import JobAlreadyRunning, prune_job
-from core import criteria
+from core.jobs import JobAlreadyRunning, detection_prune_job, prune_job, reusable_car
 from core.prune import PruneConfig
 from core.workspace import new_run_dir
-from ui.common import (format_macs, format_pct, hardware_profile_picker, job_progress, metrics_row, need_model,
-                       page_link, prune_outcome, setup_page, start_cancel_buttons, state_badge)
-from ui.detection import detection_prune_page
+from ui.common import (format_macs, format_pct, hardware_profile_picker, job_progress, metric_name, metrics_row,
+                       need_model, page_link, prune_outcome, setup_page, start_cancel_buttons, state_badge)
 from ui.state import get_registry, private_copy
 
-DEFAULTS = PruneConfig.app_defaults()  # one place: core.prune.PruneConfig (APP_DEFAULTS over the class defaults)
+# What differs per task on this page: the config class (its defaults are the one place for them), the widget key
+# prefix (each task keeps its own settings) and the ranges of two sliders.
+TASK_SETTINGS = {
+    "classification": {"config": PruneConfig, "prefix": "pr", "images": ("Images for scoring", 50, 1000, 50),
+                       "steps": 100},
+    "detection": {"config": DetectionPruneConfig, "prefix": "det_pr", "images": ("Images for screening", 16, 512, 16),
+                  "steps": 50},
+}
 
-state = setup_page("Prune", "Greedy cluster pruning: each step removes the cheapest cluster of filters (accuracy lost "
+state = setup_page("Prune", "Greedy cluster pruning: each step removes the cheapest cluster of filters (metric lost "
                    "per MAC saved), fine-tunes briefly and measures. Runs in the background; cancel at any time.")
-if state.task == "detection":
-    detection_prune_page(state)
-    st.stop()
 registry = get_registry()
 active = registry.active("prune")
 if active:  # re-attach (e.g. after a reload): there is at most one pruning job at a time
@@ -33,9 +37,23 @@ job = registry.get(st.session_state.get("prune_job_id"))
 running = job is not None and job.running
 if job is None and not state.ready:
     need_model(state, "pruning")
+task = TASK_SETTINGS[state.task]
+metric = metric_name(state.task)
 
 
-def start_prune(config: PruneConfig) -> None:
+def job_function(config, run_dir: Path):
+    """The task's pruning job on a private copy of the session's model."""
+    if state.task == "detection":
+        return detection_prune_job(state.model, state.model_info, state.data, config, run_dir)
+    return prune_job(private_copy(state.model), state.data, config, run_dir, data_source=state.data_source,
+                     original_bytes=state.model_bytes, car=state.car, car_meta=state.car_settings)
+
+
+def run_name() -> str:
+    return state.model.config["arch"] if state.task == "detection" else state.model.spec.arch.replace("pickled:", "")
+
+
+def start_prune(config) -> None:
     st.session_state.pop("prune_error", None)
     running_now = registry.active("prune")
     if running_now:  # starting twice attaches to the running job
@@ -44,12 +62,10 @@ def start_prune(config: PruneConfig) -> None:
     run_dir = None
     try:
         config.validate()
-        run_dir = new_run_dir(state.model.spec.arch.replace("pickled:", ""))
-        j = registry.start("prune", prune_job(private_copy(state.model), state.data, config, run_dir,
-                                              data_source=state.data_source,
-                                              original_bytes=state.model_bytes, car=state.car),
-                           run_dir=run_dir, total_steps=config.max_steps + 1,
-                           meta={"max_drop": config.max_drop, "max_steps": config.max_steps, "model": state.model_label})
+        run_dir = new_run_dir(run_name())
+        j = registry.start("prune", job_function(config, run_dir), run_dir=run_dir, total_steps=config.max_steps + 1,
+                           meta={"max_drop": config.max_drop, "max_steps": config.max_steps, "model": state.model_label,
+                                 "task": state.task})
     except JobAlreadyRunning as exc:  # another tab won the race: attach to its job
         shutil.rmtree(run_dir, ignore_errors=True)
         j = exc.job
@@ -66,79 +82,98 @@ def cancel_prune() -> None:
         j.request_cancel()
 
 
+def car_reuse_note(config) -> None:
+    """Before Start: whether the run will reuse the finished CAR analysis of the Analyse page, and why not."""
+    if state.task != "classification" or not config.analyse_car:
+        return
+    reuse, why = reusable_car(state.car, state.car_settings, state.model.model, state.data.val, config)
+    st.caption(f"CAR analysis of the original: the finished analysis will be reused ({why})." if reuse else
+               f"CAR analysis of the original: computed by the run ({why}).")
+
+
 # ----------------------------------------------------------------------------- settings
 settings = st.container(border=True)
 with settings:
     if not state.ready:
-        st.info("This tab has no model loaded (the page was reloaded); the pruning job is shown below. "
+        st.info("This tab has no model loaded; the pruning job is shown below. "
                 "Load a model to start another run.")
         page_link("load", "Go to Load")
         config = None
     else:
+        Config, p = task["config"], task["prefix"]
+        defaults = Config.app_defaults()  # one place: the task's config class
         b = state.baseline or {}
-        st.markdown(f"**{state.model_label}** · baseline {format_pct(b.get('accuracy'))}, "
+        st.markdown(f"**{state.model_label}** · baseline {metric} {format_pct(b.get('metric'))}, "
                     f"{format_macs(b.get('macs'))} MACs")
         c1, c2, c3 = st.columns(3, gap="large")
         with c1:
-            choices = criteria.names(PruneConfig.task)
-            criterion = st.selectbox("Criterion", choices, index=choices.index(DEFAULTS.criterion),
-                                     format_func=criteria.label, key="pr_criterion", disabled=running,
-                                     help="How filters are ranked. CAR measures each candidate cluster's real "
-                                          "accuracy loss; the others are cheaper proxies, for comparison.")
-            max_drop = st.slider("Acceptable accuracy drop (points)", 0.0, 10.0, DEFAULTS.max_drop, step=0.1,
-                                 key="pr_max_drop", disabled=running,
+            choices = criteria.names(Config.task)
+            criterion = st.selectbox("Criterion", choices, index=choices.index(defaults.criterion),
+                                     format_func=criteria.label, key=f"{p}_criterion", disabled=running,
+                                     help=f"How filters are ranked. CAR measures each candidate cluster's real "
+                                          f"{metric} loss; the others are cheaper proxies, for comparison.")
+            max_drop = st.slider(f"Acceptable {metric} drop (points)", 0.0, 10.0, defaults.max_drop, step=0.1,
+                                 key=f"{p}_max_drop", disabled=running,
                                  help="A step that would lose more than this (against the original) is undone; "
                                       "the run stops when no cluster fits.")
-            mac_on = st.toggle("Stop at a MAC target", value=False, key="pr_mac_on", disabled=running)
-            mac_target = st.slider("MAC target (% of the original)", 10, 95, 50, step=5, key="pr_mac_target",
+            mac_on = st.toggle("Stop at a MAC target", value=False, key=f"{p}_mac_on", disabled=running)
+            mac_target = st.slider("MAC target (% of the original)", 10, 95, 50, step=5, key=f"{p}_mac_target",
                                    disabled=running or not mac_on) if mac_on else None
         with c2:
-            cluster = hardware_profile_picker("pr", running)
+            cluster = hardware_profile_picker(p, running)
         with c3:
-            finetune_steps = st.slider("Fine-tune budget (mini-batches per step)", 0, 200, DEFAULTS.finetune_steps,
-                                       step=5, key="pr_finetune", disabled=running)
-            score_images = st.slider("Images for scoring", 50, 1000, DEFAULTS.score_images, step=50,
-                                     key="pr_score_images", disabled=running)
-            max_steps = st.slider("Step limit", 1, 100, DEFAULTS.max_steps, key="pr_max_steps", disabled=running)
-            latency = st.toggle("Measure OpenVINO latency every step", value=DEFAULTS.latency, key="pr_latency",
+            finetune_steps = st.slider("Fine-tune budget (mini-batches per step)", 0, 200, defaults.finetune_steps,
+                                       step=5, key=f"{p}_finetune", disabled=running)
+            label, low, high, step = task["images"]
+            score_images = st.slider(label, low, high, defaults.score_images, step=step, key=f"{p}_score_images",
+                                     disabled=running)
+            max_steps = st.slider("Step limit", 1, task["steps"], defaults.max_steps, key=f"{p}_max_steps",
+                                  disabled=running)
+            latency = st.toggle("Measure OpenVINO latency every step", value=defaults.latency, key=f"{p}_latency",
                                 disabled=running)
-            analyse = st.toggle("Store a CAR analysis of the original in the run", value=DEFAULTS.analyse_car,
-                                key="pr_analyse", disabled=running,
-                                help="Shown with the removed filters on Review. The Analyse page's result is "
-                                     "reused when there is one; otherwise it is computed first.")
-        config = PruneConfig(criterion=criterion, cluster=cluster, max_drop=float(max_drop),
-                             mac_target=None if mac_target is None else mac_target / 100,
-                             finetune_steps=int(finetune_steps), score_images=int(score_images),
-                             max_steps=int(max_steps), latency=latency, analyse_car=analyse)
-        with st.expander("Latency staircase: why clusters", icon=":material/stairs:"):
-            st.markdown("Latency on vector hardware moves in steps of channel count, not smoothly: removing filters "
-                        "pays only when a layer drops to the next multiple of the hardware's width. Measure the "
-                        "staircase of one 3×3 convolution on this CPU's OpenVINO runtime:")
-            if st.button("Measure the staircase", key="pr_measure", disabled=running, icon=":material/speed:"):
-                with st.spinner("Timing one convolution at 8..128 output channels..."):
-                    try:
-                        st.session_state["pr_staircase"] = latency_staircase(runs=20)
-                    except PruneScopeError as exc:
-                        st.error(str(exc))
-            sc = st.session_state.get("pr_staircase")
-            if sc is not None:
-                st.plotly_chart(V.fig_staircase(sc.channels, sc.latency_ms, sc.cluster, sc.latency_p25_ms,
-                                                sc.latency_p75_ms), key="pr_fig_staircase")
-                st.caption(f"Measured step: **{sc.cluster} channels** (confidence {sc.confidence:.2f}). {sc.method} "
-                           "Choose 'custom cluster size' above to use it.")
+            analyse = defaults.analyse_car
+            if state.task == "classification":
+                analyse = st.toggle("Store a CAR analysis of the original in the run", value=defaults.analyse_car,
+                                    key="pr_analyse", disabled=running,
+                                    help="Shown with the removed filters on Review. A finished analysis of the "
+                                         "Analyse page with the same model, images and settings is reused; "
+                                         "otherwise it is computed first.")
+        config = Config(criterion=criterion, cluster=cluster, max_drop=float(max_drop),
+                        mac_target=None if mac_target is None else mac_target / 100,
+                        finetune_steps=int(finetune_steps), score_images=int(score_images),
+                        max_steps=int(max_steps), latency=latency, analyse_car=analyse)
+        car_reuse_note(config)
+        if state.task == "classification":
+            with st.expander("Latency staircase: why clusters", icon=":material/stairs:"):
+                st.markdown("Latency on vector hardware moves in steps of channel count, not smoothly: removing "
+                            "filters pays only when a layer drops to the next multiple of the hardware's width. "
+                            "Measure the staircase of one 3×3 convolution on this CPU's OpenVINO runtime:")
+                if st.button("Measure the staircase", key="pr_measure", disabled=running, icon=":material/speed:"):
+                    with st.spinner("Timing one convolution at 8..128 output channels..."):
+                        try:
+                            st.session_state["pr_staircase"] = latency_staircase(runs=20)
+                        except PruneScopeError as exc:
+                            st.error(str(exc))
+                sc = st.session_state.get("pr_staircase")
+                if sc is not None:
+                    st.plotly_chart(V.fig_staircase(sc.channels, sc.latency_ms, sc.cluster, sc.latency_p25_ms,
+                                                    sc.latency_p75_ms), key="pr_fig_staircase")
+                    st.caption(f"Measured step: **{sc.cluster} channels** (confidence {sc.confidence:.2f}). "
+                               f"{sc.method} Choose 'custom cluster size' above to use it.")
 
     start_cancel_buttons(running, config, start_prune, cancel_prune)
 
 
 # ----------------------------------------------------------------------------- live progress
-def step_text(r: dict | None) -> str:
+def step_text(r: dict | None, metric_label: str) -> str:
     if not r:
         return "measuring the original model"
     if r["step"] == 0:
         return "step 0 (the original) measured"
     rem = r.get("removed") or {}
     return (f"step {r['step']}: removed {len(rem.get('filters', []))} filters from `{rem.get('group')}` "
-            f"({rem.get('width_before')} → {rem.get('width_after')}), accuracy {format_pct(r['metric'])}, "
+            f"({rem.get('width_before')} → {rem.get('width_after')}), {metric_label} "
+            f"{format_pct(r.get('metric', r.get('accuracy')))}, "
             f"MACs {format_macs(r['macs'])}")
 
 
@@ -153,27 +188,30 @@ def live() -> None:
     st.subheader("Progress" if s.running else "Last run")
     name = s.run_dir.name if s.run_dir else s.id
     st.markdown(f"Run `{name}` · {state_badge(s.state)}")
+    run_task = s.meta.get("task", "classification")
     if s.running:
         job_progress(s, "Pruning")
         max_steps = s.meta.get("max_steps")
         current = 0 if (not s.steps or "the original" in s.message) else len(s.steps)
         st.markdown(f"**Current step** {current} of at most {max_steps}"
                     + (" (0 = measuring and analysing the original)" if current == 0 else "")
-                    + f" · last finished: {step_text(s.last_step)}")
+                    + f" · last finished: {step_text(s.last_step, metric_name(run_task))}")
         st.caption("The ETA assumes every step up to the limit is taken; the run stops earlier when no cluster fits "
-                   "the accuracy budget.")
+                   "the budget.")
+    for line in s.log:  # what the job decided, e.g. that it reused a finished CAR analysis
+        st.caption(line)
     if not s.running:
         prune_outcome(s)
         if s.state != "failed" or s.steps:
             page_link("review", "Review the run")
     if s.steps:
-        metrics_row(s.steps[-1], s.steps[0] if len(s.steps) > 1 else None)
+        metrics_row(s.steps[-1], s.steps[0] if len(s.steps) > 1 else None, metric=metric_name(run_task))
         c1, c2 = st.columns(2)
         with c1:
-            st.plotly_chart(V.fig_tradeoff({name: s.steps}, x="macs", threshold_points=s.meta.get("max_drop")),
-                            key="pr_fig_tradeoff")
+            st.plotly_chart(V.fig_tradeoff({name: s.steps}, x="macs", threshold_points=s.meta.get("max_drop"),
+                                           metric=metric_name(run_task)), key="pr_fig_tradeoff")
         with c2:
-            st.plotly_chart(V.fig_progress(s.steps), key="pr_fig_progress")
+            st.plotly_chart(V.fig_progress(s.steps, metric=metric_name(run_task)), key="pr_fig_progress")
 
 
 if job is not None:
@@ -182,5 +220,5 @@ elif state.run_dir and Path(state.run_dir).exists():
     st.caption(f"Last run of this session: `{Path(state.run_dir).name}`. The job list was reset (app restart).")
     page_link("review", "Review it")
 else:
-    st.info("Choose the settings and press **Start pruning**. The defaults finish the bundled sample in about "
-            "three minutes on a laptop.", icon=":material/info:")
+    st.info("Choose the settings and press **Start pruning**. Each step screens every cluster, measures the exact "
+            f"{metric} of the best few, removes one, fine-tunes and measures again.", icon=":material/info:")

@@ -9,13 +9,13 @@ from core.errors import PruneScopeError
 from core.jobs import past_runs
 from core.prune import read_structure
 from core.runs import Run
+from ui import detection
 from ui.common import (change, format_macs, format_ms, format_params, format_pct, metrics_row, page_link, pick_run,
                        setup_page, started_at, state_badge, threshold_pick)
-from ui.detection import detection_review_page
 from ui.state import data_for_run, get_registry, model_lock, run_model
 
-state = setup_page("Review", "Every step of a run on the accuracy / cost curve. Set the accuracy you can give up: "
-                   "the smallest model within it is picked for export.")
+state = setup_page("Review", "Every step of a run on the metric / cost curve. Set how much of the metric you can give "
+                   "up: the smallest model within it is picked for export.")
 registry = get_registry()
 runs = [r for r in past_runs(registry)]
 entry = pick_run(state, runs, "**No pruning run yet.** Start one on the Prune page; every run is kept in the "
@@ -23,13 +23,11 @@ entry = pick_run(state, runs, "**No pruning run yet.** Start one on the Prune pa
 by_name = {r["name"]: r for r in runs}
 names, sel = list(by_name), entry["name"]
 run: Run = entry["run"]
-if run.task == "detection":
-    detection_review_page(state, entry)
-    st.stop()
 hist = run.history
 prune_cfg = run.config.get("prune") or {}
-st.markdown(f"{state_badge(entry['state'])} **{run.spec.arch}** on `{entry['data_source']}` · criterion "
-            f"**{prune_cfg.get('criterion')}**, cluster **{prune_cfg.get('cluster')}**, budget "
+metric = run.metric_name
+st.markdown(f"{state_badge(entry['state'])} **{run.spec.arch}** on `{entry['data_source']}` · metric **{metric}** · "
+            f"criterion **{prune_cfg.get('criterion')}**, cluster **{prune_cfg.get('cluster')}**, budget "
             f"**{prune_cfg.get('max_drop')} points** · started {started_at(entry['created'])}")
 if entry["state"] == "interrupted":
     st.warning("This run was interrupted (the app stopped while it ran). Its completed steps are intact and can be "
@@ -46,27 +44,32 @@ if len(hist) < 2:
 
 # ----------------------------------------------------------------------------- threshold
 base = hist[0]
-thr, pick = threshold_pick(state, run, hist, prune_cfg, sel)
+thr, pick = threshold_pick(state, run, hist, prune_cfg, sel, metric)
+
+
+def value(r: dict) -> float:
+    return r.get("metric", r.get("accuracy"))
+
 
 with st.container(border=True):
     if pick["step"] == 0:
         st.markdown(f"No pruned step stays within **{thr:.1f} points**: the original is the pick.")
     else:
         st.markdown(f"**Step {pick['step']}** is the smallest model within **{thr:.1f} points**: "
-                    f"{format_pct(pick['metric'])} accuracy ({change(pick['metric'], base['metric'], 'points')}), "
+                    f"{format_pct(value(pick))} {metric} ({change(value(pick), value(base), 'points')}), "
                     f"{format_macs(pick['macs'])} MACs ({change(pick['macs'], base['macs'])}), "
                     f"{format_params(pick['params'])} parameters ({change(pick['params'], base['params'])}).")
-    metrics_row(pick, base if pick["step"] else None)
+    metrics_row(pick, base if pick["step"] else None, metric=metric)
     page_link("export", f"Export step {pick['step']}")
 
-tab_macs, tab_lat = st.tabs(["Accuracy vs MACs", "Accuracy vs latency"])
+tab_macs, tab_lat = st.tabs([f"{metric} vs MACs", f"{metric} vs latency"])
 with tab_macs:
-    st.plotly_chart(V.fig_tradeoff({run.name: hist}, x="macs", threshold_points=thr, selected_step=pick["step"]),
-                    key="rv_fig_macs")
+    st.plotly_chart(V.fig_tradeoff({run.name: hist}, x="macs", threshold_points=thr, selected_step=pick["step"],
+                                   metric=metric), key="rv_fig_macs")
 with tab_lat:
     if any(r.get("latency_ms") is not None for r in hist):
         st.plotly_chart(V.fig_tradeoff({run.name: hist}, x="latency_ms", threshold_points=thr,
-                                       selected_step=pick["step"]), key="rv_fig_latency")
+                                       selected_step=pick["step"], metric=metric), key="rv_fig_latency")
         st.caption("Latency: OpenVINO CPU runtime, batch 1, median per step. Small models are noisy at this scale; "
                    "compare with MACs.")
     else:
@@ -76,7 +79,10 @@ c1, c2 = st.columns(2)
 with c1:
     st.plotly_chart(V.fig_widths(base["widths"], pick["widths"]), key="rv_fig_widths")
 with c2:
-    st.plotly_chart(V.fig_per_class_change(base["per_class"], pick["per_class"]), key="rv_fig_per_class")
+    if run.task == "detection":
+        detection.ap_per_class(base, pick)
+    else:
+        st.plotly_chart(V.fig_per_class_change(base["per_class"], pick["per_class"]), key="rv_fig_per_class")
 
 # ----------------------------------------------------------------------------- removed filters
 st.subheader("Removed filters")
@@ -92,9 +98,12 @@ if not removals:
 else:
     st.dataframe([{"step": r["step"], "layer": r["removed"]["group"], "filters removed": len(r["removed"]["filters"]),
                    "width": f"{r['removed']['width_before']} → {r['removed']['width_after']}",
-                   "accuracy after": format_pct(r["metric"]), "MACs after": format_macs(r["macs"]),
+                   f"{metric} after": format_pct(value(r)), "MACs after": format_macs(r["macs"]),
                    "latency after": format_ms(r.get("latency_ms"))} for r in removals],
                  hide_index=True, width="stretch")
+if run.task == "detection":  # a detector's filters are judged by its boxes: before / after pictures
+    detection.boxes_before_after(run, sel, pick)
+elif removals:
     which = st.selectbox("Show the filters removed at step", [r["step"] for r in removals], key=f"rv_gal_step_{sel}")
     rec = next(r for r in removals if r["step"] == which)["removed"]
     car = run.car
@@ -136,7 +145,7 @@ else:
 
 # ----------------------------------------------------------------------------- comparison
 st.subheader("Compare runs")
-others = [n for n in names if n != sel and by_name[n]["steps"] >= 1]
+others = [n for n in names if n != sel and by_name[n]["steps"] >= 1 and by_name[n]["run"].task == run.task]
 if not others:
     st.caption("Start another run (e.g. another criterion or cluster size) to compare it here.")
 else:
@@ -146,15 +155,15 @@ else:
         histories = {sel: hist}
         for n in chosen:
             histories[n] = by_name[n]["run"].history
-        st.plotly_chart(V.fig_tradeoff(histories, x="macs", threshold_points=thr, baseline_metric=base["metric"],
-                                       selected_step=(sel, pick["step"])), key="rv_fig_compare")
+        st.plotly_chart(V.fig_tradeoff(histories, x="macs", threshold_points=thr, baseline_metric=value(base),
+                                       selected_step=(sel, pick["step"]), metric=metric), key="rv_fig_compare")
         rows = []
         for n, h in histories.items():
             p = V.pick_smallest_within(h, thr)
             cfg = by_name[n]["run"].config.get("prune") or {}
             rows.append({"run": n, "criterion": cfg.get("criterion"), "cluster": cfg.get("cluster"),
                          "steps": len(h) - 1, f"pick within {thr:.1f} pts": p["step"],
-                         "accuracy": format_pct(p["metric"]), "MACs": format_macs(p["macs"]),
+                         metric: format_pct(value(p)), "MACs": format_macs(p["macs"]),
                          "MACs kept": f"{p['macs'] / h[0]['macs'] * 100:.0f} %", "latency": format_ms(p.get("latency_ms"))})
         st.dataframe(rows, hide_index=True, width="stretch")
         st.caption("Each run's pick is the smallest of its steps within the same drop, measured against its own original.")

@@ -66,7 +66,7 @@ export_status()
 if running or not exists:
     if not running:
         st.info("Press **Export** to write the bundle: ONNX + IR of the pruned step and of the original, the NCS2 "
-                "check, verification on the validation images and a self-test. It takes a few seconds on the sample.",
+                "check, verification on the validation images and a self-test; it runs in the background.",
                 icon=":material/info:")
     st.stop()
 

@@ -1,8 +1,9 @@
 """Helpers and fixtures of the AppTest page tests (imported by tests/test_app_*.py).
 
-Every test starts from ``streamlit_app.py`` and moves with ``switch_page`` (a page file run on its
-own cannot resolve its ``st.page_link`` targets). The job registry is process-wide
-(``st.cache_resource``), so each test gets a fresh one.
+Every test starts from ``streamlit_app.py``, the app frame with ``st.navigation``, and moves with
+``switch_page`` to a page file (a page file run on its own has no frame: no menu, no shared state set-up).
+The job registry (with the working sets a reload restores) is process-wide (``st.cache_resource``), so
+each test gets a fresh one.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from streamlit.testing.v1 import AppTest
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "streamlit_app.py")
-PAGES = {"home": "streamlit_app.py", "load": "pages/1_Load.py", "analyse": "pages/2_Analyse.py",
+PAGES = {"home": "pages/0_Home.py", "load": "pages/1_Load.py", "analyse": "pages/2_Analyse.py",
          "prune": "pages/3_Prune.py", "review": "pages/4_Review.py", "export": "pages/5_Export.py"}
 
 
@@ -40,6 +41,20 @@ def with_sample(page: str = "home") -> AppTest:
     assert_no_exception(at)
     assert at.success and "Loaded" in at.success[0].value
     return goto(at, page) if page != "home" else at
+
+
+def click_load(at: AppTest) -> AppTest:
+    """Press "Load and validate" and let its background job end: the next run takes its result in (the
+    app frame adopts it) or shows its error, as a browser tab's polling does."""
+    from ui.state import get_registry
+
+    before = get_registry().latest("load")
+    at.button(key="load_upload").click().run()
+    job = get_registry().latest("load")
+    if job is not None and job is not before:
+        assert job.wait(300), "the load job ends"
+        at.run()
+    return at
 
 
 def texts(at: AppTest) -> str:
@@ -71,10 +86,32 @@ def images(at: AppTest) -> int:
     return sum(len(e.proto.imgs) for e in at.get("image"))
 
 
+def _navigation_app_pages_manager(monkeypatch) -> None:
+    """Run the app as the server does once it has called ``st.navigation``.
+
+    ``st.navigation`` sets ``PagesManager.uses_pages_directory = False`` for the whole process, so the
+    server ignores the legacy ``pages/`` auto-menu from then on. AppTest resets the flag to None before
+    every run, and the next ``PagesManager`` then finds ``pages/`` beside the entrypoint and runs the
+    legacy menu instead of ``streamlit_app.py`` (a rerun would skip the frame: no sidebar, no saved
+    working set). The project keeps the page files in ``pages/`` (its asked-for layout), so tests put
+    the flag back where ``st.navigation`` leaves it.
+    """
+    from streamlit.runtime.pages_manager import PagesManager
+
+    original = PagesManager.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        PagesManager.uses_pages_directory = False
+
+    monkeypatch.setattr(PagesManager, "__init__", init)
+
+
 @pytest.fixture(autouse=True)
-def fresh_registry():
+def fresh_registry(monkeypatch):
     from ui.state import get_registry
 
+    _navigation_app_pages_manager(monkeypatch)
     get_registry.clear()
     yield
     for job in get_registry().active():

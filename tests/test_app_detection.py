@@ -55,7 +55,7 @@ def test_bad_voc_zip_shows_the_specific_error():
     errors = [e.value for e in at.error]
     assert errors and "The data set could not be used" in errors[0], errors
     assert "No usable image" in errors[0], errors  # the loader's own reason, not a generic failure
-    assert at.session_state["prunescope"].det_data is None
+    assert at.session_state["prunescope"].data is None
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 from core.runs import PICKLE_COPY
-from tests.app_conftest import (assert_no_exception, fresh_registry, goto, new_app, sample_run,  # noqa: F401
-                                sample_run_template, texts)
+from tests.app_conftest import (assert_no_exception, click_load, fresh_registry, goto, new_app,  # noqa: F401
+                                sample_run, sample_run_template, texts)
 from tests.test_app_load import digits_files, make_zip, upload_page, weights_bytes
 from tests.test_drills import _corrupt_crc, payload_bytes
 
@@ -32,7 +32,7 @@ def test_zip_with_a_bad_crc_is_one_message_in_the_app():
     at = upload_page()
     at.file_uploader(key="load_model_file").set_value(("weights.pt", weights_bytes(), "application/octet-stream"))
     at.file_uploader(key="load_data_zip").set_value(("data.zip", bad, "application/zip"))
-    at.button(key="load_upload").click().run()
+    click_load(at)
     assert_no_exception(at)
     assert len(at.error) == 1 and "damaged" in at.error[0].value and "CRC" in at.error[0].value
     assert "\n" not in at.error[0].value

@@ -11,7 +11,7 @@ from PIL import Image
 
 from core.models import SAMPLE_DIR, load_model, sample_entry
 from core.sample_data import make_sample_images
-from tests.app_conftest import assert_no_exception, fresh_registry, goto, new_app, texts  # noqa: F401
+from tests.app_conftest import assert_no_exception, click_load, fresh_registry, goto, new_app, texts  # noqa: F401
 from ui.state import files_to_zip
 
 ENTRY = sample_entry("vgg_digits")
@@ -74,7 +74,7 @@ def test_state_dict_and_zip_upload_with_report():
     at = upload_page()
     at.file_uploader(key="load_model_file").set_value(("weights.pt", weights_bytes(), "application/octet-stream"))
     at.file_uploader(key="load_data_zip").set_value(("data.zip", make_zip(files), "application/zip"))
-    at.button(key="load_upload").click().run()
+    click_load(at)
     assert_no_exception(at)
     assert not at.error or all("could not be decoded" in e.value for e in at.error)
     page = texts(at)
@@ -93,7 +93,7 @@ def test_folder_upload_uses_only_safe_names():
     files.append(("my data/../../escape.png", files[0][1]))  # a hostile name is reduced, never used as a path
     at.file_uploader(key="load_model_file").set_value(("weights.pt", weights_bytes(), "application/octet-stream"))
     at.file_uploader(key="load_data_dir").set_value([(n, b, "image/png") for n, b in files])
-    at.button(key="load_upload").click().run()
+    click_load(at)
     assert_no_exception(at)
     assert not at.error, [e.value for e in at.error]
     assert "uploaded folder (61 files)" in texts(at)
@@ -111,7 +111,7 @@ def test_random_bytes_as_weights_are_refused_clearly():
     at = upload_page()
     at.file_uploader(key="load_model_file").set_value(("model.pt", np.random.default_rng(0).bytes(4096),
                                                          "application/octet-stream"))
-    at.button(key="load_upload").click().run()
+    click_load(at)
     assert_no_exception(at)
     assert len(at.error) == 1
     msg = at.error[0].value
@@ -124,7 +124,7 @@ def test_zip_with_parent_path_is_refused():
     at = upload_page()
     at.file_uploader(key="load_model_file").set_value(("weights.pt", weights_bytes(), "application/octet-stream"))
     at.file_uploader(key="load_data_zip").set_value(("data.zip", evil, "application/zip"))
-    at.button(key="load_upload").click().run()
+    click_load(at)
     assert_no_exception(at)
     msg = at.error[0].value
     assert "The data set could not be used" in msg and "Unsafe path" in msg and "../evil.png" in msg
@@ -135,7 +135,7 @@ def test_class_count_mismatch_is_explained():
     at = upload_page()
     at.file_uploader(key="load_model_file").set_value(("weights.pt", weights_bytes(), "application/octet-stream"))
     at.file_uploader(key="load_data_zip").set_value(("data.zip", three, "application/zip"))
-    at.button(key="load_upload").click().run()
+    click_load(at)
     assert_no_exception(at)
     msg = at.error[0].value
     assert "3 classes but the model outputs 10" in msg
@@ -144,7 +144,7 @@ def test_class_count_mismatch_is_explained():
 def test_wrong_architecture_is_explained():
     at = upload_page(arch="sample_resnet")
     at.file_uploader(key="load_model_file").set_value(("weights.pt", weights_bytes(), "application/octet-stream"))
-    at.button(key="load_upload").click().run()
+    click_load(at)
     assert "do not fit architecture 'sample_resnet'" in at.error[0].value or "Cannot tell the number of classes" in at.error[0].value
 
 
@@ -161,7 +161,7 @@ def test_pickled_model_needs_explicit_trust(trusted):
     if trusted:
         at.toggle(key="load_trusted").set_value(True)
     at.file_uploader(key="load_data_zip").set_value(("d.zip", make_zip(digits_files(per_class=4)), "application/zip"))
-    at.button(key="load_upload").click().run()
+    click_load(at)
     assert_no_exception(at)
     if trusted:
         assert not at.error
@@ -175,13 +175,13 @@ def test_pickled_model_needs_explicit_trust(trusted):
 def test_small_upload_flows_to_analyse_and_model_only_asks_for_data():
     at = upload_page()
     at.file_uploader(key="load_model_file").set_value(("weights.pt", weights_bytes(), "application/octet-stream"))
-    at.button(key="load_upload").click().run()
+    click_load(at)
     assert "Now add a data set" in at.warning[0].value
     goto(at, "analyse")
     assert "Load a data set first" in texts(at)
     goto(at, "load")
     at.file_uploader(key="load_data_zip").set_value(("d.zip", make_zip(digits_files(per_class=4)), "application/zip"))
-    at.button(key="load_upload").click().run()
+    click_load(at)
     assert_no_exception(at)
     goto(at, "analyse")
     assert "All **10** validation images are used" in texts(at)

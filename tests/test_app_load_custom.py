@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from core.custom_code import build_from_code
-from tests.app_conftest import assert_no_exception, fresh_registry, goto, new_app, texts  # noqa: F401
+from tests.app_conftest import assert_no_exception, click_load, fresh_registry, goto, new_app, texts  # noqa: F401
 from tests.test_app_load import digits_files, make_zip
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "cifar_resnet.py"
@@ -42,7 +42,7 @@ def test_custom_file_offers_its_factories_and_loads_when_trusted():
     at.toggle(key="load_trusted").set_value(True)
     at.file_uploader(key="load_model_file").set_value(("resnet20.th", akamaster_checkpoint(), "application/octet-stream"))
     at.file_uploader(key="load_data_zip").set_value(("d.zip", make_zip(digits_files(per_class=3)), "application/zip"))
-    at.button(key="load_upload").click().run()
+    click_load(at)
     assert_no_exception(at)
     assert not at.error, [e.value for e in at.error]
     page = texts(at)
@@ -55,7 +55,7 @@ def test_custom_file_offers_its_factories_and_loads_when_trusted():
 def test_untrusted_custom_file_is_refused():
     at = custom_page(FIXTURE.read_bytes())
     at.file_uploader(key="load_model_file").set_value(("resnet20.th", akamaster_checkpoint(), "application/octet-stream"))
-    at.button(key="load_upload").click().run()
+    click_load(at)
     assert_no_exception(at)
     message = at.error[0].value
     assert "The model could not be loaded" in message and "runs the code in resnet.py" in message
@@ -70,7 +70,7 @@ def test_syntax_error_is_shown_on_upload_and_on_load():
     at.text_input(key="load_code_name_text").set_value("net")  # no names could be read: a text box instead
     at.toggle(key="load_trusted").set_value(True)
     at.file_uploader(key="load_model_file").set_value(("w.pt", akamaster_checkpoint(), "application/octet-stream"))
-    at.button(key="load_upload").click().run()
+    click_load(at)
     assert_no_exception(at)
     assert any("The model could not be loaded" in e.value and "line 3" in e.value for e in at.error)
 
@@ -79,6 +79,6 @@ def test_custom_kind_without_a_code_file_asks_for_it():
     at = goto(new_app().run(), "load")
     at.radio(key="load_model_kind").set_value(CUSTOM).run()
     at.file_uploader(key="load_model_file").set_value(("w.pt", akamaster_checkpoint(), "application/octet-stream"))
-    at.button(key="load_upload").click().run()
+    click_load(at)
     assert_no_exception(at)
     assert "Choose the Python file (.py)" in at.error[0].value

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tests.app_conftest import assert_no_exception, fresh_registry, goto, new_app, texts  # noqa: F401
+from tests.app_conftest import assert_no_exception, click_load, fresh_registry, goto, new_app, texts  # noqa: F401
 from tests.test_app_load import make_zip
 from tests.test_plausibility import Brightness
 
@@ -43,7 +43,7 @@ def load(at, bits16: bool = False):
     at.toggle(key="load_trusted").set_value(True)
     at.file_uploader(key="load_model_file").set_value(("w.pt", weights.getvalue(), "application/octet-stream"))
     at.file_uploader(key="load_data_zip").set_value(("d.zip", brightness_zip(bits16), "application/zip"))
-    at.button(key="load_upload").click().run()
+    click_load(at)
     assert_no_exception(at)
     assert not at.error, [e.value for e in at.error]
     return at

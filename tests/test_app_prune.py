@@ -67,7 +67,9 @@ def test_cancel_from_a_reloaded_tab_keeps_completed_steps():
     at = small_settings(with_sample("prune"), steps=40)
     at.button(key="pr_start").click().run()
     job = get_registry().active("prune")[0]
-    # a reload: a new session without a model still finds and shows the running job
+    # a new session without a model (the process kept no working set) still finds and shows the running job;
+    # a plain reload gets the model back (tests/test_app_reload.py)
+    get_registry().working_sets.clear()
     fresh = goto(new_app().run(), "prune")
     assert "no model loaded" in texts(fresh) and progress_values(fresh)
     wait_until(fresh, lambda a: len(job.snapshot().steps) >= 2, timeout=120)

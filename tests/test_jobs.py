@@ -1,17 +1,19 @@
 """JobRegistry: start, progress snapshots, cancel within one step, no double start, interrupted runs."""
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 
 from core.architectures import SampleVGG
 from core.errors import PruneScopeError
-from core.jobs import JobAlreadyRunning, JobRegistry, past_runs, prune_job
+from core.jobs import JobAlreadyRunning, JobRegistry, car_settings, past_runs, phased_job, prune_job, reusable_car
 from core.runs import Run
 from core.workspace import new_run_dir
 from tests.helpers import loaded as make_loaded, quick_config, random_dataset
@@ -196,14 +198,78 @@ def test_interrupted_run_is_listed_with_its_steps(tiny):
 
 
 def test_prune_job_reuses_a_given_car_analysis(tiny):
+    """A finished analysis of the same model, images and settings is stored, not recomputed, and the
+    job's log says so (issue 16)."""
     from core.car import compute_car
 
     loaded, data = tiny
-    car = compute_car(loaded.model, loaded.spec.input, data.val, n_images=24, sensitivity=False)
+    config = quick_config(max_steps=1, analyse_car=True)
+    car = compute_car(loaded.model, loaded.spec.input, data.val, n_images=config.score_images, sensitivity=True)
+    meta = car_settings(loaded.model, data.val, config.score_images, sensitivity=True)
     run_dir = new_run_dir("jobtest")
-    job = JobRegistry().start("prune", prune_job(loaded, data, quick_config(max_steps=1, analyse_car=True), run_dir,
-                                                 car=car), run_dir=run_dir)
+    job = JobRegistry().start("prune", prune_job(loaded, data, config, run_dir, car=car, car_meta=meta),
+                              run_dir=run_dir)
     assert job.wait(60) and job.snapshot().state == "done", job.snapshot().error
     run = Run(run_dir)
     assert run.car["reused_from"] and run.car["car"] == {str(k): v for k, v in car.car.items()}
     assert run.config["prune"]["analyse_car"] is False
+    assert any("reused the finished analysis" in line for line in job.snapshot().log)
+
+
+def test_prune_job_recomputes_an_analysis_made_with_other_settings(tiny):
+    """An analysis on other images (here: fewer than the run scores on) is not passed off as the run's."""
+    from core.car import compute_car
+
+    loaded, data = tiny
+    config = quick_config(max_steps=1, analyse_car=True)
+    car = compute_car(loaded.model, loaded.spec.input, data.val, n_images=8, sensitivity=True)
+    meta = car_settings(loaded.model, data.val, 8, sensitivity=True)
+    run_dir = new_run_dir("jobtest")
+    job = JobRegistry().start("prune", prune_job(loaded, data, config, run_dir, car=car, car_meta=meta),
+                              run_dir=run_dir)
+    assert job.wait(120) and job.snapshot().state == "done", job.snapshot().error
+    run = Run(run_dir)
+    assert "reused_from" not in run.car and run.car["n_images"] == config.score_images
+    assert run.config["prune"]["analyse_car"] is True
+    assert any("computed for this run" in line and "8 images" in line for line in job.snapshot().log)
+    assert reusable_car(car, meta, loaded.model, data.val, replace(config, score_images=8))[0]
+    changed = copy.deepcopy(loaded.model)
+    next(changed.parameters()).data.add_(1.0)
+    assert reusable_car(car, meta, changed, data.val, replace(config, score_images=8)) == (False, "the model changed")
+
+
+def test_working_sets_recall_by_token_then_latest():
+    sets = JobRegistry().working_sets
+    assert sets.recall("a") is None
+    sets.remember("a", "set of tab a")
+    sets.remember("b", "set of tab b")
+    assert sets.recall("a") == "set of tab a" and sets.recall("unknown") == "set of tab b"
+    assert sets.recall(None) == "set of tab b"
+    sets.clear()
+    assert sets.recall("a") is None
+
+
+def test_phased_job_passes_results_on_reports_phases_and_cancels_between_them():
+    gate, seen = threading.Event(), []
+
+    def second(results):
+        seen.append(results["read"])
+        gate.wait(10)
+        return results["read"] * 2
+
+    reg = JobRegistry()
+    job = reg.start("load", phased_job([("read", lambda r: 21), ("measure", second), ("never", lambda r: 1 / 0)]))
+    wait_until(lambda: seen)
+    snap = job.snapshot()
+    assert snap.message == "measure (phase 2 of 3)" and abs(snap.progress - 1 / 3) < 1e-9
+    job.request_cancel()
+    gate.set()
+    assert job.wait(10) and job.snapshot().state == "cancelled"  # the third phase never ran
+    done = reg.start("load", phased_job([("read", lambda r: 21), ("measure", lambda r: r["read"] * 2)]))
+    assert done.wait(10) and done.snapshot().result == {"read": 21, "measure": 42}
+
+    def refuse(results):
+        raise PruneScopeError("The data set could not be used: no images.")
+
+    failed = reg.start("load", phased_job([("read", refuse)]))
+    assert failed.wait(10) and failed.snapshot().error == "The data set could not be used: no images."

@@ -11,11 +11,12 @@ from core.clusters import PROFILES, detect_cpu_profile
 from core.jobs import JobSnapshot
 from core.visualize import format_macs, format_pct  # noqa: F401  (re-exported for the pages)
 
-from .state import AppState, get_state
+from .state import AppState, adopt_finished_load, get_registry, get_state
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
+# key -> (page file, title, icon); the app frame (streamlit_app.py) builds st.navigation from this, in this order
 PAGES = {
-    "home": ("streamlit_app.py", "Home", ":material/home:"),
+    "home": ("pages/0_Home.py", "Home", ":material/home:"),
     "load": ("pages/1_Load.py", "Load", ":material/upload:"),
     "analyse": ("pages/2_Analyse.py", "Analyse", ":material/insights:"),
     "prune": ("pages/3_Prune.py", "Prune", ":material/content_cut:"),
@@ -27,46 +28,90 @@ STATE_BADGES = {
     "cancelled": ":gray-badge[cancelled]", "failed": ":red-badge[failed]", "interrupted": ":orange-badge[interrupted]",
     "unknown": ":gray-badge[unknown]",
 }
+JOB_LABELS = {"car": "CAR analysis", "detection-car": "CAR analysis", "prune": "Pruning", "export": "Export",
+              "load": "Load and validate"}
+RECENT_JOB_S = 600  # a job that finished within this many seconds is still listed (as finished) in the sidebar
 
 
-def setup_page(title: str, caption: str | None = None) -> AppState:
-    """Page config, shared style, title; returns the session's state."""
-    st.set_page_config(page_title=f"{title} · PruneScope", page_icon=":material/content_cut:", layout="wide")
+def navigation():
+    """The app's pages for ``st.navigation`` (Home is the default page, at the app's root URL)."""
+    return [st.Page(path, title=title, icon=icon, url_path=None if key == "home" else key, default=key == "home")
+            for key, (path, title, icon) in PAGES.items()]
+
+
+def frame() -> AppState:
+    """What every page shares, drawn by the app frame before the page runs: page config, style, the
+    session's state (restored after a reload, see :mod:`ui.state`) and the sidebar."""
+    st.set_page_config(page_title="PruneScope", page_icon=":material/content_cut:", layout="wide")
     css = ASSETS / "style.css"
     if css.exists():
         st.html(f"<style>{css.read_text()}</style>")
     state = get_state()
+    adopt_finished_load(state)
     sidebar(state)
-    st.title(title)
-    if caption:
-        st.caption(caption)
     return state
 
 
-def sidebar(state: AppState) -> None:
-    """The flow as a menu (Streamlit's own page list is off: it would call the home page 'streamlit app'),
-    and what is loaded / running."""
-    from .state import get_registry
+def setup_page(title: str, caption: str | None = None) -> AppState:
+    """A page's title and caption; returns the session's state (the frame has set up the rest)."""
+    st.title(title)
+    if caption:
+        st.caption(caption)
+    return get_state()
 
+
+def sidebar(state: AppState) -> None:
+    """Below the page menu (``st.navigation``): what is loaded, and the jobs of this app process."""
+    registry = get_registry()
     with st.sidebar:
-        st.markdown("**PruneScope**")
-        for key in PAGES:
-            page_link(key)
-        st.divider()
-        if state.task == "detection" and state.detector is not None:
-            st.caption(f"Detector: {state.det_label}")
-        elif state.model is not None:
-            st.caption(f"Model: {state.model_label}")
+        if state.model is not None:
+            st.caption(f"{'Detector' if state.task == 'detection' else 'Model'}: {state.model_label}")
         else:
             st.caption("No model loaded")
-        for job in get_registry().active():
-            s = job.snapshot()
-            st.caption(f"{s.kind.capitalize()} job: {int(s.progress * 100)} % · {s.message}")
+        running = tuple(j.id for j in registry.active())
+        st.fragment(run_every=1.0 if running else None)(sidebar_jobs)(registry, running)
+
+
+def job_line(s: JobSnapshot) -> str:
+    """One job in a line, from a snapshot: the same numbers the page's progress bar shows."""
+    label = JOB_LABELS.get(s.kind, s.kind)
+    if s.running:
+        return f"{label} job: {int(s.progress * 100)} % · {s.message}"
+    return f"{label} job {s.state} ({format_seconds(s.elapsed)}): {s.message}"
+
+
+def sidebar_jobs(registry, running_ids: tuple[str, ...]) -> None:
+    """Body of the sidebar's polling fragment: running jobs and those finished lately, read from the
+    registry on every tick (as the page's own progress is). A job that was running when the page was
+    drawn and has ended triggers a full rerun, so the page shows its result and polling stops."""
+    now = time.time()
+    shown = [j.snapshot() for j in registry.list()]
+    shown = [s for s in shown if s.running or s.id in running_ids or (s.finished and now - s.finished < RECENT_JOB_S)]
+    for s in shown[:4]:
+        st.caption(job_line(s))
+    if any(s.id in running_ids and not s.running for s in shown):
+        st.rerun()
 
 
 def page_link(page: str, label: str | None = None) -> None:
     path, name, icon = PAGES[page]
     st.page_link(path, label=label or name, icon=icon)
+
+
+METRICS = {"classification": "Accuracy", "detection": "mAP@0.5"}  # the metric each task measures, as shown
+
+
+def metric_name(task: str) -> str:
+    return METRICS.get(task, "Accuracy")
+
+
+def model_shape(state: AppState) -> str:
+    """Classes and input of the loaded model, e.g. '10 classes, input 3×32×32'."""
+    if state.task == "detection":
+        h, w = state.model.input_size
+        return f"{len(state.model_info.get('class_names', []))} object classes + background, input 3×{h}×{w}"
+    spec = state.model.spec
+    return f"{spec.num_classes} classes, input {spec.input.channels}×{spec.input.height}×{spec.input.width}"
 
 
 def need_model(state: AppState, what: str = "this step") -> None:
@@ -124,19 +169,23 @@ def state_badge(state: str) -> str:
     return STATE_BADGES.get(state, f":gray-badge[{state}]")
 
 
-def metrics_row(record: dict, base: dict | None = None, metric_key: str = "metric") -> None:
-    """Accuracy, MACs, parameters, latency of a step (with changes against ``base``); a run record holds
-    the accuracy under ``metric``, the Load page's evaluation under ``accuracy`` (``metric_key``)."""
-    c1, c2, c3, c4 = st.columns(4)
+def metrics_row(record: dict, base: dict | None = None, metric: str = "Accuracy") -> None:
+    """The task's metric, MACs, parameters and (when measured) latency of a step, with changes against ``base``.
+
+    Reads the metric under ``metric`` (new records) or ``accuracy`` (runs written before)."""
+    def value(r: dict):
+        return r.get("metric", r.get("accuracy"))
+
     b = base or {}
-    c1.metric("Accuracy", format_pct(record.get(metric_key)),
-              change(record.get(metric_key), b.get(metric_key), "points") if base else None)
-    c2.metric("MACs", format_macs(record.get("macs")), change(record.get("macs"), b.get("macs")) if base else None,
-              delta_color="inverse")
-    c3.metric("Parameters", format_params(record.get("params")),
-              change(record.get("params"), b.get("params")) if base else None, delta_color="inverse")
-    c4.metric("Latency (OpenVINO CPU)", format_ms(record.get("latency_ms")),
-              change(record.get("latency_ms"), b.get("latency_ms")) if base else None, delta_color="inverse")
+    cols = st.columns(4 if "latency_ms" in record else 3)
+    cols[0].metric(metric, format_pct(value(record)), change(value(record), value(b), "points") if base else None)
+    cols[1].metric("MACs", format_macs(record.get("macs")), change(record.get("macs"), b.get("macs")) if base else None,
+                   delta_color="inverse")
+    cols[2].metric("Parameters", format_params(record.get("params")),
+                   change(record.get("params"), b.get("params")) if base else None, delta_color="inverse")
+    if "latency_ms" in record:
+        cols[3].metric("Latency (OpenVINO CPU)", format_ms(record.get("latency_ms")),
+                       change(record.get("latency_ms"), b.get("latency_ms")) if base else None, delta_color="inverse")
 
 
 def job_progress(snap: JobSnapshot, label: str) -> None:
@@ -188,7 +237,7 @@ def job_status(registry, kind: str, key: str, label: str, was_running: bool, wha
 
 
 def start_cancel_buttons(running: bool, config, start, cancel) -> None:
-    """Start / Cancel of a pruning job, and the error the last start left (both Prune views)."""
+    """Start / Cancel of a pruning job, and the error the last start left."""
     b1, b2, _ = st.columns([1, 1, 4])
     b1.button("Start pruning", type="primary", key="pr_start", disabled=running or config is None,
               on_click=start, args=(config,), icon=":material/play_arrow:", width="stretch")
@@ -199,7 +248,7 @@ def start_cancel_buttons(running: bool, config, start, cancel) -> None:
 
 
 def prune_outcome(s) -> None:
-    """How a finished pruning job ended (failed / done and why it stopped / cancelled): both Prune views."""
+    """How a finished pruning job ended (failed / done and why it stopped / cancelled)."""
     from core.runs import Run
 
     kept = max(len(s.steps) - 1, 0)
@@ -221,7 +270,7 @@ def threshold_pick(state, run, hist: list[dict], prune_cfg: dict, sel, metric: s
     from core import visualize as V
 
     base = hist[0]
-    drops = [(base["metric"] - r["metric"]) * 100 for r in hist]
+    drops = [(base["accuracy"] - r["accuracy"]) * 100 for r in hist]
     top = max(5.0, float(prune_cfg.get("max_drop") or 0), max(drops) + 0.5)
     default = state.max_drop if state.max_drop is not None and str(state.run_dir) == str(run.dir) else \
         float(prune_cfg.get("max_drop") or 1.0)

@@ -1,22 +1,19 @@
-"""The object-detection (SSD) parts of the pages: each function lays out one page's detection view and calls
-``core.detection``. The pages call these when the task (Load) or the run (Review, Export) is detection."""
+"""The panels that really differ for object detection (SSD): its load form, its data report and pictures,
+its per-group CAR analysis, its settings' ranges, its per-class AP and boxes on Review, its bundle on
+Export. The pages own the flow and everything the tasks share (state, jobs, progress, threshold, charts)."""
 from __future__ import annotations
-
-import shutil
 
 import streamlit as st
 
 from core.detection import visualize as DV
-from core import criteria
+from core.detection.models import DETECTION_ARCHITECTURES
 from core.errors import PruneScopeError
-from core.jobs import JobAlreadyRunning, detection_car_job, detection_prune_job
+from core.jobs import JobAlreadyRunning, detection_car_job
 from core.sources import load_voc_dataset
-from core import visualize as V
 from ui.charts import fig_class_counts
-from ui.common import (format_macs, format_params, format_seconds, hardware_profile_picker, job_progress, job_status,
-                       page_link, prune_outcome, start_cancel_buttons, state_badge, threshold_pick)
-from ui.state import (AppState, detection_baseline, detection_groups, detection_pictures, digest, get_registry,
-                      sample_detection, save_upload)
+from ui.common import format_macs, format_params, format_seconds, job_status, page_link
+from ui.state import (AppState, detection_baseline, detection_data_for_run, detection_groups, detection_pictures,
+                      digest, get_registry, get_state, run_model, sample_detection, save_upload)
 
 METRIC = "mAP@0.5"
 MODEL_SOURCES = ("Bundled sample detector (ssd_counting)", "Architecture + weights (state dict)")
@@ -30,16 +27,21 @@ def format_map(value) -> str:
 # ----------------------------------------------------------------------------- Load
 
 
-def load_sample_detection_callback() -> None:
-    from ui.state import get_state
+def use_detection(state: AppState, model, info: dict, label: str, key: str, data, data_label: str) -> None:
+    """Make a detector and its VOC data the session's model and data, with the baseline measured."""
+    state.set_model(model, label, key, task="detection", info=info)
+    state.set_data(data, data_label, data.source)
+    state.baseline = detection_baseline(state.key, model, data, tuple(info["mean"]), tuple(info["std"]))
 
+
+def load_sample_detection_callback() -> None:
     state = get_state()
     try:
         model, entry, data = sample_detection()
         info = {"mean": entry["mean"], "std": entry["std"], "class_names": entry["class_names"],
                 "source": f"sample:{entry['name']}"}
-        state.set_detection(model, info, f"{entry['name']} (bundled sample detector, {entry['architecture']})",
-                            f"sample:{entry['name']}", data, f"{entry['dataset']} (bundled sample data set)")
+        use_detection(state, model, info, f"{entry['name']} (bundled sample detector, {entry['architecture']})",
+                      f"sample:{entry['name']}", data, f"{entry['dataset']} (bundled sample data set)")
         st.session_state.pop("det_error", None)
     except PruneScopeError as exc:
         st.session_state["det_error"] = str(exc)
@@ -97,84 +99,68 @@ def load_detection_upload(state: AppState, model_source: str, arch: str, size: t
         label, key = f"uploaded {arch} ({len(weights) / 1e6:.1f} MB)", f"upload:{digest(weights)}:{arch}:{size}"
     else:
         label, key = f"{info['source'].split(':', 1)[1]} (bundled sample detector)", info["source"]
-    state.set_detection(model, info, label, key, data, data_label)
+    use_detection(state, model, info, label, key, data, data_label)
 
 
-def detection_load_page(state: AppState) -> None:
-    from core.detection.models import DETECTION_ARCHITECTURES
-
-    tab_sample, tab_upload = st.tabs(["Bundled sample", "Upload your own"])
-    with tab_sample:
-        st.markdown("**ssd_counting**: a small MobileNetV2-style SSD (128×128) trained on generated counting scenes: "
-                    "heads, squares and triangles on cluttered backgrounds (2000 train / 300 val images).")
-        st.button("Load the sample detector", type="primary", key="det_load_sample", icon=":material/play_arrow:",
-                  on_click=load_sample_detection_callback)
-        if st.session_state.get("det_error"):
-            st.error(st.session_state["det_error"])
-    with tab_upload:
-        left, right = st.columns(2, gap="large")
-        with left:
-            st.subheader("Detector")
-            model_source = st.radio("Model", MODEL_SOURCES, key="det_model_source")
-            arch, size, mean_text, std_text, weights_file = None, (128, 128), "", "", None
-            if model_source == MODEL_SOURCES[1]:
-                archs = list(DETECTION_ARCHITECTURES)
-                arch = st.selectbox("Architecture", archs, key="det_arch",
-                                    format_func=lambda a: f"{a} ({DETECTION_ARCHITECTURES[a].input_size[0]} px)",
-                                    help="The number of classes is taken from the data set (+1 for the background).")
-                st.caption(DETECTION_ARCHITECTURES[arch].description)
-                default = DETECTION_ARCHITECTURES[arch].input_size
-                c1, c2 = st.columns(2)
-                h = c1.number_input("Input height (px)", 32, 1024, default[0], key=f"det_h_{arch}")
-                w = c2.number_input("Input width (px)", 32, 1024, default[1], key=f"det_w_{arch}")
-                size = (int(h), int(w))
-                mean_text = st.text_input("Normalisation mean (R, G, B)", "0.5, 0.5, 0.5", key="det_mean")
-                std_text = st.text_input("Normalisation std (R, G, B)", "0.5, 0.5, 0.5", key="det_std")
-                weights_file = st.file_uploader("Weights (state dict .pt / .pth)", type=["pt", "pth", "bin", "ckpt"],
-                                                key="det_weights")
-        with right:
-            st.subheader("Data set")
-            data_source = st.radio("Data", DATA_SOURCES, key="det_data_source")
-            voc_file = None
-            if data_source == DATA_SOURCES[1]:
-                st.markdown("A zip with `JPEGImages/` and `Annotations/` (one VOC XML per image), optionally "
-                            "`ImageSets/Main/train.txt` and `val.txt`. Bad files are skipped and listed; boxes "
-                            "outside the image are clipped or rejected and listed.")
-                voc_file = st.file_uploader("Pascal VOC zip", type=["zip"], key="det_voc_zip")
-        if st.button("Load and validate", type="primary", key="det_load_upload", icon=":material/task_alt:"):
-            with st.spinner("Loading and validating..."):
-                load_detection_upload(state, model_source, arch, size, mean_text, std_text, weights_file, data_source,
-                                      voc_file)
-
-    st.divider()
-    if not state.det_ready or state.task != "detection":
-        st.info("Nothing loaded yet: take the sample detector or upload a detector and a VOC data set above.",
-                icon=":material/info:")
-        return
-    detection_summary(state)
+def sample_tab() -> None:
+    """The bundled sample detector, one click."""
+    st.markdown("**ssd_counting**: a small MobileNetV2-style SSD (128×128) trained on generated counting scenes: "
+                "heads, squares and triangles on cluttered backgrounds (2000 train / 300 val images).")
+    st.button("Load the sample detector", type="primary", key="det_load_sample", icon=":material/play_arrow:",
+              on_click=load_sample_detection_callback)
+    if st.session_state.get("det_error"):
+        st.error(st.session_state["det_error"])
 
 
-def detection_summary(state: AppState) -> None:
-    model, data, info = state.detector, state.det_data, state.det_info
-    if state.det_baseline is None:
-        state.det_baseline = detection_baseline(state.det_run_key, model, data, tuple(info["mean"]), tuple(info["std"]))
-    b = state.det_baseline
-    st.subheader("Current detector")
+def upload_form(state: AppState) -> None:
+    """A detector (sample or architecture + state dict) and a data set (sample or Pascal VOC zip)."""
+    left, right = st.columns(2, gap="large")
+    with left:
+        st.subheader("Detector")
+        model_source = st.radio("Model", MODEL_SOURCES, key="det_model_source")
+        arch, size, mean_text, std_text, weights_file = None, (128, 128), "", "", None
+        if model_source == MODEL_SOURCES[1]:
+            archs = list(DETECTION_ARCHITECTURES)
+            arch = st.selectbox("Architecture", archs, key="det_arch",
+                                format_func=lambda a: f"{a} ({DETECTION_ARCHITECTURES[a].input_size[0]} px)",
+                                help="The number of classes is taken from the data set (+1 for the background).")
+            st.caption(DETECTION_ARCHITECTURES[arch].description)
+            default = DETECTION_ARCHITECTURES[arch].input_size
+            c1, c2 = st.columns(2)
+            h = c1.number_input("Input height (px)", 32, 1024, default[0], key=f"det_h_{arch}")
+            w = c2.number_input("Input width (px)", 32, 1024, default[1], key=f"det_w_{arch}")
+            size = (int(h), int(w))
+            mean_text = st.text_input("Normalisation mean (R, G, B)", "0.5, 0.5, 0.5", key="det_mean")
+            std_text = st.text_input("Normalisation std (R, G, B)", "0.5, 0.5, 0.5", key="det_std")
+            weights_file = st.file_uploader("Weights (state dict .pt / .pth)", type=["pt", "pth", "bin", "ckpt"],
+                                            key="det_weights")
+    with right:
+        st.subheader("Data set")
+        data_source = st.radio("Data", DATA_SOURCES, key="det_data_source")
+        voc_file = None
+        if data_source == DATA_SOURCES[1]:
+            st.markdown("A zip with `JPEGImages/` and `Annotations/` (one VOC XML per image), optionally "
+                        "`ImageSets/Main/train.txt` and `val.txt`. Bad files are skipped and listed; boxes "
+                        "outside the image are clipped or rejected and listed.")
+            voc_file = st.file_uploader("Pascal VOC zip", type=["zip"], key="det_voc_zip")
+    if st.button("Load and validate", type="primary", key="det_load_upload", icon=":material/task_alt:"):
+        with st.spinner("Loading and validating..."):
+            load_detection_upload(state, model_source, arch, size, mean_text, std_text, weights_file, data_source,
+                                  voc_file)
+
+
+def loaded_details(state: AppState) -> None:
+    """Below the shared baseline metrics: how mAP was measured, AP per class, the VOC data report, pictures."""
+    model, data, info, b = state.model, state.data, state.model_info, state.baseline
     h, w = model.input_size
-    st.markdown(f"**{state.det_label}** · {len(data.class_names)} object classes ({', '.join(data.class_names)}) + "
-                f"background · input 3×{h}×{w}, mean {list(info['mean'])}, std {list(info['std'])}")
-    c1, c2, c3 = st.columns(3)
-    c1.metric(METRIC, format_map(b["map"]))
-    c2.metric("MACs", format_macs(b["macs"]))
-    c3.metric("Parameters", format_params(b["params"]))
     st.caption(f"{METRIC}: Pascal VOC rules on {b['n']} validation images (score threshold 0.01, NMS IoU 0.45); "
-               f"MACs and parameters of one {h}×{w} image.")
+               f"MACs and parameters of one {h}×{w} image. Object classes: {', '.join(data.class_names)}.")
     if b["per_class"]:
         st.markdown("**AP per class**: " + " · ".join(f"{k} {format_map(v)}" for k, v in b["per_class"].items()))
 
     st.subheader("Data set validation")
     report = data.report
-    st.markdown(f"**{state.det_data_label}** · {len(data.train)} training and {len(data.val)} validation images · "
+    st.markdown(f"**{state.data_label}** · {len(data.train)} training and {len(data.val)} validation images · "
                 f"{report.num_objects} objects" + (f" · {report.split}" if report.split else ""))
     detection_report(report)
     c1, c2 = st.columns([1, 2])
@@ -185,15 +171,9 @@ def detection_summary(state: AppState) -> None:
         st.markdown("**Validation images**: ground truth in green, detections in red")
         min_score = st.slider("Show detections scoring at least", 0.05, 0.95, 0.3, step=0.05, key="det_min_score")
         n = min(6, len(data.val))
-        pictures = detection_pictures(state.det_run_key, model, data.val, tuple(info["mean"]), tuple(info["std"]),
+        pictures = detection_pictures(state.key, model, data.val, tuple(info["mean"]), tuple(info["std"]),
                                       tuple(range(n)), float(min_score))
         st.image(pictures, width=200, caption=[f"val image {i}" for i in range(n)])
-    st.markdown("**Next**")
-    c1, c2, _ = st.columns([1, 1, 3])
-    with c1:
-        page_link("analyse", "Analyse the filters")
-    with c2:
-        page_link("prune", "Prune")
 
 
 def detection_report(report) -> None:
@@ -232,8 +212,9 @@ def detection_report(report) -> None:
 # ----------------------------------------------------------------------------- Analyse
 
 
-def detection_analyse_page(state: AppState) -> None:
-    if not state.det_ready:
+def analysis_panel(state: AppState) -> None:
+    """CAR (mAP drop) of the filters of one layer group at a time: a detector's CAR costs one mAP per filter."""
+    if not state.ready:
         st.info("**Load a detector first** on the Load page.", icon=":material/info:")
         page_link("load", "Go to Load")
         return
@@ -242,26 +223,26 @@ def detection_analyse_page(state: AppState) -> None:
                 "Every filter costs one decode + NMS + mAP, so CAR is measured here for the filters of **one layer "
                 "group** at a time, on a subset of the validation images. The pruning run scores every filter by "
                 "its MultiBox-loss increase and decides each cluster by its exact mAP drop.")
-    groups = [g for g in detection_groups(state.det_key, state.detector) if not g.get("left_alone")]
+    groups = [g for g in detection_groups(state.key, state.model) if not g.get("left_alone")]
     roots = [g["root"] for g in groups]
     by_root = {g["root"]: g for g in groups}
     st.dataframe([{"layer group": g["root"], "filters": g["width"], "MACs per filter": format_macs(g["macs_per_filter"]),
                    "coupled layers": len(g["producers"])} for g in groups], hide_index=True, width="stretch")
     st.caption("The head's output convolutions fix the [anchors, 4 + classes] output and are never pruned.")
-    job_key = state.det_run_key
+    job_key = state.key
     job = registry.latest("detection-car", job_key)
     if job is not None:
         snap = job.snapshot()
-        if snap.state == "done" and (state.det_car is None or state.det_car is not snap.result):
-            state.det_car = snap.result
+        if snap.state == "done" and (state.car is None or state.car is not snap.result):
+            state.car = snap.result
     running = job is not None and job.running
 
     def start(root: str, n_images: int) -> None:
         try:
-            registry.start("detection-car", detection_car_job(state.detector, root, state.det_data.val,
-                                                              state.det_info["mean"], state.det_info["std"],
+            registry.start("detection-car", detection_car_job(state.model, root, state.data.val,
+                                                              state.model_info["mean"], state.model_info["std"],
                                                               n_images), key=job_key, meta={"root": root})
-            state.det_car = None
+            state.car = None
         except JobAlreadyRunning:
             pass
 
@@ -274,7 +255,7 @@ def detection_analyse_page(state: AppState) -> None:
         c1, c2, c3 = st.columns([2, 1, 1], vertical_alignment="bottom")
         root = c1.selectbox("Layer group", roots, key="det_an_group",
                             format_func=lambda r: f"{r} · {by_root[r]['width']} filters")
-        n_max = len(state.det_data.val)
+        n_max = len(state.data.val)
         n_images = c2.slider("Validation images", min(10, n_max), n_max, min(48, n_max), key="det_an_images",
                              help="mAP is measured on this many validation images per filter.")
         if running:
@@ -288,7 +269,7 @@ def detection_analyse_page(state: AppState) -> None:
         job_status(registry, "detection-car", job_key, "Detection CAR", running, what="CAR analysis")
 
     car_status()
-    car = state.det_car
+    car = state.car
     if car is None:
         if not running:
             st.info("Choose a layer group and press **Compute CAR**: it runs in the background.",
@@ -303,180 +284,22 @@ def detection_analyse_page(state: AppState) -> None:
     page_link("prune", "Prune")
 
 
-# ----------------------------------------------------------------------------- Prune
-
-
-def detection_prune_page(state: AppState) -> None:
-    from core.detection.prune import DetectionPruneConfig
-    from core.workspace import new_run_dir
-
-    registry = get_registry()
-    active = registry.active("prune")
-    if active:
-        st.session_state["prune_job_id"] = active[0].id
-    job = registry.get(st.session_state.get("prune_job_id"))
-    running = job is not None and job.running
-
-    def start(config) -> None:
-        st.session_state.pop("prune_error", None)
-        if registry.active("prune"):
-            st.session_state["prune_job_id"] = registry.active("prune")[0].id
-            return
-        run_dir = None
-        try:
-            config.validate()
-            run_dir = new_run_dir(state.detector.config["arch"])
-            j = registry.start("prune", detection_prune_job(state.detector, state.det_info, state.det_data, config,
-                                                            run_dir),
-                               run_dir=run_dir, total_steps=config.max_steps + 1,
-                               meta={"max_drop": config.max_drop, "max_steps": config.max_steps,
-                                     "model": state.det_label, "task": "detection"})
-        except JobAlreadyRunning as exc:
-            shutil.rmtree(run_dir, ignore_errors=True)
-            j = exc.job
-        except PruneScopeError as exc:
-            st.session_state["prune_error"] = str(exc)
-            return
-        st.session_state["prune_job_id"] = j.id
-        state.run_dir, state.export_step = str(j.run_dir), None
-
-    def cancel() -> None:
-        for j in registry.active("prune"):
-            j.request_cancel()
-
-    config, defaults = None, DetectionPruneConfig.app_defaults()
-    with st.container(border=True):
-        if not state.det_ready:
-            st.info("No detector loaded in this tab; the pruning job is shown below.")
-            page_link("load", "Go to Load")
-        else:
-            b = state.det_baseline or {}
-            st.markdown(f"**{state.det_label}** · baseline {METRIC} {format_map(b.get('map'))}, "
-                        f"{format_macs(b.get('macs'))} MACs")
-            c1, c2, c3 = st.columns(3, gap="large")
-            with c1:
-                criterion = st.selectbox("Criterion", criteria.names(DetectionPruneConfig.task), key="det_pr_criterion",
-                                         disabled=running,
-                                         help="car: filters ordered by their loss increase, clusters decided by "
-                                              "exact mAP drop; l1 / random for comparison.")
-                max_drop = st.slider(f"Acceptable {METRIC} drop (points)", 0.0, 10.0, defaults.max_drop, step=0.1,
-                                     key="det_pr_max_drop", disabled=running)
-                mac_on = st.toggle("Stop at a MAC target", value=False, key="det_pr_mac_on", disabled=running)
-                mac_target = st.slider("MAC target (% of the original)", 10, 95, 50, step=5, key="det_pr_mac_target",
-                                       disabled=running) if mac_on else None
-            with c2:
-                cluster = hardware_profile_picker("det_pr", running)
-                max_steps = st.slider("Step limit", 1, 50, defaults.max_steps, key="det_pr_max_steps", disabled=running)
-            with c3:
-                finetune_steps = st.slider("Fine-tune budget (mini-batches per step)", 0, 200, defaults.finetune_steps,
-                                           step=5, key="det_pr_finetune", disabled=running)
-                score_images = st.slider("Images for screening", 16, 512, defaults.score_images, step=16,
-                                         key="det_pr_score_images", disabled=running)
-                latency = st.toggle("Measure OpenVINO latency every step", value=defaults.latency, key="det_pr_latency",
-                                    disabled=running)
-            config = DetectionPruneConfig(criterion=criterion, cluster=cluster, max_drop=float(max_drop),
-                                          mac_target=None if mac_target is None else mac_target / 100,
-                                          finetune_steps=int(finetune_steps), score_images=int(score_images),
-                                          max_steps=int(max_steps), latency=latency)
-        start_cancel_buttons(running, config, start, cancel)
-
-    @st.fragment(run_every=1.0 if running else None)
-    def live() -> None:
-        j = registry.get(job.id) if job is not None else None
-        if j is None:
-            return
-        s = j.snapshot()
-        if not s.running and running:
-            st.rerun()
-        st.subheader("Progress" if s.running else "Last run")
-        name = s.run_dir.name if s.run_dir else s.id
-        st.markdown(f"Run `{name}` · {state_badge(s.state)}")
-        if s.running:
-            job_progress(s, "Pruning")
-        else:
-            prune_outcome(s)
-        if not s.running and (s.state != "failed" or s.steps):
-            page_link("review", "Review the run")
-        if s.steps:
-            last, first = s.steps[-1], s.steps[0]
-            c1, c2, c3 = st.columns(3)
-            c1.metric(METRIC, format_map(last.get("metric")),
-                      f"{(last['metric'] - first['metric']) * 100:+.2f} points" if len(s.steps) > 1 else None)
-            c2.metric("MACs", format_macs(last.get("macs")))
-            c3.metric("Parameters", format_params(last.get("params")))
-            c1, c2 = st.columns(2)
-            with c1:
-                st.plotly_chart(V.fig_tradeoff({name: s.steps}, x="macs", threshold_points=s.meta.get("max_drop"),
-                                               metric=METRIC), key="det_pr_fig_tradeoff")
-            with c2:
-                st.plotly_chart(V.fig_progress(s.steps, METRIC), key="det_pr_fig_progress")
-
-    if job is not None:
-        live()
-    else:
-        st.info(f"Choose the settings and press **Start pruning**. Each step screens every cluster, measures the "
-                f"exact {METRIC} of the best few, removes one, fine-tunes and measures again.", icon=":material/info:")
-
-
 # ----------------------------------------------------------------------------- Review
 
 
-def detection_review_page(state: AppState, entry: dict) -> None:
-    """A detection run: mAP (the run's config 'metric') against MACs, the threshold's pick, per-class AP, widths,
-    removed clusters, and validation images with boxes before and after pruning."""
-    from ui.state import detection_data_for_run, run_model
-
-    run = entry["run"]
-    sel, hist = entry["name"], run.history
-    metric = run.metric_name
-    cfg = run.config.get("prune") or {}
-    st.markdown(f"{state_badge(entry['state'])} **{run.spec.arch}** detector on `{entry['data_source']}` · metric "
-                f"**{metric}** · criterion **{cfg.get('criterion')}**, cluster **{cfg.get('cluster')}**, budget "
-                f"**{cfg.get('max_drop')} {metric} points**")
-    if entry["state"] == "interrupted":
-        st.warning("This run was interrupted; its completed steps are intact.", icon=":material/warning:")
-    elif entry["state"] in ("running", "cancelling"):
-        st.info("This run is still going: the page shows the steps completed so far.", icon=":material/hourglass_top:")
-        st.button("Refresh", key="rv_refresh", icon=":material/refresh:")
-    if len(hist) < 2:
-        st.info("No pruning step has completed in this run yet.", icon=":material/info:")
+def ap_per_class(base: dict, pick: dict) -> None:
+    """AP per class of the original and the picked step (the Review page's per-class view for a detector)."""
+    if not (base.get("per_class") and pick.get("per_class")):
+        st.caption("AP per class was not recorded in this run.")
         return
-    base = hist[0]
-    thr, pick = threshold_pick(state, run, hist, cfg, sel, metric)
-    with st.container(border=True):
-        if pick["step"] == 0:
-            st.markdown(f"No pruned step stays within **{thr:.1f} points**: the original is the pick.")
-        else:
-            st.markdown(f"**Step {pick['step']}** is the smallest model within **{thr:.1f} points**: {metric} "
-                        f"{format_map(pick['metric'])} ({(pick['metric'] - base['metric']) * 100:+.2f} points), "
-                        f"{format_macs(pick['macs'])} MACs ({(pick['macs'] / base['macs'] - 1) * 100:+.1f} %).")
-        c1, c2, c3 = st.columns(3)
-        c1.metric(metric, format_map(pick["metric"]),
-                  f"{(pick['metric'] - base['metric']) * 100:+.2f} points" if pick["step"] else None)
-        c2.metric("MACs", format_macs(pick["macs"]), delta_color="inverse",
-                  delta=f"{(pick['macs'] / base['macs'] - 1) * 100:+.1f} %" if pick["step"] else None)
-        c3.metric("Parameters", format_params(pick["params"]), delta_color="inverse",
-                  delta=f"{(pick['params'] / base['params'] - 1) * 100:+.1f} %" if pick["step"] else None)
-        page_link("export", f"Export step {pick['step']}")
-    c1, c2 = st.columns(2)
-    with c1:
-        st.plotly_chart(V.fig_tradeoff({run.name: hist}, x="macs", threshold_points=thr, selected_step=pick["step"],
-                                       metric=metric), key="rv_fig_macs")
-    with c2:
-        st.plotly_chart(V.fig_widths(base["widths"], pick["widths"]), key="rv_fig_widths")
-    if base.get("per_class") and pick.get("per_class"):
-        st.markdown("**AP per class** (validation)")
-        st.dataframe([{"class": c, "original": format_map(ap), f"step {pick['step']}": format_map(pick["per_class"].get(c)),
-                       "change (points)": f"{((pick['per_class'].get(c) or 0) - ap) * 100:+.2f}"}
-                      for c, ap in base["per_class"].items()], hide_index=True, width="stretch")
-    removals = [r for r in hist[1:pick["step"] + 1] if r.get("removed")]
-    if removals:
-        st.markdown("**Removed clusters**")
-        st.dataframe([{"step": r["step"], "layer": r["removed"]["group"], "filters removed": len(r["removed"]["filters"]),
-                       "width": f"{r['removed']['width_before']} → {r['removed']['width_after']}",
-                       f"{metric} after": format_map(r["metric"]), "MACs after": format_macs(r["macs"])}
-                      for r in removals], hide_index=True, width="stretch")
+    st.markdown("**AP per class** (validation)")
+    st.dataframe([{"class": c, "original": format_map(ap), f"step {pick['step']}": format_map(pick["per_class"].get(c)),
+                   "change (points)": f"{((pick['per_class'].get(c) or 0) - ap) * 100:+.2f}"}
+                  for c, ap in base["per_class"].items()], hide_index=True, width="stretch")
 
+
+def boxes_before_after(run, sel: str, pick: dict) -> None:
+    """Validation images with the boxes of the original and of the picked step, side by side."""
     st.subheader("Images with predicted boxes before and after pruning")
     data = detection_data_for_run(run)
     if data is None:

@@ -1,13 +1,22 @@
 """What the pages share: the session's current model / data / run, the job registry, cached loaders.
 
 Pages only lay out widgets; everything they share lives here. The job registry is one object for
-the whole process (``st.cache_resource``), so a reloaded tab finds the job it started; the model and
-data of a session live in ``st.session_state`` (a reload asks for them again: one click for the
-sample, which is cached).
+the whole process (``st.cache_resource``), so a reloaded tab finds the job it started.
+
+State that survives a reload: a browser reload (or a new tab) is a new Streamlit session with empty
+``st.session_state``. At the end of every script run the app frame stores a shallow copy of the
+session's :class:`AppState` (the loaded model and data objects, baseline, CAR result and its
+settings) in the registry's process-level :class:`core.jobs.WorkingSets`, under a token that the URL
+carries (``?ws=...``); a new session takes the set of its token, or, without one (a new tab, or a
+page whose URL lost the parameter), the newest set of the process. Objects, not file paths, are
+kept: nothing is loaded or measured again, and a running or finished CAR job re-attaches because it
+is keyed by the restored ``AppState.key``. An app restart forgets the sets (the runs stay on disk).
 """
 from __future__ import annotations
 
+import copy
 import hashlib
+import secrets
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -17,86 +26,131 @@ from typing import Any
 import streamlit as st
 
 from core.data import DataSet, folder_upload_to_zip
+from core.evaluate import count_macs_params, evaluate_accuracy
+from core.ov_runtime import measure_latency_ms
 from core.sources import load_dataset, load_voc_dataset
 from core.jobs import JobRegistry
 from core.models import LoadedModel, load_model, sample_entry
 from core.workspace import atomic_write_bytes, uploads_dir
 
 STATE_KEY = "prunescope"
+TOKEN_KEY = "prunescope_token"
+TOKEN_PARAM = "ws"  # the URL query parameter carrying the session's working-set token
 DEFAULT_SAMPLE = "vgg_digits"
+TASKS = ("classification", "detection")
 
 
 @dataclass
 class AppState:
-    """The session's working set. ``model_key`` names model + data, so jobs and caches can tell them apart."""
+    """The session's working set, the same fields for every task. ``key`` names model + data, so jobs and
+    caches can tell them apart.
 
-    model: LoadedModel | None = None
+    ``task`` says what ``model`` and ``data`` are: "classification": a :class:`core.models.LoadedModel`
+    and a :class:`core.data.DataSet`; "detection": a ``core.detection.models.SSDDetector`` (its
+    normalisation, class names and source in ``model_info``) and a ``core.detection.data.DetectionData``.
+    ``baseline`` holds the task's metric under ``metric`` (accuracy or mAP@0.5, a fraction) plus MACs
+    and parameters; ``car`` the finished analysis (a ``CarResult``, or a detection ``GroupCar``).
+    """
+
+    task: str = "classification"
+    model: Any = None
     model_label: str = ""
     model_key: str = ""
     model_bytes: bytes | None = None  # only for a trusted pickle: runs store it to rebuild the model
-    data: DataSet | None = None
+    model_info: dict = field(default_factory=dict)  # detection: mean, std, class_names, source
+    data: Any = None
     data_label: str = ""
     data_source: str = ""  # what a run records: 'sample:NAME' or the saved upload's path
-    baseline: dict | None = None  # accuracy, per_class, confusion, macs, params, latency_ms
-    car: Any = None  # CarResult of the current model
-    car_settings: dict = field(default_factory=dict)
+    baseline: dict | None = None  # metric (+ accuracy / map), per_class, n, macs, params, ...
+    car: Any = None  # the finished analysis of the current model
+    car_settings: dict = field(default_factory=dict)  # what it was computed with (core.jobs.car_settings)
     run_dir: str | None = None  # the run being pruned / reviewed
     max_drop: float | None = None  # metric drop (points) chosen on Review: the export's threshold
     export_step: int | None = None  # step the threshold picked on Review (for Export)
     sample: str | None = None
-    # object detection (task == "detection"): the detector, its normalisation and the VOC data set
-    task: str = "classification"  # which model the pages work on: "classification" or "detection"
-    detector: Any = None  # core.detection.models.SSDDetector
-    det_info: dict = field(default_factory=dict)  # mean, std, class_names, source (what a run records)
-    det_label: str = ""
-    det_key: str = ""
-    det_data: Any = None  # core.detection.data.DetectionData
-    det_data_label: str = ""
-    det_baseline: dict | None = None  # map, per_class, n, macs, params
-    det_car: Any = None  # core.detection.analysis.GroupCar of the chosen group
+    load_job: str | None = None  # the "Load and validate" job whose result this set holds (adopted once)
 
     @property
     def ready(self) -> bool:
         return self.model is not None and self.data is not None
 
     @property
-    def det_ready(self) -> bool:
-        return self.detector is not None and self.det_data is not None
-
-    @property
-    def det_run_key(self) -> str:
-        return f"{self.det_key}|{self.det_data.source if self.det_data is not None else ''}"
-
-    def set_detection(self, detector, info: dict, label: str, key: str, data, data_label: str) -> None:
-        self.task = "detection"
-        self.detector, self.det_info, self.det_label, self.det_key = detector, dict(info), label, key
-        self.det_data, self.det_data_label = data, data_label
-        self.det_baseline = None
-        self.det_car = None
-
-    @property
     def key(self) -> str:
         return f"{self.model_key}|{self.data_source}"
 
-    def set_model(self, loaded: LoadedModel, label: str, key: str, model_bytes: bytes | None = None) -> None:
-        self.model, self.model_label, self.model_key, self.model_bytes = loaded, label, key, model_bytes
-        self.task = "classification"
+    def set_model(self, model, label: str, key: str, model_bytes: bytes | None = None,
+                  task: str = "classification", info: dict | None = None) -> None:
+        self.task, self.model, self.model_label, self.model_key = task, model, label, key
+        self.model_bytes, self.model_info = model_bytes, dict(info or {})
         self.data = None
         self.data_label = self.data_source = ""
         self.baseline = None
-        self.car = None
+        self.car, self.car_settings = None, {}
         self.sample = None
 
-    def set_data(self, data: DataSet, label: str, source: str) -> None:
+    def set_data(self, data, label: str, source: str) -> None:
         self.data, self.data_label, self.data_source = data, label, source
         self.baseline = None
-        self.car = None
+        self.car, self.car_settings = None, {}
+
+
+# The phases of the classification "Load and validate" job (core.jobs.phased_job), whose results they name.
+LOAD_MODEL, LOAD_DATA, LOAD_BASELINE, LOAD_CHECK = ("reading the model", "reading the data set",
+                                                     "measuring accuracy, MACs and OpenVINO latency",
+                                                     "checking the baseline's plausibility")
+
+
+def adopt_finished_load(state: "AppState") -> None:
+    """Take the result of this session's finished "Load and validate" job into its working set, once.
+
+    Runs in the app frame on every page, so a load finishes into the session wherever the user is, and
+    in a reloaded tab (same token). ``state.load_job`` marks the job as adopted in the working set itself:
+    a later reload restores the set, CAR result included, instead of adopting the load again.
+    """
+    job = get_registry().latest("load", session_token())
+    if job is None or job.running or state.load_job == job.id:
+        return
+    snap = job.snapshot()
+    state.load_job = job.id
+    if snap.state != "done":
+        return
+    result = snap.result
+    if LOAD_MODEL in result:
+        loaded, key, label, kept_bytes = result[LOAD_MODEL]
+        state.set_model(loaded, label, key, kept_bytes)
+    if LOAD_DATA in result:
+        data, label, path = result[LOAD_DATA]
+        state.set_data(data, label, str(path))
+        state.baseline = result[LOAD_BASELINE]
+        st.session_state["load_plausibility"] = (state.key, result[LOAD_CHECK])
+
+
+def session_token() -> str:
+    """This session's working-set token: the one in the URL (a reloaded tab), else a new one."""
+    token = st.session_state.get(TOKEN_KEY)
+    if token is None:
+        token = st.query_params.get(TOKEN_PARAM) or secrets.token_urlsafe(9)
+        st.session_state[TOKEN_KEY] = token
+    return token
 
 
 def get_state() -> AppState:
+    """The session's state; a new session (a reload, a new tab) starts from the remembered working set."""
     if STATE_KEY not in st.session_state:
-        st.session_state[STATE_KEY] = AppState()
+        saved = get_registry().working_sets.recall(session_token())
+        st.session_state[STATE_KEY] = copy.copy(saved) if saved is not None else AppState()
     return st.session_state[STATE_KEY]
+
+
+def remember_state() -> None:
+    """Keep the session's working set for a reload (called by the app frame after every script run) and
+    put its token in the URL, so the reloaded tab asks for its own set."""
+    state = st.session_state.get(STATE_KEY)
+    token = session_token()
+    if state is not None and state.model is not None:
+        get_registry().working_sets.remember(token, copy.copy(state))
+    if st.query_params.get(TOKEN_PARAM) != token:
+        st.query_params[TOKEN_PARAM] = token
 
 
 @st.cache_resource
@@ -122,8 +176,6 @@ def model_lock(model) -> threading.Lock:
 
 def private_copy(loaded: LoadedModel) -> LoadedModel:
     """A copy of the model for a background job, taken while no script run has hooks on it."""
-    import copy
-
     with model_lock(loaded.model):
         model = copy.deepcopy(loaded.model)
     return LoadedModel(model.eval(), copy.deepcopy(loaded.spec), list(loaded.notes))
@@ -189,20 +241,23 @@ def files_to_zip(files: list[tuple[str, bytes]], keep_parts: int = 3) -> bytes:
     return folder_upload_to_zip(files, keep_parts)
 
 
-@st.cache_resource(show_spinner="Measuring the baseline: accuracy, MACs, parameters, OpenVINO latency...", max_entries=8)
-def _baseline(key: str, _loaded: LoadedModel, _data: DataSet) -> dict:
-    from core.evaluate import count_macs_params, evaluate_accuracy
-    from core.ov_runtime import measure_latency_ms
-
-    acc = evaluate_accuracy(_loaded.model, _data.val, _loaded.spec.input)
-    macs, params = count_macs_params(_loaded.model, _loaded.spec.input)
+def measure_baseline(loaded: LoadedModel, data: DataSet) -> dict:
+    """Accuracy (also under ``metric``), per-class accuracy, confusion, MACs, parameters and OpenVINO CPU
+    latency of a model on its data's validation images. No Streamlit: a background job may call it."""
+    acc = evaluate_accuracy(loaded.model, data.val, loaded.spec.input)
+    macs, params = count_macs_params(loaded.model, loaded.spec.input)
     try:
-        latency = measure_latency_ms(_loaded.model, _loaded.spec.input.shape(1), runs=30, warmup=5)
+        latency = measure_latency_ms(loaded.model, loaded.spec.input.shape(1), runs=30, warmup=5)
         latency_note = "OpenVINO CPU, batch 1, median of 30 runs"
     except Exception as exc:  # OpenVINO cannot convert every model; accuracy still matters
         latency, latency_note = None, f"not measured: {type(exc).__name__}: {exc}"
-    return {"accuracy": acc.accuracy, "per_class": acc.per_class, "confusion": acc.confusion, "n": acc.n,
-            "macs": macs, "params": params, "latency_ms": latency, "latency_note": latency_note}
+    return {"metric": acc.accuracy, "accuracy": acc.accuracy, "per_class": acc.per_class, "confusion": acc.confusion,
+            "n": acc.n, "macs": macs, "params": params, "latency_ms": latency, "latency_note": latency_note}
+
+
+@st.cache_resource(show_spinner="Measuring the baseline: accuracy, MACs, parameters, OpenVINO latency...", max_entries=8)
+def _baseline(key: str, _loaded: LoadedModel, _data: DataSet) -> dict:
+    return measure_baseline(_loaded, _data)
 
 
 def baseline(key: str, loaded: LoadedModel, data: DataSet) -> dict:
@@ -221,7 +276,7 @@ def run_data(data_source: str, input_spec: tuple, num_classes: int, val_fraction
 def data_for_run(run) -> DataSet | None:
     """The current data if it is the run's, else the run's data set reloaded; None if it is gone."""
     state = get_state()
-    if state.data is not None and state.data_source == run.config.get("data_source"):
+    if state.task == "classification" and state.data is not None and state.data_source == run.config.get("data_source"):
         return state.data
     opts = run.config.get("data_options") or {}
     spec = run.spec.input
@@ -261,7 +316,7 @@ def detection_baseline(key: str, _model, _data, mean: tuple, std: tuple) -> dict
 
     result = evaluate_map(_model, _data.val, mean, std)
     macs, params = detector_cost(_model, mean, std)
-    return {"map": result.map, "per_class": result.per_class, "n": result.n_images,
+    return {"metric": result.map, "map": result.map, "accuracy": result.map, "per_class": result.per_class, "n": result.n_images,
             "macs": macs, "params": params}
 
 
@@ -275,8 +330,8 @@ def detection_data_for_run(run):
     """The detection data set a run was made with: the session's if it is the same, else reloaded (None if gone)."""
     state = get_state()
     source = run.config.get("data_source", "")
-    if state.det_data is not None and state.det_data.source == source:
-        return state.det_data
+    if state.task == "detection" and state.data is not None and state.data.source == source:
+        return state.data
     opts = run.config.get("data_options") or {}
     try:
         return detection_run_data(source, (run.spec.input.height, run.spec.input.width),
