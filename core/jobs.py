@@ -16,11 +16,11 @@ import itertools
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .car import compute_car
+from .car import CarResult, compute_car
 from .detection.analysis import group_car
 from .detection.export import export_detection_run
 from .detection.prune import run_detection_pruning
@@ -389,9 +389,9 @@ def prune_job(loaded, data, config, run_dir: Path, data_source: str | None = Non
 
     ``car`` + ``car_meta``: a finished CAR analysis (a :class:`core.car.CarResult`) and the
     :func:`car_settings` it was computed with. With ``config.analyse_car``, when they match this run's
-    original, images and ``score_images`` (:func:`reusable_car`), the analysis is stored as the run's
-    ``car.json`` instead of being computed again (minutes on a real model), and the job's log says so;
-    the run's config then says ``analyse_car: false`` and ``car.json`` says where it came from.
+    original, images and ``score_images`` (:func:`reusable_car`), the analysis is handed to the run,
+    which stores it as its ``car.json`` (saying it was reused) and seeds step 1's filter scores from it
+    instead of computing it again (minutes on a real model); the job's log says so.
 
     Overall progress: the original's measurement and analysis count as one unit, then each pruning
     step one more, of ``config.max_steps + 1``; the run may stop earlier (threshold, MAC target),
@@ -399,14 +399,12 @@ def prune_job(loaded, data, config, run_dir: Path, data_source: str | None = Non
     """
 
     total = config.max_steps + 1
-    note = None
+    note, reused = None, None
     if config.analyse_car:
         reuse, why = reusable_car(car, car_meta, loaded.model, data.val, config)
         if reuse:
-            analysis = car.to_dict() if hasattr(car, "to_dict") else dict(car)
-            atomic_write_json(Path(run_dir) / "car.json", {**analysis, "reused_from": "finished analysis of the "
-                                                            "loaded model (Analyse page)", "settings": car_meta})
-            config = replace(config, analyse_car=False)
+            # the run stores it as its car.json and seeds step 1's scores from it (core.rescore)
+            reused = car if hasattr(car, "to_dict") else CarResult.from_dict(car)
             note = (f"CAR analysis of the original: reused the finished analysis ({car_meta['n_images']} images; "
                     f"{why}) instead of recomputing it.")
         else:
@@ -417,7 +415,8 @@ def prune_job(loaded, data, config, run_dir: Path, data_source: str | None = Non
             ctx.log(note)
             ctx.progress(0.0, note)
         return run_pruning(loaded, data, config, run_dir, callbacks=run_progress(ctx, total), cancel=ctx.cancel,
-                           data_source=data_source, original_bytes=original_bytes, data_options=data_options)
+                           data_source=data_source, original_bytes=original_bytes, data_options=data_options,
+                           analysis=reused)
 
     return fn
 

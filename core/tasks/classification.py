@@ -84,7 +84,8 @@ class ClassificationTask:
         score images; seeds the score book so that step 1 measures nothing twice."""
         images = self.score_images()
         wanted = {"model": model_fingerprint(model), "images": tensors_fingerprint(images.images, images.labels)}
-        if self.analysis is not None and self.analysis.fingerprint == wanted:
+        reused = self.analysis is not None and self.analysis.fingerprint == wanted and bool(self.analysis.sensitivity)
+        if reused:
             progress(1.0, "reused the finished analysis of this model on the same images (not recomputed)")
             result = self.analysis
         else:
@@ -92,7 +93,8 @@ class ClassificationTask:
                                  cancel=cancel, method=self.config.car, device=self.device)
         if self.config.criterion == "car":
             self.book.seed_from_analysis(result)
-        return result.to_dict()
+        return {**result.to_dict(), **({"reused_from": "a finished analysis of this model on the same images"}
+                                       if reused else {})}
 
     def scorer(self, model: nn.Module) -> CarScorer | None:
         if self.config.criterion != "car":
