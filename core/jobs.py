@@ -429,6 +429,14 @@ def reusable_car(car: Any, settings: dict | None, model, images, config) -> tupl
     return True, f"same model, images and settings ({settings_fingerprint(wanted)})"
 
 
+def split_options_of(data) -> dict:
+    """What a run records of its data set's split (as the CLI does), so that Review, recovery and export reload
+    the same selection and test images: the loader's settings plus :meth:`core.data.DataSet.split_record`."""
+    split = getattr(data, "split", None) or {}
+    return {"val_fraction": split.get("val_fraction", 0.2), "seed": split.get("seed", 0),
+            "test_fraction": split.get("test_fraction", 0.0), "split": data.split_record()}
+
+
 def prune_job(loaded, data, config, run_dir: Path, data_source: str | None = None,
               original_bytes: bytes | None = None, data_options: dict | None = None,
               car: Any = None, car_meta: dict | None = None) -> JobFunction:
@@ -438,7 +446,8 @@ def prune_job(loaded, data, config, run_dir: Path, data_source: str | None = Non
     :func:`car_settings` it was computed with. With ``config.analyse_car``, when they match this run's
     original, images and ``score_images`` (:func:`reusable_car`), the analysis is handed to the run,
     which stores it as its ``car.json`` (saying it was reused) and seeds step 1's filter scores from it
-    instead of computing it again (minutes on a real model); the job's log says so.
+    instead of computing it again (minutes on a real model); the job's log says so. ``data_options``
+    None: the data set's own split (:func:`split_options_of`).
 
     Overall progress: the original's measurement and analysis count as one unit, then each pruning
     step one more, of ``config.max_steps + 1``; the run may stop earlier (threshold, MAC target),
@@ -446,6 +455,7 @@ def prune_job(loaded, data, config, run_dir: Path, data_source: str | None = Non
     """
 
     total = config.max_steps + 1
+    data_options = data_options if data_options is not None else split_options_of(data)
     note, reused = None, None
     if config.analyse_car:
         reuse, why = reusable_car(car, car_meta, loaded.model, data.val, config)

@@ -283,7 +283,10 @@ def threshold_pick(state, run, hist: list[dict], prune_cfg: dict, sel, metric: s
     from core import visualize as V
 
     base = hist[0]
-    drops = [(base["accuracy"] - r["accuracy"]) * 100 for r in hist]
+    def value(r: dict) -> float:
+        return r.get("metric", r.get("accuracy"))
+
+    drops = [(value(base) - value(r)) * 100 for r in hist]
     top = max(5.0, float(prune_cfg.get("max_drop") or 0), max(drops) + 0.5)
     default = state.max_drop if state.max_drop is not None and str(state.run_dir) == str(run.dir) else \
         float(prune_cfg.get("max_drop") or 1.0)
