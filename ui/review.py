@@ -11,6 +11,7 @@ import streamlit as st
 
 from core.errors import PruneScopeError
 from core.jobs import JobAlreadyRunning, recovery_job
+from core.measure import LatencyComparison
 from core.recovery import RecoveryConfig
 from core.runs import Run
 from ui.common import format_macs, format_ms, format_params, format_pct, job_status
@@ -48,6 +49,15 @@ def latency_text(record: dict) -> str:
     fps = record.get("fps")
     return (f"{format_ms(ms)} (IQR {record['latency_q1_ms']:.3g}–{record['latency_q3_ms']:.3g})"
             + (f", {fps:,.0f} FPS" if fps else ""))
+
+
+def comparison_text(comparison: dict | None) -> str:
+    """A manifest's ``latency_comparison`` (pruned against original, timed in alternation) as one line: the
+    change as fact only when it is significant, else that it is within the machine's noise."""
+    if not comparison:
+        return "Pruned vs original latency: not compared (the two were not timed together)."
+    keys = ("ratio", "ratio_low", "ratio_high", "p_value", "significant")
+    return "Pruned vs original latency: " + LatencyComparison(None, None, **{k: comparison[k] for k in keys}).label()
 
 
 # ----------------------------------------------------------------------------- recovery fine-tune
