@@ -206,8 +206,8 @@ def estimate_prune_time(model: nn.Module, spec: InputSpec | ModelSpec, n_val: in
 
     ``n_val``: validation images (each step evaluates all of them); ``config``: a ``PruneConfig`` (any
     object with its fields); ``rates``: from :func:`measure_rates` (measured now when None);
-    ``total_macs``: the model's MACs (counted when None). The CAR method is read from ``config.car_method``
-    when the config has one (``exact`` otherwise).
+    ``total_macs``: the model's MACs (counted when None). The CAR method is ``config.car`` (``PruneConfig``), else
+    ``config.car_method``, else ``exact``.
     """
     ispec = spec.input if isinstance(spec, ModelSpec) else spec
     if rates is None:
@@ -231,7 +231,7 @@ def estimate_prune_time(model: nn.Module, spec: InputSpec | ModelSpec, n_val: in
 
     breakdown: dict[str, tuple[float, float]] = {"original: evaluation and latency": _add(evaluation(), latency())}
     if config.analyse_car:
-        if getattr(config, "car_method", "exact") == "fast":
+        if getattr(config, "car", getattr(config, "car_method", "exact")) == "fast":
             exact = math.ceil(FAST_EXACT_FRACTION * n_filters)
             analysis = _add(_scaled(rates.screen_image, images), _scaled(rates.ablation_image, (exact + sens_points) * images))
         else:

@@ -43,7 +43,7 @@ from .ncs2 import Ncs2Issue, Ncs2Report, check_ncs2
 from .measure import compare_times, measure_model, time_models
 from .ov_runtime import ONNX_OPSET, compile_cpu, cpu_has_fp16, export_onnx_bytes, latency_stats, read_ir
 from .shortcuts import convert_zero_pad_shortcuts
-from .sources import load_dataset
+from .sources import load_run_dataset
 from .workspace import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 INPUT_NAME = "input"
@@ -721,9 +721,7 @@ def export_run(run_dir: str | Path, step: int | None = None, max_drop: float | N
         check_bundle_target(out_path)  # before any work: an export never destroys what is not a bundle
     pruned = run.rebuild_step(step, trusted)
     original = run.original(trusted)
-    options = run.config.get("data_options") or {}
-    data = load_dataset(run.config["data_source"], run.spec.input, expected_classes=run.spec.num_classes,
-                        val_fraction=options.get("val_fraction", 0.2), seed=options.get("seed", 0))
+    data = load_run_dataset(run.config, run.spec.input, expected_classes=run.spec.num_classes)  # its recorded split
     spec = run.spec
     if spec.class_names is None:
         spec.class_names = data.class_names

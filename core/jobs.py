@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .car import CarResult, compute_car
+from .eta import EtaTracker, PhaseProgress
 from .detection.analysis import group_car
 from .detection.export import export_detection_run
 from .detection.prune import run_detection_pruning
@@ -29,6 +30,7 @@ from .errors import CancelledError, PruneScopeError
 from .export import export_run
 from .fingerprint import model_fingerprint, settings_fingerprint, tensors_fingerprint
 from .prune import run_pruning
+from .recovery import RecoveryConfig, recover_run_step
 from .runs import Run, list_runs
 from .workspace import atomic_write_json
 
@@ -66,6 +68,9 @@ class JobSnapshot:
     run_dir: Path | None
     meta: dict
     log: list[str] = field(default_factory=list)
+    # the part of the work running now (PhaseProgress.to_dict(): phase, done, total, fraction,
+    # phase_elapsed_s, eta_s, message), when the job reports parts; ``eta`` is then this part's
+    part: dict | None = None
 
     @property
     def running(self) -> bool:
@@ -96,6 +101,8 @@ class Job:
     steps: list[dict] = field(default_factory=list)
     log: list[str] = field(default_factory=list)  # decisions the job made that a user should read
     result: Any = None
+    part: PhaseProgress | None = None  # the running part of the work, with its measured-rate ETA
+    part_reported: float = 0.0  # time.time() of the last part report
     cancel: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     thread: threading.Thread | None = field(default=None, repr=False)
@@ -108,6 +115,13 @@ class Job:
             self.progress = max(self.progress, fraction)  # never runs backwards on screen
             if message is not None:
                 self.message = message
+
+    def set_part(self, part: PhaseProgress) -> None:
+        """The running part (its count, elapsed and rate-based ETA); the ETA shown is this part's."""
+        with self.lock:
+            self.part, self.part_reported = part, time.time()
+            if part.message:
+                self.message = part.message
 
     def add_step(self, record: dict) -> None:
         with self.lock:
@@ -129,9 +143,15 @@ class Job:
             return self._eta(now or time.time())
 
     def _eta(self, now: float) -> float | None:
-        """Seconds left, extrapolated from the rate of progress so far (None while too early to tell)."""
+        """Seconds left. A job that reports parts (:meth:`set_part`): the running part's remaining work at
+        that part's measured rate (:class:`core.eta.EtaTracker`), less the time since it was reported; parts
+        differ in rate by orders of magnitude, so one rate over the whole job would be wrong by as much.
+        Otherwise the overall fraction extrapolated over the elapsed time (None while too early to tell)."""
         if self.state not in RUNNING_STATES:
             return 0.0 if self.state == "done" else None
+        if self.part is not None:
+            eta = self.part.eta_s
+            return None if eta is None else max(eta - (now - self.part_reported), 0.0)
         p = self.progress
         if p < ETA_MIN_PROGRESS or p >= 1.0:
             return None
@@ -147,7 +167,15 @@ class Job:
                 message=self.message, error=self.error, started=self.started, finished=self.finished,
                 elapsed=end - self.started, eta=self._eta(now), steps=copy.deepcopy(self.steps),
                 result=self.result, run_dir=self.run_dir, meta=dict(self.meta), log=list(self.log),
+                part=self._part_dict(now),
             )
+
+    def _part_dict(self, now: float) -> dict | None:
+        if self.part is None or self.state not in RUNNING_STATES:
+            return None
+        out = self.part.to_dict()
+        out["phase_elapsed_s"] += now - self.part_reported
+        return out
 
     def request_cancel(self) -> None:
         """Ask the worker to stop; it does at its next check (within one pruning step)."""
@@ -174,6 +202,9 @@ class JobContext:
 
     def progress(self, fraction: float, message: str | None = None) -> None:
         self.job.set_progress(fraction, message)
+
+    def part(self, part: PhaseProgress) -> None:
+        self.job.set_part(part)
 
     def step(self, record: dict) -> None:
         self.job.add_step(record)
@@ -340,13 +371,25 @@ class JobRegistry:
 # ----------------------------------------------------------------------------- the two jobs of the app
 
 
+def part_name(p: Progress) -> str:
+    """'step 3: scoring', 'original: analysing': the part of a run a progress report belongs to."""
+    where = f"step {p.step}" if p.phase == "step" else "original"
+    return f"{where}: {p.part}" if p.part else where
+
+
 def run_progress(ctx: JobContext, total: int) -> Callbacks:
     """A pruning run's callbacks as one job's progress: the original (measured and analysed) is unit 0,
-    pruning step k is unit k, of ``total`` units; every accepted step record goes to the job."""
+    pruning step k is unit k, of ``total`` units (the overall bar); every accepted step record goes to
+    the job. Reports that name their part (``Progress.part`` with ``part_fraction``) also feed an
+    :class:`core.eta.EtaTracker` keyed by (phase, step, part): the job's ETA is then the running part's
+    remaining fraction at the rate measured in that part, not the whole run's average rate."""
+    tracker = EtaTracker()
 
     def event(p: Progress) -> None:
         unit = p.step if p.phase == "step" else 0
         ctx.progress(min((unit + min(max(p.fraction, 0.0), 1.0)) / total, 0.999), p.message)
+        if p.part and p.part_fraction is not None:
+            ctx.part(tracker.update(part_name(p), min(max(p.part_fraction, 0.0), 1.0), 1.0, p.message))
 
     def step(record: dict) -> None:
         ctx.step(record)
@@ -356,23 +399,27 @@ def run_progress(ctx: JobContext, total: int) -> Callbacks:
     return Callbacks(step=step, event=event)
 
 
-def car_settings(model, images, n_images: int | None, sensitivity: bool) -> dict:
+def car_settings(model, images, n_images: int | None, sensitivity: bool, method: str = "exact") -> dict:
     """What a whole-model CAR analysis depends on: the model's state, the images it was measured on
     and the settings (:mod:`core.fingerprint` hashes), so a finished analysis can be recognised later.
 
-    ``images``: the validation :class:`core.data.ImageSet` the analysis draws its ``n_images`` from.
+    ``images``: the validation :class:`core.data.ImageSet` the analysis draws its ``n_images`` from;
+    ``method``: the CAR method (:data:`core.car.CAR_METHODS`).
     """
     n = len(images) if n_images is None else min(int(n_images), len(images))
     return {"model": model_fingerprint(model), "images": tensors_fingerprint(images.images, images.labels),
-            "n_images": n, "sensitivity": bool(sensitivity), "method": "exact"}
+            "n_images": n, "sensitivity": bool(sensitivity), "method": method}
 
 
 def reusable_car(car: Any, settings: dict | None, model, images, config) -> tuple[bool, str]:
     """Whether a finished CAR analysis is the one a pruning run with ``config`` would compute for its
-    original (same model state, same images, ``score_images`` images, with sensitivity), and why not."""
+    original (same model state, same images, ``score_images`` images, with sensitivity), and why not.
+    An exact analysis serves a run of either CAR method; a fast (screened) one only a fast run."""
     if car is None or not settings:
         return False, "no finished analysis of this model"
-    wanted = car_settings(model, images, config.score_images, sensitivity=True)
+    method = getattr(config, "car", "exact")
+    wanted = car_settings(model, images, config.score_images, sensitivity=True,
+                          method=settings.get("method") if settings.get("method") == "exact" else method)
     for what, label in (("model", "the model changed"), ("images", "other validation images"),
                         ("n_images", f"it used {settings.get('n_images')} images, the run scores on "
                                      f"{wanted['n_images']}"),
@@ -380,6 +427,14 @@ def reusable_car(car: Any, settings: dict | None, model, images, config) -> tupl
         if settings.get(what) != wanted[what]:
             return False, label
     return True, f"same model, images and settings ({settings_fingerprint(wanted)})"
+
+
+def split_options_of(data) -> dict:
+    """What a run records of its data set's split (as the CLI does), so that Review, recovery and export reload
+    the same selection and test images: the loader's settings plus :meth:`core.data.DataSet.split_record`."""
+    split = getattr(data, "split", None) or {}
+    return {"val_fraction": split.get("val_fraction", 0.2), "seed": split.get("seed", 0),
+            "test_fraction": split.get("test_fraction", 0.0), "split": data.split_record()}
 
 
 def prune_job(loaded, data, config, run_dir: Path, data_source: str | None = None,
@@ -391,7 +446,8 @@ def prune_job(loaded, data, config, run_dir: Path, data_source: str | None = Non
     :func:`car_settings` it was computed with. With ``config.analyse_car``, when they match this run's
     original, images and ``score_images`` (:func:`reusable_car`), the analysis is handed to the run,
     which stores it as its ``car.json`` (saying it was reused) and seeds step 1's filter scores from it
-    instead of computing it again (minutes on a real model); the job's log says so.
+    instead of computing it again (minutes on a real model); the job's log says so. ``data_options``
+    None: the data set's own split (:func:`split_options_of`).
 
     Overall progress: the original's measurement and analysis count as one unit, then each pruning
     step one more, of ``config.max_steps + 1``; the run may stop earlier (threshold, MAC target),
@@ -399,6 +455,7 @@ def prune_job(loaded, data, config, run_dir: Path, data_source: str | None = Non
     """
 
     total = config.max_steps + 1
+    data_options = data_options if data_options is not None else split_options_of(data)
     note, reused = None, None
     if config.analyse_car:
         reuse, why = reusable_car(car, car_meta, loaded.model, data.val, config)
@@ -448,13 +505,15 @@ def detection_car_job(model, root: str, val, mean, std, n_images: int = 64) -> J
     return fn
 
 
-def car_job(model, spec, imageset, n_images: int = 500, sensitivity: bool = True) -> JobFunction:
-    """A job function computing CAR (+ per-class CAR, sensitivity) on a private copy of ``model``."""
+def car_job(model, spec, imageset, n_images: int = 500, sensitivity: bool = True, method: str = "exact"
+            ) -> JobFunction:
+    """A job function computing CAR (+ per-class CAR, sensitivity) on a private copy of ``model``;
+    ``method``: ``exact`` (every filter measured) or ``fast`` (screened, exact for a shortlist)."""
     model = copy.deepcopy(model).eval()  # the UI keeps using its own model while this runs
 
     def fn(ctx: JobContext):
         return compute_car(model, spec, imageset, n_images=n_images, sensitivity=sensitivity,
-                           progress=ctx.progress, cancel=ctx.cancel)
+                           progress=ctx.progress, cancel=ctx.cancel, method=method)
 
     return fn
 
@@ -472,6 +531,25 @@ def export_job(run_dir: Path | str, step: int, max_drop: float | None = None, ou
         result = export(run_dir, step=step, max_drop=max_drop, out_path=out_path, progress=ctx.progress)
         result["max_drop"] = max_drop
         return result
+
+    return fn
+
+
+def recovery_job(run_dir: Path | str, step: int, config: RecoveryConfig, data=None,
+                 trusted: bool = False) -> JobFunction:
+    """A job function running :func:`core.recovery.recover_run_step` (a recovery fine-tune of ``step``
+    appended to the run as a new step). Its progress reports parts (``recovery`` in mini-batches, then
+    ``measuring``), so the job's ETA is the running part's at its measured rate; the overall bar is the
+    recovery's share of mini-batches. Result: the new step's record (its ``step`` None when no epoch beat
+    the source step)."""
+
+    def fn(ctx: JobContext) -> dict:
+        def progress(p: PhaseProgress) -> None:
+            ctx.part(p)
+            ctx.progress(p.fraction * 0.95 if p.phase == "recovery" else 0.95 + 0.05 * p.fraction, p.message)
+
+        return recover_run_step(run_dir, step, config, data=data, cancel=ctx.cancel, progress=progress,
+                                trusted=trusted)
 
     return fn
 

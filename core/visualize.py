@@ -533,7 +533,8 @@ def _removed_text(r: dict) -> str:
 def fig_tradeoff(history_records_by_run: dict[str, list[dict]], x: str = "macs", threshold_points: float | None = None,
                  baseline_metric: float | None = None, selected_step=None, metric: str = "accuracy") -> go.Figure:
     """The run records' ``metric`` (%, named ``metric``) against MACs (M) or latency (ms) of every step,
-    one line per run.
+    one line per run (the selection images' figure, which decides), and a dotted line of the test images'
+    figure (``test_metric``) where the records have one.
 
     ``threshold_points`` draws a horizontal line at baseline − threshold (``baseline_metric`` is a
     fraction; default: step 0 of the first run). ``selected_step`` is highlighted: a step number (in
@@ -570,6 +571,13 @@ def fig_tradeoff(history_records_by_run: dict[str, list[dict]], x: str = "macs",
                          "—" if r.get("latency_ms") is None else f"{r['latency_ms']:.2f} ms"] for r in pts],
             hovertemplate="step %{customdata[0]}: %{customdata[1]}<br>" + metric + " %{y:.2f} %<br>"
                           "MACs %{customdata[2]}, latency %{customdata[3]}<extra>" + str(name) + "</extra>"))
+        tested = [r for r in pts if r.get("test_metric") is not None]
+        if tested:  # the held-out test images' figure of the same steps (never used for a decision)
+            fig.add_trace(go.Scatter(
+                x=[xval(r) for r in tested], y=[r["test_metric"] * 100 for r in tested], mode="lines+markers",
+                name=f"{name} · test", line={"color": colour, "dash": "dot"}, marker={"size": 6, "symbol": "diamond"},
+                customdata=[[r["step"]] for r in tested],
+                hovertemplate="step %{customdata[0]}: test " + metric + " %{y:.2f} %<extra>" + str(name) + "</extra>"))
         if name == sel_run:
             hit = [r for r in pts if r["step"] == sel_step]
             if hit:

@@ -8,6 +8,8 @@ from core.custom_code import keep_uploaded_code, model_candidates
 from core.errors import PruneScopeError
 from core.models import InputSpec, list_architectures, load_model, sample_entry, sample_names
 from core.plausibility import apply_fix, check_plausibility, describe_fix
+from core.prune import PruneConfig
+from core.stats import resolution_warning
 from core.runs import remember_trusted_model
 from ui.charts import fig_class_counts, fig_confusion, fig_per_class_accuracy
 from ui import detection
@@ -259,6 +261,23 @@ def load_status(running: bool) -> None:
 
     status()
 
+def role_counts(data) -> str:
+    """'1,438 train · 287 selection · 72 test images'."""
+    return (f"**{len(data.train):,}** train · **{len(data.val):,}** selection · **{len(data.test):,}** test images")
+
+
+def split_description(split: dict) -> str:
+    """How the roles were drawn, from ``DataSet.split`` (seed, fractions, where the test images came from)."""
+    if not split:
+        return "Split: not recorded."
+    test_from = split.get("test_from", "none")
+    test = ("no test images" if test_from == "none" else
+            f"test images from {test_from}" + (f" ({split['test_fraction'] * 100:.0f} %)"
+                                               if split.get("test_fraction") else ""))
+    return (f"Split ({split.get('layout', 'layout unknown')}): selection {split.get('val_fraction', 0) * 100:.0f} %, "
+            f"{test}, stratified, seed {split.get('seed', 0)}.")
+
+
 def classification_details() -> None:
     """Baseline note, plausibility, validation report and charts of a classifier and its ImageFolder data."""
     b, spec = state.baseline, state.model.spec
@@ -273,9 +292,12 @@ def classification_details() -> None:
 
     st.subheader("Data set validation")
     report = state.data.report
-    st.markdown(f"**{state.data_label}** · {report.num_classes} classes · {len(state.data.train)} training and "
-                f"{len(state.data.val)} validation images" + (" (pre-split train/val)" if report.presplit else
-                                                              " (20 % held out for validation, stratified)"))
+    st.markdown(f"**{state.data_label}** · {report.num_classes} classes · " + role_counts(state.data))
+    st.caption(split_description(state.data.split) + " Train fine-tunes; selection scores filters, picks clusters and "
+               "decides the threshold; test is only reported, never used for a decision.")
+    warning = resolution_warning(PruneConfig.max_drop, len(state.data.val), b.get("metric"))
+    if warning:
+        st.warning(f"At the default threshold ({PruneConfig.max_drop:g} points): {warning}", icon=":material/warning:")
     problems = 0
     if report.skipped_non_images:
         problems += 1

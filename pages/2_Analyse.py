@@ -6,6 +6,7 @@ from torch import nn
 
 from core import visualize as V
 from core.errors import PruneScopeError
+from core.car import CAR_METHODS
 from core.jobs import JobAlreadyRunning, car_job, car_settings
 from ui import detection
 from ui.charts import to_image
@@ -31,11 +32,12 @@ if job is not None:
 running = job is not None and job.running
 
 
-def start_car(n_images: int, sensitivity: bool) -> None:
+def start_car(n_images: int, sensitivity: bool, method: str) -> None:
     model_copy = private_copy(state.model).model
     try:  # meta: what the result depends on, so a prune with the same model, images and settings reuses it
-        registry.start("car", car_job(model_copy, spec, data.val, n_images=n_images, sensitivity=sensitivity),
-                       key=key, meta=car_settings(model_copy, data.val, n_images, sensitivity))
+        registry.start("car", car_job(model_copy, spec, data.val, n_images=n_images, sensitivity=sensitivity,
+                                      method=method),
+                       key=key, meta=car_settings(model_copy, data.val, n_images, sensitivity, method))
         state.car, state.car_settings = None, {}
     except JobAlreadyRunning:
         pass  # the running job is shown below
@@ -48,7 +50,7 @@ def cancel_car() -> None:
 
 
 with st.container(border=True):
-    c1, c2, c3 = st.columns([2, 1, 1], vertical_alignment="bottom")
+    c1, c2, c3, c4 = st.columns([2, 1, 1, 1], vertical_alignment="bottom")
     n_max = len(data.val)
     if n_max > 50:
         n_images = c1.slider("Validation images used", 50, n_max, min(300, n_max), step=10, key="car_images",
@@ -58,11 +60,16 @@ with st.container(border=True):
         c1.markdown(f"All **{n_max}** validation images are used (a larger data set gives finer CAR scores).")
     sensitivity = c2.toggle("Per-layer sensitivity", value=True, key="car_sensitivity",
                             help="Accuracy with the lowest-CAR 10 %..90 % of one layer removed, per layer.")
+    method = c3.radio("Method", list(CAR_METHODS), index=list(CAR_METHODS).index("exact"), key="car_method",
+                      horizontal=True, help="exact: every filter removed and measured. fast: a first-order screen "
+                                            "of every filter, exact CAR only for the lowest-screened shortlist "
+                                            "(the filters pruning would take); the rest are labelled screened.")
     if running:
-        c3.button("Cancel", key="car_cancel", on_click=cancel_car, icon=":material/stop:", width="stretch")
+        c4.button("Cancel", key="car_cancel", on_click=cancel_car, icon=":material/stop:", width="stretch")
     else:
-        c3.button("Compute CAR" if state.car is None else "Recompute CAR", key="car_start", type="primary",
-                  on_click=start_car, args=(n_images, sensitivity), icon=":material/play_arrow:", width="stretch")
+        c4.button("Compute CAR" if state.car is None else "Recompute CAR", key="car_start", type="primary",
+                  on_click=start_car, args=(n_images, sensitivity, method), icon=":material/play_arrow:",
+                  width="stretch")
 
 
 @st.fragment(run_every=1.0 if running else None)
@@ -80,8 +87,10 @@ if car is None:
     st.stop()
 
 n_filters = sum(len(v) for v in car.car.values())
+exactness = ("every filter exact (measured)" if car.n_exact == n_filters else
+             f"{car.n_exact} exact (measured), {n_filters - car.n_exact} screened (first-order estimate)")
 st.success(f"CAR of {n_filters} filters in {len(car.groups)} layers, on {car.n_images} images "
-           f"(baseline {format_pct(car.baseline_accuracy)}; {car.mode}; {format_seconds(car.seconds)}).",
+           f"(baseline {format_pct(car.baseline_accuracy)}; {car.mode}; {exactness}; {format_seconds(car.seconds)}).",
            icon=":material/check_circle:")
 groups = {int(g["gid"]): g for g in car.groups}
 gids = list(groups)
@@ -106,6 +115,11 @@ with tab_layer:
     st.plotly_chart(V.fig_car_per_filter(car, gid, sort=sort), key="an_fig_layer")
     st.caption("One bar per filter: accuracy points lost when that filter alone is removed. Filters at or below "
                "zero can go at no cost on these images; pruning removes the lowest first.")
+    if car.exact:
+        st.dataframe([{"filter": f, "CAR (points)": round(v * 100, 3),
+                       "figure": "exact" if car.is_exact(gid, f) else "screened"}
+                      for f, v in sorted(enumerate(car.car[gid]), key=lambda t: t[1])],
+                     hide_index=True, width="stretch", key="an_exact_table")
 
 with tab_heat:
     by = st.radio("Columns", ["rank", "index"], horizontal=True, key="an_heat_by",
@@ -181,7 +195,8 @@ with tab_gallery:
             cols = st.columns(per_row)
             for col, e in zip(cols, entries[row:row + per_row]):
                 with col.container(border=True):
-                    car_txt = "—" if e["car_points"] is None else f"{e['car_points']:+.2f} points"
+                    car_txt = "—" if e["car_points"] is None else (
+                        f"{e['car_points']:+.2f} points" + ("" if car.is_exact(gl[0], e["index"]) else " (screened)"))
                     extra = "" if e["colour"] is None else f" · colour {e['colour']:.2f}"
                     st.markdown(f"**Filter {e['index']}** · CAR {car_txt}{extra}")
                     a, m = st.columns(2)

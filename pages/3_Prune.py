@@ -16,6 +16,7 @@ from core.prune import PruneConfig
 from core.workspace import new_run_dir
 from ui.common import (format_macs, format_pct, hardware_profile_picker, job_progress, metric_name, metrics_row,
                        need_model, page_link, prune_outcome, setup_page, start_cancel_buttons, state_badge)
+from ui.prune import car_method_picker, device_picker, estimate_panel, plan_editor, resolution_note
 from ui.state import get_registry, private_copy
 
 # What differs per task on this page: the config class (its defaults are the one place for them), the widget key
@@ -138,11 +139,26 @@ with settings:
                                     help="Shown with the removed filters on Review. A finished analysis of the "
                                          "Analyse page with the same model, images and settings is reused; "
                                          "otherwise it is computed first.")
+        extra, usable = {}, True
+        if state.task == "classification":
+            c1, c2 = st.columns(2, gap="large")
+            with c1:
+                extra["car"] = car_method_picker(defaults.car, running)
+            with c2:
+                extra["device"], usable = device_picker(defaults.device, running)
+            resolution_note(state, float(max_drop))
+            with st.expander("Per-layer control: exclude groups, cap their cut", icon=":material/tune:"):
+                extra["plan"] = plan_editor(state, cluster, float(max_drop), running)
         config = Config(criterion=criterion, cluster=cluster, max_drop=float(max_drop),
                         mac_target=None if mac_target is None else mac_target / 100,
                         finetune_steps=int(finetune_steps), score_images=int(score_images),
-                        max_steps=int(max_steps), latency=latency, analyse_car=analyse)
+                        max_steps=int(max_steps), latency=latency, analyse_car=analyse, **extra)
         car_reuse_note(config)
+        if state.task == "classification":
+            with st.expander("How long will it take?", icon=":material/timer:"):
+                estimate_panel(state, config, running)
+        if not usable:
+            config = None
         if state.task == "classification":
             with st.expander("Latency staircase: why clusters", icon=":material/stairs:"):
                 st.markdown("Latency on vector hardware moves in steps of channel count, not smoothly: removing "
@@ -196,8 +212,7 @@ def live() -> None:
         st.markdown(f"**Current step** {current} of at most {max_steps}"
                     + (" (0 = measuring and analysing the original)" if current == 0 else "")
                     + f" · last finished: {step_text(s.last_step, metric_name(run_task))}")
-        st.caption("The ETA assumes every step up to the limit is taken; the run stops earlier when no cluster fits "
-                   "the budget.")
+        st.caption("The bar counts steps up to the limit; the run stops earlier when no cluster fits the budget.")
     for line in s.log:  # what the job decided, e.g. that it reused a finished CAR analysis
         st.caption(line)
     if not s.running:

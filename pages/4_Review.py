@@ -12,6 +12,7 @@ from core.runs import Run
 from ui import detection
 from ui.common import (change, format_macs, format_ms, format_params, format_pct, metrics_row, page_link, pick_run,
                        setup_page, started_at, state_badge, threshold_pick)
+from ui.review import compare_steps, drop_text, drops_line, latency_text, recovery_panel
 from ui.state import data_for_run, get_registry, model_lock, run_model
 
 state = setup_page("Review", "Every step of a run on the metric / cost curve. Set how much of the metric you can give "
@@ -45,6 +46,8 @@ if len(hist) < 2:
 # ----------------------------------------------------------------------------- threshold
 base = hist[0]
 thr, pick = threshold_pick(state, run, hist, prune_cfg, sel, metric)
+st.caption(f"The threshold decides on the selection images (drop {drop_text(pick)}); the picked step's drop on "
+           f"the test images, never used for a decision: {drop_text(pick, 'test')}.")
 
 
 def value(r: dict) -> float:
@@ -59,6 +62,11 @@ with st.container(border=True):
                     f"{format_pct(value(pick))} {metric} ({change(value(pick), value(base), 'points')}), "
                     f"{format_macs(pick['macs'])} MACs ({change(pick['macs'], base['macs'])}), "
                     f"{format_params(pick['params'])} parameters ({change(pick['params'], base['params'])}).")
+    if pick["step"]:
+        st.markdown(drops_line(pick, metric))
+    if pick.get("recovered_from") is not None:
+        st.caption(f"Step {pick['step']} is step {pick['recovered_from']} after a recovery fine-tune of "
+                   f"{pick['recovery']['epochs']} epoch(s){' with KD' if pick['recovery'].get('kd') else ''}.")
     metrics_row(pick, base if pick["step"] else None, metric=metric)
     page_link("export", f"Export step {pick['step']}")
 
@@ -70,8 +78,9 @@ with tab_lat:
     if any(r.get("latency_ms") is not None for r in hist):
         st.plotly_chart(V.fig_tradeoff({run.name: hist}, x="latency_ms", threshold_points=thr,
                                        selected_step=pick["step"], metric=metric), key="rv_fig_latency")
-        st.caption("Latency: OpenVINO CPU runtime, batch 1, median per step. Small models are noisy at this scale; "
-                   "compare with MACs.")
+        st.caption("Latency: OpenVINO CPU runtime, batch 1, median per step (steps timed minutes apart, under "
+                   "whatever else ran: compare two steps below, or export, for a difference beyond the noise). "
+                   f"Picked step: {latency_text(pick)}.")
     else:
         st.info("Latency was not measured in this run (switch it on in the Prune settings).")
 
@@ -92,13 +101,14 @@ for note in structure["notes"]:
 if structure["left_alone"]:
     with st.expander(f"{len(structure['left_alone'])} layer group(s) left alone", icon=":material/block:"):
         st.markdown("\n".join(f"- **{root}**: {why}" for root, why in structure["left_alone"].items()))
-removals = [r for r in hist[1:pick["step"] + 1] if r.get("removed")]
+removals = [r for r in hist[1:] if r.get("removed") and r["step"] <= pick["step"]]
 if not removals:
     st.caption("Nothing removed at this threshold.")
 else:
     st.dataframe([{"step": r["step"], "layer": r["removed"]["group"], "filters removed": len(r["removed"]["filters"]),
                    "width": f"{r['removed']['width_before']} → {r['removed']['width_after']}",
-                   f"{metric} after": format_pct(value(r)), "MACs after": format_macs(r["macs"]),
+                   f"{metric} after": format_pct(value(r)), "drop (selection, 95 % CI)": drop_text(r),
+                   "test drop (95 % CI)": drop_text(r, "test"), "MACs after": format_macs(r["macs"]),
                    "latency after": format_ms(r.get("latency_ms"))} for r in removals],
                  hide_index=True, width="stretch")
 if run.task == "detection":  # a detector's filters are judged by its boxes: before / after pictures
@@ -142,6 +152,15 @@ elif removals:
                             st.image(patches[f], width=36)
         except PruneScopeError as exc:
             st.error(str(exc))
+
+# ----------------------------------------------------------------------------- recovery, two steps
+if run.task == "classification":
+    st.subheader("Recovery fine-tune")
+    recovery_panel(run, [r["step"] for r in hist], pick["step"])
+
+st.subheader("Compare two steps")
+compare_steps({n: by_name[n]["run"] for n in names if by_name[n]["run"].task == run.task and by_name[n]["run"].history},
+              sel, pick["step"], metric)
 
 # ----------------------------------------------------------------------------- comparison
 st.subheader("Compare runs")

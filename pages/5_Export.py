@@ -5,11 +5,13 @@ from __future__ import annotations
 import streamlit as st
 
 from core.jobs import JobAlreadyRunning, export_job, past_runs
+from core.measure import per_layer_timings
 from core.workspace import read_json, workspace_root
 from ui.common import (format_macs, format_ms, format_params, format_pct, job_status, pick_run,
                        setup_page, state_badge)
 from ui.detection import detection_bundle_view
-from ui.state import get_registry
+from ui.review import comparison_text, latency_text
+from ui.state import get_registry, run_model
 
 state = setup_page("Export", "For the Intel NCS2: OpenVINO IR (FP16, static 1×C×H×W) + ONNX (opset 13), checked "
                    "against the MYRIAD plugin of OpenVINO 2022.3, verified on real images, with the original as "
@@ -110,11 +112,30 @@ with col_ver:
 
 st.dataframe([
     {"model": "pruned (model/)", "accuracy": format_pct(pruned.get("accuracy")), "MACs": format_macs(pruned.get("macs")),
-     "parameters": format_params(pruned.get("params")), "latency (OpenVINO CPU)": format_ms(pruned.get("latency_ms"))},
+     "parameters": format_params(pruned.get("params")),
+     "latency (OpenVINO CPU, median, IQR, FPS)": latency_text(pruned.get("latency_spread") or pruned)},
     {"model": "original (fallback/)", "accuracy": format_pct(original.get("accuracy")),
      "MACs": format_macs(original.get("macs")), "parameters": format_params(original.get("params")),
-     "latency (OpenVINO CPU)": format_ms(original.get("latency_ms"))},
+     "latency (OpenVINO CPU, median, IQR, FPS)": latency_text(original.get("latency_spread") or original)},
 ], hide_index=True, width="stretch")
+st.caption(comparison_text(manifest.get("latency_comparison")))
+
+with st.expander("Per-layer timing (OpenVINO performance counters)", icon=":material/timer:"):
+    if st.button("Time every layer", key="ex_layers", icon=":material/speed:"):
+        with st.spinner("Timing the exported step's layers on the OpenVINO CPU runtime..."):
+            try:
+                model = run_model(str(run.dir), step, (run.dir / "history.jsonl").stat().st_mtime
+                                  if (run.dir / "history.jsonl").exists() else 0.0)
+                st.session_state["ex_layer_rows"] = (job_key, [t.to_dict() for t in per_layer_timings(model, run.spec)])
+            except Exception as exc:  # OpenVINO cannot convert or count every model; say why
+                st.session_state["ex_layer_rows"] = (job_key, f"{type(exc).__name__}: {exc}")
+    timed_key, rows = st.session_state.get("ex_layer_rows", (None, None))
+    if timed_key == job_key and isinstance(rows, str):
+        st.error(f"Per-layer timing failed: {rows}", icon=":material/error:")
+    elif timed_key == job_key:
+        st.dataframe([{"layer": r["layer"], "operation": r["op_type"], "median (ms)": round(r["median_ms"], 4),
+                       "share": f"{r['share'] * 100:.1f} %"} for r in rows], hide_index=True, width="stretch")
+        st.caption("Batch 1, median per node over 20 runs; BatchNorm and ReLU are fused into the convolution.")
 
 with st.container(border=True):
     st.markdown(f"""**What is in the zip** (`{zip_path.name}`, {zip_path.stat().st_size / 1e6:.2f} MB)

@@ -59,3 +59,20 @@ def test_cancel_and_reattach_after_reload():
     assert job.snapshot().state == "cancelled"
     wait_until(again, lambda a: "The CAR analysis was cancelled." in texts(a), timeout=30)
     assert not progress_values(again) and again.button(key="car_start") is not None
+
+
+def test_fast_car_is_labelled_screened_or_exact():
+    """The Analyse page's fast method (issue 12): screened figures are labelled, the exact ones counted."""
+    at = with_sample("analyse")
+    at.slider(key="car_images").set_value(60)
+    at.toggle(key="car_sensitivity").set_value(False)
+    at.radio(key="car_method").set_value("fast").run()
+    at.button(key="car_start").click().run()
+    job = get_registry().latest("car")
+    assert job.wait(120) and job.snapshot().state == "done"
+    car = job.snapshot().result
+    assert job.snapshot().meta["method"] == "fast" and 0 < car.n_exact < 224
+    wait_until(at, lambda a: "CAR of 224 filters" in texts(a), timeout=60)
+    assert f"{car.n_exact} exact (measured), {224 - car.n_exact} screened" in texts(at)
+    table = next(df.value for df in at.dataframe if "figure" in df.value.columns)
+    assert set(table["figure"]) <= {"exact", "screened"} and "exact" in set(table["figure"])

@@ -30,6 +30,14 @@ def test_export_of_the_threshold_pick(sample_run):
     assert "Verified: the IR agrees with PyTorch" in page
     assert "fallback/model.xml" in page and "deploy.py" in page
     assert len(at.get("download_button")) == 1
+    # latency as median with IQR and FPS; the difference stated only as the manifest's comparison says
+    table = at.dataframe[-1].value
+    assert all("IQR" in v and "FPS" in v for v in table["latency (OpenVINO CPU, median, IQR, FPS)"])
+    assert "Pruned vs original latency:" in page
+    at.button(key="ex_layers").click().run()
+    assert_no_exception(at)
+    layers = at.dataframe[-1].value
+    assert list(layers.columns) == ["layer", "operation", "median (ms)", "share"] and len(layers) >= 3
     zip_path = workspace_root() / "exports" / f"{run.name}-step{pick:04d}.zip"
     names = zipfile.ZipFile(zip_path).namelist()
     top = zip_path.stem

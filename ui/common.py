@@ -195,8 +195,21 @@ def job_progress(snap: JobSnapshot, label: str) -> None:
     c1, c2, c3 = st.columns(3)
     c1.markdown(f"**State** {state_badge(snap.state)}")
     c2.markdown(f"**Elapsed** {format_seconds(snap.elapsed)}")
-    eta = snap.eta
-    c3.markdown(f"**ETA** {'—' if eta is None else ('≤ ' if snap.kind == 'prune' else '') + format_seconds(eta)}")
+    eta = "measuring the rate…" if snap.eta is None else format_seconds(snap.eta)
+    if snap.part:  # the ETA is the running part's, at the rate measured in that part
+        part = snap.part
+        c3.markdown(f"**ETA of this part** {eta}")
+        st.caption(f"Now: **{part['phase']}** · {part_count(part)} · {format_seconds(part['phase_elapsed_s'])} "
+                   "in this part. The ETA is this part's remaining work at the rate measured in it.")
+    else:
+        c3.markdown(f"**ETA** {eta}")
+
+
+def part_count(part: dict) -> str:
+    """'37 of 120' for a part counted in units, '31 %' for one reported as a fraction."""
+    if part["total"] == 1:
+        return f"{part['fraction'] * 100:.0f} %"
+    return f"{part['done']:.0f} of {part['total']:.0f}"
 
 
 def started_at(ts: float | None) -> str:
@@ -270,7 +283,10 @@ def threshold_pick(state, run, hist: list[dict], prune_cfg: dict, sel, metric: s
     from core import visualize as V
 
     base = hist[0]
-    drops = [(base["metric"] - r["metric"]) * 100 for r in hist]  # Run.history: every record holds "metric"
+    def value(r: dict) -> float:
+        return r.get("metric", r.get("accuracy"))
+
+    drops = [(value(base) - value(r)) * 100 for r in hist]
     top = max(5.0, float(prune_cfg.get("max_drop") or 0), max(drops) + 0.5)
     default = state.max_drop if state.max_drop is not None and str(state.run_dir) == str(run.dir) else \
         float(prune_cfg.get("max_drop") or 1.0)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import secrets
 import threading
 import weakref
@@ -28,7 +29,9 @@ import streamlit as st
 from core.data import DataSet, folder_upload_to_zip
 from core.evaluate import count_macs_params, evaluate_accuracy
 from core.ov_runtime import measure_latency_ms
-from core.sources import load_dataset, load_voc_dataset
+from core.estimate import Estimate, estimate_prune_time
+from core.groups import PruningGraph, group_label
+from core.sources import load_dataset, load_run_dataset, load_voc_dataset
 from core.jobs import JobRegistry
 from core.models import LoadedModel, load_model, sample_entry
 from core.workspace import atomic_write_bytes, uploads_dir
@@ -265,25 +268,30 @@ def baseline(key: str, loaded: LoadedModel, data: DataSet) -> dict:
 
 
 @st.cache_resource(show_spinner="Loading the run's data set...", max_entries=4)
-def run_data(data_source: str, input_spec: tuple, num_classes: int, val_fraction: float = 0.2, seed: int = 0) -> DataSet:
-    """The data set a run was made with (for galleries of past runs), cached."""
+def run_data(data_source: str, input_spec: tuple, num_classes: int, data_options: str) -> DataSet:
+    """The data set a run was made with, split as the run recorded it (for galleries of past runs), cached.
+    ``data_options``: the run's recorded ``data_options`` as JSON (hashable for the cache)."""
     from core.models import InputSpec
 
     spec = InputSpec.from_dict(dict(input_spec))
-    return load_dataset(data_source, spec, expected_classes=num_classes, val_fraction=val_fraction, seed=seed)
+    return load_run_dataset({"data_source": data_source, "data_options": json.loads(data_options)}, spec,
+                            expected_classes=num_classes)
 
 
 def data_for_run(run) -> DataSet | None:
-    """The current data if it is the run's, else the run's data set reloaded; None if it is gone."""
+    """The current data if it is the run's (same source and split), else the run's data set reloaded with
+    its recorded split; None if it is gone."""
     state = get_state()
-    if state.task == "classification" and state.data is not None and state.data_source == run.config.get("data_source"):
-        return state.data
     opts = run.config.get("data_options") or {}
+    recorded = (opts.get("split") or {}).get("sha256")
+    if (state.task == "classification" and state.data is not None and state.data_source == run.config.get("data_source")
+            and (not recorded or recorded == state.data.split_record()["sha256"])):
+        return state.data
     spec = run.spec.input
     frozen = tuple(sorted((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in spec.__dict__.items()))
     try:
         return run_data(run.config.get("data_source", ""), frozen, run.spec.num_classes,
-                        opts.get("val_fraction", 0.2), opts.get("seed", 0))
+                        json.dumps(opts, sort_keys=True, default=str))
     except Exception:
         return None
 
@@ -356,3 +364,25 @@ def detection_pictures(key: str, _model, _dset, mean: tuple, std: tuple, indices
     from core.detection.visualize import detection_images
 
     return detection_images(_model, _dset, mean, std, list(indices), min_score)
+
+
+# ----------------------------------------------------------------------------- per-layer control, time estimate
+
+
+@st.cache_resource(show_spinner="Tracing the model's channel groups...", max_entries=8)
+def model_groups(key: str, _loaded: LoadedModel) -> list[dict]:
+    """The prunable channel groups of the loaded model (``ChannelGroup.to_dict()`` plus ``label``), in model
+    order: what a pruning plan may exclude or cap. Traced on a copy (graph building rewrites shortcuts)."""
+    with model_lock(_loaded.model):
+        model = copy.deepcopy(_loaded.model)
+    graph = PruningGraph(model, _loaded.spec.input.shape(1))
+    return [{**g.to_dict(), "label": group_label(g)} for g in graph.groups() if not g.left_alone]
+
+
+@st.cache_resource(show_spinner="Timing this model's work units on this machine...", max_entries=16)
+def prune_estimate(key: str, settings: str, _loaded: LoadedModel, n_val: int, _config) -> Estimate:
+    """:func:`core.estimate.estimate_prune_time` of a run with ``_config``, cached per model (``key``) and
+    settings (``settings``: the config as JSON)."""
+    with model_lock(_loaded.model):
+        model = copy.deepcopy(_loaded.model)
+    return estimate_prune_time(model, _loaded.spec, n_val, _config)

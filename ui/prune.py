@@ -1,0 +1,137 @@
+"""Widgets of the Prune page's classification settings: CAR method, device, the resolution warning, the
+per-layer plan (excluded groups, caps, a plan seeded from the sensitivity curves) and the time estimate.
+
+Each function lays out its widgets and returns what the run's ``PruneConfig`` takes; the work is in core
+(:mod:`core.plan`, :mod:`core.estimate`, :mod:`core.device`, :mod:`core.stats`).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+
+import streamlit as st
+import torch
+
+from core.car import CAR_METHODS
+from core.device import DEVICES, describe, resolve_device
+from core.errors import PruneScopeError
+from core.plan import PrunePlan, plan_from_sensitivity
+from core.stats import resolution_warning
+from ui.common import format_seconds
+from ui.state import AppState, model_groups, prune_estimate
+
+CAR_METHOD_HELP = {
+    "fast": "fast: a first-order screen of every filter, then exact CAR only for the lowest-screened shortlist "
+            "that can decide a cluster (results labelled screened / exact).",
+    "exact": "exact: every filter removed and measured on the scoring images (slow on real models).",
+}
+DEVICE_LABELS = {"auto": "auto (CUDA when available)", "cpu": "CPU", "cuda": "CUDA GPU"}
+CAPS_KEY, CAPS_VERSION, PLAN_NOTE = "pr_plan_caps", "pr_plan_version", "pr_plan_note"
+
+
+def car_method_picker(default: str, running: bool) -> str:
+    """The CAR method of the run's filter scoring, with what it means in one line."""
+    method = st.radio("CAR scoring", list(CAR_METHODS), index=list(CAR_METHODS).index(default), horizontal=True,
+                      key="pr_car", disabled=running)
+    st.caption(CAR_METHOD_HELP.get(method, method))
+    return method
+
+
+def device_picker(default: str, running: bool) -> tuple[str, bool]:
+    """The device of scoring, fine-tuning and evaluation, and the line saying what will run the job.
+    Returns (device setting, whether it is usable on this machine)."""
+    device = st.selectbox("Device", list(DEVICES), index=list(DEVICES).index(default), key="pr_device",
+                          format_func=DEVICE_LABELS.get, disabled=running)
+    try:
+        st.caption(f"The job runs on: **{describe(resolve_device(device), torch.get_num_threads())}**.")
+        return device, True
+    except PruneScopeError as exc:
+        st.error(str(exc), icon=":material/error:")
+        return device, False
+
+
+def resolution_note(state: AppState, max_drop: float) -> None:
+    """Before Start: a warning when the threshold is finer than the selection images resolve."""
+    warning = resolution_warning(max_drop, len(state.data.val), (state.baseline or {}).get("metric"))
+    if warning:
+        st.warning(warning, icon=":material/warning:")
+
+
+def seed_plan(state: AppState, points: float, cluster: int, roots: set[str]) -> None:
+    """Button callback: exclusions and caps read off the finished analysis' sensitivity curves."""
+    try:
+        plan = plan_from_sensitivity(state.car, float(points), int(cluster))
+    except PruneScopeError as exc:
+        st.session_state[PLAN_NOTE] = ("error", str(exc))
+        return
+    st.session_state["pr_exclude"] = sorted(plan.exclude & roots)
+    st.session_state[CAPS_KEY] = {r: f for r, f in plan.max_fraction.items() if r in roots}
+    st.session_state[CAPS_VERSION] = st.session_state.get(CAPS_VERSION, 0) + 1  # a fresh editor shows the seed
+    st.session_state[PLAN_NOTE] = ("info", f"Seeded from the sensitivity curves: {plan.source}; "
+                                           f"{len(plan.exclude)} group(s) excluded, {len(plan.max_fraction)} capped.")
+
+
+def plan_editor(state: AppState, cluster: int, max_drop: float, running: bool) -> dict | None:
+    """Per-layer control: groups to exclude, a cap (largest fraction of its width) per group, and a seed from
+    the finished CAR analysis. Returns the plan for ``PruneConfig.plan`` (None when it limits nothing)."""
+    groups = model_groups(state.key, state.model)
+    by_root = {g["root"]: g for g in groups}
+    st.session_state["pr_exclude"] = [r for r in st.session_state.get("pr_exclude", []) if r in by_root]
+    exclude = st.multiselect("Groups never to prune", list(by_root), key="pr_exclude", disabled=running,
+                             format_func=lambda r: by_root[r]["label"])
+    caps = st.session_state.get(CAPS_KEY) or {}
+    rows = [{"group": g["label"], "width": g["width"], "max fraction": caps.get(g["root"])} for g in groups]
+    edited = st.data_editor(
+        rows, key=f"pr_caps_{st.session_state.get(CAPS_VERSION, 0)}", disabled=running or ["group", "width"],
+        hide_index=True, width="stretch",
+        column_config={"max fraction": st.column_config.NumberColumn(
+            "max fraction", min_value=0.0, max_value=1.0, step=0.05, format="%.2f",
+            help="The largest fraction of its original width this group may lose (empty: no cap).")})
+    c1, c2 = st.columns([1, 2], vertical_alignment="bottom")
+    has_curves = state.car is not None and bool(getattr(state.car, "sensitivity", None))
+    points = c1.number_input("Largest cut per layer within (points)", 0.0, 50.0, float(max_drop), step=0.1,
+                             key="pr_seed_points", disabled=running or not has_curves)
+    c2.button("Seed from sensitivity", key="pr_seed", disabled=running or not has_curves, on_click=seed_plan,
+              args=(state, points, cluster, set(by_root)), icon=":material/auto_fix_high:",
+              help=None if has_curves else "Compute CAR with per-layer sensitivity on the Analyse page first.")
+    note = st.session_state.get(PLAN_NOTE)
+    if note:
+        (st.error if note[0] == "error" else st.caption)(note[1])
+    max_fraction = {g["root"]: float(r["max fraction"]) for g, r in zip(groups, edited)
+                    if _number(r.get("max fraction")) is not None}
+    plan = PrunePlan(exclude=set(exclude), max_fraction=max_fraction)
+    if plan.empty:
+        st.caption("No per-layer limits: every group may be pruned.")
+        return None
+    st.caption("Plan: " + "; ".join(plan.describe(groups)))
+    return {"exclude": sorted(plan.exclude), "max_fraction": plan.max_fraction}
+
+
+def _number(value) -> float | None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(v) else v
+
+
+def estimate_panel(state: AppState, config, running: bool) -> None:
+    """The run's expected time from rates measured on this machine, on demand, cached per model + settings."""
+    settings = json.dumps(asdict(config), sort_keys=True, default=str)
+    if st.button("Estimate the run's time", key="pr_estimate", disabled=running, icon=":material/timer:"):
+        st.session_state["pr_estimate_for"] = (state.key, settings)
+    if st.session_state.get("pr_estimate_for") != (state.key, settings):
+        st.caption("The estimate times this model's work units (forward pass, fine-tuning step, filter removal, "
+                   "OpenVINO inference) on this machine now; press the button after choosing the settings.")
+        return
+    try:
+        est = prune_estimate(state.key, settings, state.model, len(state.data.val), config)
+    except PruneScopeError as exc:
+        st.error(str(exc), icon=":material/error:")
+        return
+    st.markdown(f"**Estimated time:** {format_seconds(est.seconds_low)} – {format_seconds(est.seconds_high)} "
+                f"({est.steps[0]}–{est.steps[1]} steps), from rates measured on this machine.")
+    st.dataframe([{"part": k, "low": format_seconds(v[0]), "high": format_seconds(v[1])}
+                  for k, v in est.breakdown.items()], hide_index=True, width="stretch")
+    st.caption("The threshold can stop a run earlier than either end; other work on the machine slows it.")
