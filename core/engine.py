@@ -63,8 +63,8 @@ class PruneConfig:
     seed: int = 0
 
     task = "classification"  # the task whose criteria are valid (not a field: not stored in the run)
-    # The app's starting values where they differ from the CLI's: they finish the bundled sample's flow
-    # within about 3 minutes on 2 CPU cores (see the README). Not fields: not stored in the run.
+    # The app's starting values where they differ from the CLI's: a short first run of the bundled
+    # sample (the Prune page estimates its time on this machine before Start). Not fields: not stored.
     APP_DEFAULTS = {"finetune_steps": 20, "score_images": 200, "max_steps": 4}
 
     @classmethod
