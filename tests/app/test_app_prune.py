@@ -1,0 +1,103 @@
+"""Prune page: settings, Start / Cancel, live progress, re-attaching after a reload, clear failures."""
+from __future__ import annotations
+
+from core.runs import Run
+from tests.app.apptest_tools import (assert_no_exception, goto, new_app, progress_values, texts, wait_until, with_sample)
+from tests.unit.test_criteria import fpgm  # noqa: F401  (the README example criterion, registered)
+from ui.state import get_registry
+
+
+def small_settings(at, steps: int, latency: bool = False):
+    at.slider(key="pr_max_steps").set_value(steps)
+    at.slider(key="pr_finetune").set_value(5)
+    at.slider(key="pr_score_images").set_value(50)
+    at.toggle(key="pr_latency").set_value(latency)
+    at.toggle(key="pr_analyse").set_value(False)
+    at.slider(key="pr_max_drop").set_value(5.0)
+    return at.run()
+
+
+def test_needs_a_model_first():
+    at = goto(new_app().run(), "prune")
+    assert "Load a model first" in texts(at)
+    assert not at.button
+
+
+def test_settings_have_sample_defaults_and_staircase():
+    at = with_sample("prune")
+    assert at.selectbox(key="pr_criterion").value == "car"
+    assert at.slider(key="pr_max_drop").value == 1.0
+    assert at.selectbox(key="pr_profile").value == "ncs2"
+    assert "cluster 8" in at.selectbox(key="pr_profile").format_func("ncs2")
+    assert "This machine:" in texts(at)
+    at.button(key="pr_measure").click().run()
+    assert_no_exception(at)
+    assert len(at.get("plotly_chart")) == 1 and "Measured step" in texts(at)
+    at.selectbox(key="pr_profile").set_value("custom").run()
+    assert at.number_input(key="pr_cluster").value >= 1
+
+
+def test_run_shows_progress_and_finishes():
+    at = small_settings(with_sample("prune"), steps=2, latency=True)
+    at.button(key="pr_start").click().run()
+    assert_no_exception(at)
+    jobs = get_registry().active("prune")
+    assert len(jobs) == 1
+    job = jobs[0]
+    assert at.button(key="pr_start").disabled and not at.button(key="pr_cancel").disabled
+    assert progress_values(at), "a progress bar while the job runs"
+    wait_until(at, lambda a: len(job.snapshot().steps) >= 1 and a.get("plotly_chart"), timeout=60)
+    if job.running:
+        page = texts(at)
+        assert "Elapsed" in page and "ETA" in page and "Current step" in page
+    wait_until(at, lambda a: "Finished after" in texts(a), timeout=180)
+    assert not progress_values(at)
+    assert job.snapshot().state == "done"
+    assert "2 step(s) kept; stopped because step limit reached" in texts(at)
+    assert len(at.get("plotly_chart")) == 2  # trade-off + progress
+    assert [m.label for m in at.metric][:2] == ["Accuracy", "MACs"]
+    run = Run(job.run_dir)
+    assert [r["step"] for r in run.history] == [0, 1, 2] and run.status["state"] == "done"
+    assert all(r["latency_ms"] > 0 for r in run.history)
+    assert not at.button(key="pr_start").disabled and at.button(key="pr_cancel").disabled
+
+
+def test_cancel_from_a_reloaded_tab_keeps_completed_steps():
+    at = small_settings(with_sample("prune"), steps=40)
+    at.button(key="pr_start").click().run()
+    job = get_registry().active("prune")[0]
+    # a new session without a model (the process kept no working set) still finds and shows the running job;
+    # a plain reload gets the model back (tests/test_app_reload.py)
+    get_registry().working_sets.clear()
+    fresh = goto(new_app().run(), "prune")
+    assert "no model loaded" in texts(fresh) and progress_values(fresh)
+    wait_until(fresh, lambda a: len(job.snapshot().steps) >= 2, timeout=120)
+    fresh.button(key="pr_cancel").click().run()
+    assert job.wait(60), "cancel takes effect within one step"
+    wait_until(fresh, lambda a: "Cancelled after" in texts(a), timeout=30)
+    run = Run(job.run_dir)
+    assert run.status["state"] == "cancelled"
+    hist = run.history
+    assert 2 <= len(hist) < 41 and [r["step"] for r in hist] == list(range(len(hist)))
+    assert [s["step"] for s in job.snapshot().steps] == [r["step"] for r in hist]
+
+
+def test_impossible_cluster_size_fails_with_a_clear_message():
+    at = small_settings(with_sample("prune"), steps=1)
+    at.selectbox(key="pr_profile").set_value("custom").run()
+    at.number_input(key="pr_cluster").set_value(64).run()
+    at.button(key="pr_start").click().run()
+    job = get_registry().latest("prune")
+    assert job.wait(60)
+    wait_until(at, lambda a: bool(a.error), timeout=30)
+    assert "Cluster size 64 is too large" in at.error[0].value
+
+
+def test_a_newly_registered_criterion_is_offered_on_the_prune_page(fpgm):
+    """The README's example criterion, once registered, is a choice of the Prune page (and its label shown)."""
+    at = with_sample("prune")
+    picker = at.selectbox(key="pr_criterion")
+    assert "fpgm" in picker.options or picker.format_func("fpgm") in picker.options
+    picker.set_value("fpgm").run()
+    assert_no_exception(at)
+    assert at.selectbox(key="pr_criterion").value == "fpgm"

@@ -1,0 +1,80 @@
+"""Review page: trade-off curves with the threshold, the slider's pick, widths, removed filters, comparison."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+from core.runs import Run
+from core.visualize import format_pct
+from tests.app.apptest_tools import (assert_no_exception, goto, images, new_app, texts)
+from tests.helpers import make_legacy_run
+
+
+def test_empty_state_points_to_prune():
+    at = goto(new_app().run(), "review")
+    assert "No pruning run yet" in texts(at)
+    assert [p.proto.label for p in at.main.get("page_link")] == ["Go to Prune"]
+
+
+def test_tradeoff_threshold_and_removed_filters(sample_run):
+    run = Run(sample_run)
+    hist = run.history
+    at = goto(new_app().run(), "review")
+    assert at.selectbox(key="rv_run").value == sample_run.name
+    charts = at.get("plotly_chart")
+    assert len(charts) == 4  # accuracy vs MACs, vs latency, widths, per-class change
+    slider = at.slider(key=f"rv_thr_{sample_run.name}")
+    assert slider.value == 5.0  # the run's own budget
+    page = texts(at)
+    last = hist[-1]
+    assert f"**Step {last['step']}** is the smallest model within **5.0 points**" in page
+    # the removed filters of every step up to the pick, and their gallery
+    assert len(at.dataframe[0].value) == last["step"]
+    assert images(at) >= 8 * 2
+    assert "CAR" in page
+    # the strictest threshold picks what Run.select_step picks (the CLI and export agree)
+    at.slider(key=f"rv_thr_{sample_run.name}").set_value(0.0).run()
+    assert_no_exception(at)
+    picked = at.session_state["prunescope"].export_step
+    assert picked == run.select_step(0.0)
+    page = texts(at)
+    assert ("No pruned step stays within **0.0 points**" in page) if picked == 0 else \
+        (f"**Step {picked}** is the smallest model within **0.0 points**" in page)
+
+
+def test_comparison_and_interrupted_run(sample_run):
+    other = sample_run.with_name(sample_run.name.replace("abcdef", "fedcba"))
+    shutil.copytree(sample_run, other)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    status = json.loads((other / "status.json").read_text())
+    (other / "status.json").write_text(json.dumps({**status, "state": "running", "pid": dead.pid}))
+    at = goto(new_app().run(), "review")
+    at.selectbox(key="rv_run").set_value(other.name).run()
+    assert_no_exception(at)
+    assert "This run was interrupted" in texts(at)
+    assert at.multiselect(key="rv_compare").value == [sample_run.name]
+    assert len(at.get("plotly_chart")) == 5
+    table = at.dataframe[-1].value
+    assert list(table["run"]) == [other.name, sample_run.name]
+
+
+def test_a_legacy_run_opens_in_review_and_export(sample_run):
+    """A run written before records had one ``metric`` key (accuracy stored as ``accuracy``) still reviews,
+    and Export offers its steps with their recorded accuracy."""
+    hist = Run(sample_run).history
+    make_legacy_run(sample_run)
+    at = goto(new_app().run(), "review")
+    assert_no_exception(at)
+    assert len(at.get("plotly_chart")) == 4
+    last = hist[-1]
+    page = texts(at)
+    assert f"**Step {last['step']}** is the smallest model within **5.0 points**" in page
+    assert f"{format_pct(last['metric'])} accuracy" in page
+    goto(at, "export")
+    assert_no_exception(at)
+    box = at.selectbox(key=f"ex_step_{sample_run.name}")
+    assert box.value == last["step"]
+    assert any(f"accuracy {format_pct(last['metric'])}" in o for o in box.options)
