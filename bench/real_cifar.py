@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -108,14 +109,15 @@ def prune_flow(depth: int, record: dict, folder: Path, held_out: ImageSet, car: 
            "--data", str(folder), "--out", str(out), "--max-drop", "1.0", "--cluster", "8", "--car", car,
            "--threads", str(threads), "--json"]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    with open(out.with_suffix(".log"), "w") as log:  # the CLI's progress lines, kept beside the run
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        return {"flow": f"--car {car}", "steps": f"failed ({proc.returncode}): {proc.stderr.strip()[-300:]}"}
+        return {"flow": f"--car {car}", "steps": f"failed ({proc.returncode}): see {out.with_suffix('.log')}"}
     summary = json.loads(proc.stdout)
     run = Run(out)
     spec = InputSpec(height=32, width=32, mean=tuple(record["mean"]), std=tuple(record["std"]))
-    original, final = run.rebuild_step(0).eval(), run.rebuild_step(run.steps[-1]).eval()
+    original, final = run.rebuild_step(0).eval(), run.rebuild_step(run.steps()[-1]).eval()
     acc0 = evaluate_accuracy(original, held_out, spec).accuracy
     acc1 = evaluate_accuracy(final, held_out, spec).accuracy
     macs0, _ = count_macs_params(original, spec)
@@ -189,6 +191,9 @@ def prune_table(args, trained: dict) -> None:
     held_out = ImageSet(torch.from_numpy(all_images[held]).permute(0, 3, 1, 2).contiguous(),
                         torch.from_numpy(labels[held]), classes)
     rows = []
+    work = ROOT / "workspace" / "bench_real_cifar"  # run folders and logs stay for inspection
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
     with tempfile.TemporaryDirectory(prefix="prunescope-bench-") as tmp:
         folder = write_imagefolder(Path(tmp) / "cifar", all_images, labels, classes, roles)
         print(f"prune data: {len(roles['train'])} fine-tuning, {len(roles['val'])} selection (from the training "
@@ -200,7 +205,7 @@ def prune_table(args, trained: dict) -> None:
                 continue
             for car in args.flows:
                 row = {"model": f"ResNet-{depth}", **prune_flow(depth, trained[name], folder, held_out, car,
-                                                                args.threads, Path(tmp) / f"run-{depth}-{car}")}
+                                                                args.threads, work / f"run-{depth}-{car}")}
                 rows.append(row)
                 print(table([row], list(row)), flush=True)
     print()
