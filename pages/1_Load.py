@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core.custom_code import keep_uploaded_code, model_candidates
+from core.custom_code import keep_uploaded_code, model_candidates, probe_shapes, whole_models
 from core.sources import load_dataset
 from core.errors import PruneScopeError
 from core.models import InputSpec, list_architectures, load_model, sample_entry, sample_names
@@ -122,6 +122,10 @@ def custom_code_inputs() -> dict:
     if code["file"] is not None:
         try:
             names = model_candidates(code["file"].getvalue(), code["file"].name)
+            if st.session_state.get("load_trusted"):  # issue 16: trusted, so keep what builds a whole model
+                shapes = probe_shapes(st.session_state.get("load_h_None", 0), st.session_state.get("load_w_None", 0))
+                names = whole_models(keep_uploaded_code(code["file"].getvalue(), code["file"].name), names, shapes,
+                                     trusted=True)
         except PruneScopeError as exc:
             st.error(str(exc), icon=":material/error:")
     if names:
