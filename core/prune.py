@@ -399,14 +399,14 @@ def try_candidates(graph: PruningGraph, candidates: list[Cluster], structure: di
             continue
         except PruneScopeError as exc:
             tried += 1
-            cb.progress(0.5, f"step {step}: skipped {cand.group.root}: {exc}")
+            cb.progress(0.5, f"step {step}: skipped {cand.group.label}: {exc}")
             graph = rebuild(*snapshot)
             continue
         tried += 1
         metrics = apply(graph.model)
         lost = drop(metrics)
         if lost > max_drop + 1e-9:
-            cb.progress(0.95, f"step {step}: {cand.group.root} would drop {lost:.2f} {unit}; undone")
+            cb.progress(0.95, f"step {step}: {cand.group.label} would drop {lost:.2f} {unit}; undone")
             graph = rebuild(*snapshot)
             continue
         return (cand, metrics, tried), graph
@@ -444,7 +444,8 @@ def removed_record(cand: Cluster, channel_maps: dict[str, list[int]]) -> dict:
         if original is None:
             original = [cmap[i] for i in cand.filters]
         channel_maps[name] = [c for i, c in enumerate(cmap) if i not in set(cand.filters)]
-    return {"group": g.root, "producers": g.producers, "filters": cand.filters, "filters_original": original,
+    return {"group": g.root, "display": g.display, "producers": g.producers, "filters": cand.filters,
+            "filters_original": original,
             "width_before": g.width, "width_after": g.width - len(cand.filters)}
 
 

@@ -9,6 +9,7 @@ import streamlit as st
 from core import visualize as V
 from core.clusters import latency_staircase
 from core.errors import PruneScopeError
+from core.groups import removal_label
 from core.jobs import JobAlreadyRunning, prune_job
 from core import criteria
 from core.prune import PruneConfig
@@ -137,7 +138,7 @@ def step_text(r: dict | None) -> str:
     if r["step"] == 0:
         return "step 0 (the original) measured"
     rem = r.get("removed") or {}
-    return (f"step {r['step']}: removed {len(rem.get('filters', []))} filters from `{rem.get('group')}` "
+    return (f"step {r['step']}: removed {len(rem.get('filters', []))} filters from `{removal_label(rem)}` "
             f"({rem.get('width_before')} → {rem.get('width_after')}), accuracy {format_pct(r['accuracy'])}, "
             f"MACs {format_macs(r['macs'])}")
 

@@ -6,6 +6,7 @@ import streamlit as st
 
 from core import visualize as V
 from core.errors import PruneScopeError
+from core.groups import group_display_name, removal_group, removal_label
 from core.jobs import past_runs
 from core.prune import read_structure
 from core.runs import Run
@@ -90,7 +91,8 @@ removals = [r for r in hist[1:pick["step"] + 1] if r.get("removed")]
 if not removals:
     st.caption("Nothing removed at this threshold.")
 else:
-    st.dataframe([{"step": r["step"], "layer": r["removed"]["group"], "filters removed": len(r["removed"]["filters"]),
+    car_groups = (run.car or {}).get("groups")
+    st.dataframe([{"step": r["step"], "layer": removal_label(r["removed"], car_groups), "filters removed": len(r["removed"]["filters"]),
                    "width": f"{r['removed']['width_before']} → {r['removed']['width_after']}",
                    "accuracy after": format_pct(r["accuracy"]), "MACs after": format_macs(r["macs"]),
                    "latency after": format_ms(r.get("latency_ms"))} for r in removals],
@@ -110,7 +112,7 @@ else:
         try:
             original = run_model(str(run.dir), 0, (run.dir / "original.pt").stat().st_mtime)
             data = data_for_run(run)
-            layer = rec["group"]
+            layer = group_display_name(removal_group(rec, car_groups))  # the conv the user knows, not a shortcut
             patches = {}
             if data is not None:
                 with model_lock(original):
