@@ -10,6 +10,7 @@ from core.errors import PruneScopeError
 from core.models import InputSpec, list_architectures, load_model, sample_entry, sample_names
 from core.plausibility import apply_fix, check_plausibility, describe_fix
 from core.runs import remember_trusted_model
+from core.workspace import folder_upload_name, remember_upload_name
 from ui.charts import fig_class_counts, fig_confusion, fig_per_class_accuracy
 from ui.common import format_pct, metrics_row, page_link, setup_page
 from ui.detection import detection_load_page
@@ -70,6 +71,7 @@ def load_upload(kind: str, model_file, trusted: bool, arch: str | None, spec: In
         except PruneScopeError as exc:
             st.error(f"**The model could not be loaded.** {exc}", icon=":material/error:")
             return
+        loaded.spec.upload_name = model_file.name  # issue 16: runs name the user's file, not the stored copy
         if trusted:  # issue 15: runs holding this pickle or code may run it now
             remember_trusted_model(loaded, model_bytes)
         key = (f"upload:{digest(model_bytes)}:{loaded.spec.arch}:{loaded.spec.code_file}:{loaded.spec.code_args}:"
@@ -88,6 +90,8 @@ def load_upload(kind: str, model_file, trusted: bool, arch: str | None, spec: In
             raw = files_to_zip([(f.name, f.getvalue()) for f in data_files])
             label = f"uploaded folder ({len(data_files)} files)"
         data, path = load_uploaded_data(raw, loaded)  # issue 15: a refused upload leaves nothing behind
+        remember_upload_name(path, data_files.name if data_kind == DATA_KINDS[0]
+                             else folder_upload_name([f.name for f in data_files]))
     except PruneScopeError as exc:
         st.error(f"**The data set could not be used.** {exc}", icon=":material/error:")
         return

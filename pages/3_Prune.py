@@ -13,6 +13,7 @@ from core.groups import removal_label
 from core.jobs import JobAlreadyRunning, prune_job
 from core import criteria
 from core.prune import PruneConfig
+from core.runs import reviewable, run_reviewable
 from core.workspace import new_run_dir
 from ui.common import (format_macs, format_pct, hardware_profile_picker, job_progress, metrics_row, need_model,
                        page_link, prune_outcome, setup_page, start_cancel_buttons, state_badge)
@@ -165,7 +166,7 @@ def live() -> None:
                    "the accuracy budget.")
     if not s.running:
         prune_outcome(s)
-        if s.state != "failed" or s.steps:
+        if reviewable(s.steps):  # issue 16: a run cancelled before its first step has nothing to review
             page_link("review", "Review the run")
     if s.steps:
         metrics_row(s.steps[-1], s.steps[0] if len(s.steps) > 1 else None)
@@ -181,7 +182,8 @@ if job is not None:
     live()
 elif state.run_dir and Path(state.run_dir).exists():
     st.caption(f"Last run of this session: `{Path(state.run_dir).name}`. The job list was reset (app restart).")
-    page_link("review", "Review it")
+    if run_reviewable(state.run_dir):
+        page_link("review", "Review it")
 else:
     st.info("Choose the settings and press **Start pruning**. The defaults finish the bundled sample in about "
             "three minutes on a laptop.", icon=":material/info:")

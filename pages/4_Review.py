@@ -29,7 +29,7 @@ if run.task == "detection":
     st.stop()
 hist = run.history
 prune_cfg = run.config.get("prune") or {}
-st.markdown(f"{state_badge(entry['state'])} **{run.spec.arch}** on `{entry['data_source']}` · criterion "
+st.markdown(f"{state_badge(entry['state'])} **{run.model_label}** on `{run.data_label}` · criterion "
             f"**{prune_cfg.get('criterion')}**, cluster **{prune_cfg.get('cluster')}**, budget "
             f"**{prune_cfg.get('max_drop')} points** · started {started_at(entry['created'])}")
 if entry["state"] == "interrupted":

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from core.custom_code import build_from_code
+from core.workspace import upload_name
 from tests.app_conftest import assert_no_exception, fresh_registry, goto, new_app, texts  # noqa: F401
 from tests.test_app_load import digits_files, make_zip
 
@@ -52,6 +53,8 @@ def test_custom_file_offers_its_factories_and_loads_when_trusted():
     notes = [c.value for c in at.caption]
     assert any("'state_dict' entry" in n for n in notes) and any("'module.' prefix" in n for n in notes)
     assert [m.label for m in at.metric][0] == "Accuracy"
+    state = at.session_state["prunescope"]  # issue 16: runs started from here name the user's files
+    assert state.model.spec.upload_name == "resnet20.th" and upload_name(state.data_source) == "d.zip"
 
 
 def test_untrusted_custom_file_is_refused():

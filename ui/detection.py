@@ -10,6 +10,7 @@ from core.detection import visualize as DV
 from core import criteria
 from core.errors import PruneScopeError
 from core.jobs import JobAlreadyRunning, detection_car_job, detection_prune_job
+from core.runs import reviewable
 from core.sources import load_voc_dataset
 from core import visualize as V
 from ui.charts import fig_class_counts
@@ -395,7 +396,7 @@ def detection_prune_page(state: AppState) -> None:
             job_progress(s, "Pruning")
         else:
             prune_outcome(s)
-        if not s.running and (s.state != "failed" or s.steps):
+        if not s.running and reviewable(s.steps):
             page_link("review", "Review the run")
         if s.steps:
             last, first = s.steps[-1], s.steps[0]
@@ -431,7 +432,7 @@ def detection_review_page(state: AppState, entry: dict) -> None:
     sel, hist = entry["name"], run.history
     metric = run.config.get("metric", METRIC)
     cfg = run.config.get("prune") or {}
-    st.markdown(f"{state_badge(entry['state'])} **{run.spec.arch}** detector on `{entry['data_source']}` · metric "
+    st.markdown(f"{state_badge(entry['state'])} **{run.model_label}** detector on `{run.data_label}` · metric "
                 f"**{metric}** · criterion **{cfg.get('criterion')}**, cluster **{cfg.get('cluster')}**, budget "
                 f"**{cfg.get('max_drop')} {metric} points**")
     if entry["state"] == "interrupted":
