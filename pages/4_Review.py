@@ -92,7 +92,8 @@ if not removals:
     st.caption("Nothing removed at this threshold.")
 else:
     car_groups = (run.car or {}).get("groups")
-    st.dataframe([{"step": r["step"], "layer": removal_label(r["removed"], car_groups), "filters removed": len(r["removed"]["filters"]),
+    st.dataframe([{"step": r["step"], "layer": removal_label(r["removed"], car_groups),
+                   "filters removed": len(r["removed"]["filters"]),
                    "width": f"{r['removed']['width_before']} → {r['removed']['width_after']}",
                    "accuracy after": format_pct(r["accuracy"]), "MACs after": format_macs(r["macs"]),
                    "latency after": format_ms(r.get("latency_ms"))} for r in removals],
