@@ -417,12 +417,9 @@ class PruningGraph:
         return None
 
     def widths(self) -> dict[str, int]:
-        """Output channels of every conv/linear layer of the user's model, in model order, for the per-layer
-        before/after view. The frozen embeddings standing in for option-A shortcuts are no layer of the user's
-        (issue 16: they showed as ``layer3.0.shortcut``); their width is their group's, found by its producers."""
+        """Output channels of every conv/linear layer, for the per-layer before/after view."""
         return {n: (m.out_channels if isinstance(m, nn.Conv2d) else m.out_features)
-                for n, m in self.model.named_modules()
-                if isinstance(m, (nn.Conv2d, nn.Linear)) and not is_shortcut_embedding(m)}
+                for n, m in self.model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
 
 
 class _deep_shape_inference:

@@ -97,11 +97,3 @@ def test_prune_step_record_names_the_conv_not_the_shortcut():
     old = {k: v for k, v in record.items() if k != "display"}  # a run written before issue 16
     assert removal_label(old, [stream.to_dict()]) == "layer3.0.conv2 (+3 coupled)"
     assert group_display_name(removal_group(old, [stream.to_dict()])) == "layer3.0.conv2"
-
-
-def test_widths_list_the_users_layers_only():
-    graph = PruningGraph(cifar_resnet20().eval(), (1, 3, 32, 32))
-    widths = graph.widths()
-    assert not [n for n in widths if "shortcut" in n]
-    assert list(widths)[:2] == ["conv1", "layer1.0.conv1"] and widths["layer3.0.conv2"] == 64
-    assert len(widths) == 20  # 19 convolutions and the classifier of a ResNet-20
