@@ -40,7 +40,7 @@ PROFILES: dict[str, ClusterProfile] = {
         "cpu-avx512", 16, "CPU with AVX-512 (FP32)",
         "512-bit AVX-512 registers hold 16 FP32 values; oneDNN blocks channels by 16 (nChw16c)."),
     "cpu-sse": ClusterProfile(
-        "cpu-sse", 4, "CPU with SSE4 / 128-bit vectors (FP32), or ARM NEON",
+        "cpu-sse", 4, "CPU with SSE4 or ARM NEON (FP32)",
         "128-bit registers hold 4 FP32 values."),
     "none": ClusterProfile(
         "none", 1, "No hardware constraint",

@@ -12,6 +12,7 @@ A file that imports modules lying beside it is therefore out of scope: it has to
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import importlib.util
 import json
@@ -22,6 +23,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import torch
 from torch import nn
 
 from .errors import TRUST_CONTROL, ModelLoadError, UntrustedCodeError
@@ -41,16 +43,55 @@ def list_definitions(source: str | bytes, filename: str = "the model file") -> t
 
 
 def model_candidates(source: str | bytes, filename: str = "the model file") -> list[str]:
-    """Names that may build the model, likeliest first: public functions callable without arguments
-    (factories such as ``resnet56()``), nn.Module classes, then the other public functions and classes."""
+    """Names in ``source`` that may build a whole model, likeliest first, found without running it.
+
+    A published model file also holds its parts (blocks, layers, init and test helpers); offering them beside
+    the factories invites the user to build a block as if it were the network (issue 16). Offered are the
+    public classes and functions *defined* in the file (imports are not definitions), except
+
+    - parts: a name used inside an nn.Module class of the file (``LambdaLayer`` in ``BasicBlock``, a ``conv3x3``
+      helper) or passed as a value to a call (``ResNet(BasicBlock, [3, 3, 3])``);
+    - functions that return nothing (``test(net)``) and classes with no base class at all (a config);
+
+    ordered: factories callable without arguments (``resnet56()``), nn.Module classes, functions that need
+    arguments, then classes whose base the scan cannot see. If that leaves nothing, every definition is
+    offered, so the user can still name one. :func:`whole_models` narrows the list by building each
+    candidate, once the user trusts the file.
+    """
     tree = parse_source(source, filename)
     modules, others, _ = _scan(tree)
-    functions = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
-    public = [f for f in functions if not f.name.startswith("_")]
-    factories = [f.name for f in public if _needs_no_arguments(f)]
-    rest = [f.name for f in public if f.name not in factories]
-    private = [f.name for f in functions if f.name.startswith("_")]
-    return factories + modules + rest + others + private
+    parts = _parts(tree, set(modules))
+    defs = {n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+    keep = {name for name, node in defs.items() if not name.startswith("_") and name not in parts
+            and (_returns_value(node) if not isinstance(node, ast.ClassDef) else bool(node.bases))}
+    functions = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name in keep]
+    factories = [f.name for f in functions if _needs_no_arguments(f)]
+    rest = [f.name for f in functions if f.name not in factories]
+    offered = factories + [m for m in modules if m in keep] + rest + [o for o in others if o in keep]
+    if offered:
+        return offered
+    public, private = [n for n in defs if not n.startswith("_")], [n for n in defs if n.startswith("_")]
+    return public + private
+
+
+def _parts(tree: ast.Module, module_classes: set[str]) -> set[str]:
+    """Names of the file's definitions that serve as parts of another definition (see :func:`model_candidates`)."""
+    defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+    parts: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name in module_classes:
+            used = {n.id for stmt in node.body for n in ast.walk(stmt) if isinstance(n, ast.Name)}  # bases are no parts
+            parts |= used & (defined - {node.name})
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            for call in (n for n in ast.walk(node) if isinstance(n, ast.Call)):
+                values = list(call.args) + [k.value for k in call.keywords]
+                parts |= {v.id for v in values if isinstance(v, ast.Name)} & (defined - {node.name})
+    return parts
+
+
+def _returns_value(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    return any(isinstance(n, ast.Return) and n.value is not None
+               and not (isinstance(n.value, ast.Constant) and n.value.value is None) for n in ast.walk(fn))
 
 
 def _needs_no_arguments(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
@@ -262,6 +303,63 @@ def _call(builder, name: str, args: list | dict | None, path: Path):
             "Check the model arguments."
         ) from None
 
+
+# ----------------------------------------------------------------------------- which names build a whole model
+
+# Image batches a whole model is tried on when the input size is not known yet: CIFAR-size, ImageNet-size and
+# MNIST-size inputs cover the published classifiers; a block or layer takes none of them (wrong channel count).
+PROBE_SHAPES = ((3, 32, 32), (3, 224, 224), (1, 28, 28))
+
+
+def probe_shapes(height: int = 0, width: int = 0) -> tuple[tuple[int, int, int], ...]:
+    """The image batches (channels, height, width) to try a candidate on: the input size the user gave
+    (0 x 0: not given, left to the data) first, in colour and grey, then :data:`PROBE_SHAPES`."""
+    given = ((3, int(height), int(width)), (1, int(height), int(width))) if height > 0 and width > 0 else ()
+    return given + tuple(s for s in PROBE_SHAPES if s not in given)
+
+
+def whole_models(path: str | Path, names: list[str], shapes: tuple[tuple[int, int, int], ...] = PROBE_SHAPES,
+                 trusted: bool = False) -> list[str]:
+    """Those of ``names`` (from :func:`model_candidates`) that build a whole model: called without arguments
+    they return an nn.Module whose forward takes an image batch of one of ``shapes`` (channels, height,
+    width), in the order given. If none does (every builder needs arguments), ``names`` is returned
+    unchanged, so the user can still pick one and give its arguments.
+
+    Runs the file's code, so only with ``trusted``; the answer is cached per file content, since the app
+    asks again on every rerun and a ResNet-1202 takes seconds to build.
+    """
+    path = _existing_file(path)
+    if not trusted:
+        import_code_file(path, trusted=False)  # refuses, with the message that says how to trust the file
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    built = _whole_models(str(path), digest, tuple(names), tuple(map(tuple, shapes)))
+    return list(built) or list(names)
+
+
+@functools.lru_cache(maxsize=32)
+def _whole_models(path: str, digest: str, names: tuple[str, ...], shapes: tuple) -> tuple[str, ...]:
+    module = import_code_file(path, trusted=True)  # the caller checked trust; digest keys the cache
+    return tuple(n for n in names if _builds_whole_model(vars(module).get(n), shapes))
+
+
+def _builds_whole_model(builder: Any, shapes: tuple) -> bool:
+    if not callable(builder):
+        return False
+    try:
+        with torch.no_grad():
+            model = builder()
+            if not isinstance(model, nn.Module):
+                return False
+            model.eval()
+            for shape in shapes:
+                try:
+                    model(torch.zeros((2, *shape)))
+                    return True
+                except Exception:  # a wrong size or channel count: try the next shape
+                    continue
+    except Exception:  # needs arguments, or fails to build: not a whole model by itself
+        return False
+    return False
 
 
 # ----------------------------------------------------------------------------- uploads

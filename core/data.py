@@ -234,16 +234,39 @@ def image_to_array(img: Image.Image, spec: InputSpec, report: DataReport | None 
 
 
 def stratified_indices(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
-    """``n`` indices drawn class by class in proportion, reproducibly."""
+    """Exactly ``min(n, len(labels))`` indices, drawn class by class in proportion, reproducibly.
+
+    Rounding each class's share on its own gives one image too few or too many (10 classes of 2999 and
+    n = 300: 30 each, 299 together was the issue-16 report), so the shares are apportioned by largest
+    remainder (see :func:`class_allocation`).
+    """
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
-    picked = []
-    for c in classes:
-        members = np.flatnonzero(labels == c)
-        k = max(1, round(n * len(members) / len(labels)))
-        picked.append(rng.permutation(members)[:k])
-    idx = np.sort(np.concatenate(picked))
-    return idx[:n] if len(idx) > n else idx
+    members = [np.flatnonzero(labels == c) for c in classes]
+    counts = class_allocation([len(m) for m in members], min(int(n), len(labels)))
+    picked = [rng.permutation(m)[:k] for m, k in zip(members, counts)]
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
+
+
+def class_allocation(sizes: list[int], n: int) -> list[int]:
+    """How many of ``n`` images each class of ``sizes`` gives: shares ``n * size / total`` rounded by largest
+    remainder (Hamilton's method, exact integer arithmetic), so the counts add up to ``n`` and each is within
+    one image of its share. When ``n`` is at least the number of classes every class gives one image or more,
+    taken from the classes furthest above their share. Requires ``0 <= n <= sum(sizes)``.
+    """
+    total = sum(sizes)
+    if total == 0:
+        return [0] * len(sizes)
+    counts = [n * s // total for s in sizes]
+    by_remainder = sorted(range(len(sizes)), key=lambda i: (-(n * sizes[i] % total), i))
+    for i in by_remainder[: n - sum(counts)]:
+        counts[i] += 1
+    if n >= len(sizes):
+        for empty in [i for i, k in enumerate(counts) if k == 0 and sizes[i] > 0]:
+            donor = max((i for i, k in enumerate(counts) if k > 1), key=lambda i: counts[i] * total - n * sizes[i])
+            counts[donor] -= 1
+            counts[empty] += 1
+    return counts
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

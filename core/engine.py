@@ -345,14 +345,14 @@ def try_candidates(graph: PruningGraph, candidates: list[Cluster], task: Task, s
             continue
         except PruneScopeError as exc:
             tried += 1
-            cb.progress(0.5, f"step {step}: skipped {cand.group.root}: {exc}")
+            cb.progress(0.5, f"step {step}: skipped {cand.group.label}: {exc}")
             graph = rebuild_graph(task, *snapshot)
             continue
         tried += 1
         metrics = finetune_and_measure(task, graph.model, rng, cancel, cb, step)
         lost = (base_metric - metrics["metric"]) * 100
         if lost > config.max_drop + 1e-9:
-            cb.progress(0.95, f"step {step}: {cand.group.root} would drop {lost:.2f} {task.metric_name} points; undone")
+            cb.progress(0.95, f"step {step}: {cand.group.label} would drop {lost:.2f} {task.metric_name} points; undone")
             graph = rebuild_graph(task, *snapshot)
             continue
         return (cand, metrics, tried), graph
@@ -417,7 +417,8 @@ def removed_record(cand: Cluster, channel_maps: dict[str, list[int]]) -> dict:
         if original is None:
             original = [cmap[i] for i in cand.filters]
         channel_maps[name] = [c for i, c in enumerate(cmap) if i not in set(cand.filters)]
-    return {"group": g.root, "producers": g.producers, "filters": cand.filters, "filters_original": original,
+    return {"group": g.root, "display": g.display, "producers": g.producers, "filters": cand.filters,
+            "filters_original": original,
             "width_before": g.width, "width_after": g.width - len(cand.filters)}
 
 

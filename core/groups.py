@@ -71,6 +71,24 @@ def group_label(group: ChannelGroup | dict) -> str:
     return name if len(producers) <= 1 else f"{name} (+{len(producers) - 1} coupled)"
 
 
+def removal_group(removed: dict, groups: list[dict] | None = None) -> dict:
+    """The group dict (root, display, producers) a step's ``removed`` record (``history.jsonl``) took filters from.
+
+    The record names its group by the internal root; records since issue 16 also carry the display name.
+    For older ones the group is looked up in ``groups`` (a CAR result's ``groups``, matched by root) when given.
+    """
+    for g in groups or []:
+        if g.get("root") == removed.get("group"):
+            return g
+    return {"root": removed.get("group", "?"), "display": removed.get("display", ""),
+            "producers": removed.get("producers") or [removed.get("group", "?")]}
+
+
+def removal_label(removed: dict, groups: list[dict] | None = None) -> str:
+    """:func:`group_label` of the group a step's ``removed`` record took filters from (see :func:`removal_group`)."""
+    return group_label(removal_group(removed, groups))
+
+
 class UnsupportedModelError(PruneScopeError):
     """The dependency graph cannot be built: no group of this model can be pruned safely."""
 
@@ -166,7 +184,18 @@ class PruningGraph:
                 out.append(group)
             else:
                 self._note_dropped(g, group, problem)
-        return out
+        return self._in_network_order(out, shapes)
+
+    def _in_network_order(self, groups: list[ChannelGroup], shapes: dict) -> list[ChannelGroup]:
+        """``groups`` sorted by when the layer they are named by (:func:`group_display_name`) runs in the forward
+        pass, and renumbered: the dependency graph yields them from the output backwards (a stream rooted at its
+        last shortcut first), but every layer list, heat map and plan a user reads runs first layer first
+        (issue 16)."""
+        executed = {self.names.get(m): i for i, m in enumerate(shapes)}  # dict order = forward order
+        ordered = sorted(groups, key=lambda g: executed.get(group_display_name(g), len(executed)))
+        for gid, g in enumerate(ordered):
+            g.gid = gid
+        return ordered
 
     def _note_dropped(self, g, group: ChannelGroup | None, problem: str | None) -> None:
         """Why the producers of a Torch-Pruning group that became no ChannelGroup are left alone."""

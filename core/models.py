@@ -99,6 +99,8 @@ class ModelSpec:
     # A whole pickled model whose classes come from the user's Python file (a training script run as __main__,
     # or a module that cannot be imported here): that file, as ``code_file`` (absolute, then the run's copy).
     pickle_code: str | None = None
+    # The name of the file the user uploaded the weights in (labels only: the bytes are kept elsewhere).
+    upload_name: str = ""
 
     @property
     def custom(self) -> bool:

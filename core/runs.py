@@ -43,7 +43,7 @@ from .errors import TRUST_CONTROL, ModelLoadError, PruneScopeError, SettingsErro
 from .groups import rebuild_pruned
 from .models import LoadedModel, ModelSpec, load_model, rebuild_from_spec
 from .workspace import (append_jsonl, atomic_torch_save, atomic_write_bytes, atomic_write_json, read_json, read_jsonl,
-                        runs_dir, workspace_root)
+                        runs_dir, upload_name, workspace_root)
 
 ACTIVE_RUNS: set[str] = set()  # run folders being written by this process
 CODE_COPY = "model_code.py"
@@ -113,7 +113,9 @@ class RunWriter:
             trusted[PICKLE_COPY] = record_trust(original_bytes, "pickle", loaded.spec.source)
         ACTIVE_RUNS.add(str(self.dir.resolve()))
         trust = {"files": trusted, "decision": "trusted by the user when the run started"} if trusted else None
+        names = upload_names(loaded.spec, config.get("data_source"))
         atomic_write_json(self.dir / "config.json", {**config, "model_spec": spec.to_dict(),
+                                                     **({"upload_names": names} if names else {}),
                                                      **({"trust": trust} if trust else {})})
         atomic_torch_save(self.dir / "original.pt", loaded.model.state_dict())
         self.status("running", "started")
@@ -217,6 +219,42 @@ class Run:
     def steps(self) -> list[int]:
         return [r["step"] for r in self.history]
 
+    # -- names for people (issue 16: not the workspace's internal upload paths) -----------------------------
+
+    @property
+    def model_label(self) -> str:
+        """``'resnet20.th · custom:resnet20'``: the file the user uploaded (when the run recorded it; for a model
+        loaded from a path, the path's file name) and the architecture; a sample is its name."""
+        spec = self.spec
+        name = (self.config.get("upload_names") or {}).get("model") or spec.upload_name
+        if not name and spec.source and spec.source != "upload" and not spec.source.startswith("sample:"):
+            name = Path(spec.source).name
+        return f"{name} · {spec.arch}" if name else (spec.source if spec.source.startswith("sample:") else spec.arch)
+
+    @property
+    def data_label(self) -> str:
+        """The data set as the user knows it: the uploaded zip's or folder's name when the run recorded it, a
+        sample's ``sample:NAME``, else (runs from before names were recorded) the stored path's file name."""
+        source = str(self.config.get("data_source") or "")
+        name = (self.config.get("upload_names") or {}).get("data")
+        if name:
+            return name
+        return source if source.startswith("sample:") or not source else Path(source).name
+
+    @property
+    def display_name(self) -> str:
+        """``'<run folder> — <model> on <data>'``, the run as lists and headings name it."""
+        return f"{self.name} — {self.model_label} on {self.data_label}"
+
+    @property
+    def reviewable(self) -> bool:
+        """Whether the run has anything to review: at least one accepted step beyond step 0 (the original).
+        A run cancelled or failed before its first step has not (issue 16: it was offered for review)."""
+        try:
+            return reviewable(self.history)
+        except PruneScopeError:  # a damaged history: nothing reliable to review
+            return False
+
     def record(self, step: int) -> dict:
         for r in self.history:
             if r["step"] == step:
@@ -308,6 +346,28 @@ class Run:
         if not self.history:
             raise PruneScopeError(f"Run {self.name} has no completed step yet.")
         return select_step(self.history, max_drop)
+
+
+def reviewable(history: list[dict]) -> bool:
+    """Whether ``history`` (a run's step records, e.g. a live job's) holds an accepted step beyond step 0."""
+    return any(int(r.get("step", 0)) > 0 for r in history)
+
+
+def run_reviewable(run_dir: str | Path | None) -> bool:
+    """:attr:`Run.reviewable` of the folder ``run_dir``; False where it is none, or no run folder (any more)."""
+    if not run_dir or not Path(run_dir).is_dir():
+        return False
+    try:
+        return Run(run_dir).reviewable
+    except PruneScopeError:
+        return False
+
+
+def upload_names(spec: ModelSpec, data_source: str | None) -> dict[str, str]:
+    """The names the user uploaded the model and the data under, for a run's ``config.json`` (only those known):
+    the model's from its spec, the data's from the workspace's record of the stored upload."""
+    names = {"model": spec.upload_name, "data": upload_name(data_source)}
+    return {k: v for k, v in names.items() if v}
 
 
 def select_step(history: list[dict], max_drop: float) -> int:

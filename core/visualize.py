@@ -27,8 +27,10 @@ from torch import nn
 from .car import CarResult
 from .data import ImageSet, normalize
 from .errors import SettingsError
+from .groups import group_label  # every group a user reads is named by the layer they know (issue 16)
 from .models import InputSpec
 from .runs import select_step
+from .shortcuts import is_shortcut_embedding
 
 MAX_PATCH_IMAGES = 256  # images scanned for top-activating patches
 _BATCH = 64
@@ -391,7 +393,51 @@ def gallery(model: nn.Module, spec: InputSpec, images, layer: str, car_scores: l
     return out
 
 
+COLOUR_SHARE = "colour share"
+COLOUR_SHARE_MEANING = (
+    "colour share: how much of a first-layer filter's weight energy responds to colour differences rather than "
+    "brightness (0 % = weighs R, G and B alike, sees brightness only; about 67 % = reads one channel, or random "
+    "weights; 100 % = pure colour opponent such as red minus green)")
+
+
+def filter_card_title(entry: dict) -> str:
+    """The heading of one gallery card (an entry of :func:`gallery`): filter, CAR in points and, for a conv
+    reading colour, its :func:`colour_selectivity` as a named percentage (issue 16: a bare 'colour 0.75'
+    said nothing)."""
+    car = "—" if entry.get("car_points") is None else f"{entry['car_points']:+.2f} points"
+    colour = "" if entry.get("colour") is None else f" · {COLOUR_SHARE} {entry['colour'] * 100:.0f} %"
+    return f"**Filter {entry['index']}** · CAR {car}{colour}"
+
+
+def gallery_caption(entries: list[dict], k: int = 4) -> str:
+    """What a gallery of ``entries`` (from :func:`gallery`, ``k`` patches per filter) shows, with the meaning of
+    the colour share when its cards carry one."""
+    text = (f"Per filter: its weights (first layer in colour: R, G, B kernels; deeper layers: mean kernel, red "
+            f"positive / blue negative), the {k} validation patches that excite it most, and its activation on the "
+            "chosen image (bright = strong). CAR in accuracy points lost when the filter alone is removed.")
+    if any(e.get("colour") is not None for e in entries):
+        text += " " + COLOUR_SHARE_MEANING[0].upper() + COLOUR_SHARE_MEANING[1:] + "."
+    return text
+
+
 # ----------------------------------------------------------------------------- CAR figures
+
+
+def gallery_layers(model: nn.Module, groups: Iterable[dict]) -> list[tuple[int, str]]:
+    """``(gid, layer)`` for every producer conv of ``groups`` (CarResult group dicts), in network order: the
+    layers whose filters the gallery can draw. The frozen 1x1 embeddings that stand in for option-A shortcuts
+    (core.shortcuts) are not layers of the user's model and have no filters to show, so they are left out."""
+    position = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    out = []
+    for g in groups:
+        for name in g.get("producers", [g["root"]]):
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                continue
+            if isinstance(module, nn.Conv2d) and not is_shortcut_embedding(module):
+                out.append((int(g["gid"]), name))
+    return sorted(out, key=lambda t: position.get(t[1], len(position)))
 
 
 def _as_car(car_result) -> CarResult:
@@ -403,12 +449,6 @@ def _group(car: CarResult, gid: int) -> dict:
         if int(g["gid"]) == int(gid):
             return g
     raise SettingsError(f"The CAR result has no group {gid} (groups: {[g['gid'] for g in car.groups]}).")
-
-
-def group_label(group: dict) -> str:
-    """'stem.0' or 'stem.0 (+2 coupled)' for a group dict of a CarResult."""
-    extra = len(group.get("producers", [])) - 1
-    return group["root"] if extra <= 0 else f"{group['root']} (+{extra} coupled)"
 
 
 def fig_car_per_filter(car_result, gid: int, sort: bool = True) -> go.Figure:
@@ -429,7 +469,8 @@ def fig_car_per_filter(car_result, gid: int, sort: bool = True) -> go.Figure:
 
 
 def fig_car_heatmap(car_result, by: str = "rank") -> go.Figure:
-    """Heat map of CAR over all groups: one row per group (labelled by its root), one column per filter.
+    """Heat map of CAR over all groups: one row per group (labelled by :func:`core.groups.group_label`), one column
+    per filter, first layer at the top (the groups' order, network order since issue 16).
 
     ``by='rank'``: each row sorted ascending (column = rank of the filter in its group);
     ``by='index'``: column = channel index. Narrower groups are padded with NaN (blank).
@@ -454,7 +495,7 @@ def fig_car_heatmap(car_result, by: str = "rank") -> go.Figure:
         hovertemplate="%{y}<br>filter %{customdata}<br>CAR %{z:.2f} points<extra></extra>"))
     fig.update_layout(title="CAR of every filter (red: removal costs accuracy; blue: removal helps)",
                       xaxis_title="Filter rank in its layer (lowest CAR first)" if by == "rank" else "Filter (output channel)",
-                      yaxis_title="Layer (group root)", height=max(300, 28 * len(groups) + 140))
+                      yaxis_title="Layer", height=max(300, 28 * len(groups) + 140))
     fig.update_yaxes(autorange="reversed")
     return fig
 

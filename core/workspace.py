@@ -32,6 +32,36 @@ def uploads_dir() -> Path:
     return path
 
 
+UPLOAD_NAME_SUFFIX = ".name.json"
+
+
+def remember_upload_name(path: str | Path, name: str) -> None:
+    """Keep the name the user uploaded ``path`` under (a file name, or a folder's), beside the stored upload.
+
+    Uploads are stored under names made from their hash, so two uploads never clash; but those names mean
+    nothing to the user, so runs record the user's name (:func:`upload_name`) and show it (issue 16).
+    """
+    atomic_write_json(Path(str(path) + UPLOAD_NAME_SUFFIX), {"name": str(name)})
+
+
+def upload_name(path: str | Path | None) -> str | None:
+    """The user's name for the stored upload ``path`` (see :func:`remember_upload_name`), or None."""
+    if not path:
+        return None
+    try:
+        record = read_json(Path(str(path) + UPLOAD_NAME_SUFFIX))
+    except (OSError, ValueError):  # a damaged or unreadable record names nothing
+        return None
+    name = record.get("name") if isinstance(record, dict) else None
+    return name if isinstance(name, str) and name else None
+
+
+def folder_upload_name(file_names: list[str]) -> str:
+    """A folder upload's name for people: the folder all its files share (``digits``), else how many files."""
+    tops = {Path(n).parts[0] for n in file_names if len(Path(n).parts) > 1}
+    return tops.pop() if len(tops) == 1 else f"{len(file_names)} uploaded files"
+
+
 def runs_dir() -> Path:
     path = workspace_root() / "runs"
     path.mkdir(parents=True, exist_ok=True)

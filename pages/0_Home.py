@@ -6,6 +6,7 @@ from pathlib import Path
 import streamlit as st
 
 from core.jobs import past_runs
+from core.runs import run_reviewable
 from core.models import sample_entry, sample_names
 from ui.common import (format_macs, format_params, format_pct, format_seconds, metric_name, model_shape, page_link,
                        setup_page, started_at, state_badge)
@@ -91,7 +92,8 @@ with col_run:
             page_link("prune", "Watch it")
         elif state.run_dir:
             st.markdown(f"Current run: `{Path(state.run_dir).name}`")
-            page_link("review", "Review it")
+            if run_reviewable(state.run_dir):
+                page_link("review", "Review it")
         else:
             st.markdown("No run in this session yet.")
             page_link("prune", "Prune")
@@ -101,8 +103,9 @@ st.subheader("Runs in the workspace")
 if not runs:
     st.caption("No runs yet. Runs you start on the Prune page are listed here, also after an app restart.")
 else:
-    rows = [{"run": r["name"], "state": r["state"], "steps": r["steps"], "model": r["arch"],
-             "criterion": r["criterion"], "data": r["data_source"], "created": started_at(r["created"])} for r in runs[:20]]
+    rows = [{"run": r["name"], "state": r["state"], "steps": r["steps"], "model": r["run"].model_label,
+             "criterion": r["criterion"], "data": r["run"].data_label, "created": started_at(r["created"])}
+            for r in runs[:20]]
     st.dataframe(rows, hide_index=True, width="stretch")
     interrupted = [r for r in runs if r["state"] == "interrupted"]
     if interrupted:

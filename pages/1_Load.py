@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core.custom_code import keep_uploaded_code, model_candidates
+from core.custom_code import keep_uploaded_code, model_candidates, probe_shapes, whole_models
+from core.workspace import folder_upload_name, remember_upload_name
 from core.errors import PruneScopeError
 from core.models import InputSpec, list_architectures, load_model, sample_entry, sample_names
 from core.plausibility import apply_fix, check_plausibility, describe_fix
@@ -52,13 +53,15 @@ def read_model(kind: str, model_bytes: bytes, trusted: bool, arch: str | None, s
     return load_model(model_bytes, arch=arch if kind == MODEL_KINDS[0] else None, trusted=trusted, input_spec=spec)
 
 
-def model_phase(kind: str, model_bytes: bytes, trusted: bool, arch: str | None, spec: InputSpec, code: dict):
+def model_phase(kind: str, model_bytes: bytes, trusted: bool, arch: str | None, spec: InputSpec, code: dict,
+                file_name: str = ""):
     """Phase 1 of the load job: the uploaded model, with the key and label the working set keeps."""
     def phase(results: dict):
         try:
             loaded = read_model(kind, model_bytes, trusted, arch, spec, code)
         except PruneScopeError as exc:
             raise PruneScopeError(f"**The model could not be loaded.** {exc}") from None
+        loaded.spec.upload_name = file_name  # issue 16: runs name the user's file, not the stored copy
         if trusted:  # issue 15: runs holding this pickle or code may run it now
             remember_trusted_model(loaded, model_bytes)
         key = (f"upload:{digest(model_bytes)}:{loaded.spec.arch}:{loaded.spec.code_file}:{loaded.spec.code_args}:"
@@ -69,7 +72,7 @@ def model_phase(kind: str, model_bytes: bytes, trusted: bool, arch: str | None, 
     return phase
 
 
-def data_phase(data_kind: str, files, current):
+def data_phase(data_kind: str, files, current, file_name: str = ""):
     """Phase 2: the uploaded data set, kept in the workspace and checked against the model (phase 1's, or the
     session's ``current`` one when only data was uploaded)."""
     def phase(results: dict):
@@ -82,6 +85,8 @@ def data_phase(data_kind: str, files, current):
                 raw = files_to_zip(files)
                 label = f"uploaded folder ({len(files)} files)"
             data, path = load_uploaded_data(raw, loaded)  # issue 15: a refused upload leaves nothing behind
+            remember_upload_name(path, file_name if data_kind == DATA_KINDS[0]
+                                 else folder_upload_name([name for name, _ in files]))
         except PruneScopeError as exc:
             raise PruneScopeError(f"**The data set could not be used.** {exc}") from None
         loaded.spec.input = data.input  # the size the data gave a model that does not fix it
@@ -110,10 +115,11 @@ def start_load(kind: str, model_file, trusted: bool, arch: str | None, spec: Inp
         code = {"bytes": code["file"].getvalue() if code["file"] is not None else None,
                 "filename": code["file"].name if code["file"] is not None else "", "name": code["name"],
                 "args": code["args"]}
-        phases.append((LOAD_MODEL, model_phase(kind, model_file.getvalue(), trusted, arch, spec, code)))
+        phases.append((LOAD_MODEL, model_phase(kind, model_file.getvalue(), trusted, arch, spec, code, model_file.name)))
     if data_files:
         files = data_files.getvalue() if data_kind == DATA_KINDS[0] else [(f.name, f.getvalue()) for f in data_files]
-        phases += [(LOAD_DATA, data_phase(data_kind, files, current)),
+        phases += [(LOAD_DATA, data_phase(data_kind, files, current,
+                                          data_files.name if data_kind == DATA_KINDS[0] else "")),
                    (LOAD_BASELINE, lambda r: measure_baseline(model_of_results(r, current), r[LOAD_DATA][0])),
                    (LOAD_CHECK, lambda r: check_plausibility(model_of_results(r, current).model, r[LOAD_DATA][0],
                                                              model_of_results(r, current).spec.input,
@@ -156,6 +162,10 @@ def custom_code_inputs() -> dict:
     if code["file"] is not None:
         try:
             names = model_candidates(code["file"].getvalue(), code["file"].name)
+            if st.session_state.get("load_trusted"):  # issue 16: trusted, so keep what builds a whole model
+                shapes = probe_shapes(st.session_state.get("load_h_None", 0), st.session_state.get("load_w_None", 0))
+                names = whole_models(keep_uploaded_code(code["file"].getvalue(), code["file"].name), names, shapes,
+                                     trusted=True)
         except PruneScopeError as exc:
             st.error(str(exc), icon=":material/error:")
     if names:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import streamlit as st
-from torch import nn
 
 from core import visualize as V
 from core.errors import PruneScopeError
@@ -141,16 +140,7 @@ with tab_sens:
 
 def conv_layers() -> list[tuple[int, str]]:
     """(group, producer) for every producer conv of every analysed group: the layers with filter images."""
-    position = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    out = []
-    for gid in gids:
-        for name in groups[gid].get("producers", [groups[gid]["root"]]):
-            try:
-                if isinstance(model.get_submodule(name), nn.Conv2d):
-                    out.append((gid, name))
-            except AttributeError:
-                continue
-    return sorted(out, key=lambda t: position.get(t[1], 0))  # in network order: the first layer first
+    return V.gallery_layers(model, [groups[gid] for gid in gids])
 
 
 @st.cache_resource(max_entries=12, show_spinner="Drawing filters and finding their top-activating patches...")
@@ -187,18 +177,13 @@ with tab_gallery:
         except PruneScopeError as exc:
             st.error(str(exc))
             entries = []
-        st.caption("Per filter: its weights (first layer in colour: R, G, B kernels; deeper layers: mean kernel, red "
-                   "positive / blue negative), the 4 validation patches that excite it most, and its activation on the "
-                   "chosen image (bright = strong). CAR in accuracy points.")
+        st.caption(V.gallery_caption(entries, k=4))
         per_row = 4
         for row in range(0, len(entries), per_row):
             cols = st.columns(per_row)
             for col, e in zip(cols, entries[row:row + per_row]):
                 with col.container(border=True):
-                    car_txt = "—" if e["car_points"] is None else (
-                        f"{e['car_points']:+.2f} points" + ("" if car.is_exact(gl[0], e["index"]) else " (screened)"))
-                    extra = "" if e["colour"] is None else f" · colour {e['colour']:.2f}"
-                    st.markdown(f"**Filter {e['index']}** · CAR {car_txt}{extra}")
+                    st.markdown(V.filter_card_title(e) + ("" if car.is_exact(gl[0], e["index"]) else " (screened)"))
                     a, m = st.columns(2)
                     a.image(e["weight"], caption="weights", width=64)
                     with model_lock(model):

@@ -11,6 +11,8 @@ from core import visualize as V
 from core.clusters import latency_staircase
 from core.detection.prune import DetectionPruneConfig
 from core.errors import PruneScopeError
+from core.groups import removal_label
+from core.runs import reviewable, run_reviewable
 from core.jobs import JobAlreadyRunning, detection_prune_job, prune_job, reusable_car
 from core.prune import PruneConfig
 from core.workspace import new_run_dir
@@ -187,7 +189,7 @@ def step_text(r: dict | None, metric_label: str) -> str:
     if r["step"] == 0:
         return "step 0 (the original) measured"
     rem = r.get("removed") or {}
-    return (f"step {r['step']}: removed {len(rem.get('filters', []))} filters from `{rem.get('group')}` "
+    return (f"step {r['step']}: removed {len(rem.get('filters', []))} filters from `{removal_label(rem)}` "
             f"({rem.get('width_before')} → {rem.get('width_after')}), {metric_label} "
             f"{format_pct(r.get('metric', r.get('accuracy')))}, "
             f"MACs {format_macs(r['macs'])}")
@@ -217,7 +219,7 @@ def live() -> None:
         st.caption(line)
     if not s.running:
         prune_outcome(s)
-        if s.state != "failed" or s.steps:
+        if reviewable(s.steps):  # issue 16: a run cancelled before its first step has nothing to review
             page_link("review", "Review the run")
     if s.steps:
         metrics_row(s.steps[-1], s.steps[0] if len(s.steps) > 1 else None, metric=metric_name(run_task))
@@ -233,7 +235,8 @@ if job is not None:
     live()
 elif state.run_dir and Path(state.run_dir).exists():
     st.caption(f"Last run of this session: `{Path(state.run_dir).name}`. The job list was reset (app restart).")
-    page_link("review", "Review it")
+    if run_reviewable(state.run_dir):
+        page_link("review", "Review it")
 else:
     st.info("Choose the settings and press **Start pruning**. Each step screens every cluster, measures the exact "
             f"{metric} of the best few, removes one, fine-tunes and measures again.", icon=":material/info:")

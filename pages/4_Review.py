@@ -8,6 +8,7 @@ from core import visualize as V
 from core.errors import PruneScopeError
 from core.jobs import past_runs
 from core.prune import read_structure
+from core.groups import group_display_name, removal_group, removal_label
 from core.runs import Run
 from ui import detection
 from ui.common import (change, format_macs, format_ms, format_params, format_pct, metrics_row, page_link, pick_run,
@@ -27,7 +28,7 @@ run: Run = entry["run"]
 hist = run.history
 prune_cfg = run.config.get("prune") or {}
 metric = run.metric_name
-st.markdown(f"{state_badge(entry['state'])} **{run.spec.arch}** on `{entry['data_source']}` · metric **{metric}** · "
+st.markdown(f"{state_badge(entry['state'])} **{run.model_label}** on `{run.data_label}` · metric **{metric}** · "
             f"criterion **{prune_cfg.get('criterion')}**, cluster **{prune_cfg.get('cluster')}**, budget "
             f"**{prune_cfg.get('max_drop')} points** · started {started_at(entry['created'])}")
 if entry["state"] == "interrupted":
@@ -105,7 +106,9 @@ removals = [r for r in hist[1:] if r.get("removed") and r["step"] <= pick["step"
 if not removals:
     st.caption("Nothing removed at this threshold.")
 else:
-    st.dataframe([{"step": r["step"], "layer": r["removed"]["group"], "filters removed": len(r["removed"]["filters"]),
+    car_groups = (run.car or {}).get("groups")
+    st.dataframe([{"step": r["step"], "layer": removal_label(r["removed"], car_groups),
+                   "filters removed": len(r["removed"]["filters"]),
                    "width": f"{r['removed']['width_before']} → {r['removed']['width_after']}",
                    f"{metric} after": format_pct(value(r)), "drop (selection, 95 % CI)": drop_text(r),
                    "test drop (95 % CI)": drop_text(r, "test"), "MACs after": format_macs(r["macs"]),
@@ -129,7 +132,7 @@ elif removals:
         try:
             original = run_model(str(run.dir), 0, (run.dir / "original.pt").stat().st_mtime)
             data = data_for_run(run)
-            layer = rec["group"]
+            layer = group_display_name(removal_group(rec, (run.car or {}).get("groups")))  # the conv the user knows
             patches = {}
             if data is not None:
                 with model_lock(original):

@@ -20,13 +20,15 @@ def fig_per_class_accuracy(per_class: dict[str, float], overall: float | None = 
     names = list(per_class)
     vals = [None if v is None or (isinstance(v, float) and math.isnan(v)) else v * 100 for v in per_class.values()]
     fig = go.Figure(go.Bar(x=names, y=vals, marker_color="#2ca02c", text=[f"{v:.1f}" if v is not None else "" for v in vals],
-                           textposition="outside", hovertemplate="%{x}: %{y:.2f} %<extra></extra>"))
-    if overall is not None:
-        fig.add_hline(y=overall * 100, line_dash="dot", line_color="#555",
-                      annotation_text=f"overall {overall * 100:.2f} %", annotation_position="bottom right")
+                           textposition="outside", hovertemplate="%{x}: %{y:.2f} %<extra></extra>", showlegend=False))
+    if overall is not None:  # the line's name goes in a legend above the plot: a label on the line overlapped bars
+        fig.add_hline(y=overall * 100, line_dash="dot", line_color="#555")
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line={"dash": "dot", "color": "#555"},
+                                 name=f"overall {overall * 100:.2f} %"))
     lo = min([v for v in vals if v is not None] or [0])
     fig.update_layout(title="Per-class accuracy (validation)", xaxis_title="Class", yaxis_title="Accuracy (%)",
-                      height=320, margin={"t": 50, "b": 40})
+                      height=320, margin={"t": 50, "b": 40},
+                      legend={"orientation": "h", "x": 1, "xanchor": "right", "y": 1.02, "yanchor": "bottom"})
     fig.update_yaxes(range=[max(0, lo - 10), 102])
     fig.update_xaxes(type="category")
     return fig

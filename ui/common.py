@@ -314,15 +314,14 @@ def hardware_profile_picker(prefix: str, running: bool) -> int:
     detected = cpu_profile()
     names = list(PROFILES) + [CUSTOM_PROFILE]
     profile = st.selectbox("Hardware profile", names, index=0, key=f"{prefix}_profile", disabled=running,
-                           format_func=lambda n: "custom cluster size" if n == CUSTOM_PROFILE else
-                           f"{PROFILES[n].label} (cluster {PROFILES[n].cluster})")
+                           format_func=lambda n: "custom cluster size" if n == CUSTOM_PROFILE else PROFILES[n].label)
     if profile == CUSTOM_PROFILE:
         measured = st.session_state.get("pr_staircase")
         cluster = int(st.number_input("Cluster size (filters)", 1, 64, measured.cluster if measured else 8,
                                       key=f"{prefix}_cluster", disabled=running))
     else:
         cluster = PROFILES[profile].cluster
-        st.caption(PROFILES[profile].description)
+        st.caption(f"Cluster size **{cluster}**. {PROFILES[profile].description}")  # not in the option: it was cut off
     st.caption(f"This machine: {detected.cpu_name or 'CPU'} → **{detected.profile}** "
                f"(cluster {detected.cluster}): {detected.reason}.")
     return cluster

@@ -8,11 +8,13 @@ from pathlib import Path
 import torch
 
 from core.custom_code import build_from_code
+from core.workspace import upload_name
 from tests.app.apptest_tools import (assert_no_exception, click_load, goto, new_app, texts)
 from tests.app.test_app_load import digits_files, make_zip
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "cifar_resnet.py"
 CUSTOM = "Custom architecture (Python file) + weights"
+FACTORIES = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet1202"]
 
 
 def akamaster_checkpoint() -> bytes:
@@ -35,7 +37,7 @@ def custom_page(code: bytes, name: str = "resnet.py"):
 def test_custom_file_offers_its_factories_and_loads_when_trusted():
     at = custom_page(FIXTURE.read_bytes())
     box = at.selectbox(key="load_code_name")
-    assert box.options[:3] == ["resnet20", "resnet32", "resnet44"] and box.value == "resnet20"
+    assert box.options == FACTORIES + ["ResNet"] and box.value == "resnet20"  # issue 16: no blocks or helpers
     at.number_input(key="load_h_None").set_value(32)
     at.number_input(key="load_w_None").set_value(32)
     at.text_input(key="load_code_args").set_value('{"num_classes": 10}')
@@ -45,11 +47,14 @@ def test_custom_file_offers_its_factories_and_loads_when_trusted():
     click_load(at)
     assert_no_exception(at)
     assert not at.error, [e.value for e in at.error]
+    assert at.selectbox(key="load_code_name").options == FACTORIES  # trusted: built and tried, ResNet needs args
     page = texts(at)
     assert "uploaded custom:resnet20" in page and "10 classes" in page and "3×32×32" in page
     notes = [c.value for c in at.caption]
     assert any("'state_dict' entry" in n for n in notes) and any("'module.' prefix" in n for n in notes)
     assert [m.label for m in at.metric][0] == "Accuracy"
+    state = at.session_state["prunescope"]  # issue 16: runs started from here name the user's files
+    assert state.model.spec.upload_name == "resnet20.th" and upload_name(state.data_source) == "d.zip"
 
 
 def test_untrusted_custom_file_is_refused():

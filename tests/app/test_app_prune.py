@@ -28,7 +28,8 @@ def test_settings_have_sample_defaults_and_staircase():
     assert at.selectbox(key="pr_criterion").value == "car"
     assert at.slider(key="pr_max_drop").value == 1.0
     assert at.selectbox(key="pr_profile").value == "ncs2"
-    assert "cluster 8" in at.selectbox(key="pr_profile").format_func("ncs2")
+    assert "Cluster size **8**" in texts(at)  # in the caption, not cut off
+    assert len(at.selectbox(key="pr_profile").format_func("ncs2")) <= 40  # issue 16: options fit the column
     assert "This machine:" in texts(at)
     at.button(key="pr_measure").click().run()
     assert_no_exception(at)

@@ -16,7 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from core.custom_code import build_from_code, keep_uploaded_code, list_definitions, model_candidates, parse_model_args
+from core.custom_code import (build_from_code, keep_uploaded_code, list_definitions, model_candidates, parse_model_args,
+                              whole_models)
 from core.errors import ModelLoadError, UntrustedCodeError, UntrustedPickleError
 from core.models import InputSpec, ModelSpec, load_model, rebuild_from_spec
 from core.runs import CODE_COPY, Run, RunWriter
@@ -104,10 +105,88 @@ def build(): return Base()
     assert not marker.exists()
 
 
-def test_candidates_offer_argument_free_factories_first():
-    names = model_candidates(FIXTURE.read_bytes())
-    assert names[:6] == ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet1202"]
-    assert names.index("ResNet") < names.index("test") < names.index("_weights_init")
+FACTORIES = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet1202"]
+
+
+def test_candidates_offer_whole_models_not_helpers():
+    """Issue 16: the file's blocks, layers, init and test helpers are not offered beside the factories."""
+    assert model_candidates(FIXTURE.read_bytes()) == FACTORIES + ["ResNet"]  # ResNet needs arguments: last
+
+
+def test_candidates_leave_out_parts_of_any_layout(tmp_path):
+    """torchvision-style files: a conv helper used in a block, a block passed to the model class, a private
+    builder, an imported class, a config and a function returning nothing are not models."""
+    source = """
+import torch.nn as nn
+from torchvision.models import AlexNet
+class Config:
+    depth = 18
+def conv3x3(cin, cout):
+    return nn.Conv2d(cin, cout, 3, padding=1)
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = conv3x3(c, c)
+class Net(nn.Module):
+    def __init__(self, block, n=2):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3)
+        self.blocks = nn.Sequential(*[block(8) for _ in range(n)])
+class WideNet(Net):
+    pass
+def _net(block, n):
+    return Net(block, n)
+def build_net(n=2):
+    return _net(Block, n)
+def make(depth):
+    return Net(Block, depth)
+def summary(model):
+    print(model)
+"""
+    assert model_candidates(source) == ["build_net", "Net", "WideNet", "make"]
+
+
+def test_candidates_fall_back_to_every_definition():
+    assert model_candidates("def _build():\n    return 1\nclass Cfg:\n    pass\n") == ["Cfg", "_build"]
+
+
+def test_whole_models_keeps_what_builds_a_network(code_file):
+    """Trusted: each candidate is built without arguments and run on an image batch; the ResNet class,
+    which needs a block and layer counts, is not a whole model by itself."""
+    assert whole_models(code_file, model_candidates(code_file.read_bytes()), trusted=True) == FACTORIES
+    assert whole_models(code_file, ["BasicBlock", "LambdaLayer", "test", "_weights_init", "resnet20"],
+                        trusted=True) == ["resnet20"]
+
+
+def test_whole_models_keeps_a_class_with_defaults_and_checks_the_input(tmp_path):
+    path = write(tmp_path, "net.py", """
+import torch.nn as nn
+class Grey(nn.Module):  # an MNIST-style model: one channel, 28 x 28, flattened into a fixed Linear
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(4 * 26 * 26, 10)
+    def forward(self, x):
+        return self.fc(self.conv(x).flatten(1))
+class Block(nn.Module):
+    def __init__(self, c=16):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3)
+    def forward(self, x):
+        return self.conv(x)
+""")
+    assert whole_models(path, ["Grey", "Block"], trusted=True) == ["Grey"]
+    assert whole_models(path, ["Grey"], shapes=((3, 32, 32),), trusted=True) == ["Grey"]  # none fits: all kept
+    assert whole_models(path, ["Grey", "Block"], shapes=((1, 28, 28),), trusted=True) == ["Grey"]
+
+
+def test_whole_models_runs_nothing_untrusted(tmp_path):
+    marker = tmp_path / "ran"
+    path = write(tmp_path, "net.py", f"import pathlib\npathlib.Path({str(marker)!r}).write_text('x')\n"
+                                     "def build():\n    return 1\n")
+    with pytest.raises(UntrustedCodeError):
+        whole_models(path, ["build"])
+    assert not marker.exists()
 
 
 def test_scan_reports_syntax_error_with_line():

@@ -6,9 +6,10 @@ import zipfile
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from core.data import Limits, load_dataset, safe_extract_zip
+from core.data import ImageSet, Limits, class_allocation, load_dataset, safe_extract_zip, stratified_indices
 from core.errors import DataError
 from core.models import InputSpec
 
@@ -127,3 +128,36 @@ def test_grey_model_gets_one_channel():
     spec = InputSpec(height=8, width=8, channels=1, mean=(0.5,), std=(0.5,))
     ds = load_dataset(_zip(_classes()), spec)
     assert ds.train.images.shape[1] == 1
+
+
+# ----------------------------------------------------------------------------- stratified subsets (issue 16)
+
+
+@pytest.mark.parametrize("sizes", [[2999] * 10, [100, 7, 33], [1, 1, 50], [5] * 7, [1000, 1], [3, 4, 5, 6, 7, 8, 9]])
+def test_subset_gives_exactly_n_images_in_proportion(sizes):
+    """'on 299 images' with the slider at 300: per-class rounding lost (or added) images."""
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    images = ImageSet(torch.zeros((len(labels), 1, 1, 1), dtype=torch.uint8), torch.as_tensor(labels),
+                      [f"c{i}" for i in range(len(sizes))])
+    total = len(labels)
+    for n in sorted({1, 2, len(sizes), len(sizes) + 1, 10, 299, 300, 301, total // 3, total - 1} & set(range(1, total))):
+        idx = stratified_indices(labels, n, seed=3)
+        assert len(idx) == n and len(set(idx.tolist())) == n
+        assert len(images.subset(n)) == n
+        counts = np.bincount(labels[idx], minlength=len(sizes))
+        assert all(counts <= sizes)
+        if n >= len(sizes):
+            assert counts.min() >= 1  # every class is represented
+        share = n * np.asarray(sizes) / total
+        lifted = int(((share < 1) & (counts == 1)).sum()) if n >= len(sizes) else 0  # classes raised to one image
+        assert all(counts <= np.maximum(np.ceil(share - 1e-9), 1))  # never above its share, rounded up
+        assert all(counts >= np.floor(share + 1e-9) - lifted)  # below it only to give a small class its one image
+        assert np.array_equal(idx, stratified_indices(labels, n, seed=3))  # reproducible
+
+
+def test_class_allocation_adds_up_by_largest_remainder():
+    assert class_allocation([2999] * 10, 300) == [30] * 10
+    assert class_allocation([10, 10, 10], 2) == [1, 1, 0]
+    assert class_allocation([1000, 1], 10) == [9, 1]  # the small class still gets its one image
+    assert class_allocation([50, 30, 20], 7) == [4, 2, 1]  # 3.5, 2.1, 1.4: the largest remainder wins the 7th
+    assert class_allocation([0, 4], 3) == [0, 3]

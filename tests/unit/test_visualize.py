@@ -189,6 +189,23 @@ def test_gallery_first_and_deep_conv(env):
         V.gallery(model, spec, data.val, "stem.0", [0.0] * 3)
 
 
+def test_gallery_cards_name_and_explain_the_colour_share(env):
+    """Issue 16: the first layer's cards said 'colour 0.75' with no word on what it is."""
+    model, spec, data, car = env["model"], env["spec"], env["data"], env["car"]
+    stem = V.gallery(model, spec, data.val.images[:16], "stem.0", car.car[_group_of(car, "stem.0")["gid"]], limit=3,
+                     k=1)
+    for card in stem:
+        title = V.filter_card_title(card)
+        assert f"**Filter {card['index']}**" in title and f"CAR {card['car_points']:+.2f} points" in title
+        assert f"colour share {card['colour'] * 100:.0f} %" in title
+    caption = V.gallery_caption(stem)
+    assert "Colour share:" in caption and "brightness" in caption and "colour differences" in caption
+    assert "the 4 validation patches" in caption
+    deep = V.gallery(model, spec, data.val.images[:16], "layer1.0.conv1", None, sort="index", limit=2, k=1)
+    assert "colour" not in V.filter_card_title(deep[0]) and "CAR —" in V.filter_card_title(deep[0])
+    assert "olour share" not in V.gallery_caption(deep)
+
+
 # ----------------------------------------------------------------------------- CAR figures
 
 
