@@ -275,6 +275,10 @@ def measure_original(graph: PruningGraph, task: Task, writer: RunWriter, cb: Cal
         analysis = task.analyse(graph.model, cancel, cb.part(0.0, 1.0, "analysing", "analysing the original: "))
         if analysis is not None:
             writer.write_json("car.json", analysis)
+    check = getattr(task, "check_finetune_lr", None)  # a task whose fine-tuning can harm the unpruned model
+    if check is not None and task.config.finetune_steps > 0:
+        writer.write_json("finetune.json", check(graph.model, base, cancel,
+                                                 cb.part(0.0, 1.0, "checking fine-tuning", "fine-tuning check: ")))
     return record0
 
 
