@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from .car import check_image_count
 from .clusters import get_profile
 from .data import check_split_options
@@ -49,11 +51,15 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
 
 
 def device_from_args(args):
-    """Resolve ``--device`` and set ``--threads``; prints which device runs the job. Raises SettingsError."""
+    """Resolve ``--device`` and set ``--threads`` before any work (CUDA without a GPU: ``SettingsError``);
+    :func:`announce_device` says which device runs once the inputs are checked."""
     device = resolve_device(args.device)
-    threads = set_threads(args.threads)
-    progress(f"device: {describe(device, threads)}")
+    set_threads(args.threads)
     return device
+
+
+def announce_device(device) -> None:
+    progress(f"device: {describe(device, torch.get_num_threads())}")
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:

@@ -6,8 +6,9 @@ from pathlib import Path
 
 from . import criteria
 from .car import CAR_METHODS, compute_car
-from .cli_common import (add_device_args, add_plan_args, config_from_args, device_from_args, export_exit_code,
-                         load_model_and_data, prepare_out, print_summary, progress, progress_printer)
+from .cli_common import (add_device_args, add_plan_args, announce_device, config_from_args, device_from_args,
+                         export_exit_code, load_model_and_data, prepare_out, print_summary, progress,
+                         progress_printer)
 from .cli_recover import add_recovery_options, prune_recovery_config, recover_after_prune
 from .clusters import PROFILES
 from .detection.cli import add_detection_args, cmd_export_detection, cmd_prune_detection
@@ -87,6 +88,7 @@ def cmd_analyse(args) -> int:
     device = device_from_args(args)
     loaded, data = load_model_and_data(args)
     out = prepare_out(args.out)
+    announce_device(device)
     result = compute_car(loaded.model, loaded.spec.input, data.val, n_images=args.images,
                          progress=progress_printer(), fast=not args.naive, method=args.car, device=device)
     atomic_write_json(out / "car.json", result.to_dict())
@@ -110,9 +112,10 @@ def cmd_prune(args) -> int:
     config = config_from_args(args, PruneConfig)
     config.analyse_car = not args.no_analysis
     recovery = prune_recovery_config(args)
-    device_from_args(args)
+    device = device_from_args(args)
     loaded, data = load_model_and_data(args)
     out = prepare_out(args.out)
+    announce_device(device)
     printer = progress_printer("  ")
     original_bytes = Path(args.model).read_bytes() if loaded.spec.pickled else None
     summary = run_pruning(loaded, data, config, out, Callbacks(step=print_step, event=printer.event),

@@ -343,7 +343,7 @@ go = Path(sys.argv[2])
 while not go.exists():
     time.sleep(0.005)
 ds = load_dataset(Path(sys.argv[1]), InputSpec(height=16, width=16))
-print(len(ds.train) + len(ds.val))
+print(len(ds.train) + len(ds.val) + len(ds.test))  # all three roles
 """
 
 

@@ -24,7 +24,7 @@ from core.prune import read_structure
 from tests._topology import assert_emulation_matches_surgery, assert_prunes_in_clusters
 from tests.helpers import random_dataset, randomize_bn
 
-FIXTURE = Path(__file__).parent / "fixtures" / "cifar_resnet.py"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "cifar_resnet.py"
 SHAPE = (1, 3, 32, 32)
 
 
