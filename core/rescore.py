@@ -157,9 +157,9 @@ def car_scores(scorer: CarScorer, groups: list[ChannelGroup], book: ScoreBook, m
         if screened is None:
             book.scores[g.root] = tiebreak(car, loss, n)
             book.exact_mask[g.root] = np.ones(g.width, dtype=bool)
-        else:
-            fast = combine({g.gid: screened[0][g.gid]}, {g.gid: (idx, tiebreak(car, loss, n), car)},
-                           {g.gid: screened[1].car[g.gid]}, [g])
+        else:  # a group that cannot lose a cluster has no shortlist: its screen alone orders it
+            exact = {g.gid: (idx, tiebreak(car, loss, n), car)} if len(idx) else {}
+            fast = combine({g.gid: screened[0][g.gid]}, exact, {g.gid: screened[1].car[g.gid]}, [g])
             book.scores[g.root], book.exact_mask[g.root] = fast.scores[g.gid], fast.exact[g.gid]
             report.screened += int((~fast.exact[g.gid]).sum())
     report.exact = int(sum(book.exact_mask[g.root].sum() for g in groups))

@@ -135,3 +135,14 @@ def test_entries_of_another_width_are_never_reused(sample, exact):
     book.scores.pop(g.root)
     _, report = car_scores(scorer, groups, book, "exact", CLUSTER)
     assert report.measured == g.width and report.reused == 0
+
+
+def test_fast_mode_scores_a_group_that_cannot_lose_a_cluster_by_its_screen(sample, exact):
+    """A group narrower than two clusters has no shortlist (nothing can be removed from it); it still gets
+    scores, from the screen alone (a real ResNet-20 run crashed here at its fourth step)."""
+    groups = sample[2]
+    scorer = exact[0]
+    widest = max(g.width for g in groups)
+    scores, report = car_scores(scorer, groups, ScoreBook(), "fast", cluster=widest)  # no group can lose one
+    assert report.measured == 0 and report.screened == report.total
+    assert all(len(scores[g.gid]) == g.width and np.isfinite(scores[g.gid]).all() for g in groups)
