@@ -34,7 +34,7 @@ from ..measure import measure_model
 from ..models import InputSpec
 from ..rescore import ScoreBook, ScoreReport, car_scores
 from ..screen import tiebreak
-from ..stats import paired_figures, resolution_warning
+from ..stats import paired_drop, paired_figures, resolution_warning
 
 NAME = "classification"
 METRIC = "accuracy"
@@ -159,10 +159,11 @@ class ClassificationTask:
                 finetune(trial, self.data.train, self.spec, c.finetune_steps, lr, c.batch_size,
                          np.random.default_rng(c.seed), cancel,
                          lambda f, m, a=attempt: progress((a + f) / (LR_HALVINGS + 1), f"learning rate {lr:g}: {m}"))
-                acc = evaluate_accuracy(trial, self.data.val, self.spec).accuracy
-            cost = (base["metric"] - acc) * 100
-            tried.append({"lr": lr, "selection_drop_points": cost})
-            if cost <= allowed or attempt == LR_HALVINGS:
+                correct = evaluate_accuracy(trial, self.data.val, self.spec).correct.numpy()
+            cost = paired_drop(self._baseline_correct["selection"], correct)
+            tried.append({"lr": lr, "selection_drop_points": cost.drop_points, "ci_low_points": cost.low_points})
+            # halve only a rate whose cost is beyond the selection images' noise (the whole 95 % interval)
+            if cost.low_points <= allowed or attempt == LR_HALVINGS:
                 break
             lr /= 2
         self.finetune_lr = lr
