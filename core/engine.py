@@ -353,13 +353,14 @@ def try_candidates(graph: PruningGraph, candidates: list[Cluster], task: Task, s
             graph = rebuild_graph(task, *snapshot)
             continue
         tried += 1
-        metrics = finetune_and_measure(task, graph.model, rng, cancel, cb, step)
-        lost = (base_metric - metrics["metric"]) * 100
+        decision = finetune_and_decide(task, graph.model, rng, cancel, cb, step)
+        lost = (base_metric - decision.metric) * 100
         if lost > config.max_drop + 1e-9:
             cb.progress(0.95, f"step {step}: {cand.group.label} would drop {lost:.2f} {task.metric_name} points; undone")
             graph = rebuild_graph(task, *snapshot)
             continue
-        return (cand, metrics, tried), graph
+        cb.progress(0.96, f"step {step}: measuring the kept step", "measuring", 0.0)
+        return (cand, task.measure(graph.model, decision), tried), graph
     return None, graph
 
 
@@ -368,14 +369,15 @@ def rebuild_graph(task: Task, model, history: list) -> PruningGraph:
     return PruningGraph(model, task.input_shape, history=history, output_layers=task.output_layers(model))
 
 
-def finetune_and_measure(task: Task, model, rng: np.random.Generator, cancel: threading.Event, cb: Callbacks,
-                         step: int) -> dict:
-    """Let the model adapt to a removal, then measure it (the record's figures)."""
+def finetune_and_decide(task: Task, model, rng: np.random.Generator, cancel: threading.Event, cb: Callbacks,
+                        step: int):
+    """Let the model adapt to a removal, then measure only what accepting or undoing it reads (the
+    selection metric): a candidate that is undone costs no test-split, MAC or latency measurement."""
     task.finetune(model, rng, cancel, cb.part(0.5, 0.9, "fine-tuning", f"step {step}: "))
     if cancel.is_set():
         raise CancelledError("Cancelled.")
     cb.progress(0.92, f"step {step}: measuring {task.metric_name}", "measuring", 0.0)
-    return task.measure(model)
+    return task.decision(model)
 
 
 def train_steps(model, opt: torch.optim.Optimizer, steps: int, batch_loss: Callable[[], torch.Tensor],

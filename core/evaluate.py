@@ -23,6 +23,11 @@ class Accuracy:
     n: int
     correct: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
+    @property
+    def metric(self) -> float:
+        """The task-neutral name of the figure a pruning step is decided on (``core.tasks.Decision``)."""
+        return self.accuracy
+
     def to_dict(self) -> dict:
         return {"accuracy": self.accuracy, "per_class": self.per_class, "confusion": self.confusion, "n": self.n}
 

@@ -37,6 +37,11 @@ class MapResult:
     n_images: int
     settings: dict = field(default_factory=dict)
 
+    @property
+    def metric(self) -> float:
+        """The task-neutral name of the figure a pruning step is decided on (``core.tasks.Decision``)."""
+        return self.map
+
 
 def normalize_images(images_u8: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 [N, 3, H, W] -> the float input the detector was trained on."""

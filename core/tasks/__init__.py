@@ -22,6 +22,14 @@ from ..groups import ChannelGroup, PruningGraph
 ProgressFn = Callable[[float, str], None]
 
 
+class Decision(Protocol):
+    """A task's decision measurement of one model (e.g. ``core.evaluate.Accuracy`` on the selection images)."""
+
+    @property
+    def metric(self) -> float:
+        """The selection metric, 0..1."""
+
+
 class Task(Protocol):
     """One pruning task, as the loop in ``core.engine`` calls it.
 
@@ -41,9 +49,14 @@ class Task(Protocol):
     def output_layers(self, model: nn.Module) -> list[str] | None:
         """Layers whose outputs are never pruned (a detector's head outputs); None: the classifier output only."""
 
-    def measure(self, model: nn.Module) -> dict:
+    def decision(self, model: nn.Module) -> Decision:
+        """What accepting or undoing a step reads, and nothing more: the selection metric (``.metric``,
+        0..1). The loop measures the rest of a record only for a step it keeps."""
+
+    def measure(self, model: nn.Module, decision: Decision | None = None) -> dict:
         """One record's figures: ``metric`` (0..1), ``per_class`` (class -> 0..1), ``macs``, ``params``,
-        ``latency_ms`` (None when switched off)."""
+        ``latency_ms`` (None when switched off). ``decision``: this very model's ``decision(model)``,
+        reused instead of measured again."""
 
     def analyse(self, model: nn.Module, cancel: threading.Event, progress: ProgressFn) -> dict | None:
         """A full analysis of the original stored as ``car.json`` when ``config.analyse_car``; None: none."""

@@ -27,7 +27,7 @@ from ..criteria import Cluster, ScoreContext
 from ..data import DataSet, ImageSet, normalize
 from ..device import model_device, on_device, resolve_device
 from ..engine import PruneConfig, group_key, train_steps
-from ..evaluate import evaluate_accuracy
+from ..evaluate import Accuracy, evaluate_accuracy
 from ..fingerprint import model_fingerprint, tensors_fingerprint
 from ..groups import ChannelGroup, PruningGraph
 from ..measure import measure_model
@@ -70,11 +70,17 @@ class ClassificationTask:
         """The selection images that score filters (a fixed stratified subset)."""
         return self.data.val.subset(self.config.score_images, seed=self.config.seed)
 
-    def measure(self, model: nn.Module) -> dict:
+    def decision(self, model: nn.Module) -> Accuracy:
+        """Top-1 accuracy on the selection images: all a step's accept or undo reads."""
+        with on_device(model, self.device):
+            return evaluate_accuracy(model, self.data.val, self.spec)
+
+    def measure(self, model: nn.Module, decision: Accuracy | None = None) -> dict:
         """Figures of a record (``measure``) with the paired drops from the original (``paired``); the first
         call (the original) is their base and says when the threshold is finer than the selection images
-        resolve (``resolution_warning``, None when they resolve it)."""
-        figures, correct = measure(model, self.data, self.spec, self.config, self.device)
+        resolve (``resolution_warning``, None when they resolve it). ``decision``: this model's
+        :meth:`decision`, reused."""
+        figures, correct = measure(model, self.data, self.spec, self.config, self.device, selection=decision)
         if self._baseline_correct is None:
             self._baseline_correct = correct
             figures["resolution_warning"] = resolution_warning(self.config.max_drop, len(self.data.val),
@@ -182,16 +188,17 @@ class ClassificationTask:
 
 
 def measure(model: nn.Module, data: DataSet, spec: InputSpec, config: PruneConfig,
-            device=None) -> tuple[dict, dict[str, np.ndarray]]:
+            device=None, selection: Accuracy | None = None) -> tuple[dict, dict[str, np.ndarray]]:
     """One record's figures and the per-image correctness behind them.
 
     Figures: ``metric`` (top-1 accuracy on the selection images, 0..1) and ``per_class``; with a test
     split ``test_metric`` and ``test_per_class`` (None without one); MACs, params and OpenVINO CPU
     latency (median ms with its spread, None when ``config.latency`` is off) from
     ``core.measure.measure_model``. Correctness: role -> bool per image (for paired drops).
+    ``selection``: the model's accuracy on ``data.val`` when already measured (the step's decision).
     """
     with on_device(model, device):
-        selection = evaluate_accuracy(model, data.val, spec)
+        selection = selection if selection is not None else evaluate_accuracy(model, data.val, spec)
         test = evaluate_accuracy(model, data.test, spec) if len(data.test) else None
     cost = measure_model(model, spec, latency=config.latency, runs=config.latency_runs).to_dict()
     figures = {"metric": selection.accuracy, "per_class": selection.per_class,

@@ -28,7 +28,7 @@ from torch import nn
 from ..ablation import AblationEngine
 from ..criteria import Cluster, ScoreContext
 from ..detection.data import DetectionData, DetectionSet
-from ..detection.evaluate import EvalSettings, detect, evaluate_map, map_of_detections, normalize_images
+from ..detection.evaluate import EvalSettings, MapResult, detect, evaluate_map, map_of_detections, normalize_images
 from ..detection.loss import encode_batch, multibox_loss
 from ..detection.models import output_layer_names
 from ..engine import PruneConfig, group_key, train_steps
@@ -100,8 +100,11 @@ class DetectionTask:
     def output_layers(self, model: nn.Module) -> list[str]:
         return output_layer_names(model)
 
-    def measure(self, model: nn.Module) -> dict:
-        return measure_detector(model, self.data, self.spec, self.config)
+    def decision(self, model: nn.Module) -> MapResult:
+        return evaluate_map(model, self.data.val, self.spec.mean, self.spec.std)
+
+    def measure(self, model: nn.Module, decision: MapResult | None = None) -> dict:
+        return measure_detector(model, self.data, self.spec, self.config, selection=decision)
 
     def analyse(self, model: nn.Module, cancel, progress) -> None:
         return None  # the classification CAR analysis does not apply; the Analyse page runs detection CAR per group
@@ -209,10 +212,12 @@ class DetectionScorer:
 
 
 def measure_detector(model: nn.Module, data: DetectionData, spec: InputSpec, config: PruneConfig,
-                     settings: EvalSettings = EvalSettings()) -> dict:
+                     settings: EvalSettings = EvalSettings(), selection: MapResult | None = None) -> dict:
     """One record's figures: ``metric`` (mAP@0.5, 0..1), ``per_class`` AP, MACs, params, OpenVINO CPU latency
-    in ms (None when ``config.latency`` is off)."""
-    result = evaluate_map(model, data.val, spec.mean, spec.std, settings)
+    in ms (None when ``config.latency`` is off). ``selection``: this model's mAP on ``data.val`` with the
+    default settings when already measured (the step's decision), else measured here."""
+    result = selection if selection is not None and settings == EvalSettings() else \
+        evaluate_map(model, data.val, spec.mean, spec.std, settings)
     macs, params = count_macs_params(model, spec)
     latency = None
     if config.latency:

@@ -95,3 +95,31 @@ def test_a_plan_naming_an_unknown_layer_is_refused(sample, tmp_path):
     loaded, data = sample
     with pytest.raises(SettingsError, match="not a prunable group"):
         run_pruning(loaded, data, _config(plan={"exclude": ["no_such_layer"]}), tmp_path / "bad")
+
+
+def test_an_undone_candidate_costs_no_test_measurement(sample, tmp_path, monkeypatch):
+    """Accept or undo reads the selection images only; the test split, MACs and latency are measured for
+    a kept step alone (a real CIFAR-10 run undoes about every second candidate)."""
+    import core.tasks.classification as cls
+
+    loaded, data = sample
+    held = data.train.subset(60, seed=5)
+    with_test = _with_test(data, held.images, held.labels)
+    calls = {"test": 0, "selection": 0}
+    real_evaluate = cls.evaluate_accuracy
+
+    def counting(model, images, spec, *a, **kw):
+        if images is with_test.test:
+            calls["test"] += 1
+        elif images is with_test.val:
+            calls["selection"] += 1
+        return real_evaluate(model, images, spec, *a, **kw)
+
+    monkeypatch.setattr(cls, "evaluate_accuracy", counting)
+    # a zero threshold undoes every candidate that loses an image: patience 2 -> up to three tried
+    config = _config(max_drop=0.0, patience=2, max_steps=1, finetune_steps=0)
+    run_pruning(loaded, with_test, config, tmp_path / "r")
+    run = Run(tmp_path / "r")
+    kept = len(run.history)
+    assert calls["test"] == kept, f"{calls['test']} test measurements for {kept} records"
+    assert calls["selection"] > calls["test"], "no candidate was undone: the test proves nothing"
