@@ -172,13 +172,12 @@ def state_badge(state: str) -> str:
 def metrics_row(record: dict, base: dict | None = None, metric: str = "Accuracy") -> None:
     """The task's metric, MACs, parameters and (when measured) latency of a step, with changes against ``base``.
 
-    Reads the metric under ``metric`` (new records) or ``accuracy`` (runs written before)."""
-    def value(r: dict):
-        return r.get("metric", r.get("accuracy"))
-
+    Records come from ``core.runs.Run`` (which reads old runs' ``accuracy`` as ``metric``), the engine or the
+    measured baseline, so the metric is always under ``metric``."""
     b = base or {}
     cols = st.columns(4 if "latency_ms" in record else 3)
-    cols[0].metric(metric, format_pct(value(record)), change(value(record), value(b), "points") if base else None)
+    cols[0].metric(metric, format_pct(record.get("metric")),
+                   change(record.get("metric"), b.get("metric"), "points") if base else None)
     cols[1].metric("MACs", format_macs(record.get("macs")), change(record.get("macs"), b.get("macs")) if base else None,
                    delta_color="inverse")
     cols[2].metric("Parameters", format_params(record.get("params")),
@@ -283,10 +282,7 @@ def threshold_pick(state, run, hist: list[dict], prune_cfg: dict, sel, metric: s
     from core import visualize as V
 
     base = hist[0]
-    def value(r: dict) -> float:
-        return r.get("metric", r.get("accuracy"))
-
-    drops = [(value(base) - value(r)) * 100 for r in hist]
+    drops = [(base["metric"] - r["metric"]) * 100 for r in hist]  # ``Run.history``: always under ``metric``
     top = max(5.0, float(prune_cfg.get("max_drop") or 0), max(drops) + 0.5)
     default = state.max_drop if state.max_drop is not None and str(state.run_dir) == str(run.dir) else \
         float(prune_cfg.get("max_drop") or 1.0)
