@@ -187,6 +187,25 @@ def metrics_row(record: dict, base: dict | None = None, metric: str = "Accuracy"
                        change(record.get("latency_ms"), b.get("latency_ms")) if base else None, delta_color="inverse")
 
 
+def ncs2_panel(ncs2: dict, input_shape) -> None:
+    """A bundle's NCS2 check (``core.ncs2.check_ncs2``, the same for both tasks): ready, or each problem
+    layer with its operation version; the warnings; the operations in the IR."""
+    if ncs2["compatible"]:
+        st.success(f"**NCS2 ready**: every layer is supported by the MYRIAD plugin of OpenVINO 2022.3 "
+                   f"({sum(ncs2['ops'].values())} layers, FP16, static input "
+                   f"{'×'.join(str(d) for d in input_shape)}).", icon=":material/check_circle:")
+    else:
+        st.error(f"**Not NCS2 compatible**: {len(ncs2['problems'])} problem(s). The bundle still works on CPU; "
+                 "on the stick deploy.py falls back to the original.", icon=":material/error:")
+        for p in ncs2["problems"][:20]:
+            st.markdown(f"- layer `{p['layer']}` ({p['type']}, {p['version']}): {p['reason']}")
+    for w in ncs2.get("warnings", [])[:10]:
+        st.caption(f"Warning: layer `{w['layer']}` ({w['type']}): {w['reason']}")
+    with st.expander("Operations in the IR"):
+        st.dataframe([{"operation": k, "count": v} for k, v in sorted(ncs2["ops"].items())], hide_index=True,
+                     width="stretch")
+
+
 def job_progress(snap: JobSnapshot, label: str) -> None:
     """Progress bar with the current message, elapsed time and ETA of a job snapshot."""
     pct = int(round(snap.progress * 100))
