@@ -27,7 +27,7 @@ import time
 import traceback
 from pathlib import Path
 
-from _common import ROOT, machine
+from _common import ROOT, machine, parser
 
 STAGES = ("load", "car", "prune", "export", "verify")
 # Inputs the architecture needs: ViT/MaxViT have fixed-size position tables, Inception's stem
@@ -221,7 +221,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("archs", nargs="*", help="architectures (default: every torchvision classifier)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--timeout", type=int, default=900, help="seconds per architecture")

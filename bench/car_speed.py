@@ -9,13 +9,12 @@ that skipping the unchanged prefix could give if time were proportional to MACs.
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 from torch import nn
 
-from _common import SAMPLES, load_sample, machine, table
+from _common import SAMPLES, load_sample, machine, parser, table
 
 
 def suffix_macs_fraction(engine, groups) -> float:
@@ -47,7 +46,7 @@ def suffix_macs_fraction(engine, groups) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__)
     ap.add_argument("--images", type=int, default=200)
     args = ap.parse_args()
     from core.car import CarScorer, filter_ablation

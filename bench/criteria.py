@@ -11,18 +11,17 @@ pruned model. This is the CAR paper's per-layer comparison, applied to all group
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import time
 
 import numpy as np
 import torch
 
-from _common import SAMPLES, load_sample, machine, table
+from _common import SAMPLES, load_sample, machine, parser, table
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__)
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
     ap.add_argument("--finetune-steps", type=int, default=60)
     ap.add_argument("--score-images", type=int, default=400)

@@ -13,17 +13,13 @@ runs standalone.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 import time
 import warnings
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from _common import ROOT, parser  # the repo on sys.path
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -128,17 +124,17 @@ def print_table(rows: list[dict], header: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pruned-run", action="append", default=[], metavar="DIR",
+    ap = parser(__doc__)
+    ap.add_argument("--pruned-run", action="append", default=[], metavar="DIR",
                         help="PruneScope run folder whose pruned step replaces the Torch-Pruning variant of its model")
-    parser.add_argument("--step", type=int, default=None, help="step of --pruned-run to use (default: the last)")
-    parser.add_argument("--ratio", type=float, default=0.5, help="Torch-Pruning channel ratio (default 0.5)")
-    parser.add_argument("--round-to", type=int, default=8, help="Torch-Pruning round_to (default 8)")
-    parser.add_argument("--runs", type=int, default=100, help="timed rounds per model (default 100)")
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=None, help="CPU inference threads (default: OpenVINO's choice)")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    args = parser.parse_args(argv)
+    ap.add_argument("--step", type=int, default=None, help="step of --pruned-run to use (default: the last)")
+    ap.add_argument("--ratio", type=float, default=0.5, help="Torch-Pruning channel ratio (default 0.5)")
+    ap.add_argument("--round-to", type=int, default=8, help="Torch-Pruning round_to (default 8)")
+    ap.add_argument("--runs", type=int, default=100, help="timed rounds per model (default 100)")
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=None, help="CPU inference threads (default: OpenVINO's choice)")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = ap.parse_args(argv)
 
     import openvino as ov
 

@@ -10,17 +10,16 @@ All final models are timed together, interleaved, on the OpenVINO CPU runtime (b
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from _common import load_sample, machine, table
+from _common import load_sample, machine, parser, result_rows, summary_line, table
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__)
     ap.add_argument("--sample", default="resnet_shapes")
     ap.add_argument("--max-drop", type=float, default=1.0)
     ap.add_argument("--finetune-steps", type=int, default=40)
@@ -58,9 +57,7 @@ def main() -> None:
         summary = run_pruning(loaded, data, cfg, out / label)
         r = Run(out / label)
         results[label] = (r, summary)
-        print(f"{label}: {summary['steps']} steps, MACs {summary['baseline_macs'] / 1e6:.2f} M -> "
-              f"{summary['final_macs'] / 1e6:.2f} M, accuracy {summary['baseline_metric'] * 100:.2f}% -> "
-              f"{summary['final_metric'] * 100:.2f}% ({summary['reason']}; {time.time() - t0:.0f} s)", flush=True)
+        print(summary_line(label, summary, "accuracy", "%", time.time() - t0), flush=True)
         return summary
 
     if args.reuse:
@@ -86,17 +83,9 @@ def main() -> None:
             times[k] += time_compiled(c, spec.shape(1), runs=args.runs // 10, warmup=3)
     lat = {k: statistics.median(v) for k, v in times.items()}
     base = results["c8"][1]
-    rows = [{"model": "original", "cluster": "-", "MACs_M": f"{base['baseline_macs'] / 1e6:.2f}", "MAC_ratio": "1.00x",
-             "accuracy_%": f"{base['baseline_metric'] * 100:.2f}", "drop_pts": "0.00",
-             "latency_ms": f"{lat['original']:.3f}", "latency_ratio": "1.00"}]
-    for label, (r, s) in results.items():
-        widths = r.history[-1]["widths"]
-        rows.append({"model": label, "cluster": label[1:], "MACs_M": f"{s['final_macs'] / 1e6:.2f}",
-                     "MAC_ratio": f"{s['baseline_macs'] / s['final_macs']:.2f}x",
-                     "accuracy_%": f"{s['final_metric'] * 100:.2f}",
-                     "drop_pts": f"{(s['baseline_metric'] - s['final_metric']) * 100:.2f}",
-                     "latency_ms": f"{lat[label]:.3f}", "latency_ratio": f"{lat[label] / lat['original']:.2f}",
-                     "widths": " ".join(str(w) for n, w in widths.items() if n.endswith("conv1"))})
+    rows = result_rows(base, {label: s for label, (_, s) in results.items()}, lat, "accuracy_%")
+    for row, (r, _) in zip(rows[1:], results.values()):
+        row["widths"] = " ".join(str(w) for n, w in r.history[-1]["widths"].items() if n.endswith("conv1"))
     print()
     print(table(rows, ["model", "cluster", "MACs_M", "MAC_ratio", "accuracy_%", "drop_pts", "latency_ms", "latency_ratio", "widths"]))
     print("\nlatency_ratio = pruned / original, OpenVINO CPU, batch 1, median of interleaved runs; "

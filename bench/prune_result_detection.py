@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import machine, table
+from _common import machine, result_rows, summary_line, table
 
 DETECTION_SETTINGS = {"finetune_steps": 50, "finetune_lr": 3e-4, "mac_target": 0.66, "max_steps": 400}
 
@@ -42,9 +42,7 @@ def main(args) -> None:
                                    **{**DETECTION_SETTINGS, "mac_target": mac_target})
         summary = run_detection_pruning(model, entry, data, cfg, out / label)
         results[label] = (Run(out / label), summary, time.time() - t0)
-        print(f"{label}: {summary['steps']} steps, MACs {summary['baseline_macs'] / 1e6:.2f} M -> "
-              f"{summary['final_macs'] / 1e6:.2f} M, mAP {summary['baseline_metric'] * 100:.2f} -> "
-              f"{summary['final_metric'] * 100:.2f} ({summary['reason']}; {time.time() - t0:.0f} s)", flush=True)
+        print(summary_line(label, summary, "mAP", "", time.time() - t0), flush=True)
         return summary
 
     steps: dict[str, int] = {}
@@ -71,16 +69,9 @@ def main(args) -> None:
     times = time_interleaved(compiled, shape, runs=args.runs, warmup=10)
     lat = {k: statistics.median(t) for k, t in zip(models, times)}
     base = main_summary
-    rows = [{"model": "original", "cluster": "-", "MACs_M": f"{base['baseline_macs'] / 1e6:.2f}", "MAC_ratio": "1.00x",
-             "mAP": f"{base['baseline_metric'] * 100:.2f}", "drop_pts": "0.00", "latency_ms": f"{lat['original']:.3f}",
-             "latency_ratio": "1.00", "run_s": "-"}]
-    for label, (r, s, seconds) in results.items():
-        rows.append({"model": label, "cluster": label[1:], "MACs_M": f"{s['final_macs'] / 1e6:.2f}",
-                     "MAC_ratio": f"{s['baseline_macs'] / s['final_macs']:.2f}x",
-                     "mAP": f"{s['final_metric'] * 100:.2f}",
-                     "drop_pts": f"{(s['baseline_metric'] - s['final_metric']) * 100:.2f}",
-                     "latency_ms": f"{lat[label]:.3f}", "latency_ratio": f"{lat[label] / lat['original']:.2f}",
-                     "run_s": f"{seconds:.0f}"})
+    rows = result_rows(base, {label: s for label, (_, s, _) in results.items()}, lat, "mAP")
+    for row, seconds in zip(rows, ["-", *(f"{sec:.0f}" for _, _, sec in results.values())]):
+        row["run_s"] = seconds
     print()
     print(table(rows, ["model", "cluster", "MACs_M", "MAC_ratio", "mAP", "drop_pts", "latency_ms", "latency_ratio",
                        "run_s"]))

@@ -19,7 +19,6 @@ the pruned step and both recoveries, the paired test drop with its 95 % interval
 """
 from __future__ import annotations
 
-import argparse
 import io
 import shutil
 import sys
@@ -32,10 +31,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from _common import ROOT, machine, table
+from _common import machine, parse_with_data, parser, table
 
-sys.path.insert(0, str(ROOT / "sample_models"))
-import train_cifar  # noqa: E402
+import train_cifar  # noqa: E402  (sample_models/, on sys.path by _common)
 
 from core.data import DataReport, DataSet, ImageSet, stratified_indices  # noqa: E402
 from core.evaluate import evaluate_accuracy  # noqa: E402
@@ -71,17 +69,14 @@ def cifar_roles(train_images: int, spec) -> DataSet:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--train-images", type=int, default=3000)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--steps", type=int, default=6, help="pruning steps before the recovery")
     p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args()
-    if not train_cifar.DATA_ZIP.exists():
-        print(f"skipped: the CIFAR-10 images are not at {train_cifar.DATA_ZIP} (real data is needed; nothing is "
-              "measured without it).")
+    args = parse_with_data(p, train_cifar.DATA_ZIP)
+    if args is None:
         return 0
-    torch.set_num_threads(args.threads)
     loaded = load_model("sample:cifar10")
     spec = loaded.spec.input
     t0 = time.perf_counter()

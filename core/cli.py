@@ -11,7 +11,7 @@ import traceback
 
 from . import cli_engine
 from .cli_recover import add_recover_command, cmd_recover
-from .cli_common import EXIT_USER_ERROR, add_data_args, add_model_args, format_macs, load_model_and_data, progress
+from .cli_common import EXIT_USER_ERROR, add_data_args, add_model_args, load_model_and_data, print_costs, progress
 from .detection.cli import cmd_evaluate_detection
 from .errors import PruneScopeError, one_line, user_message
 from .jsonout import emit_json, json_mode
@@ -61,10 +61,7 @@ def cmd_evaluate(args) -> int:
         emit_json(result)
     else:
         print(f"accuracy   {acc.accuracy * 100:.2f}% on {len(data.val)} images")
-        print(f"MACs       {format_macs(figures.macs)}")
-        print(f"params     {figures.params / 1e6:.3f} M")
-        if figures.latency is not None:
-            print(f"latency    {figures.latency.label()} (OpenVINO CPU, batch 1)")
+        print_costs(figures)
         for name, a in acc.per_class.items():
             print(f"  {name:>16}: {a * 100:.1f}%")
     return 0

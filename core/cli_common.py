@@ -190,6 +190,26 @@ def prepare_out(path: str) -> Path:
     return out
 
 
+def print_costs(figures) -> None:
+    """What ``evaluate`` prints of any model's cost (``core.measure.measure_model``'s figures): MACs,
+    parameters (millions) and, when measured, OpenVINO CPU latency at batch 1."""
+    print(f"MACs       {format_macs(figures.macs)}")
+    print(f"params     {figures.params / 1e6:.3f} M")
+    if figures.latency is not None:
+        print(f"latency    {figures.latency.label()} (OpenVINO CPU, batch 1)")
+
+
+def print_bundle(result: dict, verification: str) -> None:
+    """What ``export`` prints of a bundle (``core.export.export_run`` or its detection twin): where it is,
+    whether the step is NCS2 compatible and verified (``verification``: the task's evidence, e.g. the
+    agreement with PyTorch), and each NCS2 problem."""
+    print(f"bundle: {result['bundle']}  (zip: {result['zip']})")
+    print(f"step {result['step']}: NCS2 {'compatible' if result['ncs_compatible'] else 'NOT compatible'}; "
+          f"verified: {result['verified']} ({verification})")
+    for p in result["ncs2_problems"]:
+        print(f"  NCS2 problem: {p}")
+
+
 def print_summary(summary: dict, as_json: bool) -> None:
     if as_json:
         emit_json(summary)

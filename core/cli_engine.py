@@ -7,7 +7,7 @@ from pathlib import Path
 from . import criteria
 from .car import CAR_METHODS, compute_car
 from .cli_common import (add_device_args, add_plan_args, announce_device, config_from_args, device_from_args,
-                         export_exit_code, load_model_and_data, prepare_out, print_summary, progress,
+                         export_exit_code, load_model_and_data, prepare_out, print_bundle, print_summary, progress,
                          progress_printer)
 from .cli_recover import add_recovery_options, prune_recovery_config, recover_after_prune
 from .clusters import PROFILES
@@ -156,11 +156,7 @@ def cmd_export(args) -> int:
     if args.json:
         emit_json(result)
     else:
-        print(f"bundle: {result['bundle']}  (zip: {result['zip']})")
-        print(f"step {result['step']}: NCS2 {'compatible' if result['ncs_compatible'] else 'NOT compatible'}; "
-              f"verified: {result['verified']} (agreement {result['agreement'] * 100:.2f}%)")
-        for p in result["ncs2_problems"]:
-            print(f"  NCS2 problem: {p}")
+        print_bundle(result, f"agreement {result['agreement'] * 100:.2f}%")
     return export_exit_code(result)
 
 

@@ -184,7 +184,8 @@ def run_task(task: Task, loaded: LoadedModel, run_config: dict, run_dir: Path, c
     model = copy.deepcopy(loaded.model).eval()
     writer = RunWriter(run_dir)
     writer.start({"task": task.name, "metric_name": task.metric_name, "metric_unit": task.metric_unit,
-                  "prune": asdict(config), **run_config, "created": time.time()}, loaded, original_bytes)
+                  "prune": asdict(config), **run_config, "created": time.time(),
+                  "class_order": list(run_config.get("class_names") or [])}, loaded, original_bytes)
 
     def body() -> dict:
         graph = PruningGraph(model, task.input_shape, output_layers=task.output_layers(model))

@@ -2,9 +2,9 @@
 
 ``run_pruning`` binds a classifier and its image set to ``core.tasks.classification.ClassificationTask``
 and runs ``core.engine.run_task``. The engine's public names (``PruneConfig``, ``Callbacks``,
-``Progress``, ``run_summary``, ``read_structure``) and classification's CAR scoring helpers
-(``car_filter_scores``, ``car_with_tiebreak``) are importable from here too, where the CLI, the pages,
-the benches and the tests have always found them.
+``Progress``, ``run_summary``, ``read_structure``) and classification's ``car_with_tiebreak`` are
+importable from here too, where the CLI, the pages, the benches and the tests have always found them.
+Exact single-filter CAR has one implementation, ``core.rescore.car_scores``.
 """
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from .car import CarResult
 from .data import DataSet
 from .engine import Callbacks, Progress, PruneConfig, read_structure, run_summary, run_task
 from .models import LoadedModel
-from .tasks.classification import ClassificationTask, car_filter_scores, car_with_tiebreak
+from .tasks.classification import ClassificationTask, car_with_tiebreak
 
-__all__ = ["Callbacks", "Progress", "PruneConfig", "car_filter_scores", "car_with_tiebreak", "read_structure",
+__all__ = ["Callbacks", "Progress", "PruneConfig", "car_with_tiebreak", "read_structure",
            "run_pruning", "run_summary"]
 
 

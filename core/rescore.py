@@ -127,18 +127,24 @@ class ScoreBook:
         return taken
 
 
-def car_scores(scorer: CarScorer, groups: list[ChannelGroup], book: ScoreBook, method: str, cluster: int,
-               cancel: threading.Event | None = None, progress: Progress | None = None,
+def car_scores(scorer: CarScorer, groups: list[ChannelGroup], book: ScoreBook, method: str,
+               cluster: int | None = None, cancel: threading.Event | None = None, progress: Progress | None = None,
                margin: float = 1.0) -> tuple[dict[int, np.ndarray], ScoreReport]:
     """Per group id, a score per filter (lower = removed first), measuring only what the book lacks.
 
-    ``method="exact"``: exact CAR of every filter of each group to rescore. ``method="fast"``: a
+    ``method="exact"``: exact CAR of every filter of each group to rescore (the one implementation of
+    exact single-filter CAR in the pruning loop; ``cluster`` is not used). ``method="fast"``: a
     first-order screen of the groups to rescore, exact CAR for each group's shortlist (the filters
     that can form its next cluster of size ``cluster``, plus ``margin`` times as many); other filters
     keep their screened rank, after every exact filter of their group (``core.screen.combine``).
     Returns the scores and a report of what was measured, reused and screened. What the book holds
     is used only for the very model state and images it was measured on (``CarScorer.fingerprint``).
+    Errors: ValueError for an unknown ``method`` or fast mode without ``cluster`` (a programming error:
+    ``PruneConfig.validate`` checks both before a run).
     """
+    if method not in SCORE_METHODS or (method == "fast" and not cluster):
+        raise ValueError(f"car_scores needs a method among {SCORE_METHODS} (fast with a cluster size); "
+                         f"got {method!r}, cluster={cluster!r}.")
     report = ScoreReport(method=method, total=sum(g.width for g in groups))
     fingerprint = scorer.fingerprint()
     if book.fingerprint != fingerprint:  # another model state or other images: nothing measured still holds

@@ -191,7 +191,7 @@ def step_text(r: dict | None, metric_label: str) -> str:
     rem = r.get("removed") or {}
     return (f"step {r['step']}: removed {len(rem.get('filters', []))} filters from `{removal_label(rem)}` "
             f"({rem.get('width_before')} → {rem.get('width_after')}), {metric_label} "
-            f"{format_pct(r.get('metric', r.get('accuracy')))}, "
+            f"{format_pct(r.get('metric'))}, "
             f"MACs {format_macs(r['macs'])}")
 
 

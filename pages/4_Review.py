@@ -51,16 +51,12 @@ st.caption(f"The threshold decides on the selection images (drop {drop_text(pick
            f"the test images, never used for a decision: {drop_text(pick, 'test')}.")
 
 
-def value(r: dict) -> float:
-    return r.get("metric", r.get("accuracy"))
-
-
 with st.container(border=True):
     if pick["step"] == 0:
         st.markdown(f"No pruned step stays within **{thr:.1f} points**: the original is the pick.")
     else:
         st.markdown(f"**Step {pick['step']}** is the smallest model within **{thr:.1f} points**: "
-                    f"{format_pct(value(pick))} {metric} ({change(value(pick), value(base), 'points')}), "
+                    f"{format_pct(pick['metric'])} {metric} ({change(pick['metric'], base['metric'], 'points')}), "
                     f"{format_macs(pick['macs'])} MACs ({change(pick['macs'], base['macs'])}), "
                     f"{format_params(pick['params'])} parameters ({change(pick['params'], base['params'])}).")
     if pick["step"]:
@@ -110,7 +106,7 @@ else:
     st.dataframe([{"step": r["step"], "layer": removal_label(r["removed"], car_groups),
                    "filters removed": len(r["removed"]["filters"]),
                    "width": f"{r['removed']['width_before']} → {r['removed']['width_after']}",
-                   f"{metric} after": format_pct(value(r)), "drop (selection, 95 % CI)": drop_text(r),
+                   f"{metric} after": format_pct(r["metric"]), "drop (selection, 95 % CI)": drop_text(r),
                    "test drop (95 % CI)": drop_text(r, "test"), "MACs after": format_macs(r["macs"]),
                    "latency after": format_ms(r.get("latency_ms"))} for r in removals],
                  hide_index=True, width="stretch")
@@ -177,7 +173,7 @@ else:
         histories = {sel: hist}
         for n in chosen:
             histories[n] = by_name[n]["run"].history
-        st.plotly_chart(V.fig_tradeoff(histories, x="macs", threshold_points=thr, baseline_metric=value(base),
+        st.plotly_chart(V.fig_tradeoff(histories, x="macs", threshold_points=thr, baseline_metric=base["metric"],
                                        selected_step=(sel, pick["step"]), metric=metric), key="rv_fig_compare")
         rows = []
         for n, h in histories.items():
@@ -185,7 +181,7 @@ else:
             cfg = by_name[n]["run"].config.get("prune") or {}
             rows.append({"run": n, "criterion": cfg.get("criterion"), "cluster": cfg.get("cluster"),
                          "steps": len(h) - 1, f"pick within {thr:.1f} pts": p["step"],
-                         metric: format_pct(value(p)), "MACs": format_macs(p["macs"]),
+                         metric: format_pct(p["metric"]), "MACs": format_macs(p["macs"]),
                          "MACs kept": f"{p['macs'] / h[0]['macs'] * 100:.0f} %", "latency": format_ms(p.get("latency_ms"))})
         st.dataframe(rows, hide_index=True, width="stretch")
         st.caption("Each run's pick is the smallest of its steps within the same drop, measured against its own original.")

@@ -7,7 +7,7 @@ import streamlit as st
 from core.jobs import JobAlreadyRunning, export_job, past_runs
 from core.measure import per_layer_timings
 from core.workspace import read_json, workspace_root
-from ui.common import (format_macs, format_ms, format_params, format_pct, job_status, pick_run,
+from ui.common import (format_macs, format_ms, format_params, format_pct, job_status, ncs2_panel, pick_run,
                        setup_page, state_badge)
 from ui.detection import detection_bundle_view
 from ui.review import comparison_text, latency_text
@@ -85,20 +85,7 @@ st.subheader(f"Bundle of step {manifest.get('step', step)}")
 col_ncs, col_ver = st.columns(2)
 with col_ncs:
     with st.container(border=True):
-        if ncs2["compatible"]:
-            st.success(f"**NCS2 ready**: every layer is supported by the MYRIAD plugin of OpenVINO 2022.3 "
-                       f"({sum(ncs2['ops'].values())} layers, FP16, static input "
-                       f"{'×'.join(str(d) for d in manifest['input']['input_shape'])}).", icon=":material/check_circle:")
-        else:
-            st.error(f"**Not NCS2 compatible**: {len(ncs2['problems'])} problem(s). The bundle still works on CPU; "
-                     "on the stick deploy.py falls back to the original.", icon=":material/error:")
-            for p in ncs2["problems"][:20]:
-                st.markdown(f"- layer `{p['layer']}` ({p['type']}, {p['version']}): {p['reason']}")
-        for w in ncs2.get("warnings", [])[:10]:
-            st.caption(f"Warning: layer `{w['layer']}` ({w['type']}): {w['reason']}")
-        with st.expander("Operations in the IR"):
-            st.dataframe([{"operation": k, "count": v} for k, v in sorted(ncs2["ops"].items())], hide_index=True,
-                         width="stretch")
+        ncs2_panel(ncs2, manifest["input"]["input_shape"])
 with col_ver:
     with st.container(border=True):
         (st.success if verification["verified"] else st.warning)(

@@ -1,7 +1,9 @@
 """Small builders shared by the engine tests: synthetic data sets and a fast pruning config."""
 from __future__ import annotations
 
+import io
 import json
+import zipfile
 from pathlib import Path
 
 import torch
@@ -73,3 +75,12 @@ def make_legacy_run(run_dir: Path, detection: bool = False) -> None:
     if detection:
         config.update(task="detection", metric="mAP@0.5")
     (run_dir / "config.json").write_text(json.dumps(config))
+
+
+def zip_bytes(entries: dict[str, bytes]) -> bytes:
+    """A zip archive in memory holding ``entries`` (archive name -> content), as an upload would arrive."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    return buf.getvalue()

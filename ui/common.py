@@ -172,13 +172,12 @@ def state_badge(state: str) -> str:
 def metrics_row(record: dict, base: dict | None = None, metric: str = "Accuracy") -> None:
     """The task's metric, MACs, parameters and (when measured) latency of a step, with changes against ``base``.
 
-    Reads the metric under ``metric`` (new records) or ``accuracy`` (runs written before)."""
-    def value(r: dict):
-        return r.get("metric", r.get("accuracy"))
-
+    Records come from ``core.runs.Run`` (which reads old runs' ``accuracy`` as ``metric``), the engine or the
+    measured baseline, so the metric is always under ``metric``."""
     b = base or {}
     cols = st.columns(4 if "latency_ms" in record else 3)
-    cols[0].metric(metric, format_pct(value(record)), change(value(record), value(b), "points") if base else None)
+    cols[0].metric(metric, format_pct(record.get("metric")),
+                   change(record.get("metric"), b.get("metric"), "points") if base else None)
     cols[1].metric("MACs", format_macs(record.get("macs")), change(record.get("macs"), b.get("macs")) if base else None,
                    delta_color="inverse")
     cols[2].metric("Parameters", format_params(record.get("params")),
@@ -186,6 +185,25 @@ def metrics_row(record: dict, base: dict | None = None, metric: str = "Accuracy"
     if "latency_ms" in record:
         cols[3].metric("Latency (OpenVINO CPU)", format_ms(record.get("latency_ms")),
                        change(record.get("latency_ms"), b.get("latency_ms")) if base else None, delta_color="inverse")
+
+
+def ncs2_panel(ncs2: dict, input_shape) -> None:
+    """A bundle's NCS2 check (``core.ncs2.check_ncs2``, the same for both tasks): ready, or each problem
+    layer with its operation version; the warnings; the operations in the IR."""
+    if ncs2["compatible"]:
+        st.success(f"**NCS2 ready**: every layer is supported by the MYRIAD plugin of OpenVINO 2022.3 "
+                   f"({sum(ncs2['ops'].values())} layers, FP16, static input "
+                   f"{'×'.join(str(d) for d in input_shape)}).", icon=":material/check_circle:")
+    else:
+        st.error(f"**Not NCS2 compatible**: {len(ncs2['problems'])} problem(s). The bundle still works on CPU; "
+                 "on the stick deploy.py falls back to the original.", icon=":material/error:")
+        for p in ncs2["problems"][:20]:
+            st.markdown(f"- layer `{p['layer']}` ({p['type']}, {p['version']}): {p['reason']}")
+    for w in ncs2.get("warnings", [])[:10]:
+        st.caption(f"Warning: layer `{w['layer']}` ({w['type']}): {w['reason']}")
+    with st.expander("Operations in the IR"):
+        st.dataframe([{"operation": k, "count": v} for k, v in sorted(ncs2["ops"].items())], hide_index=True,
+                     width="stretch")
 
 
 def job_progress(snap: JobSnapshot, label: str) -> None:
@@ -283,10 +301,7 @@ def threshold_pick(state, run, hist: list[dict], prune_cfg: dict, sel, metric: s
     from core import visualize as V
 
     base = hist[0]
-    def value(r: dict) -> float:
-        return r.get("metric", r.get("accuracy"))
-
-    drops = [(value(base) - value(r)) * 100 for r in hist]
+    drops = [(base["metric"] - r["metric"]) * 100 for r in hist]  # ``Run.history``: always under ``metric``
     top = max(5.0, float(prune_cfg.get("max_drop") or 0), max(drops) + 0.5)
     default = state.max_drop if state.max_drop is not None and str(state.run_dir) == str(run.dir) else \
         float(prune_cfg.get("max_drop") or 1.0)

@@ -11,7 +11,7 @@ from core.errors import PruneScopeError
 from core.jobs import JobAlreadyRunning, detection_car_job
 from core.sources import load_voc_dataset
 from ui.charts import fig_class_counts
-from ui.common import format_macs, format_params, format_seconds, job_status, page_link
+from ui.common import format_macs, format_params, format_seconds, job_status, ncs2_panel, page_link
 from ui.state import (AppState, detection_baseline, detection_data_for_run, detection_groups, detection_pictures,
                       digest, get_registry, get_state, run_model, sample_detection, save_upload)
 
@@ -337,15 +337,7 @@ def detection_bundle_view(manifest: dict, bundle_dir, zip_path) -> None:
     st.subheader(f"Detection bundle of step {manifest.get('step')}")
     c1, c2 = st.columns(2)
     with c1.container(border=True):
-        if ncs2["compatible"]:
-            st.success(f"**NCS2 ready**: every layer is supported by the MYRIAD plugin of OpenVINO 2022.3 "
-                       f"({sum(ncs2['ops'].values())} layers, FP16, static input "
-                       f"{'×'.join(str(d) for d in manifest['input']['input_shape'])}).", icon=":material/check_circle:")
-        else:
-            st.error(f"**Not NCS2 compatible**: {len(ncs2['problems'])} problem(s); deploy.py falls back to the "
-                     "original on the stick.", icon=":material/error:")
-            for p in ncs2["problems"][:20]:
-                st.markdown(f"- layer `{p['layer']}` ({p['type']}): {p['reason']}")
+        ncs2_panel(ncs2, manifest["input"]["input_shape"])
     with c2.container(border=True):
         (st.success if ver["verified"] else st.warning)(
             ver["message"], icon=":material/verified:" if ver["verified"] else ":material/warning:")

@@ -27,10 +27,6 @@ def drop_text(record: dict, role: str = "selection") -> str:
     return f"{p['drop_points']:.2f} points (95 % CI {p['ci_low_points']:.2f} to {p['ci_high_points']:.2f})"
 
 
-def metric_value(record: dict) -> float | None:
-    return record.get("metric", record.get("accuracy"))
-
-
 def drops_line(record: dict, metric: str) -> str:
     """The picked step's selection drop (which decides) and test drop (which reports), with intervals."""
     test = record.get("test_metric")
@@ -140,7 +136,7 @@ def figures_rows(a: dict, b: dict, la: str, lb: str, metric: str) -> list[dict]:
         return {"figure": what, la: fa(a), lb: fb(b) if fb else fa(b)}
 
     return [
-        row(f"{metric} (selection)", lambda r: format_pct(metric_value(r)), None),
+        row(f"{metric} (selection)", lambda r: format_pct(r.get("metric")), None),
         row("drop from its original (selection, 95 % CI)", drop_text, None),
         row(f"{metric} (test)", lambda r: format_pct(r.get("test_metric")), None),
         row("drop from its original (test, 95 % CI)", lambda r: drop_text(r, "test"), None),

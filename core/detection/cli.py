@@ -10,8 +10,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..cli_common import (check_model_code_args, config_from_args, export_exit_code, format_macs, prepare_out,
-                          print_summary, progress, progress_printer)
+from ..cli_common import (check_model_code_args, config_from_args, export_exit_code, prepare_out, print_bundle,
+                          print_costs, print_summary, progress, progress_printer)
 from ..errors import ModelLoadError
 from ..jsonout import emit_json
 from ..models import extract_state_dict, load_state_dict_strict, read_checkpoint
@@ -93,10 +93,7 @@ def cmd_evaluate_detection(args) -> int:
         emit_json(out)
         return 0
     print(f"mAP@0.5    {result.map * 100:.2f} on {len(data.val)} images")
-    print(f"MACs       {format_macs(figures.macs)}")
-    print(f"params     {figures.params / 1e6:.3f} M")
-    if figures.latency is not None:
-        print(f"latency    {figures.latency.label()} (OpenVINO CPU, batch 1)")
+    print_costs(figures)
     for name, ap in result.per_class.items():
         print(f"  {name:>16}: AP {ap * 100:.1f}")
     return 0
@@ -124,9 +121,5 @@ def cmd_export_detection(args) -> int:
     if args.json:
         emit_json(result)
         return export_exit_code(result)
-    print(f"bundle: {result['bundle']}  (zip: {result['zip']})")
-    print(f"step {result['step']}: NCS2 {'compatible' if result['ncs_compatible'] else 'NOT compatible'}; "
-          f"verified: {result['verified']} ({result['verification_message']})")
-    for p in result["ncs2_problems"]:
-        print(f"  NCS2 problem: {p}")
+    print_bundle(result, result["verification_message"])
     return export_exit_code(result)

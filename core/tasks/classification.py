@@ -218,11 +218,11 @@ def score_context(graph: PruningGraph, groups: list[ChannelGroup], scorer: CarSc
                   progress: Callable[[float, str], None] | None = None, filter_costs=None,
                   device=None) -> ScoreContext:
     """What classification gives a criterion: CAR of filters (``filter_costs``, default exact CAR of every
-    filter) and exact CAR of clusters (``scorer``), CE gradients. Scores are keyed by group root
-    (``core.engine.group_key``)."""
+    filter, measured by ``core.rescore.car_scores`` into a fresh score book) and exact CAR of clusters
+    (``scorer``), CE gradients. Scores are keyed by group root (``core.engine.group_key``)."""
 
     def exact_filter_costs(gs: list[ChannelGroup]) -> dict[str, np.ndarray]:
-        by_gid = car_filter_scores(scorer, gs, cancel, progress)
+        by_gid, _ = car_scores(scorer, gs, ScoreBook(), "exact", cancel=cancel, progress=progress)
         return {group_key(g): by_gid[g.gid] for g in gs}
 
     def cluster_costs(clusters: list[Cluster]) -> np.ndarray:
@@ -246,21 +246,6 @@ def score_filters(criterion: str, graph: PruningGraph, groups: list[ChannelGroup
     """Per group root, a score per filter: lower = less important, removed first."""
     ctx = score_context(graph, groups, scorer, train, spec, rng, cancel, progress)
     return criteria.get(criterion, NAME).score(ctx)
-
-
-def car_filter_scores(scorer: CarScorer, groups: list[ChannelGroup], cancel=None,
-                      progress: Callable[[float, str], None] | None = None) -> dict[int, np.ndarray]:
-    """Per group id, the exact CAR of each filter alone, ties broken by the loss increase."""
-    ablations, owners = [], []
-    for g in groups:
-        for f in range(g.width):
-            ablations.append(filter_ablation(g, [f]))
-            owners.append(g.gid)
-    total = len(ablations) * len(scorer.labels)
-    correct, loss_up = scorer.accuracies_and_loss(
-        ablations, cancel=cancel, progress=(lambda d: progress(d / total, "scoring filters (CAR)")) if progress else None)
-    return car_with_tiebreak(scorer.baseline_accuracy - correct.float().mean(1).numpy(), loss_up.numpy(),
-                             np.asarray(owners), groups, len(scorer.labels))
 
 
 def car_with_tiebreak(car: np.ndarray, loss_up: np.ndarray, owners: np.ndarray, groups: list[ChannelGroup],

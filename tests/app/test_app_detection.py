@@ -101,7 +101,8 @@ def test_review_and_export_of_a_detection_run(detection_run):
     page = texts(at)
     assert "Detection bundle of step" in page, page[-1500:]
     assert "mAP@0.5 on OpenVINO CPU" in page
-    assert "NCS2" in page
+    assert "NCS2 ready" in page or "Not NCS2 compatible" in page
+    assert "Operations in the IR" in [e.label for e in at.expander], "the same NCS2 panel as a classifier's bundle"
     assert at.get("download_button")
 
 

@@ -73,6 +73,11 @@ def test_a_legacy_run_opens_in_review_and_export(sample_run):
     page = texts(at)
     assert f"**Step {last['step']}** is the smallest model within **5.0 points**" in page
     assert f"{format_pct(last['metric'])} accuracy" in page
+    removals = at.dataframe[0].value  # the removals table and the two-step comparison read the same records
+    assert list(removals["accuracy after"]) == [format_pct(r["metric"]) for r in hist[1:]]
+    figures = next(df.value for df in at.dataframe if "figure" in df.value.columns)
+    selection = figures[figures["figure"] == "accuracy (selection)"].iloc[0]
+    assert list(selection.drop("figure")) == [format_pct(hist[0]["metric"]), format_pct(last["metric"])]
     goto(at, "export")
     assert_no_exception(at)
     box = at.selectbox(key=f"ex_step_{sample_run.name}")

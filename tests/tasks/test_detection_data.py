@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import io
-import zipfile
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ from core.detection.data import annotation_xml, voc_zip_bytes
 from core.sources import load_voc_dataset
 from core.detection.sample import load_sample_detection, make_sample_scenes
 from core.errors import DataError
+from tests.helpers import zip_bytes
 
 SIZE = (32, 48)  # (H, W): not square, so that x and y mix-ups show
 
@@ -27,14 +27,6 @@ def _img(w=40, h=30, colour=(200, 30, 30)) -> np.ndarray:
 def _png(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _zip(entries: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name, data in entries.items():
-            zf.writestr(name, data)
     return buf.getvalue()
 
 
@@ -84,7 +76,7 @@ def test_images_are_resized_without_keeping_the_aspect_ratio():
     entries = _entries(n=2)
     entries["JPEGImages/im0.png"] = _png(left_red)
     entries["Annotations/im0.xml"] = annotation_xml("im0.png", 80, 20, [("cat", (1, 1, 40, 20), False)]).encode()
-    ds = load_voc_dataset(_zip(entries), (16, 16), val_fraction=0.5)
+    ds = load_voc_dataset(zip_bytes(entries), (16, 16), val_fraction=0.5)
     part = ds.train if "im0" in ds.train.ids else ds.val
     i = part.ids.index("im0")
     img = part.images[i].numpy()
@@ -106,7 +98,7 @@ def test_sample_scenes_survive_a_voc_zip_round_trip():
 
 
 def test_random_split_is_seeded_and_sized():
-    data = _zip(_entries(n=20))
+    data = zip_bytes(_entries(n=20))
     a, b = load_voc_dataset(data, SIZE, seed=3), load_voc_dataset(data, SIZE, seed=3)
     c = load_voc_dataset(data, SIZE, seed=4)
     assert a.val.ids == b.val.ids and len(a.val) == 4 and len(a.train) == 16
@@ -125,14 +117,14 @@ def test_nested_vocdevkit_folder_is_found(tmp_path):
 
 def test_given_class_list_fixes_label_order_and_drops_unknown_classes():
     objects = [("cat", (5, 6, 20, 25), False), ("dog", (21, 1, 40, 30), False), ("zebra", (1, 1, 9, 9), False)]
-    ds = load_voc_dataset(_zip(_entries(n=4, objects=objects)), SIZE, class_names=["dog", "cat"])
+    ds = load_voc_dataset(zip_bytes(_entries(n=4, objects=objects)), SIZE, class_names=["dog", "cat"])
     assert ds.class_names == ["dog", "cat"]
     assert ds.train.labels[0].tolist() == [2, 1], "cat is label 2 in the given order"
     assert ds.report.unknown_classes == {"zebra": 4}
 
 
 def test_subset_picks_the_same_images_boxes_and_ids():
-    ds = load_voc_dataset(_zip(_entries(n=10)), SIZE)
+    ds = load_voc_dataset(zip_bytes(_entries(n=10)), SIZE)
     sub = ds.train.subset([2, 0])
     assert sub.ids == [ds.train.ids[2], ds.train.ids[0]]
     assert np.array_equal(sub.images[1].numpy(), ds.train.images[0].numpy())
@@ -157,7 +149,7 @@ def test_every_file_problem_is_listed_by_file_and_the_rest_loads():
     entries["Annotations/corrupt.xml"] = annotation_xml("corrupt.jpg", 40, 30, [("cat", (1, 1, 5, 5), False)]).encode()
     entries["JPEGImages/readme.txt"] = b"hello"
     entries["__MACOSX/JPEGImages/._im0.png"] = b"junk"
-    ds = load_voc_dataset(_zip(entries), SIZE)
+    ds = load_voc_dataset(zip_bytes(entries), SIZE)
     r = ds.report
     assert r.missing_annotation == ["JPEGImages/lonely.png"]
     assert r.missing_image == ["Annotations/orphan.xml"]
@@ -185,7 +177,7 @@ def test_boxes_are_clipped_rejected_and_counted():
     entries = {"JPEGImages/a.png": _png(_img(w, h)), "JPEGImages/b.png": _png(_img(w, h)),
                "Annotations/a.xml": annotation_xml("a.png", w, h, objects).encode(),
                "Annotations/b.xml": annotation_xml("b.png", w, h, objects[:1]).encode()}
-    ds = load_voc_dataset(_zip(entries), SIZE, val_fraction=0.5)
+    ds = load_voc_dataset(zip_bytes(entries), SIZE, val_fraction=0.5)
     part = ds.train if "a" in ds.train.ids else ds.val
     boxes = part.boxes[part.ids.index("a")]
     r = ds.report
@@ -208,7 +200,7 @@ def test_objects_without_name_or_coordinates_are_rejected_and_empty_images_liste
     entries = _entries(n=3)
     entries["JPEGImages/empty.png"] = _png(_img())
     entries["Annotations/empty.xml"] = xml
-    ds = load_voc_dataset(_zip(entries), SIZE)
+    ds = load_voc_dataset(zip_bytes(entries), SIZE)
     r = ds.report
     assert len(r.rejected_boxes) == 3
     assert any("no class name" in x for x in r.rejected_boxes)
@@ -219,7 +211,7 @@ def test_objects_without_name_or_coordinates_are_rejected_and_empty_images_liste
 def test_size_mismatch_between_xml_and_image_is_warned_and_the_image_wins():
     entries = _entries(n=2)
     entries["Annotations/im0.xml"] = annotation_xml("im0.png", 400, 300, [("cat", (1, 1, 40, 30), False)]).encode()
-    ds = load_voc_dataset(_zip(entries), SIZE, val_fraction=0.5)
+    ds = load_voc_dataset(zip_bytes(entries), SIZE, val_fraction=0.5)
     part = ds.train if "im0" in ds.train.ids else ds.val
     np.testing.assert_allclose(part.boxes[part.ids.index("im0")], [[0, 0, 1, 1]], atol=1e-6)
     assert any("400x300" in w and "40x30" in w for w in ds.report.warnings)
@@ -229,7 +221,7 @@ def test_split_files_with_unknown_and_unlisted_ids_are_reported():
     entries = _entries(n=4)
     entries["ImageSets/Main/train.txt"] = b"im0\nim1\nghost\n"
     entries["ImageSets/Main/val.txt"] = b"im2\n"
-    ds = load_voc_dataset(_zip(entries), SIZE)
+    ds = load_voc_dataset(zip_bytes(entries), SIZE)
     assert ds.train.ids == ["im0", "im1"] and ds.val.ids == ["im2"]
     assert any("ghost" in w for w in ds.report.warnings)
     assert any("1 usable image(s) are in neither" in w for w in ds.report.warnings)
@@ -240,43 +232,43 @@ def test_split_files_with_unknown_and_unlisted_ids_are_reported():
 
 def test_no_class_at_all_is_a_data_error():
     with pytest.raises(DataError, match="No object class found"):
-        load_voc_dataset(_zip(_entries(n=3, objects=[("", (1, 1, 5, 5), False)])), SIZE)
+        load_voc_dataset(zip_bytes(_entries(n=3, objects=[("", (1, 1, 5, 5), False)])), SIZE)
 
 
 def test_an_empty_given_class_list_is_a_data_error():
     with pytest.raises(DataError, match="class list is empty"):
-        load_voc_dataset(_zip(_entries(n=3)), SIZE, class_names=[])
+        load_voc_dataset(zip_bytes(_entries(n=3)), SIZE, class_names=[])
 
 
 def test_no_usable_image_is_a_data_error():
     entries = {"JPEGImages/a.jpg": b"garbage", "Annotations/a.xml": _entries(n=1)["Annotations/im0.xml"]}
     with pytest.raises(DataError, match=r"No usable image.*corrupt images: 1 \(JPEGImages/a\.jpg"):
-        load_voc_dataset(_zip(entries), SIZE)
+        load_voc_dataset(zip_bytes(entries), SIZE)
 
 
 def test_a_single_usable_image_cannot_be_split():
     with pytest.raises(DataError, match="validation split is empty.*1 usable image"):
-        load_voc_dataset(_zip(_entries(n=1)), SIZE)
+        load_voc_dataset(zip_bytes(_entries(n=1)), SIZE)
 
 
 def test_not_a_voc_layout_names_what_it_found():
     with pytest.raises(DataError, match="Not a Pascal VOC data set.*cats"):
-        load_voc_dataset(_zip({"cats/a.png": _png(_img()), "dogs/b.png": _png(_img())}), SIZE)
+        load_voc_dataset(zip_bytes({"cats/a.png": _png(_img()), "dogs/b.png": _png(_img())}), SIZE)
 
 
 def test_zip_slip_is_refused_before_anything_is_written(tmp_path):
     entries = _entries(n=3)
     entries["../../evil.xml"] = b"<annotation/>"
     with pytest.raises(DataError, match="Unsafe path"):
-        load_voc_dataset(_zip(entries), SIZE)
+        load_voc_dataset(zip_bytes(entries), SIZE)
     assert not (tmp_path / "evil.xml").exists()
 
 
 def test_zip_limits_apply(tmp_path):
     with pytest.raises(DataError, match="entries"):
-        load_voc_dataset(_zip(_entries(n=10)), SIZE, limits=Limits(max_files=5))
+        load_voc_dataset(zip_bytes(_entries(n=10)), SIZE, limits=Limits(max_files=5))
     with pytest.raises(DataError, match="annotated images; the limit is 3"):
-        load_voc_dataset(_zip(_entries(n=10)), SIZE, limits=Limits(max_images=3))
+        load_voc_dataset(zip_bytes(_entries(n=10)), SIZE, limits=Limits(max_images=3))
 
 
 def test_a_file_that_is_not_a_zip_is_refused(tmp_path):

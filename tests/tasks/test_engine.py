@@ -11,6 +11,7 @@ import torch
 import core.engine as engine
 import core.export as export
 from core.models import load_model
+from core.plausibility import reorder_classes
 from core.prune import run_pruning
 from core.runs import Run, select_step
 from core.sources import load_dataset
@@ -45,6 +46,21 @@ def test_every_record_holds_the_metric_under_one_key(cls_run):
     summary = engine.run_summary(cls_run.dir, "done")
     assert summary["metric_name"] == "accuracy"
     assert summary["baseline_metric"] == written[0]["metric"] and summary["final_metric"] == written[1]["metric"]
+
+
+def test_the_run_records_the_class_order_the_model_was_evaluated_with(cls_run, tmp_path):
+    """``config.json``'s ``class_order``: label j is ``class_order[j]``, as the records' per-class figures are
+    keyed; a data set relabelled to another model output order (the plausibility fix, ``--class-order``)
+    records that order, not the sorted folder names."""
+    assert cls_run.config["class_order"] == cls_run.config["class_names"] == list(cls_run.history[0]["per_class"])
+    loaded = load_model("sample:vgg_digits")
+    data = load_dataset("sample:vgg_digits", loaded.spec.input)
+    order = list(reversed(data.class_names))
+    reordered = reorder_classes(data, order)
+    run_pruning(loaded, reordered, quick_config(max_steps=1, finetune_steps=1), tmp_path / "reordered")
+    config = json.loads((tmp_path / "reordered" / "config.json").read_text())
+    assert config["class_order"] == order != sorted(order)
+    assert list(Run(tmp_path / "reordered").history[0]["per_class"]) == order
 
 
 @pytest.mark.parametrize("detection", [False, True])

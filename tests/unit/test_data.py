@@ -12,6 +12,7 @@ from PIL import Image
 from core.data import ImageSet, Limits, class_allocation, load_dataset, safe_extract_zip, stratified_indices
 from core.errors import DataError
 from core.models import InputSpec
+from tests.helpers import zip_bytes
 
 SPEC = InputSpec(height=16, width=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
@@ -23,21 +24,13 @@ def _png(colour=(255, 0, 0), mode="RGB", size=(20, 20)) -> bytes:
     return buf.getvalue()
 
 
-def _zip(entries: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name, data in entries.items():
-            zf.writestr(name, data)
-    return buf.getvalue()
-
-
 def _classes(n_classes=3, per_class=5, prefix="") -> dict[str, bytes]:
     colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
     return {f"{prefix}c{c}/img{i}.png": _png(colours[c % 4]) for c in range(n_classes) for i in range(per_class)}
 
 
 def test_zip_imagefolder_with_wrapper_folder_and_split():
-    ds = load_dataset(_zip(_classes(prefix="mydata/")), SPEC, expected_classes=3)
+    ds = load_dataset(zip_bytes(_classes(prefix="mydata/")), SPEC, expected_classes=3)
     assert ds.class_names == ["c0", "c1", "c2"]
     assert len(ds.train) + len(ds.val) + len(ds.test) == 15
     assert set(ds.val.labels.tolist()) == {0, 1, 2}, "the split is stratified"
@@ -45,7 +38,7 @@ def test_zip_imagefolder_with_wrapper_folder_and_split():
 
 
 def test_split_is_reproducible():
-    data = _zip(_classes(per_class=10))
+    data = zip_bytes(_classes(per_class=10))
     a, b = load_dataset(data, SPEC), load_dataset(data, SPEC)
     assert a.val.labels.tolist() == b.val.labels.tolist()
     assert np.array_equal(a.val.images.numpy(), b.val.images.numpy())
@@ -69,7 +62,7 @@ def test_report_lists_non_images_and_corrupt_files_and_conversions():
     entries["c2/grey.png"] = _png(mode="L")
     entries["c2/alpha.png"] = _png(mode="RGBA")
     entries["__MACOSX/c0/._img0.png"] = b"junk"
-    ds = load_dataset(_zip(entries), SPEC)
+    ds = load_dataset(zip_bytes(entries), SPEC)
     assert any("notes.txt" in s for s in ds.report.skipped_non_images)
     assert any("broken.jpg" in s for s in ds.report.corrupt_images)
     assert ds.report.converted.get("L") == 1 and ds.report.converted.get("RGBA") == 1
@@ -81,7 +74,7 @@ def test_zip_slip_refused_before_anything_is_written(tmp_path):
     entries["../../evil.png"] = _png()
     dest = tmp_path / "out"
     with pytest.raises(DataError, match="Unsafe path"):
-        safe_extract_zip(_zip(entries), dest=dest)
+        safe_extract_zip(zip_bytes(entries), dest=dest)
     assert not dest.exists() and not (tmp_path / "evil.png").exists()
 
 
@@ -89,7 +82,7 @@ def test_absolute_path_refused():
     entries = _classes()
     entries["/etc/evil.png"] = _png()
     with pytest.raises(DataError, match="Unsafe path"):
-        load_dataset(_zip(entries), SPEC)
+        load_dataset(zip_bytes(entries), SPEC)
 
 
 def test_zip_bomb_refused_before_expansion(tmp_path):
@@ -106,7 +99,7 @@ def test_zip_bomb_refused_before_expansion(tmp_path):
 
 def test_too_many_files_refused():
     with pytest.raises(DataError, match="entries"):
-        load_dataset(_zip(_classes(per_class=5)), SPEC, limits=Limits(max_files=10))
+        load_dataset(zip_bytes(_classes(per_class=5)), SPEC, limits=Limits(max_files=10))
 
 
 def test_not_a_zip():
@@ -116,17 +109,17 @@ def test_not_a_zip():
 
 def test_fewer_than_two_classes():
     with pytest.raises(DataError, match="at least 2"):
-        load_dataset(_zip(_classes(n_classes=1)), SPEC)
+        load_dataset(zip_bytes(_classes(n_classes=1)), SPEC)
 
 
 def test_class_count_mismatch_names_both_numbers():
     with pytest.raises(DataError, match="3 classes but the model outputs 10"):
-        load_dataset(_zip(_classes(n_classes=3)), SPEC, expected_classes=10)
+        load_dataset(zip_bytes(_classes(n_classes=3)), SPEC, expected_classes=10)
 
 
 def test_grey_model_gets_one_channel():
     spec = InputSpec(height=8, width=8, channels=1, mean=(0.5,), std=(0.5,))
-    ds = load_dataset(_zip(_classes()), spec)
+    ds = load_dataset(zip_bytes(_classes()), spec)
     assert ds.train.images.shape[1] == 1
 
 

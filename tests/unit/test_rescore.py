@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from core.car import CarScorer, compute_car
+from core.car import CarScorer, compute_car, filter_ablation
 from core.criteria import new_width
 from core.groups import PruningGraph
 from core.models import load_model
-from core.prune import car_filter_scores
 from core.rescore import ScoreBook, car_scores
+from core.screen import tiebreak
 from core.sources import load_dataset
+from core.tasks.classification import score_filters
 
 CLUSTER = 8
 
@@ -45,12 +46,34 @@ def _scores_equal(a: dict, b: dict) -> None:
         np.testing.assert_allclose(a[gid], b[gid], rtol=0, atol=1e-6)  # float32 sums vs float64
 
 
-def test_exact_scores_equal_the_loops_exact_car(sample, exact):
+def test_exact_scores_equal_a_direct_ablation_of_each_filter(sample, exact):
+    """The one exact-CAR implementation (``car_scores``) against removing each filter alone, measured by
+    the naive engine (one plain forward pass per ablation, no batching or shared prefix)."""
     groups = sample[2]
-    scorer, scores, report, _ = exact
-    _scores_equal(scores, car_filter_scores(scorer, groups))
+    scorer, scores, report, book = exact
+    n = len(scorer.labels)
+    for g in groups:
+        correct, loss_up = scorer.accuracies_and_loss([filter_ablation(g, [f]) for f in range(g.width)], fast=False)
+        car = scorer.baseline_accuracy - correct.float().mean(1).numpy()
+        np.testing.assert_allclose([book.entries[g.root][f][0] for f in range(g.width)], car, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(scores[g.gid], tiebreak(car, loss_up.numpy(), n), rtol=0, atol=1e-6)
+    assert any(np.ptp(s) > 0 for s in scores.values()), "some filter's removal changes a prediction"
     assert report.measured == report.total == report.exact == sum(g.width for g in groups)
     assert report.reused == report.screened == 0
+
+
+def test_the_car_criterion_outside_the_loop_scores_through_the_same_path(sample, exact):
+    """``score_filters('car', ...)`` (no score book of its own) gives the loop's exact scores, keyed by root."""
+    loaded, images, groups = sample
+    scorer, scores = exact[0], exact[1]
+    graph = PruningGraph(loaded.model, loaded.spec.input.shape(1))
+    by_root = score_filters("car", graph, groups, scorer, images, loaded.spec.input, np.random.default_rng(0))
+    _scores_equal(by_root, {g.root: scores[g.gid] for g in groups})
+
+
+def test_fast_scores_need_a_cluster_size(sample, exact):
+    with pytest.raises(ValueError, match="cluster"):
+        car_scores(exact[0], sample[2], ScoreBook(), "fast")
 
 
 def test_scores_reused_from_the_analysis_equal_recomputed_ones(sample, exact):
