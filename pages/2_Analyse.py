@@ -6,10 +6,10 @@ import streamlit as st
 from core import visualize as V
 from core.errors import PruneScopeError
 from core.car import CAR_METHODS
-from core.jobs import JobAlreadyRunning, car_job, car_settings
+from core.jobs import JobAlreadyRunning, car_job
 from ui import detection
 from ui.charts import to_image
-from ui.common import format_pct, format_seconds, job_status, need_model, page_link, setup_page
+from ui.common import action_button, format_pct, format_seconds, job_status, need_model, page_link, setup_page
 from ui.state import get_registry, model_lock, private_copy
 
 state = setup_page("Analyse", "Which filters matter? CAR (Classification Accuracy Reduction) of a filter is the "
@@ -27,17 +27,17 @@ job = registry.latest("car", key)
 if job is not None:
     snap = job.snapshot()
     if snap.state == "done" and state.car is None:
-        state.car, state.car_settings = snap.result, snap.meta
+        state.car = snap.result
 running = job is not None and job.running
 
 
 def start_car(n_images: int, sensitivity: bool, method: str) -> None:
     model_copy = private_copy(state.model).model
-    try:  # meta: what the result depends on, so a prune with the same model, images and settings reuses it
+    try:  # the result carries its fingerprint (model state, images): a prune that matches it reuses it
         registry.start("car", car_job(model_copy, spec, data.val, n_images=n_images, sensitivity=sensitivity,
                                       method=method),
-                       key=key, meta=car_settings(model_copy, data.val, n_images, sensitivity, method))
-        state.car, state.car_settings = None, {}
+                       key=key, meta={"n_images": n_images, "sensitivity": sensitivity, "method": method})
+        state.car = None
     except JobAlreadyRunning:
         pass  # the running job is shown below
 
@@ -66,9 +66,8 @@ with st.container(border=True):
     if running:
         c4.button("Cancel", key="car_cancel", on_click=cancel_car, icon=":material/stop:", width="stretch")
     else:
-        c4.button("Compute CAR" if state.car is None else "Recompute CAR", key="car_start", type="primary",
-                  on_click=start_car, args=(n_images, sensitivity, method), icon=":material/play_arrow:",
-                  width="stretch")
+        action_button(c4, "Compute CAR" if state.car is None else "Recompute CAR", start_car, n_images, sensitivity,
+                      method, key="car_start", type="primary", icon=":material/play_arrow:", width="stretch")
 
 
 @st.fragment(run_every=1.0 if running else None)

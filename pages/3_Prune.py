@@ -49,7 +49,7 @@ def job_function(config, run_dir: Path):
     if state.task == "detection":
         return detection_prune_job(state.model, state.model_info, state.data, config, run_dir)
     return prune_job(private_copy(state.model), state.data, config, run_dir, data_source=state.data_source,
-                     original_bytes=state.model_bytes, car=state.car, car_meta=state.car_settings)
+                     original_bytes=state.model_bytes, car=state.car)
 
 
 def run_name() -> str:
@@ -89,7 +89,7 @@ def car_reuse_note(config) -> None:
     """Before Start: whether the run will reuse the finished CAR analysis of the Analyse page, and why not."""
     if state.task != "classification" or not config.analyse_car:
         return
-    reuse, why = reusable_car(state.car, state.car_settings, state.model.model, state.data.val, config)
+    reuse, why = reusable_car(state.car, state.model.model, state.data.val, config)
     st.caption(f"CAR analysis of the original: the finished analysis will be reused ({why})." if reuse else
                f"CAR analysis of the original: computed by the run ({why}).")
 
