@@ -7,11 +7,14 @@ from core import visualize as V
 from core.errors import PruneScopeError
 from core.car import CAR_METHODS
 from core.jobs import JobAlreadyRunning, car_job
+from core.prune import PruneConfig
 from ui import detection
 from ui.charts import to_image
 from ui.common import action_button, format_pct, format_seconds, job_status, need_model, page_link, setup_page
 from ui.state import get_registry, model_lock, private_copy
 
+# the Prune page's default scoring images: with both defaults a prune reuses the analysis (same images)
+ANALYSIS_IMAGES = PruneConfig.app_defaults().score_images
 state = setup_page("Analyse", "Which filters matter? CAR (Classification Accuracy Reduction) of a filter is the "
                    "accuracy lost when that one filter is removed, measured exactly on validation images.")
 need_model(state, "the analysis")
@@ -52,8 +55,11 @@ with st.container(border=True):
     c1, c2, c3, c4 = st.columns([2, 1, 1, 1], vertical_alignment="bottom")
     n_max = len(data.val)
     if n_max > 50:
-        n_images = c1.slider("Validation images used", 50, n_max, min(300, n_max), step=10, key="car_images",
-                             help="More images give finer CAR scores (one image = 1/N accuracy) and take longer.")
+        n_images = c1.slider("Validation images used", 50, n_max, min(ANALYSIS_IMAGES, n_max), step=10,
+                             key="car_images",
+                             help="More images give finer CAR scores (one image = 1/N accuracy) and take longer. "
+                                  f"A prune scoring on as many images ({ANALYSIS_IMAGES} by default) reuses this "
+                                  "analysis instead of computing it again.")
     else:
         n_images = n_max
         c1.markdown(f"All **{n_max}** validation images are used (a larger data set gives finer CAR scores).")
