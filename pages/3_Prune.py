@@ -36,6 +36,10 @@ registry = get_registry()
 active = registry.active("prune")
 if active:  # re-attach (e.g. after a reload): there is at most one pruning job at a time
     st.session_state["prune_job_id"] = active[0].id
+elif "prune_job_id" not in st.session_state and state.run_dir:  # a reload after the run ended: its job
+    ended = registry.for_run(state.run_dir)
+    if ended is not None:
+        st.session_state["prune_job_id"] = ended.id
 job = registry.get(st.session_state.get("prune_job_id"))
 running = job is not None and job.running
 if job is None and not state.ready:

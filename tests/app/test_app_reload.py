@@ -65,3 +65,5 @@ def test_car_job_reattaches_after_reload_and_its_result_stays():
     prune = get_registry().latest("prune")
     run = Run(prune.run_dir)
     assert run.car["reused_from"]
+    after = goto(new_app().run(), "prune")  # a reload after the run ended: its outcome, not "app restart"
+    assert "Finished after" in texts(after) and "job list was reset" not in texts(after)

@@ -26,12 +26,17 @@ def test_reload_during_car_and_prune_reattaches_and_the_prune_reuses_the_analysi
     expect = sync_api.expect
     url, workspace = server
     t_start = time.time()
+    timings: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        timings[name] = time.time() - t_start - sum(timings.values())
 
     with browser_page(sync_api, executable) as app:
         page, main = app.page, app.main
         page.goto(url)
         main.get_by_role("button", name="Load the sample").click()
         expect(main).to_contain_text("Loaded vgg_digits", timeout=120_000)
+        lap("load")
 
         # -- CAR on the Prune page's number of scoring images, reload while it runs
         app.nav("Analyse")
@@ -47,6 +52,7 @@ def test_reload_during_car_and_prune_reattaches_and_the_prune_reuses_the_analysi
         expect(main).to_contain_text("CAR of 224 filters", timeout=180_000)
         expect(main).to_contain_text(f"on {CAR_IMAGES} images")
         app.no_exception()
+        lap("analyse")
 
         # -- prune with the same scoring images: it will reuse the analysis; reload while it runs
         app.nav("Prune")
@@ -69,9 +75,11 @@ def test_reload_during_car_and_prune_reattaches_and_the_prune_reuses_the_analysi
         expect(main).to_contain_text("reused the finished analysis")
         app.no_exception()
         app.shot("reload_prune_done")
+        lap("prune")
 
     runs = list((workspace / "runs").iterdir())
     assert len(runs) == 1
     car = (runs[0] / "car.json").read_text()
     assert '"reused_from"' in car, "the run stored the finished analysis, not a recomputed one"
-    print(f"\nReload e2e: {time.time() - t_start:.1f} s")
+    print("\nReload e2e timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items())
+          + f", total {time.time() - t_start:.1f}")
