@@ -10,6 +10,7 @@ default flow).
 from __future__ import annotations
 
 import os
+import re
 import time
 import zipfile
 
@@ -65,6 +66,8 @@ def test_whole_flow_on_the_sample(server, tmp_path):
         # -- prune: a small budget (2 steps) unless the defaults are being measured
         app.nav("Prune")
         expect(main.get_by_role("button", name="Start pruning")).to_be_enabled(timeout=30_000)
+        # the pages' defaults agree: the analysis just made is the run's, it is not computed again
+        expect(main).to_contain_text("the finished analysis will be reused")
         if not USE_DEFAULTS:
             app.press("Step limit", "ArrowLeft", 2)
             expect(main.get_by_test_id("stSlider").filter(has_text="Step limit")).to_contain_text("2")
@@ -76,10 +79,13 @@ def test_whole_flow_on_the_sample(server, tmp_path):
         expect(main.get_by_role("button", name="Cancel")).to_be_enabled()
         expect(main).to_contain_text("Current step", timeout=60_000)
         expect(main.locator(".js-plotly-plot").first).to_be_visible(timeout=120_000)  # the trade-off grows
+        expect(main).to_contain_text(re.compile(r"ETA( of this part)? \d"), timeout=120_000)  # a measured ETA
+        main.get_by_role("heading", name="Progress").scroll_into_view_if_needed()
         app.shot("4_prune_running", readme="screenshot_prune")
         expect(main).to_contain_text("Finished after", timeout=300_000)
         timings["prune"] = time.time() - t0
         expect(main).to_contain_text("stopped because")
+        expect(main).to_contain_text("reused the finished analysis")
         app.no_exception()
         app.shot("5_prune_done")
 
