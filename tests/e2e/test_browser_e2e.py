@@ -44,7 +44,7 @@ def test_whole_flow_on_the_sample(server, tmp_path):
         # -- load: the validation report and the baseline
         app.nav("Load")
         expect(main).to_contain_text("All files were readable images", timeout=30_000)
-        expect(main.get_by_test_id("stMetric").first).to_contain_text("Accuracy")
+        expect(main.get_by_test_id("stMetric").first).to_contain_text("Accuracy", timeout=30_000)
         expect(main).to_contain_text("9.9 M")
         expect(main.locator(".js-plotly-plot").first).to_be_visible(timeout=30_000)
         app.shot("2_load")
