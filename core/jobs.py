@@ -28,10 +28,10 @@ from .detection.prune import run_detection_pruning
 from .engine import Callbacks, Progress
 from .errors import CancelledError, PruneScopeError
 from .export import export_run
-from .fingerprint import model_fingerprint, settings_fingerprint, tensors_fingerprint
 from .prune import run_pruning
 from .recovery import RecoveryConfig, recover_run_step
 from .runs import Run, list_runs
+from .tasks.classification import analysis_reuse, score_images_of
 from .workspace import atomic_write_json
 
 RUNNING_STATES = ("running", "cancelling")
@@ -399,34 +399,14 @@ def run_progress(ctx: JobContext, total: int) -> Callbacks:
     return Callbacks(step=step, event=event)
 
 
-def car_settings(model, images, n_images: int | None, sensitivity: bool, method: str = "exact") -> dict:
-    """What a whole-model CAR analysis depends on: the model's state, the images it was measured on
-    and the settings (:mod:`core.fingerprint` hashes), so a finished analysis can be recognised later.
-
-    ``images``: the validation :class:`core.data.ImageSet` the analysis draws its ``n_images`` from;
-    ``method``: the CAR method (:data:`core.car.CAR_METHODS`).
-    """
-    n = len(images) if n_images is None else min(int(n_images), len(images))
-    return {"model": model_fingerprint(model), "images": tensors_fingerprint(images.images, images.labels),
-            "n_images": n, "sensitivity": bool(sensitivity), "method": method}
-
-
-def reusable_car(car: Any, settings: dict | None, model, images, config) -> tuple[bool, str]:
-    """Whether a finished CAR analysis is the one a pruning run with ``config`` would compute for its
-    original (same model state, same images, ``score_images`` images, with sensitivity), and why not.
-    An exact analysis serves a run of either CAR method; a fast (screened) one only a fast run."""
-    if car is None or not settings:
-        return False, "no finished analysis of this model"
-    method = getattr(config, "car", "exact")
-    wanted = car_settings(model, images, config.score_images, sensitivity=True,
-                          method=settings.get("method") if settings.get("method") == "exact" else method)
-    for what, label in (("model", "the model changed"), ("images", "other validation images"),
-                        ("n_images", f"it used {settings.get('n_images')} images, the run scores on "
-                                     f"{wanted['n_images']}"),
-                        ("sensitivity", "it has no per-layer sensitivity"), ("method", "another CAR method")):
-        if settings.get(what) != wanted[what]:
-            return False, label
-    return True, f"same model, images and settings ({settings_fingerprint(wanted)})"
+def reusable_car(car: Any, model, images, config) -> tuple[bool, str]:
+    """Whether a finished CAR analysis ``car`` (a :class:`core.car.CarResult`, or its dict) serves a
+    pruning run with ``config`` of ``model`` on the validation images ``images``, and why (not): the
+    run's own decision (:func:`core.tasks.classification.analysis_reuse` on the run's score images), asked
+    before the run starts, so that the Prune page and the job's log say what the run will do."""
+    if car is not None and not hasattr(car, "fingerprint"):
+        car = CarResult.from_dict(car)
+    return analysis_reuse(car, model, score_images_of(images, config), getattr(config, "car", "exact"))
 
 
 def split_options_of(data) -> dict:
@@ -439,15 +419,15 @@ def split_options_of(data) -> dict:
 
 def prune_job(loaded, data, config, run_dir: Path, data_source: str | None = None,
               original_bytes: bytes | None = None, data_options: dict | None = None,
-              car: Any = None, car_meta: dict | None = None) -> JobFunction:
+              car: Any = None) -> JobFunction:
     """A job function running :func:`core.prune.run_pruning` into ``run_dir``.
 
-    ``car`` + ``car_meta``: a finished CAR analysis (a :class:`core.car.CarResult`) and the
-    :func:`car_settings` it was computed with. With ``config.analyse_car``, when they match this run's
-    original, images and ``score_images`` (:func:`reusable_car`), the analysis is handed to the run,
-    which stores it as its ``car.json`` (saying it was reused) and seeds step 1's filter scores from it
-    instead of computing it again (minutes on a real model); the job's log says so. ``data_options``
-    None: the data set's own split (:func:`split_options_of`).
+    ``car``: a finished CAR analysis (a :class:`core.car.CarResult`, e.g. the Analyse page's). With
+    ``config.analyse_car`` the run reuses it when it is the analysis the run would compute
+    (:func:`reusable_car`: same model state, score images and method): it stores it as its
+    ``car.json`` (saying it was reused) and seeds step 1's filter scores from it instead of computing it
+    again (minutes on a real model); the job's log says which, and why. ``data_options`` None: the data
+    set's own split (:func:`split_options_of`).
 
     Overall progress: the original's measurement and analysis count as one unit, then each pruning
     step one more, of ``config.max_steps + 1``; the run may stop earlier (threshold, MAC target),
@@ -458,12 +438,12 @@ def prune_job(loaded, data, config, run_dir: Path, data_source: str | None = Non
     data_options = data_options if data_options is not None else split_options_of(data)
     note, reused = None, None
     if config.analyse_car:
-        reuse, why = reusable_car(car, car_meta, loaded.model, data.val, config)
+        reuse, why = reusable_car(car, loaded.model, data.val, config)
         if reuse:
-            # the run stores it as its car.json and seeds step 1's scores from it (core.rescore)
-            reused = car if hasattr(car, "to_dict") else CarResult.from_dict(car)
-            note = (f"CAR analysis of the original: reused the finished analysis ({car_meta['n_images']} images; "
-                    f"{why}) instead of recomputing it.")
+            # the run checks it again (the same decision) before it stores it as its car.json and seeds
+            # step 1's scores from it (core.rescore)
+            reused = car if hasattr(car, "fingerprint") else CarResult.from_dict(car)
+            note = f"CAR analysis of the original: reused the finished analysis ({why}) instead of recomputing it."
         else:
             note = f"CAR analysis of the original: computed for this run ({why})."
 

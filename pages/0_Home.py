@@ -8,9 +8,9 @@ import streamlit as st
 from core.jobs import past_runs
 from core.runs import run_reviewable
 from core.models import sample_entry, sample_names
-from ui.common import (format_macs, format_params, format_pct, format_seconds, metric_name, model_shape, page_link,
-                       setup_page, started_at, state_badge)
-from ui.state import DEFAULT_SAMPLE, get_registry, load_sample_callback
+from ui.common import (action_button, format_macs, format_params, format_pct, format_seconds, metric_name,
+                       model_shape, page_link, setup_page, started_at, state_badge)
+from ui.state import DEFAULT_SAMPLE, get_registry, load_sample
 
 state = setup_page("PruneScope", "Structured compression of CNNs for edge hardware: find the filters that matter, "
                    "remove the rest in hardware-sized clusters, and export for the Intel NCS2 with the original as fail-safe.")
@@ -44,8 +44,8 @@ with start:
         entry = sample_entry(sample)
         st.caption(f"{entry['architecture']}, {format_pct(entry['accuracy'])} accuracy, "
                    f"{format_macs(entry['macs'])} MACs. {entry['dataset_description']}")
-        st.button("Load the sample", type="primary", icon=":material/play_arrow:", key="home_start", width="stretch",
-                  on_click=load_sample_callback, args=(sample,))
+        action_button(st, "Load the sample", load_sample, sample, type="primary", icon=":material/play_arrow:",
+                      key="home_start", width="stretch")
         if st.session_state.get("sample_error"):
             st.error(st.session_state["sample_error"])
         if state.ready and state.sample == sample:

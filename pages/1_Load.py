@@ -15,9 +15,10 @@ from core.runs import remember_trusted_model
 from ui.charts import fig_class_counts, fig_confusion, fig_per_class_accuracy
 from ui import detection
 from core.jobs import JobAlreadyRunning, phased_job
-from ui.common import format_pct, job_progress, metric_name, metrics_row, model_shape, page_link, setup_page
+from ui.common import (action_button, format_pct, job_progress, metric_name, metrics_row, model_shape, page_link,
+                       setup_page)
 from ui.state import (DEFAULT_SAMPLE, LOAD_BASELINE, LOAD_CHECK, LOAD_DATA, LOAD_MODEL, baseline, digest, files_to_zip,
-                      get_registry, load_sample_callback, load_uploaded_data, measure_baseline, session_token)
+                      get_registry, load_sample, load_uploaded_data, measure_baseline, session_token)
 
 state = setup_page("Load", "A trained model and its data set: upload your own or take the bundled sample.")
 TASKS = {"Image classification": "classification", "Object detection (SSD)": "detection"}  # label -> AppState.task
@@ -186,8 +187,8 @@ def classification_sample() -> None:
     entry = sample_entry(name)
     st.markdown(f"**{entry['architecture']}** trained on **{entry['dataset']}**: {entry['dataset_description']}  \n"
                 f"Reported accuracy {format_pct(entry['accuracy'])} on {entry['num_val_images']} validation images.")
-    st.button("Load the sample", type="primary", key="load_sample", icon=":material/play_arrow:",
-              on_click=load_sample_callback, args=(name,))
+    action_button(st, "Load the sample", load_sample, name, type="primary", key="load_sample",
+                  icon=":material/play_arrow:")
     if st.session_state.get("sample_error"):
         st.error(st.session_state["sample_error"])
 

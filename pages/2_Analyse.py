@@ -6,12 +6,15 @@ import streamlit as st
 from core import visualize as V
 from core.errors import PruneScopeError
 from core.car import CAR_METHODS
-from core.jobs import JobAlreadyRunning, car_job, car_settings
+from core.jobs import JobAlreadyRunning, car_job
+from core.prune import PruneConfig
 from ui import detection
 from ui.charts import to_image
-from ui.common import format_pct, format_seconds, job_status, need_model, page_link, setup_page
+from ui.common import action_button, format_pct, format_seconds, job_status, need_model, page_link, setup_page
 from ui.state import get_registry, model_lock, private_copy
 
+# the Prune page's default scoring images: with both defaults a prune reuses the analysis (same images)
+ANALYSIS_IMAGES = PruneConfig.app_defaults().score_images
 state = setup_page("Analyse", "Which filters matter? CAR (Classification Accuracy Reduction) of a filter is the "
                    "accuracy lost when that one filter is removed, measured exactly on validation images.")
 need_model(state, "the analysis")
@@ -27,17 +30,17 @@ job = registry.latest("car", key)
 if job is not None:
     snap = job.snapshot()
     if snap.state == "done" and state.car is None:
-        state.car, state.car_settings = snap.result, snap.meta
+        state.car = snap.result
 running = job is not None and job.running
 
 
 def start_car(n_images: int, sensitivity: bool, method: str) -> None:
     model_copy = private_copy(state.model).model
-    try:  # meta: what the result depends on, so a prune with the same model, images and settings reuses it
+    try:  # the result carries its fingerprint (model state, images): a prune that matches it reuses it
         registry.start("car", car_job(model_copy, spec, data.val, n_images=n_images, sensitivity=sensitivity,
                                       method=method),
-                       key=key, meta=car_settings(model_copy, data.val, n_images, sensitivity, method))
-        state.car, state.car_settings = None, {}
+                       key=key, meta={"n_images": n_images, "sensitivity": sensitivity, "method": method})
+        state.car = None
     except JobAlreadyRunning:
         pass  # the running job is shown below
 
@@ -52,8 +55,11 @@ with st.container(border=True):
     c1, c2, c3, c4 = st.columns([2, 1, 1, 1], vertical_alignment="bottom")
     n_max = len(data.val)
     if n_max > 50:
-        n_images = c1.slider("Validation images used", 50, n_max, min(300, n_max), step=10, key="car_images",
-                             help="More images give finer CAR scores (one image = 1/N accuracy) and take longer.")
+        n_images = c1.slider("Validation images used", 50, n_max, min(ANALYSIS_IMAGES, n_max), step=10,
+                             key="car_images",
+                             help="More images give finer CAR scores (one image = 1/N accuracy) and take longer. "
+                                  f"A prune scoring on as many images ({ANALYSIS_IMAGES} by default) reuses this "
+                                  "analysis instead of computing it again.")
     else:
         n_images = n_max
         c1.markdown(f"All **{n_max}** validation images are used (a larger data set gives finer CAR scores).")
@@ -66,9 +72,8 @@ with st.container(border=True):
     if running:
         c4.button("Cancel", key="car_cancel", on_click=cancel_car, icon=":material/stop:", width="stretch")
     else:
-        c4.button("Compute CAR" if state.car is None else "Recompute CAR", key="car_start", type="primary",
-                  on_click=start_car, args=(n_images, sensitivity, method), icon=":material/play_arrow:",
-                  width="stretch")
+        action_button(c4, "Compute CAR" if state.car is None else "Recompute CAR", start_car, n_images, sensitivity,
+                      method, key="car_start", type="primary", icon=":material/play_arrow:", width="stretch")
 
 
 @st.fragment(run_every=1.0 if running else None)

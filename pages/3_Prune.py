@@ -36,6 +36,10 @@ registry = get_registry()
 active = registry.active("prune")
 if active:  # re-attach (e.g. after a reload): there is at most one pruning job at a time
     st.session_state["prune_job_id"] = active[0].id
+elif "prune_job_id" not in st.session_state and state.run_dir:  # a reload after the run ended: its job
+    ended = registry.for_run(state.run_dir)
+    if ended is not None:
+        st.session_state["prune_job_id"] = ended.id
 job = registry.get(st.session_state.get("prune_job_id"))
 running = job is not None and job.running
 if job is None and not state.ready:
@@ -49,7 +53,7 @@ def job_function(config, run_dir: Path):
     if state.task == "detection":
         return detection_prune_job(state.model, state.model_info, state.data, config, run_dir)
     return prune_job(private_copy(state.model), state.data, config, run_dir, data_source=state.data_source,
-                     original_bytes=state.model_bytes, car=state.car, car_meta=state.car_settings)
+                     original_bytes=state.model_bytes, car=state.car)
 
 
 def run_name() -> str:
@@ -89,7 +93,7 @@ def car_reuse_note(config) -> None:
     """Before Start: whether the run will reuse the finished CAR analysis of the Analyse page, and why not."""
     if state.task != "classification" or not config.analyse_car:
         return
-    reuse, why = reusable_car(state.car, state.car_settings, state.model.model, state.data.val, config)
+    reuse, why = reusable_car(state.car, state.model.model, state.data.val, config)
     st.caption(f"CAR analysis of the original: the finished analysis will be reused ({why})." if reuse else
                f"CAR analysis of the original: computed by the run ({why}).")
 

@@ -7,7 +7,8 @@ import streamlit as st
 from core.jobs import JobAlreadyRunning, export_job, past_runs
 from core.measure import per_layer_timings
 from core.workspace import read_json, workspace_root
-from ui.common import (format_macs, format_ms, format_params, format_pct, job_status, ncs2_panel, pick_run,
+from ui.common import (action_button, format_macs, format_ms, format_params, format_pct, job_status, ncs2_panel,
+                       pick_run,
                        setup_page, state_badge)
 from ui.detection import detection_bundle_view
 from ui.review import comparison_text, latency_text
@@ -55,8 +56,9 @@ def start_export() -> None:
 
 
 exists = (bundle_dir / "manifest.json").exists() and zip_path.exists()
-st.button("Export again" if exists else f"Export step {step}", type="secondary" if exists else "primary",
-          key="ex_start", on_click=start_export, disabled=running, icon=":material/deployed_code:")
+action_button(st, "Export again" if exists else f"Export step {step}", start_export,
+              type="secondary" if exists else "primary", key="ex_start", disabled=running,
+              icon=":material/deployed_code:")
 
 
 @st.fragment(run_every=1.0 if running else None)

@@ -93,6 +93,20 @@ def sidebar_jobs(registry, running_ids: tuple[str, ...]) -> None:
         st.rerun()
 
 
+def action_button(where, label: str, action, *args, **button_kwargs) -> None:
+    """A button that runs ``action(*args)`` in the script run of its click, then draws the page again.
+
+    Not ``on_click=action, args=...``: a callback gets the arguments of the run *before* the click, so a
+    widget changed just before it (the change and the click reach the app in one request when the page
+    is still busy) would be ignored: a CAR job started on 50 images with the slider showing 100 (found
+    by the browser test). Here ``args`` were computed in this run, from the widgets' current values.
+    ``where``: ``st`` or a container (a column); ``button_kwargs`` go to ``st.button``.
+    """
+    if where.button(label, **button_kwargs):
+        action(*args)
+        st.rerun()  # every part of the page (the sidebar too) shows what the action started
+
+
 def page_link(page: str, label: str | None = None) -> None:
     path, name, icon = PAGES[page]
     st.page_link(path, label=label or name, icon=icon)
@@ -270,8 +284,8 @@ def job_status(registry, kind: str, key: str, label: str, was_running: bool, wha
 def start_cancel_buttons(running: bool, config, start, cancel) -> None:
     """Start / Cancel of a pruning job, and the error the last start left."""
     b1, b2, _ = st.columns([1, 1, 4])
-    b1.button("Start pruning", type="primary", key="pr_start", disabled=running or config is None,
-              on_click=start, args=(config,), icon=":material/play_arrow:", width="stretch")
+    action_button(b1, "Start pruning", start, config, type="primary", key="pr_start",
+                  disabled=running or config is None, icon=":material/play_arrow:", width="stretch")
     b2.button("Cancel", key="pr_cancel", disabled=not running, on_click=cancel, icon=":material/stop:",
               width="stretch")
     if st.session_state.get("prune_error"):

@@ -11,7 +11,7 @@ from core.errors import PruneScopeError
 from core.jobs import JobAlreadyRunning, detection_car_job
 from core.sources import load_voc_dataset
 from ui.charts import fig_class_counts
-from ui.common import format_macs, format_params, format_seconds, job_status, ncs2_panel, page_link
+from ui.common import action_button, format_macs, format_params, format_seconds, job_status, ncs2_panel, page_link
 from ui.state import (AppState, detection_baseline, detection_data_for_run, detection_groups, detection_pictures,
                       digest, get_registry, get_state, run_model, sample_detection, save_upload)
 
@@ -261,8 +261,8 @@ def analysis_panel(state: AppState) -> None:
         if running:
             c3.button("Cancel", key="det_an_cancel", on_click=cancel, icon=":material/stop:", width="stretch")
         else:
-            c3.button("Compute CAR", key="det_an_start", type="primary", on_click=start, args=(root, n_images),
-                      icon=":material/play_arrow:", width="stretch")
+            action_button(c3, "Compute CAR", start, root, n_images, key="det_an_start", type="primary",
+                          icon=":material/play_arrow:", width="stretch")
 
     @st.fragment(run_every=1.0 if running else None)
     def car_status() -> None:

@@ -14,7 +14,7 @@ from core.jobs import JobAlreadyRunning, recovery_job
 from core.measure import LatencyComparison
 from core.recovery import RecoveryConfig
 from core.runs import Run
-from ui.common import format_macs, format_ms, format_params, format_pct, job_status
+from ui.common import action_button, format_macs, format_ms, format_params, format_pct, job_status
 from ui.state import get_registry
 
 
@@ -93,8 +93,8 @@ def recovery_panel(run: Run, steps: list[int], default_step: int) -> None:
         c4.button("Cancel", key="rv_rec_cancel", on_click=cancel_recovery, args=(key,), icon=":material/stop:",
                   width="stretch")
     else:
-        c4.button("Recover this step", key="rv_rec_start", type="primary", on_click=start_recovery,
-                  args=(key, step, epochs, kd), icon=":material/healing:", width="stretch")
+        action_button(c4, "Recover this step", start_recovery, key, step, epochs, kd, key="rv_rec_start",
+                      type="primary", icon=":material/healing:", width="stretch")
     st.caption("Fine-tunes the step for N epochs over the train split (cosine schedule, the pruning loop's "
                "augmentation), keeps the epoch best on the selection images (also on cancel) and adds it to "
                "the run as a new step, measured on the selection and test images.")

@@ -5,8 +5,8 @@ the whole process (``st.cache_resource``), so a reloaded tab finds the job it st
 
 State that survives a reload: a browser reload (or a new tab) is a new Streamlit session with empty
 ``st.session_state``. At the end of every script run the app frame stores a shallow copy of the
-session's :class:`AppState` (the loaded model and data objects, baseline, CAR result and its
-settings) in the registry's process-level :class:`core.jobs.WorkingSets`, under a token that the URL
+session's :class:`AppState` (the loaded model and data objects, baseline, CAR result) in
+the registry's process-level :class:`core.jobs.WorkingSets`, under a token that the URL
 carries (``?ws=...``); a new session takes the set of its token, or, without one (a new tab, or a
 page whose URL lost the parameter), the newest set of the process. Objects, not file paths, are
 kept: nothing is loaded or measured again, and a running or finished CAR job re-attaches because it
@@ -52,7 +52,8 @@ class AppState:
     and a :class:`core.data.DataSet`; "detection": a ``core.detection.models.SSDDetector`` (its
     normalisation, class names and source in ``model_info``) and a ``core.detection.data.DetectionData``.
     ``baseline`` holds the task's metric under ``metric`` (accuracy or mAP@0.5, a fraction) plus MACs
-    and parameters; ``car`` the finished analysis (a ``CarResult``, or a detection ``GroupCar``).
+    and parameters; ``car`` the finished analysis (a ``CarResult``, which carries the fingerprint of the
+    model and images it was measured on, or a detection ``GroupCar``).
     """
 
     task: str = "classification"
@@ -66,7 +67,6 @@ class AppState:
     data_source: str = ""  # what a run records: 'sample:NAME' or the saved upload's path
     baseline: dict | None = None  # metric (+ accuracy / map), per_class, n, macs, params, ...
     car: Any = None  # the finished analysis of the current model
-    car_settings: dict = field(default_factory=dict)  # what it was computed with (core.jobs.car_settings)
     run_dir: str | None = None  # the run being pruned / reviewed
     max_drop: float | None = None  # metric drop (points) chosen on Review: the export's threshold
     export_step: int | None = None  # step the threshold picked on Review (for Export)
@@ -88,13 +88,13 @@ class AppState:
         self.data = None
         self.data_label = self.data_source = ""
         self.baseline = None
-        self.car, self.car_settings = None, {}
+        self.car = None
         self.sample = None
 
     def set_data(self, data, label: str, source: str) -> None:
         self.data, self.data_label, self.data_source = data, label, source
         self.baseline = None
-        self.car, self.car_settings = None, {}
+        self.car = None
 
 
 # The phases of the classification "Load and validate" job (core.jobs.phased_job), whose results they name.
@@ -204,8 +204,9 @@ def use_sample(state: AppState, name: str) -> None:
     state.baseline = baseline(state.key, loaded, data)
 
 
-def load_sample_callback(name: str) -> None:
-    """Button callback: runs before the page is drawn, so every part of the page (the sidebar too) sees the sample."""
+def load_sample(name: str) -> None:
+    """Load the bundled sample into the session (the Home and Load pages' button); a failure is kept as
+    ``sample_error`` for the page to show."""
     state = get_state()
     try:
         use_sample(state, name)

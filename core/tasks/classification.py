@@ -41,6 +41,42 @@ METRIC = "accuracy"
 LR_HALVINGS = 4  # the fine-tuning check tries the configured rate and at most this many halvings
 
 
+def score_images_of(val: ImageSet, config: PruneConfig) -> ImageSet:
+    """The selection images a run with ``config`` scores filters on: a stratified subset of ``val`` of
+    ``config.score_images`` images, fixed by ``config.seed`` (all of them when there are fewer)."""
+    return val.subset(config.score_images, seed=config.seed)
+
+
+def analysis_reuse(analysis: CarResult | None, model: nn.Module, images: ImageSet, method: str) -> tuple[bool, str]:
+    """Whether a finished CAR analysis is the one a run would compute for its original ``model`` on its score
+    ``images`` (:func:`score_images_of`) with CAR ``method``, and why (not). The one decision of reuse: the
+    run acts on it (:meth:`ClassificationTask.analyse`), the app's job logs it and its Prune page shows it
+    before Start (``core.jobs.reusable_car``).
+
+    The analysis' own fingerprint (``CarResult.fingerprint``: the model state and the exact images with
+    labels it was measured on) must match, so a changed weight, another subset or seed, or other labels
+    all mean recomputing. It must have per-layer sensitivity (the run stores it); an analysis with
+    screened filters serves only a ``fast`` run (an ``exact`` one would store figures it never measured).
+    """
+    if analysis is None:
+        return False, "no finished analysis of this model"
+    fingerprint = analysis.fingerprint or {}
+    if not fingerprint:
+        return False, "the analysis has no fingerprint (made before they were recorded)"
+    if fingerprint.get("model") != model_fingerprint(model):
+        return False, "the model changed"
+    if analysis.n_images != len(images):
+        return False, f"it used {analysis.n_images} images, the run scores on {len(images)}"
+    if fingerprint.get("images") != tensors_fingerprint(images.images, images.labels):
+        return False, "other validation images"
+    if not analysis.sensitivity:
+        return False, "it has no per-layer sensitivity"
+    screened = analysis.n_exact < sum(len(v) for v in analysis.car.values())
+    if screened and method != "fast":
+        return False, "it screened some filters (fast CAR); the run measures every filter (exact CAR)"
+    return True, f"same model, {len(images)} images, {'fast' if screened else 'exact'} CAR"
+
+
 class ClassificationTask:
     """A classifier on an image set (``core.tasks.Task``); the metric is top-1 accuracy on the validation split."""
 
@@ -68,7 +104,7 @@ class ClassificationTask:
 
     def score_images(self) -> ImageSet:
         """The selection images that score filters (a fixed stratified subset)."""
-        return self.data.val.subset(self.config.score_images, seed=self.config.seed)
+        return score_images_of(self.data.val, self.config)
 
     def decision(self, model: nn.Module) -> Accuracy:
         """Top-1 accuracy on the selection images: all a step's accept or undo reads."""
@@ -92,17 +128,16 @@ class ClassificationTask:
         """CAR of every filter of the original, per class, and per-layer sensitivity (``car.json``), on the
         score images; seeds the score book so that step 1 measures nothing twice."""
         images = self.score_images()
-        wanted = {"model": model_fingerprint(model), "images": tensors_fingerprint(images.images, images.labels)}
-        reused = self.analysis is not None and self.analysis.fingerprint == wanted and bool(self.analysis.sensitivity)
+        reused, why = analysis_reuse(self.analysis, model, images, self.config.car)
         if reused:
-            progress(1.0, "reused the finished analysis of this model on the same images (not recomputed)")
+            progress(1.0, f"reused the finished analysis ({why}; not recomputed)")
             result = self.analysis
         else:
             result = compute_car(model, self.spec, images, n_images=None, sensitivity=True, progress=progress,
                                  cancel=cancel, method=self.config.car, device=self.device)
         if self.config.criterion == "car":
             self.book.seed_from_analysis(result)
-        return {**result.to_dict(), **({"reused_from": "a finished analysis of this model on the same images"}
+        return {**result.to_dict(), **({"reused_from": f"a finished analysis of this model ({why})"}
                                        if reused else {})}
 
     def scorer(self, model: nn.Module) -> CarScorer | None:

@@ -75,3 +75,16 @@ def test_fast_car_is_labelled_screened_or_exact():
     assert f"{car.n_exact} exact (measured), {224 - car.n_exact} screened" in texts(at)
     table = next(df.value for df in at.dataframe if "figure" in df.value.columns)
     assert set(table["figure"]) <= {"exact", "screened"} and "exact" in set(table["figure"])
+
+def test_start_uses_the_values_set_with_the_click():
+    """A slider moved and Compute CAR clicked in one request (a busy page): the job takes the slider's new
+    value, not the one of the run before (a button callback's arguments are that run's)."""
+    at = with_sample("analyse")
+    at.slider(key="car_images").set_value(60)
+    at.toggle(key="car_sensitivity").set_value(False)
+    at.button(key="car_start").click().run()
+    assert_no_exception(at)
+    job = get_registry().latest("car")
+    assert job is not None and job.meta["n_images"] == 60 and job.meta["sensitivity"] is False
+    job.request_cancel()
+    assert job.wait(30)

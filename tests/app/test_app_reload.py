@@ -61,7 +61,9 @@ def test_car_job_reattaches_after_reload_and_its_result_stays():
     finished.button(key="pr_start").click().run()
     assert_no_exception(finished)
     wait_until(finished, lambda a: "Finished after" in texts(a), timeout=240)
-    assert "reused the finished analysis (50 images" in texts(finished)
+    assert "reused the finished analysis (same model, 50 images" in texts(finished)
     prune = get_registry().latest("prune")
     run = Run(prune.run_dir)
     assert run.car["reused_from"]
+    after = goto(new_app().run(), "prune")  # a reload after the run ended: its outcome, not "app restart"
+    assert "Finished after" in texts(after) and "job list was reset" not in texts(after)

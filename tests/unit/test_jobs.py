@@ -13,7 +13,7 @@ import pytest
 
 from core.architectures import SampleVGG
 from core.errors import PruneScopeError
-from core.jobs import JobAlreadyRunning, JobRegistry, car_settings, past_runs, phased_job, prune_job, reusable_car
+from core.jobs import JobAlreadyRunning, JobRegistry, past_runs, phased_job, prune_job, reusable_car
 from core.runs import Run
 from core.workspace import new_run_dir
 from tests.helpers import loaded as make_loaded, quick_config, random_dataset
@@ -205,9 +205,8 @@ def test_prune_job_reuses_a_given_car_analysis(tiny):
     loaded, data = tiny
     config = quick_config(max_steps=1, analyse_car=True, criterion="car")
     car = compute_car(loaded.model, loaded.spec.input, data.val, n_images=config.score_images, sensitivity=True)
-    meta = car_settings(loaded.model, data.val, config.score_images, sensitivity=True)
     run_dir = new_run_dir("jobtest")
-    job = JobRegistry().start("prune", prune_job(loaded, data, config, run_dir, car=car, car_meta=meta),
+    job = JobRegistry().start("prune", prune_job(loaded, data, config, run_dir, car=car),
                               run_dir=run_dir)
     assert job.wait(60) and job.snapshot().state == "done", job.snapshot().error
     run = Run(run_dir)
@@ -225,19 +224,46 @@ def test_prune_job_recomputes_an_analysis_made_with_other_settings(tiny):
     loaded, data = tiny
     config = quick_config(max_steps=1, analyse_car=True)
     car = compute_car(loaded.model, loaded.spec.input, data.val, n_images=8, sensitivity=True)
-    meta = car_settings(loaded.model, data.val, 8, sensitivity=True)
     run_dir = new_run_dir("jobtest")
-    job = JobRegistry().start("prune", prune_job(loaded, data, config, run_dir, car=car, car_meta=meta),
+    job = JobRegistry().start("prune", prune_job(loaded, data, config, run_dir, car=car),
                               run_dir=run_dir)
     assert job.wait(120) and job.snapshot().state == "done", job.snapshot().error
     run = Run(run_dir)
     assert "reused_from" not in run.car and run.car["n_images"] == config.score_images
     assert run.config["prune"]["analyse_car"] is True
     assert any("computed for this run" in line and "8 images" in line for line in job.snapshot().log)
-    assert reusable_car(car, meta, loaded.model, data.val, replace(config, score_images=8))[0]
+    assert reusable_car(car, loaded.model, data.val, replace(config, score_images=8))[0]
     changed = copy.deepcopy(loaded.model)
     next(changed.parameters()).data.add_(1.0)
-    assert reusable_car(car, meta, changed, data.val, replace(config, score_images=8)) == (False, "the model changed")
+    assert reusable_car(car, changed, data.val, replace(config, score_images=8)) == (False, "the model changed")
+
+
+def test_reuse_is_one_decision_on_the_analysis_own_fingerprint(tiny):
+    """The page, the job's log and the run decide reuse alike (core.tasks.classification.analysis_reuse): an
+    analysis on the same number of images but another subset (another seed), without sensitivity, or
+    screened (fast) for an exact run is recomputed, each with its reason; a run it serves reuses it."""
+    from core.car import compute_car
+    from core.tasks.classification import ClassificationTask
+
+    loaded, data = tiny
+    config = quick_config(score_images=8, criterion="car", car="exact")
+    car = compute_car(loaded.model, loaded.spec.input, data.val, n_images=8, sensitivity=True)
+    assert reusable_car(car, loaded.model, data.val, config) == (True, "same model, 8 images, exact CAR")
+    assert reusable_car(car.to_dict(), loaded.model, data.val, config)[0], "a stored car.json serves as well"
+    assert reusable_car(car, loaded.model, data.val, replace(config, seed=1)) == (False, "other validation images")
+    assert reusable_car(replace(car, sensitivity={}), loaded.model, data.val, config) == (
+        False, "it has no per-layer sensitivity")
+    assert not reusable_car(replace(car, fingerprint={}), loaded.model, data.val, config)[0]
+    screened = replace(car, exact={gid: [False] + [True] * (len(v) - 1) for gid, v in car.car.items()})
+    assert reusable_car(screened, loaded.model, data.val, replace(config, car="fast"))[0]
+    assert reusable_car(screened, loaded.model, data.val, config) == (
+        False, "it screened some filters (fast CAR); the run measures every filter (exact CAR)")
+    # the run acts on the same decision: reused for the matching config, recomputed for the other seed
+    events = []
+    for cfg, expected in ((config, True), (replace(config, seed=1), False)):
+        task = ClassificationTask(loaded.spec.input, data, cfg, analysis=car)
+        out = task.analyse(copy.deepcopy(loaded.model), threading.Event(), lambda f, m=None: events.append(m))
+        assert ("reused_from" in out) is expected
 
 
 def test_working_sets_recall_by_token_then_latest():
