@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 from scipy.stats import spearmanr
 
-from _common import ROOT, machine, table
+from _common import ROOT, machine, parse_with_data, table
 
 sys.path.insert(0, str(ROOT / "sample_models"))
 import train_cifar  # noqa: E402
@@ -181,12 +181,9 @@ def main() -> int:
     ap.add_argument("--mac-target", type=float, help="also stop at this fraction of the original MACs")
     ap.add_argument("--max-steps", type=int, help="step limit of every flow (default: the CLI's)")
     ap.add_argument("--recover-epochs", type=int, default=0, help="recovery fine-tune after each flow (epochs)")
-    args = ap.parse_args()
-    if not train_cifar.DATA_ZIP.exists():
-        print(f"skipped: the CIFAR-10 zip is not at {train_cifar.DATA_ZIP} (it lives in ../shared/data, "
-              "which a fresh clone does not have)")
+    args = parse_with_data(ap, train_cifar.DATA_ZIP)
+    if args is None:
         return 0
-    torch.set_num_threads(args.threads)
     manifest = json.loads(train_cifar.MANIFEST.read_text()) if train_cifar.MANIFEST.exists() else {"models": []}
     trained = {m["name"]: m for m in manifest["models"]}
     images, mean, std = score_images(args.images)
@@ -239,9 +236,9 @@ def prune_table(args, trained: dict) -> None:
                 rows.append({"model": f"ResNet-{depth}", "flow": "not trained yet"})
                 continue
             for flow in args.flows:
-                shutil.rmtree(work / f"run-{depth}-{flow}", ignore_errors=True)
-                row = {"model": f"ResNet-{depth}", **prune_flow(depth, trained[name], folder, held_out, flow, args,
-                                                                work / f"run-{depth}-{flow}")}
+                out = work / (f"run-{depth}-{flow}" + (f"-mac{args.mac_target:g}" if args.mac_target else ""))
+                shutil.rmtree(out, ignore_errors=True)
+                row = {"model": f"ResNet-{depth}", **prune_flow(depth, trained[name], folder, held_out, flow, args, out)}
                 rows.append(row)
                 print(table([row], list(row)), flush=True)
     print()
