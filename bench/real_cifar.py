@@ -134,12 +134,12 @@ def prune_flow(depth: int, record: dict, folder: Path, held_out: ImageSet, flow:
     """One prune run, timed; the pruned (and the recovered) step rebuilt and scored on the held-out test
     images here, independently of the run's own records."""
     t0 = time.perf_counter()
-    with open(out.with_suffix(".log"), "w") as log:  # the CLI's progress lines, kept beside the run
+    with open(out.parent / f"{out.name}.log", "w") as log:  # the CLI's progress lines, kept beside the run
         proc = subprocess.run(prune_command(depth, record, folder, out, flow, args), cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=log, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        return {"flow": flow, "steps": f"failed ({proc.returncode}): see {out.with_suffix('.log')}"}
+        return {"flow": flow, "steps": f"failed ({proc.returncode}): see {out.parent / (out.name + '.log')}"}
     summary = json.loads(proc.stdout)
     run = Run(out)
     hist = run.history

@@ -214,7 +214,8 @@ def live() -> None:
     if s.running:
         job_progress(s, "Pruning")
         max_steps = s.meta.get("max_steps")
-        current = 0 if (not s.steps or "the original" in s.message) else len(s.steps)
+        on_original = (s.part or {}).get("phase", "").startswith("original") or "the original" in s.message
+        current = 0 if (not s.steps or on_original) else len(s.steps)
         st.markdown(f"**Current step** {current} of at most {max_steps}"
                     + (" (0 = measuring and analysing the original)" if current == 0 else "")
                     + f" · last finished: {step_text(s.last_step, metric_name(run_task))}")

@@ -8,8 +8,7 @@ from core.jobs import JobAlreadyRunning, export_job, past_runs
 from core.measure import per_layer_timings
 from core.workspace import read_json, workspace_root
 from ui.common import (action_button, format_macs, format_ms, format_params, format_pct, job_status, ncs2_panel,
-                       pick_run,
-                       setup_page, state_badge)
+                       pick_run, setup_page, state_badge)
 from ui.detection import detection_bundle_view
 from ui.review import comparison_text, latency_text
 from ui.state import get_registry, run_model

@@ -197,8 +197,21 @@ def metrics_row(record: dict, base: dict | None = None, metric: str = "Accuracy"
     cols[2].metric("Parameters", format_params(record.get("params")),
                    change(record.get("params"), b.get("params")) if base else None, delta_color="inverse")
     if "latency_ms" in record:
-        cols[3].metric("Latency (OpenVINO CPU)", format_ms(record.get("latency_ms")),
-                       change(record.get("latency_ms"), b.get("latency_ms")) if base else None, delta_color="inverse")
+        delta, colour = latency_delta(record, b) if base else (None, "off")
+        cols[3].metric("Latency (OpenVINO CPU)", format_ms(record.get("latency_ms")), delta, delta_color=colour)
+
+
+def latency_delta(record: dict, base: dict) -> tuple[str | None, str]:
+    """The latency change of a step against ``base`` and its colour: coloured only when the two
+    interquartile ranges do not overlap. Steps are timed minutes apart under whatever else runs, so a
+    change inside the spread is shown as such, not as a gain or a loss (a 2-core machine showed
+    '+30 %' for a smaller model)."""
+    text = change(record.get("latency_ms"), base.get("latency_ms"))
+    q = [record.get("latency_q1_ms"), record.get("latency_q3_ms"), base.get("latency_q1_ms"), base.get("latency_q3_ms")]
+    if text is None or None in q:
+        return text, "off"
+    apart = q[0] > q[3] or q[1] < q[2]
+    return (text, "inverse") if apart else (f"{text} (within the spread)", "off")
 
 
 def ncs2_panel(ncs2: dict, input_shape) -> None:

@@ -14,8 +14,8 @@ from torch import nn
 from core.architectures import SampleVGG
 from core.export import build_bundle
 from core.groups import PruningGraph
-from core.measure import (ModelFigures, compare_latency, compare_times, measure_model, module_of_node,
-                          per_layer_timings, ratio_interval)
+from core.measure import (LatencyComparison, ModelFigures, compare_latency, compare_times, latency_stats,
+                          measure_model, module_of_node, per_layer_timings, ratio_interval)
 from core.models import InputSpec, ModelSpec, load_model, load_sample_model
 from core.prune import PruneConfig
 from core.tasks.classification import measure
@@ -139,3 +139,15 @@ def test_per_layer_timings_name_every_pytorch_layer(one_thread):
     assert timed["classifier"].mapped, "the output node is named after the output tensor; it maps back to its layer"
     assert sum(r.share for r in rows) == pytest.approx(1.0)
     assert [r.median_ms for r in rows] == sorted((r.median_ms for r in rows), reverse=True)
+
+
+def test_a_small_consistent_shift_is_not_called_noise_with_a_small_p():
+    """A shift the paired test finds (p small) while the ratio's interval still spans 1 is reported by
+    the criterion that failed, never as 'p = 0.004: within the noise' (a contradiction a user saw)."""
+    stats = latency_stats([1.0, 1.1, 1.2])
+    shift = LatencyComparison(stats, stats, ratio=0.95, ratio_low=0.87, ratio_high=1.04, p_value=0.0043,
+                              significant=False)
+    assert "includes 1" in shift.label() and "0.0043" not in shift.label()
+    untested = LatencyComparison(stats, stats, ratio=0.8, ratio_low=0.7, ratio_high=0.9, p_value=0.2,
+                                 significant=False)
+    assert "p = 0.2" in untested.label()
