@@ -18,7 +18,8 @@ from core.prune import PruneConfig
 from core.workspace import new_run_dir
 from ui.common import (format_macs, format_pct, hardware_profile_picker, job_progress, metric_name, metrics_row,
                        need_model, page_link, prune_outcome, setup_page, start_cancel_buttons, state_badge)
-from ui.prune import car_method_picker, device_picker, estimate_panel, plan_editor, resolution_note
+from ui.prune import (car_method_picker, device_picker, estimate_panel, plan_editor, resolution_note,
+                      settings_text)
 from ui.state import get_registry, private_copy
 
 # What differs per task on this page: the config class (its defaults are the one place for them), the widget key
@@ -72,7 +73,7 @@ def start_prune(config) -> None:
         run_dir = new_run_dir(run_name())
         j = registry.start("prune", job_function(config, run_dir), run_dir=run_dir, total_steps=config.max_steps + 1,
                            meta={"max_drop": config.max_drop, "max_steps": config.max_steps, "model": state.model_label,
-                                 "task": state.task})
+                                 "task": state.task, "settings": settings_text(config)})
     except JobAlreadyRunning as exc:  # another tab won the race: attach to its job
         shutil.rmtree(run_dir, ignore_errors=True)
         j = exc.job
@@ -220,6 +221,8 @@ def live() -> None:
                     + (" (0 = measuring and analysing the original)" if current == 0 else "")
                     + f" · last finished: {step_text(s.last_step, metric_name(run_task))}")
         st.caption("The bar counts steps up to the limit; the run stops earlier when no cluster fits the budget.")
+        if s.meta.get("settings"):
+            st.caption(f"This run's settings: {s.meta['settings']}.")
     for line in s.log:  # what the job decided, e.g. that it reused a finished CAR analysis
         st.caption(line)
     if not s.running:

@@ -135,3 +135,17 @@ def estimate_panel(state: AppState, config, running: bool) -> None:
     st.dataframe([{"part": k, "low": format_seconds(v[0]), "high": format_seconds(v[1])}
                   for k, v in est.breakdown.items()], hide_index=True, width="stretch")
     st.caption("The threshold can stop a run earlier than either end; other work on the machine slows it.")
+
+
+def settings_text(config) -> str:
+    """The settings a prune job runs with, in one line: after a tab reload the widgets show their
+    defaults again, so the running job's own settings are shown beside its progress."""
+    parts = [f"criterion {config.criterion}" + (f" ({config.car} CAR)" if config.criterion == "car" else ""),
+             f"cluster {config.cluster}", f"max drop {config.max_drop:g} points",
+             f"fine-tuning {config.finetune_steps} batches", f"{config.score_images} score images",
+             f"step limit {config.max_steps}", f"device {config.device}"]
+    if config.mac_target:
+        parts.append(f"MAC target {config.mac_target:g}")
+    if config.plan:
+        parts.append("a per-layer plan")
+    return " · ".join(parts)

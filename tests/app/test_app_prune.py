@@ -72,6 +72,8 @@ def test_cancel_from_a_reloaded_tab_keeps_completed_steps():
     get_registry().working_sets.clear()
     fresh = goto(new_app().run(), "prune")
     assert "no model loaded" in texts(fresh) and progress_values(fresh)
+    # the widgets show their defaults again; the job's own settings are shown beside its progress
+    assert "This run's settings:" in texts(fresh) and "step limit 40" in texts(fresh)
     wait_until(fresh, lambda a: len(job.snapshot().steps) >= 2, timeout=120)
     fresh.button(key="pr_cancel").click().run()
     assert job.wait(60), "cancel takes effect within one step"
