@@ -6,8 +6,11 @@ export) and ``core.detection.cli`` (the detection task) import it, and it import
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -289,3 +292,30 @@ def export_exit_code(result: dict) -> int:
         return 0
     print(f"error: {shortfall}", file=sys.stderr)
     return EXIT_NOT_READY
+
+
+EXIT_INTERRUPTED = 130  # the shell's code for a run stopped by Ctrl-C (128 + SIGINT)
+
+
+@contextlib.contextmanager
+def interrupt_cancels(cancel: threading.Event):
+    """Ctrl-C (SIGINT) during a long job sets ``cancel`` instead of killing the process, so the job stops
+    at its next check with its completed work kept and its run folder marked ``cancelled`` (a killed
+    run reads as failed); a second Ctrl-C interrupts at once. Only the main thread can take signals;
+    elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(_signum, _frame) -> None:
+        if cancel.is_set():
+            raise KeyboardInterrupt
+        cancel.set()
+        print("interrupted: stopping at the next check, completed steps are kept (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

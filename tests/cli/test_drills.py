@@ -550,6 +550,33 @@ def test_kill_9_during_prune_keeps_steps_and_reads_interrupted(tmp_path):
     assert widths[-1] < widths[0], "the kept steps really are pruned"
 
 
+def test_ctrl_c_during_prune_cancels_keeps_steps_and_prints_the_summary(tmp_path):
+    """Ctrl-C is a cancel, not a crash: the run stops at its next check, reads 'cancelled' with every
+    completed step kept, the JSON summary still comes out, and the exit code is 130."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "core", "prune", "--model", "sample:vgg_digits", "--data",
+                             "sample:vgg_digits", "--out", str(out), "--criterion", "l1", "--no-latency",
+                             "--no-analysis", "--finetune-steps", "2", "--max-drop", "50", "--max-steps", "50",
+                             "--json"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    history = out / "history.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if history.exists() and len(history.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "completed steps are kept" in stderr
+    summary = json.loads(stdout)
+    run = Run(out)
+    assert summary["state"] == "cancelled" == run.status["state"]
+    assert summary["steps"] == len(run.steps()) - 1 >= 2
+    model = run.rebuild_step(run.steps()[-1])
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
 def test_double_start_is_refused_and_changes_nothing(digits_run):
     before = snapshot(digits_run.dir)
     res = cli_run("prune", "--model", "sample:vgg_digits", "--data", "sample:vgg_digits", "--out",
