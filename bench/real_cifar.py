@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -43,6 +44,7 @@ sys.path.insert(0, str(ROOT / "sample_models"))
 import train_cifar  # noqa: E402
 
 from core.architectures import CifarResNet  # noqa: E402
+from core.cli_common import EXIT_INTERRUPTED  # noqa: E402
 from core.car import FAST_EXACT_FRACTION, compute_car  # noqa: E402
 from core.data import ImageSet  # noqa: E402
 from core.evaluate import count_macs_params, evaluate_accuracy  # noqa: E402
@@ -130,17 +132,38 @@ def prune_command(depth: int, record: dict, folder: Path, out: Path, flow: str, 
     return cmd
 
 
+def run_cli(cmd: list[str], log, max_minutes: float | None) -> tuple[str, int]:
+    """Run a CLI command with its progress on ``log``; after ``max_minutes`` it gets Ctrl-C (SIGINT), which
+    the prune command takes as a cancel that keeps the completed steps. Returns (stdout, exit code)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        stdout, _ = proc.communicate(timeout=max_minutes * 60 if max_minutes else None)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)
+        stdout, _ = proc.communicate()
+    return stdout, proc.returncode
+
+
 def prune_flow(depth: int, record: dict, folder: Path, held_out: ImageSet, flow: str, args, out: Path) -> dict:
     """One prune run, timed; the pruned (and the recovered) step rebuilt and scored on the held-out test
     images here, independently of the run's own records."""
     t0 = time.perf_counter()
-    with open(out.parent / f"{out.name}.log", "w") as log:  # the CLI's progress lines, kept beside the run
-        proc = subprocess.run(prune_command(depth, record, folder, out, flow, args), cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=log, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        return {"flow": flow, "steps": f"failed ({proc.returncode}): see {out.parent / (out.name + '.log')}"}
-    summary = json.loads(proc.stdout)
+    log_path = out.parent / f"{out.name}.log"
+    with open(log_path, "w") as log:  # the CLI's progress lines, kept beside the run
+        stdout, code = run_cli(prune_command(depth, record, folder, out, flow, args), log, args.max_minutes)
+        wall = time.perf_counter() - t0
+        if code == EXIT_INTERRUPTED and args.recover_epochs:  # stopped at the time limit: recover as a user would
+            stdout_r, code_r = run_cli([sys.executable, "-m", "core", "recover", str(out), "--epochs",
+                                        str(args.recover_epochs), "--json"], log, None)
+            code = code if code_r == 0 else code_r
+    if code not in (0, EXIT_INTERRUPTED):
+        return {"flow": flow, "steps": f"failed ({code}): see {log_path}"}
+    try:
+        summary = json.loads(stdout)
+    except json.JSONDecodeError:  # interrupted outside the prune loop (e.g. in its recovery): no summary
+        return {"flow": flow, "steps": f"interrupted without a summary: see {log_path}"}
+    if code == EXIT_INTERRUPTED:
+        summary["reason"] = f"time limit ({args.max_minutes:g} min): Ctrl-C, steps kept"
     run = Run(out)
     hist = run.history
     recovered = hist[-1] if hist[-1].get("recovered_from") is not None else None
@@ -181,6 +204,8 @@ def main() -> int:
     ap.add_argument("--mac-target", type=float, help="also stop at this fraction of the original MACs")
     ap.add_argument("--max-steps", type=int, help="step limit of every flow (default: the CLI's)")
     ap.add_argument("--recover-epochs", type=int, default=0, help="recovery fine-tune after each flow (epochs)")
+    ap.add_argument("--max-minutes", type=float, help="stop each prune run after this long (Ctrl-C: its steps are "
+                    "kept, then recovered when asked)")
     args = parse_with_data(ap, train_cifar.DATA_ZIP)
     if args is None:
         return 0
@@ -244,7 +269,8 @@ def prune_table(args, trained: dict) -> None:
     print()
     options = f"--max-drop {args.max_drop:g} --cluster 8" + (f" --mac-target {args.mac_target:g}" if args.mac_target else "") \
         + (f" --max-steps {args.max_steps}" if args.max_steps else "") \
-        + (f" --recover-epochs {args.recover_epochs}" if args.recover_epochs else "")
+        + (f" --recover-epochs {args.recover_epochs}" if args.recover_epochs else "") \
+        + (f", stopped after {args.max_minutes:g} min" if args.max_minutes else "")
     print(f"Prune flow (python -m core prune ... {options}), end to end; drops in points, held out = "
           f"{len(held)} test images:")
     print(table(rows, ["model", "flow", "wall min", "steps", "MAC ratio", "selection drop", "held-out drop",
