@@ -523,19 +523,25 @@ def test_text_output_prints_the_data_report_on_stderr(tmp_path):
 # ----------------------------------------------------------------------------- held: kill -9 and double start
 
 
-def test_kill_9_during_prune_keeps_steps_and_reads_interrupted(tmp_path):
-    out = tmp_path / "run"
+def _prune_until_two_steps(out, *extra: str, **popen) -> subprocess.Popen:
+    """A long CLI prune of the sample, returned once two steps are on disk (still running)."""
     proc = subprocess.Popen([sys.executable, "-m", "core", "prune", "--model", "sample:vgg_digits", "--data",
                              "sample:vgg_digits", "--out", str(out), "--criterion", "l1", "--no-latency",
-                             "--no-analysis", "--finetune-steps", "2", "--max-drop", "50", "--max-steps", "50"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--no-analysis", "--finetune-steps", "2", "--max-drop", "50", "--max-steps", "50", *extra],
+                            cwd=ROOT, **popen)
     history = out / "history.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if history.exists() and len(history.read_text().splitlines()) >= 3:
             break
         time.sleep(0.2)
-    assert proc.poll() is None, "the run ended before it could be killed"
+    assert proc.poll() is None, "the run ended before two steps were on disk"
+    return proc
+
+
+def test_kill_9_during_prune_keeps_steps_and_reads_interrupted(tmp_path):
+    out = tmp_path / "run"
+    proc = _prune_until_two_steps(out, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(30)
     run = Run(out)
@@ -554,17 +560,7 @@ def test_ctrl_c_during_prune_cancels_keeps_steps_and_prints_the_summary(tmp_path
     """Ctrl-C is a cancel, not a crash: the run stops at its next check, reads 'cancelled' with every
     completed step kept, the JSON summary still comes out, and the exit code is 130."""
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "core", "prune", "--model", "sample:vgg_digits", "--data",
-                             "sample:vgg_digits", "--out", str(out), "--criterion", "l1", "--no-latency",
-                             "--no-analysis", "--finetune-steps", "2", "--max-drop", "50", "--max-steps", "50",
-                             "--json"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    history = out / "history.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if history.exists() and len(history.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc = _prune_until_two_steps(out, "--json", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
