@@ -319,3 +319,16 @@ def interrupt_cancels(cancel: threading.Event):
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def run_interruptible(run) -> dict:
+    """``run(cancel)`` (a pruning run of any task, given its cancel event) with Ctrl-C as that cancel;
+    returns its summary (``state`` 'cancelled' after a Ctrl-C). :func:`summary_exit_code` gives the exit."""
+    cancel = threading.Event()
+    with interrupt_cancels(cancel):
+        return run(cancel)
+
+
+def summary_exit_code(summary: dict) -> int:
+    """0 for a finished run, :data:`EXIT_INTERRUPTED` for one the user stopped (its steps are kept)."""
+    return EXIT_INTERRUPTED if summary.get("state") == "cancelled" else 0

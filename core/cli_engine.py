@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import sys
-import threading
 from pathlib import Path
 
 from . import criteria
 from .car import CAR_METHODS, compute_car
-from .cli_common import (EXIT_INTERRUPTED, add_device_args, add_plan_args, announce_device, config_from_args,
-                         device_from_args, export_exit_code, interrupt_cancels, load_model_and_data, prepare_out,
-                         print_bundle, print_summary, progress, progress_printer)
+from .cli_common import (add_device_args, add_plan_args, announce_device, config_from_args, device_from_args,
+                         export_exit_code, load_model_and_data, prepare_out, print_bundle, print_summary, progress,
+                         progress_printer, run_interruptible, summary_exit_code)
 from .cli_recover import add_recovery_options, prune_recovery_config, recover_after_prune
 from .clusters import PROFILES
 from .detection.cli import add_detection_args, cmd_export_detection, cmd_prune_detection
@@ -119,17 +118,15 @@ def cmd_prune(args) -> int:
     announce_device(device)
     printer = progress_printer("  ")
     original_bytes = Path(args.model).read_bytes() if loaded.spec.pickled else None
-    cancel = threading.Event()
-    with interrupt_cancels(cancel):
-        summary = run_pruning(loaded, data, config, out, Callbacks(step=print_step, event=printer.event),
-                              cancel=cancel, data_source=args.data, original_bytes=original_bytes,
-                              data_options={"val_fraction": args.val_fraction, "seed": args.seed,
-                                            "test_fraction": data.split.get("test_fraction", 0.0),
-                                            "split": data.split_record()})
+    summary = run_interruptible(lambda cancel: run_pruning(
+        loaded, data, config, out, Callbacks(step=print_step, event=printer.event), cancel=cancel,
+        data_source=args.data, original_bytes=original_bytes,
+        data_options={"val_fraction": args.val_fraction, "seed": args.seed,
+                      "test_fraction": data.split.get("test_fraction", 0.0), "split": data.split_record()}))
     if summary["state"] == "done":
         summary = recover_after_prune(recovery, out, config.max_drop, data, summary, trusted=args.trusted)
     print_summary(summary, args.json)
-    return EXIT_INTERRUPTED if summary["state"] == "cancelled" else 0
+    return summary_exit_code(summary)
 
 
 def print_step(r: dict) -> None:

@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 from ..cli_common import (check_model_code_args, config_from_args, export_exit_code, prepare_out, print_bundle,
-                          print_costs, print_summary, progress, progress_printer)
+                          print_costs, print_summary, progress, progress_printer, run_interruptible,
+                          summary_exit_code)
 from ..errors import ModelLoadError
 from ..jsonout import emit_json
 from ..models import extract_state_dict, load_state_dict_strict, read_checkpoint
@@ -109,10 +110,11 @@ def cmd_prune_detection(args) -> int:
               + (f"  removed {len(r['removed']['filters'])} from {r['removed']['group']}" if r.get("removed") else ""),
               file=sys.stderr, flush=True)
 
-    summary = run_detection_pruning(model, info, data, config, out, Callbacks(progress_printer("  "), on_step),
-                                    data_options={"val_fraction": args.val_fraction, "seed": args.seed})
+    summary = run_interruptible(lambda cancel: run_detection_pruning(
+        model, info, data, config, out, Callbacks(progress_printer("  "), on_step), cancel=cancel,
+        data_options={"val_fraction": args.val_fraction, "seed": args.seed}))
     print_summary(summary, args.json)
-    return 0
+    return summary_exit_code(summary)
 
 
 def cmd_export_detection(args) -> int:
