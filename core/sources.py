@@ -53,10 +53,14 @@ def load_dataset(source: str | Path | bytes, spec: InputSpec, expected_classes: 
 
 
 def load_run_dataset(config: dict, spec: InputSpec, expected_classes: int | None = None) -> DataSet:
-    """The data set of a run, split as the run recorded it (``config['data_options']``); runs made before
-    the test split get their selection images exactly as they were and no test images
-    (:func:`core.data.split_options`)."""
-    return load_dataset(config["data_source"], spec, expected_classes=expected_classes,
+    """The data set of a run, split and labelled as the run recorded it: ``config['data_options']`` gives the
+    split (runs made before the test split get their selection images exactly as they were and no test
+    images, :func:`core.data.split_options`), ``config['class_order']`` the model-output order of a
+    relabelled folder set (the plausibility fix, ``--class-order``); without it label j would be the j-th
+    sorted folder and every accuracy of a recovery or export would be measured against the wrong classes."""
+    source = config["data_source"]
+    class_order = config.get("class_order") if sample_name(source) is None else None
+    return load_dataset(source, spec, expected_classes=expected_classes, class_order=class_order or None,
                         **split_options(config.get("data_options")))
 
 

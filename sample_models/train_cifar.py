@@ -37,6 +37,7 @@ if str(REPO) not in sys.path:
 
 from core.architectures import CifarResNet  # noqa: E402
 from core.evaluate import count_macs_params, evaluate_accuracy  # noqa: E402
+from core.export import sha256_file  # noqa: E402
 from core.models import InputSpec, build_architecture  # noqa: E402
 from core.sample_data import SAMPLE_DATASETS, load_sample_dataset  # noqa: E402
 from core.workspace import atomic_torch_save, atomic_write_json  # noqa: E402
@@ -80,9 +81,10 @@ def held_out_split(labels: np.ndarray, per_class: int, seed: int) -> tuple[np.nd
 
 
 def cached_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
-    """Decode once; later runs read the ``.npz`` cache in the workspace (the zip's size and mtime key it)."""
-    stat = path.stat()
-    cache = WORK / f"cifar10_{stat.st_size}_{int(stat.st_mtime)}.npz"
+    """Decode once; later runs read the ``.npz`` cache in the workspace, keyed by the zip's content (its
+    SHA-256), not its mtime: a shared folder copied anew each session keeps its cache, and a cache of other
+    content is replaced rather than left beside it (each is ~160 MB)."""
+    cache = WORK / f"cifar10_{sha256_file(path)[:16]}.npz"
     if cache.exists():
         z = np.load(cache, allow_pickle=False)
         return z["images"], z["labels"], list(z["classes"]), list(z["names"])
@@ -91,6 +93,9 @@ def cached_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, list[str], list[s
     tmp = cache.with_suffix(".tmp.npz")
     np.savez(tmp, images=images, labels=labels, classes=np.array(classes), names=np.array(names))
     tmp.replace(cache)
+    for stale in WORK.glob("cifar10_*.npz"):
+        if stale != cache:
+            stale.unlink(missing_ok=True)
     return images, labels, classes, names
 
 

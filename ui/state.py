@@ -269,30 +269,33 @@ def baseline(key: str, loaded: LoadedModel, data: DataSet) -> dict:
 
 
 @st.cache_resource(show_spinner="Loading the run's data set...", max_entries=4)
-def run_data(data_source: str, input_spec: tuple, num_classes: int, data_options: str) -> DataSet:
-    """The data set a run was made with, split as the run recorded it (for galleries of past runs), cached.
-    ``data_options``: the run's recorded ``data_options`` as JSON (hashable for the cache)."""
+def run_data(data_source: str, input_spec: tuple, num_classes: int, data_options: str,
+             class_order: tuple[str, ...] = ()) -> DataSet:
+    """The data set a run was made with, split and labelled as the run recorded it (for galleries of past
+    runs), cached. ``data_options``: the run's recorded ``data_options`` as JSON (hashable for the cache)."""
     from core.models import InputSpec
 
     spec = InputSpec.from_dict(dict(input_spec))
-    return load_run_dataset({"data_source": data_source, "data_options": json.loads(data_options)}, spec,
-                            expected_classes=num_classes)
+    return load_run_dataset({"data_source": data_source, "data_options": json.loads(data_options),
+                             "class_order": list(class_order)}, spec, expected_classes=num_classes)
 
 
 def data_for_run(run) -> DataSet | None:
-    """The current data if it is the run's (same source and split), else the run's data set reloaded with
-    its recorded split; None if it is gone."""
+    """The current data if it is the run's (same source, split and class order), else the run's data set
+    reloaded with its recorded split and class order; None if it is gone."""
     state = get_state()
     opts = run.config.get("data_options") or {}
     recorded = (opts.get("split") or {}).get("sha256")
+    order = list(run.config.get("class_order") or [])
     if (state.task == "classification" and state.data is not None and state.data_source == run.config.get("data_source")
-            and (not recorded or recorded == state.data.split_record()["sha256"])):
+            and (not recorded or recorded == state.data.split_record()["sha256"])
+            and (not order or order == list(state.data.class_names))):
         return state.data
     spec = run.spec.input
     frozen = tuple(sorted((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in spec.__dict__.items()))
     try:
         return run_data(run.config.get("data_source", ""), frozen, run.spec.num_classes,
-                        json.dumps(opts, sort_keys=True, default=str))
+                        json.dumps(opts, sort_keys=True, default=str), tuple(order))
     except Exception:
         return None
 

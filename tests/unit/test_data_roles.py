@@ -108,6 +108,24 @@ def test_old_data_options_load_their_old_selection_images(tmp_path):
     assert again.split_record()["sha256"] == new.split_record()["sha256"]
 
 
+def test_a_run_reloads_its_data_in_the_class_order_it_recorded(tmp_path):
+    """A folder set relabelled to the model's output order (``--class-order``) reloads with that order for
+    recovery and export, not the sorted folder names; a run without ``class_order`` keeps the sorted one."""
+    _write(tmp_path, {"": 10})
+    order = ["c", "a", "b"]
+    relabelled = load_dataset(tmp_path, SPEC, class_order=order)
+    config = {"data_source": str(tmp_path), "data_options": {"val_fraction": 0.2, "seed": 0, "test_fraction": 0.2},
+              "class_order": order}
+    again = load_run_dataset(config, SPEC)
+    assert again.class_names == order
+    for role in ("train", "val", "test"):
+        assert torch.equal(getattr(again, role).labels, getattr(relabelled, role).labels), role
+        assert torch.equal(getattr(again, role).images, getattr(relabelled, role).images), role
+    assert load_run_dataset({**config, "class_order": []}, SPEC).class_names == ["a", "b", "c"]
+    sample = load_run_dataset({"data_source": "sample:shapes", "class_order": ["x"]}, InputSpec(height=32, width=32))
+    assert sample.class_names and sample.class_names != ["x"], "a sample keeps its own order"
+
+
 def test_bad_test_fractions_are_refused_before_anything_is_read(tmp_path):
     for bad in (-0.1, 1.0, float("nan")):
         with pytest.raises(SettingsError, match="test fraction"):
