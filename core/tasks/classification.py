@@ -187,9 +187,10 @@ class ClassificationTask:
         step fine-tuning alone when its learning rate is too large: a real CIFAR-10 ResNet-20 lost 1.85
         selection points after 40 batches at 0.01 with nothing removed (0.25 at 0.001), so every
         candidate cluster looked worse than it was and the run stopped at step 0. The configured rate
-        is tried on a copy of the original; while it costs more than a quarter of the threshold (at
-        least two selection images), it is halved (at most ``LR_HALVINGS`` times). The rate used is
-        what the steps fine-tune with, and the returned record (``finetune.json``) says why.
+        is tried on a copy of the original; while even the low end of the 95 % paired interval of its
+        cost exceeds a quarter of the threshold (at least two selection images), it is halved (at most
+        ``LR_HALVINGS`` times): a cost within the selection images' noise is no reason to halve. The
+        rate used is what the steps fine-tune with, and the returned record (``finetune.json``) says why.
         """
         c = self.config
         allowed = max(0.25 * c.max_drop, 200.0 / max(len(self.data.val), 1))
