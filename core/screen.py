@@ -8,6 +8,14 @@ logit margin ``m_i = z_i,y - max_k!=y z_i,k`` of image ``i`` changes by ``-dm_i/
 ``-dL_i/dg_f``. An image is predicted to flip when its margin changes sign, which gives a *screened
 CAR* in the same unit as exact CAR (accuracy as a fraction), with the loss change as a tie-break.
 
+A first-order change is only an estimate, and its error grows with its size: an image whose predicted
+new margin is just past zero flips about half the time. So each image counts with the probability that
+its margin changes sign under a Gaussian error of ``SCREEN_RELATIVE_ERROR`` times the estimated change
+(0 gives the hard count, exact where the margin is linear in the gate). Measured on the real CIFAR-10
+ResNet-20 and ResNet-56 against exact CAR of every filter (400 held-out images, ``bench/real_cifar.py``):
+0.25 found the exact lowest 10 % best on both (recall 0.84 / 0.96 with 5 % of the filters measured
+exactly, Spearman rho 0.92 / 0.95; the hard count: 0.82 / 0.89, rho 0.90 / 0.93; 0.5: 0.82 / 0.95).
+
 The screen only ranks. :func:`fast_scores` then measures exact CAR for the lowest-screened filters of
 each group plus a margin (the filters that can decide a candidate cluster), and keeps the screened value
 for the rest, ranked after every exact one of their group. Which figures are exact is recorded.
@@ -29,6 +37,7 @@ from .errors import CancelledError
 from .groups import ChannelGroup
 
 _CHUNK = 128
+SCREEN_RELATIVE_ERROR = 0.25  # the first-order margin change's assumed error, as a fraction of itself
 
 
 @dataclass
@@ -103,13 +112,27 @@ def _filter_matrix(group: ChannelGroup, consumer: str, in_channels: int) -> torc
     return a
 
 
+def right_probability(margin: torch.Tensor, change: torch.Tensor, relative_error: float) -> torch.Tensor:
+    """Probability that an image is classified right after a removal, from its margin ``[n, 1]`` and the
+    first-order margin change ``[n, width]``: the new margin is taken as Gaussian around ``margin + change``
+    with standard deviation ``relative_error * |change|``; ``relative_error=0`` gives the hard 0/1 test."""
+    after = margin + change
+    if relative_error <= 0:
+        return (after > 0).to(torch.float64)
+    spread = relative_error * change.abs()
+    p = torch.special.ndtr(after.to(torch.float64) / spread.to(torch.float64).clamp(min=1e-12))
+    return torch.where(spread > 0, p, (after > 0).to(torch.float64))
+
+
 def screen_filters(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, groups: list[ChannelGroup],
-                   cancel: threading.Event | None = None, chunk: int = _CHUNK) -> Screen:
+                   cancel: threading.Event | None = None, chunk: int = _CHUNK,
+                   relative_error: float = SCREEN_RELATIVE_ERROR) -> Screen:
     """First-order screened CAR of every filter of ``groups``.
 
     ``inputs``: normalised images ``[N, C, H, W]``; ``labels``: ``[N]`` class indices. Cost: one forward
     and two backward passes over the images. The model must be in eval mode (BatchNorm frozen) so that
     images are independent and per-image gate gradients are exact per-image derivatives.
+    ``relative_error``: see :func:`right_probability` (0: count hard first-order flips).
     """
     model.eval()
     device = model_device(model)
@@ -162,8 +185,9 @@ def screen_filters(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
                     d_l += grads_l[c] @ matrices[key]
                 d_m, d_l = d_m.cpu(), d_l.cpu()
                 changes[g.gid].append((-d_m).float())
-                after = (m.unsqueeze(1) - d_m) > 0  # removing f: gate 1 -> 0, first-order change -dm/dg
-                lost = correct.unsqueeze(1).to(torch.float64) - after.to(torch.float64)  # [n, width]
+                # removing f: gate 1 -> 0, first-order margin change -dm/dg
+                after = right_probability(m.unsqueeze(1), -d_m, relative_error)
+                lost = correct.unsqueeze(1).to(torch.float64) - after  # [n, width]
                 flips[g.gid] += lost.sum(0)
                 class_flips[g.gid] = class_flips.get(g.gid, 0) + lost.T @ onehot
                 loss_up[g.gid] += (-d_l).sum(0)

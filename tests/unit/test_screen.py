@@ -12,7 +12,7 @@ from core.data import ImageSet, normalize
 from core.sources import load_dataset
 from core.groups import PruningGraph
 from core.models import InputSpec, load_model
-from core.screen import combine, screen_filters, screened_order_scores, shortlist
+from core.screen import combine, right_probability, screen_filters, screened_order_scores, shortlist
 
 
 class TwoClassNet(nn.Module):
@@ -52,11 +52,29 @@ def test_screen_is_exact_where_the_margin_is_linear_in_the_gate(one_thread):
     images = ImageSet((colour + noise).clamp(0, 255).to(torch.uint8), torch.randint(0, 2, (96,), generator=g), ["a", "b"])
     groups = PruningGraph(model, spec.shape(1)).groups()
     last = next(gr for gr in groups if gr.root == "conv2")
-    screen = screen_filters(model, normalize(images.images, spec), images.labels, [last])
+    x = normalize(images.images, spec)
+    screen = screen_filters(model, x, images.labels, [last], relative_error=0.0)
     exact, scorer = _exact_car(model, spec, images, [last])
     assert screen.baseline_accuracy == pytest.approx(scorer.baseline_accuracy)
     np.testing.assert_allclose(screen.car[last.gid], exact[last.gid], atol=1e-6)  # one image = 0.0104
     assert np.abs(screen.car[last.gid]).sum() > 0, "the test must exercise filters that change predictions"
+    # the default (an assumed error on each first-order change) only softens the count near the cut
+    soft = screen_filters(model, x, images.labels, [last]).car[last.gid]
+    assert np.abs(soft - exact[last.gid]).max() < 0.5 * np.abs(exact[last.gid]).max()
+    assert np.corrcoef(soft, exact[last.gid])[0, 1] > 0.9
+
+
+def test_right_probability_softens_the_sign_test_by_the_size_of_the_change():
+    margin = torch.tensor([[1.0], [1.0], [1.0], [-1.0], [2.0]])
+    change = torch.tensor([[-3.0], [-1.0], [-0.5], [0.0], [0.0]])
+    hard = right_probability(margin, change, 0.0).flatten().tolist()
+    assert hard == [0.0, 0.0, 1.0, 0.0, 1.0]
+    soft = right_probability(margin, change, 0.25).flatten()
+    assert soft[1] == pytest.approx(0.5), "a new margin of exactly 0 is a coin flip"
+    assert soft[0] < 0.01 and soft[2] > 0.99, "a change three times the margin or half of it is all but certain"
+    assert soft[3] == 0.0 and soft[4] == 1.0, "no change, no doubt"
+    wider = right_probability(margin, change, 1.0).flatten()
+    assert soft[0] < wider[0] < 0.5 < wider[2] < soft[2], "a larger assumed error softens more"
 
 
 def _scaled_loss(model, x, y, group, f, factor):
