@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from . import criteria
-from .car import CAR_METHODS, compute_car
+from .car import CAR_METHODS, FAST_EXACT_FRACTION, compute_car
 from .cli_common import (add_device_args, add_plan_args, announce_device, config_from_args, device_from_args,
                          export_exit_code, load_model_and_data, prepare_out, print_bundle, print_summary, progress,
                          progress_printer, run_interruptible, summary_exit_code)
@@ -35,7 +35,7 @@ def add_commands(sub, add_model_args, add_data_args) -> None:
     an.add_argument("--naive", action="store_true", help="one full evaluation per filter (reference, slow)")
     an.add_argument("--car", choices=CAR_METHODS, default="exact",
                     help="exact: measure every filter; fast: first-order screen of every filter, exact CAR for the "
-                         "lowest-screened 15 %% (the result says which figures are exact)")
+                         f"lowest-screened {FAST_EXACT_FRACTION * 100:.0f} %% (the result says which figures are exact)")
     add_device_args(an)
     an.add_argument("--json", action="store_true")
 
