@@ -1,6 +1,6 @@
 """Real models at real speed: CIFAR-10 ResNets of He et al. on real CIFAR-10 images.
 
-    python bench/real_cifar.py [--images 400] [--exact-fraction 0.15] [--threads 2]
+    python bench/real_cifar.py [--images 400] [--image-seed 123] [--exact-fraction 0.05] [--threads 2]
 
 Needs ``../shared/data/cifar10_train_jpeg.zip`` (skips with a message when it is absent) and the
 weights that ``sample_models/train_cifar.py`` wrote (``sample_models/cifar_manifest.json``); a model
@@ -10,6 +10,10 @@ Part 1 — CAR of every filter of the original, exact vs fast, side by side in o
 score images (held-out images, never seen in training): wall time of each and their ratio, Spearman's
 rho between the two (ties averaged), and the recall of the exact lowest 10 % among the fast lowest
 10 % (a fast pick counts when its exact CAR is within the exact lowest 10 %, ties at the cut included).
+Then the same two figures for the screen with each ``--screen-spreads`` value (the assumed error of a
+first-order margin change, as a fraction of it; 0 = hard first-order flips), from the same exact CAR:
+how the product's spread (``core.screen.SCREEN_RELATIVE_ERROR``) was chosen. ``--image-seed`` draws
+another sample of held-out score images, to check a choice on images it was not made on.
 
 Part 2 (``--prune``) — the prune flow end to end, as a user runs it: ``python -m core prune ...
 --max-drop 1.0 --cluster 8`` in a subprocess, once per ``--flows`` entry (``fast``: the default;
@@ -46,20 +50,22 @@ import train_cifar  # noqa: E402
 from core.architectures import CifarResNet  # noqa: E402
 from core.cli_common import EXIT_INTERRUPTED  # noqa: E402
 from core.car import FAST_EXACT_FRACTION, compute_car  # noqa: E402
-from core.data import ImageSet  # noqa: E402
+from core.data import ImageSet, normalize  # noqa: E402
+from core.groups import PruningGraph  # noqa: E402
 from core.evaluate import count_macs_params, evaluate_accuracy  # noqa: E402
 from core.models import InputSpec  # noqa: E402
 from core.ov_runtime import compile_cpu, latency_difference, time_interleaved, to_openvino  # noqa: E402
 from core.runs import Run  # noqa: E402
+from core.screen import SCREEN_RELATIVE_ERROR, global_shortlist, screen_filters, screened_order_scores  # noqa: E402
 
 
-def score_images(n: int) -> tuple[ImageSet, np.ndarray, np.ndarray]:
-    """``n`` held-out images (fixed seed) and the training-set mean/std the models were trained with."""
+def score_images(n: int, seed: int = 123) -> tuple[ImageSet, np.ndarray, np.ndarray]:
+    """``n`` held-out images (drawn with ``seed``) and the training-set mean/std the models were trained with."""
     images, labels, classes, _ = train_cifar.cached_arrays(train_cifar.DATA_ZIP)
     train_idx, held_idx = train_cifar.held_out_split(labels, train_cifar.HELD_OUT_PER_CLASS, train_cifar.SPLIT_SEED)
     mean = images[train_idx].reshape(-1, 3).mean(0) / 255.0
     std = images[train_idx].reshape(-1, 3).std(0) / 255.0
-    pick = np.sort(np.random.default_rng(123).choice(held_idx, n, replace=False))
+    pick = np.sort(np.random.default_rng(seed).choice(held_idx, n, replace=False))
     subset = ImageSet(torch.from_numpy(images[pick]).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels[pick]),
                       classes)
     return subset, mean, std
@@ -80,13 +86,39 @@ def car_exact_vs_fast(model: torch.nn.Module, spec: InputSpec, images: ImageSet,
     gids = sorted(exact.car)
     e = np.concatenate([exact.car[g] for g in gids])
     f = np.concatenate([fast.car[g] for g in gids])
+    return {"filters": len(e), "exact CAR s": round(t_exact, 1), "fast CAR s": round(t_fast, 1),
+            "ratio": round(t_exact / t_fast, 1), "exact in fast": fast.n_exact, **ranking_quality(e, f),
+            "exact": exact}
+
+
+def ranking_quality(e: np.ndarray, f: np.ndarray) -> dict:
+    """Spearman's rho of a ranking ``f`` against exact CAR ``e`` (ties averaged) and the recall of the exact
+    lowest 10 % among the lowest 10 % of ``f`` (a pick counts when its exact CAR is within the exact
+    lowest 10 %, ties at the cut included)."""
     k = max(1, len(e) // 10)
-    # a fast pick counts as right when its exact CAR is within the exact lowest k (ties at the cut included)
     cut = np.sort(e)[k - 1]
     recall = float(np.mean(e[np.argsort(f, kind="stable")[:k]] <= cut + 1e-12))
-    return {"filters": len(e), "exact CAR s": round(t_exact, 1), "fast CAR s": round(t_fast, 1),
-            "ratio": round(t_exact / t_fast, 1), "exact in fast": fast.n_exact,
-            "Spearman rho": round(float(spearmanr(e, f).statistic), 3), "recall low 10%": round(recall, 2)}
+    return {"Spearman rho": round(float(spearmanr(e, f).statistic), 3), "recall low 10%": round(recall, 2)}
+
+
+def screen_spreads(model: torch.nn.Module, spec: InputSpec, images: ImageSet, exact, exact_fraction: float,
+                   spreads: list[float]) -> list[dict]:
+    """Fast CAR's ranking with each screen spread, from one exact CAR of every filter: the screen picks the
+    lowest-screened ``exact_fraction``, whose exact values replace their screened ones (as ``compute_car``
+    does: its exact shortlist equals exact CAR, tests/unit/test_screen.py)."""
+    groups = PruningGraph(model, spec.shape(1)).groups()
+    gids = sorted(g.gid for g in groups)
+    e = np.concatenate([exact.car[g] for g in gids])
+    rows = []
+    for spread in spreads:
+        screen = screen_filters(model, normalize(images.images, spec), images.labels, groups, relative_error=spread)
+        picks = global_shortlist(screened_order_scores(screen, groups), groups, exact_fraction)
+        f = {g: screen.car[g].astype(float).copy() for g in gids}
+        for g, idx in picks.items():
+            f[g][idx] = np.asarray(exact.car[g], dtype=float)[idx]
+        label = f"{spread:g}" + (" (product)" if spread == SCREEN_RELATIVE_ERROR else "") + (" (hard flips)" if spread == 0 else "")
+        rows.append({"screen spread": label, **ranking_quality(e, np.concatenate([f[g] for g in gids]))})
+    return rows
 
 
 def write_imagefolder(root: Path, images: np.ndarray, labels: np.ndarray, classes: list[str],
@@ -195,7 +227,10 @@ def prune_flow(depth: int, record: dict, folder: Path, held_out: ImageSet, flow:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=400)
+    ap.add_argument("--image-seed", type=int, default=123, help="which held-out score images (part 1)")
     ap.add_argument("--exact-fraction", type=float, default=FAST_EXACT_FRACTION)
+    ap.add_argument("--screen-spreads", type=float, nargs="*", default=[0.0, SCREEN_RELATIVE_ERROR, 0.5],
+                    help="screen spreads compared on the same exact CAR (part 1; none: skip)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prune", action="store_true", help="also run part 2: the prune flows (tens of minutes)")
     ap.add_argument("--no-car", action="store_true", help="skip part 1 (exact vs fast CAR of the original)")
@@ -214,8 +249,8 @@ def main() -> int:
         return 0
     manifest = json.loads(train_cifar.MANIFEST.read_text()) if train_cifar.MANIFEST.exists() else {"models": []}
     trained = {m["name"]: m for m in manifest["models"]}
-    images, mean, std = score_images(args.images)
-    print(f"machine: {machine()}; score images: {args.images} held-out CIFAR-10 images")
+    images, mean, std = score_images(args.images, args.image_seed)
+    print(f"machine: {machine()}; score images: {args.images} held-out CIFAR-10 images (seed {args.image_seed})")
     if not args.no_car:
         car_table(args, trained, images)
     if args.prune:
@@ -224,7 +259,7 @@ def main() -> int:
 
 
 def car_table(args, trained: dict, images: ImageSet) -> None:
-    rows = []
+    rows, spread_rows = [], []
     for depth in args.depths:
         name = f"cifar10_resnet{depth}"
         if name not in trained:
@@ -236,13 +271,21 @@ def car_table(args, trained: dict, images: ImageSet) -> None:
         spec = InputSpec(height=32, width=32, mean=tuple(trained[name]["mean"]), std=tuple(trained[name]["std"]))
         rows.append({"model": f"ResNet-{depth} ({trained[name]['held_out_accuracy'] * 100:.2f} %)",
                      **car_exact_vs_fast(model.eval(), spec, images, args.exact_fraction)})
+        exact = rows[-1].pop("exact")
         print(table(rows[-1:], list(rows[-1])), flush=True)
+        spread_rows += [{"model": f"ResNet-{depth}", **r}
+                        for r in screen_spreads(model, spec, images, exact, args.exact_fraction, args.screen_spreads)]
     print()
     print(f"CAR of every filter of the original, exact vs fast (screen + exact CAR for the lowest-screened "
           f"{args.exact_fraction:.0%} of filters):")
     cols = ["model", "filters", "exact CAR s", "fast CAR s", "ratio", "exact in fast", "Spearman rho",
             "recall low 10%"]
     print(table(rows, cols))
+    if spread_rows:
+        print()
+        print(f"The screen's spread (assumed error of a first-order margin change, x the change), same exact CAR, "
+              f"exact for the lowest-screened {args.exact_fraction:.0%}:")
+        print(table(spread_rows, ["model", "screen spread", "Spearman rho", "recall low 10%"]))
 
 
 def prune_table(args, trained: dict) -> None:

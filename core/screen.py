@@ -14,7 +14,8 @@ its margin changes sign under a Gaussian error of ``SCREEN_RELATIVE_ERROR`` time
 (0 gives the hard count, exact where the margin is linear in the gate). Measured on the real CIFAR-10
 ResNet-20 and ResNet-56 against exact CAR of every filter (400 held-out images, ``bench/real_cifar.py``):
 0.25 found the exact lowest 10 % best on both (recall 0.84 / 0.96 with 5 % of the filters measured
-exactly, Spearman rho 0.92 / 0.95; the hard count: 0.82 / 0.89, rho 0.90 / 0.93; 0.5: 0.82 / 0.95).
+exactly, Spearman rho 0.92 / 0.95; the hard count: 0.77 / 0.85; 0.5: 0.82 / 0.96), and kept it on another
+400 images (0.80 / 0.96; hard: 0.66 / 0.92). ``bench/real_cifar.py`` prints this comparison.
 
 The screen only ranks. :func:`fast_scores` then measures exact CAR for the lowest-screened filters of
 each group plus a margin (the filters that can decide a candidate cluster), and keeps the screened value
