@@ -66,8 +66,19 @@ def default_step(run: Run) -> int:
 
 
 def recovery_summary(record: dict) -> dict:
+    """The recovery's figures for the JSON summary; ``kept`` False (``step`` None) when no epoch finished,
+    which is also said on stderr, as is a best epoch below the source step on the selection images."""
     rec = record["recovery"]
-    return {"step": record["step"], "recovered_from": record["recovered_from"], "metric": record["metric"],
+    source = record["recovered_from"]
+    if record["step"] is None:
+        print("recovery: cancelled before the first epoch finished; nothing was added to the run",
+              file=sys.stderr, flush=True)
+    elif record["metric"] < rec["start_selection"]:
+        print(f"recovery: step {record['step']} scores {record['metric'] * 100:.2f} % on the selection images, below "
+              f"step {source}'s {rec['start_selection'] * 100:.2f} % (a kept step reads high on the images that chose "
+              "it); compare the test figures", file=sys.stderr, flush=True)
+    return {"step": record["step"], "kept": record["step"] is not None, "recovered_from": record["recovered_from"],
+            "metric": record["metric"],
             "test_metric": record["test_metric"], "macs": record["macs"], "kd": rec["kd"],
             "best_epoch": rec["best_epoch"], "epochs": rec["epochs"], "cancelled": rec["cancelled"],
             "seconds": rec["seconds"]}

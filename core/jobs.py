@@ -520,8 +520,8 @@ def recovery_job(run_dir: Path | str, step: int, config: RecoveryConfig, data=No
     """A job function running :func:`core.recovery.recover_run_step` (a recovery fine-tune of ``step``
     appended to the run as a new step). Its progress reports parts (``recovery`` in mini-batches, then
     ``measuring``), so the job's ETA is the running part's at its measured rate; the overall bar is the
-    recovery's share of mini-batches. Result: the new step's record (its ``step`` None when no epoch beat
-    the source step)."""
+    recovery's share of mini-batches. Result: the new step's record (its ``step`` None when no epoch
+    finished)."""
 
     def fn(ctx: JobContext) -> dict:
         def progress(p: PhaseProgress) -> None:

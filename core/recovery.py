@@ -72,7 +72,7 @@ class RecoveryResult:
     """Per epoch the selection metric; which epoch was kept; whether the job stopped early."""
 
     epochs: list[dict] = field(default_factory=list)  # {"epoch", "selection", "train_loss", "seconds"}
-    best_epoch: int = 0  # 0 = the model as it came in
+    best_epoch: int = 0  # 0 = no epoch finished: the model as it came in
     start_selection: float = 0.0
     cancelled: bool = False
 
@@ -113,12 +113,17 @@ def recover(model: nn.Module, train: ImageSet, spec: InputSpec, config: Recovery
             select: Callable[[nn.Module], float], teacher: nn.Module | None = None,
             device: torch.device | None = None, cancel: threading.Event | None = None,
             progress: Callable[[int, int, str], None] | None = None) -> RecoveryResult:
-    """Fine-tune ``model`` in place for ``config.epochs`` epochs; on return it holds the best epoch's weights.
+    """Fine-tune ``model`` in place for ``config.epochs`` epochs; on return it holds the best finished
+    epoch's weights, by ``select``, even when that is below the incoming model's score.
 
-    ``select(model) -> float`` scores the model on the selection images (higher is better, e.g.
-    accuracy); ``teacher`` is required when ``config.distill``. ``progress(done, total, message)``
-    counts mini-batches over all epochs. Cancelling stops at the next mini-batch and keeps the best
-    epoch measured so far (the incoming model if none finished).
+    The incoming model is not a candidate: a pruned step was accepted *because* it scored well on the
+    selection images, so its selection figure reads high (the winner's curse), and an epoch that is
+    better on unseen images can score below it there. Whether to use the recovered model is the user's
+    choice (Review shows both steps with their test figures; ``select_step`` prefers the more accurate of
+    equal-MAC steps). ``select(model) -> float`` scores the model on the selection images (higher is
+    better, e.g. accuracy); ``teacher`` is required when ``config.distill``. ``progress(done, total,
+    message)`` counts mini-batches over all epochs. Cancelling stops at the next mini-batch and keeps the
+    best epoch finished so far (the incoming model, ``best_epoch`` 0, if none finished).
     """
     config.validate()
     if config.distill and teacher is None:
@@ -136,7 +141,7 @@ def recover(model: nn.Module, train: ImageSet, spec: InputSpec, config: Recovery
     opt = torch.optim.SGD(params, lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
     result = RecoveryResult(start_selection=float(select(model.eval())))
-    best_score, best_state = result.start_selection, copy.deepcopy(model.state_dict())
+    best_score, best_state = float("-inf"), copy.deepcopy(model.state_dict())
     done = 0
     for epoch in range(1, config.epochs + 1):
         model.train()
@@ -191,9 +196,9 @@ def recover_run_step(run_dir: Path | str, step: int, config: RecoveryConfig, dat
     ``recovery`` (epochs, kd, seconds, best epoch, per-epoch figures), the test figures
     (``test_metric``, ``test_per_class``, None without a test split) and the paired drops from step 0
     per role (``paired``: :func:`core.stats.paired_figures`). Weights are written before the record
-    (``RunWriter.add_step``), both atomically. When no epoch beat the source step on the selection images
-    (or a cancel came before the first epoch ended) nothing is appended and the record's ``step`` is
-    None. While it runs the run's status reads ``running`` (so a
+    (``RunWriter.add_step``), both atomically. The best finished epoch is appended even when its selection
+    figure is below the source step's (``recovery.start_selection``; see :func:`recover`); only a cancel
+    before the first epoch ended appends nothing, the record's ``step`` then None. While it runs the run's status reads ``running`` (so a
     second recovery is refused), and the previous status is restored after it, also on cancel.
 
     ``data`` None: the run's data set with the split it recorded (``core.sources.load_run_dataset``),
@@ -231,7 +236,7 @@ def recover_run_step(run_dir: Path | str, step: int, config: RecoveryConfig, dat
         record = _recovered_record(run, source, model, original, data, config, result, seconds)
         if result.best_epoch > 0:
             writer.add_step(record, model, history)
-        else:  # no epoch beat the incoming model (or none finished): a copy of the source step is no new step
+        else:  # no epoch finished: a copy of the source step is no new step
             record["step"] = None
         report("measuring", 2, 2, "done")
     finally:

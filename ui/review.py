@@ -107,7 +107,7 @@ def recovery_panel(run: Run, steps: list[int], default_step: int) -> None:
         if record is None:
             return
         if record.get("step") is None:
-            st.info("No epoch beat the step on the selection images: nothing was added.", icon=":material/info:")
+            st.info("Cancelled before the first epoch finished: nothing was added.", icon=":material/info:")
         else:
             st.success(f"Step {record['step']} added: step {record['recovered_from']} after "
                        f"{record['recovery']['best_epoch']} epoch(s), selection {format_pct(record['metric'])}, "

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.cli_recover import recovery_summary
 from core.errors import PruneScopeError
 from core.eta import PhaseProgress
 from core.evaluate import count_macs_params, evaluate_accuracy
@@ -81,7 +82,7 @@ def test_old_run_without_a_test_split_recovers_with_selection_figures_only(digit
     assert record["test_metric"] is None and set(record["paired"]) <= {"selection"}
 
 
-def test_a_cancelled_recovery_adds_no_copy_of_its_source(digits_run, tmp_path):
+def test_a_cancelled_recovery_adds_no_copy_of_its_source(digits_run, tmp_path, capsys):
     run, data = digits_run
     copy = tmp_path / "copy"
     shutil.copytree(run.dir, copy)
@@ -90,6 +91,9 @@ def test_a_cancelled_recovery_adds_no_copy_of_its_source(digits_run, tmp_path):
     cancel.set()
     record = recover_run_step(copy, 1, RecoveryConfig(epochs=1), data=data, cancel=cancel)
     assert record["step"] is None and record["recovery"]["cancelled"] and Run(copy).steps() == before
+    summary = recovery_summary(record)  # what the CLI prints: not kept, said in words, not just a null
+    assert summary["kept"] is False and summary["step"] is None
+    assert "cancelled before the first epoch finished" in capsys.readouterr().err
 
 
 def test_refusals_are_one_clear_error(digits_run, tmp_path):
@@ -126,7 +130,7 @@ def test_recover_cli_appends_the_threshold_step(digits_run, tmp_path):
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert out["recovered_from"] == 1 and 0 <= out["test_metric"] <= 1
-    assert out["step"] in (Run(copy).steps()[-1], None)
+    assert out["step"] in (Run(copy).steps()[-1], None) and out["kept"] == (out["step"] is not None)
 
 
 def test_prune_with_recover_epochs_records_the_split_and_appends_the_recovery(tmp_path):
