@@ -17,7 +17,7 @@ ResNet-20 and ResNet-56 against exact CAR of every filter (400 held-out images, 
 exactly, Spearman rho 0.92 / 0.95; the hard count: 0.77 / 0.85; 0.5: 0.82 / 0.96), and kept it on another
 400 images (0.80 / 0.96; hard: 0.66 / 0.92). ``bench/real_cifar.py`` prints this comparison.
 
-The screen only ranks. :func:`fast_scores` then measures exact CAR for the lowest-screened filters of
+The screen only ranks. ``core.rescore.car_scores`` then measures exact CAR for the lowest-screened filters of
 each group plus a margin (the filters that can decide a candidate cluster), and keeps the screened value
 for the rest, ranked after every exact one of their group. Which figures are exact is recorded.
 """
