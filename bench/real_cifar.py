@@ -221,9 +221,6 @@ def prune_flow(depth: int, record: dict, folder: Path, held_out: ImageSet, flow:
         acc2 = evaluate_accuracy(run.rebuild_step(recovered["step"]).eval(), held_out, spec).accuracy
         row["recovered held-out drop"] = f"{(acc0 - acc2) * 100:.2f}"
         row["recovery min"] = round(recovered["recovery"]["seconds"] / 60, 1)
-    elif (summary.get("recovery") or {}).get("kept") is False:
-        row["recovered held-out drop"] = "none: no recovery epoch finished"
-        row["recovery min"] = round(summary["recovery"]["seconds"] / 60, 1)
     return row
 
 

@@ -196,10 +196,11 @@ def recover_run_step(run_dir: Path | str, step: int, config: RecoveryConfig, dat
     ``recovery`` (epochs, kd, seconds, best epoch, per-epoch figures), the test figures
     (``test_metric``, ``test_per_class``, None without a test split) and the paired drops from step 0
     per role (``paired``: :func:`core.stats.paired_figures`). Weights are written before the record
-    (``RunWriter.add_step``), both atomically. The best finished epoch is appended even when its selection
-    figure is below the source step's (``recovery.start_selection``; see :func:`recover`); only a cancel
-    before the first epoch ended appends nothing, the record's ``step`` then None. While it runs the run's status reads ``running`` (so a
-    second recovery is refused), and the previous status is restored after it, also on cancel.
+    (``RunWriter.add_step``), both atomically. The best finished epoch is appended even when its
+    selection figure is below the source step's (``recovery.start_selection``; see :func:`recover`);
+    only a cancel before the first epoch ended appends nothing, the record's ``step`` then None. While
+    it runs the run's status reads ``running`` (so a second recovery is refused), and the previous
+    status is restored after it, also on cancel.
 
     ``data`` None: the run's data set with the split it recorded (``core.sources.load_run_dataset``),
     refused when its images differ from the recorded split. ``progress`` gets a
