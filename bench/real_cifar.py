@@ -24,6 +24,7 @@ wall time, steps, MAC ratio, the selection drop the run saw, the drop on the hel
 (measured here on the rebuilt step), the OpenVINO CPU latency ratio (original and pruned timed in
 alternation; a paired Wilcoxon test says whether it is real) and, with ``--recover-epochs N``, the test
 drop after the recovery fine-tune and its time. ``--mac-target`` / ``--max-drop`` set a harder cut.
+``--device cuda --no-latency`` runs part 2 on a GPU server without OpenVINO (no latency column).
 """
 from __future__ import annotations
 
@@ -157,7 +158,9 @@ def prune_command(depth: int, record: dict, folder: Path, out: Path, flow: str, 
     cmd = [sys.executable, "-m", "core", "prune", "--model", str(weights), "--arch", f"cifar_resnet{depth}",
            "--input-size", "32", "32", "--mean", *map(str, record["mean"]), "--std", *map(str, record["std"]),
            "--data", str(folder), "--out", str(out), "--max-drop", f"{args.max_drop:g}", "--cluster", "8",
-           *FLOWS[flow], "--threads", str(args.threads), "--json"]
+           *FLOWS[flow], "--threads", str(args.threads), "--device", args.device, "--json"]
+    if args.no_latency:
+        cmd += ["--no-latency"]
     if args.mac_target:
         cmd += ["--mac-target", f"{args.mac_target:g}"]
     if args.max_steps:
@@ -189,7 +192,8 @@ def prune_flow(depth: int, record: dict, folder: Path, held_out: ImageSet, flow:
         wall = time.perf_counter() - t0
         if code == EXIT_INTERRUPTED and args.recover_epochs:  # stopped at the time limit: recover as a user would
             stdout_r, code_r = run_cli([sys.executable, "-m", "core", "recover", str(out), "--epochs",
-                                        str(args.recover_epochs), "--json"], log, None)
+                                        str(args.recover_epochs), "--device", args.device, "--threads",
+                                        str(args.threads), "--json"], log, None)
             code = code if code_r == 0 else code_r
     if code not in (0, EXIT_INTERRUPTED):
         return {"flow": flow, "steps": f"failed ({code}): see {log_path}"}
@@ -209,19 +213,24 @@ def prune_flow(depth: int, record: dict, folder: Path, held_out: ImageSet, flow:
     acc1 = evaluate_accuracy(final, held_out, spec).accuracy
     macs0, _ = count_macs_params(original, spec)
     macs1, _ = count_macs_params(final, spec)
-    compiled = [compile_cpu(to_openvino(m, spec.shape(1)), args.threads) for m in (original, final)]
-    t_orig, t_final = time_interleaved(compiled, spec.shape(1), runs=200, warmup=20)
-    lat = latency_difference(t_orig, t_final)
     row = {"flow": flow, "wall min": round(wall / 60, 1), "steps": pruned["step"],
            "MAC ratio": f"{macs0 / macs1:.2f}x", "selection drop": f"{(hist[0]['metric'] - pruned['metric']) * 100:.2f}",
            "held-out drop": f"{(acc0 - acc1) * 100:.2f}", "held-out acc": f"{acc1 * 100:.2f}",
-           "latency ratio": f"{1 / lat['ratio']:.2f}x" + ("" if lat["significant"] else " (n.s.)"),
+           "latency ratio": "not measured" if args.no_latency else openvino_speedup(original, final, spec, args.threads),
            "stop": summary.get("reason", "")}
     if recovered is not None:
         acc2 = evaluate_accuracy(run.rebuild_step(recovered["step"]).eval(), held_out, spec).accuracy
         row["recovered held-out drop"] = f"{(acc0 - acc2) * 100:.2f}"
         row["recovery min"] = round(recovered["recovery"]["seconds"] / 60, 1)
     return row
+
+
+def openvino_speedup(original, final, spec: InputSpec, threads: int) -> str:
+    """The pruned model's OpenVINO CPU speed-up at batch 1 (interleaved runs; "n.s." when not significant)."""
+    compiled = [compile_cpu(to_openvino(m, spec.shape(1)), threads) for m in (original, final)]
+    t_orig, t_final = time_interleaved(compiled, spec.shape(1), runs=200, warmup=20)
+    lat = latency_difference(t_orig, t_final)
+    return f"{1 / lat['ratio']:.2f}x" + ("" if lat["significant"] else " (n.s.)")
 
 
 def main() -> int:
@@ -232,6 +241,10 @@ def main() -> int:
     ap.add_argument("--screen-spreads", type=float, nargs="*", default=[0.0, SCREEN_RELATIVE_ERROR, 0.5],
                     help="screen spreads compared on the same exact CAR (part 1; none: skip)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu",
+                    help="where the prune flows score, fine-tune and recover (part 2; default cpu)")
+    ap.add_argument("--no-latency", action="store_true",
+                    help="part 2 without OpenVINO latency (a machine without OpenVINO, e.g. a GPU server)")
     ap.add_argument("--prune", action="store_true", help="also run part 2: the prune flows (tens of minutes)")
     ap.add_argument("--no-car", action="store_true", help="skip part 1 (exact vs fast CAR of the original)")
     ap.add_argument("--depths", type=int, nargs="+", default=[20, 56])
@@ -316,6 +329,7 @@ def prune_table(args, trained: dict) -> None:
     options = f"--max-drop {args.max_drop:g} --cluster 8" + (f" --mac-target {args.mac_target:g}" if args.mac_target else "") \
         + (f" --max-steps {args.max_steps}" if args.max_steps else "") \
         + (f" --recover-epochs {args.recover_epochs}" if args.recover_epochs else "") \
+        + (f" --device {args.device}" if args.device != "cpu" else "") \
         + (f", stopped after {args.max_minutes:g} min" if args.max_minutes else "")
     print(f"Prune flow (python -m core prune ... {options}), end to end; drops in points, held out = "
           f"{len(held)} test images:")

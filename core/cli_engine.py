@@ -124,7 +124,8 @@ def cmd_prune(args) -> int:
         data_options={"val_fraction": args.val_fraction, "seed": args.seed,
                       "test_fraction": data.split.get("test_fraction", 0.0), "split": data.split_record()}))
     if summary["state"] == "done":
-        summary = recover_after_prune(recovery, out, config.max_drop, data, summary, trusted=args.trusted)
+        summary = recover_after_prune(recovery, out, config.max_drop, data, summary, trusted=args.trusted,
+                                     device=device)
     print_summary(summary, args.json)
     return summary_exit_code(summary)
 

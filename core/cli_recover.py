@@ -4,10 +4,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli_common import print_summary, progress_printer
+import torch
+
+from .cli_common import print_summary, progress, progress_printer
+from .device import DEVICES, describe, resolve_device, set_threads
 from .eta import PhaseProgress, format_duration
 from .errors import SettingsError
-from .recovery import RecoveryConfig, recover_run_step
+from .recovery import RecoveryConfig, recover_run_step, recovery_device
 from .runs import Run
 
 RECOVERY_DEFAULTS = RecoveryConfig()
@@ -20,6 +23,11 @@ def add_recover_command(sub) -> None:
     rc.add_argument("--epochs", type=int, default=RECOVERY_DEFAULTS.epochs,
                     help=f"passes over the train split (default {RECOVERY_DEFAULTS.epochs})")
     add_recovery_options(rc, "")
+    rc.add_argument("--device", choices=DEVICES,
+                    help="where the fine-tune runs: auto, cpu or cuda (default: where the run pruned, if this machine "
+                         "has it)")
+    rc.add_argument("--threads", type=int, metavar="N", help="CPU threads for PyTorch (default: the cores this "
+                    "process may use)")
     rc.add_argument("--trusted", action="store_true",
                     help="run the run's own pickle or model code even without a trust record in this workspace")
     rc.add_argument("--json", action="store_true")
@@ -53,9 +61,13 @@ def eta_printer():
 
 def cmd_recover(args) -> int:
     config = recovery_config(args.epochs, args.kd, args.lr, args.batch_size)
+    device = resolve_device(args.device) if args.device else None  # CUDA without a GPU: one line, before any work
+    set_threads(args.threads)
     run = Run(args.run)  # a bad path: one line, before any work
     step = args.step if args.step is not None else default_step(run)
-    record = recover_run_step(run.dir, step, config, progress=eta_printer(), trusted=args.trusted)
+    device = recovery_device(run, device)
+    progress(f"device: {describe(device, torch.get_num_threads())}")
+    record = recover_run_step(run.dir, step, config, progress=eta_printer(), trusted=args.trusted, device=device)
     print_summary(recovery_summary(record), args.json)
     return 0
 
@@ -95,8 +107,9 @@ def prune_recovery_config(args) -> RecoveryConfig | None:
 
 
 def recover_after_prune(config: RecoveryConfig | None, run_dir, max_drop: float, data, summary: dict,
-                        trusted: bool = False) -> dict:
-    """Fine-tune the step the threshold selects (when ``config``) and add its figures to ``summary``."""
+                        trusted: bool = False, device: torch.device | None = None) -> dict:
+    """Fine-tune the step the threshold selects (when ``config``) on ``device`` (the pruning's) and add its
+    figures to ``summary``."""
     if config is None:
         return summary
     step = Run(run_dir).select_step(max_drop)
@@ -105,5 +118,5 @@ def recover_after_prune(config: RecoveryConfig | None, run_dir, max_drop: float,
         return {**summary, "recovery": None}
     print(f"recovery fine-tune of step {step}: {config.epochs} epoch(s) on {len(data.train)} training images",
           file=sys.stderr, flush=True)
-    record = recover_run_step(run_dir, step, config, data=data, progress=eta_printer(), trusted=trusted)
+    record = recover_run_step(run_dir, step, config, data=data, progress=eta_printer(), trusted=trusted, device=device)
     return {**summary, "recovery": recovery_summary(record)}

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import DataSet, ImageSet, normalize
+from .device import resolve_device
 from .errors import DataError, PruneScopeError, SettingsError
 from .eta import EtaTracker, PhaseProgress
 from .evaluate import count_macs_params, evaluate_accuracy
@@ -203,7 +204,8 @@ def recover_run_step(run_dir: Path | str, step: int, config: RecoveryConfig, dat
     status is restored after it, also on cancel.
 
     ``data`` None: the run's data set with the split it recorded (``core.sources.load_run_dataset``),
-    refused when its images differ from the recorded split. ``progress`` gets a
+    refused when its images differ from the recorded split. ``device`` None: where the run pruned
+    (:func:`recovery_device`); the record's ``recovery.device`` says where it trained. ``progress`` gets a
     :class:`~core.eta.PhaseProgress` (phase ``recovery`` in mini-batches, then ``measuring``).
     Raises ``PruneScopeError`` subclasses with one line (no such run or step, a running run, a detection run).
     """
@@ -216,6 +218,7 @@ def recover_run_step(run_dir: Path | str, step: int, config: RecoveryConfig, dat
     model = run.rebuild_step(step, trusted)
     original = run.original(trusted).model
     history = _pruning_history(run, step)
+    device = recovery_device(run, device)
     tracker = EtaTracker()
 
     def report(phase: str, done: float, total: float, message: str) -> None:
@@ -235,6 +238,7 @@ def recover_run_step(run_dir: Path | str, step: int, config: RecoveryConfig, dat
         report("measuring", 0, 2, "measuring the recovered model on the selection and test images")
         model.cpu()
         record = _recovered_record(run, source, model, original, data, config, result, seconds)
+        record["recovery"]["device"] = str(device)
         if result.best_epoch > 0:
             writer.add_step(record, model, history)
         else:  # no epoch finished: a copy of the source step is no new step
@@ -243,6 +247,18 @@ def recover_run_step(run_dir: Path | str, step: int, config: RecoveryConfig, dat
     finally:
         writer.status(before.get("state", "done"), before.get("message", ""))
     return record
+
+
+def recovery_device(run: Run, device: torch.device | str | None = None) -> torch.device:
+    """Where a recovery of ``run`` trains: ``device`` when given, else where the run pruned (its recorded
+    ``prune.device``: a run pruned on the GPU recovers there too, not silently on the CPU), or ``auto``
+    when the recorded device is not on this machine (a run pruned on a GPU machine, recovered on a laptop)."""
+    if device is not None:
+        return resolve_device(str(device))
+    recorded = (run.config.get("prune") or {}).get("device") or "auto"
+    if recorded == "cuda" and not torch.cuda.is_available():
+        recorded = "auto"
+    return resolve_device(recorded)
 
 
 def _check_recoverable(run: Run) -> None:

@@ -20,7 +20,7 @@ from core.eta import PhaseProgress
 from core.evaluate import count_macs_params, evaluate_accuracy
 from core.models import load_model
 from core.prune import PruneConfig, run_pruning
-from core.recovery import RecoveryConfig, recover_run_step
+from core.recovery import RecoveryConfig, recover_run_step, recovery_device
 from core.runs import Run
 from core.sources import load_dataset, load_run_dataset
 from core.workspace import atomic_write_json, read_json
@@ -55,6 +55,7 @@ def test_recovered_step_has_both_figures_and_rebuilds(digits_run):
     assert run.history[-1] == json.loads(json.dumps(record)), "the record is the run's last history line"
     rec = record["recovery"]
     assert rec["epochs"] == 2 and rec["kd"] is False and rec["best_epoch"] in (1, 2) and rec["seconds"] > 0
+    assert rec["device"] == ("cuda" if torch.cuda.is_available() else "cpu"), "where the run pruned (auto)"
     model = run.rebuild_step(3)
     source = run.rebuild_step(2)
     assert count_macs_params(model, spec) == count_macs_params(source, spec) == (record["macs"], record["params"])
@@ -67,6 +68,20 @@ def test_recovered_step_has_both_figures_and_rebuilds(digits_run):
     assert {p.phase for p in seen} == {"recovery", "measuring"} and seen[-1].fraction == 1.0
     assert run.status["state"] == "done", "the run's status is restored"
     assert model(torch.zeros(2, *spec.shape(1)[1:])).shape == (2, 10)
+
+
+def test_a_recovery_trains_where_its_run_pruned(digits_run, tmp_path):
+    """A run pruned on the GPU recovers on the GPU (``prune --device cuda --recover-epochs N`` trained on the
+    CPU before); a run pruned on a GPU machine still recovers on a machine without one; a device given wins."""
+    run, _ = digits_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run.dir, copy)
+    config = read_json(copy / "config.json")
+    for recorded, expected in (("cpu", "cpu"), ("cuda", "cuda" if torch.cuda.is_available() else "cpu"),
+                               ("auto", "cuda" if torch.cuda.is_available() else "cpu")):
+        atomic_write_json(copy / "config.json", {**config, "prune": {**config["prune"], "device": recorded}})
+        assert recovery_device(Run(copy)).type == expected, recorded
+    assert recovery_device(Run(copy), "cpu").type == "cpu"
 
 
 def test_old_run_without_a_test_split_recovers_with_selection_figures_only(digits_run, tmp_path):
