@@ -24,6 +24,8 @@ wall time, steps, MAC ratio, the selection drop the run saw, the drop on the hel
 (measured here on the rebuilt step), the OpenVINO CPU latency ratio (original and pruned timed in
 alternation; a paired Wilcoxon test says whether it is real) and, with ``--recover-epochs N``, the test
 drop after the recovery fine-tune and its time. ``--mac-target`` / ``--max-drop`` set a harder cut.
+``--recover-original`` gives the original the same recovery: the
+control when the original was trained for fewer epochs than the recovery adds (the recovered drop vs it).
 ``--device cuda --no-latency`` runs part 2 on a GPU server without OpenVINO (no latency column).
 """
 from __future__ import annotations
@@ -195,6 +197,9 @@ def prune_flow(depth: int, record: dict, folder: Path, held_out: ImageSet, flow:
                                         str(args.recover_epochs), "--device", args.device, "--threads",
                                         str(args.threads), "--json"], log, None)
             code = code if code_r == 0 else code_r
+        if code in (0, EXIT_INTERRUPTED) and args.recover_epochs and args.recover_original:
+            control_code = recover_original(out, log, args)
+            code = code if control_code == 0 else control_code
     if code not in (0, EXIT_INTERRUPTED):
         return {"flow": flow, "steps": f"failed ({code}): see {log_path}"}
     try:
@@ -205,8 +210,10 @@ def prune_flow(depth: int, record: dict, folder: Path, held_out: ImageSet, flow:
         summary["reason"] = f"time limit ({args.max_minutes:g} min): Ctrl-C, steps kept"
     run = Run(out)
     hist = run.history
-    recovered = hist[-1] if hist[-1].get("recovered_from") is not None else None
-    pruned = next(r for r in reversed(hist) if r.get("recovered_from") is None)
+    recovered = next((r for r in hist if r.get("recovered_from") not in (None, 0)), None)
+    control = next((r for r in hist if r.get("recovered_from") == 0), None)
+    pruned = run.record(recovered["recovered_from"]) if recovered else \
+        next(r for r in reversed(hist) if r.get("recovered_from") is None)
     spec = InputSpec(height=32, width=32, mean=tuple(record["mean"]), std=tuple(record["std"]))
     original, final = run.rebuild_step(0).eval(), run.rebuild_step(pruned["step"]).eval()
     acc0 = evaluate_accuracy(original, held_out, spec).accuracy
@@ -222,7 +229,21 @@ def prune_flow(depth: int, record: dict, folder: Path, held_out: ImageSet, flow:
         acc2 = evaluate_accuracy(run.rebuild_step(recovered["step"]).eval(), held_out, spec).accuracy
         row["recovered held-out drop"] = f"{(acc0 - acc2) * 100:.2f}"
         row["recovery min"] = round(recovered["recovery"]["seconds"] / 60, 1)
+        if control is not None:  # the same training given to the original: what the recovery itself adds
+            acc3 = evaluate_accuracy(run.rebuild_step(control["step"]).eval(), held_out, spec).accuracy
+            row["original trained alike acc"] = f"{acc3 * 100:.2f}"
+            row["recovered drop vs it"] = f"{(acc3 - acc2) * 100:.2f}"
     return row
+
+
+def recover_original(out: Path, log, args) -> int:
+    """The recovery fine-tune given to the original (step 0) too, with the same epochs and device: the control
+    for an original trained for fewer epochs than the recipe that made it (its recovered step gains from
+    training it never had). Appended to the run like any recovery; returns the exit code."""
+    _, code = run_cli([sys.executable, "-m", "core", "recover", str(out), "--step", "0", "--epochs",
+                       str(args.recover_epochs), "--device", args.device, "--threads", str(args.threads), "--json"],
+                      log, None)
+    return code
 
 
 def openvino_speedup(original, final, spec: InputSpec, threads: int) -> str:
@@ -255,6 +276,8 @@ def main() -> int:
     ap.add_argument("--mac-target", type=float, help="also stop at this fraction of the original MACs")
     ap.add_argument("--max-steps", type=int, help="step limit of every flow (default: the CLI's)")
     ap.add_argument("--recover-epochs", type=int, default=0, help="recovery fine-tune after each flow (epochs)")
+    ap.add_argument("--recover-original", action="store_true",
+                    help="give the original the same recovery fine-tune (the control for an under-trained original)")
     ap.add_argument("--max-minutes", type=float, help="stop each prune run after this long (Ctrl-C: its steps are "
                     "kept, then recovered when asked)")
     args = parse_with_data(ap, train_cifar.DATA_ZIP)
@@ -334,7 +357,8 @@ def prune_table(args, trained: dict) -> None:
     print(f"Prune flow (python -m core prune ... {options}), end to end; drops in points, held out = "
           f"{len(held)} test images:")
     print(table(rows, ["model", "flow", "wall min", "steps", "MAC ratio", "selection drop", "held-out drop",
-                       "held-out acc", "latency ratio", "recovered held-out drop", "recovery min", "stop"]))
+                       "held-out acc", "latency ratio", "recovered held-out drop", "recovery min",
+                       "original trained alike acc", "recovered drop vs it", "stop"]))
 
 
 if __name__ == "__main__":
