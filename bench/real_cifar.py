@@ -17,7 +17,8 @@ another sample of held-out score images, to check a choice on images it was not 
 
 Part 2 (``--prune``) — the prune flow end to end, as a user runs it: ``python -m core prune ...
 --max-drop 1.0 --cluster 8`` in a subprocess, once per ``--flows`` entry (``fast``: the default;
-``exact``: ``--car exact``; ``fast-rescore1``: a full re-score every step), on an ImageFolder the bench
+``exact``: ``--car exact``; ``fast-rescore1``: a full re-score every step; ``fast-k4``: four clusters
+per step), on an ImageFolder the bench
 writes: ``train/`` 10,000 fine-tuning images from the training split, ``val/`` 2,000 selection images
 and ``test/`` the other 3,000, both from the 5,000 held out (the model never trained on them). Reported:
 wall time, steps, MAC ratio, the selection drop the run saw, the drop on the held-out test images
@@ -150,7 +151,8 @@ def prune_roles(labels: np.ndarray, train_images: int, selection_images: int, se
 
 
 FLOWS = {"fast": ["--car", "fast"], "exact": ["--car", "exact"],
-         "fast-rescore1": ["--car", "fast", "--rescore-every", "1"]}  # name -> the prune options it adds
+         "fast-rescore1": ["--car", "fast", "--rescore-every", "1"],
+         "fast-k4": ["--car", "fast", "--clusters-per-step", "4"]}  # name -> the prune options it adds
 
 
 def prune_command(depth: int, record: dict, folder: Path, out: Path, flow: str, args) -> list[str]:

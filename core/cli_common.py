@@ -24,6 +24,7 @@ from .errors import ModelLoadError, PruneScopeError, SettingsError
 from .eta import EtaTracker, format_duration
 from .export import EXIT_NOT_READY, bundle_shortfall
 from .jsonout import emit_json
+from .runs import removals
 from .models import default_input_spec, load_model, open_input_spec
 from .plausibility import quick_check
 from .sources import load_dataset
@@ -213,6 +214,12 @@ def print_bundle(result: dict, verification: str) -> None:
         print(f"  NCS2 problem: {p}")
 
 
+def removal_text(record: dict) -> str:
+    """What a step removed, for its progress line: ``  removed 8 from layer1.0.conv1`` (several, comma-joined)."""
+    rems = removals(record)
+    return ("  removed " + ", ".join(f"{len(r['filters'])} from {r['group']}" for r in rems)) if rems else ""
+
+
 def print_summary(summary: dict, as_json: bool) -> None:
     if as_json:
         emit_json(summary)
@@ -238,6 +245,7 @@ def config_from_args(args, config_class):
     given = {"criterion": args.criterion, "cluster": cluster_from_args(args), "max_drop": args.max_drop,
              "mac_target": args.mac_target, "finetune_steps": args.finetune_steps, "finetune_lr": args.finetune_lr,
              "score_images": args.score_images, "rescore_every": args.rescore_every, "max_steps": args.max_steps,
+             "clusters_per_step": getattr(args, "clusters_per_step", None),
              "latency": not args.no_latency, "seed": args.seed}
     for extra in ("optimizer", "exact_candidates", "map_images", "car", "device"):
         if extra in config_class.__dataclass_fields__:

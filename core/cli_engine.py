@@ -8,7 +8,7 @@ from . import criteria
 from .car import CAR_METHODS, FAST_EXACT_FRACTION, compute_car
 from .cli_common import (add_device_args, add_plan_args, announce_device, config_from_args, device_from_args,
                          export_exit_code, load_model_and_data, prepare_out, print_bundle, print_summary, progress,
-                         progress_printer, run_interruptible, summary_exit_code)
+                         progress_printer, removal_text, run_interruptible, summary_exit_code)
 from .cli_recover import add_recovery_options, prune_recovery_config, recover_after_prune
 from .clusters import PROFILES
 from .detection.cli import add_detection_args, cmd_export_detection, cmd_prune_detection
@@ -64,6 +64,9 @@ def add_commands(sub, add_model_args, add_data_args) -> None:
     add_device_args(pr)
     add_plan_args(pr)
     pr.add_argument("--max-steps", type=int, help=default_help("max_steps", "step limit"))
+    pr.add_argument("--clusters-per-step", type=int, metavar="K", help=default_help(
+        "clusters_per_step", "the K best-ranked clusters removed together per step, one fine-tuning for all; "
+        "halved after a step where they break the threshold"))
     pr.add_argument("--no-latency", action="store_true", help="skip OpenVINO latency per step")
     pr.add_argument("--no-analysis", action="store_true", help="skip the full CAR analysis of the original")
     pr.add_argument("--recover-epochs", type=int, metavar="N",
@@ -142,8 +145,7 @@ def print_step(r: dict) -> None:
         if r["step"] and "test" in paired:
             line += f" (drop {paired['test']['drop_points']:+.2f})"
     line += f"  MACs {r['macs'] / 1e6:.2f} M"
-    if r.get("removed"):
-        line += f"  removed {len(r['removed']['filters'])} from {r['removed']['group']}"
+    line += removal_text(r)
     print(line, file=sys.stderr, flush=True)
     if r.get("resolution_warning"):
         progress(f"warning: {r['resolution_warning']}")

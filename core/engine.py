@@ -7,6 +7,12 @@ each structural change the model is fine-tuned briefly and measured; a step that
 metric drop past the threshold is undone and the next candidate tried (``patience`` times) before
 the run stops.
 
+With ``clusters_per_step`` k > 1 a step first tries the k best-ranked clusters (of k distinct
+groups) together, with one fine-tuning and one measurement: a deep network that needs ~60 clusters
+for 2x fewer MACs then needs ~60/k steps, and the steps' fine-tuning, measuring and re-scoring
+dominate its wall time. When the k together break the threshold, the step falls back to one cluster
+at a time and later steps try k/2 (halved again on each such failure, never below 1).
+
 The loop owns that flow; a task (``core.tasks.Task``: classification, detection) owns only what
 differs: the metric and its measurement, the fine-tuning loss, what a criterion may use to score
 filters, and how candidate clusters are ranked. Every record of the run folder stores the task's
@@ -56,6 +62,9 @@ class PruneConfig:
     # 0.30..2.36), from one run each, whose step-to-step test figures move by about a point. 4 is kept
     # for time on small machines; --rescore-every 1 is the choice when accuracy matters more.
     rescore_every: int = 4
+    # clusters removed together in one step (the best-ranked, of distinct groups), halved after a step
+    # where they break the threshold together; 1 = one cluster per step (the CAR paper's loop)
+    clusters_per_step: int = 1
     car: str = "fast"  # CAR scoring of filters: "fast" (first-order screen + exact shortlist) or "exact"
     device: str = "auto"  # where scoring, fine-tuning and evaluation run: auto | cpu | cuda
     plan: dict | None = None  # per-layer control (core.plan.PrunePlan.to_dict): excluded / capped groups
@@ -86,6 +95,8 @@ class PruneConfig:
             raise SettingsError(f"The MAC target is a fraction of the original MACs in (0, 1); got {self.mac_target}.")
         if self.finetune_steps < 0 or self.batch_size < 1 or self.score_images < 10 or self.rescore_every < 1:
             raise SettingsError("Fine-tune steps must be >= 0, batch size >= 1, score images >= 10, re-score every >= 1.")
+        if not isinstance(self.clusters_per_step, int) or self.clusters_per_step < 1:
+            raise SettingsError(f"Clusters per step must be a whole number of at least 1; got {self.clusters_per_step}.")
         if self.max_steps < 1:
             raise SettingsError("The step limit must be at least 1.")
         if not (isinstance(self.finetune_lr, (int, float)) and 0 < self.finetune_lr <= MAX_LEARNING_RATE):
@@ -237,6 +248,7 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
     writer.write_json("structure.json", structure)
     t_start = time.perf_counter()
     scores: dict[str, np.ndarray] | None = None  # group root -> score per filter
+    batch = config.clusters_per_step  # clusters tried together at the next step
     reason = "step limit reached"
     for step in range(1, config.max_steps + 1):
         cb.enter("step", step)
@@ -251,14 +263,17 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
         if not candidates:
             reason = "every group is down to one cluster" + ("" if plan.empty else " or at its limit in the plan")
             break
-        accepted, graph = try_candidates(graph, candidates, task, structure, writer, cb, step, base["metric"], rng,
+        moves = step_moves(candidates, batch)
+        accepted, graph = try_candidates(graph, moves, task, structure, writer, cb, step, base["metric"], rng,
                                          cancel)
+        if len(moves[0]) > 1 and (accepted is None or accepted[0] is not moves[0]):
+            batch = max(1, batch // 2)  # the clusters broke the threshold together: fewer at a time from here
         if accepted is None:
             reason = f"the next clusters would exceed the {config.max_drop:g}-point {task.metric_name} threshold"
             break
-        cand, metrics, tried = accepted
-        target_reached = record_step(writer, cb, graph, step, cand, metrics, tried, channel_maps, (t0, t_start),
-                                     base["macs"], config.mac_target, **task.step_extra(cand))
+        move, metrics, tried = accepted
+        target_reached = record_step(writer, cb, graph, step, move, metrics, tried, channel_maps, (t0, t_start),
+                                     base["macs"], config.mac_target, **task.step_extra(move))
         if target_reached:
             reason = target_reached
             break
@@ -326,26 +341,43 @@ def step_candidates(task: Task, graph: PruningGraph, groups: list[ChannelGroup],
     return task.rank(graph, clusters, scores, scorer, rng, cancel, cb.part(0.3, 0.5, "ranking", f"step {step}: "))
 
 
-def try_candidates(graph: PruningGraph, candidates: list[Cluster], task: Task, structure: dict, writer: RunWriter,
+def step_moves(candidates: list[Cluster], batch: int) -> list[list[Cluster]]:
+    """What a step tries, in order: the ``batch`` best candidates together (when ``batch`` > 1 and there
+    are two or more; each candidate is of its own group), then each candidate alone, best first."""
+    moves = [[c] for c in candidates]
+    if batch > 1 and len(candidates) > 1:
+        moves.insert(0, candidates[:batch])
+    return moves
+
+
+def move_label(move: list[Cluster]) -> str:
+    return move[0].group.label if len(move) == 1 else f"{len(move)} clusters ({', '.join(c.group.label for c in move)})"
+
+
+def try_candidates(graph: PruningGraph, moves: list[list[Cluster]], task: Task, structure: dict, writer: RunWriter,
                    cb: Callbacks, step: int, base_metric: float, rng: np.random.Generator,
                    cancel: threading.Event):
-    """Remove, fine-tune and measure candidates in order until one stays within the threshold.
+    """Remove, fine-tune and measure moves (clusters removed together, :func:`step_moves`) in order until
+    one stays within the threshold.
 
     A group whose surgery fails the check is recorded in ``structure["left_alone"]`` and does not
-    count against ``patience``. Returns ``((candidate, metrics, tried), graph)``, or ``(None, graph)``;
-    a rejected candidate leaves the graph as it was.
+    count against ``patience``, nor does a rejected multi-cluster move (its clusters are tried alone
+    next). Returns ``((move, metrics, tried), graph)``, or ``(None, graph)``; a rejected move leaves the
+    graph as it was.
     """
     config = task.config
     left_alone = structure["left_alone"]
-    tried = 0
-    for cand in candidates:
-        if tried > config.patience:
+    tried = singles = 0
+    for move in moves:
+        if singles > config.patience:
             break
-        if cand.group.root in left_alone:
+        if any(c.group.root in left_alone for c in move):
             continue
         snapshot = (copy.deepcopy(graph.model), [list(h) for h in graph.history])
+        cand = move[0]
         try:
-            graph.prune(cand.group.root, cand.filters)
+            for cand in move:
+                graph.prune(cand.group.root, cand.filters)
         except UnsafeGroupError as exc:
             left_alone[cand.group.root] = str(exc)
             writer.write_json("structure.json", structure)
@@ -353,19 +385,19 @@ def try_candidates(graph: PruningGraph, candidates: list[Cluster], task: Task, s
             graph = rebuild_graph(task, *snapshot)
             continue
         except PruneScopeError as exc:
-            tried += 1
+            tried, singles = tried + 1, singles + (len(move) == 1)
             cb.progress(0.5, f"step {step}: skipped {cand.group.label}: {exc}")
             graph = rebuild_graph(task, *snapshot)
             continue
-        tried += 1
+        tried, singles = tried + 1, singles + (len(move) == 1)
         decision = finetune_and_decide(task, graph.model, rng, cancel, cb, step)
         lost = (base_metric - decision.metric) * 100
         if lost > config.max_drop + 1e-9:
-            cb.progress(0.95, f"step {step}: {cand.group.label} would drop {lost:.2f} {task.metric_name} points; undone")
+            cb.progress(0.95, f"step {step}: {move_label(move)} would drop {lost:.2f} {task.metric_name} points; undone")
             graph = rebuild_graph(task, *snapshot)
             continue
         cb.progress(0.96, f"step {step}: measuring the kept step", "measuring", 0.0)
-        return (cand, task.measure(graph.model, decision), tried), graph
+        return (move, task.measure(graph.model, decision), tried), graph
     return None, graph
 
 
@@ -402,14 +434,17 @@ def train_steps(model, opt: torch.optim.Optimizer, steps: int, batch_loss: Calla
     model.eval()
 
 
-def record_step(writer: RunWriter, cb: Callbacks, graph: PruningGraph, step: int, cand: Cluster, metrics: dict,
+def record_step(writer: RunWriter, cb: Callbacks, graph: PruningGraph, step: int, move: list[Cluster], metrics: dict,
                 tried: int, channel_maps: dict, times: tuple[float, float], base_macs: float,
                 mac_target: float | None, **extra) -> str | None:
     """Write an accepted step (weights, then its history line) and report it; returns why to stop
-    when the MAC target is reached, else None."""
+    when the MAC target is reached, else None. ``removed`` is one cluster's record (a dict) for a
+    one-cluster step, a list of them for a multi-cluster step (``core.runs.removals`` reads both)."""
     now = time.perf_counter()
-    record = {"step": step, **metrics, "widths": graph.widths(), "removed": removed_record(cand, channel_maps),
-              "estimated_drop": cand.cost, **extra, "candidates_tried": tried,
+    removed = [removed_record(c, channel_maps) for c in move]
+    costs = [c.cost for c in move]
+    record = {"step": step, **metrics, "widths": graph.widths(), "removed": removed[0] if len(removed) == 1 else removed,
+              "estimated_drop": None if None in costs else sum(costs), **extra, "candidates_tried": tried,
               "seconds": now - times[0], "elapsed": now - times[1]}
     writer.add_step(record, graph.model, graph.history)
     cb.step(record)

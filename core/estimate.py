@@ -237,8 +237,9 @@ def estimate_prune_time(model: nn.Module, spec: InputSpec | ModelSpec, n_val: in
         else:
             analysis = _scaled(rates.ablation_image, (n_filters + sens_points) * images)
         breakdown["original: CAR analysis"] = analysis
-    low_widths = _step_widths(groups, config.cluster, budget, config.max_steps, biggest_first=True)
-    high_widths = _step_widths(groups, config.cluster, budget, config.max_steps, biggest_first=False)
+    per_step = getattr(config, "clusters_per_step", 1)  # k clusters a step: one fine-tuning and measurement for k
+    low_widths = _step_widths(groups, config.cluster, budget, config.max_steps * per_step, biggest_first=True)[::per_step]
+    high_widths = _step_widths(groups, config.cluster, budget, config.max_steps * per_step, biggest_first=False)[::per_step]
     attempts = (1, min(config.patience + 1, 2))
     per_attempt = _add(_scaled(rates.train_step, config.finetune_steps), evaluation(), latency())
     scoring, tries = [0.0, 0.0], [0.0, 0.0]

@@ -377,6 +377,17 @@ def select_step(history: list[dict], max_drop: float) -> int:
     return min(ok, key=lambda r: (r["macs"], -r["metric"]))["step"] if ok else 0
 
 
+def removals(record: dict) -> list[dict]:
+    """The clusters a step removed, each ``{group, display, producers, filters, filters_original,
+    width_before, width_after}``: none for the original and a recovered step, one for a one-cluster step
+    (``removed`` a dict, as in every run before multi-cluster steps), several for a multi-cluster step
+    (``removed`` a list; ``PruneConfig.clusters_per_step``)."""
+    removed = record.get("removed")
+    if not removed:
+        return []
+    return [removed] if isinstance(removed, dict) else list(removed)
+
+
 LEGACY_METRIC_KEYS = ("map", "accuracy")  # where records before ``metric`` kept it, most specific first
 
 

@@ -29,7 +29,7 @@ from .data import ImageSet, normalize
 from .errors import SettingsError
 from .groups import group_label  # every group a user reads is named by the layer they know (issue 16)
 from .models import InputSpec
-from .runs import select_step
+from .runs import removals, select_step
 from .shortcuts import is_shortcut_embedding
 
 MAX_PATCH_IMAGES = 256  # images scanned for top-activating patches
@@ -565,10 +565,10 @@ def metric_title(metric: str) -> str:
 
 
 def _removed_text(r: dict) -> str:
-    rem = r.get("removed")
-    if not rem:
-        return "original"
-    return f"{rem.get('group')}: {rem.get('width_before')} → {rem.get('width_after')}"
+    rems = removals(r)
+    if not rems:
+        return "original" if r.get("recovered_from") is None else f"recovery of step {r['recovered_from']}"
+    return "; ".join(f"{rem.get('group')}: {rem.get('width_before')} → {rem.get('width_after')}" for rem in rems)
 
 
 def fig_tradeoff(history_records_by_run: dict[str, list[dict]], x: str = "macs", threshold_points: float | None = None,

@@ -12,7 +12,7 @@ from core.clusters import latency_staircase
 from core.detection.prune import DetectionPruneConfig
 from core.errors import PruneScopeError
 from core.groups import removal_label
-from core.runs import reviewable, run_reviewable
+from core.runs import removals, reviewable, run_reviewable
 from core.jobs import JobAlreadyRunning, detection_prune_job, prune_job, reusable_car
 from core.prune import PruneConfig
 from core.workspace import new_run_dir
@@ -137,6 +137,12 @@ with settings:
                                      disabled=running)
             max_steps = st.slider("Step limit", 1, task["steps"], defaults.max_steps, key=f"{p}_max_steps",
                                   disabled=running)
+            clusters_per_step = st.slider("Clusters per step", 1, 8, defaults.clusters_per_step,
+                                          key=f"{p}_clusters_per_step", disabled=running,
+                                          help="The best-ranked clusters removed together, with one fine-tuning and "
+                                               "one measurement: fewer, faster steps on deep networks. When they "
+                                               "break the threshold together, the step takes one and later steps "
+                                               "try half as many.")
             latency = st.toggle("Measure OpenVINO latency every step", value=defaults.latency, key=f"{p}_latency",
                                 disabled=running)
             analyse = defaults.analyse_car
@@ -159,7 +165,8 @@ with settings:
         config = Config(criterion=criterion, cluster=cluster, max_drop=float(max_drop),
                         mac_target=None if mac_target is None else mac_target / 100,
                         finetune_steps=int(finetune_steps), score_images=int(score_images),
-                        max_steps=int(max_steps), latency=latency, analyse_car=analyse, **extra)
+                        max_steps=int(max_steps), clusters_per_step=int(clusters_per_step), latency=latency,
+                        analyse_car=analyse, **extra)
         car_reuse_note(config)
         if state.task == "classification":
             with st.expander("How long will it take?", icon=":material/timer:"):
@@ -193,9 +200,9 @@ def step_text(r: dict | None, metric_label: str) -> str:
         return "measuring the original model"
     if r["step"] == 0:
         return "step 0 (the original) measured"
-    rem = r.get("removed") or {}
-    return (f"step {r['step']}: removed {len(rem.get('filters', []))} filters from `{removal_label(rem)}` "
-            f"({rem.get('width_before')} → {rem.get('width_after')}), {metric_label} "
+    removed = ", ".join(f"{len(rem.get('filters', []))} filters from `{removal_label(rem)}` "
+                        f"({rem.get('width_before')} → {rem.get('width_after')})" for rem in removals(r))
+    return (f"step {r['step']}: removed {removed or 'nothing'}, {metric_label} "
             f"{format_pct(r.get('metric'))}, "
             f"MACs {format_macs(r['macs'])}")
 

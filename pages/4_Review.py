@@ -9,7 +9,7 @@ from core.errors import PruneScopeError
 from core.jobs import past_runs
 from core.prune import read_structure
 from core.groups import group_display_name, removal_group, removal_label
-from core.runs import Run
+from core.runs import Run, removals
 from ui import detection
 from ui.common import (change, format_macs, format_ms, format_params, format_pct, metrics_row, page_link, pick_run,
                        setup_page, started_at, state_badge, threshold_pick)
@@ -98,23 +98,25 @@ for note in structure["notes"]:
 if structure["left_alone"]:
     with st.expander(f"{len(structure['left_alone'])} layer group(s) left alone", icon=":material/block:"):
         st.markdown("\n".join(f"- **{root}**: {why}" for root, why in structure["left_alone"].items()))
-removals = [r for r in hist[1:] if r.get("removed") and r["step"] <= pick["step"]]
-if not removals:
+# one row per removed cluster (a multi-cluster step has several, each with the step's figures after it)
+removed = [(r, rem) for r in hist[1:] if r["step"] <= pick["step"] for rem in removals(r)]
+car_groups = (run.car or {}).get("groups")
+if not removed:
     st.caption("Nothing removed at this threshold.")
 else:
-    car_groups = (run.car or {}).get("groups")
-    st.dataframe([{"step": r["step"], "layer": removal_label(r["removed"], car_groups),
-                   "filters removed": len(r["removed"]["filters"]),
-                   "width": f"{r['removed']['width_before']} → {r['removed']['width_after']}",
+    st.dataframe([{"step": r["step"], "layer": removal_label(rem, car_groups),
+                   "filters removed": len(rem["filters"]),
+                   "width": f"{rem['width_before']} → {rem['width_after']}",
                    f"{metric} after": format_pct(r["metric"]), "drop (selection, 95 % CI)": drop_text(r),
                    "test drop (95 % CI)": drop_text(r, "test"), "MACs after": format_macs(r["macs"]),
-                   "latency after": format_ms(r.get("latency_ms"))} for r in removals],
+                   "latency after": format_ms(r.get("latency_ms"))} for r, rem in removed],
                  hide_index=True, width="stretch")
 if run.task == "detection":  # a detector's filters are judged by its boxes: before / after pictures
     detection.boxes_before_after(run, sel, pick)
-elif removals:
-    which = st.selectbox("Show the filters removed at step", [r["step"] for r in removals], key=f"rv_gal_step_{sel}")
-    rec = next(r for r in removals if r["step"] == which)["removed"]
+elif removed:
+    which = st.selectbox("Show the filters removed at step", range(len(removed)), key=f"rv_gal_removal_{sel}",
+                         format_func=lambda i: f"{removed[i][0]['step']}: {removal_label(removed[i][1], car_groups)}")
+    rec = removed[which][1]
     car = run.car
     car_scores = None
     if car:

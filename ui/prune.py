@@ -146,6 +146,8 @@ def settings_text(config) -> str:
              f"step limit {config.max_steps}", f"device {config.device}"]
     if config.mac_target:
         parts.append(f"MAC target {config.mac_target:g}")
+    if getattr(config, "clusters_per_step", 1) > 1:
+        parts.append(f"{config.clusters_per_step} clusters per step")
     if config.plan:
         parts.append("a per-layer plan")
     return " · ".join(parts)

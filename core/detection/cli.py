@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 from ..cli_common import (check_model_code_args, config_from_args, export_exit_code, prepare_out, print_bundle,
-                          print_costs, print_summary, progress, progress_printer, run_interruptible,
-                          summary_exit_code)
+                          print_costs, print_summary, progress, progress_printer, removal_text,
+                          run_interruptible, summary_exit_code)
 from ..errors import ModelLoadError
 from ..jsonout import emit_json
 from ..models import extract_state_dict, load_state_dict_strict, read_checkpoint
@@ -107,7 +107,7 @@ def cmd_prune_detection(args) -> int:
 
     def on_step(r: dict) -> None:
         print(f"step {r['step']}: mAP {r['metric'] * 100:.2f}  MACs {r['macs'] / 1e6:.2f} M"
-              + (f"  removed {len(r['removed']['filters'])} from {r['removed']['group']}" if r.get("removed") else ""),
+              + removal_text(r),
               file=sys.stderr, flush=True)
 
     summary = run_interruptible(lambda cancel: run_detection_pruning(

@@ -77,5 +77,6 @@ class Task(Protocol):
                  progress: ProgressFn | None) -> None:
         """A few mini-batches of the task's loss after a removal; leaves the model in eval mode."""
 
-    def step_extra(self, cluster: Cluster) -> dict:
-        """Task-specific fields of an accepted step's record (e.g. detection's screening loss increase)."""
+    def step_extra(self, clusters: list[Cluster]) -> dict:
+        """Task-specific fields of an accepted step's record (e.g. detection's screening loss increase);
+        ``clusters``: what the step removed (several for a multi-cluster step)."""

@@ -214,7 +214,7 @@ class ClassificationTask:
                                                    f"{tried[0]['selection_drop_points']:.2f} points)"))
         return {"configured_lr": c.finetune_lr, "lr": lr, "allowed_drop_points": allowed, "tried": tried}
 
-    def step_extra(self, cluster: Cluster) -> dict:
+    def step_extra(self, clusters: list[Cluster]) -> dict:
         """How the step's single-filter scores were made (``core.rescore.ScoreReport``): exact or screened,
         measured or reused; ``rescored_groups`` is empty when every group kept its earlier scores."""
         if self.config.criterion != "car":

@@ -123,8 +123,10 @@ class DetectionTask:
     def finetune(self, model: nn.Module, rng, cancel, progress) -> None:
         finetune_detector(model, self.data.train, self.spec, self.config, rng, cancel, progress)
 
-    def step_extra(self, cluster: Cluster) -> dict:
-        return {"screen_loss_increase": cluster.loss_up}
+    def step_extra(self, clusters: list[Cluster]) -> dict:
+        """The screened loss increase of the removal (summed over a multi-cluster step's clusters)."""
+        losses = [c.loss_up for c in clusters]
+        return {"screen_loss_increase": None if None in losses else sum(losses)}
 
 
 # ----------------------------------------------------------------------------- measuring

@@ -83,3 +83,27 @@ def test_a_legacy_run_opens_in_review_and_export(sample_run):
     box = at.selectbox(key=f"ex_step_{sample_run.name}")
     assert box.value == last["step"]
     assert any(f"accuracy {format_pct(last['metric'])}" in o for o in box.options)
+
+
+def test_a_multi_cluster_run_lists_each_removed_cluster():
+    """A step that removed two clusters (``clusters_per_step``) shows a row and a gallery entry per cluster."""
+    from core.models import load_model
+    from core.prune import run_pruning
+    from core.sources import load_dataset
+    from core.workspace import runs_dir
+    from tests.helpers import quick_config
+
+    loaded = load_model("sample:vgg_digits")
+    data = load_dataset("sample:vgg_digits", loaded.spec.input)
+    out = runs_dir() / "20260102-000000-sample_vgg-multi01"
+    run_pruning(loaded, data, quick_config(max_steps=1, clusters_per_step=2), out, data_source="sample:vgg_digits")
+    at = goto(new_app().run(), "review")
+    at.selectbox(key="rv_run").set_value(out.name).run()
+    assert_no_exception(at)
+    table = at.dataframe[0].value
+    assert len(table) == 2 and list(table["step"]) == [1, 1]
+    assert len(set(table["layer"])) == 2, "two groups"
+    gallery = at.selectbox(key=f"rv_gal_removal_{out.name}")
+    assert len(gallery.options) == 2
+    gallery.set_value(1).run()
+    assert_no_exception(at)
