@@ -68,7 +68,7 @@ def cmd_recover(args) -> int:
     device = recovery_device(run, device)
     progress(f"device: {describe(device, torch.get_num_threads())}")
     record = recover_run_step(run.dir, step, config, progress=eta_printer(), trusted=args.trusted, device=device)
-    print_summary(recovery_summary(record), args.json)
+    print_summary(report_recovery(record), args.json)
     return 0
 
 
@@ -77,23 +77,35 @@ def default_step(run: Run) -> int:
     return run.select_step(float(run.config.get("prune", {}).get("max_drop", 1.0)))
 
 
-def recovery_summary(record: dict) -> dict:
-    """The recovery's figures for the JSON summary; ``kept`` False (``step`` None) when no epoch finished,
-    which is also said on stderr, as is a best epoch below the source step on the selection images."""
+def recovery_note(record: dict) -> str | None:
+    """What a recovery's figures alone do not say, for people (stderr): nothing was added (a cancel before
+    the first epoch ended), or the new step scores below its source on the selection images; else None."""
     rec = record["recovery"]
-    source = record["recovered_from"]
     if record["step"] is None:
-        print("recovery: cancelled before the first epoch finished; nothing was added to the run",
-              file=sys.stderr, flush=True)
-    elif record["metric"] < rec["start_selection"]:
-        print(f"recovery: step {record['step']} scores {record['metric'] * 100:.2f} % on the selection images, below "
-              f"step {source}'s {rec['start_selection'] * 100:.2f} % (a kept step reads high on the images that chose "
-              "it); compare the test figures", file=sys.stderr, flush=True)
+        return "recovery: cancelled before the first epoch finished; nothing was added to the run"
+    if record["metric"] < rec["start_selection"]:
+        return (f"recovery: step {record['step']} scores {record['metric'] * 100:.2f} % on the selection images, "
+                f"below step {record['recovered_from']}'s {rec['start_selection'] * 100:.2f} % (a kept step reads "
+                "high on the images that chose it); compare the test figures")
+    return None
+
+
+def report_recovery(record: dict) -> dict:
+    """Say :func:`recovery_note` on stderr (when there is one); returns :func:`recovery_summary`."""
+    note = recovery_note(record)
+    if note:
+        print(note, file=sys.stderr, flush=True)
+    return recovery_summary(record)
+
+
+def recovery_summary(record: dict) -> dict:
+    """The recovery's figures for the JSON summary; ``kept`` False (``step`` None) when no epoch finished."""
+    rec = record["recovery"]
     return {"step": record["step"], "kept": record["step"] is not None, "recovered_from": record["recovered_from"],
             "metric": record["metric"],
             "test_metric": record["test_metric"], "macs": record["macs"], "kd": rec["kd"],
             "best_epoch": rec["best_epoch"], "epochs": rec["epochs"], "cancelled": rec["cancelled"],
-            "seconds": rec["seconds"]}
+            "seconds": rec["seconds"], "device": rec.get("device")}
 
 
 def prune_recovery_config(args) -> RecoveryConfig | None:
@@ -119,4 +131,4 @@ def recover_after_prune(config: RecoveryConfig | None, run_dir, max_drop: float,
     print(f"recovery fine-tune of step {step}: {config.epochs} epoch(s) on {len(data.train)} training images",
           file=sys.stderr, flush=True)
     record = recover_run_step(run_dir, step, config, data=data, progress=eta_printer(), trusted=trusted, device=device)
-    return {**summary, "recovery": recovery_summary(record)}
+    return {**summary, "recovery": report_recovery(record)}

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.cli_recover import recovery_summary
+from core.cli_recover import recovery_note, recovery_summary
 from core.errors import PruneScopeError
 from core.eta import PhaseProgress
 from core.evaluate import count_macs_params, evaluate_accuracy
@@ -97,7 +97,7 @@ def test_old_run_without_a_test_split_recovers_with_selection_figures_only(digit
     assert record["test_metric"] is None and set(record["paired"]) <= {"selection"}
 
 
-def test_a_cancelled_recovery_adds_no_copy_of_its_source(digits_run, tmp_path, capsys):
+def test_a_cancelled_recovery_adds_no_copy_of_its_source(digits_run, tmp_path):
     run, data = digits_run
     copy = tmp_path / "copy"
     shutil.copytree(run.dir, copy)
@@ -108,7 +108,16 @@ def test_a_cancelled_recovery_adds_no_copy_of_its_source(digits_run, tmp_path, c
     assert record["step"] is None and record["recovery"]["cancelled"] and Run(copy).steps() == before
     summary = recovery_summary(record)  # what the CLI prints: not kept, said in words, not just a null
     assert summary["kept"] is False and summary["step"] is None
-    assert "cancelled before the first epoch finished" in capsys.readouterr().err
+    assert "cancelled before the first epoch finished" in recovery_note(record)
+
+
+def test_the_note_says_when_the_recovered_step_reads_below_its_source():
+    record = {"step": 4, "recovered_from": 3, "metric": 0.80, "test_metric": 0.79, "macs": 1.0,
+              "recovery": {"start_selection": 0.81, "kd": False, "best_epoch": 1, "epochs": 1, "cancelled": False,
+                           "seconds": 1.0, "device": "cpu"}}
+    assert "below step 3's 81.00 %" in recovery_note(record)
+    assert recovery_note({**record, "metric": 0.82}) is None
+    assert recovery_summary(record)["kept"] is True and recovery_summary(record)["device"] == "cpu"
 
 
 def test_refusals_are_one_clear_error(digits_run, tmp_path):
