@@ -199,7 +199,8 @@ def prune_flow(depth: int, record: dict, folder: Path, held_out: ImageSet, flow:
                                         str(args.recover_epochs), "--device", args.device, "--threads",
                                         str(args.threads), "--json"], log, None)
             code = code if code_r == 0 else code_r
-        if code in (0, EXIT_INTERRUPTED) and args.recover_epochs and args.recover_original:
+        if code in (0, EXIT_INTERRUPTED) and args.recover_epochs and args.recover_original and \
+                any(r.get("recovered_from") not in (None, 0) for r in Run(out).history):  # a pruned step recovered
             control_code = recover_original(out, log, args)
             code = code if control_code == 0 else control_code
     if code not in (0, EXIT_INTERRUPTED):

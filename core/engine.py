@@ -249,6 +249,7 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
     t_start = time.perf_counter()
     scores: dict[str, np.ndarray] | None = None  # group root -> score per filter
     batch = config.clusters_per_step  # clusters tried together at the next step
+    macs = base["macs"]  # of the current model
     reason = "step limit reached"
     for step in range(1, config.max_steps + 1):
         cb.enter("step", step)
@@ -263,15 +264,17 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
         if not candidates:
             reason = "every group is down to one cluster" + ("" if plan.empty else " or at its limit in the plan")
             break
-        moves = step_moves(candidates, batch)
-        accepted, graph = try_candidates(graph, moves, task, structure, writer, cb, step, base["metric"], rng,
-                                         cancel)
-        if len(moves[0]) > 1 and (accepted is None or accepted[0] is not moves[0]):
+        to_go = None if config.mac_target is None else macs - config.mac_target * base["macs"]
+        moves = step_moves(candidates, batch, to_go)
+        accepted, graph, broke_together = try_candidates(graph, moves, task, structure, writer, cb, step,
+                                                         base["metric"], rng, cancel)
+        if broke_together:
             batch = max(1, batch // 2)  # the clusters broke the threshold together: fewer at a time from here
         if accepted is None:
             reason = f"the next clusters would exceed the {config.max_drop:g}-point {task.metric_name} threshold"
             break
         move, metrics, tried = accepted
+        macs = metrics["macs"]
         target_reached = record_step(writer, cb, graph, step, move, metrics, tried, channel_maps, (t0, t_start),
                                      base["macs"], config.mac_target, **task.step_extra(move))
         if target_reached:
@@ -341,16 +344,27 @@ def step_candidates(task: Task, graph: PruningGraph, groups: list[ChannelGroup],
     return task.rank(graph, clusters, scores, scorer, rng, cancel, cb.part(0.3, 0.5, "ranking", f"step {step}: "))
 
 
-def step_moves(candidates: list[Cluster], batch: int) -> list[list[Cluster]]:
+def step_moves(candidates: list[Cluster], batch: int, macs_to_go: float | None = None) -> list[list[Cluster]]:
     """What a step tries, in order: the ``batch`` best candidates together (when ``batch`` > 1 and there
-    are two or more; each candidate is of its own group), then each candidate alone, best first."""
+    are two or more; each candidate is of its own group), then each candidate alone, best first.
+
+    ``macs_to_go``: MACs still to save before the run's MAC target; the group move stops at the candidate
+    that reaches it (by ``Cluster.macs_saved``), so that a step overshoots the target by one cluster at
+    most, as a one-cluster step does. A group move whose surgery fails is not retried without the failing
+    cluster: the step goes on with single clusters."""
     moves = [[c] for c in candidates]
-    if batch > 1 and len(candidates) > 1:
-        moves.insert(0, candidates[:batch])
+    together = []
+    for c in candidates[:batch]:
+        together.append(c)
+        if macs_to_go is not None and sum(t.macs_saved for t in together) >= macs_to_go:
+            break
+    if len(together) > 1:
+        moves.insert(0, together)
     return moves
 
 
 def move_label(move: list[Cluster]) -> str:
+    """A move for progress messages: its group's label, or ``k clusters (label, label, ...)``."""
     return move[0].group.label if len(move) == 1 else f"{len(move)} clusters ({', '.join(c.group.label for c in move)})"
 
 
@@ -362,12 +376,14 @@ def try_candidates(graph: PruningGraph, moves: list[list[Cluster]], task: Task, 
 
     A group whose surgery fails the check is recorded in ``structure["left_alone"]`` and does not
     count against ``patience``, nor does a rejected multi-cluster move (its clusters are tried alone
-    next). Returns ``((move, metrics, tried), graph)``, or ``(None, graph)``; a rejected move leaves the
-    graph as it was.
+    next). Returns ``((move, metrics, tried), graph, broke_together)``, or ``(None, graph, broke_together)``;
+    a rejected move leaves the graph as it was. ``broke_together``: a multi-cluster move was measured and
+    undone by the threshold (not skipped for a failed surgery), which is what halves later moves.
     """
     config = task.config
     left_alone = structure["left_alone"]
     tried = singles = 0
+    broke_together = False
     for move in moves:
         if singles > config.patience:
             break
@@ -395,10 +411,11 @@ def try_candidates(graph: PruningGraph, moves: list[list[Cluster]], task: Task, 
         if lost > config.max_drop + 1e-9:
             cb.progress(0.95, f"step {step}: {move_label(move)} would drop {lost:.2f} {task.metric_name} points; undone")
             graph = rebuild_graph(task, *snapshot)
+            broke_together = broke_together or len(move) > 1
             continue
         cb.progress(0.96, f"step {step}: measuring the kept step", "measuring", 0.0)
-        return (move, task.measure(graph.model, decision), tried), graph
-    return None, graph
+        return (move, task.measure(graph.model, decision), tried), graph, broke_together
+    return None, graph, broke_together
 
 
 def rebuild_graph(task: Task, model, history: list) -> PruningGraph:
@@ -454,6 +471,9 @@ def record_step(writer: RunWriter, cb: Callbacks, graph: PruningGraph, step: int
 
 
 def removed_record(cand: Cluster, channel_maps: dict[str, list[int]]) -> dict:
+    """One removed cluster as a record stores it, its filters also as indices of the original model
+    (``filters_original``, from ``channel_maps``: per producer layer, the original index of each current
+    channel, updated here). Groups are disjoint, so a multi-cluster step calls this once per cluster."""
     g: ChannelGroup = cand.group
     original = None
     for name in g.producers:

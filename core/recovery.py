@@ -252,9 +252,13 @@ def recover_run_step(run_dir: Path | str, step: int, config: RecoveryConfig, dat
 def recovery_device(run: Run, device: torch.device | str | None = None) -> torch.device:
     """Where a recovery of ``run`` trains: ``device`` when given, else where the run pruned (its recorded
     ``prune.device``: a run pruned on the GPU recovers there too, not silently on the CPU), or ``auto``
-    when the recorded device is not on this machine (a run pruned on a GPU machine, recovered on a laptop)."""
+    when the recorded device is not on this machine (a run pruned on a GPU machine, recovered on a laptop).
+    Raises ``SettingsError`` for a device name other than auto / cpu / cuda, or ``cuda`` asked for on a
+    machine without a GPU."""
+    if isinstance(device, torch.device):
+        return device
     if device is not None:
-        return resolve_device(str(device))
+        return resolve_device(device)
     recorded = (run.config.get("prune") or {}).get("device") or "auto"
     if recorded == "cuda" and not torch.cuda.is_available():
         recorded = "auto"

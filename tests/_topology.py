@@ -9,7 +9,7 @@ from core.ablation import zeroed_inputs
 from core.car import filter_ablation
 from core.groups import PruningGraph
 from core.prune import run_pruning
-from core.runs import Run
+from core.runs import Run, removals
 from tests.helpers import loaded, quick_config, random_dataset
 
 
@@ -34,21 +34,24 @@ def assert_emulation_matches_surgery(model: torch.nn.Module, size: int, max_grou
 
 
 def assert_prunes_in_clusters(model, arch: str, num_classes: int, size: int, tmp_path, cluster: int = 8, steps: int = 2,
-                              lm=None):
+                              lm=None, clusters_per_step: int = 1):
     """A short run removes real channels in multiples of the cluster size and every step rebuilds.
 
-    ``lm`` overrides the LoadedModel (for custom architectures, whose spec must name their code)."""
+    ``lm`` overrides the LoadedModel (for custom architectures, whose spec must name their code);
+    ``clusters_per_step`` > 1: each step removes that many clusters together (asserted)."""
     data = random_dataset(num_classes, size=size)
     lm = lm or loaded(model, arch, num_classes, size)
     before = PruningGraph(copy.deepcopy(model), (1, 3, size, size)).widths()
-    summary = run_pruning(lm, data, quick_config(cluster=cluster, max_steps=steps), tmp_path / "run")
+    summary = run_pruning(lm, data, quick_config(cluster=cluster, max_steps=steps, clusters_per_step=clusters_per_step),
+                          tmp_path / "run")
     assert summary["steps"] >= 1
     assert summary["final_macs"] < summary["baseline_macs"]
     run = Run(tmp_path / "run")
     for record in run.history[1:]:
-        removed = record["removed"]
-        assert removed["width_after"] % cluster == 0 and removed["width_after"] >= cluster
-        assert record["widths"][removed["producers"][0]] == removed["width_after"]
+        assert len(removals(record)) == clusters_per_step, "max-drop 100: a group move is never undone"
+        for removed in removals(record):
+            assert removed["width_after"] % cluster == 0 and removed["width_after"] >= cluster
+            assert record["widths"][removed["producers"][0]] == removed["width_after"]
     last = run.history[-1]
     rebuilt = run.rebuild_step(last["step"])
     widths = {n: (m.out_channels if isinstance(m, torch.nn.Conv2d) else m.out_features)

@@ -1,9 +1,11 @@
 """Prune page: settings, Start / Cancel, live progress, re-attaching after a reload, clear failures."""
 from __future__ import annotations
 
-from core.runs import Run
+from core.prune import PruneConfig
+from core.runs import Run, removals
 from tests.app.apptest_tools import (assert_no_exception, goto, new_app, progress_values, texts, wait_until, with_sample)
 from tests.unit.test_criteria import fpgm  # noqa: F401  (the README example criterion, registered)
+from ui.prune import settings_text
 from ui.state import get_registry
 
 
@@ -61,6 +63,23 @@ def test_run_shows_progress_and_finishes():
     assert [r["step"] for r in run.history] == [0, 1, 2] and run.status["state"] == "done"
     assert all(r["latency_ms"] > 0 for r in run.history)
     assert not at.button(key="pr_start").disabled and at.button(key="pr_cancel").disabled
+
+
+def test_clusters_per_step_reaches_the_run():
+    at = small_settings(with_sample("prune"), steps=1)
+    assert at.slider(key="pr_clusters_per_step").value == 1, "one cluster per step unless asked"
+    at.slider(key="pr_clusters_per_step").set_value(2).run()
+    at.button(key="pr_start").click().run()
+    assert_no_exception(at)
+    job = get_registry().active("prune")[0]
+    wait_until(at, lambda a: "Finished after" in texts(a), timeout=180)
+    assert_no_exception(at)
+    run = Run(job.run_dir)
+    assert run.config["prune"]["clusters_per_step"] == 2
+    # what the step removed is the engine's (test_multi_cluster.py): on this small sample two clusters at
+    # once lose ~19 points and the step falls back to one
+    assert 1 <= len(removals(run.history[1])) <= 2
+    assert "2 clusters per step" in settings_text(PruneConfig(**run.config["prune"]))
 
 
 def test_cancel_from_a_reloaded_tab_keeps_completed_steps():

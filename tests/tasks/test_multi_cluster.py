@@ -95,6 +95,10 @@ def test_step_moves_and_the_setting():
     assert engine.step_moves(cands, 2) == [["a", "b"], ["a"], ["b"], ["c"]]
     assert engine.step_moves(cands, 8) == [["a", "b", "c"], ["a"], ["b"], ["c"]]
     assert engine.step_moves(["a"], 4) == [["a"]], "one candidate: nothing to batch"
+    sized = [engine.Cluster(None, [0], macs) for macs in (5.0, 4.0, 3.0)]
+    assert engine.step_moves(sized, 3, macs_to_go=8.0)[0] == sized[:2], "stops at the cluster that reaches the target"
+    assert engine.step_moves(sized, 3, macs_to_go=4.0)[0] == [sized[0]], "one reaches it: no group move"
+    assert engine.step_moves(sized, 3, macs_to_go=100.0)[0] == sized
     for bad in (0, -1, 1.5):
         with pytest.raises(Exception, match="Clusters per step"):
             PruneConfig(clusters_per_step=bad).validate()

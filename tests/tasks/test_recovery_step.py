@@ -82,6 +82,7 @@ def test_a_recovery_trains_where_its_run_pruned(digits_run, tmp_path):
         atomic_write_json(copy / "config.json", {**config, "prune": {**config["prune"], "device": recorded}})
         assert recovery_device(Run(copy)).type == expected, recorded
     assert recovery_device(Run(copy), "cpu").type == "cpu"
+    assert recovery_device(Run(copy), torch.device("cpu", 0)) == torch.device("cpu", 0), "a torch device as given"
 
 
 def test_old_run_without_a_test_split_recovers_with_selection_figures_only(digits_run, tmp_path):

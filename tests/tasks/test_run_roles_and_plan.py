@@ -16,7 +16,7 @@ from core.data import ImageSet
 from core.groups import PruningGraph
 from core.models import load_model
 from core.prune import PruneConfig, run_pruning
-from core.runs import Run
+from core.runs import Run, removals
 from core.sources import load_dataset
 
 
@@ -40,8 +40,8 @@ def _config(**kw) -> PruneConfig:
 
 
 def _decisions(run: Run) -> list[tuple]:
-    return [(r["step"], (r["removed"] or {}).get("group"), tuple((r["removed"] or {}).get("filters", ())),
-             round(r["metric"], 9)) for r in run.history]
+    return [(r["step"], tuple((x["group"], tuple(x["filters"])) for x in removals(r)), round(r["metric"], 9))
+            for r in run.history]
 
 
 def test_records_carry_selection_and_test_figures_and_test_images_decide_nothing(sample, tmp_path):
@@ -74,7 +74,7 @@ def test_a_plan_excludes_one_group_and_caps_another(sample, tmp_path):
     original = {g.root: g.width for g in groups}
     run_pruning(loaded, data, _config(criterion="l1", max_steps=1), tmp_path / "free")
     free = Run(tmp_path / "free")
-    first = free.history[1]["removed"]["group"]  # what the loop cuts first without a plan
+    first = removals(free.history[1])[0]["group"]  # what the loop cuts first without a plan
     capped = next(g.root for g in groups if g.root != first and g.width >= 32)
     plan = {"exclude": [first], "max_fraction": {capped: 0.25}}
 

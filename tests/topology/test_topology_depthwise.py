@@ -20,3 +20,7 @@ def test_depthwise_prunes_in_clusters(tmp_path):
     for name, w in widths.items():
         if name.endswith("conv.1.0"):
             assert w == widths[name.replace("conv.1.0", "conv.0.0")]
+
+
+def test_depthwise_prunes_several_clusters_per_step(tmp_path):
+    assert_prunes_in_clusters(_mobilenet(), "mobilenet_v2", 4, 32, tmp_path, steps=1, clusters_per_step=3)

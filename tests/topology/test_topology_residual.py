@@ -23,3 +23,9 @@ def test_residual_prunes_in_clusters(tmp_path):
     widths = run.history[-1]["widths"]
     # Coupled layers of a stream always keep the same width.
     assert widths["stem.0"] == widths["layer1.0.conv2"] == widths["layer1.1.conv2"]
+
+
+def test_residual_prunes_several_clusters_per_step(tmp_path):
+    """Three groups cut in one step (the residual stream among the candidates) rebuild and run."""
+    assert_prunes_in_clusters(randomize_bn(SampleResNet(num_classes=6)), "sample_resnet", 6, 32, tmp_path, steps=2,
+                              clusters_per_step=3)
