@@ -184,8 +184,9 @@ def _calibration_ablations(groups: list[ChannelGroup]) -> list:
 
 def _step_widths(groups: list[ChannelGroup], cluster: int, mac_budget: float, max_steps: int,
                  biggest_first: bool) -> list[int]:
-    """Total filters before each simulated step: one cluster leaves one group per step, until ``mac_budget``
-    MACs are saved, ``max_steps`` is reached or no group can lose a cluster."""
+    """Total filters before each simulated removal: one cluster leaves one group per removal, until
+    ``mac_budget`` MACs are saved, ``max_steps`` removals are made or no group can lose a cluster (the
+    caller keeps every k-th entry for k clusters per step)."""
     widths = {g.gid: g.width for g in groups}
     per_filter = {g.gid: g.macs_per_filter for g in groups}
     saved, out = 0.0, []
@@ -207,7 +208,9 @@ def estimate_prune_time(model: nn.Module, spec: InputSpec | ModelSpec, n_val: in
     ``n_val``: validation images (each step evaluates all of them); ``config``: a ``PruneConfig`` (any
     object with its fields); ``rates``: from :func:`measure_rates` (measured now when None);
     ``total_macs``: the model's MACs (counted when None). The CAR method is ``config.car`` (``PruneConfig``), else
-    ``config.car_method``, else ``exact``.
+    ``config.car_method``, else ``exact``. With ``config.clusters_per_step`` k, a step removes k clusters for
+    one fine-tuning and measurement; the steps where k clusters together break the threshold (one more
+    attempt each, then k halves) are not foreseen, so the high end can be short for a tight threshold.
     """
     ispec = spec.input if isinstance(spec, ModelSpec) else spec
     if rates is None:
