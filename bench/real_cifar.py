@@ -55,6 +55,7 @@ from core.architectures import CifarResNet  # noqa: E402
 from core.cli_common import EXIT_INTERRUPTED  # noqa: E402
 from core.car import FAST_EXACT_FRACTION, compute_car  # noqa: E402
 from core.data import ImageSet, normalize  # noqa: E402
+from core.device import DEVICES  # noqa: E402
 from core.groups import PruningGraph  # noqa: E402
 from core.evaluate import count_macs_params, evaluate_accuracy  # noqa: E402
 from core.models import InputSpec  # noqa: E402
@@ -195,9 +196,7 @@ def prune_flow(depth: int, record: dict, folder: Path, held_out: ImageSet, flow:
         stdout, code = run_cli(prune_command(depth, record, folder, out, flow, args), log, args.max_minutes)
         wall = time.perf_counter() - t0
         if code == EXIT_INTERRUPTED and args.recover_epochs:  # stopped at the time limit: recover as a user would
-            stdout_r, code_r = run_cli([sys.executable, "-m", "core", "recover", str(out), "--epochs",
-                                        str(args.recover_epochs), "--device", args.device, "--threads",
-                                        str(args.threads), "--json"], log, None)
+            _, code_r = run_cli(recover_command(out, args), log, None)
             code = code if code_r == 0 else code_r
         if code in (0, EXIT_INTERRUPTED) and args.recover_epochs and args.recover_original and \
                 any(r.get("recovered_from") not in (None, 0) for r in Run(out).history):  # a pruned step recovered
@@ -239,14 +238,18 @@ def prune_flow(depth: int, record: dict, folder: Path, held_out: ImageSet, flow:
     return row
 
 
+def recover_command(out: Path, args, step: int | None = None) -> list[str]:
+    """``python -m core recover`` of a run with the bench's epochs, device and threads (``step`` None: the
+    step the run's threshold selects, as a user's plain ``recover``)."""
+    return [sys.executable, "-m", "core", "recover", str(out), *(["--step", str(step)] if step is not None else []),
+            "--epochs", str(args.recover_epochs), "--device", args.device, "--threads", str(args.threads), "--json"]
+
+
 def recover_original(out: Path, log, args) -> int:
     """The recovery fine-tune given to the original (step 0) too, with the same epochs and device: the control
     for an original trained for fewer epochs than the recipe that made it (its recovered step gains from
     training it never had). Appended to the run like any recovery; returns the exit code."""
-    _, code = run_cli([sys.executable, "-m", "core", "recover", str(out), "--step", "0", "--epochs",
-                       str(args.recover_epochs), "--device", args.device, "--threads", str(args.threads), "--json"],
-                      log, None)
-    return code
+    return run_cli(recover_command(out, args, step=0), log, None)[1]
 
 
 def openvino_speedup(original, final, spec: InputSpec, threads: int) -> str:
@@ -265,7 +268,7 @@ def main() -> int:
     ap.add_argument("--screen-spreads", type=float, nargs="*", default=[0.0, SCREEN_RELATIVE_ERROR, 0.5],
                     help="screen spreads compared on the same exact CAR (part 1; none: skip)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu",
+    ap.add_argument("--device", choices=DEVICES, default="cpu",
                     help="where the prune flows score, fine-tune and recover (part 2; default cpu)")
     ap.add_argument("--no-latency", action="store_true",
                     help="part 2 without OpenVINO latency (a machine without OpenVINO, e.g. a GPU server)")

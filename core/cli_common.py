@@ -47,9 +47,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--std", type=float, nargs="+", help="std of the model's normalisation, one value per input channel")
 
 
-def add_device_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", choices=DEVICES, default="auto",
-                   help="where CAR, fine-tuning and evaluation run: auto (CUDA when PyTorch sees a GPU), cpu or cuda")
+def add_device_args(p: argparse.ArgumentParser, default: str | None = "auto") -> None:
+    """``--device`` and ``--threads``; ``default`` None: a run's own device (``recover``: where it pruned)."""
+    p.add_argument("--device", choices=DEVICES, default=default,
+                   help="where CAR, fine-tuning and evaluation run: auto (CUDA when PyTorch sees a GPU), cpu or cuda"
+                        + ("" if default else " (default: where the run pruned, when this machine has it)"))
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads for PyTorch (default: the cores this process may use)")
 

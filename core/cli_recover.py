@@ -6,8 +6,8 @@ import sys
 
 import torch
 
-from .cli_common import print_summary, progress, progress_printer
-from .device import DEVICES, describe, resolve_device, set_threads
+from .cli_common import add_device_args, announce_device, print_summary, progress_printer
+from .device import set_threads
 from .eta import PhaseProgress, format_duration
 from .errors import SettingsError
 from .recovery import RecoveryConfig, recover_run_step, recovery_device
@@ -23,11 +23,7 @@ def add_recover_command(sub) -> None:
     rc.add_argument("--epochs", type=int, default=RECOVERY_DEFAULTS.epochs,
                     help=f"passes over the train split (default {RECOVERY_DEFAULTS.epochs})")
     add_recovery_options(rc, "")
-    rc.add_argument("--device", choices=DEVICES,
-                    help="where the fine-tune runs: auto, cpu or cuda (default: where the run pruned, if this machine "
-                         "has it)")
-    rc.add_argument("--threads", type=int, metavar="N", help="CPU threads for PyTorch (default: the cores this "
-                    "process may use)")
+    add_device_args(rc, default=None)
     rc.add_argument("--trusted", action="store_true",
                     help="run the run's own pickle or model code even without a trust record in this workspace")
     rc.add_argument("--json", action="store_true")
@@ -61,12 +57,11 @@ def eta_printer():
 
 def cmd_recover(args) -> int:
     config = recovery_config(args.epochs, args.kd, args.lr, args.batch_size)
-    device = resolve_device(args.device) if args.device else None  # CUDA without a GPU: one line, before any work
     set_threads(args.threads)
     run = Run(args.run)  # a bad path: one line, before any work
     step = args.step if args.step is not None else default_step(run)
-    device = recovery_device(run, device)
-    progress(f"device: {describe(device, torch.get_num_threads())}")
+    device = recovery_device(run, args.device)  # CUDA without a GPU: one line, before any work
+    announce_device(device)
     record = recover_run_step(run.dir, step, config, progress=eta_printer(), trusted=args.trusted, device=device)
     print_summary(report_recovery(record), args.json)
     return 0

@@ -237,8 +237,7 @@ def recover_run_step(run_dir: Path | str, step: int, config: RecoveryConfig, dat
         seconds = time.perf_counter() - t0
         report("measuring", 0, 2, "measuring the recovered model on the selection and test images")
         model.cpu()
-        record = _recovered_record(run, source, model, original, data, config, result, seconds)
-        record["recovery"]["device"] = str(device)
+        record = _recovered_record(run, source, model, original, data, config, result, seconds, device)
         if result.best_epoch > 0:
             writer.add_step(record, model, history)
         else:  # no epoch finished: a copy of the source step is no new step
@@ -298,7 +297,7 @@ def _correct(model: nn.Module, data: DataSet, spec: InputSpec) -> dict[str, np.n
 
 
 def _recovered_record(run: Run, source: dict, model: nn.Module, original: nn.Module, data: DataSet,
-                      config: RecoveryConfig, result: RecoveryResult, seconds: float) -> dict:
+                      config: RecoveryConfig, result: RecoveryResult, seconds: float, device: torch.device) -> dict:
     spec = run.spec.input
     selection = evaluate_accuracy(model, data.val, spec)
     test = evaluate_accuracy(model, data.test, spec) if len(data.test) else None
@@ -315,7 +314,8 @@ def _recovered_record(run: Run, source: dict, model: nn.Module, original: nn.Mod
         "recovered_from": source["step"],
         "recovery": {"epochs": config.epochs, "kd": config.distill, "seconds": seconds,
                      "best_epoch": result.best_epoch, "cancelled": result.cancelled,
-                     "start_selection": result.start_selection, "per_epoch": result.epochs, "config": asdict(config)},
+                     "start_selection": result.start_selection, "per_epoch": result.epochs, "config": asdict(config),
+                     "device": str(device)},
         "paired": paired_figures(_correct(original, data, spec), _correct(model, data, spec)),
         "seconds": seconds, "elapsed": (source.get("elapsed") or 0.0) + seconds,
     }
