@@ -249,6 +249,15 @@ def config_from_args(args, config_class):
              "score_images": args.score_images, "rescore_every": args.rescore_every, "max_steps": args.max_steps,
              "clusters_per_step": getattr(args, "clusters_per_step", None),
              "latency": not args.no_latency, "seed": args.seed}
+    step_macs = getattr(args, "step_macs", None)
+    if step_macs is not None:
+        given["step_macs"] = step_macs if step_macs > 0 else None
+    for name in ("time_budget", "recover_epochs", "max_recoveries", "recover_lr"):
+        given[name] = getattr(args, name, None)
+    if getattr(args, "no_recover_kd", False):
+        given["recover_kd"] = False
+    if getattr(args, "no_control", False):
+        given["control"] = False
     for extra in ("optimizer", "exact_candidates", "map_images", "car", "device"):
         if extra in config_class.__dataclass_fields__:
             given[extra] = getattr(args, extra, None)

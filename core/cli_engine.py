@@ -9,7 +9,7 @@ from .car import CAR_METHODS, FAST_EXACT_FRACTION, compute_car
 from .cli_common import (add_device_args, add_plan_args, announce_device, config_from_args, device_from_args,
                          export_exit_code, load_model_and_data, prepare_out, print_bundle, print_summary, progress,
                          progress_printer, removal_text, run_interruptible, summary_exit_code)
-from .cli_recover import add_recovery_options, prune_recovery_config, recover_after_prune
+from .claim import describe_claim
 from .clusters import PROFILES
 from .detection.cli import add_detection_args, cmd_export_detection, cmd_prune_detection
 from .tasks.detection import DetectionPruneConfig
@@ -23,7 +23,11 @@ from .workspace import atomic_write_json
 def default_help(field: str, what: str) -> str:
     """Help text naming each task's default of a ``PruneConfig`` field, read from the config classes."""
     cls, det = PruneConfig.__dataclass_fields__[field].default, DetectionPruneConfig.__dataclass_fields__[field].default
-    return f"{what}; default {cls:g}" + ("" if det == cls else f" (detection: {det:g})")
+    return f"{what}; default {_value(cls)}" + ("" if det == cls else f" (detection: {_value(det)})")
+
+
+def _value(default) -> str:
+    return "none" if default is None else f"{default:g}"
 
 
 def add_commands(sub, add_model_args, add_data_args) -> None:
@@ -65,14 +69,26 @@ def add_commands(sub, add_model_args, add_data_args) -> None:
     add_plan_args(pr)
     pr.add_argument("--max-steps", type=int, help=default_help("max_steps", "step limit"))
     pr.add_argument("--clusters-per-step", type=int, metavar="K", help=default_help(
-        "clusters_per_step", "the K best-ranked clusters removed together per step, one fine-tuning for all; "
-        "halved after a step where they break the threshold"))
+        "clusters_per_step", "the most clusters removed together per step (the best-ranked, one fine-tuning for "
+        "all); halved after a step where they break the threshold"))
+    pr.add_argument("--step-macs", type=float, metavar="F", help=default_help(
+        "step_macs", "a step removes clusters until they save this fraction of the original MACs (at most K); "
+        "0 = K clusters per step"))
+    pr.add_argument("--time-budget", type=float, metavar="MIN",
+                    help="minutes for the whole run: it stops before a step would pass them, keeping the finished steps")
     pr.add_argument("--no-latency", action="store_true", help="skip OpenVINO latency per step")
     pr.add_argument("--no-analysis", action="store_true", help="skip the full CAR analysis of the original")
-    pr.add_argument("--recover-epochs", type=int, metavar="N",
-                    help="after pruning, a recovery fine-tune of N epochs of the step within --max-drop, added to the "
-                         "run as a new step (classification)")
-    add_recovery_options(pr, "recover-")
+    pr.add_argument("--recover-epochs", type=int, metavar="N", help=default_help(
+        "recover_epochs", "when no cluster fits the threshold, a recovery fine-tune of N epochs becomes a step and "
+        "the run goes on from it (also once at the MAC target); 0 = stop there (classification)"))
+    pr.add_argument("--max-recoveries", type=int, metavar="R", help=default_help("max_recoveries",
+                                                                                  "recoveries per run"))
+    pr.add_argument("--recover-lr", type=float, help=default_help("recover_lr", "peak learning rate of a recovery"))
+    pr.add_argument("--no-recover-kd", action="store_true",
+                    help="recover with cross-entropy alone (default: distilled from the original, Hinton et al. 2015)")
+    pr.add_argument("--no-control", action="store_true",
+                    help="skip the control (the original given the same fine-tuning and recoveries, reported beside "
+                         "the drop)")
     pr.add_argument("--json", action="store_true")
     add_detection_args(ev_parser(sub), pr)
 
@@ -114,7 +130,6 @@ def cmd_prune(args) -> int:
         return cmd_prune_detection(args)
     config = config_from_args(args, PruneConfig)
     config.analyse_car = not args.no_analysis
-    recovery = prune_recovery_config(args)
     device = device_from_args(args)
     loaded, data = load_model_and_data(args)
     out = prepare_out(args.out)
@@ -126,9 +141,8 @@ def cmd_prune(args) -> int:
         data_source=args.data, original_bytes=original_bytes,
         data_options={"val_fraction": args.val_fraction, "seed": args.seed,
                       "test_fraction": data.split.get("test_fraction", 0.0), "split": data.split_record()}))
-    if summary["state"] == "done":
-        summary = recover_after_prune(recovery, out, config.max_drop, data, summary, trusted=args.trusted,
-                                     device=device)
+    if summary.get("claim"):
+        print(f"claim: {describe_claim(summary['claim'])}", file=sys.stderr)
     print_summary(summary, args.json)
     return summary_exit_code(summary)
 

@@ -101,29 +101,3 @@ def recovery_summary(record: dict) -> dict:
             "test_metric": record["test_metric"], "macs": record["macs"], "kd": rec["kd"],
             "best_epoch": rec["best_epoch"], "epochs": rec["epochs"], "cancelled": rec["cancelled"],
             "seconds": rec["seconds"], "device": rec.get("device")}
-
-
-def prune_recovery_config(args) -> RecoveryConfig | None:
-    """The recovery ``prune --recover-epochs N`` asks for (None for none), checked before the pruning starts."""
-    epochs = getattr(args, "recover_epochs", None)
-    if epochs is not None and epochs < 0:
-        raise SettingsError(f"--recover-epochs must be 0 (no recovery) or more; got {epochs}.")
-    if not epochs:
-        return None
-    return recovery_config(epochs, args.recover_kd, args.recover_lr, args.recover_batch_size)
-
-
-def recover_after_prune(config: RecoveryConfig | None, run_dir, max_drop: float, data, summary: dict,
-                        trusted: bool = False, device: torch.device | None = None) -> dict:
-    """Fine-tune the step the threshold selects (when ``config``) on ``device`` (the pruning's) and add its
-    figures to ``summary``."""
-    if config is None:
-        return summary
-    step = Run(run_dir).select_step(max_drop)
-    if step == 0:
-        print("recovery skipped: no pruning step was accepted within the threshold", file=sys.stderr)
-        return {**summary, "recovery": None}
-    print(f"recovery fine-tune of step {step}: {config.epochs} epoch(s) on {len(data.train)} training images",
-          file=sys.stderr, flush=True)
-    record = recover_run_step(run_dir, step, config, data=data, progress=eta_printer(), trusted=trusted, device=device)
-    return {**summary, "recovery": report_recovery(record)}

@@ -11,13 +11,17 @@ will do (``core.prune``):
     CAR analysis (fast)  = images x screen + (ceil(q F) + S) x images x ablation     q: FAST_EXACT_FRACTION
     per step  = scoring + attempts x (fine-tune + eval(n_val) + latency)
       scoring (car)     = (F_step [if re-scored this step] + G_step candidates) x images x ablation
+                          (fast CAR: F_step capped at the loop's exact budget, ``exact_budget``)
       scoring (other)   = gradient passes (4 SGD-step equivalents) where the criterion needs them, else 0
       fine-tune         = finetune_steps x train_step
       latency           = OpenVINO conversion + (warm-up + latency_runs) x inference
-    total     = original + sum over the expected steps
+    recoveries = (0 .. max_recoveries + 1) x recover_epochs x n_train / batch_size x train_step
+    control   = the original trained alike: steps x finetune_steps + the recoveries' epochs, in train steps
+    total     = original + sum over the expected steps + recoveries + control, capped at the time budget
 
-The number of steps is simulated on the model's groups: one cluster leaves one group per step, until the
-MAC target (or ``max_steps``, or no group can lose a cluster). The low end removes the cluster that saves
+The number of steps is simulated on the model's groups: one cluster leaves one group per removal, and a
+step takes removals until they save ``step_macs`` of the original MACs (at most ``clusters_per_step``),
+until the MAC target (or ``max_steps``, or no group can lose a cluster). The low end removes the cluster that saves
 the most MACs first (fewest steps), one attempt per step and the fastest repeats; the high end the
 fewest MACs first, ``min(patience + 1, 2)`` attempts and the slowest repeats. The accuracy threshold can
 stop a run earlier than either: that is not predictable before the run.
@@ -36,6 +40,7 @@ from torch import nn
 
 from .car import FAST_EXACT_FRACTION, SENSITIVITY_FRACTIONS, CarScorer, filter_ablation
 from .criteria import new_width
+from .rescore import exact_budget
 from .data import ImageSet, normalize
 from .errors import SettingsError
 from .eta import format_duration
@@ -183,31 +188,39 @@ def _calibration_ablations(groups: list[ChannelGroup]) -> list:
 
 
 def _step_widths(groups: list[ChannelGroup], cluster: int, mac_budget: float, max_steps: int,
-                 biggest_first: bool) -> list[int]:
-    """Total filters before each simulated removal: one cluster leaves one group per removal, until
-    ``mac_budget`` MACs are saved, ``max_steps`` removals are made or no group can lose a cluster (the
-    caller keeps every k-th entry for k clusters per step)."""
+                 biggest_first: bool, per_step: int = 1, step_macs: float | None = None) -> list[int]:
+    """Total filters before each simulated step: one cluster leaves one group per removal, and a step takes
+    removals until they save ``step_macs`` MACs (None: no such limit) or ``per_step`` removals, until
+    ``mac_budget`` MACs are saved, ``max_steps`` steps are made or no group can lose a cluster."""
     widths = {g.gid: g.width for g in groups}
     per_filter = {g.gid: g.macs_per_filter for g in groups}
     saved, out = 0.0, []
-    while len(out) < max_steps and saved < mac_budget:
+    in_step, step_saved = per_step, 0.0
+    while saved < mac_budget:
         options = {k: (w - t) * per_filter[k] for k, w in widths.items() if (t := new_width(w, cluster)) is not None}
         if not options:
             break
+        if in_step >= per_step or (step_macs is not None and step_saved >= step_macs):
+            if len(out) >= max_steps:
+                break
+            out.append(sum(widths.values()))
+            in_step, step_saved = 0, 0.0
         k = (max if biggest_first else min)(options, key=options.get)
-        out.append(sum(widths.values()))
         saved += options[k]
+        step_saved += options[k]
+        in_step += 1
         widths[k] = new_width(widths[k], cluster)
     return out
 
 
 def estimate_prune_time(model: nn.Module, spec: InputSpec | ModelSpec, n_val: int, config, rates: Rates | None = None,
-                        total_macs: float | None = None) -> Estimate:
+                        total_macs: float | None = None, n_train: int | None = None) -> Estimate:
     """Expected duration of ``core.prune.run_pruning(model, data, config)`` (formula in the module docstring).
 
     ``n_val``: validation images (each step evaluates all of them); ``config``: a ``PruneConfig`` (any
     object with its fields); ``rates``: from :func:`measure_rates` (measured now when None);
-    ``total_macs``: the model's MACs (counted when None). The CAR method is ``config.car`` (``PruneConfig``), else
+    ``total_macs``: the model's MACs (counted when None); ``n_train``: training images, for the recoveries and
+    the control (left out when None). The CAR method is ``config.car`` (``PruneConfig``), else
     ``config.car_method``, else ``exact``. With ``config.clusters_per_step`` k, a step removes k clusters for
     one fine-tuning and measurement; the steps where k clusters together break the threshold (one more
     attempt each, then k halves) are not foreseen, so the high end can be short for a tight threshold.
@@ -241,8 +254,10 @@ def estimate_prune_time(model: nn.Module, spec: InputSpec | ModelSpec, n_val: in
             analysis = _scaled(rates.ablation_image, (n_filters + sens_points) * images)
         breakdown["original: CAR analysis"] = analysis
     per_step = getattr(config, "clusters_per_step", 1)  # k clusters a step: one fine-tuning and measurement for k
-    low_widths = _step_widths(groups, config.cluster, budget, config.max_steps * per_step, biggest_first=True)[::per_step]
-    high_widths = _step_widths(groups, config.cluster, budget, config.max_steps * per_step, biggest_first=False)[::per_step]
+    step_macs = getattr(config, "step_macs", None)
+    step_macs = None if step_macs is None else step_macs * total_macs
+    low_widths = _step_widths(groups, config.cluster, budget, config.max_steps, True, per_step, step_macs)
+    high_widths = _step_widths(groups, config.cluster, budget, config.max_steps, False, per_step, step_macs)
     attempts = (1, min(config.patience + 1, 2))
     per_attempt = _add(_scaled(rates.train_step, config.finetune_steps), evaluation(), latency())
     scoring, tries = [0.0, 0.0], [0.0, 0.0]
@@ -252,8 +267,20 @@ def estimate_prune_time(model: nn.Module, spec: InputSpec | ModelSpec, n_val: in
             tries[end] += attempts[end] * per_attempt[end]
     breakdown["steps: scoring"] = (scoring[0], scoring[1])
     breakdown["steps: fine-tuning, evaluation, latency"] = (tries[0], tries[1])
+    if n_train and getattr(config, "recover_epochs", 0):
+        epoch = _scaled(rates.train_step, math.ceil(n_train / config.batch_size))
+        recoveries = config.recover_epochs * (config.max_recoveries + 1)
+        breakdown["recoveries when the threshold stalls the run"] = (0.0, recoveries * epoch[1])
+        if getattr(config, "control", False):
+            batches = [len(w) * config.finetune_steps for w in (low_widths, high_widths)]
+            breakdown["control: the original trained alike"] = (
+                _scaled(rates.train_step, batches[0])[0],
+                _scaled(rates.train_step, batches[1])[1] + recoveries * epoch[1])
     low = sum(v[0] for v in breakdown.values())
     high = sum(v[1] for v in breakdown.values())
+    limit = getattr(config, "time_budget", None)
+    if limit is not None:  # the run stops before a step would pass its budget
+        low, high = min(low, limit * 60.0), min(high, limit * 60.0)
     return Estimate(low, high, breakdown, (len(low_widths), len(high_widths)), rates)
 
 
@@ -261,6 +288,8 @@ def _step_scoring(config, rates: Rates, n_filters: int, n_groups: int, images: i
     """Seconds to score one step's filters and rank its candidate clusters."""
     if config.criterion == "car":
         rescored = n_filters if step_index % config.rescore_every == 0 else 0
+        if getattr(config, "car", "exact") == "fast":
+            rescored = min(rescored, exact_budget(n_filters, config.finetune_steps, config.batch_size, images))
         return _scaled(rates.ablation_image, (rescored + n_groups) * images)
     if config.criterion in GRADIENT_CRITERIA:
         return _scaled(rates.train_step, GRADIENT_PASSES)

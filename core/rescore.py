@@ -20,13 +20,14 @@ increase (``core.screen.tiebreak``). Every score says whether it is exact or scr
 """
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
-from .car import CarResult, CarScorer, filter_ablation
+from .car import FAST_EXACT_FRACTION, CarResult, CarScorer, filter_ablation
 from .criteria import new_width
 from .groups import ChannelGroup
 from .screen import combine, screen_filters, screened_order_scores, shortlist, tiebreak
@@ -129,7 +130,7 @@ class ScoreBook:
 
 def car_scores(scorer: CarScorer, groups: list[ChannelGroup], book: ScoreBook, method: str,
                cluster: int | None = None, cancel: threading.Event | None = None, progress: Progress | None = None,
-               margin: float = 1.0) -> tuple[dict[int, np.ndarray], ScoreReport]:
+               margin: float = 1.0, max_exact: int | None = None) -> tuple[dict[int, np.ndarray], ScoreReport]:
     """Per group id, a score per filter (lower = removed first), measuring only what the book lacks.
 
     ``method="exact"``: exact CAR of every filter of each group to rescore (the one implementation of
@@ -137,6 +138,8 @@ def car_scores(scorer: CarScorer, groups: list[ChannelGroup], book: ScoreBook, m
     first-order screen of the groups to rescore, exact CAR for each group's shortlist (the filters
     that can form its next cluster of size ``cluster``, plus ``margin`` times as many); other filters
     keep their screened rank, after every exact filter of their group (``core.screen.combine``).
+    ``max_exact`` (fast mode): the most filters measured exactly in this call, given to the groups whose
+    screened next cluster is cheapest (:func:`budgeted_picks`); the others keep their screened order.
     Returns the scores and a report of what was measured, reused and screened. What the book holds
     is used only for the very model state and images it was measured on (``CarScorer.fingerprint``).
     Errors: ValueError for an unknown ``method`` or fast mode without ``cluster`` (a programming error:
@@ -153,6 +156,8 @@ def car_scores(scorer: CarScorer, groups: list[ChannelGroup], book: ScoreBook, m
     stale = [g for g in groups if not book.fresh(g)]
     report.rescored_groups = [g.root for g in stale]
     picks, screened = _picks(scorer, stale, book, method, cluster, margin, cancel, progress)
+    if screened is not None and max_exact is not None:
+        picks = budgeted_picks(picks, screened[0], stale, book, cluster, max_exact)
     _measure_missing(scorer, stale, picks, book, report, cancel, progress)
     n = len(scorer.labels)
     for g in stale:
@@ -170,6 +175,40 @@ def car_scores(scorer: CarScorer, groups: list[ChannelGroup], book: ScoreBook, m
             report.screened += int((~fast.exact[g.gid]).sum())
     report.exact = int(sum(book.exact_mask[g.root].sum() for g in groups))
     return {g.gid: book.scores[g.root] for g in groups}, report
+
+
+def exact_budget(n_filters: int, finetune_steps: int, batch_size: int, score_images: int) -> int:
+    """The most filters fast CAR measures exactly in one scoring pass of the loop: the larger of the share
+    the analysis measures (``FAST_EXACT_FRACTION`` of all ``n_filters``, the share bench/real_cifar.py times)
+    and as many as one step's fine-tuning costs (a filter's exact CAR is at most one forward pass of the
+    ``score_images``; a fine-tuning mini-batch of ``batch_size`` about three forward passes of its images),
+    so that a step's scoring never costs much more than its fine-tuning."""
+    finetune_equivalent = 3 * finetune_steps * batch_size // max(score_images, 1)
+    return max(math.ceil(FAST_EXACT_FRACTION * n_filters), finetune_equivalent)
+
+
+def budgeted_picks(picks: dict[str, np.ndarray], order: dict[int, np.ndarray], groups: list[ChannelGroup],
+                   book: ScoreBook, cluster: int, max_exact: int) -> dict[str, np.ndarray]:
+    """``picks`` cut to at most ``max_exact`` new exact measurements: groups in order of their screened next
+    cluster's cost (the sum of its ``remove`` lowest screened scores, cheapest first) keep their shortlist
+    while it fits; the others keep only what the book already knows. A step's scoring then costs no more
+    than a fixed share, however many groups a full re-score covers (a ResNet-56's shortlists were 43 % of
+    its filters at every full re-score, 3.5-6.5 min on 2 cores)."""
+    def cluster_cost(g: ChannelGroup) -> float:
+        target = new_width(g.width, cluster)
+        remove = g.width - target if target is not None else 0
+        return float(np.sort(order[g.gid])[:remove].sum()) if remove else float("inf")
+
+    out, spent = {}, 0
+    for g in sorted(groups, key=cluster_cost):
+        known = book.known(g)
+        pick = picks.get(g.root, np.array([], dtype=int))
+        new = [int(f) for f in pick if int(f) not in known]
+        if spent + len(new) <= max_exact:
+            out[g.root], spent = pick, spent + len(new)
+        else:
+            out[g.root] = np.array([int(f) for f in pick if int(f) in known], dtype=int)
+    return out
 
 
 def _picks(scorer: CarScorer, stale: list[ChannelGroup], book: ScoreBook, method: str, cluster: int, margin: float,

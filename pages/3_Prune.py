@@ -19,7 +19,7 @@ from core.workspace import new_run_dir
 from ui.common import (format_macs, format_pct, hardware_profile_picker, job_progress, metric_name, metrics_row,
                        need_model, page_link, prune_outcome, setup_page, start_cancel_buttons, state_badge)
 from ui.prune import (car_method_picker, device_picker, estimate_panel, plan_editor, resolution_note,
-                      settings_text)
+                      settings_text, time_budget_input)
 from ui.state import get_registry, private_copy
 
 # What differs per task on this page: the config class (its defaults are the one place for them), the widget key
@@ -114,6 +114,7 @@ with settings:
         st.markdown(f"**{state.model_label}** · baseline {metric} {format_pct(b.get('metric'))}, "
                     f"{format_macs(b.get('macs'))} MACs")
         c1, c2, c3 = st.columns(3, gap="large")
+        extra = {}
         with c1:
             choices = criteria.names(Config.task)
             criterion = st.selectbox("Criterion", choices, index=choices.index(defaults.criterion),
@@ -135,14 +136,21 @@ with settings:
             label, low, high, step = task["images"]
             score_images = st.slider(label, low, high, defaults.score_images, step=step, key=f"{p}_score_images",
                                      disabled=running)
-            max_steps = st.slider("Step limit", 1, task["steps"], defaults.max_steps, key=f"{p}_max_steps",
-                                  disabled=running)
+            max_steps = st.slider("Step limit", 1, max(task["steps"], defaults.max_steps), defaults.max_steps,
+                                  key=f"{p}_max_steps", disabled=running)
             clusters_per_step = st.slider("Clusters per step", 1, 8, defaults.clusters_per_step,
                                           key=f"{p}_clusters_per_step", disabled=running,
                                           help="The best-ranked clusters removed together, with one fine-tuning and "
                                                "one measurement: fewer, faster steps on deep networks. When they "
                                                "break the threshold together, the step takes one and later steps "
                                                "try half as many.")
+            if state.task == "classification":
+                extra["time_budget"] = time_budget_input(running)
+                extra["recover_epochs"] = st.slider(
+                    "Recovery when stalled (epochs)", 0, 10, defaults.recover_epochs, key="pr_recover_epochs",
+                    disabled=running, help="When no cluster fits the threshold, this many passes of the training "
+                                           "images (distilled from the original) become a step and the run goes "
+                                           "on from it; 0 stops there. Also once at the MAC target.")
             latency = st.toggle("Measure OpenVINO latency every step", value=defaults.latency, key=f"{p}_latency",
                                 disabled=running)
             analyse = defaults.analyse_car
@@ -152,7 +160,7 @@ with settings:
                                     help="Shown with the removed filters on Review. A finished analysis of the "
                                          "Analyse page with the same model, images and settings is reused; "
                                          "otherwise it is computed first.")
-        extra, usable = {}, True
+        usable = True
         if state.task == "classification":
             c1, c2 = st.columns(2, gap="large")
             with c1:

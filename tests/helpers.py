@@ -30,9 +30,14 @@ def loaded(model: torch.nn.Module, arch: str, num_classes: int, size: int = 32) 
     return LoadedModel(model.eval(), ModelSpec(arch=arch, num_classes=num_classes, input=spec))
 
 
+# The loop of the CAR paper, as tests written before multi-cluster steps, recoveries and the control
+# exercise it: one cluster per step, stop where no cluster fits, no control.
+CLASSIC_LOOP = dict(clusters_per_step=1, step_macs=None, recover_epochs=0, control=False)
+
+
 def quick_config(**kw) -> PruneConfig:
     base = dict(criterion="l1", cluster=8, max_drop=100.0, finetune_steps=1, batch_size=16, score_images=16,
-                max_steps=2, latency=False, analyse_car=False, patience=0)
+                max_steps=2, latency=False, analyse_car=False, patience=0, **CLASSIC_LOOP)
     base.update(kw)
     return PruneConfig(**base)
 

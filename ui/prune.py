@@ -38,6 +38,14 @@ def car_method_picker(default: str, running: bool) -> str:
     return method
 
 
+def time_budget_input(running: bool) -> float | None:
+    """The run's time budget in minutes (None: none): the run stops before a step would pass it."""
+    minutes = st.number_input("Time budget (minutes, 0 = none)", min_value=0, max_value=24 * 60, value=0, step=5,
+                              key="pr_time_budget", disabled=running,
+                              help="The run stops before a step would pass this time and keeps the finished steps.")
+    return float(minutes) if minutes else None
+
+
 def device_picker(default: str, running: bool) -> tuple[str, bool]:
     """The device of scoring, fine-tuning and evaluation, and the line saying what will run the job.
     Returns (device setting, whether it is usable on this machine)."""
@@ -126,7 +134,7 @@ def estimate_panel(state: AppState, config, running: bool) -> None:
                    "OpenVINO inference) on this machine now; press the button after choosing the settings.")
         return
     try:
-        est = prune_estimate(state.key, settings, state.model, len(state.data.val), config)
+        est = prune_estimate(state.key, settings, state.model, len(state.data.val), config, len(state.data.train))
     except PruneScopeError as exc:
         st.error(str(exc), icon=":material/error:")
         return
@@ -134,6 +142,9 @@ def estimate_panel(state: AppState, config, running: bool) -> None:
                 f"({est.steps[0]}–{est.steps[1]} steps), from rates measured on this machine.")
     st.dataframe([{"part": k, "low": format_seconds(v[0]), "high": format_seconds(v[1])}
                   for k, v in est.breakdown.items()], hide_index=True, width="stretch")
+    if getattr(config, "time_budget", None):
+        st.caption(f"Capped at the time budget ({config.time_budget:g} min): the run stops before a step would pass "
+                   "it and keeps the finished steps; the MACs it reaches by then depend on how soon the threshold binds.")
     st.caption("The threshold can stop a run earlier than either end; other work on the machine slows it.")
 
 
@@ -147,7 +158,12 @@ def settings_text(config) -> str:
     if config.mac_target:
         parts.append(f"MAC target {config.mac_target:g}")
     if getattr(config, "clusters_per_step", 1) > 1:
-        parts.append(f"{config.clusters_per_step} clusters per step")
+        parts.append(f"up to {config.clusters_per_step} clusters per step"
+                     + (f" ({config.step_macs:.0%} of the MACs)" if getattr(config, "step_macs", None) else ""))
+    if getattr(config, "recover_epochs", 0):
+        parts.append(f"{config.recover_epochs}-epoch recoveries when stalled (at most {config.max_recoveries})")
+    if getattr(config, "time_budget", None):
+        parts.append(f"time budget {config.time_budget:g} min")
     if config.plan:
         parts.append("a per-layer plan")
     return " · ".join(parts)

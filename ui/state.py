@@ -384,9 +384,9 @@ def model_groups(key: str, _loaded: LoadedModel) -> list[dict]:
 
 
 @st.cache_resource(show_spinner="Timing this model's work units on this machine...", max_entries=16)
-def prune_estimate(key: str, settings: str, _loaded: LoadedModel, n_val: int, _config) -> Estimate:
+def prune_estimate(key: str, settings: str, _loaded: LoadedModel, n_val: int, _config, n_train: int | None = None) -> Estimate:
     """:func:`core.estimate.estimate_prune_time` of a run with ``_config``, cached per model (``key``) and
     settings (``settings``: the config as JSON)."""
     with model_lock(_loaded.model):
         model = copy.deepcopy(_loaded.model)
-    return estimate_prune_time(model, _loaded.spec, n_val, _config)
+    return estimate_prune_time(model, _loaded.spec, n_val, _config, n_train=n_train)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import threading
+from dataclasses import asdict
 from typing import Callable
 
 import numpy as np
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import criteria
+from ..claim import pack_correct
 from ..car import CarResult, CarScorer, compute_car, filter_ablation
 from ..criteria import Cluster, ScoreContext
 from ..data import DataSet, ImageSet, normalize
@@ -31,8 +33,9 @@ from ..evaluate import Accuracy, evaluate_accuracy
 from ..fingerprint import model_fingerprint, tensors_fingerprint
 from ..groups import ChannelGroup, PruningGraph
 from ..measure import measure_model
+from ..recovery import RecoveryConfig, recover
 from ..models import InputSpec
-from ..rescore import ScoreBook, ScoreReport, car_scores
+from ..rescore import ScoreBook, ScoreReport, car_scores, exact_budget
 from ..screen import tiebreak
 from ..stats import paired_drop, paired_figures, resolution_warning
 
@@ -122,7 +125,59 @@ class ClassificationTask:
             figures["resolution_warning"] = resolution_warning(self.config.max_drop, len(self.data.val),
                                                                figures["metric"])
         figures["paired"] = paired_figures(self._baseline_correct, correct)
+        figures["correct"] = pack_correct(correct)
         return figures
+
+    def recover(self, model: nn.Module, teacher: nn.Module | None, cancel, progress) -> dict:
+        """A recovery fine-tune of ``model`` in place (``core.recovery.recover``: ``recover_epochs`` passes of
+        the train split, cosine schedule, distilled from ``teacher`` when ``recover_kd``), the best epoch by
+        selection accuracy kept; what the record stores under ``recovery`` (``best_epoch`` 0: cancelled
+        before an epoch finished, the model unchanged)."""
+        rc = self.recovery_config()
+        result = self._train_recovery(model, teacher, rc, cancel, progress)
+        return {"epochs": rc.epochs, "kd": rc.distill, "best_epoch": result.best_epoch, "cancelled": result.cancelled,
+                "start_selection": result.start_selection, "per_epoch": result.epochs, "config": asdict(rc),
+                "device": str(self.device)}
+
+    def recovery_config(self, epochs: int | None = None) -> RecoveryConfig:
+        c = self.config
+        return RecoveryConfig(epochs=epochs or c.recover_epochs, lr=c.recover_lr, batch_size=c.batch_size,
+                              distill=c.recover_kd, seed=c.seed)
+
+    def _train_recovery(self, model: nn.Module, teacher: nn.Module | None, rc: RecoveryConfig, cancel, progress):
+        select = lambda m: evaluate_accuracy(m, self.data.val, self.spec).accuracy  # noqa: E731
+        try:
+            return recover(model, self.data.train, self.spec, rc, select, teacher=teacher if rc.distill else None,
+                           device=self.device, cancel=cancel,
+                           progress=lambda done, total, msg: progress(done / max(total, 1), msg))
+        finally:
+            model.cpu()
+            if teacher is not None:
+                teacher.cpu()
+
+    def control(self, model: nn.Module, teacher: nn.Module | None, received: dict, cancel, progress) -> dict | None:
+        """The control: ``model`` (a copy of the original) given the training a step received (``received``:
+        ``core.claim.training_received``: its fine-tuning mini-batches at the run's rate, then each recovery),
+        measured on the selection and test images with per-image correctness (``correct``) and its paired
+        change from the original (``paired``). Its fine-tuning runs in one stretch, where the step's came
+        in pieces between removals. None when cancelled."""
+        c = self.config
+        parts = 1 + len(received["recovery_epochs"])
+        with on_device(model, self.device):
+            finetune(model, self.data.train, self.spec, received["finetune_batches"], self.finetune_lr or c.finetune_lr,
+                     c.batch_size, np.random.default_rng(c.seed + 1), cancel, lambda f, m: progress(f / parts, m))
+        for i, epochs in enumerate(received["recovery_epochs"], start=1):
+            if cancel.is_set():
+                return None
+            result = self._train_recovery(model, teacher, self.recovery_config(epochs), cancel,
+                                          lambda f, m, i=i: progress((i + f) / parts, m))
+            if result.cancelled:
+                return None
+        if cancel.is_set():
+            return None
+        figures, correct = measure(model, self.data, self.spec, PruneConfig(latency=False), self.device)
+        return {"metric": figures["metric"], "test_metric": figures["test_metric"],
+                "paired": paired_figures(self._baseline_correct, correct), "correct": pack_correct(correct)}
 
     def analyse(self, model: nn.Module, cancel: threading.Event, progress) -> dict:
         """CAR of every filter of the original, per class, and per-layer sensitivity (``car.json``), on the
@@ -148,17 +203,21 @@ class ClassificationTask:
 
     def score_context(self, graph: PruningGraph, groups: list[ChannelGroup], scorer: CarScorer | None, rng,
                       cancel, progress) -> ScoreContext:
+        c = self.config
+        budget = exact_budget(sum(g.width for g in graph.groups()), c.finetune_steps, c.batch_size, c.score_images)
         return score_context(graph, groups, scorer, self.data.train, self.spec, rng, cancel, progress,
-                             filter_costs=self._filter_costs(scorer, cancel, progress), device=self.device)
+                             filter_costs=self._filter_costs(scorer, cancel, progress, budget), device=self.device)
 
-    def _filter_costs(self, scorer: CarScorer | None, cancel, progress):
-        """CAR of single filters through the score book (exact or fast, measured once)."""
+    def _filter_costs(self, scorer: CarScorer | None, cancel, progress, max_exact: int | None = None):
+        """CAR of single filters through the score book (exact or fast, measured once; fast mode measures
+        at most ``max_exact`` filters exactly per scoring pass)."""
         if scorer is None:
             return None
 
         def filter_costs(gs: list[ChannelGroup]) -> dict[str, np.ndarray]:
             with on_device(scorer.model, self.device):
-                by_gid, report = car_scores(scorer, gs, self.book, self.config.car, self.config.cluster, cancel, progress)
+                by_gid, report = car_scores(scorer, gs, self.book, self.config.car, self.config.cluster, cancel, progress,
+                                            max_exact=max_exact)
             if progress:
                 progress(1.0, f"CAR ({self.config.car}): {report.describe()}")
             self._report = report

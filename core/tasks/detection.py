@@ -65,6 +65,12 @@ class DetectionPruneConfig(PruneConfig):
     exact_candidates: int = 3
     filter_images: int = 32  # screen images used to order the filters of a group (one ablation per filter)
     analyse_car: bool = False  # the classification CAR analysis does not apply to detectors
+    # one cluster per step, no recovery and no control: detection keeps the loop it was measured with
+    # (the recovery fine-tune trains classifiers only)
+    clusters_per_step: int = 1
+    step_macs: float | None = None
+    recover_epochs: int = 0
+    control: bool = False
 
     task = NAME
     APP_DEFAULTS = {"max_steps": 3, "latency": False}

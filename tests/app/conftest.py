@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from tests.helpers import CLASSIC_LOOP
 
 
 def _navigation_app_pages_manager(monkeypatch) -> None:
@@ -58,7 +59,7 @@ def sample_run_template(tmp_path_factory):
     data = load_dataset("sample:vgg_digits", loaded.spec.input, expected_classes=loaded.spec.num_classes)
     out = tmp_path_factory.mktemp("template") / "20260101-000000-sample_vgg-abcdef"
     config = PruneConfig(criterion="car", cluster=8, max_drop=5.0, finetune_steps=3, score_images=60, max_steps=2,
-                         latency=True, latency_runs=5, analyse_car=True, patience=0)
+                         latency=True, latency_runs=5, analyse_car=True, patience=0, **CLASSIC_LOOP)
     run_pruning(loaded, data, config, out, data_source="sample:vgg_digits")
     _TEMPLATE[:] = [out]
     return out

@@ -10,6 +10,7 @@ import pytest
 from core.runs import Run
 from tests.app.apptest_tools import (assert_no_exception, goto, new_app, texts, wait_until)
 from ui.state import get_registry
+from tests.helpers import CLASSIC_LOOP
 
 _TEMPLATE = []
 
@@ -29,7 +30,7 @@ def split_run(tmp_path_factory):
                             test_fraction=0.2)
         out = tmp_path_factory.mktemp("split") / "20260102-000000-split_vgg-abcdef"
         config = PruneConfig(criterion="l1", cluster=8, max_drop=10.0, finetune_steps=10, score_images=60,
-                             max_steps=2, latency=False, analyse_car=False, patience=0)
+                             max_steps=2, latency=False, analyse_car=False, patience=0, **CLASSIC_LOOP)
         run_pruning(loaded, data, config, out, data_source="sample:vgg_digits", data_options=split_options_of(data))
         _TEMPLATE.append(out)
     dest = runs_dir() / _TEMPLATE[0].name

@@ -15,6 +15,7 @@ from core.export import sha256_file
 from core.models import load_model
 from core.prune import PruneConfig, run_pruning
 from core.runs import Run
+from tests.helpers import CLASSIC_LOOP
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,7 +26,7 @@ def resnet_run(tmp_path_factory):
     data = load_dataset("sample:resnet_shapes", loaded.spec.input)
     out = tmp_path_factory.mktemp("run") / "resnet"
     config = PruneConfig(criterion="l1", cluster=8, max_drop=2.0, finetune_steps=10, max_steps=2, latency=False,
-                         analyse_car=False, score_images=100)
+                         analyse_car=False, score_images=100, **CLASSIC_LOOP)
     run_pruning(loaded, data, config, out, data_source="sample:resnet_shapes")
     run = Run(out)
     assert len(run.history) >= 2, "the run pruned at least one cluster"

@@ -17,7 +17,7 @@ from core.models import load_model
 from core.jobs import run_progress
 from core.prune import Callbacks, Progress, PruneConfig, run_pruning
 from core.runs import Run, list_runs
-from tests.helpers import loaded as make_loaded, quick_config, random_dataset
+from tests.helpers import CLASSIC_LOOP, loaded as make_loaded, quick_config, random_dataset
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 
@@ -32,7 +32,7 @@ def vgg():
 def vgg_run(vgg, tmp_path_factory):
     loaded, data = vgg
     config = PruneConfig(criterion="car", cluster=8, max_drop=1.0, finetune_steps=15, score_images=150,
-                         max_steps=3, latency=True, latency_runs=5, analyse_car=False)
+                         max_steps=3, latency=True, latency_runs=5, analyse_car=False, **CLASSIC_LOOP)
     out = tmp_path_factory.mktemp("runs") / "vgg"
     real = engine.score_step
 

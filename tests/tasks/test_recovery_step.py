@@ -24,6 +24,7 @@ from core.recovery import RecoveryConfig, recover_run_step, recovery_device
 from core.runs import Run
 from core.sources import load_dataset, load_run_dataset
 from core.workspace import atomic_write_json, read_json
+from tests.helpers import CLASSIC_LOOP
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,7 +37,7 @@ def digits_run(tmp_path_factory):
     data = load_dataset("sample:vgg_digits", loaded.spec.input, test_fraction=0.5)
     out = tmp_path_factory.mktemp("run") / "digits"
     config = PruneConfig(criterion="l1", cluster=8, max_drop=100.0, finetune_steps=2, max_steps=2, latency=False,
-                         analyse_car=False, score_images=64, patience=0)
+                         analyse_car=False, score_images=64, patience=0, **CLASSIC_LOOP)
     run_pruning(loaded, data, config, out, data_source="sample:vgg_digits",
                 data_options={"val_fraction": 0.2, "seed": 0, "test_fraction": 0.5, "split": data.split_record()})
     run = Run(out)
@@ -159,18 +160,19 @@ def test_recover_cli_appends_the_threshold_step(digits_run, tmp_path):
 
 
 def test_prune_with_recover_epochs_records_the_split_and_appends_the_recovery(tmp_path):
+    """A run that ends at its step limit recovers its last step once more: the recovery is a step of the run."""
     out = tmp_path / "run"
     res = _cli("prune", "--model", "sample:vgg_digits", "--data", "sample:vgg_digits", "--test-fraction", "0.5",
                "--criterion", "l1", "--max-steps", "1", "--finetune-steps", "2", "--max-drop", "100",
-               "--score-images", "64", "--no-latency", "--no-analysis", "--recover-epochs", "1", "--out", str(out),
-               "--json", timeout=900)
+               "--score-images", "64", "--no-latency", "--no-analysis", "--recover-epochs", "1", "--no-control",
+               "--out", str(out), "--json", timeout=900)
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout)
-    assert summary["recovery"]["recovered_from"] == 1 and summary["recovery"]["test_metric"] is not None
     run = Run(out)
     options = run.config["data_options"]
     assert options["test_fraction"] == 0.5 and options["split"]["counts"]["test"] == len(load_run_dataset(
         run.config, run.spec.input).test) > 0
-    if summary["recovery"]["step"] is not None:
-        assert run.history[-1]["recovered_from"] == 1 and run.rebuild_step(summary["recovery"]["step"]) is not None
+    last = run.history[-1]
+    assert last["recovered_from"] == 1 and last["recovery"]["epochs"] == 1 and last["test_metric"] is not None
+    assert summary["steps"] == last["step"] == 2 and run.rebuild_step(2) is not None
     assert run.status["state"] == "done"

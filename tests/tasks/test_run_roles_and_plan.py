@@ -18,6 +18,7 @@ from core.models import load_model
 from core.prune import PruneConfig, run_pruning
 from core.runs import Run, removals
 from core.sources import load_dataset
+from tests.helpers import CLASSIC_LOOP
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,8 @@ def _with_test(data, images: torch.Tensor, labels: torch.Tensor):
 
 def _config(**kw) -> PruneConfig:
     base = dict(criterion="car", car="fast", cluster=8, max_drop=100.0, finetune_steps=2, batch_size=16,
-                score_images=40, max_steps=2, latency=False, analyse_car=False, patience=0, seed=0)
+                score_images=40, max_steps=2, latency=False, analyse_car=False, patience=0, seed=0,
+                **CLASSIC_LOOP)
     base.update(kw)
     return PruneConfig(**base)
 
