@@ -190,8 +190,8 @@ def exact_budget(n_filters: int, finetune_steps: int, batch_size: int, score_ima
 def budgeted_picks(picks: dict[str, np.ndarray], order: dict[int, np.ndarray], groups: list[ChannelGroup],
                    book: ScoreBook, cluster: int, max_exact: int) -> dict[str, np.ndarray]:
     """``picks`` cut to at most ``max_exact`` new exact measurements: groups in order of their screened next
-    cluster's cost (the sum of its ``remove`` lowest screened scores, cheapest first) keep their shortlist
-    while it fits; the others keep only what the book already knows. A step's scoring then costs no more
+    cluster's cost (the sum of its ``remove`` lowest screened scores, cheapest first) keep their shortlist,
+    lowest-screened filters first, while the budget lasts; past it a group keeps only what the book knows. A step's scoring then costs no more
     than a fixed share, however many groups a full re-score covers (a ResNet-56's shortlists were 43 % of
     its filters at every full re-score, 3.5-6.5 min on 2 cores)."""
     def cluster_cost(g: ChannelGroup) -> float:
@@ -202,12 +202,14 @@ def budgeted_picks(picks: dict[str, np.ndarray], order: dict[int, np.ndarray], g
     out, spent = {}, 0
     for g in sorted(groups, key=cluster_cost):
         known = book.known(g)
-        pick = picks.get(g.root, np.array([], dtype=int))
-        new = [int(f) for f in pick if int(f) not in known]
-        if spent + len(new) <= max_exact:
-            out[g.root], spent = pick, spent + len(new)
-        else:
-            out[g.root] = np.array([int(f) for f in pick if int(f) in known], dtype=int)
+        keep = []
+        for f in (int(f) for f in picks.get(g.root, ())):  # lowest screened first
+            if f in known:
+                keep.append(f)
+            elif spent < max_exact:
+                keep.append(f)
+                spent += 1
+        out[g.root] = np.array(keep, dtype=int)
     return out
 
 

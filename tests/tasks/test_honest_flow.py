@@ -1,0 +1,185 @@
+"""The flow a user runs by default (issue 23): recoveries when the threshold stalls the run, a time budget
+that keeps the finished steps, the control (the original given the same training), the final acceptance
+of the shipped step on the test images, and fast CAR's exact share capped inside the loop."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+import core.engine as engine
+from core.claim import pack_correct, shipped_claim, training_received, unpack_correct
+from core.models import load_model
+from core.prune import PruneConfig, run_pruning
+from core.rescore import exact_budget
+from core.runs import Run, select_step
+from core.sources import load_dataset
+from tests.helpers import quick_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    torch.set_num_threads(1)
+    loaded = load_model("sample:vgg_digits")
+    return loaded, load_dataset("sample:vgg_digits", loaded.spec.input, test_fraction=0.3)
+
+
+def fake_metric(monkeypatch, per_cluster: float, per_recovery: float) -> dict:
+    """Make each step's decision read the original's selection accuracy minus ``per_cluster`` points per
+    cluster removed so far plus ``per_recovery`` per recovery made (vgg_digits: one conv per group, so a
+    cluster is 8 filters); the real fine-tuning, recovery and measurement still run."""
+    real_decide, real_original, real_recover = engine.finetune_and_decide, engine.measure_original, engine.recover_step
+    state = {"recoveries": 0}
+
+    def conv_filters(model) -> int:
+        return sum(m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+
+    def measure_original(graph, task, writer, cb, cancel):
+        record = real_original(graph, task, writer, cb, cancel)
+        state.update(filters=conv_filters(graph.model), metric=record["metric"])
+        return record
+
+    def decide(task, model, rng, cancel, cb, step):
+        gone = round((state["filters"] - conv_filters(model)) / 8)
+        lost = per_cluster * gone - per_recovery * state["recoveries"]
+        return dataclasses.replace(real_decide(task, model, rng, cancel, cb, step), accuracy=state["metric"] - lost / 100)
+
+    def recover_step(*args, **kw):
+        state["recoveries"] += 1
+        return real_recover(*args, **kw)
+
+    monkeypatch.setattr(engine, "finetune_and_decide", decide)
+    monkeypatch.setattr(engine, "measure_original", measure_original)
+    monkeypatch.setattr(engine, "recover_step", recover_step)
+    return state
+
+
+def test_a_stalled_run_recovers_goes_on_and_the_recovery_is_a_step_on_the_curve(digits, tmp_path, monkeypatch):
+    """0.35 points per cluster, 0.6 back per recovery, threshold 1.0: steps 1-2 keep a cluster each (0.7); the
+    third (1.05) is undone, so step 3 is a recovery of step 2; steps 4-5 keep two more (0.45, 0.8); the next
+    (1.15) is undone and, with one recovery allowed, the run stops."""
+    loaded, data = digits
+    fake_metric(monkeypatch, 0.35, 0.6)
+    config = quick_config(max_steps=10, max_drop=1.0, recover_epochs=1, max_recoveries=1)
+    run_pruning(loaded, data, config, tmp_path / "run")
+    run = Run(tmp_path / "run")
+    hist = run.history
+    assert [r.get("recovered_from") for r in hist] == [None, None, None, 2, None, None]
+    recovered = hist[3]
+    assert recovered["removed"] is None and recovered["recovery"]["epochs"] == 1 and recovered["recovery"]["best_epoch"] == 1
+    assert recovered["widths"] == hist[2]["widths"] and recovered["macs"] == hist[2]["macs"]
+    assert recovered["test_metric"] is not None and "test" in recovered["paired"]
+    assert hist[4]["macs"] < hist[3]["macs"], "the run went on from the recovered model"
+    assert run.rebuild_step(3) is not None and run.rebuild_step(5)(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    assert run.status["message"].startswith("the next clusters would exceed")
+
+
+def test_a_recovery_that_buys_no_step_ends_the_run(digits, tmp_path, monkeypatch):
+    loaded, data = digits
+    state = fake_metric(monkeypatch, 0.35, 0.0)  # recoveries win nothing back
+    config = quick_config(max_steps=10, max_drop=1.0, recover_epochs=1, max_recoveries=3)
+    run_pruning(loaded, data, config, tmp_path / "run")
+    run = Run(tmp_path / "run")
+    assert [r.get("recovered_from") for r in run.history] == [None, None, None, 2]
+    assert state["recoveries"] == 1 and "the recovery before bought no further step" in run.status["message"]
+
+
+def test_a_time_budget_stops_the_run_and_keeps_the_finished_steps(digits, tmp_path, monkeypatch):
+    """A clock on which each finished step takes 100 s: with a 4.5-minute budget two steps fit (a third
+    would end at 300 s, past 270 s), and they are on disk with their weights."""
+    loaded, data = digits
+    monkeypatch.setattr(engine.RunClock, "elapsed", lambda self: 100.0 * len(self.step_seconds))
+    monkeypatch.setattr(engine.RunClock, "step_done", lambda self, s: self.step_seconds.append(100.0))
+    config = quick_config(max_steps=10, time_budget=4.5, recover_epochs=1)
+    summary = run_pruning(loaded, data, config, tmp_path / "run")
+    run = Run(tmp_path / "run")
+    assert summary["state"] == "done" and summary["steps"] == 2
+    assert run.status["message"].startswith("time budget reached (4.5 min)")
+    assert [r["step"] for r in run.history] == [0, 1, 2] and all(r.get("recovered_from") is None for r in run.history)
+    assert run.rebuild_step(2)(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_the_control_is_recorded_and_the_claim_is_the_test_drop_beside_it(digits, tmp_path):
+    """Two pruning steps then the step limit: the last step is recovered once more (one epoch), and the control,
+    the original given the same 2 fine-tuning mini-batches and 1 recovery epoch, is measured on the same images."""
+    loaded, data = digits
+    config = quick_config(max_steps=2, recover_epochs=1, control=True, finetune_steps=1)
+    summary = run_pruning(loaded, data, config, tmp_path / "run")
+    run = Run(tmp_path / "run")
+    assert [r.get("recovered_from") for r in run.history] == [None, None, None, 2]
+    control = (tmp_path / "run" / "control.json")
+    assert control.exists()
+    recorded = __import__("json").loads(control.read_text())
+    assert recorded["received"] == {"finetune_batches": 2, "recovery_epochs": [1]}
+    assert 0 <= recorded["metric"] <= 1 and 0 <= recorded["test_metric"] <= 1
+    assert unpack_correct(recorded["correct"], "test").mean() == pytest.approx(recorded["test_metric"])
+    claim = summary["claim"]
+    assert claim["step"] == select_step(run.history, 100.0) and claim["max_drop"] == 100.0
+    assert claim["test"] == run.record(claim["step"])["paired"]["test"]
+    vs = claim["vs_control"]
+    shipped = unpack_correct(run.record(claim["step"])["correct"], "test")
+    assert vs["n"] == len(data.test) and vs["drop_points"] == pytest.approx(
+        100 * (recorded["test_metric"] - shipped.mean()))
+
+
+def test_without_test_images_no_unbiased_claim_is_made(digits, tmp_path):
+    loaded, _ = digits
+    data = load_dataset("sample:vgg_digits", loaded.spec.input, test_fraction=0.0)
+    summary = run_pruning(loaded, data, quick_config(max_steps=1, control=False), tmp_path / "run")
+    assert summary["claim"]["test"] is None and summary["claim"]["vs_control"] is None
+
+
+def test_the_shipped_step_must_also_hold_on_the_test_images():
+    """The smallest step within the threshold on the selection images is passed over when its test drop is
+    beyond it (the winner's curse): the next larger one that holds on both is shipped."""
+    def rec(step, macs, sel, test):
+        return {"step": step, "macs": macs, "metric": sel, "test_metric": test}
+    hist = [rec(0, 100, 0.90, 0.90), rec(1, 80, 0.90, 0.895), rec(2, 60, 0.895, 0.87), rec(3, 50, 0.893, 0.86)]
+    assert select_step(hist, 1.0) == 1, "steps 2 and 3 pass on selection but lose 3 and 4 test points"
+    assert select_step(hist, 5.0) == 3
+    no_test = [{**r, "test_metric": None} for r in hist]
+    assert select_step(no_test, 1.0) == 3, "without test images the selection figure alone decides"
+
+
+def test_packed_correctness_round_trips_and_the_received_training_is_counted():
+    rng = np.random.default_rng(0)
+    v = rng.random(1001) < 0.8
+    assert np.array_equal(unpack_correct(pack_correct({"test": v}), "test"), v)
+    assert unpack_correct({"test": {"n": 5, "bits": "!!"}}, "test") is None
+    hist = [{"step": 0}, {"step": 1}, {"step": 2}, {"step": 3, "recovered_from": 2, "recovery": {"epochs": 2}},
+            {"step": 4}]
+    assert training_received(hist, 40) == {"finetune_batches": 120, "recovery_epochs": [2]}
+    assert training_received(hist, 40, upto=2) == {"finetune_batches": 80, "recovery_epochs": []}
+    base = {"step": 0, "correct": pack_correct({"test": np.array([1, 1, 0, 1], bool)})}
+    step = {"step": 1, "paired": {"test": {"drop_points": 25.0}},
+            "correct": pack_correct({"test": np.array([1, 0, 0, 1], bool)})}
+    control = {"correct": pack_correct({"test": np.array([1, 1, 1, 1], bool)})}
+    claim = shipped_claim([base, step], 1, control)
+    assert claim["vs_control"]["drop_points"] == 50.0 and claim["control_vs_original"]["drop_points"] == -25.0
+
+
+def test_fast_car_measures_no_more_filters_exactly_than_the_loop_budget(digits, tmp_path):
+    """vgg_digits has 224 filters; each group's shortlist (its next cluster plus a margin) would be its whole
+    width, 224 exact measurements; the loop's budget is 5 % of the filters (12)."""
+    loaded, data = digits
+    config = quick_config(criterion="car", car="fast", max_steps=2, score_images=32, rescore_every=1)
+    run_pruning(loaded, data, config, tmp_path / "run")
+    run = Run(tmp_path / "run")
+    budget = exact_budget(224, config.finetune_steps, config.batch_size, config.score_images)
+    assert budget == 12
+    for record in run.history[1:]:
+        scoring = record["car_scoring"]
+        assert 0 < scoring["measured"] <= budget and scoring["screened"] > 0
+
+
+def test_the_default_flow_is_sized_for_real_models():
+    c = PruneConfig()
+    assert (c.clusters_per_step, c.step_macs, c.recover_epochs, c.control) == (8, 0.04, 2, True)
+    with pytest.raises(Exception, match="MACs per step"):
+        PruneConfig(step_macs=1.5).validate()
+    with pytest.raises(Exception, match="time budget"):
+        PruneConfig(time_budget=0).validate()
