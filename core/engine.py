@@ -41,7 +41,7 @@ from .models import LoadedModel
 from .plan import PrunePlan
 from .runs import Run, RunWriter
 from .tasks import Task
-from .workspace import read_json
+from .workspace import atomic_torch_save, read_json
 
 MAX_LEARNING_RATE = 10.0  # above this SGD and AdamW diverge on any network; a typo, not a setting
 
@@ -234,7 +234,7 @@ def run_task(task: Task, loaded: LoadedModel, run_config: dict, run_dir: Path, c
         graph = PruningGraph(model, task.input_shape, output_layers=task.output_layers(model))
         check_prunable(graph.groups(), config.cluster)
         PrunePlan.from_dict(config.plan).validate(graph.groups())
-        return prune_loop(graph, task, writer, cb, cancel, rng)
+        return prune_loop(graph, task, writer, cb, cancel, rng, original=loaded.model)
 
     return run_guarded(writer, body)
 
@@ -262,12 +262,16 @@ def run_guarded(writer: RunWriter, body: Callable[[], dict]) -> dict:
 
 
 def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks, cancel: threading.Event,
-               rng: np.random.Generator) -> dict:
+               rng: np.random.Generator, original=None) -> dict:
     """The greedy loop: measure the original, then per step score, form candidates, try them, record;
-    recover when no candidate fits (:func:`recover_step`); at the end the control (:func:`run_control`)."""
+    recover when no candidate fits (:func:`recover_step`); at the end the control (:func:`run_control`).
+    ``original``: the model as loaded (before the graph converted any shortcut), the recoveries' teacher and
+    the control's start, so that the control's weights load into the run's original architecture."""
     config = task.config
     plan = PrunePlan.from_dict(config.plan).validate(graph.groups())
-    teacher = copy.deepcopy(graph.model).eval() if can_recover(task) or config.control else None
+    teacher = None
+    if can_recover(task) or config.control:
+        teacher = copy.deepcopy(original if original is not None else graph.model).eval()
     base = measure_original(graph, task, writer, cb, cancel)
     channel_maps = {n: list(range(w)) for n, w in base["widths"].items()}
     left_alone: dict[str, str] = graph.left_alone()  # group root -> why its surgery cannot be trusted
@@ -419,10 +423,12 @@ def run_control(task: Task, original, writer: RunWriter, cb: Callbacks, cancel: 
         return
     cb.enter("control", 0)
     t0 = time.perf_counter()
-    result = task.control(copy.deepcopy(original), original, received, cancel,
+    model = copy.deepcopy(original)
+    result = task.control(model, original, received, cancel,
                           cb.part(0.0, 1.0, "control", "control: the original given the same training: "))
     if result is None:  # cancelled
         return
+    atomic_torch_save(writer.dir / "control.pt", model.state_dict())  # the original's architecture
     writer.write_json("control.json", {**result, "received": received, "seconds": time.perf_counter() - t0})
 
 

@@ -318,6 +318,16 @@ class Run:
         model.load_state_dict(sd)
         return LoadedModel(model.eval(), self.spec)
 
+    def control(self, trusted: bool = False) -> nn.Module | None:
+        """The control of the run (the original given the training of its last step: ``control.pt``), or None
+        for a run without one; ``trusted`` as for :meth:`fresh_model`."""
+        path = self.dir / "control.pt"
+        if not path.exists():
+            return None
+        model = self.fresh_model(trusted)
+        model.load_state_dict(self._weights(path))
+        return model.eval()
+
     def rebuild_step(self, step: int, trusted: bool = False) -> nn.Module:
         """The model of ``step``, rebuilt from the architecture + pruning history + weights (no pickle);
         ``trusted`` as for :meth:`fresh_model`."""

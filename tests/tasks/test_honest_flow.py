@@ -117,6 +117,10 @@ def test_the_control_is_recorded_and_the_claim_is_the_test_drop_beside_it(digits
     assert recorded["received"] == {"finetune_batches": 2, "recovery_epochs": [1]}
     assert 0 <= recorded["metric"] <= 1 and 0 <= recorded["test_metric"] <= 1
     assert unpack_correct(recorded["correct"], "test").mean() == pytest.approx(recorded["test_metric"])
+    trained_alike = run.control()  # its weights load into the original's architecture and differ from them
+    assert trained_alike is not None and trained_alike(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    assert any(not torch.equal(a, b) for a, b in zip(trained_alike.state_dict().values(),
+                                                     run.original().model.state_dict().values()))
     claim = summary["claim"]
     assert claim["step"] == select_step(run.history, 100.0) and claim["max_drop"] == 100.0
     assert claim["test"] == run.record(claim["step"])["paired"]["test"]
