@@ -28,6 +28,17 @@ drop after the recovery fine-tune and its time. ``--mac-target`` / ``--max-drop`
 ``--recover-original`` gives the original the same recovery: the
 control when the original was trained for fewer epochs than the recovery adds (the recovered drop vs it).
 ``--device cuda --no-latency`` runs part 2 on a GPU server without OpenVINO (no latency column).
+
+Part 3 (``--upload``) — a user's upload, judged on images no decision and no report of the run touched:
+``train/`` 5,000 fine-tuning images from the training split and ``val/`` 2,000 held-out images (the tool
+splits them into 1,000 selection and 1,000 test images, as for any user's ``val/``); the other 3,000
+held-out images are the **unseen** set, scored here on each step rebuilt from the run folder. Per flow
+(``--upload-flows``: ``previous`` = the defaults before issue 23: one cluster per step, no recovery, no
+control; ``default`` = today's defaults), side by side in one process: wall time, steps, MAC ratio, the
+shipped step's selection, test-split and unseen drops from the original as given, its unseen drop from
+the control (the original given the same training), and whether the run's claimed test interval contains
+the unseen drop; then per step the three drops, where the winner's curse shows as a selection drop that
+stays low while the unseen drop grows.
 """
 from __future__ import annotations
 
@@ -60,7 +71,8 @@ from core.groups import PruningGraph  # noqa: E402
 from core.evaluate import count_macs_params, evaluate_accuracy  # noqa: E402
 from core.models import InputSpec  # noqa: E402
 from core.ov_runtime import compile_cpu, latency_difference, time_interleaved, to_openvino  # noqa: E402
-from core.runs import Run  # noqa: E402
+from core.engine import run_claim  # noqa: E402
+from core.runs import Run, removals  # noqa: E402
 from core.screen import SCREEN_RELATIVE_ERROR, global_shortlist, screen_filters, screened_order_scores  # noqa: E402
 
 
@@ -151,6 +163,10 @@ def prune_roles(labels: np.ndarray, train_images: int, selection_images: int, se
             "test": np.setdiff1d(held_idx, selection)}
 
 
+UPLOAD_FLOWS = {  # name -> the prune options it adds to --max-drop and --cluster 8
+    "previous": ["--clusters-per-step", "1", "--step-macs", "0", "--recover-epochs", "0", "--no-control"],
+    "default": [],
+}
 FLOWS = {"fast": ["--car", "fast"], "exact": ["--car", "exact"],
          "fast-rescore1": ["--car", "fast", "--rescore-every", "1"],
          "fast-k4": ["--car", "fast", "--clusters-per-step", "4"]}  # name -> the prune options it adds
@@ -238,6 +254,120 @@ def prune_flow(depth: int, record: dict, folder: Path, held_out: ImageSet, flow:
     return row
 
 
+def upload_roles(labels: np.ndarray, train_images: int = 5000, val_images: int = 2000, seed: int = 2
+                 ) -> dict[str, np.ndarray]:
+    """A user-sized upload: ``train`` from the 45,000-image training split, ``val`` stratified from the 5,000
+    held out, and ``unseen``: the rest of the held out, which the run never reads."""
+    train_idx, held_idx = train_cifar.held_out_split(labels, train_cifar.HELD_OUT_PER_CLASS, train_cifar.SPLIT_SEED)
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels[held_idx])
+    per_class = val_images // len(classes)
+    val = np.concatenate([rng.permutation(held_idx[labels[held_idx] == c])[:per_class] for c in classes])
+    return {"train": np.sort(rng.permutation(train_idx)[:train_images]), "val": np.sort(val),
+            "unseen": np.setdiff1d(held_idx, val)}
+
+
+def upload_command(depth: int, record: dict, folder: Path, out: Path, flow: str, args) -> list[str]:
+    """``python -m core prune`` on the upload folder with the flow's options (``UPLOAD_FLOWS``)."""
+    weights = ROOT / "sample_models" / record["weights"]
+    cmd = [sys.executable, "-m", "core", "prune", "--model", str(weights), "--arch", f"cifar_resnet{depth}",
+           "--input-size", "32", "32", "--mean", *map(str, record["mean"]), "--std", *map(str, record["std"]),
+           "--data", str(folder), "--out", str(out), "--max-drop", f"{args.max_drop:g}", "--cluster", "8",
+           *UPLOAD_FLOWS[flow], "--threads", str(args.threads), "--device", args.device, "--json"]
+    if args.no_latency:
+        cmd += ["--no-latency"]
+    if args.mac_target:
+        cmd += ["--mac-target", f"{args.mac_target:g}"]
+    if args.time_budget:
+        cmd += ["--time-budget", f"{args.time_budget:g}"]
+    return cmd
+
+
+def upload_flow(depth: int, record: dict, folder: Path, unseen: ImageSet, flow: str, args, out: Path
+                ) -> tuple[dict, list[dict]]:
+    """One prune run on the upload, timed; the shipped step (the run's claim), every step and the control
+    rebuilt from the run folder and scored here on the unseen images. Returns the flow's row and its
+    per-step rows."""
+    t0 = time.perf_counter()
+    log_path = out.parent / f"{out.name}.log"
+    with open(log_path, "w") as log:
+        stdout, code = run_cli(upload_command(depth, record, folder, out, flow, args), log, args.max_minutes)
+    wall = time.perf_counter() - t0
+    if code not in (0, EXIT_INTERRUPTED):
+        return {"flow": flow, "steps": f"failed ({code}): see {log_path}"}, []
+    run = Run(out)
+    hist = run.history
+    spec = InputSpec(height=32, width=32, mean=tuple(record["mean"]), std=tuple(record["std"]))
+    unseen_acc = {r["step"]: evaluate_accuracy(run.rebuild_step(r["step"]).eval(), unseen, spec).accuracy for r in hist}
+    base = hist[0]
+
+    def drop(a, b):
+        return None if a is None or b is None else round((a - b) * 100, 2)
+
+    steps = [{"model": f"ResNet-{depth}", "flow": flow, "step": r["step"],
+              "kind": "recovery" if r.get("recovered_from") is not None else f"{len(removals(r))} cluster(s)",
+              "MAC ratio": f"{base['macs'] / r['macs']:.2f}x", "selection drop": drop(base["metric"], r["metric"]),
+              "test drop": drop(base.get("test_metric"), r.get("test_metric")),
+              "unseen drop": drop(unseen_acc[0], unseen_acc[r["step"]])} for r in hist]
+    claim = json.loads(stdout).get("claim") if stdout.strip().startswith("{") else None
+    claim = claim or run_claim(run)
+    shipped = claim["step"]
+    rec = run.record(shipped)
+    control = run.control()
+    control_acc = evaluate_accuracy(control, unseen, spec).accuracy if control is not None else None
+    unseen_drop = (unseen_acc[0] - unseen_acc[shipped]) * 100
+    test = claim.get("test") or {}
+    contains = (test["ci_low_points"] <= unseen_drop <= test["ci_high_points"]) if test else None
+    row = {"model": f"ResNet-{depth}", "flow": flow, "wall min": round(wall / 60, 1),
+           "steps": len(hist) - 1, "shipped": shipped, "MAC ratio": f"{base['macs'] / rec['macs']:.2f}x",
+           "selection drop": drop(base["metric"], rec["metric"]),
+           "test drop (claimed CI)": (f"{test['drop_points']:+.2f} ({test['ci_low_points']:+.2f}..{test['ci_high_points']:+.2f})"
+                                      if test else "none"),
+           "unseen drop": f"{unseen_drop:+.2f}",
+           "unseen vs control": "no control" if control_acc is None else f"{(control_acc - unseen_acc[shipped]) * 100:+.2f}",
+           "CI contains unseen": contains, "stop": run.status.get("message", "")}
+    return row, steps
+
+
+def upload_table(args, trained: dict) -> None:
+    """Part 3: every ``--upload-flows`` entry on the same upload, one after the other in this process."""
+    all_images, labels, classes, _ = train_cifar.cached_arrays(train_cifar.DATA_ZIP)
+    roles = upload_roles(labels)
+    unseen = ImageSet(torch.from_numpy(all_images[roles["unseen"]]).permute(0, 3, 1, 2).contiguous(),
+                      torch.from_numpy(labels[roles["unseen"]]), classes)
+    rows, step_rows = [], []
+    work = ROOT / "workspace" / "bench_real_cifar"
+    work.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="prunescope-upload-") as tmp:
+        folder = write_imagefolder(Path(tmp) / "upload", all_images, labels, classes,
+                                   {"train": roles["train"], "val": roles["val"]})
+        print(f"upload: train/ {len(roles['train'])} and val/ {len(roles['val'])} images; unseen: "
+              f"{len(roles['unseen'])} other held-out images", flush=True)
+        for depth in args.depths:
+            name = f"cifar10_resnet{depth}"
+            if name not in trained:
+                rows.append({"model": f"ResNet-{depth}", "flow": "not trained yet"})
+                continue
+            for flow in args.upload_flows:
+                out = work / f"upload-{depth}-{flow}"
+                shutil.rmtree(out, ignore_errors=True)
+                row, steps = upload_flow(depth, trained[name], folder, unseen, flow, args, out)
+                rows.append(row)
+                step_rows += steps
+                print(table([row], list(row)), flush=True)
+    options = f"--max-drop {args.max_drop:g} --cluster 8" + (f" --mac-target {args.mac_target:g}" if args.mac_target else "") \
+        + (f" --time-budget {args.time_budget:g}" if args.time_budget else "")
+    print()
+    print("Per step (points; the selection images decided, the test images were claimed, the unseen images "
+          "touched nothing):")
+    print(table(step_rows, ["model", "flow", "step", "kind", "MAC ratio", "selection drop", "test drop", "unseen drop"]))
+    print()
+    print(f"A user's upload (python -m core prune ... {options}), the shipped step (the run's own threshold, accepted "
+          f"on its test images); drops in points, unseen = {len(roles['unseen'])} images:")
+    print(table(rows, ["model", "flow", "wall min", "steps", "shipped", "MAC ratio", "selection drop",
+                       "test drop (claimed CI)", "unseen drop", "unseen vs control", "CI contains unseen", "stop"]))
+
+
 def recover_command(out: Path, args, step: int | None = None) -> list[str]:
     """``python -m core recover`` of a run with the bench's epochs, device and threads (``step`` None: the
     step the run's threshold selects, as a user's plain ``recover``)."""
@@ -284,6 +414,9 @@ def main() -> int:
     ap.add_argument("--recover-epochs", type=int, default=0, help="recovery fine-tune after each flow (epochs)")
     ap.add_argument("--recover-original", action="store_true",
                     help="give the original the same recovery fine-tune (the control for an under-trained original)")
+    ap.add_argument("--upload", action="store_true", help="run part 3: a user's upload (tens of minutes)")
+    ap.add_argument("--upload-flows", nargs="+", default=list(UPLOAD_FLOWS), choices=list(UPLOAD_FLOWS))
+    ap.add_argument("--time-budget", type=float, help="part 3: the prune command's --time-budget (minutes)")
     ap.add_argument("--max-minutes", type=float, help="stop each prune run after this long (Ctrl-C: its steps are "
                     "kept, then recovered when asked)")
     args = parse_with_data(ap, train_cifar.DATA_ZIP)
@@ -297,6 +430,8 @@ def main() -> int:
         car_table(args, trained, images)
     if args.prune:
         prune_table(args, trained)
+    if args.upload:
+        upload_table(args, trained)
     return 0
 
 

@@ -337,7 +337,10 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
     if final_recovery_due(reason, last, task, clock):
         last = recover_step(task, graph, writer, cb, last["step"] + 1, last, teacher, cancel, clock)
     if config.control and teacher is not None and hasattr(task, "control"):
-        run_control(task, teacher, writer, cb, cancel)
+        if clock.would_pass_budget(clock.recovery_estimate()):
+            reason += "; no time left in the budget for the control"
+        else:
+            run_control(task, teacher, writer, cb, cancel, last["step"])
     writer.status("done", reason)
     return run_summary(writer.dir, "done", reason)
 
@@ -414,14 +417,15 @@ def recover_step(task: Task, graph: PruningGraph, writer: RunWriter, cb: Callbac
     return record
 
 
-def run_control(task: Task, original, writer: RunWriter, cb: Callbacks, cancel: threading.Event) -> None:
+def run_control(task: Task, original, writer: RunWriter, cb: Callbacks, cancel: threading.Event, step: int) -> None:
     """The control (``control.json``): the original given the fine-tuning and recoveries of the run's last
     step, measured on the same images (``Task.control``). Without it a pruned model that fine-tuning adapted
-    to the user's images can read better than the original as given while it lost to the same training."""
+    to the user's images can read better than the original as given while it lost to the same training.
+    Its progress is reported as part ``control`` of the last step, ``step``."""
     received = training_received(Run(writer.dir).history, task.config.finetune_steps)
     if not received["finetune_batches"] and not received["recovery_epochs"]:
         return
-    cb.enter("control", 0)
+    cb.enter("step", step)
     t0 = time.perf_counter()
     model = copy.deepcopy(original)
     result = task.control(model, original, received, cancel,
@@ -672,9 +676,7 @@ def run_claim(run: Run) -> dict | None:
     max_drop = (run.config.get("prune") or {}).get("max_drop")
     if max_drop is None:
         return None
-    control_path = run.dir / "control.json"
-    control = read_json(control_path) if control_path.exists() else None
-    claim = shipped_claim(run.history, run.select_step(float(max_drop)), control)
+    claim = shipped_claim(run.history, run.select_step(float(max_drop)), run.control_record())
     return {**claim, "max_drop": float(max_drop)}
 
 

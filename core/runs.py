@@ -318,6 +318,15 @@ class Run:
         model.load_state_dict(sd)
         return LoadedModel(model.eval(), self.spec)
 
+    def control_record(self) -> dict | None:
+        """``control.json`` (the control's figures, per-image correctness and the training it received), or
+        None for a run without one or with a damaged one."""
+        path = self.dir / "control.json"
+        try:
+            return read_json(path) if path.exists() else None
+        except ValueError:
+            return None
+
     def control(self, trusted: bool = False) -> nn.Module | None:
         """The control of the run (the original given the training of its last step: ``control.pt``), or None
         for a run without one; ``trusted`` as for :meth:`fresh_model`."""

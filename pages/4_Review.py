@@ -13,7 +13,7 @@ from core.runs import Run, removals
 from ui import detection
 from ui.common import (change, format_macs, format_ms, format_params, format_pct, metrics_row, page_link, pick_run,
                        setup_page, started_at, state_badge, threshold_pick)
-from ui.review import compare_steps, drop_text, drops_line, latency_text, recovery_panel
+from ui.review import compare_steps, control_line, drop_text, drops_line, latency_text, recovery_panel
 from ui.state import data_for_run, get_registry, model_lock, run_model
 
 state = setup_page("Review", "Every step of a run on the metric / cost curve. Set how much of the metric you can give "
@@ -47,8 +47,8 @@ if len(hist) < 2:
 # ----------------------------------------------------------------------------- threshold
 base = hist[0]
 thr, pick = threshold_pick(state, run, hist, prune_cfg, sel, metric)
-st.caption(f"The threshold decides on the selection images (drop {drop_text(pick)}); the picked step's drop on "
-           f"the test images, never used for a decision: {drop_text(pick, 'test')}.")
+st.caption(f"The run decided its steps on the selection images (drop {drop_text(pick)}, biased by those decisions); "
+           f"the pick must also hold on the test images, the figure to claim: {drop_text(pick, 'test')}.")
 
 
 with st.container(border=True):
@@ -61,6 +61,7 @@ with st.container(border=True):
                     f"{format_params(pick['params'])} parameters ({change(pick['params'], base['params'])}).")
     if pick["step"]:
         st.markdown(drops_line(pick, metric))
+        control_line(run, hist, pick)
     if pick.get("recovered_from") is not None:
         st.caption(f"Step {pick['step']} is step {pick['recovered_from']} after a recovery fine-tune of "
                    f"{pick['recovery']['epochs']} epoch(s){' with KD' if pick['recovery'].get('kd') else ''}.")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import streamlit as st
 
+from core.claim import shipped_claim
+
 from core.errors import PruneScopeError
 from core.jobs import JobAlreadyRunning, recovery_job
 from core.measure import LatencyComparison
@@ -33,6 +35,23 @@ def drops_line(record: dict, metric: str) -> str:
     test_part = (f"test {metric.lower()} {format_pct(test)}, drop {drop_text(record, 'test')}" if test is not None
                  else "no test images in this run (made without a test split)")
     return f"Selection drop {drop_text(record)} · {test_part}."
+
+
+def control_line(run, hist: list[dict], pick: dict) -> None:
+    """The picked step against the control (the original given the same fine-tuning and recoveries), when the
+    run has one: fine-tuning on the user's images also adapts a model to them."""
+    control = run.control_record()
+    if not control:
+        return
+    claim = shipped_claim(hist, pick["step"], control)
+    vs, gain = claim.get("vs_control"), claim.get("control_vs_original")
+    if vs is None or gain is None:
+        return
+    st.caption(f"Against the original given the same training ({control['received']['finetune_batches']} fine-tuning "
+               f"mini-batches, recoveries of {control['received']['recovery_epochs']} epochs): test drop "
+               f"{vs['drop_points']:+.2f} points (95 % CI {vs['ci_low_points']:+.2f} to {vs['ci_high_points']:+.2f}); "
+               f"that training alone moved the original by {-gain['drop_points']:+.2f} points on the test images. "
+               "It holds for the run's last step; an earlier pick had less training.")
 
 
 def latency_text(record: dict) -> str:
