@@ -151,6 +151,11 @@ with settings:
                     disabled=running, help="When no cluster fits the threshold, this many passes of the training "
                                            "images (distilled from the original) become a step and the run goes "
                                            "on from it; 0 stops there. Also once at the MAC target.")
+                extra["control"] = st.toggle(
+                    "Control: the original given the same training", value=defaults.control, key="pr_control",
+                    disabled=running, help="Fine-tuning on your images also adapts a model to them; the original "
+                                           "given the same fine-tuning and recoveries shows how much of a step's "
+                                           "figure is that adaptation, not pruning.")
             latency = st.toggle("Measure OpenVINO latency every step", value=defaults.latency, key=f"{p}_latency",
                                 disabled=running)
             analyse = defaults.analyse_car

@@ -10,7 +10,11 @@ from ui.state import get_registry
 
 
 def small_settings(at, steps: int, latency: bool = False):
+    """A short run of the sample: the CAR paper's loop (one cluster per step, no recovery, no control)."""
     at.slider(key="pr_max_steps").set_value(steps)
+    at.slider(key="pr_clusters_per_step").set_value(1)
+    at.slider(key="pr_recover_epochs").set_value(0)
+    at.toggle(key="pr_control").set_value(False)
     at.slider(key="pr_finetune").set_value(5)
     at.slider(key="pr_score_images").set_value(50)
     at.toggle(key="pr_latency").set_value(latency)
@@ -23,6 +27,19 @@ def test_needs_a_model_first():
     at = goto(new_app().run(), "prune")
     assert "Load a model first" in texts(at)
     assert not at.button
+
+
+def test_the_page_starts_from_the_cli_defaults():
+    """One set of defaults: every setting the Prune page shows starts at the CLI's (``PruneConfig()``)."""
+    at = with_sample("prune")
+    cli = PruneConfig()
+    sliders = {"pr_max_drop": cli.max_drop, "pr_finetune": cli.finetune_steps, "pr_score_images": cli.score_images,
+               "pr_max_steps": cli.max_steps, "pr_clusters_per_step": cli.clusters_per_step,
+               "pr_recover_epochs": cli.recover_epochs}
+    assert {k: at.slider(key=k).value for k in sliders} == sliders
+    assert at.toggle(key="pr_latency").value == cli.latency and at.toggle(key="pr_analyse").value == cli.analyse_car
+    assert at.toggle(key="pr_control").value == cli.control and at.radio(key="pr_car").value == cli.car
+    assert at.selectbox(key="pr_criterion").value == cli.criterion and at.number_input(key="pr_time_budget").value == 0
 
 
 def test_settings_have_sample_defaults_and_staircase():
@@ -67,7 +84,6 @@ def test_run_shows_progress_and_finishes():
 
 def test_clusters_per_step_reaches_the_run():
     at = small_settings(with_sample("prune"), steps=1)
-    assert at.slider(key="pr_clusters_per_step").value == 1, "one cluster per step unless asked"
     at.slider(key="pr_clusters_per_step").set_value(2).run()
     at.button(key="pr_start").click().run()
     assert_no_exception(at)
@@ -79,7 +95,7 @@ def test_clusters_per_step_reaches_the_run():
     # what the step removed is the engine's (test_multi_cluster.py): on this small sample two clusters at
     # once lose ~19 points and the step falls back to one
     assert 1 <= len(removals(run.history[1])) <= 2
-    assert "2 clusters per step" in settings_text(PruneConfig(**run.config["prune"]))
+    assert "up to 2 clusters per step" in settings_text(PruneConfig(**run.config["prune"]))
 
 
 def test_cancel_from_a_reloaded_tab_keeps_completed_steps():
