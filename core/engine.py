@@ -272,6 +272,7 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
     teacher = None
     if can_recover(task) or config.control:
         teacher = copy.deepcopy(original if original is not None else graph.model).eval()
+    clock = RunClock(config.time_budget)  # the budget covers the whole run, the analysis of the original too
     base = measure_original(graph, task, writer, cb, cancel)
     channel_maps = {n: list(range(w)) for n, w in base["widths"].items()}
     left_alone: dict[str, str] = graph.left_alone()  # group root -> why its surgery cannot be trusted
@@ -280,7 +281,7 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
     if outputs is not None:
         structure["output_layers"] = outputs
     writer.write_json("structure.json", structure)
-    clock = RunClock(config.time_budget)
+    t_start = time.perf_counter()  # records' ``elapsed`` counts from the first step, as before budgets
     scores: dict[str, np.ndarray] | None = None  # group root -> score per filter
     batch = config.clusters_per_step  # the most clusters tried together at the next step
     macs = base["macs"]  # of the current model
@@ -325,11 +326,12 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
             last = recover_step(task, graph, writer, cb, step, last, teacher, cancel, clock)
             recoveries += 1
             scores = None  # every weight moved: a full re-score
+            batch = config.clusters_per_step  # the recovered model has room again: full-sized steps
             continue
         move, metrics, tried = accepted
         macs = metrics["macs"]
         last, target_reached = record_step(writer, cb, graph, step, move, metrics, tried, channel_maps,
-                                           (t0, clock.start), base["macs"], config.mac_target, **task.step_extra(move))
+                                           (t0, t_start), base["macs"], config.mac_target, **task.step_extra(move))
         clock.step_done(time.perf_counter() - t0)
         if target_reached:
             reason = target_reached
