@@ -4,6 +4,7 @@ model, images and settings reuses that result and says so. The sidebar lists job
 ones as finished in every tab."""
 from __future__ import annotations
 
+from core.engine import PruneConfig
 from core.runs import Run
 from tests.app.apptest_tools import (assert_no_exception, goto, new_app, texts, wait_until, with_sample)
 from ui.state import TOKEN_PARAM, get_registry
@@ -51,11 +52,14 @@ def test_car_job_reattaches_after_reload_and_its_result_stays():
     assert finished.button(key="car_start").label == "Recompute CAR"
     # a prune with the same model, images (50) and settings reuses the analysis and says so
     goto(finished, "prune")
-    assert "computed by the run (it used 50 images, the run scores on 200)" in texts(finished)
+    scores_on = PruneConfig().score_images  # the page starts from the CLI's defaults
+    assert f"computed by the run (it used 50 images, the run scores on {scores_on})" in texts(finished)
     finished.slider(key="pr_max_steps").set_value(1)
     finished.slider(key="pr_finetune").set_value(5)
     finished.slider(key="pr_score_images").set_value(50)
     finished.toggle(key="pr_latency").set_value(False)
+    finished.slider(key="pr_recover_epochs").set_value(0)
+    finished.toggle(key="pr_control").set_value(False)
     finished.run()
     assert "the finished analysis will be reused" in texts(finished)
     finished.button(key="pr_start").click().run()
