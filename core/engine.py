@@ -564,7 +564,7 @@ def try_candidates(graph: PruningGraph, moves: list[list[Cluster]], task: Task, 
             continue
         tried, singles = tried + 1, singles + (len(move) == 1)
         decision = finetune_and_decide(task, graph.model, rng, cancel, cb, step)
-        lost = (base_metric - decision.metric) * 100
+        lost = decision_drop(task, decision, base_metric)
         if lost > config.max_drop + 1e-9:
             cb.progress(0.95, f"step {step}: {move_label(move)} would drop {lost:.2f} {task.metric_name} points; undone")
             graph = rebuild_graph(task, *snapshot)
@@ -573,6 +573,13 @@ def try_candidates(graph: PruningGraph, moves: list[list[Cluster]], task: Task, 
         cb.progress(0.96, f"step {step}: measuring the kept step", "measuring", 0.0)
         return (move, task.measure(graph.model, decision), tried), graph, broke_together
     return None, graph, broke_together
+
+
+def decision_drop(task: Task, decision, base_metric: float) -> float:
+    """Points a candidate loses against the original on what decides it: the task's own paired drop on the
+    selection images that scored no filter (``decision_drop``, classification), else the metric's change."""
+    own = getattr(task, "decision_drop", None)
+    return own(decision) if own is not None else (base_metric - decision.metric) * 100
 
 
 def rebuild_graph(task: Task, model, history: list) -> PruningGraph:

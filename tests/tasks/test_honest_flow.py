@@ -53,6 +53,7 @@ def fake_metric(monkeypatch, per_cluster: float, per_recovery: float) -> dict:
         return real_recover(*args, **kw)
 
     monkeypatch.setattr(engine, "finetune_and_decide", decide)
+    monkeypatch.setattr(engine, "decision_drop", lambda task, decision, base: (base - decision.metric) * 100)
     monkeypatch.setattr(engine, "measure_original", measure_original)
     monkeypatch.setattr(engine, "recover_step", recover_step)
     return state
