@@ -135,7 +135,7 @@ def cmd_prune(args) -> int:
     out = prepare_out(args.out)
     announce_device(device)
     printer = progress_printer("  ")
-    original_bytes = Path(args.model).read_bytes() if loaded.spec.pickled else None
+    original_bytes = loaded.pickle_bytes  # the bytes that were unpickled, never the file read again (issue 28)
     summary = run_interruptible(lambda cancel: run_pruning(
         loaded, data, config, out, Callbacks(step=print_step, event=printer.event), cancel=cancel,
         data_source=args.data, original_bytes=original_bytes,

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .architectures import SAMPLE_ARCHITECTURES
-from .custom_code import build_from_code, import_code_file, parse_model_args
+from .custom_code import build_from_code, import_code_file, parse_model_args, source_of
 from .errors import TRUST_CONTROL, ModelLoadError, SettingsError, UntrustedPickleError, one_line
 from .preprocess import match_first_layer
 
@@ -118,9 +118,15 @@ class ModelSpec:
 
 @dataclass
 class LoadedModel:
+    """A model with its spec and the loader's notes. ``code_bytes``: the exact bytes of the user's Python file
+    that ran to build it (custom code, or the classes of a pickle); ``pickle_bytes``: the exact bytes of a
+    pickled model that was unpickled. A run keeps and trusts these bytes, never the file read again by name."""
+
     model: nn.Module
     spec: ModelSpec
     notes: list[str] = field(default_factory=list)
+    code_bytes: bytes | None = None
+    pickle_bytes: bytes | None = None
 
 
 # ----------------------------------------------------------------------------- architecture registry
@@ -517,12 +523,16 @@ def load_model(
     code_path: str | Path | None = None,
     code_name: str | None = None,
     code_args: Any = None,
+    code_source: bytes | None = None,
 ) -> LoadedModel:
     """Load a model from a file: architecture name + state dict, a whole trusted pickled module, or a state
     dict + the user's own Python file that builds the architecture (``code_path``, trusted only).
 
     ``path`` may be ``sample:NAME`` for a bundled sample. ``code_args`` are the class's or factory's
     arguments: JSON text or already parsed (an object = keyword arguments, a list = positional ones).
+    ``code_source``: the bytes to run as ``code_path`` when the caller already read and checked them (a run's
+    trusted copy); otherwise the file is read once. The returned model carries the bytes that ran
+    (``code_bytes``, ``pickle_bytes``).
     """
     if input_spec is not None:
         input_spec.validate()
@@ -533,11 +543,11 @@ def load_model(
         return load_sample_model(path.split(":", 1)[1])
     if code_name or (code_path is not None and arch is not None):
         return _with_first_layer(_load_custom(path, code_path, code_name, code_args, arch, trusted, input_spec,
-                                              class_names))
+                                              class_names, code_source))
     data = path if isinstance(path, bytes) else _read_file(Path(path))
     source = "upload" if isinstance(path, bytes) else str(path)
     # Model code without a class name: the file holds a pickled model whose classes are defined in that code.
-    classes = import_code_file(code_path, trusted=trusted) if code_path is not None else None
+    classes = import_code_file(code_path, trusted=trusted, source=code_source) if code_path is not None else None
     obj, notes = read_checkpoint(data, trusted=trusted, classes=classes)
     if isinstance(obj, nn.Module) and arch is None:
         model = obj.float().eval()
@@ -545,7 +555,8 @@ def load_model(
         spec = ModelSpec(arch=f"pickled:{type(obj).__name__}", num_classes=num_classes,
                          input=input_spec or open_input_spec(), class_names=class_names, source=source, pickled=True,
                          pickle_code=str(Path(code_path).resolve()) if code_path is not None else None)
-        return _with_first_layer(LoadedModel(model, spec, notes))
+        return _with_first_layer(LoadedModel(model, spec, notes, code_bytes=source_of(classes) if classes else None,
+                                             pickle_bytes=data))
     if classes is not None:
         raise ModelLoadError("Name the class or factory function in the model code that builds the model "
                              "(--model-class): without one, the code only serves to unpickle a whole pickled model, "
@@ -575,7 +586,8 @@ def _with_first_layer(loaded: LoadedModel) -> LoadedModel:
     return loaded
 
 
-def _load_custom(path, code_path, code_name, code_args, arch, trusted, input_spec, class_names) -> LoadedModel:
+def _load_custom(path, code_path, code_name, code_args, arch, trusted, input_spec, class_names,
+                 code_source: bytes | None = None) -> LoadedModel:
     """Weights into the model that the user's Python file builds; the file runs only when trusted."""
     if code_path is None:
         raise ModelLoadError(f"A model class or function ('{code_name}') was named without the Python file that "
@@ -584,11 +596,12 @@ def _load_custom(path, code_path, code_name, code_args, arch, trusted, input_spe
         raise ModelLoadError(f"Both an architecture ('{arch}') and a Python file with the architecture were given; "
                              "give one of them.")
     args = parse_model_args(code_args)
-    model = build_from_code(code_path, code_name, args, trusted=trusted)
+    module = import_code_file(code_path, trusted=trusted, source=code_source)  # read once: the bytes that run
+    model = build_from_code(code_path, code_name, args, trusted=trusted, module=module)
     name = f"custom:{code_name.strip()}"
     data = path if isinstance(path, bytes) else _read_file(Path(path))
     # A whole model pickled by a training script works too: its __main__ classes come from the same file.
-    obj, notes = read_checkpoint(data, trusted=trusted, classes=import_code_file(code_path, trusted=trusted))
+    obj, notes = read_checkpoint(data, trusted=trusted, classes=module)
     sd, key_used, more = extract_state_dict(obj)
     notes += more
     _load_custom_weights(model, sd, name)
@@ -596,7 +609,7 @@ def _load_custom(path, code_path, code_name, code_args, arch, trusted, input_spe
                      class_names=class_names, source="upload" if isinstance(path, bytes) else str(path),
                      checkpoint_key=key_used, code_file=str(Path(code_path).resolve()), code_name=code_name.strip(),
                      code_args=args)
-    return LoadedModel(model.float().eval(), spec, notes)
+    return LoadedModel(model.float().eval(), spec, notes, code_bytes=source_of(module))
 
 
 def _load_custom_weights(model: nn.Module, sd: dict[str, torch.Tensor], name: str) -> None:
@@ -670,16 +683,20 @@ def load_sample_model(name: str) -> LoadedModel:
 
 
 def rebuild_from_spec(spec: ModelSpec, state_dict: dict[str, torch.Tensor] | None = None,
-                      code_path: str | Path | None = None, trusted: bool = False) -> nn.Module:
+                      code_path: str | Path | None = None, trusted: bool = False,
+                      code_source: bytes | None = None) -> nn.Module:
     """A fresh model of ``spec``'s architecture, optionally with weights; never unpickles.
 
     A custom architecture is rebuilt by running its Python file (``code_path``, else ``spec.code_file``),
-    so it needs ``trusted`` like the first load did; a run folder passes its own copy of the file.
+    so it needs ``trusted`` like the first load did; a run folder passes its own copy of the file and the
+    bytes of it that it checked (``code_source``: exactly those run, the file is not read again).
     """
     if spec.pickled:
         raise ModelLoadError("A pickled model can only be rebuilt from its trusted file.")
     if spec.custom:
-        model = build_from_code(code_path or spec.code_file, spec.code_name, spec.code_args, trusted=trusted)
+        path = code_path or spec.code_file
+        module = import_code_file(path, trusted=trusted, source=code_source) if trusted else None
+        model = build_from_code(path, spec.code_name, spec.code_args, trusted=trusted, module=module)
     else:
         model = build_architecture(spec.arch, spec.num_classes)
     if state_dict is not None:
