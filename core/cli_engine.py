@@ -170,6 +170,8 @@ def cmd_export(args) -> int:
         return cmd_export_detection(args)
     result = export_run(args.run, step=args.step, max_drop=args.max_drop, out_path=args.out,
                         progress=progress_printer(), trusted=args.trusted)
+    if result.get("unverified"):
+        progress(f"note: {result['unverified']}")
     if args.json:
         emit_json(result)
     else:

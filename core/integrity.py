@@ -115,8 +115,9 @@ def read_jsonl_bounded(path: str | Path, limit: int = MAX_HISTORY_BYTES, what: s
             continue
         try:
             out.append(json.loads(line))
-        except ValueError as exc:
-            raise ValueError(f"line {number} is not JSON ({exc})") from None
+        except json.JSONDecodeError as exc:  # its own position is within the line: say the file's line number
+            raise ValueError(f"line {number} is not JSON: {exc.msg} at character {exc.pos + 1}"
+                             + (" (the line is cut short)" if exc.pos >= len(line.rstrip()) else "")) from None
     return out
 
 
