@@ -163,6 +163,8 @@ def print_step(r: dict) -> None:
     print(line, file=sys.stderr, flush=True)
     if r.get("resolution_warning"):
         progress(f"warning: {r['resolution_warning']}")
+    if r["step"] == 0 and r.get("latency_note"):  # once: the original's, e.g. a model OpenVINO cannot convert
+        progress(f"note: latency {r['latency_note']}")
 
 
 def cmd_export(args) -> int:

@@ -358,6 +358,11 @@ def extract_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], str | None, l
             f"parameter name, possibly under one of: {', '.join(CHECKPOINT_KEYS)}."
         )
     sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    others = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if others:  # training metadata beside the weights (epoch, arch, optimizer): said, never silently dropped
+        notes.append(f"Ignored {len(others)} checkpoint entr{'y' if len(others) == 1 else 'ies'} that "
+                     f"{'is' if len(others) == 1 else 'are'} not weights: {', '.join(others[:8])}"
+                     f"{' …' if len(others) > 8 else ''}.")
     sd = _strip_wrapper_prefixes(sd, notes)
     sd = _to_float32(sd, notes)
     return sd, key_used, notes
@@ -390,10 +395,27 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 _MIXABLE_PREFIXES = ("module.", "_orig_mod.")
 
 
+MAX_EXTRA_ENTRIES = 8  # scalar entries beside a checkpoint's weights (epoch, best_acc1, step) set aside at most
+
+
+def _extra_entry(key: str, value: torch.Tensor) -> bool:
+    """A checkpoint entry that looks like training metadata, not a layer's weight: a top-level name (no '.')
+    holding at most one number (``epoch``, ``best_prec1``)."""
+    return "." not in key and value.numel() <= 1
+
+
 def _strip_wrapper_prefixes(sd: dict[str, torch.Tensor], notes: list[str]) -> dict[str, torch.Tensor]:
     for prefix in _WRAPPER_PREFIXES:
         with_prefix = [k for k in sd if k.startswith(prefix)]
         if not with_prefix:
+            continue
+        rest = [k for k in sd if not k.startswith(prefix)]
+        if rest and len(rest) <= MAX_EXTRA_ENTRIES and len(rest) < len(with_prefix) \
+                and all(_extra_entry(k, sd[k]) for k in rest):
+            # consistently prefixed weights beside a few scalars: the weights lose the prefix, the scalars stay as
+            # they are (load_state_dict_strict sets them aside when the model has no such entry, and says so)
+            sd = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+            notes.append(f"Removed the '{prefix}' prefix from parameter names.")
             continue
         if len(with_prefix) == len(sd):
             sd = {k[len(prefix):]: v for k, v in sd.items()}
@@ -463,16 +485,26 @@ def _with_version_metadata(sd: dict, own: dict) -> dict:
     return out
 
 
-def load_state_dict_strict(model: nn.Module, sd: dict[str, torch.Tensor], arch: str) -> None:
+def load_state_dict_strict(model: nn.Module, sd: dict[str, torch.Tensor], arch: str,
+                           notes: list[str] | None = None) -> None:
     """Load weights as PyTorch's ``load_state_dict(strict=True)`` does; when PyTorch refuses, say exactly which
     keys and shapes do not fit.
 
     PyTorch decides, never a stricter check of ours: e.g. checkpoints written before PyTorch 0.4.1 lack every
     BatchNorm's ``num_batches_tracked``, which PyTorch fills with its default (see :func:`_legacy_batchnorm`).
+    The one thing set aside first: a few (at most :data:`MAX_EXTRA_ENTRIES`) scalar entries with top-level
+    names the model does not have (``epoch``, ``best_acc1``), training metadata saved beside the weights;
+    what was ignored is added to ``notes``. Everything else must fit exactly.
     """
     own = model.state_dict()
     drop = _AUX_ARCHS.get(arch, ())
     sd = {k: v for k, v in sd.items() if not k.startswith(drop)} if drop else sd
+    extras = [k for k, v in sd.items() if k not in own and _extra_entry(k, v)]
+    if extras and len(extras) <= MAX_EXTRA_ENTRIES and len(extras) < len(sd) - len(extras):
+        sd = {k: v for k, v in sd.items() if k not in extras}
+        if notes is not None:
+            notes.append(f"Ignored {len(extras)} checkpoint entr{'y' if len(extras) == 1 else 'ies'} beside the "
+                         f"weights that the model does not have: {', '.join(extras)}.")
     sd = _legacy_batchnorm(model, sd)
     try:
         model.load_state_dict(_with_version_metadata(sd, own), strict=True)
@@ -567,7 +599,7 @@ def load_model(
     notes += more
     num_classes = infer_num_classes(arch, sd)
     model = build_architecture(arch, num_classes)
-    load_state_dict_strict(model, sd, arch)
+    load_state_dict_strict(model, sd, arch, notes)
     spec = ModelSpec(arch=arch, num_classes=num_classes, input=input_spec or default_input_spec(arch),
                      class_names=class_names, source=source, checkpoint_key=key_used)
     return _with_first_layer(LoadedModel(model.eval(), spec, notes))
@@ -579,8 +611,20 @@ def open_input_spec() -> InputSpec:
     return InputSpec(height=0, width=0)
 
 
+def check_finite_weights(model: nn.Module) -> None:
+    """Refuse (:class:`ModelLoadError`) a model whose weights or buffers hold NaN or inf, naming the first such
+    tensor: it computes NaN, which every later figure would blame on something else ("near chance", FP16)."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ModelLoadError(f"The model's weights hold NaN or infinite values ({bad} of {tensor.numel()} in "
+                                 f"{name}); a model with them computes nothing meaningful, so it was not loaded.")
+
+
 def _with_first_layer(loaded: LoadedModel) -> LoadedModel:
-    """The model's spec with the channel count its first convolution reads (grey models read 1)."""
+    """The model's spec with the channel count its first convolution reads (grey models read 1); a model with
+    NaN or infinite weights is refused here, on every path a model loads through."""
+    check_finite_weights(loaded.model)
     loaded.spec.input, notes = match_first_layer(loaded.spec.input, loaded.model)
     loaded.notes += notes
     return loaded
@@ -604,7 +648,7 @@ def _load_custom(path, code_path, code_name, code_args, arch, trusted, input_spe
     obj, notes = read_checkpoint(data, trusted=trusted, classes=module)
     sd, key_used, more = extract_state_dict(obj)
     notes += more
-    _load_custom_weights(model, sd, name)
+    _load_custom_weights(model, sd, name, notes)
     spec = ModelSpec(arch=name, num_classes=_output_features(model), input=input_spec or open_input_spec(),
                      class_names=class_names, source="upload" if isinstance(path, bytes) else str(path),
                      checkpoint_key=key_used, code_file=str(Path(code_path).resolve()), code_name=code_name.strip(),
@@ -612,10 +656,11 @@ def _load_custom(path, code_path, code_name, code_args, arch, trusted, input_spe
     return LoadedModel(model.float().eval(), spec, notes, code_bytes=source_of(module))
 
 
-def _load_custom_weights(model: nn.Module, sd: dict[str, torch.Tensor], name: str) -> None:
+def _load_custom_weights(model: nn.Module, sd: dict[str, torch.Tensor], name: str,
+                         notes: list[str] | None = None) -> None:
     """As :func:`load_state_dict_strict`, with a hint when only the output layer's size differs."""
     try:
-        load_state_dict_strict(model, sd, name)
+        load_state_dict_strict(model, sd, name, notes)
     except ModelLoadError as exc:
         head = _output_layer_key(model)
         if head in sd and sd[head].shape != model.state_dict()[head].shape:
