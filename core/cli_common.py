@@ -23,7 +23,9 @@ from .device import DEVICES, describe, resolve_device, set_threads
 from .errors import ModelLoadError, PruneScopeError, SettingsError
 from .eta import EtaTracker, format_duration
 from .export import EXIT_NOT_READY, bundle_shortfall
+from .integrity import MAX_SIDECAR_BYTES, read_bounded
 from .jsonout import emit_json
+from .plan import PrunePlan
 from .runs import removals
 from .models import default_input_spec, load_model, open_input_spec
 from .plausibility import quick_check
@@ -285,13 +287,14 @@ def plan_from_args(args) -> dict | None:
     plan = {"exclude": [], "max_fraction": {}}
     if args.plan:
         try:
-            loaded = json.loads(Path(args.plan).read_text())
+            loaded = json.loads(read_bounded(Path(args.plan), MAX_SIDECAR_BYTES, Path(args.plan).name))
         except (OSError, ValueError) as exc:
             raise SettingsError(f"Cannot read the pruning plan {args.plan}: {exc}") from None
         if not isinstance(loaded, dict):
             raise SettingsError(f"The pruning plan {args.plan} must be a JSON object with 'exclude' and 'max_fraction'.")
-        plan["exclude"] = list(loaded.get("exclude") or [])
-        plan["max_fraction"] = dict(loaded.get("max_fraction") or {})
+        checked = PrunePlan.from_dict(loaded)  # types checked: a string 'exclude' is not read letter by letter
+        plan["exclude"] = sorted(checked.exclude)
+        plan["max_fraction"] = dict(checked.max_fraction)
     plan["exclude"] += list(args.exclude or [])
     for item in args.max_fraction or []:
         name, sep, value = item.rpartition("=")
