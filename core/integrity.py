@@ -117,7 +117,7 @@ def read_jsonl_bounded(path: str | Path, limit: int = MAX_HISTORY_BYTES, what: s
             out.append(json.loads(line))
         except json.JSONDecodeError as exc:  # its own position is within the line: say the file's line number
             raise ValueError(f"line {number} is not JSON: {exc.msg} at character {exc.pos + 1}"
-                             + (" (the line is cut short)" if exc.pos >= len(line.rstrip()) else "")) from None
+                             + ("" if line.rstrip().endswith(("}", "]")) else " (the line is cut short)")) from None
     return out
 
 
@@ -129,8 +129,8 @@ def verify_bytes(data: bytes, expected: str | None, label: str) -> None:
     digest = sha256_bytes(data)
     if not isinstance(expected, str) or digest != expected:
         shown = expected[:12] if isinstance(expected, str) else repr(expected)[:20]
-        raise IntegrityError(f"{label} is not the file the tool wrote: its sha256 is {digest[:12]}…, the record "
-                             f"says {shown}…; it was not used.")
+        raise IntegrityError(f"{label} is not the file the tool wrote (damaged or replaced: its sha256 is "
+                             f"{digest[:12]}…, the record says {shown}…); it was not used.")
 
 
 def inside(path: str | Path, root: str | Path) -> bool:
