@@ -669,6 +669,8 @@ def _note_warnings(caught: list, name: str, report: DataReport) -> None:
     """Warnings an image raised while decoded (a palette with transparency, a truncated EXIF block), as one
     warning line per kind in the report (the first image named, then a count), never raw on stderr."""
     for w in caught:
+        if issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning)):
+            continue  # about library code, not about the user's images
         kind = f"{w.category.__name__}: {' '.join(str(w.message).split())[:160]}"
         counts = report.__dict__.setdefault("_warning_counts", {})
         if kind not in counts:

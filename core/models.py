@@ -679,11 +679,18 @@ def _output_layer_key(model: nn.Module) -> str | None:
 
 
 def _read_file(path: Path) -> bytes:
+    """The model file's bytes: a regular file within :data:`core.integrity.MAX_WEIGHTS_BYTES` (a FIFO or
+    ``/dev/zero`` named as the model is refused in one line, never read without end)."""
+    from .integrity import MAX_WEIGHTS_BYTES, IntegrityError, read_bounded
+
     if not path.exists():
         raise ModelLoadError(f"Model file not found: {path}")
     if path.is_dir():
         raise ModelLoadError(f"Expected a model file, got a folder: {path}")
-    return path.read_bytes()
+    try:
+        return read_bounded(path.resolve(), MAX_WEIGHTS_BYTES, path.name)
+    except IntegrityError as exc:
+        raise ModelLoadError(str(exc)) from None
 
 
 def _output_features(model: nn.Module) -> int:
