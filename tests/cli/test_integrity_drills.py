@@ -39,8 +39,8 @@ from core.plausibility import check_plausibility, near_chance
 from core.runs import CODE_COPY, TRUST_RECORD, Run, RunWriter, process_start_time, scan_runs, trusted_hashes
 from core.sources import load_dataset
 from core.workspace import runs_dir, workspace_root
-from tests.cli.test_drills import (ROOT, assert_one_error_line, assert_refused, cli_run, digit_files, make_zip,
-                                   payload_bytes, png, snapshot)
+from tests.cli.test_drills import (ROOT, _prune_until_two_steps, assert_one_error_line, assert_refused, cli_run,
+                                   digit_files, make_zip, payload_bytes, snapshot)
 from tests.helpers import CLASSIC_LOOP, random_dataset
 
 SPEC32 = InputSpec(height=32, width=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -627,6 +627,19 @@ def test_sigterm_during_export_leaves_no_partial_bundle(good_run, tmp_path):
     assert proc.returncode == 143, err
     assert_one_error_line(err, "terminated")
     assert list(out.parent.iterdir()) == [], "no partial bundle, no zip"
+
+
+def test_sigterm_during_prune_cancels_keeps_steps_and_exits_143(tmp_path):
+    """SIGTERM stops a prune as Ctrl-C does (completed steps kept, the summary printed), with SIGTERM's code."""
+    out = tmp_path / "run"
+    proc = _prune_until_two_steps(out, "--json", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert "Traceback" not in stderr and "SIGTERM again to stop at once" in stderr
+    summary = json.loads(stdout)
+    assert summary["state"] == "cancelled" == Run(out).status["state"]
+    assert len(Run(out).steps()) >= 3
 
 
 # ----------------------------------------------------------------------------- the three kinds held open
