@@ -601,8 +601,18 @@ class Run:
                                   "the run is damaged.") from None
         return model
 
+    def _check_finite(self, state_dict: dict, what: str) -> None:
+        """Refuse weights holding NaN or inf, naming the tensor: the model would compute NaN, which every later
+        figure would blame on something else (a failed surgery, FP16, 'near chance')."""
+        for key, tensor in state_dict.items():
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise PruneScopeError(f"Run {self.name}: {what} hold NaN or infinite values ({key}); the run is "
+                                      "damaged, nothing was built from them.")
+
     def original(self, trusted: bool = False) -> LoadedModel:
         sd = self._weights(self.dir / "original.pt", (self.config.get("files") or {}).get("original.pt"))
+        if isinstance(sd, dict):
+            self._check_finite(sd, "original.pt's weights")
         model = self._load_into(self.fresh_model(trusted), sd, "original.pt")
         return LoadedModel(model.eval(), self.spec)
 
@@ -639,6 +649,7 @@ class Run:
                 or not isinstance(saved.get("pruning_history"), list):
             raise PruneScopeError(f"Run {self.name}: steps/{step:04d}.pt is damaged (no state_dict and pruning "
                                   "history); it was not loaded.")
+        self._check_finite(saved["state_dict"], f"step {step}'s weights")
         try:
             return rebuild_pruned(self.fresh_model(trusted), self.spec.input.shape(1), saved["pruning_history"],
                                   saved["state_dict"], output_layers=self.output_layers())
