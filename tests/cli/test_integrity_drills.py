@@ -610,7 +610,7 @@ def test_decoder_warnings_become_report_lines(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "warnings.warn" not in res.stderr and "Warning:" not in "".join(
         line for line in res.stderr.splitlines() if not line.startswith(("data:", "note:")))
-    assert any(line.startswith("data: UserWarning") and "palette" in line for line in res.stderr.splitlines()), \
+    assert any(line.startswith("data: UserWarning") and "Palette" in line for line in res.stderr.splitlines()), \
         res.stderr
 
 
