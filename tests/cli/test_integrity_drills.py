@@ -649,7 +649,8 @@ UNCONVERTIBLE = NET.replace("        return self.fc(self.pool(torch.relu(self.co
                             "        y = self.fc(self.pool(torch.relu(self.conv(x))).flatten(1))\n"
                             "        return y * torch.linalg.inv(self.scale)[0, 0]").replace(
     "        self.fc = nn.Linear(8, num_classes)",
-    "        self.fc = nn.Linear(8, num_classes)\n        self.scale = nn.Parameter(torch.eye(2))")
+    "        self.fc = nn.Linear(8, num_classes)\n        self.scale = nn.Parameter(torch.eye(2))").replace(
+    "nn.Conv2d(3, 8, 3, padding=1)", "nn.Conv2d(3, 32, 3, padding=1)").replace("nn.Linear(8,", "nn.Linear(32,")
 
 
 def test_kind_a_model_openvino_cannot_convert_keeps_its_accuracy(tmp_path):
