@@ -113,6 +113,9 @@ def _load_selftest(bundle_dir, manifest):
             return None, "selftest.npz holds values that are not finite numbers (%s)" % key
     if len(arrays["input"]) == 0:
         return None, "selftest.npz holds no input"
+    for key, top in (("tolerance_fraction", 1.0), ("tolerance_floor", 1.0)):  # NaN or a huge one passes anything
+        if key in arrays and not (np.all(np.isfinite(arrays[key])) and 0 <= float(arrays[key]) <= top):
+            return None, "selftest.npz's %s is not a number from 0 to %g" % (key, top)
     return arrays, None
 
 
