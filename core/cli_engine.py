@@ -178,6 +178,10 @@ def cmd_export(args) -> int:
         emit_json(result)
     else:
         print_bundle(result, f"agreement {result['agreement'] * 100:.2f}%")
+        rep = (result.get("reproduced") or {}).get("pruned")
+        if rep:
+            print(f"reproduced: step {rep['step']} records {rep['recorded'] * 100:.2f}%, re-measured "
+                  f"{rep['measured'] * 100:.2f}% on its {rep['n_images']} selection images")
     return export_exit_code(result)
 
 
