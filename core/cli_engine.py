@@ -135,7 +135,7 @@ def cmd_prune(args) -> int:
     out = prepare_out(args.out)
     announce_device(device)
     printer = progress_printer("  ")
-    original_bytes = Path(args.model).read_bytes() if loaded.spec.pickled else None
+    original_bytes = loaded.pickle_bytes  # the bytes that were unpickled, never the file read again (issue 28)
     summary = run_interruptible(lambda cancel: run_pruning(
         loaded, data, config, out, Callbacks(step=print_step, event=printer.event), cancel=cancel,
         data_source=args.data, original_bytes=original_bytes,
@@ -163,6 +163,8 @@ def print_step(r: dict) -> None:
     print(line, file=sys.stderr, flush=True)
     if r.get("resolution_warning"):
         progress(f"warning: {r['resolution_warning']}")
+    if r["step"] == 0 and r.get("latency_note"):  # once: the original's, e.g. a model OpenVINO cannot convert
+        progress(f"note: latency {r['latency_note']}")
 
 
 def cmd_export(args) -> int:
@@ -170,10 +172,16 @@ def cmd_export(args) -> int:
         return cmd_export_detection(args)
     result = export_run(args.run, step=args.step, max_drop=args.max_drop, out_path=args.out,
                         progress=progress_printer(), trusted=args.trusted)
+    if result.get("unverified"):
+        progress(f"note: {result['unverified']}")
     if args.json:
         emit_json(result)
     else:
         print_bundle(result, f"agreement {result['agreement'] * 100:.2f}%")
+        rep = (result.get("reproduced") or {}).get("pruned")
+        if rep:
+            print(f"reproduced: step {rep['step']} records {rep['recorded'] * 100:.2f}%, re-measured "
+                  f"{rep['measured'] * 100:.2f}% on its {rep['n_images']} selection images")
     return export_exit_code(result)
 
 

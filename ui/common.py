@@ -261,9 +261,33 @@ def started_at(ts: float | None) -> str:
     return "—" if not ts else time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
 
 
+def damaged_runs_notice() -> None:
+    """The workspace's damaged runs (``core.runs.damaged_runs``), each with the reason it cannot be used: listed,
+    never fatal to the page or to the other runs (issue 28). Nothing is shown when there are none."""
+    from core.runs import damaged_runs
+
+    damaged = damaged_runs()
+    if not damaged:
+        return
+    lines = "\n".join(f"- `{d.name}` — damaged: {d.reason}" for d in damaged[:10])
+    more = f"\n- … and {len(damaged) - 10} more" if len(damaged) > 10 else ""
+    st.warning(f"**{len(damaged)} damaged run(s)** cannot be opened; the others are unaffected.\n{lines}{more}",
+               icon=":material/report:")
+
+
+def unverified_note(run) -> None:
+    """A caption when ``run``'s files carry no sha256 to check (``core.runs.Run.unverified``): runs written
+    before files were hashed are shown, but marked unverified."""
+    note = run.unverified()
+    if note:
+        st.caption(f":material/gpp_maybe: {note}")
+
+
 def pick_run(state: AppState, runs: list[dict], empty_message: str, key: str, where=st) -> dict:
-    """The run picker of Review and Export: an empty state when there is none, else a select box
-    defaulting to the current run. Returns the chosen entry of ``core.jobs.past_runs``."""
+    """The run picker of Review and Export: the damaged runs listed with their reason, an empty state when
+    there is no usable run, else a select box defaulting to the current run, and the chosen run's
+    'unverified' note when it has one. Returns the chosen entry of ``core.jobs.past_runs``."""
+    damaged_runs_notice()
     if not runs:
         with st.container(border=True):
             st.info(empty_message, icon=":material/info:")
@@ -274,6 +298,7 @@ def pick_run(state: AppState, runs: list[dict], empty_message: str, key: str, wh
     current = next((n for n in names if state.run_dir and str(by_name[n]["dir"]) == str(state.run_dir)), names[0])
     sel = where.selectbox("Run", names, index=names.index(current), key=key,
                           format_func=lambda n: f"{n} · {by_name[n]['state']} · {by_name[n]['steps']} step(s)")
+    unverified_note(by_name[sel]["run"])
     return by_name[sel]
 
 
