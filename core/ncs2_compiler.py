@@ -173,8 +173,9 @@ def clean_compiler_message(text: str) -> tuple[str, str | None, str | None]:
 
 
 def _onnx_digest(onnx_path: Path) -> str:
+    """sha256 of what the compiler reads: the ONNX file (and its external data), or an IR's .xml and .bin."""
     h = hashlib.sha256()
-    for p in (onnx_path, onnx_path.with_name(onnx_path.name + ".data")):
+    for p in (onnx_path, onnx_path.with_name(onnx_path.name + ".data"), onnx_path.with_suffix(".bin")):
         if p.is_file():
             with open(p, "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -229,12 +230,18 @@ def compile_many(jobs: list[tuple[str | Path, str | Path]], platform: str = PLAT
         return [_unavailable(description) for _ in jobs]
     results: list[CompileResult | None] = [None] * len(jobs)
     running = []
+    same: dict[int, int] = {}  # job -> an earlier job with the same input: compiled once, its blob copied
+    first: dict[str, int] = {}
     for i, (onnx, blob) in enumerate(jobs):
         onnx, blob = Path(onnx), Path(blob)
         if not onnx.is_file():
             raise PruneScopeError(f"ONNX file not found for the MYRIAD compiler: {onnx}")
         digest = _onnx_digest(onnx)
         key = _cache_key(digest, platform)
+        if key in first:
+            same[i] = first[key]
+            continue
+        first[key] = i
         cached = _from_cache(key, blob, description) if use_cache else None
         if cached is not None:
             cached.onnx_sha256 = digest
@@ -261,7 +268,21 @@ def compile_many(jobs: list[tuple[str | Path, str | Path]], platform: str = PLAT
         results[i].onnx_sha256 = digest
         if use_cache and results[i].error != "worker failed":
             _to_cache(key, results[i], blob)
+    for i, j in same.items():
+        results[i] = _copy_result(results[j], Path(jobs[i][1]))
     return [r for r in results if r is not None]
+
+
+def _copy_result(result: CompileResult, blob: Path) -> CompileResult:
+    """The result of compiling the same bytes again: the same verdict, the blob copied to ``blob``."""
+    copy = CompileResult(**result.to_dict())
+    if result.compiled and result.blob:
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        tmp = blob.with_name(f".{blob.name}.{uuid.uuid4().hex[:8]}.tmp")
+        shutil.copyfile(result.blob, tmp)
+        os.replace(tmp, blob)
+        copy.blob = str(blob)
+    return copy
 
 
 def _worker_env() -> dict:
@@ -282,7 +303,9 @@ def _finish(out: str, err: str, returncode: int, tmp_blob: Path, blob: Path, com
     if not reply.get("ok"):
         tmp_blob.unlink(missing_ok=True)
         words, layer, layer_type = clean_compiler_message(str(reply.get("error", "")))
-        return CompileResult(False, True, _verdict_refused(compiler, words, layer, layer_type), compiler=compiler,
+        verdict = (f"the {compiler} cannot read it: {words}" if reply.get("stage") == "read" else
+                   _verdict_refused(compiler, words, layer, layer_type))
+        return CompileResult(False, True, verdict, compiler=compiler,
                              layer=layer, layer_type=layer_type, error=words, platform=platform, seconds=seconds)
     try:
         data = tmp_blob.read_bytes()
