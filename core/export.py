@@ -1,20 +1,24 @@
-"""Export for the NCS2: ONNX + OpenVINO IR FP16, NCS2 check, verification on real images, fallback bundle.
+"""Export for the NCS2 (or another target): ONNX + OpenVINO IR, the target's verdict, verification on real
+images, fallback bundle.
 
 A bundle is one folder (and a zip of it) that an engineer copies to the edge device:
 
-    model/        the pruned model: model.xml + model.bin (IR, FP16, static 1xCxHxW) + model.onnx (opset 13)
+    model/        the pruned model: model.xml + model.bin (IR, FP16, static 1xCxHxW) + model.onnx (opset 13),
+                  and for the ncs2 target model.blob, compiled by Intel's MYRIAD compiler (``core.targets``)
     fallback/     the original model through the same export
     deploy.py     loads model/ on the chosen device, falls back to fallback/ when the pruned files are
                   missing, altered, fail to compile or fail the self-test (needs only openvino + numpy)
     selftest.npz  stored inputs with the expected outputs of both models
     manifest.json sha256 of every file, accuracy, MACs, params, latency, input spec, class names,
-                  threshold and step, tool version, NCS2 report, verification result
+                  threshold and step, tool version, the target's verdict per model, verification result
     README.txt
 
 The IR is converted from the ONNX export (opset 13, TorchScript exporter), never from the torch
 module: ``ov.convert_model(module)`` writes newer op versions (MaxPool-14) that the 2022.3 runtime,
 the last with the MYRIAD plugin, cannot read. The bundle is built in a temporary folder next to its
-destination and renamed into place, so a failed export leaves nothing behind.
+destination and renamed into place, so a failed export leaves nothing behind. The bundle itself is
+written by ``core.bundle.build_into`` (the builder every task shares); :class:`ClassificationBundle`
+is what classification contributes to it.
 """
 from __future__ import annotations
 
