@@ -12,6 +12,7 @@ Classification's task is ``core.export.ClassificationBundle``, detection's is
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +23,15 @@ import torch
 from torch import nn
 
 from . import __version__
-from .export import (BUNDLE_FORMAT, TEMPLATE, ExportError, _time_exports, sha256_file)
-from .models import ModelSpec
-from .ov_runtime import ONNX_OPSET
+from .errors import ExportError
+from .measure import compare_times, time_models
+from .models import InputSpec, ModelSpec
+from .ov_runtime import ONNX_OPSET, latency_stats
 from .targets import ExportTarget, ModelFiles, TargetReport
 from .workspace import atomic_write_json, atomic_write_text
 
+BUNDLE_FORMAT = "prunescope-bundle/1"
+TEMPLATE = Path(__file__).with_name("deploy_template.py")
 DIRS = {"pruned": "model", "original": "fallback"}
 CROSS_CHECK_IMAGES = 32
 
@@ -104,7 +108,7 @@ def build_into(root: Path, task: BundleTask, target: ExportTarget, pruned: nn.Mo
                            {k: c[1] for k, c in checked.items()}, inputs.numpy().astype(np.float32), references)
 
     figures = {k: task.figures(k, models[k], verifications[k], meta, spec, val) for k in models}
-    latency_comparison = _time_exports(exports, figures, spec.input, latency_runs)
+    latency_comparison = time_exports(exports, figures, spec.input, latency_runs)
     selftest = task.write_selftest(root, models, val, spec)
     shutil.copyfile(TEMPLATE, root / "deploy.py")
     extra_names, extra_manifest = task.write_extras(root, models, spec)
@@ -162,6 +166,36 @@ def build_into(root: Path, task: BundleTask, target: ExportTarget, pruned: nn.Mo
     atomic_write_json(root / "manifest.json", manifest)
     files = sorted(p for p in root.rglob("*") if p.is_file())
     return Built(manifest, exports, reports, verifications, files)
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (what the manifest records and deploy.py checks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def time_exports(exports: dict, figures: dict, ispec: InputSpec, runs: int) -> dict | None:
+    """Time the exported IRs whose latency the caller did not give, in alternation (``core.measure``).
+
+    Fills ``latency_ms`` (median) and ``latency_spread`` (median, IQR, FPS) of each; when both models were
+    timed, returns the pruned-vs-original comparison (ratio, its interval, p-value, ``significant``), else None.
+    """
+    need = [k for k in exports if figures[k].get("latency_ms") is None]
+    if not need:
+        return None
+    times = time_models([exports[k]["xml"] for k in need], ispec, runs=runs, warmup=5)
+    for k, t in zip(need, times):
+        stats = latency_stats(t)
+        figures[k]["latency_ms"] = stats.median_ms
+        figures[k]["latency_spread"] = stats.to_dict()
+        figures[k]["latency_source"] = "OpenVINO CPU, batch 1, median of interleaved runs of the exported IR"
+    if len(need) < 2:
+        return None
+    by_name = dict(zip(need, times))
+    return compare_times(by_name["original"], by_name["pruned"]).to_dict()
 
 
 def _ncs2_section(report: TargetReport) -> dict:

@@ -22,7 +22,6 @@ is what classification contributes to it.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -36,14 +35,15 @@ import torch
 from torch import nn
 
 from .data import ImageSet, normalize
-from .errors import PruneScopeError, one_line
+from .bundle import BUNDLE_FORMAT, TEMPLATE, build_into, sha256_file, summary  # noqa: F401 (re-exported)
+from .errors import ExportError, PruneScopeError, one_line
 from .models import InputSpec, ModelSpec
 from .fp16 import Fp16Range, measure_fp16_range
 from .ir_rewrite import interpolate11_to_4
 from .ncs2 import Ncs2Issue, Ncs2Report
-from .targets import TargetReport
-from .measure import compare_times, measure_model, time_models
-from .ov_runtime import ONNX_OPSET, compile_cpu, cpu_has_fp16, export_onnx_bytes, latency_stats, read_ir
+from .targets import TargetReport, get_target
+from .measure import measure_model
+from .ov_runtime import ONNX_OPSET, compile_cpu, cpu_has_fp16, export_onnx_bytes, read_ir
 from .shortcuts import convert_zero_pad_shortcuts
 from .sources import load_run_dataset
 from .workspace import atomic_write_bytes
@@ -56,12 +56,6 @@ SELFTEST_INPUTS = 4
 # Wide enough for FP16 arithmetic on the NCS2, far too narrow for wrong or damaged weights.
 SELFTEST_TOLERANCE_FRACTION = 0.1
 SELFTEST_TOLERANCE_FLOOR = 1e-3
-BUNDLE_FORMAT = "prunescope-bundle/1"
-TEMPLATE = Path(__file__).with_name("deploy_template.py")
-
-
-class ExportError(PruneScopeError):
-    """The model could not be exported or bundled; nothing partial was left behind."""
 
 
 # ----------------------------------------------------------------------------- export
@@ -383,14 +377,6 @@ def bundle_shortfall(result: dict) -> str | None:
             "inside as fallback.")
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _model_meta(meta: dict, which: str) -> dict:
     """The caller's figures for 'pruned' or 'original': a nested dict, or flat keys (``original_`` prefix)."""
     nested = meta.get(which)
@@ -422,9 +408,6 @@ def build_bundle(pruned_model: nn.Module, original_model: nn.Module, spec: Model
     is replaced only once the new one is complete). Any failure removes the temporary folder and
     raises :class:`ExportError` saying why.
     """
-    from .bundle import build_into, summary
-    from .targets import get_target
-
     meta = dict(meta or {})
     out_path = Path(out_path).resolve()
     chosen = get_target(target)
@@ -551,7 +534,7 @@ class ClassificationBundle:
         self.min_images = min_images
 
     def export(self, model: nn.Module, spec: ModelSpec, out_dir: Path, target) -> dict:
-        return export_model(model, spec, out_dir, "model", compress_to_fp16=target.fp16)
+        return export_model(model, spec, out_dir, "model", **target.ir_options())
 
     def verify(self, key: str, model: nn.Module, export: dict, val: ImageSet, spec: ModelSpec, target):
         check = verify_ir(export["xml"], model, val, spec, min_images=self.min_images)
@@ -603,27 +586,6 @@ class ClassificationBundle:
 
     def readme(self, spec: ModelSpec, target, report, verification) -> str:
         return _readme(spec, target, report, verification)
-
-
-def _time_exports(exports: dict, figures: dict, ispec: InputSpec, runs: int) -> dict | None:
-    """Time the exported IRs whose latency the caller did not give, in alternation (``core.measure``).
-
-    Fills ``latency_ms`` (median) and ``latency_spread`` (median, IQR, FPS) of each; when both models were
-    timed, returns the pruned-vs-original comparison (ratio, its interval, p-value, ``significant``), else None.
-    """
-    need = [k for k in exports if figures[k].get("latency_ms") is None]
-    if not need:
-        return None
-    times = time_models([exports[k]["xml"] for k in need], ispec, runs=runs, warmup=5)
-    for k, t in zip(need, times):
-        stats = latency_stats(t)
-        figures[k]["latency_ms"] = stats.median_ms
-        figures[k]["latency_spread"] = stats.to_dict()
-        figures[k]["latency_source"] = "OpenVINO CPU, batch 1, median of interleaved runs of the exported IR"
-    if len(need) < 2:
-        return None
-    by_name = dict(zip(need, times))
-    return compare_times(by_name["original"], by_name["pruned"]).to_dict()
 
 
 def _readme(spec: ModelSpec, target, report: TargetReport, check: Verification) -> str:
@@ -716,7 +678,6 @@ def export_run(run_dir: str | Path, step: int | None = None, max_drop: float | N
     ``ncs2``), checked before any work.
     """
     from .runs import Run
-    from .targets import get_target
 
     get_target(target)
     from .workspace import workspace_root

@@ -1,6 +1,6 @@
 """Export targets as plug-ins: what a bundle is built for, behind one small interface.
 
-A target decides how the model is converted (IR precision), how it is judged (a compiler, a runtime,
+A target decides how the model is converted (its IR options), how it is judged (a compiler, a runtime,
 a static table), which files it adds to the bundle (an NCS2 blob), what the manifest records of it and
 what the deploy notes say. The bundle builder (``core.bundle``) is the same for every task and every
 target; adding a target is one class here and one entry in :data:`TARGETS`.
@@ -65,11 +65,10 @@ class ExportTarget:
     device = "CPU"  # the OpenVINO device deploy.py runs on for this target
     runtime = ""  # what the target host needs
 
-    def convert(self, model, shape: tuple[int, ...], out_dir: Path, name: str = "model") -> dict:
-        """ONNX (opset 13) + OpenVINO IR in this target's precision; see ``core.export.convert_to_ir``."""
-        from .export import convert_to_ir
-
-        return convert_to_ir(model, shape, out_dir, name, compress_to_fp16=self.fp16)
+    def ir_options(self) -> dict:
+        """How the task's converter (``core.export.convert_to_ir``: ONNX opset 13, then OpenVINO IR) writes the IR
+        for this target: its keyword arguments (FP16 or FP32 weights)."""
+        return {"compress_to_fp16": self.fp16}
 
     def check(self, models: dict[str, ModelFiles], range_problems: dict[str, list[tuple[str, str]]],
               inputs: np.ndarray, references: dict[str, np.ndarray]) -> dict[str, TargetReport]:

@@ -28,12 +28,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..bundle import build_into, summary
 from ..errors import PruneScopeError
 from ..export import (SELFTEST_TOLERANCE_FLOOR, SELFTEST_TOLERANCE_FRACTION, ExportError, _ir_logits, _one_line,
                       _torch_logits, build_atomically, bundle_zip_path, check_bundle_target, convert_to_ir, pick_step)
 from ..models import ModelSpec
 from ..ov_runtime import ONNX_OPSET, compile_cpu, read_ir
 from ..sources import load_voc_dataset
+from ..targets import get_target
 from ..runs import Run
 from ..workspace import workspace_root
 from . import postprocess as _postprocess
@@ -117,9 +119,6 @@ def build_detection_bundle(pruned: nn.Module, original: nn.Module, spec: ModelSp
 
     Built in a temporary folder and renamed into place, as classification bundles are.
     """
-    from ..bundle import build_into, summary
-    from ..targets import get_target
-
     chosen = get_target(target)
     out_path = Path(out_path).resolve()
     built, _ = build_atomically(out_path, lambda tmp: build_into(tmp, DetectionBundle(), chosen, pruned, original,
@@ -149,7 +148,7 @@ class DetectionBundle:
         self.settings = settings
 
     def export(self, model: nn.Module, spec: ModelSpec, out_dir: Path, target) -> dict:
-        return export_detector(model, spec, out_dir, compress_to_fp16=target.fp16)
+        return export_detector(model, spec, out_dir, **target.ir_options())
 
     def verify(self, key: str, model: nn.Module, export: dict, val: DetectionSet, spec: ModelSpec, target):
         return verify_detector_ir(Path(export["xml"]), model, val, spec, self.settings), [], {}
@@ -231,8 +230,6 @@ def export_detection_run(run_dir: str | Path, step: int | None = None, max_drop:
     An explicit ``step`` is never overridden; ``max_drop`` is then only recorded in the manifest. ``target``:
     the export target (``core.targets``; default ``ncs2``), checked before any work.
     """
-    from ..targets import get_target
-
     get_target(target)
     run = Run(run_dir)
     if run.task != "detection":
