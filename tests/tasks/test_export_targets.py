@@ -84,10 +84,12 @@ def test_each_classification_sample_exports_with_blobs_compiled_by_the_myriad_co
 
 @needs_myriad
 def test_the_detection_sample_exports_with_blobs_through_the_same_builder(tmp_path, monkeypatch):
-    import core.bundle
+    import core.detection.export
+    import core.export
 
+    assert core.detection.export.build_into is core.export.build_into is build_into  # one builder for both tasks
     calls = []
-    monkeypatch.setattr(core.bundle, "build_into", lambda *a, **k: calls.append(a[1]) or build_into(*a, **k))
+    monkeypatch.setattr(core.detection.export, "build_into", lambda *a, **k: calls.append(a[1]) or build_into(*a, **k))
     model, entry = load_sample_detector("ssd_counting")
     spec = detection_spec(model, entry)
     data = load_voc_dataset("sample:counting", tuple(model.input_size))
