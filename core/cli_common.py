@@ -209,12 +209,25 @@ def print_costs(figures) -> None:
 
 def print_bundle(result: dict, verification: str) -> None:
     """What ``export`` prints of a bundle (``core.export.export_run`` or its detection twin): where it is,
-    whether the step is NCS2 compatible and verified (``verification``: the task's evidence, e.g. the
-    agreement with PyTorch), and each NCS2 problem."""
+    the target's verdict on each model (for the NCS2: the MYRIAD compiler's, with the blob's stages, or the
+    failing layer), whether the step is verified (``verification``: the task's evidence, e.g. the agreement
+    with PyTorch), and each problem."""
     print(f"bundle: {result['bundle']}  (zip: {result['zip']})")
-    print(f"step {result['step']}: NCS2 {'compatible' if result['ncs_compatible'] else 'NOT compatible'}; "
-          f"verified: {result['verified']} ({verification})")
-    for p in result["ncs2_problems"]:
+    target = result.get("target", "ncs2")
+    per_model = (result.get("targets") or {}).get(target)
+    if per_model:
+        for key, label in (("pruned", "model/   "), ("original", "fallback/")):
+            r = per_model[key]
+            print(f"{target} {label} {'ready' if r['ready'] else 'NOT ready'}: {r['verdict']}")
+            if r.get("disagreement"):
+                print(f"  note: {r['disagreement']}")
+            if r.get("cross_check_2021"):
+                print(f"  cross-check: {r['cross_check_2021']}")
+        print(f"step {result['step']}: verified: {result['verified']} ({verification})")
+    else:
+        print(f"step {result['step']}: NCS2 {'compatible' if result['ncs_compatible'] else 'NOT compatible'}; "
+              f"verified: {result['verified']} ({verification})")
+    for p in result.get("ncs2_problems") or []:
         print(f"  NCS2 problem: {p}")
 
 

@@ -2,7 +2,9 @@
 """Run a PruneScope export bundle: the pruned model, or the original when the pruned one cannot be trusted.
 
     python deploy.py                       # load on CPU, run the self-test, say which model is used and why
-    python deploy.py --device MYRIAD       # Intel NCS2 (needs OpenVINO 2022.3 LTS, the last with MYRIAD)
+    python deploy.py --device MYRIAD       # Intel NCS2 (needs OpenVINO 2022.3 LTS, the last with MYRIAD);
+                                           # imports model.blob, compiled by PruneScope with the MYRIAD compiler
+    python deploy.py --device MYRIAD --format ir   # compile the IR on the host instead of importing the blob
     python deploy.py --image cat.jpg       # also classify an image (reading images needs Pillow)
 
 A detection bundle (manifest "task": "detection") uses the same checks; --image then prints the
@@ -177,9 +179,29 @@ def self_test(compiled, selftest, key, check_class=True):
     return True, "%d self-test inputs within tolerance (worst %.0f%% of it)" % (len(inputs), 100 * worst)
 
 
-def load(bundle_dir=None, device="CPU"):
+FORMATS = ("auto", "blob", "ir")
+
+
+def compile_entry(core, bundle_dir, entry, device, fmt="auto"):
+    """(compiled model, how): the model's NCS2 blob imported (``Core.import_model``) when ``fmt`` is "blob", or
+    "auto" on a MYRIAD device and the bundle has one; else its IR read and compiled on ``device``."""
+    blob = entry.get("blob")
+    if fmt == "blob" or (fmt == "auto" and blob and device.upper().startswith("MYRIAD")):
+        if not blob:
+            raise RuntimeError("this bundle has no NCS2 blob for this model (export it with --target ncs2)")
+        with open(os.path.join(bundle_dir, *blob.split("/")), "rb") as f:
+            data = f.read()
+        return core.import_model(data, device), "imported %s" % blob  # bytes: OpenVINO 2022.3 and newer
+    model = core.read_model(os.path.join(bundle_dir, *entry["xml"].split("/")))
+    return core.compile_model(model, device), "compiled %s" % entry["xml"]
+
+
+def load(bundle_dir=None, device="CPU", fmt="auto"):
     """(compiled_model, which, reason): the pruned model if it is intact, compiles and passes the self-test,
-    else the fallback (original) model under the same checks. Raises RuntimeError when neither works."""
+    else the fallback (original) model under the same checks. Raises RuntimeError when neither works.
+    ``fmt``: "auto" (the NCS2 blob on MYRIAD when the bundle has one, else the IR), "blob" or "ir"."""
+    if fmt not in FORMATS:
+        raise RuntimeError("unknown format %r; choose one of %s" % (fmt, ", ".join(FORMATS)))
     bundle_dir = os.path.abspath(bundle_dir or HERE)
     try:
         manifest = read_manifest(bundle_dir)
@@ -201,8 +223,7 @@ def load(bundle_dir=None, device="CPU"):
             continue
         entry = _entry(manifest, name)
         try:
-            model = core.read_model(os.path.join(bundle_dir, *entry["xml"].split("/")))
-            compiled = core.compile_model(model, device)
+            compiled, how = compile_entry(core, bundle_dir, entry, device, fmt)
         except Exception as exc:  # any loader/compiler error means "do not use this model"
             failures.append("%s model failed to load/compile on %s: %s" % (name, device, _short(exc)))
             continue
@@ -224,7 +245,7 @@ def load(bundle_dir=None, device="CPU"):
                 failures.append("%s model failed the self-test on %s: %s" % (name, device, detail))
                 continue
         if name == "pruned":
-            reason = "files match manifest.json, compiled on %s, %s" % (device, detail)
+            reason = "files match manifest.json, %s for %s, %s" % (how, device, detail)
         else:
             reason = "; ".join(failures) + ". The fallback (original) model is intact and %s" % detail
         _STATE.update(compiled=compiled, which=name, reason=reason, manifest=manifest, bundle_dir=bundle_dir,
@@ -395,13 +416,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Run the PruneScope bundle (pruned model with fallback).")
     parser.add_argument("--device", default="CPU", help="OpenVINO device: CPU (default), MYRIAD (NCS2, OpenVINO 2022.3), ...")
     parser.add_argument("--image", action="append", default=[], help="image file to classify (repeatable)")
+    parser.add_argument("--format", choices=FORMATS, default="auto",
+                        help="auto (default): the NCS2 blob on MYRIAD when the bundle has one, else the IR; blob; ir")
     parser.add_argument("--bundle", default=HERE, help="bundle folder (default: the folder of this script)")
     parser.add_argument("--top", type=int, default=5, help="classes to print per image")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--score", type=float, default=0.3, help="detection bundles: lowest score printed")
     args = parser.parse_args(argv)
     try:
-        compiled, which, reason = load(args.bundle, args.device)
+        compiled, which, reason = load(args.bundle, args.device, args.format)
     except RuntimeError as exc:
         if args.json:
             print(json.dumps({"which": None, "reason": str(exc)}))
