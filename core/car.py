@@ -123,7 +123,8 @@ class CarScorer:
 
     def fingerprint(self) -> dict:
         """What its measurements depend on: the model state and the score images with their labels."""
-        return {"model": model_fingerprint(self.model), "images": tensors_fingerprint(self.images.images, self.labels)}
+        return {"model": model_fingerprint(self.model, tuple(self.inputs.shape)),
+                "images": tensors_fingerprint(self.images.images, self.labels)}
 
     def per_class_drop(self, correct: torch.Tensor, num_classes: int) -> list[list[float]]:
         """Per ablation, the drop in each class's accuracy."""
