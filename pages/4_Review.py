@@ -13,7 +13,8 @@ from core.runs import Run, removals
 from ui import detection
 from ui.common import (change, format_macs, format_ms, format_params, format_pct, metrics_row, page_link, pick_run,
                        setup_page, started_at, state_badge, threshold_pick)
-from ui.review import compare_steps, control_line, drop_text, drops_line, latency_text, recovery_panel
+from ui.review import (compare_steps, control_line, drop_text, drops_line, latency_text, no_kept_step_panel,
+                       recovery_panel)
 from ui.state import data_for_run, get_registry, model_lock, run_model
 
 state = setup_page("Review", "Every step of a run on the metric / cost curve. Set how much of the metric you can give "
@@ -39,6 +40,9 @@ elif entry["state"] in ("running", "cancelling"):
     st.button("Refresh", key="rv_refresh", icon=":material/refresh:")
 elif entry["message"] and entry["state"] in ("done", "cancelled", "failed"):
     st.caption(f"Status: {entry['message']}")
+if hist and entry["state"] not in ("running", "cancelling") and not any(removals(r) for r in hist[1:]):
+    no_kept_step_panel(run, hist, prune_cfg)  # a finished run without a pruning step: why, and what to change
+    st.stop()
 if len(hist) < 2:
     st.info("No pruning step has completed in this run yet." if hist else "This run has no measured step.",
             icon=":material/info:")

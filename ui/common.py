@@ -306,19 +306,28 @@ def start_cancel_buttons(running: bool, config, start, cancel) -> None:
 
 
 def prune_outcome(s) -> None:
-    """How a finished pruning job ended (failed / done and why it stopped / cancelled)."""
-    from core.runs import Run
+    """How a finished pruning job ended (failed / done and why it stopped / cancelled). A run that kept no
+    pruning step (a recovery of the original removes nothing) says why and what to change, as Review does."""
+    from core.runs import Run, removals
 
-    kept = max(len(s.steps) - 1, 0)
+    kept = sum(1 for r in s.steps[1:] if removals(r))
+    extra = max(len(s.steps) - 1, 0) - kept  # recoveries: steps that removed nothing
+    counted = f"{kept} pruning step(s) kept" + (f" (+{extra} recovery step(s))" if extra else "")
     if s.state == "failed":
         st.error(f"The run failed: {s.error}", icon=":material/error:")
+    elif s.state == "done" and not kept and s.run_dir is not None:
+        from ui.review import run_advice  # ui.review imports this module
+
+        run = Run(s.run_dir)
+        advice = run_advice(run, run.history, run.config.get("prune") or {})
+        st.warning(f"Finished after {format_seconds(s.elapsed)}. {advice.headline}", icon=":material/block:")
+        st.markdown("\n".join([*advice.why, *(f"- {c}" for c in advice.changes)]))
     elif s.state == "done":
         reason = Run(s.run_dir).status.get("message", "") if s.run_dir is not None else ""
-        st.success(f"Finished after {format_seconds(s.elapsed)}: {kept} step(s) kept"
+        st.success(f"Finished after {format_seconds(s.elapsed)}: {counted}"
                    + (f"; stopped because {reason}" if reason else "") + ".", icon=":material/check_circle:")
     else:
-        st.info(f"Cancelled after {format_seconds(s.elapsed)}; {kept} completed step(s) kept.",
-                icon=":material/info:")
+        st.info(f"Cancelled after {format_seconds(s.elapsed)}; {counted}.", icon=":material/info:")
 
 
 def threshold_pick(state, run, hist: list[dict], prune_cfg: dict, sel, metric: str = "accuracy"):

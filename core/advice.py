@@ -1,0 +1,145 @@
+"""What to change when the threshold and the selection images stop a run: the remedies a page or the CLI offers.
+
+Two situations end in the same question: a threshold finer than the selection images resolve
+(:func:`resolution_remedies`, said before a run starts), and a run that finished without keeping a pruning
+step (:func:`no_kept_step`, said after). Both answer with what the run's own records and the data set show:
+the closest candidate the threshold undid (``closest_rejected`` in the run's status, ``core.engine``), the
+cost of fine-tuning alone (``finetune.json``), how many images the upload can still give to the selection
+role, and what that costs in time. The words are the glossary's (``core.glossary``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .eta import format_duration
+from .stats import accuracy_flip_rate, images_to_resolve, resolution_points
+
+
+@dataclass
+class Advice:
+    """A headline, why it happened, and what to change (one line each)."""
+
+    headline: str
+    why: list[str] = field(default_factory=list)
+    changes: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        return [self.headline, *self.why, *(f"- {c}" for c in self.changes)]
+
+
+def points(x: float) -> str:
+    """'1 point', '1.5 points'."""
+    return f"{x:g} point" + ("" if x == 1 else "s")
+
+
+def coarser_threshold(drop_points: float) -> float:
+    """The smallest threshold on the 0.1-point grid of the settings that a drop of ``drop_points`` fits in."""
+    return math.ceil(round(drop_points * 10.0, 6)) / 10.0
+
+
+def selection_growth(n_selection: int, n_images: int | None, val_fraction: float | None, presplit: bool,
+                     need: int) -> str:
+    """Where more selection images come from for this upload: a larger validation fraction of an unsplit data
+    set (how many it would give), a smaller test share of a held-out folder, or more images."""
+    if n_images and val_fraction and not presplit:
+        fraction = min(need / n_images, 0.5)
+        gives = int(round(fraction * n_images))
+        if gives > n_selection:
+            return (f"a validation fraction of {fraction:.0%} on the Load page gives {gives:,} selection images of "
+                    f"the {n_images:,} in the upload (now {val_fraction:.0%}: {n_selection:,})"
+                    + ("" if gives >= need else f"; {need:,} need a larger upload"))
+        return f"{need:,} selection images need a larger upload (it holds {n_images:,} images)"
+    if presplit:
+        return (f"{need:,} selection images: a larger val/ folder, or a test fraction of 0 on the Load page (all of "
+                "val/ then selects, and no test images report)")
+    return f"{need:,} selection images: a larger upload"
+
+
+def resolution_remedies(max_drop: float, n_selection: int, accuracy: float | None, n_images: int | None = None,
+                        val_fraction: float | None = None, presplit: bool = False,
+                        seconds_per_image: float | None = None, decisions: int | None = None) -> list[str]:
+    """What helps when a ``max_drop``-point threshold is finer than ``n_selection`` selection images resolve
+    (``core.stats.resolution_warning``): more selection images (from this upload, with how many it can give),
+    a threshold they do resolve, and the time the larger selection costs (``seconds_per_image``: one image's
+    evaluation, ``decisions``: the measurements a run makes on them). Empty when the threshold is resolved."""
+    rate = accuracy_flip_rate(accuracy)
+    resolvable = resolution_points(n_selection, rate)
+    if max_drop >= resolvable or max_drop <= 0:
+        return []
+    need = max(images_to_resolve(max_drop, rate), int(math.ceil(200.0 / max_drop)))
+    more = selection_growth(n_selection, n_images, val_fraction, presplit, need)
+    out = [f"More selection images: {more}."]
+    out.append(f"A coarser threshold: {coarser_threshold(resolvable):.1f} points is what {n_selection:,} selection "
+               "images resolve (the drop is then decided by the model, not by which images flipped).")
+    if seconds_per_image and decisions:
+        extra = (need - n_selection) * seconds_per_image * decisions
+        out.append(f"The time it costs: each decision then measures {need:,} images instead of {n_selection:,}; "
+                   f"over about {decisions} decisions that adds about {format_duration(extra)} on this machine.")
+    else:
+        out.append(f"The time it costs: every decision measures all selection images, so {need:,} instead of "
+                   f"{n_selection:,} makes each measurement {need / max(n_selection, 1):.1f}× as long.")
+    return out
+
+
+def no_kept_step(status: dict, prune: dict, n_selection: int | None = None, accuracy: float | None = None,
+                 finetune: dict | None = None, recovered: bool = False) -> Advice:
+    """Why a finished run kept no pruning step and what to change: the closest candidate the threshold undid
+    (``status["closest_rejected"]``: its drop against the allowance), the cost of fine-tuning alone
+    (``finetune``: the run's ``finetune.json``), and the settings that would change the outcome (a coarser
+    threshold, more selection images, recovery epochs). ``prune``: the run's settings (``config.json``)."""
+    state = status.get("state", "done")
+    reason = status.get("message") or ""
+    if state == "done":
+        headline = "The run finished without keeping a pruning step" + (f": it stopped because {reason}." if reason
+                                                                       else ".")
+    else:
+        headline = f"The run ended ({state}) before it kept a pruning step" + (f": {reason}" if reason else ".")
+    advice = Advice(headline)
+    if recovered:
+        advice.why.append("Its recorded step is the original after a recovery fine-tune: no filter was removed.")
+    max_drop = float(prune.get("max_drop") if prune.get("max_drop") is not None else 1.0)
+    closest = status.get("closest_rejected")
+    if closest:
+        advice.why.append(f"The closest candidate, {closest['clusters']} at step {closest['step']}, lost "
+                          f"{closest['drop_points']:.2f} points on the selection images; the acceptable drop is "
+                          f"{points(closest['max_drop'])}.")
+    elif state == "done":
+        advice.why.append("No candidate was measured against the threshold (none could be removed).")
+    tuned = _finetune_cost(finetune)
+    if tuned is not None:
+        lr, cost = tuned
+        if cost > 0:
+            advice.why.append(f"Fine-tuning alone (learning rate {lr:g}, nothing removed) cost the original {cost:.2f} "
+                              f"of those points.")
+    if closest and closest["drop_points"] > max_drop:
+        advice.changes.append(f"A coarser threshold: {coarser_threshold(closest['drop_points']):.1f} points would have "
+                              "kept that candidate (Prune: acceptable drop).")
+    if n_selection:
+        rate = accuracy_flip_rate(accuracy)
+        resolved = resolution_points(n_selection, rate)
+        line = (f"More selection images: with {n_selection:,} one image is {100.0 / n_selection:.2f} points and a "
+                f"drop is resolved to about {resolved:.1f} points")
+        if resolved > max_drop > 0:
+            need = max(images_to_resolve(max_drop, rate), int(math.ceil(200.0 / max_drop)))
+            line += f"; about {need:,} resolve {max_drop:g} (Load: a larger validation fraction or upload)"
+        advice.changes.append(line + ".")
+    epochs = int(prune.get("recover_epochs") or 0)
+    if epochs == 0:
+        advice.changes.append("Recovery epochs: with recovery when stalled (Prune: e.g. 2 epochs) the run fine-tunes "
+                              "when no candidate fits and tries again from there.")
+    else:
+        advice.changes.append(f"Recovery epochs: more than {epochs} per recovery, or more fine-tuning mini-batches per "
+                              f"step (now {prune.get('finetune_steps', '—')}), give a removal more time to heal.")
+    return advice
+
+
+def _finetune_cost(finetune: dict | None) -> tuple[float, float] | None:
+    """(learning rate used, the unpruned model's selection drop from fine-tuning at it) of a ``finetune.json``."""
+    if not finetune or finetune.get("lr") is None:
+        return None
+    for t in finetune.get("tried", []):
+        if t.get("lr") == finetune["lr"] and t.get("selection_drop_points") is not None:
+            return float(finetune["lr"]), float(t["selection_drop_points"])
+    return None
+
