@@ -38,47 +38,52 @@ def coarser_threshold(drop_points: float) -> float:
     return math.ceil(round(drop_points * 10.0, 6)) / 10.0
 
 
-def selection_growth(n_selection: int, n_images: int | None, val_fraction: float | None, presplit: bool,
-                     need: int) -> str:
-    """Where more selection images come from for this upload: a larger validation fraction of an unsplit data
-    set (how many it would give), a smaller test share of a held-out folder, or more images."""
-    if n_images and val_fraction and not presplit:
-        fraction = min(need / n_images, 0.5)
-        gives = int(round(fraction * n_images))
+def selection_growth(n_selection: int, n_images: int | None, val_fraction: float | None, layout: str,
+                     need: int, rate: float) -> str:
+    """Where more selection images come from for this data set (``layout``: ``unsplit``, ``presplit`` or
+    ``sample``): a larger selection share of an unsplit upload (Load, in steps of 5 % up to 50 %: how many it
+    gives and what they resolve), a larger held-out folder, or an upload of one's own for a bundled sample."""
+    if layout == "sample":
+        return f"a bundled sample's split is fixed; {need:,} need an upload of your own (Load: selection share)"
+    if layout == "presplit":
+        return f"{need:,} would need a larger val/ folder (half of it selects, half reports as test images)"
+    if n_images and val_fraction:
+        share = min(math.ceil(need / n_images * 20.0) / 20.0, 0.5)
+        gives = int(round(share * n_images))
         if gives > n_selection:
-            return (f"a validation fraction of {fraction:.0%} on the Load page gives {gives:,} selection images of "
-                    f"the {n_images:,} in the upload (now {val_fraction:.0%}: {n_selection:,})"
-                    + ("" if gives >= need else f"; {need:,} need a larger upload"))
-        return f"{need:,} selection images need a larger upload (it holds {n_images:,} images)"
-    if presplit:
-        return (f"{need:,} selection images: a larger val/ folder, or a test fraction of 0 on the Load page (all of "
-                "val/ then selects, and no test images report)")
-    return f"{need:,} selection images: a larger upload"
+            return (f"a selection share of {share:.0%} on the Load page gives {gives:,} of the {n_images:,} images in "
+                    f"this upload (now {val_fraction:.0%}: {n_selection:,}), resolving about "
+                    f"{resolution_points(gives, rate):.1f} points"
+                    + ("" if gives >= need else f"; {need:,} would need a larger upload"))
+        return f"{need:,} would need a larger upload (it holds {n_images:,} images)"
+    return f"{need:,} would need a larger upload"
 
 
 def resolution_remedies(max_drop: float, n_selection: int, accuracy: float | None, n_images: int | None = None,
-                        val_fraction: float | None = None, presplit: bool = False,
-                        seconds_per_image: float | None = None, decisions: int | None = None) -> list[str]:
+                        val_fraction: float | None = None, layout: str = "unsplit",
+                        eval_seconds: float | None = None) -> list[str]:
     """What helps when a ``max_drop``-point threshold is finer than ``n_selection`` selection images resolve
-    (``core.stats.resolution_warning``): more selection images (from this upload, with how many it can give),
-    a threshold they do resolve, and the time the larger selection costs (``seconds_per_image``: one image's
-    evaluation, ``decisions``: the measurements a run makes on them). Empty when the threshold is resolved."""
+    (``core.stats.resolution_warning``): more selection images (from this data set, :func:`selection_growth`), a
+    threshold they do resolve, and the time the larger selection costs (``eval_seconds``: one evaluation of
+    the ``n_selection`` images, measured with the baseline; every decision of a run is one). Empty when the
+    threshold is resolved."""
     rate = accuracy_flip_rate(accuracy)
     resolvable = resolution_points(n_selection, rate)
-    if max_drop >= resolvable or max_drop <= 0:
+    if max_drop >= resolvable or max_drop <= 0 or n_selection <= 0:
         return []
     need = max(images_to_resolve(max_drop, rate), int(math.ceil(200.0 / max_drop)))
-    more = selection_growth(n_selection, n_images, val_fraction, presplit, need)
+    more = selection_growth(n_selection, n_images, val_fraction, layout, need, rate)
     out = [f"More selection images: {more}."]
     out.append(f"A coarser threshold: {coarser_threshold(resolvable):.1f} points is what {n_selection:,} selection "
-               "images resolve (the drop is then decided by the model, not by which images flipped).")
-    if seconds_per_image and decisions:
-        extra = (need - n_selection) * seconds_per_image * decisions
-        out.append(f"The time it costs: each decision then measures {need:,} images instead of {n_selection:,}; "
-                   f"over about {decisions} decisions that adds about {format_duration(extra)} on this machine.")
+               "images resolve (a step is then decided by the model, not by which images happened to flip).")
+    factor = need / n_selection
+    if eval_seconds:
+        out.append(f"The time it costs: every decision of a run measures all selection images; {need:,} instead of "
+                   f"{n_selection:,} make each one about {format_duration(eval_seconds * factor)} instead of "
+                   f"{format_duration(eval_seconds)} on this machine ({factor:.1f}×).")
     else:
-        out.append(f"The time it costs: every decision measures all selection images, so {need:,} instead of "
-                   f"{n_selection:,} makes each measurement {need / max(n_selection, 1):.1f}× as long.")
+        out.append(f"The time it costs: every decision of a run measures all selection images, so {need:,} instead "
+                   f"of {n_selection:,} make each one {factor:.1f}× as long.")
     return out
 
 
@@ -122,7 +127,7 @@ def no_kept_step(status: dict, prune: dict, n_selection: int | None = None, accu
                 f"drop is resolved to about {resolved:.1f} points")
         if resolved > max_drop > 0:
             need = max(images_to_resolve(max_drop, rate), int(math.ceil(200.0 / max_drop)))
-            line += f"; about {need:,} resolve {max_drop:g} (Load: a larger validation fraction or upload)"
+            line += f"; about {need:,} resolve {max_drop:g} (Load: a larger selection share, or a larger upload)"
         advice.changes.append(line + ".")
     epochs = int(prune.get("recover_epochs") or 0)
     if epochs == 0:

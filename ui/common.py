@@ -72,6 +72,26 @@ def sidebar(state: AppState) -> None:
         st.fragment(run_every=1.0 if running else None)(sidebar_jobs)(registry, running)
 
 
+def resolution_box(state: AppState, max_drop: float, lead: str = "") -> None:
+    """The warning that a threshold is finer than the selection images resolve, with what helps
+    (``core.advice.resolution_remedies``: more selection images from this upload, a coarser threshold, the
+    time it costs); nothing when they resolve it."""
+    from core.advice import resolution_remedies
+    from core.stats import resolution_warning
+
+    data, base = state.data, state.baseline or {}
+    warning = resolution_warning(max_drop, len(data.val), base.get("metric"))
+    if not warning:
+        return
+    total = len(data.train) + len(data.val) + len(data.test)
+    layout = ("sample" if str(state.data_source or "").startswith("sample:") else
+              "presplit" if getattr(data.report, "presplit", False) else "unsplit")
+    remedies = resolution_remedies(max_drop, len(data.val), base.get("metric"), total,
+                                   (data.split or {}).get("val_fraction"), layout, base.get("eval_seconds"))
+    st.warning(lead + warning + ("\n\n**What helps**\n" + "\n".join(f"- {r}" for r in remedies) if remedies else ""),
+               icon=":material/warning:")
+
+
 def job_line(s: JobSnapshot) -> str:
     """One job in a line, from a snapshot: the same numbers the page's progress bar shows."""
     label = JOB_LABELS.get(s.kind, s.kind)

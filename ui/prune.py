@@ -17,8 +17,7 @@ from core.car import CAR_METHODS
 from core.device import DEVICES, describe, resolve_device
 from core.errors import PruneScopeError
 from core.plan import PrunePlan, plan_from_sensitivity
-from core.stats import resolution_warning
-from ui.common import format_seconds
+from ui.common import format_seconds, resolution_box
 from ui.state import AppState, model_groups, prune_estimate
 
 CAR_METHOD_HELP = {
@@ -61,9 +60,7 @@ def device_picker(default: str, running: bool) -> tuple[str, bool]:
 
 def resolution_note(state: AppState, max_drop: float) -> None:
     """Before Start: a warning when the threshold is finer than the selection images resolve."""
-    warning = resolution_warning(max_drop, len(state.data.val), (state.baseline or {}).get("metric"))
-    if warning:
-        st.warning(warning, icon=":material/warning:")
+    resolution_box(state, max_drop)  # with what helps (issue 27)
 
 
 def seed_plan(state: AppState, points: float, cluster: int, roots: set[str]) -> None:

@@ -16,6 +16,10 @@ def test_settings_show_car_method_device_and_resolution_warning():
     assert "The job runs on: **CPU" in texts(at)
     at.slider(key="pr_max_drop").set_value(0.1).run()  # finer than 359 selection images resolve
     assert any("selection images would resolve it" in w.value for w in at.warning)
+    # issue 27: with what helps: more selection images (a sample's split is fixed), a coarser threshold, the time
+    remedy = next(w.value for w in at.warning if "What helps" in w.value)
+    assert "a bundled sample's split is fixed" in remedy and "A coarser threshold:" in remedy
+    assert "The time it costs:" in remedy and "on this machine" in remedy, "timed with the baseline's evaluation"
     at.slider(key="pr_max_drop").set_value(10.0).run()
     assert not any("resolve" in w.value for w in at.warning)
 
