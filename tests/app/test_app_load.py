@@ -185,3 +185,18 @@ def test_small_upload_flows_to_analyse_and_model_only_asks_for_data():
     assert_no_exception(at)
     goto(at, "analyse")
     assert "All **10** validation images are used" in texts(at)
+
+
+def test_weights_against_the_default_architecture_point_to_the_custom_architecture_option():
+    """Issue 27: a CIFAR ResNet-20's weights uploaded with the default architecture (resnet18) got "Cannot tell
+    the number of classes..." and no way on; the message names the option that takes the user's own file."""
+    at = goto(new_app().run(), "load")
+    at.radio(key="load_model_kind").set_value("Weights (state dict) + architecture").run()
+    assert at.selectbox(key="load_arch").value == "resnet18", "the default architecture"
+    weights = (SAMPLE_DIR / sample_entry("cifar10")["weights"]).read_bytes()
+    at.file_uploader(key="load_model_file").set_value(("resnet20-cifar.th", weights, "application/octet-stream"))
+    click_load(at)
+    msg = at.error[0].value
+    assert "Cannot tell the number of classes" in msg
+    assert "choose 'Custom architecture (Python file) + weights' under 'What the file holds'" in msg
+    assert "Custom architecture (Python file) + weights" in at.radio(key="load_model_kind").options
