@@ -29,7 +29,10 @@ STATE_BADGES = {
     "unknown": ":gray-badge[unknown]",
 }
 JOB_LABELS = {"car": "CAR analysis", "detection-car": "CAR analysis", "prune": "Pruning", "export": "Export",
-              "load": "Load and validate"}
+              "load": "Load and validate", "recovery": "Recovery fine-tune"}
+# the page that shows a job kind's result or failure in full (the sidebar only points there)
+JOB_PAGES = {"car": "Analyse", "detection-car": "Analyse", "prune": "Prune", "export": "Export", "load": "Load",
+             "recovery": "Review"}
 RECENT_JOB_S = 600  # a job that finished within this many seconds is still listed (as finished) in the sidebar
 
 
@@ -93,20 +96,37 @@ def resolution_box(state: AppState, max_drop: float, lead: str = "") -> None:
 
 
 def job_line(s: JobSnapshot) -> str:
-    """One job in a line, from a snapshot: the same numbers the page's progress bar shows."""
+    """One job in a line, from a snapshot: the same numbers the page's progress bar shows. A failure is not
+    repeated here: its page shows it in full (and clears it once a later job of its kind works)."""
     label = JOB_LABELS.get(s.kind, s.kind)
     if s.running:
         return f"{label} job: {int(s.progress * 100)} % · {s.message}"
+    if s.state == "failed":
+        return f"{label} job failed ({format_seconds(s.elapsed)}): see the {JOB_PAGES.get(s.kind, s.kind)} page"
     return f"{label} job {s.state} ({format_seconds(s.elapsed)}): {s.message}"
+
+
+def sidebar_shown(snaps: list[JobSnapshot], running_ids: tuple[str, ...], now: float) -> list[JobSnapshot]:
+    """The jobs the sidebar lists, from snapshots newest first: every running one (and one that was running when
+    the page was drawn), and of the jobs that ended within :data:`RECENT_JOB_S`, only the newest of each kind
+    while none of that kind runs. Old failures do not pile up (issue 27): a later job of the same kind replaces
+    its line, whether it worked or not."""
+    shown = [s for s in snaps if s.running or s.id in running_ids]
+    kinds = {s.kind for s in shown}
+    for s in snaps:
+        if s.kind in kinds:
+            continue
+        kinds.add(s.kind)  # only the newest finished job of a kind
+        if s.finished and now - s.finished < RECENT_JOB_S:
+            shown.append(s)
+    return sorted(shown, key=lambda s: -s.started)
 
 
 def sidebar_jobs(registry, running_ids: tuple[str, ...]) -> None:
     """Body of the sidebar's polling fragment: running jobs and those finished lately, read from the
     registry on every tick (as the page's own progress is). A job that was running when the page was
     drawn and has ended triggers a full rerun, so the page shows its result and polling stops."""
-    now = time.time()
-    shown = [j.snapshot() for j in registry.list()]
-    shown = [s for s in shown if s.running or s.id in running_ids or (s.finished and now - s.finished < RECENT_JOB_S)]
+    shown = sidebar_shown([j.snapshot() for j in registry.list()], running_ids, time.time())
     for s in shown[:4]:
         st.caption(job_line(s))
     if any(s.id in running_ids and not s.running for s in shown):
