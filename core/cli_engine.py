@@ -34,7 +34,7 @@ def add_commands(sub, add_model_args, add_data_args) -> None:
     an = sub.add_parser("analyse", aliases=["analyze"], help="CAR of every filter, per-class CAR and per-layer sensitivity into a run folder")
     add_model_args(an)
     add_data_args(an)
-    an.add_argument("--images", type=int, default=500, help="validation images used for CAR (default 500)")
+    an.add_argument("--images", type=int, default=500, help="selection images used for CAR (default 500)")
     an.add_argument("--out", required=True, help="run folder to write (created)")
     an.add_argument("--naive", action="store_true", help="one full evaluation per filter (reference, slow)")
     an.add_argument("--car", choices=CAR_METHODS, default="exact",

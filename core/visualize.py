@@ -413,8 +413,8 @@ def gallery_caption(entries: list[dict], k: int = 4) -> str:
     """What a gallery of ``entries`` (from :func:`gallery`, ``k`` patches per filter) shows, with the meaning of
     the colour share when its cards carry one."""
     text = (f"Per filter: its weights (first layer in colour: R, G, B kernels; deeper layers: mean kernel, red "
-            f"positive / blue negative), the {k} validation patches that excite it most, and its activation on the "
-            "chosen image (bright = strong). CAR in accuracy points lost when the filter alone is removed.")
+            f"positive / blue negative), the {k} patches of selection images that excite it most, and its activation on the "
+            "chosen image (bright = strong). CAR in accuracy points lost when the filter alone is removed (exact, or screened where marked).")
     if any(e.get("colour") is not None for e in entries):
         text += " " + COLOUR_SHARE_MEANING[0].upper() + COLOUR_SHARE_MEANING[1:] + "."
     return text

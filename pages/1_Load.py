@@ -9,6 +9,7 @@ from core.workspace import folder_upload_name, remember_upload_name
 from core.errors import PruneScopeError
 from core.models import InputSpec, list_architectures, load_model, sample_entry, sample_names
 from core.plausibility import apply_fix, check_plausibility, describe_fix
+from core.glossary import sentence
 from core.prune import PruneConfig
 from core.runs import remember_trusted_model
 from ui.charts import fig_class_counts, fig_confusion, fig_per_class_accuracy
@@ -187,7 +188,7 @@ def classification_sample() -> None:
                         key="load_sample_name")
     entry = sample_entry(name)
     st.markdown(f"**{entry['architecture']}** trained on **{entry['dataset']}**: {entry['dataset_description']}  \n"
-                f"Reported accuracy {format_pct(entry['accuracy'])} on {entry['num_val_images']} validation images.")
+                f"Reported accuracy {format_pct(entry['accuracy'])} on its {entry['num_val_images']} selection images.")
     action_button(st, "Load the sample", load_sample, name, type="primary", key="load_sample",
                   icon=":material/play_arrow:")
     if st.session_state.get("sample_error"):
@@ -283,22 +284,34 @@ def role_counts(data) -> str:
     return (f"**{len(data.train):,}** train · **{len(data.val):,}** selection · **{len(data.test):,}** test images")
 
 
-def split_description(split: dict) -> str:
-    """How the roles were drawn, from ``DataSet.split`` (seed, fractions, where the test images came from)."""
+def split_description(split: dict, counts: tuple[int, int, int] | None = None) -> str:
+    """How the roles were drawn, from ``DataSet.split``, in the glossary's words (``core.glossary``): a held-out
+    ``val/`` folder is split into selection and test images (not "selection 20 %"), an unsplit set by shares of
+    all its images. ``counts``: (train, selection, test) images."""
     if not split:
         return "Split: not recorded."
-    test_from = split.get("test_from", "none")
-    test = ("no test images" if test_from == "none" else
-            f"test images from {test_from}" + (f" ({split['test_fraction'] * 100:.0f} %)"
-                                               if split.get("test_fraction") else ""))
-    return (f"Split ({split.get('layout', 'layout unknown')}): selection {split.get('val_fraction', 0) * 100:.0f} %, "
-            f"{test}, stratified, seed {split.get('seed', 0)}.")
+    test_from, layout = split.get("test_from", "none"), split.get("layout", "layout unknown")
+    share = split.get("test_fraction") or 0
+    n = f" ({counts[1]:,} selection, {counts[2]:,} test)" if counts else ""
+    if test_from.endswith("/ folder") and test_from.startswith("test/"):
+        roles = "train/ → train images, val/ → selection images, test/ → test images"
+    elif test_from.endswith("/ folder"):
+        folder = test_from[:-len(" folder")]
+        roles = (f"train/ → train images; {folder} split into selection images ({(1 - share) * 100:.0f} %) and "
+                 f"test images ({share * 100:.0f} %){n}")
+    elif "/" in layout:
+        roles = "train/ → train images; val/ → selection images; no test images"
+    else:
+        test = ("no test images" if test_from == "none" else
+                f"test images {share * 100:.0f} % ({test_from})" if share else f"test images from {test_from}")
+        roles = f"selection images {split.get('val_fraction', 0) * 100:.0f} % of all images, {test}, the rest train"
+    return f"Split ({layout}): {roles}; stratified, seed {split.get('seed', 0)}."
 
 
 def classification_details() -> None:
     """Baseline note, plausibility, validation report and charts of a classifier and its ImageFolder data."""
     b, spec = state.baseline, state.model.spec
-    st.caption(f"Accuracy on {b['n']} validation images; MACs and parameters of one {spec.input.height}×"
+    st.caption(f"Accuracy on {b['n']} selection images; MACs and parameters of one {spec.input.height}×"
                f"{spec.input.width} image; latency: {b['latency_note']}.")
     plaus_key, plaus = st.session_state.get("load_plausibility", (None, None))
     if plaus is not None and plaus_key == state.key and plaus.suspect:  # issue 13: a baseline near or below chance
@@ -307,11 +320,11 @@ def classification_details() -> None:
             st.button(f"Apply: {describe_fix(plaus.fix)}", key="load_apply_fix", icon=":material/auto_fix_high:",
                       on_click=apply_plausibility_fix, args=(plaus.fix,))
 
-    st.subheader("Data set validation")
+    st.subheader("Data set check")
     report = state.data.report
     st.markdown(f"**{state.data_label}** · {report.num_classes} classes · " + role_counts(state.data))
-    st.caption(split_description(state.data.split) + " Train fine-tunes; selection scores filters, picks clusters and "
-               "decides the threshold; test is only reported, never used for a decision.")
+    st.caption(split_description(state.data.split, (len(state.data.train), len(state.data.val), len(state.data.test)))
+               + " " + " ".join(sentence(t) for t in ("train images", "selection images", "test images")))
     resolution_box(state, PruneConfig.max_drop, f"At the default threshold ({PruneConfig.max_drop:g} points): ")
     problems = 0
     if report.skipped_non_images:

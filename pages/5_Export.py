@@ -69,7 +69,7 @@ export_status()
 if running or not exists:
     if not running:
         st.info("Press **Export** to write the bundle: ONNX + IR of the pruned step and of the original, the NCS2 "
-                "check, verification on the validation images and a self-test; it runs in the background.",
+                "check, verification on the selection images and a self-test; it runs in the background.",
                 icon=":material/info:")
     st.stop()
 
@@ -89,10 +89,13 @@ with col_ncs:
         ncs2_panel(ncs2, manifest["input"]["input_shape"])
 with col_ver:
     with st.container(border=True):
+        # issue 27: every verification line says which model (and which arithmetic) it is about
         (st.success if verification["verified"] else st.warning)(
-            verification["message"], icon=":material/verified:" if verification["verified"] else ":material/warning:")
+            f"**Pruned model (`model/`), step {manifest.get('step', step)}**: {verification['message']}",
+            icon=":material/verified:" if verification["verified"] else ":material/warning:")
         for note in verification.get("notes", []):
-            st.caption(note)
+            st.caption(f"Pruned model in FP16 arithmetic (as the NCS2 computes): {note}"
+                       if note.startswith(("Verified", "Not verified")) else note)
         fb_ok = original["ncs2"]["compatible"] and original["verification"]["verified"]
         st.markdown(f"**Fallback (original)**: NCS2 {'compatible' if original['ncs2']['compatible'] else 'NOT compatible'}, "
                     f"{'verified' if original['verification']['verified'] else 'NOT verified'} "

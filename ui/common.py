@@ -7,6 +7,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from core import glossary
 from core.clusters import PROFILES, detect_cpu_profile
 from core.jobs import JobSnapshot
 from core.visualize import format_macs, format_pct  # noqa: F401  (re-exported for the pages)
@@ -73,6 +74,8 @@ def sidebar(state: AppState) -> None:
             st.caption("No model loaded")
         running = tuple(j.id for j in registry.active())
         st.fragment(run_every=1.0 if running else None)(sidebar_jobs)(registry, running)
+        with st.expander("Glossary: the words used here", icon=":material/menu_book:"):
+            st.markdown(glossary.markdown())  # one definition per word, for every page (core.glossary)
 
 
 def resolution_box(state: AppState, max_drop: float, lead: str = "") -> None:

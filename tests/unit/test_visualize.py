@@ -200,7 +200,7 @@ def test_gallery_cards_name_and_explain_the_colour_share(env):
         assert f"colour share {card['colour'] * 100:.0f} %" in title
     caption = V.gallery_caption(stem)
     assert "Colour share:" in caption and "brightness" in caption and "colour differences" in caption
-    assert "the 4 validation patches" in caption
+    assert "the 4 patches of selection images" in caption
     deep = V.gallery(model, spec, data.val.images[:16], "layer1.0.conv1", None, sort="index", limit=2, k=1)
     assert "colour" not in V.filter_card_title(deep[0]) and "CAR —" in V.filter_card_title(deep[0])
     assert "olour share" not in V.gallery_caption(deep)
