@@ -136,7 +136,7 @@ def estimate_panel(state: AppState, config, running: bool) -> None:
         st.error(str(exc), icon=":material/error:")
         return
     st.markdown(f"**Estimated time:** {format_seconds(est.seconds_low)} – {format_seconds(est.seconds_high)} "
-                f"({est.steps[0]}–{est.steps[1]} steps), from rates measured on this machine.")
+                f"({est.steps_text()}), from rates measured on this machine.")
     st.dataframe([{"part": k, "low": format_seconds(v[0]), "high": format_seconds(v[1])}
                   for k, v in est.breakdown.items()], hide_index=True, width="stretch")
     if getattr(config, "time_budget", None):
