@@ -277,15 +277,24 @@ def ncs2_panel(ncs2: dict, input_shape) -> None:
 
 
 def job_progress(snap: JobSnapshot, label: str) -> None:
-    """Progress bar with the current message, elapsed time and ETA of a job snapshot."""
+    """Progress bar with the current message, elapsed time and ETA of a job snapshot. A job that knows its whole
+    remaining time (a pruning run: ``core.eta.RunEta``) shows that one ETA, with the running part's own progress
+    and rest beside it; other jobs show the running part's ETA, or the overall fraction's."""
     pct = int(round(snap.progress * 100))
     st.progress(min(max(snap.progress, 0.0), 1.0), text=f"{label}: {pct} % · {snap.message}")
     c1, c2, c3 = st.columns(3)
     c1.markdown(f"**State** {state_badge(snap.state)}")
     c2.markdown(f"**Elapsed** {format_seconds(snap.elapsed)}")
     eta = "measuring the rate…" if snap.eta is None else format_seconds(snap.eta)
-    if snap.part:  # the ETA is the running part's, at the rate measured in that part
-        part = snap.part
+    part = snap.part
+    if getattr(snap, "eta_kind", "") == "job":
+        c3.markdown(f"**ETA of the whole job** {eta}")
+        if part:
+            rest = "" if part.get("eta_s") is None else f", about {format_seconds(part['eta_s'])} left in it"
+            st.caption(f"Now: **{part['phase']}** · {part_count(part)} · {format_seconds(part['phase_elapsed_s'])} "
+                       f"in this part{rest}. The whole job's ETA adds the parts still to come at the rates measured "
+                       f"in this run ({snap.eta_basis or 'so far'}).")
+    elif part:  # the ETA is the running part's, at the rate measured in that part
         c3.markdown(f"**ETA of this part** {eta}")
         st.caption(f"Now: **{part['phase']}** · {part_count(part)} · {format_seconds(part['phase_elapsed_s'])} "
                    "in this part. The ETA is this part's remaining work at the rate measured in it.")
