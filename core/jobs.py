@@ -98,6 +98,7 @@ class Job:
     total_steps: int | None = None  # known upper bound of step records, for the ETA
     state: str = "running"
     progress: float = 0.0  # 0..1 of the whole job
+    progress_changed: float = 0.0  # time.time() the fraction last moved
     message: str = "starting"
     error: str | None = None
     traceback: str | None = None
@@ -120,6 +121,8 @@ class Job:
     def set_progress(self, fraction: float, message: str | None = None) -> None:
         with self.lock:
             fraction = min(max(float(fraction), 0.0), 1.0)
+            if fraction > self.progress:
+                self.progress_changed = time.time()
             self.progress = max(self.progress, fraction)  # never runs backwards on screen
             if message is not None:
                 self.message = message
@@ -175,8 +178,11 @@ class Job:
         p = self.progress
         if p < ETA_MIN_PROGRESS or p >= 1.0:
             return None
-        elapsed = now - self.started
-        return elapsed * (1.0 - p) / p
+        # extrapolated when the fraction last moved, counting down since: a fraction that waits in a long phase
+        # must not make the ETA climb (issue 27: an export's went from 1:45 to 31:14 at 20 %); past it, unknown
+        at_change = (self.progress_changed - self.started) * (1.0 - p) / p
+        left = at_change - (now - self.progress_changed)
+        return left if left > 0 else None
 
     def snapshot(self) -> JobSnapshot:
         with self.lock:
@@ -542,12 +548,27 @@ def detection_car_job(model, root: str, val, mean, std, n_images: int = 64) -> J
 def car_job(model, spec, imageset, n_images: int = 500, sensitivity: bool = True, method: str = "exact"
             ) -> JobFunction:
     """A job function computing CAR (+ per-class CAR, sensitivity) on a private copy of ``model``;
-    ``method``: ``exact`` (every filter measured) or ``fast`` (screened, exact for a shortlist)."""
+    ``method``: ``exact`` (every filter measured) or ``fast`` (screened, exact for a shortlist).
+
+    Its parts: the fast method's first-order ``screening`` (one pass, no count inside), then ``measuring`` (every
+    ablation, the sensitivity's included, counted alike); the whole job's ETA is the measuring part's rest at
+    its measured rate, as soon as that part runs (nothing follows it)."""
     model = copy.deepcopy(model).eval()  # the UI keeps using its own model while this runs
+    tracker = EtaTracker()
+
+    def progress(fraction: float, message: str) -> None:
+        ctx_ = progress.ctx
+        ctx_.progress(fraction, message)
+        part = "screening" if message.startswith("CAR: screening") else "measuring"
+        state = tracker.update(part, min(max(fraction, 0.0), 1.0), 1.0, message)
+        ctx_.part(state)
+        ctx_.whole(state.eta_s if part == "measuring" else None,
+                   "the ablations left at the rate measured in them" if part == "measuring" else "")
 
     def fn(ctx: JobContext):
+        progress.ctx = ctx
         return compute_car(model, spec, imageset, n_images=n_images, sensitivity=sensitivity,
-                           progress=ctx.progress, cancel=ctx.cancel, method=method)
+                           progress=progress, cancel=ctx.cancel, method=method)
 
     return fn
 

@@ -285,7 +285,7 @@ def job_progress(snap: JobSnapshot, label: str) -> None:
     c1, c2, c3 = st.columns(3)
     c1.markdown(f"**State** {state_badge(snap.state)}")
     c2.markdown(f"**Elapsed** {format_seconds(snap.elapsed)}")
-    eta = "measuring the rate…" if snap.eta is None else format_seconds(snap.eta)
+    eta = "not known yet (measuring the rate)" if snap.eta is None else format_seconds(snap.eta)
     part = snap.part
     if getattr(snap, "eta_kind", "") == "job":
         c3.markdown(f"**ETA of the whole job** {eta}")
