@@ -792,7 +792,7 @@ def _unmeasurable_classes(class_names: list[str], val_labels: torch.Tensor, coun
                   if n == 0 and c not in empty]
     if not unmeasured:
         return []
-    return [f"{len(unmeasured)} class(es) have no validation image, so their accuracy cannot be measured (shown "
+    return [f"{len(unmeasured)} class(es) have no selection image, so their accuracy cannot be measured (shown "
             f"empty; null in --json): {', '.join(unmeasured[:10])}. Give every class at least 2 images "
             "(pre-split data: at least 1 in val/)."]
 
