@@ -26,8 +26,13 @@ def run_advice(run: Run, hist: list[dict], prune_cfg: dict):
     fine-tuning check."""
     base = hist[0] if hist else {}
     n_selection = ((base.get("paired") or {}).get("selection") or {}).get("n")
+    try:
+        finetune = read_json(run.dir / "finetune.json")
+    except (OSError, ValueError):  # a damaged record: the advice goes without fine-tuning's cost
+        finetune = None
     return no_kept_step(run.status, prune_cfg, n_selection, base.get("metric"),
-                        read_json(run.dir / "finetune.json"), any(r.get("recovered_from") is not None for r in hist))
+                        finetune if isinstance(finetune, dict) else None,
+                        any(r.get("recovered_from") is not None for r in hist))
 
 
 def no_kept_step_panel(run: Run, hist: list[dict], prune_cfg: dict) -> None:
