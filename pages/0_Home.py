@@ -25,8 +25,8 @@ with intro:
 1. **Load** a trained PyTorch classifier and an image data set (or the bundled sample). The tool checks both and
    measures accuracy, MACs, parameters and OpenVINO CPU latency.
 2. **Analyse** every filter with **CAR** (Classification Accuracy Reduction): the selection accuracy lost when that
-   one filter is removed, measured exactly or screened to first order first (the fast default); per-layer
-   sensitivity and a filter gallery show what each filter does.
+   one filter is removed: exact (removed and measured) or screened (a first-order estimate, exact where it
+   decides: the fast default of a prune); per-layer sensitivity and a filter gallery show what each filter does.
 3. **Prune** greedily in **clusters sized to the hardware** (8 channels on the NCS2), with short fine-tuning
    between steps, in the background: live progress, ETA, cancel at any time.
 4. **Review** the accuracy / cost trade-off of every step and pick the smallest model within your accuracy budget.

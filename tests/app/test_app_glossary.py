@@ -20,4 +20,5 @@ def test_every_page_has_the_glossary_and_no_page_calls_selection_images_validati
         assert not re.search(r"\bvalidation images\b", text, re.I), \
             f"{page} says 'validation images' for what the glossary calls selection images: " \
             + re.search(r".{0,80}validation images.{0,40}", text, re.I | re.S).group(0)
-        assert "measured exactly" not in text, f"{page}: CAR is exact or screened, the default is screened"
+        if page in ("home", "analyse"):  # where CAR is introduced: exact or screened, never "measured exactly"
+            assert "measured exactly" not in text and "screened" in text, page
