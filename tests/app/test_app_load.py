@@ -139,6 +139,22 @@ def test_class_count_mismatch_is_explained():
     assert_no_exception(at)
     msg = at.error[0].value
     assert "3 classes but the model outputs 10" in msg
+    # issue 27: what was found comes first, under the name the user uploaded
+    assert msg.index("Found in data.zip: 12 image(s) in 3 class folder(s)") < msg.index("3 classes but")
+
+
+def test_a_zip_without_images_says_no_images_found_and_lists_what_it_skipped():
+    """Issue 27: a zip of folders without images was "2 classes vs 10", without the promised list of skipped files."""
+    junk = make_zip([("photos/cats/readme.txt", b"x"), ("photos/dogs/list.csv", b"a,b")])
+    at = upload_page()
+    at.file_uploader(key="load_model_file").set_value(("weights.pt", weights_bytes(), "application/octet-stream"))
+    at.file_uploader(key="load_data_zip").set_value(("holiday_photos.zip", junk, "application/zip"))
+    click_load(at)
+    assert_no_exception(at)
+    msg = at.error[0].value
+    assert "No images found in holiday_photos.zip." in msg and "data-" not in msg
+    assert "cats/readme.txt (not an image: .txt)" in msg and "dogs/list.csv (not an image: .csv)" in msg
+    assert "classes but the model outputs" not in msg
 
 
 def test_wrong_architecture_is_explained():
