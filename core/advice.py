@@ -16,6 +16,15 @@ from .eta import format_duration
 from .stats import accuracy_flip_rate, images_to_resolve, resolution_points
 
 
+# where each setting is changed, in the words of the interface that shows the advice
+CONTROLS = {
+    "app": {"threshold": "Prune: acceptable drop", "selection": "Load: a larger selection share, or a larger upload",
+            "recovery": "Prune: recovery when stalled, e.g. 2 epochs"},
+    "cli": {"threshold": "--max-drop", "selection": "--val-fraction, or a larger data set",
+            "recovery": "--recover-epochs 2"},
+}
+
+
 @dataclass
 class Advice:
     """A headline, why it happened, and what to change (one line each)."""
@@ -88,11 +97,13 @@ def resolution_remedies(max_drop: float, n_selection: int, accuracy: float | Non
 
 
 def no_kept_step(status: dict, prune: dict, n_selection: int | None = None, accuracy: float | None = None,
-                 finetune: dict | None = None, recovered: bool = False) -> Advice:
+                 finetune: dict | None = None, recovered: bool = False, interface: str = "app") -> Advice:
     """Why a finished run kept no pruning step and what to change: the closest candidate the threshold undid
     (``status["closest_rejected"]``: its drop against the allowance), the cost of fine-tuning alone
     (``finetune``: the run's ``finetune.json``), and the settings that would change the outcome (a coarser
-    threshold, more selection images, recovery epochs). ``prune``: the run's settings (``config.json``)."""
+    threshold, more selection images, recovery epochs). ``prune``: the run's settings (``config.json``);
+    ``interface``: whose words name the settings (``app`` or ``cli``, :data:`CONTROLS`)."""
+    where = CONTROLS[interface]
     state = status.get("state", "done")
     reason = status.get("message") or ""
     if state == "done":
@@ -119,7 +130,7 @@ def no_kept_step(status: dict, prune: dict, n_selection: int | None = None, accu
                               f"of those points.")
     if closest and closest["drop_points"] > max_drop:
         advice.changes.append(f"A coarser threshold: {coarser_threshold(closest['drop_points']):.1f} points would have "
-                              "kept that candidate (Prune: acceptable drop).")
+                              f"kept that candidate ({where['threshold']}).")
     if n_selection:
         rate = accuracy_flip_rate(accuracy)
         resolved = resolution_points(n_selection, rate)
@@ -127,11 +138,11 @@ def no_kept_step(status: dict, prune: dict, n_selection: int | None = None, accu
                 f"drop is resolved to about {resolved:.1f} points")
         if resolved > max_drop > 0:
             need = max(images_to_resolve(max_drop, rate), int(math.ceil(200.0 / max_drop)))
-            line += f"; about {need:,} resolve {max_drop:g} (Load: a larger selection share, or a larger upload)"
+            line += f"; about {need:,} resolve {max_drop:g} ({where['selection']})"
         advice.changes.append(line + ".")
     epochs = int(prune.get("recover_epochs") or 0)
     if epochs == 0:
-        advice.changes.append("Recovery epochs: with recovery when stalled (Prune: e.g. 2 epochs) the run fine-tunes "
+        advice.changes.append(f"Recovery epochs: with recovery when stalled ({where['recovery']}) the run fine-tunes "
                               "when no candidate fits and tries again from there.")
     else:
         advice.changes.append(f"Recovery epochs: more than {epochs} per recovery, or more fine-tuning mini-batches per "

@@ -40,6 +40,8 @@ def test_no_kept_step_says_why_and_what_to_change():
     assert "more than 2 per recovery" in text
     off = no_kept_step({"state": "done", "message": "x"}, {"max_drop": 1.0, "recover_epochs": 0})
     assert "No candidate was measured" in "\n".join(off.lines()) and "with recovery when stalled" in off.changes[-1]
+    cli = no_kept_step(status, {"max_drop": 1.0, "recover_epochs": 0}, 400, 0.86, interface="cli")
+    assert "(--max-drop)" in cli.changes[0] and "--val-fraction" in cli.changes[1] and "--recover-epochs 2" in cli.changes[2]
     cancelled = no_kept_step({"state": "cancelled", "message": "Cancelled by the user"}, {"max_drop": 1.0})
     assert cancelled.headline.startswith("The run ended (cancelled) before it kept a pruning step")
 
