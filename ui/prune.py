@@ -141,8 +141,18 @@ def estimate_panel(state: AppState, config, running: bool) -> None:
                   for k, v in est.breakdown.items()], hide_index=True, width="stretch")
     if getattr(config, "time_budget", None):
         st.caption(f"Capped at the time budget ({config.time_budget:g} min): the run stops before a step would pass "
-                   "it and keeps the finished steps; the MACs it reaches by then depend on how soon the threshold binds.")
+                   "it and keeps the finished steps.")
+        if est.budget_buys:
+            st.markdown(budget_buys_text(config.time_budget, est.budget_buys))
     st.caption("The threshold can stop a run earlier than either end; other work on the machine slows it.")
+
+
+def budget_buys_text(minutes: float, buys: dict) -> str:
+    """'**What 30 min buys:** 9–14 steps, down to 64 %–49 % of the MACs …' from ``Estimate.budget_buys``."""
+    slow, fast = buys["slow"], buys["fast"]
+    return (f"**What {minutes:g} min buys:** {slow['steps']}–{fast['steps']} steps, down to "
+            f"{slow['mac_fraction']:.0%}–{fast['mac_fraction']:.0%} of the original MACs (at most: the threshold can "
+            "stop the run sooner, and recoveries and the control take part of the time).")
 
 
 def settings_text(config) -> str:
