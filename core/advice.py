@@ -159,3 +159,24 @@ def _finetune_cost(finetune: dict | None) -> tuple[float, float] | None:
             return float(finetune["lr"]), float(t["selection_drop_points"])
     return None
 
+
+def run_advice(run, interface: str = "app") -> Advice | None:
+    """:func:`no_kept_step` for a run folder (a ``core.runs.Run``) that ended without a pruning step: its status,
+    settings, selection images (step 0's paired figures) and fine-tuning check (``finetune.json``, read as absent
+    when damaged); None for a run that kept a step or is still going."""
+    from .runs import removals
+    from .workspace import read_json
+
+    hist = run.history
+    status = run.status
+    if not hist or status.get("state") in ("running", "cancelling") or any(removals(r) for r in hist[1:]):
+        return None
+    base = hist[0]
+    try:
+        finetune = read_json(run.dir / "finetune.json")
+    except (OSError, ValueError):
+        finetune = None
+    return no_kept_step(status, run.config.get("prune") or {},
+                        ((base.get("paired") or {}).get("selection") or {}).get("n"), base.get("metric"),
+                        finetune if isinstance(finetune, dict) else None,
+                        any(r.get("recovered_from") is not None for r in hist), interface)

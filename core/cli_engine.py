@@ -143,29 +143,19 @@ def cmd_prune(args) -> int:
                       "test_fraction": data.split.get("test_fraction", 0.0), "split": data.split_record()}))
     if summary.get("claim"):
         print(f"claim: {describe_claim(summary['claim'])}", file=sys.stderr)
-    no_step_advice(out, config)
+    no_step_advice(out)
     print_summary(summary, args.json)
     return summary_exit_code(summary)
 
 
-def no_step_advice(out: Path, config) -> None:
+def no_step_advice(out: Path) -> None:
     """On stderr, for a run that finished without keeping a pruning step: why and what to change
-    (``core.advice.no_kept_step``, the words Review shows)."""
-    from dataclasses import asdict
+    (``core.advice.run_advice``, the advice Review shows, naming the flags)."""
+    from .advice import run_advice
+    from .runs import Run
 
-    from .advice import no_kept_step
-    from .runs import Run, removals
-    from .workspace import read_json
-
-    run = Run(out)
-    hist = run.history
-    if not hist or run.status.get("state") != "done" or any(removals(r) for r in hist[1:]):
-        return
-    base = hist[0]
-    advice = no_kept_step(run.status, asdict(config), ((base.get("paired") or {}).get("selection") or {}).get("n"),
-                          base.get("metric"), read_json(out / "finetune.json"),
-                          any(r.get("recovered_from") is not None for r in hist), interface="cli")
-    for line in advice.lines():
+    advice = run_advice(Run(out), interface="cli")
+    for line in (advice.lines() if advice else []):
         print(line, file=sys.stderr)
 
 

@@ -41,7 +41,7 @@ elif entry["state"] in ("running", "cancelling"):
 elif entry["message"] and entry["state"] in ("done", "cancelled", "failed"):
     st.caption(f"Status: {entry['message']}")
 if hist and entry["state"] not in ("running", "cancelling") and not any(removals(r) for r in hist[1:]):
-    no_kept_step_panel(run, hist, prune_cfg)  # a finished run without a pruning step: why, and what to change
+    no_kept_step_panel(run)  # a finished run without a pruning step: why, and what to change
     st.stop()
 if len(hist) < 2:
     st.info("No pruning step has completed in this run yet." if hist else "This run has no measured step.",

@@ -360,6 +360,7 @@ def start_cancel_buttons(running: bool, config, start, cancel) -> None:
 def prune_outcome(s) -> None:
     """How a finished pruning job ended (failed / done and why it stopped / cancelled). A run that kept no
     pruning step (a recovery of the original removes nothing) says why and what to change, as Review does."""
+    from core.advice import run_advice
     from core.runs import Run, removals
 
     kept = sum(1 for r in s.steps[1:] if removals(r))
@@ -367,11 +368,7 @@ def prune_outcome(s) -> None:
     counted = f"{kept} pruning step(s) kept" + (f" (+{extra} recovery step(s))" if extra else "")
     if s.state == "failed":
         st.error(f"The run failed: {s.error}", icon=":material/error:")
-    elif s.state == "done" and not kept and s.run_dir is not None:
-        from ui.review import run_advice  # ui.review imports this module
-
-        run = Run(s.run_dir)
-        advice = run_advice(run, run.history, run.config.get("prune") or {})
+    elif s.state == "done" and not kept and s.run_dir is not None and (advice := run_advice(Run(s.run_dir))):
         st.warning(f"Finished after {format_seconds(s.elapsed)}. {advice.headline}", icon=":material/block:")
         st.markdown("\n".join([*advice.why, *(f"- {c}" for c in advice.changes)]))
     elif s.state == "done":

@@ -9,35 +9,23 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core.advice import no_kept_step
+from core.advice import run_advice
 from core.claim import shipped_claim
 from core.errors import PruneScopeError
 from core.jobs import JobAlreadyRunning, recovery_job
 from core.measure import LatencyComparison
 from core.recovery import RecoveryConfig
 from core.runs import Run
-from core.workspace import read_json
 from ui.common import action_button, format_macs, format_ms, format_params, format_pct, job_status, page_link
 from ui.state import get_registry
 
 
-def run_advice(run: Run, hist: list[dict], prune_cfg: dict):
-    """:func:`core.advice.no_kept_step` for a run folder: its status, settings, selection images and
-    fine-tuning check."""
-    base = hist[0] if hist else {}
-    n_selection = ((base.get("paired") or {}).get("selection") or {}).get("n")
-    try:
-        finetune = read_json(run.dir / "finetune.json")
-    except (OSError, ValueError):  # a damaged record: the advice goes without fine-tuning's cost
-        finetune = None
-    return no_kept_step(run.status, prune_cfg, n_selection, base.get("metric"),
-                        finetune if isinstance(finetune, dict) else None,
-                        any(r.get("recovered_from") is not None for r in hist))
-
-
-def no_kept_step_panel(run: Run, hist: list[dict], prune_cfg: dict) -> None:
-    """A run that ended without a pruning step: that it ended, why it stopped, and what to change."""
-    advice = run_advice(run, hist, prune_cfg)
+def no_kept_step_panel(run: Run) -> None:
+    """A run that ended without a pruning step: that it ended, why it stopped, and what to change
+    (``core.advice.run_advice``)."""
+    advice = run_advice(run)
+    if advice is None:  # it kept a step, or runs
+        return
     with st.container(border=True):
         st.warning(advice.headline, icon=":material/block:")
         for line in advice.why:
