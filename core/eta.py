@@ -302,8 +302,11 @@ class RunEta:
         can_recover = getattr(c, "recover_epochs", 0) > 0
         future_segments = max(getattr(c, "max_recoveries", 0) - recoveries, 0) if can_recover else 0
         start_drop = float(np.mean(after_recovery)) if after_recovery else 0.0
+        # a recovery running now: its segment stalled (that stall is behind), and it is one of the recoveries
+        # counted in future_segments, each of which begins a segment
+        recovering = self._part is not None and self._part[0][1] == "recovering"
         # a segment goes on while the next climb fits: about (room / climb) - 1/2 steps (the whole part of it)
-        steps = max((max_drop - now_drop) / climb - 0.5, 0.0)
+        steps = 0.0 if recovering else max((max_drop - now_drop) / climb - 0.5, 0.0)
         steps += future_segments * max((max_drop - start_drop) / climb - 0.5, 1.0)
         kept = sum(1 for r in self.records if r.get("removed"))
         steps = min(steps, max(getattr(c, "max_steps", 10**6) - kept - recoveries, 0))
@@ -313,4 +316,6 @@ class RunEta:
             macs = next((r["macs"] for r in reversed(self.records) if r.get("macs")), self.base["macs"])
             per_step = (step_macs or 0.04) * self.base["macs"]
             steps = min(steps, max((macs - target * self.base["macs"]) / per_step, 0.0))
+        if recovering:
+            return steps, future_segments, max(future_segments - 1, 0)
         return steps, future_segments + 1, future_segments
