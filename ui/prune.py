@@ -122,7 +122,15 @@ def _number(value) -> float | None:
 
 
 def estimate_panel(state: AppState, config, running: bool) -> None:
-    """The run's expected time from rates measured on this machine, on demand, cached per model + settings."""
+    """The run's expected time from rates measured on this machine, on demand, cached per model + settings. A
+    finished analysis the run will reuse is left out of it (issue 27: the estimate added it again)."""
+    from dataclasses import replace
+
+    from core.jobs import reusable_car
+
+    reused = bool(getattr(config, "analyse_car", False)) and state.task == "classification" and \
+        reusable_car(state.car, state.model.model, state.data.val, config)[0]
+    config = replace(config, analyse_car=False) if reused else config
     settings = json.dumps(asdict(config), sort_keys=True, default=str)
     if st.button("Estimate the run's time", key="pr_estimate", disabled=running, icon=":material/timer:"):
         st.session_state["pr_estimate_for"] = (state.key, settings)
@@ -144,6 +152,8 @@ def estimate_panel(state: AppState, config, running: bool) -> None:
                    "it and keeps the finished steps.")
         if est.budget_buys:
             st.markdown(budget_buys_text(config.time_budget, est.budget_buys))
+    if reused:
+        st.caption("The finished analysis of the Analyse page will be reused: it is not part of this estimate.")
     st.caption("The threshold can stop a run earlier than either end; other work on the machine slows it.")
 
 

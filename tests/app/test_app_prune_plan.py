@@ -60,3 +60,25 @@ def test_estimate_before_start_is_measured_on_demand():
     assert_no_exception(at)
     assert "Estimated time:" in texts(at) and "from rates measured on this machine" in texts(at)
     assert any("CAR analysis" in str(df.value) for df in at.dataframe)
+
+
+def test_the_estimate_leaves_out_an_analysis_the_run_will_reuse():
+    """Issue 27: with a finished analysis the run reuses, the estimate added the whole analysis again."""
+    import copy
+
+    from core.car import compute_car
+    from core.prune import PruneConfig
+
+    at = with_sample("prune")
+    state = at.session_state["prunescope"]
+    config = PruneConfig.app_defaults()
+    state.car = compute_car(copy.deepcopy(state.model.model), state.model.spec.input, state.data.val,
+                            n_images=config.score_images, method=config.car)
+    at.session_state["prunescope"] = state
+    at.run()
+    assert_no_exception(at)
+    assert "the finished analysis will be reused" in texts(at)
+    at.button(key="pr_estimate").click().run()
+    assert_no_exception(at)
+    assert "it is not part of this estimate" in texts(at)
+    assert not any("CAR analysis" in str(df.value) for df in at.dataframe)
