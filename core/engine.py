@@ -337,6 +337,25 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
         if target_reached:
             reason = target_reached
             break
+        refused = test_refusal(base, last, config.max_drop)
+        if refused and can_recover(task):
+            # the selection images passed a step the test images refuse: the walk has drifted from what can
+            # ship (it never ships: Run.select_step), so recover now rather than walk on, or stop
+            reason = refused
+            if recoveries >= config.max_recoveries:
+                reason += f"; all {config.max_recoveries} recoveries spent"
+                break
+            if clock.would_pass_budget(clock.recovery_estimate()):
+                reason += f"; no time left in the {config.time_budget:g}-minute budget for a recovery"
+                break
+            last = recover_step(task, graph, writer, cb, step + 1, last, teacher, cancel, clock)
+            step += 1
+            recoveries += 1
+            scores = None
+            batch = config.clusters_per_step
+            if test_refusal(base, last, config.max_drop):
+                reason += "; the recovery did not bring it back"
+                break
     if final_recovery_due(reason, last, task, clock):
         last = recover_step(task, graph, writer, cb, last["step"] + 1, last, teacher, cancel, clock)
     if config.control and teacher is not None and hasattr(task, "control"):
@@ -347,6 +366,23 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
     writer.status("done", reason, **({"closest_rejected": min(rejected, key=lambda r: r["drop_points"])}
                                      if rejected else {}))
     return run_summary(writer.dir, "done", reason)
+
+
+def test_refusal(base: dict, record: dict, max_drop: float) -> str | None:
+    """Why the test images refuse ``record`` (its test drop from ``base`` past ``max_drop`` points), or None.
+
+    The loop's own decisions read the selection images again and again, and a walk of steps each kept on
+    them drifts: on a real ResNet-20 upload the selection images read 0.3–1.0 points lost where the test
+    images read 2–4 (``bench/real_cifar.py --upload``). A step the test images refuse is never shipped
+    (``core.runs.select_step``), so the loop recovers there (:func:`prune_loop`). This is one more use of
+    the test images than the final acceptance: they decide *when* to recover (at most ``max_recoveries``
+    times), never which step is kept; the bench's unseen images check that the claim still holds."""
+    if base.get("test_metric") is None or record.get("test_metric") is None:
+        return None
+    drop = (base["test_metric"] - record["test_metric"]) * 100
+    if drop <= max_drop + 1e-9:
+        return None
+    return f"the test images refuse step {record['step']} ({drop:.2f} points lost, threshold {max_drop:g})"
 
 
 class RunClock:
@@ -568,7 +604,7 @@ def try_candidates(graph: PruningGraph, moves: list[list[Cluster]], task: Task, 
             continue
         tried, singles = tried + 1, singles + (len(move) == 1)
         decision = finetune_and_decide(task, graph.model, rng, cancel, cb, step)
-        lost = (base_metric - decision.metric) * 100
+        lost = decision_drop(task, decision, base_metric)
         if lost > config.max_drop + 1e-9:
             cb.progress(0.95, f"step {step}: {move_label(move)} would drop {lost:.2f} {task.metric_name} points; undone")
             if rejected is not None:
@@ -581,6 +617,13 @@ def try_candidates(graph: PruningGraph, moves: list[list[Cluster]], task: Task, 
         cb.progress(0.96, f"step {step}: measuring the kept step", "measuring", 0.0)
         return (move, task.measure(graph.model, decision), tried), graph, broke_together
     return None, graph, broke_together
+
+
+def decision_drop(task: Task, decision, base_metric: float) -> float:
+    """Points a candidate loses against the original on what decides it: the task's own paired drop on the
+    selection images that scored no filter (``decision_drop``, classification), else the metric's change."""
+    own = getattr(task, "decision_drop", None)
+    return own(decision) if own is not None else (base_metric - decision.metric) * 100
 
 
 def rebuild_graph(task: Task, model, history: list) -> PruningGraph:
