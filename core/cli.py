@@ -13,7 +13,7 @@ import threading
 import traceback
 import warnings
 
-from . import cli_engine
+from . import cli_engine, glossary
 from .cli_recover import add_recover_command, cmd_recover
 from .cli_common import (EXIT_TERMINATED, EXIT_USER_ERROR, Terminated, add_data_args, add_model_args,
                          load_model_and_data, print_costs, progress, raise_terminated)
@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_engine.add_commands(sub, add_model_args, add_data_args)
     add_recover_command(sub)
+    sub.add_parser("glossary", help="the words PruneScope uses (train / selection / test images, CAR, ...), defined")
     return parser
 
 
@@ -43,7 +44,7 @@ def cmd_evaluate(args) -> int:
     if args.task == "detection":
         return cmd_evaluate_detection(args)
     loaded, data = load_model_and_data(args)
-    progress("evaluating accuracy on %d validation images" % len(data.val))
+    progress("evaluating accuracy on %d selection images" % len(data.val))
     acc = evaluate_accuracy(loaded.model, data.val, loaded.spec.input)
     if not args.no_latency:
         progress("measuring OpenVINO CPU latency (batch 1)")
@@ -76,7 +77,14 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-COMMANDS = {"evaluate": cmd_evaluate, "recover": cmd_recover}
+def cmd_glossary(args) -> int:
+    """The glossary the app's pages and the README use (``core.glossary``), one term a paragraph."""
+    for term in glossary.TERMS:
+        print(glossary.sentence(term))
+    return 0
+
+
+COMMANDS = {"evaluate": cmd_evaluate, "recover": cmd_recover, "glossary": cmd_glossary}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,7 +73,8 @@ def announce_device(device) -> None:
 def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="ImageFolder zip or folder, or sample:NAME")
     p.add_argument("--val-fraction", type=float, default=0.2,
-                   help="selection fraction (CAR, step choice, threshold) when the data is not pre-split")
+                   help="share of a data set without train/ and val/ folders that becomes selection images (see "
+                        "'python -m core glossary')")
     p.add_argument("--test-fraction", type=float,
                    help="test images, reported and never used for a decision: share of all images when the data is "
                         "not pre-split (default 0.2), of val/ when it is (default 0.5; a test/ folder is used as is); "

@@ -35,7 +35,7 @@ def add_commands(sub, add_model_args, add_data_args) -> None:
     an = sub.add_parser("analyse", aliases=["analyze"], help="CAR of every filter, per-class CAR and per-layer sensitivity into a run folder")
     add_model_args(an)
     add_data_args(an)
-    an.add_argument("--images", type=int, default=500, help="validation images used for CAR (default 500)")
+    an.add_argument("--images", type=int, default=500, help="selection images used for CAR (default 500)")
     an.add_argument("--out", required=True, help="run folder to write (created)")
     an.add_argument("--naive", action="store_true", help="one full evaluation per filter (reference, slow)")
     an.add_argument("--car", choices=CAR_METHODS, default="exact",
@@ -148,8 +148,20 @@ def cmd_prune(args) -> int:
                       "test_fraction": data.split.get("test_fraction", 0.0), "split": data.split_record()}))
     if summary.get("claim"):
         print(f"claim: {describe_claim(summary['claim'])}", file=sys.stderr)
+    no_step_advice(out)
     print_summary(summary, args.json)
     return summary_exit_code(summary)
+
+
+def no_step_advice(out: Path) -> None:
+    """On stderr, for a run that finished without keeping a pruning step: why and what to change
+    (``core.advice.run_advice``, the advice Review shows, naming the flags)."""
+    from .advice import run_advice
+    from .runs import Run
+
+    advice = run_advice(Run(out), interface="cli")
+    for line in (advice.lines() if advice else []):
+        print(line, file=sys.stderr)
 
 
 def print_step(r: dict) -> None:

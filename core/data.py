@@ -620,7 +620,8 @@ def scan_class_folders(root: Path, report: DataReport, limits: Limits) -> tuple[
             elif f.suffix.lower() in IMAGE_EXTENSIONS:
                 items.append((f, d.name))
             else:
-                report.skipped_non_images.append(str(f.relative_to(root)))
+                report.skipped_non_images.append(f"{f.relative_to(root)} (not an image: "
+                                                 f"{f.suffix.lower() or 'no extension'})")
     if len(items) > limits.max_images:
         raise DataError(f"The data set has {len(items)} images; the limit is {limits.max_images}.")
     return [d.name for d in class_dirs], items
@@ -787,14 +788,15 @@ def _load_folder(folder: Path, label: str, spec: InputSpec, expected_classes: in
             if extra:
                 raise DataError(f"{layout[role].name}/ has classes that train/ lacks: {', '.join(sorted(extra))}.")
         class_names = _ordered(sorted(names_tr), class_order)
-        _check_class_count(len(class_names), expected_classes)
+        _check_found(label, class_names, [item for _, items in scanned.values() for item in items], report,
+                     expected_classes)
         spec = _settle_size(spec, [item for _, items in scanned.values() for item in items], report)
         decoded = {role: decode_images(items, class_names, spec, root, report) for role, (_, items) in scanned.items()}
         train, val, test, record = _presplit_roles(decoded, layout, split)
     else:
         class_names, items = scan_class_folders(root, report, limits)
         class_names = _ordered(sorted(class_names), class_order)
-        _check_class_count(len(class_names), expected_classes)
+        _check_found(label, class_names, items, report, expected_classes)
         spec = _settle_size(spec, items, report)
         full = decode_images(items, class_names, spec, root, report)
         if len(full) == 0:
@@ -841,7 +843,7 @@ def _unmeasurable_classes(class_names: list[str], val_labels: torch.Tensor, coun
                   if n == 0 and c not in empty]
     if not unmeasured:
         return []
-    return [f"{len(unmeasured)} class(es) have no validation image, so their accuracy cannot be measured (shown "
+    return [f"{len(unmeasured)} class(es) have no selection image, so their accuracy cannot be measured (shown "
             f"empty; null in --json): {', '.join(unmeasured[:10])}. Give every class at least 2 images "
             "(pre-split data: at least 1 in val/)."]
 
@@ -866,6 +868,40 @@ def _settle_size(spec: InputSpec, items: list[tuple[Path, str]], report: DataRep
                         "page's fields) and the images are resized to it. Nothing was kept.")
     report.notes.append(note)
     return spec
+
+
+def found_text(where: str, class_names: list[str], items: list[tuple[Path, str]], report: DataReport,
+               limit: int = 10) -> str:
+    """What a data set holds, said before any verdict on it: images per class folder, then the files skipped and
+    why (``report.skipped_non_images``), e.g. "Found in cats.zip: 0 images in 2 class folders (a: 0, b: 0);
+    3 files skipped: a/notes.txt (not an image: .txt), ...". One line."""
+    counts: dict[str, int] = {}
+    for _, cls in items:
+        counts[cls] = counts.get(cls, 0) + 1
+    name = Path(where).name if where and where != "upload.zip" else (where or "the data set")
+    text = f"Found in {name}: {len(items):,} image(s) in {len(class_names)} class folder(s)"
+    if class_names:
+        shown = ", ".join(f"{c}: {counts.get(c, 0):,}" for c in class_names[:limit])
+        text += f" ({shown}{f', … {len(class_names) - limit} more' if len(class_names) > limit else ''})"
+    skipped = report.skipped_non_images
+    if skipped:
+        text += (f"; {len(skipped)} file(s) skipped: " + ", ".join(skipped[:limit])
+                 + (f", … {len(skipped) - limit} more" if len(skipped) > limit else ""))
+    return text + "."
+
+
+def _check_found(where: str, class_names: list[str], items: list[tuple[Path, str]], report: DataReport,
+                 expected: int | None) -> None:
+    """Refuse a data set without images, or whose classes do not fit the model, saying first what was found
+    (:func:`found_text`), then what is wrong."""
+    if not items:
+        name = Path(where).name if where and where != "upload.zip" else (where or "the data set")
+        raise DataError(f"No images found in {name}. {found_text(where, class_names, items, report)} Images are "
+                        f"files ending in {', '.join(sorted(IMAGE_EXTENSIONS))} inside one folder per class.")
+    try:
+        _check_class_count(len(class_names), expected)
+    except DataError as exc:
+        raise DataError(f"{found_text(where, class_names, items, report)} {exc}") from None
 
 
 def _check_class_count(found: int, expected: int | None) -> None:

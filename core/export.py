@@ -241,7 +241,7 @@ def verify_ir(xml_path: str | Path, model: nn.Module, images: ImageSet, spec: Mo
     at least 99%.
     """
     if len(images) == 0:
-        raise ExportError("No validation images to verify the exported model on.")
+        raise ExportError("No selection images to verify the exported model on.")
     ispec = _input_spec(spec)
     subset = images.subset(max(min_images, max_images))
     refs, gots = [], []
@@ -267,7 +267,7 @@ def verify_ir(xml_path: str | Path, model: nn.Module, images: ImageSet, spec: Mo
              "rounding of the weights; the NCS2 also computes activations in FP16, so expect slightly larger "
              "logit differences on the device."]
     if n < min_images:
-        notes.append(f"Only {n} validation images were available (fewer than the {min_images} asked for); all were used.")
+        notes.append(f"Only {n} selection images were available (fewer than the {min_images} asked for); all were used.")
     if distinct == 1 and n > 1:
         notes.append("PyTorch predicts the same class for every image, so top-1 agreement says little here.")
     verified = agree >= AGREEMENT_REQUIRED
@@ -307,7 +307,7 @@ def check_fp16(model: nn.Module, xml_path: str | Path, images: ImageSet, spec: M
         finite = {True: "stays finite", False: "becomes inf/NaN", None: "could not be computed"}[fp16.fp16_finite]
         verification.notes.append(
             f"This CPU has no FP16 arithmetic, so the IR could not be run in FP16 here; FP16 was checked instead by "
-            f"measuring activation ranges on {fp16.n_images} validation images (peak {max(fp16.peaks.values(), default=0):.4g}, "
+            f"measuring activation ranges on {fp16.n_images} selection images (peak {max(fp16.peaks.values(), default=0):.4g}, "
             f"FP16 max 65,504) and running the model in torch float16 (its output {finite}).")
     return fp16
 
@@ -600,7 +600,7 @@ class ClassificationBundle:
         fig = _model_meta(meta, key)
         if fig.get("accuracy") is None:
             fig["accuracy"] = evaluate_accuracy(model, val, spec.input).accuracy
-            fig["accuracy_source"] = f"measured at export on {len(val)} validation images"
+            fig["accuracy_source"] = f"measured at export on {len(val)} selection images"
         if fig.get("macs") is None or fig.get("params") is None:
             counted = measure_model(model, spec.input, latency=False)
             fig["macs"] = counted.macs if fig.get("macs") is None else fig["macs"]

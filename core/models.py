@@ -23,7 +23,8 @@ from torch import nn
 
 from .architectures import SAMPLE_ARCHITECTURES
 from .custom_code import build_from_code, import_code_file, parse_model_args, source_of
-from .errors import TRUST_CONTROL, ModelLoadError, SettingsError, UntrustedPickleError, one_line
+from .errors import (CODE_CONTROL, TRUST_CONTROL, ArchitectureMismatchError, ModelLoadError, SettingsError,
+                     UntrustedPickleError, one_line)
 from .preprocess import match_first_layer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -35,6 +36,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "net", "ema", "state_dict_ema", "model_ema")
 # Torchvision builders whose auxiliary classifiers only matter for training; we build them without.
 _AUX_ARCHS = {"googlenet": ("aux1.", "aux2."), "inception_v3": ("AuxLogits.",)}
+# said when weights do not fit the chosen architecture (the interface fills in where its own control is)
+OWN_ARCHITECTURE_HINT = f"If the model is defined in a Python file of your own (e.g. a published resnet.py), {CODE_CONTROL}."
 
 
 @dataclass
@@ -464,9 +467,10 @@ def infer_num_classes(arch: str, sd: dict[str, torch.Tensor]) -> int:
     for key in classifier_keys(arch):
         if key in sd:
             return int(sd[key].shape[0])
-    raise ModelLoadError(
+    raise ArchitectureMismatchError(
         f"Cannot tell the number of classes: the checkpoint has no output layer of a '{arch}' "
-        f"(looked for {', '.join(classifier_keys(arch)) or 'a final layer'}). Is it the right architecture?"
+        f"(looked for {', '.join(classifier_keys(arch)) or 'a final layer'}). Is it the right architecture? "
+        f"{OWN_ARCHITECTURE_HINT}"
     )
 
 
@@ -599,7 +603,10 @@ def load_model(
     notes += more
     num_classes = infer_num_classes(arch, sd)
     model = build_architecture(arch, num_classes)
-    load_state_dict_strict(model, sd, arch, notes)
+    try:
+        load_state_dict_strict(model, sd, arch, notes)
+    except ModelLoadError as exc:  # weights of another architecture: where a user's own one is given
+        raise ArchitectureMismatchError(f"{exc} {OWN_ARCHITECTURE_HINT}") from None
     spec = ModelSpec(arch=arch, num_classes=num_classes, input=input_spec or default_input_spec(arch),
                      class_names=class_names, source=source, checkpoint_key=key_used)
     return _with_first_layer(LoadedModel(model.eval(), spec, notes))

@@ -24,8 +24,9 @@ with intro:
 
 1. **Load** a trained PyTorch classifier and an image data set (or the bundled sample). The tool checks both and
    measures accuracy, MACs, parameters and OpenVINO CPU latency.
-2. **Analyse** every filter with **CAR** (Classification Accuracy Reduction): the accuracy lost when that one filter
-   is removed, measured exactly; per-layer sensitivity and a filter gallery show what each filter does.
+2. **Analyse** every filter with **CAR** (Classification Accuracy Reduction): the selection accuracy lost when that
+   one filter is removed: exact (removed and measured) or screened (a first-order estimate, exact where it
+   decides: the fast default of a prune); per-layer sensitivity and a filter gallery show what each filter does.
 3. **Prune** greedily in **clusters sized to the hardware** (8 channels on the NCS2), with short fine-tuning
    between steps, in the background: live progress, ETA, cancel at any time.
 4. **Review** the accuracy / cost trade-off of every step and pick the smallest model within your accuracy budget.
@@ -50,7 +51,7 @@ with start:
             st.error(st.session_state["sample_error"])
         if state.ready and state.sample == sample:
             st.success(f"Loaded **{sample}**: {format_pct(state.baseline['metric'])} on "
-                       f"{len(state.data.val)} validation images. Next: analyse its filters or prune it.")
+                       f"{len(state.data.val)} selection images. Next: analyse its filters or prune it.")
             c1, c2 = st.columns(2)
             with c1:
                 page_link("analyse", "Analyse")
@@ -79,8 +80,8 @@ with col_data:
             st.markdown("No data set loaded.")
             page_link("load", "Load a data set")
         else:
-            st.markdown(f"{state.data_label}  \n{len(state.data.train)} training / {len(state.data.val)} validation "
-                        f"images, {len(state.data.class_names)} classes")
+            st.markdown(f"{state.data_label}  \n{len(state.data.train)} train / {len(state.data.val)} selection / "
+                        f"{len(state.data.test)} test images, {len(state.data.class_names)} classes")
 with col_run:
     with st.container(border=True):
         st.markdown("**Pruning run**")
