@@ -92,10 +92,15 @@ class Estimate:
     rates: Rates | None = None
     budget_buys: dict | None = None  # with a time budget: {"fast"|"slow": {"steps", "mac_fraction"}}
 
+    def steps_text(self) -> str:
+        """'7–12 steps', or '4 steps' when both ends agree (not '4–4 steps')."""
+        low, high = self.steps
+        return f"{low} step{'s' if low != 1 else ''}" if low == high else f"{low}–{high} steps"
+
     def label(self) -> str:
         """'about 2 min 10 s – 4 min 30 s (7–12 steps), measured on this machine'."""
         return (f"about {format_duration(self.seconds_low)} – {format_duration(self.seconds_high)} "
-                f"({self.steps[0]}–{self.steps[1]} steps), from rates measured on this machine")
+                f"({self.steps_text()}), from rates measured on this machine")
 
     def to_dict(self) -> dict:
         return {"seconds_low": self.seconds_low, "seconds_high": self.seconds_high,

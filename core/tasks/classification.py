@@ -78,8 +78,9 @@ def analysis_reuse(analysis: CarResult | None, model: nn.Module, images: ImageSe
     run acts on it (:meth:`ClassificationTask.analyse`), the app's job logs it and its Prune page shows it
     before Start (``core.jobs.reusable_car``).
 
-    The analysis' own fingerprint (``CarResult.fingerprint``: the model state and the exact images with
-    labels it was measured on) must match, so a changed weight, another subset or seed, or other labels
+    The analysis' own fingerprint (``CarResult.fingerprint``: what the model computes, ``core.fingerprint``,
+    so an option-A ResNet analysed after its shortcuts became convolutions still matches, and the exact images
+    with labels it was measured on) must match, so a changed weight, another subset or seed, or other labels
     all mean recomputing. It must have per-layer sensitivity (the run stores it); an analysis with
     screened filters serves only a ``fast`` run (an ``exact`` one would store figures it never measured).
     """
@@ -88,7 +89,7 @@ def analysis_reuse(analysis: CarResult | None, model: nn.Module, images: ImageSe
     fingerprint = analysis.fingerprint or {}
     if not fingerprint:
         return False, "the analysis has no fingerprint (made before they were recorded)"
-    if fingerprint.get("model") != model_fingerprint(model):
+    if fingerprint.get("model") != model_fingerprint(model, (1, *images.images.shape[1:])):
         return False, "the model changed"
     if analysis.n_images != len(images):
         return False, f"it used {analysis.n_images} images, the run scores on {len(images)}"
@@ -333,7 +334,8 @@ def measure(model: nn.Module, data: DataSet, spec: InputSpec, config: PruneConfi
     with on_device(model, device):
         selection = selection if selection is not None else evaluate_accuracy(model, data.val, spec)
         test = evaluate_accuracy(model, data.test, spec) if len(data.test) else None
-    cost = measure_model(model, spec, latency=config.latency, runs=config.latency_runs).to_dict()
+    # strict=False: a model OpenVINO cannot convert keeps its accuracy and MACs; latency_note says why (issue 28)
+    cost = measure_model(model, spec, latency=config.latency, runs=config.latency_runs, strict=False).to_dict()
     figures = {"metric": selection.accuracy, "per_class": selection.per_class,
                "test_metric": test.accuracy if test else None, "test_per_class": test.per_class if test else None,
                **cost}

@@ -108,3 +108,13 @@ def test_calibration_runs_the_real_model(one_thread):
 def test_a_model_without_prunable_groups_is_refused():
     with pytest.raises(SettingsError, match="no prunable"):
         measure_rates(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 4)).eval(), SPEC, batch_size=4, latency=False)
+
+
+def test_the_step_range_reads_as_one_number_when_both_ends_agree():
+    """Issue 27: the estimate said "(4–4 steps)"."""
+    from core.estimate import Estimate
+
+    assert Estimate(10.0, 20.0, steps=(4, 4)).steps_text() == "4 steps"
+    assert Estimate(10.0, 20.0, steps=(1, 1)).steps_text() == "1 step"
+    assert Estimate(10.0, 20.0, steps=(3, 7)).steps_text() == "3–7 steps"
+    assert "(4 steps)" in Estimate(10.0, 20.0, steps=(4, 4)).label()

@@ -69,18 +69,23 @@ def test_snapshot_is_a_copy_and_eta_is_extrapolated():
 
     def fn(ctx):
         ctx.step({"step": 0, "widths": {"a": 8}})
+        time.sleep(0.4)
         ctx.progress(0.25, "quarter")
         release.wait(10)
 
     job = reg.start("demo", fn)
     assert wait_until(lambda: job.snapshot().progress == 0.25)
-    time.sleep(0.2)
     snap = job.snapshot()
     snap.steps[0]["widths"]["a"] = 999  # mutating the copy must not touch the job
     assert job.snapshot().steps[0]["widths"]["a"] == 8
     assert snap.message == "quarter"
-    # 25 % done after ~0.2 s: about three times that is left
-    assert snap.eta == pytest.approx(3 * snap.elapsed, rel=0.2)
+    # 25 % done after ~0.4 s: about three times that was left when it was reported, counting down since
+    assert snap.eta == pytest.approx(3 * 0.4, rel=0.25)
+    time.sleep(0.3)
+    later = job.snapshot()
+    assert later.eta == pytest.approx(snap.eta - 0.3, abs=0.15), "it counts down while the fraction waits"
+    time.sleep(1.2)
+    assert job.snapshot().eta is None, "past the extrapolation it is not known (issue 27: it used to climb)"
     release.set()
     assert job.wait(10)
 
