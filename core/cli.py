@@ -16,7 +16,7 @@ import warnings
 from . import cli_engine, glossary
 from .cli_recover import add_recover_command, cmd_recover
 from .cli_common import (EXIT_TERMINATED, EXIT_USER_ERROR, Terminated, add_data_args, add_model_args,
-                         load_model_and_data, print_costs, progress, raise_terminated)
+                         load_model_and_data, print_costs, progress, raise_terminated, sigterm_received)
 from .detection.cli import cmd_evaluate_detection
 from .errors import PruneScopeError, one_line, user_message
 from .jsonout import emit_json, json_mode
@@ -100,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def _terminated() -> tuple[int, str]:
+    print("error: terminated (SIGTERM); nothing half-written was left", file=sys.stderr)
+    return EXIT_TERMINATED, "terminated"
+
+
 @contextlib.contextmanager
 def sigterm_cleans_up():
     """SIGTERM raises :class:`~core.cli_common.Terminated` in the main thread (instead of killing the process
@@ -135,23 +140,32 @@ def warnings_as_notes():
 
 
 def run_handler(handler, args, as_json: bool) -> tuple[int, str | None]:
-    """(exit code, error message or None); user errors are one line on stderr, never a traceback."""
+    """(exit code, error message or None); user errors are one line on stderr, never a traceback.
+
+    A SIGTERM wins over whatever error it turned into on its way up (raised inside an import, a C extension
+    reports ``ImportError: initialization failed``, which the export then wraps): the exit code is still
+    :data:`EXIT_TERMINATED` and the one line says the process was terminated."""
     try:
         return handler(args), None
+    except Terminated:
+        return _terminated()
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130, "interrupted"
     except PruneScopeError as exc:
+        if sigterm_received():
+            return _terminated()
         message = user_message(exc, "cli")
         print(f"error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR, message
     except OSError as exc:  # a path the user named cannot be written or read (read-only, full disk, missing)
+        if sigterm_received():
+            return _terminated()
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR, one_line(exc)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130, "interrupted"
-    except Terminated:
-        print("error: terminated (SIGTERM); nothing half-written was left", file=sys.stderr)
-        return EXIT_TERMINATED, "terminated"
     except Exception as exc:
+        if sigterm_received():
+            return _terminated()
         if not as_json:
             raise
         traceback.print_exc(file=sys.stderr)  # a bug: its traceback on stderr, the JSON contract kept

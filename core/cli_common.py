@@ -342,8 +342,15 @@ class Terminated(BaseException):
 
 
 def raise_terminated(_signum=None, _frame=None) -> None:
-    """The CLI's SIGTERM handler outside long jobs (``core.cli.main`` installs it)."""
+    """The CLI's SIGTERM handler outside long jobs (``core.cli.main`` installs it); remembers the signal, so
+    the exit code says SIGTERM even when the exception is turned into another on its way up."""
+    _STOPPED_BY.append(signal.SIGTERM)
     raise Terminated()
+
+
+def sigterm_received() -> bool:
+    """Whether a SIGTERM reached this process's CLI (:func:`raise_terminated` or a long job's handler)."""
+    return signal.SIGTERM in _STOPPED_BY
 
 
 @contextlib.contextmanager
@@ -360,6 +367,7 @@ def interrupt_cancels(cancel: threading.Event):
     def handler(signum, _frame) -> None:
         if cancel.is_set():
             if signum == signal.SIGTERM:
+                _STOPPED_BY.append(signum)
                 raise Terminated()
             raise KeyboardInterrupt
         _STOPPED_BY.append(signum)

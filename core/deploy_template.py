@@ -353,8 +353,6 @@ def _softmax(z):
 def _bundle_module(name, manifest):
     """The bundle's own module ``name``.py, imported by path after its sha256 is checked against manifest.json:
     an edited file never runs, and an application's own module of the same name never shadows it."""
-    import importlib.util
-
     bundle_dir = _STATE.get("bundle_dir") or HERE
     path = os.path.join(bundle_dir, name + ".py")
     digest = (manifest.get("files") or {}).get(name + ".py")
@@ -366,8 +364,7 @@ def _bundle_module(name, manifest):
         source = f.read()
     if hashlib.sha256(source).hexdigest() != digest:
         raise RuntimeError("%s.py was altered (sha256 differs from manifest.json), so it was not run" % name)
-    spec = importlib.util.spec_from_loader("_prunescope_bundle_" + name, loader=None, origin=path)
-    module = importlib.util.module_from_spec(spec)
+    module = type(sys)("_prunescope_bundle_" + name)  # a fresh module object, never entered in sys.modules
     module.__file__ = path
     exec(compile(source, path, "exec"), module.__dict__)  # exactly the bytes checked above
     return module

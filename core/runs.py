@@ -236,12 +236,12 @@ class RunWriter:
         return sha256_bytes(data)
 
     def add_step(self, record: dict, model: nn.Module | None, pruning_history: list) -> None:
-        """Weights first, then the history line (holding their sha256 as ``weights_sha256``): a record is never
-        visible without its weights."""
+        """Weights first, then the history line (holding their sha256 as ``weights_sha256``, also set in
+        ``record``): a record is never visible without its weights."""
         if model is not None:
             digest = self.write_weights(f"steps/{record['step']:04d}.pt",
                                         {"state_dict": model.state_dict(), "pruning_history": pruning_history})
-            record = {**record, "weights_sha256": digest}
+            record["weights_sha256"] = digest  # the caller's record is the line written, hash included
         append_jsonl(self.dir / "history.jsonl", record)
 
 

@@ -453,12 +453,18 @@ def test_prune_run_keeps_the_code_and_rebuilds_without_the_original(tmp_path, re
     assert step1(torch.zeros(1, 3, 32, 32)).shape == (1, 4)
 
 
-def test_run_start_refuses_a_vanished_code_file(tmp_path, resnet20_4, code_file):
+def test_run_start_keeps_the_bytes_that_ran_even_when_the_file_vanished(tmp_path, resnet20_4, code_file):
+    """Issue 28: the run keeps the code that ran at load (never the file read again by name), so a file moved or
+    deleted since then changes nothing: the run starts and rebuilds its model from exactly those bytes."""
+    ran = code_file.read_bytes()
     loaded = load_model(_bytes(resnet20_4.state_dict()), code_path=code_file, code_name="resnet20",
                         code_args={"num_classes": 4}, trusted=True)
     code_file.unlink()
-    with pytest.raises(ModelLoadError, match="is gone since the model was loaded"):
-        RunWriter(tmp_path / "run").start({}, loaded)
+    RunWriter(tmp_path / "run").start({}, loaded)
+    assert (tmp_path / "run" / "model_code.py").read_bytes() == ran
+    from core.runs import sha256_bytes, trusted_hashes
+
+    assert trusted_hashes()[sha256_bytes(ran)]["calls"] == [{"name": "resnet20", "args": {"num_classes": 4}}]
 
 
 # ----------------------------------------------------------------------------- command line
