@@ -147,7 +147,7 @@ def test_cli_export_of_a_model_the_ncs2_cannot_run_names_the_layer_and_exits_3(t
     # text mode says the same (the refusal comes from the cache this time)
     text = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert text.returncode == 3, text.stderr
-    assert 'ncs2 model/    NOT ready: NOT NCS2-ready: the OpenVINO 2021.4.2 MYRIAD compiler refuses layer' in text.stdout
+    assert 'ncs2 model/    NOT NCS2-ready: the OpenVINO 2021.4.2 MYRIAD compiler refuses layer' in text.stdout
     assert 'unsupported layer type "Atan"' in text.stdout
 
 
