@@ -248,3 +248,27 @@ def test_deploy_imports_the_blob_on_myriad_and_compiles_the_ir_when_asked(tmp_pa
     assert calls[0] == ("import", "MYRIAD", sha256(bundle / "fallback" / "model.blob"))
     assert result.manifest["models"]["original"]["blob"] == "fallback/model.blob"
     assert (bundle / "deploy.py").read_text() == TEMPLATE.read_text()
+
+
+class GroupNormed(Small):
+    """GroupNorm exports as MVN-6, which the static 2022.3 table rejects; the MYRIAD compiler compiles it."""
+
+    def forward(self, x):
+        return self.fc(torch.relu(nn.functional.group_norm(self.conv(x), 4)).mean((2, 3)))
+
+
+@needs_myriad
+def test_where_the_static_table_and_the_compiler_disagree_the_compiler_decides_and_it_is_shown(tmp_path):
+    data = random_dataset(4, size=32)
+    spec = ModelSpec(arch="gn", num_classes=4, input=InputSpec(height=32, width=32, mean=(0.5,) * 3, std=(0.25,) * 3))
+    result = build_bundle(GroupNormed().eval(), GroupNormed().eval(), spec, data.val, tmp_path / "b", {"step": 1},
+                          min_images=16, latency_runs=2)
+    static = result.ncs2  # the static report still explains: MVN-6 is the op it refuses
+    assert not static.compatible and any(p.type == "MVN" for p in static.problems)
+    target = result.target
+    assert target.ready and target.proven and target.verdict.startswith("compiled for NCS2 (Myriad X)")
+    assert target.details["disagreement"].startswith("the static check (OpenVINO 2022.3 table, of the IR) found")
+    assert target.details["disagreement"].endswith("the MYRIAD compiler compiled the model; the compiler decides")
+    assert result.manifest["ncs2"]["compatible"] is True and result.manifest["ncs2"]["static_compatible"] is False
+    assert result.summary["targets"]["ncs2"]["pruned"]["disagreement"] == target.details["disagreement"]
+    assert export_exit_code(result.to_dict()) == 0
