@@ -100,6 +100,8 @@ def test_the_detection_sample_exports_with_blobs_through_the_same_builder(tmp_pa
     assert manifest["task"] == "detection" and result["verified"]
     assert_compiled_ncs2_bundle(out, manifest, result)
     assert set(manifest["files"]) == {"deploy.py", "selftest.npz", "README.txt", "anchors.npy", "postprocess.py"}
+    fp16 = manifest["models"]["pruned"]["fp16_range"]  # the FP16 range is measured for detectors too
+    assert fp16["n_images"] > 0 and not fp16["overflows"] and 0 < max(fp16["peaks"].values()) < 65504
 
 
 def _atan_run(tmp_path: Path) -> Run:
