@@ -166,6 +166,7 @@ def prune_roles(labels: np.ndarray, train_images: int, selection_images: int, se
 UPLOAD_FLOWS = {  # name -> the prune options it adds to --max-drop and --cluster 8
     "previous": ["--clusters-per-step", "1", "--step-macs", "0", "--recover-epochs", "0", "--no-control"],
     "default": [],
+    "longer-recoveries": ["--recover-epochs", "5", "--max-recoveries", "6"],  # the budget spent on recovery
 }
 FLOWS = {"fast": ["--car", "fast"], "exact": ["--car", "exact"],
          "fast-rescore1": ["--car", "fast", "--rescore-every", "1"],
@@ -307,6 +308,7 @@ def upload_flow(depth: int, record: dict, folder: Path, unseen: ImageSet, flow: 
     steps = [{"model": f"ResNet-{depth}", "flow": flow, "step": r["step"],
               "kind": "recovery" if r.get("recovered_from") is not None else f"{len(removals(r))} cluster(s)",
               "MAC ratio": f"{base['macs'] / r['macs']:.2f}x", "selection drop": drop(base["metric"], r["metric"]),
+              "decision drop": (r.get("decision") or {}).get("drop_points"),
               "test drop": drop(base.get("test_metric"), r.get("test_metric")),
               "unseen drop": drop(unseen_acc[0], unseen_acc[r["step"]])} for r in hist]
     claim = json.loads(stdout).get("claim") if stdout.strip().startswith("{") else None
@@ -358,9 +360,10 @@ def upload_table(args, trained: dict) -> None:
     options = f"--max-drop {args.max_drop:g} --cluster 8" + (f" --mac-target {args.mac_target:g}" if args.mac_target else "") \
         + (f" --time-budget {args.time_budget:g}" if args.time_budget else "")
     print()
-    print("Per step (points; the selection images decided, the test images were claimed, the unseen images "
-          "touched nothing):")
-    print(table(step_rows, ["model", "flow", "step", "kind", "MAC ratio", "selection drop", "test drop", "unseen drop"]))
+    print("Per step (points; selection: all selection images; decision: those of them that decided, apart from the "
+          "score images when there are enough; the test images were claimed; the unseen images touched nothing):")
+    print(table(step_rows, ["model", "flow", "step", "kind", "MAC ratio", "selection drop", "decision drop", "test drop",
+                            "unseen drop"]))
     print()
     print(f"A user's upload (python -m core prune ... {options}), the shipped step (the run's own threshold, accepted "
           f"on its test images); drops in points, unseen = {len(roles['unseen'])} images:")

@@ -123,7 +123,8 @@ class CarScorer:
 
     def fingerprint(self) -> dict:
         """What its measurements depend on: the model state and the score images with their labels."""
-        return {"model": model_fingerprint(self.model), "images": tensors_fingerprint(self.images.images, self.labels)}
+        return {"model": model_fingerprint(self.model, tuple(self.inputs.shape)),
+                "images": tensors_fingerprint(self.images.images, self.labels)}
 
     def per_class_drop(self, correct: torch.Tensor, num_classes: int) -> list[list[float]]:
         """Per ablation, the drop in each class's accuracy."""
@@ -198,7 +199,11 @@ def _car_on_device(model, spec, images, subset, groups, sensitivity, per_class, 
             ablations.append(filter_ablation(g, [int(f)]))
             owners.append(g.gid)
             filters.append(int(f))
-    total = len(ablations) * len(subset) * (2 if sensitivity else 1)
+    # the bar counts ablated images, the sensitivity's too: every ablation costs about the same, so the fraction
+    # moves at one rate and a rate-based ETA holds (issue 27: the sensitivity's fewer, slower-looking ablations
+    # were given half the bar)
+    n_sensitivity = sensitivity_points(groups) if sensitivity else 0
+    total = (len(ablations) + n_sensitivity) * len(subset)
     what = "filters" if method == "exact" else "shortlisted filters (exact)"
 
     def report(done: int) -> None:
@@ -241,6 +246,12 @@ def _car_on_device(model, spec, images, subset, groups, sensitivity, per_class, 
     return result
 
 
+def sensitivity_points(groups: list[ChannelGroup]) -> int:
+    """How many ablations the per-layer sensitivity makes (one per group and fraction that removes some but not
+    all of the group's filters), known before any CAR is measured."""
+    return sum(1 for g in groups for frac in SENSITIVITY_FRACTIONS if 0 < int(round(frac * g.width)) < g.width)
+
+
 def _sensitivity(scorer: CarScorer, groups: list[ChannelGroup], car: dict[int, list[float]], progress, cancel,
                  offset: int, total: int) -> dict[int, list[tuple[float, float]]]:
     """Accuracy with the lowest-CAR 10 %, 20 %, ... 90 % of one group's filters removed, that group alone."""
@@ -255,8 +266,7 @@ def _sensitivity(scorer: CarScorer, groups: list[ChannelGroup], car: dict[int, l
 
     def report(done: int) -> None:
         if progress:
-            progress(min((offset + done * (total - offset) / max(len(ablations) * scorer.labels.numel(), 1)) / total, 1.0),
-                     "per-layer sensitivity")
+            progress(min((offset + done) / max(total, 1), 1.0), "per-layer sensitivity")
 
     correct = scorer.accuracies(ablations, progress=report, cancel=cancel)
     acc = correct.float().mean(1).tolist()

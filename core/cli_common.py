@@ -23,7 +23,9 @@ from .device import DEVICES, describe, resolve_device, set_threads
 from .errors import ModelLoadError, PruneScopeError, SettingsError
 from .eta import EtaTracker, format_duration
 from .export import EXIT_NOT_READY, bundle_shortfall
+from .integrity import MAX_SIDECAR_BYTES, read_bounded
 from .jsonout import emit_json
+from .plan import PrunePlan
 from .runs import removals
 from .models import default_input_spec, load_model, open_input_spec
 from .plausibility import quick_check
@@ -71,7 +73,8 @@ def announce_device(device) -> None:
 def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="ImageFolder zip or folder, or sample:NAME")
     p.add_argument("--val-fraction", type=float, default=0.2,
-                   help="selection fraction (CAR, step choice, threshold) when the data is not pre-split")
+                   help="share of a data set without train/ and val/ folders that becomes selection images (see "
+                        "'python -m core glossary')")
     p.add_argument("--test-fraction", type=float,
                    help="test images, reported and never used for a decision: share of all images when the data is "
                         "not pre-split (default 0.2), of val/ when it is (default 0.5; a test/ folder is used as is); "
@@ -298,13 +301,14 @@ def plan_from_args(args) -> dict | None:
     plan = {"exclude": [], "max_fraction": {}}
     if args.plan:
         try:
-            loaded = json.loads(Path(args.plan).read_text())
+            loaded = json.loads(read_bounded(Path(args.plan), MAX_SIDECAR_BYTES, Path(args.plan).name))
         except (OSError, ValueError) as exc:
             raise SettingsError(f"Cannot read the pruning plan {args.plan}: {exc}") from None
         if not isinstance(loaded, dict):
             raise SettingsError(f"The pruning plan {args.plan} must be a JSON object with 'exclude' and 'max_fraction'.")
-        plan["exclude"] = list(loaded.get("exclude") or [])
-        plan["max_fraction"] = dict(loaded.get("max_fraction") or {})
+        checked = PrunePlan.from_dict(loaded)  # types checked: a string 'exclude' is not read letter by letter
+        plan["exclude"] = sorted(checked.exclude)
+        plan["max_fraction"] = dict(checked.max_fraction)
     plan["exclude"] += list(args.exclude or [])
     for item in args.max_fraction or []:
         name, sep, value = item.rpartition("=")
@@ -327,30 +331,49 @@ def export_exit_code(result: dict) -> int:
 
 
 EXIT_INTERRUPTED = 130  # the shell's code for a run stopped by Ctrl-C (128 + SIGINT)
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143: stopped by SIGTERM (kill, a service manager, a CI timeout)
+_STOPPED_BY: list[int] = []  # the signal that cancelled the current long job, for its exit code
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: raised in the main thread so that every ``finally`` / ``except BaseException`` cleans
+    up (a half-built bundle, an unpacked upload) before the process exits with :data:`EXIT_TERMINATED`.
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` swallows it."""
+
+
+def raise_terminated(_signum=None, _frame=None) -> None:
+    """The CLI's SIGTERM handler outside long jobs (``core.cli.main`` installs it)."""
+    raise Terminated()
 
 
 @contextlib.contextmanager
 def interrupt_cancels(cancel: threading.Event):
-    """Ctrl-C (SIGINT) during a long job sets ``cancel`` instead of killing the process, so the job stops
-    at its next check with its completed work kept and its run folder marked ``cancelled`` (a killed
-    run reads as failed); a second Ctrl-C interrupts at once. Only the main thread can take signals;
-    elsewhere this does nothing."""
+    """Ctrl-C (SIGINT) or SIGTERM during a long job sets ``cancel`` instead of killing the process, so the job
+    stops at its next check with its completed work kept and its run folder marked ``cancelled`` (a killed
+    run reads as failed); a second signal interrupts at once. The exit code then says which signal stopped
+    it (:func:`summary_exit_code`: 130 for SIGINT, 143 for SIGTERM). Only the main thread can take
+    signals; elsewhere this does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def handler(_signum, _frame) -> None:
+    def handler(signum, _frame) -> None:
         if cancel.is_set():
+            if signum == signal.SIGTERM:
+                raise Terminated()
             raise KeyboardInterrupt
+        _STOPPED_BY.append(signum)
         cancel.set()
-        print("interrupted: stopping at the next check, completed steps are kept (Ctrl-C again to stop at once)",
+        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        print(f"interrupted: stopping at the next check, completed steps are kept ({name} again to stop at once)",
               file=sys.stderr, flush=True)
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def run_interruptible(run) -> dict:
@@ -362,5 +385,8 @@ def run_interruptible(run) -> dict:
 
 
 def summary_exit_code(summary: dict) -> int:
-    """0 for a finished run, :data:`EXIT_INTERRUPTED` for one the user stopped (its steps are kept)."""
-    return EXIT_INTERRUPTED if summary.get("state") == "cancelled" else 0
+    """0 for a finished run; for one stopped by a signal (its steps are kept) 128 + that signal:
+    :data:`EXIT_INTERRUPTED` (Ctrl-C) or :data:`EXIT_TERMINATED` (SIGTERM)."""
+    if summary.get("state") != "cancelled":
+        return 0
+    return EXIT_TERMINATED if _STOPPED_BY and _STOPPED_BY[-1] == signal.SIGTERM else EXIT_INTERRUPTED

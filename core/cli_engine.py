@@ -35,7 +35,7 @@ def add_commands(sub, add_model_args, add_data_args) -> None:
     an = sub.add_parser("analyse", aliases=["analyze"], help="CAR of every filter, per-class CAR and per-layer sensitivity into a run folder")
     add_model_args(an)
     add_data_args(an)
-    an.add_argument("--images", type=int, default=500, help="validation images used for CAR (default 500)")
+    an.add_argument("--images", type=int, default=500, help="selection images used for CAR (default 500)")
     an.add_argument("--out", required=True, help="run folder to write (created)")
     an.add_argument("--naive", action="store_true", help="one full evaluation per filter (reference, slow)")
     an.add_argument("--car", choices=CAR_METHODS, default="exact",
@@ -140,7 +140,7 @@ def cmd_prune(args) -> int:
     out = prepare_out(args.out)
     announce_device(device)
     printer = progress_printer("  ")
-    original_bytes = Path(args.model).read_bytes() if loaded.spec.pickled else None
+    original_bytes = loaded.pickle_bytes  # the bytes that were unpickled, never the file read again (issue 28)
     summary = run_interruptible(lambda cancel: run_pruning(
         loaded, data, config, out, Callbacks(step=print_step, event=printer.event), cancel=cancel,
         data_source=args.data, original_bytes=original_bytes,
@@ -148,8 +148,20 @@ def cmd_prune(args) -> int:
                       "test_fraction": data.split.get("test_fraction", 0.0), "split": data.split_record()}))
     if summary.get("claim"):
         print(f"claim: {describe_claim(summary['claim'])}", file=sys.stderr)
+    no_step_advice(out)
     print_summary(summary, args.json)
     return summary_exit_code(summary)
+
+
+def no_step_advice(out: Path) -> None:
+    """On stderr, for a run that finished without keeping a pruning step: why and what to change
+    (``core.advice.run_advice``, the advice Review shows, naming the flags)."""
+    from .advice import run_advice
+    from .runs import Run
+
+    advice = run_advice(Run(out), interface="cli")
+    for line in (advice.lines() if advice else []):
+        print(line, file=sys.stderr)
 
 
 def print_step(r: dict) -> None:
@@ -168,6 +180,8 @@ def print_step(r: dict) -> None:
     print(line, file=sys.stderr, flush=True)
     if r.get("resolution_warning"):
         progress(f"warning: {r['resolution_warning']}")
+    if r["step"] == 0 and r.get("latency_note"):  # once: the original's, e.g. a model OpenVINO cannot convert
+        progress(f"note: latency {r['latency_note']}")
 
 
 def cmd_export(args) -> int:
@@ -175,10 +189,16 @@ def cmd_export(args) -> int:
         return cmd_export_detection(args)
     result = export_run(args.run, step=args.step, max_drop=args.max_drop, out_path=args.out,
                         progress=progress_printer(), trusted=args.trusted, target=args.target)
+    if result.get("unverified"):
+        progress(f"note: {result['unverified']}")
     if args.json:
         emit_json(result)
     else:
         print_bundle(result, f"agreement {result['agreement'] * 100:.2f}%")
+        rep = (result.get("reproduced") or {}).get("pruned")
+        if rep:
+            print(f"reproduced: step {rep['step']} records {rep['recorded'] * 100:.2f}%, re-measured "
+                  f"{rep['measured'] * 100:.2f}% on its {rep['n_images']} selection images")
     return export_exit_code(result)
 
 

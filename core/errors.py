@@ -68,9 +68,31 @@ class UntrustedRunError(UntrustedPickleError):
                        "again", "cli": "pass --trusted"}
 
 
+# Where a user's own architecture (a Python file) is given, as each interface names it (issue 27: weights of a
+# CIFAR ResNet uploaded against the default architecture got no pointer to it).
+CODE_CONTROL = "{code_control}"
+CODE_CONTROLS = {"app": "choose 'Custom architecture (Python file) + weights' under 'What the file holds' on the "
+                        "Load page and upload that file with these weights",
+                 "cli": "pass --model-code FILE.py --model-class NAME --trusted instead of --arch"}
+
+
+class ArchitectureMismatchError(ModelLoadError):
+    """The weights are not those of the chosen architecture. The message ends with where a model defined in the
+    user's own Python file is given, in the words of the interface that shows it (as :class:`UntrustedPickleError`)."""
+
+    controls = CODE_CONTROLS
+
+    def __init__(self, message: str):
+        self.template = message
+        super().__init__(self.for_interface("app"))
+
+    def for_interface(self, interface: str) -> str:
+        return self.template.replace(CODE_CONTROL, self.controls[interface])
+
+
 def user_message(exc: PruneScopeError, interface: str) -> str:
     """The one-line message of ``exc`` as ``interface`` ('app' or 'cli') shows it."""
-    return exc.for_interface(interface) if isinstance(exc, UntrustedPickleError) else str(exc)
+    return exc.for_interface(interface) if hasattr(exc, "for_interface") else str(exc)
 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:

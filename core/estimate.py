@@ -90,16 +90,22 @@ class Estimate:
     breakdown: dict[str, tuple[float, float]] = field(default_factory=dict)
     steps: tuple[int, int] = (0, 0)
     rates: Rates | None = None
+    budget_buys: dict | None = None  # with a time budget: {"fast"|"slow": {"steps", "mac_fraction"}}
+
+    def steps_text(self) -> str:
+        """'7–12 steps', or '4 steps' when both ends agree (not '4–4 steps')."""
+        low, high = self.steps
+        return f"{low} step{'s' if low != 1 else ''}" if low == high else f"{low}–{high} steps"
 
     def label(self) -> str:
         """'about 2 min 10 s – 4 min 30 s (7–12 steps), measured on this machine'."""
         return (f"about {format_duration(self.seconds_low)} – {format_duration(self.seconds_high)} "
-                f"({self.steps[0]}–{self.steps[1]} steps), from rates measured on this machine")
+                f"({self.steps_text()}), from rates measured on this machine")
 
     def to_dict(self) -> dict:
         return {"seconds_low": self.seconds_low, "seconds_high": self.seconds_high,
                 "breakdown": {k: list(v) for k, v in self.breakdown.items()}, "steps": list(self.steps),
-                "rates": self.rates.to_dict() if self.rates else None}
+                "rates": self.rates.to_dict() if self.rates else None, "budget_buys": self.budget_buys}
 
 
 def _repeat(fn, repeats: int = CALIBRATION_REPEATS) -> tuple[float, float]:
@@ -188,10 +194,12 @@ def _calibration_ablations(groups: list[ChannelGroup]) -> list:
 
 
 def _step_widths(groups: list[ChannelGroup], cluster: int, mac_budget: float, max_steps: int,
-                 biggest_first: bool, per_step: int = 1, step_macs: float | None = None) -> list[int]:
+                 biggest_first: bool, per_step: int = 1, step_macs: float | None = None,
+                 saved_after: list[float] | None = None) -> list[int]:
     """Total filters before each simulated step: one cluster leaves one group per removal, and a step takes
     removals until they save ``step_macs`` MACs (None: no such limit) or ``per_step`` removals, until
-    ``mac_budget`` MACs are saved, ``max_steps`` steps are made or no group can lose a cluster."""
+    ``mac_budget`` MACs are saved, ``max_steps`` steps are made or no group can lose a cluster.
+    ``saved_after``, when given, receives the MACs saved in all after each simulated step."""
     widths = {g.gid: g.width for g in groups}
     per_filter = {g.gid: g.macs_per_filter for g in groups}
     saved, out = 0.0, []
@@ -204,12 +212,16 @@ def _step_widths(groups: list[ChannelGroup], cluster: int, mac_budget: float, ma
             if len(out) >= max_steps:
                 break
             out.append(sum(widths.values()))
+            if saved_after is not None:
+                saved_after.append(saved)
             in_step, step_saved = 0, 0.0
         k = (max if biggest_first else min)(options, key=options.get)
         saved += options[k]
         step_saved += options[k]
         in_step += 1
         widths[k] = new_width(widths[k], cluster)
+    if saved_after is not None:  # entry i: saved after step i+1
+        saved_after[:] = saved_after[1:] + [saved] if out else []
     return out
 
 
@@ -256,15 +268,20 @@ def estimate_prune_time(model: nn.Module, spec: InputSpec | ModelSpec, n_val: in
     per_step = getattr(config, "clusters_per_step", 1)  # k clusters a step: one fine-tuning and measurement for k
     step_macs = getattr(config, "step_macs", None)
     step_macs = None if step_macs is None else step_macs * total_macs
-    low_widths = _step_widths(groups, config.cluster, budget, config.max_steps, True, per_step, step_macs)
-    high_widths = _step_widths(groups, config.cluster, budget, config.max_steps, False, per_step, step_macs)
+    saved = ([], [])
+    low_widths = _step_widths(groups, config.cluster, budget, config.max_steps, True, per_step, step_macs, saved[0])
+    high_widths = _step_widths(groups, config.cluster, budget, config.max_steps, False, per_step, step_macs, saved[1])
     attempts = (1, min(config.patience + 1, 2))
     per_attempt = _add(_scaled(rates.train_step, config.finetune_steps), evaluation(), latency())
     scoring, tries = [0.0, 0.0], [0.0, 0.0]
+    step_seconds: tuple[list[float], list[float]] = ([], [])
     for end, widths in enumerate((low_widths, high_widths)):
         for i, width in enumerate(widths):
-            scoring[end] += _step_scoring(config, rates, width, len(groups), images, i)[end]
+            cost = _step_scoring(config, rates, width, len(groups), images, i)[end]
+            scoring[end] += cost
             tries[end] += attempts[end] * per_attempt[end]
+            step_seconds[end].append(cost + attempts[end] * per_attempt[end])
+    before_steps = tuple(sum(v[end] for v in breakdown.values()) for end in (0, 1))
     breakdown["steps: scoring"] = (scoring[0], scoring[1])
     breakdown["steps: fine-tuning, evaluation, latency"] = (tries[0], tries[1])
     if n_train and getattr(config, "recover_epochs", 0):
@@ -279,9 +296,29 @@ def estimate_prune_time(model: nn.Module, spec: InputSpec | ModelSpec, n_val: in
     low = sum(v[0] for v in breakdown.values())
     high = sum(v[1] for v in breakdown.values())
     limit = getattr(config, "time_budget", None)
+    buys = None
     if limit is not None:  # the run stops before a step would pass its budget
         low, high = min(low, limit * 60.0), min(high, limit * 60.0)
-    return Estimate(low, high, breakdown, (len(low_widths), len(high_widths)), rates)
+        buys = _budget_buys(limit * 60.0, before_steps, step_seconds, saved, total_macs)
+    return Estimate(low, high, breakdown, (len(low_widths), len(high_widths)), rates, buys)
+
+
+def _budget_buys(limit_s: float, before_steps: tuple[float, float], step_seconds: tuple[list[float], list[float]],
+                 saved: tuple[list[float], list[float]], total_macs: float) -> dict:
+    """What a time budget is expected to buy at each end of the estimate: the steps that finish within it and
+    the fraction of the original MACs left after them (the threshold can stop a run sooner; recoveries
+    and the control, which also take time, are left out, so these are upper bounds)."""
+    out = {}
+    for end, name in ((0, "fast"), (1, "slow")):
+        elapsed, steps = before_steps[end], 0
+        for seconds in step_seconds[end]:
+            if elapsed + seconds > limit_s:
+                break
+            elapsed += seconds
+            steps += 1
+        left = 1.0 - (saved[end][steps - 1] / total_macs if steps else 0.0)
+        out[name] = {"steps": steps, "mac_fraction": left}
+    return out
 
 
 def _step_scoring(config, rates: Rates, n_filters: int, n_groups: int, images: int, step_index: int) -> tuple[float, float]:

@@ -8,10 +8,13 @@ units, plus, when given, the known work of later phases at their last measured r
 """
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
+
+import numpy as np
 
 
 @dataclass
@@ -92,3 +95,227 @@ def format_duration(seconds: float | None) -> str:
     if s < 3600:
         return f"{s // 60} min {s % 60:02d} s"
     return f"{s // 3600} h {(s % 3600) // 60:02d} min"
+
+
+# ----------------------------------------------------------------------------- a whole pruning run
+
+
+@dataclass
+class RunEta:
+    """Time left in a whole pruning run (``core.engine.prune_loop``), from the measured rates of each of its parts.
+
+    A run is: the original (measuring, the CAR analysis, the fine-tuning check), then pruning steps in
+    *segments* that each end where no candidate fits the acceptable drop (a *stall*); a stall is followed by a
+    recovery (``recover_epochs``) and a new segment, at most ``max_recoveries`` times; then the control (the
+    original given the same training). The time left is
+
+        the running step's rest  +  steps to come x a step's time  +  stalls to come x (a stalled step + a
+        recovery)  +  the control (its mini-batches x a training batch's time)
+
+    where every duration is the one measured in this run as soon as there is one (the mean accepted step, the
+    measured stalls and recoveries, a training batch from the fine-tuning parts), and until then the pre-run
+    estimate's (``core.estimate.Estimate``; without one the ETA waits for the first measurement). The steps to
+    come follow the selection drop: a segment lasts while the drop, climbing by the measured mean climb per
+    step (a prior of a third of the allowance until steps are measured), stays within the allowance; each later
+    segment starts from the mean drop measured after recoveries. The MAC target, the step limit and the time
+    budget cap it. It is an expectation: the threshold decides each step, so the ETA moves as steps are kept or
+    undone, and it says so (``basis``).
+    """
+
+    config: object  # PruneConfig (or any object with its fields)
+    n_train: int | None = None  # training images (a recovery's and the control's batches)
+    estimate: object | None = None  # core.estimate.Estimate of this run, the prior of every rate
+    clock: Callable[[], float] = time.monotonic
+    start: float | None = None
+    base: dict | None = None  # step 0's record
+    records: list = field(default_factory=list)  # step records after step 0, in order
+    _step: int = 0  # the step the last event was in (0: the original)
+    _step_start: dict = field(default_factory=dict)  # step -> first event time
+    _part: tuple | None = None  # (name, start time, last time, last fraction) of the running part
+    _part_seconds: dict = field(default_factory=dict)  # part kind -> [full durations measured]
+    _stalls: list = field(default_factory=list)  # seconds of stalled steps (until their recovery began)
+    _seen: set = field(default_factory=set)  # part kinds seen
+    _last: float | None = None  # time of the last event: where the next part's work began
+
+    # -- fed by the run's callbacks ------------------------------------------------------------------
+
+    def event(self, phase: str, step: int, part: str = "", part_fraction: float | None = None) -> None:
+        now = self.clock()
+        if self.start is None:
+            self.start = now
+        step = step if phase == "step" else 0
+        if step not in self._step_start:
+            self._step_start[step] = self._last if self._last is not None else now
+        self._step = step
+        if not part:
+            self._last = now
+            return
+        name = (step, part)
+        if self._part is not None and (self._part[0] != name or (part_fraction or 0.0) < self._part[3] - 1e-9):
+            self._close_part()
+        if part == "recovering" and (self._part is None or self._part[0] != name):
+            stalled = now - self._step_start.get(step, now)  # the step whose candidates all broke the threshold
+            if stalled > 0.5:  # not the final recovery of a run that ended at its MAC target or step limit
+                self._stalls.append(stalled)
+        self._seen.add(part)
+        if self._part is None or self._part[0] != name:  # its work began when the previous report was made
+            began = self._last if self._last is not None else now
+            self._part = (name, began, now, float(part_fraction or 0.0))
+        else:
+            self._part = (name, self._part[1], now, float(part_fraction or 0.0))
+        self._last = now
+
+    def record(self, record: dict) -> None:
+        if record.get("step", 0) == 0:
+            self.base = dict(record)
+        else:
+            self.records.append(dict(record))
+
+    def _close_part(self) -> None:
+        (step, kind), t0, t1, frac = self._part
+        if frac >= 0.5 and t1 > t0:
+            self._part_seconds.setdefault(kind, []).append((t1 - t0) / frac)
+        self._part = None
+
+    # -- read ------------------------------------------------------------------------------------------
+
+    def remaining(self) -> float | None:
+        """Seconds left in the whole run (None while nothing that would give it is measured or estimated)."""
+        now = self.clock()
+        if self.start is None:
+            return None
+        c = self.config
+        step_s = self._step_seconds()
+        batch_s = self._batch_seconds()
+        if step_s is None or batch_s is None:
+            return None
+        left = 0.0
+        if "control" in self._seen:  # the last part of a run
+            return self._part_left(now)
+        if self._step == 0:  # the original: the running part's rest, the parts still to come
+            left += self._part_left(now)
+            left += self._original_parts_left()
+        else:
+            left += max(step_s - (now - self._step_start.get(self._step, now)), self._part_left(now), 0.0)
+        steps_left, stalls_left, recoveries_left = self._to_come()
+        recovery_s = self._recovery_seconds(batch_s)
+        stall_s = float(np.mean(self._stalls)) if self._stalls else 2.0 * step_s
+        left += steps_left * step_s + stalls_left * stall_s + recoveries_left * recovery_s
+        if getattr(c, "control", False):  # the original trained alike: the steps' fine-tuning, then each recovery
+            kept = sum(1 for r in self.records if r.get("removed"))
+            done = sum(1 for r in self.records if r.get("recovered_from") is not None)
+            left += (kept + steps_left) * getattr(c, "finetune_steps", 0) * batch_s
+            left += (done + recoveries_left) * recovery_s
+        budget = getattr(c, "time_budget", None)
+        if budget:
+            left = min(left, max(budget * 60.0 - (now - self.start), 0.0))
+        return max(left, 0.0)
+
+    def basis(self) -> str:
+        """What the ETA rests on, in a few words, for the page."""
+        kept = sum(1 for r in self.records if r.get("removed"))
+        if not kept:
+            return "from the pre-run estimate until a step is measured" if self.estimate else "from the first part"
+        return (f"from {kept} measured step(s); the threshold decides how many follow, so it moves as steps are "
+                "kept or undone")
+
+    # -- the model ---------------------------------------------------------------------------------------
+
+    def _part_left(self, now: float) -> float:
+        if self._part is None:
+            return 0.0
+        _, t0, t1, frac = self._part
+        if frac <= 0.0 or t1 <= t0:
+            return 0.0
+        return max((t1 - t0) * (1.0 - frac) / frac - (now - t1), 0.0)
+
+    def _prior(self, key: str) -> float | None:
+        b = getattr(self.estimate, "breakdown", None) or {}
+        if key not in b:
+            return None
+        low, high = b[key]
+        return math.sqrt(max(low, 1e-9) * max(high, 1e-9))
+
+    def _original_parts_left(self) -> float:
+        c, left = self.config, 0.0
+        if getattr(c, "analyse_car", False) and "analysing" not in self._seen:
+            left += self._prior("original: CAR analysis") or 0.0
+        if getattr(c, "finetune_steps", 0) and "checking fine-tuning" not in self._seen:
+            batch = self._batch_seconds() or 0.0
+            left += 2 * c.finetune_steps * batch  # the configured rate and, as often as not, one halving
+        return left
+
+    def _step_seconds(self) -> float | None:
+        kept = [r["seconds"] for r in self.records if r.get("removed") and r.get("seconds")]
+        if kept:
+            return float(np.mean(kept))
+        est = self.estimate
+        if est is None or not getattr(est, "steps", None):
+            return None
+        n = max(math.sqrt(max(est.steps[0], 1) * max(est.steps[1], 1)), 1.0)
+        parts = [self._prior("steps: scoring"), self._prior("steps: fine-tuning, evaluation, latency")]
+        return sum(p for p in parts if p) / n if any(parts) else None
+
+    def _batch_seconds(self) -> float | None:
+        """One training mini-batch: measured in the steps' fine-tuning, else in the fine-tuning check (five
+        attempts of ``finetune_steps`` batches at most), else the estimate's rate."""
+        steps = getattr(self.config, "finetune_steps", 0)
+        tuned = self._part_seconds.get("fine-tuning")
+        if tuned and steps:
+            return float(np.median(tuned)) / steps
+        check = list(self._part_seconds.get("checking fine-tuning", []))
+        if self._part is not None and self._part[0][1] == "checking fine-tuning" and self._part[3] > 0.05:
+            check.append((self._part[2] - self._part[1]) / self._part[3])
+        if check and steps:
+            return float(np.median(check)) / (5 * steps)
+        rates = getattr(self.estimate, "rates", None)
+        if rates is not None:
+            return math.sqrt(max(rates.train_step[0], 1e-9) * max(rates.train_step[1], 1e-9))
+        return 0.0 if not steps else None
+
+    def _batches_per_epoch(self) -> int:
+        return math.ceil((self.n_train or 0) / max(getattr(self.config, "batch_size", 64), 1))
+
+    def _recovery_seconds(self, batch_s: float) -> float:
+        done = [r["seconds"] for r in self.records if r.get("recovered_from") is not None and r.get("seconds")]
+        if done:
+            return float(np.mean(done))
+        return getattr(self.config, "recover_epochs", 0) * self._batches_per_epoch() * batch_s * 1.2  # + teacher, eval
+
+    def _to_come(self) -> tuple[float, int, int]:
+        """(expected pruning steps, stalled steps, recoveries) still to come."""
+        c = self.config
+        max_drop = float(getattr(c, "max_drop", 1.0)) or 1e-9
+        base = (self.base or {}).get("metric")
+        climbs, after_recovery = [], []
+        now_drop = 0.0  # the selection drop of the last record (the original's is 0)
+        for r in self.records:
+            d = (base - r["metric"]) * 100 if base is not None and r.get("metric") is not None else now_drop
+            if r.get("recovered_from") is not None:
+                after_recovery.append(d)
+            elif r.get("removed"):
+                climbs.append(d - now_drop)
+            now_drop = d
+        prior = max_drop / 3.0
+        climb = max((prior + sum(climbs)) / (1 + len(climbs)), max_drop / 20.0)
+        recoveries = sum(1 for r in self.records if r.get("recovered_from") is not None)
+        can_recover = getattr(c, "recover_epochs", 0) > 0
+        future_segments = max(getattr(c, "max_recoveries", 0) - recoveries, 0) if can_recover else 0
+        start_drop = float(np.mean(after_recovery)) if after_recovery else 0.0
+        # a recovery running now: its segment stalled (that stall is behind), and it is one of the recoveries
+        # counted in future_segments, each of which begins a segment
+        recovering = self._part is not None and self._part[0][1] == "recovering"
+        # a segment goes on while the next climb fits: about (room / climb) - 1/2 steps (the whole part of it)
+        steps = 0.0 if recovering else max((max_drop - now_drop) / climb - 0.5, 0.0)
+        steps += future_segments * max((max_drop - start_drop) / climb - 0.5, 1.0)
+        kept = sum(1 for r in self.records if r.get("removed"))
+        steps = min(steps, max(getattr(c, "max_steps", 10**6) - kept - recoveries, 0))
+        target = getattr(c, "mac_target", None)
+        step_macs = getattr(c, "step_macs", None)
+        if target is not None and self.base and self.base.get("macs"):
+            macs = next((r["macs"] for r in reversed(self.records) if r.get("macs")), self.base["macs"])
+            per_step = (step_macs or 0.04) * self.base["macs"]
+            steps = min(steps, max((macs - target * self.base["macs"]) / per_step, 0.0))
+        if recovering:
+            return steps, future_segments, max(future_segments - 1, 0)
+        return steps, future_segments + 1, future_segments

@@ -22,7 +22,6 @@ is what classification contributes to it.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import uuid
@@ -43,6 +42,7 @@ from .ir_rewrite import interpolate11_to_4
 from .ncs2 import Ncs2Issue, Ncs2Report
 from .targets import TargetReport, get_target
 from .measure import measure_model
+from .reproduce import reproduce_step
 from .ov_runtime import ONNX_OPSET, compile_cpu, cpu_has_fp16, export_onnx_bytes, read_ir
 from .shortcuts import convert_zero_pad_shortcuts
 from .sources import load_run_dataset
@@ -87,6 +87,9 @@ def export_model(model: nn.Module, spec: ModelSpec | InputSpec, out_dir: str | P
     # Zero-padded shortcuts export as Slice + Pad, which the NCS2 lacks; their exact 1x1-conv
     # equivalent exports as a Conv (see ``shortcuts``).
     convert_zero_pad_shortcuts(model, shape)
+    for pname, tensor in model.state_dict().items():  # NaN weights give NaN outputs, which pass any self-test
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ExportError(f"The model's weights hold NaN or infinite values ({pname}); it was not exported.")
     try:
         with torch.no_grad():
             out = model(torch.zeros(shape))
@@ -238,7 +241,7 @@ def verify_ir(xml_path: str | Path, model: nn.Module, images: ImageSet, spec: Mo
     at least 99%.
     """
     if len(images) == 0:
-        raise ExportError("No validation images to verify the exported model on.")
+        raise ExportError("No selection images to verify the exported model on.")
     ispec = _input_spec(spec)
     subset = images.subset(max(min_images, max_images))
     refs, gots = [], []
@@ -264,7 +267,7 @@ def verify_ir(xml_path: str | Path, model: nn.Module, images: ImageSet, spec: Mo
              "rounding of the weights; the NCS2 also computes activations in FP16, so expect slightly larger "
              "logit differences on the device."]
     if n < min_images:
-        notes.append(f"Only {n} validation images were available (fewer than the {min_images} asked for); all were used.")
+        notes.append(f"Only {n} selection images were available (fewer than the {min_images} asked for); all were used.")
     if distinct == 1 and n > 1:
         notes.append("PyTorch predicts the same class for every image, so top-1 agreement says little here.")
     verified = agree >= AGREEMENT_REQUIRED
@@ -304,7 +307,7 @@ def check_fp16(model: nn.Module, xml_path: str | Path, images: ImageSet, spec: M
         finite = {True: "stays finite", False: "becomes inf/NaN", None: "could not be computed"}[fp16.fp16_finite]
         verification.notes.append(
             f"This CPU has no FP16 arithmetic, so the IR could not be run in FP16 here; FP16 was checked instead by "
-            f"measuring activation ranges on {fp16.n_images} validation images (peak {max(fp16.peaks.values(), default=0):.4g}, "
+            f"measuring activation ranges on {fp16.n_images} selection images (peak {max(fp16.peaks.values(), default=0):.4g}, "
             f"FP16 max 65,504) and running the model in torch float16 (its output {finite}).")
     return fp16
 
@@ -445,7 +448,11 @@ def check_bundle_target(out_path: str | Path) -> Path:
     replaces a file, a non-empty folder of anything else (a run folder, the user's documents), or a zip
     beside it that no bundle wrote. Called before any work starts. Returns the resolved path.
     """
-    out = Path(out_path).resolve()
+    out = Path(out_path)
+    if out.is_symlink():
+        raise ExportError(f"{out} is a symbolic link; a bundle is written into a real folder only. Nothing was "
+                          "changed.")
+    out = out.resolve()
     zip_path = bundle_zip_path(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} is a file, not a folder; choose a new folder for the bundle.")
@@ -456,14 +463,55 @@ def check_bundle_target(out_path: str | Path) -> Path:
     if zip_path.exists() and not ours:
         raise ExportError(f"{zip_path} already exists and was not written with a bundle in {out}; nothing was "
                           "changed. Choose another bundle folder name.")
+    if ours:
+        extra = unlisted_files(out)
+        if extra:
+            shown = ", ".join(extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
+            raise ExportError(f"{out} is an earlier bundle holding files its manifest does not list ({shown}): "
+                              "replacing it would delete them, so nothing was changed. Move them out, or choose "
+                              "another bundle folder.")
     return out
 
 
 def _is_bundle(folder: Path) -> bool:
+    return _bundle_manifest(folder) is not None
+
+
+def _bundle_manifest(folder: Path) -> dict | None:
+    """The manifest of the bundle in ``folder`` (bounded read, a regular file), or None when it is none."""
+    from .integrity import MAX_JSON_BYTES, IntegrityError, read_json_bounded
+
     try:
-        return json.loads((folder / "manifest.json").read_text()).get("format") == BUNDLE_FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+        manifest = read_json_bounded(folder / "manifest.json", MAX_JSON_BYTES)
+    except (OSError, ValueError, IntegrityError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == BUNDLE_FORMAT else None
+
+
+def bundle_listed_files(manifest: dict) -> set[str]:
+    """Relative paths (``/``-separated) of every file a bundle's manifest lists, ``manifest.json`` included."""
+    listed = {"manifest.json"}
+    files = manifest.get("files")
+    if isinstance(files, dict):
+        listed |= {k for k in files if isinstance(k, str)}
+    models = manifest.get("models")
+    for entry in (models.values() if isinstance(models, dict) else []):
+        if isinstance(entry, dict) and isinstance(entry.get("files"), dict):
+            listed |= {k for k in entry["files"] if isinstance(k, str)}
+    return listed
+
+
+def unlisted_files(folder: Path) -> list[str]:
+    """Files (and links) in the bundle folder ``folder`` that its manifest does not list: what the user put
+    there. Replacing the bundle deletes only listed files, so these block a replacement (issue 28)."""
+    manifest = _bundle_manifest(folder) or {}
+    listed = bundle_listed_files(manifest)
+    out = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if (path.is_symlink() or path.is_file()) and rel not in listed:
+            out.append(rel)
+    return out
 
 
 def build_atomically(out_path: Path, build, with_zip: bool = False):
@@ -552,7 +600,7 @@ class ClassificationBundle:
         fig = _model_meta(meta, key)
         if fig.get("accuracy") is None:
             fig["accuracy"] = evaluate_accuracy(model, val, spec.input).accuracy
-            fig["accuracy_source"] = f"measured at export on {len(val)} validation images"
+            fig["accuracy_source"] = f"measured at export on {len(val)} selection images"
         if fig.get("macs") is None or fig.get("params") is None:
             counted = measure_model(model, spec.input, latency=False)
             fig["macs"] = counted.macs if fig.get("macs") is None else fig["macs"]
@@ -563,6 +611,10 @@ class ClassificationBundle:
         """Stored inputs with the expected (PyTorch) outputs of both models, the widest-margin ones."""
         inputs = normalize(val.subset(max(self.min_images, 64)).images, spec.input)
         ref = {k: _torch_logits(models[k], inputs) for k in models}
+        for k, logits in ref.items():  # a self-test expecting NaN would pass any output (issue 28)
+            if not np.all(np.isfinite(logits)):
+                raise ExportError(f"The {k} model's outputs on the validation images are not finite (NaN or inf); "
+                                  "a bundle of it could not be self-tested, so none was written.")
         pick = _selftest_choice(ref["pruned"], ref["original"], min(SELFTEST_INPUTS, len(inputs)))
         np.savez(root / "selftest.npz", input=inputs[pick].numpy().astype(np.float32),
                  expected_model=ref["pruned"][pick].astype(np.float32),
@@ -693,6 +745,12 @@ def export_run(run_dir: str | Path, step: int | None = None, max_drop: float | N
     if spec.class_names is None:
         spec.class_names = data.class_names
     base = run.history[0]
+    if progress:
+        progress(0.1, f"re-measuring step {step} and the original on the {len(data.val)} selection images")
+    # what ships must be what the run recorded: its figure reproduces on the images it was measured on (issue 28)
+    reproduced = {"pruned": reproduce_step(pruned, data.val, spec.input, step, record.get("metric")).to_dict(),
+                  "original": reproduce_step(original.model, data.val, spec.input, 0, base.get("metric")).to_dict()}
+    unverified = run.unverified()
     # Latency is not taken from the run: its steps were timed minutes apart under different load, so
     # their ratio can be noise. Both exported IRs are timed in alternation instead (_time_exports).
     meta = {  # a classification run's metric is accuracy, the bundle's name for it
@@ -700,6 +758,7 @@ def export_run(run_dir: str | Path, step: int | None = None, max_drop: float | N
         "original": {"accuracy": base.get("metric"), **{k: base.get(k) for k in ("macs", "params")}},
         "step": step, "run": run.name, "max_drop": max_drop,
         "criterion": run.config.get("prune", {}).get("criterion"), "cluster": run.config.get("prune", {}).get("cluster"),
+        "reproduced": reproduced, **({"unverified": unverified} if unverified else {}),
     }
     out = Path(out_path) if out_path else workspace_root() / "exports" / f"{run.name}-step{step:04d}"
     if progress:
@@ -707,4 +766,6 @@ def export_run(run_dir: str | Path, step: int | None = None, max_drop: float | N
     result = export_for_cli(pruned, original.model, spec, data.val, out, meta, target=target)
     result["step"] = step
     result["run"] = str(run.dir)
+    result["reproduced"] = reproduced
+    result["unverified"] = unverified
     return result

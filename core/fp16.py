@@ -37,7 +37,7 @@ class Fp16Range:
 
     def problems(self) -> list[tuple[str, str]]:
         """(layer, reason) for each way FP16 fails this model, the worst first."""
-        out = [(name, f"activations of '{name}' reach {peak:.4g} on validation images, beyond FP16's maximum "
+        out = [(name, f"activations of '{name}' reach {peak:.4g} on selection images, beyond FP16's maximum "
                       "65,504: on the NCS2 (FP16 arithmetic) they overflow to inf/NaN. Rescale that layer (e.g. fold "
                       "a scale into the next layer) or deploy the fallback on a CPU.")
                for name, peak in sorted(self.overflows.items(), key=lambda kv: -kv[1])[:3]]
@@ -59,7 +59,7 @@ def measure_fp16_range(model: nn.Module, images: ImageSet, spec: InputSpec, n_im
     x = normalize(subset.images, spec)
     result = Fp16Range(len(subset))
     if len(subset) == 0:
-        result.note = "no validation images: activation ranges not measured"
+        result.note = "no selection images: activation ranges not measured"
         return result
     with torch.no_grad(), _hooks(model, lambda name, t: _peak(result.peaks, name, t)):
         out32 = model.eval()(x)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .car import CarResult, compute_car
-from .eta import EtaTracker, PhaseProgress
+from .eta import EtaTracker, PhaseProgress, RunEta
 from .detection.analysis import group_car
 from .detection.export import export_detection_run
 from .detection.prune import run_detection_pruning
@@ -69,8 +69,13 @@ class JobSnapshot:
     meta: dict
     log: list[str] = field(default_factory=list)
     # the part of the work running now (PhaseProgress.to_dict(): phase, done, total, fraction,
-    # phase_elapsed_s, eta_s, message), when the job reports parts; ``eta`` is then this part's
+    # phase_elapsed_s, eta_s, message), when the job reports parts
     part: dict | None = None
+    # what ``eta`` is: "job" (the whole job, from the measured rates of each part: core.eta.RunEta), "part"
+    # (the running part's rest) or "fraction" (the overall fraction over the elapsed time); ``eta_basis`` says
+    # what a whole-job ETA rests on
+    eta_kind: str = "fraction"
+    eta_basis: str = ""
 
     @property
     def running(self) -> bool:
@@ -93,6 +98,7 @@ class Job:
     total_steps: int | None = None  # known upper bound of step records, for the ETA
     state: str = "running"
     progress: float = 0.0  # 0..1 of the whole job
+    progress_changed: float = 0.0  # time.time() the fraction last moved
     message: str = "starting"
     error: str | None = None
     traceback: str | None = None
@@ -103,6 +109,9 @@ class Job:
     result: Any = None
     part: PhaseProgress | None = None  # the running part of the work, with its measured-rate ETA
     part_reported: float = 0.0  # time.time() of the last part report
+    whole: float | None = None  # seconds left in the whole job when last reported (core.eta.RunEta)
+    whole_reported: float = 0.0
+    whole_basis: str = ""
     cancel: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     thread: threading.Thread | None = field(default=None, repr=False)
@@ -112,6 +121,8 @@ class Job:
     def set_progress(self, fraction: float, message: str | None = None) -> None:
         with self.lock:
             fraction = min(max(float(fraction), 0.0), 1.0)
+            if fraction > self.progress:
+                self.progress_changed = time.time()
             self.progress = max(self.progress, fraction)  # never runs backwards on screen
             if message is not None:
                 self.message = message
@@ -122,6 +133,11 @@ class Job:
             self.part, self.part_reported = part, time.time()
             if part.message:
                 self.message = part.message
+
+    def set_whole(self, seconds: float | None, basis: str = "") -> None:
+        """Seconds left in the whole job (None: not known yet), and what that rests on."""
+        with self.lock:
+            self.whole, self.whole_reported, self.whole_basis = seconds, time.time(), basis
 
     def add_step(self, record: dict) -> None:
         with self.lock:
@@ -142,21 +158,31 @@ class Job:
         with self.lock:
             return self._eta(now or time.time())
 
+    def _eta_kind(self) -> str:
+        return "job" if self.whole_reported else "part" if self.part is not None else "fraction"
+
     def _eta(self, now: float) -> float | None:
-        """Seconds left. A job that reports parts (:meth:`set_part`): the running part's remaining work at
-        that part's measured rate (:class:`core.eta.EtaTracker`), less the time since it was reported; parts
-        differ in rate by orders of magnitude, so one rate over the whole job would be wrong by as much.
-        Otherwise the overall fraction extrapolated over the elapsed time (None while too early to tell)."""
+        """Seconds left. A job that reports its whole remaining time (:meth:`set_whole`, a pruning run's
+        :class:`core.eta.RunEta`): that, less the time since it was reported. A job that reports parts
+        (:meth:`set_part`): the running part's remaining work at that part's measured rate
+        (:class:`core.eta.EtaTracker`); parts differ in rate by orders of magnitude, so one rate over the whole
+        job would be wrong by as much. Otherwise the overall fraction extrapolated over the elapsed time (None
+        while too early to tell)."""
         if self.state not in RUNNING_STATES:
             return 0.0 if self.state == "done" else None
+        if self.whole_reported:
+            return None if self.whole is None else max(self.whole - (now - self.whole_reported), 0.0)
         if self.part is not None:
             eta = self.part.eta_s
             return None if eta is None else max(eta - (now - self.part_reported), 0.0)
         p = self.progress
         if p < ETA_MIN_PROGRESS or p >= 1.0:
             return None
-        elapsed = now - self.started
-        return elapsed * (1.0 - p) / p
+        # extrapolated when the fraction last moved, counting down since: a fraction that waits in a long phase
+        # must not make the ETA climb (issue 27: an export's went from 1:45 to 31:14 at 20 %); past it, unknown
+        at_change = (self.progress_changed - self.started) * (1.0 - p) / p
+        left = at_change - (now - self.progress_changed)
+        return left if left > 0 else None
 
     def snapshot(self) -> JobSnapshot:
         with self.lock:
@@ -167,7 +193,7 @@ class Job:
                 message=self.message, error=self.error, started=self.started, finished=self.finished,
                 elapsed=end - self.started, eta=self._eta(now), steps=copy.deepcopy(self.steps),
                 result=self.result, run_dir=self.run_dir, meta=dict(self.meta), log=list(self.log),
-                part=self._part_dict(now),
+                part=self._part_dict(now), eta_kind=self._eta_kind(), eta_basis=self.whole_basis,
             )
 
     def _part_dict(self, now: float) -> dict | None:
@@ -205,6 +231,9 @@ class JobContext:
 
     def part(self, part: PhaseProgress) -> None:
         self.job.set_part(part)
+
+    def whole(self, seconds: float | None, basis: str = "") -> None:
+        self.job.set_whole(seconds, basis)
 
     def step(self, record: dict) -> None:
         self.job.add_step(record)
@@ -377,22 +406,34 @@ def part_name(p: Progress) -> str:
     return f"{where}: {p.part}" if p.part else where
 
 
-def run_progress(ctx: JobContext, total: int) -> Callbacks:
+def run_progress(ctx: JobContext, total: int, eta: RunEta | None = None) -> Callbacks:
     """A pruning run's callbacks as one job's progress: the original (measured and analysed) is unit 0,
     pruning step k is unit k, of ``total`` units (the overall bar); every accepted step record goes to
     the job. Reports that name their part (``Progress.part`` with ``part_fraction``) also feed an
-    :class:`core.eta.EtaTracker` keyed by (phase, step, part): the job's ETA is then the running part's
-    remaining fraction at the rate measured in that part, not the whole run's average rate."""
+    :class:`core.eta.EtaTracker` keyed by (phase, step, part): the part's own progress and ETA. With ``eta``
+    (a :class:`core.eta.RunEta` of the run) every report and record also feeds it, and the job's ETA is the
+    whole run's, from the measured rates of each part."""
     tracker = EtaTracker()
+    whole = getattr(ctx, "whole", None)
+
+    def report_whole() -> None:
+        if eta is not None and whole is not None:
+            whole(eta.remaining(), eta.basis())
 
     def event(p: Progress) -> None:
         unit = p.step if p.phase == "step" else 0
         ctx.progress(min((unit + min(max(p.fraction, 0.0), 1.0)) / total, 0.999), p.message)
         if p.part and p.part_fraction is not None:
             ctx.part(tracker.update(part_name(p), min(max(p.part_fraction, 0.0), 1.0), 1.0, p.message))
+        if eta is not None:
+            eta.event(p.phase, p.step, p.part, p.part_fraction)
+            report_whole()
 
     def step(record: dict) -> None:
         ctx.step(record)
+        if eta is not None:
+            eta.record(record)
+            report_whole()
         if record["step"] > 0:
             ctx.progress(min((record["step"] + 1) / total, 0.999), f"step {record['step']} done")
 
@@ -419,7 +460,7 @@ def split_options_of(data) -> dict:
 
 def prune_job(loaded, data, config, run_dir: Path, data_source: str | None = None,
               original_bytes: bytes | None = None, data_options: dict | None = None,
-              car: Any = None) -> JobFunction:
+              car: Any = None, estimate: Any = None) -> JobFunction:
     """A job function running :func:`core.prune.run_pruning` into ``run_dir``.
 
     ``car``: a finished CAR analysis (a :class:`core.car.CarResult`, e.g. the Analyse page's). With
@@ -430,8 +471,10 @@ def prune_job(loaded, data, config, run_dir: Path, data_source: str | None = Non
     set's own split (:func:`split_options_of`).
 
     Overall progress: the original's measurement and analysis count as one unit, then each pruning
-    step one more, of ``config.max_steps + 1``; the run may stop earlier (threshold, MAC target),
-    so the ETA is an upper bound.
+    step one more, of ``config.max_steps + 1`` (the bar; the run may stop earlier). The ETA is the whole
+    run's (:class:`core.eta.RunEta`), from the measured rates of each part, with the pre-run estimate
+    (``estimate``, a :class:`core.estimate.Estimate` of these settings; timed here first when None: a few
+    seconds) as its prior until the run has measured its own.
     """
 
     total = config.max_steps + 1
@@ -451,11 +494,28 @@ def prune_job(loaded, data, config, run_dir: Path, data_source: str | None = Non
         if note:
             ctx.log(note)
             ctx.progress(0.0, note)
-        return run_pruning(loaded, data, config, run_dir, callbacks=run_progress(ctx, total), cancel=ctx.cancel,
+        eta = RunEta(config, n_train=len(data.train), estimate=estimate or run_estimate(ctx, loaded, data, config))
+        if reused is not None:
+            eta._seen.add("analysing")  # the analysis will not run: nothing of it is still to come
+        return run_pruning(loaded, data, config, run_dir, callbacks=run_progress(ctx, total, eta), cancel=ctx.cancel,
                            data_source=data_source, original_bytes=original_bytes, data_options=data_options,
                            analysis=reused)
 
     return fn
+
+
+def run_estimate(ctx: JobContext, loaded, data, config):
+    """The pre-run estimate of a prune job (``core.estimate``: this model's work units timed now), the prior of
+    its whole-job ETA; None when the model cannot be timed (the ETA then waits for the run's own measurements)."""
+    from .estimate import estimate_prune_time
+
+    ctx.progress(0.0, "timing this model's work units for the run's ETA")
+    try:
+        return estimate_prune_time(copy.deepcopy(loaded.model), loaded.spec, len(data.val), config,
+                                   n_train=len(data.train))
+    except Exception as exc:  # no ETA prior is no reason to stop the run
+        ctx.log(f"No pre-run estimate for the ETA ({type(exc).__name__}: {exc}); it starts from measured parts.")
+        return None
 
 
 def detection_prune_job(model, info: dict, data, config, run_dir: Path, data_options: dict | None = None
@@ -488,12 +548,27 @@ def detection_car_job(model, root: str, val, mean, std, n_images: int = 64) -> J
 def car_job(model, spec, imageset, n_images: int = 500, sensitivity: bool = True, method: str = "exact"
             ) -> JobFunction:
     """A job function computing CAR (+ per-class CAR, sensitivity) on a private copy of ``model``;
-    ``method``: ``exact`` (every filter measured) or ``fast`` (screened, exact for a shortlist)."""
+    ``method``: ``exact`` (every filter measured) or ``fast`` (screened, exact for a shortlist).
+
+    Its parts: the fast method's first-order ``screening`` (one pass, no count inside), then ``measuring`` (every
+    ablation, the sensitivity's included, counted alike); the whole job's ETA is the measuring part's rest at
+    its measured rate, as soon as that part runs (nothing follows it)."""
     model = copy.deepcopy(model).eval()  # the UI keeps using its own model while this runs
+    tracker = EtaTracker()
+
+    def progress(fraction: float, message: str) -> None:
+        ctx_ = progress.ctx
+        ctx_.progress(fraction, message)
+        part = "screening" if message.startswith("CAR: screening") else "measuring"
+        state = tracker.update(part, min(max(fraction, 0.0), 1.0), 1.0, message)
+        ctx_.part(state)
+        ctx_.whole(state.eta_s if part == "measuring" else None,
+                   "the ablations left at the rate measured in them" if part == "measuring" else "")
 
     def fn(ctx: JobContext):
+        progress.ctx = ctx
         return compute_car(model, spec, imageset, n_images=n_images, sensitivity=sensitivity,
-                           progress=ctx.progress, cancel=ctx.cancel, method=method)
+                           progress=progress, cancel=ctx.cancel, method=method)
 
     return fn
 

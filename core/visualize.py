@@ -413,8 +413,8 @@ def gallery_caption(entries: list[dict], k: int = 4) -> str:
     """What a gallery of ``entries`` (from :func:`gallery`, ``k`` patches per filter) shows, with the meaning of
     the colour share when its cards carry one."""
     text = (f"Per filter: its weights (first layer in colour: R, G, B kernels; deeper layers: mean kernel, red "
-            f"positive / blue negative), the {k} validation patches that excite it most, and its activation on the "
-            "chosen image (bright = strong). CAR in accuracy points lost when the filter alone is removed.")
+            f"positive / blue negative), the {k} patches of selection images that excite it most, and its activation on the "
+            "chosen image (bright = strong). CAR in accuracy points lost when the filter alone is removed (exact, or screened where marked).")
     if any(e.get("colour") is not None for e in entries):
         text += " " + COLOUR_SHARE_MEANING[0].upper() + COLOUR_SHARE_MEANING[1:] + "."
     return text
@@ -613,9 +613,10 @@ def fig_tradeoff(history_records_by_run: dict[str, list[dict]], x: str = "macs",
             hovertemplate="step %{customdata[0]}: %{customdata[1]}<br>" + metric + " %{y:.2f} %<br>"
                           "MACs %{customdata[2]}, latency %{customdata[3]}<extra>" + str(name) + "</extra>"))
         tested = [r for r in pts if r.get("test_metric") is not None]
-        if tested:  # the held-out test images' figure of the same steps (never used for a decision)
+        if tested:  # the held-out test images' figure of the same steps (never used for a decision): markers only,
+            # a line through them in step order zig-zags where a recovery moves the figure at the same MACs
             fig.add_trace(go.Scatter(
-                x=[xval(r) for r in tested], y=[r["test_metric"] * 100 for r in tested], mode="lines+markers",
+                x=[xval(r) for r in tested], y=[r["test_metric"] * 100 for r in tested], mode="markers",
                 name=f"{name} · test", line={"color": colour, "dash": "dot"}, marker={"size": 6, "symbol": "diamond"},
                 customdata=[[r["step"]] for r in tested],
                 hovertemplate="step %{customdata[0]}: test " + metric + " %{y:.2f} %<extra>" + str(name) + "</extra>"))
@@ -629,30 +630,35 @@ def fig_tradeoff(history_records_by_run: dict[str, list[dict]], x: str = "macs",
                     hovertemplate=f"selected step {sel_step}<br>{metric} %{{y:.2f}} %<extra>{name}</extra>"))
     if threshold_points is not None and baseline_metric is not None:
         level = float(baseline_metric) * 100 - float(threshold_points)
-        fig.add_hline(y=level, line_dash="dash", line_color="#d62728",
+        fig.add_hline(y=level, line_dash="dash", line_color="#d62728",  # the label above the line, clear of the ticks
                       annotation_text=f"baseline − {threshold_points:g} points = {level:.2f} %",
-                      annotation_position="bottom right")
+                      annotation_position="top left", annotation_bgcolor="rgba(255,255,255,0.85)",
+                      annotation_font_color="#d62728")
     fig.update_layout(title=f"{metric_title(metric)} vs " + ("compute" if x == "macs" else "latency")
                       + " of every pruning step",
                       xaxis_title="MACs (M)" if x == "macs" else "Latency (ms)", yaxis_title=f"{metric_title(metric)} (%)",
-                      legend_title="Run")
+                      # below the plot, in rows: long run names no longer squeeze the plot area
+                      legend={"orientation": "h", "yanchor": "top", "y": -0.22, "xanchor": "left", "x": 0,
+                              "title": {"text": "Run"}}, margin={"b": 40})
     return fig
 
 
 def fig_widths(before: dict[str, int], after: dict[str, int]) -> go.Figure:
-    """Output channels per layer before and after pruning, as grouped bars (layers in ``before``'s order)."""
+    """Output channels per layer before and after pruning, as grouped horizontal bars, first layer at the top
+    (layers in ``before``'s order): one row per layer, so the layer names never overlap however many there are."""
     layers = list(before) + [n for n in after if n not in before]
     b = [before.get(n) for n in layers]
     a = [after.get(n) for n in layers]
     kept = [f"{(ai / bi * 100):.0f} % kept" if ai is not None and bi else "" for ai, bi in zip(a, b)]
     fig = go.Figure()
-    fig.add_trace(go.Bar(x=layers, y=b, name="before", marker_color="#9fb7d1",
-                         hovertemplate="%{x}<br>%{y} channels before<extra></extra>"))
-    fig.add_trace(go.Bar(x=layers, y=a, name="after", marker_color="#1f77b4", customdata=kept,
-                         hovertemplate="%{x}<br>%{y} channels after (%{customdata})<extra></extra>"))
-    fig.update_layout(barmode="group", title="Output channels per layer", xaxis_title="Layer",
-                      yaxis_title="Output channels")
-    fig.update_xaxes(type="category", tickangle=-45)
+    fig.add_trace(go.Bar(y=layers, x=b, name="before", orientation="h", marker_color="#9fb7d1",
+                         hovertemplate="%{y}<br>%{x} channels before<extra></extra>"))
+    fig.add_trace(go.Bar(y=layers, x=a, name="after", orientation="h", marker_color="#1f77b4", customdata=kept,
+                         hovertemplate="%{y}<br>%{x} channels after (%{customdata})<extra></extra>"))
+    fig.update_layout(barmode="group", title="Output channels per layer", xaxis_title="Output channels",
+                      yaxis_title="Layer", height=max(320, 40 + 24 * len(layers) + 80),
+                      legend={"orientation": "h", "yanchor": "bottom", "y": 1.0, "xanchor": "right", "x": 1})
+    fig.update_yaxes(type="category", autorange="reversed", automargin=True)
     return fig
 
 

@@ -8,8 +8,8 @@ import streamlit as st
 from core.jobs import past_runs
 from core.runs import run_reviewable
 from core.models import sample_entry, sample_names
-from ui.common import (action_button, format_macs, format_params, format_pct, format_seconds, metric_name,
-                       model_shape, page_link, setup_page, started_at, state_badge)
+from ui.common import (action_button, damaged_runs_notice, format_macs, format_params, format_pct, format_seconds,
+                       metric_name, model_shape, page_link, setup_page, started_at, state_badge)
 from ui.state import DEFAULT_SAMPLE, get_registry, load_sample
 
 state = setup_page("PruneScope", "Structured compression of CNNs for edge hardware: find the filters that matter, "
@@ -24,8 +24,9 @@ with intro:
 
 1. **Load** a trained PyTorch classifier and an image data set (or the bundled sample). The tool checks both and
    measures accuracy, MACs, parameters and OpenVINO CPU latency.
-2. **Analyse** every filter with **CAR** (Classification Accuracy Reduction): the accuracy lost when that one filter
-   is removed, measured exactly; per-layer sensitivity and a filter gallery show what each filter does.
+2. **Analyse** every filter with **CAR** (Classification Accuracy Reduction): the selection accuracy lost when that
+   one filter is removed: exact (removed and measured) or screened (a first-order estimate, exact where it
+   decides: the fast default of a prune); per-layer sensitivity and a filter gallery show what each filter does.
 3. **Prune** greedily in **clusters sized to the hardware** (8 channels on the NCS2), with short fine-tuning
    between steps, in the background: live progress, ETA, cancel at any time.
 4. **Review** the accuracy / cost trade-off of every step and pick the smallest model within your accuracy budget.
@@ -50,7 +51,7 @@ with start:
             st.error(st.session_state["sample_error"])
         if state.ready and state.sample == sample:
             st.success(f"Loaded **{sample}**: {format_pct(state.baseline['metric'])} on "
-                       f"{len(state.data.val)} validation images. Next: analyse its filters or prune it.")
+                       f"{len(state.data.val)} selection images. Next: analyse its filters or prune it.")
             c1, c2 = st.columns(2)
             with c1:
                 page_link("analyse", "Analyse")
@@ -79,8 +80,8 @@ with col_data:
             st.markdown("No data set loaded.")
             page_link("load", "Load a data set")
         else:
-            st.markdown(f"{state.data_label}  \n{len(state.data.train)} training / {len(state.data.val)} validation "
-                        f"images, {len(state.data.class_names)} classes")
+            st.markdown(f"{state.data_label}  \n{len(state.data.train)} train / {len(state.data.val)} selection / "
+                        f"{len(state.data.test)} test images, {len(state.data.class_names)} classes")
 with col_run:
     with st.container(border=True):
         st.markdown("**Pruning run**")
@@ -100,6 +101,7 @@ with col_run:
 
 runs = past_runs(registry)
 st.subheader("Runs in the workspace")
+damaged_runs_notice()  # a damaged run is listed with its reason, never fatal to the page (issue 28)
 if not runs:
     st.caption("No runs yet. Runs you start on the Prune page are listed here, also after an app restart.")
 else:

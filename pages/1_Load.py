@@ -9,14 +9,14 @@ from core.workspace import folder_upload_name, remember_upload_name
 from core.errors import PruneScopeError
 from core.models import InputSpec, list_architectures, load_model, sample_entry, sample_names
 from core.plausibility import apply_fix, check_plausibility, describe_fix
+from core.glossary import sentence
 from core.prune import PruneConfig
-from core.stats import resolution_warning
 from core.runs import remember_trusted_model
 from ui.charts import fig_class_counts, fig_confusion, fig_per_class_accuracy
 from ui import detection
 from core.jobs import JobAlreadyRunning, phased_job
 from ui.common import (action_button, format_pct, job_progress, metric_name, metrics_row, model_shape, page_link,
-                       setup_page)
+                       resolution_box, setup_page)
 from ui.state import (DEFAULT_SAMPLE, LOAD_BASELINE, LOAD_CHECK, LOAD_DATA, LOAD_MODEL, baseline, digest, files_to_zip,
                       get_registry, load_sample, load_uploaded_data, measure_baseline, session_token)
 
@@ -29,6 +29,7 @@ task = TASKS[st.radio("Task", list(TASKS), index=list(TASKS.values()).index(stat
 MODEL_KINDS = ("Weights (state dict) + architecture", "Whole pickled model (trusted files only)",
                "Custom architecture (Python file) + weights")
 DATA_KINDS = ("Zip archive", "Folder")
+SELECTION_SHARE_LABEL = "Selection images (% of a data set without train/ and val/)"
 
 
 def parse_floats(text: str, n: int, what: str) -> tuple[float, ...]:
@@ -50,7 +51,7 @@ def read_model(kind: str, model_bytes: bytes, trusted: bool, arch: str | None, s
             raise PruneScopeError("Choose the Python file (.py) that defines the model.")
         code_path = keep_uploaded_code(code["bytes"], code["filename"])
         return load_model(model_bytes, trusted=trusted, input_spec=spec, code_path=code_path, code_name=code["name"],
-                          code_args=code["args"])
+                          code_args=code["args"], code_source=code["bytes"])  # the bytes uploaded run, not a re-read
     return load_model(model_bytes, arch=arch if kind == MODEL_KINDS[0] else None, trusted=trusted, input_spec=spec)
 
 
@@ -73,7 +74,7 @@ def model_phase(kind: str, model_bytes: bytes, trusted: bool, arch: str | None, 
     return phase
 
 
-def data_phase(data_kind: str, files, current, file_name: str = ""):
+def data_phase(data_kind: str, files, current, file_name: str = "", val_fraction: float = 0.2):
     """Phase 2: the uploaded data set, kept in the workspace and checked against the model (phase 1's, or the
     session's ``current`` one when only data was uploaded)."""
     def phase(results: dict):
@@ -85,9 +86,10 @@ def data_phase(data_kind: str, files, current, file_name: str = ""):
             else:
                 raw = files_to_zip(files)
                 label = f"uploaded folder ({len(files)} files)"
-            data, path = load_uploaded_data(raw, loaded)  # issue 15: a refused upload leaves nothing behind
-            remember_upload_name(path, file_name if data_kind == DATA_KINDS[0]
-                                 else folder_upload_name([name for name, _ in files]))
+            name = file_name if data_kind == DATA_KINDS[0] else folder_upload_name([name for name, _ in files])
+            # issue 15: a refused upload leaves nothing behind; issue 27: a refusal names the user's file
+            data, path = load_uploaded_data(raw, loaded, name, val_fraction)
+            remember_upload_name(path, name)
         except PruneScopeError as exc:
             raise PruneScopeError(f"**The data set could not be used.** {exc}") from None
         loaded.spec.input = data.input  # the size the data gave a model that does not fix it
@@ -99,7 +101,7 @@ def data_phase(data_kind: str, files, current, file_name: str = ""):
 
 
 def start_load(kind: str, model_file, trusted: bool, arch: str | None, spec: InputSpec, data_kind: str, data_files,
-               code: dict) -> None:
+               code: dict, val_fraction: float = 0.2) -> None:
     """Start "Load and validate" as a background job (read the model, read the data, measure, check);
     the frame takes its result into the session when it ends (``ui.state.adopt_finished_load``).
     What is missing is said at once; every error of the job ends as one clear message."""
@@ -120,7 +122,7 @@ def start_load(kind: str, model_file, trusted: bool, arch: str | None, spec: Inp
     if data_files:
         files = data_files.getvalue() if data_kind == DATA_KINDS[0] else [(f.name, f.getvalue()) for f in data_files]
         phases += [(LOAD_DATA, data_phase(data_kind, files, current,
-                                          data_files.name if data_kind == DATA_KINDS[0] else "")),
+                                          data_files.name if data_kind == DATA_KINDS[0] else "", val_fraction)),
                    (LOAD_BASELINE, lambda r: measure_baseline(model_of_results(r, current), r[LOAD_DATA][0])),
                    (LOAD_CHECK, lambda r: check_plausibility(model_of_results(r, current).model, r[LOAD_DATA][0],
                                                              model_of_results(r, current).spec.input,
@@ -186,7 +188,7 @@ def classification_sample() -> None:
                         key="load_sample_name")
     entry = sample_entry(name)
     st.markdown(f"**{entry['architecture']}** trained on **{entry['dataset']}**: {entry['dataset_description']}  \n"
-                f"Reported accuracy {format_pct(entry['accuracy'])} on {entry['num_val_images']} validation images.")
+                f"Reported accuracy {format_pct(entry['accuracy'])} on its {entry['num_val_images']} selection images.")
     action_button(st, "Load the sample", load_sample, name, type="primary", key="load_sample",
                   icon=":material/play_arrow:")
     if st.session_state.get("sample_error"):
@@ -233,6 +235,11 @@ def classification_upload() -> None:
         else:
             data_files = st.file_uploader("Folder of class folders", accept_multiple_files="directory",
                                           key="load_data_dir")
+        val_pct = st.number_input(SELECTION_SHARE_LABEL, 5, 50, 20, step=5, key="load_val_pct",
+                                  help="The share of a data set without train/ and val/ folders that becomes "
+                                       "selection images (they score filters and decide every step). More "
+                                       "selection images resolve a finer acceptable drop; each decision then "
+                                       "takes longer. A further 20 % of all images become test images.")
     job = get_registry().latest("load", session_token())
     running = job is not None and job.running
     b1, b2, _ = st.columns([1, 1, 3])
@@ -244,7 +251,7 @@ def classification_upload() -> None:
         except PruneScopeError as exc:
             st.error(str(exc))
         else:
-            start_load(kind, model_file, trusted, arch, spec, data_kind, data_files, code)
+            start_load(kind, model_file, trusted, arch, spec, data_kind, data_files, code, val_pct / 100.0)
             running = True
     b2.button("Cancel", key="load_cancel", disabled=not running, on_click=cancel_load, icon=":material/stop:")
     load_status(running)
@@ -277,22 +284,34 @@ def role_counts(data) -> str:
     return (f"**{len(data.train):,}** train · **{len(data.val):,}** selection · **{len(data.test):,}** test images")
 
 
-def split_description(split: dict) -> str:
-    """How the roles were drawn, from ``DataSet.split`` (seed, fractions, where the test images came from)."""
+def split_description(split: dict, counts: tuple[int, int, int] | None = None) -> str:
+    """How the roles were drawn, from ``DataSet.split``, in the glossary's words (``core.glossary``): a held-out
+    ``val/`` folder is split into selection and test images (not "selection 20 %"), an unsplit set by shares of
+    all its images. ``counts``: (train, selection, test) images."""
     if not split:
         return "Split: not recorded."
-    test_from = split.get("test_from", "none")
-    test = ("no test images" if test_from == "none" else
-            f"test images from {test_from}" + (f" ({split['test_fraction'] * 100:.0f} %)"
-                                               if split.get("test_fraction") else ""))
-    return (f"Split ({split.get('layout', 'layout unknown')}): selection {split.get('val_fraction', 0) * 100:.0f} %, "
-            f"{test}, stratified, seed {split.get('seed', 0)}.")
+    test_from, layout = split.get("test_from", "none"), split.get("layout", "layout unknown")
+    share = split.get("test_fraction") or 0
+    n = f" ({counts[1]:,} selection, {counts[2]:,} test)" if counts else ""
+    if test_from.endswith("/ folder") and test_from.startswith("test/"):
+        roles = "train/ → train images, val/ → selection images, test/ → test images"
+    elif test_from.endswith("/ folder"):
+        folder = test_from[:-len(" folder")]
+        roles = (f"train/ → train images; {folder} split into selection images ({(1 - share) * 100:.0f} %) and "
+                 f"test images ({share * 100:.0f} %){n}")
+    elif "/" in layout:
+        roles = "train/ → train images; val/ → selection images; no test images"
+    else:
+        test = ("no test images" if test_from == "none" else
+                f"test images {share * 100:.0f} % ({test_from})" if share else f"test images from {test_from}")
+        roles = f"selection images {split.get('val_fraction', 0) * 100:.0f} % of all images, {test}, the rest train"
+    return f"Split ({layout}): {roles}; stratified, seed {split.get('seed', 0)}."
 
 
 def classification_details() -> None:
     """Baseline note, plausibility, validation report and charts of a classifier and its ImageFolder data."""
     b, spec = state.baseline, state.model.spec
-    st.caption(f"Accuracy on {b['n']} validation images; MACs and parameters of one {spec.input.height}×"
+    st.caption(f"Accuracy on {b['n']} selection images; MACs and parameters of one {spec.input.height}×"
                f"{spec.input.width} image; latency: {b['latency_note']}.")
     plaus_key, plaus = st.session_state.get("load_plausibility", (None, None))
     if plaus is not None and plaus_key == state.key and plaus.suspect:  # issue 13: a baseline near or below chance
@@ -301,14 +320,12 @@ def classification_details() -> None:
             st.button(f"Apply: {describe_fix(plaus.fix)}", key="load_apply_fix", icon=":material/auto_fix_high:",
                       on_click=apply_plausibility_fix, args=(plaus.fix,))
 
-    st.subheader("Data set validation")
+    st.subheader("Data set check")
     report = state.data.report
     st.markdown(f"**{state.data_label}** · {report.num_classes} classes · " + role_counts(state.data))
-    st.caption(split_description(state.data.split) + " Train fine-tunes; selection scores filters, picks clusters and "
-               "decides the threshold; test is only reported, never used for a decision.")
-    warning = resolution_warning(PruneConfig.max_drop, len(state.data.val), b.get("metric"))
-    if warning:
-        st.warning(f"At the default threshold ({PruneConfig.max_drop:g} points): {warning}", icon=":material/warning:")
+    st.caption(split_description(state.data.split, (len(state.data.train), len(state.data.val), len(state.data.test)))
+               + " " + " ".join(sentence(t) for t in ("train images", "selection images", "test images")))
+    resolution_box(state, PruneConfig.max_drop, f"At the default threshold ({PruneConfig.max_drop:g} points): ")
     problems = 0
     if report.skipped_non_images:
         problems += 1

@@ -16,7 +16,8 @@ from ui.state import get_registry, model_lock, private_copy
 # the Prune page's default scoring images: with both defaults a prune reuses the analysis (same images)
 ANALYSIS_IMAGES = PruneConfig.app_defaults().score_images
 state = setup_page("Analyse", "Which filters matter? CAR (Classification Accuracy Reduction) of a filter is the "
-                   "accuracy lost when that one filter is removed, measured exactly on validation images.")
+                   "selection accuracy lost when that one filter is removed: exact (every filter removed and "
+                   "measured) or fast (screened to first order, exact only where it decides).")
 need_model(state, "the analysis")
 if state.task == "detection":  # a detector's CAR is per layer group (one mAP per filter): its own panel
     detection.analysis_panel(state)
@@ -55,14 +56,14 @@ with st.container(border=True):
     c1, c2, c3, c4 = st.columns([2, 1, 1, 1], vertical_alignment="bottom")
     n_max = len(data.val)
     if n_max > 50:
-        n_images = c1.slider("Validation images used", 50, n_max, min(ANALYSIS_IMAGES, n_max), step=10,
+        n_images = c1.slider("Selection images used", 50, n_max, min(ANALYSIS_IMAGES, n_max), step=10,
                              key="car_images",
                              help="More images give finer CAR scores (one image = 1/N accuracy) and take longer. "
                                   f"A prune scoring on as many images ({ANALYSIS_IMAGES} by default) reuses this "
                                   "analysis instead of computing it again.")
     else:
         n_images = n_max
-        c1.markdown(f"All **{n_max}** validation images are used (a larger data set gives finer CAR scores).")
+        c1.markdown(f"All **{n_max}** selection images are used (a larger data set gives finer CAR scores).")
     sensitivity = c2.toggle("Per-layer sensitivity", value=True, key="car_sensitivity",
                             help="Accuracy with the lowest-CAR 10 %..90 % of one layer removed, per layer.")
     method = c3.radio("Method", list(CAR_METHODS), index=list(CAR_METHODS).index("exact"), key="car_method",

@@ -13,7 +13,8 @@ from core.runs import Run, removals
 from ui import detection
 from ui.common import (change, format_macs, format_ms, format_params, format_pct, metrics_row, page_link, pick_run,
                        setup_page, started_at, state_badge, threshold_pick)
-from ui.review import compare_steps, control_line, drop_text, drops_line, latency_text, recovery_panel
+from ui.review import (compare_steps, control_line, drop_text, drops_line, latency_text, no_kept_step_panel,
+                       recovery_panel)
 from ui.state import data_for_run, get_registry, model_lock, run_model
 
 state = setup_page("Review", "Every step of a run on the metric / cost curve. Set how much of the metric you can give "
@@ -39,6 +40,9 @@ elif entry["state"] in ("running", "cancelling"):
     st.button("Refresh", key="rv_refresh", icon=":material/refresh:")
 elif entry["message"] and entry["state"] in ("done", "cancelled", "failed"):
     st.caption(f"Status: {entry['message']}")
+if hist and entry["state"] not in ("running", "cancelling") and not any(removals(r) for r in hist[1:]):
+    no_kept_step_panel(run)  # a finished run without a pruning step: why, and what to change
+    st.stop()
 if len(hist) < 2:
     st.info("No pruning step has completed in this run yet." if hist else "This run has no measured step.",
             icon=":material/info:")
@@ -66,7 +70,7 @@ with st.container(border=True):
         st.caption(f"Step {pick['step']} is step {pick['recovered_from']} after a recovery fine-tune of "
                    f"{pick['recovery']['epochs']} epoch(s){' with KD' if pick['recovery'].get('kd') else ''}.")
     metrics_row(pick, base if pick["step"] else None, metric=metric)
-    page_link("export", f"Export step {pick['step']}")
+    page_link("export", f"Go to Export with step {pick['step']} chosen")  # the Export page exports it on a click
 
 tab_macs, tab_lat = st.tabs([f"{metric} vs MACs", f"{metric} vs latency"])
 with tab_macs:
@@ -119,11 +123,12 @@ elif removed:
                          format_func=lambda i: f"{removed[i][0]['step']}: {removal_label(removed[i][1], car_groups)}")
     rec = removed[which][1]
     car = run.car
-    car_scores = None
+    car_scores, car_exact = None, None
     if car:
         for g in car.get("groups", []):
             if g["root"] == rec["group"] or rec["group"] in g.get("producers", []):
                 car_scores = car["car"].get(str(g["gid"]))
+                car_exact = (car.get("exact") or {}).get(str(g["gid"]))  # empty: every figure measured
     indices = rec.get("filters_original")
     if not indices:
         st.info("The original channel numbers of these filters were not recorded; they cannot be drawn.")
@@ -140,14 +145,16 @@ elif removed:
             else:
                 st.caption("The run's data set is not available any more: weights only, no patches.")
             st.caption(f"Layer `{layer}` of the original model; CAR from the run's analysis of the original "
-                       "(accuracy points; small = little accuracy lost).")
+                       "(accuracy points; small = little accuracy lost): exact where measured, screened (a "
+                       "first-order estimate, fast CAR) where not.")
             per_row = 6
             for row in range(0, len(indices), per_row):
                 cols = st.columns(per_row)
                 for col, f in zip(cols, indices[row:row + per_row]):
                     with col.container(border=True):
                         car_txt = f"{car_scores[f] * 100:+.2f}" if car_scores is not None and f < len(car_scores) else "—"
-                        st.markdown(f"**#{f}** · CAR {car_txt}")
+                        screened = car_exact is not None and f < len(car_exact) and not car_exact[f]
+                        st.markdown(f"**#{f}** · {'screened CAR' if screened else 'CAR'} {car_txt}")
                         st.image(V.filter_weight_image(original, layer, f, size=56, spec=run.spec.input),
                                  caption="weights", width=56)
                         if patches.get(f):

@@ -75,7 +75,7 @@ if running or not exists:
     if not running:
         st.info(f"Press **Export** to write the bundle for {TARGETS[target].label}: ONNX + IR of the pruned step and "
                 "of the original, judged for the target (for the NCS2: compiled by the MYRIAD compiler), verified on "
-                "the validation images, with a self-test; it runs in the background.",
+                "the selection images, with a self-test; it runs in the background.",
                 icon=":material/info:")
     st.stop()
 
@@ -95,10 +95,13 @@ with col_ncs:
         target_panel(manifest)
 with col_ver:
     with st.container(border=True):
+        # issue 27: every verification line says which model (and which arithmetic) it is about
         (st.success if verification["verified"] else st.warning)(
-            verification["message"], icon=":material/verified:" if verification["verified"] else ":material/warning:")
+            f"**Pruned model (`model/`), step {manifest.get('step', step)}**: {verification['message']}",
+            icon=":material/verified:" if verification["verified"] else ":material/warning:")
         for note in verification.get("notes", []):
-            st.caption(note)
+            st.caption(f"Pruned model in FP16 arithmetic (as the NCS2 computes): {note}"
+                       if note.startswith(("Verified", "Not verified")) else note)
         fb_ok = original["verification"]["verified"]
         st.markdown(f"**Fallback (original)**: {'verified' if fb_ok else 'NOT verified'} "
                     f"({original['verification']['agreement'] * 100:.1f} % agreement)." + ("" if fb_ok else " Check it."))

@@ -108,3 +108,25 @@ def require_myriad() -> None:
 
 # Marks a test that runs Intel's MYRIAD compiler (see require_myriad; the fixture lives in tests/conftest.py).
 needs_myriad = pytest.mark.usefixtures("myriad_compiler")
+
+
+SHARED_CIFAR_JPEGS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10_train_jpeg.zip"
+
+
+def cifar_jpeg_entries(per_class: int, classes: tuple[str, ...] | None = None, prefix: str = "my_cifar10/",
+                       start: int = 0) -> dict[str, bytes]:
+    """Real CIFAR-10 JPEGs as a user would zip them (``prefix/class/xxxx.jpg``), ``per_class`` of each class from
+    ``start``, read from the shared copy of the CIFAR-10 training set; skips the test (with the reason) when that
+    copy is absent: the product never needs it."""
+    import pytest
+
+    if not SHARED_CIFAR_JPEGS.is_file():
+        pytest.skip(f"real CIFAR-10 JPEGs not available here ({SHARED_CIFAR_JPEGS} is absent)")
+    out = {}
+    with zipfile.ZipFile(SHARED_CIFAR_JPEGS) as zf:
+        names = zf.namelist()
+        found = sorted({n.split("/")[1] for n in names if n.count("/") == 2 and n.endswith(".jpg")})
+        for cls in classes or found:
+            for i in range(start, start + per_class):
+                out[f"{prefix}{cls}/{i:04d}.jpg"] = zf.read(f"train/{cls}/{i:04d}.jpg")
+    return out

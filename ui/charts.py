@@ -10,7 +10,7 @@ def fig_class_counts(counts: dict[str, int]) -> go.Figure:
     names = list(counts)
     fig = go.Figure(go.Bar(x=names, y=[counts[n] for n in names], marker_color="#1f77b4",
                            hovertemplate="%{x}: %{y} images<extra></extra>"))
-    fig.update_layout(title="Images per class (train + validation)", xaxis_title="Class", yaxis_title="Images",
+    fig.update_layout(title="Images per class (train + selection + test)", xaxis_title="Class", yaxis_title="Images",
                       height=320, margin={"t": 50, "b": 40})
     fig.update_xaxes(type="category")
     return fig
@@ -26,7 +26,7 @@ def fig_per_class_accuracy(per_class: dict[str, float], overall: float | None = 
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line={"dash": "dot", "color": "#555"},
                                  name=f"overall {overall * 100:.2f} %"))
     lo = min([v for v in vals if v is not None] or [0])
-    fig.update_layout(title="Per-class accuracy (validation)", xaxis_title="Class", yaxis_title="Accuracy (%)",
+    fig.update_layout(title="Per-class accuracy (selection images)", xaxis_title="Class", yaxis_title="Accuracy (%)",
                       height=320, margin={"t": 50, "b": 40},
                       legend={"orientation": "h", "x": 1, "xanchor": "right", "y": 1.02, "yanchor": "bottom"})
     fig.update_yaxes(range=[max(0, lo - 10), 102])
@@ -37,7 +37,7 @@ def fig_per_class_accuracy(per_class: dict[str, float], overall: float | None = 
 def fig_confusion(confusion: list[list[int]], names: list[str]) -> go.Figure:
     fig = go.Figure(go.Heatmap(z=confusion, x=names, y=names, colorscale="Blues", colorbar={"title": "Images"},
                                hovertemplate="true %{y}, predicted %{x}: %{z} images<extra></extra>"))
-    fig.update_layout(title="Confusion matrix (validation)", xaxis_title="Predicted class", yaxis_title="True class",
+    fig.update_layout(title="Confusion matrix (selection images)", xaxis_title="Predicted class", yaxis_title="True class",
                       height=420)
     fig.update_xaxes(type="category")
     fig.update_yaxes(type="category", autorange="reversed")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from core import glossary
 from core.clusters import PROFILES, detect_cpu_profile
 from core.jobs import JobSnapshot
 from core.visualize import format_macs, format_pct  # noqa: F401  (re-exported for the pages)
@@ -29,7 +30,10 @@ STATE_BADGES = {
     "unknown": ":gray-badge[unknown]",
 }
 JOB_LABELS = {"car": "CAR analysis", "detection-car": "CAR analysis", "prune": "Pruning", "export": "Export",
-              "load": "Load and validate"}
+              "load": "Load and validate", "recovery": "Recovery fine-tune"}
+# the page that shows a job kind's result or failure in full (the sidebar only points there)
+JOB_PAGES = {"car": "Analyse", "detection-car": "Analyse", "prune": "Prune", "export": "Export", "load": "Load",
+             "recovery": "Review"}
 RECENT_JOB_S = 600  # a job that finished within this many seconds is still listed (as finished) in the sidebar
 
 
@@ -70,23 +74,62 @@ def sidebar(state: AppState) -> None:
             st.caption("No model loaded")
         running = tuple(j.id for j in registry.active())
         st.fragment(run_every=1.0 if running else None)(sidebar_jobs)(registry, running)
+        with st.expander("Glossary: the words used here", icon=":material/menu_book:"):
+            st.markdown(glossary.markdown())  # one definition per word, for every page (core.glossary)
+
+
+def resolution_box(state: AppState, max_drop: float, lead: str = "") -> None:
+    """The warning that a threshold is finer than the selection images resolve, with what helps
+    (``core.advice.resolution_remedies``: more selection images from this upload, a coarser threshold, the
+    time it costs); nothing when they resolve it."""
+    from core.advice import resolution_remedies
+    from core.stats import resolution_warning
+
+    data, base = state.data, state.baseline or {}
+    warning = resolution_warning(max_drop, len(data.val), base.get("metric"))
+    if not warning:
+        return
+    total = len(data.train) + len(data.val) + len(data.test)
+    layout = ("sample" if str(state.data_source or "").startswith("sample:") else
+              "presplit" if getattr(data.report, "presplit", False) else "unsplit")
+    remedies = resolution_remedies(max_drop, len(data.val), base.get("metric"), total,
+                                   (data.split or {}).get("val_fraction"), layout, base.get("eval_seconds"))
+    st.warning(lead + warning + ("\n\n**What helps**\n" + "\n".join(f"- {r}" for r in remedies) if remedies else ""),
+               icon=":material/warning:")
 
 
 def job_line(s: JobSnapshot) -> str:
-    """One job in a line, from a snapshot: the same numbers the page's progress bar shows."""
+    """One job in a line, from a snapshot: the same numbers the page's progress bar shows. A failure is not
+    repeated here: its page shows it in full (and clears it once a later job of its kind works)."""
     label = JOB_LABELS.get(s.kind, s.kind)
     if s.running:
         return f"{label} job: {int(s.progress * 100)} % · {s.message}"
+    if s.state == "failed":
+        return f"{label} job failed ({format_seconds(s.elapsed)}): see the {JOB_PAGES.get(s.kind, s.kind)} page"
     return f"{label} job {s.state} ({format_seconds(s.elapsed)}): {s.message}"
+
+
+def sidebar_shown(snaps: list[JobSnapshot], running_ids: tuple[str, ...], now: float) -> list[JobSnapshot]:
+    """The jobs the sidebar lists, from snapshots newest first: every running one (and one that was running when
+    the page was drawn), and of the jobs that ended within :data:`RECENT_JOB_S`, only the newest of each kind
+    while none of that kind runs. Old failures do not pile up (issue 27): a later job of the same kind replaces
+    its line, whether it worked or not."""
+    shown = [s for s in snaps if s.running or s.id in running_ids]
+    kinds = {s.kind for s in shown}
+    for s in snaps:
+        if s.kind in kinds:
+            continue
+        kinds.add(s.kind)  # only the newest finished job of a kind
+        if s.finished and now - s.finished < RECENT_JOB_S:
+            shown.append(s)
+    return sorted(shown, key=lambda s: -s.started)
 
 
 def sidebar_jobs(registry, running_ids: tuple[str, ...]) -> None:
     """Body of the sidebar's polling fragment: running jobs and those finished lately, read from the
     registry on every tick (as the page's own progress is). A job that was running when the page was
     drawn and has ended triggers a full rerun, so the page shows its result and polling stops."""
-    now = time.time()
-    shown = [j.snapshot() for j in registry.list()]
-    shown = [s for s in shown if s.running or s.id in running_ids or (s.finished and now - s.finished < RECENT_JOB_S)]
+    shown = sidebar_shown([j.snapshot() for j in registry.list()], running_ids, time.time())
     for s in shown[:4]:
         st.caption(job_line(s))
     if any(s.id in running_ids and not s.running for s in shown):
@@ -260,15 +303,24 @@ def target_panel(manifest: dict) -> None:
 
 
 def job_progress(snap: JobSnapshot, label: str) -> None:
-    """Progress bar with the current message, elapsed time and ETA of a job snapshot."""
+    """Progress bar with the current message, elapsed time and ETA of a job snapshot. A job that knows its whole
+    remaining time (a pruning run: ``core.eta.RunEta``) shows that one ETA, with the running part's own progress
+    and rest beside it; other jobs show the running part's ETA, or the overall fraction's."""
     pct = int(round(snap.progress * 100))
     st.progress(min(max(snap.progress, 0.0), 1.0), text=f"{label}: {pct} % · {snap.message}")
     c1, c2, c3 = st.columns(3)
     c1.markdown(f"**State** {state_badge(snap.state)}")
     c2.markdown(f"**Elapsed** {format_seconds(snap.elapsed)}")
-    eta = "measuring the rate…" if snap.eta is None else format_seconds(snap.eta)
-    if snap.part:  # the ETA is the running part's, at the rate measured in that part
-        part = snap.part
+    eta = "not known yet (measuring the rate)" if snap.eta is None else format_seconds(snap.eta)
+    part = snap.part
+    if getattr(snap, "eta_kind", "") == "job":
+        c3.markdown(f"**ETA of the whole job** {eta}")
+        if part:
+            rest = "" if part.get("eta_s") is None else f", about {format_seconds(part['eta_s'])} left in it"
+            st.caption(f"Now: **{part['phase']}** · {part_count(part)} · {format_seconds(part['phase_elapsed_s'])} "
+                       f"in this part{rest}. The whole job's ETA adds the parts still to come at the rates measured "
+                       f"in this run ({snap.eta_basis or 'so far'}).")
+    elif part:  # the ETA is the running part's, at the rate measured in that part
         c3.markdown(f"**ETA of this part** {eta}")
         st.caption(f"Now: **{part['phase']}** · {part_count(part)} · {format_seconds(part['phase_elapsed_s'])} "
                    "in this part. The ETA is this part's remaining work at the rate measured in it.")
@@ -287,9 +339,33 @@ def started_at(ts: float | None) -> str:
     return "—" if not ts else time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
 
 
+def damaged_runs_notice() -> None:
+    """The workspace's damaged runs (``core.runs.damaged_runs``), each with the reason it cannot be used: listed,
+    never fatal to the page or to the other runs (issue 28). Nothing is shown when there are none."""
+    from core.runs import damaged_runs
+
+    damaged = damaged_runs()
+    if not damaged:
+        return
+    lines = "\n".join(f"- `{d.name}` — damaged: {d.reason}" for d in damaged[:10])
+    more = f"\n- … and {len(damaged) - 10} more" if len(damaged) > 10 else ""
+    st.warning(f"**{len(damaged)} damaged run(s)** cannot be opened; the others are unaffected.\n{lines}{more}",
+               icon=":material/report:")
+
+
+def unverified_note(run) -> None:
+    """A caption when ``run``'s files carry no sha256 to check (``core.runs.Run.unverified``): runs written
+    before files were hashed are shown, but marked unverified."""
+    note = run.unverified()
+    if note:
+        st.caption(f":material/gpp_maybe: {note}")
+
+
 def pick_run(state: AppState, runs: list[dict], empty_message: str, key: str, where=st) -> dict:
-    """The run picker of Review and Export: an empty state when there is none, else a select box
-    defaulting to the current run. Returns the chosen entry of ``core.jobs.past_runs``."""
+    """The run picker of Review and Export: the damaged runs listed with their reason, an empty state when
+    there is no usable run, else a select box defaulting to the current run, and the chosen run's
+    'unverified' note when it has one. Returns the chosen entry of ``core.jobs.past_runs``."""
+    damaged_runs_notice()
     if not runs:
         with st.container(border=True):
             st.info(empty_message, icon=":material/info:")
@@ -300,6 +376,7 @@ def pick_run(state: AppState, runs: list[dict], empty_message: str, key: str, wh
     current = next((n for n in names if state.run_dir and str(by_name[n]["dir"]) == str(state.run_dir)), names[0])
     sel = where.selectbox("Run", names, index=names.index(current), key=key,
                           format_func=lambda n: f"{n} · {by_name[n]['state']} · {by_name[n]['steps']} step(s)")
+    unverified_note(by_name[sel]["run"])
     return by_name[sel]
 
 
@@ -332,19 +409,25 @@ def start_cancel_buttons(running: bool, config, start, cancel) -> None:
 
 
 def prune_outcome(s) -> None:
-    """How a finished pruning job ended (failed / done and why it stopped / cancelled)."""
-    from core.runs import Run
+    """How a finished pruning job ended (failed / done and why it stopped / cancelled). A run that kept no
+    pruning step (a recovery of the original removes nothing) says why and what to change, as Review does."""
+    from core.advice import run_advice
+    from core.runs import Run, removals
 
-    kept = max(len(s.steps) - 1, 0)
+    kept = sum(1 for r in s.steps[1:] if removals(r))
+    extra = max(len(s.steps) - 1, 0) - kept  # recoveries: steps that removed nothing
+    counted = f"{kept} pruning step(s) kept" + (f" (+{extra} recovery step(s))" if extra else "")
     if s.state == "failed":
         st.error(f"The run failed: {s.error}", icon=":material/error:")
+    elif s.state == "done" and not kept and s.run_dir is not None and (advice := run_advice(Run(s.run_dir))):
+        st.warning(f"Finished after {format_seconds(s.elapsed)}. {advice.headline}", icon=":material/block:")
+        st.markdown("\n".join([*advice.why, *(f"- {c}" for c in advice.changes)]))
     elif s.state == "done":
         reason = Run(s.run_dir).status.get("message", "") if s.run_dir is not None else ""
-        st.success(f"Finished after {format_seconds(s.elapsed)}: {kept} step(s) kept"
+        st.success(f"Finished after {format_seconds(s.elapsed)}: {counted}"
                    + (f"; stopped because {reason}" if reason else "") + ".", icon=":material/check_circle:")
     else:
-        st.info(f"Cancelled after {format_seconds(s.elapsed)}; {kept} completed step(s) kept.",
-                icon=":material/info:")
+        st.info(f"Cancelled after {format_seconds(s.elapsed)}; {counted}.", icon=":material/info:")
 
 
 def threshold_pick(state, run, hist: list[dict], prune_cfg: dict, sel, metric: str = "accuracy"):

@@ -153,14 +153,14 @@ def loaded_details(state: AppState) -> None:
     """Below the shared baseline metrics: how mAP was measured, AP per class, the VOC data report, pictures."""
     model, data, info, b = state.model, state.data, state.model_info, state.baseline
     h, w = model.input_size
-    st.caption(f"{METRIC}: Pascal VOC rules on {b['n']} validation images (score threshold 0.01, NMS IoU 0.45); "
+    st.caption(f"{METRIC}: Pascal VOC rules on {b['n']} selection images (score threshold 0.01, NMS IoU 0.45); "
                f"MACs and parameters of one {h}×{w} image. Object classes: {', '.join(data.class_names)}.")
     if b["per_class"]:
         st.markdown("**AP per class**: " + " · ".join(f"{k} {format_map(v)}" for k, v in b["per_class"].items()))
 
-    st.subheader("Data set validation")
+    st.subheader("Data set check")
     report = data.report
-    st.markdown(f"**{state.data_label}** · {len(data.train)} training and {len(data.val)} validation images · "
+    st.markdown(f"**{state.data_label}** · {len(data.train)} train and {len(data.val)} selection images · "
                 f"{report.num_objects} objects" + (f" · {report.split}" if report.split else ""))
     detection_report(report)
     c1, c2 = st.columns([1, 2])
@@ -168,7 +168,7 @@ def loaded_details(state: AppState) -> None:
         if report.class_counts:
             st.plotly_chart(fig_class_counts(report.class_counts), key="det_counts")
     with c2:
-        st.markdown("**Validation images**: ground truth in green, detections in red")
+        st.markdown("**Selection images**: ground truth in green, detections in red")
         min_score = st.slider("Show detections scoring at least", 0.05, 0.95, 0.3, step=0.05, key="det_min_score")
         n = min(6, len(data.val))
         pictures = detection_pictures(state.key, model, data.val, tuple(info["mean"]), tuple(info["std"]),
@@ -221,7 +221,7 @@ def analysis_panel(state: AppState) -> None:
     registry = get_registry()
     st.markdown(f"For a detector, the CAR of a filter is the **{METRIC} drop** when that filter alone is removed. "
                 "Every filter costs one decode + NMS + mAP, so CAR is measured here for the filters of **one layer "
-                "group** at a time, on a subset of the validation images. The pruning run scores every filter by "
+                "group** at a time, on a subset of the selection images. The pruning run scores every filter by "
                 "its MultiBox-loss increase and decides each cluster by its exact mAP drop.")
     groups = [g for g in detection_groups(state.key, state.model) if not g.get("left_alone")]
     roots = [g["root"] for g in groups]
@@ -256,8 +256,8 @@ def analysis_panel(state: AppState) -> None:
         root = c1.selectbox("Layer group", roots, key="det_an_group",
                             format_func=lambda r: f"{r} · {by_root[r]['width']} filters")
         n_max = len(state.data.val)
-        n_images = c2.slider("Validation images", min(10, n_max), n_max, min(48, n_max), key="det_an_images",
-                             help="mAP is measured on this many validation images per filter.")
+        n_images = c2.slider("Selection images", min(10, n_max), n_max, min(48, n_max), key="det_an_images",
+                             help="mAP is measured on this many selection images per filter.")
         if running:
             c3.button("Cancel", key="det_an_cancel", on_click=cancel, icon=":material/stop:", width="stretch")
         else:
@@ -292,7 +292,7 @@ def ap_per_class(base: dict, pick: dict) -> None:
     if not (base.get("per_class") and pick.get("per_class")):
         st.caption("AP per class was not recorded in this run.")
         return
-    st.markdown("**AP per class** (validation)")
+    st.markdown("**AP per class** (selection images)")
     st.dataframe([{"class": c, "original": format_map(ap), f"step {pick['step']}": format_map(pick["per_class"].get(c)),
                    "change (points)": f"{((pick['per_class'].get(c) or 0) - ap) * 100:+.2f}"}
                   for c, ap in base["per_class"].items()], hide_index=True, width="stretch")
@@ -306,7 +306,7 @@ def boxes_before_after(run, sel: str, pick: dict) -> None:
         st.info("The run's data set is not available any more, so no images can be drawn.")
         return
     c1, c2 = st.columns(2)
-    n = c1.slider("Validation images", 1, min(8, len(data.val)), min(4, len(data.val)), key=f"rv_det_n_{sel}")
+    n = c1.slider("Selection images", 1, min(8, len(data.val)), min(4, len(data.val)), key=f"rv_det_n_{sel}")
     min_score = c2.slider("Show detections scoring at least", 0.05, 0.95, 0.3, step=0.05, key=f"rv_det_score_{sel}")
     try:
         mtime = (run.dir / "original.pt").stat().st_mtime

@@ -17,8 +17,7 @@ from core.car import CAR_METHODS
 from core.device import DEVICES, describe, resolve_device
 from core.errors import PruneScopeError
 from core.plan import PrunePlan, plan_from_sensitivity
-from core.stats import resolution_warning
-from ui.common import format_seconds
+from ui.common import format_seconds, resolution_box
 from ui.state import AppState, model_groups, prune_estimate
 
 CAR_METHOD_HELP = {
@@ -61,9 +60,7 @@ def device_picker(default: str, running: bool) -> tuple[str, bool]:
 
 def resolution_note(state: AppState, max_drop: float) -> None:
     """Before Start: a warning when the threshold is finer than the selection images resolve."""
-    warning = resolution_warning(max_drop, len(state.data.val), (state.baseline or {}).get("metric"))
-    if warning:
-        st.warning(warning, icon=":material/warning:")
+    resolution_box(state, max_drop)  # with what helps (issue 27)
 
 
 def seed_plan(state: AppState, points: float, cluster: int, roots: set[str]) -> None:
@@ -125,7 +122,15 @@ def _number(value) -> float | None:
 
 
 def estimate_panel(state: AppState, config, running: bool) -> None:
-    """The run's expected time from rates measured on this machine, on demand, cached per model + settings."""
+    """The run's expected time from rates measured on this machine, on demand, cached per model + settings. A
+    finished analysis the run will reuse is left out of it (issue 27: the estimate added it again)."""
+    from dataclasses import replace
+
+    from core.jobs import reusable_car
+
+    reused = bool(getattr(config, "analyse_car", False)) and state.task == "classification" and \
+        reusable_car(state.car, state.model.model, state.data.val, config)[0]
+    config = replace(config, analyse_car=False) if reused else config
     settings = json.dumps(asdict(config), sort_keys=True, default=str)
     if st.button("Estimate the run's time", key="pr_estimate", disabled=running, icon=":material/timer:"):
         st.session_state["pr_estimate_for"] = (state.key, settings)
@@ -139,13 +144,25 @@ def estimate_panel(state: AppState, config, running: bool) -> None:
         st.error(str(exc), icon=":material/error:")
         return
     st.markdown(f"**Estimated time:** {format_seconds(est.seconds_low)} – {format_seconds(est.seconds_high)} "
-                f"({est.steps[0]}–{est.steps[1]} steps), from rates measured on this machine.")
+                f"({est.steps_text()}), from rates measured on this machine.")
     st.dataframe([{"part": k, "low": format_seconds(v[0]), "high": format_seconds(v[1])}
                   for k, v in est.breakdown.items()], hide_index=True, width="stretch")
     if getattr(config, "time_budget", None):
         st.caption(f"Capped at the time budget ({config.time_budget:g} min): the run stops before a step would pass "
-                   "it and keeps the finished steps; the MACs it reaches by then depend on how soon the threshold binds.")
+                   "it and keeps the finished steps.")
+        if est.budget_buys:
+            st.markdown(budget_buys_text(config.time_budget, est.budget_buys))
+    if reused:
+        st.caption("The finished analysis of the Analyse page will be reused: it is not part of this estimate.")
     st.caption("The threshold can stop a run earlier than either end; other work on the machine slows it.")
+
+
+def budget_buys_text(minutes: float, buys: dict) -> str:
+    """'**What 30 min buys:** 9–14 steps, down to 64 %–49 % of the MACs …' from ``Estimate.budget_buys``."""
+    slow, fast = buys["slow"], buys["fast"]
+    return (f"**What {minutes:g} min buys:** {slow['steps']}–{fast['steps']} steps, down to "
+            f"{slow['mac_fraction']:.0%}–{fast['mac_fraction']:.0%} of the original MACs (at most: the threshold can "
+            "stop the run sooner, and recoveries and the control take part of the time).")
 
 
 def settings_text(config) -> str:

@@ -9,15 +9,30 @@ from __future__ import annotations
 
 import streamlit as st
 
+from core.advice import run_advice
 from core.claim import shipped_claim
-
 from core.errors import PruneScopeError
 from core.jobs import JobAlreadyRunning, recovery_job
 from core.measure import LatencyComparison
 from core.recovery import RecoveryConfig
 from core.runs import Run
-from ui.common import action_button, format_macs, format_ms, format_params, format_pct, job_status
+from ui.common import action_button, format_macs, format_ms, format_params, format_pct, job_status, page_link
 from ui.state import get_registry
+
+
+def no_kept_step_panel(run: Run) -> None:
+    """A run that ended without a pruning step: that it ended, why it stopped, and what to change
+    (``core.advice.run_advice``)."""
+    advice = run_advice(run)
+    if advice is None:  # it kept a step, or runs
+        return
+    with st.container(border=True):
+        st.warning(advice.headline, icon=":material/block:")
+        for line in advice.why:
+            st.markdown(line)
+        if advice.changes:
+            st.markdown("**What to change for the next run**\n" + "\n".join(f"- {c}" for c in advice.changes))
+        page_link("prune", "Change the settings and prune again")
 
 
 def drop_text(record: dict, role: str = "selection") -> str:

@@ -19,6 +19,7 @@ import hashlib
 import json
 import secrets
 import threading
+import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,16 +228,22 @@ def save_upload(data: bytes, prefix: str, suffix: str) -> Path:
     return path
 
 
-def load_uploaded_data(raw: bytes, loaded: LoadedModel) -> tuple[DataSet, Path]:
-    """The uploaded data zip, kept in the workspace and loaded; a refused upload leaves nothing behind."""
+def load_uploaded_data(raw: bytes, loaded: LoadedModel, name: str = "", val_fraction: float = 0.2
+                       ) -> tuple[DataSet, Path]:
+    """The uploaded data zip, kept in the workspace and loaded; a refused upload leaves nothing behind.
+    ``name``: the file the user uploaded, which a refusal names instead of the stored copy; ``val_fraction``:
+    the share of an unsplit upload that becomes selection images."""
     path = uploads_dir() / f"data-{digest(raw)}.zip"
     created = not path.exists()
     path = save_upload(raw, "data", ".zip")
     try:
-        return load_dataset(path, loaded.spec.input, expected_classes=loaded.spec.num_classes), path
-    except Exception:
+        return load_dataset(path, loaded.spec.input, expected_classes=loaded.spec.num_classes,
+                            val_fraction=val_fraction), path
+    except Exception as exc:
         if created:
             path.unlink(missing_ok=True)
+        if name and isinstance(exc, DataError):
+            raise DataError(str(exc).replace(path.name, name)) from None
         raise
 
 
@@ -247,8 +254,11 @@ def files_to_zip(files: list[tuple[str, bytes]], keep_parts: int = 3) -> bytes:
 
 def measure_baseline(loaded: LoadedModel, data: DataSet) -> dict:
     """Accuracy (also under ``metric``), per-class accuracy, confusion, MACs, parameters and OpenVINO CPU
-    latency of a model on its data's validation images. No Streamlit: a background job may call it."""
+    latency of a model on its data's validation images. No Streamlit: a background job may call it.
+    ``eval_seconds``: the time that evaluation took (what one decision of a prune costs on these images)."""
+    t0 = time.perf_counter()
     acc = evaluate_accuracy(loaded.model, data.val, loaded.spec.input)
+    eval_seconds = time.perf_counter() - t0
     macs, params = count_macs_params(loaded.model, loaded.spec.input)
     try:
         latency = measure_latency_ms(loaded.model, loaded.spec.input.shape(1), runs=30, warmup=5)
@@ -256,7 +266,8 @@ def measure_baseline(loaded: LoadedModel, data: DataSet) -> dict:
     except Exception as exc:  # OpenVINO cannot convert every model; accuracy still matters
         latency, latency_note = None, f"not measured: {type(exc).__name__}: {exc}"
     return {"metric": acc.accuracy, "accuracy": acc.accuracy, "per_class": acc.per_class, "confusion": acc.confusion,
-            "n": acc.n, "macs": macs, "params": params, "latency_ms": latency, "latency_note": latency_note}
+            "n": acc.n, "macs": macs, "params": params, "latency_ms": latency, "latency_note": latency_note,
+            "eval_seconds": eval_seconds}
 
 
 @st.cache_resource(show_spinner="Measuring the baseline: accuracy, MACs, parameters, OpenVINO latency...", max_entries=8)

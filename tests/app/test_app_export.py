@@ -40,6 +40,10 @@ def test_export_of_the_threshold_pick(sample_run):
     else:
         assert "not verified by the NCS2 compiler (static check only)" in page
     assert "Verified: the IR agrees with PyTorch" in page
+    # issue 27: each verification line names its model (the original's is the fallback line)
+    assert f"**Pruned model (`model/`), step {pick}**: Verified" in page or \
+        f"**Pruned model (`model/`), step {pick}**: Not verified" in page
+    assert "**Fallback (original)**" in page
     assert "fallback/model.xml" in page and "deploy.py" in page
     assert len(at.get("download_button")) == 1
     # latency as median with IQR and FPS; the difference stated only as the manifest's comparison says

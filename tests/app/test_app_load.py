@@ -139,6 +139,22 @@ def test_class_count_mismatch_is_explained():
     assert_no_exception(at)
     msg = at.error[0].value
     assert "3 classes but the model outputs 10" in msg
+    # issue 27: what was found comes first, under the name the user uploaded
+    assert msg.index("Found in data.zip: 12 image(s) in 3 class folder(s)") < msg.index("3 classes but")
+
+
+def test_a_zip_without_images_says_no_images_found_and_lists_what_it_skipped():
+    """Issue 27: a zip of folders without images was "2 classes vs 10", without the promised list of skipped files."""
+    junk = make_zip([("photos/cats/readme.txt", b"x"), ("photos/dogs/list.csv", b"a,b")])
+    at = upload_page()
+    at.file_uploader(key="load_model_file").set_value(("weights.pt", weights_bytes(), "application/octet-stream"))
+    at.file_uploader(key="load_data_zip").set_value(("holiday_photos.zip", junk, "application/zip"))
+    click_load(at)
+    assert_no_exception(at)
+    msg = at.error[0].value
+    assert "No images found in holiday_photos.zip." in msg and "data-" not in msg
+    assert "cats/readme.txt (not an image: .txt)" in msg and "dogs/list.csv (not an image: .csv)" in msg
+    assert "classes but the model outputs" not in msg
 
 
 def test_wrong_architecture_is_explained():
@@ -185,3 +201,18 @@ def test_small_upload_flows_to_analyse_and_model_only_asks_for_data():
     assert_no_exception(at)
     goto(at, "analyse")
     assert "All **10** validation images are used" in texts(at)
+
+
+def test_weights_against_the_default_architecture_point_to_the_custom_architecture_option():
+    """Issue 27: a CIFAR ResNet-20's weights uploaded with the default architecture (resnet18) got "Cannot tell
+    the number of classes..." and no way on; the message names the option that takes the user's own file."""
+    at = goto(new_app().run(), "load")
+    at.radio(key="load_model_kind").set_value("Weights (state dict) + architecture").run()
+    assert at.selectbox(key="load_arch").value == "resnet18", "the default architecture"
+    weights = (SAMPLE_DIR / sample_entry("cifar10")["weights"]).read_bytes()
+    at.file_uploader(key="load_model_file").set_value(("resnet20-cifar.th", weights, "application/octet-stream"))
+    click_load(at)
+    msg = at.error[0].value
+    assert "Cannot tell the number of classes" in msg
+    assert "choose 'Custom architecture (Python file) + weights' under 'What the file holds'" in msg
+    assert "Custom architecture (Python file) + weights" in at.radio(key="load_model_kind").options

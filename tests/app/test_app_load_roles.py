@@ -15,5 +15,8 @@ def test_load_shows_the_three_role_counts_and_the_split():
     page = texts(at)
     assert (f"**{len(data.train):,}** train · **{len(data.val):,}** selection · **{len(data.test):,}** test images"
             in page)
-    assert f"selection {data.split['val_fraction'] * 100:.0f} %" in page and f"seed {data.split['seed']}" in page
-    assert "test is only reported, never used for a decision" in page
+    assert f"selection images {data.split['val_fraction'] * 100:.0f} % of all images" in page
+    assert f"seed {data.split['seed']}" in page
+    from core.glossary import sentence  # issue 27: the roles in the glossary's words
+
+    assert all(sentence(t) in page for t in ("train images", "selection images", "test images"))

@@ -73,7 +73,7 @@ def test_run_shows_progress_and_finishes():
     wait_until(at, lambda a: "Finished after" in texts(a), timeout=180)
     assert not progress_values(at)
     assert job.snapshot().state == "done"
-    assert "2 step(s) kept; stopped because step limit reached" in texts(at)
+    assert "2 pruning step(s) kept; stopped because step limit reached" in texts(at)
     assert len(at.get("plotly_chart")) == 2  # trade-off + progress
     assert [m.label for m in at.metric][:2] == ["Accuracy", "MACs"]
     run = Run(job.run_dir)

@@ -16,6 +16,10 @@ def test_settings_show_car_method_device_and_resolution_warning():
     assert "The job runs on: **CPU" in texts(at)
     at.slider(key="pr_max_drop").set_value(0.1).run()  # finer than 359 selection images resolve
     assert any("selection images would resolve it" in w.value for w in at.warning)
+    # issue 27: with what helps: more selection images (a sample's split is fixed), a coarser threshold, the time
+    remedy = next(w.value for w in at.warning if "What helps" in w.value)
+    assert "a bundled sample's split is fixed" in remedy and "A coarser threshold:" in remedy
+    assert "The time it costs:" in remedy and "on this machine" in remedy, "timed with the baseline's evaluation"
     at.slider(key="pr_max_drop").set_value(10.0).run()
     assert not any("resolve" in w.value for w in at.warning)
 
@@ -56,3 +60,25 @@ def test_estimate_before_start_is_measured_on_demand():
     assert_no_exception(at)
     assert "Estimated time:" in texts(at) and "from rates measured on this machine" in texts(at)
     assert any("CAR analysis" in str(df.value) for df in at.dataframe)
+
+
+def test_the_estimate_leaves_out_an_analysis_the_run_will_reuse():
+    """Issue 27: with a finished analysis the run reuses, the estimate added the whole analysis again."""
+    import copy
+
+    from core.car import compute_car
+    from core.prune import PruneConfig
+
+    at = with_sample("prune")
+    state = at.session_state["prunescope"]
+    config = PruneConfig.app_defaults()
+    state.car = compute_car(copy.deepcopy(state.model.model), state.model.spec.input, state.data.val,
+                            n_images=config.score_images, method=config.car)
+    at.session_state["prunescope"] = state
+    at.run()
+    assert_no_exception(at)
+    assert "the finished analysis will be reused" in texts(at)
+    at.button(key="pr_estimate").click().run()
+    assert_no_exception(at)
+    assert "it is not part of this estimate" in texts(at)
+    assert not any("CAR analysis" in str(df.value) for df in at.dataframe)

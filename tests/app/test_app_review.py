@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+from core.advice import coarser_threshold
 from core.runs import Run
 from core.visualize import format_pct
 from tests.app.apptest_tools import (assert_no_exception, goto, images, new_app, texts)
@@ -107,3 +108,34 @@ def test_a_multi_cluster_run_lists_each_removed_cluster():
     assert len(gallery.options) == 2
     gallery.set_value(1).run()
     assert_no_exception(at)
+
+
+def test_a_finished_run_without_a_kept_step_says_why_and_what_to_change():
+    """Issue 27: a finished run that kept no pruning step is not "not completed yet": Review says that it
+    finished, why it stopped (the closest candidate's drop against the allowance), and what to change. The run
+    is made by the real loop with a threshold no candidate meets."""
+    from core.models import load_model
+    from core.prune import run_pruning
+    from core.sources import load_dataset
+    from core.workspace import runs_dir
+    from tests.helpers import quick_config
+
+    loaded = load_model("sample:vgg_digits")
+    data = load_dataset("sample:vgg_digits", loaded.spec.input)
+    out = runs_dir() / "20260101-000000-sample_vgg-nokept"
+    run_pruning(loaded, data, quick_config(max_drop=0.0, max_steps=1, finetune_steps=0, patience=1), out,
+                data_source="sample:vgg_digits")
+    run = Run(out)
+    assert [r["step"] for r in run.history] == [0] and run.status["state"] == "done"
+    closest = run.status["closest_rejected"]
+    at = goto(new_app().run(), "review")
+    page = texts(at)
+    assert "No pruning step has completed" not in page
+    assert "The run finished without keeping a pruning step: it stopped because the next clusters would exceed" in page
+    assert (f"The closest candidate, {closest['clusters']} at step 1, lost {closest['drop_points']:.2f} points on the "
+            "selection images; the acceptable drop is 0 points.") in page
+    assert f"A coarser threshold: {coarser_threshold(closest['drop_points']):.1f} points would have kept that " \
+           "candidate" in page
+    assert f"More selection images: with {len(data.val)} one image is {100 / len(data.val):.2f} points" in page
+    assert "Recovery epochs: with recovery when stalled" in page
+    assert [p.proto.label for p in at.main.get("page_link")] == ["Change the settings and prune again"]

@@ -46,3 +46,16 @@ def test_class_mismatch_is_reported(tmp_path):
 def test_missing_data_path():
     res = _cli("evaluate", "--model", "sample:vgg_digits", "--data", "/nonexistent/data.zip")
     assert res.returncode == 2 and "not found" in res.stderr
+
+
+def test_a_prune_that_keeps_no_step_says_why_and_what_to_change(tmp_path):
+    """Issue 27: a finished run without a kept step gives the CLI user the advice Review gives, in flags."""
+    res = _cli("prune", "--model", "sample:vgg_digits", "--data", "sample:vgg_digits", "--out", str(tmp_path / "r"),
+               "--criterion", "l1", "--max-drop", "0", "--max-steps", "1", "--finetune-steps", "0",
+               "--clusters-per-step", "1", "--step-macs", "0", "--recover-epochs", "0", "--no-control",
+               "--no-latency", "--no-analysis", "--json")
+    assert res.returncode == 0, res.stderr
+    assert "The run finished without keeping a pruning step: it stopped because" in res.stderr
+    assert "The closest candidate," in res.stderr and "the acceptable drop is 0 points" in res.stderr
+    assert "(--max-drop)" in res.stderr and "--recover-epochs 2" in res.stderr
+    assert json.loads(res.stdout)["steps"] == 0

@@ -64,7 +64,7 @@ def test_strict_replaces_non_finite_numbers():
 def test_single_image_class_is_warned_about(degenerate):
     _, data, _ = degenerate
     ds = load_dataset(data, InputSpec(height=16, width=16))
-    assert any("no validation image" in w and "lonely (1 image)" in w for w in ds.report.warnings)
+    assert any("no selection image" in w and "lonely (1 image)" in w for w in ds.report.warnings)
 
 
 def test_every_command_prints_one_strict_json_object(degenerate, tmp_path):
@@ -74,7 +74,7 @@ def test_every_command_prints_one_strict_json_object(degenerate, tmp_path):
     ev = _cli("evaluate", *model, "--no-latency", "--json")
     assert ev.returncode == 0, ev.stderr
     result = strict_loads(ev.stdout)
-    assert result["per_class"]["lonely"] is None and "no validation image" in ev.stderr
+    assert result["per_class"]["lonely"] is None and "no selection image" in ev.stderr
 
     an = _cli("analyse", *model, "--images", "16", "--out", str(tmp_path / "an"), "--json")
     assert an.returncode == 0, an.stderr

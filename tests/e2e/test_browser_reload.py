@@ -40,7 +40,7 @@ def test_reload_during_car_and_prune_reattaches_and_the_prune_reuses_the_analysi
 
         # -- CAR on the Prune page's number of scoring images, reload while it runs
         app.nav("Analyse")
-        app.set_slider("Validation images used", CAR_IMAGES, low=50, step=10)
+        app.set_slider("Selection images used", CAR_IMAGES, low=50, step=10)
         main.get_by_role("button", name="Compute CAR").click()
         expect(main.get_by_test_id("stProgress")).to_be_visible(timeout=30_000)
         page.reload()

@@ -103,3 +103,19 @@ def test_export_reads_a_legacy_runs_figures(cls_run, tmp_path, monkeypatch):
     assert captured["pruned"]["accuracy"] == cls.history[1]["metric"]
     assert captured["original"]["accuracy"] == cls.history[0]["metric"]
     assert captured["pruned"]["macs"] == cls.history[1]["macs"]
+
+
+def test_a_run_that_keeps_no_step_records_its_closest_rejected_candidate(tmp_path):
+    """Issue 27: a finished run with no kept step must say how close it came; the loop records the move the
+    threshold undid with the smallest drop in the run's status (``closest_rejected``)."""
+    loaded = load_model("sample:vgg_digits")
+    data = load_dataset("sample:vgg_digits", loaded.spec.input)
+    run_pruning(loaded, data, quick_config(max_drop=0.0, max_steps=1, finetune_steps=0, patience=1,
+                                           clusters_per_step=2), tmp_path / "r")
+    run = Run(tmp_path / "r")
+    assert [r["step"] for r in run.history] == [0], "every candidate lost images: nothing kept"
+    status = run.status
+    closest = status["closest_rejected"]
+    assert status["state"] == "done" and "threshold" in status["message"]
+    assert closest["step"] == 1 and closest["max_drop"] == 0.0
+    assert closest["drop_points"] > 0.0 and closest["macs_saved"] > 0 and closest["clusters"]

@@ -26,5 +26,7 @@ def test_a_harmful_finetuning_rate_is_halved_on_a_converged_model(one_thread):
     assert record["lr"] < 0.05 and task.finetune_lr == record["lr"]
     assert record["tried"][-1]["lr"] == record["lr"], "the rate used is the last one tried"
     if len(record["tried"]) <= LR_HALVINGS:  # stopped before the last halving: the rate used was within the allowance
-        assert record["tried"][-1]["ci_low_points"] <= record["allowed_drop_points"]
+        assert record["tried"][-1]["selection_drop_points"] <= record["allowed_drop_points"]
+    assert all(t["selection_drop_points"] > record["allowed_drop_points"] for t in record["tried"][:-1]), \
+        "every rate halved cost more than the allowance (its point estimate decides)"
     assert all(torch.equal(before[k], v) for k, v in loaded.model.state_dict().items()), "the check used a copy"

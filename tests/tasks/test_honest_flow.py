@@ -53,6 +53,8 @@ def fake_metric(monkeypatch, per_cluster: float, per_recovery: float) -> dict:
         return real_recover(*args, **kw)
 
     monkeypatch.setattr(engine, "finetune_and_decide", decide)
+    monkeypatch.setattr(engine, "decision_drop", lambda task, decision, base: (base - decision.metric) * 100)
+    monkeypatch.setattr(engine, "test_refusal", lambda base, record, max_drop: None)  # the test images agree
     monkeypatch.setattr(engine, "measure_original", measure_original)
     monkeypatch.setattr(engine, "recover_step", recover_step)
     return state
@@ -76,6 +78,31 @@ def test_a_stalled_run_recovers_goes_on_and_the_recovery_is_a_step_on_the_curve(
     assert hist[4]["macs"] < hist[3]["macs"], "the run went on from the recovered model"
     assert run.rebuild_step(3) is not None and run.rebuild_step(5)(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
     assert run.status["message"].startswith("the next clusters would exceed")
+
+
+def test_a_step_the_test_images_refuse_is_recovered_and_the_walk_goes_on(digits, tmp_path, monkeypatch):
+    """Selection passes every step (0.1 points a cluster); the test images refuse step 2 only: step 3 is a
+    recovery of step 2 and the run goes on from it; with no recovery left it stops there."""
+    loaded, data = digits
+    fake_metric(monkeypatch, 0.1, 0.0)
+    monkeypatch.setattr(engine, "test_refusal", lambda base, record, max_drop: (
+        "the test images refuse step 2" if record["step"] == 2 else None))
+    config = quick_config(max_steps=5, max_drop=1.0, recover_epochs=1, max_recoveries=1)
+    run_pruning(loaded, data, config, tmp_path / "run")
+    hist = Run(tmp_path / "run").history
+    assert [r.get("recovered_from") for r in hist][:4] == [None, None, None, 2]
+    assert hist[4]["macs"] < hist[3]["macs"], "the run went on from the recovered model"
+    run_pruning(loaded, data, dataclasses.replace(config, max_recoveries=0), tmp_path / "spent")
+    spent = Run(tmp_path / "spent")
+    assert [r["step"] for r in spent.history] == [0, 1, 2]
+    assert "refuse step 2" in spent.status["message"] and "recoveries spent" in spent.status["message"]
+
+
+def test_the_test_refusal_reads_the_test_drop_against_the_threshold():
+    base = {"step": 0, "test_metric": 0.90}
+    assert engine.test_refusal(base, {"step": 3, "test_metric": 0.895}, 1.0) is None
+    assert "2.00 points lost" in engine.test_refusal(base, {"step": 3, "test_metric": 0.88}, 1.0)
+    assert engine.test_refusal({"step": 0, "test_metric": None}, {"step": 3, "test_metric": 0.1}, 1.0) is None
 
 
 def test_a_recovery_that_buys_no_step_ends_the_run(digits, tmp_path, monkeypatch):

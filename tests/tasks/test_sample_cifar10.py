@@ -36,3 +36,31 @@ def test_sample_reproduces_its_manifest_accuracy_and_prunes(one_thread):
     graph.prune(stream.root, list(range(8)))
     assert graph.module(stream.root).weight.shape[0] == 56
     assert graph.model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_an_analysis_of_the_sample_is_reused_by_a_prune_with_the_defaults(one_thread):
+    """Issue 27: the Analyse page analyses a private copy, whose option-A shortcuts become convolutions when
+    its PruningGraph is built; the prune's check on the model as loaded, and the run's own check on its
+    converted graph, must both find that analysis to be theirs."""
+    import copy
+
+    from core.car import compute_car
+    from core.engine import PruneConfig
+    from core.jobs import reusable_car
+    from core.tasks.classification import analysis_reuse, score_images_of
+
+    loaded = load_model("sample:cifar10")
+    data = load_sample_dataset("cifar10", loaded.spec.input)
+    config = PruneConfig()  # the Prune page's defaults are the CLI's
+    analysed = copy.deepcopy(loaded.model)
+    car = compute_car(analysed, loaded.spec.input, data.val, n_images=config.score_images, method=config.car)
+    assert type(analysed.layer2[0].shortcut).__name__ == "Conv2d", "the analysed copy was converted"
+    assert type(loaded.model.layer2[0].shortcut).__name__ == "ZeroPadShortcut", "the loaded model was not"
+    reuse, why = reusable_car(car, loaded.model, data.val, config)
+    assert reuse, why
+    graph = PruningGraph(copy.deepcopy(loaded.model), loaded.spec.input.shape(1))  # what the run scores on
+    assert analysis_reuse(car, graph.model, score_images_of(data.val, config), config.car)[0]
+    with torch.no_grad():
+        graph.model.conv1.weight.mul_(1.01)
+    assert analysis_reuse(car, graph.model, score_images_of(data.val, config), config.car) == (
+        False, "the model changed")

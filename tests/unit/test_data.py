@@ -154,3 +154,34 @@ def test_class_allocation_adds_up_by_largest_remainder():
     assert class_allocation([1000, 1], 10) == [9, 1]  # the small class still gets its one image
     assert class_allocation([50, 30, 20], 7) == [4, 2, 1]  # 3.5, 2.1, 1.4: the largest remainder wins the 7th
     assert class_allocation([0, 4], 3) == [0, 3]
+
+
+def test_a_zip_without_images_says_no_images_found_and_what_it_skipped():
+    """Issue 27: a zip of two folders of non-images was reported as "2 classes vs 10"; it must say that no
+    image was found, what was found instead and why it was skipped, before anything about the classes."""
+    junk = zip_bytes({"photos/cats/readme.txt": b"x", "photos/dogs/list.csv": b"a,b", "photos/dogs/raw.cr2": b"\0",
+                      "photos/notes.md": b"#"})
+    with pytest.raises(DataError) as exc:
+        load_dataset(junk, SPEC, expected_classes=10)
+    msg = str(exc.value)
+    assert msg.startswith("No images found in upload.zip.")
+    assert "0 image(s) in 2 class folder(s) (cats: 0, dogs: 0)" in msg
+    assert "4 file(s) skipped" in msg and "cats/readme.txt (not an image: .txt)" in msg
+    assert "dogs/raw.cr2 (not an image: .cr2)" in msg and "notes.md (not inside a class folder)" in msg
+    assert "classes but the model outputs" not in msg
+
+
+def test_a_class_mismatch_on_real_jpegs_says_what_was_found_first():
+    """A user-style zip of real CIFAR-10 JPEGs with 3 of the 10 classes and a stray file: the message gives the
+    images per class and the skipped file first, then the mismatch with the model."""
+    from tests.helpers import cifar_jpeg_entries
+
+    entries = cifar_jpeg_entries(20, classes=("airplane", "bird", "truck"))
+    entries["my_cifar10/bird/Thumbs.txt"] = b"thumbnail cache"
+    with pytest.raises(DataError) as exc:
+        load_dataset(zip_bytes(entries), InputSpec(height=32, width=32), expected_classes=10)
+    msg = str(exc.value)
+    found = "Found in upload.zip: 60 image(s) in 3 class folder(s) (airplane: 20, bird: 20, truck: 20)"
+    assert msg.startswith(found), msg
+    assert "1 file(s) skipped: bird/Thumbs.txt (not an image: .txt)" in msg
+    assert msg.index(found) < msg.index("3 classes but the model outputs 10")

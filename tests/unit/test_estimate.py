@@ -64,6 +64,23 @@ def test_the_step_count_stops_at_the_step_limit_or_when_no_group_can_lose_a_clus
     assert 22 / PruneConfig().clusters_per_step <= min(low, high) and max(low, high) < 22
 
 
+def test_a_time_budget_caps_the_estimate_and_says_what_it_buys():
+    base = PruneConfig(mac_target=0.5, max_steps=100, control=False, recover_epochs=0)
+    free = _est(base)
+    assert free.budget_buys is None, "no budget, nothing to say about one"
+    roomy = _est(dataclasses.replace(base, time_budget=24 * 60.0))
+    # a budget longer than the whole run buys every expected step and the MAC target
+    assert roomy.budget_buys["fast"]["steps"] == free.steps[0] and roomy.budget_buys["slow"]["steps"] == free.steps[1]
+    assert roomy.budget_buys["fast"]["mac_fraction"] <= 0.5 + 1e-9
+    tight_minutes = free.seconds_high / 60 / 3
+    tight = _est(dataclasses.replace(base, time_budget=tight_minutes))
+    assert tight.seconds_high == pytest.approx(tight_minutes * 60)
+    slow, fast = tight.budget_buys["slow"], tight.budget_buys["fast"]
+    assert slow["steps"] < free.steps[1], "a third of the slow end's time cannot buy all of its steps"
+    assert 0.5 <= slow["mac_fraction"] <= 1.0 and 0.0 < fast["mac_fraction"] <= 1.0
+    assert _est(dataclasses.replace(base, time_budget=0.001)).budget_buys["slow"] == {"steps": 0, "mac_fraction": 1.0}
+
+
 class _Counted(nn.Module):
     calls = 0  # a class attribute: calibration works on copies of the model, and they all count here
 
@@ -91,3 +108,13 @@ def test_calibration_runs_the_real_model(one_thread):
 def test_a_model_without_prunable_groups_is_refused():
     with pytest.raises(SettingsError, match="no prunable"):
         measure_rates(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 4)).eval(), SPEC, batch_size=4, latency=False)
+
+
+def test_the_step_range_reads_as_one_number_when_both_ends_agree():
+    """Issue 27: the estimate said "(4–4 steps)"."""
+    from core.estimate import Estimate
+
+    assert Estimate(10.0, 20.0, steps=(4, 4)).steps_text() == "4 steps"
+    assert Estimate(10.0, 20.0, steps=(1, 1)).steps_text() == "1 step"
+    assert Estimate(10.0, 20.0, steps=(3, 7)).steps_text() == "3–7 steps"
+    assert "(4 steps)" in Estimate(10.0, 20.0, steps=(4, 4)).label()

@@ -52,3 +52,85 @@ def test_no_eta_before_anything_is_measured_and_formatting():
     assert format_duration(42.4) == "42 s"
     assert format_duration(185) == "3 min 05 s"
     assert format_duration(3720) == "1 h 02 min"
+
+
+# ----------------------------------------------------------------------------- the whole run (issue 27 item 3)
+
+
+class _Config:
+    max_drop, max_recoveries, recover_epochs, finetune_steps, batch_size = 1.0, 3, 2, 40, 64
+    control, analyse_car, max_steps, mac_target, step_macs, time_budget = True, True, 200, None, 0.04, None
+
+
+def _simulated_run(eta, clock, climb=0.3, after_recovery=0.1, step_s=(3.0, 8.0, 1.0), stall_s=24.0,
+                   recovery_s=35.0, batch_s=0.2, analysis_s=20.0):
+    """Feed ``eta`` a run as the loop reports it; returns [(time, eta's remaining)] and the run's end time."""
+    seen, c = [], _Config
+    base = 0.8
+
+    def tick(phase, step, part, fractions, seconds):
+        for f in fractions:
+            clock.t += seconds / len(fractions)
+            eta.event(phase, step, part, f)
+            seen.append((clock.t, eta.remaining()))
+
+    tick("original", 0, "measuring", [0.0, 1.0], 2.0)
+    eta.record({"step": 0, "metric": base, "macs": 40e6})
+    tick("original", 0, "analysing", [i / 10 for i in range(1, 11)], analysis_s)
+    tick("original", 0, "checking fine-tuning", [i / 10 for i in range(1, 11)], 5 * c.finetune_steps * batch_s)
+    step, drop, kept = 0, 0.0, 0
+    for segment in range(c.max_recoveries + 1):
+        while True:
+            step += 1
+            start = clock.t
+            tick("step", step, "scoring", [0.5, 1.0], step_s[0])
+            if drop + climb > c.max_drop:  # the stall: every candidate undone
+                tick("step", step, "fine-tuning", [i / 4 for i in range(1, 5)], stall_s - step_s[0])
+                break
+            tick("step", step, "fine-tuning", [i / 4 for i in range(1, 5)], c.finetune_steps * batch_s)
+            tick("step", step, "measuring", [0.0, 1.0], step_s[2])
+            drop += climb
+            kept += 1
+            eta.record({"step": step, "metric": base - drop / 100, "removed": {"group": "g"}, "seconds": clock.t - start,
+                        "macs": 40e6 * (1 - 0.04 * kept)})
+        if segment == c.max_recoveries:
+            break
+        start = clock.t
+        tick("step", step, "recovering", [i / 5 for i in range(1, 6)], recovery_s)
+        drop = after_recovery
+        eta.record({"step": step, "metric": base - drop / 100, "recovered_from": step - 1, "seconds": clock.t - start})
+    tick("step", step, "control", [i / 10 for i in range(1, 11)], kept * c.finetune_steps * batch_s + 3 * recovery_s)
+    return seen, clock.t
+
+
+def test_the_whole_run_eta_is_within_30_percent_after_a_fifth_of_a_simulated_run():
+    """The mechanics of core.eta.RunEta on a run whose parts take known times: from a fifth of the run on, the
+    whole-run ETA is within 30 % of the time actually left (the bench bench/eta_whole_job.py checks a real run)."""
+    from core.eta import RunEta
+
+    clock = FakeClock()
+    eta = RunEta(_Config(), n_train=5000, clock=clock)
+    seen, end = _simulated_run(eta, clock)
+    for t, left in seen:
+        if 0.2 * end <= t <= 0.8 * end:
+            assert left is not None and abs(left - (end - t)) <= 0.3 * (end - t), (t, left, end - t)
+    assert seen[-1][1] == pytest.approx(0.0, abs=1e-6), "at the end of the control nothing is left"
+
+
+def test_the_whole_run_eta_waits_for_a_rate_and_respects_the_time_budget():
+    from core.eta import RunEta
+
+    clock = FakeClock()
+    eta = RunEta(_Config(), n_train=5000, clock=clock)
+    eta.event("original", 0, "measuring", 0.0)
+    assert eta.remaining() is None, "no step measured and no pre-run estimate: no number"
+    assert eta.basis() == "from the first part"
+
+    class Budget(_Config):
+        time_budget = 2.0  # minutes
+
+    clock = FakeClock()
+    capped = RunEta(Budget(), n_train=5000, clock=clock)
+    seen, end = _simulated_run(capped, clock)
+    assert all(left is None or left <= 121.0 - t + 1e-6 for t, left in seen if t <= 120.0)  # from its first event
+    assert any(left is not None for t, left in seen if t <= 120.0)

@@ -15,6 +15,7 @@ from core.architectures import SampleVGG
 from core.errors import PruneScopeError
 from core.jobs import JobAlreadyRunning, JobRegistry, past_runs, phased_job, prune_job, reusable_car
 from core.runs import Run
+from core.tasks.classification import score_images_of
 from core.workspace import new_run_dir
 from tests.helpers import loaded as make_loaded, quick_config, random_dataset
 
@@ -68,18 +69,23 @@ def test_snapshot_is_a_copy_and_eta_is_extrapolated():
 
     def fn(ctx):
         ctx.step({"step": 0, "widths": {"a": 8}})
+        time.sleep(0.4)
         ctx.progress(0.25, "quarter")
         release.wait(10)
 
     job = reg.start("demo", fn)
     assert wait_until(lambda: job.snapshot().progress == 0.25)
-    time.sleep(0.2)
     snap = job.snapshot()
     snap.steps[0]["widths"]["a"] = 999  # mutating the copy must not touch the job
     assert job.snapshot().steps[0]["widths"]["a"] == 8
     assert snap.message == "quarter"
-    # 25 % done after ~0.2 s: about three times that is left
-    assert snap.eta == pytest.approx(3 * snap.elapsed, rel=0.2)
+    # 25 % done after ~0.4 s: about three times that was left when it was reported, counting down since
+    assert snap.eta == pytest.approx(3 * 0.4, rel=0.25)
+    time.sleep(0.3)
+    later = job.snapshot()
+    assert later.eta == pytest.approx(snap.eta - 0.3, abs=0.15), "it counts down while the fraction waits"
+    time.sleep(1.2)
+    assert job.snapshot().eta is None, "past the extrapolation it is not known (issue 27: it used to climb)"
     release.set()
     assert job.wait(10)
 
@@ -204,7 +210,8 @@ def test_prune_job_reuses_a_given_car_analysis(tiny):
 
     loaded, data = tiny
     config = quick_config(max_steps=1, analyse_car=True, criterion="car")
-    car = compute_car(loaded.model, loaded.spec.input, data.val, n_images=config.score_images, sensitivity=True)
+    scored = len(score_images_of(data.val, config))  # at most half of the selection images score
+    car = compute_car(loaded.model, loaded.spec.input, data.val, n_images=scored, sensitivity=True)
     run_dir = new_run_dir("jobtest")
     job = JobRegistry().start("prune", prune_job(loaded, data, config, run_dir, car=car),
                               run_dir=run_dir)
@@ -229,7 +236,7 @@ def test_prune_job_recomputes_an_analysis_made_with_other_settings(tiny):
                               run_dir=run_dir)
     assert job.wait(120) and job.snapshot().state == "done", job.snapshot().error
     run = Run(run_dir)
-    assert "reused_from" not in run.car and run.car["n_images"] == config.score_images
+    assert "reused_from" not in run.car and run.car["n_images"] == len(score_images_of(data.val, config))
     assert run.config["prune"]["analyse_car"] is True
     assert any("computed for this run" in line and "8 images" in line for line in job.snapshot().log)
     assert reusable_car(car, loaded.model, data.val, replace(config, score_images=8))[0]

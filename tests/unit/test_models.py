@@ -215,3 +215,21 @@ def test_class_count_is_inferred_for_every_builder(arch, tmp_path):
     path = tmp_path / "w.pt"
     torch.save(build_architecture(arch, 7).state_dict(), path)
     assert load_model(path, arch=arch).spec.num_classes == 7
+
+
+def test_weights_of_another_architecture_say_where_a_python_file_goes():
+    """Issue 27: both ways weights can misfit a named architecture end with the pointer to the user's own
+    architecture, in the words of the interface that shows it."""
+    from core.errors import ArchitectureMismatchError, user_message
+    from core.models import SAMPLE_DIR, load_model, sample_entry
+
+    cifar = (SAMPLE_DIR / sample_entry("cifar10")["weights"]).read_bytes()
+    with pytest.raises(ArchitectureMismatchError) as no_head:
+        load_model(cifar, arch="resnet18")
+    assert "Cannot tell the number of classes" in str(no_head.value)
+    assert "'Custom architecture (Python file) + weights'" in user_message(no_head.value, "app")
+    assert "--model-code FILE.py --model-class NAME --trusted" in user_message(no_head.value, "cli")
+    vgg = (SAMPLE_DIR / sample_entry("vgg_digits")["weights"]).read_bytes()
+    with pytest.raises(ArchitectureMismatchError) as misfit:
+        load_model(vgg, arch="sample_resnet")
+    assert "Python file of your own" in str(misfit.value)

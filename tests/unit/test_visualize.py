@@ -200,7 +200,7 @@ def test_gallery_cards_name_and_explain_the_colour_share(env):
         assert f"colour share {card['colour'] * 100:.0f} %" in title
     caption = V.gallery_caption(stem)
     assert "Colour share:" in caption and "brightness" in caption and "colour differences" in caption
-    assert "the 4 validation patches" in caption
+    assert "the 4 patches of selection images" in caption
     deep = V.gallery(model, spec, data.val.images[:16], "layer1.0.conv1", None, sort="index", limit=2, k=1)
     assert "colour" not in V.filter_card_title(deep[0]) and "CAR —" in V.filter_card_title(deep[0])
     assert "olour share" not in V.gallery_caption(deep)
@@ -287,6 +287,12 @@ def test_fig_tradeoff_macs_and_latency():
     assert fig.data[1].x[0] == pytest.approx(19.0)
     assert fig.layout.xaxis.title.text == "MACs (M)" and fig.layout.yaxis.title.text == "Accuracy (%)"
     assert len(fig.layout.shapes) == 1 and fig.layout.shapes[0].y0 == pytest.approx(97.0)
+    # issue 27: the legend sits below the plot in rows, the threshold's label above its line (clear of the x
+    # ticks), and the test images' figures are markers, not a line zig-zagging across MACs
+    assert fig.layout.legend.orientation == "h" and fig.layout.legend.y < 0
+    assert fig.layout.annotations[0].yanchor == "bottom" and fig.layout.annotations[0].xanchor == "left"
+    tested = V.fig_tradeoff({"run A": [{**r, "test_metric": r["metric"] - 0.02} for r in hist]})
+    assert [t.mode for t in tested.data] == ["lines+markers", "markers"]
 
     lat = V.fig_tradeoff({"run A": hist}, x="latency_ms", threshold_points=None, baseline_metric=None,
                          selected_step=("run A", 2))
@@ -299,8 +305,12 @@ def test_fig_tradeoff_macs_and_latency():
 def test_fig_widths_and_per_class_change():
     fig = V.fig_widths({"conv1": 16, "conv2": 32, "fc": 8}, {"conv1": 8, "conv2": 24, "fc": 8})
     assert [t.name for t in fig.data] == ["before", "after"] and fig.layout.barmode == "group"
-    assert list(fig.data[1].y) == [8, 24, 8] and list(fig.data[0].x) == ["conv1", "conv2", "fc"]
-    assert fig.layout.yaxis.title.text == "Output channels"
+    # one row per layer (issue 27: the layer names overlapped on a ResNet-20), first layer at the top
+    assert all(t.orientation == "h" for t in fig.data)
+    assert list(fig.data[1].x) == [8, 24, 8] and list(fig.data[0].y) == ["conv1", "conv2", "fc"]
+    assert fig.layout.xaxis.title.text == "Output channels" and fig.layout.yaxis.autorange == "reversed"
+    deep = V.fig_widths({f"layer{i}.conv": 16 for i in range(40)}, {})
+    assert deep.layout.height >= 24 * 40, "the figure grows with the layers instead of squeezing their names"
 
     change = V.fig_per_class_change({"a": 0.9, "b": 1.0, "c": float("nan")}, {"a": 0.95, "b": 0.97, "c": 0.5})
     bar = change.data[0]
