@@ -219,7 +219,7 @@ def print_bundle(result: dict, verification: str) -> None:
     if per_model:
         for key, label in (("pruned", "model/   "), ("original", "fallback/")):
             r = per_model[key]
-            print(f"{target} {label} {'ready' if r['ready'] else 'NOT ready'}: {r['verdict']}")
+            print(f"{target} {label} {r['verdict']}")
             if r.get("disagreement"):
                 print(f"  note: {r['disagreement']}")
             if r.get("cross_check_2021"):

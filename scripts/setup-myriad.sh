@@ -11,10 +11,11 @@
 # Run by `make setup` / `make test` / `make run`. When no Python <= 3.9 exists (or g++, libusb or the
 # wheel cannot be had) it says so in one line, writes status.json with ok=false and the reason, and
 # exits 0: PruneScope then works without the compiler and says "not verified by the NCS2 compiler".
-# Override the interpreter with MYRIAD_PYTHON=/path/to/python3.9.
+# Override the interpreter with MYRIAD_PYTHON=/path/to/python3.9 (MYRIAD_PYTHON=none: do not set the
+# compiler up), the venv's place with MYRIAD_VENV (default .venv-myriad).
 set -u
 cd "$(dirname "$0")/.."
-VENV=.venv-myriad
+VENV=${MYRIAD_VENV:-.venv-myriad}
 STATUS=$VENV/status.json
 OPENVINO_VERSION=2021.4.2
 
@@ -32,6 +33,7 @@ py_ok() {  # $1 can run and is 3.6 <= version <= 3.9
     [ -n "$1" ] && [ -x "$1" ] && "$1" -c 'import sys; sys.exit(0 if (3, 6) <= sys.version_info[:2] <= (3, 9) else 1)' 2>/dev/null
 }
 find_python() {
+    [ "${MYRIAD_PYTHON:-}" = none ] && return
     if [ -n "${MYRIAD_PYTHON:-}" ]; then
         py_ok "$MYRIAD_PYTHON" && { echo "$MYRIAD_PYTHON"; return; }
         say "MYRIAD_PYTHON=$MYRIAD_PYTHON is not a Python 3.6-3.9; looking elsewhere"
@@ -50,6 +52,7 @@ find_python() {
 }
 
 PY=$(find_python)
+[ "${MYRIAD_PYTHON:-}" = none ] && give_up "MYRIAD_PYTHON=none: the set-up was told not to build it"
 [ -n "$PY" ] || give_up "no Python 3.6-3.9 found (openvino $OPENVINO_VERSION, the last wheel with the MYRIAD plugin, needs one; install e.g. 'pyenv install 3.9' or set MYRIAD_PYTHON)"
 command -v g++ >/dev/null 2>&1 || give_up "no g++ to build core/myriad_shim.cpp (apt-get install g++)"
 

@@ -277,8 +277,8 @@ def target_panel(manifest: dict) -> None:
     elif ok:
         st.warning(f"**Static check passed**, {target['verdict']}.", icon=":material/help:")
     else:
-        st.error(f"**Not ready**: {target['verdict']}. The bundle still works on a CPU; on the target deploy.py "
-                 "falls back to the original.", icon=":material/error:")
+        st.error(f"{target['verdict']}. The bundle still works on a CPU; on the target deploy.py falls back to the "
+                 "original.", icon=":material/error:")
     st.markdown(f"**Fallback (original)**: {'ready' if target.get('fallback_ready') else 'NOT ready'}: "
                 f"{target.get('fallback_verdict')}.")
     section = pruned.get("target") or {}

@@ -29,9 +29,11 @@ import torch
 from torch import nn
 
 from ..bundle import build_into, summary
+from ..data import ImageSet
 from ..errors import PruneScopeError
 from ..export import (SELFTEST_TOLERANCE_FLOOR, SELFTEST_TOLERANCE_FRACTION, ExportError, _ir_logits, _one_line,
                       _torch_logits, build_atomically, bundle_zip_path, check_bundle_target, convert_to_ir, pick_step)
+from ..fp16 import measure_fp16_range
 from ..models import ModelSpec
 from ..ov_runtime import ONNX_OPSET, compile_cpu, read_ir
 from ..sources import load_voc_dataset
@@ -151,7 +153,17 @@ class DetectionBundle:
         return export_detector(model, spec, out_dir, **target.ir_options())
 
     def verify(self, key: str, model: nn.Module, export: dict, val: DetectionSet, spec: ModelSpec, target):
-        return verify_detector_ir(Path(export["xml"]), model, val, spec, self.settings), [], {}
+        """mAP on the OpenVINO CPU runtime; for FP16 targets also the activation range (``core.fp16``) on the
+        validation images, which the NCS2 computes in: an overflow fails the verification and names the layer."""
+        check = verify_detector_ir(Path(export["xml"]), model, val, spec, self.settings)
+        if not target.fp16:
+            return check, [], {}
+        images = ImageSet(val.images, torch.zeros(len(val), dtype=torch.long), ["image"])
+        fp16 = measure_fp16_range(model, images, spec.input)
+        if fp16.problems():
+            check.verified = False
+            check.message = "Not verified in FP16: " + fp16.problems()[0][1]
+        return check, fp16.problems(), {"fp16_range": fp16.to_dict()}
 
     def check_inputs(self, val: DetectionSet, spec: ModelSpec, n: int) -> torch.Tensor:
         return normalize_images(val.images[:n], spec.input.mean, spec.input.std).float().contiguous()

@@ -64,3 +64,22 @@ def test_export_of_the_threshold_pick(sample_run):
     again = goto(new_app().run(), "export")
     again.selectbox(key=f"ex_step_{sample_run.name}").set_value(pick).run()
     assert "**Target: Intel NCS2" in texts(again) and again.button(key="ex_start").label == "Export again"
+
+
+def test_the_openvino_cpu_target_is_a_choice_on_the_page(sample_run):
+    """The second target through the same page and job: an FP32 bundle beside the NCS2 one, judged by the CPU runtime."""
+    run = Run(sample_run)
+    at = goto(new_app().run(), "export")
+    at.radio(key="ex_target").set_value("openvino-cpu").run()
+    step = at.selectbox(key=f"ex_step_{sample_run.name}").value
+    assert "for OpenVINO CPU (x86 or ARM host): IR FP32 + ONNX" in texts(at)
+    at.button(key="ex_start").click().run()
+    assert_no_exception(at)
+    wait_until(at, lambda a: "Bundle of step" in texts(a) or a.error, timeout=180)
+    assert not at.error, at.error[0].value
+    page = texts(at)
+    assert "**Target: OpenVINO CPU (x86 or ARM host): IR FP32 + ONNX**" in page
+    assert re.search(r"\*\*Ready\*\*: runs on the OpenVINO [\d.]+ CPU plugin \(FP32 IR\)", page), page[-1500:]
+    assert "(IR, FP32)" in page and "model.blob" not in page and "--device CPU" in page
+    bundle = workspace_root() / "exports" / f"{run.name}-step{step:04d}-openvino-cpu"
+    assert (bundle / "manifest.json").is_file() and not list(bundle.rglob("*.blob"))

@@ -100,6 +100,8 @@ def test_the_detection_sample_exports_with_blobs_through_the_same_builder(tmp_pa
     assert manifest["task"] == "detection" and result["verified"]
     assert_compiled_ncs2_bundle(out, manifest, result)
     assert set(manifest["files"]) == {"deploy.py", "selftest.npz", "README.txt", "anchors.npy", "postprocess.py"}
+    fp16 = manifest["models"]["pruned"]["fp16_range"]  # the FP16 range is measured for detectors too
+    assert fp16["n_images"] > 0 and not fp16["overflows"] and 0 < max(fp16["peaks"].values()) < 65504
 
 
 def _atan_run(tmp_path: Path) -> Run:
@@ -147,7 +149,7 @@ def test_cli_export_of_a_model_the_ncs2_cannot_run_names_the_layer_and_exits_3(t
     # text mode says the same (the refusal comes from the cache this time)
     text = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert text.returncode == 3, text.stderr
-    assert 'ncs2 model/    NOT ready: NOT NCS2-ready: the OpenVINO 2021.4.2 MYRIAD compiler refuses layer' in text.stdout
+    assert 'ncs2 model/    NOT NCS2-ready: the OpenVINO 2021.4.2 MYRIAD compiler refuses layer' in text.stdout
     assert 'unsupported layer type "Atan"' in text.stdout
 
 
@@ -248,3 +250,27 @@ def test_deploy_imports_the_blob_on_myriad_and_compiles_the_ir_when_asked(tmp_pa
     assert calls[0] == ("import", "MYRIAD", sha256(bundle / "fallback" / "model.blob"))
     assert result.manifest["models"]["original"]["blob"] == "fallback/model.blob"
     assert (bundle / "deploy.py").read_text() == TEMPLATE.read_text()
+
+
+class GroupNormed(Small):
+    """GroupNorm exports as MVN-6, which the static 2022.3 table rejects; the MYRIAD compiler compiles it."""
+
+    def forward(self, x):
+        return self.fc(torch.relu(nn.functional.group_norm(self.conv(x), 4)).mean((2, 3)))
+
+
+@needs_myriad
+def test_where_the_static_table_and_the_compiler_disagree_the_compiler_decides_and_it_is_shown(tmp_path):
+    data = random_dataset(4, size=32)
+    spec = ModelSpec(arch="gn", num_classes=4, input=InputSpec(height=32, width=32, mean=(0.5,) * 3, std=(0.25,) * 3))
+    result = build_bundle(GroupNormed().eval(), GroupNormed().eval(), spec, data.val, tmp_path / "b", {"step": 1},
+                          min_images=16, latency_runs=2)
+    static = result.ncs2  # the static report still explains: MVN-6 is the op it refuses
+    assert not static.compatible and any(p.type == "MVN" for p in static.problems)
+    target = result.target
+    assert target.ready and target.proven and target.verdict.startswith("compiled for NCS2 (Myriad X)")
+    assert target.details["disagreement"].startswith("the static check (OpenVINO 2022.3 table, of the IR) found")
+    assert target.details["disagreement"].endswith("the MYRIAD compiler compiled the model; the compiler decides")
+    assert result.manifest["ncs2"]["compatible"] is True and result.manifest["ncs2"]["static_compatible"] is False
+    assert result.summary["targets"]["ncs2"]["pruned"]["disagreement"] == target.details["disagreement"]
+    assert export_exit_code(result.to_dict()) == 0
