@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         return event(self, phase, step, part, part_fraction)
 
     def logged_record(self, rec):
-        keep = ("step", "metric", "test_metric", "macs", "seconds", "recovered_from")
+        keep = ("step", "metric", "test_metric", "macs", "seconds", "recovered_from", "paired")
         fed.append([time.monotonic(), "record", {**{k: rec.get(k) for k in keep}, "removed": bool(rec.get("removed"))}])
         return record(self, rec)
 
