@@ -166,6 +166,7 @@ def prune_roles(labels: np.ndarray, train_images: int, selection_images: int, se
 UPLOAD_FLOWS = {  # name -> the prune options it adds to --max-drop and --cluster 8
     "previous": ["--clusters-per-step", "1", "--step-macs", "0", "--recover-epochs", "0", "--no-control"],
     "default": [],
+    "longer-recoveries": ["--recover-epochs", "5", "--max-recoveries", "6"],  # the budget spent on recovery
 }
 FLOWS = {"fast": ["--car", "fast"], "exact": ["--car", "exact"],
          "fast-rescore1": ["--car", "fast", "--rescore-every", "1"],

@@ -23,7 +23,9 @@ from .device import DEVICES, describe, resolve_device, set_threads
 from .errors import ModelLoadError, PruneScopeError, SettingsError
 from .eta import EtaTracker, format_duration
 from .export import EXIT_NOT_READY, bundle_shortfall
+from .integrity import MAX_SIDECAR_BYTES, read_bounded
 from .jsonout import emit_json
+from .plan import PrunePlan
 from .runs import removals
 from .models import default_input_spec, load_model, open_input_spec
 from .plausibility import quick_check
@@ -208,12 +210,25 @@ def print_costs(figures) -> None:
 
 def print_bundle(result: dict, verification: str) -> None:
     """What ``export`` prints of a bundle (``core.export.export_run`` or its detection twin): where it is,
-    whether the step is NCS2 compatible and verified (``verification``: the task's evidence, e.g. the
-    agreement with PyTorch), and each NCS2 problem."""
+    the target's verdict on each model (for the NCS2: the MYRIAD compiler's, with the blob's stages, or the
+    failing layer), whether the step is verified (``verification``: the task's evidence, e.g. the agreement
+    with PyTorch), and each problem."""
     print(f"bundle: {result['bundle']}  (zip: {result['zip']})")
-    print(f"step {result['step']}: NCS2 {'compatible' if result['ncs_compatible'] else 'NOT compatible'}; "
-          f"verified: {result['verified']} ({verification})")
-    for p in result["ncs2_problems"]:
+    target = result.get("target", "ncs2")
+    per_model = (result.get("targets") or {}).get(target)
+    if per_model:
+        for key, label in (("pruned", "model/   "), ("original", "fallback/")):
+            r = per_model[key]
+            print(f"{target} {label} {'ready' if r['ready'] else 'NOT ready'}: {r['verdict']}")
+            if r.get("disagreement"):
+                print(f"  note: {r['disagreement']}")
+            if r.get("cross_check_2021"):
+                print(f"  cross-check: {r['cross_check_2021']}")
+        print(f"step {result['step']}: verified: {result['verified']} ({verification})")
+    else:
+        print(f"step {result['step']}: NCS2 {'compatible' if result['ncs_compatible'] else 'NOT compatible'}; "
+              f"verified: {result['verified']} ({verification})")
+    for p in result.get("ncs2_problems") or []:
         print(f"  NCS2 problem: {p}")
 
 
@@ -286,13 +301,14 @@ def plan_from_args(args) -> dict | None:
     plan = {"exclude": [], "max_fraction": {}}
     if args.plan:
         try:
-            loaded = json.loads(Path(args.plan).read_text())
+            loaded = json.loads(read_bounded(Path(args.plan), MAX_SIDECAR_BYTES, Path(args.plan).name))
         except (OSError, ValueError) as exc:
             raise SettingsError(f"Cannot read the pruning plan {args.plan}: {exc}") from None
         if not isinstance(loaded, dict):
             raise SettingsError(f"The pruning plan {args.plan} must be a JSON object with 'exclude' and 'max_fraction'.")
-        plan["exclude"] = list(loaded.get("exclude") or [])
-        plan["max_fraction"] = dict(loaded.get("max_fraction") or {})
+        checked = PrunePlan.from_dict(loaded)  # types checked: a string 'exclude' is not read letter by letter
+        plan["exclude"] = sorted(checked.exclude)
+        plan["max_fraction"] = dict(checked.max_fraction)
     plan["exclude"] += list(args.exclude or [])
     for item in args.max_fraction or []:
         name, sep, value = item.rpartition("=")
@@ -315,30 +331,49 @@ def export_exit_code(result: dict) -> int:
 
 
 EXIT_INTERRUPTED = 130  # the shell's code for a run stopped by Ctrl-C (128 + SIGINT)
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143: stopped by SIGTERM (kill, a service manager, a CI timeout)
+_STOPPED_BY: list[int] = []  # the signal that cancelled the current long job, for its exit code
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: raised in the main thread so that every ``finally`` / ``except BaseException`` cleans
+    up (a half-built bundle, an unpacked upload) before the process exits with :data:`EXIT_TERMINATED`.
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` swallows it."""
+
+
+def raise_terminated(_signum=None, _frame=None) -> None:
+    """The CLI's SIGTERM handler outside long jobs (``core.cli.main`` installs it)."""
+    raise Terminated()
 
 
 @contextlib.contextmanager
 def interrupt_cancels(cancel: threading.Event):
-    """Ctrl-C (SIGINT) during a long job sets ``cancel`` instead of killing the process, so the job stops
-    at its next check with its completed work kept and its run folder marked ``cancelled`` (a killed
-    run reads as failed); a second Ctrl-C interrupts at once. Only the main thread can take signals;
-    elsewhere this does nothing."""
+    """Ctrl-C (SIGINT) or SIGTERM during a long job sets ``cancel`` instead of killing the process, so the job
+    stops at its next check with its completed work kept and its run folder marked ``cancelled`` (a killed
+    run reads as failed); a second signal interrupts at once. The exit code then says which signal stopped
+    it (:func:`summary_exit_code`: 130 for SIGINT, 143 for SIGTERM). Only the main thread can take
+    signals; elsewhere this does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def handler(_signum, _frame) -> None:
+    def handler(signum, _frame) -> None:
         if cancel.is_set():
+            if signum == signal.SIGTERM:
+                raise Terminated()
             raise KeyboardInterrupt
+        _STOPPED_BY.append(signum)
         cancel.set()
-        print("interrupted: stopping at the next check, completed steps are kept (Ctrl-C again to stop at once)",
+        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        print(f"interrupted: stopping at the next check, completed steps are kept ({name} again to stop at once)",
               file=sys.stderr, flush=True)
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def run_interruptible(run) -> dict:
@@ -350,5 +385,8 @@ def run_interruptible(run) -> dict:
 
 
 def summary_exit_code(summary: dict) -> int:
-    """0 for a finished run, :data:`EXIT_INTERRUPTED` for one the user stopped (its steps are kept)."""
-    return EXIT_INTERRUPTED if summary.get("state") == "cancelled" else 0
+    """0 for a finished run; for one stopped by a signal (its steps are kept) 128 + that signal:
+    :data:`EXIT_INTERRUPTED` (Ctrl-C) or :data:`EXIT_TERMINATED` (SIGTERM)."""
+    if summary.get("state") != "cancelled":
+        return 0
+    return EXIT_TERMINATED if _STOPPED_BY and _STOPPED_BY[-1] == signal.SIGTERM else EXIT_INTERRUPTED

@@ -14,6 +14,7 @@ from .clusters import PROFILES
 from .detection.cli import add_detection_args, cmd_export_detection, cmd_prune_detection
 from .tasks.detection import DetectionPruneConfig
 from .export import export_run
+from .targets import DEFAULT_TARGET, TARGETS
 from .jsonout import emit_json
 from .prune import Callbacks, PruneConfig, run_pruning
 from .runs import Run
@@ -92,12 +93,16 @@ def add_commands(sub, add_model_args, add_data_args) -> None:
     pr.add_argument("--json", action="store_true")
     add_detection_args(ev_parser(sub), pr)
 
-    ex = sub.add_parser("export", help="OpenVINO IR FP16 + ONNX bundle of a run's step, with the original as fallback")
+    ex = sub.add_parser("export", help="bundle of a run's step for an export target (default ncs2: IR FP16 + ONNX + "
+                                       "MYRIAD blob), with the original as fallback")
     ex.add_argument("--run", required=True, help="run folder written by 'prune' or the app")
     pick = ex.add_mutually_exclusive_group()
     pick.add_argument("--step", type=int, help="step to export (default: the last step)")
     pick.add_argument("--max-drop", type=float, help="export the smallest step within this accuracy drop (points)")
     ex.add_argument("--out", required=True, help="bundle folder to create (a .zip is written beside it)")
+    ex.add_argument("--target", choices=sorted(TARGETS), default=DEFAULT_TARGET,
+                    help="export target: ncs2 (Intel NCS2, compiled by the MYRIAD compiler; default) or openvino-cpu "
+                         "(FP32 IR for an x86/ARM host). Exit code 3 when the bundle is written but not ready for it")
     ex.add_argument("--trusted", action="store_true",
                     help="run the run's own pickle or model code even without a trust record in this workspace")
     ex.add_argument("--json", action="store_true")
@@ -135,7 +140,7 @@ def cmd_prune(args) -> int:
     out = prepare_out(args.out)
     announce_device(device)
     printer = progress_printer("  ")
-    original_bytes = Path(args.model).read_bytes() if loaded.spec.pickled else None
+    original_bytes = loaded.pickle_bytes  # the bytes that were unpickled, never the file read again (issue 28)
     summary = run_interruptible(lambda cancel: run_pruning(
         loaded, data, config, out, Callbacks(step=print_step, event=printer.event), cancel=cancel,
         data_source=args.data, original_bytes=original_bytes,
@@ -175,17 +180,25 @@ def print_step(r: dict) -> None:
     print(line, file=sys.stderr, flush=True)
     if r.get("resolution_warning"):
         progress(f"warning: {r['resolution_warning']}")
+    if r["step"] == 0 and r.get("latency_note"):  # once: the original's, e.g. a model OpenVINO cannot convert
+        progress(f"note: latency {r['latency_note']}")
 
 
 def cmd_export(args) -> int:
     if Run(args.run).task == "detection":
         return cmd_export_detection(args)
     result = export_run(args.run, step=args.step, max_drop=args.max_drop, out_path=args.out,
-                        progress=progress_printer(), trusted=args.trusted)
+                        progress=progress_printer(), trusted=args.trusted, target=args.target)
+    if result.get("unverified"):
+        progress(f"note: {result['unverified']}")
     if args.json:
         emit_json(result)
     else:
         print_bundle(result, f"agreement {result['agreement'] * 100:.2f}%")
+        rep = (result.get("reproduced") or {}).get("pruned")
+        if rep:
+            print(f"reproduced: step {rep['step']} records {rep['recorded'] * 100:.2f}%, re-measured "
+                  f"{rep['measured'] * 100:.2f}% on its {rep['n_images']} selection images")
     return export_exit_code(result)
 
 

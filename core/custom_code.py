@@ -186,18 +186,34 @@ def describe_call(name: str, args: list | dict | None) -> str:
 # ----------------------------------------------------------------------------- running the file
 
 
-def import_code_file(path: str | Path, trusted: bool = False) -> ModuleType:
-    """Execute the file as a module of its own; only with ``trusted``, since this runs its code."""
+SOURCE_ATTRIBUTE = "__prunescope_source__"  # the exact bytes a module imported by import_code_file ran
+
+
+def import_code_file(path: str | Path, trusted: bool = False, source: bytes | None = None) -> ModuleType:
+    """Execute the file as a module of its own; only with ``trusted``, since this runs its code.
+
+    The file is read once (at most :data:`core.integrity.MAX_CODE_BYTES`, a regular file), or ``source`` is
+    run as that file when the caller already holds the bytes it checked (a run's trusted copy): what runs
+    is exactly what was read, and the module keeps those bytes as ``__prunescope_source__``
+    (:func:`source_of`), so whoever keeps or trusts the code keeps the bytes that ran, never the file read
+    again by name (it may have been swapped in between)."""
     path = _existing_file(path)
     if not trusted:
         raise UntrustedCodeError(
             f"Building the model runs the code in {path.name}, so it was not run. If you wrote or have read this "
             f"file, {TRUST_CONTROL} to allow it."
         )
-    source = path.read_bytes()
+    if source is None:
+        from .integrity import MAX_CODE_BYTES, IntegrityError, read_bounded
+
+        try:
+            source = read_bounded(path, MAX_CODE_BYTES, path.name)
+        except IntegrityError as exc:
+            raise ModelLoadError(str(exc)) from None
     code = _compile(source, path)
     name = _module_name(path, source)
     module = _new_module(name, path)
+    setattr(module, SOURCE_ATTRIBUTE, bytes(source))
     sys.modules[name] = module  # dataclasses, typing and pickle look classes up by their module's name
     try:
         exec(code, module.__dict__)
@@ -258,13 +274,19 @@ def _line_of(exc: BaseException, path: Path) -> str:
 # ----------------------------------------------------------------------------- building the model
 
 
+def source_of(module: ModuleType) -> bytes | None:
+    """The bytes :func:`import_code_file` ran as ``module`` (None for a module not imported by it)."""
+    return getattr(module, SOURCE_ATTRIBUTE, None)
+
+
 def build_from_code(path: str | Path, name: str, args: list | dict | str | None = None,
-                    trusted: bool = False) -> nn.Module:
-    """The model built by calling class or factory ``name`` of the file ``path`` with ``args``."""
+                    trusted: bool = False, module: ModuleType | None = None) -> nn.Module:
+    """The model built by calling class or factory ``name`` of the file ``path`` with ``args``; ``module``:
+    the file already imported (:func:`import_code_file`), so the call runs the bytes that were read."""
     if not name or not str(name).strip():
         raise ModelLoadError("Name the class or factory function in the Python file that builds the model.")
     args = parse_model_args(args)
-    module = import_code_file(path, trusted=trusted)
+    module = module if module is not None else import_code_file(path, trusted=trusted)
     path = Path(module.__file__)
     builder = _find(module, name.strip(), path)
     model = _call(builder, name.strip(), args, path)

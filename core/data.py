@@ -33,6 +33,7 @@ import stat
 import struct
 import unicodedata
 import uuid
+import warnings
 import zipfile
 import zlib
 from contextlib import contextmanager
@@ -44,7 +45,7 @@ import torch
 from PIL import Image
 
 from .errors import DataError, SettingsError, one_line
-from .models import InputSpec
+from .models import MAX_INPUT_SIDE, InputSpec
 from .preprocess import HIGH_BIT_MODES, BitDepthLog, infer_input_size, size_is_open, to_8bit
 from .workspace import uploads_dir
 
@@ -495,13 +496,21 @@ _UNSAFE_NAME_CHARS = re.compile(r'[\x00-\x1f\x7f<>:"/\\|?*]')
 MAX_NAME_BYTES = 200  # below the 255-byte limit of most file systems, leaving room for a suffix
 
 
-def safe_name_part(part: str) -> str:
-    """One path part with only what a file system cannot hold replaced by '_' (never empty, '.' or '..')."""
+def safe_name_part(part: str, tag: str = "", keep_extension: bool = True) -> str:
+    """One path part with only what a file system cannot hold replaced by '_' (never empty, '.' or '..'),
+    at most :data:`MAX_NAME_BYTES` bytes in UTF-8 with ``tag`` (e.g. ``~2``, to keep two names apart) put
+    before its extension. A long name is cut in its stem, never in its extension: ``.png`` stays, so the
+    file is still read as an image (issue 28: 70 CJK characters are 210 bytes)."""
     part = unicodedata.normalize("NFC", part)
-    safe = _UNSAFE_NAME_CHARS.sub("_", part).strip(" .")
-    while len(safe.encode("utf-8")) > MAX_NAME_BYTES:
-        safe = safe[:-1]
-    return safe or "_"
+    safe = _UNSAFE_NAME_CHARS.sub("_", part).strip(" .") or "_"
+    stem, dot, ext = safe.rpartition(".")
+    if not keep_extension or not dot or not stem or len(ext.encode("utf-8")) > 16 or not ext.isascii():
+        stem, ext = safe, ""
+    suffix = f"{tag}.{ext}" if ext else tag
+    budget = MAX_NAME_BYTES - len(suffix.encode("utf-8"))
+    while len(stem.encode("utf-8")) > budget:
+        stem = stem[:-1]
+    return (stem.rstrip(" .") or "_") + suffix
 
 
 def folder_upload_to_zip(files: list[tuple[str, bytes]], keep_parts: int = 3) -> bytes:
@@ -522,10 +531,11 @@ def folder_upload_to_zip(files: list[tuple[str, bytes]], keep_parts: int = 3) ->
             if not parts:
                 continue
             folder = _safe_folder(tuple(parts[:-1]), folders, taken)
-            leaf = safe_name_part(parts[-1])
+            leaf, n = safe_name_part(parts[-1]), 1
             arc = "/".join(folder + (leaf,))
-            while arc in seen:
-                leaf = "_" + leaf
+            while arc in seen:  # two names equal once made safe (or cut): the second gets ~2, never a longer name
+                n += 1
+                leaf = safe_name_part(parts[-1], f"~{n}")
                 arc = "/".join(folder + (leaf,))
             seen.add(arc)
             zf.writestr(arc, data)
@@ -537,11 +547,10 @@ def _safe_folder(parts: tuple[str, ...], folders: dict, taken: set) -> tuple[str
         return ()
     if parts not in folders:
         parent = _safe_folder(parts[:-1], folders, taken)
-        base = safe_name_part(parts[-1])
-        candidate, n = parent + (base,), 1
+        candidate, n = parent + (safe_name_part(parts[-1], keep_extension=False),), 1
         while candidate in taken:
             n += 1
-            candidate = parent + (f"{base}~{n}",)
+            candidate = parent + (safe_name_part(parts[-1], f"~{n}", keep_extension=False),)
         folders[parts] = candidate
         taken.add(candidate)
     return folders[parts]
@@ -593,16 +602,22 @@ def discover_layout(root: Path) -> dict[str, Path] | None:
 
 def scan_class_folders(root: Path, report: DataReport, limits: Limits) -> tuple[list[str], list[tuple[Path, str]]]:
     """(class names, [(file, class)]) of an ImageFolder; non-image files are listed, not fatal."""
+    links = [p for p in _visible_children(root) if p.is_symlink()]
+    if links:  # a class folder linked to /usr/share or /etc would be read in silently (issue 28)
+        raise DataError(f"{links[0].name} in the data set is a symbolic link (to {os.readlink(links[0])}); class "
+                        "folders must be real folders, so the data set was refused. Copy the images in instead.")
     class_dirs = [p for p in _visible_children(root) if p.is_dir()]
     loose = [p for p in _visible_children(root) if p.is_file()]
     for f in loose:
         report.skipped_non_images.append(f"{f.name} (not inside a class folder)")
     items: list[tuple[Path, str]] = []
     for d in class_dirs:
-        for f in sorted(d.rglob("*")):
-            if not f.is_file() or any(part in IGNORED_NAMES or part.startswith(".") for part in f.relative_to(d).parts):
+        for f in _walk_files(d):  # links are never followed: a linked file or folder is listed as skipped
+            if any(part in IGNORED_NAMES or part.startswith(".") for part in f.relative_to(d).parts):
                 continue
-            if f.suffix.lower() in IMAGE_EXTENSIONS:
+            if f.is_symlink():
+                report.skipped_non_images.append(f"{f.relative_to(root)} (a symbolic link, not followed)")
+            elif f.suffix.lower() in IMAGE_EXTENSIONS:
                 items.append((f, d.name))
             else:
                 report.skipped_non_images.append(f"{f.relative_to(root)} (not an image: "
@@ -612,17 +627,33 @@ def scan_class_folders(root: Path, report: DataReport, limits: Limits) -> tuple[
     return [d.name for d in class_dirs], items
 
 
+def _walk_files(folder: Path) -> list[Path]:
+    """Every file under ``folder`` and every symbolic link (to a file or a folder, not followed), sorted."""
+    out = []
+    for top, dirs, files in os.walk(folder, followlinks=False):
+        out += [Path(top) / f for f in files]
+        out += [Path(top) / d for d in dirs if (Path(top) / d).is_symlink()]
+    return sorted(out)
+
+
 def decode_images(items: list[tuple[Path, str]], class_names: list[str], spec: InputSpec, root: Path,
                   report: DataReport) -> ImageSet:
     arrays, labels, ids = [], [], []
     index = {c: i for i, c in enumerate(class_names)}
     for path, cls in items:
         try:
-            with Image.open(path) as img:
-                img.load()
-                arrays.append(image_to_array(img, spec, report))
-                labels.append(index[cls])
-                ids.append(path.relative_to(root).as_posix())
+            with warnings.catch_warnings(record=True) as caught:  # Pillow's and numpy's warnings: report lines
+                warnings.simplefilter("always")
+                with Image.open(path) as img:
+                    if img.size[0] * img.size[1] > MAX_DECODE_PIXELS:  # checked from the header, before decoding
+                        report.corrupt_images.append(f"{path.relative_to(root)} (too large to decode: "
+                                                     f"{img.size[0]}×{img.size[1]} pixels)")
+                        continue
+                    img.load()
+                    arrays.append(image_to_array(img, spec, report))
+                    labels.append(index[cls])
+                    ids.append(path.relative_to(root).as_posix())
+            _note_warnings(caught, path.relative_to(root).as_posix(), report)
         except Exception as exc:  # Pillow's decoders raise many kinds on damaged files; one bad file is skipped, not fatal
             report.corrupt_images.append(f"{path.relative_to(root)} ({type(exc).__name__})")
     if not arrays:
@@ -630,6 +661,24 @@ def decode_images(items: list[tuple[Path, str]], class_names: list[str], spec: I
     else:
         images = torch.from_numpy(np.stack(arrays))
     return ImageSet(images, torch.tensor(labels, dtype=torch.long), class_names, ids)
+
+
+MAX_DECODE_PIXELS = 40_000_000  # one image above this (e.g. 10000×10000) is skipped, never decoded (issue 28)
+
+
+def _note_warnings(caught: list, name: str, report: DataReport) -> None:
+    """Warnings an image raised while decoded (a palette with transparency, a truncated EXIF block), as one
+    warning line per kind in the report (the first image named, then a count), never raw on stderr."""
+    for w in caught:
+        if issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning)):
+            continue  # about library code, not about the user's images
+        kind = f"{w.category.__name__}: {' '.join(str(w.message).split())[:160]}"
+        counts = report.__dict__.setdefault("_warning_counts", {})
+        if kind not in counts:
+            counts[kind] = 1
+            report.warnings.append(f"{kind} (first in {name})")
+        else:
+            counts[kind] += 1
 
 
 # ----------------------------------------------------------------------------- the entry point
@@ -761,8 +810,10 @@ def _load_folder(folder: Path, label: str, spec: InputSpec, expected_classes: in
     counts = torch.bincount(torch.cat([train.labels, val.labels, test.labels]), minlength=len(class_names)).tolist()
     report.class_counts = dict(zip(class_names, counts))
     empty = [c for c, n in report.class_counts.items() if n == 0]
-    if empty:
-        report.warnings.append(f"Classes with no readable image: {', '.join(empty)}.")
+    if empty:  # a class the model scores but the data never shows: no figure of it would mean anything
+        raise DataError(f"{len(empty)} class folder(s) hold no readable image ({', '.join(empty[:10])}"
+                        f"{' …' if len(empty) > 10 else ''}); fix or remove them (the data report lists the "
+                        "unreadable files). Nothing was kept.")
     report.warnings += _unmeasurable_classes(class_names, val.labels, report.class_counts, empty)
     if len(val) == 0:
         raise DataError("The validation split is empty: every class needs at least 2 readable images.")
@@ -811,6 +862,10 @@ def _settle_size(spec: InputSpec, items: list[tuple[Path, str]], report: DataRep
     if not size_is_open(spec):
         return spec
     spec, note = infer_input_size([p for p, _ in items], spec)
+    if max(spec.height, spec.width) > MAX_INPUT_SIDE:  # the limit applies to inferred sizes too (issue 28)
+        raise DataError(f"The images are {spec.height}×{spec.width} pixels, over the {MAX_INPUT_SIDE}-pixel input "
+                        "side this tool works with; give the model's input size (--input-size H W, or the Load "
+                        "page's fields) and the images are resized to it. Nothing was kept.")
     report.notes.append(note)
     return spec
 

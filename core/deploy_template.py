@@ -2,7 +2,9 @@
 """Run a PruneScope export bundle: the pruned model, or the original when the pruned one cannot be trusted.
 
     python deploy.py                       # load on CPU, run the self-test, say which model is used and why
-    python deploy.py --device MYRIAD       # Intel NCS2 (needs OpenVINO 2022.3 LTS, the last with MYRIAD)
+    python deploy.py --device MYRIAD       # Intel NCS2 (needs OpenVINO 2022.3 LTS, the last with MYRIAD);
+                                           # imports model.blob, compiled by PruneScope with the MYRIAD compiler
+    python deploy.py --device MYRIAD --format ir   # compile the IR on the host instead of importing the blob
     python deploy.py --image cat.jpg       # also classify an image (reading images needs Pillow)
 
 A detection bundle (manifest "task": "detection") uses the same checks; --image then prints the
@@ -11,8 +13,10 @@ detected boxes: the raw output is decoded with anchors.npy and NMS runs on the h
 
 The pruned model (model/) is used unless one of its files is missing or altered (sha256 against
 manifest.json), it fails to compile on the device, or it fails the built-in self-test (the stored
-inputs in selftest.npz must give the stored outputs within a tolerance). Then the original model
-(fallback/) goes through the same checks and is used instead.
+inputs in selftest.npz must give the stored outputs within a tolerance). A missing, altered or
+non-finite self-test counts as a failure. Then the original model (fallback/) goes through the same
+checks and is used instead (without a usable self-test, on its intact files alone, which the reason
+says). The bundle's own modules (postprocess.py) run only when their sha256 matches, imported by path.
 
 From Python:
 
@@ -73,23 +77,74 @@ def check_files(bundle_dir, manifest, name):
         if required not in files:
             return "manifest.json lists no sha256 for %s" % required
     for rel, digest in sorted(files.items()):
-        path = os.path.join(bundle_dir, *rel.split("/"))
-        if not os.path.isfile(path):
+        parts = rel.split("/")
+        if rel.startswith("/") or ".." in parts or "\\" in rel or ":" in rel:
+            return "manifest.json names %s, a path outside the bundle" % rel
+        path = os.path.join(bundle_dir, *parts)
+        if not os.path.isfile(path) or os.path.islink(path):
             return "file %s is missing" % rel
         if sha256_file(path) != digest:
             return "file %s was altered (sha256 differs from manifest.json)" % rel
     return None
 
 
+SELFTEST_KEYS = ("input", "expected_model", "expected_fallback")
+
+
 def _load_selftest(bundle_dir, manifest):
+    """(arrays, None) for an intact, finite self-test, else (None, what is wrong). A missing, altered or
+    unreadable self-test, or one whose values are not finite (NaN passes any tolerance), is no self-test:
+    the pruned model is then not used."""
     path = os.path.join(bundle_dir, "selftest.npz")
     digest = (manifest.get("files") or {}).get("selftest.npz")
-    if not os.path.isfile(path):
+    if not os.path.isfile(path) or os.path.islink(path):
         return None, "selftest.npz is missing"
-    if digest and sha256_file(path) != digest:
+    if not digest:
+        return None, "manifest.json lists no sha256 for selftest.npz"
+    if sha256_file(path) != digest:
         return None, "selftest.npz was altered (sha256 differs from manifest.json)"
-    with np.load(path) as data:
-        return {k: data[k] for k in data.files}, None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except Exception as exc:
+        return None, "selftest.npz cannot be read (%s)" % _short(exc)
+    for key in SELFTEST_KEYS:
+        if key not in arrays:
+            return None, "selftest.npz has no %s" % key
+        if arrays[key].dtype.kind != "f" or not np.all(np.isfinite(arrays[key])):
+            return None, "selftest.npz holds values that are not finite numbers (%s)" % key
+    if len(arrays["input"]) == 0:
+        return None, "selftest.npz holds no input"
+    for key, top in (("tolerance_fraction", 1.0), ("tolerance_floor", 1.0)):  # NaN or a huge one passes anything
+        if key in arrays and not (np.all(np.isfinite(arrays[key])) and 0 <= float(arrays[key]) <= top):
+            return None, "selftest.npz's %s is not a number from 0 to %g" % (key, top)
+    return arrays, None
+
+
+def check_input_spec(manifest, compiled):
+    """None when the manifest's input spec is usable and agrees with the compiled model's input, else what is
+    wrong (an edited input_shape, mean or std must not reach preprocess() as a traceback)."""
+    spec = manifest.get("input")
+    if not isinstance(spec, dict):
+        return "manifest.json has no input spec"
+    shape = spec.get("input_shape")
+    if not (isinstance(shape, list) and len(shape) == 4 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                 and 0 < v <= 65536 for v in shape) and shape[0] == 1):
+        return "manifest.json's input_shape %r is not [1, C, H, W]" % (shape,)
+    for key in ("mean", "std"):
+        values = spec.get(key)
+        if not (isinstance(values, list) and len(values) == shape[1] and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in values)):
+            return "manifest.json's %s %r is not %d finite numbers" % (key, values, shape[1])
+    if not all(v > 0 for v in spec["std"]):
+        return "manifest.json's std %r is not positive" % (spec["std"],)
+    try:
+        model_shape = [int(d) for d in compiled.input(0).get_partial_shape().to_shape()]
+    except Exception:
+        return None  # a dynamic input: the model decides at inference
+    if model_shape != shape:
+        return "manifest.json's input_shape %s differs from the model's input %s" % (shape, model_shape)
+    return None
 
 
 def _infer(compiled, x):
@@ -124,32 +179,63 @@ def self_test(compiled, selftest, key, check_class=True):
     return True, "%d self-test inputs within tolerance (worst %.0f%% of it)" % (len(inputs), 100 * worst)
 
 
-def load(bundle_dir=None, device="CPU"):
+FORMATS = ("auto", "blob", "ir")
+
+
+def compile_entry(core, bundle_dir, entry, device, fmt="auto"):
+    """(compiled model, how): the model's NCS2 blob imported (``Core.import_model``) when ``fmt`` is "blob", or
+    "auto" on a MYRIAD device and the bundle has one; else its IR read and compiled on ``device``."""
+    blob = entry.get("blob")
+    if fmt == "blob" or (fmt == "auto" and blob and device.upper().startswith("MYRIAD")):
+        if not blob:
+            raise RuntimeError("this bundle has no NCS2 blob for this model (export it with --target ncs2)")
+        with open(os.path.join(bundle_dir, *blob.split("/")), "rb") as f:
+            data = f.read()
+        return core.import_model(data, device), "imported %s" % blob  # bytes: OpenVINO 2022.3 and newer
+    model = core.read_model(os.path.join(bundle_dir, *entry["xml"].split("/")))
+    return core.compile_model(model, device), "compiled %s" % entry["xml"]
+
+
+def load(bundle_dir=None, device="CPU", fmt="auto"):
     """(compiled_model, which, reason): the pruned model if it is intact, compiles and passes the self-test,
-    else the fallback (original) model under the same checks. Raises RuntimeError when neither works."""
+    else the fallback (original) model under the same checks. Raises RuntimeError when neither works.
+    ``fmt``: "auto" (the NCS2 blob on MYRIAD when the bundle has one, else the IR), "blob" or "ir"."""
+    if fmt not in FORMATS:
+        raise RuntimeError("unknown format %r; choose one of %s" % (fmt, ", ".join(FORMATS)))
     bundle_dir = os.path.abspath(bundle_dir or HERE)
     try:
         manifest = read_manifest(bundle_dir)
     except (OSError, ValueError) as exc:
         raise RuntimeError("manifest.json in %s is missing or unreadable (%s); without it no model can be "
                            "checked" % (bundle_dir, _short(exc)))
+    if not isinstance(manifest, dict):
+        raise RuntimeError("manifest.json in %s is not a bundle manifest; no model can be checked" % bundle_dir)
     selftest, selftest_problem = _load_selftest(bundle_dir, manifest)
     core = _core()
     failures = []
     for name, folder, key in CANDIDATES:
-        bad = check_files(bundle_dir, manifest, name)
+        try:
+            bad = check_files(bundle_dir, manifest, name)
+        except Exception as exc:  # an edited manifest: no model it describes is used
+            bad = "manifest.json does not describe it (%s)" % _short(exc)
         if bad:
             failures.append("%s model: %s" % (name, bad))
             continue
         entry = _entry(manifest, name)
         try:
-            model = core.read_model(os.path.join(bundle_dir, *entry["xml"].split("/")))
-            compiled = core.compile_model(model, device)
+            compiled, how = compile_entry(core, bundle_dir, entry, device, fmt)
         except Exception as exc:  # any loader/compiler error means "do not use this model"
             failures.append("%s model failed to load/compile on %s: %s" % (name, device, _short(exc)))
             continue
+        bad_spec = check_input_spec(manifest, compiled)
+        if bad_spec:
+            failures.append("%s model: %s" % (name, bad_spec))
+            continue
         if selftest is None:
-            detail = "self-test skipped: %s" % selftest_problem
+            if name == "pruned":  # no self-test, no proof the pruned model computes what was exported
+                failures.append("pruned model not self-tested: %s" % selftest_problem)
+                continue
+            detail = "its files match manifest.json (self-test unavailable: %s)" % selftest_problem
         else:
             try:
                 ok, detail = self_test(compiled, selftest, key, check_class=not is_detection(manifest))
@@ -159,7 +245,7 @@ def load(bundle_dir=None, device="CPU"):
                 failures.append("%s model failed the self-test on %s: %s" % (name, device, detail))
                 continue
         if name == "pruned":
-            reason = "files match manifest.json, compiled on %s, %s" % (device, detail)
+            reason = "files match manifest.json, %s for %s, %s" % (how, device, detail)
         else:
             reason = "; ".join(failures) + ". The fallback (original) model is intact and %s" % detail
         _STATE.update(compiled=compiled, which=name, reason=reason, manifest=manifest, bundle_dir=bundle_dir,
@@ -231,7 +317,11 @@ def load_image(path, manifest):
     manifest's colour order. .npy files are taken as they are (uint8 HWC or CHW)."""
     _, c, h, w = manifest["input"]["input_shape"]
     if path.lower().endswith(".npy"):
-        return np.load(path)
+        arr = np.load(path, allow_pickle=False)
+        if arr.dtype != np.uint8 or arr.ndim != 3 or (tuple(arr.shape) != (c, h, w) and tuple(arr.shape) != (h, w, c)):
+            raise ValueError("%s holds a %s array of shape %s; expected uint8 %dx%dx%d (CHW) or %dx%dx%d (HWC)"
+                             % (path, arr.dtype, tuple(arr.shape), c, h, w, h, w, c))
+        return arr if arr.shape[0] == c and tuple(arr.shape) == (c, h, w) else arr.transpose(2, 0, 1).copy()
     try:
         from PIL import Image
     except ImportError:
@@ -260,10 +350,32 @@ def _softmax(z):
     return e / e.sum()
 
 
+def _bundle_module(name, manifest):
+    """The bundle's own module ``name``.py, imported by path after its sha256 is checked against manifest.json:
+    an edited file never runs, and an application's own module of the same name never shadows it."""
+    import importlib.util
+
+    bundle_dir = _STATE.get("bundle_dir") or HERE
+    path = os.path.join(bundle_dir, name + ".py")
+    digest = (manifest.get("files") or {}).get(name + ".py")
+    if not digest:
+        raise RuntimeError("manifest.json lists no sha256 for %s.py, so it was not run" % name)
+    if not os.path.isfile(path) or os.path.islink(path):
+        raise RuntimeError("%s.py is missing from the bundle" % name)
+    with open(path, "rb") as f:
+        source = f.read()
+    if hashlib.sha256(source).hexdigest() != digest:
+        raise RuntimeError("%s.py was altered (sha256 differs from manifest.json), so it was not run" % name)
+    spec = importlib.util.spec_from_loader("_prunescope_bundle_" + name, loader=None, origin=path)
+    module = importlib.util.module_from_spec(spec)
+    module.__file__ = path
+    exec(compile(source, path, "exec"), module.__dict__)  # exactly the bytes checked above
+    return module
+
+
 def detect(image_path, compiled, manifest, score_thresh):
     """Detections of one image file: boxes in the image's pixels (x1, y1, x2, y2), class, score."""
-    sys.path.insert(0, HERE)
-    import postprocess  # the bundle's own numpy-only decoder + NMS, shipped beside this script
+    postprocess = _bundle_module("postprocess", manifest)  # the bundle's own numpy-only decoder + NMS
 
     anchors = _anchors(manifest)
     raw = predict(load_image(image_path, manifest)[None], compiled)
@@ -282,9 +394,11 @@ def detect(image_path, compiled, manifest, score_thresh):
 def _anchors(manifest):
     path = os.path.join(_STATE.get("bundle_dir") or HERE, "anchors.npy")
     digest = (manifest.get("files") or {}).get("anchors.npy")
-    if digest and sha256_file(path) != digest:
-        raise RuntimeError("anchors.npy was altered (sha256 differs from manifest.json)")
-    return np.load(path)
+    if not digest:
+        raise RuntimeError("manifest.json lists no sha256 for anchors.npy")
+    if not os.path.isfile(path) or sha256_file(path) != digest:
+        raise RuntimeError("anchors.npy is missing or was altered (sha256 differs from manifest.json)")
+    return np.load(path, allow_pickle=False)
 
 
 def _image_size(path, manifest):
@@ -302,13 +416,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Run the PruneScope bundle (pruned model with fallback).")
     parser.add_argument("--device", default="CPU", help="OpenVINO device: CPU (default), MYRIAD (NCS2, OpenVINO 2022.3), ...")
     parser.add_argument("--image", action="append", default=[], help="image file to classify (repeatable)")
+    parser.add_argument("--format", choices=FORMATS, default="auto",
+                        help="auto (default): the NCS2 blob on MYRIAD when the bundle has one, else the IR; blob; ir")
     parser.add_argument("--bundle", default=HERE, help="bundle folder (default: the folder of this script)")
     parser.add_argument("--top", type=int, default=5, help="classes to print per image")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--score", type=float, default=0.3, help="detection bundles: lowest score printed")
     args = parser.parse_args(argv)
     try:
-        compiled, which, reason = load(args.bundle, args.device)
+        compiled, which, reason = load(args.bundle, args.device, args.format)
     except RuntimeError as exc:
         if args.json:
             print(json.dumps({"which": None, "reason": str(exc)}))
@@ -324,10 +440,10 @@ def main(argv=None):
             if is_detection(manifest):
                 results.append({"image": path, "detections": detect(path, compiled, manifest, args.score)})
                 continue
-        except (OSError, ValueError, RuntimeError) as exc:
-            print("ERROR: cannot read image %s: %s" % (path, _short(exc)), file=sys.stderr)
+            logits = predict(image[None], compiled)[0]
+        except Exception as exc:  # any image or array the model cannot take: one line, never a traceback
+            print("ERROR: cannot use image %s: %s" % (path, _short(exc)), file=sys.stderr)
             return 2
-        logits = predict(image[None], compiled)[0]
         probs = _softmax(logits)
         top = np.argsort(-probs)[:args.top]
         results.append({"image": path, "top": [{"class": names[i] if i < len(names) else str(i),

@@ -41,7 +41,7 @@ from .models import LoadedModel
 from .plan import PrunePlan
 from .runs import Run, RunWriter
 from .tasks import Task
-from .workspace import atomic_torch_save, read_json
+from .workspace import read_json
 
 MAX_LEARNING_RATE = 10.0  # above this SGD and AdamW diverge on any network; a typo, not a setting
 
@@ -472,8 +472,9 @@ def run_control(task: Task, original, writer: RunWriter, cb: Callbacks, cancel: 
                           cb.part(0.0, 1.0, "control", "control: the original given the same training: "))
     if result is None:  # cancelled
         return
-    atomic_torch_save(writer.dir / "control.pt", model.state_dict())  # the original's architecture
-    writer.write_json("control.json", {**result, "received": received, "seconds": time.perf_counter() - t0})
+    digest = writer.write_weights("control.pt", model.state_dict())  # the original's architecture; sha256 kept
+    writer.write_json("control.json", {**result, "received": received, "seconds": time.perf_counter() - t0,
+                                       "weights_sha256": digest})
 
 
 def measure_original(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks,
@@ -738,4 +739,8 @@ def read_structure(run_dir: Path) -> dict:
     alone, with why; empty for runs written before this was recorded."""
     path = Path(run_dir) / "structure.json"
     data = read_json(path) if path.exists() else {}
-    return {"notes": data.get("notes", []), "left_alone": data.get("left_alone", {})}
+    notes, left = (data.get("notes", []), data.get("left_alone", {})) if isinstance(data, dict) else (None, None)
+    if not (isinstance(notes, list) and all(isinstance(n, str) for n in notes) and isinstance(left, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in left.items())):
+        raise PruneScopeError(f"{Path(run_dir).name}/structure.json is damaged (not notes and groups left alone).")
+    return {"notes": notes, "left_alone": left}

@@ -33,6 +33,10 @@ class UntrustedPickleError(ModelLoadError):
         return self.template.replace(TRUST_CONTROL, self.controls[interface])
 
 
+class ExportError(PruneScopeError):
+    """The model could not be exported or bundled; nothing partial was left behind."""
+
+
 class DataError(PruneScopeError):
     """The data set is unusable as a whole (wrong layout, too few classes, unsafe archive)."""
 

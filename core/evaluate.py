@@ -8,6 +8,7 @@ from torch import nn
 
 from .data import ImageSet, normalize
 from .device import model_device
+from .errors import SettingsError, one_line
 from .models import InputSpec
 from .shortcuts import is_shortcut_embedding
 
@@ -40,16 +41,55 @@ def predict_logits(model: nn.Module, images: torch.Tensor, spec: InputSpec, batc
     model.eval()
     device = model_device(model)
     out = []
-    for i in range(0, len(images), batch_size):
-        out.append(model(normalize(images[i:i + batch_size].to(device), spec)).float().cpu())
-    model.train(was_training)
+    try:
+        for i in range(0, len(images), batch_size):
+            batch = images[i:i + batch_size]
+            try:
+                y = model(normalize(batch.to(device), spec))
+            except (RuntimeError, ValueError, IndexError, TypeError) as exc:  # e.g. a 1x1 input through pooling
+                if "out of memory" in str(exc).lower():
+                    raise
+                raise SettingsError(f"The model does not run on {spec.channels}×{spec.height}×{spec.width} images "
+                                    f"({one_line(exc)}); check the input size.") from None
+            out.append(check_logits(y, len(batch)).float().cpu())
+    finally:
+        model.train(was_training)
     if not out:
         return torch.zeros((0, 0))
     return torch.cat(out)
 
 
+def check_logits(out, n: int) -> torch.Tensor:
+    """``out`` when it is what a classifier is scored on, one (n, classes) logits tensor for n images; else
+    :class:`SettingsError` in one line (issue 28): a tuple or dict, or a (n, C, 1, 1) map, would otherwise be
+    scored with argmax over the wrong axis (a model right on every image read 50 %)."""
+    if not isinstance(out, torch.Tensor):
+        raise SettingsError(f"The model's forward returns a {type(out).__name__}, not one tensor of logits (N, "
+                            "classes); PruneScope scores classifiers that return their logits alone. Return them "
+                            "alone from forward (e.g. a wrapper returning out[0] or out['logits']).")
+    if out.ndim != 2 or out.shape[0] != n or out.shape[1] < 1:
+        raise SettingsError(f"The model returns a tensor of shape {tuple(out.shape)} for {n} image(s), not (N, "
+                            "classes) logits; PruneScope does not guess which axis holds the classes. End forward "
+                            "with the logits flattened, e.g. x.flatten(1) for a (N, C, 1, 1) output.")
+    return out
+
+
+CONFUSION_LIMIT = 2000  # classes above which the k×k confusion matrix is not built (20,000 classes: 3.2 GB)
+
+
 def accuracy_from_predictions(pred: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> Accuracy:
+    """Accuracy, per-class accuracy and the confusion matrix (rows: true class, columns: predicted) of ``pred``
+    against ``labels``; above :data:`CONFUSION_LIMIT` classes the matrix is left empty ([]) and per-class
+    figures are counted directly, so memory stays linear in the class count."""
     k = len(class_names)
+    if k > CONFUSION_LIMIT:
+        total = torch.bincount(labels, minlength=k)
+        right = torch.bincount(labels[pred == labels], minlength=k)
+        per_class = {name: float(right[i]) / int(total[i]) if int(total[i]) else float("nan")
+                     for i, name in enumerate(class_names)}
+        correct = pred == labels
+        acc = float(correct.float().mean()) if len(labels) else float("nan")
+        return Accuracy(acc, per_class, [], int(len(labels)), correct)
     conf = torch.zeros((k, k), dtype=torch.long)
     conf.index_put_((labels, pred.clamp(0, k - 1)), torch.ones_like(labels), accumulate=True)
     per_class = {}

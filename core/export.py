@@ -1,50 +1,52 @@
-"""Export for the NCS2: ONNX + OpenVINO IR FP16, NCS2 check, verification on real images, fallback bundle.
+"""Export for the NCS2 (or another target): ONNX + OpenVINO IR, the target's verdict, verification on real
+images, fallback bundle.
 
 A bundle is one folder (and a zip of it) that an engineer copies to the edge device:
 
-    model/        the pruned model: model.xml + model.bin (IR, FP16, static 1xCxHxW) + model.onnx (opset 13)
+    model/        the pruned model: model.xml + model.bin (IR, FP16, static 1xCxHxW) + model.onnx (opset 13),
+                  and for the ncs2 target model.blob, compiled by Intel's MYRIAD compiler (``core.targets``)
     fallback/     the original model through the same export
     deploy.py     loads model/ on the chosen device, falls back to fallback/ when the pruned files are
                   missing, altered, fail to compile or fail the self-test (needs only openvino + numpy)
     selftest.npz  stored inputs with the expected outputs of both models
     manifest.json sha256 of every file, accuracy, MACs, params, latency, input spec, class names,
-                  threshold and step, tool version, NCS2 report, verification result
+                  threshold and step, tool version, the target's verdict per model, verification result
     README.txt
 
 The IR is converted from the ONNX export (opset 13, TorchScript exporter), never from the torch
 module: ``ov.convert_model(module)`` writes newer op versions (MaxPool-14) that the 2022.3 runtime,
 the last with the MYRIAD plugin, cannot read. The bundle is built in a temporary folder next to its
-destination and renamed into place, so a failed export leaves nothing behind.
+destination and renamed into place, so a failed export leaves nothing behind. The bundle itself is
+written by ``core.bundle.build_into`` (the builder every task shares); :class:`ClassificationBundle`
+is what classification contributes to it.
 """
 from __future__ import annotations
 
-import datetime as _dt
-import hashlib
-import json
 import os
 import shutil
 import uuid
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
 from .data import ImageSet, normalize
-from .errors import PruneScopeError, one_line
+from .bundle import BUNDLE_FORMAT, TEMPLATE, build_into, sha256_file, summary  # noqa: F401 (re-exported)
+from .errors import ExportError, PruneScopeError, one_line
 from .models import InputSpec, ModelSpec
 from .fp16 import Fp16Range, measure_fp16_range
 from .ir_rewrite import interpolate11_to_4
-from .ncs2 import Ncs2Issue, Ncs2Report, check_ncs2
-from .measure import compare_times, measure_model, time_models
-from .ov_runtime import ONNX_OPSET, compile_cpu, cpu_has_fp16, export_onnx_bytes, latency_stats, read_ir
+from .ncs2 import Ncs2Issue, Ncs2Report
+from .targets import TargetReport, get_target
+from .measure import measure_model
+from .reproduce import reproduce_step
+from .ov_runtime import ONNX_OPSET, compile_cpu, cpu_has_fp16, export_onnx_bytes, read_ir
 from .shortcuts import convert_zero_pad_shortcuts
 from .sources import load_run_dataset
-from .workspace import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .workspace import atomic_write_bytes
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -54,12 +56,6 @@ SELFTEST_INPUTS = 4
 # Wide enough for FP16 arithmetic on the NCS2, far too narrow for wrong or damaged weights.
 SELFTEST_TOLERANCE_FRACTION = 0.1
 SELFTEST_TOLERANCE_FLOOR = 1e-3
-BUNDLE_FORMAT = "prunescope-bundle/1"
-TEMPLATE = Path(__file__).with_name("deploy_template.py")
-
-
-class ExportError(PruneScopeError):
-    """The model could not be exported or bundled; nothing partial was left behind."""
 
 
 # ----------------------------------------------------------------------------- export
@@ -75,8 +71,10 @@ FALLBACK_OPSETS = (14, 17)
 _one_line = one_line  # the name the export modules use
 
 
-def export_model(model: nn.Module, spec: ModelSpec | InputSpec, out_dir: str | Path, name: str = "model") -> dict:
-    """Write ``name.onnx`` (static 1xCxHxW, opset 13) and ``name.xml/.bin`` (OpenVINO IR, FP16) into ``out_dir``.
+def export_model(model: nn.Module, spec: ModelSpec | InputSpec, out_dir: str | Path, name: str = "model",
+                 compress_to_fp16: bool = True) -> dict:
+    """Write ``name.onnx`` (static 1xCxHxW, opset 13) and ``name.xml/.bin`` (OpenVINO IR, FP16, or FP32 with
+    ``compress_to_fp16=False``) into ``out_dir``.
 
     Returns what a deployment needs to feed the model: file paths, input name and shape, mean/std,
     colour order, class names.
@@ -89,6 +87,9 @@ def export_model(model: nn.Module, spec: ModelSpec | InputSpec, out_dir: str | P
     # Zero-padded shortcuts export as Slice + Pad, which the NCS2 lacks; their exact 1x1-conv
     # equivalent exports as a Conv (see ``shortcuts``).
     convert_zero_pad_shortcuts(model, shape)
+    for pname, tensor in model.state_dict().items():  # NaN weights give NaN outputs, which pass any self-test
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ExportError(f"The model's weights hold NaN or infinite values ({pname}); it was not exported.")
     try:
         with torch.no_grad():
             out = model(torch.zeros(shape))
@@ -97,12 +98,14 @@ def export_model(model: nn.Module, spec: ModelSpec | InputSpec, out_dir: str | P
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 1:
         raise ExportError(f"The model must return one (1, classes) logits tensor; it returned "
                           f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}.")
-    return {**convert_to_ir(model, shape, out_dir, name),
+    return {**convert_to_ir(model, shape, out_dir, name, compress_to_fp16),
             **_input_description(ispec, spec.class_names if isinstance(spec, ModelSpec) else None)}
 
 
-def convert_to_ir(model: nn.Module, shape: tuple[int, ...], out_dir: Path, name: str = "model") -> dict:
-    """ONNX (opset 13 first) then OpenVINO IR FP16 of a one-input, one-output model: what every task exports.
+def convert_to_ir(model: nn.Module, shape: tuple[int, ...], out_dir: Path, name: str = "model",
+                  compress_to_fp16: bool = True) -> dict:
+    """ONNX (opset 13 first) then OpenVINO IR (FP16 weights, or FP32 with ``compress_to_fp16=False``) of a
+    one-input, one-output model: what every task and target exports.
 
     Checked here: the converted model has one input and one output, and a static input shape.
     """
@@ -122,7 +125,7 @@ def convert_to_ir(model: nn.Module, shape: tuple[int, ...], out_dir: Path, name:
         raise ExportError("The converted model has a dynamic input shape; the NCS2 needs a static one.")
     xml_path = out_dir / f"{name}.xml"
     try:
-        ov.save_model(ov_model, str(xml_path), compress_to_fp16=True)
+        ov.save_model(ov_model, str(xml_path), compress_to_fp16=compress_to_fp16)
     except Exception as exc:
         raise ExportError(f"Saving the OpenVINO IR failed: {_one_line(exc)}") from None
     out_shape = [int(d) for d in ov_model.outputs[0].get_partial_shape().to_shape()]
@@ -131,7 +134,7 @@ def convert_to_ir(model: nn.Module, shape: tuple[int, ...], out_dir: Path, name:
         "xml": str(xml_path),
         "bin": str(xml_path.with_suffix(".bin")),
         "onnx_opset": opset,
-        "ir_precision": "FP16",
+        "ir_precision": "FP16" if compress_to_fp16 else "FP32",
         "openvino_version": ov.__version__,
         "input_name": ov_model.inputs[0].get_any_name() if ov_model.inputs[0].get_names() else INPUT_NAME,
         "input_shape": list(shape),
@@ -286,15 +289,13 @@ def verify_ir(xml_path: str | Path, model: nn.Module, images: ImageSet, spec: Mo
 
 
 def check_fp16(model: nn.Module, xml_path: str | Path, images: ImageSet, spec: ModelSpec | InputSpec,
-               report: Ncs2Report, verification: Verification, min_images: int) -> Fp16Range:
+               verification: Verification, min_images: int) -> Fp16Range:
     """FP16 is what the NCS2 computes in: measure the activation range on validation images and, where the CPU
-    can, verify the IR in FP16 arithmetic too. An overflow fails the NCS2 check (naming the layer) and the
-    verification, since a model that runs to inf/NaN on the device is neither compatible nor verified."""
+    can, verify the IR in FP16 arithmetic too. An overflow fails the verification here, and the target's
+    check (``Fp16Range.problems()`` names the layer: the NCS2 target makes the model not ready), since a
+    model that runs to inf/NaN on the device is neither ready nor verified; no compiler checks value ranges."""
     ispec = _input_spec(spec)
     fp16 = measure_fp16_range(model, images, ispec)
-    for layer, reason in fp16.problems():
-        report.problems.append(Ncs2Issue(layer=layer, type="FP16 range", version="", reason=reason))
-        report.compatible = False
     if fp16.problems():
         verification.verified = False
         verification.message = "Not verified in FP16: " + fp16.problems()[0][1]
@@ -316,18 +317,25 @@ def check_fp16(model: nn.Module, xml_path: str | Path, images: ImageSet, spec: M
 
 @dataclass
 class BundleResult:
+    """A classification bundle as built: where it is, the manifest, the target's verdict on both models
+    (``target`` / ``target_fallback``), the verification, and for the NCS2 target the static report
+    (``ncs2``, with the FP16 range problems) the verdict is explained by (None for other targets)."""
     bundle_dir: Path
     manifest: dict
-    ncs2: Ncs2Report
-    ncs2_fallback: Ncs2Report
+    ncs2: Ncs2Report | None
+    ncs2_fallback: Ncs2Report | None
     verification: Verification
     verification_fallback: Verification
     files: list[Path]
     zip_path: Path | None = None
+    target: TargetReport | None = None
+    target_fallback: TargetReport | None = None
+    summary: dict = field(default_factory=dict)
 
     @property
     def ncs_compatible(self) -> bool:
-        return self.ncs2.compatible
+        """The NCS2 decision: the MYRIAD compiler's where it ran (see ``core.targets.Ncs2Target``)."""
+        return bool(self.target.ready) if self.target is not None else bool(self.ncs2 and self.ncs2.compatible)
 
     @property
     def verified(self) -> bool:
@@ -335,11 +343,12 @@ class BundleResult:
 
     def to_dict(self) -> dict:
         return {
+            **self.summary,
             "bundle": str(self.bundle_dir),
             "zip": str(self.zip_path) if self.zip_path else None,
-            "ncs_compatible": self.ncs2.compatible,
-            "ncs2": self.ncs2.to_dict(),
-            "ncs2_fallback": self.ncs2_fallback.to_dict(),
+            "ncs_compatible": self.ncs_compatible if self.ncs2 is not None else None,
+            "ncs2": self.ncs2.to_dict() if self.ncs2 else None,
+            "ncs2_fallback": self.ncs2_fallback.to_dict() if self.ncs2_fallback else None,
             "verified": self.verification.verified,
             "agreement": self.verification.agreement,
             "verification": self.verification.to_dict(),
@@ -352,26 +361,23 @@ EXIT_NOT_READY = 3  # the CLI's exit code when a bundle was written but is not t
 
 
 def bundle_shortfall(result: dict) -> str | None:
-    """Why an exported bundle is not what an export asks for (an NCS2-ready, verified model), or None."""
+    """Why an exported bundle is not what an export asks for (ready for its target, e.g. compiled for the
+    NCS2, and verified), or None."""
     reasons = []
-    if not result.get("ncs_compatible"):
-        problems = result.get("ncs2_problems") or []
-        more = f"; {len(problems) - 1} more" if len(problems) > 1 else ""
-        reasons.append("it is not NCS2-compatible" + (f" ({problems[0]}{more})" if problems else ""))
+    ready = result.get("target_ready", result.get("ncs_compatible"))
+    if not ready:
+        if result.get("target", "ncs2") == "ncs2":
+            problems = result.get("ncs2_problems") or []
+            more = f"; {len(problems) - 1} more" if len(problems) > 1 else ""
+            reasons.append("it is not NCS2-ready" + (f" ({problems[0]}{more})" if problems else ""))
+        else:
+            reasons.append(f"it is not ready for {result.get('target')} ({result.get('target_verdict')})")
     if not result.get("verified"):
         reasons.append("the IR does not agree with PyTorch (not verified)")
     if not reasons:
         return None
     return (f"the bundle was written to {result.get('bundle')}, but {' and '.join(reasons)}; the original model is "
             "inside as fallback.")
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _model_meta(meta: dict, which: str) -> dict:
@@ -397,9 +403,9 @@ def _selftest_choice(ref_a: np.ndarray, ref_b: np.ndarray, k: int) -> np.ndarray
 
 def build_bundle(pruned_model: nn.Module, original_model: nn.Module, spec: ModelSpec, val_images: ImageSet,
                  out_path: str | Path, meta: dict | None = None, min_images: int = 200,
-                 latency_runs: int = 30, with_zip: bool = False) -> BundleResult:
-    """Export both models, check and verify them, and write the deployable bundle folder ``out_path``
-    (and, with ``with_zip``, its zip ``<out_path>.zip``).
+                 latency_runs: int = 30, with_zip: bool = False, target: str | None = None) -> BundleResult:
+    """Export both models for ``target`` (``core.targets``; default ``ncs2``), judge and verify them, and write
+    the deployable bundle folder ``out_path`` (and, with ``with_zip``, its zip ``<out_path>.zip``).
 
     Built in a temporary folder next to ``out_path`` and renamed into place (an existing bundle there
     is replaced only once the new one is complete). Any failure removes the temporary folder and
@@ -407,15 +413,28 @@ def build_bundle(pruned_model: nn.Module, original_model: nn.Module, spec: Model
     """
     meta = dict(meta or {})
     out_path = Path(out_path).resolve()
-    result, tmp = build_atomically(
-        out_path, lambda tmp: _build_into(tmp, pruned_model, original_model, spec, val_images, meta, min_images,
-                                          latency_runs), with_zip=with_zip)
-    result.bundle_dir = out_path
-    result.zip_path = bundle_zip_path(out_path) if with_zip else None
-    result.files = [out_path / f.relative_to(tmp) for f in result.files]
-    result.ncs2.xml_path = str(out_path / "model" / "model.xml")
-    result.ncs2_fallback.xml_path = str(out_path / "fallback" / "model.xml")
-    return result
+    chosen = get_target(target)
+    built, tmp = build_atomically(
+        out_path, lambda tmp: build_into(tmp, ClassificationBundle(min_images), chosen, pruned_model, original_model,
+                                         spec, val_images, meta, latency_runs), with_zip=with_zip)
+    reports = {k: built.reports[k] for k in ("pruned", "original")}
+    static = {k: _static_report(r, out_path) for k, r in reports.items()}
+    return BundleResult(out_path, built.manifest, static["pruned"], static["original"], built.verifications["pruned"],
+                        built.verifications["original"], [out_path / f.relative_to(tmp) for f in built.files],
+                        bundle_zip_path(out_path) if with_zip else None, reports["pruned"], reports["original"],
+                        summary(built, chosen))
+
+
+def _static_report(report: TargetReport, bundle: Path) -> Ncs2Report | None:
+    """The NCS2 target's static report (as ``core.ncs2.check_ncs2`` made it, FP16 range problems included)."""
+    static = report.details.get("static")
+    if static is None:
+        return None
+    fields = {k: v for k, v in static.items() if k in Ncs2Report.__dataclass_fields__}
+    fields["problems"] = [Ncs2Issue(**p) for p in static["problems"]]
+    fields["warnings"] = [Ncs2Issue(**w) for w in static["warnings"]]
+    fields["xml_path"] = str(bundle / static["xml_path"])
+    return Ncs2Report(**fields)
 
 
 def bundle_zip_path(bundle_dir: Path) -> Path:
@@ -429,7 +448,11 @@ def check_bundle_target(out_path: str | Path) -> Path:
     replaces a file, a non-empty folder of anything else (a run folder, the user's documents), or a zip
     beside it that no bundle wrote. Called before any work starts. Returns the resolved path.
     """
-    out = Path(out_path).resolve()
+    out = Path(out_path)
+    if out.is_symlink():
+        raise ExportError(f"{out} is a symbolic link; a bundle is written into a real folder only. Nothing was "
+                          "changed.")
+    out = out.resolve()
     zip_path = bundle_zip_path(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} is a file, not a folder; choose a new folder for the bundle.")
@@ -440,14 +463,55 @@ def check_bundle_target(out_path: str | Path) -> Path:
     if zip_path.exists() and not ours:
         raise ExportError(f"{zip_path} already exists and was not written with a bundle in {out}; nothing was "
                           "changed. Choose another bundle folder name.")
+    if ours:
+        extra = unlisted_files(out)
+        if extra:
+            shown = ", ".join(extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
+            raise ExportError(f"{out} is an earlier bundle holding files its manifest does not list ({shown}): "
+                              "replacing it would delete them, so nothing was changed. Move them out, or choose "
+                              "another bundle folder.")
     return out
 
 
 def _is_bundle(folder: Path) -> bool:
+    return _bundle_manifest(folder) is not None
+
+
+def _bundle_manifest(folder: Path) -> dict | None:
+    """The manifest of the bundle in ``folder`` (bounded read, a regular file), or None when it is none."""
+    from .integrity import MAX_JSON_BYTES, IntegrityError, read_json_bounded
+
     try:
-        return json.loads((folder / "manifest.json").read_text()).get("format") == BUNDLE_FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+        manifest = read_json_bounded(folder / "manifest.json", MAX_JSON_BYTES)
+    except (OSError, ValueError, IntegrityError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == BUNDLE_FORMAT else None
+
+
+def bundle_listed_files(manifest: dict) -> set[str]:
+    """Relative paths (``/``-separated) of every file a bundle's manifest lists, ``manifest.json`` included."""
+    listed = {"manifest.json"}
+    files = manifest.get("files")
+    if isinstance(files, dict):
+        listed |= {k for k in files if isinstance(k, str)}
+    models = manifest.get("models")
+    for entry in (models.values() if isinstance(models, dict) else []):
+        if isinstance(entry, dict) and isinstance(entry.get("files"), dict):
+            listed |= {k for k in entry["files"] if isinstance(k, str)}
+    return listed
+
+
+def unlisted_files(folder: Path) -> list[str]:
+    """Files (and links) in the bundle folder ``folder`` that its manifest does not list: what the user put
+    there. Replacing the bundle deletes only listed files, so these block a replacement (issue 28)."""
+    manifest = _bundle_manifest(folder) or {}
+    listed = bundle_listed_files(manifest)
+    out = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if (path.is_symlink() or path.is_file()) and rel not in listed:
+            out.append(rel)
+    return out
 
 
 def build_atomically(out_path: Path, build, with_zip: bool = False):
@@ -508,138 +572,90 @@ def _publish_bundle(tmp: Path, out_path: Path, tmp_zip: Path | None) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _build_into(root: Path, pruned: nn.Module, original: nn.Module, spec: ModelSpec, val: ImageSet, meta: dict,
-                min_images: int, latency_runs: int) -> BundleResult:
-    from .evaluate import evaluate_accuracy
+class ClassificationBundle:
+    """Classification's part of a bundle (``core.bundle.BundleTask``): logits (1, classes), verified by top-1
+    agreement on the OpenVINO CPU runtime, FP16 range measured for FP16 targets, accuracy as the figure."""
+    task = None
+    metric_key = "accuracy"
 
-    ispec = spec.input
-    class_names = list(spec.class_names or val.class_names or [])
-    exports = {
-        "pruned": export_model(pruned, spec, root / "model", "model"),
-        "original": export_model(original, spec, root / "fallback", "model"),
-    }
-    torch_models = {"pruned": pruned, "original": original}
-    reports = {k: check_ncs2(v["xml"]) for k, v in exports.items()}
-    checks = {k: verify_ir(exports[k]["xml"], torch_models[k], val, spec, min_images=min_images) for k in exports}
-    fp16 = {k: check_fp16(torch_models[k], exports[k]["xml"], val, spec, reports[k], checks[k], min_images)
-            for k in exports}
-    if exports["pruned"]["output_shape"] != exports["original"]["output_shape"]:
-        raise ExportError(f"The pruned model outputs {exports['pruned']['output_shape']} but the original "
-                          f"{exports['original']['output_shape']}; they must have the same classes.")
+    def __init__(self, min_images: int = 200):
+        self.min_images = min_images
 
-    figures = {k: _model_meta(meta, k) for k in exports}
-    for k, fig in figures.items():
+    def export(self, model: nn.Module, spec: ModelSpec, out_dir: Path, target) -> dict:
+        return export_model(model, spec, out_dir, "model", **target.ir_options())
+
+    def verify(self, key: str, model: nn.Module, export: dict, val: ImageSet, spec: ModelSpec, target):
+        check = verify_ir(export["xml"], model, val, spec, min_images=self.min_images)
+        if not target.fp16:
+            return check, [], {}
+        fp16 = check_fp16(model, export["xml"], val, spec, check, self.min_images)
+        return check, fp16.problems(), {"fp16_range": fp16.to_dict()}
+
+    def check_inputs(self, val: ImageSet, spec: ModelSpec, n: int) -> torch.Tensor:
+        return normalize(val.subset(n).images, spec.input).float().contiguous()
+
+    def figures(self, key: str, model: nn.Module, verification, meta: dict, spec: ModelSpec, val: ImageSet) -> dict:
+        from .evaluate import evaluate_accuracy
+
+        fig = _model_meta(meta, key)
         if fig.get("accuracy") is None:
-            fig["accuracy"] = evaluate_accuracy(torch_models[k], val, ispec).accuracy
+            fig["accuracy"] = evaluate_accuracy(model, val, spec.input).accuracy
             fig["accuracy_source"] = f"measured at export on {len(val)} selection images"
         if fig.get("macs") is None or fig.get("params") is None:
-            counted = measure_model(torch_models[k], ispec, latency=False)
+            counted = measure_model(model, spec.input, latency=False)
             fig["macs"] = counted.macs if fig.get("macs") is None else fig["macs"]
             fig["params"] = counted.params if fig.get("params") is None else fig["params"]
-    latency_comparison = _time_exports(exports, figures, ispec, latency_runs)
+        return fig
 
-    # self-test: stored inputs with the expected (PyTorch) outputs of both models
-    inputs = normalize(val.subset(max(min_images, 64)).images, ispec)
-    ref = {k: _torch_logits(torch_models[k], inputs) for k in exports}
-    pick = _selftest_choice(ref["pruned"], ref["original"], min(SELFTEST_INPUTS, len(inputs)))
-    np.savez(root / "selftest.npz", input=inputs[pick].numpy().astype(np.float32),
-             expected_model=ref["pruned"][pick].astype(np.float32),
-             expected_fallback=ref["original"][pick].astype(np.float32),
-             tolerance_fraction=np.float32(SELFTEST_TOLERANCE_FRACTION),
-             tolerance_floor=np.float32(SELFTEST_TOLERANCE_FLOOR))
-    shutil.copyfile(TEMPLATE, root / "deploy.py")
-    atomic_write_text(root / "README.txt", _readme(spec, reports["pruned"], checks["pruned"]))
+    def write_selftest(self, root: Path, models: dict, val: ImageSet, spec: ModelSpec) -> dict:
+        """Stored inputs with the expected (PyTorch) outputs of both models, the widest-margin ones."""
+        inputs = normalize(val.subset(max(self.min_images, 64)).images, spec.input)
+        ref = {k: _torch_logits(models[k], inputs) for k in models}
+        for k, logits in ref.items():  # a self-test expecting NaN would pass any output (issue 28)
+            if not np.all(np.isfinite(logits)):
+                raise ExportError(f"The {k} model's outputs on the validation images are not finite (NaN or inf); "
+                                  "a bundle of it could not be self-tested, so none was written.")
+        pick = _selftest_choice(ref["pruned"], ref["original"], min(SELFTEST_INPUTS, len(inputs)))
+        np.savez(root / "selftest.npz", input=inputs[pick].numpy().astype(np.float32),
+                 expected_model=ref["pruned"][pick].astype(np.float32),
+                 expected_fallback=ref["original"][pick].astype(np.float32),
+                 tolerance_fraction=np.float32(SELFTEST_TOLERANCE_FRACTION),
+                 tolerance_floor=np.float32(SELFTEST_TOLERANCE_FLOOR))
+        return {"file": "selftest.npz", "inputs": int(len(pick)),
+                "tolerance": f"max |output - expected| <= {SELFTEST_TOLERANCE_FRACTION} x (max - min of the "
+                             f"expected logits) + {SELFTEST_TOLERANCE_FLOOR}, and the same top-1 class"}
 
-    def hashes(folder: str) -> dict:
-        return {f"{folder}/{p.name}": sha256_file(p) for p in sorted((root / folder).iterdir()) if p.is_file()}
+    def write_extras(self, root: Path, models: dict, spec: ModelSpec) -> tuple[list[str], dict]:
+        return [], {}
 
-    dirs = {"pruned": "model", "original": "fallback"}
-    models_section = {}
-    for k in exports:
-        e = exports[k]
-        models_section[k] = {
-            "dir": dirs[k],
-            "xml": f"{dirs[k]}/model.xml", "bin": f"{dirs[k]}/model.bin", "onnx": f"{dirs[k]}/model.onnx",
-            "files": hashes(dirs[k]),
-            "arch": spec.arch,
-            **{key: figures[k].get(key) for key in ("accuracy", "macs", "params", "latency_ms")},
-            "figures_notes": {key: v for key, v in figures[k].items() if key.endswith("_source")},
-            "latency_spread": figures[k].get("latency_spread"),
-            "output_shape": e["output_shape"],
-            "ncs2": reports[k].to_dict(),
-            "verification": checks[k].to_dict(),
-            "fp16_range": fp16[k].to_dict(),
-            "ir_rewrites": e["rewrites"],
-        }
-    for k in models_section:  # paths in the reports relative to the bundle
-        models_section[k]["ncs2"]["xml_path"] = models_section[k]["xml"]
-    extra = {k: v for k, v in meta.items() if k not in ("pruned", "original", "max_drop", "step")
-             and not k.startswith("original_") and k not in ("accuracy", "macs", "params", "latency_ms")}
-    e = exports["pruned"]
-    manifest: dict[str, Any] = {
-        "format": BUNDLE_FORMAT,
-        "tool": {"name": "PruneScope", "version": __version__},
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "converter": {"openvino": e["openvino_version"], "torch": torch.__version__, "onnx_opset": ONNX_OPSET,
-                      "route": "torch -> ONNX (opset 13, TorchScript exporter) -> ov.convert_model -> "
-                               "ov.save_model(compress_to_fp16=True)"},
-        "input": {key: e[key] for key in ("input_name", "input_shape", "layout", "element_type", "mean", "std",
-                                          "colour_order", "preprocess")},
-        "output": {"name": e["output_name"], "shape": e["output_shape"]},
-        "class_names": class_names,
-        "max_drop": meta.get("max_drop"),
-        "step": meta.get("step"),
-        "models": models_section,
-        "ncs2": reports["pruned"].to_dict() | {"xml_path": "model/model.xml"},
-        "verification": checks["pruned"].to_dict(),
-        "selftest": {"file": "selftest.npz", "inputs": int(len(pick)),
-                     "tolerance": f"max |output - expected| <= {SELFTEST_TOLERANCE_FRACTION} x (max - min of the "
-                                  f"expected logits) + {SELFTEST_TOLERANCE_FLOOR}, and the same top-1 class"},
-        "files": {"deploy.py": sha256_file(root / "deploy.py"), "selftest.npz": sha256_file(root / "selftest.npz"),
-                  "README.txt": sha256_file(root / "README.txt")},
-        "meta": extra,
-        "latency_comparison": latency_comparison,
-    }
-    atomic_write_json(root / "manifest.json", manifest)
-    files = sorted(p for p in root.rglob("*") if p.is_file())
-    return BundleResult(root, manifest, reports["pruned"], reports["original"], checks["pruned"], checks["original"], files)
+    def input_section(self, export: dict, spec: ModelSpec) -> dict:
+        desc = _input_description(spec.input, None)
+        return {"input_name": export["input_name"], "input_shape": export["input_shape"],
+                **{k: desc[k] for k in ("layout", "element_type", "mean", "std", "colour_order", "preprocess")}}
+
+    def output_section(self, export: dict) -> dict:
+        return {"name": export["output_name"], "shape": export["output_shape"]}
+
+    def readme(self, spec: ModelSpec, target, report, verification) -> str:
+        return _readme(spec, target, report, verification)
 
 
-def _time_exports(exports: dict, figures: dict, ispec: InputSpec, runs: int) -> dict | None:
-    """Time the exported IRs whose latency the caller did not give, in alternation (``core.measure``).
-
-    Fills ``latency_ms`` (median) and ``latency_spread`` (median, IQR, FPS) of each; when both models were
-    timed, returns the pruned-vs-original comparison (ratio, its interval, p-value, ``significant``), else None.
-    """
-    need = [k for k in exports if figures[k].get("latency_ms") is None]
-    if not need:
-        return None
-    times = time_models([exports[k]["xml"] for k in need], ispec, runs=runs, warmup=5)
-    for k, t in zip(need, times):
-        stats = latency_stats(t)
-        figures[k]["latency_ms"] = stats.median_ms
-        figures[k]["latency_spread"] = stats.to_dict()
-        figures[k]["latency_source"] = "OpenVINO CPU, batch 1, median of interleaved runs of the exported IR"
-    if len(need) < 2:
-        return None
-    by_name = dict(zip(need, times))
-    return compare_times(by_name["original"], by_name["pruned"]).to_dict()
-
-
-def _readme(spec: ModelSpec, report: Ncs2Report, check: Verification) -> str:
+def _readme(spec: ModelSpec, target, report: TargetReport, check: Verification) -> str:
     i = spec.input
-    return f"""PruneScope export bundle ({spec.arch})
+    blob = "model.blob (NCS2 blob, compiled by the MYRIAD compiler), " if "model/model.blob" in report.files else ""
+    return f"""PruneScope export bundle ({spec.arch}), target: {target.name} ({target.label})
 
-model/      pruned model: model.xml + model.bin (OpenVINO IR, FP16, input 1x{i.channels}x{i.height}x{i.width}) and model.onnx (opset {ONNX_OPSET})
+model/      pruned model: {blob}model.xml + model.bin (OpenVINO IR, {"FP16" if target.fp16 else "FP32"}, input 1x{i.channels}x{i.height}x{i.width}) and model.onnx (opset {ONNX_OPSET})
 fallback/   the original model, exported the same way
-deploy.py   python deploy.py [--device CPU|MYRIAD] [--image PATH]
+deploy.py   python deploy.py [--device CPU|MYRIAD] [--format auto|blob|ir] [--image PATH]
             Loads model/ and falls back to fallback/ when a file is missing or altered (sha256 against
             manifest.json), fails to compile, or fails the self-test (selftest.npz). Needs openvino + numpy
-            (Pillow to read images). For the NCS2 use OpenVINO 2022.3 LTS, the last release with MYRIAD.
-manifest.json  hashes, accuracy, MACs, params, latency, input spec, class names, NCS2 report, verification.
+            (Pillow to read images).
+            {target.deploy_notes()}
+manifest.json  hashes, accuracy, MACs, params, latency, input spec, class names, target verdicts, verification.
 
 Input: {i.colour_order}, NCHW float32, pixel/255 then (x - mean) / std with mean={list(i.mean)} std={list(i.std)}.
-NCS2 check: {"compatible" if report.compatible else "NOT compatible: " + "; ".join(str(p) for p in report.problems[:5])}
+Target ({target.name}): {report.verdict}
 Verification: {check.message}
 """
 
@@ -668,18 +684,17 @@ def _write_zip(folder: Path, arc_root: str, dest: Path) -> None:
 
 
 def export_for_cli(pruned_model: nn.Module, original_model: nn.Module, spec: ModelSpec, val_images: ImageSet,
-                   out_path: str | Path, meta: dict | None = None) -> dict:
-    """Build the bundle and its zip (published together); a flat summary for the CLI (and the UI)."""
-    result = build_bundle(pruned_model, original_model, spec, val_images, out_path, meta, with_zip=True)
+                   out_path: str | Path, meta: dict | None = None, target: str | None = None) -> dict:
+    """Build the bundle and its zip (published together) for ``target``; a flat summary for the CLI and the UI:
+    the target's verdict per model (``core.bundle.summary``) and the verification."""
+    result = build_bundle(pruned_model, original_model, spec, val_images, out_path, meta, with_zip=True,
+                          target=target)
     return {
-        "ncs_compatible": result.ncs2.compatible,
-        "ncs2_problems": [str(p) for p in result.ncs2.problems],
-        "ncs2_warnings": [str(w) for w in result.ncs2.warnings],
+        **result.summary,
         "verified": result.verification.verified,
         "agreement": result.verification.agreement,
         "max_abs_logit_diff": result.verification.max_abs_logit_diff,
         "verification_message": result.verification.message,
-        "fallback_ncs_compatible": result.ncs2_fallback.compatible,
         "fallback_verified": result.verification_fallback.verified,
         "files": [str(f) for f in result.files],
         "bundle": str(result.bundle_dir),
@@ -705,14 +720,18 @@ def pick_step(run, step: int | None, max_drop: float | None, progress=None) -> t
 
 
 def export_run(run_dir: str | Path, step: int | None = None, max_drop: float | None = None,
-               out_path: str | Path | None = None, progress=None, trusted: bool = False) -> dict:
+               out_path: str | Path | None = None, progress=None, trusted: bool = False,
+               target: str | None = None) -> dict:
     """Export one step of a run folder: ``step``, else the smallest within ``max_drop`` points, else the last.
 
     ``max_drop`` (accuracy points below the original) is the threshold the step was chosen with; the
     manifest keeps it under the same name. ``trusted``: the user trusts this run's pickle or model code
-    even without a trust record (see ``core.runs``).
+    even without a trust record (see ``core.runs``). ``target``: the export target (``core.targets``; default
+    ``ncs2``), checked before any work.
     """
     from .runs import Run
+
+    get_target(target)
     from .workspace import workspace_root
 
     run = Run(run_dir)
@@ -726,6 +745,12 @@ def export_run(run_dir: str | Path, step: int | None = None, max_drop: float | N
     if spec.class_names is None:
         spec.class_names = data.class_names
     base = run.history[0]
+    if progress:
+        progress(0.1, f"re-measuring step {step} and the original on the {len(data.val)} selection images")
+    # what ships must be what the run recorded: its figure reproduces on the images it was measured on (issue 28)
+    reproduced = {"pruned": reproduce_step(pruned, data.val, spec.input, step, record.get("metric")).to_dict(),
+                  "original": reproduce_step(original.model, data.val, spec.input, 0, base.get("metric")).to_dict()}
+    unverified = run.unverified()
     # Latency is not taken from the run: its steps were timed minutes apart under different load, so
     # their ratio can be noise. Both exported IRs are timed in alternation instead (_time_exports).
     meta = {  # a classification run's metric is accuracy, the bundle's name for it
@@ -733,11 +758,14 @@ def export_run(run_dir: str | Path, step: int | None = None, max_drop: float | N
         "original": {"accuracy": base.get("metric"), **{k: base.get(k) for k in ("macs", "params")}},
         "step": step, "run": run.name, "max_drop": max_drop,
         "criterion": run.config.get("prune", {}).get("criterion"), "cluster": run.config.get("prune", {}).get("cluster"),
+        "reproduced": reproduced, **({"unverified": unverified} if unverified else {}),
     }
     out = Path(out_path) if out_path else workspace_root() / "exports" / f"{run.name}-step{step:04d}"
     if progress:
-        progress(0.2, "exporting, checking for the NCS2 and verifying on OpenVINO")
-    result = export_for_cli(pruned, original.model, spec, data.val, out, meta)
+        progress(0.2, f"exporting for {get_target(target).name}, judging and verifying on OpenVINO")
+    result = export_for_cli(pruned, original.model, spec, data.val, out, meta, target=target)
     result["step"] = step
     result["run"] = str(run.dir)
+    result["reproduced"] = reproduced
+    result["unverified"] = unverified
     return result

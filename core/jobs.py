@@ -573,9 +573,10 @@ def car_job(model, spec, imageset, n_images: int = 500, sensitivity: bool = True
     return fn
 
 
-def export_job(run_dir: Path | str, step: int, max_drop: float | None = None, out_path: Path | str | None = None
-               ) -> JobFunction:
-    """A job function exporting ``step`` of a run of either task: bundle folder + zip.
+def export_job(run_dir: Path | str, step: int, max_drop: float | None = None, out_path: Path | str | None = None,
+               target: str | None = None) -> JobFunction:
+    """A job function exporting ``step`` of a run of either task for ``target`` (``core.targets``, default
+    ``ncs2``): bundle folder + zip.
 
     ``step`` is exported as given; ``max_drop`` (points) is the threshold it was picked with, recorded
     in the manifest.
@@ -583,7 +584,8 @@ def export_job(run_dir: Path | str, step: int, max_drop: float | None = None, ou
     export = export_detection_run if Run(run_dir).task == "detection" else export_run
 
     def fn(ctx: JobContext) -> dict:
-        result = export(run_dir, step=step, max_drop=max_drop, out_path=out_path, progress=ctx.progress)
+        result = export(run_dir, step=step, max_drop=max_drop, out_path=out_path, progress=ctx.progress,
+                        target=target)
         result["max_drop"] = max_drop
         return result
 

@@ -21,6 +21,7 @@ import onnx
 from torch import nn
 
 from .evaluate import count_macs_params
+from .errors import one_line
 from .models import InputSpec, ModelSpec
 from .ov_runtime import (LatencyStats, compile_cpu, export_onnx_bytes, latency_difference, latency_stats, layer_timings,
                          read_ir, read_onnx_bytes, runtime_description, time_interleaved, to_openvino)
@@ -227,7 +228,9 @@ def measure_model(model: nn.Module, spec: InputSpec | ModelSpec, *, latency: boo
         if strict:
             raise
         figures.latency, figures.throughput = None, {}
-        figures.latency_note = f"not measured: {type(exc).__name__}: {str(exc)[:200]}"
+        figures.latency_note = (f"unavailable: OpenVINO cannot take this model ({one_line(exc, 200)}), so neither "
+                                "its latency nor an export (IR, NCS2 bundle) can be made; accuracy, MACs and "
+                                "parameters stand")
         return figures
     figures.device = runtime_description(threads) + f", median of {figures.latency.runs} runs"
     return figures

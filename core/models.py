@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .architectures import SAMPLE_ARCHITECTURES
-from .custom_code import build_from_code, import_code_file, parse_model_args
+from .custom_code import build_from_code, import_code_file, parse_model_args, source_of
 from .errors import (CODE_CONTROL, TRUST_CONTROL, ArchitectureMismatchError, ModelLoadError, SettingsError,
                      UntrustedPickleError, one_line)
 from .preprocess import match_first_layer
@@ -121,9 +121,15 @@ class ModelSpec:
 
 @dataclass
 class LoadedModel:
+    """A model with its spec and the loader's notes. ``code_bytes``: the exact bytes of the user's Python file
+    that ran to build it (custom code, or the classes of a pickle); ``pickle_bytes``: the exact bytes of a
+    pickled model that was unpickled. A run keeps and trusts these bytes, never the file read again by name."""
+
     model: nn.Module
     spec: ModelSpec
     notes: list[str] = field(default_factory=list)
+    code_bytes: bytes | None = None
+    pickle_bytes: bytes | None = None
 
 
 # ----------------------------------------------------------------------------- architecture registry
@@ -355,6 +361,11 @@ def extract_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], str | None, l
             f"parameter name, possibly under one of: {', '.join(CHECKPOINT_KEYS)}."
         )
     sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    others = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if others:  # training metadata beside the weights (epoch, arch, optimizer): said, never silently dropped
+        notes.append(f"Ignored {len(others)} checkpoint entr{'y' if len(others) == 1 else 'ies'} that "
+                     f"{'is' if len(others) == 1 else 'are'} not weights: {', '.join(others[:8])}"
+                     f"{' …' if len(others) > 8 else ''}.")
     sd = _strip_wrapper_prefixes(sd, notes)
     sd = _to_float32(sd, notes)
     return sd, key_used, notes
@@ -387,10 +398,27 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 _MIXABLE_PREFIXES = ("module.", "_orig_mod.")
 
 
+MAX_EXTRA_ENTRIES = 8  # scalar entries beside a checkpoint's weights (epoch, best_acc1, step) set aside at most
+
+
+def _extra_entry(key: str, value: torch.Tensor) -> bool:
+    """A checkpoint entry that looks like training metadata, not a layer's weight: a top-level name (no '.')
+    holding at most one number (``epoch``, ``best_prec1``)."""
+    return "." not in key and value.numel() <= 1
+
+
 def _strip_wrapper_prefixes(sd: dict[str, torch.Tensor], notes: list[str]) -> dict[str, torch.Tensor]:
     for prefix in _WRAPPER_PREFIXES:
         with_prefix = [k for k in sd if k.startswith(prefix)]
         if not with_prefix:
+            continue
+        rest = [k for k in sd if not k.startswith(prefix)]
+        if rest and len(rest) <= MAX_EXTRA_ENTRIES and len(rest) < len(with_prefix) \
+                and all(_extra_entry(k, sd[k]) for k in rest):
+            # consistently prefixed weights beside a few scalars: the weights lose the prefix, the scalars stay as
+            # they are (load_state_dict_strict sets them aside when the model has no such entry, and says so)
+            sd = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+            notes.append(f"Removed the '{prefix}' prefix from parameter names.")
             continue
         if len(with_prefix) == len(sd):
             sd = {k[len(prefix):]: v for k, v in sd.items()}
@@ -461,16 +489,26 @@ def _with_version_metadata(sd: dict, own: dict) -> dict:
     return out
 
 
-def load_state_dict_strict(model: nn.Module, sd: dict[str, torch.Tensor], arch: str) -> None:
+def load_state_dict_strict(model: nn.Module, sd: dict[str, torch.Tensor], arch: str,
+                           notes: list[str] | None = None) -> None:
     """Load weights as PyTorch's ``load_state_dict(strict=True)`` does; when PyTorch refuses, say exactly which
     keys and shapes do not fit.
 
     PyTorch decides, never a stricter check of ours: e.g. checkpoints written before PyTorch 0.4.1 lack every
     BatchNorm's ``num_batches_tracked``, which PyTorch fills with its default (see :func:`_legacy_batchnorm`).
+    The one thing set aside first: a few (at most :data:`MAX_EXTRA_ENTRIES`) scalar entries with top-level
+    names the model does not have (``epoch``, ``best_acc1``), training metadata saved beside the weights;
+    what was ignored is added to ``notes``. Everything else must fit exactly.
     """
     own = model.state_dict()
     drop = _AUX_ARCHS.get(arch, ())
     sd = {k: v for k, v in sd.items() if not k.startswith(drop)} if drop else sd
+    extras = [k for k, v in sd.items() if k not in own and _extra_entry(k, v)]
+    if extras and len(extras) <= MAX_EXTRA_ENTRIES and len(extras) < len(sd) - len(extras):
+        sd = {k: v for k, v in sd.items() if k not in extras}
+        if notes is not None:
+            notes.append(f"Ignored {len(extras)} checkpoint entr{'y' if len(extras) == 1 else 'ies'} beside the "
+                         f"weights that the model does not have: {', '.join(extras)}.")
     sd = _legacy_batchnorm(model, sd)
     try:
         model.load_state_dict(_with_version_metadata(sd, own), strict=True)
@@ -521,12 +559,16 @@ def load_model(
     code_path: str | Path | None = None,
     code_name: str | None = None,
     code_args: Any = None,
+    code_source: bytes | None = None,
 ) -> LoadedModel:
     """Load a model from a file: architecture name + state dict, a whole trusted pickled module, or a state
     dict + the user's own Python file that builds the architecture (``code_path``, trusted only).
 
     ``path`` may be ``sample:NAME`` for a bundled sample. ``code_args`` are the class's or factory's
     arguments: JSON text or already parsed (an object = keyword arguments, a list = positional ones).
+    ``code_source``: the bytes to run as ``code_path`` when the caller already read and checked them (a run's
+    trusted copy); otherwise the file is read once. The returned model carries the bytes that ran
+    (``code_bytes``, ``pickle_bytes``).
     """
     if input_spec is not None:
         input_spec.validate()
@@ -537,11 +579,11 @@ def load_model(
         return load_sample_model(path.split(":", 1)[1])
     if code_name or (code_path is not None and arch is not None):
         return _with_first_layer(_load_custom(path, code_path, code_name, code_args, arch, trusted, input_spec,
-                                              class_names))
+                                              class_names, code_source))
     data = path if isinstance(path, bytes) else _read_file(Path(path))
     source = "upload" if isinstance(path, bytes) else str(path)
     # Model code without a class name: the file holds a pickled model whose classes are defined in that code.
-    classes = import_code_file(code_path, trusted=trusted) if code_path is not None else None
+    classes = import_code_file(code_path, trusted=trusted, source=code_source) if code_path is not None else None
     obj, notes = read_checkpoint(data, trusted=trusted, classes=classes)
     if isinstance(obj, nn.Module) and arch is None:
         model = obj.float().eval()
@@ -549,7 +591,8 @@ def load_model(
         spec = ModelSpec(arch=f"pickled:{type(obj).__name__}", num_classes=num_classes,
                          input=input_spec or open_input_spec(), class_names=class_names, source=source, pickled=True,
                          pickle_code=str(Path(code_path).resolve()) if code_path is not None else None)
-        return _with_first_layer(LoadedModel(model, spec, notes))
+        return _with_first_layer(LoadedModel(model, spec, notes, code_bytes=source_of(classes) if classes else None,
+                                             pickle_bytes=data))
     if classes is not None:
         raise ModelLoadError("Name the class or factory function in the model code that builds the model "
                              "(--model-class): without one, the code only serves to unpickle a whole pickled model, "
@@ -561,7 +604,7 @@ def load_model(
     num_classes = infer_num_classes(arch, sd)
     model = build_architecture(arch, num_classes)
     try:
-        load_state_dict_strict(model, sd, arch)
+        load_state_dict_strict(model, sd, arch, notes)
     except ModelLoadError as exc:  # weights of another architecture: where a user's own one is given
         raise ArchitectureMismatchError(f"{exc} {OWN_ARCHITECTURE_HINT}") from None
     spec = ModelSpec(arch=arch, num_classes=num_classes, input=input_spec or default_input_spec(arch),
@@ -575,14 +618,27 @@ def open_input_spec() -> InputSpec:
     return InputSpec(height=0, width=0)
 
 
+def check_finite_weights(model: nn.Module) -> None:
+    """Refuse (:class:`ModelLoadError`) a model whose weights or buffers hold NaN or inf, naming the first such
+    tensor: it computes NaN, which every later figure would blame on something else ("near chance", FP16)."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ModelLoadError(f"The model's weights hold NaN or infinite values ({bad} of {tensor.numel()} in "
+                                 f"{name}); a model with them computes nothing meaningful, so it was not loaded.")
+
+
 def _with_first_layer(loaded: LoadedModel) -> LoadedModel:
-    """The model's spec with the channel count its first convolution reads (grey models read 1)."""
+    """The model's spec with the channel count its first convolution reads (grey models read 1); a model with
+    NaN or infinite weights is refused here, on every path a model loads through."""
+    check_finite_weights(loaded.model)
     loaded.spec.input, notes = match_first_layer(loaded.spec.input, loaded.model)
     loaded.notes += notes
     return loaded
 
 
-def _load_custom(path, code_path, code_name, code_args, arch, trusted, input_spec, class_names) -> LoadedModel:
+def _load_custom(path, code_path, code_name, code_args, arch, trusted, input_spec, class_names,
+                 code_source: bytes | None = None) -> LoadedModel:
     """Weights into the model that the user's Python file builds; the file runs only when trusted."""
     if code_path is None:
         raise ModelLoadError(f"A model class or function ('{code_name}') was named without the Python file that "
@@ -591,25 +647,27 @@ def _load_custom(path, code_path, code_name, code_args, arch, trusted, input_spe
         raise ModelLoadError(f"Both an architecture ('{arch}') and a Python file with the architecture were given; "
                              "give one of them.")
     args = parse_model_args(code_args)
-    model = build_from_code(code_path, code_name, args, trusted=trusted)
+    module = import_code_file(code_path, trusted=trusted, source=code_source)  # read once: the bytes that run
+    model = build_from_code(code_path, code_name, args, trusted=trusted, module=module)
     name = f"custom:{code_name.strip()}"
     data = path if isinstance(path, bytes) else _read_file(Path(path))
     # A whole model pickled by a training script works too: its __main__ classes come from the same file.
-    obj, notes = read_checkpoint(data, trusted=trusted, classes=import_code_file(code_path, trusted=trusted))
+    obj, notes = read_checkpoint(data, trusted=trusted, classes=module)
     sd, key_used, more = extract_state_dict(obj)
     notes += more
-    _load_custom_weights(model, sd, name)
+    _load_custom_weights(model, sd, name, notes)
     spec = ModelSpec(arch=name, num_classes=_output_features(model), input=input_spec or open_input_spec(),
                      class_names=class_names, source="upload" if isinstance(path, bytes) else str(path),
                      checkpoint_key=key_used, code_file=str(Path(code_path).resolve()), code_name=code_name.strip(),
                      code_args=args)
-    return LoadedModel(model.float().eval(), spec, notes)
+    return LoadedModel(model.float().eval(), spec, notes, code_bytes=source_of(module))
 
 
-def _load_custom_weights(model: nn.Module, sd: dict[str, torch.Tensor], name: str) -> None:
+def _load_custom_weights(model: nn.Module, sd: dict[str, torch.Tensor], name: str,
+                         notes: list[str] | None = None) -> None:
     """As :func:`load_state_dict_strict`, with a hint when only the output layer's size differs."""
     try:
-        load_state_dict_strict(model, sd, name)
+        load_state_dict_strict(model, sd, name, notes)
     except ModelLoadError as exc:
         head = _output_layer_key(model)
         if head in sd and sd[head].shape != model.state_dict()[head].shape:
@@ -628,11 +686,18 @@ def _output_layer_key(model: nn.Module) -> str | None:
 
 
 def _read_file(path: Path) -> bytes:
+    """The model file's bytes: a regular file within :data:`core.integrity.MAX_WEIGHTS_BYTES` (a FIFO or
+    ``/dev/zero`` named as the model is refused in one line, never read without end)."""
+    from .integrity import MAX_WEIGHTS_BYTES, IntegrityError, read_bounded
+
     if not path.exists():
         raise ModelLoadError(f"Model file not found: {path}")
     if path.is_dir():
         raise ModelLoadError(f"Expected a model file, got a folder: {path}")
-    return path.read_bytes()
+    try:
+        return read_bounded(path.resolve(), MAX_WEIGHTS_BYTES, path.name)
+    except IntegrityError as exc:
+        raise ModelLoadError(str(exc)) from None
 
 
 def _output_features(model: nn.Module) -> int:
@@ -677,16 +742,20 @@ def load_sample_model(name: str) -> LoadedModel:
 
 
 def rebuild_from_spec(spec: ModelSpec, state_dict: dict[str, torch.Tensor] | None = None,
-                      code_path: str | Path | None = None, trusted: bool = False) -> nn.Module:
+                      code_path: str | Path | None = None, trusted: bool = False,
+                      code_source: bytes | None = None) -> nn.Module:
     """A fresh model of ``spec``'s architecture, optionally with weights; never unpickles.
 
     A custom architecture is rebuilt by running its Python file (``code_path``, else ``spec.code_file``),
-    so it needs ``trusted`` like the first load did; a run folder passes its own copy of the file.
+    so it needs ``trusted`` like the first load did; a run folder passes its own copy of the file and the
+    bytes of it that it checked (``code_source``: exactly those run, the file is not read again).
     """
     if spec.pickled:
         raise ModelLoadError("A pickled model can only be rebuilt from its trusted file.")
     if spec.custom:
-        model = build_from_code(code_path or spec.code_file, spec.code_name, spec.code_args, trusted=trusted)
+        path = code_path or spec.code_file
+        module = import_code_file(path, trusted=trusted, source=code_source) if trusted else None
+        model = build_from_code(path, spec.code_name, spec.code_args, trusted=trusted, module=module)
     else:
         model = build_architecture(spec.arch, spec.num_classes)
     if state_dict is not None:

@@ -12,6 +12,8 @@ each group may lose the largest fraction whose measured drop stays within ``max_
 """
 from __future__ import annotations
 
+import json
+
 import math
 from dataclasses import dataclass, field
 
@@ -37,10 +39,25 @@ class PrunePlan:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "PrunePlan":
+        """A plan from its JSON form, type-checked: ``exclude`` a list of layer names (a string would be read
+        letter by letter), ``max_fraction`` an object of layer name -> number. Raises ``SettingsError``."""
         d = d or {}
-        return cls(exclude=set(d.get("exclude", [])),
-                   max_fraction={str(k): float(v) for k, v in (d.get("max_fraction") or {}).items()},
-                   notes=dict(d.get("notes") or {}), source=d.get("source", ""))
+        if not isinstance(d, dict):
+            raise SettingsError(f"A pruning plan is a JSON object with 'exclude' and 'max_fraction'; got a "
+                                f"{type(d).__name__}.")
+        exclude = d.get("exclude") or []
+        if not isinstance(exclude, list) or not all(isinstance(n, str) for n in exclude):
+            raise SettingsError(f"The pruning plan's 'exclude' must be a list of layer names, e.g. [\"layer1.0.conv1\"]; "
+                                f"got {json.dumps(exclude)[:80]}.")
+        fractions = d.get("max_fraction") or {}
+        if not isinstance(fractions, dict) or not all(
+                isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+                for k, v in fractions.items()):
+            raise SettingsError("The pruning plan's 'max_fraction' must map layer names to numbers, e.g. "
+                                f"{{\"layer3.0.conv2\": 0.25}}; got {json.dumps(fractions)[:80]}.")
+        notes = d.get("notes") or {}
+        return cls(exclude=set(exclude), max_fraction={k: float(v) for k, v in fractions.items()},
+                   notes=dict(notes) if isinstance(notes, dict) else {}, source=str(d.get("source", "")))
 
     @property
     def empty(self) -> bool:

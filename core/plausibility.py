@@ -129,16 +129,25 @@ def _margin(p: float, n: int) -> float:
     return max(0.05, 2 * math.sqrt(p * (1 - p) / n)) if n else math.inf
 
 
+CLASS_ORDER_LIMIT = 2000
+
+
+def _tells_apart(chance: float, n: int) -> bool:
+    """Whether ``n`` images can tell a model from guessing at all: a perfect score must lie outside the margin
+    around chance (one image of two classes cannot: 100 % would read 'near chance')."""
+    return n > 0 and 1.0 - chance > _margin(chance, n)
+
+
 def near_chance(accuracy: float, chance: float, n: int) -> bool:
-    """Within :func:`_margin` of chance (either side)."""
-    if n == 0 or math.isnan(accuracy):
+    """Within :func:`_margin` of chance (either side); never said when ``n`` images cannot tell."""
+    if n == 0 or math.isnan(accuracy) or not _tells_apart(chance, n):
         return False
     return abs(accuracy - chance) <= _margin(chance, n)
 
 
 def below_chance(accuracy: float, chance: float, n: int) -> bool:
     """Further below chance than :func:`_margin`: systematically wrong answers, not noise."""
-    if n == 0 or math.isnan(accuracy):
+    if n == 0 or math.isnan(accuracy) or not _tells_apart(chance, n):
         return False
     return accuracy < chance - _margin(chance, n)
 
@@ -161,7 +170,8 @@ def check_plausibility(model: nn.Module, data: DataSet, spec: InputSpec, accurac
     best = None
     for label, trial in _candidates(spec):
         pred = predict_logits(model, choose.images, trial).argmax(1)
-        order = best_class_order(pred, choose.labels, k)
+        # the class order is searched up to CLASS_ORDER_LIMIT classes (a k×k assignment; 20,000 would be 3.2 GB)
+        order = best_class_order(pred, choose.labels, k) if k <= CLASS_ORDER_LIMIT else None
         plain = _agreement(pred, choose.labels)
         mapped = _agreement(_mapped(pred, order, k), choose.labels)
         use_order = mapped > plain

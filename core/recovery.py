@@ -287,7 +287,7 @@ def _pruning_history(run: Run, step: int) -> list:
     """The Torch-Pruning history of ``step`` (empty for the original): the structure the new step keeps."""
     if step == 0:
         return []
-    return run._weights(run.dir / "steps" / f"{step:04d}.pt")["pruning_history"]
+    return run._weights(run.dir / "steps" / f"{step:04d}.pt", run.record(step).get("weights_sha256"))["pruning_history"]
 
 
 def _correct(model: nn.Module, data: DataSet, spec: InputSpec) -> dict[str, np.ndarray]:

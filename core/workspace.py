@@ -14,6 +14,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from .integrity import (MAX_HISTORY_BYTES, MAX_JSON_BYTES, MAX_SIDECAR_BYTES, IntegrityError, read_bounded,
+                        read_json_bounded,
+                        read_jsonl_bounded)
 from .jsonout import strict
 
 ENV_VAR = "PRUNESCOPE_WORKSPACE"
@@ -49,8 +52,8 @@ def upload_name(path: str | Path | None) -> str | None:
     if not path:
         return None
     try:
-        record = read_json(Path(str(path) + UPLOAD_NAME_SUFFIX))
-    except (OSError, ValueError):  # a damaged or unreadable record names nothing
+        record = read_json_bounded(Path(str(path) + UPLOAD_NAME_SUFFIX), MAX_SIDECAR_BYTES)
+    except (OSError, ValueError, IntegrityError):  # a damaged, oversized or unreadable record names nothing
         return None
     name = record.get("name") if isinstance(record, dict) else None
     return name if isinstance(name, str) and name else None
@@ -114,22 +117,19 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
 def append_jsonl(path: Path, record: dict) -> None:
     """Append one record by rewriting the file atomically: a crash leaves the previous complete file."""
     path = Path(path)
-    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    old = read_bounded(path, MAX_HISTORY_BYTES).decode("utf-8") if path.exists() else ""
     atomic_write_text(path, old + json.dumps(strict(record), default=_json_default, allow_nan=False) + "\n")
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """One JSON value per line of ``path`` ([] when absent); bounded, regular files only (``core.integrity``)."""
+    return read_jsonl_bounded(path, MAX_HISTORY_BYTES)
 
 
 def read_json(path: Path, default: Any = None) -> Any:
-    path = Path(path)
-    if not path.exists():
-        return default
-    return json.loads(path.read_text(encoding="utf-8"))
+    """The JSON in ``path`` (``default`` when absent): a regular file of at most ``MAX_JSON_BYTES``, else
+    :class:`core.integrity.IntegrityError`; a file that is no JSON raises ``ValueError``."""
+    return read_json_bounded(path, MAX_JSON_BYTES, default)
 
 
 def _json_default(obj: Any) -> Any:

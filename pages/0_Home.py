@@ -8,8 +8,8 @@ import streamlit as st
 from core.jobs import past_runs
 from core.runs import run_reviewable
 from core.models import sample_entry, sample_names
-from ui.common import (action_button, format_macs, format_params, format_pct, format_seconds, metric_name,
-                       model_shape, page_link, setup_page, started_at, state_badge)
+from ui.common import (action_button, damaged_runs_notice, format_macs, format_params, format_pct, format_seconds,
+                       metric_name, model_shape, page_link, setup_page, started_at, state_badge)
 from ui.state import DEFAULT_SAMPLE, get_registry, load_sample
 
 state = setup_page("PruneScope", "Structured compression of CNNs for edge hardware: find the filters that matter, "
@@ -101,6 +101,7 @@ with col_run:
 
 runs = past_runs(registry)
 st.subheader("Runs in the workspace")
+damaged_runs_notice()  # a damaged run is listed with its reason, never fatal to the page (issue 28)
 if not runs:
     st.caption("No runs yet. Runs you start on the Prune page are listed here, also after an app restart.")
 else:

@@ -51,7 +51,7 @@ def read_model(kind: str, model_bytes: bytes, trusted: bool, arch: str | None, s
             raise PruneScopeError("Choose the Python file (.py) that defines the model.")
         code_path = keep_uploaded_code(code["bytes"], code["filename"])
         return load_model(model_bytes, trusted=trusted, input_spec=spec, code_path=code_path, code_name=code["name"],
-                          code_args=code["args"])
+                          code_args=code["args"], code_source=code["bytes"])  # the bytes uploaded run, not a re-read
     return load_model(model_bytes, arch=arch if kind == MODEL_KINDS[0] else None, trusted=trusted, input_spec=spec)
 
 

@@ -1,4 +1,5 @@
-"""Export: one step of a run as OpenVINO IR FP16 + ONNX, NCS2 check, verification, bundle zip with the fallback."""
+"""Export: one step of a run for an export target (NCS2: IR FP16 + ONNX + a blob compiled by the MYRIAD compiler;
+or OpenVINO CPU), the target's verdict, verification, bundle zip with the fallback."""
 from __future__ import annotations
 
 
@@ -6,16 +7,17 @@ import streamlit as st
 
 from core.jobs import JobAlreadyRunning, export_job, past_runs
 from core.measure import per_layer_timings
+from core.targets import DEFAULT_TARGET, TARGETS
 from core.workspace import read_json, workspace_root
-from ui.common import (action_button, format_macs, format_ms, format_params, format_pct, job_status, ncs2_panel,
-                       pick_run, setup_page, state_badge)
+from ui.common import (action_button, format_macs, format_ms, format_params, format_pct, job_status, pick_run,
+                       setup_page, state_badge, target_panel)
 from ui.detection import detection_bundle_view
 from ui.review import comparison_text, latency_text
 from ui.state import get_registry, run_model
 
-state = setup_page("Export", "For the Intel NCS2: OpenVINO IR (FP16, static 1×C×H×W) + ONNX (opset 13), checked "
-                   "against the MYRIAD plugin of OpenVINO 2022.3, verified on real images, with the original as "
-                   "fail-safe.")
+state = setup_page("Export", "For the Intel NCS2: OpenVINO IR (FP16, static 1×C×H×W) + ONNX (opset 13) + a blob "
+                   "compiled by Intel's MYRIAD compiler (OpenVINO 2021.4.2), verified on real images, with the "
+                   "original as fail-safe. Or for an OpenVINO CPU host (FP32 IR).")
 registry = get_registry()
 runs = [r for r in past_runs(registry) if r["steps"] >= 0 and r["run"].history]
 c1, c2 = st.columns(2)
@@ -38,18 +40,21 @@ step = c2.selectbox("Step", steps, index=steps.index(default_step), key=f"ex_ste
                                           f"{format_macs(records[k]['macs'])} MACs"
                                           + (" · threshold pick" if k == default_step else ""))
 st.caption(f"Default: step {default_step}, {why}. {state_badge(entry['state'])}")
+target = st.radio("Export target", list(TARGETS), index=list(TARGETS).index(DEFAULT_TARGET), key="ex_target",
+                  horizontal=True, format_func=lambda name: TARGETS[name].label)
 
-bundle_dir = workspace_root() / "exports" / f"{run.name}-step{step:04d}"
+bundle_dir = workspace_root() / "exports" / (f"{run.name}-step{step:04d}"
+                                             + ("" if target == DEFAULT_TARGET else f"-{target}"))
 zip_path = bundle_dir.parent / f"{bundle_dir.name}.zip"
-job_key = f"{run.name}:{step}"
+job_key = f"{run.name}:{step}" + ("" if target == DEFAULT_TARGET else f":{target}")
 job = registry.latest("export", job_key)
 running = job is not None and job.running
 
 
 def start_export() -> None:
     try:
-        registry.start("export", export_job(run.dir, step, max_drop=max_drop, out_path=bundle_dir), key=job_key,
-                       meta={"run": run.name, "step": step})
+        registry.start("export", export_job(run.dir, step, max_drop=max_drop, out_path=bundle_dir, target=target),
+                       key=job_key, meta={"run": run.name, "step": step, "target": target})
     except JobAlreadyRunning:
         pass
 
@@ -68,8 +73,9 @@ def export_status() -> None:
 export_status()
 if running or not exists:
     if not running:
-        st.info("Press **Export** to write the bundle: ONNX + IR of the pruned step and of the original, the NCS2 "
-                "check, verification on the selection images and a self-test; it runs in the background.",
+        st.info(f"Press **Export** to write the bundle for {TARGETS[target].label}: ONNX + IR of the pruned step and "
+                "of the original, judged for the target (for the NCS2: compiled by the MYRIAD compiler), verified on "
+                "the selection images, with a self-test; it runs in the background.",
                 icon=":material/info:")
     st.stop()
 
@@ -79,14 +85,14 @@ if manifest.get("task") == "detection":
     detection_bundle_view(manifest, bundle_dir, zip_path)
     st.stop()
 pruned, original = manifest["models"]["pruned"], manifest["models"]["original"]
-ncs2, verification = manifest["ncs2"], manifest["verification"]
+verification = manifest["verification"]
 top = bundle_dir.name
 
 st.subheader(f"Bundle of step {manifest.get('step', step)}")
 col_ncs, col_ver = st.columns(2)
 with col_ncs:
     with st.container(border=True):
-        ncs2_panel(ncs2, manifest["input"]["input_shape"])
+        target_panel(manifest)
 with col_ver:
     with st.container(border=True):
         # issue 27: every verification line says which model (and which arithmetic) it is about
@@ -96,9 +102,8 @@ with col_ver:
         for note in verification.get("notes", []):
             st.caption(f"Pruned model in FP16 arithmetic (as the NCS2 computes): {note}"
                        if note.startswith(("Verified", "Not verified")) else note)
-        fb_ok = original["ncs2"]["compatible"] and original["verification"]["verified"]
-        st.markdown(f"**Fallback (original)**: NCS2 {'compatible' if original['ncs2']['compatible'] else 'NOT compatible'}, "
-                    f"{'verified' if original['verification']['verified'] else 'NOT verified'} "
+        fb_ok = original["verification"]["verified"]
+        st.markdown(f"**Fallback (original)**: {'verified' if fb_ok else 'NOT verified'} "
                     f"({original['verification']['agreement'] * 100:.1f} % agreement)." + ("" if fb_ok else " Check it."))
 
 st.dataframe([
@@ -128,16 +133,17 @@ with st.expander("Per-layer timing (OpenVINO performance counters)", icon=":mate
                        "share": f"{r['share'] * 100:.1f} %"} for r in rows], hide_index=True, width="stretch")
         st.caption("Batch 1, median per node over 20 runs; BatchNorm and ReLU are fused into the convolution.")
 
+blob = "`model.blob` (NCS2 blob, compiled by the MYRIAD compiler), " if pruned.get("blob") else ""
 with st.container(border=True):
     st.markdown(f"""**What is in the zip** (`{zip_path.name}`, {zip_path.stat().st_size / 1e6:.2f} MB)
 
-- `{top}/model/`: the pruned model, `model.xml` + `model.bin` (IR, FP16) and `model.onnx`
-- `{top}/fallback/`: **the original model, the fail-safe**: `fallback/model.xml` + `model.bin` + `model.onnx`
+- `{top}/model/`: the pruned model, {blob}`model.xml` + `model.bin` (IR, {pruned.get("ir_precision", "FP16")}) and `model.onnx`
+- `{top}/fallback/`: **the original model, the fail-safe**: {blob}`fallback/model.xml` + `model.bin` + `model.onnx`
 - `{top}/deploy.py`: loads `model/` on the device and switches to `fallback/` by itself when a file is missing or
   altered (sha256 in the manifest), fails to compile, or fails the self-test (`selftest.npz`)
-- `{top}/manifest.json`, `README.txt`: hashes, figures, input format, class names, NCS2 report, verification
+- `{top}/manifest.json`, `README.txt`: hashes, figures, input format, class names, target verdicts, verification
 
-On the target: `python deploy.py --device MYRIAD --image picture.png` (OpenVINO 2022.3 LTS, the last with the NCS2).""")
+{(manifest.get("target") or {}).get("deploy") or "On the target: python deploy.py --device MYRIAD --image picture.png (OpenVINO 2022.3 LTS)."}""")
     st.download_button("Download the bundle (.zip)", data=zip_path.read_bytes(), file_name=zip_path.name,
                        mime="application/zip", type="primary", key="ex_download", icon=":material/download:")
     st.caption(f"Also on disk: `{bundle_dir}`")

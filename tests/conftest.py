@@ -26,6 +26,14 @@ def _isolated_workspace(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def myriad_compiler():
+    """The NCS2 compiler is set up (``tests.helpers.needs_myriad``); skips with its reason where it cannot be."""
+    from tests.helpers import require_myriad
+
+    require_myriad()
+
+
+@pytest.fixture
 def one_thread():
     """One intra-op thread: on a shared 2-core machine, spinning OpenMP threads slow small convs many-fold."""
     import torch

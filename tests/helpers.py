@@ -6,6 +6,7 @@ import json
 import zipfile
 from pathlib import Path
 
+import pytest
 import torch
 
 from core.data import DataReport, DataSet, ImageSet
@@ -89,6 +90,24 @@ def zip_bytes(entries: dict[str, bytes]) -> bytes:
         for name, data in entries.items():
             zf.writestr(name, data)
     return buf.getvalue()
+
+
+def require_myriad() -> None:
+    """Skip, with the set-up's own one-line reason, only where the NCS2 (MYRIAD) compiler cannot be set up
+    (no Python <= 3.9, no g++, no libusb, ...: ``scripts/setup-myriad.sh`` recorded why). Where it was never
+    set up, fail: ``make test`` builds it first, so a missing one is a broken set-up, not a reason to skip."""
+    from core.ncs2_compiler import compiler_status, venv_dir
+
+    ready, why = compiler_status()
+    if ready:
+        return
+    if (venv_dir() / "status.json").is_file():
+        pytest.skip(f"NCS2 (MYRIAD) compiler cannot be set up on this machine: {why}")
+    pytest.fail(f"NCS2 (MYRIAD) compiler is not set up ({why}); `make test` runs scripts/setup-myriad.sh first")
+
+
+# Marks a test that runs Intel's MYRIAD compiler (see require_myriad; the fixture lives in tests/conftest.py).
+needs_myriad = pytest.mark.usefixtures("myriad_compiler")
 
 
 SHARED_CIFAR_JPEGS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10_train_jpeg.zip"

@@ -257,23 +257,49 @@ def latency_delta(record: dict, base: dict) -> tuple[str | None, str]:
     return (text, "inverse") if apart else (f"{text} (within the spread)", "off")
 
 
-def ncs2_panel(ncs2: dict, input_shape) -> None:
-    """A bundle's NCS2 check (``core.ncs2.check_ncs2``, the same for both tasks): ready, or each problem
-    layer with its operation version; the warnings; the operations in the IR."""
-    if ncs2["compatible"]:
-        st.success(f"**NCS2 ready**: every layer is supported by the MYRIAD plugin of OpenVINO 2022.3 "
-                   f"({sum(ncs2['ops'].values())} layers, FP16, static input "
-                   f"{'×'.join(str(d) for d in input_shape)}).", icon=":material/check_circle:")
+def target_panel(manifest: dict) -> None:
+    """A bundle's export target and its verdict on both models (the same for every task): for the NCS2 the
+    MYRIAD compiler's (stages, blob size, or the refused layer and the compiler's words), where the static
+    op table disagrees, the FP16 range, the cross-check on the 2021.4 runtime; the static table as the
+    explanation. Bundles written before targets existed show their static NCS2 check, said as such."""
+    target = manifest.get("target")
+    pruned, original = manifest["models"]["pruned"], manifest["models"]["original"]
+    shape = "×".join(str(d) for d in manifest["input"]["input_shape"])
+    if target is None:  # an older bundle: the static check was all there was
+        target = {"name": "ncs2", "label": "Intel NCS2 (Myriad X)", "ready": manifest["ncs2"]["compatible"],
+                  "proven": False, "verdict": "not verified by the NCS2 compiler (static check only): this bundle was "
+                  "written before exports were compiled", "fallback_ready": original["ncs2"]["compatible"],
+                  "fallback_verdict": "static check only"}
+    st.markdown(f"**Target: {target['label']}** · input {shape}")
+    ok = target["ready"]
+    if ok and target.get("proven"):
+        st.success(f"**Ready**: {target['verdict']}.", icon=":material/check_circle:")
+    elif ok:
+        st.warning(f"**Static check passed**, {target['verdict']}.", icon=":material/help:")
     else:
-        st.error(f"**Not NCS2 compatible**: {len(ncs2['problems'])} problem(s). The bundle still works on CPU; "
-                 "on the stick deploy.py falls back to the original.", icon=":material/error:")
-        for p in ncs2["problems"][:20]:
-            st.markdown(f"- layer `{p['layer']}` ({p['type']}, {p['version']}): {p['reason']}")
-    for w in ncs2.get("warnings", [])[:10]:
-        st.caption(f"Warning: layer `{w['layer']}` ({w['type']}): {w['reason']}")
-    with st.expander("Operations in the IR"):
-        st.dataframe([{"operation": k, "count": v} for k, v in sorted(ncs2["ops"].items())], hide_index=True,
-                     width="stretch")
+        st.error(f"**Not ready**: {target['verdict']}. The bundle still works on a CPU; on the target deploy.py "
+                 "falls back to the original.", icon=":material/error:")
+    st.markdown(f"**Fallback (original)**: {'ready' if target.get('fallback_ready') else 'NOT ready'}: "
+                f"{target.get('fallback_verdict')}.")
+    section = pruned.get("target") or {}
+    details = section.get("details") or {}
+    if details.get("disagreement"):
+        st.info(f"Static check and compiler disagree: {details['disagreement']}.", icon=":material/compare_arrows:")
+    for ranged in details.get("fp16_range_problems") or []:
+        st.caption(f"FP16 range: {ranged}")
+    for key in ("cross_check_2021", "cpu_run"):
+        if (details.get(key) or {}).get("message"):
+            st.caption(f"Cross-check: {details[key]['message']}")
+    static = details.get("static") or (pruned.get("ncs2") if "target" not in pruned else None)
+    if static:
+        with st.expander(f"Static NCS2 check (OpenVINO 2022.3 op table): "
+                         f"{'no problem' if static['compatible'] else str(len(static['problems'])) + ' problem(s)'}"):
+            for p in static["problems"][:20]:
+                st.markdown(f"- layer `{p['layer']}` ({p['type']}, {p['version']}): {p['reason']}")
+            for w in static.get("warnings", [])[:10]:
+                st.caption(f"Warning: layer `{w['layer']}` ({w['type']}): {w['reason']}")
+            st.dataframe([{"operation": k, "count": v} for k, v in sorted(static["ops"].items())], hide_index=True,
+                         width="stretch")
 
 
 def job_progress(snap: JobSnapshot, label: str) -> None:
@@ -313,9 +339,33 @@ def started_at(ts: float | None) -> str:
     return "—" if not ts else time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
 
 
+def damaged_runs_notice() -> None:
+    """The workspace's damaged runs (``core.runs.damaged_runs``), each with the reason it cannot be used: listed,
+    never fatal to the page or to the other runs (issue 28). Nothing is shown when there are none."""
+    from core.runs import damaged_runs
+
+    damaged = damaged_runs()
+    if not damaged:
+        return
+    lines = "\n".join(f"- `{d.name}` — damaged: {d.reason}" for d in damaged[:10])
+    more = f"\n- … and {len(damaged) - 10} more" if len(damaged) > 10 else ""
+    st.warning(f"**{len(damaged)} damaged run(s)** cannot be opened; the others are unaffected.\n{lines}{more}",
+               icon=":material/report:")
+
+
+def unverified_note(run) -> None:
+    """A caption when ``run``'s files carry no sha256 to check (``core.runs.Run.unverified``): runs written
+    before files were hashed are shown, but marked unverified."""
+    note = run.unverified()
+    if note:
+        st.caption(f":material/gpp_maybe: {note}")
+
+
 def pick_run(state: AppState, runs: list[dict], empty_message: str, key: str, where=st) -> dict:
-    """The run picker of Review and Export: an empty state when there is none, else a select box
-    defaulting to the current run. Returns the chosen entry of ``core.jobs.past_runs``."""
+    """The run picker of Review and Export: the damaged runs listed with their reason, an empty state when
+    there is no usable run, else a select box defaulting to the current run, and the chosen run's
+    'unverified' note when it has one. Returns the chosen entry of ``core.jobs.past_runs``."""
+    damaged_runs_notice()
     if not runs:
         with st.container(border=True):
             st.info(empty_message, icon=":material/info:")
@@ -326,6 +376,7 @@ def pick_run(state: AppState, runs: list[dict], empty_message: str, key: str, wh
     current = next((n for n in names if state.run_dir and str(by_name[n]["dir"]) == str(state.run_dir)), names[0])
     sel = where.selectbox("Run", names, index=names.index(current), key=key,
                           format_func=lambda n: f"{n} · {by_name[n]['state']} · {by_name[n]['steps']} step(s)")
+    unverified_note(by_name[sel]["run"])
     return by_name[sel]
 
 

@@ -11,7 +11,7 @@ from core.errors import PruneScopeError
 from core.jobs import JobAlreadyRunning, detection_car_job
 from core.sources import load_voc_dataset
 from ui.charts import fig_class_counts
-from ui.common import action_button, format_macs, format_params, format_seconds, job_status, ncs2_panel, page_link
+from ui.common import action_button, format_macs, format_params, format_seconds, job_status, page_link, target_panel
 from ui.state import (AppState, detection_baseline, detection_data_for_run, detection_groups, detection_pictures,
                       digest, get_registry, get_state, run_model, sample_detection, save_upload)
 
@@ -330,20 +330,20 @@ def boxes_before_after(run, sel: str, pick: dict) -> None:
 
 
 def detection_bundle_view(manifest: dict, bundle_dir, zip_path) -> None:
-    """What a detection bundle holds: NCS2 check, OpenVINO mAP against PyTorch, figures, the zip."""
+    """What a detection bundle holds: the target's verdict, OpenVINO mAP against PyTorch, figures, the zip."""
     pruned, original = manifest["models"]["pruned"], manifest["models"]["original"]
-    ncs2, ver = manifest["ncs2"], manifest["verification"]
+    ver = manifest["verification"]
     metric = manifest.get("metric", METRIC)
     st.subheader(f"Detection bundle of step {manifest.get('step')}")
     c1, c2 = st.columns(2)
     with c1.container(border=True):
-        ncs2_panel(ncs2, manifest["input"]["input_shape"])
+        target_panel(manifest)
     with c2.container(border=True):
         (st.success if ver["verified"] else st.warning)(
             ver["message"], icon=":material/verified:" if ver["verified"] else ":material/warning:")
         ov = original["verification"]
-        st.markdown(f"**Fallback (original)**: NCS2 {'compatible' if original['ncs2']['compatible'] else 'NOT compatible'}"
-                    f", {metric} OpenVINO {format_map(ov['map_openvino'])} vs PyTorch {format_map(ov['map_torch'])}.")
+        st.markdown(f"**Fallback (original)**: {metric} OpenVINO {format_map(ov['map_openvino'])} vs PyTorch "
+                    f"{format_map(ov['map_torch'])}.")
     st.dataframe([{"model": label, f"{metric} (PyTorch)": format_map(m["verification"]["map_torch"]),
                    f"{metric} (OpenVINO CPU)": format_map(m["verification"]["map_openvino"]),
                    "MACs": format_macs(m.get("macs")), "parameters": format_params(m.get("params")),
@@ -352,13 +352,14 @@ def detection_bundle_view(manifest: dict, bundle_dir, zip_path) -> None:
                  hide_index=True, width="stretch")
     with st.container(border=True):
         top = bundle_dir.name
+        blob_note = " + NCS2 blob" if pruned.get("blob") else ""
         st.markdown(f"""**What is in the zip** (`{zip_path.name}`, {zip_path.stat().st_size / 1e6:.2f} MB)
 
-- `{top}/model/`, `{top}/fallback/`: the pruned and the original raw SSD (IR FP16 + ONNX), output [1, anchors, 4 + classes]
+- `{top}/model/`, `{top}/fallback/`: the pruned and the original raw SSD (IR + ONNX{blob_note}), output [1, anchors, 4 + classes]
 - `{top}/anchors.npy` + `postprocess.py`: decoding, softmax and NMS on the host (numpy)
 - `{top}/deploy.py`: falls back to `fallback/` when a file is missing or altered, fails to compile or fails the self-test;
   `python deploy.py --device MYRIAD --image picture.jpg` prints the detections
-- `{top}/manifest.json`, `README.txt`: hashes, figures, input format, class names, NCS2 report, verification""")
+- `{top}/manifest.json`, `README.txt`: hashes, figures, input format, class names, target verdicts, verification""")
         st.download_button("Download the bundle (.zip)", data=zip_path.read_bytes(), file_name=zip_path.name,
                            mime="application/zip", type="primary", key="ex_download", icon=":material/download:")
         st.caption(f"Also on disk: `{bundle_dir}`")

@@ -119,7 +119,7 @@ def cmd_prune_detection(args) -> int:
 
 def cmd_export_detection(args) -> int:
     result = export_detection_run(args.run, step=args.step, max_drop=args.max_drop, out_path=args.out,
-                                  progress=progress_printer())
+                                  progress=progress_printer(), target=getattr(args, "target", None))
     if args.json:
         emit_json(result)
         return export_exit_code(result)

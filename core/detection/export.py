@@ -4,19 +4,22 @@ The exported graph is the raw SSD (one input, one output ``[1, A, 4 + C]``): no 
 NMS in it, so it stays a static stack of convolutions the NCS2 can run. The bundle carries what the
 host needs to turn the raw output into boxes:
 
-    model/, fallback/  pruned and original detector: model.xml/.bin (IR FP16) + model.onnx
+    model/, fallback/  pruned and original detector: model.xml/.bin (IR FP16) + model.onnx, and for the
+                       ncs2 target model.blob compiled by the MYRIAD compiler (``core.targets``)
     anchors.npy        [A, 4] float32, normalised (cx, cy, w, h), row a = output row a
     postprocess.py     core/detection/postprocess.py as it is (numpy only: decode, softmax, NMS)
     deploy.py          the PruneScope deploy script: fallback on missing/altered files, failed compile or
                        failed self-test; ``--image`` prints the decoded detections
-    selftest.npz, manifest.json (sha256 of every file, mAP, MACs, latency, NCS2 report, verification)
+    selftest.npz, manifest.json (sha256 of every file, mAP, MACs, latency, target verdicts, verification)
+
+The bundle is written by the builder every task shares (``core.bundle``); :class:`DetectionBundle` is
+what detection contributes to it.
 
 Verification is what matters for a detector: the mAP of the IR on the OpenVINO CPU runtime against
 PyTorch's on the validation images, within ``MAP_TOLERANCE_POINTS``.
 """
 from __future__ import annotations
 
-import datetime as _dt
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,18 +28,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import __version__
+from ..bundle import build_into, summary
 from ..errors import PruneScopeError
-from ..export import (BUNDLE_FORMAT, SELFTEST_TOLERANCE_FLOOR, SELFTEST_TOLERANCE_FRACTION, TEMPLATE, ExportError,
-                      _ir_logits, _one_line, _torch_logits, build_atomically, bundle_zip_path, check_bundle_target,
-                      convert_to_ir, pick_step, sha256_file)
+from ..export import (SELFTEST_TOLERANCE_FLOOR, SELFTEST_TOLERANCE_FRACTION, ExportError, _ir_logits, _one_line,
+                      _torch_logits, build_atomically, bundle_zip_path, check_bundle_target, convert_to_ir, pick_step)
 from ..models import ModelSpec
-from ..ncs2 import check_ncs2
-from ..measure import compare_times, time_models
-from ..ov_runtime import ONNX_OPSET, compile_cpu, latency_stats, read_ir
+from ..ov_runtime import ONNX_OPSET, compile_cpu, read_ir
 from ..sources import load_voc_dataset
+from ..targets import get_target
 from ..runs import Run
-from ..workspace import atomic_write_json, atomic_write_text, workspace_root
+from ..workspace import workspace_root
 from . import postprocess as _postprocess
 from .data import DetectionSet
 from .evaluate import EvalSettings, detect, map_of_detections, normalize_images
@@ -61,8 +62,10 @@ class DetectionVerification:
         return asdict(self)
 
 
-def export_detector(model: nn.Module, spec: ModelSpec, out_dir: Path, name: str = "model") -> dict:
-    """ONNX + IR FP16 of the raw detector; refuses a model whose output is not one [1, A, 4 + C] tensor."""
+def export_detector(model: nn.Module, spec: ModelSpec, out_dir: Path, name: str = "model",
+                    compress_to_fp16: bool = True) -> dict:
+    """ONNX + IR (FP16, or FP32 with ``compress_to_fp16=False``) of the raw detector; refuses a model whose
+    output is not one [1, A, 4 + C] tensor."""
     out_dir.mkdir(parents=True, exist_ok=True)
     shape = spec.input.shape(1)
     model = model.eval()
@@ -71,7 +74,7 @@ def export_detector(model: nn.Module, spec: ModelSpec, out_dir: Path, name: str 
     if not isinstance(out, torch.Tensor) or out.ndim != 3 or out.shape[0] != 1:
         raise ExportError(f"A detector must return one [1, anchors, 4 + classes] tensor; it returned "
                           f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}.")
-    return convert_to_ir(model, shape, out_dir, name)
+    return convert_to_ir(model, shape, out_dir, name, compress_to_fp16)
 
 
 def raw_outputs(compiled, model: nn.Module, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -109,94 +112,86 @@ def verify_detector_ir(xml_path: Path, model: nn.Module, val: DetectionSet, spec
 
 
 def build_detection_bundle(pruned: nn.Module, original: nn.Module, spec: ModelSpec, val: DetectionSet,
-                           out_path: str | Path, meta: dict | None = None, latency_runs: int = 30) -> dict:
-    """Export, check, verify both detectors and write the bundle folder ``out_path`` (and its zip).
+                           out_path: str | Path, meta: dict | None = None, latency_runs: int = 30,
+                           target: str | None = None) -> dict:
+    """Export, judge (``target``, default ``ncs2``), verify both detectors and write the bundle folder
+    ``out_path`` (and its zip), through the same builder as classification (``core.bundle``).
 
     Built in a temporary folder and renamed into place, as classification bundles are.
     """
+    chosen = get_target(target)
     out_path = Path(out_path).resolve()
-    result, _ = build_atomically(out_path, lambda tmp: _build_into(tmp, pruned, original, spec, val,
-                                                                   dict(meta or {}), latency_runs), with_zip=True)
+    built, _ = build_atomically(out_path, lambda tmp: build_into(tmp, DetectionBundle(), chosen, pruned, original,
+                                                                 spec, val, dict(meta or {}), latency_runs),
+                                with_zip=True)
+    checks = built.verifications
+    figures = built.manifest["models"]
+    result = {**summary(built, chosen),
+              "verified": checks["pruned"].verified, "verification": checks["pruned"].to_dict(),
+              "verification_message": checks["pruned"].message, "fallback_verified": checks["original"].verified,
+              "map_torch": checks["pruned"].map_torch, "map_openvino": checks["pruned"].map_openvino,
+              "latency_ms": figures["pruned"]["latency_ms"], "original_latency_ms": figures["original"]["latency_ms"],
+              "latency_comparison": built.manifest["latency_comparison"]}
     zip_path = bundle_zip_path(out_path)
     files = sorted(str(p) for p in out_path.rglob("*") if p.is_file())
     return {**result, "bundle": str(out_path), "zip": str(zip_path), "manifest": str(out_path / "manifest.json"),
             "files": files}
 
 
-def _build_into(root: Path, pruned: nn.Module, original: nn.Module, spec: ModelSpec, val: DetectionSet, meta: dict,
-                latency_runs: int) -> dict:
-    settings = EvalSettings()
-    models = {"pruned": pruned.eval(), "original": original.eval()}
-    dirs = {"pruned": "model", "original": "fallback"}
-    exports = {k: export_detector(m, spec, root / dirs[k]) for k, m in models.items()}
-    if exports["pruned"]["output_shape"] != exports["original"]["output_shape"]:
-        raise ExportError(f"The pruned detector outputs {exports['pruned']['output_shape']} but the original "
-                          f"{exports['original']['output_shape']}; pruning must not change the output.")
-    reports = {k: check_ncs2(e["xml"]) for k, e in exports.items()}
-    checks = {k: verify_detector_ir(Path(exports[k]["xml"]), models[k], val, spec, settings) for k in models}
-    times = time_models([exports[k]["xml"] for k in models], spec.input, runs=latency_runs, warmup=5)
-    spread = [latency_stats(t) for t in times]
-    latency = [s.median_ms for s in spread]
-    comparison = compare_times(times[1], times[0]).to_dict()  # pruned against the original
-    anchors = pruned.anchors().astype(np.float32)
-    np.save(root / "anchors.npy", anchors)
-    shutil.copyfile(POSTPROCESS_SOURCE, root / "postprocess.py")
-    shutil.copyfile(TEMPLATE, root / "deploy.py")
-    _write_selftest(root, models, val, spec)
-    atomic_write_text(root / "README.txt", _readme(spec, reports["pruned"].compatible, checks["pruned"].message))
-    models_section = {}
-    for (k, e), lat, lat_spread in zip(exports.items(), latency, spread):
-        figures = dict(meta.get(k) or {})
-        models_section[k] = {
-            "dir": dirs[k], "xml": f"{dirs[k]}/model.xml", "bin": f"{dirs[k]}/model.bin",
-            "onnx": f"{dirs[k]}/model.onnx",
-            "files": {f"{dirs[k]}/{p.name}": sha256_file(p) for p in sorted((root / dirs[k]).iterdir()) if p.is_file()},
-            "arch": spec.arch, "map": checks[k].map_torch,
-            "macs": figures.get("macs"), "params": figures.get("params"), "latency_ms": lat,
-            "latency_source": "OpenVINO CPU, batch 1, median of interleaved runs of the exported IR",
-            "latency_spread": lat_spread.to_dict(),
-            "output_shape": e["output_shape"], "ncs2": {**reports[k].to_dict(), "xml_path": f"{dirs[k]}/model.xml"},
-            "verification": checks[k].to_dict(),
-        }
-    e = exports["pruned"]
-    manifest = {
-        "format": BUNDLE_FORMAT, "task": "detection", "metric": "mAP@0.5",
-        "tool": {"name": "PruneScope", "version": __version__},
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "converter": {"openvino": e["openvino_version"], "torch": torch.__version__, "onnx_opset": e["onnx_opset"]},
-        "input": {"input_name": e["input_name"], "input_shape": e["input_shape"], "layout": "NCHW",
-                  "element_type": "f32", "mean": list(spec.input.mean), "std": list(spec.input.std),
-                  "colour_order": spec.input.colour_order, "resize": "stretch",
-                  "preprocess": "resize to HxW (aspect ratio not kept), pixel/255, then (x - mean) / std per channel"},
-        "output": {"name": e["output_name"], "shape": e["output_shape"],
-                   "layout": "[1, anchors, 4 + classes]: box deltas (dx, dy, dw, dh), then class logits "
-                             "(index 0 = background)"},
-        "postprocess": {"file": "postprocess.py", "anchors": "anchors.npy", "anchor_format": "normalised cx cy w h",
-                        "num_anchors": int(len(anchors)), "box_coder_weights": list(pruned.box_coder_weights),
-                        "score_thresh": settings.score_thresh, "nms_iou": settings.nms_iou,
-                        "max_det": settings.max_det, "boxes": "normalised x1 y1 x2 y2"},
-        "class_names": list(spec.class_names or []),
-        "max_drop": meta.get("max_drop"), "step": meta.get("step"),
-        "models": models_section,
-        "ncs2": models_section["pruned"]["ncs2"],
-        "verification": checks["pruned"].to_dict(),
-        "selftest": {"file": "selftest.npz", "inputs": SELFTEST_INPUTS,
-                     "tolerance": f"max |output - expected| <= {SELFTEST_TOLERANCE_FRACTION} x (max - min of the "
-                                  f"expected raw output) + {SELFTEST_TOLERANCE_FLOOR}"},
-        "files": {name: sha256_file(root / name)
-                  for name in ("deploy.py", "selftest.npz", "README.txt", "anchors.npy", "postprocess.py")},
-        "meta": {k: v for k, v in meta.items() if k not in ("pruned", "original", "max_drop", "step")},
-        "latency_comparison": comparison,
-    }
-    atomic_write_json(root / "manifest.json", manifest)
-    return {"ncs_compatible": reports["pruned"].compatible,
-            "ncs2_problems": [str(p) for p in reports["pruned"].problems],
-            "ncs2_warnings": [str(w) for w in reports["pruned"].warnings],
-            "fallback_ncs_compatible": reports["original"].compatible,
-            "verified": checks["pruned"].verified, "verification": checks["pruned"].to_dict(),
-            "verification_message": checks["pruned"].message, "fallback_verified": checks["original"].verified,
-            "map_torch": checks["pruned"].map_torch, "map_openvino": checks["pruned"].map_openvino,
-            "latency_ms": latency[0], "original_latency_ms": latency[1], "latency_comparison": comparison}
+class DetectionBundle:
+    """Detection's part of a bundle (``core.bundle.BundleTask``): the raw [1, A, 4 + C] output, verified by mAP
+    on the OpenVINO CPU runtime, anchors.npy + postprocess.py beside it, mAP@0.5 as the figure."""
+    task = "detection"
+    metric_key = "map"
+
+    def __init__(self, settings: EvalSettings = EvalSettings()):
+        self.settings = settings
+
+    def export(self, model: nn.Module, spec: ModelSpec, out_dir: Path, target) -> dict:
+        return export_detector(model, spec, out_dir, **target.ir_options())
+
+    def verify(self, key: str, model: nn.Module, export: dict, val: DetectionSet, spec: ModelSpec, target):
+        return verify_detector_ir(Path(export["xml"]), model, val, spec, self.settings), [], {}
+
+    def check_inputs(self, val: DetectionSet, spec: ModelSpec, n: int) -> torch.Tensor:
+        return normalize_images(val.images[:n], spec.input.mean, spec.input.std).float().contiguous()
+
+    def figures(self, key: str, model: nn.Module, verification, meta: dict, spec: ModelSpec, val) -> dict:
+        given = dict(meta.get(key) or {})
+        return {"map": verification.map_torch, "map_source": f"PyTorch on {verification.n_images} validation images",
+                "macs": given.get("macs"), "params": given.get("params")}
+
+    def write_selftest(self, root: Path, models: dict, val: DetectionSet, spec: ModelSpec) -> dict:
+        _write_selftest(root, models, val, spec)
+        return {"file": "selftest.npz", "inputs": SELFTEST_INPUTS,
+                "tolerance": f"max |output - expected| <= {SELFTEST_TOLERANCE_FRACTION} x (max - min of the "
+                             f"expected raw output) + {SELFTEST_TOLERANCE_FLOOR}"}
+
+    def write_extras(self, root: Path, models: dict, spec: ModelSpec) -> tuple[list[str], dict]:
+        anchors = models["pruned"].anchors().astype(np.float32)
+        np.save(root / "anchors.npy", anchors)
+        shutil.copyfile(POSTPROCESS_SOURCE, root / "postprocess.py")
+        s = self.settings
+        return ["anchors.npy", "postprocess.py"], {
+            "metric": "mAP@0.5",
+            "postprocess": {"file": "postprocess.py", "anchors": "anchors.npy", "anchor_format": "normalised cx cy w h",
+                            "num_anchors": int(len(anchors)), "box_coder_weights": list(models["pruned"].box_coder_weights),
+                            "score_thresh": s.score_thresh, "nms_iou": s.nms_iou, "max_det": s.max_det,
+                            "boxes": "normalised x1 y1 x2 y2"}}
+
+    def input_section(self, export: dict, spec: ModelSpec) -> dict:
+        return {"input_name": export["input_name"], "input_shape": export["input_shape"], "layout": "NCHW",
+                "element_type": "f32", "mean": list(spec.input.mean), "std": list(spec.input.std),
+                "colour_order": spec.input.colour_order, "resize": "stretch",
+                "preprocess": "resize to HxW (aspect ratio not kept), pixel/255, then (x - mean) / std per channel"}
+
+    def output_section(self, export: dict) -> dict:
+        return {"name": export["output_name"], "shape": export["output_shape"],
+                "layout": "[1, anchors, 4 + classes]: box deltas (dx, dy, dw, dh), then class logits "
+                          "(index 0 = background)"}
+
+    def readme(self, spec: ModelSpec, target, report, verification) -> str:
+        return _readme(spec, target, report.verdict, verification.message)
 
 
 def _write_selftest(root: Path, models: dict, val: DetectionSet, spec: ModelSpec) -> None:
@@ -209,30 +204,33 @@ def _write_selftest(root: Path, models: dict, val: DetectionSet, spec: ModelSpec
              tolerance_floor=np.float32(SELFTEST_TOLERANCE_FLOOR))
 
 
-def _readme(spec: ModelSpec, compatible: bool, verification: str) -> str:
+def _readme(spec: ModelSpec, target, verdict: str, verification: str) -> str:
     i = spec.input
-    return f"""PruneScope detection bundle ({spec.arch})
+    return f"""PruneScope detection bundle ({spec.arch}), target: {target.name} ({target.label})
 
-model/          pruned detector: model.xml + model.bin (OpenVINO IR, FP16, input 1x{i.channels}x{i.height}x{i.width}), model.onnx (opset {ONNX_OPSET})
+model/          pruned detector: model.xml + model.bin (OpenVINO IR, {"FP16" if target.fp16 else "FP32"}, input 1x{i.channels}x{i.height}x{i.width}), model.onnx (opset {ONNX_OPSET}){", model.blob (NCS2)" if target.name == "ncs2" else ""}
 fallback/       the original detector, exported the same way
 anchors.npy     anchors [A, 4], normalised (cx, cy, w, h), one per output row
 postprocess.py  numpy decoder + NMS (boxes normalised x1 y1 x2 y2)
-deploy.py       python deploy.py [--device CPU|MYRIAD] [--image PATH] [--score 0.3] [--json]
+deploy.py       python deploy.py [--device CPU|MYRIAD] [--format auto|blob|ir] [--image PATH] [--score 0.3] [--json]
                 Loads model/, falls back to fallback/ when a file is missing or altered, fails to compile
                 or fails the self-test; prints the detections of each image. Needs openvino + numpy (+ Pillow).
+                {target.deploy_notes()}
 
 Input: RGB resized to {i.height}x{i.width} (aspect ratio not kept), pixel/255 then (x - mean) / std, mean={list(i.mean)} std={list(i.std)}.
-NCS2 check: {"compatible" if compatible else "NOT compatible (see manifest.json)"}
+Target ({target.name}): {verdict}
 Verification: {verification}
 """
 
 
 def export_detection_run(run_dir: str | Path, step: int | None = None, max_drop: float | None = None,
-                         out_path: str | Path | None = None, progress=None) -> dict:
+                         out_path: str | Path | None = None, progress=None, target: str | None = None) -> dict:
     """Export one step of a detection run: ``step``, else the smallest within ``max_drop`` mAP points, else the last.
 
-    An explicit ``step`` is never overridden; ``max_drop`` is then only recorded in the manifest.
+    An explicit ``step`` is never overridden; ``max_drop`` is then only recorded in the manifest. ``target``:
+    the export target (``core.targets``; default ``ncs2``), checked before any work.
     """
+    get_target(target)
     run = Run(run_dir)
     if run.task != "detection":
         raise PruneScopeError(f"Run {run.name} is a {run.task} run, not a detection run.")
@@ -255,7 +253,7 @@ def export_detection_run(run_dir: str | Path, step: int | None = None, max_drop:
             "cluster": run.config.get("prune", {}).get("cluster")}
     out = Path(out_path) if out_path else workspace_root() / "exports" / f"{run.name}-step{step:04d}"
     if progress:
-        progress(0.2, "exporting, checking for the NCS2 and verifying mAP on OpenVINO")
-    result = build_detection_bundle(pruned, original, spec, data.val, out, meta)
+        progress(0.2, f"exporting for {get_target(target).name}, judging and verifying mAP on OpenVINO")
+    result = build_detection_bundle(pruned, original, spec, data.val, out, meta, target=target)
     return {**result, "step": step, "run": str(run.dir), "agreement": None,
             "macs": record.get("macs"), "original_macs": base.get("macs")}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import zipfile
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from core.ncs2_compiler import compiler_status
 from tests.app.apptest_tools import (assert_no_exception, goto, images, new_app, texts, wait_until)
 
 DETECTION = "Object detection (SSD)"
@@ -101,8 +103,15 @@ def test_review_and_export_of_a_detection_run(detection_run):
     page = texts(at)
     assert "Detection bundle of step" in page, page[-1500:]
     assert "mAP@0.5 on OpenVINO CPU" in page
-    assert "NCS2 ready" in page or "Not NCS2 compatible" in page
-    assert "Operations in the IR" in [e.label for e in at.expander], "the same NCS2 panel as a classifier's bundle"
+    assert "**Target: Intel NCS2 (Myriad X)" in page
+    if compiler_status()[0]:  # the MYRIAD compiler's verdict, with the blob's stage count
+        assert re.search(r"\*\*Ready\*\*: compiled for NCS2 \(Myriad X\) by the OpenVINO 2021.4.2 MYRIAD compiler: "
+                         r"\d+ KB, \d+ stages", page), page[-2000:]
+        assert "+ NCS2 blob" in page
+    else:
+        assert "not verified by the NCS2 compiler (static check only)" in page
+    assert any(e.label.startswith("Static NCS2 check (OpenVINO 2022.3 op table)") for e in at.expander), \
+        "the same target panel as a classifier's bundle"
     assert at.get("download_button")
 
 

@@ -1,9 +1,13 @@
-"""Export page: default step from the threshold, the export job, NCS2 report, verification, the zip."""
+"""Export page: default step from the threshold, the target choice, the export job, the MYRIAD compiler's verdict,
+verification, the zip."""
 from __future__ import annotations
 
+import re
 import zipfile
 
+from core.ncs2_compiler import compiler_status
 from core.runs import Run
+from core.targets import TARGETS
 from core.workspace import workspace_root
 from tests.app.apptest_tools import (assert_no_exception, goto, new_app, texts, wait_until)
 
@@ -21,11 +25,20 @@ def test_export_of_the_threshold_pick(sample_run):
     goto(at, "export")
     assert at.selectbox(key=f"ex_step_{sample_run.name}").value == pick
     assert "the Review threshold (5.0 points) picked it" in texts(at)
+    assert at.radio(key="ex_target").value == "ncs2" and list(at.radio(key="ex_target").options) == [
+        t.label for t in TARGETS.values()]
     at.button(key="ex_start").click().run()
     assert_no_exception(at)
-    wait_until(at, lambda a: "NCS2 ready" in texts(a) or a.error, timeout=180)
+    wait_until(at, lambda a: "Bundle of step" in texts(a) or a.error, timeout=180)
     assert not at.error, at.error[0].value
     page = texts(at)
+    compiled = compiler_status()[0]
+    if compiled:  # the verdict is the MYRIAD compiler's, with the blob's size and stage count
+        assert re.search(r"\*\*Ready\*\*: compiled for NCS2 \(Myriad X\) by the OpenVINO 2021.4.2 MYRIAD compiler: "
+                         r"\d+ KB, \d+ stages", page), page[-2000:]
+        assert "`model.blob` (NCS2 blob, compiled by the MYRIAD compiler)" in page
+    else:
+        assert "not verified by the NCS2 compiler (static check only)" in page
     assert "Verified: the IR agrees with PyTorch" in page
     # issue 27: each verification line names its model (the original's is the fallback line)
     assert f"**Pruned model (`model/`), step {pick}**: Verified" in page or \
@@ -45,9 +58,9 @@ def test_export_of_the_threshold_pick(sample_run):
     names = zipfile.ZipFile(zip_path).namelist()
     top = zip_path.stem
     for f in ("model/model.xml", "model/model.bin", "model/model.onnx", "fallback/model.xml", "fallback/model.bin",
-              "deploy.py", "manifest.json"):
+              "deploy.py", "manifest.json", *(("model/model.blob", "fallback/model.blob") if compiled else ())):
         assert f"{top}/{f}" in names
     # the bundle is found again on a fresh visit (no second export needed)
     again = goto(new_app().run(), "export")
     again.selectbox(key=f"ex_step_{sample_run.name}").set_value(pick).run()
-    assert "NCS2 ready" in texts(again) and again.button(key="ex_start").label == "Export again"
+    assert "**Target: Intel NCS2" in texts(again) and again.button(key="ex_start").label == "Export again"

@@ -127,12 +127,16 @@ def module_bytes(model: nn.Module) -> bytes:
     return buf.getvalue()
 
 
-def write_run(out: Path, loaded, original_bytes: bytes | None = None) -> Run:
-    """A run folder as the app and the CLI write it: config, originals, step 0, done."""
+RUN_CONFIG = {"data_source": "sample:vgg_digits", "data_options": {"val_fraction": 0.2, "seed": 0},
+              "prune": {"criterion": "l1", "cluster": 8}}
+
+
+def write_run(out: Path, loaded, original_bytes: bytes | None = None, metric: float = 0.9) -> Run:
+    """A run folder as the app and the CLI write it: config, originals, step 0 (its selection ``metric``; export
+    re-measures it, issue 28), done."""
     writer = RunWriter(out)
-    writer.start({"data_source": "sample:vgg_digits", "data_options": {"val_fraction": 0.2, "seed": 0},
-                  "prune": {"criterion": "l1", "cluster": 8}}, loaded, original_bytes)
-    writer.add_step({"step": 0, "metric": 0.9, "macs": 1, "params": 1, "latency_ms": None}, None, [])
+    writer.start(dict(RUN_CONFIG), loaded, original_bytes)
+    writer.add_step({"step": 0, "metric": metric, "macs": 1, "params": 1, "latency_ms": None}, None, [])
     writer.status("done", "finished")
     return Run(out)
 
@@ -435,7 +439,14 @@ def test_analyse_image_count_is_checked_first(tmp_path, capsys):
 
 @pytest.fixture
 def digits_run(tmp_path) -> Run:
-    return write_run(workspace_root() / "runs" / "digits", load_model("sample:vgg_digits"))
+    """The sample's original as step 0 of a run, with its real figure on the run's selection images."""
+    from core.evaluate import evaluate_accuracy
+    from core.sources import load_run_dataset
+
+    loaded = load_model("sample:vgg_digits")
+    val = load_run_dataset(RUN_CONFIG, loaded.spec.input, expected_classes=loaded.spec.num_classes).val
+    return write_run(workspace_root() / "runs" / "digits", loaded,
+                     metric=evaluate_accuracy(loaded.model, val, loaded.spec.input).accuracy)
 
 
 def test_export_into_read_only_folder_is_one_line(digits_run, tmp_path, monkeypatch, capsys):

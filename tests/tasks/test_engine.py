@@ -93,7 +93,7 @@ def test_export_reads_a_legacy_runs_figures(cls_run, tmp_path, monkeypatch):
     make_legacy_run(legacy_dir)
     captured = {}
 
-    def capture(pruned, original, spec, val, out, meta):
+    def capture(pruned, original, spec, val, out, meta, target=None):
         captured.update(meta)
         return {}
 

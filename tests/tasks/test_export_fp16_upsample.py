@@ -11,6 +11,7 @@ from torch import nn
 from core.cli_common import export_exit_code
 from core.export import EXIT_NOT_READY, build_bundle
 from core.fp16 import FP16_MAX, measure_fp16_range
+from core.ncs2_compiler import compiler_status
 from tests.tasks.test_export import fitted_toy, synthetic_images, toy_spec
 
 
@@ -64,6 +65,13 @@ def test_fp16_overflow_fails_the_ncs2_check_and_verification(tmp_path):
     fp16_problems = [p for p in result.ncs2.problems if p.type == "FP16 range"]
     assert fp16_problems and fp16_problems[0].layer == "up" and "65,504" in fp16_problems[0].reason
     assert export_exit_code(result.to_dict() | {"ncs2_problems": [str(p) for p in result.ncs2.problems]}) == EXIT_NOT_READY
+    assert export_exit_code(result.to_dict()) == EXIT_NOT_READY
+    if compiler_status()[0]:  # re-judged by the MYRIAD compiler: it compiles the model, it checks no value ranges,
+        target = result.target  # so the FP16 range check still decides
+        assert target.proven and target.details["compiler"]["compiled"]
+        assert (tmp_path / "bundle" / "model" / "model.blob").is_file()
+        assert not target.ready and target.verdict.startswith("NOT NCS2-ready: compiled for NCS2 (Myriad X)")
+        assert "activations of 'up'" in target.verdict and "disagreement" not in target.details
 
 
 def test_upsample_exports_as_interpolate4_and_passes(tmp_path):
@@ -77,4 +85,7 @@ def test_upsample_exports_as_interpolate4_and_passes(tmp_path):
         assert result.ncs2.compatible, [str(p) for p in result.ncs2.problems]
         assert result.verification.verified and result.verification.agreement >= 0.99
         assert result.manifest["models"]["pruned"]["ir_rewrites"]
+        if compiler_status()[0]:  # re-judged by the MYRIAD compiler (from the ONNX Resize): compiled
+            assert result.target.ready and result.target.proven, result.target.verdict
+            assert result.target.details["compiler"]["stages"] > 0
         assert export_exit_code(result.to_dict() | {"ncs2_problems": []}) == 0
