@@ -30,8 +30,28 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     import tempfile
 
+    from core import eta as eta_module
     from core.jobs import JobRegistry, prune_job
     from core.prune import PruneConfig
+
+    # what the ETA was fed, with when, so that its model can be replayed on this very run (``replay``)
+    fed: list = []
+    event, record = eta_module.RunEta.event, eta_module.RunEta.record
+
+    def logged_event(self, phase, step, part="", part_fraction=None):
+        fed.append([time.monotonic(), "event", phase, step, part, part_fraction])
+        if getattr(self, "estimate", None) is not None and not any(f[1] == "estimate" for f in fed):
+            est = self.estimate
+            fed.append([time.monotonic(), "estimate", {k: list(v) for k, v in est.breakdown.items()},
+                        list(est.steps), list(est.rates.train_step) if est.rates else None])
+        return event(self, phase, step, part, part_fraction)
+
+    def logged_record(self, rec):
+        keep = ("step", "metric", "test_metric", "macs", "seconds", "recovered_from", "paired")
+        fed.append([time.monotonic(), "record", {**{k: rec.get(k) for k in keep}, "removed": bool(rec.get("removed"))}])
+        return record(self, rec)
+
+    eta_module.RunEta.event, eta_module.RunEta.record = logged_event, logged_record
 
     loaded, data = load_sample("cifar10")
     config = PruneConfig.app_defaults()  # what the Prune page starts from
@@ -67,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
               "recoveries": sum(1 for r in steps if r.get("recovered_from") is not None),
               "stop": (json.loads((run_dir / "status.json").read_text()) or {}).get("message"),
               "checkpoints": rows, "trace": [[round(t, 1), None if e is None else round(e, 1), k, p]
-                                             for t, e, k, p, _ in seen]}
+                                             for t, e, k, p, _ in seen],
+              "fed": [[round(f[0] - fed[0][0], 3), *f[1:]] for f in fed] if fed else []}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"cifar10 sample, Prune page defaults: {total:.0f} s, {result['kept_steps']} kept step(s), "

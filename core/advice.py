@@ -37,6 +37,11 @@ class Advice:
         return [self.headline, *self.why, *(f"- {c}" for c in self.changes)]
 
 
+def _seconds(x: float) -> str:
+    """A duration that stays readable below a second ('0.4 s', not '0 s')."""
+    return f"{x:.1f} s" if x < 10 else format_duration(x)
+
+
 def points(x: float) -> str:
     """'1 point', '1.5 points'."""
     return f"{x:g} point" + ("" if x == 1 else "s")
@@ -88,8 +93,8 @@ def resolution_remedies(max_drop: float, n_selection: int, accuracy: float | Non
     factor = need / n_selection
     if eval_seconds:
         out.append(f"The time it costs: every decision of a run measures all selection images; {need:,} instead of "
-                   f"{n_selection:,} make each one about {format_duration(eval_seconds * factor)} instead of "
-                   f"{format_duration(eval_seconds)} on this machine ({factor:.1f}×).")
+                   f"{n_selection:,} make each one about {_seconds(eval_seconds * factor)} instead of "
+                   f"{_seconds(eval_seconds)} on this machine ({factor:.1f}×).")
     else:
         out.append(f"The time it costs: every decision of a run measures all selection images, so {need:,} instead "
                    f"of {n_selection:,} make each one {factor:.1f}× as long.")

@@ -136,6 +136,7 @@ class RunEta:
     _stalls: list = field(default_factory=list)  # seconds of stalled steps (until their recovery began)
     _seen: set = field(default_factory=set)  # part kinds seen
     _last: float | None = None  # time of the last event: where the next part's work began
+    _p_stall: float = 1.0  # the share of segments that end in a stall (the rest: a refusal by the test images)
 
     # -- fed by the run's callbacks ------------------------------------------------------------------
 
@@ -190,16 +191,21 @@ class RunEta:
         if step_s is None or batch_s is None:
             return None
         left = 0.0
-        if "control" in self._seen:  # the last part of a run
-            return self._part_left(now)
+        if "control" in self._seen:  # the last part of a run: the original trained as the steps were
+            return self._control_left(now, batch_s)
+        steps_left, stalls_left, recoveries_left, stalling = self._to_come()
+        recovery_s = self._recovery_seconds(batch_s)
+        stall_s = float(np.mean(self._stalls)) if self._stalls else 2.0 * step_s
         if self._step == 0:  # the original: the running part's rest, the parts still to come
             left += self._part_left(now)
             left += self._original_parts_left()
-        else:
-            left += max(step_s - (now - self._step_start.get(self._step, now)), self._part_left(now), 0.0)
-        steps_left, stalls_left, recoveries_left = self._to_come()
-        recovery_s = self._recovery_seconds(batch_s)
-        stall_s = float(np.mean(self._stalls)) if self._stalls else 2.0 * step_s
+        else:  # the running step's rest; with no room left in the allowance it is the stall to come
+            running = not self.records or self.records[-1].get("step") != self._step
+            this_step = step_s
+            if stalling and running:  # it ends the segment: undone (a stall) or kept and refused by the test images
+                p = self._p_stall
+                this_step, stalls_left = p * stall_s + (1 - p) * step_s, max(stalls_left - p, 0.0)
+            left += max(this_step - (now - self._step_start.get(self._step, now)), self._part_left(now), 0.0)
         left += steps_left * step_s + stalls_left * stall_s + recoveries_left * recovery_s
         if getattr(c, "control", False):  # the original trained alike: the steps' fine-tuning, then each recovery
             kept = sum(1 for r in self.records if r.get("removed"))
@@ -220,6 +226,19 @@ class RunEta:
                 "kept or undone")
 
     # -- the model ---------------------------------------------------------------------------------------
+
+    def _control_left(self, now: float, batch_s: float) -> float:
+        """The control's rest: its fine-tuning batches and recoveries at this run's rates less the time it has
+        run, until half of it has shown its own rate (its parts differ in rate: batches first, then recoveries, so
+        its early fraction says little) or it runs past that prediction."""
+        part = self._part_left(now)
+        if self._part is None or self._part[0][1] != "control" or self._part[3] >= 0.5:
+            return part
+        kept = sum(1 for r in self.records if r.get("removed"))
+        done = sum(1 for r in self.records if r.get("recovered_from") is not None)
+        predicted = kept * getattr(self.config, "finetune_steps", 0) * batch_s + done * self._recovery_seconds(batch_s)
+        rest = predicted - (now - self._part[1])
+        return rest if rest > 0 else part
 
     def _part_left(self, now: float) -> float:
         if self._part is None:
@@ -282,40 +301,85 @@ class RunEta:
             return float(np.mean(done))
         return getattr(self.config, "recover_epochs", 0) * self._batches_per_epoch() * batch_s * 1.2  # + teacher, eval
 
-    def _to_come(self) -> tuple[float, int, int]:
-        """(expected pruning steps, stalled steps, recoveries) still to come."""
+    def _to_come(self) -> tuple[float, float, float, bool]:
+        """(expected pruning steps, stalled steps, recoveries) still to come, and whether the segment running now
+        has no room for another step (its running step is then the stall).
+
+        The drop is the larger of the selection and the test images' (the loop recovers where the test images
+        refuse a kept step). A segment goes on while the next step's climb fits the allowance: about
+        (room / climb) - 1/2 steps, at least one once it starts. The climb is the mean measured climb per kept
+        step, with a prior of a third of the allowance or, when larger, the test figure's own noise (one
+        standard error of a step's drop on the test images: a 1-point allowance on 400 test images is refused
+        by noise alone). A segment ends in a stall (its step undone by the threshold) or a refusal (a kept step
+        the test images refuse), a stall with the share measured in the run (prior: one half, less where the
+        noise exceeds the allowance); while recoveries are left a recovery follows, and the run goes on only
+        if it buys a step: with probability q, the share of this run's recoveries that did (prior one half), so
+        the segments still to come are q + q^2 + ... for the recoveries left."""
         c = self.config
         max_drop = float(getattr(c, "max_drop", 1.0)) or 1e-9
-        base = (self.base or {}).get("metric")
+        base = self.base or {}
         climbs, after_recovery = [], []
-        now_drop = 0.0  # the selection drop of the last record (the original's is 0)
-        for r in self.records:
-            d = (base - r["metric"]) * 100 if base is not None and r.get("metric") is not None else now_drop
+        now_drop, refused = 0.0, False  # the last record's drop; whether the test images refuse it
+        recoveries, refusals, in_segment = [], 0, 0
+        for i, r in enumerate(self.records):
+            d = now_drop
+            if base.get("metric") is not None and r.get("metric") is not None:
+                d = (base["metric"] - r["metric"]) * 100
+                if base.get("test_metric") is not None and r.get("test_metric") is not None:
+                    d = max(d, (base["test_metric"] - r["test_metric"]) * 100)
             if r.get("recovered_from") is not None:
                 after_recovery.append(d)
+                recoveries.append(i)
+                in_segment = 0
             elif r.get("removed"):
                 climbs.append(d - now_drop)
+                in_segment += 1
             now_drop = d
-        prior = max_drop / 3.0
-        climb = max((prior + sum(climbs)) / (1 + len(climbs)), max_drop / 20.0)
-        recoveries = sum(1 for r in self.records if r.get("recovered_from") is not None)
+            refused = bool(r.get("removed")) and d > max_drop + 1e-9
+            refusals += refused
+        judged = [i for i in recoveries if i < len(self.records) - 1]  # a record came after it
+        bought = sum(1 for i in judged if any(r.get("removed") for r in self.records[i + 1:]))
+        q = (0.5 + bought) / (1.0 + len(judged))
+        noise = self._test_noise()
+        if base.get("test_metric") is None:  # no test images: only the threshold ends a segment
+            stall_prior = 1.0
+        else:
+            stall_prior = 0.5 * min(1.0, max_drop / noise) if noise else 0.5
+        p_stall = (stall_prior + len(self._stalls)) / (1.0 + len(self._stalls) + refusals)
+        climb = max((max(max_drop / 3.0, noise) + sum(climbs)) / (1 + len(climbs)), max_drop / 4.0)
         can_recover = getattr(c, "recover_epochs", 0) > 0
-        future_segments = max(getattr(c, "max_recoveries", 0) - recoveries, 0) if can_recover else 0
-        start_drop = float(np.mean(after_recovery)) if after_recovery else 0.0
-        # a recovery running now: its segment stalled (that stall is behind), and it is one of the recoveries
-        # counted in future_segments, each of which begins a segment
+        left = max(getattr(c, "max_recoveries", 0) - len(recoveries), 0) if can_recover else 0
+        start_drop = min(float(np.mean(after_recovery)), max_drop) if after_recovery else 0.0
+        per_segment = max((max_drop - start_drop) / climb - 0.5, 1.0)
         recovering = self._part is not None and self._part[0][1] == "recovering"
-        # a segment goes on while the next climb fits: about (room / climb) - 1/2 steps (the whole part of it)
-        steps = 0.0 if recovering else max((max_drop - now_drop) / climb - 0.5, 0.0)
-        steps += future_segments * max((max_drop - start_drop) / climb - 0.5, 1.0)
+        segments = sum(q ** k for k in range(1, left + 1))  # after this one; the first needs this recovery's step
+        current = 0.0
+        if recovering:  # this segment ended; the running recovery is one of ``left``
+            steps, ends, recoveries_left = segments * per_segment, segments, sum(q ** k for k in range(1, left))
+        else:
+            if not refused:
+                current = max((max_drop - now_drop) / climb - 0.5, 0.0 if in_segment else 1.0)
+            steps = current + segments * per_segment
+            ends = (0.0 if refused else 1.0) + segments
+            recoveries_left = sum(q ** k for k in range(left))
         kept = sum(1 for r in self.records if r.get("removed"))
-        steps = min(steps, max(getattr(c, "max_steps", 10**6) - kept - recoveries, 0))
+        steps = min(steps, max(getattr(c, "max_steps", 10**6) - kept - len(recoveries), 0))
         target = getattr(c, "mac_target", None)
-        step_macs = getattr(c, "step_macs", None)
-        if target is not None and self.base and self.base.get("macs"):
-            macs = next((r["macs"] for r in reversed(self.records) if r.get("macs")), self.base["macs"])
-            per_step = (step_macs or 0.04) * self.base["macs"]
-            steps = min(steps, max((macs - target * self.base["macs"]) / per_step, 0.0))
-        if recovering:
-            return steps, future_segments, max(future_segments - 1, 0)
-        return steps, future_segments + 1, future_segments
+        if target is not None and base.get("macs"):
+            macs = next((r["macs"] for r in reversed(self.records) if r.get("macs")), base["macs"])
+            per_step = (getattr(c, "step_macs", None) or 0.04) * base["macs"]
+            steps = min(steps, max((macs - target * base["macs"]) / per_step, 0.0))
+        self._p_stall = p_stall
+        return steps, ends * p_stall, recoveries_left, not recovering and not refused and current <= 0.0
+
+    def _test_noise(self) -> float:
+        """One standard error (points) of a step's drop on the test images (or the selection images without
+        them), from their number and the original's accuracy: 100 sqrt(p (1 - p) / n)."""
+        base = self.base or {}
+        paired = base.get("paired") or {}
+        role = "test" if paired.get("test") else "selection"
+        n = (paired.get(role) or {}).get("n")
+        p = base.get("test_metric") if role == "test" else base.get("metric")
+        if not n or p is None:
+            return 0.0
+        return 100.0 * math.sqrt(max(p * (1.0 - p), 1e-4) / n)

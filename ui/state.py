@@ -28,6 +28,7 @@ from typing import Any
 import streamlit as st
 
 from core.data import DataSet, folder_upload_to_zip
+from core.errors import DataError
 from core.evaluate import count_macs_params, evaluate_accuracy
 from core.ov_runtime import measure_latency_ms
 from core.estimate import Estimate, estimate_prune_time

@@ -94,7 +94,7 @@ def analysis_reuse(analysis: CarResult | None, model: nn.Module, images: ImageSe
     if analysis.n_images != len(images):
         return False, f"it used {analysis.n_images} images, the run scores on {len(images)}"
     if fingerprint.get("images") != tensors_fingerprint(images.images, images.labels):
-        return False, "other validation images"
+        return False, "other selection images"
     if not analysis.sensitivity:
         return False, "it has no per-layer sensitivity"
     screened = analysis.n_exact < sum(len(v) for v in analysis.car.values())

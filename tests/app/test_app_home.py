@@ -24,7 +24,7 @@ def test_one_click_sample_fills_the_glance():
     page = texts(at)
     assert "Loaded **vgg_digits**: 99.72 %" in page
     assert "Accuracy **99.72 %** · MACs **9.9 M**" in page
-    assert "1438 training / 359 validation images" in page
+    assert "1438 train / 359 selection / 0 test images" in page  # the glossary's words (issue 27)
     assert any("Model: vgg_digits" in c.value for c in at.sidebar.caption), "the sidebar sees the sample at once"
     # the loaded sample is there on every page of the session
     goto(at, "analyse")

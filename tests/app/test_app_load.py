@@ -200,7 +200,7 @@ def test_small_upload_flows_to_analyse_and_model_only_asks_for_data():
     click_load(at)
     assert_no_exception(at)
     goto(at, "analyse")
-    assert "All **10** validation images are used" in texts(at)
+    assert "All **10** selection images are used" in texts(at)
 
 
 def test_weights_against_the_default_architecture_point_to_the_custom_architecture_option():

@@ -257,7 +257,7 @@ def test_reuse_is_one_decision_on_the_analysis_own_fingerprint(tiny):
     car = compute_car(loaded.model, loaded.spec.input, data.val, n_images=8, sensitivity=True)
     assert reusable_car(car, loaded.model, data.val, config) == (True, "same model, 8 images, exact CAR")
     assert reusable_car(car.to_dict(), loaded.model, data.val, config)[0], "a stored car.json serves as well"
-    assert reusable_car(car, loaded.model, data.val, replace(config, seed=1)) == (False, "other validation images")
+    assert reusable_car(car, loaded.model, data.val, replace(config, seed=1)) == (False, "other selection images")
     assert reusable_car(replace(car, sensitivity={}), loaded.model, data.val, config) == (
         False, "it has no per-layer sensitivity")
     assert not reusable_car(replace(car, fingerprint={}), loaded.model, data.val, config)[0]
