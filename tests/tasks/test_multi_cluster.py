@@ -76,6 +76,10 @@ def test_clusters_that_break_the_threshold_together_fall_back_to_one_then_to_hal
     messages: list[str] = []
     monkeypatch.setattr(engine, "finetune_and_decide", fake)
     monkeypatch.setattr(engine, "measure_original", measure_original)
+    # the fake metric is what decides (not the task's paired drop on its own decision images), and the test
+    # images do not refuse a step here
+    monkeypatch.setattr(engine, "decision_drop", lambda task, decision, base: (base - decision.metric) * 100)
+    monkeypatch.setattr(engine, "test_refusal", lambda base, record, max_drop: None)
     config = quick_config(max_steps=5, clusters_per_step=4, max_drop=1.0, patience=0)
     run_pruning(loaded, data, config, tmp_path / "fallback", callbacks=engine.Callbacks(
         progress=lambda f, m: messages.append(m)))
