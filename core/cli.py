@@ -1,4 +1,4 @@
-"""Headless command line: evaluate, analyse, prune, export, bench.
+"""Headless command line: evaluate, analyse, prune, export, recover, glossary.
 
 Every user error ends in one line on stderr and a non-zero exit code, never a traceback. Progress
 goes to stderr so that ``--json`` output on stdout stays machine-readable.

@@ -5,7 +5,7 @@ per filter, lower = removed first) and, across groups, which candidate cluster g
 The task supplies what needs its data (``ScoreContext``): the exact ablation cost of single filters
 and of whole clusters (CAR), and gradients for Taylor. The CLI's ``--criterion`` choices, the Prune
 page's choices and ``PruneConfig.validate`` all read ``REGISTRY``; a new criterion is one decorated
-class here (see README, "Adding a criterion").
+class here (see docs/extending.md, "Adding a criterion").
 """
 from __future__ import annotations
 

@@ -58,7 +58,7 @@ class PruneConfig:
     score_images: int = 400  # selection images used to score filters
     # a full re-score of every group every this many steps; in between only the groups whose width
     # changed are re-scored. Measured on the real ResNet-20, 8 steps each (bench/real_cifar.py --flows
-    # fast fast-rescore1, README): k = 1 took 1.6x as long (7.7 vs 4.8 min) for the same MACs and
+    # fast fast-rescore1, docs/benchmarks.md): k = 1 took 1.6x as long (7.7 vs 4.8 min) for the same MACs and
     # selection drop; its final model was 1.33 test points better (paired over the test images, 95 %
     # 0.30..2.36), from one run each, whose step-to-step test figures move by about a point. 4 is kept
     # for time on small machines; --rescore-every 1 is the choice when accuracy matters more.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the NCS2 (MYRIAD) compiler environment .venv-myriad, which core/ncs2_compiler.py uses to
-# compile every export into an NCS2 .blob with Intel's own compiler (see README, "NCS2").
+# compile every export into an NCS2 .blob with Intel's own compiler (see docs/ncs2.md).
 #
 #   .venv-myriad/            Python 3.6-3.9 venv with openvino==2021.4.2, the last PyPI wheel that
 #                            ships the MYRIAD plugin (Intel's proprietary licence: installed here,

@@ -4,7 +4,7 @@ from __future__ import annotations
 from core.prune import PruneConfig
 from core.runs import Run, removals
 from tests.app.apptest_tools import (assert_no_exception, goto, new_app, progress_values, texts, wait_until, with_sample)
-from tests.unit.test_criteria import fpgm  # noqa: F401  (the README example criterion, registered)
+from tests.unit.test_criteria import fpgm  # noqa: F401  (the docs/extending.md example criterion, registered)
 from ui.prune import settings_text
 from ui.state import get_registry
 
@@ -132,7 +132,7 @@ def test_impossible_cluster_size_fails_with_a_clear_message():
 
 
 def test_a_newly_registered_criterion_is_offered_on_the_prune_page(fpgm):
-    """The README's example criterion, once registered, is a choice of the Prune page (and its label shown)."""
+    """The example criterion of docs/extending.md, once registered, is a choice of the Prune page (and its label shown)."""
     at = with_sample("prune")
     picker = at.selectbox(key="pr_criterion")
     assert "fpgm" in picker.options or picker.format_func("fpgm") in picker.options

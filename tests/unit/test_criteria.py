@@ -1,5 +1,5 @@
 """The criterion registry: what it offers per task, that its criteria score real filters, and that one new
-class (the README's FPGM example, run from the README itself) becomes a choice of the CLI and the config."""
+class (the FPGM example of docs/extending.md, run from that file itself) becomes a choice of the CLI and the config."""
 from __future__ import annotations
 
 import copy
@@ -19,21 +19,21 @@ from core.groups import PruningGraph
 from core.models import load_model
 from core.prune import PruneConfig
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+EXTENDING = Path(__file__).resolve().parents[2] / "docs" / "extending.md"
 
 
-def readme_example() -> str:
-    text = README.read_text()
-    section = text[text.index("### Adding a criterion"):]
+def docs_example() -> str:
+    text = EXTENDING.read_text()
+    section = text[text.index("## Adding a criterion"):]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
 @pytest.fixture
 def fpgm():
-    """The README's example criterion, registered for the test and removed afterwards."""
+    """The docs' example criterion (docs/extending.md), registered for the test and removed afterwards."""
     before = dict(criteria.REGISTRY)
     namespace = vars(criteria).copy()
-    exec(readme_example(), namespace)
+    exec(docs_example(), namespace)
     yield criteria.REGISTRY["fpgm"]
     criteria.REGISTRY.clear()
     criteria.REGISTRY.update(before)
