@@ -125,6 +125,8 @@ class ClassificationTask:
         self.finetune_lr: float | None = None  # set by check_finetune_lr
         self._baseline_correct: dict[str, np.ndarray] | None = None
         self._decides = decision_mask_of(data.val, config)  # the selection images that score no filter
+        self.pool = None  # Ray workers for CAR's ablations (core.distributed), set by the engine for a run
+        self._scorer: CarScorer | None = None  # the current step's, for where its ablations ran
 
     def output_layers(self, model: nn.Module) -> None:
         return None
@@ -226,7 +228,7 @@ class ClassificationTask:
             result = self.analysis
         else:
             result = compute_car(model, self.spec, images, n_images=None, sensitivity=True, progress=progress,
-                                 cancel=cancel, method=self.config.car, device=self.device)
+                                 cancel=cancel, method=self.config.car, device=self.device, pool=self.pool)
         if self.config.criterion == "car":
             self.book.seed_from_analysis(result)
         return {**result.to_dict(), **({"reused_from": f"a finished analysis of this model ({why})"}
@@ -236,7 +238,8 @@ class ClassificationTask:
         if self.config.criterion != "car":
             return None
         with on_device(model, self.device):
-            return CarScorer(model, self.spec, self.score_images())
+            self._scorer = CarScorer(model, self.spec, self.score_images(), pool=self.pool)
+            return self._scorer
 
     def score_context(self, graph: PruningGraph, groups: list[ChannelGroup], scorer: CarScorer | None, rng,
                       cancel, progress) -> ScoreContext:
@@ -318,7 +321,10 @@ class ClassificationTask:
         if self.config.criterion != "car":
             return {}
         report, self._report = self._report, None
-        return {"car_scoring": (report or ScoreReport(method=self.config.car)).to_dict()}
+        out = (report or ScoreReport(method=self.config.car)).to_dict()
+        if self.pool is not None and self._scorer is not None:  # where this step's ablations ran (core.distributed)
+            out["where"] = {k: v for k, v in self._scorer.where().items() if k != "workers"}  # workers.json has them
+        return {"car_scoring": out}
 
 
 def measure(model: nn.Module, data: DataSet, spec: InputSpec, config: PruneConfig,
