@@ -231,11 +231,13 @@ class PoolRecord:
 class CarPool:
     """Ray actors that evaluate CAR ablations; a context manager (``close`` on exit).
 
+    ``threads_per_worker``: torch threads of each actor, and the CPUs it asks Ray for unless ``cpus_per_worker``
+    says otherwise (a fraction lets several pools share a small cluster, as the tests do);
     ``start_timeout_s``: how long to wait for the workers to answer before giving up (``SettingsError``).
     """
 
     def __init__(self, setting: WorkSetting, threads_per_worker: int = 1, gpus_per_worker: float = 0.0,
-                 start_timeout_s: float = 120.0):
+                 start_timeout_s: float = 120.0, cpus_per_worker: float | None = None):
         self.setting = setting.validate()
         if setting.where == "local":
             raise SettingsError("A Ray pool needs a Ray address or a number of local Ray workers.")
@@ -243,6 +245,7 @@ class CarPool:
         if not ok:
             raise SettingsError(why)
         self.threads = threads_per_worker
+        self.cpus = threads_per_worker if cpus_per_worker is None else cpus_per_worker
         self.gpus = gpus_per_worker
         self.start_timeout_s = start_timeout_s
         self.started_ray = False
@@ -264,7 +267,7 @@ class CarPool:
             try:
                 if self.setting.where == "ray-local":
                     path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-                    ray.init(num_cpus=self.setting.workers * self.threads,
+                    ray.init(address="local", num_cpus=self.setting.workers * self.threads,  # never someone else's
                              runtime_env={"env_vars": {"PYTHONPATH": path}}, **kwargs)
                 else:  # the cluster's workers get this very ``core`` package, uploaded for this job
                     ray.init(address=self.setting.address, runtime_env={"py_modules": [str(CORE_DIR)]}, **kwargs)
@@ -273,7 +276,7 @@ class CarPool:
                                     f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
             self.started_ray = True
         try:
-            n = self.setting.workers or max(1, int(ray.cluster_resources().get("CPU", 1) // self.threads))
+            n = self.setting.workers or max(1, int(ray.cluster_resources().get("CPU", 1) // max(self.cpus, 1e-3)))
             for i in range(n):
                 self.actors.append(self._new_actor(i))
                 self.alive.append(True)
@@ -289,7 +292,7 @@ class CarPool:
             raise
 
     def _new_actor(self, index: int):
-        return _actor_class().options(num_cpus=self.threads, num_gpus=self.gpus or 0, max_restarts=0).remote(
+        return _actor_class().options(num_cpus=self.cpus, num_gpus=self.gpus or 0, max_restarts=0).remote(
             index, self.threads, bool(self.gpus))
 
     def close(self) -> None:
