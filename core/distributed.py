@@ -42,6 +42,9 @@ from .errors import CancelledError, SettingsError
 CORE_DIR = Path(__file__).resolve().parent
 ROOT = CORE_DIR.parent
 WHERE = ("local", "ray-local", "ray")
+# Ray in this process: how many open pools use it, and whether (and as what) a pool started it
+_RAY_LOCK = threading.Lock()
+_RAY_STATE: dict = {"users": 0, "started": False, "setting": None}
 _POLL_S = 0.2  # how often the driver looks at the cancel flag while parts run
 _CANCEL_GRACE_S = 5.0  # a cancelled part that has not stopped after this long: its actor is killed
 
@@ -262,19 +265,27 @@ class CarPool:
     def _open(self) -> None:
         import ray
 
-        if not ray.is_initialized():
-            kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-            try:
-                if self.setting.where == "ray-local":
-                    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-                    ray.init(address="local", num_cpus=self.setting.workers * self.threads,  # never someone else's
-                             runtime_env={"env_vars": {"PYTHONPATH": path}}, **kwargs)
-                else:  # the cluster's workers get this very ``core`` package, uploaded for this job
-                    ray.init(address=self.setting.address, runtime_env={"py_modules": [str(CORE_DIR)]}, **kwargs)
-            except Exception as exc:
-                raise SettingsError(f"Could not reach Ray ({self.setting.describe()}): {type(exc).__name__}: "
-                                    f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
-            self.started_ray = True
+        with _RAY_LOCK:  # one Ray connection per process, shared by its jobs; shut down by the last one out
+            if not ray.is_initialized():
+                kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+                try:
+                    if self.setting.where == "ray-local":
+                        path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+                        ray.init(address="local", num_cpus=self.setting.workers * self.threads,  # never someone else's
+                                 runtime_env={"env_vars": {"PYTHONPATH": path}}, **kwargs)
+                    else:  # the cluster's workers get this very ``core`` package, uploaded for this job
+                        ray.init(address=self.setting.address, runtime_env={"py_modules": [str(CORE_DIR)]}, **kwargs)
+                except Exception as exc:
+                    raise SettingsError(f"Could not reach Ray ({self.setting.describe()}): {type(exc).__name__}: "
+                                        f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+                _RAY_STATE.update(started=True, setting=self.setting.to_dict())
+            elif _RAY_STATE["started"] and _RAY_STATE["setting"] != self.setting.to_dict():
+                raise SettingsError(f"This process already uses Ray as {_RAY_STATE['setting']['where']} "
+                                    f"({_RAY_STATE['setting']}) for another job; wait for it to end or choose the "
+                                    "same setting.")
+            _RAY_STATE["users"] += 1
+            self.started_ray = _RAY_STATE["started"]
+            self._counted = True
         try:
             n = self.setting.workers or max(1, int(ray.cluster_resources().get("CPU", 1) // max(self.cpus, 1e-3)))
             for i in range(n):
@@ -284,7 +295,8 @@ class CarPool:
                                 timeout=self.start_timeout_s)
             if len(ready) < len(self.actors):
                 raise SettingsError(f"Only {len(ready)} of {len(self.actors)} Ray workers started within "
-                                    f"{self.start_timeout_s:g} s ({self.setting.describe()}); ask for fewer workers.")
+                                    f"{self.start_timeout_s:g} s ({self.setting.describe()}); the cluster may lack free CPUs (another "
+                                    "job's workers hold them?): ask for fewer workers.")
             self.record.workers = ray.get(ready)
             self.record.workers.sort(key=lambda w: w["worker"])
         except BaseException:
@@ -296,7 +308,8 @@ class CarPool:
             index, self.threads, bool(self.gpus))
 
     def close(self) -> None:
-        """Kill every actor this pool made; shut Ray down only if this pool started it."""
+        """Kill every actor this pool made; shut Ray down only if a pool of this process started it and no other
+        pool of this process still uses it (a cluster reached by address is only disconnected from)."""
         import ray
 
         for a in self.actors:
@@ -306,8 +319,14 @@ class CarPool:
                 pass
         self.actors, self.alive = [], []
         self._images = self._model = None
-        if self.started_ray and ray.is_initialized():
-            ray.shutdown()
+        with _RAY_LOCK:
+            if getattr(self, "_counted", False):
+                self._counted = False
+                _RAY_STATE["users"] -= 1
+                if _RAY_STATE["users"] == 0 and _RAY_STATE["started"]:
+                    if ray.is_initialized():
+                        ray.shutdown()
+                    _RAY_STATE.update(started=False, setting=None)
         self.started_ray = False
 
     def __enter__(self) -> "CarPool":
