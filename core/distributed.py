@@ -257,6 +257,7 @@ class CarPool:
         self.record = PoolRecord(setting.to_dict())
         self._images: tuple | None = None  # (key, [ref])
         self._model: tuple | None = None  # (struct, [module ref], state, [state ref] or None)
+        self._local_only: dict[str, str] = {}  # model structure -> why the workers cannot score it
         self._lock = threading.Lock()
         self._open()
 
@@ -370,7 +371,10 @@ class CarPool:
         this process would compute them. ``local(ablations)``: this process' own engine, for parts that no
         worker could finish. ``progress(images done)`` after each finished part."""
         import ray
-        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError, TaskCancelledError
+        from ray.exceptions import (NodeDiedError, ObjectLostError, RayActorError, RayTaskError, TaskCancelledError,
+                                    WorkerCrashedError)
+
+        lost_errors = (RayActorError, ObjectLostError, WorkerCrashedError, NodeDiedError)
 
         n = len(inputs)
         preds = torch.empty((len(ablations), n), dtype=torch.long)
@@ -379,12 +383,23 @@ class CarPool:
             return preds, loss
         with self._lock:
             self.record.calls += 1
-            images, shipped = self._ship(model, inputs, labels)
             parts = sorted((_Part(ids) for ids in signature_buckets(ablations)), key=lambda p: -len(p.ids))
             queue = list(parts)
             running: dict = {}  # ref -> (part, actor index)
             done_images = 0
             local_parts: list[tuple[_Part, str]] = []
+            struct = structure_key(model)
+            images = shipped = None
+            if struct in self._local_only:  # the workers could not take this model before: no second try
+                local_parts, queue = [(p, self._local_only[struct]) for p in queue], []
+            else:
+                try:
+                    images, shipped = self._ship(model, inputs, labels)
+                except Exception as exc:  # e.g. a model class that cannot be pickled
+                    why = f"the model cannot be sent to the Ray workers ({type(exc).__name__}: {exc})"[:300]
+                    self._local_only[struct] = why
+                    self.record.events.append(f"{why}; CAR of this model runs in this process")
+                    local_parts, queue = [(p, why) for p in queue], []
 
             def put(part: _Part, out) -> None:
                 nonlocal done_images
@@ -423,7 +438,7 @@ class CarPool:
                         part, i = running.pop(ref)
                         try:
                             put(part, ray.get(ref))
-                        except (RayActorError, GetTimeoutError) as exc:
+                        except lost_errors as exc:
                             self.alive[i] = False
                             why = f"{type(exc).__name__}"
                             if part.attempts < 2 and any(self.alive):
@@ -436,8 +451,14 @@ class CarPool:
                                 local_parts.append((part, f"worker {i} lost"))
                         except RayTaskError as exc:  # the worker could not do the work (e.g. cannot rebuild the model)
                             cause = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
-                            self.record.events.append(f"worker {i} failed ({cause}); its part runs in this process")
-                            local_parts.append((part, f"worker {i} failed"))
+                            why = f"worker {i} failed ({cause})"
+                            # the same model would fail the same way on every worker: the rest runs here
+                            self._local_only[struct] = why
+                            self.record.events.append(f"{why}; this part and the {len(queue)} not yet sent run in "
+                                                      "this process, and so does later CAR of this model")
+                            local_parts.append((part, why))
+                            local_parts.extend((p, why) for p in queue)
+                            queue = []
             except BaseException:
                 self._cancel_running(running, TaskCancelledError)
                 raise

@@ -104,6 +104,32 @@ def test_a_new_state_reaches_the_workers(sample, pool):
         assert pool._model[3] is not None, "same structure: only the state dict was sent"
 
 
+def test_a_model_the_workers_cannot_rebuild_is_scored_here(sample, pool, tmp_path, monkeypatch):
+    """A model whose class the workers cannot import (a module only this process has) is scored in this
+    process, with the same values, and the record says why; later calls do not try the workers again."""
+    loaded, images = sample
+    (tmp_path / "only_here_mod.py").write_text(
+        f"from {type(loaded.model).__module__} import {type(loaded.model).__name__} as Base\n"
+        "class OnlyHere(Base):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import only_here_mod
+
+    model = copy.deepcopy(loaded.model)
+    model.__class__ = only_here_mod.OnlyHere
+    groups = PruningGraph(model, loaded.spec.input.shape(1)).groups()
+    ablations = [filter_ablation(g, [f]) for g in groups for f in range(2)]
+    local = CarScorer(model, loaded.spec.input, images).accuracies_and_loss(ablations)
+    failures = []
+    for _ in range(2):
+        scorer = CarScorer(model, loaded.spec.input, images, pool=pool)
+        out = scorer.accuracies_and_loss(ablations)
+        assert torch.equal(out[0], local[0]) and torch.equal(out[1], local[1])
+        assert scorer.where()["ablations_by_place"] == {"local": len(ablations)}
+        failures.append(sum("failed" in e and "only_here_mod" in e for e in pool.record.events))
+    assert 1 <= failures[0] <= 2, "each worker that had a part in flight says why it failed"
+    assert failures[1] == failures[0], "the second call went straight to this process"
+
+
 def test_parts_never_split_a_signature():
     ablations = [{"a": [0]}, {"b": [0]}, {"a": [1]}, {"a": [0], "b": [1]}, {"b": [2]}]
     assert signature_buckets(ablations) == [[0, 2], [1, 4], [3]]
