@@ -68,6 +68,12 @@ def add_ray_args(p: argparse.ArgumentParser) -> None:
                         "command and stopped after it; with it, N workers on that cluster (default: one per CPU)")
 
 
+def add_ray_recovery_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray-recovery", action="store_true",
+                   help="run the recoveries on the Ray workers too (Ray Train TorchTrainer, DDP, the same schedule, "
+                        "distillation and best-epoch rule); needs --ray-address or --ray-workers")
+
+
 def work_setting_from_args(args):
     """The ``core.distributed.WorkSetting`` of ``--ray-address`` / ``--ray-workers`` (checked)."""
     from .distributed import WorkSetting
@@ -291,6 +297,8 @@ def config_from_args(args, config_class):
         given["recover_kd"] = False
     if getattr(args, "no_control", False):
         given["control"] = False
+    if getattr(args, "ray_recovery", False):
+        given["ray_recovery"] = True
     for extra in ("optimizer", "exact_candidates", "map_images", "car", "device", "ray_address", "ray_workers"):
         if extra in config_class.__dataclass_fields__:
             given[extra] = getattr(args, extra, None)

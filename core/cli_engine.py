@@ -7,7 +7,7 @@ from pathlib import Path
 
 from . import criteria
 from .car import CAR_METHODS, FAST_EXACT_FRACTION, compute_car
-from .cli_common import (add_device_args, add_plan_args, add_ray_args, work_setting_from_args, announce_device, config_from_args, device_from_args,
+from .cli_common import (add_device_args, add_plan_args, add_ray_args, add_ray_recovery_arg, work_setting_from_args, announce_device, config_from_args, device_from_args,
                          export_exit_code, load_model_and_data, prepare_out, print_bundle, print_summary, progress,
                          progress_printer, removal_text, run_interruptible, summary_exit_code)
 from .claim import describe_claim
@@ -71,6 +71,7 @@ def add_commands(sub, add_model_args, add_data_args) -> None:
                     "exact CAR for each group's shortlist; default) or exact (every filter)")
     add_device_args(pr)
     add_ray_args(pr)
+    add_ray_recovery_arg(pr)
     add_plan_args(pr)
     pr.add_argument("--max-steps", type=int, help=default_help("max_steps", "step limit"))
     pr.add_argument("--clusters-per-step", type=int, metavar="K", help=default_help(

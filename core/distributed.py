@@ -236,11 +236,13 @@ class CarPool:
 
     ``threads_per_worker``: torch threads of each actor, and the CPUs it asks Ray for unless ``cpus_per_worker``
     says otherwise (a fraction lets several pools share a small cluster, as the tests do);
-    ``start_timeout_s``: how long to wait for the workers to answer before giving up (``SettingsError``).
+    ``start_timeout_s``: how long to wait for the workers to answer before giving up (``SettingsError``);
+    ``connect_only``: only the Ray connection (started or reached as for a pool, closed alike), no actors: what
+    other Ray work of this process (``core.ray_recovery``) shares.
     """
 
     def __init__(self, setting: WorkSetting, threads_per_worker: int = 1, gpus_per_worker: float = 0.0,
-                 start_timeout_s: float = 120.0, cpus_per_worker: float | None = None):
+                 start_timeout_s: float = 120.0, cpus_per_worker: float | None = None, connect_only: bool = False):
         self.setting = setting.validate()
         if setting.where == "local":
             raise SettingsError("A Ray pool needs a Ray address or a number of local Ray workers.")
@@ -251,6 +253,7 @@ class CarPool:
         self.cpus = threads_per_worker if cpus_per_worker is None else cpus_per_worker
         self.gpus = gpus_per_worker
         self.start_timeout_s = start_timeout_s
+        self.connect_only = connect_only
         self.started_ray = False
         self.actors: list = []
         self.alive: list[bool] = []
@@ -287,6 +290,8 @@ class CarPool:
             _RAY_STATE["users"] += 1
             self.started_ray = _RAY_STATE["started"]
             self._counted = True
+        if self.connect_only:
+            return
         try:
             n = self.setting.workers or max(1, int(ray.cluster_resources().get("CPU", 1) // max(self.cpus, 1e-3)))
             for i in range(n):
@@ -307,6 +312,34 @@ class CarPool:
     def _new_actor(self, index: int):
         return _actor_class().options(num_cpus=self.cpus, num_gpus=self.gpus or 0, max_restarts=0).remote(
             index, self.threads, bool(self.gpus))
+
+    def park(self) -> None:
+        """Kill the actors but keep the connection: their CPUs are free for other Ray work of the job (a Ray Train
+        recovery); the next :meth:`evaluate` makes them again (the model and images are sent again then)."""
+        import ray
+
+        for a in self.actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:
+                pass
+        self.actors, self.alive = [], []
+        self._parked = True
+        self.record.events.append("workers released for other Ray work (a recovery); made again when CAR needs them")
+
+    def _unpark(self) -> None:
+        import ray
+
+        n = len(self.record.workers)
+        self.actors = [self._new_actor(i) for i in range(n)]
+        self.alive = [True] * n
+        ready, _ = ray.wait([a.info.remote() for a in self.actors], num_returns=n, timeout=self.start_timeout_s)
+        if len(ready) < n:
+            self.alive = [False] * n  # the parts run here (evaluate's rule for no worker alive)
+            self.record.events.append(f"only {len(ready)} of {n} workers came back within {self.start_timeout_s:g} s")
+        else:
+            self.record.workers = sorted(ray.get(ready), key=lambda w: w["worker"])
+        self._parked = False
 
     def close(self) -> None:
         """Kill every actor this pool made; shut Ray down only if a pool of this process started it and no other
@@ -382,6 +415,8 @@ class CarPool:
         if not ablations:
             return preds, loss
         with self._lock:
+            if getattr(self, "_parked", False):
+                self._unpark()
             self.record.calls += 1
             parts = sorted((_Part(ids) for ids in signature_buckets(ablations)), key=lambda p: -len(p.ids))
             queue = list(parts)

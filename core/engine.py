@@ -93,6 +93,9 @@ class PruneConfig:
     # cluster (ray_workers: how many workers there, default one per CPU of the cluster)
     ray_address: str | None = None
     ray_workers: int | None = None
+    # recoveries on the same Ray workers with Ray Train's TorchTrainer (DDP; core.ray_recovery) instead of this
+    # process; needs ray_address or ray_workers
+    ray_recovery: bool = False
     plan: dict | None = None  # per-layer control (core.plan.PrunePlan.to_dict): excluded / capped groups
     max_steps: int = 200
     patience: int = 2  # candidates tried after one that breaks the threshold
@@ -144,6 +147,9 @@ class PruneConfig:
         if self.device not in DEVICES:
             raise SettingsError(f"Unknown device '{self.device}'. Choose one of: {', '.join(DEVICES)}.")
         self.work_setting().validate()
+        if self.ray_recovery and self.work_setting().where == "local":
+            raise SettingsError("Recovery on Ray workers needs a Ray address or a number of local Ray workers "
+                                "(--ray-address / --ray-workers).")
 
     def work_setting(self) -> WorkSetting:
         """Where CAR's ablations run (``core.distributed.WorkSetting``)."""

@@ -174,9 +174,10 @@ class ClassificationTask:
         before an epoch finished, the model unchanged)."""
         rc = self.recovery_config()
         result = self._train_recovery(model, teacher, rc, cancel, progress)
+        where, self.recovery_where = getattr(self, "recovery_where", None), None
         return {"epochs": rc.epochs, "kd": rc.distill, "best_epoch": result.best_epoch, "cancelled": result.cancelled,
                 "start_selection": result.start_selection, "per_epoch": result.epochs, "config": asdict(rc),
-                "device": str(self.device)}
+                "device": str(self.device), **({"where": where} if where else {})}
 
     def recovery_config(self, epochs: int | None = None) -> RecoveryConfig:
         c = self.config
@@ -185,6 +186,8 @@ class ClassificationTask:
 
     def _train_recovery(self, model: nn.Module, teacher: nn.Module | None, rc: RecoveryConfig, cancel, progress):
         select = lambda m: evaluate_accuracy(m, self.data.val, self.spec).accuracy  # noqa: E731
+        if self.config.ray_recovery and self.pool is not None:
+            return self._train_recovery_on_ray(model, teacher, rc, cancel, progress)
         try:
             return recover(model, self.data.train, self.spec, rc, select, teacher=teacher if rc.distill else None,
                            device=self.device, cancel=cancel,
@@ -193,6 +196,21 @@ class ClassificationTask:
             model.cpu()
             if teacher is not None:
                 teacher.cpu()
+
+    def _train_recovery_on_ray(self, model: nn.Module, teacher: nn.Module | None, rc: RecoveryConfig, cancel,
+                               progress):
+        """The recovery on the run's Ray workers (``core.ray_recovery``: TorchTrainer, DDP, the same rules); the CAR
+        actors make room for it and come back when CAR next runs. ``self.recovery_where`` says where it ran."""
+        from ..ray_recovery import recover_on_ray
+
+        self.pool.park()
+        result, where = recover_on_ray(model, self.data.train, self.data.val, self.spec, rc, self.pool.setting,
+                                       teacher=teacher if rc.distill else None, cancel=cancel,
+                                       progress=lambda done, total, msg: progress(done / max(total, 1), msg),
+                                       use_gpu=self.device.type == "cuda",
+                                       threads_per_worker=1)
+        self.recovery_where = where
+        return result
 
     def control(self, model: nn.Module, teacher: nn.Module | None, received: dict, cancel, progress) -> dict | None:
         """The control: ``model`` (a copy of the original) given the training a step received (``received``:
