@@ -104,6 +104,20 @@ def test_a_new_state_reaches_the_workers(sample, pool):
         assert pool._model[3] is not None, "same structure: only the state dict was sent"
 
 
+def test_parked_workers_come_back_when_car_needs_them(sample, reference, pool, ray_cluster):
+    """A recovery on Ray Train frees the CAR actors' CPUs (``park``); the next CAR makes them again, same values."""
+    loaded, images = sample
+    old = list(pool.actors)
+    pool.park()
+    assert pool.actors == []
+    for a in old:
+        with pytest.raises(ray_cluster.exceptions.RayActorError):
+            ray_cluster.get(a.ping.remote(), timeout=30)
+    result = compute_car(loaded.model, loaded.spec.input, images, n_images=None, sensitivity=True, pool=pool)
+    assert_identical(reference, result)
+    assert len(pool.actors) == 2 and set(result.where["ablations_by_place"]) == {"worker 0", "worker 1"}
+
+
 def test_a_model_the_workers_cannot_rebuild_is_scored_here(sample, pool, tmp_path, monkeypatch):
     """A model whose class the workers cannot import (a module only this process has) is scored in this
     process, with the same values, and the record says why; later calls do not try the workers again."""
