@@ -301,8 +301,8 @@ class CarPool:
                                 timeout=self.start_timeout_s)
             if len(ready) < len(self.actors):
                 raise SettingsError(f"Only {len(ready)} of {len(self.actors)} Ray workers started within "
-                                    f"{self.start_timeout_s:g} s ({self.setting.describe()}); the cluster may lack free CPUs (another "
-                                    "job's workers hold them?): ask for fewer workers.")
+                                    f"{self.start_timeout_s:g} s ({self.setting.describe()}); the cluster may lack "
+                                    "free CPUs (another job's workers hold them?): ask for fewer workers.")
             self.record.workers = ray.get(ready)
             self.record.workers.sort(key=lambda w: w["worker"])
         except BaseException:
@@ -334,9 +334,15 @@ class CarPool:
         self.actors = [self._new_actor(i) for i in range(n)]
         self.alive = [True] * n
         ready, _ = ray.wait([a.info.remote() for a in self.actors], num_returns=n, timeout=self.start_timeout_s)
-        if len(ready) < n:
-            self.alive = [False] * n  # the parts run here (evaluate's rule for no worker alive)
-            self.record.events.append(f"only {len(ready)} of {n} workers came back within {self.start_timeout_s:g} s")
+        if len(ready) < n:  # none is used: the parts run here (evaluate's rule when no worker is alive)
+            for a in self.actors:
+                try:
+                    ray.kill(a, no_restart=True)
+                except Exception:
+                    pass
+            self.actors, self.alive = [], []
+            self.record.events.append(f"only {len(ready)} of {n} workers came back within {self.start_timeout_s:g} s; "
+                                      "CAR runs in this process")
         else:
             self.record.workers = sorted(ray.get(ready), key=lambda w: w["worker"])
         self._parked = False
