@@ -73,3 +73,14 @@ def where_caption(where: dict | None) -> str | None:
     if where.get("events"):
         text += " " + " ".join(where["events"])
     return text
+
+
+def recovery_toggle(prefix: str, running: bool, setting: WorkSetting) -> bool:
+    """Whether the run's recoveries also go to the Ray workers (Ray Train, DDP; ``core.ray_recovery``); only
+    offered when CAR runs on Ray."""
+    if setting.where == "local":
+        return False
+    return st.toggle("Recoveries on the Ray workers too (Ray Train, DDP)", value=False, key=f"{prefix}_ray_recovery",
+                     disabled=running, help="The same schedule, distillation and best-epoch rule as in this process; "
+                                            "BatchNorm sees each worker's share of a batch, so the result matches the "
+                                            "local recovery within its run-to-run spread, not value for value.")

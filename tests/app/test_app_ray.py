@@ -22,7 +22,9 @@ def test_analyse_on_a_local_ray_cluster_lists_workers_and_says_where_it_scored(r
 
 def test_prune_page_offers_the_choice(ray_cluster):
     at = with_sample("prune")
+    assert not [t for t in at.toggle if t.key == "pr_ray_recovery"], "no Ray recovery while CAR runs here"
     at.radio(key="pr_where").set_value("Ray cluster by address").run()
     assert_no_exception(at)
+    assert at.toggle(key="pr_ray_recovery").value is False
     at.text_input(key="pr_ray_address").set_value("ray:// bad").run()
     assert "A Ray address is" in texts(at)
