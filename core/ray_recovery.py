@@ -157,8 +157,8 @@ def _train_loop(cfg: dict) -> None:
 def recover_on_ray(model: nn.Module, train: ImageSet, val: ImageSet, spec: InputSpec, config: RecoveryConfig,
                    setting: WorkSetting, teacher: nn.Module | None = None, cancel: threading.Event | None = None,
                    progress: Callable[[int, int, str], None] | None = None, use_gpu: bool = False,
-                   threads_per_worker: int = 1) -> tuple[RecoveryResult, dict]:
-    """:func:`core.recovery.recover` on ``setting.workers`` Ray Train workers (DDP); ``model`` is updated in place
+                   threads_per_worker: int = 1, n_workers: int | None = None) -> tuple[RecoveryResult, dict]:
+    """:func:`core.recovery.recover` on ``n_workers`` (default ``setting.workers``, else 2) Ray Train workers (DDP); ``model`` is updated in place
     to the best finished epoch by selection accuracy on ``val``. Returns the result and where it ran
     (``{"where", "address", "workers": [{rank, host, pid, device}], "seconds"}``). ``progress(done, total,
     message)`` counts global mini-batches; a cancel stops every worker at the same mini-batch and keeps the best
@@ -179,7 +179,7 @@ def recover_on_ray(model: nn.Module, train: ImageSet, val: ImageSet, spec: Input
 
     from .evaluate import evaluate_accuracy
 
-    workers = setting.workers or 2
+    workers = n_workers or setting.workers or 2
     t0 = time.perf_counter()
     model = model.cpu()
     result = RecoveryResult(start_selection=float(evaluate_accuracy(model.eval(), val, spec).accuracy))

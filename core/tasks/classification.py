@@ -207,8 +207,8 @@ class ClassificationTask:
         result, where = recover_on_ray(model, self.data.train, self.data.val, self.spec, rc, self.pool.setting,
                                        teacher=teacher if rc.distill else None, cancel=cancel,
                                        progress=lambda done, total, msg: progress(done / max(total, 1), msg),
-                                       use_gpu=self.device.type == "cuda",
-                                       threads_per_worker=1)
+                                       use_gpu=self.device.type == "cuda", threads_per_worker=1,
+                                       n_workers=len(self.pool.record.workers) or None)
         self.recovery_where = where
         return result
 
