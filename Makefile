@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(VPY) bench/criteria.py
 	$(VPY) bench/prune_result.py
 	$(VPY) bench/latency.py
+	$(VPY) bench/ray_car.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -55,6 +56,9 @@ class CarResult:
     # the model state and score images it was measured on (CarScorer.fingerprint): a result is reused
     # only where both match; empty for analyses written before fingerprints
     fingerprint: dict = field(default_factory=dict)
+    # where its ablations ran (CarScorer.where): {"where": "local"} or a Ray pool's setting, workers,
+    # ablations per place and events (core.distributed); empty for analyses written before it was recorded
+    where: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -65,6 +69,7 @@ class CarResult:
             "seconds": self.seconds, "mode": self.mode, "left_alone": self.left_alone,
             "exact": {str(k): v for k, v in self.exact.items()},
             "loss_up": {str(k): v for k, v in self.loss_up.items()}, "fingerprint": self.fingerprint,
+            "where": self.where,
         }
 
     @classmethod
@@ -77,6 +82,7 @@ class CarResult:
             seconds=d.get("seconds", 0.0), mode=d.get("mode", "exact"), left_alone=d.get("left_alone", {}),
             exact={int(k): v for k, v in d.get("exact", {}).items()},
             loss_up={int(k): v for k, v in d.get("loss_up", {}).items()}, fingerprint=d.get("fingerprint", {}),
+            where=d.get("where", {}),
         )
 
     def is_exact(self, gid: int, f: int) -> bool:
@@ -94,10 +100,17 @@ def filter_ablation(group: ChannelGroup, filters: list[int]) -> Ablation:
 
 
 class CarScorer:
-    """Scores filters of one model on one image subset; reused across groups and calls."""
+    """Scores filters of one model on one image subset; reused across groups and calls.
 
-    def __init__(self, model: nn.Module, spec: InputSpec, images: ImageSet):
+    ``pool``: Ray workers (``core.distributed.CarPool``) that evaluate the ablations instead of this
+    process, with the same values; None: this process, as always. ``placed`` counts the ablations per
+    place they ran (``where()``)."""
+
+    def __init__(self, model: nn.Module, spec: InputSpec, images: ImageSet, pool=None):
         self.model = model.eval()
+        self.pool = pool
+        self.placed: Counter = Counter()
+        self.events: list[str] = []
         self.images = images
         self.labels = images.labels
         self.inputs = normalize(images.images.to(model_device(model)), spec)
@@ -109,7 +122,7 @@ class CarScorer:
     def accuracies(self, ablations: list[Ablation], progress: Callable[[int], None] | None = None,
                    cancel: threading.Event | None = None, fast: bool = True) -> torch.Tensor:
         """Correct-prediction matrix (len(ablations), N) as bool."""
-        preds = self.engine.predictions(ablations, progress=progress, cancel=cancel, fast=fast)
+        preds, _ = self._evaluate(ablations, None, progress, cancel, fast)
         return preds == self.labels.unsqueeze(0)
 
     def accuracies_and_loss(self, ablations: list[Ablation], progress: Callable[[int], None] | None = None,
@@ -118,8 +131,28 @@ class CarScorer:
         if not hasattr(self, "_base_loss"):
             _, base = self.engine.evaluate([{}], self.labels, fast=fast)
             self._base_loss = float(base[0])
-        preds, loss = self.engine.evaluate(ablations, self.labels, progress=progress, cancel=cancel, fast=fast)
+        preds, loss = self._evaluate(ablations, self.labels, progress, cancel, fast)
         return preds == self.labels.unsqueeze(0), loss - self._base_loss
+
+    def _evaluate(self, ablations: list[Ablation], labels: torch.Tensor | None, progress, cancel,
+                  fast: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The engine's predictions and losses, from this process or from the pool's workers (same values)."""
+        if self.pool is None or not ablations:
+            self.placed["local"] += len(ablations)
+            return self.engine.evaluate(ablations, labels, progress=progress, cancel=cancel, fast=fast)
+        before, n_events = Counter(self.pool.record.ablations), len(self.pool.record.events)
+        out = self.pool.evaluate(self.model, self.inputs, self.labels, ablations, labels is not None, fast, progress,
+                                 cancel, local=lambda part: self.engine.evaluate(part, labels, cancel=cancel, fast=fast))
+        self.placed.update(self.pool.record.ablations - before)
+        self.events.extend(self.pool.record.events[n_events:])
+        return out
+
+    def where(self) -> dict:
+        """Where this scorer's ablations ran: ``{"where": "local", ...}`` or the pool's setting and workers, with
+        the ablations per place (``"worker 0"``, ``"local"``) and what went wrong on the way (``events``)."""
+        out = {"where": "local"} if self.pool is None else {**self.pool.record.setting,
+                                                             "workers": self.pool.record.workers}
+        return {**out, "ablations_by_place": dict(self.placed), "events": list(self.events)}
 
     def fingerprint(self) -> dict:
         """What its measurements depend on: the model state and the score images with their labels."""
@@ -159,6 +192,7 @@ def compute_car(
     method: str = "exact",
     exact_fraction: float = FAST_EXACT_FRACTION,
     device: torch.device | str | None = None,
+    pool=None,
 ) -> CarResult:
     """CAR of every filter of every prunable group (+ per-class CAR and per-layer sensitivity).
 
@@ -166,7 +200,8 @@ def compute_car(
     one; same numbers). ``method="fast"`` screens every filter to first order (``core.screen``, one
     forward and two backward passes) and measures exact CAR for the lowest-screened ``exact_fraction``
     of them; ``result.exact`` says which figures are measured and which screened. ``device``: where the
-    forward passes run (``core.device``); the model is back on the CPU afterwards.
+    forward passes run (``core.device``); the model is back on the CPU afterwards. ``pool``: Ray workers that
+    evaluate the ablations (``core.distributed.CarPool``; same values); ``result.where`` says where they ran.
     """
     check_image_count(n_images)
     check_method(method)
@@ -176,15 +211,15 @@ def compute_car(
     groups = graph.groups()
     with on_device(model, device):
         result = _car_on_device(model, spec, images, subset, groups, sensitivity, per_class, progress, cancel, fast,
-                                method, exact_fraction)
+                                method, exact_fraction, pool)
     result.left_alone = graph.left_alone()
     result.seconds = time.perf_counter() - t0
     return result
 
 
 def _car_on_device(model, spec, images, subset, groups, sensitivity, per_class, progress, cancel, fast, method,
-                   exact_fraction) -> CarResult:
-    scorer = CarScorer(model, spec, subset)
+                   exact_fraction, pool=None) -> CarResult:
+    scorer = CarScorer(model, spec, subset, pool=pool)
     screen = None
     if method == "fast":
         if progress:
@@ -240,6 +275,7 @@ def _car_on_device(model, spec, images, subset, groups, sensitivity, per_class, 
     if sensitivity:
         result.sensitivity = _sensitivity(scorer, groups, result.car, progress, cancel, len(ablations) * len(subset), total)
     engine = "exact" if (fast and scorer.engine.fast) or not fast else "exact (naive)"
+    result.where = scorer.where()
     result.mode = engine if screen is None else (
         f"fast: first-order screen of all {sum(g.width for g in groups)} filters, {engine} CAR for the "
         f"{len(ablations)} lowest-screened")

@@ -58,6 +58,29 @@ def add_device_args(p: argparse.ArgumentParser, default: str | None = "auto") ->
                    help="CPU threads for PyTorch (default: the cores this process may use)")
 
 
+def add_ray_args(p: argparse.ArgumentParser) -> None:
+    """``--ray-address`` and ``--ray-workers``: where CAR's ablations run (``core.distributed``)."""
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="score CAR on an existing Ray cluster: 'auto' (the cluster this machine belongs to) or "
+                        "ray://HOST:10001 (its head's Ray Client port); default: this process")
+    p.add_argument("--ray-workers", type=int, metavar="N",
+                   help="Ray workers for CAR: without --ray-address, a local Ray cluster of N workers started for this "
+                        "command and stopped after it; with it, N workers on that cluster (default: one per CPU)")
+
+
+def add_ray_recovery_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray-recovery", action="store_true",
+                   help="run the recoveries on the Ray workers too (Ray Train TorchTrainer, DDP, the same schedule, "
+                        "distillation and best-epoch rule); needs --ray-address or --ray-workers")
+
+
+def work_setting_from_args(args):
+    """The ``core.distributed.WorkSetting`` of ``--ray-address`` / ``--ray-workers`` (checked)."""
+    from .distributed import WorkSetting
+
+    return WorkSetting(getattr(args, "ray_address", None), getattr(args, "ray_workers", None)).validate()
+
+
 def device_from_args(args):
     """Resolve ``--device`` and set ``--threads`` before any work (CUDA without a GPU: ``SettingsError``);
     :func:`announce_device` says which device runs once the inputs are checked."""
@@ -274,7 +297,9 @@ def config_from_args(args, config_class):
         given["recover_kd"] = False
     if getattr(args, "no_control", False):
         given["control"] = False
-    for extra in ("optimizer", "exact_candidates", "map_images", "car", "device"):
+    if getattr(args, "ray_recovery", False):
+        given["ray_recovery"] = True
+    for extra in ("optimizer", "exact_candidates", "map_images", "car", "device", "ray_address", "ray_workers"):
         if extra in config_class.__dataclass_fields__:
             given[extra] = getattr(args, extra, None)
     plan = plan_from_args(args)

@@ -1,16 +1,18 @@
 """CLI commands of the pruning engine: analyse, prune, export."""
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
 from . import criteria
 from .car import CAR_METHODS, FAST_EXACT_FRACTION, compute_car
-from .cli_common import (add_device_args, add_plan_args, announce_device, config_from_args, device_from_args,
+from .cli_common import (add_device_args, add_plan_args, add_ray_args, add_ray_recovery_arg, work_setting_from_args, announce_device, config_from_args, device_from_args,
                          export_exit_code, load_model_and_data, prepare_out, print_bundle, print_summary, progress,
                          progress_printer, removal_text, run_interruptible, summary_exit_code)
 from .claim import describe_claim
 from .clusters import PROFILES
+from .distributed import open_pool
 from .detection.cli import add_detection_args, cmd_export_detection, cmd_prune_detection
 from .tasks.detection import DetectionPruneConfig
 from .export import export_run
@@ -42,6 +44,7 @@ def add_commands(sub, add_model_args, add_data_args) -> None:
                     help="exact: measure every filter; fast: first-order screen of every filter, exact CAR for the "
                          f"lowest-screened {FAST_EXACT_FRACTION * 100:.0f} %% (the result says which figures are exact)")
     add_device_args(an)
+    add_ray_args(an)
     an.add_argument("--json", action="store_true")
 
     pr = sub.add_parser("prune", help="greedy cluster pruning with fine-tuning into a run folder")
@@ -67,6 +70,8 @@ def add_commands(sub, add_model_args, add_data_args) -> None:
     pr.add_argument("--car", choices=CAR_METHODS, help="single-filter CAR: fast (first-order screen of every filter, "
                     "exact CAR for each group's shortlist; default) or exact (every filter)")
     add_device_args(pr)
+    add_ray_args(pr)
+    add_ray_recovery_arg(pr)
     add_plan_args(pr)
     pr.add_argument("--max-steps", type=int, help=default_help("max_steps", "step limit"))
     pr.add_argument("--clusters-per-step", type=int, metavar="K", help=default_help(
@@ -113,14 +118,23 @@ def cmd_analyse(args) -> int:
     loaded, data = load_model_and_data(args)
     out = prepare_out(args.out)
     announce_device(device)
-    result = compute_car(loaded.model, loaded.spec.input, data.val, n_images=args.images,
-                         progress=progress_printer(), fast=not args.naive, method=args.car, device=device)
+    setting = work_setting_from_args(args)
+    if setting.where != "local":
+        progress(f"starting Ray workers ({setting.describe()})")
+    with contextlib.ExitStack() as stack:
+        pool = open_pool(setting)
+        if pool is not None:
+            stack.callback(pool.close)  # every actor, and a local cluster the command started, ends with it
+            progress(pool.describe())
+        result = compute_car(loaded.model, loaded.spec.input, data.val, n_images=args.images,
+                             progress=progress_printer(), fast=not args.naive, method=args.car, device=device, pool=pool)
     atomic_write_json(out / "car.json", result.to_dict())
     atomic_write_json(out / "analysis.json", {"model_spec": loaded.spec.to_dict(), "data_source": args.data})
     summary = {"run": str(out), "baseline_accuracy": result.baseline_accuracy, "n_images": result.n_images,
                "filters": sum(len(v) for v in result.car.values()), "groups": len(result.groups),
                "exact_filters": result.n_exact, "mode": result.mode, "seconds": result.seconds,
-               "device": str(device)}
+               "device": str(device),
+               "where": {k: v for k, v in result.where.items() if k in ("where", "address", "ablations_by_place", "events")}}
     print_summary(summary, args.json)
     return 0
 

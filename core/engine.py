@@ -20,6 +20,7 @@ metric under ``metric`` (a fraction 0..1); ``config.json`` names it (``metric_na
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
 import time
@@ -35,6 +36,7 @@ from .car import CAR_METHODS
 from .claim import shipped_claim, training_received
 from .criteria import Cluster, lowest_clusters, new_width
 from .device import DEVICES
+from .distributed import WorkSetting, open_pool
 from .errors import CancelledError, PruneScopeError, SettingsError
 from .groups import ChannelGroup, PruningGraph, UnsafeGroupError
 from .models import LoadedModel
@@ -86,6 +88,14 @@ class PruneConfig:
     control: bool = True
     car: str = "fast"  # CAR scoring of filters: "fast" (first-order screen + exact shortlist) or "exact"
     device: str = "auto"  # where scoring, fine-tuning and evaluation run: auto | cpu | cuda
+    # where CAR's ablations run (core.distributed): None/None this process; ray_workers alone: a local Ray
+    # cluster of that many workers started for the run; ray_address ("auto", "ray://host:10001"): an existing
+    # cluster (ray_workers: how many workers there, default one per CPU of the cluster)
+    ray_address: str | None = None
+    ray_workers: int | None = None
+    # recoveries on the same Ray workers with Ray Train's TorchTrainer (DDP; core.ray_recovery) instead of this
+    # process; needs ray_address or ray_workers
+    ray_recovery: bool = False
     plan: dict | None = None  # per-layer control (core.plan.PrunePlan.to_dict): excluded / capped groups
     max_steps: int = 200
     patience: int = 2  # candidates tried after one that breaks the threshold
@@ -136,6 +146,14 @@ class PruneConfig:
             raise SettingsError(f"Unknown CAR method '{self.car}'. Choose one of: {', '.join(CAR_METHODS)}.")
         if self.device not in DEVICES:
             raise SettingsError(f"Unknown device '{self.device}'. Choose one of: {', '.join(DEVICES)}.")
+        self.work_setting().validate()
+        if self.ray_recovery and self.work_setting().where == "local":
+            raise SettingsError("Recovery on Ray workers needs a Ray address or a number of local Ray workers "
+                                "(--ray-address / --ray-workers).")
+
+    def work_setting(self) -> WorkSetting:
+        """Where CAR's ablations run (``core.distributed.WorkSetting``)."""
+        return WorkSetting(self.ray_address, self.ray_workers)
 
 
 @dataclass(frozen=True)
@@ -234,9 +252,38 @@ def run_task(task: Task, loaded: LoadedModel, run_config: dict, run_dir: Path, c
         graph = PruningGraph(model, task.input_shape, output_layers=task.output_layers(model))
         check_prunable(graph.groups(), config.cluster)
         PrunePlan.from_dict(config.plan).validate(graph.groups())
-        return prune_loop(graph, task, writer, cb, cancel, rng, original=loaded.model)
+        with task_workers(task, writer, cb):
+            return prune_loop(graph, task, writer, cb, cancel, rng, original=loaded.model)
 
     return run_guarded(writer, body)
+
+
+@contextlib.contextmanager
+def task_workers(task: Task, writer: RunWriter, cb: "Callbacks"):
+    """The run's Ray workers for CAR (``config.ray_address`` / ``ray_workers``), given to the task as ``task.pool``
+    for the whole run and closed after it, however it ends: nothing of Ray is left running that the run started.
+    ``workers.json`` says where CAR's ablations ran (written when the workers are up and again at the end).
+    Local work (the default): nothing is opened or written."""
+    setting = task.config.work_setting()
+    if setting.where == "local":
+        yield None
+        return
+    if not hasattr(task, "pool"):
+        raise SettingsError(f"CAR on Ray workers serves classification runs; a {task.name} run scores in this process "
+                            "(leave --ray-address / --ray-workers out).")
+    cb.progress(0.0, f"starting Ray workers ({setting.describe()})")
+    pool = open_pool(setting)
+    task.pool = pool
+    try:
+        cb.progress(0.0, pool.describe())
+        writer.write_json("workers.json", pool.record.to_dict())
+        yield pool
+    finally:
+        task.pool = None
+        try:
+            writer.write_json("workers.json", pool.record.to_dict())
+        finally:
+            pool.close()
 
 
 def run_guarded(writer: RunWriter, body: Callable[[], dict]) -> dict:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .car import CarResult, compute_car
+from .distributed import open_pool
 from .eta import EtaTracker, PhaseProgress, RunEta
 from .detection.analysis import group_car
 from .detection.export import export_detection_run
@@ -545,10 +546,12 @@ def detection_car_job(model, root: str, val, mean, std, n_images: int = 64) -> J
     return fn
 
 
-def car_job(model, spec, imageset, n_images: int = 500, sensitivity: bool = True, method: str = "exact"
-            ) -> JobFunction:
+def car_job(model, spec, imageset, n_images: int = 500, sensitivity: bool = True, method: str = "exact",
+            work=None) -> JobFunction:
     """A job function computing CAR (+ per-class CAR, sensitivity) on a private copy of ``model``;
-    ``method``: ``exact`` (every filter measured) or ``fast`` (screened, exact for a shortlist).
+    ``method``: ``exact`` (every filter measured) or ``fast`` (screened, exact for a shortlist). ``work``: where
+    its ablations run (``core.distributed.WorkSetting``; None: this process); Ray workers the job starts end
+    with it, however it ends, and the result's ``where`` says where each part ran.
 
     Its parts: the fast method's first-order ``screening`` (one pass, no count inside), then ``measuring`` (every
     ablation, the sensitivity's included, counted alike); the whole job's ETA is the measuring part's rest at
@@ -567,8 +570,15 @@ def car_job(model, spec, imageset, n_images: int = 500, sensitivity: bool = True
 
     def fn(ctx: JobContext):
         progress.ctx = ctx
-        return compute_car(model, spec, imageset, n_images=n_images, sensitivity=sensitivity,
-                           progress=progress, cancel=ctx.cancel, method=method)
+        if work is not None and work.where != "local":
+            ctx.progress(0.0, f"starting Ray workers ({work.describe()})")
+        pool = open_pool(work)
+        try:
+            return compute_car(model, spec, imageset, n_images=n_images, sensitivity=sensitivity,
+                               progress=progress, cancel=ctx.cancel, method=method, pool=pool)
+        finally:
+            if pool is not None:
+                pool.close()
 
     return fn
 

@@ -12,6 +12,7 @@ from ui import detection
 from ui.charts import to_image
 from ui.common import action_button, format_pct, format_seconds, job_status, need_model, page_link, setup_page
 from ui.state import get_registry, model_lock, private_copy
+from ui.workers import where_caption, work_picker
 
 # the Prune page's default scoring images: with both defaults a prune reuses the analysis (same images)
 ANALYSIS_IMAGES = PruneConfig.app_defaults().score_images
@@ -35,12 +36,13 @@ if job is not None:
 running = job is not None and job.running
 
 
-def start_car(n_images: int, sensitivity: bool, method: str) -> None:
+def start_car(n_images: int, sensitivity: bool, method: str, work=None) -> None:
     model_copy = private_copy(state.model).model
     try:  # the result carries its fingerprint (model state, images): a prune that matches it reuses it
         registry.start("car", car_job(model_copy, spec, data.val, n_images=n_images, sensitivity=sensitivity,
-                                      method=method),
-                       key=key, meta={"n_images": n_images, "sensitivity": sensitivity, "method": method})
+                                      method=method, work=work),
+                       key=key, meta={"n_images": n_images, "sensitivity": sensitivity, "method": method,
+                                      **({"where": work.to_dict()} if work is not None else {})})
         state.car = None
     except JobAlreadyRunning:
         pass  # the running job is shown below
@@ -70,11 +72,13 @@ with st.container(border=True):
                       horizontal=True, help="exact: every filter removed and measured. fast: a first-order screen "
                                             "of every filter, exact CAR only for the lowest-screened shortlist "
                                             "(the filters pruning would take); the rest are labelled screened.")
+    work, work_ok = work_picker("car", running)
     if running:
         c4.button("Cancel", key="car_cancel", on_click=cancel_car, icon=":material/stop:", width="stretch")
     else:
         action_button(c4, "Compute CAR" if state.car is None else "Recompute CAR", start_car, n_images, sensitivity,
-                      method, key="car_start", type="primary", icon=":material/play_arrow:", width="stretch")
+                      method, None if work.where == "local" else work, key="car_start", type="primary",
+                      icon=":material/play_arrow:", width="stretch", disabled=not work_ok)
 
 
 @st.fragment(run_every=1.0 if running else None)
@@ -97,6 +101,8 @@ exactness = ("every filter exact (measured)" if car.n_exact == n_filters else
 st.success(f"CAR of {n_filters} filters in {len(car.groups)} layers, on {car.n_images} images "
            f"(baseline {format_pct(car.baseline_accuracy)}; {car.mode}; {exactness}; {format_seconds(car.seconds)}).",
            icon=":material/check_circle:")
+if where_caption(getattr(car, "where", None)):
+    st.caption(where_caption(car.where))
 groups = {int(g["gid"]): g for g in car.groups}
 gids = list(groups)
 left_alone = getattr(car, "left_alone", None) or {g["root"]: g["left_alone"] for g in car.groups if g.get("left_alone")}

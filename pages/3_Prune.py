@@ -18,6 +18,7 @@ from core.prune import PruneConfig
 from core.workspace import new_run_dir
 from ui.common import (format_macs, format_pct, hardware_profile_picker, job_progress, metric_name, metrics_row,
                        need_model, page_link, prune_outcome, setup_page, start_cancel_buttons, state_badge)
+from ui.workers import recovery_toggle, work_picker
 from ui.prune import (car_method_picker, device_picker, estimate_panel, plan_editor, resolution_note,
                       settings_text, time_budget_input)
 from ui.state import get_registry, private_copy
@@ -172,6 +173,10 @@ with settings:
                 extra["car"] = car_method_picker(defaults.car, running)
             with c2:
                 extra["device"], usable = device_picker(defaults.device, running)
+            work, work_ok = work_picker("pr", running)
+            extra["ray_address"], extra["ray_workers"] = work.address, work.workers
+            extra["ray_recovery"] = recovery_toggle("pr", running, work)
+            usable = usable and work_ok
             resolution_note(state, float(max_drop))
             with st.expander("Per-layer control: exclude groups, cap their cut", icon=":material/tune:"):
                 extra["plan"] = plan_editor(state, cluster, float(max_drop), running)

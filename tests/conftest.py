@@ -42,3 +42,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster of 2 CPUs, started once per test session (per xdist worker) and shut down after it;
+    the tests that need Ray share it (``core.distributed.CarPool`` makes its actors in it and starts none of its
+    own). Skips, saying why, where Ray cannot import."""
+    import logging
+
+    from core.distributed import ROOT as REPO, ray_available
+
+    ok, why = ray_available()
+    if not ok:
+        pytest.skip(why)
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    yield ray
+    if started:
+        ray.shutdown()

@@ -125,6 +125,8 @@ class ClassificationTask:
         self.finetune_lr: float | None = None  # set by check_finetune_lr
         self._baseline_correct: dict[str, np.ndarray] | None = None
         self._decides = decision_mask_of(data.val, config)  # the selection images that score no filter
+        self.pool = None  # Ray workers for CAR's ablations (core.distributed), set by the engine for a run
+        self._scorer: CarScorer | None = None  # the current step's, for where its ablations ran
 
     def output_layers(self, model: nn.Module) -> None:
         return None
@@ -172,9 +174,10 @@ class ClassificationTask:
         before an epoch finished, the model unchanged)."""
         rc = self.recovery_config()
         result = self._train_recovery(model, teacher, rc, cancel, progress)
+        where, self.recovery_where = getattr(self, "recovery_where", None), None
         return {"epochs": rc.epochs, "kd": rc.distill, "best_epoch": result.best_epoch, "cancelled": result.cancelled,
                 "start_selection": result.start_selection, "per_epoch": result.epochs, "config": asdict(rc),
-                "device": str(self.device)}
+                "device": str(self.device), **({"where": where} if where else {})}
 
     def recovery_config(self, epochs: int | None = None) -> RecoveryConfig:
         c = self.config
@@ -183,6 +186,8 @@ class ClassificationTask:
 
     def _train_recovery(self, model: nn.Module, teacher: nn.Module | None, rc: RecoveryConfig, cancel, progress):
         select = lambda m: evaluate_accuracy(m, self.data.val, self.spec).accuracy  # noqa: E731
+        if self.config.ray_recovery and self.pool is not None:
+            return self._train_recovery_on_ray(model, teacher, rc, cancel, progress)
         try:
             return recover(model, self.data.train, self.spec, rc, select, teacher=teacher if rc.distill else None,
                            device=self.device, cancel=cancel,
@@ -191,6 +196,21 @@ class ClassificationTask:
             model.cpu()
             if teacher is not None:
                 teacher.cpu()
+
+    def _train_recovery_on_ray(self, model: nn.Module, teacher: nn.Module | None, rc: RecoveryConfig, cancel,
+                               progress):
+        """The recovery on the run's Ray workers (``core.ray_recovery``: TorchTrainer, DDP, the same rules); the CAR
+        actors make room for it and come back when CAR next runs. ``self.recovery_where`` says where it ran."""
+        from ..ray_recovery import recover_on_ray
+
+        self.pool.park()
+        result, where = recover_on_ray(model, self.data.train, self.data.val, self.spec, rc, self.pool.setting,
+                                       teacher=teacher if rc.distill else None, cancel=cancel,
+                                       progress=lambda done, total, msg: progress(done / max(total, 1), msg),
+                                       use_gpu=self.device.type == "cuda", threads_per_worker=1,
+                                       n_workers=len(self.pool.record.workers) or None)
+        self.recovery_where = where
+        return result
 
     def control(self, model: nn.Module, teacher: nn.Module | None, received: dict, cancel, progress) -> dict | None:
         """The control: ``model`` (a copy of the original) given the training a step received (``received``:
@@ -226,7 +246,7 @@ class ClassificationTask:
             result = self.analysis
         else:
             result = compute_car(model, self.spec, images, n_images=None, sensitivity=True, progress=progress,
-                                 cancel=cancel, method=self.config.car, device=self.device)
+                                 cancel=cancel, method=self.config.car, device=self.device, pool=self.pool)
         if self.config.criterion == "car":
             self.book.seed_from_analysis(result)
         return {**result.to_dict(), **({"reused_from": f"a finished analysis of this model ({why})"}
@@ -236,7 +256,8 @@ class ClassificationTask:
         if self.config.criterion != "car":
             return None
         with on_device(model, self.device):
-            return CarScorer(model, self.spec, self.score_images())
+            self._scorer = CarScorer(model, self.spec, self.score_images(), pool=self.pool)
+            return self._scorer
 
     def score_context(self, graph: PruningGraph, groups: list[ChannelGroup], scorer: CarScorer | None, rng,
                       cancel, progress) -> ScoreContext:
@@ -318,7 +339,10 @@ class ClassificationTask:
         if self.config.criterion != "car":
             return {}
         report, self._report = self._report, None
-        return {"car_scoring": (report or ScoreReport(method=self.config.car)).to_dict()}
+        out = (report or ScoreReport(method=self.config.car)).to_dict()
+        if self.pool is not None and self._scorer is not None:  # where this step's ablations ran (core.distributed)
+            out["where"] = {k: v for k, v in self._scorer.where().items() if k != "workers"}  # workers.json has them
+        return {"car_scoring": out}
 
 
 def measure(model: nn.Module, data: DataSet, spec: InputSpec, config: PruneConfig,

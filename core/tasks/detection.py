@@ -83,6 +83,9 @@ class DetectionPruneConfig(PruneConfig):
             raise SettingsError("At least one screened cluster must get an exact mAP (exact_candidates >= 1).")
         if self.map_images is not None and self.map_images < 10:
             raise SettingsError("mAP needs at least 10 validation images (map_images >= 10).")
+        if self.work_setting().where != "local":
+            raise SettingsError("Ray workers score classification CAR only; a detection run scores in this process "
+                                "(leave --ray-address / --ray-workers out).")
 
 
 class DetectionTask:
