@@ -25,7 +25,7 @@ CODE_BASES = (ROOT, ROOT / "core")
 # 1. Files PruneScope writes into a run folder or a bundle (each is checked to occur in core/'s source).
 ARTEFACTS = {"config.json", "baseline.json", "history.jsonl", "car.json", "structure.json", "control.json",
              "control.pt", "finetune.json", "manifest.json", "deploy.py", "postprocess.py", "anchors.npy",
-             "model_code.py", "original.pt", "selftest.npz", "status.json", "trusted_files.json"}
+             "model_code.py", "original.pt", "selftest.npz", "status.json", "trusted_files.json", "workers.json"}
 # 2. Folders made at run time, not committed: the workspace (runs, uploads, caches), a bundle's model/ and
 #    fallback/, a run's steps/, the two venvs that `make setup` builds.
 RUNTIME_DIRS = {"workspace", "fallback", "model", "steps", ".venv", ".venv-myriad"}
@@ -33,8 +33,9 @@ RUNTIME_DIRS = {"workspace", "fallback", "model", "steps", ".venv", ".venv-myria
 USER_LAYOUT = {"train/", "val/", "test/", "JPEGImages/", "class/image.png"}
 USER_FILES = {"resnet.py",  # akamaster's CIFAR ResNet file, which a user uploads
               "train.py"}  # a user's training script that pickled a model as __main__
-# 4. Placeholders: <...>, $VAR, globs, {a,b}, an ellipsis, NNNN, absolute paths, VAR=value, a bare extension.
-PLACEHOLDER = re.compile(r"[<>$*{}…]|NNNN|^/|^[A-Z_]+=|^\.\w+$")
+# 4. Placeholders: <...>, $VAR, globs, {a,b}, an ellipsis, NNNN, absolute paths, VAR=value, a bare extension,
+#    addresses with a scheme (ray://HOST:10001), paths in the user's home (~/.ray/...).
+PLACEHOLDER = re.compile(r"[<>$*{}…]|NNNN|^/|^[A-Z_]+=|^\.\w+$|^[a-z][a-z0-9+.-]*://|^~/")
 
 
 def prose(text: str) -> str:
@@ -78,7 +79,7 @@ def missing_paths(doc: Path) -> list[str]:
     text = doc.read_text()
     out = []
     for span in code_spans(text):
-        for token in map(clean, span.split()):
+        for token in (clean(t).split("::")[0] for t in span.split()):  # a test's node id names its file
             if looks_like_path(token) and not excused(token):
                 if not any((base / token).exists() for base in (*CODE_BASES, doc.parent)):
                     out.append(f"`{token}`")
