@@ -196,6 +196,17 @@ class CarWorker:
 _ACTOR_CLASS = None
 
 
+def _kill_actors(actors: list) -> None:
+    """Kill Ray ``actors`` for good (no restart); one already gone is no error: the point is that none is left."""
+    import ray
+
+    for a in actors:
+        try:
+            ray.kill(a, no_restart=True)
+        except Exception:
+            pass
+
+
 def _actor_class():
     """``CarWorker`` as a Ray actor class (made once per process)."""
     global _ACTOR_CLASS
@@ -316,13 +327,7 @@ class CarPool:
     def park(self) -> None:
         """Kill the actors but keep the connection: their CPUs are free for other Ray work of the job (a Ray Train
         recovery); the next :meth:`evaluate` makes them again (the model and images are sent again then)."""
-        import ray
-
-        for a in self.actors:
-            try:
-                ray.kill(a, no_restart=True)
-            except Exception:
-                pass
+        _kill_actors(self.actors)
         self.actors, self.alive = [], []
         self._parked = True
         self.record.events.append("workers released for other Ray work (a recovery); made again when CAR needs them")
@@ -335,11 +340,7 @@ class CarPool:
         self.alive = [True] * n
         ready, _ = ray.wait([a.info.remote() for a in self.actors], num_returns=n, timeout=self.start_timeout_s)
         if len(ready) < n:  # none is used: the parts run here (evaluate's rule when no worker is alive)
-            for a in self.actors:
-                try:
-                    ray.kill(a, no_restart=True)
-                except Exception:
-                    pass
+            _kill_actors(self.actors)
             self.actors, self.alive = [], []
             self.record.events.append(f"only {len(ready)} of {n} workers came back within {self.start_timeout_s:g} s; "
                                       "CAR runs in this process")
@@ -352,11 +353,7 @@ class CarPool:
         pool of this process still uses it (a cluster reached by address is only disconnected from)."""
         import ray
 
-        for a in self.actors:
-            try:
-                ray.kill(a, no_restart=True)
-            except Exception:
-                pass
+        _kill_actors(self.actors)
         self.actors, self.alive = [], []
         self._images = self._model = None
         with _RAY_LOCK:
@@ -531,10 +528,7 @@ class CarPool:
             _, pending = ray.wait(pending, num_returns=len(pending), timeout=_POLL_S)
         for ref in pending:
             _, i = running[ref]
-            try:
-                ray.kill(self.actors[i], no_restart=True)
-            except Exception:
-                pass
+            _kill_actors([self.actors[i]])
             self.alive[i] = False
             self.record.events.append(f"worker {i} did not stop within {_CANCEL_GRACE_S:g} s of the cancel; killed")
         self.record.events.append(f"cancelled: {len(running)} part(s) in flight were cancelled")

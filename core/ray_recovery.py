@@ -27,14 +27,13 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .data import ImageSet, normalize
 from .distributed import WorkSetting
 from .errors import SettingsError
 from .models import InputSpec
-from .recovery import RecoveryConfig, RecoveryResult, augment, distillation_loss
+from .recovery import RecoveryConfig, RecoveryResult, augment, batch_loss
 
 _CANCEL_CHECK_EVERY = 5  # mini-batches between the workers' checks of the cancel flag
 
@@ -126,13 +125,7 @@ def _train_loop(cfg: dict) -> None:
             # the same global batch and augmentation as the local recovery, then this worker's share of it
             x = augment(normalize(train_images[idx], spec), gen, config.shift, config.hflip)[rank::world].to(device)
             y = train_labels[idx][rank::world].to(device)
-            out = ddp(x)
-            if config.distill:
-                with torch.no_grad():
-                    t_out = teacher(x)
-                loss = distillation_loss(out, t_out, y, config.kd_alpha, config.kd_temperature)
-            else:
-                loss = F.cross_entropy(out, y)
+            loss = batch_loss(ddp(x), y, x, teacher, config)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -110,6 +110,17 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torc
     return (1 - alpha) * hard + alpha * soft
 
 
+def batch_loss(out: torch.Tensor, y: torch.Tensor, x: torch.Tensor, teacher: nn.Module | None,
+               config: RecoveryConfig) -> torch.Tensor:
+    """A recovery mini-batch's loss, the one rule of the local and the Ray Train recovery: cross-entropy on the
+    labels, or with ``config.distill`` the KD loss against ``teacher``'s logits on the same input ``x``."""
+    if not config.distill:
+        return F.cross_entropy(out, y)
+    with torch.no_grad():
+        t_out = teacher(x)
+    return distillation_loss(out, t_out, y, config.kd_alpha, config.kd_temperature)
+
+
 def recover(model: nn.Module, train: ImageSet, spec: InputSpec, config: RecoveryConfig,
             select: Callable[[nn.Module], float], teacher: nn.Module | None = None,
             device: torch.device | None = None, cancel: threading.Event | None = None,
@@ -155,13 +166,7 @@ def recover(model: nn.Module, train: ImageSet, spec: InputSpec, config: Recovery
             idx = order[b * config.batch_size:(b + 1) * config.batch_size]
             x = augment(normalize(train.images[idx], spec), gen, config.shift, config.hflip).to(device)
             y = train.labels[idx].to(device)
-            out = model(x)
-            if config.distill:
-                with torch.no_grad():
-                    t_out = teacher(x)
-                loss = distillation_loss(out, t_out, y, config.kd_alpha, config.kd_temperature)
-            else:
-                loss = F.cross_entropy(out, y)
+            loss = batch_loss(model(x), y, x, teacher, config)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
