@@ -55,7 +55,7 @@ def add_device_args(p: argparse.ArgumentParser, default: str | None = "auto") ->
                    help="where CAR, fine-tuning and evaluation run: auto (CUDA when PyTorch sees a GPU), cpu or cuda"
                         + ("" if default else " (default: where the run pruned, when this machine has it)"))
     p.add_argument("--threads", type=int, metavar="N",
-                   help="CPU threads for PyTorch (default: the cores this process may use)")
+                   help="CPU threads for PyTorch (default: OMP_NUM_THREADS when set, else the cores this process may use)")
 
 
 def add_ray_args(p: argparse.ArgumentParser) -> None:

@@ -36,9 +36,23 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def default_threads() -> int:
+    """The intra-op thread count when none is asked for: ``OMP_NUM_THREADS`` where it is a positive whole number
+    (torch's own rule, which a user or a test harness sharing the cores set on purpose), else every core this
+    process may use. Why it matters: OpenMP threads spin while they wait, so two processes that each take all
+    cores of a small machine slow small convolutions many-fold (docs/ray.md measured 2-thread CAR 4-9x slower
+    than 1 thread on a shared 2-core machine)."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    return available_cores()
+
+
 def set_threads(threads: int | None = None) -> int:
-    """Set torch's intra-op thread count for this process (``None``: all available cores); returns it."""
-    n = available_cores() if not threads else int(threads)
+    """Set torch's intra-op thread count for this process (``None``: :func:`default_threads`); returns it.
+
+    Raises ``SettingsError`` for a count below 1."""
+    n = default_threads() if not threads else int(threads)
     if n < 1:
         raise SettingsError(f"The thread count must be at least 1; got {threads}.")
     torch.set_num_threads(n)

@@ -22,12 +22,17 @@ def test_cuda_without_a_gpu_is_a_clear_error():
         resolve_device("cuda")
 
 
-def test_unknown_device_and_threads():
+def test_unknown_device_and_threads(monkeypatch):
     with pytest.raises(SettingsError, match="Unknown device"):
         resolve_device("tpu")
     old = torch.get_num_threads()
     try:
         assert set_threads(1) == 1 and torch.get_num_threads() == 1
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert set_threads(None) == available_cores()
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # a harness sharing the cores said one: honoured, as torch does
+        assert set_threads(None) == 1 and torch.get_num_threads() == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "many")  # not a count: ignored
         assert set_threads(None) == available_cores()
         with pytest.raises(SettingsError):
             set_threads(-2)
