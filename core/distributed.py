@@ -425,19 +425,8 @@ class CarPool:
             queue = list(parts)
             running: dict = {}  # ref -> (part, actor index)
             done_images = 0
-            local_parts: list[tuple[_Part, str]] = []
             struct = structure_key(model)
-            images = shipped = None
-            if struct in self._local_only:  # the workers could not take this model before: no second try
-                local_parts, queue = [(p, self._local_only[struct]) for p in queue], []
-            else:
-                try:
-                    images, shipped = self._ship(model, inputs, labels)
-                except Exception as exc:  # e.g. a model class that cannot be pickled
-                    why = f"the model cannot be sent to the Ray workers ({type(exc).__name__}: {exc})"[:300]
-                    self._local_only[struct] = why
-                    self.record.events.append(f"{why}; CAR of this model runs in this process")
-                    local_parts, queue = [(p, why) for p in queue], []
+            images, shipped, queue, local_parts = self._ship_or_keep_local(model, inputs, labels, struct, queue)
 
             def put(part: _Part, out) -> None:
                 nonlocal done_images
@@ -477,39 +466,73 @@ class CarPool:
                         try:
                             put(part, ray.get(ref))
                         except lost_errors as exc:
-                            self.alive[i] = False
-                            why = f"{type(exc).__name__}"
-                            if part.attempts < 2 and any(self.alive):
-                                self.record.events.append(f"worker {i} lost ({why}); its part of {len(part.ids)} "
-                                                          "ablations is retried on another worker")
-                                queue.insert(0, part)
-                            else:
-                                self.record.events.append(f"worker {i} lost ({why}); its part of {len(part.ids)} "
-                                                          "ablations runs in this process")
-                                local_parts.append((part, f"worker {i} lost"))
+                            self._worker_lost(i, part, exc, queue, local_parts)
                         except RayTaskError as exc:  # the worker could not do the work (e.g. cannot rebuild the model)
-                            cause = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
-                            why = f"worker {i} failed ({cause})"
-                            # the same model would fail the same way on every worker: the rest runs here
-                            self._local_only[struct] = why
-                            self.record.events.append(f"{why}; this part and the {len(queue)} not yet sent run in "
-                                                      "this process, and so does later CAR of this model")
-                            local_parts.append((part, why))
-                            local_parts.extend((p, why) for p in queue)
-                            queue = []
+                            queue = self._worker_failed(i, part, exc, queue, local_parts, struct)
             except BaseException:
                 self._cancel_running(running, TaskCancelledError)
                 raise
-            if local_parts:
-                if local is None:
-                    raise RuntimeError("Ray workers could not finish CAR and no local engine was given.")
-                for part, why in local_parts:
-                    if cancel is not None and cancel.is_set():
-                        raise CancelledError("Cancelled.")
-                    part.ran_on = "local"
-                    p, lo = local([ablations[j] for j in part.ids])
-                    put(part, (p, lo, None))
+            self._run_local_parts(local_parts, ablations, local, cancel, put)
             return preds, loss
+
+    def _ship_or_keep_local(self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, struct: str,
+                            queue: list) -> tuple:
+        """``(images, shipped, queue, local_parts)``: the call's data and model put in the object store, or, when
+        the workers cannot take this model (they failed on it before, or it cannot be pickled), every part
+        moved to this process with the reason, so one unshippable model never stops a CAR run."""
+        if struct in self._local_only:  # the workers could not take this model before: no second try
+            return None, None, [], [(p, self._local_only[struct]) for p in queue]
+        try:
+            images, shipped = self._ship(model, inputs, labels)
+        except Exception as exc:  # e.g. a model class that cannot be pickled
+            why = f"the model cannot be sent to the Ray workers ({type(exc).__name__}: {exc})"[:300]
+            self._local_only[struct] = why
+            self.record.events.append(f"{why}; CAR of this model runs in this process")
+            return None, None, [], [(p, why) for p in queue]
+        return images, shipped, queue, []
+
+    def _worker_lost(self, i: int, part: "_Part", exc: BaseException, queue: list, local_parts: list) -> None:
+        """Worker ``i`` died under ``part``: mark it dead and retry the part once on another live worker, else
+        run it in this process; the event says which, so workers.json explains where each part ran."""
+        self.alive[i] = False
+        why = f"{type(exc).__name__}"
+        if part.attempts < 2 and any(self.alive):
+            self.record.events.append(f"worker {i} lost ({why}); its part of {len(part.ids)} "
+                                      "ablations is retried on another worker")
+            queue.insert(0, part)
+        else:
+            self.record.events.append(f"worker {i} lost ({why}); its part of {len(part.ids)} "
+                                      "ablations runs in this process")
+            local_parts.append((part, f"worker {i} lost"))
+
+    def _worker_failed(self, i: int, part: "_Part", exc: BaseException, queue: list, local_parts: list,
+                       struct: str) -> list:
+        """Worker ``i`` raised on ``part``: the same model would fail the same way on every worker, so this part,
+        the parts not yet sent and later CAR of this model run in this process. Returns the (now empty) queue."""
+        cause = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
+        why = f"worker {i} failed ({cause})"
+        self._local_only[struct] = why
+        self.record.events.append(f"{why}; this part and the {len(queue)} not yet sent run in "
+                                  "this process, and so does later CAR of this model")
+        local_parts.append((part, why))
+        local_parts.extend((p, why) for p in queue)
+        return []
+
+    @staticmethod
+    def _run_local_parts(local_parts: list, ablations: list[dict], local, cancel: threading.Event | None,
+                         put: Callable) -> None:
+        """The parts no worker could finish, on this process' own engine (``local``), so a CAR run gives the
+        same figures whatever happened to the workers; cancellable between parts."""
+        if not local_parts:
+            return
+        if local is None:
+            raise RuntimeError("Ray workers could not finish CAR and no local engine was given.")
+        for part, why in local_parts:
+            if cancel is not None and cancel.is_set():
+                raise CancelledError("Cancelled.")
+            part.ran_on = "local"
+            p, lo = local([ablations[j] for j in part.ids])
+            put(part, (p, lo, None))
 
     def _cancel_running(self, running: dict, cancelled_error) -> None:
         """Cancel every part in flight; kill the actors whose part has not stopped within the grace time."""

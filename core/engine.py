@@ -322,12 +322,8 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
     clock = RunClock(config.time_budget)  # the budget covers the whole run, the analysis of the original too
     base = measure_original(graph, task, writer, cb, cancel)
     channel_maps = {n: list(range(w)) for n, w in base["widths"].items()}
-    left_alone: dict[str, str] = graph.left_alone()  # group root -> why its surgery cannot be trusted
-    structure = {"notes": list(graph.notes), "left_alone": left_alone}
-    outputs = task.output_layers(graph.model)
-    if outputs is not None:
-        structure["output_layers"] = outputs
-    writer.write_json("structure.json", structure)
+    structure = write_structure(graph, task, writer)
+    left_alone: dict[str, str] = structure["left_alone"]  # group root -> why its surgery cannot be trusted
     t_start = time.perf_counter()  # records' ``elapsed`` counts from the first step, as before budgets
     scores: dict[str, np.ndarray] | None = None  # group root -> score per filter
     batch = config.clusters_per_step  # the most clusters tried together at the next step
@@ -403,6 +399,28 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
             if test_refusal(base, last, config.max_drop):
                 reason += "; the recovery did not bring it back"
                 break
+    return finish_run(task, graph, writer, cb, cancel, clock, teacher, last, reason, rejected)
+
+
+def write_structure(graph: PruningGraph, task: Task, writer: RunWriter) -> dict:
+    """Write ``structure.json`` before the first step and return it: the graph's notes, the groups left
+    alone (root -> why its surgery cannot be trusted; the loop never touches them) and the task's output
+    layers, so Review can say what was never pruned and why even when the run stops early."""
+    left_alone: dict[str, str] = graph.left_alone()
+    structure = {"notes": list(graph.notes), "left_alone": left_alone}
+    outputs = task.output_layers(graph.model)
+    if outputs is not None:
+        structure["output_layers"] = outputs
+    writer.write_json("structure.json", structure)
+    return structure
+
+
+def finish_run(task: Task, graph: PruningGraph, writer: RunWriter, cb: Callbacks, cancel: threading.Event,
+               clock: RunClock, teacher, last: dict, reason: str, rejected: list[dict]) -> dict:
+    """After the loop stopped for ``reason``: the final recovery when one is due, the control when asked for
+    and time is left, then the run's ``done`` status (with the closest rejected move) and its summary.
+    Kept apart from the loop so that what happens after the last step reads in one place."""
+    config = task.config
     if final_recovery_due(reason, last, task, clock):
         last = recover_step(task, graph, writer, cb, last["step"] + 1, last, teacher, cancel, clock)
     if config.control and teacher is not None and hasattr(task, "control"):

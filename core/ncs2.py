@@ -172,6 +172,54 @@ def check_ncs2(xml_path: str | Path, strict: bool = True) -> Ncs2Report:
     count as problems; with ``strict=False`` they are warnings.
     """
     xml_path = Path(xml_path)
+    root = _read_ir_root(xml_path)
+    table = load_support_table()
+    found = _Findings()
+    ir_version = root.get("version", "")
+    if ir_version not in {str(v) for v in table["target"]["ir_versions"]}:
+        found.problems.append(Ncs2Issue("<net>", "", "", f"IR version {ir_version or '?'} cannot be read by OpenVINO "
+                                        f"2022.3 (it reads IR v10 and v11)."))
+    layers = root.find("layers").findall("layer")
+    by_id = {layer.get("id"): layer for layer in layers}
+    consumers, producers = _edges(root)
+    for layer in layers:
+        _check_layer(layer, xml_path, table, strict, found, consumers, producers, by_id)
+    _report_dynamic_shapes(found)
+    if len(found.inputs) > 1:
+        found.warnings.append(Ncs2Issue("<net>", "", "", f"{len(found.inputs)} inputs; the export is meant for one "
+                                        "image input.", "warning"))
+    return Ncs2Report(
+        xml_path=str(xml_path), compatible=not found.problems, problems=found.problems, warnings=found.warnings,
+        ops=dict(sorted(found.ops.items())), ir_version=ir_version, inputs=found.inputs,
+        constant_types=dict(found.const_types), strict=strict,
+        target=f"{table['target']['plugin']}; {table['target']['runtime']}",
+    )
+
+
+@dataclass
+class _Findings:
+    """What the walk over the IR's layers collects: the issues by severity, the op and constant-type
+    counts and the inputs for the report, and the dynamic-shape layers, which are reported after the walk
+    (grouped, because one dynamic input makes every layer after it dynamic)."""
+
+    problems: list[Ncs2Issue] = field(default_factory=list)
+    warnings: list[Ncs2Issue] = field(default_factory=list)
+    ops: Counter = field(default_factory=Counter)
+    const_types: Counter = field(default_factory=Counter)
+    inputs: dict[str, list] = field(default_factory=dict)
+    dynamic_layers: list[tuple[ET.Element, list[str]]] = field(default_factory=list)
+    dynamic_inputs: bool = False
+
+    def issue(self, layer: ET.Element, reason: str, severity: str = "error") -> None:
+        """Record one issue of ``layer``; a ``warning`` does not make the IR incompatible, anything else does."""
+        item = Ncs2Issue(layer.get("name", ""), layer.get("type", ""), layer.get("version", ""), reason, severity,
+                         layer.get("id", ""))
+        (self.warnings if severity == "warning" else self.problems).append(item)
+
+
+def _read_ir_root(xml_path: Path) -> ET.Element:
+    """The IR's ``<net>`` element; a missing, unreadable or non-IR file is an ``Ncs2CheckError`` that names it,
+    so the page says what is wrong with the file rather than showing a parser trace."""
     if not xml_path.is_file():
         raise Ncs2CheckError(f"IR file not found: {xml_path}")
     try:
@@ -180,22 +228,12 @@ def check_ncs2(xml_path: str | Path, strict: bool = True) -> Ncs2Report:
         raise Ncs2CheckError(f"{xml_path.name} is not a readable OpenVINO IR XML ({exc}).") from None
     if root.tag != "net" or root.find("layers") is None:
         raise Ncs2CheckError(f"{xml_path.name} is not an OpenVINO IR XML (no <net><layers>).")
+    return root
 
-    table = load_support_table()
-    max_opset = int(table["target"]["max_opset"])
-    problems: list[Ncs2Issue] = []
-    warnings: list[Ncs2Issue] = []
-    ops: Counter = Counter()
-    const_types: Counter = Counter()
-    inputs: dict[str, list] = {}
 
-    ir_version = root.get("version", "")
-    if ir_version not in {str(v) for v in table["target"]["ir_versions"]}:
-        problems.append(Ncs2Issue("<net>", "", "", f"IR version {ir_version or '?'} cannot be read by OpenVINO 2022.3 "
-                                  f"(it reads IR v10 and v11)."))
-
-    layers = root.find("layers").findall("layer")
-    by_id = {layer.get("id"): layer for layer in layers}
+def _edges(root: ET.Element) -> tuple[dict[tuple[str, str], list[str]], dict[str, list[str]]]:
+    """The IR's edges both ways: the layers fed by each (layer, output port), and the layers feeding each
+    layer. Some per-op checks depend on neighbours (e.g. whether MaxPool-8's indices output is used)."""
     consumers: dict[tuple[str, str], list[str]] = {}
     producers: dict[str, list[str]] = {}
     edges = root.find("edges")
@@ -203,107 +241,125 @@ def check_ncs2(xml_path: str | Path, strict: bool = True) -> Ncs2Report:
         for e in edges.findall("edge"):
             consumers.setdefault((e.get("from-layer"), e.get("from-port")), []).append(e.get("to-layer"))
             producers.setdefault(e.get("to-layer"), []).append(e.get("from-layer"))
+    return consumers, producers
 
-    def issue(layer: ET.Element, reason: str, severity: str = "error") -> None:
-        item = Ncs2Issue(layer.get("name", ""), layer.get("type", ""), layer.get("version", ""), reason, severity,
-                         layer.get("id", ""))
-        (warnings if severity == "warning" else problems).append(item)
 
-    dynamic_layers: list[tuple[ET.Element, list[str]]] = []
-    dynamic_inputs = False
-    for layer in layers:
-        ltype, version = layer.get("type", ""), layer.get("version", "")
-        ops[f"{ltype}-{version}"] += 1
-        data = layer.find("data")
-        attrs = dict(data.attrib) if data is not None else {}
-        in_ports = layer.find("input")
-        in_dims = [_port_dims(p) for p in in_ports.findall("port")] if in_ports is not None else []
-        out_ports = layer.find("output")
-        out_list = out_ports.findall("port") if out_ports is not None else []
+def _check_layer(layer: ET.Element, xml_path: Path, table: dict, strict: bool, found: _Findings,
+                 consumers, producers, by_id) -> None:
+    """All checks of one layer: dynamic outputs (noted for later), opset and support-table status, the
+    per-op checks of what the XML shows, and the constant / input checks."""
+    ltype, version = layer.get("type", ""), layer.get("version", "")
+    found.ops[f"{ltype}-{version}"] += 1
+    data = layer.find("data")
+    attrs = dict(data.attrib) if data is not None else {}
+    in_ports = layer.find("input")
+    in_dims = [_port_dims(p) for p in in_ports.findall("port")] if in_ports is not None else []
+    out_ports = layer.find("output")
+    out_list = out_ports.findall("port") if out_ports is not None else []
 
-        # dynamic shapes anywhere in the graph (reported after the loop, grouped)
-        for p in out_list:
-            dims = _port_dims(p)
-            if any(_is_dynamic_dim(d) for d in dims) and ltype != "Parameter":
-                dynamic_layers.append((layer, dims))
-                break
+    # dynamic shapes anywhere in the graph (reported after the walk, grouped)
+    for p in out_list:
+        dims = _port_dims(p)
+        if any(_is_dynamic_dim(d) for d in dims) and ltype != "Parameter":
+            found.dynamic_layers.append((layer, dims))
+            break
 
-        opset = _parse_version(version, table)
-        if opset is None:
-            issue(layer, f"version '{version}' is not a standard opset; the 2022.3 runtime cannot create it.")
-            continue
-        if opset > max_opset:
-            issue(layer, f"{ltype} from opset{opset} cannot be read by OpenVINO 2022.3 (it knows opset1..opset{max_opset}), "
-                  "and no equivalent older op was written for it: this model cannot be made NCS2-ready as it is; "
-                  "replace that layer in the model, or deploy the fallback on a CPU.")
-            continue
-        support = op_support(ltype, opset)
-        if support is None:
-            issue(layer, f"op type {ltype} is not in the MYRIAD 2022.3 support table.")
-            continue
-        status, note = support
-        if status == "not_in_opset":
-            issue(layer, f"{ltype} does not exist in opset{opset}; the 2022.3 IR reader would refuse it.")
-            continue
-        if status == "no":
-            issue(layer, f"not supported by the MYRIAD plugin. {note}".strip())
-        elif status == "unconfirmed":
-            issue(layer, f"MYRIAD support unconfirmed (never verified on a device). {note}".strip(),
-                  "unconfirmed" if strict else "warning")
-        elif status == "folded_only":
-            issue(layer, f"compiles only if constant-folded on the device. {note}".strip(), "warning")
+    opset = _parse_version(version, table)
+    status = _check_support(layer, ltype, version, opset, table, strict, found.issue)
+    if status is None:  # the layer cannot even be read by the 2022.3 runtime: nothing more to check
+        return
+    # per-op checks of what the XML shows
+    _specific_checks(layer, ltype, opset, attrs, in_dims, out_list, consumers, producers, by_id, found.issue, status)
+    if ltype == "Const":
+        _check_const(layer, attrs, xml_path, found)
+    elif ltype == "Parameter":
+        _check_parameter(layer, attrs, found)
 
-        # per-op checks of what the XML shows
-        _specific_checks(layer, ltype, opset, attrs, in_dims, out_list, consumers, producers, by_id, issue, status)
 
-        if ltype == "Const":
-            et = attrs.get("element_type", "?")
-            const_types[et] += 1
-            shape = _shape_attr(attrs.get("shape", ""))
-            n = _numel(shape)
-            if et in ("f32", "f64", "bf16"):
-                if n is None or n > MAX_F32_SCALAR_ELEMENTS:
-                    peak = _const_peak(xml_path, attrs, et)
-                    hint = ("save with compress_to_fp16=True" if peak is None or peak < 1000 else
-                            f"its values reach {peak:.4g}: OpenVINO keeps constants it judges unsafe in FP16 as FP32; "
-                            "the NCS2 computes in FP16 (largest value 65504), so rescale the layer")
-                    issue(layer, f"constant stored as {et} with shape [{','.join(shape)}]; NCS2 weights must be FP16 "
-                          f"({hint}).")
-            elif et in ("i8", "u8", "i4", "u4", "u1", "nf4", "f8e4m3", "f8e5m2"):
-                issue(layer, f"constant stored as {et}: quantized (INT8/low-bit) models are not supported on the NCS2.")
-            elif et not in ("f16",) and et not in INDEX_TYPES and et != "boolean":
-                issue(layer, f"constant element type {et} is not FP16 or an index type.")
-        elif ltype == "Parameter":
-            shape = _shape_attr(attrs.get("shape", ""))
-            inputs[layer.get("name", "")] = shape
-            et = attrs.get("element_type", "?")
-            if any(_is_dynamic_dim(d) for d in shape) or attrs.get("shape", "").strip() == "...":
-                dynamic_inputs = True
-                issue(layer, f"input shape [{','.join(shape)}] is not static; the NCS2 needs a fixed input shape.")
-            elif len(shape) >= 2 and shape[0] != "1":
-                issue(layer, f"batch is {shape[0]}; export with batch 1 for the NCS2.")
-            if et not in ALLOWED_INPUT_TYPES:
-                issue(layer, f"input element type {et} is not accepted by MYRIAD (f32, f16 or u8).")
+def _check_support(layer: ET.Element, ltype: str, version: str, opset: int | None, table: dict, strict: bool,
+                   issue) -> str | None:
+    """The layer's status in the MYRIAD support table, after recording why it fails or is doubtful; None
+    when the 2022.3 runtime cannot create the layer at all (unknown opset, too new, not in the table)."""
+    max_opset = int(table["target"]["max_opset"])
+    if opset is None:
+        issue(layer, f"version '{version}' is not a standard opset; the 2022.3 runtime cannot create it.")
+        return None
+    if opset > max_opset:
+        issue(layer, f"{ltype} from opset{opset} cannot be read by OpenVINO 2022.3 (it knows opset1..opset{max_opset}), "
+              "and no equivalent older op was written for it: this model cannot be made NCS2-ready as it is; "
+              "replace that layer in the model, or deploy the fallback on a CPU.")
+        return None
+    support = op_support(ltype, opset)
+    if support is None:
+        issue(layer, f"op type {ltype} is not in the MYRIAD 2022.3 support table.")
+        return None
+    status, note = support
+    if status == "not_in_opset":
+        issue(layer, f"{ltype} does not exist in opset{opset}; the 2022.3 IR reader would refuse it.")
+        return None
+    if status == "no":
+        issue(layer, f"not supported by the MYRIAD plugin. {note}".strip())
+    elif status == "unconfirmed":
+        issue(layer, f"MYRIAD support unconfirmed (never verified on a device). {note}".strip(),
+              "unconfirmed" if strict else "warning")
+    elif status == "folded_only":
+        issue(layer, f"compiles only if constant-folded on the device. {note}".strip(), "warning")
+    return status
 
-    if dynamic_layers:
-        if dynamic_inputs:
-            first, dims = dynamic_layers[0]
-            problems.append(Ncs2Issue(
-                first.get("name", ""), first.get("type", ""), first.get("version", ""),
-                f"{len(dynamic_layers)} layer(s) have dynamic output shapes (e.g. [{','.join(dims)}]) because the input "
-                "shape is dynamic; export with a static 1xCxHxW input.", "error", first.get("id", "")))
-        else:
-            for lay, dims in dynamic_layers[:10]:
-                issue(lay, f"output shape [{','.join(dims)}] is dynamic; MYRIAD needs static shapes.")
-            if len(dynamic_layers) > 10:
-                problems.append(Ncs2Issue("<net>", "", "", f"... and {len(dynamic_layers) - 10} more layers with dynamic shapes."))
-    if len(inputs) > 1:
-        warnings.append(Ncs2Issue("<net>", "", "", f"{len(inputs)} inputs; the export is meant for one image input.", "warning"))
-    return Ncs2Report(
-        xml_path=str(xml_path), compatible=not problems, problems=problems, warnings=warnings,
-        ops=dict(sorted(ops.items())), ir_version=ir_version, inputs=inputs, constant_types=dict(const_types),
-        strict=strict, target=f"{table['target']['plugin']}; {table['target']['runtime']}",
-    )
+
+def _check_const(layer: ET.Element, attrs: dict, xml_path: Path, found: _Findings) -> None:
+    """A constant's element type: the NCS2 computes in FP16, so FP32 weights (beyond scalars) and quantized
+    constants are problems; the hint says whether FP16 compression will do or the values are too large."""
+    et = attrs.get("element_type", "?")
+    found.const_types[et] += 1
+    shape = _shape_attr(attrs.get("shape", ""))
+    n = _numel(shape)
+    if et in ("f32", "f64", "bf16"):
+        if n is None or n > MAX_F32_SCALAR_ELEMENTS:
+            peak = _const_peak(xml_path, attrs, et)
+            hint = ("save with compress_to_fp16=True" if peak is None or peak < 1000 else
+                    f"its values reach {peak:.4g}: OpenVINO keeps constants it judges unsafe in FP16 as FP32; "
+                    "the NCS2 computes in FP16 (largest value 65504), so rescale the layer")
+            found.issue(layer, f"constant stored as {et} with shape [{','.join(shape)}]; NCS2 weights must be FP16 "
+                        f"({hint}).")
+    elif et in ("i8", "u8", "i4", "u4", "u1", "nf4", "f8e4m3", "f8e5m2"):
+        found.issue(layer, f"constant stored as {et}: quantized (INT8/low-bit) models are not supported on the NCS2.")
+    elif et not in ("f16",) and et not in INDEX_TYPES and et != "boolean":
+        found.issue(layer, f"constant element type {et} is not FP16 or an index type.")
+
+
+def _check_parameter(layer: ET.Element, attrs: dict, found: _Findings) -> None:
+    """An input: the NCS2 needs a static shape, batch 1, and an element type MYRIAD accepts. A dynamic
+    input is remembered so the dynamic layers after it are reported as one problem with its cause."""
+    shape = _shape_attr(attrs.get("shape", ""))
+    found.inputs[layer.get("name", "")] = shape
+    et = attrs.get("element_type", "?")
+    if any(_is_dynamic_dim(d) for d in shape) or attrs.get("shape", "").strip() == "...":
+        found.dynamic_inputs = True
+        found.issue(layer, f"input shape [{','.join(shape)}] is not static; the NCS2 needs a fixed input shape.")
+    elif len(shape) >= 2 and shape[0] != "1":
+        found.issue(layer, f"batch is {shape[0]}; export with batch 1 for the NCS2.")
+    if et not in ALLOWED_INPUT_TYPES:
+        found.issue(layer, f"input element type {et} is not accepted by MYRIAD (f32, f16 or u8).")
+
+
+def _report_dynamic_shapes(found: _Findings) -> None:
+    """Dynamic output shapes: one problem naming the cause when the input is dynamic (every layer after it
+    is), else one issue per layer for the first ten and a count of the rest, so the report stays readable."""
+    if not found.dynamic_layers:
+        return
+    if found.dynamic_inputs:
+        first, dims = found.dynamic_layers[0]
+        found.problems.append(Ncs2Issue(
+            first.get("name", ""), first.get("type", ""), first.get("version", ""),
+            f"{len(found.dynamic_layers)} layer(s) have dynamic output shapes (e.g. [{','.join(dims)}]) because the "
+            "input shape is dynamic; export with a static 1xCxHxW input.", "error", first.get("id", "")))
+        return
+    for lay, dims in found.dynamic_layers[:10]:
+        found.issue(lay, f"output shape [{','.join(dims)}] is dynamic; MYRIAD needs static shapes.")
+    if len(found.dynamic_layers) > 10:
+        found.problems.append(Ncs2Issue("<net>", "", "", f"... and {len(found.dynamic_layers) - 10} more layers "
+                                        "with dynamic shapes."))
 
 
 def _specific_checks(layer, ltype, opset, attrs, in_dims, out_list, consumers, producers, by_id, issue, status) -> None:

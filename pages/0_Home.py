@@ -12,12 +12,9 @@ from ui.common import (action_button, damaged_runs_notice, format_macs, format_p
                        metric_name, model_shape, page_link, setup_page, started_at, state_badge)
 from ui.state import DEFAULT_SAMPLE, get_registry, load_sample
 
-state = setup_page("PruneScope", "Structured compression of CNNs for edge hardware: find the filters that matter, "
-                   "remove the rest in hardware-sized clusters, and export for the Intel NCS2 with the original as fail-safe.")
-registry = get_registry()
 
-intro, start = st.columns([3, 2], gap="large")
-with intro:
+def how_it_works() -> None:
+    """The five pages in order, what each does, and that everything stays on this machine."""
     st.markdown(
         """
 **How it works**
@@ -36,7 +33,9 @@ with intro:
     )
     st.caption("Everything stays on this machine: runs are kept in the workspace folder and survive an app restart.")
 
-with start:
+
+def sample_start() -> None:
+    """One click to a loaded sample: choose it, see its figures, load it, and go on to Analyse or Prune."""
     with st.container(border=True):
         st.subheader("Start with the sample")
         names = sample_names()
@@ -58,10 +57,9 @@ with start:
             with c2:
                 page_link("prune", "Prune")
 
-st.divider()
-st.subheader("At a glance")
-col_model, col_data, col_run = st.columns(3, gap="medium")
-with col_model:
+
+def model_card() -> None:
+    """The loaded model with its baseline figures, or a link to Load."""
     with st.container(border=True):
         st.markdown("**Model**")
         if state.model is None:
@@ -73,7 +71,10 @@ with col_model:
             if b:
                 st.markdown(f"{metric_name(state.task)} **{format_pct(b['metric'])}** · "
                             f"MACs **{format_macs(b['macs'])}** · params **{format_params(b['params'])}**")
-with col_data:
+
+
+def data_card() -> None:
+    """The loaded data set with its split, or a link to Load."""
     with st.container(border=True):
         st.markdown("**Data**")
         if state.data is None:
@@ -82,7 +83,10 @@ with col_data:
         else:
             st.markdown(f"{state.data_label}  \n{len(state.data.train)} train / {len(state.data.val)} selection / "
                         f"{len(state.data.test)} test images, {len(state.data.class_names)} classes")
-with col_run:
+
+
+def run_card() -> None:
+    """The pruning run: the one in progress, this session's last one, or a link to Prune."""
     with st.container(border=True):
         st.markdown("**Pruning run**")
         active = registry.active("prune")
@@ -99,12 +103,13 @@ with col_run:
             st.markdown("No run in this session yet.")
             page_link("prune", "Prune")
 
-runs = past_runs(registry)
-st.subheader("Runs in the workspace")
-damaged_runs_notice()  # a damaged run is listed with its reason, never fatal to the page (issue 28)
-if not runs:
-    st.caption("No runs yet. Runs you start on the Prune page are listed here, also after an app restart.")
-else:
+
+def workspace_runs(runs: list[dict]) -> None:
+    """The workspace's runs (the newest 20), damaged ones with their reason, interrupted ones flagged."""
+    damaged_runs_notice()  # a damaged run is listed with its reason, never fatal to the page (issue 28)
+    if not runs:
+        st.caption("No runs yet. Runs you start on the Prune page are listed here, also after an app restart.")
+        return
     rows = [{"run": r["name"], "state": r["state"], "steps": r["steps"], "model": r["run"].model_label,
              "criterion": r["criterion"], "data": r["run"].data_label, "created": started_at(r["created"])}
             for r in runs[:20]]
@@ -114,3 +119,25 @@ else:
         st.warning(f"{len(interrupted)} run(s) were interrupted (the app stopped while they ran); their completed "
                    "steps are kept and can be reviewed and exported.", icon=":material/warning:")
     page_link("review", "Review runs")
+
+
+state = setup_page("PruneScope", "Structured compression of CNNs for edge hardware: find the filters that matter, "
+                   "remove the rest in hardware-sized clusters, and export for the Intel NCS2 with the original as fail-safe.")
+registry = get_registry()
+intro, start = st.columns([3, 2], gap="large")
+with intro:
+    how_it_works()
+with start:
+    sample_start()
+st.divider()
+st.subheader("At a glance")
+col_model, col_data, col_run = st.columns(3, gap="medium")
+with col_model:
+    model_card()
+with col_data:
+    data_card()
+with col_run:
+    run_card()
+runs = past_runs(registry)
+st.subheader("Runs in the workspace")
+workspace_runs(runs)

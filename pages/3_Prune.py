@@ -32,22 +32,18 @@ TASK_SETTINGS = {
                   "steps": 50},
 }
 
-state = setup_page("Prune", "Greedy cluster pruning: each step removes the cheapest cluster of filters (metric lost "
-                   "per MAC saved), fine-tunes briefly and measures. Runs in the background; cancel at any time.")
-registry = get_registry()
-active = registry.active("prune")
-if active:  # re-attach (e.g. after a reload): there is at most one pruning job at a time
-    st.session_state["prune_job_id"] = active[0].id
-elif "prune_job_id" not in st.session_state and state.run_dir:  # a reload after the run ended: its job
-    ended = registry.for_run(state.run_dir)
-    if ended is not None:
-        st.session_state["prune_job_id"] = ended.id
-job = registry.get(st.session_state.get("prune_job_id"))
-running = job is not None and job.running
-if job is None and not state.ready:
-    need_model(state, "pruning")
-task = TASK_SETTINGS[state.task]
-metric = metric_name(state.task)
+
+def attach_prune_job():
+    """The pruning job this tab shows: the running one (re-attached after a reload; there is at most one at a
+    time), else the job of this session's last run; None when there is neither."""
+    active = registry.active("prune")
+    if active:  # re-attach (e.g. after a reload): there is at most one pruning job at a time
+        st.session_state["prune_job_id"] = active[0].id
+    elif "prune_job_id" not in st.session_state and state.run_dir:  # a reload after the run ended: its job
+        ended = registry.for_run(state.run_dir)
+        if ended is not None:
+            st.session_state["prune_job_id"] = ended.id
+    return registry.get(st.session_state.get("prune_job_id"))
 
 
 def job_function(config, run_dir: Path):
@@ -100,116 +96,147 @@ def car_reuse_note(config) -> None:
                f"CAR analysis of the original: computed by the run ({why}).")
 
 
-# ----------------------------------------------------------------------------- settings
-settings = st.container(border=True)
-with settings:
-    if not state.ready:
-        st.info("This tab has no model loaded; the pruning job is shown below. "
-                "Load a model to start another run.")
-        page_link("load", "Go to Load")
-        config = None
-    else:
-        Config, p = task["config"], task["prefix"]
-        defaults = Config.app_defaults()  # one place: the task's config class
-        b = state.baseline or {}
-        st.markdown(f"**{state.model_label}** · baseline {metric} {format_pct(b.get('metric'))}, "
-                    f"{format_macs(b.get('macs'))} MACs")
-        c1, c2, c3 = st.columns(3, gap="large")
-        extra = {}
-        with c1:
-            choices = criteria.names(Config.task)
-            criterion = st.selectbox("Criterion", choices, index=choices.index(defaults.criterion),
-                                     format_func=criteria.label, key=f"{p}_criterion", disabled=running,
-                                     help=f"How filters are ranked. CAR measures each candidate cluster's real "
-                                          f"{metric} loss; the others are cheaper proxies, for comparison.")
-            max_drop = st.slider(f"Acceptable {metric} drop (points)", 0.0, 10.0, defaults.max_drop, step=0.1,
-                                 key=f"{p}_max_drop", disabled=running,
-                                 help="A step that would lose more than this (against the original) is undone; "
-                                      "the run stops when no cluster fits.")
-            mac_on = st.toggle("Stop at a MAC target", value=False, key=f"{p}_mac_on", disabled=running)
-            mac_target = st.slider("MAC target (% of the original)", 10, 95, 50, step=5, key=f"{p}_mac_target",
-                                   disabled=running or not mac_on) if mac_on else None
-        with c2:
-            cluster = hardware_profile_picker(p, running)
-        with c3:
-            finetune_steps = st.slider("Fine-tune budget (mini-batches per step)", 0, 200, defaults.finetune_steps,
-                                       step=5, key=f"{p}_finetune", disabled=running)
-            label, low, high, step = task["images"]
-            score_images = st.slider(label, low, high, defaults.score_images, step=step, key=f"{p}_score_images",
-                                     disabled=running)
-            max_steps = st.slider("Step limit", 1, max(task["steps"], defaults.max_steps), defaults.max_steps,
-                                  key=f"{p}_max_steps", disabled=running)
-            clusters_per_step = st.slider("Clusters per step", 1, 8, defaults.clusters_per_step,
-                                          key=f"{p}_clusters_per_step", disabled=running,
-                                          help="The best-ranked clusters removed together, with one fine-tuning and "
-                                               "one measurement: fewer, faster steps on deep networks. When they "
-                                               "break the threshold together, the step takes one and later steps "
-                                               "try half as many.")
-            if state.task == "classification":
-                extra["time_budget"] = time_budget_input(running)
-                extra["recover_epochs"] = st.slider(
-                    "Recovery when stalled (epochs)", 0, 10, defaults.recover_epochs, key="pr_recover_epochs",
-                    disabled=running, help="When no cluster fits the threshold, this many passes of the training "
-                                           "images (distilled from the original) become a step and the run goes "
-                                           "on from it; 0 stops there. Also once at the MAC target.")
-                extra["control"] = st.toggle(
-                    "Control: the original given the same training", value=defaults.control, key="pr_control",
-                    disabled=running, help="Fine-tuning on your images also adapts a model to them; the original "
-                                           "given the same fine-tuning and recoveries shows how much of a step's "
-                                           "figure is that adaptation, not pruning.")
-            latency = st.toggle("Measure OpenVINO latency every step", value=defaults.latency, key=f"{p}_latency",
-                                disabled=running)
-            analyse = defaults.analyse_car
-            if state.task == "classification":
-                analyse = st.toggle("Store a CAR analysis of the original in the run", value=defaults.analyse_car,
-                                    key="pr_analyse", disabled=running,
-                                    help="Shown with the removed filters on Review. A finished analysis of the "
-                                         "Analyse page with the same model, images and settings is reused; "
-                                         "otherwise it is computed first.")
-        usable = True
-        if state.task == "classification":
-            c1, c2 = st.columns(2, gap="large")
-            with c1:
-                extra["car"] = car_method_picker(defaults.car, running)
-            with c2:
-                extra["device"], usable = device_picker(defaults.device, running)
-            work, work_ok = work_picker("pr", running)
-            extra["ray_address"], extra["ray_workers"] = work.address, work.workers
-            extra["ray_recovery"] = recovery_toggle("pr", running, work)
-            usable = usable and work_ok
-            resolution_note(state, float(max_drop))
-            with st.expander("Per-layer control: exclude groups, cap their cut", icon=":material/tune:"):
-                extra["plan"] = plan_editor(state, cluster, float(max_drop), running)
-        config = Config(criterion=criterion, cluster=cluster, max_drop=float(max_drop),
-                        mac_target=None if mac_target is None else mac_target / 100,
-                        finetune_steps=int(finetune_steps), score_images=int(score_images),
-                        max_steps=int(max_steps), clusters_per_step=int(clusters_per_step), latency=latency,
-                        analyse_car=analyse, **extra)
-        car_reuse_note(config)
-        if state.task == "classification":
-            with st.expander("How long will it take?", icon=":material/timer:"):
-                estimate_panel(state, config, running)
-        if not usable:
-            config = None
-        if state.task == "classification":
-            with st.expander("Latency staircase: why clusters", icon=":material/stairs:"):
-                st.markdown("Latency on vector hardware moves in steps of channel count, not smoothly: removing "
-                            "filters pays only when a layer drops to the next multiple of the hardware's width. "
-                            "Measure the staircase of one 3×3 convolution on this CPU's OpenVINO runtime:")
-                if st.button("Measure the staircase", key="pr_measure", disabled=running, icon=":material/speed:"):
-                    with st.spinner("Timing one convolution at 8..128 output channels..."):
-                        try:
-                            st.session_state["pr_staircase"] = latency_staircase(runs=20)
-                        except PruneScopeError as exc:
-                            st.error(str(exc))
-                sc = st.session_state.get("pr_staircase")
-                if sc is not None:
-                    st.plotly_chart(V.fig_staircase(sc.channels, sc.latency_ms, sc.cluster, sc.latency_p25_ms,
-                                                    sc.latency_p75_ms), key="pr_fig_staircase")
-                    st.caption(f"Measured step: **{sc.cluster} channels** (confidence {sc.confidence:.2f}). "
-                               f"{sc.method} Choose 'custom cluster size' above to use it.")
 
-    start_cancel_buttons(running, config, start_prune, cancel_prune)
+# ----------------------------------------------------------------------------- settings
+def prune_settings() -> None:
+    """The settings box with Start / Cancel; without a model in this tab, a pointer to Load instead."""
+    settings = st.container(border=True)
+    with settings:
+        if not state.ready:
+            st.info("This tab has no model loaded; the pruning job is shown below. "
+                    "Load a model to start another run.")
+            page_link("load", "Go to Load")
+            config = None
+        else:
+            config = settings_form()
+        start_cancel_buttons(running, config, start_prune, cancel_prune)
+
+
+def settings_form():
+    """The task's settings as a config (None when the chosen device or workers cannot be used)."""
+    Config, p = task["config"], task["prefix"]
+    defaults = Config.app_defaults()  # one place: the task's config class
+    b = state.baseline or {}
+    st.markdown(f"**{state.model_label}** · baseline {metric} {format_pct(b.get('metric'))}, "
+                f"{format_macs(b.get('macs'))} MACs")
+    c1, c2, c3 = st.columns(3, gap="large")
+    extra = {}
+    with c1:
+        criterion, max_drop, mac_target = threshold_settings(Config, defaults, p)
+    with c2:
+        cluster = hardware_profile_picker(p, running)
+    with c3:
+        budget = budget_settings(defaults, p, extra)
+    usable = True
+    if state.task == "classification":
+        usable = classification_settings(defaults, cluster, max_drop, extra)
+    config = Config(criterion=criterion, cluster=cluster, max_drop=float(max_drop),
+                    mac_target=None if mac_target is None else mac_target / 100, **budget, **extra)
+    car_reuse_note(config)
+    if state.task == "classification":
+        with st.expander("How long will it take?", icon=":material/timer:"):
+            estimate_panel(state, config, running)
+    if not usable:
+        config = None
+    if state.task == "classification":
+        with st.expander("Latency staircase: why clusters", icon=":material/stairs:"):
+            staircase_panel()
+    return config
+
+
+def threshold_settings(Config, defaults, p: str) -> tuple:
+    """Criterion, acceptable drop and the optional MAC target: what is ranked and where the run stops."""
+    choices = criteria.names(Config.task)
+    criterion = st.selectbox("Criterion", choices, index=choices.index(defaults.criterion),
+                             format_func=criteria.label, key=f"{p}_criterion", disabled=running,
+                             help=f"How filters are ranked. CAR measures each candidate cluster's real "
+                                  f"{metric} loss; the others are cheaper proxies, for comparison.")
+    max_drop = st.slider(f"Acceptable {metric} drop (points)", 0.0, 10.0, defaults.max_drop, step=0.1,
+                         key=f"{p}_max_drop", disabled=running,
+                         help="A step that would lose more than this (against the original) is undone; "
+                              "the run stops when no cluster fits.")
+    mac_on = st.toggle("Stop at a MAC target", value=False, key=f"{p}_mac_on", disabled=running)
+    mac_target = st.slider("MAC target (% of the original)", 10, 95, 50, step=5, key=f"{p}_mac_target",
+                           disabled=running or not mac_on) if mac_on else None
+    return criterion, max_drop, mac_target
+
+
+def budget_settings(defaults, p: str, extra: dict) -> dict:
+    """What each step may spend (fine-tuning, images, steps, clusters, latency, recovery, control, CAR analysis):
+    the config's budget fields; the classification-only ones go into ``extra``."""
+    finetune_steps = st.slider("Fine-tune budget (mini-batches per step)", 0, 200, defaults.finetune_steps,
+                               step=5, key=f"{p}_finetune", disabled=running)
+    label, low, high, step = task["images"]
+    score_images = st.slider(label, low, high, defaults.score_images, step=step, key=f"{p}_score_images",
+                             disabled=running)
+    max_steps = st.slider("Step limit", 1, max(task["steps"], defaults.max_steps), defaults.max_steps,
+                          key=f"{p}_max_steps", disabled=running)
+    clusters_per_step = st.slider("Clusters per step", 1, 8, defaults.clusters_per_step,
+                                  key=f"{p}_clusters_per_step", disabled=running,
+                                  help="The best-ranked clusters removed together, with one fine-tuning and "
+                                       "one measurement: fewer, faster steps on deep networks. When they "
+                                       "break the threshold together, the step takes one and later steps "
+                                       "try half as many.")
+    if state.task == "classification":
+        extra["time_budget"] = time_budget_input(running)
+        extra["recover_epochs"] = st.slider(
+            "Recovery when stalled (epochs)", 0, 10, defaults.recover_epochs, key="pr_recover_epochs",
+            disabled=running, help="When no cluster fits the threshold, this many passes of the training "
+                                   "images (distilled from the original) become a step and the run goes "
+                                   "on from it; 0 stops there. Also once at the MAC target.")
+        extra["control"] = st.toggle(
+            "Control: the original given the same training", value=defaults.control, key="pr_control",
+            disabled=running, help="Fine-tuning on your images also adapts a model to them; the original "
+                                   "given the same fine-tuning and recoveries shows how much of a step's "
+                                   "figure is that adaptation, not pruning.")
+    latency = st.toggle("Measure OpenVINO latency every step", value=defaults.latency, key=f"{p}_latency",
+                        disabled=running)
+    analyse = defaults.analyse_car
+    if state.task == "classification":
+        analyse = st.toggle("Store a CAR analysis of the original in the run", value=defaults.analyse_car,
+                            key="pr_analyse", disabled=running,
+                            help="Shown with the removed filters on Review. A finished analysis of the "
+                                 "Analyse page with the same model, images and settings is reused; "
+                                 "otherwise it is computed first.")
+    return {"finetune_steps": int(finetune_steps), "score_images": int(score_images), "max_steps": int(max_steps),
+            "clusters_per_step": int(clusters_per_step), "latency": latency, "analyse_car": analyse}
+
+
+def classification_settings(defaults, cluster, max_drop, extra: dict) -> bool:
+    """A classifier's CAR method, device, Ray workers, resolution note and per-layer plan (into ``extra``);
+    returns whether the chosen device and workers can be used."""
+    c1, c2 = st.columns(2, gap="large")
+    with c1:
+        extra["car"] = car_method_picker(defaults.car, running)
+    with c2:
+        extra["device"], usable = device_picker(defaults.device, running)
+    work, work_ok = work_picker("pr", running)
+    extra["ray_address"], extra["ray_workers"] = work.address, work.workers
+    extra["ray_recovery"] = recovery_toggle("pr", running, work)
+    usable = usable and work_ok
+    resolution_note(state, float(max_drop))
+    with st.expander("Per-layer control: exclude groups, cap their cut", icon=":material/tune:"):
+        extra["plan"] = plan_editor(state, cluster, float(max_drop), running)
+    return usable
+
+
+def staircase_panel() -> None:
+    """Measure (on demand) and show the latency staircase of one 3x3 convolution: why clusters."""
+    st.markdown("Latency on vector hardware moves in steps of channel count, not smoothly: removing "
+                "filters pays only when a layer drops to the next multiple of the hardware's width. "
+                "Measure the staircase of one 3×3 convolution on this CPU's OpenVINO runtime:")
+    if st.button("Measure the staircase", key="pr_measure", disabled=running, icon=":material/speed:"):
+        with st.spinner("Timing one convolution at 8..128 output channels..."):
+            try:
+                st.session_state["pr_staircase"] = latency_staircase(runs=20)
+            except PruneScopeError as exc:
+                st.error(str(exc))
+    sc = st.session_state.get("pr_staircase")
+    if sc is not None:
+        st.plotly_chart(V.fig_staircase(sc.channels, sc.latency_ms, sc.cluster, sc.latency_p25_ms,
+                                        sc.latency_p75_ms), key="pr_fig_staircase")
+        st.caption(f"Measured step: **{sc.cluster} channels** (confidence {sc.confidence:.2f}). "
+                   f"{sc.method} Choose 'custom cluster size' above to use it.")
 
 
 # ----------------------------------------------------------------------------- live progress
@@ -223,6 +250,29 @@ def step_text(r: dict | None, metric_label: str) -> str:
     return (f"step {r['step']}: removed {removed or 'nothing'}, {metric_label} "
             f"{format_pct(r.get('metric'))}, "
             f"MACs {format_macs(r['macs'])}")
+
+
+def no_job_note() -> None:
+    """Without a job in the registry: this session's last run (the job list was reset), else how to start."""
+    if state.run_dir and Path(state.run_dir).exists():
+        st.caption(f"Last run of this session: `{Path(state.run_dir).name}`. The job list was reset (app restart).")
+        if run_reviewable(state.run_dir):
+            page_link("review", "Review it")
+    else:
+        st.info("Choose the settings and press **Start pruning**. Each step screens every cluster, measures the exact "
+                f"{metric} of the best few, removes one, fine-tunes and measures again.", icon=":material/info:")
+
+
+state = setup_page("Prune", "Greedy cluster pruning: each step removes the cheapest cluster of filters (metric lost "
+                   "per MAC saved), fine-tunes briefly and measures. Runs in the background; cancel at any time.")
+registry = get_registry()
+job = attach_prune_job()
+running = job is not None and job.running
+if job is None and not state.ready:
+    need_model(state, "pruning")
+task = TASK_SETTINGS[state.task]
+metric = metric_name(state.task)
+prune_settings()
 
 
 @st.fragment(run_every=1.0 if running else None)
@@ -264,12 +314,8 @@ def live() -> None:
             st.plotly_chart(V.fig_progress(s.steps, metric=metric_name(run_task)), key="pr_fig_progress")
 
 
+
 if job is not None:
     live()
-elif state.run_dir and Path(state.run_dir).exists():
-    st.caption(f"Last run of this session: `{Path(state.run_dir).name}`. The job list was reset (app restart).")
-    if run_reviewable(state.run_dir):
-        page_link("review", "Review it")
 else:
-    st.info("Choose the settings and press **Start pruning**. Each step screens every cluster, measures the exact "
-            f"{metric} of the best few, removes one, fine-tunes and measures again.", icon=":material/info:")
+    no_job_note()

@@ -17,6 +17,199 @@ from ui.review import (compare_steps, control_line, drop_text, drops_line, laten
                        recovery_panel)
 from ui.state import data_for_run, get_registry, model_lock, run_model
 
+
+def run_header() -> None:
+    """The run in one line (model, data, metric, settings, start) and its state: interrupted, still running,
+    or how it ended."""
+    st.markdown(f"{state_badge(entry['state'])} **{run.model_label}** on `{run.data_label}` · metric **{metric}** · "
+                f"criterion **{prune_cfg.get('criterion')}**, cluster **{prune_cfg.get('cluster')}**, budget "
+                f"**{prune_cfg.get('max_drop')} points** · started {started_at(entry['created'])}")
+    if entry["state"] == "interrupted":
+        st.warning("This run was interrupted (the app stopped while it ran). Its completed steps are intact and can "
+                   "be reviewed and exported.", icon=":material/warning:")
+    elif entry["state"] in ("running", "cancelling"):
+        st.info("This run is still going: the page shows the steps completed so far.", icon=":material/hourglass_top:")
+        st.button("Refresh", key="rv_refresh", icon=":material/refresh:")
+    elif entry["message"] and entry["state"] in ("done", "cancelled", "failed"):
+        st.caption(f"Status: {entry['message']}")
+
+
+def stop_without_steps() -> None:
+    """End the page when there is no pruned step to review: a finished run that kept none says why and what
+    to change; a run without a second step says so."""
+    if hist and entry["state"] not in ("running", "cancelling") and not any(removals(r) for r in hist[1:]):
+        no_kept_step_panel(run)  # a finished run without a pruning step: why, and what to change
+        st.stop()
+    if len(hist) < 2:
+        st.info("No pruning step has completed in this run yet." if hist else "This run has no measured step.",
+                icon=":material/info:")
+        st.stop()
+
+
+def pick_summary() -> None:
+    """The picked step within the threshold: its figures against the original, its drops, the control, a
+    recovery it came from, and the way to Export."""
+    with st.container(border=True):
+        if pick["step"] == 0:
+            st.markdown(f"No pruned step stays within **{thr:.1f} points**: the original is the pick.")
+        else:
+            st.markdown(f"**Step {pick['step']}** is the smallest model within **{thr:.1f} points**: "
+                        f"{format_pct(pick['metric'])} {metric} ({change(pick['metric'], base['metric'], 'points')}), "
+                        f"{format_macs(pick['macs'])} MACs ({change(pick['macs'], base['macs'])}), "
+                        f"{format_params(pick['params'])} parameters ({change(pick['params'], base['params'])}).")
+        if pick["step"]:
+            st.markdown(drops_line(pick, metric))
+            control_line(run, hist, pick)
+        if pick.get("recovered_from") is not None:
+            st.caption(f"Step {pick['step']} is step {pick['recovered_from']} after a recovery fine-tune of "
+                       f"{pick['recovery']['epochs']} epoch(s){' with KD' if pick['recovery'].get('kd') else ''}.")
+        metrics_row(pick, base if pick["step"] else None, metric=metric)
+        page_link("export", f"Go to Export with step {pick['step']} chosen")  # the Export page exports it on a click
+
+
+def tradeoff_charts() -> None:
+    """Every step on the metric / MACs and metric / latency curves, with the threshold and the pick."""
+    tab_macs, tab_lat = st.tabs([f"{metric} vs MACs", f"{metric} vs latency"])
+    with tab_macs:
+        st.plotly_chart(V.fig_tradeoff({run.name: hist}, x="macs", threshold_points=thr, selected_step=pick["step"],
+                                       metric=metric), key="rv_fig_macs")
+    with tab_lat:
+        if any(r.get("latency_ms") is not None for r in hist):
+            st.plotly_chart(V.fig_tradeoff({run.name: hist}, x="latency_ms", threshold_points=thr,
+                                           selected_step=pick["step"], metric=metric), key="rv_fig_latency")
+            st.caption("Latency: OpenVINO CPU runtime, batch 1, median per step (steps timed minutes apart, under "
+                       "whatever else ran: compare two steps below, or export, for a difference beyond the noise). "
+                       f"Picked step: {latency_text(pick)}.")
+        else:
+            st.info("Latency was not measured in this run (switch it on in the Prune settings).")
+
+
+def widths_and_classes() -> None:
+    """Layer widths of the pick against the original, and the per-class change (AP per class for a detector)."""
+    c1, c2 = st.columns(2)
+    with c1:
+        st.plotly_chart(V.fig_widths(base["widths"], pick["widths"]), key="rv_fig_widths")
+    with c2:
+        if run.task == "detection":
+            detection.ap_per_class(base, pick)
+        else:
+            st.plotly_chart(V.fig_per_class_change(base["per_class"], pick["per_class"]), key="rv_fig_per_class")
+
+
+def removed_filters() -> None:
+    """What pruning left alone and why, one row per removed cluster up to the pick, and the removed filters
+    themselves (a detector: its boxes before and after)."""
+    structure = read_structure(run.dir)
+    for note in structure["notes"]:
+        st.caption(note)
+    if structure["left_alone"]:
+        with st.expander(f"{len(structure['left_alone'])} layer group(s) left alone", icon=":material/block:"):
+            st.markdown("\n".join(f"- **{root}**: {why}" for root, why in structure["left_alone"].items()))
+    # one row per removed cluster (a multi-cluster step has several, each with the step's figures after it)
+    removed = [(r, rem) for r in hist[1:] if r["step"] <= pick["step"] for rem in removals(r)]
+    car_groups = (run.car or {}).get("groups")
+    if not removed:
+        st.caption("Nothing removed at this threshold.")
+    else:
+        st.dataframe([{"step": r["step"], "layer": removal_label(rem, car_groups),
+                       "filters removed": len(rem["filters"]),
+                       "width": f"{rem['width_before']} → {rem['width_after']}",
+                       f"{metric} after": format_pct(r["metric"]), "drop (selection, 95 % CI)": drop_text(r),
+                       "test drop (95 % CI)": drop_text(r, "test"), "MACs after": format_macs(r["macs"]),
+                       "latency after": format_ms(r.get("latency_ms"))} for r, rem in removed],
+                     hide_index=True, width="stretch")
+    if run.task == "detection":  # a detector's filters are judged by its boxes: before / after pictures
+        detection.boxes_before_after(run, sel, pick)
+    elif removed:
+        removed_gallery(removed, car_groups)
+
+
+def car_of_removal(rec: dict) -> tuple[list | None, list | None]:
+    """The run's CAR scores of the removed cluster's group and which of them were measured (None: no analysis;
+    an empty list of exact flags: every figure measured)."""
+    car = run.car
+    car_scores, car_exact = None, None
+    if car:
+        for g in car.get("groups", []):
+            if g["root"] == rec["group"] or rec["group"] in g.get("producers", []):
+                car_scores = car["car"].get(str(g["gid"]))
+                car_exact = (car.get("exact") or {}).get(str(g["gid"]))  # empty: every figure measured
+    return car_scores, car_exact
+
+
+def removed_gallery(removed: list[tuple[dict, dict]], car_groups) -> None:
+    """The filters of one chosen removal, drawn from the original model: weights, CAR and top-activating
+    patches on the run's own images (weights only when those images are gone)."""
+    which = st.selectbox("Show the filters removed at step", range(len(removed)), key=f"rv_gal_removal_{sel}",
+                         format_func=lambda i: f"{removed[i][0]['step']}: {removal_label(removed[i][1], car_groups)}")
+    rec = removed[which][1]
+    car_scores, car_exact = car_of_removal(rec)
+    indices = rec.get("filters_original")
+    if not indices:
+        st.info("The original channel numbers of these filters were not recorded; they cannot be drawn.")
+        return
+    try:
+        original = run_model(str(run.dir), 0, (run.dir / "original.pt").stat().st_mtime)
+        data = data_for_run(run)
+        layer = group_display_name(removal_group(rec, (run.car or {}).get("groups")))  # the conv the user knows
+        patches = {}
+        if data is not None:
+            with model_lock(original):
+                patches = V.top_activating_patches(original, layer, data.val.images[:256], run.spec.input,
+                                                   indices=indices, k=3, size=40)
+        else:
+            st.caption("The run's data set is not available any more: weights only, no patches.")
+        st.caption(f"Layer `{layer}` of the original model; CAR from the run's analysis of the original "
+                   "(accuracy points; small = little accuracy lost): exact where measured, screened (a "
+                   "first-order estimate, fast CAR) where not.")
+        removed_cards(original, layer, indices, patches, car_scores, car_exact)
+    except PruneScopeError as exc:
+        st.error(str(exc))
+
+
+def removed_cards(original, layer: str, indices: list[int], patches: dict, car_scores, car_exact,
+                  per_row: int = 6) -> None:
+    """One card per removed filter, ``per_row`` to a row: number, CAR (screened or measured), weights, patches."""
+    for row in range(0, len(indices), per_row):
+        cols = st.columns(per_row)
+        for col, f in zip(cols, indices[row:row + per_row]):
+            with col.container(border=True):
+                car_txt = f"{car_scores[f] * 100:+.2f}" if car_scores is not None and f < len(car_scores) else "—"
+                screened = car_exact is not None and f < len(car_exact) and not car_exact[f]
+                st.markdown(f"**#{f}** · {'screened CAR' if screened else 'CAR'} {car_txt}")
+                st.image(V.filter_weight_image(original, layer, f, size=56, spec=run.spec.input),
+                         caption="weights", width=56)
+                if patches.get(f):
+                    st.image(patches[f], width=36)
+
+
+def compare_runs() -> None:
+    """This run's curve and pick against other runs of the same task, each picked within the same drop."""
+    others = [n for n in names if n != sel and by_name[n]["steps"] >= 1 and by_name[n]["run"].task == run.task]
+    if not others:
+        st.caption("Start another run (e.g. another criterion or cluster size) to compare it here.")
+        return
+    chosen = st.multiselect("Runs to compare with this one", others, default=others[: min(2, len(others))],
+                            key="rv_compare")
+    if not chosen:
+        return
+    histories = {sel: hist}
+    for n in chosen:
+        histories[n] = by_name[n]["run"].history
+    st.plotly_chart(V.fig_tradeoff(histories, x="macs", threshold_points=thr, baseline_metric=base["metric"],
+                                   selected_step=(sel, pick["step"]), metric=metric), key="rv_fig_compare")
+    rows = []
+    for n, h in histories.items():
+        p = V.pick_smallest_within(h, thr)
+        cfg = by_name[n]["run"].config.get("prune") or {}
+        rows.append({"run": n, "criterion": cfg.get("criterion"), "cluster": cfg.get("cluster"),
+                     "steps": len(h) - 1, f"pick within {thr:.1f} pts": p["step"],
+                     metric: format_pct(p["metric"]), "MACs": format_macs(p["macs"]),
+                     "MACs kept": f"{p['macs'] / h[0]['macs'] * 100:.0f} %", "latency": format_ms(p.get("latency_ms"))})
+    st.dataframe(rows, hide_index=True, width="stretch")
+    st.caption("Each run's pick is the smallest of its steps within the same drop, measured against its own original.")
+
+
 state = setup_page("Review", "Every step of a run on the metric / cost curve. Set how much of the metric you can give "
                    "up: the smallest model within it is picked for export.")
 registry = get_registry()
@@ -29,169 +222,22 @@ run: Run = entry["run"]
 hist = run.history
 prune_cfg = run.config.get("prune") or {}
 metric = run.metric_name
-st.markdown(f"{state_badge(entry['state'])} **{run.model_label}** on `{run.data_label}` · metric **{metric}** · "
-            f"criterion **{prune_cfg.get('criterion')}**, cluster **{prune_cfg.get('cluster')}**, budget "
-            f"**{prune_cfg.get('max_drop')} points** · started {started_at(entry['created'])}")
-if entry["state"] == "interrupted":
-    st.warning("This run was interrupted (the app stopped while it ran). Its completed steps are intact and can be "
-               "reviewed and exported.", icon=":material/warning:")
-elif entry["state"] in ("running", "cancelling"):
-    st.info("This run is still going: the page shows the steps completed so far.", icon=":material/hourglass_top:")
-    st.button("Refresh", key="rv_refresh", icon=":material/refresh:")
-elif entry["message"] and entry["state"] in ("done", "cancelled", "failed"):
-    st.caption(f"Status: {entry['message']}")
-if hist and entry["state"] not in ("running", "cancelling") and not any(removals(r) for r in hist[1:]):
-    no_kept_step_panel(run)  # a finished run without a pruning step: why, and what to change
-    st.stop()
-if len(hist) < 2:
-    st.info("No pruning step has completed in this run yet." if hist else "This run has no measured step.",
-            icon=":material/info:")
-    st.stop()
-
-# ----------------------------------------------------------------------------- threshold
+run_header()
+stop_without_steps()
 base = hist[0]
 thr, pick = threshold_pick(state, run, hist, prune_cfg, sel, metric)
 st.caption(f"The run decided its steps on the selection images (drop {drop_text(pick)}, biased by those decisions); "
            f"the pick must also hold on the test images, the figure to claim: {drop_text(pick, 'test')}.")
-
-
-with st.container(border=True):
-    if pick["step"] == 0:
-        st.markdown(f"No pruned step stays within **{thr:.1f} points**: the original is the pick.")
-    else:
-        st.markdown(f"**Step {pick['step']}** is the smallest model within **{thr:.1f} points**: "
-                    f"{format_pct(pick['metric'])} {metric} ({change(pick['metric'], base['metric'], 'points')}), "
-                    f"{format_macs(pick['macs'])} MACs ({change(pick['macs'], base['macs'])}), "
-                    f"{format_params(pick['params'])} parameters ({change(pick['params'], base['params'])}).")
-    if pick["step"]:
-        st.markdown(drops_line(pick, metric))
-        control_line(run, hist, pick)
-    if pick.get("recovered_from") is not None:
-        st.caption(f"Step {pick['step']} is step {pick['recovered_from']} after a recovery fine-tune of "
-                   f"{pick['recovery']['epochs']} epoch(s){' with KD' if pick['recovery'].get('kd') else ''}.")
-    metrics_row(pick, base if pick["step"] else None, metric=metric)
-    page_link("export", f"Go to Export with step {pick['step']} chosen")  # the Export page exports it on a click
-
-tab_macs, tab_lat = st.tabs([f"{metric} vs MACs", f"{metric} vs latency"])
-with tab_macs:
-    st.plotly_chart(V.fig_tradeoff({run.name: hist}, x="macs", threshold_points=thr, selected_step=pick["step"],
-                                   metric=metric), key="rv_fig_macs")
-with tab_lat:
-    if any(r.get("latency_ms") is not None for r in hist):
-        st.plotly_chart(V.fig_tradeoff({run.name: hist}, x="latency_ms", threshold_points=thr,
-                                       selected_step=pick["step"], metric=metric), key="rv_fig_latency")
-        st.caption("Latency: OpenVINO CPU runtime, batch 1, median per step (steps timed minutes apart, under "
-                   "whatever else ran: compare two steps below, or export, for a difference beyond the noise). "
-                   f"Picked step: {latency_text(pick)}.")
-    else:
-        st.info("Latency was not measured in this run (switch it on in the Prune settings).")
-
-c1, c2 = st.columns(2)
-with c1:
-    st.plotly_chart(V.fig_widths(base["widths"], pick["widths"]), key="rv_fig_widths")
-with c2:
-    if run.task == "detection":
-        detection.ap_per_class(base, pick)
-    else:
-        st.plotly_chart(V.fig_per_class_change(base["per_class"], pick["per_class"]), key="rv_fig_per_class")
-
-# ----------------------------------------------------------------------------- removed filters
+pick_summary()
+tradeoff_charts()
+widths_and_classes()
 st.subheader("Removed filters")
-structure = read_structure(run.dir)
-for note in structure["notes"]:
-    st.caption(note)
-if structure["left_alone"]:
-    with st.expander(f"{len(structure['left_alone'])} layer group(s) left alone", icon=":material/block:"):
-        st.markdown("\n".join(f"- **{root}**: {why}" for root, why in structure["left_alone"].items()))
-# one row per removed cluster (a multi-cluster step has several, each with the step's figures after it)
-removed = [(r, rem) for r in hist[1:] if r["step"] <= pick["step"] for rem in removals(r)]
-car_groups = (run.car or {}).get("groups")
-if not removed:
-    st.caption("Nothing removed at this threshold.")
-else:
-    st.dataframe([{"step": r["step"], "layer": removal_label(rem, car_groups),
-                   "filters removed": len(rem["filters"]),
-                   "width": f"{rem['width_before']} → {rem['width_after']}",
-                   f"{metric} after": format_pct(r["metric"]), "drop (selection, 95 % CI)": drop_text(r),
-                   "test drop (95 % CI)": drop_text(r, "test"), "MACs after": format_macs(r["macs"]),
-                   "latency after": format_ms(r.get("latency_ms"))} for r, rem in removed],
-                 hide_index=True, width="stretch")
-if run.task == "detection":  # a detector's filters are judged by its boxes: before / after pictures
-    detection.boxes_before_after(run, sel, pick)
-elif removed:
-    which = st.selectbox("Show the filters removed at step", range(len(removed)), key=f"rv_gal_removal_{sel}",
-                         format_func=lambda i: f"{removed[i][0]['step']}: {removal_label(removed[i][1], car_groups)}")
-    rec = removed[which][1]
-    car = run.car
-    car_scores, car_exact = None, None
-    if car:
-        for g in car.get("groups", []):
-            if g["root"] == rec["group"] or rec["group"] in g.get("producers", []):
-                car_scores = car["car"].get(str(g["gid"]))
-                car_exact = (car.get("exact") or {}).get(str(g["gid"]))  # empty: every figure measured
-    indices = rec.get("filters_original")
-    if not indices:
-        st.info("The original channel numbers of these filters were not recorded; they cannot be drawn.")
-    else:
-        try:
-            original = run_model(str(run.dir), 0, (run.dir / "original.pt").stat().st_mtime)
-            data = data_for_run(run)
-            layer = group_display_name(removal_group(rec, (run.car or {}).get("groups")))  # the conv the user knows
-            patches = {}
-            if data is not None:
-                with model_lock(original):
-                    patches = V.top_activating_patches(original, layer, data.val.images[:256], run.spec.input,
-                                                       indices=indices, k=3, size=40)
-            else:
-                st.caption("The run's data set is not available any more: weights only, no patches.")
-            st.caption(f"Layer `{layer}` of the original model; CAR from the run's analysis of the original "
-                       "(accuracy points; small = little accuracy lost): exact where measured, screened (a "
-                       "first-order estimate, fast CAR) where not.")
-            per_row = 6
-            for row in range(0, len(indices), per_row):
-                cols = st.columns(per_row)
-                for col, f in zip(cols, indices[row:row + per_row]):
-                    with col.container(border=True):
-                        car_txt = f"{car_scores[f] * 100:+.2f}" if car_scores is not None and f < len(car_scores) else "—"
-                        screened = car_exact is not None and f < len(car_exact) and not car_exact[f]
-                        st.markdown(f"**#{f}** · {'screened CAR' if screened else 'CAR'} {car_txt}")
-                        st.image(V.filter_weight_image(original, layer, f, size=56, spec=run.spec.input),
-                                 caption="weights", width=56)
-                        if patches.get(f):
-                            st.image(patches[f], width=36)
-        except PruneScopeError as exc:
-            st.error(str(exc))
-
-# ----------------------------------------------------------------------------- recovery, two steps
+removed_filters()
 if run.task == "classification":
     st.subheader("Recovery fine-tune")
     recovery_panel(run, [r["step"] for r in hist], pick["step"])
-
 st.subheader("Compare two steps")
 compare_steps({n: by_name[n]["run"] for n in names if by_name[n]["run"].task == run.task and by_name[n]["run"].history},
               sel, pick["step"], metric)
-
-# ----------------------------------------------------------------------------- comparison
 st.subheader("Compare runs")
-others = [n for n in names if n != sel and by_name[n]["steps"] >= 1 and by_name[n]["run"].task == run.task]
-if not others:
-    st.caption("Start another run (e.g. another criterion or cluster size) to compare it here.")
-else:
-    chosen = st.multiselect("Runs to compare with this one", others, default=others[: min(2, len(others))],
-                            key="rv_compare")
-    if chosen:
-        histories = {sel: hist}
-        for n in chosen:
-            histories[n] = by_name[n]["run"].history
-        st.plotly_chart(V.fig_tradeoff(histories, x="macs", threshold_points=thr, baseline_metric=base["metric"],
-                                       selected_step=(sel, pick["step"]), metric=metric), key="rv_fig_compare")
-        rows = []
-        for n, h in histories.items():
-            p = V.pick_smallest_within(h, thr)
-            cfg = by_name[n]["run"].config.get("prune") or {}
-            rows.append({"run": n, "criterion": cfg.get("criterion"), "cluster": cfg.get("cluster"),
-                         "steps": len(h) - 1, f"pick within {thr:.1f} pts": p["step"],
-                         metric: format_pct(p["metric"]), "MACs": format_macs(p["macs"]),
-                         "MACs kept": f"{p['macs'] / h[0]['macs'] * 100:.0f} %", "latency": format_ms(p.get("latency_ms"))})
-        st.dataframe(rows, hide_index=True, width="stretch")
-        st.caption("Each run's pick is the smallest of its steps within the same drop, measured against its own original.")
+compare_runs()

@@ -29,8 +29,8 @@ import streamlit as st
 
 from core.data import DataSet, folder_upload_to_zip
 from core.errors import DataError
-from core.evaluate import count_macs_params, evaluate_accuracy
-from core.ov_runtime import measure_latency_ms
+from core.evaluate import evaluate_accuracy
+from core.measure import measure_model
 from core.estimate import Estimate, estimate_prune_time
 from core.groups import PruningGraph, group_label
 from core.sources import load_dataset, load_run_dataset, load_voc_dataset
@@ -260,15 +260,16 @@ def measure_baseline(loaded: LoadedModel, data: DataSet) -> dict:
     t0 = time.perf_counter()
     acc = evaluate_accuracy(loaded.model, data.val, loaded.spec.input)
     eval_seconds = time.perf_counter() - t0
-    macs, params = count_macs_params(loaded.model, loaded.spec.input)
-    try:
-        latency = measure_latency_ms(loaded.model, loaded.spec.input.shape(1), runs=30, warmup=5)
-        latency_note = "OpenVINO CPU, batch 1, median of 30 runs"
-    except Exception as exc:  # OpenVINO cannot convert every model; accuracy still matters
-        latency, latency_note = None, f"not measured: {type(exc).__name__}: {exc}"
-    return {"metric": acc.accuracy, "accuracy": acc.accuracy, "per_class": acc.per_class, "confusion": acc.confusion,
-            "n": acc.n, "macs": macs, "params": params, "latency_ms": latency, "latency_note": latency_note,
-            "eval_seconds": eval_seconds}
+    # the one measurement path (core.measure): strict=False so a model OpenVINO cannot convert keeps its
+    # accuracy, MACs and parameters, and latency_note says why its latency is missing
+    figures = measure_model(loaded.model, loaded.spec.input, latency=True, runs=30, warmup=5, strict=False)
+    out = {"metric": acc.accuracy, "accuracy": acc.accuracy, "per_class": acc.per_class, "confusion": acc.confusion,
+           "n": acc.n, "macs": figures.macs, "params": figures.params, "latency_ms": figures.latency_ms,
+           "latency_note": figures.device if figures.latency is not None else figures.latency_note,
+           "eval_seconds": eval_seconds}
+    if figures.latency is not None:  # the spread, so a step's latency change is coloured only beyond the noise
+        out.update(figures.latency.to_dict())
+    return out
 
 
 @st.cache_resource(show_spinner="Measuring the baseline: accuracy, MACs, parameters, OpenVINO latency...", max_entries=8)
