@@ -12,6 +12,7 @@ import sys
 import threading
 import traceback
 import warnings
+from pathlib import Path
 
 from . import cli_engine, glossary
 from .cli_recover import add_recover_command, cmd_recover
@@ -24,8 +25,13 @@ from .evaluate import evaluate_accuracy
 from .measure import measure_model
 
 
+def program_name() -> str:
+    """How the user called us, for usage lines: ``prunescope`` (the console command) or ``python -m core``."""
+    return "prunescope" if Path(sys.argv[0]).name == "prunescope" else "python -m core"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m core", description="PruneScope: CAR analysis and cluster pruning of CNNs.")
+    parser = argparse.ArgumentParser(prog=program_name(), description="PruneScope: CAR analysis and cluster pruning of CNNs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     ev = sub.add_parser("evaluate", help="accuracy, per-class accuracy, MACs, params, OpenVINO CPU latency")

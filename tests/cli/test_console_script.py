@@ -26,6 +26,7 @@ def test_the_console_script_is_the_cli_entry_of_python_m_core():
 def test_prunescope_help_works_outside_the_repository(tmp_path):
     proc = subprocess.run([str(SCRIPT), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: prunescope "), proc.stdout[:200]  # the name the user typed
     for command in ("evaluate", "analyse", "prune", "export", "recover", "glossary"):
         assert command in proc.stdout
 
