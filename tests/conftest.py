@@ -18,30 +18,6 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# The files that take minutes, longest first (``--durations`` of a whole run, 2026-12-04: the cifar10 walk
-# 18 min, the sample walk 2.7 min, the reload walk 1.4 min, then about a minute each). pytest.ini runs the
-# suite with ``--dist loadfile --no-loadscope-reorder``: xdist hands whole files to its workers in collection
-# order, so these start at once instead of last (xdist's own order, most tests first, started the 18-minute
-# walk 13 minutes into the run, and one worker then sat idle while it ran alone).
-LONGEST_FIRST = (
-    "tests/e2e/test_browser_cifar10.py",
-    "tests/e2e/test_browser_e2e.py",
-    "tests/e2e/test_browser_reload.py",
-    "tests/tasks/test_detection_export.py",
-    "tests/tasks/test_export_targets.py",
-    "tests/tasks/test_export_fp16_upsample.py",
-    "tests/app/test_app_detection.py",
-    "tests/cli/test_integrity_drills.py",
-    "tests/cli/test_drills.py",
-    "tests/tasks/test_inputs_as_found.py",
-)
-
-
-def pytest_collection_modifyitems(session, config, items):
-    """Collection order = scheduling order under ``--dist loadfile``: the longest files first, the rest as found."""
-    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))  # stable: the rest keep order
-
 
 @pytest.fixture(autouse=True)
 def _isolated_workspace(tmp_path, monkeypatch):
