@@ -275,12 +275,17 @@ metric = metric_name(state.task)
 prune_settings()
 
 
+def job_snapshot():
+    """The page's prune job as it stands now, or None when the registry no longer has it."""
+    j = registry.get(job.id) if job is not None else None
+    return j.snapshot() if j is not None else None
+
+
 @st.fragment(run_every=1.0 if running else None)
 def live() -> None:
-    j = registry.get(job.id) if job is not None else None
-    if j is None:
+    s = job_snapshot()
+    if s is None:
         return
-    s = j.snapshot()
     if not s.running and running:
         st.rerun()  # finished since the page was drawn: full redraw with the result
     st.subheader("Progress" if s.running else "Last run")
@@ -315,11 +320,8 @@ CHART_REFRESH_S = 5.0
 
 @st.fragment(run_every=CHART_REFRESH_S if running else None)
 def live_charts() -> None:
-    j = registry.get(job.id) if job is not None else None
-    if j is None:
-        return
-    s = j.snapshot()
-    if not s.steps:
+    s = job_snapshot()
+    if s is None or not s.steps:
         return
     name = s.run_dir.name if s.run_dir else s.id
     run_task = s.meta.get("task", "classification")
