@@ -51,7 +51,7 @@ def run_one(arch: str) -> dict:
     from core.groups import PruningGraph, UnsafeGroupError
     from core.models import InputSpec, build_architecture, load_model
     from core.ncs2 import check_ncs2
-    from core.tasks.classification import score_filters
+    from core.tasks.classification.task import score_filters
 
     torch.manual_seed(0)
     torch.set_num_threads(2)

@@ -33,7 +33,7 @@ def main() -> None:
     from core.groups import PruningGraph
     from core import criteria
     from core.criteria import ScoreContext
-    from core.tasks.classification import car_with_tiebreak, finetune
+    from core.tasks.classification.task import car_with_tiebreak, finetune
 
     print(f"machine: {machine()}")
     rows = []

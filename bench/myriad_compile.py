@@ -28,7 +28,7 @@ def export(name: str, out: Path) -> str:
     from core.models import load_model
 
     if name == "ssd_counting":
-        from core.detection.sample_model import load_sample_detector
+        from core.tasks.detection.sample_model import load_sample_detector
 
         model, entry = load_sample_detector(name)
         return convert_to_ir(model, (1, 3, *entry["input_size"][-2:]), out)["onnx"]

@@ -22,9 +22,9 @@ DETECTION_SETTINGS = {"finetune_steps": 50, "finetune_lr": 3e-4, "mac_target": 0
 def main(args) -> None:
     import torch
 
-    from core.detection.prune import DetectionPruneConfig, run_detection_pruning
-    from core.detection.sample import load_sample_detection
-    from core.detection.sample_model import load_sample_detector
+    from core.tasks.detection.prune import DetectionPruneConfig, run_detection_pruning
+    from core.tasks.detection.sample import load_sample_detection
+    from core.tasks.detection.sample_model import load_sample_detector
     from core.ov_runtime import compile_cpu, time_interleaved, to_openvino
     from core.prune import run_summary
     from core.runs import Run

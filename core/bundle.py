@@ -6,7 +6,7 @@ a README and ``manifest.json`` (sha256 of every file, figures, the target's verd
 verification). What differs per task (how a model is exported and verified, its metric, its self-test
 and extra files) is a :class:`BundleTask`; what differs per target is a ``core.targets.ExportTarget``.
 Classification's task is ``core.export.ClassificationBundle``, detection's is
-``core.detection.export.DetectionBundle``; both build through :func:`build_into`, called inside
+``core.tasks.detection.export.DetectionBundle``; both build through :func:`build_into`, called inside
 ``core.export.build_atomically`` (a temporary folder renamed into place).
 """
 from __future__ import annotations

@@ -17,12 +17,10 @@ from pathlib import Path
 from . import cli_engine, glossary
 from .cli_recover import add_recover_command, cmd_recover
 from .cli_common import (EXIT_TERMINATED, EXIT_USER_ERROR, Terminated, add_data_args, add_model_args,
-                         load_model_and_data, print_costs, progress, raise_terminated, sigterm_received)
-from .detection.cli import cmd_evaluate_detection
+                         raise_terminated, sigterm_received)
+from .tasks.registry import task_plugin
 from .errors import PruneScopeError, one_line, user_message
 from .jsonout import emit_json, json_mode
-from .evaluate import evaluate_accuracy
-from .measure import measure_model
 
 
 def program_name() -> str:
@@ -47,40 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_evaluate(args) -> int:
-    if args.task == "detection":
-        return cmd_evaluate_detection(args)
-    loaded, data = load_model_and_data(args)
-    progress("evaluating accuracy on %d selection images" % len(data.val))
-    acc = evaluate_accuracy(loaded.model, data.val, loaded.spec.input)
-    if not args.no_latency:
-        progress("measuring OpenVINO CPU latency (batch 1)")
-    # strict=False: a model OpenVINO cannot convert still gets its accuracy; one line says why latency is missing
-    figures = measure_model(loaded.model, loaded.spec.input, latency=not args.no_latency, runs=50, warmup=10,
-                            strict=False)
-    if figures.latency is None and not args.no_latency:
-        print(f"note: latency {figures.latency_note}", file=sys.stderr)
-    result = {
-        "model": loaded.spec.source,
-        "arch": loaded.spec.arch,
-        "data": data.source,
-        "num_val": len(data.val),
-        "input": loaded.spec.input.__dict__,
-        "accuracy": acc.accuracy,
-        "per_class": acc.per_class,
-        "confusion": acc.confusion,
-        **figures.to_dict(),
-        "notes": loaded.notes,
-        "data_report": data.report.to_dict(),
-        "plausibility": args.plausibility.to_dict(),
-    }
-    if args.json:
-        emit_json(result)
-    else:
-        print(f"accuracy   {acc.accuracy * 100:.2f}% on {len(data.val)} images")
-        print_costs(figures)
-        for name, a in acc.per_class.items():
-            print(f"  {name:>16}: {a * 100:.1f}%")
-    return 0
+    """``evaluate``: the task's own figures (``--task``, ``core.tasks.registry``)."""
+    return task_plugin(args.task).hook("evaluate_cli")(args)
 
 
 def cmd_glossary(args) -> int:

@@ -1,7 +1,7 @@
 """What every CLI command shares: the model/data flags, loading them, progress on stderr, run folders.
 
 The leaf of the CLI module tree: ``core.cli`` (the entry point), ``core.cli_engine`` (analyse, prune,
-export) and ``core.detection.cli`` (the detection task) import it, and it imports none of them.
+export) and ``core.tasks.detection.cli`` (the detection task) import it, and it imports none of them.
 """
 from __future__ import annotations
 

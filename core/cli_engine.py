@@ -2,31 +2,28 @@
 from __future__ import annotations
 
 import contextlib
-import sys
-from pathlib import Path
 
 from . import criteria
 from .car import CAR_METHODS, FAST_EXACT_FRACTION, compute_car
-from .cli_common import (add_device_args, add_plan_args, add_ray_args, add_ray_recovery_arg, work_setting_from_args, announce_device, config_from_args, device_from_args,
-                         export_exit_code, load_model_and_data, prepare_out, print_bundle, print_summary, progress,
-                         progress_printer, removal_text, run_interruptible, summary_exit_code)
-from .claim import describe_claim
+from .cli_common import (add_device_args, add_plan_args, add_ray_args, add_ray_recovery_arg, work_setting_from_args, announce_device, device_from_args,
+                         load_model_and_data, prepare_out, print_summary, progress,
+                         progress_printer)
 from .clusters import PROFILES
 from .distributed import open_pool
-from .detection.cli import add_detection_args, cmd_export_detection, cmd_prune_detection
-from .tasks.detection import DetectionPruneConfig
-from .export import export_run
 from .targets import DEFAULT_TARGET, TARGETS
-from .jsonout import emit_json
-from .prune import Callbacks, PruneConfig, run_pruning
+from .prune import PruneConfig
+from .tasks.registry import DEFAULT_TASK, task_names, task_plugin
 from .runs import Run
 from .workspace import atomic_write_json
 
 
 def default_help(field: str, what: str) -> str:
     """Help text naming each task's default of a ``PruneConfig`` field, read from the config classes."""
-    cls, det = PruneConfig.__dataclass_fields__[field].default, DetectionPruneConfig.__dataclass_fields__[field].default
-    return f"{what}; default {_value(cls)}" + ("" if det == cls else f" (detection: {_value(det)})")
+    defaults = {n: task_plugin(n).config_class.__dataclass_fields__[field].default
+                for n in task_names() if task_plugin(n).config_class is not None}
+    base = defaults.pop(DEFAULT_TASK, PruneConfig.__dataclass_fields__[field].default)
+    others = ", ".join(f"{n}: {_value(d)}" for n, d in defaults.items() if d != base)
+    return f"{what}; default {_value(base)}" + (f" ({others})" if others else "")
 
 
 def _value(default) -> str:
@@ -96,7 +93,7 @@ def add_commands(sub, add_model_args, add_data_args) -> None:
                     help="skip the control (the original given the same fine-tuning and recoveries, reported beside "
                          "the drop)")
     pr.add_argument("--json", action="store_true")
-    add_detection_args(ev_parser(sub), pr)
+    add_task_args(ev_parser(sub), pr)
 
     ex = sub.add_parser("export", help="bundle of a run's step for an export target (default ncs2: IR FP16 + ONNX + "
                                        "MYRIAD blob), with the original as fallback")
@@ -139,81 +136,29 @@ def cmd_analyse(args) -> int:
     return 0
 
 
+def add_task_args(evaluate, prune) -> None:
+    """``--task`` on evaluate and prune (the registry's tasks), then each task's own flags."""
+    helps = "; ".join(f"{n}: {task_plugin(n).cli_help}" for n in task_names() if task_plugin(n).cli_help)
+    for p in (evaluate, prune):
+        p.add_argument("--task", choices=task_names(), default=DEFAULT_TASK, help=helps or None)
+    for name in task_names():
+        if task_plugin(name).add_cli_args is not None:
+            task_plugin(name).add_cli_args(evaluate, prune)
+
+
 def ev_parser(sub):
     """The ``evaluate`` sub-parser, defined in ``cli``."""
     return sub.choices["evaluate"]
 
 
 def cmd_prune(args) -> int:
-    if args.task == "detection":
-        return cmd_prune_detection(args)
-    config = config_from_args(args, PruneConfig)
-    config.analyse_car = not args.no_analysis
-    device = device_from_args(args)
-    loaded, data = load_model_and_data(args)
-    out = prepare_out(args.out)
-    announce_device(device)
-    printer = progress_printer("  ")
-    original_bytes = loaded.pickle_bytes  # the bytes that were unpickled, never the file read again (issue 28)
-    summary = run_interruptible(lambda cancel: run_pruning(
-        loaded, data, config, out, Callbacks(step=print_step, event=printer.event), cancel=cancel,
-        data_source=args.data, original_bytes=original_bytes,
-        data_options={"val_fraction": args.val_fraction, "seed": args.seed,
-                      "test_fraction": data.split.get("test_fraction", 0.0), "split": data.split_record()}))
-    if summary.get("claim"):
-        print(f"claim: {describe_claim(summary['claim'])}", file=sys.stderr)
-    no_step_advice(out)
-    print_summary(summary, args.json)
-    return summary_exit_code(summary)
-
-
-def no_step_advice(out: Path) -> None:
-    """On stderr, for a run that finished without keeping a pruning step: why and what to change
-    (``core.advice.run_advice``, the advice Review shows, naming the flags)."""
-    from .advice import run_advice
-    from .runs import Run
-
-    advice = run_advice(Run(out), interface="cli")
-    for line in (advice.lines() if advice else []):
-        print(line, file=sys.stderr)
-
-
-def print_step(r: dict) -> None:
-    """One line per accepted step: selection accuracy with its paired drop and interval, test beside it."""
-    line = f"step {r['step']}: accuracy {r['metric'] * 100:.2f}%"
-    paired = r.get("paired") or {}
-    if r["step"] and "selection" in paired:
-        sel = paired["selection"]
-        line += f" (drop {sel['drop_points']:+.2f}, 95 % CI {sel['ci_low_points']:+.2f}..{sel['ci_high_points']:+.2f})"
-    if r.get("test_metric") is not None:
-        line += f"  test {r['test_metric'] * 100:.2f}%"
-        if r["step"] and "test" in paired:
-            line += f" (drop {paired['test']['drop_points']:+.2f})"
-    line += f"  MACs {r['macs'] / 1e6:.2f} M"
-    line += removal_text(r)
-    print(line, file=sys.stderr, flush=True)
-    if r.get("resolution_warning"):
-        progress(f"warning: {r['resolution_warning']}")
-    if r["step"] == 0 and r.get("latency_note"):  # once: the original's, e.g. a model OpenVINO cannot convert
-        progress(f"note: latency {r['latency_note']}")
+    """``prune``: the task's own command (``--task``, ``core.tasks.registry``)."""
+    return task_plugin(args.task).hook("prune_cli")(args)
 
 
 def cmd_export(args) -> int:
-    if Run(args.run).task == "detection":
-        return cmd_export_detection(args)
-    result = export_run(args.run, step=args.step, max_drop=args.max_drop, out_path=args.out,
-                        progress=progress_printer(), trusted=args.trusted, target=args.target)
-    if result.get("unverified"):
-        progress(f"note: {result['unverified']}")
-    if args.json:
-        emit_json(result)
-    else:
-        print_bundle(result, f"agreement {result['agreement'] * 100:.2f}%")
-        rep = (result.get("reproduced") or {}).get("pruned")
-        if rep:
-            print(f"reproduced: step {rep['step']} records {rep['recorded'] * 100:.2f}%, re-measured "
-                  f"{rep['measured'] * 100:.2f}% on its {rep['n_images']} selection images")
-    return export_exit_code(result)
+    """``export``: the command of the task the run records."""
+    return task_plugin(Run(args.run).task).hook("export_cli")(args)
 
 
 COMMANDS = {"analyse": cmd_analyse, "analyze": cmd_analyse, "prune": cmd_prune, "export": cmd_export}

@@ -99,7 +99,7 @@ class Criterion:
 
         Default: the cluster's filter scores, normalised by the group's mean |score| so that groups are
         comparable, summed and divided by the MACs the cluster saves. Used by classification; detection
-        ranks every criterion's clusters by its own loss screen and exact mAP (``core.tasks.detection``).
+        ranks every criterion's clusters by its own loss screen and exact mAP (``core.tasks.detection.task``).
         """
         for c in clusters:
             s = scores[ctx.key(c.group)]

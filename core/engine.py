@@ -42,7 +42,7 @@ from .groups import ChannelGroup, PruningGraph, UnsafeGroupError
 from .models import LoadedModel
 from .plan import PrunePlan
 from .runs import Run, RunWriter
-from .tasks import Task
+from .tasks.base import Task
 from .workspace import read_json
 
 MAX_LEARNING_RATE = 10.0  # above this SGD and AdamW diverge on any network; a typo, not a setting

@@ -23,17 +23,15 @@ from typing import Any, Callable
 from .car import CarResult, compute_car
 from .distributed import open_pool
 from .eta import EtaTracker, PhaseProgress, RunEta
-from .detection.analysis import group_car
-from .detection.export import export_detection_run
-from .detection.prune import run_detection_pruning
+from .tasks.detection.analysis import group_car
+from .tasks.detection.prune import run_detection_pruning
 from .engine import Callbacks, Progress
 from .errors import CancelledError, PruneScopeError
-from .export import export_run
 from .prune import run_pruning
 from .recovery import RecoveryConfig, recover_run_step
 from .runs import Run, list_runs
-from .tasks.classification import analysis_reuse, score_images_of
-from .workspace import atomic_write_json
+from .tasks.classification.task import analysis_reuse, score_images_of
+from .tasks.registry import task_plugin
 
 RUNNING_STATES = ("running", "cancelling")
 FINAL_STATES = ("done", "cancelled", "failed")
@@ -444,7 +442,7 @@ def run_progress(ctx: JobContext, total: int, eta: RunEta | None = None) -> Call
 def reusable_car(car: Any, model, images, config) -> tuple[bool, str]:
     """Whether a finished CAR analysis ``car`` (a :class:`core.car.CarResult`, or its dict) serves a
     pruning run with ``config`` of ``model`` on the validation images ``images``, and why (not): the
-    run's own decision (:func:`core.tasks.classification.analysis_reuse` on the run's score images), asked
+    run's own decision (:func:`core.tasks.classification.task.analysis_reuse` on the run's score images), asked
     before the run starts, so that the Prune page and the job's log say what the run will do."""
     if car is not None and not hasattr(car, "fingerprint"):
         car = CarResult.from_dict(car)
@@ -521,7 +519,7 @@ def run_estimate(ctx: JobContext, loaded, data, config):
 
 def detection_prune_job(model, info: dict, data, config, run_dir: Path, data_options: dict | None = None
                         ) -> JobFunction:
-    """A job function running :func:`core.detection.prune.run_detection_pruning` into ``run_dir``.
+    """A job function running :func:`core.tasks.detection.prune.run_detection_pruning` into ``run_dir``.
 
     Same plumbing as :func:`prune_job`: measuring the original counts as one unit, then each step one
     more, of ``config.max_steps + 1`` (an upper bound: the run may stop earlier).
@@ -591,7 +589,7 @@ def export_job(run_dir: Path | str, step: int, max_drop: float | None = None, ou
     ``step`` is exported as given; ``max_drop`` (points) is the threshold it was picked with, recorded
     in the manifest.
     """
-    export = export_detection_run if Run(run_dir).task == "detection" else export_run
+    export = task_plugin(Run(run_dir).task).hook("export_run")
 
     def fn(ctx: JobContext) -> dict:
         result = export(run_dir, step=step, max_drop=max_drop, out_path=out_path, progress=ctx.progress,

@@ -1,6 +1,6 @@
 """Greedy cluster pruning of a classifier: the classification entry point of the one loop (``core.engine``).
 
-``run_pruning`` binds a classifier and its image set to ``core.tasks.classification.ClassificationTask``
+``run_pruning`` binds a classifier and its image set to ``core.tasks.classification.task.ClassificationTask``
 and runs ``core.engine.run_task``. The engine's public names (``PruneConfig``, ``Callbacks``,
 ``Progress``, ``run_summary``, ``read_structure``) and classification's ``car_with_tiebreak`` are
 importable from here too, where the CLI, the pages, the benches and the tests have always found them.
@@ -15,7 +15,7 @@ from .car import CarResult
 from .data import DataSet
 from .engine import Callbacks, Progress, PruneConfig, read_structure, run_summary, run_task
 from .models import LoadedModel
-from .tasks.classification import ClassificationTask, car_with_tiebreak
+from .tasks.classification.task import ClassificationTask, car_with_tiebreak
 
 __all__ = ["Callbacks", "Progress", "PruneConfig", "car_with_tiebreak", "read_structure",
            "run_pruning", "run_summary"]

@@ -40,6 +40,7 @@ from .models import InputSpec
 from .runs import ACTIVE_RUNS, Run, RunWriter
 from .sources import load_run_dataset
 from .stats import paired_figures
+from .tasks.registry import task_plugin
 
 
 @dataclass
@@ -270,7 +271,7 @@ def recovery_device(run: Run, device: torch.device | str | None = None) -> torch
 
 
 def _check_recoverable(run: Run) -> None:
-    if run.task != "classification":
+    if not task_plugin(run.task).recovers:
         raise SettingsError(f"Run {run.name} is a {run.task} run; the recovery fine-tune trains classifiers only.")
     if run.status.get("state") == "running":
         raise PruneScopeError(f"Run {run.name} is still running ({run.status.get('message') or 'a job writes to it'}); "

@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .detection.models import output_layer_names, rebuild_detector
+from .tasks.registry import known_task, task_plugin
 from .custom_code import describe_call
 from .errors import TRUST_CONTROL, ModelLoadError, PruneScopeError, SettingsError, UntrustedRunError, one_line
 from .groups import rebuild_pruned
@@ -354,14 +354,11 @@ class Run:
     @property
     def task(self) -> str:
         """``classification`` (runs before detection existed say nothing) or ``detection``."""
-        task = self.config.get("task", "classification")
-        return task if task in ("classification", "detection") else "classification"
+        return known_task(self.config.get("task"))
 
     def output_layers(self) -> list[str] | None:
         """Layers never pruned, by name: a detector's head output convs; None for a classifier (its last layer)."""
-        if self.task != "detection":
-            return None
-        return output_layer_names(self.fresh_model())
+        return task_plugin(self.task).run_output_layers(self)
 
     @property
     def metric_name(self) -> str:
@@ -527,30 +524,7 @@ class Run:
                                   f"({one_line(exc)}); the run is damaged.") from None
 
     def _fresh_model(self, trusted: bool) -> nn.Module:
-        if self.task == "detection":
-            detector_config = self.config.get("detector_config")
-            if not isinstance(detector_config, dict):
-                raise PruneScopeError(f"{self.name}/config.json is damaged (no detector_config).")
-            return rebuild_detector(detector_config)
-        if self.spec.pickled:
-            code_path, code_source = None, None
-            if self.spec.pickle_code:  # the classes the pickle names come from the run's copy of the user's file
-                code_path = self.dir / CODE_COPY
-                code_source = self.trusted_copy(CODE_COPY, trusted)
-            pickle_bytes = self.trusted_copy(PICKLE_COPY, trusted)
-            try:  # exactly the bytes checked run, never the files read again by name
-                return load_model(pickle_bytes, trusted=True, code_path=code_path, code_source=code_source).model
-            except ModelLoadError as exc:
-                if code_path is not None:
-                    raise
-                raise ModelLoadError(f"Run {self.name} cannot rebuild its pickled model: {exc} The run holds no copy "
-                                     "of that code (it was made without it, or before runs kept it): prune again from "
-                                     "the pickle with --trusted --model-code FILE.") from None
-        if self.spec.custom:
-            code_path = self.dir / CODE_COPY
-            code_source = self.trusted_copy(CODE_COPY, trusted, call=(self.spec.code_name, self.spec.code_args))
-            return rebuild_from_spec(self.spec, code_path=code_path, trusted=True, code_source=code_source)
-        return rebuild_from_spec(self.spec)
+        return task_plugin(self.task).hook("rebuild_model")(self, trusted)
 
     def trusted_copy(self, name: str, trusted: bool = False, call: tuple[str, object] | None = None) -> bytes:
         """The bytes of the run's copy ``name`` (a pickle or model code), refused unless they may run: their
@@ -794,3 +768,27 @@ def list_runs() -> list[Run]:
 def damaged_runs() -> list[DamagedRun]:
     """The runs of the workspace that are damaged, with the reason each cannot be used (:func:`scan_runs`)."""
     return scan_runs()[1]
+
+
+def rebuild_classifier(run: Run, trusted: bool) -> nn.Module:
+    """A classification run's original model, fresh (``Run.fresh_model``): from its copy of the pickle (with its
+    copy of the model code), from its custom code's recorded call, or from a built-in architecture."""
+    if run.spec.pickled:
+        code_path, code_source = None, None
+        if run.spec.pickle_code:  # the classes the pickle names come from the run's copy of the user's file
+            code_path = run.dir / CODE_COPY
+            code_source = run.trusted_copy(CODE_COPY, trusted)
+        pickle_bytes = run.trusted_copy(PICKLE_COPY, trusted)
+        try:  # exactly the bytes checked run, never the files read again by name
+            return load_model(pickle_bytes, trusted=True, code_path=code_path, code_source=code_source).model
+        except ModelLoadError as exc:
+            if code_path is not None:
+                raise
+            raise ModelLoadError(f"Run {run.name} cannot rebuild its pickled model: {exc} The run holds no copy "
+                                 "of that code (it was made without it, or before runs kept it): prune again from "
+                                 "the pickle with --trusted --model-code FILE.") from None
+    if run.spec.custom:
+        code_path = run.dir / CODE_COPY
+        code_source = run.trusted_copy(CODE_COPY, trusted, call=(run.spec.code_name, run.spec.code_args))
+        return rebuild_from_spec(run.spec, code_path=code_path, trusted=True, code_source=code_source)
+    return rebuild_from_spec(run.spec)

@@ -1,6 +1,6 @@
 """Where a data set comes from: ``sample:NAME`` or a file, resolved one floor above the loaders.
 
-The file loaders (``core.data``, ``core.detection.data``) know nothing of the generated samples, and
+The file loaders (``core.data``, ``core.tasks.detection.data``) know nothing of the generated samples, and
 the sample generators build on the loaders' types; this module is the one place that tells the two
 apart, so that neither loader has to import its own sample module (which would be an import circle).
 """
@@ -12,9 +12,9 @@ from typing import Sequence
 from . import data as image_data
 from .data import (DataSet, Limits, check_split_options, split_options,
                    _check_class_count as check_class_count)  # the rule every data set obeys
-from .detection import data as voc_data
-from .detection.data import DetectionData
-from .detection.sample import load_sample_detection
+from .tasks.detection import data as voc_data
+from .tasks.detection.data import DetectionData
+from .tasks.detection.sample import load_sample_detection
 from .errors import SettingsError
 from .models import InputSpec, check_input_size
 from .sample_data import load_sample_dataset

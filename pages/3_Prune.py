@@ -9,7 +9,7 @@ import streamlit as st
 from core import criteria
 from core import visualize as V
 from core.clusters import latency_staircase
-from core.detection.prune import DetectionPruneConfig
+from core.tasks.detection.prune import DetectionPruneConfig
 from core.errors import PruneScopeError
 from core.groups import removal_label
 from core.runs import removals, reviewable, run_reviewable

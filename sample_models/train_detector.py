@@ -26,11 +26,11 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from core.detection.evaluate import EvalSettings, evaluate_map  # noqa: E402
-from core.detection.loss import encode_batch, multibox_loss  # noqa: E402
-from core.detection.models import build_detector  # noqa: E402
-from core.detection.sample import DATA_SEED, SAMPLE_DETECTION_SETS, load_sample_detection, write_sample_voc_zip  # noqa: E402
-from core.detection.sample_model import MANIFEST, detection_manifest, load_sample_detector  # noqa: E402
+from core.tasks.detection.evaluate import EvalSettings, evaluate_map  # noqa: E402
+from core.tasks.detection.loss import encode_batch, multibox_loss  # noqa: E402
+from core.tasks.detection.models import build_detector  # noqa: E402
+from core.tasks.detection.sample import DATA_SEED, SAMPLE_DETECTION_SETS, load_sample_detection, write_sample_voc_zip  # noqa: E402
+from core.tasks.detection.sample_model import MANIFEST, detection_manifest, load_sample_detector  # noqa: E402
 from core.evaluate import count_macs_params  # noqa: E402
 from core.models import InputSpec  # noqa: E402
 from core.workspace import atomic_torch_save, atomic_write_json  # noqa: E402

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core.detection import visualize as DV
-from core.detection.models import DETECTION_ARCHITECTURES
+from core.tasks.detection import visualize as DV
+from core.tasks.detection.models import DETECTION_ARCHITECTURES
 from core.errors import PruneScopeError
 from core.jobs import JobAlreadyRunning, detection_car_job
 from core.sources import load_voc_dataset
@@ -60,7 +60,7 @@ def _parse_floats(text: str, what: str) -> tuple[float, ...]:
 def load_detection_upload(state: AppState, model_source: str, arch: str, size: tuple[int, int], mean_text: str,
                           std_text: str, weights_file, data_source: str, voc_file) -> None:
     """Load the chosen detector and data set; every user error ends as one clear message."""
-    from core.detection.loading import load_detector_weights
+    from core.tasks.detection.loading import load_detector_weights
 
     try:
         if model_source == MODEL_SOURCES[0]:

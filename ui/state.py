@@ -51,8 +51,8 @@ class AppState:
     caches can tell them apart.
 
     ``task`` says what ``model`` and ``data`` are: "classification": a :class:`core.models.LoadedModel`
-    and a :class:`core.data.DataSet`; "detection": a ``core.detection.models.SSDDetector`` (its
-    normalisation, class names and source in ``model_info``) and a ``core.detection.data.DetectionData``.
+    and a :class:`core.data.DataSet`; "detection": a ``core.tasks.detection.models.SSDDetector`` (its
+    normalisation, class names and source in ``model_info``) and a ``core.tasks.detection.data.DetectionData``.
     ``baseline`` holds the task's metric under ``metric`` (accuracy or mAP@0.5, a fraction) plus MACs
     and parameters; ``car`` the finished analysis (a ``CarResult``, which carries the fingerprint of the
     model and images it was measured on, or a detection ``GroupCar``).
@@ -327,7 +327,7 @@ def run_model(run_dir: str, step: int, mtime: float):
 @st.cache_resource(show_spinner="Loading the bundled sample detector and its data set...")
 def sample_detection(name: str = "ssd_counting"):
     """(detector, manifest entry, DetectionData) of the bundled sample detector, cached for the process."""
-    from core.detection.sample_model import load_sample_detector
+    from core.tasks.detection.sample_model import load_sample_detector
 
     model, entry = load_sample_detector(name)
     data = load_voc_dataset(f"sample:{entry['dataset']}", tuple(model.input_size))
@@ -336,8 +336,8 @@ def sample_detection(name: str = "ssd_counting"):
 
 @st.cache_resource(show_spinner="Measuring mAP@0.5, MACs and parameters...", max_entries=8)
 def detection_baseline(key: str, _model, _data, mean: tuple, std: tuple) -> dict:
-    from core.detection.analysis import detector_cost
-    from core.detection.evaluate import evaluate_map
+    from core.tasks.detection.analysis import detector_cost
+    from core.tasks.detection.evaluate import evaluate_map
 
     result = evaluate_map(_model, _data.val, mean, std)
     macs, params = detector_cost(_model, mean, std)
@@ -370,7 +370,7 @@ def detection_data_for_run(run):
 def detection_groups(key: str, _model) -> list[dict]:
     """The detector's prunable groups, cached: tracing it on every rerun would also race a background job's trace
     (``torch.fx`` patches module calls process-wide while it traces)."""
-    from core.detection.analysis import detector_groups
+    from core.tasks.detection.analysis import detector_groups
 
     return detector_groups(_model)
 
@@ -378,7 +378,7 @@ def detection_groups(key: str, _model) -> list[dict]:
 @st.cache_resource(max_entries=16, show_spinner="Drawing detections...")
 def detection_pictures(key: str, _model, _dset, mean: tuple, std: tuple, indices: tuple, min_score: float) -> list:
     """Validation images with ground truth and the model's detections drawn (cached per model, images, score)."""
-    from core.detection.visualize import detection_images
+    from core.tasks.detection.visualize import detection_images
 
     return detection_images(_model, _dset, mean, std, list(indices), min_score)
 

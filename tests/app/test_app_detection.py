@@ -61,9 +61,9 @@ def test_bad_voc_zip_shows_the_specific_error():
 
 @pytest.fixture(scope="module")
 def detection_run_template(tmp_path_factory):
-    from core.detection.prune import DetectionPruneConfig, run_detection_pruning
-    from core.detection.sample import load_sample_detection
-    from core.detection.sample_model import load_sample_detector
+    from core.tasks.detection.prune import DetectionPruneConfig, run_detection_pruning
+    from core.tasks.detection.sample import load_sample_detection
+    from core.tasks.detection.sample_model import load_sample_detector
 
     torch.set_num_threads(1)
     model, entry = load_sample_detector("ssd_counting")

@@ -6,7 +6,7 @@ import pytest
 from core.cli import build_parser, main
 from core.cli_common import config_from_args
 from core.clusters import PROFILES
-from core.detection.prune import DetectionPruneConfig
+from core.tasks.detection.prune import DetectionPruneConfig
 from core.errors import SettingsError
 from core.prune import PruneConfig
 

@@ -148,7 +148,7 @@ def _imports(src: str) -> set[str]:
 
 
 def test_template_needs_only_openvino_numpy_and_old_python():
-    from core.detection import postprocess as postprocess_module
+    from core.tasks.detection import postprocess as postprocess_module
 
     src = TEMPLATE.read_text()
     modules = _imports(src)

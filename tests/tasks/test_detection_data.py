@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 from core.data import Limits
-from core.detection.data import annotation_xml, voc_zip_bytes
+from core.tasks.detection.data import annotation_xml, voc_zip_bytes
 from core.sources import load_voc_dataset
-from core.detection.sample import load_sample_detection, make_sample_scenes
+from core.tasks.detection.sample import load_sample_detection, make_sample_scenes
 from core.errors import DataError
 from tests.helpers import zip_bytes
 
@@ -299,7 +299,7 @@ def test_sample_counting_set_is_deterministic_and_well_formed():
 
 @pytest.mark.parametrize("label", [1, 2, 3])
 def test_sample_boxes_are_tight_around_what_is_drawn(label):
-    from core.detection import sample
+    from core.tasks.detection import sample
 
     rng = np.random.default_rng(label)
     for _ in range(20):
@@ -316,7 +316,7 @@ def test_sample_boxes_are_tight_around_what_is_drawn(label):
 def test_sample_voc_zip_loads_back_to_the_same_split_and_boxes(tmp_path, monkeypatch):
     from dataclasses import replace
 
-    from core.detection import sample
+    from core.tasks.detection import sample
 
     small = replace(sample.SAMPLE_DETECTION_SETS["counting"], n_train=8, n_val=4)
     monkeypatch.setitem(sample.SAMPLE_DETECTION_SETS, "counting", small)

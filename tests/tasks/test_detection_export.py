@@ -71,7 +71,7 @@ def test_deploy_self_test_passes_and_prints_detections(bundle, tmp_path):
     import numpy as np
     from PIL import Image
 
-    from core.detection.sample import make_sample_scenes
+    from core.tasks.detection.sample import make_sample_scenes
 
     images, boxes, labels = make_sample_scenes("counting", "val", 1)
     Image.fromarray(images[0]).save(tmp_path / "scene.png")

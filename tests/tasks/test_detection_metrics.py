@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core.detection.metrics import iou_matrix, mean_average_precision
+from core.tasks.detection.metrics import iou_matrix, mean_average_precision
 
 A = [0.1, 0.1, 0.3, 0.3]
 B = [0.5, 0.5, 0.7, 0.7]

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from core.detection.evaluate import EvalSettings, evaluate_map, normalize_images
-from core.detection.loss import cxcywh_to_xyxy, box_iou, encode, encode_batch, multibox_loss
-from core.detection.models import DETECTION_ARCHITECTURES, build_detector, rebuild_detector
-from core.detection.postprocess import decode, postprocess
+from core.tasks.detection.evaluate import EvalSettings, evaluate_map, normalize_images
+from core.tasks.detection.loss import cxcywh_to_xyxy, box_iou, encode, encode_batch, multibox_loss
+from core.tasks.detection.models import DETECTION_ARCHITECTURES, build_detector, rebuild_detector
+from core.tasks.detection.postprocess import decode, postprocess
 from core.errors import ModelLoadError
 
 SMALL_SIZES = {"ssdlite320_mobilenet_v3_large": (320, 320), "ssd_mobilenet_v2": (160, 160), "sample_ssd": (96, 128)}
@@ -219,8 +219,8 @@ def test_multibox_loss_trains_the_detector():
 
 @pytest.fixture(scope="module")
 def sample():
-    from core.detection.sample import load_sample_detection
-    from core.detection.sample_model import load_sample_detector
+    from core.tasks.detection.sample import load_sample_detection
+    from core.tasks.detection.sample_model import load_sample_detector
 
     model, info = load_sample_detector("ssd_counting")
     data = load_sample_detection(info["dataset"], tuple(info["input_size"][1:]))
@@ -238,7 +238,7 @@ def test_sample_detector_reaches_its_manifest_map(sample):
 
 def test_sample_detector_is_small(sample):
     model, info, _ = sample
-    from core.detection.sample_model import SAMPLE_DIR
+    from core.tasks.detection.sample_model import SAMPLE_DIR
 
     assert (SAMPLE_DIR / info["weights"]).stat().st_size < 1.5e6
     assert info["macs"] < 50e6
@@ -277,8 +277,8 @@ def test_postprocess_and_metrics_run_without_torch():
 
     code = ("import sys; sys.modules['torch'] = None\n"
             "import numpy as np\n"
-            "from core.detection.postprocess import postprocess\n"
-            "from core.detection.metrics import mean_average_precision\n"
+            "from core.tasks.detection.postprocess import postprocess\n"
+            "from core.tasks.detection.metrics import mean_average_precision\n"
             "raw = np.zeros((1, 2, 6), np.float32); raw[0, :, 5] = 9\n"
             "d = postprocess(raw, np.array([[.5, .5, .2, .2], [.2, .2, .1, .1]], np.float32))[0]\n"
             "print(len(d.boxes), mean_average_precision([d.boxes], [d.scores], [d.labels], [d.boxes], [d.labels], None, 2)[0])\n")

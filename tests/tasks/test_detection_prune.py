@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import core.engine as engine
-from core.detection.evaluate import evaluate_map
+from core.tasks.detection.evaluate import evaluate_map
 from core.ablation import AblationEngine
-from core.detection.prune import (DetectionPruneConfig, DetectionScorer, detection_spec, output_layer_names,
+from core.tasks.detection.prune import (DetectionPruneConfig, DetectionScorer, detection_spec, output_layer_names,
                                   run_detection_pruning)
-from core.detection.sample import load_sample_detection
-from core.detection.sample_model import load_sample_detector
+from core.tasks.detection.sample import load_sample_detection
+from core.tasks.detection.sample_model import load_sample_detector
 from core.errors import SettingsError
 from core.groups import PruningGraph
 from core.runs import Run
@@ -115,7 +115,7 @@ def test_emulated_cluster_removal_gives_the_real_removals_map(detector):
     model, entry, data = detector
     model = __import__("copy").deepcopy(model)
     spec_model = model
-    from core.detection.prune import detection_spec
+    from core.tasks.detection.prune import detection_spec
 
     spec = detection_spec(spec_model, entry).input
     graph = PruningGraph(model, spec.shape(1), output_layers=output_layer_names(model))

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from core.bundle import build_into
-from core.detection.export import build_detection_bundle
-from core.detection.prune import detection_spec
-from core.detection.sample_model import load_sample_detector
+from core.tasks.detection.export import build_detection_bundle
+from core.tasks.detection.prune import detection_spec
+from core.tasks.detection.sample_model import load_sample_detector
 from core.cli_common import export_exit_code
 from core.export import TEMPLATE, build_bundle
 from core.models import InputSpec, ModelSpec, load_model, sample_entry
@@ -84,12 +84,12 @@ def test_each_classification_sample_exports_with_blobs_compiled_by_the_myriad_co
 
 @needs_myriad
 def test_the_detection_sample_exports_with_blobs_through_the_same_builder(tmp_path, monkeypatch):
-    import core.detection.export
+    import core.tasks.detection.export
     import core.export
 
-    assert core.detection.export.build_into is core.export.build_into is build_into  # one builder for both tasks
+    assert core.tasks.detection.export.build_into is core.export.build_into is build_into  # one builder for both tasks
     calls = []
-    monkeypatch.setattr(core.detection.export, "build_into", lambda *a, **k: calls.append(a[1]) or build_into(*a, **k))
+    monkeypatch.setattr(core.tasks.detection.export, "build_into", lambda *a, **k: calls.append(a[1]) or build_into(*a, **k))
     model, entry = load_sample_detector("ssd_counting")
     spec = detection_spec(model, entry)
     data = load_voc_dataset("sample:counting", tuple(model.input_size))

@@ -9,7 +9,7 @@ import torch
 from core.models import load_model
 from core.prune import PruneConfig
 from core.sources import load_dataset
-from core.tasks.classification import LR_HALVINGS, ClassificationTask
+from core.tasks.classification.task import LR_HALVINGS, ClassificationTask
 
 
 def test_a_harmful_finetuning_rate_is_halved_on_a_converged_model(one_thread):

@@ -210,7 +210,7 @@ def test_car_tiebreak_orders_ties_by_loss_only():
     import numpy as np
 
     from core.groups import ChannelGroup
-    from core.tasks.classification import car_with_tiebreak
+    from core.tasks.classification.task import car_with_tiebreak
 
     g = ChannelGroup(gid=0, root="x", width=4, producers=["x"])
     n = 100

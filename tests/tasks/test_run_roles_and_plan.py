@@ -102,7 +102,7 @@ def test_a_plan_naming_an_unknown_layer_is_refused(sample, tmp_path):
 def test_an_undone_candidate_costs_no_test_measurement(sample, tmp_path, monkeypatch):
     """Accept or undo reads the selection images only; the test split, MACs and latency are measured for
     a kept step alone (a real CIFAR-10 run undoes about every second candidate)."""
-    import core.tasks.classification as cls
+    import core.tasks.classification.task as cls
 
     loaded, data = sample
     held = data.train.subset(60, seed=5)

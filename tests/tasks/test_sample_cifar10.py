@@ -47,7 +47,7 @@ def test_an_analysis_of_the_sample_is_reused_by_a_prune_with_the_defaults(one_th
     from core.car import compute_car
     from core.engine import PruneConfig
     from core.jobs import reusable_car
-    from core.tasks.classification import analysis_reuse, score_images_of
+    from core.tasks.classification.task import analysis_reuse, score_images_of
 
     loaded = load_model("sample:cifar10")
     data = load_sample_dataset("cifar10", loaded.spec.input)

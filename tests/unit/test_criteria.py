@@ -13,7 +13,7 @@ import torch
 from core import criteria
 from core.cli import build_parser
 from core.criteria import ScoreContext
-from core.detection.prune import DetectionPruneConfig
+from core.tasks.detection.prune import DetectionPruneConfig
 from core.errors import SettingsError
 from core.groups import PruningGraph
 from core.models import load_model

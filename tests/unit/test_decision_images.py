@@ -10,7 +10,7 @@ from core.data import DataReport, DataSet, ImageSet
 from core.evaluate import Accuracy
 from core.models import InputSpec
 from core.prune import PruneConfig
-from core.tasks.classification import ClassificationTask, decision_mask_of, score_images_of, score_indices_of
+from core.tasks.classification.task import ClassificationTask, decision_mask_of, score_images_of, score_indices_of
 
 
 def _images(n: int, classes: int = 10) -> ImageSet:

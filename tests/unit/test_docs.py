@@ -171,7 +171,7 @@ def extending_block(heading: str) -> str:
 
 
 def test_the_task_example_implements_the_task_protocol():
-    from core.tasks import Task
+    from core.tasks.base import Task
 
     namespace: dict = {}
     exec(extending_block("## Adding a task"), namespace)

@@ -15,7 +15,7 @@ from core.architectures import SampleVGG
 from core.errors import PruneScopeError
 from core.jobs import JobAlreadyRunning, JobRegistry, past_runs, phased_job, prune_job, reusable_car
 from core.runs import Run
-from core.tasks.classification import score_images_of
+from core.tasks.classification.task import score_images_of
 from core.workspace import new_run_dir
 from tests.helpers import loaded as make_loaded, quick_config, random_dataset
 
@@ -246,11 +246,11 @@ def test_prune_job_recomputes_an_analysis_made_with_other_settings(tiny):
 
 
 def test_reuse_is_one_decision_on_the_analysis_own_fingerprint(tiny):
-    """The page, the job's log and the run decide reuse alike (core.tasks.classification.analysis_reuse): an
+    """The page, the job's log and the run decide reuse alike (core.tasks.classification.task.analysis_reuse): an
     analysis on the same number of images but another subset (another seed), without sensitivity, or
     screened (fast) for an exact run is recomputed, each with its reason; a run it serves reuses it."""
     from core.car import compute_car
-    from core.tasks.classification import ClassificationTask
+    from core.tasks.classification.task import ClassificationTask
 
     loaded, data = tiny
     config = quick_config(score_images=8, criterion="car", car="exact")

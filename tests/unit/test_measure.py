@@ -18,7 +18,7 @@ from core.measure import (LatencyComparison, ModelFigures, compare_latency, comp
                           measure_model, module_of_node, per_layer_timings, ratio_interval)
 from core.models import InputSpec, ModelSpec, load_model, load_sample_model
 from core.prune import PruneConfig
-from core.tasks.classification import measure
+from core.tasks.classification.task import measure
 from core.sample_data import load_sample_dataset
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,7 +15,7 @@ from core.models import load_model
 from core.rescore import ScoreBook, car_scores
 from core.screen import tiebreak
 from core.sources import load_dataset
-from core.tasks.classification import score_filters
+from core.tasks.classification.task import score_filters
 
 CLUSTER = 8
 

@@ -7,7 +7,7 @@ same zip checks), and whatever is merely wrong in one file (a missing partner, m
 corrupt JPEG, a box outside the image) is skipped or repaired and *listed by file* in the report, so
 one bad annotation never costs the user the whole upload.
 
-Output conventions (shared with ``core.detection.postprocess`` and ``metrics``): images are uint8
+Output conventions (shared with ``core.tasks.detection.postprocess`` and ``metrics``): images are uint8
 ``[N, 3, H, W]`` resized to the model input without keeping the aspect ratio (as SSD does); boxes are
 float32 ``[k, 4]`` **normalised x1y1x2y2** in [0, 1]; labels are int64 **1-based** indices into
 ``class_names`` (0 is the detector's background). VOC pixel coordinates are 1-based and inclusive, so
@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..data import (IGNORED_NAMES, IMAGE_EXTENSIONS, Limits, check_split_options, discard_on_refusal, find_dataset_root,
+from ...data import (IGNORED_NAMES, IMAGE_EXTENSIONS, Limits, check_split_options, discard_on_refusal, find_dataset_root,
                     materialise)
-from ..errors import DataError
-from ..models import check_input_size
+from ...errors import DataError
+from ...models import check_input_size
 
 CLIP_TOLERANCE_PX = 1.0
 """Boxes outside the image by at most this much are clipped silently: exporters disagree on 0- vs 1-based pixels."""
@@ -492,7 +492,7 @@ def voc_zip_bytes(images: Sequence[np.ndarray], boxes: Sequence[np.ndarray], lab
 
 def write_voc_zip(path: str | Path, *args, **kwargs) -> Path:
     """``voc_zip_bytes`` written to ``path`` atomically (same arguments)."""
-    from ..workspace import atomic_write_bytes
+    from ...workspace import atomic_write_bytes
 
     path = Path(path)
     atomic_write_bytes(path, voc_zip_bytes(*args, **kwargs))

@@ -10,15 +10,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..cli_common import (check_model_code_args, config_from_args, export_exit_code, prepare_out, print_bundle,
+from ...cli_common import (check_model_code_args, config_from_args, export_exit_code, prepare_out, print_bundle,
                           print_costs, print_summary, progress, progress_printer, removal_text,
                           run_interruptible, summary_exit_code)
-from ..errors import ModelLoadError
-from ..jsonout import emit_json
-from ..models import extract_state_dict, load_state_dict_strict, read_checkpoint
-from ..engine import Callbacks
-from ..measure import measure_model
-from ..sources import load_voc_dataset
+from ...errors import ModelLoadError
+from ...jsonout import emit_json
+from ...models import extract_state_dict, load_state_dict_strict, read_checkpoint
+from ...engine import Callbacks
+from ...measure import measure_model
+from ...sources import load_voc_dataset
 from .evaluate import evaluate_map
 from .export import export_detection_run
 from .models import DETECTION_ARCHITECTURES, build_detector
@@ -27,11 +27,7 @@ from .sample_model import detector_entry, load_sample_detector
 
 
 def add_detection_args(evaluate, prune) -> None:
-    """``--task`` on evaluate and prune, and prune's detection-only settings."""
-    for p in (evaluate, prune):
-        p.add_argument("--task", choices=("classification", "detection"), default="classification",
-                       help="detection: an SSD (--arch sample_ssd | ssd_mobilenet_v2 | ssdlite320_mobilenet_v3_large) "
-                            "on a Pascal VOC zip/folder; the metric is mAP@0.5")
+    """Prune's detection-only settings (``--task`` itself is ``core.cli_engine``'s, its choices the registry's)."""
     prune.add_argument("--optimizer", choices=("adamw", "sgd"), help="detection fine-tuning optimizer (default adamw)")
     prune.add_argument("--exact-candidates", type=int, help="detection: screened clusters given an exact mAP per step")
     prune.add_argument("--map-images", type=int, help="detection: validation images for mAP (default: all)")

@@ -14,10 +14,10 @@ from pathlib import Path
 
 from torch import nn
 
-from ..engine import Callbacks, PruneConfig, run_task
-from ..errors import SettingsError
-from ..models import InputSpec, LoadedModel, ModelSpec
-from ..tasks.detection import DetectionPruneConfig, DetectionScorer, DetectionTask
+from ...engine import Callbacks, PruneConfig, run_task
+from ...errors import SettingsError
+from ...models import InputSpec, LoadedModel, ModelSpec
+from .task import DetectionPruneConfig, DetectionScorer, DetectionTask
 from .data import DetectionData
 from .evaluate import EvalSettings
 from .models import output_layer_names

@@ -63,7 +63,7 @@ def detection_images(model, dset, mean, std, indices: Sequence[int], min_score: 
 
 
 def fig_group_car(car, sort: bool = True):
-    """Bars: mAP points lost per filter of one group (a ``core.detection.analysis.GroupCar``)."""
+    """Bars: mAP points lost per filter of one group (a ``core.tasks.detection.analysis.GroupCar``)."""
     import plotly.graph_objects as go
 
     points = [c * 100 for c in car.car]

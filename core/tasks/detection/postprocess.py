@@ -4,7 +4,7 @@ This module imports nothing but numpy on purpose: it is copied as it is into the
 runs next to the NCS2 / OpenVINO runtime, where torch is not installed. Everything a detector's graph
 leaves out (decoding, softmax, NMS) happens here, so the exported graph stays one static tensor.
 
-Conventions shared by the whole ``core.detection`` package:
+Conventions shared by the whole ``core.tasks.detection`` package:
 
 - raw model output: ``[N, A, 4 + C]`` float; columns 0..3 are box-regression deltas
   ``(dx, dy, dw, dh)`` relative to anchor ``a``, columns 4.. are class logits with the

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import ModelLoadError
-from ..models import SAMPLE_DIR, extract_state_dict, load_state_dict_strict, read_checkpoint
+from ...errors import ModelLoadError
+from ...models import SAMPLE_DIR, extract_state_dict, load_state_dict_strict, read_checkpoint
 from .models import SSDDetector, build_detector
 
 MANIFEST = SAMPLE_DIR / "detection_manifest.json"

@@ -2,7 +2,7 @@
 
 A detector's per-filter CAR costs one decode + NMS + mAP per filter, so the app measures it for the
 filters of one chosen group on a validation subset (the pruning run scores every filter by the cheaper
-MultiBox-loss increase and decides clusters by exact mAP, see ``core.tasks.detection``). Removal is
+MultiBox-loss increase and decides clusters by exact mAP, see ``core.tasks.detection.task``). Removal is
 emulated exactly as in pruning: the consumers' inputs of the filter are zeroed
 (``core.ablation.AblationEngine`` through ``DetectionScorer.maps``).
 """
@@ -17,11 +17,11 @@ from typing import Callable
 import numpy as np
 from torch import nn
 
-from ..errors import CancelledError, SettingsError
-from ..evaluate import count_macs_params
-from ..groups import PruningGraph
-from ..models import InputSpec
-from ..tasks.detection import DetectionScorer
+from ...errors import CancelledError, SettingsError
+from ...evaluate import count_macs_params
+from ...groups import PruningGraph
+from ...models import InputSpec
+from .task import DetectionScorer
 from .data import DetectionSet
 from .models import output_layer_names
 

@@ -7,7 +7,7 @@ three later steps simple and exact:
 - channel pruning (Torch-Pruning's dependency graph) traces one output of fixed shape;
 - ONNX / OpenVINO export is a static graph of convolutions, with no data-dependent ops that the
   NCS2 toolchain would refuse;
-- decoding and NMS run on the host in numpy (``core.detection.postprocess``), identically for the
+- decoding and NMS run on the host in numpy (``core.tasks.detection.postprocess``), identically for the
   PyTorch model, the OpenVINO IR and the deploy script.
 
 Anchors are data, not graph: ``model.anchors()`` gives them as numpy ``[A, 4]``, normalised
@@ -36,7 +36,7 @@ from torchvision.models.detection.ssdlite import SSDLiteHead
 from torchvision.models.mobilenetv2 import InvertedResidual
 from torchvision.ops.misc import Conv2dNormActivation
 
-from ..errors import ModelLoadError
+from ...errors import ModelLoadError
 from .postprocess import SSD_BOX_CODER_WEIGHTS
 
 # torchvision's SSDLite normalisation layer: the small momentum suits detection's small batches.

@@ -22,22 +22,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import criteria
-from ..claim import pack_correct
-from ..car import CarResult, CarScorer, compute_car, filter_ablation
-from ..criteria import Cluster, ScoreContext
-from ..data import DataSet, ImageSet, normalize, stratified_indices
-from ..device import model_device, on_device, resolve_device
-from ..engine import PruneConfig, group_key, train_steps
-from ..evaluate import Accuracy, evaluate_accuracy
-from ..fingerprint import model_fingerprint, tensors_fingerprint
-from ..groups import ChannelGroup, PruningGraph
-from ..measure import measure_model
-from ..recovery import RecoveryConfig, recover
-from ..models import InputSpec
-from ..rescore import ScoreBook, ScoreReport, car_scores, exact_budget
-from ..screen import tiebreak
-from ..stats import paired_drop, paired_figures, resolution_warning
+from ... import criteria
+from ...claim import pack_correct
+from ...car import CarResult, CarScorer, compute_car, filter_ablation
+from ...criteria import Cluster, ScoreContext
+from ...data import DataSet, ImageSet, normalize, stratified_indices
+from ...device import model_device, on_device, resolve_device
+from ...engine import PruneConfig, group_key, train_steps
+from ...evaluate import Accuracy, evaluate_accuracy
+from ...fingerprint import model_fingerprint, tensors_fingerprint
+from ...groups import ChannelGroup, PruningGraph
+from ...measure import measure_model
+from ...recovery import RecoveryConfig, recover
+from ...models import InputSpec
+from ...rescore import ScoreBook, ScoreReport, car_scores, exact_budget
+from ...screen import tiebreak
+from ...stats import paired_drop, paired_figures, resolution_warning
 
 NAME = "classification"
 METRIC = "accuracy"
@@ -201,7 +201,7 @@ class ClassificationTask:
                                progress):
         """The recovery on the run's Ray workers (``core.ray_recovery``: TorchTrainer, DDP, the same rules); the CAR
         actors make room for it and come back when CAR next runs. ``self.recovery_where`` says where it ran."""
-        from ..ray_recovery import recover_on_ray
+        from ...ray_recovery import recover_on_ray
 
         self.pool.park()
         result, where = recover_on_ray(model, self.data.train, self.data.val, self.spec, rc, self.pool.setting,

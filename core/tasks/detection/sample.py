@@ -14,7 +14,7 @@ skin-coloured blob without hair is *not* a head) and pixel noise. Objects span a
 Everything is drawn with numpy (anti-aliased by 4x supersampling) from ``numpy.random.default_rng``
 seeded per split with ``(seed, split)``, so the same seed always gives the same bytes and the val
 set does not change when the train set grows. Boxes are normalised x1y1x2y2, labels 1-based into
-the sorted class names, as everywhere in ``core.detection``.
+the sorted class names, as everywhere in ``core.tasks.detection``.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import DataError
+from ...errors import DataError
 from .data import DetectionData, DetectionReport, DetectionSet, write_voc_zip
 
 SIZE = 128

@@ -1,8 +1,8 @@
 """An uploaded detector: architecture name + state dict bytes, the class count taken from the data set."""
 from __future__ import annotations
 
-from ..errors import ModelLoadError
-from ..models import extract_state_dict, load_state_dict_strict, read_checkpoint
+from ...errors import ModelLoadError
+from ...models import extract_state_dict, load_state_dict_strict, read_checkpoint
 from .models import DETECTION_ARCHITECTURES, SSDDetector, build_detector
 
 

@@ -25,18 +25,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..ablation import AblationEngine
-from ..criteria import Cluster, ScoreContext
-from ..detection.data import DetectionData, DetectionSet
-from ..detection.evaluate import EvalSettings, MapResult, detect, evaluate_map, map_of_detections, normalize_images
-from ..detection.loss import encode_batch, multibox_loss
-from ..detection.models import output_layer_names
-from ..engine import PruneConfig, group_key, train_steps
-from ..errors import SettingsError
-from ..evaluate import count_macs_params
-from ..groups import ChannelGroup, PruningGraph
-from ..models import InputSpec
-from ..ov_runtime import measure_latency_ms
+from ...ablation import AblationEngine
+from ...criteria import Cluster, ScoreContext
+from .data import DetectionData, DetectionSet
+from .evaluate import EvalSettings, MapResult, detect, evaluate_map, map_of_detections, normalize_images
+from .loss import encode_batch, multibox_loss
+from .models import output_layer_names
+from ...engine import PruneConfig, group_key, train_steps
+from ...errors import SettingsError
+from ...evaluate import count_macs_params
+from ...groups import ChannelGroup, PruningGraph
+from ...models import InputSpec
+from ...ov_runtime import measure_latency_ms
 
 NAME = "detection"
 METRIC = "mAP@0.5"

@@ -15,5 +15,5 @@ Modules, and the conventions they share (so that pruning, export and deploy can 
 - ``evaluate``: a detector's mAP on a ``DetectionSet`` (raw forward + the numpy steps above).
 - ``sample`` / ``sample_model``: the generated counting set and the bundled sample detector.
 
-This ``__init__`` imports nothing, so that ``core.detection.postprocess`` stays importable without torch.
+This ``__init__`` imports nothing, so that ``core.tasks.detection.postprocess`` stays importable without torch.
 """

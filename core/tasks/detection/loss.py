@@ -4,7 +4,7 @@ Matching follows torchvision's SSD (``SSDMatcher``): an anchor is positive for t
 it overlaps most when that IoU is at least 0.5, and every ground-truth box also claims its single best
 anchor whatever the IoU, so that no object is left without a positive anchor (small or oddly shaped
 objects would otherwise never be trained). Box targets use the same coder as
-``core.detection.postprocess.decode``, so ``decode(encode(box)) == box``.
+``core.tasks.detection.postprocess.decode``, so ``decode(encode(box)) == box``.
 """
 from __future__ import annotations
 

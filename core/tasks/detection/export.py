@@ -7,7 +7,7 @@ host needs to turn the raw output into boxes:
     model/, fallback/  pruned and original detector: model.xml/.bin (IR FP16) + model.onnx, and for the
                        ncs2 target model.blob compiled by the MYRIAD compiler (``core.targets``)
     anchors.npy        [A, 4] float32, normalised (cx, cy, w, h), row a = output row a
-    postprocess.py     core/detection/postprocess.py as it is (numpy only: decode, softmax, NMS)
+    postprocess.py     core/tasks/detection/postprocess.py as it is (numpy only: decode, softmax, NMS)
     deploy.py          the PruneScope deploy script: fallback on missing/altered files, failed compile or
                        failed self-test; ``--image`` prints the decoded detections
     selftest.npz, manifest.json (sha256 of every file, mAP, MACs, latency, target verdicts, verification)
@@ -28,20 +28,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..bundle import build_into, summary
-from ..data import ImageSet
-from ..errors import PruneScopeError
-from ..export import (SELFTEST_TOLERANCE_FLOOR, SELFTEST_TOLERANCE_FRACTION, ExportError, _ir_logits, _one_line,
+from ...bundle import build_into, summary
+from ...data import ImageSet
+from ...errors import PruneScopeError
+from ...export import (SELFTEST_TOLERANCE_FLOOR, SELFTEST_TOLERANCE_FRACTION, ExportError, _ir_logits, _one_line,
                       _torch_logits, build_atomically, bundle_zip_path, check_bundle_target, convert_to_ir, pick_step)
-from ..fp16 import measure_fp16_range
-from ..models import ModelSpec
-from ..ov_runtime import ONNX_OPSET, compile_cpu, read_ir
-from ..sources import load_voc_dataset
-from ..targets import get_target
-from ..runs import Run
-from ..workspace import workspace_root
+from ...fp16 import measure_fp16_range
+from ...models import ModelSpec
+from ...ov_runtime import ONNX_OPSET, compile_cpu, read_ir
+from ...sources import load_voc_dataset
+from ...targets import get_target
+from ...runs import Run
+from ...workspace import workspace_root
 from . import postprocess as _postprocess
 from .data import DetectionSet
+from .task import NAME
 from .evaluate import EvalSettings, detect, map_of_detections, normalize_images
 
 MAP_TOLERANCE_POINTS = 0.5
@@ -244,7 +245,7 @@ def export_detection_run(run_dir: str | Path, step: int | None = None, max_drop:
     """
     get_target(target)
     run = Run(run_dir)
-    if run.task != "detection":
+    if run.task != NAME:
         raise PruneScopeError(f"Run {run.name} is a {run.task} run, not a detection run.")
     step, record = pick_step(run, step, max_drop, progress)
     if out_path:
