@@ -6,6 +6,7 @@ validation images. Scores are in accuracy points of a fraction (0.01 = one perce
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import Counter
@@ -310,3 +311,13 @@ def _sensitivity(scorer: CarScorer, groups: list[ChannelGroup], car: dict[int, l
     for (gid, frac), a in zip(keys, acc):
         out[gid].append((frac, a))
     return out
+
+
+def exact_budget(n_filters: int, finetune_steps: int, batch_size: int, score_images: int) -> int:
+    """The most filters fast CAR measures exactly in one scoring pass of the loop: the larger of the share
+    the analysis measures (``FAST_EXACT_FRACTION`` of all ``n_filters``, the share bench/real_cifar.py times)
+    and as many as one step's fine-tuning costs (a filter's exact CAR is at most one forward pass of the
+    ``score_images``; a fine-tuning mini-batch of ``batch_size`` about three forward passes of its images),
+    so that a step's scoring never costs much more than its fine-tuning."""
+    finetune_equivalent = 3 * finetune_steps * batch_size // max(score_images, 1)
+    return max(math.ceil(FAST_EXACT_FRACTION * n_filters), finetune_equivalent)

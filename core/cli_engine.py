@@ -49,8 +49,7 @@ def add_commands(sub, add_model_args, add_data_args) -> None:
     add_data_args(pr)
     pr.add_argument("--out", required=True, help="run folder to write (created)")
     pr.add_argument("--criterion", default="car", choices=criteria.names(), metavar="NAME",
-                    help="; ".join(f"{n}: {criteria.label(n)}" + ("" if len(c.tasks) > 1 else f" ({c.tasks[0]} only)")
-                                   for n, c in criteria.REGISTRY.items()))
+                    help="; ".join(f"{n}: {criteria.label(n)}" + criterion_tasks_note(c) for n, c in criteria.REGISTRY.items()))
     pr.add_argument("--cluster", type=int, help="hardware cluster size c (widths stay multiples of c; default 8, "
                                                 "or the --profile's)")
     pr.add_argument("--profile", metavar="NAME",
@@ -134,6 +133,12 @@ def cmd_analyse(args) -> int:
                "where": {k: v for k, v in result.where.items() if k in ("where", "address", "ablations_by_place", "events")}}
     print_summary(summary, args.json)
     return 0
+
+
+def criterion_tasks_note(criterion) -> str:
+    """`` (classification only)`` for a criterion not every task supplies what it needs; empty otherwise."""
+    tasks = criteria.tasks_of(criterion)
+    return "" if len(tasks) == len(task_names()) else f" ({', '.join(tasks) or 'no task'} only)"
 
 
 def add_task_args(evaluate, prune) -> None:

@@ -17,8 +17,11 @@ import torch_pruning as tp
 
 from .errors import SettingsError
 from .groups import ChannelGroup, PruningGraph
+from .car import exact_budget
+from .tasks.registry import task_names, task_plugin
 
-TASKS = ("classification", "detection")
+# What a task's ScoreContext can supply (``core.tasks.registry.TaskPlugin.provides``) and a criterion ``needs``.
+NEEDS = ("filter_costs", "cluster_costs", "gradients")
 
 
 @dataclass
@@ -70,7 +73,7 @@ class ScoreContext:
     is the measured cost of removing each filter alone, keyed like ``key``; ``cluster_costs(clusters)``
     the measured cost of removing each candidate cluster; ``accumulate_gradients()`` fills ``.grad``
     of the model's weights with the task loss on a few training batches. A criterion that needs one
-    the task does not supply is not offered for that task (``Criterion.tasks``).
+    the task does not supply is not offered for that task (``Criterion.needs``).
     """
 
     graph: PruningGraph
@@ -84,11 +87,26 @@ class ScoreContext:
 
 
 class Criterion:
-    """One way of ranking filters. Subclass, set ``name`` / ``label`` / ``tasks``, and decorate with ``@register``."""
+    """One way of ranking filters. Subclass, set ``name`` / ``label`` (and ``needs``), decorate with ``@register``.
+
+    ``needs``: what of ``ScoreContext`` it uses, among ``NEEDS``; it is offered for exactly the tasks that provide
+    all of it (``core.tasks.registry.TaskPlugin.provides``), so a new task or criterion touches no list here.
+    """
 
     name: str = ""
     label: str = ""
-    tasks: tuple[str, ...] = TASKS
+    needs: frozenset[str] = frozenset()
+
+    @property
+    def measures_removals(self) -> bool:
+        """Whether it needs the task's measured removals (a scorer of emulated removals, an analysis to seed)."""
+        return bool(self.needs & {"filter_costs", "cluster_costs"})
+
+    def scoring_work(self, config, n_filters: int, n_groups: int, images: int, step_index: int) -> tuple[str, float]:
+        """What scoring one step costs, for the time estimate (``core.estimate``): a rate's name and how many of it
+        (``("ablation_image", n)``: n emulated-removal image passes; ``("train_step", n)``: n training mini-batches;
+        ``("", 0)``: nothing worth timing). Default: nothing (a weight statistic)."""
+        return "", 0.0
 
     def score(self, ctx: ScoreContext) -> dict:
         """Per group (keyed by ``ctx.key``), one score per filter, shape [group.width]; lower = removed first."""
@@ -131,15 +149,28 @@ REGISTRY: dict[str, Criterion] = {}
 
 def register(cls: type[Criterion]) -> type[Criterion]:
     """Class decorator: make ``cls`` a choice everywhere a criterion is chosen (CLI, Prune page, validation)."""
-    if not cls.name or not set(cls.tasks) <= set(TASKS):
-        raise ValueError(f"A criterion needs a name and tasks among {TASKS}; got {cls.name!r}, {cls.tasks!r}.")
+    if not cls.name or not set(cls.needs) <= set(NEEDS):
+        raise ValueError(f"A criterion needs a name and needs among {NEEDS}; got {cls.name!r}, {sorted(cls.needs)!r}.")
     REGISTRY[cls.name] = cls()
     return cls
 
 
 def names(task: str | None = None) -> tuple[str, ...]:
     """The registered criteria (for ``task`` only, if given), in registration order."""
-    return tuple(n for n, c in REGISTRY.items() if task is None or task in c.tasks)
+    return tuple(n for n, c in REGISTRY.items() if task is None or offered(c, task))
+
+
+def tasks_of(criterion: Criterion) -> tuple[str, ...]:
+    """The registered tasks ``criterion`` is offered for."""
+    return tuple(t for t in task_names() if offered(criterion, t))
+
+
+def offered(criterion: Criterion, task: str) -> bool:
+    """Whether ``task`` supplies everything ``criterion`` needs (an unknown task: nothing is offered)."""
+    try:
+        return criterion.needs <= task_plugin(task).provides
+    except SettingsError:
+        return False
 
 
 def label(name: str) -> str:
@@ -150,7 +181,7 @@ def get(name: str, task: str = "classification") -> Criterion:
     """The criterion ``name`` for ``task``; SettingsError naming the choices otherwise."""
     if name not in REGISTRY:
         raise SettingsError(f"Unknown criterion '{name}'. Choose one of: {', '.join(names(task))}.")
-    if task not in REGISTRY[name].tasks:
+    if not offered(REGISTRY[name], task):
         raise SettingsError(f"The {name} criterion is not available for {task}; choose one of: "
                             f"{', '.join(names(task))}.")
     return REGISTRY[name]
@@ -162,6 +193,15 @@ class CAR(Criterion):
 
     name = "car"
     label = "CAR (exact accuracy loss)"
+    needs = frozenset({"filter_costs", "cluster_costs"})
+
+    def scoring_work(self, config, n_filters: int, n_groups: int, images: int, step_index: int) -> tuple[str, float]:
+        """Every filter's single removal on a re-scoring step (fast mode: at most its exact budget), plus one
+        removal per candidate cluster, each on ``images`` images."""
+        rescored = n_filters if step_index % config.rescore_every == 0 else 0
+        if getattr(config, "car", "exact") == "fast":
+            rescored = min(rescored, exact_budget(n_filters, config.finetune_steps, config.batch_size, images))
+        return "ablation_image", float((rescored + n_groups) * images)
 
     def score(self, ctx: ScoreContext) -> dict:
         return ctx.filter_costs(ctx.groups)
@@ -190,7 +230,11 @@ class Taylor(TorchPruningCriterion):
 
     name = "taylor"
     label = "Taylor (gradient × activation)"
-    tasks = ("classification",)
+    needs = frozenset({"gradients"})
+    gradient_passes = 4  # the mini-batches the task accumulates gradients on (core.tasks.classification.task)
+
+    def scoring_work(self, config, n_filters: int, n_groups: int, images: int, step_index: int) -> tuple[str, float]:
+        return "train_step", float(self.gradient_passes)
 
     def importance(self) -> tp.importance.Importance:
         return tp.importance.GroupTaylorImportance()

@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import criteria
 from .car import FAST_EXACT_FRACTION, SENSITIVITY_FRACTIONS, CarScorer, filter_ablation
 from .criteria import new_width
-from .rescore import exact_budget
 from .data import ImageSet, normalize
 from .errors import SettingsError
 from .eta import format_duration
@@ -53,8 +53,6 @@ CALIBRATION_REPEATS = 2
 CALIBRATION_IMAGES = 32
 CALIBRATION_FILTERS = 4
 LATENCY_WARMUP = 5  # as core.prune.measure
-GRADIENT_PASSES = 4  # core.prune._accumulate_gradients: 4 mini-batches for gradient-based criteria
-GRADIENT_CRITERIA = ("taylor",)
 
 
 @dataclass
@@ -322,15 +320,11 @@ def _budget_buys(limit_s: float, before_steps: tuple[float, float], step_seconds
 
 
 def _step_scoring(config, rates: Rates, n_filters: int, n_groups: int, images: int, step_index: int) -> tuple[float, float]:
-    """Seconds to score one step's filters and rank its candidate clusters."""
-    if config.criterion == "car":
-        rescored = n_filters if step_index % config.rescore_every == 0 else 0
-        if getattr(config, "car", "exact") == "fast":
-            rescored = min(rescored, exact_budget(n_filters, config.finetune_steps, config.batch_size, images))
-        return _scaled(rates.ablation_image, (rescored + n_groups) * images)
-    if config.criterion in GRADIENT_CRITERIA:
-        return _scaled(rates.train_step, GRADIENT_PASSES)
-    return 0.0, 0.0
+    """Seconds to score one step's filters and rank its candidate clusters: the work the criterion says it
+    does (``core.criteria.Criterion.scoring_work``) at the measured rate of that work."""
+    kind, count = criteria.get(config.criterion, config.task).scoring_work(config, n_filters, n_groups, images,
+                                                                         step_index)
+    return _scaled(getattr(rates, kind), count) if kind else (0.0, 0.0)
 
 
 def _add(*pairs: tuple[float, float]) -> tuple[float, float]:

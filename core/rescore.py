@@ -20,14 +20,13 @@ increase (``core.screen.tiebreak``). Every score says whether it is exact or scr
 """
 from __future__ import annotations
 
-import math
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
-from .car import FAST_EXACT_FRACTION, CarResult, CarScorer, filter_ablation
+from .car import CarResult, CarScorer, filter_ablation
 from .criteria import new_width
 from .groups import ChannelGroup
 from .screen import combine, screen_filters, screened_order_scores, shortlist, tiebreak
@@ -175,16 +174,6 @@ def car_scores(scorer: CarScorer, groups: list[ChannelGroup], book: ScoreBook, m
             report.screened += int((~fast.exact[g.gid]).sum())
     report.exact = int(sum(book.exact_mask[g.root].sum() for g in groups))
     return {g.gid: book.scores[g.root] for g in groups}, report
-
-
-def exact_budget(n_filters: int, finetune_steps: int, batch_size: int, score_images: int) -> int:
-    """The most filters fast CAR measures exactly in one scoring pass of the loop: the larger of the share
-    the analysis measures (``FAST_EXACT_FRACTION`` of all ``n_filters``, the share bench/real_cifar.py times)
-    and as many as one step's fine-tuning costs (a filter's exact CAR is at most one forward pass of the
-    ``score_images``; a fine-tuning mini-batch of ``batch_size`` about three forward passes of its images),
-    so that a step's scoring never costs much more than its fine-tuning."""
-    finetune_equivalent = 3 * finetune_steps * batch_size // max(score_images, 1)
-    return max(math.ceil(FAST_EXACT_FRACTION * n_filters), finetune_equivalent)
 
 
 def budgeted_picks(picks: dict[str, np.ndarray], order: dict[int, np.ndarray], groups: list[ChannelGroup],

@@ -13,7 +13,7 @@ import core.engine as engine
 from core.claim import pack_correct, shipped_claim, training_received, unpack_correct
 from core.models import load_model
 from core.prune import PruneConfig, run_pruning
-from core.rescore import exact_budget
+from core.car import exact_budget
 from core.runs import Run, select_step
 from core.sources import load_dataset
 from tests.helpers import quick_config

@@ -35,7 +35,8 @@ from ...groups import ChannelGroup, PruningGraph
 from ...measure import measure_model
 from ...recovery import RecoveryConfig, recover
 from ...models import InputSpec
-from ...rescore import ScoreBook, ScoreReport, car_scores, exact_budget
+from ...car import exact_budget
+from ...rescore import ScoreBook, ScoreReport, car_scores
 from ...screen import tiebreak
 from ...stats import paired_drop, paired_figures, resolution_warning
 
@@ -127,6 +128,7 @@ class ClassificationTask:
         self._decides = decision_mask_of(data.val, config)  # the selection images that score no filter
         self.pool = None  # Ray workers for CAR's ablations (core.distributed), set by the engine for a run
         self._scorer: CarScorer | None = None  # the current step's, for where its ablations ran
+        self.criterion = criteria.get(config.criterion, NAME)  # what it needs decides what is measured
 
     def output_layers(self, model: nn.Module) -> None:
         return None
@@ -247,13 +249,13 @@ class ClassificationTask:
         else:
             result = compute_car(model, self.spec, images, n_images=None, sensitivity=True, progress=progress,
                                  cancel=cancel, method=self.config.car, device=self.device, pool=self.pool)
-        if self.config.criterion == "car":
+        if self.criterion.measures_removals:  # the analysis's single-filter CAR is step 1's scores
             self.book.seed_from_analysis(result)
         return {**result.to_dict(), **({"reused_from": f"a finished analysis of this model ({why})"}
                                        if reused else {})}
 
     def scorer(self, model: nn.Module) -> CarScorer | None:
-        if self.config.criterion != "car":
+        if not self.criterion.measures_removals:
             return None
         with on_device(model, self.device):
             self._scorer = CarScorer(model, self.spec, self.score_images(), pool=self.pool)
@@ -336,7 +338,7 @@ class ClassificationTask:
     def step_extra(self, clusters: list[Cluster]) -> dict:
         """How the step's single-filter scores were made (``core.rescore.ScoreReport``): exact or screened,
         measured or reused; ``rescored_groups`` is empty when every group kept its earlier scores."""
-        if self.config.criterion != "car":
+        if not self.criterion.measures_removals:
             return {}
         report, self._report = self._report, None
         out = (report or ScoreReport(method=self.config.car)).to_dict()
