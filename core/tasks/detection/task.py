@@ -33,10 +33,9 @@ from .loss import encode_batch, multibox_loss
 from .models import output_layer_names
 from ...engine import PruneConfig, group_key, train_steps
 from ...errors import SettingsError
-from ...evaluate import count_macs_params
 from ...groups import ChannelGroup, PruningGraph
 from ...models import InputSpec
-from ...ov_runtime import measure_latency_ms
+from ...measure import measure_model
 
 NAME = "detection"
 METRIC = "mAP@0.5"
@@ -224,17 +223,14 @@ class DetectionScorer:
 
 def measure_detector(model: nn.Module, data: DetectionData, spec: InputSpec, config: PruneConfig,
                      settings: EvalSettings = EvalSettings(), selection: MapResult | None = None) -> dict:
-    """One record's figures: ``metric`` (mAP@0.5, 0..1), ``per_class`` AP, MACs, params, OpenVINO CPU latency
-    in ms (None when ``config.latency`` is off). ``selection``: this model's mAP on ``data.val`` with the
+    """One record's figures: ``metric`` (mAP@0.5, 0..1), ``per_class`` AP, then ``core.measure.measure_model``'s
+    MACs, params and OpenVINO CPU latency (median ms with its spread; None when ``config.latency`` is off). ``selection``: this model's mAP on ``data.val`` with the
     default settings when already measured (the step's decision), else measured here."""
     result = selection if selection is not None and settings == EvalSettings() else \
         evaluate_map(model, data.val, spec.mean, spec.std, settings)
-    macs, params = count_macs_params(model, spec)
-    latency = None
-    if config.latency:
-        latency = measure_latency_ms(model, spec.shape(1), runs=config.latency_runs, warmup=5)
-    return {"metric": result.map, "per_class": result.per_class, "macs": macs, "params": params,
-            "latency_ms": latency}
+    # the one measurement path (core.measure): MACs, params, latency with its spread, as a classifier's records
+    cost = measure_model(model, spec, latency=config.latency, runs=config.latency_runs, warmup=5).to_dict()
+    return {"metric": result.map, "per_class": result.per_class, **cost}
 
 
 # ----------------------------------------------------------------------------- fine-tuning
