@@ -708,23 +708,6 @@ def finetune_and_decide(task: Task, model, rng: np.random.Generator, cancel: thr
     return task.decision(model)
 
 
-def train_steps(model, opt: torch.optim.Optimizer, steps: int, batch_loss: Callable[[], torch.Tensor],
-                cancel: threading.Event | None = None, progress: Callable[[float, str], None] | None = None) -> None:
-    """The fine-tuning loop every task shares: ``steps`` optimiser steps on ``batch_loss()`` (a fresh
-    mini-batch's loss each call), stopping early on ``cancel``; leaves the model in eval mode. The task
-    sets the train mode it wants (e.g. frozen BatchNorm) before calling."""
-    for i in range(steps):
-        if cancel is not None and cancel.is_set():
-            break
-        loss = batch_loss()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if progress:
-            progress((i + 1) / steps, f"fine-tuning ({i + 1}/{steps})")
-    model.eval()
-
-
 def record_step(writer: RunWriter, cb: Callbacks, graph: PruningGraph, step: int, move: list[Cluster], metrics: dict,
                 tried: int, channel_maps: dict, times: tuple[float, float], base_macs: float,
                 mac_target: float | None, **extra) -> tuple[dict, str | None]:

@@ -33,7 +33,8 @@ from .data import ImageSet, normalize
 from .distributed import WorkSetting
 from .errors import SettingsError
 from .models import InputSpec
-from .recovery import RecoveryConfig, RecoveryResult, augment, batch_loss
+from .recovery import RecoveryConfig, RecoveryResult, batch_loss
+from .training import augment
 
 _CANCEL_CHECK_EVERY = 5  # mini-batches between the workers' checks of the cancel flag
 

@@ -40,6 +40,7 @@ from .models import InputSpec
 from .runs import ACTIVE_RUNS, Run, RunWriter
 from .sources import load_run_dataset
 from .stats import paired_figures
+from .training import augment, train_steps
 from .tasks.registry import task_plugin
 
 
@@ -83,23 +84,6 @@ class RecoveryResult:
                 "cancelled": self.cancelled}
 
 
-def augment(x: torch.Tensor, gen: torch.Generator, shift: int, hflip: bool) -> torch.Tensor:
-    """Random translation by up to ``shift`` pixels (zero padded) and an optional horizontal flip."""
-    n, _, h, w = x.shape
-    if shift > 0:
-        padded = F.pad(x, (shift, shift, shift, shift))
-        dy = torch.randint(0, 2 * shift + 1, (n,), generator=gen)
-        dx = torch.randint(0, 2 * shift + 1, (n,), generator=gen)
-        rows = (dy.view(n, 1) + torch.arange(h).view(1, h)).view(n, 1, h, 1)
-        cols = (dx.view(n, 1) + torch.arange(w).view(1, w)).view(n, 1, 1, w)
-        x = padded[torch.arange(n).view(n, 1, 1, 1), torch.arange(x.shape[1]).view(1, -1, 1, 1), rows, cols]
-    if hflip:
-        flip = torch.rand(n, generator=gen) < 0.5
-        x = x.clone()
-        x[flip] = x[flip].flip(3)
-    return x
-
-
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, alpha: float,
                       temperature: float) -> torch.Tensor:
     """Hinton et al.'s KD loss; ``T^2`` keeps the soft term's gradients on the scale of the hard one."""
@@ -120,6 +104,17 @@ def batch_loss(out: torch.Tensor, y: torch.Tensor, x: torch.Tensor, teacher: nn.
     with torch.no_grad():
         t_out = teacher(x)
     return distillation_loss(out, t_out, y, config.kd_alpha, config.kd_temperature)
+
+
+def epoch_batches(train: ImageSet, spec: InputSpec, config: "RecoveryConfig", gen: torch.Generator,
+                  device: torch.device):
+    """One epoch's augmented mini-batches ``(x, y)`` on ``device``, in an order drawn from ``gen``
+    (``core.training.augment``: the shift and mirror of ``config``)."""
+    order = torch.randperm(len(train), generator=gen)
+    for b in range(max(1, len(train) // config.batch_size)):
+        idx = order[b * config.batch_size:(b + 1) * config.batch_size]
+        x = augment(normalize(train.images[idx], spec), gen, config.shift, config.hflip).to(device)
+        yield x, train.labels[idx].to(device)
 
 
 def recover(model: nn.Module, train: ImageSet, spec: InputSpec, config: RecoveryConfig,
@@ -158,25 +153,20 @@ def recover(model: nn.Module, train: ImageSet, spec: InputSpec, config: Recovery
     done = 0
     for epoch in range(1, config.epochs + 1):
         model.train()
-        order = torch.randperm(len(train), generator=gen)
-        losses = []
-        for b in range(steps_per_epoch):
-            if cancel is not None and cancel.is_set():
-                result.cancelled = True
-                break
-            idx = order[b * config.batch_size:(b + 1) * config.batch_size]
-            x = augment(normalize(train.images[idx], spec), gen, config.shift, config.hflip).to(device)
-            y = train.labels[idx].to(device)
-            loss = batch_loss(model(x), y, x, teacher, config)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            done += 1
+        batches = epoch_batches(train, spec, config, gen, device)
+
+        def epoch_loss() -> torch.Tensor:
+            x, y = next(batches)
+            return batch_loss(model(x), y, x, teacher, config)
+
+        def epoch_progress(fraction: float, _message: str, epoch=epoch, start=done) -> None:
             if progress:
-                progress(done, total, f"recovery epoch {epoch}/{config.epochs}")
-        if result.cancelled:
+                progress(start + round(fraction * steps_per_epoch), total, f"recovery epoch {epoch}/{config.epochs}")
+
+        losses = train_steps(model, opt, steps_per_epoch, epoch_loss, cancel, epoch_progress, after_step=sched.step)
+        done += len(losses)
+        if len(losses) < steps_per_epoch:
+            result.cancelled = True
             break
         score = float(select(model.eval()))
         result.epochs.append({"epoch": epoch, "selection": score, "train_loss": float(np.mean(losses))})

@@ -21,11 +21,12 @@ from torch.nn import functional as F
 
 from core import criteria
 from core.criteria import Cluster, ScoreContext
-from core.engine import PruneConfig, group_key, train_steps
+from core.engine import PruneConfig, group_key
 from core.evaluate import count_macs_params
 from core.models import InputSpec
 from core.runs import rebuild_classifier
 from core.tasks.registry import TaskPlugin, register_task
+from core.training import train_steps
 
 NAME = "regression"
 

@@ -28,7 +28,7 @@ from ...car import CarResult, CarScorer, compute_car, filter_ablation
 from ...criteria import Cluster, ScoreContext
 from ...data import DataSet, ImageSet, normalize, stratified_indices
 from ...device import model_device, on_device, resolve_device
-from ...engine import PruneConfig, group_key, train_steps
+from ...engine import PruneConfig, group_key
 from ...evaluate import Accuracy, evaluate_accuracy
 from ...fingerprint import model_fingerprint, tensors_fingerprint
 from ...groups import ChannelGroup, PruningGraph
@@ -38,6 +38,7 @@ from ...models import InputSpec
 from ...car import exact_budget
 from ...rescore import ScoreBook, ScoreReport, car_scores
 from ...screen import tiebreak
+from ...training import augment_np, train_steps
 from ...stats import paired_drop, paired_figures, resolution_warning
 
 NAME = "classification"
@@ -433,19 +434,6 @@ def _accumulate_gradients(model: nn.Module, train: ImageSet, spec: InputSpec, rn
 # ----------------------------------------------------------------------------- fine-tuning
 
 
-def _augment(x: torch.Tensor, rng: np.random.Generator, shift: int = 2) -> torch.Tensor:
-    """Random translation by up to ``shift`` pixels (zero padded): mild, label-preserving for any image."""
-    if shift <= 0:
-        return x
-    padded = F.pad(x, (shift, shift, shift, shift))
-    h, w = x.shape[2:]
-    out = torch.empty_like(x)
-    offs = rng.integers(0, 2 * shift + 1, size=(len(x), 2))
-    for i, (dy, dx) in enumerate(offs):
-        out[i] = padded[i, :, dy:dy + h, dx:dx + w]
-    return out
-
-
 def finetune(model: nn.Module, train: ImageSet, spec: InputSpec, steps: int, lr: float, batch_size: int,
              rng: np.random.Generator, cancel: threading.Event | None = None,
              progress: Callable[[float, str], None] | None = None) -> None:
@@ -459,7 +447,7 @@ def finetune(model: nn.Module, train: ImageSet, spec: InputSpec, steps: int, lr:
 
     def batch_loss() -> torch.Tensor:
         idx = rng.choice(len(train), size=min(batch_size, len(train)), replace=False)
-        x = _augment(normalize(train.images[idx].to(device), spec), rng)
+        x = augment_np(normalize(train.images[idx].to(device), spec), rng)
         return F.cross_entropy(model(x), train.labels[idx].to(device))
 
     train_steps(model, opt, steps, batch_loss, cancel, progress)

@@ -31,7 +31,8 @@ from .data import DetectionData, DetectionSet
 from .evaluate import EvalSettings, MapResult, detect, evaluate_map, map_of_detections, normalize_images
 from .loss import encode_batch, multibox_loss
 from .models import output_layer_names
-from ...engine import PruneConfig, group_key, train_steps
+from ...engine import PruneConfig, group_key
+from ...training import train_steps
 from ...errors import SettingsError
 from ...groups import ChannelGroup, PruningGraph
 from ...models import InputSpec
