@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 from dataclasses import asdict
 from typing import Callable
 
@@ -34,7 +35,7 @@ from ...fingerprint import model_fingerprint, tensors_fingerprint
 from ...groups import ChannelGroup, PruningGraph
 from ...measure import measure_model
 from ...recovery import RecoveryConfig, recover
-from ...models import InputSpec
+from ...models import InputSpec, LoadedModel
 from ...car import exact_budget
 from ...rescore import ScoreBook, ScoreReport, car_scores
 from ...screen import tiebreak
@@ -346,6 +347,25 @@ class ClassificationTask:
         if self.pool is not None and self._scorer is not None:  # where this step's ablations ran (core.distributed)
             out["where"] = {k: v for k, v in self._scorer.where().items() if k != "workers"}  # workers.json has them
         return {"car_scoring": out}
+
+
+def measure_baseline(loaded: LoadedModel, data: DataSet) -> dict:
+    """The Load page's baseline of a classifier on its data's selection images: accuracy (also under ``metric``),
+    per-class accuracy, confusion, MACs, parameters and OpenVINO CPU latency with its spread.
+    ``eval_seconds``: the time that evaluation took (what one decision of a prune costs on these images)."""
+    t0 = time.perf_counter()
+    acc = evaluate_accuracy(loaded.model, data.val, loaded.spec.input)
+    eval_seconds = time.perf_counter() - t0
+    # the one measurement path (core.measure): strict=False so a model OpenVINO cannot convert keeps its
+    # accuracy, MACs and parameters, and latency_note says why its latency is missing
+    figures = measure_model(loaded.model, loaded.spec.input, latency=True, runs=30, warmup=5, strict=False)
+    out = {"metric": acc.accuracy, "accuracy": acc.accuracy, "per_class": acc.per_class, "confusion": acc.confusion,
+           "n": acc.n, "macs": figures.macs, "params": figures.params, "latency_ms": figures.latency_ms,
+           "latency_note": figures.device if figures.latency is not None else figures.latency_note,
+           "eval_seconds": eval_seconds}
+    if figures.latency is not None:  # the spread, so a step's latency change is coloured only beyond the noise
+        out.update(figures.latency.to_dict())
+    return out
 
 
 def measure(model: nn.Module, data: DataSet, spec: InputSpec, config: PruneConfig,

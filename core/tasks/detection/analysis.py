@@ -23,6 +23,7 @@ from ...groups import PruningGraph
 from ...models import InputSpec
 from .task import DetectionScorer
 from .data import DetectionSet
+from .evaluate import evaluate_map
 from .models import output_layer_names
 
 
@@ -56,6 +57,15 @@ def detector_groups(model: nn.Module) -> list[dict]:
 def detector_cost(model: nn.Module, mean, std) -> tuple[float, float]:
     """(MACs, parameters) of one image at the detector's input size."""
     return count_macs_params(model, detector_input(model, mean, std))
+
+
+def measure_detector_baseline(model: nn.Module, data, mean, std) -> dict:
+    """The Load page's baseline of a detector on its validation images: mAP@0.5 (also under ``metric`` and
+    ``accuracy``, the keys the pages read for either task), per-class AP, image count, MACs and parameters."""
+    result = evaluate_map(model, data.val, mean, std)
+    macs, params = detector_cost(model, mean, std)
+    return {"metric": result.map, "map": result.map, "accuracy": result.map, "per_class": result.per_class,
+            "n": result.n_images, "macs": macs, "params": params}
 
 
 def group_car(model: nn.Module, root: str, val: DetectionSet, mean, std, n_images: int = 64, chunk: int = 4,
