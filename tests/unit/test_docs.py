@@ -187,6 +187,13 @@ def test_the_task_example_implements_the_task_protocol():
             assert hasattr(example, name), name
 
 
+def test_the_task_example_is_the_module_the_end_to_end_test_prunes():
+    """docs/extending.md's task is tests/tasks/regression_task.py as it stands (after its docstring), so the
+    example the docs show is the one tests/tasks/test_add_a_task.py registers and prunes."""
+    module = (ROOT / "tests" / "tasks" / "regression_task.py").read_text()
+    assert extending_block("## Adding a task") == module[module.index("from __future__"):]
+
+
 def test_the_target_example_becomes_a_choice_of_export():
     from core import targets
     from core.cli import build_parser
