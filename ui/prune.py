@@ -123,12 +123,13 @@ def _number(value) -> float | None:
 
 def estimate_panel(state: AppState, config, running: bool) -> None:
     """The run's expected time from rates measured on this machine, on demand, cached per model + settings. A
-    finished analysis the run will reuse is left out of it (issue 27: the estimate added it again)."""
+    finished analysis the run will reuse is left out of it (issue 27: the estimate added it again). A classifier's
+    panel (``ui.classification.config_panels``)."""
     from dataclasses import replace
 
     from core.jobs import reusable_car
 
-    reused = bool(getattr(config, "analyse_car", False)) and state.task == "classification" and \
+    reused = bool(getattr(config, "analyse_car", False)) and \
         reusable_car(state.car, state.model.model, state.data.val, config)[0]
     config = replace(config, analyse_car=False) if reused else config
     settings = json.dumps(asdict(config), sort_keys=True, default=str)
