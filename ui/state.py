@@ -294,13 +294,13 @@ def run_data(data_source: str, input_spec: tuple, num_classes: int, data_options
 
 
 def data_for_run(run) -> DataSet | None:
-    """The current data if it is the run's (same source, split and class order), else the run's data set
+    """The current data if it is the run's (same task, source, split and class order), else the run's data set
     reloaded with its recorded split and class order; None if it is gone."""
     state = get_state()
     opts = run.config.get("data_options") or {}
     recorded = (opts.get("split") or {}).get("sha256")
     order = list(run.config.get("class_order") or [])
-    if (state.task == "classification" and state.data is not None and state.data_source == run.config.get("data_source")
+    if (state.task == run.task and state.data is not None and state.data_source == run.config.get("data_source")
             and (not recorded or recorded == state.data.split_record()["sha256"])
             and (not order or order == list(state.data.class_names))):
         return state.data
@@ -355,7 +355,7 @@ def detection_data_for_run(run):
     """The detection data set a run was made with: the session's if it is the same, else reloaded (None if gone)."""
     state = get_state()
     source = run.config.get("data_source", "")
-    if state.task == "detection" and state.data is not None and state.data.source == source:
+    if state.task == run.task and state.data is not None and state.data.source == source:
         return state.data
     opts = run.config.get("data_options") or {}
     try:
