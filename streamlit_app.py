@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from ui.common import frame, navigation
+from ui.common import navigation
+from ui.frame import frame
 from ui.state import remember_state
 
 page = st.navigation(navigation())

@@ -9,8 +9,9 @@ from core.jobs import past_runs
 from core.runs import run_reviewable
 from core.models import sample_entry, sample_names
 from ui.common import (action_button, damaged_runs_notice, format_macs, format_params, format_pct, format_seconds,
-                       metric_name, model_shape, page_link, setup_page, started_at, state_badge)
+                       page_link, setup_page, started_at, state_badge)
 from ui.state import DEFAULT_SAMPLE, get_registry, load_sample
+from ui.tasks import metric_name, task_ui
 
 
 def how_it_works() -> None:
@@ -67,7 +68,7 @@ def model_card() -> None:
             page_link("load", "Load a model")
         else:
             b = state.baseline or {}
-            st.markdown(f"{state.model_label}  \n{model_shape(state)}")
+            st.markdown(f"{state.model_label}  \n{task_ui(state.task).model_shape(state)}")
             if b:
                 st.markdown(f"{metric_name(state.task)} **{format_pct(b['metric'])}** · "
                             f"MACs **{format_macs(b['macs'])}** · params **{format_params(b['params'])}**")

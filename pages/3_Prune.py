@@ -8,29 +8,16 @@ import streamlit as st
 
 from core import criteria
 from core import visualize as V
-from core.clusters import latency_staircase
-from core.tasks.detection.prune import DetectionPruneConfig
 from core.errors import PruneScopeError
 from core.groups import removal_label
 from core.runs import removals, reviewable, run_reviewable
-from core.jobs import JobAlreadyRunning, detection_prune_job, prune_job, reusable_car
-from core.prune import PruneConfig
+from core.jobs import JobAlreadyRunning
 from core.workspace import new_run_dir
-from ui.common import (format_macs, format_pct, hardware_profile_picker, job_progress, metric_name, metrics_row,
-                       need_model, page_link, prune_outcome, setup_page, start_cancel_buttons, state_badge)
-from ui.workers import recovery_toggle, work_picker
-from ui.prune import (car_method_picker, device_picker, estimate_panel, plan_editor, resolution_note,
-                      settings_text, time_budget_input)
-from ui.state import get_registry, private_copy
-
-# What differs per task on this page: the config class (its defaults are the one place for them), the widget key
-# prefix (each task keeps its own settings) and the ranges of two sliders.
-TASK_SETTINGS = {
-    "classification": {"config": PruneConfig, "prefix": "pr", "images": ("Images for scoring", 50, 1000, 50),
-                       "steps": 100},
-    "detection": {"config": DetectionPruneConfig, "prefix": "det_pr", "images": ("Images for screening", 16, 512, 16),
-                  "steps": 50},
-}
+from ui.common import (format_macs, format_pct, hardware_profile_picker, job_progress, metrics_row, need_model,
+                       page_link, prune_outcome, setup_page, start_cancel_buttons, state_badge)
+from ui.prune import settings_text
+from ui.state import get_registry
+from ui.tasks import DEFAULT_TASK, metric_name, task_ui
 
 
 def attach_prune_job():
@@ -46,18 +33,6 @@ def attach_prune_job():
     return registry.get(st.session_state.get("prune_job_id"))
 
 
-def job_function(config, run_dir: Path):
-    """The task's pruning job on a private copy of the session's model."""
-    if state.task == "detection":
-        return detection_prune_job(state.model, state.model_info, state.data, config, run_dir)
-    return prune_job(private_copy(state.model), state.data, config, run_dir, data_source=state.data_source,
-                     original_bytes=state.model_bytes, car=state.car)
-
-
-def run_name() -> str:
-    return state.model.config["arch"] if state.task == "detection" else state.model.spec.arch.replace("pickled:", "")
-
-
 def start_prune(config) -> None:
     st.session_state.pop("prune_error", None)
     running_now = registry.active("prune")
@@ -67,8 +42,9 @@ def start_prune(config) -> None:
     run_dir = None
     try:
         config.validate()
-        run_dir = new_run_dir(run_name())
-        j = registry.start("prune", job_function(config, run_dir), run_dir=run_dir, total_steps=config.max_steps + 1,
+        run_dir = new_run_dir(plugin.run_name(state))
+        j = registry.start("prune", plugin.prune_job(state, config, run_dir), run_dir=run_dir,
+                           total_steps=config.max_steps + 1,
                            meta={"max_drop": config.max_drop, "max_steps": config.max_steps, "model": state.model_label,
                                  "task": state.task, "settings": settings_text(config)})
     except JobAlreadyRunning as exc:  # another tab won the race: attach to its job
@@ -85,16 +61,6 @@ def start_prune(config) -> None:
 def cancel_prune() -> None:
     for j in registry.active("prune"):
         j.request_cancel()
-
-
-def car_reuse_note(config) -> None:
-    """Before Start: whether the run will reuse the finished CAR analysis of the Analyse page, and why not."""
-    if state.task != "classification" or not config.analyse_car:
-        return
-    reuse, why = reusable_car(state.car, state.model.model, state.data.val, config)
-    st.caption(f"CAR analysis of the original: the finished analysis will be reused ({why})." if reuse else
-               f"CAR analysis of the original: computed by the run ({why}).")
-
 
 
 # ----------------------------------------------------------------------------- settings
@@ -127,21 +93,11 @@ def settings_form():
         cluster = hardware_profile_picker(p, running)
     with c3:
         budget = budget_settings(defaults, p, extra)
-    usable = True
-    if state.task == "classification":
-        usable = classification_settings(defaults, cluster, max_drop, extra)
+    usable = plugin.extra_settings(state, defaults, cluster, max_drop, extra, running)
     config = Config(criterion=criterion, cluster=cluster, max_drop=float(max_drop),
                     mac_target=None if mac_target is None else mac_target / 100, **budget, **extra)
-    car_reuse_note(config)
-    if state.task == "classification":
-        with st.expander("How long will it take?", icon=":material/timer:"):
-            estimate_panel(state, config, running)
-    if not usable:
-        config = None
-    if state.task == "classification":
-        with st.expander("Latency staircase: why clusters", icon=":material/stairs:"):
-            staircase_panel()
-    return config
+    plugin.config_panels(state, config, running)  # e.g. the reuse of the analysis, the time estimate
+    return config if usable else None
 
 
 def threshold_settings(Config, defaults, p: str) -> tuple:
@@ -177,66 +133,12 @@ def budget_settings(defaults, p: str, extra: dict) -> dict:
                                        "one measurement: fewer, faster steps on deep networks. When they "
                                        "break the threshold together, the step takes one and later steps "
                                        "try half as many.")
-    if state.task == "classification":
-        extra["time_budget"] = time_budget_input(running)
-        extra["recover_epochs"] = st.slider(
-            "Recovery when stalled (epochs)", 0, 10, defaults.recover_epochs, key="pr_recover_epochs",
-            disabled=running, help="When no cluster fits the threshold, this many passes of the training "
-                                   "images (distilled from the original) become a step and the run goes "
-                                   "on from it; 0 stops there. Also once at the MAC target.")
-        extra["control"] = st.toggle(
-            "Control: the original given the same training", value=defaults.control, key="pr_control",
-            disabled=running, help="Fine-tuning on your images also adapts a model to them; the original "
-                                   "given the same fine-tuning and recoveries shows how much of a step's "
-                                   "figure is that adaptation, not pruning.")
+    plugin.budget_extras(defaults, extra, running)
     latency = st.toggle("Measure OpenVINO latency every step", value=defaults.latency, key=f"{p}_latency",
                         disabled=running)
-    analyse = defaults.analyse_car
-    if state.task == "classification":
-        analyse = st.toggle("Store a CAR analysis of the original in the run", value=defaults.analyse_car,
-                            key="pr_analyse", disabled=running,
-                            help="Shown with the removed filters on Review. A finished analysis of the "
-                                 "Analyse page with the same model, images and settings is reused; "
-                                 "otherwise it is computed first.")
+    analyse = plugin.analyse_car_setting(defaults, running)
     return {"finetune_steps": int(finetune_steps), "score_images": int(score_images), "max_steps": int(max_steps),
             "clusters_per_step": int(clusters_per_step), "latency": latency, "analyse_car": analyse}
-
-
-def classification_settings(defaults, cluster, max_drop, extra: dict) -> bool:
-    """A classifier's CAR method, device, Ray workers, resolution note and per-layer plan (into ``extra``);
-    returns whether the chosen device and workers can be used."""
-    c1, c2 = st.columns(2, gap="large")
-    with c1:
-        extra["car"] = car_method_picker(defaults.car, running)
-    with c2:
-        extra["device"], usable = device_picker(defaults.device, running)
-    work, work_ok = work_picker("pr", running)
-    extra["ray_address"], extra["ray_workers"] = work.address, work.workers
-    extra["ray_recovery"] = recovery_toggle("pr", running, work)
-    usable = usable and work_ok
-    resolution_note(state, float(max_drop))
-    with st.expander("Per-layer control: exclude groups, cap their cut", icon=":material/tune:"):
-        extra["plan"] = plan_editor(state, cluster, float(max_drop), running)
-    return usable
-
-
-def staircase_panel() -> None:
-    """Measure (on demand) and show the latency staircase of one 3x3 convolution: why clusters."""
-    st.markdown("Latency on vector hardware moves in steps of channel count, not smoothly: removing "
-                "filters pays only when a layer drops to the next multiple of the hardware's width. "
-                "Measure the staircase of one 3×3 convolution on this CPU's OpenVINO runtime:")
-    if st.button("Measure the staircase", key="pr_measure", disabled=running, icon=":material/speed:"):
-        with st.spinner("Timing one convolution at 8..128 output channels..."):
-            try:
-                st.session_state["pr_staircase"] = latency_staircase(runs=20)
-            except PruneScopeError as exc:
-                st.error(str(exc))
-    sc = st.session_state.get("pr_staircase")
-    if sc is not None:
-        st.plotly_chart(V.fig_staircase(sc.channels, sc.latency_ms, sc.cluster, sc.latency_p25_ms,
-                                        sc.latency_p75_ms), key="pr_fig_staircase")
-        st.caption(f"Measured step: **{sc.cluster} channels** (confidence {sc.confidence:.2f}). "
-                   f"{sc.method} Choose 'custom cluster size' above to use it.")
 
 
 # ----------------------------------------------------------------------------- live progress
@@ -270,8 +172,9 @@ job = attach_prune_job()
 running = job is not None and job.running
 if job is None and not state.ready:
     need_model(state, "pruning")
-task = TASK_SETTINGS[state.task]
-metric = metric_name(state.task)
+plugin = task_ui(state.task)
+task = plugin.PRUNE_SETTINGS
+metric = plugin.METRIC
 prune_settings()
 
 
@@ -291,7 +194,7 @@ def live() -> None:
     st.subheader("Progress" if s.running else "Last run")
     name = s.run_dir.name if s.run_dir else s.id
     st.markdown(f"Run `{name}` · {state_badge(s.state)}")
-    run_task = s.meta.get("task", "classification")
+    run_task = s.meta.get("task", DEFAULT_TASK)
     if s.running:
         job_progress(s, "Pruning")
         max_steps = s.meta.get("max_steps")
@@ -324,7 +227,7 @@ def live_charts() -> None:
     if s is None or not s.steps:
         return
     name = s.run_dir.name if s.run_dir else s.id
-    run_task = s.meta.get("task", "classification")
+    run_task = s.meta.get("task", DEFAULT_TASK)
     metrics_row(s.steps[-1], s.steps[0] if len(s.steps) > 1 else None, metric=metric_name(run_task))
     c1, c2 = st.columns(2)
     with c1:

@@ -5,17 +5,15 @@ from __future__ import annotations
 import streamlit as st
 
 from core import visualize as V
-from core.errors import PruneScopeError
 from core.jobs import past_runs
 from core.prune import read_structure
-from core.groups import group_display_name, removal_group, removal_label
+from core.groups import removal_label
 from core.runs import Run, removals
-from ui import detection
 from ui.common import (change, format_macs, format_ms, format_params, format_pct, metrics_row, page_link, pick_run,
                        setup_page, started_at, state_badge, threshold_pick)
-from ui.review import (compare_steps, control_line, drop_text, drops_line, latency_text, no_kept_step_panel,
-                       recovery_panel)
-from ui.state import data_for_run, get_registry, model_lock, run_model
+from ui.review import compare_steps, control_line, drop_text, drops_line, latency_text, no_kept_step_panel
+from ui.state import get_registry
+from ui.tasks import task_ui
 
 
 def run_header() -> None:
@@ -90,10 +88,7 @@ def widths_and_classes() -> None:
     with c1:
         st.plotly_chart(V.fig_widths(base["widths"], pick["widths"]), key="rv_fig_widths")
     with c2:
-        if run.task == "detection":
-            detection.ap_per_class(base, pick)
-        else:
-            st.plotly_chart(V.fig_per_class_change(base["per_class"], pick["per_class"]), key="rv_fig_per_class")
+        task_ui(run.task).per_class_view(base, pick)
 
 
 def removed_filters() -> None:
@@ -118,69 +113,7 @@ def removed_filters() -> None:
                        "test drop (95 % CI)": drop_text(r, "test"), "MACs after": format_macs(r["macs"]),
                        "latency after": format_ms(r.get("latency_ms"))} for r, rem in removed],
                      hide_index=True, width="stretch")
-    if run.task == "detection":  # a detector's filters are judged by its boxes: before / after pictures
-        detection.boxes_before_after(run, sel, pick)
-    elif removed:
-        removed_gallery(removed, car_groups)
-
-
-def car_of_removal(rec: dict) -> tuple[list | None, list | None]:
-    """The run's CAR scores of the removed cluster's group and which of them were measured (None: no analysis;
-    an empty list of exact flags: every figure measured)."""
-    car = run.car
-    car_scores, car_exact = None, None
-    if car:
-        for g in car.get("groups", []):
-            if g["root"] == rec["group"] or rec["group"] in g.get("producers", []):
-                car_scores = car["car"].get(str(g["gid"]))
-                car_exact = (car.get("exact") or {}).get(str(g["gid"]))  # empty: every figure measured
-    return car_scores, car_exact
-
-
-def removed_gallery(removed: list[tuple[dict, dict]], car_groups) -> None:
-    """The filters of one chosen removal, drawn from the original model: weights, CAR and top-activating
-    patches on the run's own images (weights only when those images are gone)."""
-    which = st.selectbox("Show the filters removed at step", range(len(removed)), key=f"rv_gal_removal_{sel}",
-                         format_func=lambda i: f"{removed[i][0]['step']}: {removal_label(removed[i][1], car_groups)}")
-    rec = removed[which][1]
-    car_scores, car_exact = car_of_removal(rec)
-    indices = rec.get("filters_original")
-    if not indices:
-        st.info("The original channel numbers of these filters were not recorded; they cannot be drawn.")
-        return
-    try:
-        original = run_model(str(run.dir), 0, (run.dir / "original.pt").stat().st_mtime)
-        data = data_for_run(run)
-        layer = group_display_name(removal_group(rec, (run.car or {}).get("groups")))  # the conv the user knows
-        patches = {}
-        if data is not None:
-            with model_lock(original):
-                patches = V.top_activating_patches(original, layer, data.val.images[:256], run.spec.input,
-                                                   indices=indices, k=3, size=40)
-        else:
-            st.caption("The run's data set is not available any more: weights only, no patches.")
-        st.caption(f"Layer `{layer}` of the original model; CAR from the run's analysis of the original "
-                   "(accuracy points; small = little accuracy lost): exact where measured, screened (a "
-                   "first-order estimate, fast CAR) where not.")
-        removed_cards(original, layer, indices, patches, car_scores, car_exact)
-    except PruneScopeError as exc:
-        st.error(str(exc))
-
-
-def removed_cards(original, layer: str, indices: list[int], patches: dict, car_scores, car_exact,
-                  per_row: int = 6) -> None:
-    """One card per removed filter, ``per_row`` to a row: number, CAR (screened or measured), weights, patches."""
-    for row in range(0, len(indices), per_row):
-        cols = st.columns(per_row)
-        for col, f in zip(cols, indices[row:row + per_row]):
-            with col.container(border=True):
-                car_txt = f"{car_scores[f] * 100:+.2f}" if car_scores is not None and f < len(car_scores) else "—"
-                screened = car_exact is not None and f < len(car_exact) and not car_exact[f]
-                st.markdown(f"**#{f}** · {'screened CAR' if screened else 'CAR'} {car_txt}")
-                st.image(V.filter_weight_image(original, layer, f, size=56, spec=run.spec.input),
-                         caption="weights", width=56)
-                if patches.get(f):
-                    st.image(patches[f], width=36)
+    task_ui(run.task).removed_filters_view(run, sel, pick, removed, car_groups)  # a gallery, or boxes before/after
 
 
 def compare_runs() -> None:
@@ -233,9 +166,7 @@ tradeoff_charts()
 widths_and_classes()
 st.subheader("Removed filters")
 removed_filters()
-if run.task == "classification":
-    st.subheader("Recovery fine-tune")
-    recovery_panel(run, [r["step"] for r in hist], pick["step"])
+task_ui(run.task).recovery_section(run, hist, pick)
 st.subheader("Compare two steps")
 compare_steps({n: by_name[n]["run"] for n in names if by_name[n]["run"].task == run.task and by_name[n]["run"].history},
               sel, pick["step"], metric)

@@ -11,9 +11,9 @@ from core.targets import DEFAULT_TARGET, TARGETS
 from core.workspace import read_json, workspace_root
 from ui.common import (action_button, format_macs, format_ms, format_params, format_pct, job_status, pick_run,
                        setup_page, state_badge, target_panel)
-from ui.detection import detection_bundle_view
 from ui.review import comparison_text, latency_text
 from ui.state import get_registry, run_model
+from ui.tasks import DEFAULT_TASK, task_ui
 
 
 def step_and_target(where) -> tuple[int, float, str]:
@@ -163,8 +163,7 @@ def export_status() -> None:
 export_status()
 stop_until_exported()
 manifest = read_json(bundle_dir / "manifest.json")
-if manifest.get("task") == "detection":
-    detection_bundle_view(manifest, bundle_dir, zip_path)
+if task_ui(manifest.get("task") or DEFAULT_TASK).bundle_view(manifest, bundle_dir, zip_path):  # the task's own view
     st.stop()
 pruned, original = manifest["models"]["pruned"], manifest["models"]["original"]
 st.subheader(f"Bundle of step {manifest.get('step', step)}")

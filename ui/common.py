@@ -3,18 +3,15 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import streamlit as st
 
-from core import glossary
 from core.clusters import PROFILES, detect_cpu_profile
 from core.jobs import JobSnapshot
 from core.visualize import format_macs, format_pct  # noqa: F401  (re-exported for the pages)
 
-from .state import AppState, adopt_finished_load, get_registry, get_state
+from .state import AppState, get_state
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
 # key -> (page file, title, icon); the app frame (streamlit_app.py) builds st.navigation from this, in this order
 PAGES = {
     "home": ("pages/0_Home.py", "Home", ":material/home:"),
@@ -43,39 +40,12 @@ def navigation():
             for key, (path, title, icon) in PAGES.items()]
 
 
-def frame() -> AppState:
-    """What every page shares, drawn by the app frame before the page runs: page config, style, the
-    session's state (restored after a reload, see :mod:`ui.state`) and the sidebar."""
-    st.set_page_config(page_title="PruneScope", page_icon=":material/content_cut:", layout="wide")
-    css = ASSETS / "style.css"
-    if css.exists():
-        st.html(f"<style>{css.read_text()}</style>")
-    state = get_state()
-    adopt_finished_load(state)
-    sidebar(state)
-    return state
-
-
 def setup_page(title: str, caption: str | None = None) -> AppState:
     """A page's title and caption; returns the session's state (the frame has set up the rest)."""
     st.title(title)
     if caption:
         st.caption(caption)
     return get_state()
-
-
-def sidebar(state: AppState) -> None:
-    """Below the page menu (``st.navigation``): what is loaded, and the jobs of this app process."""
-    registry = get_registry()
-    with st.sidebar:
-        if state.model is not None:
-            st.caption(f"{'Detector' if state.task == 'detection' else 'Model'}: {state.model_label}")
-        else:
-            st.caption("No model loaded")
-        running = tuple(j.id for j in registry.active())
-        st.fragment(run_every=1.0 if running else None)(sidebar_jobs)(registry, running)
-        with st.expander("Glossary: the words used here", icon=":material/menu_book:"):
-            st.markdown(glossary.markdown())  # one definition per word, for every page (core.glossary)
 
 
 def resolution_box(state: AppState, max_drop: float, lead: str = "") -> None:
@@ -153,22 +123,6 @@ def action_button(where, label: str, action, *args, **button_kwargs) -> None:
 def page_link(page: str, label: str | None = None) -> None:
     path, name, icon = PAGES[page]
     st.page_link(path, label=label or name, icon=icon)
-
-
-METRICS = {"classification": "Accuracy", "detection": "mAP@0.5"}  # the metric each task measures, as shown
-
-
-def metric_name(task: str) -> str:
-    return METRICS.get(task, "Accuracy")
-
-
-def model_shape(state: AppState) -> str:
-    """Classes and input of the loaded model, e.g. '10 classes, input 3×32×32'."""
-    if state.task == "detection":
-        h, w = state.model.input_size
-        return f"{len(state.model_info.get('class_names', []))} object classes + background, input 3×{h}×{w}"
-    spec = state.model.spec
-    return f"{spec.num_classes} classes, input {spec.input.channels}×{spec.input.height}×{spec.input.width}"
 
 
 def need_model(state: AppState, what: str = "this step") -> None:

@@ -1,21 +1,30 @@
-"""The panels that really differ for object detection (SSD): its load form, its data report and pictures,
-its per-group CAR analysis, its settings' ranges, its per-class AP and boxes on Review, its bundle on
+"""The object detection (SSD) task's UI (one plug-in of :mod:`ui.tasks`): its load form, its data report and
+pictures, its per-group CAR analysis, its settings' ranges, its per-class AP and boxes on Review, its bundle on
 Export. The pages own the flow and everything the tasks share (state, jobs, progress, threshold, charts)."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import streamlit as st
 
 from core.tasks.detection import visualize as DV
 from core.tasks.detection.models import DETECTION_ARCHITECTURES
+from core.tasks.detection.prune import DetectionPruneConfig
 from core.errors import PruneScopeError
-from core.jobs import JobAlreadyRunning, detection_car_job
+from core.jobs import JobAlreadyRunning, detection_car_job, detection_prune_job
 from core.sources import load_voc_dataset
 from ui.charts import fig_class_counts
 from ui.common import action_button, format_macs, format_params, format_seconds, job_status, page_link, target_panel
 from ui.state import (AppState, detection_baseline, detection_data_for_run, detection_groups, detection_pictures,
                       digest, get_registry, get_state, run_model, sample_detection, save_upload)
 
-METRIC = "mAP@0.5"
+NAME = "detection"  # AppState.task and a run's recorded task
+LABEL = "Object detection (SSD)"  # the Load page's task choice
+METRIC = "mAP@0.5"  # the metric as the pages show it
+MODEL_WORD = "Detector"  # what the sidebar calls the loaded model
+# The Prune page's settings of this task: the config class, the widget key prefix and two sliders' ranges.
+PRUNE_SETTINGS = {"config": DetectionPruneConfig, "prefix": "det_pr", "images": ("Images for screening", 16, 512, 16),
+                  "steps": 50}
 MODEL_SOURCES = ("Bundled sample detector (ssd_counting)", "Architecture + weights (state dict)")
 DATA_SOURCES = ("Bundled counting sample", "Pascal VOC zip")
 
@@ -29,7 +38,7 @@ def format_map(value) -> str:
 
 def use_detection(state: AppState, model, info: dict, label: str, key: str, data, data_label: str) -> None:
     """Make a detector and its VOC data the session's model and data, with the baseline measured."""
-    state.set_model(model, label, key, task="detection", info=info)
+    state.set_model(model, label, key, task=NAME, info=info)
     state.set_data(data, data_label, data.source)
     state.baseline = detection_baseline(state.key, model, data, tuple(info["mean"]), tuple(info["std"]))
 
@@ -102,7 +111,7 @@ def load_detection_upload(state: AppState, model_source: str, arch: str, size: t
     use_detection(state, model, info, label, key, data, data_label)
 
 
-def sample_tab() -> None:
+def sample_tab(state: AppState) -> None:
     """The bundled sample detector, one click."""
     st.markdown("**ssd_counting**: a small MobileNetV2-style SSD (128×128) trained on generated counting scenes: "
                 "heads, squares and triangles on cluttered backgrounds (2000 train / 300 val images).")
@@ -174,6 +183,17 @@ def loaded_details(state: AppState) -> None:
         pictures = detection_pictures(state.key, model, data.val, tuple(info["mean"]), tuple(info["std"]),
                                       tuple(range(n)), float(min_score))
         st.image(pictures, width=200, caption=[f"val image {i}" for i in range(n)])
+
+
+def model_shape(state: AppState) -> str:
+    """Object classes and input of the loaded detector, e.g. '3 object classes + background, input 3×128×128'."""
+    h, w = state.model.input_size
+    return f"{len(state.model_info.get('class_names', []))} object classes + background, input 3×{h}×{w}"
+
+
+def input_details(state: AppState) -> str:
+    """The rest of the Load page's "Current model" line: the normalisation."""
+    return f", mean {list(state.model_info['mean'])}, std {list(state.model_info['std'])}"
 
 
 def detection_report(report) -> None:
@@ -284,7 +304,52 @@ def analysis_panel(state: AppState) -> None:
     page_link("prune", "Prune")
 
 
+# ----------------------------------------------------------------------------- Prune
+
+
+def run_name(state: AppState) -> str:
+    """The detector's architecture in a new run's folder name."""
+    return state.model.config["arch"]
+
+
+def prune_job(state: AppState, config, run_dir: Path):
+    """The detection pruning job of the session's detector and VOC data."""
+    return detection_prune_job(state.model, state.model_info, state.data, config, run_dir)
+
+
+def extra_settings(state: AppState, defaults, cluster, max_drop, extra: dict, running: bool) -> bool:
+    """Nothing beyond the shared settings; the settings are always usable."""
+    return True
+
+
+def budget_extras(defaults, extra: dict, running: bool) -> None:
+    """Nothing beyond the shared budget settings."""
+
+
+def analyse_car_setting(defaults, running: bool) -> bool:
+    """No toggle: the config's default."""
+    return defaults.analyse_car
+
+
+def config_panels(state: AppState, config, running: bool) -> None:
+    """Nothing below the settings."""
+
+
 # ----------------------------------------------------------------------------- Review
+
+
+def per_class_view(base: dict, pick: dict) -> None:
+    """AP per class of the original and the picked step."""
+    ap_per_class(base, pick)
+
+
+def removed_filters_view(run, sel: str, pick: dict, removed: list[tuple[dict, dict]], car_groups) -> None:
+    """Below the removed clusters' table: images with the boxes before and after pruning."""
+    boxes_before_after(run, sel, pick)
+
+
+def recovery_section(run, hist: list[dict], pick: dict) -> None:
+    """Nothing: the recovery fine-tune is a classifier's."""
 
 
 def ap_per_class(base: dict, pick: dict) -> None:
@@ -327,6 +392,12 @@ def boxes_before_after(run, sel: str, pick: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- Export
+
+
+def bundle_view(manifest: dict, bundle_dir, zip_path) -> bool:
+    """A detection bundle (``detection_bundle_view``); returns True: the Export page shows nothing more."""
+    detection_bundle_view(manifest, bundle_dir, zip_path)
+    return True
 
 
 def detection_bundle_view(manifest: dict, bundle_dir, zip_path) -> None:

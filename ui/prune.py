@@ -13,6 +13,7 @@ from dataclasses import asdict
 import streamlit as st
 import torch
 
+from core import criteria
 from core.car import CAR_METHODS
 from core.device import DEVICES, describe, resolve_device
 from core.errors import PruneScopeError
@@ -123,12 +124,13 @@ def _number(value) -> float | None:
 
 def estimate_panel(state: AppState, config, running: bool) -> None:
     """The run's expected time from rates measured on this machine, on demand, cached per model + settings. A
-    finished analysis the run will reuse is left out of it (issue 27: the estimate added it again)."""
+    finished analysis the run will reuse is left out of it (issue 27: the estimate added it again). A classifier's
+    panel (``ui.classification.config_panels``)."""
     from dataclasses import replace
 
     from core.jobs import reusable_car
 
-    reused = bool(getattr(config, "analyse_car", False)) and state.task == "classification" and \
+    reused = bool(getattr(config, "analyse_car", False)) and \
         reusable_car(state.car, state.model.model, state.data.val, config)[0]
     config = replace(config, analyse_car=False) if reused else config
     settings = json.dumps(asdict(config), sort_keys=True, default=str)
@@ -168,7 +170,8 @@ def budget_buys_text(minutes: float, buys: dict) -> str:
 def settings_text(config) -> str:
     """The settings a prune job runs with, in one line: after a tab reload the widgets show their
     defaults again, so the running job's own settings are shown beside its progress."""
-    parts = [f"criterion {config.criterion}" + (f" ({config.car} CAR)" if config.criterion == "car" else ""),
+    measured = criteria.get(config.criterion, config.task).measures_removals  # its removals measured by CAR
+    parts = [f"criterion {config.criterion}" + (f" ({config.car} CAR)" if measured else ""),
              f"cluster {config.cluster}", f"max drop {config.max_drop:g} points",
              f"fine-tuning {config.finetune_steps} batches", f"{config.score_images} score images",
              f"step limit {config.max_steps}", f"device {config.device}"]

@@ -19,7 +19,6 @@ import hashlib
 import json
 import secrets
 import threading
-import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +28,8 @@ import streamlit as st
 
 from core.data import DataSet, folder_upload_to_zip
 from core.errors import DataError
-from core.evaluate import evaluate_accuracy
-from core.measure import measure_model
+from core.tasks.classification.task import measure_baseline
+from core.tasks.detection.analysis import measure_detector_baseline
 from core.estimate import Estimate, estimate_prune_time
 from core.groups import PruningGraph, group_label
 from core.sources import load_dataset, load_run_dataset, load_voc_dataset
@@ -253,25 +252,6 @@ def files_to_zip(files: list[tuple[str, bytes]], keep_parts: int = 3) -> bytes:
     return folder_upload_to_zip(files, keep_parts)
 
 
-def measure_baseline(loaded: LoadedModel, data: DataSet) -> dict:
-    """Accuracy (also under ``metric``), per-class accuracy, confusion, MACs, parameters and OpenVINO CPU
-    latency of a model on its data's validation images. No Streamlit: a background job may call it.
-    ``eval_seconds``: the time that evaluation took (what one decision of a prune costs on these images)."""
-    t0 = time.perf_counter()
-    acc = evaluate_accuracy(loaded.model, data.val, loaded.spec.input)
-    eval_seconds = time.perf_counter() - t0
-    # the one measurement path (core.measure): strict=False so a model OpenVINO cannot convert keeps its
-    # accuracy, MACs and parameters, and latency_note says why its latency is missing
-    figures = measure_model(loaded.model, loaded.spec.input, latency=True, runs=30, warmup=5, strict=False)
-    out = {"metric": acc.accuracy, "accuracy": acc.accuracy, "per_class": acc.per_class, "confusion": acc.confusion,
-           "n": acc.n, "macs": figures.macs, "params": figures.params, "latency_ms": figures.latency_ms,
-           "latency_note": figures.device if figures.latency is not None else figures.latency_note,
-           "eval_seconds": eval_seconds}
-    if figures.latency is not None:  # the spread, so a step's latency change is coloured only beyond the noise
-        out.update(figures.latency.to_dict())
-    return out
-
-
 @st.cache_resource(show_spinner="Measuring the baseline: accuracy, MACs, parameters, OpenVINO latency...", max_entries=8)
 def _baseline(key: str, _loaded: LoadedModel, _data: DataSet) -> dict:
     return measure_baseline(_loaded, _data)
@@ -294,13 +274,13 @@ def run_data(data_source: str, input_spec: tuple, num_classes: int, data_options
 
 
 def data_for_run(run) -> DataSet | None:
-    """The current data if it is the run's (same source, split and class order), else the run's data set
+    """The current data if it is the run's (same task, source, split and class order), else the run's data set
     reloaded with its recorded split and class order; None if it is gone."""
     state = get_state()
     opts = run.config.get("data_options") or {}
     recorded = (opts.get("split") or {}).get("sha256")
     order = list(run.config.get("class_order") or [])
-    if (state.task == "classification" and state.data is not None and state.data_source == run.config.get("data_source")
+    if (state.task == run.task and state.data is not None and state.data_source == run.config.get("data_source")
             and (not recorded or recorded == state.data.split_record()["sha256"])
             and (not order or order == list(state.data.class_names))):
         return state.data
@@ -336,13 +316,7 @@ def sample_detection(name: str = "ssd_counting"):
 
 @st.cache_resource(show_spinner="Measuring mAP@0.5, MACs and parameters...", max_entries=8)
 def detection_baseline(key: str, _model, _data, mean: tuple, std: tuple) -> dict:
-    from core.tasks.detection.analysis import detector_cost
-    from core.tasks.detection.evaluate import evaluate_map
-
-    result = evaluate_map(_model, _data.val, mean, std)
-    macs, params = detector_cost(_model, mean, std)
-    return {"metric": result.map, "map": result.map, "accuracy": result.map, "per_class": result.per_class, "n": result.n_images,
-            "macs": macs, "params": params}
+    return measure_detector_baseline(_model, _data, mean, std)
 
 
 @st.cache_resource(show_spinner="Loading the run's data set...", max_entries=4)
@@ -355,7 +329,7 @@ def detection_data_for_run(run):
     """The detection data set a run was made with: the session's if it is the same, else reloaded (None if gone)."""
     state = get_state()
     source = run.config.get("data_source", "")
-    if state.task == "detection" and state.data is not None and state.data.source == source:
+    if state.task == run.task and state.data is not None and state.data.source == source:
         return state.data
     opts = run.config.get("data_options") or {}
     try:

@@ -80,6 +80,12 @@ def register_task(plugin: TaskPlugin) -> TaskPlugin:
     return plugin
 
 
+def unregister_task(name: str) -> None:
+    """Remove a task registered by :func:`register_task` (a test's task, after the test); a built-in task is
+    loaded again on next use."""
+    _REGISTRY.pop(name, None)
+
+
 def _load_builtin() -> None:
     for name, module in BUILTIN.items():
         if name not in _REGISTRY:
@@ -89,14 +95,14 @@ def _load_builtin() -> None:
 def task_names() -> tuple[str, ...]:
     """Every registered task's name, the built-in ones first."""
     _load_builtin()
-    return tuple(_REGISTRY)
+    return tuple(BUILTIN) + tuple(n for n in _REGISTRY if n not in BUILTIN)
 
 
 def task_plugin(name: str) -> TaskPlugin:
     """The task ``name``; SettingsError naming the known tasks otherwise."""
     _load_builtin()
     if name not in _REGISTRY:
-        raise SettingsError(f"Unknown task '{name}'. Known tasks: {', '.join(_REGISTRY)}.")
+        raise SettingsError(f"Unknown task '{name}'. Known tasks: {', '.join(task_names())}.")
     return _REGISTRY[name]
 
 

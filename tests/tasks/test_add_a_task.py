@@ -15,8 +15,20 @@ from core.errors import SettingsError
 from core.groups import PruningGraph
 from core.models import InputSpec, LoadedModel, ModelSpec
 from core.runs import Run
-from core.tasks.registry import task_names, task_plugin
-from tests.tasks.regression_task import NAME, RegressionPruneConfig, RegressionTask, r2_score
+from core.tasks.registry import task_names, task_plugin, unregister_task
+
+NAME = "regression"
+
+@pytest.fixture(autouse=True, scope="module")
+def regression():
+    """The third task's one module, imported here (which registers it) and unregistered after this file, so that
+    no other test of this process sees a task it does not expect."""
+    import importlib
+
+    module = importlib.reload(importlib.import_module("tests.tasks.regression_task"))
+    yield module
+    unregister_task(NAME)
+
 
 SPEC = InputSpec(height=16, width=16, channels=3, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
@@ -66,14 +78,15 @@ def test_the_cli_says_what_the_task_does_not_offer(tmp_path, capsys):
     assert "The regression task does not offer prune cli." in err and "Traceback" not in err
 
 
-def test_the_one_loop_prunes_the_third_task_end_to_end(trained, tmp_path):
+def test_the_one_loop_prunes_the_third_task_end_to_end(trained, regression, tmp_path):
     model, train, val = trained
+    r2_score = regression.r2_score
     base_r2 = r2_score(model(val[0]).detach(), val[1])
     assert base_r2 > 0.6, base_r2  # a model worth pruning
-    config = RegressionPruneConfig(cluster=4, max_drop=10.0, mac_target=0.6, finetune_steps=20, finetune_lr=0.005,
+    config = regression.RegressionPruneConfig(cluster=4, max_drop=10.0, mac_target=0.6, finetune_steps=20, finetune_lr=0.005,
                                    batch_size=64, clusters_per_step=2, step_macs=None, max_steps=8)
     loaded = LoadedModel(model, ModelSpec(arch="sample_vgg", num_classes=1, input=SPEC, source="test"))
-    summary = run_task(RegressionTask(SPEC, train, val, config), loaded, {"data_source": "synthetic"}, tmp_path / "run")
+    summary = run_task(regression.RegressionTask(SPEC, train, val, config), loaded, {"data_source": "synthetic"}, tmp_path / "run")
     assert summary["state"] == "done", summary
 
     run = Run(tmp_path / "run")

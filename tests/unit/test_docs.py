@@ -173,8 +173,13 @@ def extending_block(heading: str) -> str:
 def test_the_task_example_implements_the_task_protocol():
     from core.tasks.base import Task
 
+    from core.tasks.registry import unregister_task
+
     namespace: dict = {}
-    exec(extending_block("## Adding a task"), namespace)
+    try:
+        exec(extending_block("## Adding a task"), namespace)
+    finally:
+        unregister_task(namespace.get("NAME", "regression"))  # the example registers itself; no other test sees it
     example = namespace["RegressionTask"]
     members = [m for m in vars(Task) if not m.startswith("_")]
     for name in members:
