@@ -124,3 +124,22 @@ def test_cycle_finder_finds_a_circle():
 def test_no_import_cycles_among_project_modules():
     found = cycles(import_graph())
     assert found == [], "import circles: " + "; ".join(" <-> ".join(c) for c in found)
+
+
+def unresolved_relative_imports() -> list[str]:
+    """Relative imports (anywhere in a module, function bodies too) that name no module of the project: a
+    module moved one package deeper keeps ``from .x import y`` that only fails when that function runs."""
+    files = module_files()
+    bad = []
+    for name, path in files.items():
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = _package_of(name, path).split(".")
+                target = ".".join(base[:len(base) - (node.level - 1)] + ([node.module] if node.module else []))
+                if target not in files:
+                    bad.append(f"{path.relative_to(ROOT).as_posix()}:{node.lineno}: {target}")
+    return bad
+
+
+def test_every_relative_import_names_a_project_module():
+    assert unresolved_relative_imports() == []

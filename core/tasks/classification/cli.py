@@ -57,8 +57,6 @@ def cmd_evaluate_classification(args) -> int:
     return 0
 
 
-
-
 def cmd_prune_classification(args) -> int:
     """``prune`` of a classifier: the one loop on its image set, one line per accepted step on stderr."""
     config = config_from_args(args, PruneConfig)
@@ -84,8 +82,8 @@ def cmd_prune_classification(args) -> int:
 def no_step_advice(out: Path) -> None:
     """On stderr, for a run that finished without keeping a pruning step: why and what to change
     (``core.advice.run_advice``, the advice Review shows, naming the flags)."""
-    from .advice import run_advice
-    from .runs import Run
+    from ...advice import run_advice
+    from ...runs import Run
 
     advice = run_advice(Run(out), interface="cli")
     for line in (advice.lines() if advice else []):
