@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .tasks.registry import known_task, task_plugin
+from .tasks.registry import run_task_name, task_plugin
 from .custom_code import describe_call
 from .errors import TRUST_CONTROL, ModelLoadError, PruneScopeError, SettingsError, UntrustedRunError, one_line
 from .groups import rebuild_pruned
@@ -353,8 +353,9 @@ class Run:
 
     @property
     def task(self) -> str:
-        """``classification`` (runs before detection existed say nothing) or ``detection``."""
-        return known_task(self.config.get("task"))
+        """The registered task the run records (``classification`` for runs from before tasks were recorded);
+        PruneScopeError for a task this tool does not know (``core.tasks.registry.run_task_name``)."""
+        return run_task_name(self.config, self.name)
 
     def output_layers(self) -> list[str] | None:
         """Layers never pruned, by name: a detector's head output convs; None for a classifier (its last layer)."""
@@ -439,6 +440,7 @@ class Run:
 
     def check(self) -> None:
         """Everything a listing needs, checked: history, baseline, status (:class:`PruneScopeError` if damaged)."""
+        self.task
         self.history
         self.baseline
         status = self.status

@@ -82,8 +82,10 @@ def data_card() -> None:
             st.markdown("No data set loaded.")
             page_link("load", "Load a data set")
         else:
-            st.markdown(f"{state.data_label}  \n{len(state.data.train)} train / {len(state.data.val)} selection / "
-                        f"{len(state.data.test)} test images, {len(state.data.class_names)} classes")
+            test = getattr(state.data, "test", None)  # a detection set has train and validation images only
+            st.markdown(f"{state.data_label}  \n{len(state.data.train)} train / {len(state.data.val)} selection"
+                        + (f" / {len(test)} test" if test is not None else "")
+                        + f" images, {len(state.data.class_names)} classes")
 
 
 def run_card() -> None:

@@ -17,7 +17,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..errors import SettingsError
+from ..errors import PruneScopeError, SettingsError
 
 # Name -> the module whose import registers it. Runs from before the task was recorded are classification.
 BUILTIN = {"classification": "core.tasks.classification.plugin", "detection": "core.tasks.detection.plugin"}
@@ -106,6 +106,14 @@ def task_plugin(name: str) -> TaskPlugin:
     return _REGISTRY[name]
 
 
-def known_task(name: object) -> str:
-    """``name`` when it is a registered task, else the default (a run folder from before tasks were recorded)."""
-    return name if isinstance(name, str) and name in task_names() else DEFAULT_TASK
+def run_task_name(config: dict, run_name: str = "the run") -> str:
+    """The task a run's ``config.json`` records: the default for a run from before tasks were recorded (no
+    ``task`` key); PruneScopeError naming the known tasks for any other value it does not know (a damaged
+    folder, or one written by a tool with another task), never a silent fallback that rebuilds the wrong model."""
+    if "task" not in config:
+        return DEFAULT_TASK
+    name = config["task"]
+    if isinstance(name, str) and name in task_names():
+        return name
+    raise PruneScopeError(f"Run {run_name}: config.json names the task {name!r}, which this tool does not know "
+                          f"(known tasks: {', '.join(task_names())}); the run is damaged or from another tool.")

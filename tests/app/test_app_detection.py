@@ -42,6 +42,13 @@ def test_load_sample_detector_shows_map_and_boxes():
     assert at.session_state["prunescope"].task == "detection"
 
 
+def test_home_shows_the_loaded_detection_data_set():
+    """Home's data card with a detector loaded: a detection set has train and validation images, no test split."""
+    at = with_detector("home")
+    page = texts(at)
+    assert re.search(r"\d+ train / \d+ selection images, \d+ classes", page), page
+
+
 def test_bad_voc_zip_shows_the_specific_error():
     at = goto(new_app().run(), "load")
     at.radio(key="load_task").set_value(DETECTION).run()

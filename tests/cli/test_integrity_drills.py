@@ -272,6 +272,9 @@ def test_4_huge_images_in_a_tiny_zip_are_refused_at_once(tmp_path, capsys):
     (lambda c: c["model_spec"].update(num_classes="10"), "num_classes"),
     (lambda c: c["model_spec"].update(num_classes=7), "fit"),
     (lambda c: c["model_spec"].update(arch="resnet_that_is_not"), "resnet_that_is_not"),
+    # a task this tool does not know is said as such, never rebuilt as a classifier (or a detector) by default
+    (lambda c: c.update(task="regression"), "names the task 'regression', which this tool does not know"),
+    (lambda c: c.update(task=None), "names the task None"),
 ])
 def test_4_and_tracebacks_edited_config_is_one_line_and_listed(good_run, tmp_path, edit, needle, capsys):
     """An input height of 100000 (once OOM-killed at 21 GB), 0 or -3, a std of zeros (once blamed on FP16), an
@@ -280,6 +283,8 @@ def test_4_and_tracebacks_edited_config_is_one_line_and_listed(good_run, tmp_pat
     t0 = time.time()
     refused(["export", "--run", str(good_run), "--out", str(tmp_path / "b")], capsys, needle)
     assert time.time() - t0 < 120 and not (tmp_path / "b").exists()
+    if "task" in needle:  # listed as damaged with that reason
+        assert [d.name for d in scan_runs()[1]] == [good_run.name] and needle in scan_runs()[1][0].reason
 
 
 def test_4_config_linked_to_dev_zero_and_a_fifo_step_are_refused(good_run, tmp_path):

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from core import criteria
-from core.errors import SettingsError
-from core.tasks.registry import DEFAULT_TASK, known_task, task_names, task_plugin
+from core.errors import PruneScopeError, SettingsError
+from core.tasks.registry import DEFAULT_TASK, run_task_name, task_names, task_plugin
 
 ROOT = Path(__file__).resolve().parents[2]
 LITERAL_TASK_COMPARISON = re.compile(r"""task ?(==|!=) ?["']|["'](classification|detection)["'] ?(==|!=)""")
@@ -62,4 +62,8 @@ def test_criteria_are_offered_by_what_the_task_provides():
 def test_the_registry_refuses_an_unknown_task_in_one_line():
     with pytest.raises(SettingsError, match="Unknown task 'segmentation'. Known tasks: classification, detection"):
         task_plugin("segmentation")
-    assert known_task("segmentation") == DEFAULT_TASK and known_task(None) == DEFAULT_TASK  # an old run folder
+    assert run_task_name({}) == DEFAULT_TASK  # a run folder from before tasks were recorded
+    assert run_task_name({"task": "detection"}) == "detection"
+    for damaged in ("regression", None, ["detection"]):  # never silently a classifier (its model would not rebuild)
+        with pytest.raises(PruneScopeError, match="config.json names the task .* which this tool does not know"):
+            run_task_name({"task": damaged}, "r1")
