@@ -9,6 +9,8 @@ from pathlib import Path
 
 import streamlit as st
 
+from core.tasks.classification.task import NAME as TASK_NAME
+from core.tasks.registry import task_plugin
 from core import visualize as V
 from core.clusters import latency_staircase
 from core.custom_code import keep_uploaded_code, model_candidates, probe_shapes, whole_models
@@ -32,8 +34,8 @@ from ui.state import (DEFAULT_SAMPLE, LOAD_BASELINE, LOAD_CHECK, LOAD_DATA, LOAD
 from core.tasks.classification.task import measure_baseline
 from ui.workers import recovery_toggle, work_picker
 
-NAME = "classification"  # AppState.task and a run's recorded task
-LABEL = "Image classification"  # the Load page's task choice
+NAME = TASK_NAME  # AppState.task and a run's recorded task (the core task's own name)
+LABEL = task_plugin(NAME).label  # the Load page's task choice, as the core registry names it
 METRIC = "Accuracy"  # the metric as the pages show it
 MODEL_WORD = "Model"  # what the sidebar calls the loaded model
 # The Prune page's settings of this task: the config class (its defaults are the one place for them), the widget

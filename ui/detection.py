@@ -7,6 +7,8 @@ from pathlib import Path
 
 import streamlit as st
 
+from core.tasks.detection.task import NAME as TASK_NAME
+from core.tasks.registry import task_plugin
 from core.tasks.detection import visualize as DV
 from core.tasks.detection.models import DETECTION_ARCHITECTURES
 from core.tasks.detection.prune import DetectionPruneConfig
@@ -18,8 +20,8 @@ from ui.common import action_button, format_macs, format_params, format_seconds,
 from ui.state import (AppState, detection_baseline, detection_data_for_run, detection_groups, detection_pictures,
                       digest, get_registry, get_state, run_model, sample_detection, save_upload)
 
-NAME = "detection"  # AppState.task and a run's recorded task
-LABEL = "Object detection (SSD)"  # the Load page's task choice
+NAME = TASK_NAME  # AppState.task and a run's recorded task (the core task's own name)
+LABEL = task_plugin(NAME).label  # the Load page's task choice, as the core registry names it
 METRIC = "mAP@0.5"  # the metric as the pages show it
 MODEL_WORD = "Detector"  # what the sidebar calls the loaded model
 # The Prune page's settings of this task: the config class, the widget key prefix and two sliders' ranges.
