@@ -167,6 +167,7 @@ UPLOAD_FLOWS = {  # name -> the prune options it adds to --max-drop and --cluste
     "previous": ["--clusters-per-step", "1", "--step-macs", "0", "--recover-epochs", "0", "--no-control"],
     "default": [],
     "longer-recoveries": ["--recover-epochs", "5", "--max-recoveries", "6"],  # the budget spent on recovery
+    "stretch": ["--stretch", "--recover-mirror", "auto"],  # stretches, mirrored recoveries where the model allows
 }
 FLOWS = {"fast": ["--car", "fast"], "exact": ["--car", "exact"],
          "fast-rescore1": ["--car", "fast", "--rescore-every", "1"],
@@ -306,7 +307,7 @@ def upload_flow(depth: int, record: dict, folder: Path, unseen: ImageSet, flow: 
         return None if a is None or b is None else round((a - b) * 100, 2)
 
     steps = [{"model": f"ResNet-{depth}", "flow": flow, "step": r["step"],
-              "kind": "recovery" if r.get("recovered_from") is not None else f"{len(removals(r))} cluster(s)",
+              "kind": step_kind(r),
               "MAC ratio": f"{base['macs'] / r['macs']:.2f}x", "selection drop": drop(base["metric"], r["metric"]),
               "decision drop": (r.get("decision") or {}).get("drop_points"),
               "test drop": drop(base.get("test_metric"), r.get("test_metric")),
@@ -329,6 +330,15 @@ def upload_flow(depth: int, record: dict, folder: Path, unseen: ImageSet, flow: 
            "unseen vs control": "no control" if control_acc is None else f"{(control_acc - unseen_acc[shipped]) * 100:+.2f}",
            "CI contains unseen": contains, "stop": run.status.get("message", "")}
     return row, steps
+
+
+def step_kind(record: dict) -> str:
+    """What a step was: ``N cluster(s)``, ``recovery``, and for a stretch (``core.engine.stretch_step``) which half
+    it is and whether the loop undid it."""
+    kind = "recovery" if record.get("recovered_from") is not None else f"{len(removals(record))} cluster(s)"
+    if record.get("stretch"):
+        kind += " (stretch" + (", undone)" if record.get("undone") else ")")
+    return kind
 
 
 def upload_table(args, trained: dict) -> None:

@@ -12,6 +12,7 @@ from .clusters import PROFILES
 from .distributed import open_pool
 from .targets import DEFAULT_TARGET, TARGETS
 from .prune import PruneConfig
+from .engine import RECOVER_MIRROR
 from .tasks.registry import DEFAULT_TASK, task_names, task_plugin
 from .runs import Run
 from .workspace import atomic_write_json
@@ -88,6 +89,13 @@ def add_commands(sub, add_model_args, add_data_args) -> None:
     pr.add_argument("--recover-lr", type=float, help=default_help("recover_lr", "peak learning rate of a recovery"))
     pr.add_argument("--no-recover-kd", action="store_true",
                     help="recover with cross-entropy alone (default: distilled from the original, Hinton et al. 2015)")
+    pr.add_argument("--stretch", action="store_true",
+                    help="where no cluster fits, first remove a step's worth of clusters past the threshold and keep "
+                         "them only if a recovery (3x the epochs) brings the model back (default: recover the model "
+                         "as it is)")
+    pr.add_argument("--recover-mirror", choices=RECOVER_MIRROR,
+                    help="mirrored images in recoveries: off (default), on, or auto (on when the original scores "
+                         "mirrored selection images within 2 points of the originals)")
     pr.add_argument("--no-control", action="store_true",
                     help="skip the control (the original given the same fine-tuning and recoveries, reported beside "
                          "the drop)")

@@ -45,6 +45,9 @@ from .runs import Run, RunWriter
 from .tasks.base import Task
 from .workspace import read_json
 
+RECOVER_MIRROR = ("auto", "on", "off")
+STRETCH_EPOCHS = 3  # a stretch's recovery runs this many times ``recover_epochs``: it absorbs a removal
+STRETCH_STEPS = 1  # a stretch removes up to this many steps' worth of MACs (``step_macs``) past the threshold
 MAX_LEARNING_RATE = 10.0  # above this SGD and AdamW diverge on any network; a typo, not a setting
 
 
@@ -82,6 +85,16 @@ class PruneConfig:
     max_recoveries: int = 3
     recover_kd: bool = True
     recover_lr: float = 0.01
+    # With ``stretch``, where no candidate fits the loop first tries a *stretch* (:func:`stretch_step`): it removes
+    # the best-ranked clusters up to ``STRETCH_STEPS`` steps' worth of MACs past the threshold and recovers them
+    # (``STRETCH_EPOCHS`` times ``recover_epochs``), keeping the result only when the recovered model is back
+    # within the threshold on the deciding images; else it goes back to the model before the stretch and
+    # recovers that. Off by default: on our ResNet-20 upload (bench/real_cifar.py --upload) no stretch was kept
+    # in three runs, the deciding images (600) undoing one that lost nothing on 3,000 unseen images.
+    stretch: bool = False
+    # mirrored images in recoveries: "on", "off" (default: the flow as measured), or "auto": on when the original
+    # scores mirrored selection images as well as the originals (``core.tasks.classification.task.mirror_check``)
+    recover_mirror: str = "off"
     time_budget: float | None = None  # minutes for the whole run; the loop stops before a step would pass it
     # the original given the same fine-tuning and recoveries as the shipped step (the control): a model
     # fine-tuned on the user's images also adapts to them, which can hide pruning damage
@@ -133,6 +146,9 @@ class PruneConfig:
         if not (isinstance(self.recover_lr, (int, float)) and 0 < self.recover_lr <= MAX_LEARNING_RATE):
             raise SettingsError(f"The recovery learning rate must be above 0 and at most {MAX_LEARNING_RATE}; "
                                 f"got {self.recover_lr}.")
+        if self.recover_mirror not in RECOVER_MIRROR:
+            raise SettingsError(f"Mirrored images in recoveries: choose one of {', '.join(RECOVER_MIRROR)}; "
+                                f"got {self.recover_mirror!r}.")
         if self.time_budget is not None and not self.time_budget > 0:
             raise SettingsError(f"The time budget is a number of minutes above 0; got {self.time_budget}.")
         if self.max_steps < 1:
@@ -359,7 +375,8 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
             batch = max(1, len(moves[0]) // 2)
         if accepted is None:
             reason = f"the next clusters would exceed the {config.max_drop:g}-point {task.metric_name} threshold"
-            if last.get("recovered_from") is not None:
+            recovered_before = last.get("recovered_from") is not None and not last.get("stretch")
+            if recovered_before and not config.stretch:
                 reason += "; the recovery before bought no further step"
                 break
             if recoveries >= config.max_recoveries or not can_recover(task):
@@ -367,6 +384,33 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
             if clock.would_pass_budget(clock.recovery_estimate()):
                 reason += f"; no time left in the {config.time_budget:g}-minute budget for a recovery"
                 break
+            if config.stretch:
+                stretch_budget = STRETCH_STEPS * (config.step_macs or 0.0) * base["macs"] or None
+                move = step_moves(candidates, max(2, config.clusters_per_step), to_go, stretch_budget)[0]
+                graph, last, step, kept = stretch_step(graph, move, task, structure, writer, cb, step, last, base,
+                                                       teacher, rng, cancel, clock, channel_maps, (t0, t_start))
+                recoveries += kept is not None  # None: the surgery failed, no stretch was made
+                scores, batch = None, config.clusters_per_step
+                if kept:
+                    macs = last["macs"]
+                    if config.mac_target is not None and macs <= config.mac_target * base["macs"]:
+                        reason = f"MAC target reached ({macs / base['macs']:.2f} of the original)"
+                        break
+                    refused = test_refusal(base, last, config.max_drop)
+                    if refused:
+                        reason = refused + "; a stretch is kept only within the threshold, so the run ends here"
+                        break
+                    continue
+                if recovered_before:
+                    reason += "; the recovery before bought no further step, nor did a stretch"
+                    break
+                if recoveries >= config.max_recoveries:
+                    reason += f"; the stretch did not come back and all {config.max_recoveries} recoveries are spent"
+                    break
+                if clock.would_pass_budget(clock.recovery_estimate()):
+                    reason += f"; no time left in the {config.time_budget:g}-minute budget for a recovery"
+                    break
+                step += 1
             last = recover_step(task, graph, writer, cb, step, last, teacher, cancel, clock)
             recoveries += 1
             scores = None  # every weight moved: a full re-score
@@ -431,6 +475,63 @@ def finish_run(task: Task, graph: PruningGraph, writer: RunWriter, cb: Callbacks
     writer.status("done", reason, **({"closest_rejected": min(rejected, key=lambda r: r["drop_points"])}
                                      if rejected else {}))
     return run_summary(writer.dir, "done", reason)
+
+
+def stretch_step(graph: PruningGraph, move: list[Cluster], task: Task, structure: dict, writer: RunWriter,
+                 cb: Callbacks, step: int, last: dict, base: dict, teacher, rng: np.random.Generator,
+                 cancel: threading.Event, clock: "RunClock", channel_maps: dict, times: tuple[float, float]):
+    """Where no candidate fits: remove ``move`` (the best-ranked clusters, up to ``STRETCH_STEPS`` steps' worth of
+    MACs) past the threshold, record it as step ``step`` (``stretch``), recover it as step ``step + 1`` and keep
+    both when the recovered model is back within the threshold on the deciding images. Otherwise the model goes
+    back to the one before the stretch. Neither record of an undone stretch is ever shipped (``undone``), nor is
+    the removal half of any stretch (``core.runs.select_step``).
+    Returns ``(graph, last, step, kept)``: the graph to go on from, the last record to go on from, the last step
+    number written, and whether the stretch was kept (None: its surgery failed, nothing was recorded).
+
+    Why: the loop stalls where the short fine-tuning of one step cannot absorb the next removal, while a
+    recovery of several epochs can absorb much more; recovering the model as it is (already within the
+    threshold) buys room only by adapting it to the user's images. A stretch spends the same epochs on a removal
+    and is one decision on the deciding images, not several."""
+    config = task.config
+    snapshot = (copy.deepcopy(graph.model), [list(h) for h in graph.history])
+    maps_before = copy.deepcopy(channel_maps)
+    cb.enter("step", step)
+    try:
+        for cand in move:
+            graph.prune(cand.group.root, cand.filters)
+    except PruneScopeError as exc:
+        if isinstance(exc, UnsafeGroupError):
+            structure["left_alone"][cand.group.root] = str(exc)
+            writer.write_json("structure.json", structure)
+        cb.progress(0.5, f"step {step}: no stretch ({cand.group.label}: {exc})")
+        return rebuild_graph(task, *snapshot), last, step - 1, None
+    decision = finetune_and_decide(task, graph.model, rng, cancel, cb, step)
+    metrics = task.measure(graph.model, decision)
+    pruned, _ = record_step(writer, cb, graph, step, move, metrics, 1, channel_maps, times, base["macs"], None,
+                            stretch=True, **task.step_extra(move))
+    outcome = {}
+
+    def judge(model) -> dict:
+        outcome["lost"] = decision_drop(task, recovered_decision(task, model), base["metric"])
+        return {"stretch": True, "undone": bool(outcome["lost"] > config.max_drop + 1e-9),
+                "stretch_drop_points": float(outcome["lost"])}
+
+    recovered = recover_step(task, graph, writer, cb, step + 1, pruned, teacher, cancel, clock, judge=judge,
+                             epochs=STRETCH_EPOCHS * config.recover_epochs)
+    lost = outcome["lost"]
+    if not recovered["undone"]:
+        cb.progress(1.0, f"step {step + 1}: the stretch of {move_label(move)} recovered to {lost:.2f} points lost; kept")
+        return graph, recovered, step + 1, True
+    cb.progress(1.0, f"step {step + 1}: the stretch of {move_label(move)} recovered only to {lost:.2f} points lost; "
+                     f"back to step {last['step']}")
+    channel_maps.clear()
+    channel_maps.update(maps_before)
+    return rebuild_graph(task, *snapshot), last, step + 1, False
+
+
+def recovered_decision(task: Task, model):
+    """What keeps or undoes a stretch: the recovered model's decision figures (``Task.decision``), read once."""
+    return task.decision(model)
 
 
 def test_refusal(base: dict, record: dict, max_drop: float) -> str | None:
@@ -498,9 +599,10 @@ def can_recover(task: Task) -> bool:
 
 
 def recover_step(task: Task, graph: PruningGraph, writer: RunWriter, cb: Callbacks, step: int, source: dict,
-                 teacher, cancel: threading.Event, clock: RunClock) -> dict:
+                 teacher, cancel: threading.Event, clock: RunClock, judge=None, epochs: int | None = None) -> dict:
     """A recovery fine-tune of the current model (the last recorded step, ``source``) recorded as step
-    ``step`` with ``recovered_from`` and ``recovery``, the loop going on from it; its record.
+    ``step`` with ``recovered_from`` and ``recovery``, the loop going on from it; its record. ``judge(model)``,
+    when given, returns keys the record gets before it is written (a stretch's outcome, :func:`stretch_step`).
 
     The best finished epoch by the selection metric is kept even below the source step's figure (that
     figure is the winner of the loop's decisions, so it reads high: ``core.recovery.recover``). A cancel
@@ -508,7 +610,8 @@ def recover_step(task: Task, graph: PruningGraph, writer: RunWriter, cb: Callbac
     cb.enter("step", step)
     t0 = time.perf_counter()
     info = task.recover(graph.model, teacher, cancel, cb.part(0.0, 0.9, "recovering",
-                                                              f"step {step}: recovery after step {source['step']}: "))
+                                                              f"step {step}: recovery after step {source['step']}: "),
+                        **({"epochs": epochs} if epochs else {}))
     if info.get("best_epoch", 0) == 0:
         raise CancelledError("Cancelled during a recovery; the steps before it are kept.")
     cb.progress(0.92, f"step {step}: measuring the recovered model", "measuring", 0.0)
@@ -516,7 +619,8 @@ def recover_step(task: Task, graph: PruningGraph, writer: RunWriter, cb: Callbac
     seconds = time.perf_counter() - t0
     clock.recovery_done(seconds)
     record = {"step": step, **metrics, "widths": graph.widths(), "removed": None, "recovered_from": source["step"],
-              "recovery": {**info, "seconds": seconds}, "seconds": seconds, "elapsed": clock.elapsed()}
+              "recovery": {**info, "seconds": seconds}, "seconds": seconds, "elapsed": clock.elapsed(),
+              **(judge(graph.model) if judge is not None else {})}
     writer.add_step(record, graph.model, graph.history)
     cb.step(record)
     return record

@@ -688,11 +688,17 @@ def select_step(history: list[dict], max_drop: float) -> int:
     over for the next larger one. One acceptance per step, in MAC order: a handful of looks at the test
     images, where the loop took dozens at the selection images (``core.claim``)."""
     base = history[0]
-    ok = [r for r in history if (base["metric"] - r["metric"]) * 100 <= max_drop + 1e-9]
+    ok = [r for r in history if (base["metric"] - r["metric"]) * 100 <= max_drop + 1e-9 and shippable(r)]
     for record in sorted(ok, key=lambda r: (r["macs"], -r["metric"])):
         if _test_within(base, record, max_drop):
             return record["step"]
     return 0
+
+
+def shippable(record: dict) -> bool:
+    """Whether the loop meant ``record``'s model to be kept: not the removal half of a stretch (clusters taken
+    past the threshold for a recovery to bring back) and not a stretch the loop undid (``core.engine.stretch_step``)."""
+    return not record.get("undone") and not (record.get("stretch") and record.get("recovered_from") is None)
 
 
 def _test_within(base: dict, record: dict, max_drop: float) -> bool:

@@ -567,8 +567,12 @@ def metric_title(metric: str) -> str:
 def _removed_text(r: dict) -> str:
     rems = removals(r)
     if not rems:
-        return "original" if r.get("recovered_from") is None else f"recovery of step {r['recovered_from']}"
-    return "; ".join(f"{rem.get('group')}: {rem.get('width_before')} → {rem.get('width_after')}" for rem in rems)
+        text = "original" if r.get("recovered_from") is None else f"recovery of step {r['recovered_from']}"
+        if r.get("stretch"):
+            text += " (stretch, undone: back to the model before it)" if r.get("undone") else " (stretch, kept)"
+        return text
+    text = "; ".join(f"{rem.get('group')}: {rem.get('width_before')} → {rem.get('width_after')}" for rem in rems)
+    return text + (" (stretch past the threshold, for a recovery to bring back)" if r.get("stretch") else "")
 
 
 def fig_tradeoff(history_records_by_run: dict[str, list[dict]], x: str = "macs", threshold_points: float | None = None,

@@ -368,7 +368,8 @@ def prune_outcome(s) -> None:
     from core.advice import run_advice
     from core.runs import Run, removals
 
-    kept = sum(1 for r in s.steps[1:] if removals(r))
+    undone = {r.get("recovered_from") for r in s.steps if r.get("undone")}  # an undone stretch removed nothing kept
+    kept = sum(1 for r in s.steps[1:] if removals(r) and r["step"] not in undone)
     extra = max(len(s.steps) - 1, 0) - kept  # recoveries: steps that removed nothing
     counted = f"{kept} pruning step(s) kept" + (f" (+{extra} recovery step(s))" if extra else "")
     if s.state == "failed":

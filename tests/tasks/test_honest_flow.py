@@ -52,11 +52,17 @@ def fake_metric(monkeypatch, per_cluster: float, per_recovery: float) -> dict:
         state["recoveries"] += 1
         return real_recover(*args, **kw)
 
+    def recovered(task, model):
+        gone = round((state["filters"] - conv_filters(model)) / 8)
+        lost = per_cluster * gone - per_recovery * state["recoveries"]
+        return dataclasses.replace(task.decision(model), accuracy=state["metric"] - lost / 100)
+
     monkeypatch.setattr(engine, "finetune_and_decide", decide)
     monkeypatch.setattr(engine, "decision_drop", lambda task, decision, base: (base - decision.metric) * 100)
     monkeypatch.setattr(engine, "test_refusal", lambda base, record, max_drop: None)  # the test images agree
     monkeypatch.setattr(engine, "measure_original", measure_original)
     monkeypatch.setattr(engine, "recover_step", recover_step)
+    monkeypatch.setattr(engine, "recovered_decision", recovered)
     return state
 
 
@@ -66,7 +72,7 @@ def test_a_stalled_run_recovers_goes_on_and_the_recovery_is_a_step_on_the_curve(
     (1.15) is undone and, with one recovery allowed, the run stops."""
     loaded, data = digits
     fake_metric(monkeypatch, 0.35, 0.6)
-    config = quick_config(max_steps=10, max_drop=1.0, recover_epochs=1, max_recoveries=1)
+    config = quick_config(max_steps=10, max_drop=1.0, recover_epochs=1, max_recoveries=1, stretch=False)
     run_pruning(loaded, data, config, tmp_path / "run")
     run = Run(tmp_path / "run")
     hist = run.history
@@ -98,6 +104,43 @@ def test_a_step_the_test_images_refuse_is_recovered_and_the_walk_goes_on(digits,
     assert "refuse step 2" in spent.status["message"] and "recoveries spent" in spent.status["message"]
 
 
+def test_a_stretch_the_recovery_brings_back_is_kept_and_the_run_goes_on(digits, tmp_path, monkeypatch):
+    """0.35 points per cluster, 1.2 back per recovery, threshold 1.0: steps 1-2 keep a cluster each (0.7); the
+    third (1.05) is undone, so step 3 is a stretch: two clusters removed past the threshold (1.4), recovered as
+    step 4 (0.2: kept); the run goes on from it with fewer MACs, until the next stall with no recovery left."""
+    loaded, data = digits
+    fake_metric(monkeypatch, 0.35, 1.2)
+    config = quick_config(max_steps=10, max_drop=1.0, recover_epochs=1, max_recoveries=1, stretch=True)
+    run_pruning(loaded, data, config, tmp_path / "run")
+    run = Run(tmp_path / "run")
+    hist = run.history
+    assert hist[3].get("stretch") and len(hist[3]["removed"]) == 2 and hist[3]["macs"] < hist[2]["macs"]
+    assert hist[4]["recovered_from"] == 3 and hist[4]["stretch"] and hist[4]["macs"] == hist[3]["macs"]
+    assert hist[4]["recovery"]["epochs"] == engine.STRETCH_EPOCHS, "a stretch recovers longer than a plain recovery"
+    assert hist[5]["macs"] < hist[4]["macs"] and hist[5].get("recovered_from") is None, "went on from the stretch"
+    assert run.rebuild_step(3)(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    assert run.rebuild_step(hist[-1]["step"])(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    assert select_step(hist, 1.0) != 3, "the stretch's own step reads past the threshold and is never shipped"
+
+
+def test_a_stretch_that_does_not_come_back_returns_to_the_model_before_it(digits, tmp_path, monkeypatch):
+    """Recoveries win 0.2 points back: the stretch (two more clusters, 1.4 → 1.2 after its recovery) stays past
+    the threshold, so the run goes back to step 2's model and recovers that (step 5, from step 2), and with no
+    further step bought it stops. The steps after step 2 read as that model: its widths, its MACs."""
+    loaded, data = digits
+    state = fake_metric(monkeypatch, 0.35, 0.2)
+    config = quick_config(max_steps=10, max_drop=1.0, recover_epochs=1, max_recoveries=3, stretch=True)
+    run_pruning(loaded, data, config, tmp_path / "run")
+    run = Run(tmp_path / "run")
+    hist = run.history
+    assert [r["step"] for r in hist][:6] == [0, 1, 2, 3, 4, 5]
+    assert hist[3]["stretch"] and hist[4]["recovered_from"] == 3
+    assert hist[5]["recovered_from"] == 2 and hist[5]["widths"] == hist[2]["widths"] and hist[5]["macs"] == hist[2]["macs"]
+    assert run.rebuild_step(5)(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    assert state["recoveries"] >= 2
+    assert select_step(hist, 1.0) not in (3, 4)
+
+
 def test_the_test_refusal_reads_the_test_drop_against_the_threshold():
     base = {"step": 0, "test_metric": 0.90}
     assert engine.test_refusal(base, {"step": 3, "test_metric": 0.895}, 1.0) is None
@@ -108,7 +151,7 @@ def test_the_test_refusal_reads_the_test_drop_against_the_threshold():
 def test_a_recovery_that_buys_no_step_ends_the_run(digits, tmp_path, monkeypatch):
     loaded, data = digits
     state = fake_metric(monkeypatch, 0.35, 0.0)  # recoveries win nothing back
-    config = quick_config(max_steps=10, max_drop=1.0, recover_epochs=1, max_recoveries=3)
+    config = quick_config(max_steps=10, max_drop=1.0, recover_epochs=1, max_recoveries=3, stretch=False)
     run_pruning(loaded, data, config, tmp_path / "run")
     run = Run(tmp_path / "run")
     assert [r.get("recovered_from") for r in run.history] == [None, None, None, 2]

@@ -127,6 +127,7 @@ class ClassificationTask:
         self._report: ScoreReport | None = None
         self.finetune_lr: float | None = None  # set by check_finetune_lr
         self._baseline_correct: dict[str, np.ndarray] | None = None
+        self.mirror: dict | None = None  # mirror_check of the original, made when it is first measured
         self._decides = decision_mask_of(data.val, config)  # the selection images that score no filter
         self.pool = None  # Ray workers for CAR's ablations (core.distributed), set by the engine for a run
         self._scorer: CarScorer | None = None  # the current step's, for where its ablations ran
@@ -162,6 +163,8 @@ class ClassificationTask:
             self._baseline_correct = correct
             figures["resolution_warning"] = resolution_warning(self.config.max_drop, len(self.data.val),
                                                                figures["metric"])
+            self.mirror = mirror_check(model, self.data.val, self.spec, correct["selection"], self.device)
+            figures["mirror_check"] = self.mirror
         figures["paired"] = paired_figures(self._baseline_correct, correct)
         decides = self._decides
         # the drop on the images that decide (none of them scored a filter): what the step was accepted on
@@ -171,12 +174,12 @@ class ClassificationTask:
         figures["correct"] = pack_correct(correct)
         return figures
 
-    def recover(self, model: nn.Module, teacher: nn.Module | None, cancel, progress) -> dict:
+    def recover(self, model: nn.Module, teacher: nn.Module | None, cancel, progress, epochs: int | None = None) -> dict:
         """A recovery fine-tune of ``model`` in place (``core.recovery.recover``: ``recover_epochs`` passes of
         the train split, cosine schedule, distilled from ``teacher`` when ``recover_kd``), the best epoch by
         selection accuracy kept; what the record stores under ``recovery`` (``best_epoch`` 0: cancelled
-        before an epoch finished, the model unchanged)."""
-        rc = self.recovery_config()
+        before an epoch finished, the model unchanged). ``epochs``: other than ``recover_epochs`` (a stretch's)."""
+        rc = self.recovery_config(epochs)
         result = self._train_recovery(model, teacher, rc, cancel, progress)
         where, self.recovery_where = getattr(self, "recovery_where", None), None
         return {"epochs": rc.epochs, "kd": rc.distill, "best_epoch": result.best_epoch, "cancelled": result.cancelled,
@@ -184,9 +187,13 @@ class ClassificationTask:
                 "device": str(self.device), **({"where": where} if where else {})}
 
     def recovery_config(self, epochs: int | None = None) -> RecoveryConfig:
+        """The recovery's settings from the run's; mirrored images (``hflip``) only where the original
+        classifies the mirrored selection images as well as the originals (:func:`mirror_check`), unless the
+        run's ``recover_mirror`` says "on" or "off"."""
         c = self.config
+        hflip = {"on": True, "off": False}.get(c.recover_mirror, bool((self.mirror or {}).get("hflip", False)))
         return RecoveryConfig(epochs=epochs or c.recover_epochs, lr=c.recover_lr, batch_size=c.batch_size,
-                              distill=c.recover_kd, seed=c.seed)
+                              distill=c.recover_kd, seed=c.seed, hflip=hflip)
 
     def _train_recovery(self, model: nn.Module, teacher: nn.Module | None, rc: RecoveryConfig, cancel, progress):
         select = lambda m: evaluate_accuracy(m, self.data.val, self.spec).accuracy  # noqa: E731
@@ -366,6 +373,28 @@ def measure_baseline(loaded: LoadedModel, data: DataSet) -> dict:
     if figures.latency is not None:  # the spread, so a step's latency change is coloured only beyond the noise
         out.update(figures.latency.to_dict())
     return out
+
+
+MIRROR_ALLOWANCE_POINTS = 2.0  # a mirror may cost the original this much on the selection images and still be used
+
+
+def mirror_check(model: nn.Module, val: ImageSet, spec: InputSpec, correct: np.ndarray, device=None) -> dict:
+    """Whether the recovery may train on left-right mirrored images: the original classifies the mirrored
+    selection images within ``MIRROR_ALLOWANCE_POINTS`` of the originals (paired, point estimate).
+
+    Why: a mirror doubles what a few thousand training images teach (He et al. 2016 train CIFAR with it),
+    but a digit or a letter mirrored is another class or none. The tool cannot know which a user's classes
+    are; the model it was given can tell: a network trained on mirror-safe classes (or with mirrors) scores
+    mirrored images as well as the originals, and one for digits loses tens of points. Returns
+    ``{"hflip": bool, "accuracy", "mirrored_accuracy", "drop_points", "allowance_points"}``; ``correct`` is the
+    original's per-image correctness on ``val`` (bool (N,))."""
+    flipped = ImageSet(val.images.flip(3), val.labels, val.class_names)
+    with on_device(model, device):
+        mirrored = evaluate_accuracy(model, flipped, spec).correct.numpy()
+    drop = float(correct.mean() - mirrored.mean()) * 100.0
+    return {"hflip": bool(drop <= MIRROR_ALLOWANCE_POINTS), "accuracy": float(correct.mean()),
+            "mirrored_accuracy": float(mirrored.mean()), "drop_points": drop,
+            "allowance_points": MIRROR_ALLOWANCE_POINTS}
 
 
 def measure(model: nn.Module, data: DataSet, spec: InputSpec, config: PruneConfig,
