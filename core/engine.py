@@ -332,9 +332,8 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
     the control's start, so that the control's weights load into the run's original architecture."""
     config = task.config
     plan = PrunePlan.from_dict(config.plan).validate(graph.groups())
-    teacher = None
-    if can_recover(task) or config.control:
-        teacher = copy.deepcopy(original if original is not None else graph.model).eval()
+    teacher = copy.deepcopy(original if original is not None else graph.model).eval() \
+        if can_recover(task) or config.control else None
     clock = RunClock(config.time_budget)  # the budget covers the whole run, the analysis of the original too
     base = measure_original(graph, task, writer, cb, cancel)
     channel_maps = {n: list(range(w)) for n, w in base["widths"].items()}
@@ -345,10 +344,8 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
     batch = config.clusters_per_step  # the most clusters tried together at the next step
     macs = base["macs"]  # of the current model
     last = base  # the last recorded step
-    recoveries = 0
+    recoveries, step, reason = 0, 0, "step limit reached"
     rejected: list[dict] = []  # moves the threshold undid (closest_rejected in the status)
-    reason = "step limit reached"
-    step = 0
     while step < config.max_steps:
         if cancel.is_set():
             raise CancelledError("Cancelled.")
@@ -367,8 +364,7 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
             reason = "every group is down to one cluster" + ("" if plan.empty else " or at its limit in the plan")
             break
         to_go = None if config.mac_target is None else macs - config.mac_target * base["macs"]
-        step_budget = None if config.step_macs is None else config.step_macs * base["macs"]
-        moves = step_moves(candidates, batch, to_go, step_budget)
+        moves = step_moves(candidates, batch, to_go, None if config.step_macs is None else config.step_macs * base["macs"])
         accepted, graph, broke_together = try_candidates(graph, moves, task, structure, writer, cb, step,
                                                          base["metric"], rng, cancel, rejected)
         if broke_together:  # the clusters broke the threshold together: half as many at a time from here
@@ -379,42 +375,28 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
             if recovered_before and not config.stretch:
                 reason += "; the recovery before bought no further step"
                 break
-            if recoveries >= config.max_recoveries or not can_recover(task):
-                break
-            if clock.would_pass_budget(clock.recovery_estimate()):
-                reason += f"; no time left in the {config.time_budget:g}-minute budget for a recovery"
+            blocked = recovery_blocked(config, recoveries, clock) if can_recover(task) else ""
+            if blocked is not None:
+                reason += blocked
                 break
             if config.stretch:
-                stretch_budget = STRETCH_STEPS * (config.step_macs or 0.0) * base["macs"] or None
-                move = step_moves(candidates, max(2, config.clusters_per_step), to_go, stretch_budget)[0]
+                move = step_moves(candidates, max(2, config.clusters_per_step), to_go,
+                                  STRETCH_STEPS * (config.step_macs or 0.0) * base["macs"] or None)[0]
                 graph, last, step, kept = stretch_step(graph, move, task, structure, writer, cb, step, last, base,
                                                        teacher, rng, cancel, clock, channel_maps, (t0, t_start))
                 recoveries += kept is not None  # None: the surgery failed, no stretch was made
                 scores, batch = None, config.clusters_per_step
+                stop = after_stretch(task, base, last, kept, recovered_before, recoveries, clock)
+                if stop is not None:
+                    reason = stop if kept else reason + stop
+                    break
                 if kept:
                     macs = last["macs"]
-                    if config.mac_target is not None and macs <= config.mac_target * base["macs"]:
-                        reason = f"MAC target reached ({macs / base['macs']:.2f} of the original)"
-                        break
-                    refused = test_refusal(base, last, config.max_drop)
-                    if refused:
-                        reason = refused + "; a stretch is kept only within the threshold, so the run ends here"
-                        break
                     continue
-                if recovered_before:
-                    reason += "; the recovery before bought no further step, nor did a stretch"
-                    break
-                if recoveries >= config.max_recoveries:
-                    reason += f"; the stretch did not come back and all {config.max_recoveries} recoveries are spent"
-                    break
-                if clock.would_pass_budget(clock.recovery_estimate()):
-                    reason += f"; no time left in the {config.time_budget:g}-minute budget for a recovery"
-                    break
                 step += 1
             last = recover_step(task, graph, writer, cb, step, last, teacher, cancel, clock)
             recoveries += 1
-            scores = None  # every weight moved: a full re-score
-            batch = config.clusters_per_step  # the recovered model has room again: full-sized steps
+            scores, batch = None, config.clusters_per_step  # every weight moved: a full re-score, full-sized steps
             continue
         move, metrics, tried = accepted
         macs = metrics["macs"]
@@ -429,17 +411,14 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
             # the selection images passed a step the test images refuse: the walk has drifted from what can
             # ship (it never ships: Run.select_step), so recover now rather than walk on, or stop
             reason = refused
-            if recoveries >= config.max_recoveries:
-                reason += f"; all {config.max_recoveries} recoveries spent"
+            blocked = recovery_blocked(config, recoveries, clock)
+            if blocked is not None:
+                reason += blocked
                 break
-            if clock.would_pass_budget(clock.recovery_estimate()):
-                reason += f"; no time left in the {config.time_budget:g}-minute budget for a recovery"
-                break
-            last = recover_step(task, graph, writer, cb, step + 1, last, teacher, cancel, clock)
             step += 1
+            last = recover_step(task, graph, writer, cb, step, last, teacher, cancel, clock)
             recoveries += 1
-            scores = None
-            batch = config.clusters_per_step
+            scores, batch = None, config.clusters_per_step
             if test_refusal(base, last, config.max_drop):
                 reason += "; the recovery did not bring it back"
                 break
@@ -527,6 +506,33 @@ def stretch_step(graph: PruningGraph, move: list[Cluster], task: Task, structure
     channel_maps.clear()
     channel_maps.update(maps_before)
     return rebuild_graph(task, *snapshot), last, step + 1, False
+
+
+def after_stretch(task: Task, base: dict, last: dict, kept: bool | None, recovered_before: bool, recoveries: int,
+                  clock: "RunClock") -> str | None:
+    """Why the run ends after a stretch (:func:`stretch_step`), or None to go on: from a kept stretch when it
+    reached the MAC target or the test images refuse it; from an undone one (the text is added to the stall's
+    reason) when a plain recovery was already tried, none is left, or no time is left for one."""
+    config = task.config
+    if kept:
+        if config.mac_target is not None and last["macs"] <= config.mac_target * base["macs"]:
+            return f"MAC target reached ({last['macs'] / base['macs']:.2f} of the original)"
+        refused = test_refusal(base, last, config.max_drop)
+        return None if refused is None else refused + "; a stretch is kept only within the threshold, so the run ends here"
+    if recovered_before:
+        return "; the recovery before bought no further step, nor did a stretch"
+    blocked = recovery_blocked(config, recoveries, clock)
+    return None if blocked is None else "; the stretch did not come back" + blocked
+
+
+def recovery_blocked(config: PruneConfig, recoveries: int, clock: "RunClock") -> str | None:
+    """What keeps the loop from a further recovery, as the end of a stop reason, or None: every one of
+    ``max_recoveries`` spent, or no time left in the budget for one as long as the last."""
+    if recoveries >= config.max_recoveries:
+        return f"; all {config.max_recoveries} recoveries spent"
+    if clock.would_pass_budget(clock.recovery_estimate()):
+        return f"; no time left in the {config.time_budget:g}-minute budget for a recovery"
+    return None
 
 
 def recovered_decision(task: Task, model):
