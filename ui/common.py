@@ -370,8 +370,9 @@ def prune_outcome(s) -> None:
 
     undone = {r.get("recovered_from") for r in s.steps if r.get("undone")}  # an undone stretch removed nothing kept
     kept = sum(1 for r in s.steps[1:] if removals(r) and r["step"] not in undone)
-    extra = max(len(s.steps) - 1, 0) - kept  # recoveries: steps that removed nothing
-    counted = f"{kept} pruning step(s) kept" + (f" (+{extra} recovery step(s))" if extra else "")
+    extra = sum(1 for r in s.steps[1:] if r.get("recovered_from") is not None and not r.get("undone"))
+    counted = f"{kept} pruning step(s) kept" + (f" (+{extra} recovery step(s))" if extra else "") \
+        + (f"; {len(undone)} stretch(es) undone" if undone else "")
     if s.state == "failed":
         st.error(f"The run failed: {s.error}", icon=":material/error:")
     elif s.state == "done" and not kept and s.run_dir is not None and (advice := run_advice(Run(s.run_dir))):
