@@ -43,19 +43,20 @@ def fake_metric(monkeypatch, per_cluster: float, per_recovery: float) -> dict:
         state.update(filters=conv_filters(graph.model), metric=record["metric"])
         return record
 
-    def decide(task, model, rng, cancel, cb, step):
+    def faked(model, decision):
         gone = round((state["filters"] - conv_filters(model)) / 8)
         lost = per_cluster * gone - per_recovery * state["recoveries"]
-        return dataclasses.replace(real_decide(task, model, rng, cancel, cb, step), accuracy=state["metric"] - lost / 100)
+        return dataclasses.replace(decision, accuracy=state["metric"] - lost / 100)
+
+    def decide(task, model, rng, cancel, cb, step):
+        return faked(model, real_decide(task, model, rng, cancel, cb, step))
 
     def recover_step(*args, **kw):
         state["recoveries"] += 1
         return real_recover(*args, **kw)
 
     def recovered(task, model):
-        gone = round((state["filters"] - conv_filters(model)) / 8)
-        lost = per_cluster * gone - per_recovery * state["recoveries"]
-        return dataclasses.replace(task.decision(model), accuracy=state["metric"] - lost / 100)
+        return faked(model, task.decision(model))
 
     monkeypatch.setattr(engine, "finetune_and_decide", decide)
     monkeypatch.setattr(engine, "decision_drop", lambda task, decision, base: (base - decision.metric) * 100)
@@ -66,16 +67,22 @@ def fake_metric(monkeypatch, per_cluster: float, per_recovery: float) -> dict:
     return state
 
 
+def faked_run(digits, tmp_path, monkeypatch, per_cluster: float, per_recovery: float, **settings):
+    """A run of the digits sample under :func:`fake_metric` with ``quick_config(max_drop=1.0, recover_epochs=1,
+    max_steps=10, **settings)``; returns (the run, its history, the fake's state)."""
+    loaded, data = digits
+    state = fake_metric(monkeypatch, per_cluster, per_recovery)
+    run_pruning(loaded, data, quick_config(**{"max_steps": 10, "max_drop": 1.0, "recover_epochs": 1, **settings}),
+                tmp_path / "run")
+    run = Run(tmp_path / "run")
+    return run, run.history, state
+
+
 def test_a_stalled_run_recovers_goes_on_and_the_recovery_is_a_step_on_the_curve(digits, tmp_path, monkeypatch):
     """0.35 points per cluster, 0.6 back per recovery, threshold 1.0: steps 1-2 keep a cluster each (0.7); the
     third (1.05) is undone, so step 3 is a recovery of step 2; steps 4-5 keep two more (0.45, 0.8); the next
     (1.15) is undone and, with one recovery allowed, the run stops."""
-    loaded, data = digits
-    fake_metric(monkeypatch, 0.35, 0.6)
-    config = quick_config(max_steps=10, max_drop=1.0, recover_epochs=1, max_recoveries=1, stretch=False)
-    run_pruning(loaded, data, config, tmp_path / "run")
-    run = Run(tmp_path / "run")
-    hist = run.history
+    run, hist, _ = faked_run(digits, tmp_path, monkeypatch, 0.35, 0.6, max_recoveries=1, stretch=False)
     assert [r.get("recovered_from") for r in hist] == [None, None, None, 2, None, None]
     recovered = hist[3]
     assert recovered["removed"] is None and recovered["recovery"]["epochs"] == 1 and recovered["recovery"]["best_epoch"] == 1
@@ -108,12 +115,7 @@ def test_a_stretch_the_recovery_brings_back_is_kept_and_the_run_goes_on(digits, 
     """0.35 points per cluster, 1.2 back per recovery, threshold 1.0: steps 1-2 keep a cluster each (0.7); the
     third (1.05) is undone, so step 3 is a stretch: two clusters removed past the threshold (1.4), recovered as
     step 4 (0.2: kept); the run goes on from it with fewer MACs, until the next stall with no recovery left."""
-    loaded, data = digits
-    fake_metric(monkeypatch, 0.35, 1.2)
-    config = quick_config(max_steps=10, max_drop=1.0, recover_epochs=1, max_recoveries=1, stretch=True)
-    run_pruning(loaded, data, config, tmp_path / "run")
-    run = Run(tmp_path / "run")
-    hist = run.history
+    run, hist, _ = faked_run(digits, tmp_path, monkeypatch, 0.35, 1.2, max_recoveries=1, stretch=True)
     assert hist[3].get("stretch") and len(hist[3]["removed"]) == 2 and hist[3]["macs"] < hist[2]["macs"]
     assert hist[4]["recovered_from"] == 3 and hist[4]["stretch"] and hist[4]["macs"] == hist[3]["macs"]
     assert hist[4]["recovery"]["epochs"] == engine.STRETCH_EPOCHS, "a stretch recovers longer than a plain recovery"
@@ -127,12 +129,7 @@ def test_a_stretch_that_does_not_come_back_returns_to_the_model_before_it(digits
     """Recoveries win 0.2 points back: the stretch (two more clusters, 1.4 → 1.2 after its recovery) stays past
     the threshold, so the run goes back to step 2's model and recovers that (step 5, from step 2), and with no
     further step bought it stops. The steps after step 2 read as that model: its widths, its MACs."""
-    loaded, data = digits
-    state = fake_metric(monkeypatch, 0.35, 0.2)
-    config = quick_config(max_steps=10, max_drop=1.0, recover_epochs=1, max_recoveries=3, stretch=True)
-    run_pruning(loaded, data, config, tmp_path / "run")
-    run = Run(tmp_path / "run")
-    hist = run.history
+    run, hist, state = faked_run(digits, tmp_path, monkeypatch, 0.35, 0.2, max_recoveries=3, stretch=True)
     assert [r["step"] for r in hist][:6] == [0, 1, 2, 3, 4, 5]
     assert hist[3]["stretch"] and hist[4]["recovered_from"] == 3
     assert hist[5]["recovered_from"] == 2 and hist[5]["widths"] == hist[2]["widths"] and hist[5]["macs"] == hist[2]["macs"]
@@ -149,11 +146,7 @@ def test_the_test_refusal_reads_the_test_drop_against_the_threshold():
 
 
 def test_a_recovery_that_buys_no_step_ends_the_run(digits, tmp_path, monkeypatch):
-    loaded, data = digits
-    state = fake_metric(monkeypatch, 0.35, 0.0)  # recoveries win nothing back
-    config = quick_config(max_steps=10, max_drop=1.0, recover_epochs=1, max_recoveries=3, stretch=False)
-    run_pruning(loaded, data, config, tmp_path / "run")
-    run = Run(tmp_path / "run")
+    run, _, state = faked_run(digits, tmp_path, monkeypatch, 0.35, 0.0, max_recoveries=3, stretch=False)  # recoveries win nothing back
     assert [r.get("recovered_from") for r in run.history] == [None, None, None, 2]
     assert state["recoveries"] == 1 and "the recovery before bought no further step" in run.status["message"]
 
