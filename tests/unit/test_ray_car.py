@@ -110,9 +110,12 @@ def test_parked_workers_come_back_when_car_needs_them(sample, reference, pool, r
     old = list(pool.actors)
     pool.park()
     assert pool.actors == []
-    for a in old:
+    for a in old:  # ray.kill is asynchronous: a ping sent at once can still be answered; within 30 s none may be
+        deadline = time.monotonic() + 30
         with pytest.raises(ray_cluster.exceptions.RayActorError):
-            ray_cluster.get(a.ping.remote(), timeout=30)
+            while time.monotonic() < deadline:
+                ray_cluster.get(a.ping.remote(), timeout=30)
+                time.sleep(0.2)
     result = compute_car(loaded.model, loaded.spec.input, images, n_images=None, sensitivity=True, pool=pool)
     assert_identical(reference, result)
     assert len(pool.actors) == 2 and set(result.where["ablations_by_place"]) == {"worker 0", "worker 1"}
