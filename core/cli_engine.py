@@ -83,9 +83,10 @@ def add_commands(sub, add_model_args, add_data_args) -> None:
     pr.add_argument("--no-analysis", action="store_true", help="skip the full CAR analysis of the original")
     pr.add_argument("--recover-epochs", type=int, metavar="N", help=default_help(
         "recover_epochs", "when no cluster fits the threshold, a recovery fine-tune of N epochs becomes a step and "
-        "the run goes on from it (also once at the MAC target); 0 = stop there (classification)"))
+        "the run goes on from it; the last pruning step is recovered once more, and only recovered steps ship; "
+        "0 = stop there, any step ships (classification)"))
     pr.add_argument("--max-recoveries", type=int, metavar="R", help=default_help("max_recoveries",
-                                                                                  "recoveries per run"))
+                                                                                  "recoveries when stalled, the last step's not counted"))
     pr.add_argument("--recover-lr", type=float, help=default_help("recover_lr", "peak learning rate of a recovery"))
     pr.add_argument("--no-recover-kd", action="store_true",
                     help="recover with cross-entropy alone (default: distilled from the original, Hinton et al. 2015)")

@@ -106,8 +106,8 @@ class RunEta:
 
     A run is: the original (measuring, the CAR analysis, the fine-tuning check), then pruning steps in
     *segments* that each end where no candidate fits the acceptable drop (a *stall*); a stall is followed by a
-    recovery (``recover_epochs``) and a new segment, at most ``max_recoveries`` times; then the control (the
-    original given the same training). The time left is
+    recovery (``recover_epochs``) and a new segment, at most ``max_recoveries`` times; then the recovery of the
+    last pruning step and the control (the original given the same training). The time left is
 
         the running step's rest  +  steps to come x a step's time  +  stalls to come x (a stalled step + a
         recovery)  +  the control (its mini-batches x a training batch's time)
@@ -210,6 +210,7 @@ class RunEta:
         if getattr(c, "control", False):  # the original trained alike: the steps' fine-tuning, then each recovery
             kept = sum(1 for r in self.records if r.get("removed"))
             done = sum(1 for r in self.records if r.get("recovered_from") is not None)
+            done += self._part is not None and self._part[0][1] == "recovering"  # the running one, not recorded yet
             left += (kept + steps_left) * getattr(c, "finetune_steps", 0) * batch_s
             left += (done + recoveries_left) * recovery_s
         budget = getattr(c, "time_budget", None)
@@ -362,6 +363,9 @@ class RunEta:
             steps = current + segments * per_segment
             ends = (0.0 if refused else 1.0) + segments
             recoveries_left = sum(q ** k for k in range(left))
+        if can_recover and not (recovering and left == 0):  # the last pruning step's recovery (core.engine.
+            recoveries_left += q ** left  # final_recovery_due), unless it runs now: due unless a recovery that
+            # bought no step ends the run (each one with 1 - q)
         kept = sum(1 for r in self.records if r.get("removed"))
         steps = min(steps, max(getattr(c, "max_steps", 10**6) - kept - len(recoveries), 0))
         target = getattr(c, "mac_target", None)

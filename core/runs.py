@@ -696,9 +696,12 @@ def select_step(history: list[dict], max_drop: float) -> int:
 
 
 def shippable(record: dict) -> bool:
-    """Whether the loop meant ``record``'s model to be kept: not the removal half of a stretch (clusters taken
-    past the threshold for a recovery to bring back) and not a stretch the loop undid (``core.engine.stretch_step``)."""
-    return not record.get("undone") and not (record.get("stretch") and record.get("recovered_from") is None)
+    """Whether the loop meant ``record``'s model to be kept: not a pruning step of a run that recovers
+    (``awaits_recovery``: only its recovered steps ship; ``core.engine.final_recovery_due``), not the removal half
+    of a stretch (clusters taken past the threshold for a recovery to bring back) and not a stretch the loop
+    undid (``core.engine.stretch_step``)."""
+    return (not record.get("undone") and not record.get("awaits_recovery")
+            and not (record.get("stretch") and record.get("recovered_from") is None))
 
 
 def _test_within(base: dict, record: dict, max_drop: float) -> bool:

@@ -572,7 +572,9 @@ def _removed_text(r: dict) -> str:
             text += " (stretch, undone: back to the model before it)" if r.get("undone") else " (stretch, kept)"
         return text
     text = "; ".join(f"{rem.get('group')}: {rem.get('width_before')} → {rem.get('width_after')}" for rem in rems)
-    return text + (" (stretch past the threshold, for a recovery to bring back)" if r.get("stretch") else "")
+    if r.get("stretch"):
+        return text + " (stretch past the threshold, for a recovery to bring back)"
+    return text + (" (ships once recovered)" if r.get("awaits_recovery") else "")
 
 
 def fig_tradeoff(history_records_by_run: dict[str, list[dict]], x: str = "macs", threshold_points: float | None = None,

@@ -181,7 +181,8 @@ def settings_text(config) -> str:
         parts.append(f"up to {config.clusters_per_step} clusters per step"
                      + (f" ({config.step_macs:.0%} of the MACs)" if getattr(config, "step_macs", None) else ""))
     if getattr(config, "recover_epochs", 0):
-        parts.append(f"{config.recover_epochs}-epoch recoveries when stalled (at most {config.max_recoveries})")
+        parts.append(f"{config.recover_epochs}-epoch recoveries when stalled (at most {config.max_recoveries}) "
+                     "and of the last step (only recovered steps ship)")
     if getattr(config, "time_budget", None):
         parts.append(f"time budget {config.time_budget:g} min")
     if config.plan:

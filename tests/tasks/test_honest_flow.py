@@ -81,9 +81,15 @@ def faked_run(digits, tmp_path, monkeypatch, per_cluster: float, per_recovery: f
 def test_a_stalled_run_recovers_goes_on_and_the_recovery_is_a_step_on_the_curve(digits, tmp_path, monkeypatch):
     """0.35 points per cluster, 0.6 back per recovery, threshold 1.0: steps 1-2 keep a cluster each (0.7); the
     third (1.05) is undone, so step 3 is a recovery of step 2; steps 4-5 keep two more (0.45, 0.8); the next
-    (1.15) is undone and, with one recovery allowed, the run stops."""
+    (1.15) is undone and, with one recovery allowed, the loop stops: its last pruning step is recovered once
+    more (step 6), and only recovered steps ship."""
     run, hist, _ = faked_run(digits, tmp_path, monkeypatch, 0.35, 0.6, max_recoveries=1, stretch=False)
-    assert [r.get("recovered_from") for r in hist] == [None, None, None, 2, None, None]
+    assert [r.get("recovered_from") for r in hist] == [None, None, None, 2, None, None, 5]
+    assert all(r["awaits_recovery"] for r in hist if r["step"] in (1, 2, 4, 5))
+    assert select_step(hist, 100.0) == 6 and hist[6]["macs"] == hist[5]["macs"], \
+        "the final recovery of the last pruning step ships, not step 5 of the same MACs"
+    assert select_step([{**r, "recovered_from": None} if r["step"] == 6 else r for r in hist[:6]], 100.0) == 3, \
+        "without it the last recovered step ships, never a pruning step"
     recovered = hist[3]
     assert recovered["removed"] is None and recovered["recovery"]["epochs"] == 1 and recovered["recovery"]["best_epoch"] == 1
     assert recovered["widths"] == hist[2]["widths"] and recovered["macs"] == hist[2]["macs"]
@@ -107,7 +113,8 @@ def test_a_step_the_test_images_refuse_is_recovered_and_the_walk_goes_on(digits,
     assert hist[4]["macs"] < hist[3]["macs"], "the run went on from the recovered model"
     run_pruning(loaded, data, dataclasses.replace(config, max_recoveries=0), tmp_path / "spent")
     spent = Run(tmp_path / "spent")
-    assert [r["step"] for r in spent.history] == [0, 1, 2]
+    assert [r["step"] for r in spent.history] == [0, 1, 2, 3] and spent.history[3]["recovered_from"] == 2, \
+        "no recovery left in the walk, but the step it ends on is recovered before the run ends"
     assert "refuse step 2" in spent.status["message"] and "recoveries spent" in spent.status["message"]
 
 
@@ -152,18 +159,25 @@ def test_a_recovery_that_buys_no_step_ends_the_run(digits, tmp_path, monkeypatch
 
 
 def test_a_time_budget_stops_the_run_and_keeps_the_finished_steps(digits, tmp_path, monkeypatch):
-    """A clock on which each finished step takes 100 s: with a 4.5-minute budget two steps fit (a third
-    would end at 300 s, past 270 s), and they are on disk with their weights."""
+    """A clock on which each finished step takes 100 s and the final recovery is guessed at four steps (400 s),
+    kept in reserve: with an 11.5-minute budget (690 s) two steps fit (a third would start at 200 s and leave
+    its recovery ending at 700 s), the finished steps are on disk with their weights, and the last is recovered
+    in the time kept for it."""
     loaded, data = digits
     monkeypatch.setattr(engine.RunClock, "elapsed", lambda self: 100.0 * len(self.step_seconds))
     monkeypatch.setattr(engine.RunClock, "step_done", lambda self, s: self.step_seconds.append(100.0))
-    config = quick_config(max_steps=10, time_budget=4.5, recover_epochs=1)
+    config = quick_config(max_steps=10, time_budget=11.5, recover_epochs=1)
     summary = run_pruning(loaded, data, config, tmp_path / "run")
     run = Run(tmp_path / "run")
-    assert summary["state"] == "done" and summary["steps"] == 2
-    assert run.status["message"].startswith("time budget reached (4.5 min)")
-    assert [r["step"] for r in run.history] == [0, 1, 2] and all(r.get("recovered_from") is None for r in run.history)
+    assert summary["state"] == "done"
+    assert run.status["message"].startswith("time budget reached (11.5 min)")
+    assert [r["step"] for r in run.history] == [0, 1, 2, 3]
+    assert [r.get("recovered_from") for r in run.history] == [None, None, None, 2]
     assert run.rebuild_step(2)(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    tight = run_pruning(loaded, data, dataclasses.replace(config, time_budget=5.5), tmp_path / "tight")
+    hist = Run(tmp_path / "tight").history
+    assert [r.get("recovered_from") for r in hist] == [None, None], "one step fits, its recovery does not"
+    assert tight["claim"]["step"] == 0, "an unrecovered step of a run that recovers never ships"
 
 
 def test_the_control_is_recorded_and_the_claim_is_the_test_drop_beside_it(digits, tmp_path):

@@ -93,14 +93,12 @@ def _simulated_run(eta, clock, climb=0.3, after_recovery=0.1, step_s=(3.0, 8.0, 
             kept += 1
             eta.record({"step": step, "metric": base - drop / 100, "removed": {"group": "g"}, "seconds": clock.t - start,
                         "macs": 40e6 * (1 - 0.04 * kept)})
-        if segment == c.max_recoveries:
-            break
-        start = clock.t
+        start = clock.t  # a recovery, the last one of the last pruning step (core.engine.final_recovery_due)
         tick("step", step, "recovering", [i / 5 for i in range(1, 6)], recovery_s)
         drop = after_recovery
         eta.record({"step": step, "metric": base - drop / 100, "recovered_from": step - 1, "seconds": clock.t - start})
     tick("step", step, "control", [i / 10 for i in range(1, 11)],
-         kept * c.finetune_steps * batch_s + c.max_recoveries * recovery_s)
+         kept * c.finetune_steps * batch_s + (c.max_recoveries + 1) * recovery_s)
     return seen, clock.t
 
 

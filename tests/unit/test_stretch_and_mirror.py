@@ -30,6 +30,17 @@ def test_neither_half_of_an_undone_stretch_nor_the_removal_half_of_a_kept_one_sh
     assert select_step(history, 1.0) == 3
 
 
+def test_a_pruning_step_awaiting_its_recovery_never_ships_and_runs_before_the_key_are_read_as_they_were():
+    """Only recovered steps of a run that recovers ship (``awaits_recovery``), however well the pruning step reads;
+    a run written before the key (or with recoveries off) ships its pruning steps as before."""
+    history = [_record(0, 0.90, 100), _record(1, 0.899, 90, awaits_recovery=True),
+               _record(2, 0.899, 90, recovered_from=1), _record(3, 0.90, 80, awaits_recovery=True)]
+    assert select_step(history, 1.0) == 2, "step 3 reads 0.0 points lost on both splits and still waits"
+    assert not shippable(history[1]) and shippable(history[2]) and not shippable(history[3])
+    older = [{k: v for k, v in r.items() if k != "awaits_recovery"} for r in history]
+    assert select_step(older, 1.0) == 3
+
+
 def test_the_cli_flags_set_the_stretch_and_the_mirror():
     base = ["prune", "--model", "m.pt", "--data", "d", "--out", "o"]
     args = build_parser().parse_args(base + ["--stretch", "--recover-mirror", "auto"])
