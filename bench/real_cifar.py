@@ -34,7 +34,8 @@ Part 3 (``--upload``) — a user's upload, judged on images no decision and no r
 splits them into 1,000 selection and 1,000 test images, as for any user's ``val/``); the other 3,000
 held-out images are the **unseen** set, scored here on each step rebuilt from the run folder. Per flow
 (``--upload-flows``: ``previous`` = the defaults before issue 23: one cluster per step, no recovery, no
-control; ``default`` = today's defaults), side by side in one process: wall time, steps, MAC ratio, the
+control; ``no-stretch`` = the defaults before stretches and mirrored recoveries were on; ``default`` = today's
+defaults), side by side in one process: wall time, steps, MAC ratio, the
 shipped step's selection, test-split and unseen drops from the original as given, its unseen drop from
 the control (the original given the same training), and whether the run's claimed test interval contains
 the unseen drop; then per step the three drops, where the winner's curse shows as a selection drop that
@@ -167,7 +168,7 @@ UPLOAD_FLOWS = {  # name -> the prune options it adds to --max-drop and --cluste
     "previous": ["--clusters-per-step", "1", "--step-macs", "0", "--recover-epochs", "0", "--no-control"],
     "default": [],
     "longer-recoveries": ["--recover-epochs", "5", "--max-recoveries", "6"],  # the budget spent on recovery
-    "stretch": ["--stretch", "--recover-mirror", "auto"],  # stretches, mirrored recoveries where the model allows
+    "no-stretch": ["--no-stretch", "--recover-mirror", "off"],  # the defaults before stretches were (2026-12-05)
 }
 FLOWS = {"fast": ["--car", "fast"], "exact": ["--car", "exact"],
          "fast-rescore1": ["--car", "fast", "--rescore-every", "1"],

@@ -297,8 +297,8 @@ def config_from_args(args, config_class):
         given["recover_kd"] = False
     if getattr(args, "no_control", False):
         given["control"] = False
-    if getattr(args, "stretch", False):
-        given["stretch"] = True
+    if getattr(args, "stretch", None) is not None:
+        given["stretch"] = bool(args.stretch)
     if getattr(args, "recover_mirror", None) is not None:
         given["recover_mirror"] = args.recover_mirror
     if getattr(args, "ray_recovery", False):

@@ -1,6 +1,8 @@
 """CLI commands of the pruning engine: analyse, prune, export."""
 from __future__ import annotations
 
+import argparse
+
 import contextlib
 
 from . import criteria
@@ -90,13 +92,13 @@ def add_commands(sub, add_model_args, add_data_args) -> None:
     pr.add_argument("--recover-lr", type=float, help=default_help("recover_lr", "peak learning rate of a recovery"))
     pr.add_argument("--no-recover-kd", action="store_true",
                     help="recover with cross-entropy alone (default: distilled from the original, Hinton et al. 2015)")
-    pr.add_argument("--stretch", action="store_true",
+    pr.add_argument("--stretch", action=argparse.BooleanOptionalAction, default=None,
                     help="where no cluster fits, first remove a step's worth of clusters past the threshold and keep "
-                         "them only if a recovery (3x the epochs) brings the model back (default: recover the model "
-                         "as it is)")
+                         "them only if a recovery (3x the epochs) brings the model back (default: on; --no-stretch "
+                         "recovers the model as it is)")
     pr.add_argument("--recover-mirror", choices=RECOVER_MIRROR,
-                    help="mirrored images in recoveries: off (default), on, or auto (on when the original scores "
-                         "mirrored selection images within 2 points of the originals)")
+                    help="mirrored images in recoveries: auto (default: on when the original scores mirrored "
+                         "selection images within 2 points of the originals), on, or off")
     pr.add_argument("--no-control", action="store_true",
                     help="skip the control (the original given the same fine-tuning and recoveries, reported beside "
                          "the drop)")

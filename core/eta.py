@@ -16,6 +16,8 @@ from typing import Callable
 
 import numpy as np
 
+CHECK_ATTEMPTS = 5  # the fine-tuning check's most attempts: core.tasks.classification.task.LR_HALVINGS + 1
+
 
 @dataclass
 class PhaseProgress:
@@ -242,12 +244,19 @@ class RunEta:
         return rest if rest > 0 else part
 
     def _part_left(self, now: float) -> float:
+        """The running part's rest at its own rate. The fine-tuning check reports its progress over its most
+        attempts (``CHECK_ATTEMPTS``), but usually stops after the configured rate and as often as not one
+        halving: its end is taken as two attempts, or the end of the attempt running past those."""
         if self._part is None:
             return 0.0
-        _, t0, t1, frac = self._part
+        key, t0, t1, frac = self._part
         if frac <= 0.0 or t1 <= t0:
             return 0.0
-        return max((t1 - t0) * (1.0 - frac) / frac - (now - t1), 0.0)
+        end = 1.0
+        if key[1] == "checking fine-tuning":
+            attempts = CHECK_ATTEMPTS
+            end = min(max(2, math.floor(frac * attempts + 1e-9) + 1) / attempts, 1.0)
+        return max((t1 - t0) * (end - frac) / frac - (now - t1), 0.0)
 
     def _prior(self, key: str) -> float | None:
         b = getattr(self.estimate, "breakdown", None) or {}
@@ -363,9 +372,9 @@ class RunEta:
             steps = current + segments * per_segment
             ends = (0.0 if refused else 1.0) + segments
             recoveries_left = sum(q ** k for k in range(left))
-        if can_recover and not (recovering and left == 0):  # the last pruning step's recovery (core.engine.
-            recoveries_left += q ** left  # final_recovery_due), unless it runs now: due unless a recovery that
-            # bought no step ends the run (each one with 1 - q)
+        if can_recover and left == 0 and not recovering:  # the last pruning step's recovery (core.engine.
+            recoveries_left += 1.0  # final_recovery_due) once no other is left; with some left its chance is
+            # q ** left (each of them must buy a step), small and not counted
         kept = sum(1 for r in self.records if r.get("removed"))
         steps = min(steps, max(getattr(c, "max_steps", 10**6) - kept - len(recoveries), 0))
         target = getattr(c, "mac_target", None)

@@ -188,3 +188,10 @@ def test_the_whole_run_eta_on_a_recorded_real_run():
     assert checked
     for t, left in checked:
         assert left is not None and abs(left - (end - t)) <= 0.3 * (end - t), (t, left, end - t)
+
+
+def test_the_eta_reads_the_fine_tuning_check_as_the_check_counts_its_attempts():
+    from core.eta import CHECK_ATTEMPTS
+    from core.tasks.classification.task import LR_HALVINGS
+
+    assert CHECK_ATTEMPTS == LR_HALVINGS + 1

@@ -43,11 +43,12 @@ def test_a_pruning_step_awaiting_its_recovery_never_ships_and_runs_before_the_ke
 
 def test_the_cli_flags_set_the_stretch_and_the_mirror():
     base = ["prune", "--model", "m.pt", "--data", "d", "--out", "o"]
-    args = build_parser().parse_args(base + ["--stretch", "--recover-mirror", "auto"])
+    args = build_parser().parse_args(base + ["--no-stretch", "--recover-mirror", "off"])
     config = config_from_args(args, PruneConfig)
-    assert config.stretch is True and config.recover_mirror == "auto"
+    assert config.stretch is False and config.recover_mirror == "off"
     config = config_from_args(build_parser().parse_args(base), PruneConfig)
-    assert config.stretch is False and config.recover_mirror == "off" == PruneConfig().recover_mirror
+    assert config.stretch is True and config.recover_mirror == "auto" == PruneConfig().recover_mirror
+    assert config_from_args(build_parser().parse_args(base + ["--stretch"]), PruneConfig).stretch is True
     with pytest.raises(SettingsError, match="Mirrored images"):
         PruneConfig(recover_mirror="sometimes").validate()
 
@@ -67,3 +68,42 @@ def test_the_mirror_check_reads_the_model(sample, mirrors, one_thread):
     assert flipped["mirrored_accuracy"] == pytest.approx(check["mirrored_accuracy"]), "the same mirrored images"
     task.config.recover_mirror = "on" if not mirrors else "off"
     assert task.recovery_config().hflip is not mirrors, "the setting overrides the check"
+
+
+def test_the_control_is_estimated_from_the_training_the_run_gave_at_its_measured_rates():
+    """Two pruning steps of 40 mini-batches and two 2-epoch recoveries of 30 s (15 s an epoch, 1,000 images at 64 a
+    batch: 16 batches, ~0.94 s a batch): the control repeats 4 epochs and 80 batches, about 135 s; a 2-minute budget
+    with a minute gone has no room for it."""
+    from types import SimpleNamespace
+
+    import core.engine as engine
+
+    history = [{"step": 0}, {"step": 1}, {"step": 2, "recovered_from": 1, "seconds": 30.0, "recovery": {"epochs": 2}},
+               {"step": 3}, {"step": 4, "recovered_from": 3, "seconds": 30.0, "recovery": {"epochs": 2}}]
+    task = SimpleNamespace(config=PruneConfig(), data=SimpleNamespace(train=list(range(1000))))
+    clock = engine.RunClock(2.0)
+    needs = engine.control_estimate(history, task, clock)
+    assert needs == pytest.approx(4 * 15.0 + 80 * 15.0 / 16)
+    clock.start -= 60.0
+    assert clock.would_pass_budget(needs) and not engine.RunClock(None).would_pass_budget(needs)
+    assert engine.control_estimate(history[:2], task, clock) == clock.recovery_estimate(), "no recovery measured yet"
+
+
+def test_a_budgeted_run_keeps_time_for_the_last_recovery_and_the_control(tmp_path, monkeypatch):
+    """The reserve the loop keeps before each step: none without a budget; with one, the last step's recovery, and
+    with the control that recovery again (the control repeats it) plus the control's training so far."""
+    from types import SimpleNamespace
+
+    import core.engine as engine
+
+    task = SimpleNamespace(config=PruneConfig(control=True, recover_epochs=2), data=SimpleNamespace(train=list(range(1000))),
+                           recover=object(), control=object())
+    writer = SimpleNamespace(dir=tmp_path)
+    monkeypatch.setattr(engine, "Run", lambda folder: SimpleNamespace(history=[{"step": 0}]))  # no step yet
+    assert engine.time_to_finish(task, writer, engine.RunClock(None)) == 0.0
+    clock = engine.RunClock(30.0)
+    clock.step_done(50.0)
+    assert clock.recovery_estimate() == 200.0
+    assert engine.time_to_finish(task, writer, clock) == pytest.approx(3 * 200.0)
+    task.config.control = False
+    assert engine.time_to_finish(task, writer, clock) == pytest.approx(200.0)
