@@ -99,7 +99,7 @@ class PruneConfig:
     # selection images as well as the originals (``core.tasks.classification.task.mirror_check``); the ResNet-56
     # run above was measured with it
     recover_mirror: str = "auto"
-    time_budget: float | None = None  # minutes for the whole run; the loop stops before a step would pass it
+    time_budget: float | None = None  # minutes for the whole run, the last recovery and the control kept in (time_to_finish)
     # the original given the same fine-tuning and recoveries as the shipped step (the control): a model
     # fine-tuned on the user's images also adapts to them, which can hide pruning damage
     control: bool = True

@@ -297,20 +297,37 @@ def estimate_prune_time(model: nn.Module, spec: InputSpec | ModelSpec, n_val: in
     buys = None
     if limit is not None:  # the run stops before a step would pass its budget
         low, high = min(low, limit * 60.0), min(high, limit * 60.0)
-        buys = _budget_buys(limit * 60.0, before_steps, step_seconds, saved, total_macs)
+        buys = _budget_buys(limit * 60.0, before_steps, step_seconds, saved, total_macs,
+                            _budget_reserve(config, rates, n_train))
     return Estimate(low, high, breakdown, (len(low_widths), len(high_widths)), rates, buys)
 
 
+def _budget_reserve(config, rates: Rates, n_train: int | None) -> tuple[tuple[float, float], tuple[float, float]]:
+    """What a budgeted run keeps back after its last step (``core.engine.time_to_finish``), as (seconds in any
+    case, seconds per step taken), low and high: the last step's recovery, and with the control that recovery
+    again plus each step's fine-tuning mini-batches repeated."""
+    fixed, per_step = (0.0, 0.0), (0.0, 0.0)
+    if n_train and getattr(config, "recover_epochs", 0):
+        recovery = _scaled(rates.train_step, config.recover_epochs * math.ceil(n_train / config.batch_size))
+        fixed = _add(fixed, recovery, recovery) if getattr(config, "control", False) else recovery
+    if getattr(config, "control", False):
+        per_step = _scaled(rates.train_step, config.finetune_steps)
+    return fixed, per_step
+
+
 def _budget_buys(limit_s: float, before_steps: tuple[float, float], step_seconds: tuple[list[float], list[float]],
-                 saved: tuple[list[float], list[float]], total_macs: float) -> dict:
-    """What a time budget is expected to buy at each end of the estimate: the steps that finish within it and
-    the fraction of the original MACs left after them (the threshold can stop a run sooner; recoveries
-    and the control, which also take time, are left out, so these are upper bounds)."""
+                 saved: tuple[list[float], list[float]], total_macs: float,
+                 reserve: tuple[tuple[float, float], tuple[float, float]] = ((0.0, 0.0), (0.0, 0.0))) -> dict:
+    """What a time budget is expected to buy at each end of the estimate: the steps that finish within it, with
+    the time the run keeps back for its last recovery and the control (``reserve``: :func:`_budget_reserve`),
+    and the fraction of the original MACs left after them. The threshold can stop a run sooner, and the
+    recoveries and stretches between steps, which also take time, are left out: upper bounds."""
     out = {}
+    fixed, per_step = reserve
     for end, name in ((0, "fast"), (1, "slow")):
         elapsed, steps = before_steps[end], 0
         for seconds in step_seconds[end]:
-            if elapsed + seconds > limit_s:
+            if elapsed + seconds + fixed[end] + (steps + 1) * per_step[end] > limit_s:
                 break
             elapsed += seconds
             steps += 1

@@ -42,7 +42,7 @@ def time_budget_input(running: bool) -> float | None:
     """The run's time budget in minutes (None: none): the run stops before a step would pass it."""
     minutes = st.number_input("Time budget (minutes, 0 = none)", min_value=0, max_value=24 * 60, value=0, step=5,
                               key="pr_time_budget", disabled=running,
-                              help="The run stops before a step would pass this time and keeps the finished steps.")
+                              help="The whole run, the last step's recovery and the control included, ends within this time; it keeps the finished steps.")
     return float(minutes) if minutes else None
 
 
@@ -150,8 +150,8 @@ def estimate_panel(state: AppState, config, running: bool) -> None:
     st.dataframe([{"part": k, "low": format_seconds(v[0]), "high": format_seconds(v[1])}
                   for k, v in est.breakdown.items()], hide_index=True, width="stretch")
     if getattr(config, "time_budget", None):
-        st.caption(f"Capped at the time budget ({config.time_budget:g} min): the run stops before a step would pass "
-                   "it and keeps the finished steps.")
+        st.caption(f"Capped at the time budget ({config.time_budget:g} min): the run stops before a step would leave "
+                   "too little time for the last step's recovery and the control, and keeps the finished steps.")
         if est.budget_buys:
             st.markdown(budget_buys_text(config.time_budget, est.budget_buys))
     if reused:

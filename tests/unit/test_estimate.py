@@ -118,3 +118,17 @@ def test_the_step_range_reads_as_one_number_when_both_ends_agree():
     assert Estimate(10.0, 20.0, steps=(1, 1)).steps_text() == "1 step"
     assert Estimate(10.0, 20.0, steps=(3, 7)).steps_text() == "3–7 steps"
     assert "(4 steps)" in Estimate(10.0, 20.0, steps=(4, 4)).label()
+
+
+def test_what_a_budget_buys_leaves_room_for_the_last_recovery_and_the_control():
+    """A budgeted run keeps time back for its last step's recovery and the control (core.engine.time_to_finish),
+    so the same budget buys fewer steps with them than without."""
+    bare = PruneConfig(mac_target=0.5, max_steps=100, control=False, recover_epochs=0)
+    free = estimate_prune_time(cifar_resnet20().eval(), SPEC, 400, bare, rates=RATES, n_train=5000)
+    minutes = free.seconds_high / 60 / 2
+    without = estimate_prune_time(cifar_resnet20().eval(), SPEC, 400, dataclasses.replace(bare, time_budget=minutes),
+                                  rates=RATES, n_train=5000).budget_buys
+    full = dataclasses.replace(bare, time_budget=minutes, control=True, recover_epochs=2)
+    keeping = estimate_prune_time(cifar_resnet20().eval(), SPEC, 400, full, rates=RATES, n_train=5000).budget_buys
+    assert keeping["slow"]["steps"] < without["slow"]["steps"]
+    assert keeping["slow"]["mac_fraction"] >= without["slow"]["mac_fraction"]
