@@ -449,7 +449,7 @@ def finish_run(task: Task, graph: PruningGraph, writer: RunWriter, cb: Callbacks
     and time is left, then the run's ``done`` status (with the closest rejected move) and its summary.
     Kept apart from the loop so that what happens after the last step reads in one place."""
     config = task.config
-    if final_recovery_due(reason, last, task, clock):
+    if final_recovery_due(last, task, clock):
         written = Run(writer.dir).history[-1]["step"]  # past ``last`` when a stretch was undone after it
         last = recover_step(task, graph, writer, cb, written + 1, last, teacher, cancel, clock)
     if config.control and teacher is not None and hasattr(task, "control"):
@@ -606,12 +606,11 @@ class RunClock:
         return self.elapsed() + next_seconds > self.budget_s
 
 
-def final_recovery_due(reason: str, last: dict, task: Task, clock: RunClock) -> bool:
+def final_recovery_due(last: dict, task: Task, clock: RunClock) -> bool:
     """Whether the run recovers its last step once more before it ends: whenever that step is a pruning step
     (``awaits_recovery``: a run that recovers ships only recovered steps, ``core.runs.shippable``) and the budget
-    leaves time for it (the loop keeps that time: :func:`prune_loop`), whatever ended the loop (``reason``
-    is not read: kept for the callers' symmetry with the stop reason). No recovery count limits this one: it is
-    what makes the last steps shippable.
+    leaves time for it (the loop keeps that time: :func:`prune_loop`), whatever ended the loop. No recovery count
+    limits this one: it is what makes the last steps shippable.
 
     Why: on a real ResNet-56 upload (``bench/real_cifar.py --upload``) every step taken after its 40 fine-tuning
     batches lost 0.7–2.3 points on 3,000 unseen images while the selection and test images, which took the
