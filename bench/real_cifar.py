@@ -169,6 +169,9 @@ UPLOAD_FLOWS = {  # name -> the prune options it adds to --max-drop and --cluste
     "default": [],
     "longer-recoveries": ["--recover-epochs", "5", "--max-recoveries", "6"],  # the budget spent on recovery
     "no-stretch": ["--no-stretch", "--recover-mirror", "off"],  # the defaults before stretches were (2026-12-05)
+    # stretches that walk on past the threshold (12 % of the MACs, steps within 3x it) before one recovery
+    "walked-stretch": ["--stretch-macs", "0.12", "--stretch-allowance", "3"],
+    "six-recoveries": ["--max-recoveries", "6"],  # the default before the budget governed (2026-12-05)
 }
 FLOWS = {"fast": ["--car", "fast"], "exact": ["--car", "exact"],
          "fast-rescore1": ["--car", "fast", "--rescore-every", "1"],

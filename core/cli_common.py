@@ -291,7 +291,7 @@ def config_from_args(args, config_class):
     step_macs = getattr(args, "step_macs", None)
     if step_macs is not None:
         given["step_macs"] = step_macs if step_macs > 0 else None
-    for name in ("time_budget", "recover_epochs", "max_recoveries", "recover_lr"):
+    for name in ("time_budget", "recover_epochs", "max_recoveries", "recover_lr", "stretch_macs", "stretch_allowance"):
         given[name] = getattr(args, name, None)
     if getattr(args, "no_recover_kd", False):
         given["recover_kd"] = False

@@ -94,9 +94,15 @@ def add_commands(sub, add_model_args, add_data_args) -> None:
     pr.add_argument("--no-recover-kd", action="store_true",
                     help="recover with cross-entropy alone (default: distilled from the original, Hinton et al. 2015)")
     pr.add_argument("--stretch", action=argparse.BooleanOptionalAction, default=None,
-                    help="where no cluster fits, first remove a step's worth of clusters past the threshold and keep "
-                         "them only if a recovery (3x the epochs) brings the model back (default: on; --no-stretch "
-                         "recovers the model as it is)")
+                    help="where no cluster fits, first walk on past the threshold (--stretch-macs, --stretch-allowance) "
+                         "and keep those steps only if one recovery (3x the epochs) brings the model back (default: "
+                         "on; --no-stretch recovers the model as it is)")
+    pr.add_argument("--stretch-macs", type=float, metavar="F", help=default_help(
+        "stretch_macs", "a stretch walks on until it removed this fraction of the original MACs; halved after one "
+                        "that did not come back"))
+    pr.add_argument("--stretch-allowance", type=float, metavar="X", help=default_help(
+        "stretch_allowance", "a stretch's steps may each lose X times the threshold before its recovery "
+                             "(none: not checked, the recovery decides)"))
     pr.add_argument("--recover-mirror", choices=RECOVER_MIRROR,
                     help="mirrored images in recoveries: auto (default: on when the original scores mirrored "
                          "selection images within 2 points of the originals), on, or off")

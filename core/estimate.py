@@ -15,7 +15,7 @@ will do (``core.prune``):
       scoring (other)   = gradient passes (4 SGD-step equivalents) where the criterion needs them, else 0
       fine-tune         = finetune_steps x train_step
       latency           = OpenVINO conversion + (warm-up + latency_runs) x inference
-    recoveries = (0 .. max_recoveries + 1) x recover_epochs x n_train / batch_size x train_step
+    recoveries = (0 .. max_recoveries x (3 with stretches) + 1) x recover_epochs x n_train / batch_size x train_step
     control   = the original trained alike: steps x finetune_steps + the recoveries' epochs, in train steps
     total     = original + sum over the expected steps + recoveries + control, capped at the time budget
 
@@ -42,6 +42,7 @@ from . import criteria
 from .car import FAST_EXACT_FRACTION, SENSITIVITY_FRACTIONS, CarScorer, filter_ablation
 from .criteria import new_width
 from .data import ImageSet, normalize
+from .engine import STRETCH_EPOCHS
 from .errors import SettingsError
 from .eta import format_duration
 from .evaluate import count_macs_params, predict_logits
@@ -284,7 +285,9 @@ def estimate_prune_time(model: nn.Module, spec: InputSpec | ModelSpec, n_val: in
     breakdown["steps: fine-tuning, evaluation, latency"] = (tries[0], tries[1])
     if n_train and getattr(config, "recover_epochs", 0):
         epoch = _scaled(rates.train_step, math.ceil(n_train / config.batch_size))
-        recoveries = config.recover_epochs * (config.max_recoveries + 1)
+        # a stretch recovers STRETCH_EPOCHS times as long, and any of the recoveries may be one; the last step's is not
+        per_recovery = STRETCH_EPOCHS if getattr(config, "stretch", False) else 1
+        recoveries = config.recover_epochs * (config.max_recoveries * per_recovery + 1)
         breakdown["recoveries when the threshold stalls the run"] = (0.0, recoveries * epoch[1])
         if getattr(config, "control", False):
             batches = [len(w) * config.finetune_steps for w in (low_widths, high_widths)]

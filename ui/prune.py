@@ -16,6 +16,7 @@ import torch
 from core import criteria
 from core.car import CAR_METHODS
 from core.device import DEVICES, describe, resolve_device
+from core.engine import STRETCH_EPOCHS
 from core.errors import PruneScopeError
 from core.plan import PrunePlan, plan_from_sensitivity
 from ui.common import format_seconds, resolution_box
@@ -183,6 +184,9 @@ def settings_text(config) -> str:
     if getattr(config, "recover_epochs", 0):
         parts.append(f"{config.recover_epochs}-epoch recoveries when stalled (at most {config.max_recoveries}) "
                      "and of the last step (only recovered steps ship)")
+        if getattr(config, "stretch", False):
+            parts.append(f"stretches of {config.stretch_macs:.0%} of the MACs past the threshold, kept when a "
+                         f"recovery of {STRETCH_EPOCHS}x the epochs brings them back")
     if getattr(config, "time_budget", None):
         parts.append(f"time budget {config.time_budget:g} min")
     if config.plan:

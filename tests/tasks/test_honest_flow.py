@@ -120,10 +120,11 @@ def test_a_step_the_test_images_refuse_is_recovered_and_the_walk_goes_on(digits,
 
 def test_a_stretch_the_recovery_brings_back_is_kept_and_the_run_goes_on(digits, tmp_path, monkeypatch):
     """0.35 points per cluster, 1.2 back per recovery, threshold 1.0: steps 1-2 keep a cluster each (0.7); the
-    third (1.05) is undone, so step 3 is a stretch: two clusters removed past the threshold (1.4), recovered as
-    step 4 (0.2: kept); the run goes on from it with fewer MACs, until the next stall with no recovery left."""
+    third (1.05) is undone, so step 3 is a stretch: a step's worth of clusters removed past the threshold (one
+    cluster here: 1.05), recovered as step 4 (kept); the run goes on from it with fewer MACs, until the next stall
+    with no recovery left."""
     run, hist, _ = faked_run(digits, tmp_path, monkeypatch, 0.35, 1.2, max_recoveries=1, stretch=True)
-    assert hist[3].get("stretch") and len(hist[3]["removed"]) == 2 and hist[3]["macs"] < hist[2]["macs"]
+    assert hist[3].get("stretch") and hist[3]["removed"] and hist[3]["macs"] < hist[2]["macs"]
     assert hist[4]["recovered_from"] == 3 and hist[4]["stretch"] and hist[4]["macs"] == hist[3]["macs"]
     assert hist[4]["recovery"]["epochs"] == engine.STRETCH_EPOCHS, "a stretch recovers longer than a plain recovery"
     assert hist[5]["macs"] < hist[4]["macs"] and hist[5].get("recovered_from") is None, "went on from the stretch"
@@ -132,11 +133,30 @@ def test_a_stretch_the_recovery_brings_back_is_kept_and_the_run_goes_on(digits, 
     assert select_step(hist, 1.0) != 3, "the stretch's own step reads past the threshold and is never shipped"
 
 
+def test_a_stretch_walks_several_steps_within_its_allowance_then_recovers_once(digits, tmp_path, monkeypatch):
+    """0.35 points per cluster, 3.0 back per recovery, threshold 1.0, a stretch allowed 3x the threshold and half
+    the MACs: from the stall at step 3 the walk takes steps while they stay within 3.0 points (each fine-tuned and
+    decided as the loop's), one recovery (3x the epochs) follows its last step, and the run goes on from it.
+    None of the walk's steps ships; the recovered one does."""
+    run, hist, _ = faked_run(digits, tmp_path, monkeypatch, 0.35, 3.0, max_recoveries=1, stretch=True,
+                             stretch_macs=0.5, stretch_allowance=3.0, max_steps=12)
+    recovered = next(r for r in hist if r.get("recovered_from") is not None)
+    walk = hist[3:recovered["step"]]
+    assert len(walk) >= 2 and all(r.get("stretch") and r["removed"] is not None for r in walk), \
+        "the stretch walked more than one step before its recovery"
+    assert [r["step"] for r in walk] == list(range(3, recovered["step"])) and recovered["recovered_from"] == walk[-1]["step"]
+    assert all(a["macs"] > b["macs"] for a, b in zip(hist[2:], walk)), "each step of the walk removed more"
+    assert recovered["stretch"] and not recovered["undone"] and recovered["recovery"]["epochs"] == engine.STRETCH_EPOCHS
+    assert run.rebuild_step(walk[-1]["step"])(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    shipped = select_step(hist, 1.0)
+    assert shipped not in [r["step"] for r in walk] and shipped >= recovered["step"]
+
+
 def test_a_stretch_that_does_not_come_back_returns_to_the_model_before_it(digits, tmp_path, monkeypatch):
-    """Recoveries win 0.2 points back: the stretch (two more clusters, 1.4 → 1.2 after its recovery) stays past
-    the threshold, so the run goes back to step 2's model and recovers that (step 5, from step 2), and with no
+    """Recoveries win nothing back: the stretch (one more cluster, 1.05 after its recovery) stays past the
+    threshold, so the run goes back to step 2's model and recovers that (step 5, from step 2), and with no
     further step bought it stops. The steps after step 2 read as that model: its widths, its MACs."""
-    run, hist, state = faked_run(digits, tmp_path, monkeypatch, 0.35, 0.2, max_recoveries=3, stretch=True)
+    run, hist, state = faked_run(digits, tmp_path, monkeypatch, 0.35, 0.0, max_recoveries=3, stretch=True)
     assert [r["step"] for r in hist][:6] == [0, 1, 2, 3, 4, 5]
     assert hist[3]["stretch"] and hist[4]["recovered_from"] == 3
     assert hist[5]["recovered_from"] == 2 and hist[5]["widths"] == hist[2]["widths"] and hist[5]["macs"] == hist[2]["macs"]
@@ -260,7 +280,7 @@ def test_fast_car_measures_no_more_filters_exactly_than_the_loop_budget(digits, 
 def test_the_default_flow_is_sized_for_real_models():
     c = PruneConfig()
     assert (c.clusters_per_step, c.step_macs, c.recover_epochs, c.control) == (8, 0.04, 2, True)
-    assert (c.stretch, c.recover_mirror, c.max_recoveries) == (True, "auto", 6)
+    assert (c.stretch, c.recover_mirror, c.max_recoveries, c.stretch_macs, c.stretch_allowance) == (True, "auto", 10, 0.04, None)
     with pytest.raises(Exception, match="MACs per step"):
         PruneConfig(step_macs=1.5).validate()
     with pytest.raises(Exception, match="time budget"):

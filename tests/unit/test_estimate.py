@@ -132,3 +132,20 @@ def test_what_a_budget_buys_leaves_room_for_the_last_recovery_and_the_control():
     keeping = estimate_prune_time(cifar_resnet20().eval(), SPEC, 400, full, rates=RATES, n_train=5000).budget_buys
     assert keeping["slow"]["steps"] < without["slow"]["steps"]
     assert keeping["slow"]["mac_fraction"] >= without["slow"]["mac_fraction"]
+
+
+def test_the_recoveries_upper_bound_counts_a_stretch_at_its_longer_recovery():
+    """Any of the ``max_recoveries`` may be a stretch, recovered for ``STRETCH_EPOCHS`` times the epochs, plus the
+    last step's recovery: the high end of the recoveries is (10 x 3 + 1) x 2 epochs with stretches, (10 + 1) x 2
+    without, and the control repeats them."""
+    from core.engine import STRETCH_EPOCHS
+
+    config = PruneConfig(mac_target=0.5, max_steps=100, control=True, recover_epochs=2, max_recoveries=10)
+    with_stretch, without = (estimate_prune_time(cifar_resnet20().eval(), SPEC, 400,
+                                                 dataclasses.replace(config, stretch=s), rates=RATES, n_train=5000)
+                             for s in (True, False))
+    key = "recoveries when the threshold stalls the run"
+    high, plain = with_stretch.breakdown[key][1], without.breakdown[key][1]
+    assert with_stretch.breakdown[key][0] == 0.0, "a run may never stall"
+    assert high / plain == pytest.approx((10 * STRETCH_EPOCHS + 1) / 11)
+    assert with_stretch.seconds_high > without.seconds_high

@@ -49,6 +49,13 @@ def test_the_cli_flags_set_the_stretch_and_the_mirror():
     config = config_from_args(build_parser().parse_args(base), PruneConfig)
     assert config.stretch is True and config.recover_mirror == "auto" == PruneConfig().recover_mirror
     assert config_from_args(build_parser().parse_args(base + ["--stretch"]), PruneConfig).stretch is True
+    sized = config_from_args(build_parser().parse_args(base + ["--stretch-macs", "0.2", "--stretch-allowance", "2"]),
+                             PruneConfig)
+    assert (sized.stretch_macs, sized.stretch_allowance) == (0.2, 2.0)
+    assert (config.stretch_macs, config.stretch_allowance) == (PruneConfig().stretch_macs, PruneConfig().stretch_allowance)
+    for bad in (["--stretch-macs", "1.5"], ["--stretch-macs", "0"], ["--stretch-allowance", "0.5"]):
+        with pytest.raises(SettingsError, match="stretch"):
+            config_from_args(build_parser().parse_args(base + bad), PruneConfig)
     with pytest.raises(SettingsError, match="Mirrored images"):
         PruneConfig(recover_mirror="sometimes").validate()
 
@@ -107,3 +114,19 @@ def test_a_budgeted_run_keeps_time_for_the_last_recovery_and_the_control(tmp_pat
     assert engine.time_to_finish(task, writer, clock) == pytest.approx(3 * 200.0)
     task.config.control = False
     assert engine.time_to_finish(task, writer, clock) == pytest.approx(200.0)
+
+
+def test_a_recovery_is_estimated_per_epoch_so_a_stretch_is_not_the_next_plain_recovery():
+    """A stretch recovers 3x the epochs of a plain one: after a 6-epoch stretch of 60 s the last step's 2-epoch
+    recovery is reserved at 20 s, not 60 (the budget would otherwise stop the loop early); unknown epochs keep
+    the last recovery's own seconds."""
+    import core.engine as engine
+
+    clock = engine.RunClock(30.0)
+    clock.step_done(10.0)
+    assert clock.recovery_estimate(2) == clock.recovery_estimate() == 40.0, "a guess of four steps before any"
+    clock.recovery_done(60.0, 6)
+    assert clock.recovery_estimate(2) == pytest.approx(20.0) and clock.recovery_estimate(6) == pytest.approx(60.0)
+    assert clock.recovery_estimate() == 60.0
+    clock.recovery_done(25.0)
+    assert clock.recovery_estimate(2) == 25.0, "epochs not known: the last recovery's seconds"
