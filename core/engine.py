@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -363,15 +364,7 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
     recoveries, step, reason = 0, 0, "step limit reached"
     rejected: list[dict] = []  # moves the threshold undid (closest_rejected in the status)
     stretch_macs = config.stretch_macs  # the next stretch's size, a fraction of the original MACs (halved when undone)
-
-    def rank_step(graph: PruningGraph, scores: dict | None, step: int):
-        """This step's scores (those still valid kept) and its candidate clusters, best first."""
-        groups = [g for g in graph.groups() if g.root not in left_alone and g.root not in plan.exclude]
-        scorer = task.scorer(graph.model)
-        scores = score_step(task, graph, groups, scorer, scores, step, rng, cancel, cb)
-        return scores, step_candidates(task, graph, groups, scores, scorer, rng, cancel, cb, step,
-                                       lambda clusters: plan.filter_candidates(clusters, base["widths"]))
-
+    rank = functools.partial(rank_step, task, plan, left_alone, base["widths"], rng, cancel, cb)
     while step < config.max_steps:
         if cancel.is_set():
             raise CancelledError("Cancelled.")
@@ -381,7 +374,7 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
         step += 1
         cb.enter("step", step)
         t0 = time.perf_counter()
-        scores, candidates = rank_step(graph, scores, step)
+        scores, candidates = rank(graph, scores, step)
         if not candidates:
             reason = "every group is down to one cluster" + ("" if plan.empty else " or at its limit in the plan")
             break
@@ -401,10 +394,8 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
             if blocked is not None:
                 reason += blocked
                 break
-            if config.stretch and not clock.would_pass_budget(
-                    clock.step_estimate() + clock.recovery_estimate(STRETCH_EPOCHS * config.recover_epochs)
-                    + time_to_finish(task, writer, clock)):  # else a plain recovery, which the budget has room for
-                walk = StretchWalk(candidates, scores, rank_step, stretch_macs, t_start)
+            if config.stretch and stretch_fits(task, writer, clock):  # else a plain recovery, which does fit
+                walk = StretchWalk(candidates, scores, rank, stretch_macs, t_start)
                 graph, last, step, kept = stretch_step(graph, walk, task, structure, writer, cb, step, last, base,
                                                        teacher, rng, cancel, clock, channel_maps)
                 recoveries += kept is not None  # None: no removal fitted even the stretch's allowance
@@ -449,6 +440,25 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
                 reason += "; the recovery did not bring it back"
                 break
     return finish_run(task, graph, writer, cb, cancel, clock, teacher, last, reason, rejected)
+
+
+def rank_step(task: Task, plan: PrunePlan, left_alone: dict[str, str], widths: dict[str, int],
+              rng: np.random.Generator, cancel: threading.Event, cb: Callbacks, graph: PruningGraph,
+              scores: dict | None, step: int) -> tuple[dict, list[Cluster]]:
+    """Step ``step``'s scores (those still valid kept, :func:`score_step`) and its candidate clusters, best first,
+    among the groups neither left alone nor excluded by the plan (``widths``: the original's, for its caps)."""
+    groups = [g for g in graph.groups() if g.root not in left_alone and g.root not in plan.exclude]
+    scorer = task.scorer(graph.model)
+    scores = score_step(task, graph, groups, scorer, scores, step, rng, cancel, cb)
+    return scores, step_candidates(task, graph, groups, scores, scorer, rng, cancel, cb, step,
+                                   lambda clusters: plan.filter_candidates(clusters, widths))
+
+
+def stretch_fits(task: Task, writer: RunWriter, clock: "RunClock") -> bool:
+    """Whether the budget has room for a stretch: a step, its recovery (``STRETCH_EPOCHS`` times the epochs) and
+    what the run keeps for its end (:func:`time_to_finish`)."""
+    return not clock.would_pass_budget(clock.step_estimate() + time_to_finish(task, writer, clock)
+                                       + clock.recovery_estimate(STRETCH_EPOCHS * task.config.recover_epochs))
 
 
 def write_structure(graph: PruningGraph, task: Task, writer: RunWriter) -> dict:
@@ -514,7 +524,9 @@ def stretch_step(graph: PruningGraph, walk: StretchWalk, task: Task, structure: 
     recovery of several epochs absorbs much more; a stretch spends its epochs on a larger removal, in one
     decision that reads all the selection images, instead of several small ones that each read them again.
     Measured on our ResNet-56 upload (``bench/real_cifar.py --upload``): stretches of one 4 % step each came back
-    to -0.7..-0.1 selection points after 6 epochs, far inside a 1-point threshold."""
+    to -0.7..-0.1 selection points after 6 epochs, far inside a 1-point threshold. Longer walks did not come back
+    where it counts (ResNet-20, 12 % within 3x the threshold: +0.1 selection points but +1.9 unseen at 1.46x), so
+    the default walk is one step (``PruneConfig.stretch_macs``, unchecked)."""
     config = task.config
     snapshot = (copy.deepcopy(graph.model), [list(h) for h in graph.history])
     maps_before = copy.deepcopy(channel_maps)
@@ -540,9 +552,7 @@ def stretch_step(graph: PruningGraph, walk: StretchWalk, task: Task, structure: 
                                 base["macs"], None, stretch=True, awaits_recovery=True, **task.step_extra(move))
         clock.step_done(time.perf_counter() - t0)
         pruned, candidates = walked, None
-        if walked["macs"] <= goal + 1e-9 or clock.would_pass_budget(
-                clock.step_estimate() + clock.recovery_estimate(STRETCH_EPOCHS * config.recover_epochs)
-                + time_to_finish(task, writer, clock)):
+        if walked["macs"] <= goal + 1e-9 or not stretch_fits(task, writer, clock):
             break
     if pruned is None:
         cb.progress(0.5, f"step {step}: no stretch (no move fits {allowance:g} points)")
