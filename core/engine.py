@@ -532,7 +532,7 @@ def stretch_step(graph: PruningGraph, walk: StretchWalk, task: Task, structure: 
     maps_before = copy.deepcopy(channel_maps)
     goal = max(last["macs"] - walk.macs * base["macs"], (config.mac_target or 0.0) * base["macs"])
     size = (config.step_macs or walk.macs) * base["macs"]
-    walked = pruned = None
+    walked = None  # the walk's last recorded step
     candidates, scores = walk.candidates, walk.scores
     allowance = float("inf") if config.stretch_allowance is None else config.stretch_allowance * config.max_drop
     while True:
@@ -551,10 +551,10 @@ def stretch_step(graph: PruningGraph, walk: StretchWalk, task: Task, structure: 
         walked, _ = record_step(writer, cb, graph, here, move, metrics, tried, channel_maps, (t0, walk.t_start),
                                 base["macs"], None, stretch=True, awaits_recovery=True, **task.step_extra(move))
         clock.step_done(time.perf_counter() - t0)
-        pruned, candidates = walked, None
+        candidates = None
         if walked["macs"] <= goal + 1e-9 or not stretch_fits(task, writer, clock):
             break
-    if pruned is None:
+    if walked is None:
         cb.progress(0.5, f"step {step}: no stretch (no move fits {allowance:g} points)")
         return graph, last, step - 1, None
     outcome = {}
@@ -567,10 +567,10 @@ def stretch_step(graph: PruningGraph, walk: StretchWalk, task: Task, structure: 
         return {"stretch": True, "undone": bool(outcome["lost"] > config.max_drop + 1e-9),
                 "stretch_drop_points": float(outcome["lost"])}
 
-    done = pruned["step"] + 1
-    recovered = recover_step(task, graph, writer, cb, done, pruned, teacher, cancel, clock, judge=judge,
+    done = walked["step"] + 1
+    recovered = recover_step(task, graph, writer, cb, done, walked, teacher, cancel, clock, judge=judge,
                              epochs=STRETCH_EPOCHS * config.recover_epochs)
-    lost, label = outcome["lost"], f"the stretch of steps {step}-{pruned['step']}"
+    lost, label = outcome["lost"], f"the stretch of steps {step}-{walked['step']}"
     if not recovered["undone"]:
         cb.progress(1.0, f"step {done}: {label} recovered to {lost:.2f} points lost; kept")
         return graph, recovered, done, True
