@@ -27,6 +27,7 @@ from .integrity import MAX_SIDECAR_BYTES, read_bounded
 from .jsonout import emit_json
 from .plan import PrunePlan
 from .runs import removals
+from .training import PRECISIONS
 from .models import default_input_spec, load_model, open_input_spec
 from .plausibility import quick_check
 from .sources import load_dataset
@@ -56,6 +57,13 @@ def add_device_args(p: argparse.ArgumentParser, default: str | None = "auto") ->
                         + ("" if default else " (default: where the run pruned, when this machine has it)"))
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads for PyTorch (default: OMP_NUM_THREADS when set, else the cores this process may use)")
+
+
+def add_precision_arg(p: argparse.ArgumentParser, default: str | None) -> None:
+    """``--train-precision``: the arithmetic of fine-tuning and recoveries (``core.training.PRECISIONS``)."""
+    p.add_argument("--train-precision", choices=PRECISIONS, default=default,
+                   help="arithmetic of fine-tuning and recoveries: auto (default: bf16 mixed precision where the "
+                        "device computes bfloat16 natively, else fp32; detection: fp32 only), fp32 or bf16; accuracy is measured in fp32")
 
 
 def add_ray_args(p: argparse.ArgumentParser) -> None:
@@ -303,7 +311,8 @@ def config_from_args(args, config_class):
         given["recover_mirror"] = args.recover_mirror
     if getattr(args, "ray_recovery", False):
         given["ray_recovery"] = True
-    for extra in ("optimizer", "exact_candidates", "map_images", "car", "device", "ray_address", "ray_workers"):
+    for extra in ("optimizer", "exact_candidates", "map_images", "car", "device", "train_precision", "ray_address",
+                  "ray_workers"):
         if extra in config_class.__dataclass_fields__:
             given[extra] = getattr(args, extra, None)
     plan = plan_from_args(args)

@@ -7,7 +7,7 @@ import contextlib
 
 from . import criteria
 from .car import CAR_METHODS, FAST_EXACT_FRACTION, compute_car
-from .cli_common import (add_device_args, add_plan_args, add_ray_args, add_ray_recovery_arg, work_setting_from_args, announce_device, device_from_args,
+from .cli_common import (add_device_args, add_plan_args, add_precision_arg, add_ray_args, add_ray_recovery_arg, work_setting_from_args, announce_device, device_from_args,
                          load_model_and_data, prepare_out, print_summary, progress,
                          progress_printer)
 from .clusters import PROFILES
@@ -106,6 +106,7 @@ def add_commands(sub, add_model_args, add_data_args) -> None:
     pr.add_argument("--recover-mirror", choices=RECOVER_MIRROR,
                     help="mirrored images in recoveries: auto (default: on when the original scores mirrored "
                          "selection images within 2 points of the originals), on, or off")
+    add_precision_arg(pr, None)
     pr.add_argument("--no-control", action="store_true",
                     help="skip the control (the original given the same fine-tuning and recoveries, reported beside "
                          "the drop)")

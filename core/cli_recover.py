@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from .cli_common import add_device_args, announce_device, print_summary, progress_printer
+from .cli_common import add_device_args, add_precision_arg, announce_device, print_summary, progress_printer
 from .device import set_threads
 from .eta import PhaseProgress, format_duration
 from .errors import SettingsError
@@ -24,6 +24,7 @@ def add_recover_command(sub) -> None:
                     help=f"passes over the train split (default {RECOVERY_DEFAULTS.epochs})")
     add_recovery_options(rc, "")
     add_device_args(rc, default=None)
+    add_precision_arg(rc, RECOVERY_DEFAULTS.precision)
     rc.add_argument("--trusted", action="store_true",
                     help="run the run's own pickle or model code even without a trust record in this workspace")
     rc.add_argument("--json", action="store_true")
@@ -39,8 +40,8 @@ def add_recovery_options(p: argparse.ArgumentParser, prefix: str) -> None:
                    help=f"mini-batch size (default {RECOVERY_DEFAULTS.batch_size})")
 
 
-def recovery_config(epochs: int, kd: bool, lr: float, batch_size: int) -> RecoveryConfig:
-    config = RecoveryConfig(epochs=epochs, lr=lr, batch_size=batch_size, distill=kd)
+def recovery_config(epochs: int, kd: bool, lr: float, batch_size: int, precision: str = "auto") -> RecoveryConfig:
+    config = RecoveryConfig(epochs=epochs, lr=lr, batch_size=batch_size, distill=kd, precision=precision)
     config.validate()
     return config
 
@@ -56,7 +57,7 @@ def eta_printer():
 
 
 def cmd_recover(args) -> int:
-    config = recovery_config(args.epochs, args.kd, args.lr, args.batch_size)
+    config = recovery_config(args.epochs, args.kd, args.lr, args.batch_size, args.train_precision)
     set_threads(args.threads)
     run = Run(args.run)  # a bad path: one line, before any work
     step = args.step if args.step is not None else default_step(run)

@@ -49,6 +49,7 @@ from .evaluate import count_macs_params, predict_logits
 from .groups import ChannelGroup, PruningGraph
 from .measure import time_models
 from .models import InputSpec, ModelSpec
+from .training import resolve_precision, train_steps
 
 CALIBRATION_REPEATS = 2
 CALIBRATION_IMAGES = 32
@@ -128,8 +129,10 @@ def _random_images(spec: InputSpec, n: int, classes: int) -> ImageSet:
     return ImageSet(images, torch.randint(0, classes, (n,), generator=g), [str(i) for i in range(classes)])
 
 
-def measure_rates(model: nn.Module, spec: InputSpec | ModelSpec, batch_size: int = 64, latency: bool = True) -> Rates:
-    """Time the work units of a pruning run on a copy of ``model`` (its weights are not changed).
+def measure_rates(model: nn.Module, spec: InputSpec | ModelSpec, batch_size: int = 64, latency: bool = True,
+                  precision: str = "fp32") -> Rates:
+    """Time the work units of a pruning run on a copy of ``model`` (its weights are not changed); a training
+    step in the run's training ``precision`` (``fp32`` or ``bf16``, ``core.training.resolve_precision``).
 
     Random images stand in for the data set: timing does not depend on pixel values. Raises
     ``SettingsError`` if the model has no prunable group (a run could not start either).
@@ -144,7 +147,7 @@ def measure_rates(model: nn.Module, spec: InputSpec | ModelSpec, batch_size: int
 
     forward = _scaled(_repeat(lambda: predict_logits(model, images.images, ispec, batch_size=n)), 1.0 / n)
     train_batch = _random_images(ispec, batch_size, classes)
-    train = _train_step_timer(model, train_batch, ispec)
+    train = _train_step_timer(model, train_batch, ispec, precision)
     train_step = _repeat(train)
     # screen: one forward and two backward passes per image; a training step is one forward and one backward
     per_image_train = _scaled(train_step, 1.0 / batch_size)
@@ -170,17 +173,16 @@ def measure_rates(model: nn.Module, spec: InputSpec | ModelSpec, batch_size: int
                  time.perf_counter() - t_start)
 
 
-def _train_step_timer(model: nn.Module, batch: ImageSet, spec: InputSpec):
-    """One SGD step as ``core.prune.finetune`` does it, on a copy so the model's weights stay as they are."""
+def _train_step_timer(model: nn.Module, batch: ImageSet, spec: InputSpec, precision: str = "fp32"):
+    """One SGD step as ``core.prune.finetune`` does it (``core.training.train_steps``), on a copy so the model's
+    weights stay as they are."""
     net = copy.deepcopy(model).train()
     opt = torch.optim.SGD(net.parameters(), lr=1e-9, momentum=0.9)
     x = normalize(batch.images, spec)
 
     def step():
-        loss = F.cross_entropy(net(x), batch.labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        net.train()
+        train_steps(net, opt, 1, lambda: F.cross_entropy(net(x), batch.labels), precision=precision)
 
     return step
 
@@ -238,7 +240,8 @@ def estimate_prune_time(model: nn.Module, spec: InputSpec | ModelSpec, n_val: in
     """
     ispec = spec.input if isinstance(spec, ModelSpec) else spec
     if rates is None:
-        rates = measure_rates(model, ispec, config.batch_size, config.latency)
+        precision = resolve_precision(getattr(config, "train_precision", "fp32"), "cpu")  # timed here, on the CPU
+        rates = measure_rates(model, ispec, config.batch_size, config.latency, precision)
     groups = [g for g in PruningGraph(copy.deepcopy(model).eval(), ispec.shape(1)).groups() if not g.left_alone]
     if total_macs is None:
         total_macs = count_macs_params(model, ispec)[0]

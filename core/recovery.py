@@ -40,7 +40,7 @@ from .models import InputSpec
 from .runs import ACTIVE_RUNS, Run, RunWriter
 from .sources import load_run_dataset
 from .stats import paired_figures
-from .training import augment, train_steps
+from .training import PRECISIONS, augment, resolve_precision, train_steps
 from .tasks.registry import task_plugin
 
 
@@ -58,6 +58,9 @@ class RecoveryConfig:
     kd_alpha: float = 0.5
     kd_temperature: float = 4.0
     seed: int = 0
+    # training arithmetic (core.training.PRECISIONS): "auto" is bf16 mixed precision where the device computes
+    # bfloat16 natively, else fp32; the epochs are chosen on fp32 selection accuracy either way
+    precision: str = "auto"
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -68,6 +71,8 @@ class RecoveryConfig:
             raise SettingsError(f"The recovery batch size must be at least 1; got {self.batch_size}.")
         if not 0 <= self.kd_alpha <= 1 or self.kd_temperature <= 0:
             raise SettingsError("Distillation needs 0 <= alpha <= 1 and a positive temperature.")
+        if self.precision not in PRECISIONS:
+            raise SettingsError(f"Unknown training precision '{self.precision}'. Choose one of: {', '.join(PRECISIONS)}.")
 
 
 @dataclass
@@ -78,15 +83,18 @@ class RecoveryResult:
     best_epoch: int = 0  # 0 = no epoch finished: the model as it came in
     start_selection: float = 0.0
     cancelled: bool = False
+    precision: str = "fp32"  # what the training used (core.training.resolve_precision of the config's)
 
     def to_dict(self) -> dict:
         return {"epochs": self.epochs, "best_epoch": self.best_epoch, "start_selection": self.start_selection,
-                "cancelled": self.cancelled}
+                "cancelled": self.cancelled, "precision": self.precision}
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, alpha: float,
                       temperature: float) -> torch.Tensor:
-    """Hinton et al.'s KD loss; ``T^2`` keeps the soft term's gradients on the scale of the hard one."""
+    """Hinton et al.'s KD loss; ``T^2`` keeps the soft term's gradients on the scale of the hard one. Computed in
+    float32 whatever the logits' precision (autocast leaves softmax in bfloat16 on the CPU)."""
+    student, teacher = student.float(), teacher.float()
     hard = F.cross_entropy(student, labels)
     if alpha == 0:
         return hard
@@ -148,7 +156,8 @@ def recover(model: nn.Module, train: ImageSet, spec: InputSpec, config: Recovery
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
-    result = RecoveryResult(start_selection=float(select(model.eval())))
+    result = RecoveryResult(start_selection=float(select(model.eval())),
+                            precision=resolve_precision(config.precision, device))
     best_score, best_state = float("-inf"), copy.deepcopy(model.state_dict())
     done = 0
     for epoch in range(1, config.epochs + 1):
@@ -163,7 +172,8 @@ def recover(model: nn.Module, train: ImageSet, spec: InputSpec, config: Recovery
             if progress:
                 progress(start + round(fraction * steps_per_epoch), total, f"recovery epoch {epoch}/{config.epochs}")
 
-        losses = train_steps(model, opt, steps_per_epoch, epoch_loss, cancel, epoch_progress, after_step=sched.step)
+        losses = train_steps(model, opt, steps_per_epoch, epoch_loss, cancel, epoch_progress, after_step=sched.step,
+                             precision=result.precision)
         done += len(losses)
         if len(losses) < steps_per_epoch:
             result.cancelled = True
@@ -311,7 +321,7 @@ def _recovered_record(run: Run, source: dict, model: nn.Module, original: nn.Mod
         "recovery": {"epochs": config.epochs, "kd": config.distill, "seconds": seconds,
                      "best_epoch": result.best_epoch, "cancelled": result.cancelled,
                      "start_selection": result.start_selection, "per_epoch": result.epochs, "config": asdict(config),
-                     "device": str(device)},
+                     "device": str(device), "precision": result.precision},
         "paired": paired_figures(_correct(original, data, spec), _correct(model, data, spec)),
         "seconds": seconds, "elapsed": (source.get("elapsed") or 0.0) + seconds,
     }

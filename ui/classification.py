@@ -26,7 +26,8 @@ from core.workspace import folder_upload_name, remember_upload_name
 from ui.analyse import car_analysis
 from ui.charts import fig_class_counts, fig_confusion, fig_per_class_accuracy
 from ui.common import action_button, format_pct, job_progress, resolution_box
-from ui.prune import car_method_picker, device_picker, estimate_panel, plan_editor, resolution_note, time_budget_input
+from ui.prune import (car_method_picker, device_picker, estimate_panel, plan_editor, precision_picker, resolution_note,
+                      time_budget_input)
 from ui.review import recovery_panel
 from ui.state import (DEFAULT_SAMPLE, LOAD_BASELINE, LOAD_CHECK, LOAD_DATA, LOAD_MODEL, AppState, baseline,
                       data_for_run, digest, files_to_zip, get_registry, get_state, load_sample, load_uploaded_data,
@@ -433,6 +434,7 @@ def extra_settings(state: AppState, defaults, cluster, max_drop, extra: dict, ru
         extra["car"] = car_method_picker(defaults.car, running)
     with c2:
         extra["device"], usable = device_picker(defaults.device, running)
+        extra["train_precision"] = precision_picker(defaults.train_precision, extra["device"], running)
     work, work_ok = work_picker("pr", running)
     extra["ray_address"], extra["ray_workers"] = work.address, work.workers
     extra["ray_recovery"] = recovery_toggle("pr", running, work)

@@ -2,6 +2,8 @@
 ship, where the settings come from, and that the mirror check reads the model it was given."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -114,6 +116,32 @@ def test_a_budgeted_run_keeps_time_for_the_last_recovery_and_the_control(tmp_pat
     assert engine.time_to_finish(task, writer, clock) == pytest.approx(3 * 200.0)
     task.config.control = False
     assert engine.time_to_finish(task, writer, clock) == pytest.approx(200.0)
+
+
+def test_a_stretch_starts_only_with_room_for_its_recovery_twice_when_the_control_repeats_it(tmp_path, monkeypatch):
+    """The control is given every recovery of the run, an undone stretch's too (core.claim.training_received), so a
+    stretch needs its own recovery (3x the epochs) and the control's repeat of it beside the step and the reserve;
+    a ResNet-20 upload whose stretch did not count the repeat ended with no time left for its control."""
+    from types import SimpleNamespace
+
+    import core.engine as engine
+
+    task = SimpleNamespace(config=PruneConfig(control=True, recover_epochs=2), data=SimpleNamespace(train=list(range(1000))),
+                           recover=object(), control=object())
+    writer = SimpleNamespace(dir=tmp_path)
+    monkeypatch.setattr(engine, "Run", lambda folder: SimpleNamespace(history=[{"step": 0}]))
+    clock = engine.RunClock(1000 / 60)  # a 1000-s budget
+    clock.step_done(10.0)
+    clock.recovery_done(20.0, 2)  # 10 s an epoch: a plain recovery 20 s, a stretch's 60 s
+    clock.start = time.perf_counter()
+    reserve = engine.time_to_finish(task, writer, clock)  # 20 + 20 + the control's 20 (no recorded recovery)
+    with_control = 10.0 + reserve + 2 * 60.0
+    clock.start -= 1000 - with_control - 1.0  # 1 s to spare
+    assert engine.stretch_fits(task, writer, clock)
+    clock.start -= 2.0
+    assert not engine.stretch_fits(task, writer, clock)
+    task.config.control = False  # no repeat: the stretch's recovery once, and the smaller reserve
+    assert engine.stretch_fits(task, writer, clock)
 
 
 def test_a_recovery_is_estimated_per_epoch_so_a_stretch_is_not_the_next_plain_recovery():

@@ -39,7 +39,7 @@ from ...models import InputSpec, LoadedModel
 from ...car import exact_budget
 from ...rescore import ScoreBook, ScoreReport, car_scores
 from ...screen import tiebreak
-from ...training import augment_np, train_steps
+from ...training import augment_np, resolve_precision, train_steps
 from ...stats import paired_drop, paired_figures, resolution_warning
 
 NAME = "classification"
@@ -122,6 +122,7 @@ class ClassificationTask:
         self.spec, self.data, self.config = spec, data, config
         self.input_shape = spec.shape(1)
         self.device = resolve_device(config.device)
+        self.precision = resolve_precision(config.train_precision, self.device)  # fine-tuning's and recoveries'
         self.book = ScoreBook()
         self.analysis = analysis
         self._report: ScoreReport | None = None
@@ -184,6 +185,7 @@ class ClassificationTask:
         where, self.recovery_where = getattr(self, "recovery_where", None), None
         return {"epochs": rc.epochs, "kd": rc.distill, "best_epoch": result.best_epoch, "cancelled": result.cancelled,
                 "start_selection": result.start_selection, "per_epoch": result.epochs, "config": asdict(rc),
+                "precision": result.precision,
                 "device": str(self.device), **({"where": where} if where else {})}
 
     def recovery_config(self, epochs: int | None = None) -> RecoveryConfig:
@@ -193,7 +195,7 @@ class ClassificationTask:
         c = self.config
         hflip = {"on": True, "off": False}.get(c.recover_mirror, bool((self.mirror or {}).get("hflip", False)))
         return RecoveryConfig(epochs=epochs or c.recover_epochs, lr=c.recover_lr, batch_size=c.batch_size,
-                              distill=c.recover_kd, seed=c.seed, hflip=hflip)
+                              distill=c.recover_kd, seed=c.seed, hflip=hflip, precision=self.precision)
 
     def _train_recovery(self, model: nn.Module, teacher: nn.Module | None, rc: RecoveryConfig, cancel, progress):
         select = lambda m: evaluate_accuracy(m, self.data.val, self.spec).accuracy  # noqa: E731
@@ -233,7 +235,8 @@ class ClassificationTask:
         parts = 1 + len(received["recovery_epochs"])
         with on_device(model, self.device):
             finetune(model, self.data.train, self.spec, received["finetune_batches"], self.finetune_lr or c.finetune_lr,
-                     c.batch_size, np.random.default_rng(c.seed + 1), cancel, lambda f, m: progress(f / parts, m))
+                     c.batch_size, np.random.default_rng(c.seed + 1), cancel, lambda f, m: progress(f / parts, m),
+                     precision=self.precision)
         for i, epochs in enumerate(received["recovery_epochs"], start=1):
             if cancel.is_set():
                 return None
@@ -306,7 +309,7 @@ class ClassificationTask:
         c = self.config
         with on_device(model, self.device):
             finetune(model, self.data.train, self.spec, c.finetune_steps, self.finetune_lr or c.finetune_lr,
-                     c.batch_size, rng, cancel, progress)
+                     c.batch_size, rng, cancel, progress, precision=self.precision)
 
     def check_finetune_lr(self, model: nn.Module, base: dict, cancel, progress) -> dict:
         """The fine-tuning learning rate this model tolerates, found on the unpruned model.
@@ -331,7 +334,8 @@ class ClassificationTask:
             with on_device(trial, self.device):
                 finetune(trial, self.data.train, self.spec, c.finetune_steps, lr, c.batch_size,
                          np.random.default_rng(c.seed), cancel,
-                         lambda f, m, a=attempt: progress((a + f) / (LR_HALVINGS + 1), f"learning rate {lr:g}: {m}"))
+                         lambda f, m, a=attempt: progress((a + f) / (LR_HALVINGS + 1), f"learning rate {lr:g}: {m}"),
+                         precision=self.precision)
                 correct = evaluate_accuracy(trial, self.data.val, self.spec).correct.numpy()
             cost = paired_drop(self._baseline_correct["selection"], correct)
             tried.append({"lr": lr, "selection_drop_points": cost.drop_points, "ci_low_points": cost.low_points})
@@ -485,8 +489,9 @@ def _accumulate_gradients(model: nn.Module, train: ImageSet, spec: InputSpec, rn
 
 def finetune(model: nn.Module, train: ImageSet, spec: InputSpec, steps: int, lr: float, batch_size: int,
              rng: np.random.Generator, cancel: threading.Event | None = None,
-             progress: Callable[[float, str], None] | None = None) -> None:
-    """A few mini-batches of SGD on the training split, to let the network adapt to the removal."""
+             progress: Callable[[float, str], None] | None = None, precision: str = "fp32") -> None:
+    """A few mini-batches of SGD on the training split, to let the network adapt to the removal; ``precision``:
+    ``fp32`` or ``bf16`` (``core.training.train_steps``)."""
     if steps <= 0 or len(train) == 0:
         return
     model.train()
@@ -499,4 +504,4 @@ def finetune(model: nn.Module, train: ImageSet, spec: InputSpec, steps: int, lr:
         x = augment_np(normalize(train.images[idx].to(device), spec), rng)
         return F.cross_entropy(model(x), train.labels[idx].to(device))
 
-    train_steps(model, opt, steps, batch_loss, cancel, progress)
+    train_steps(model, opt, steps, batch_loss, cancel, progress, precision=precision)

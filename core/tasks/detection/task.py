@@ -71,6 +71,7 @@ class DetectionPruneConfig(PruneConfig):
     step_macs: float | None = None
     recover_epochs: int = 0
     control: bool = False
+    train_precision: str = "fp32"  # the detector's fine-tuning (AdamW, frozen BatchNorm) was measured in fp32 only
 
     task = NAME
     APP_DEFAULTS = {"max_steps": 3, "latency": False}
@@ -83,6 +84,8 @@ class DetectionPruneConfig(PruneConfig):
             raise SettingsError("At least one screened cluster must get an exact mAP (exact_candidates >= 1).")
         if self.map_images is not None and self.map_images < 10:
             raise SettingsError("mAP needs at least 10 validation images (map_images >= 10).")
+        if self.train_precision != "fp32":
+            raise SettingsError("A detection run fine-tunes in fp32 only; leave --train-precision out (or give fp32).")
         if self.work_setting().where != "local":
             raise SettingsError("Ray workers score classification CAR only; a detection run scores in this process "
                                 "(leave --ray-address / --ray-workers out).")
