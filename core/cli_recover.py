@@ -4,12 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
 from .cli_common import add_device_args, add_precision_arg, announce_device, print_summary, progress_printer
 from .device import set_threads
 from .eta import PhaseProgress, format_duration
-from .errors import SettingsError
 from .recovery import RecoveryConfig, recover_run_step, recovery_device
 from .runs import Run
 

@@ -395,14 +395,16 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
         if accepted is None:
             reason = f"the next clusters would exceed the {config.max_drop:g}-point {task.metric_name} threshold"
             recovered_before = last.get("recovered_from") is not None and not last.get("stretch")
-            if recovered_before and not config.stretch:
-                reason += "; the recovery before bought no further step"
+            stretch = config.stretch and can_recover(task) and stretch_fits(task, writer, clock)
+            if recovered_before and not stretch:  # a second plain recovery of the same model buys no step either
+                reason += ("; the recovery before bought no further step, and the budget has no room for a stretch"
+                           if config.stretch else "; the recovery before bought no further step")
                 break
             blocked = recovery_blocked(config, recoveries, clock) if can_recover(task) else ""
             if blocked is not None:
                 reason += blocked
                 break
-            if config.stretch and stretch_fits(task, writer, clock):  # else a plain recovery, which does fit
+            if stretch:  # else a plain recovery, which does fit
                 walk = StretchWalk(candidates, scores, rank, stretch_macs, t_start)
                 graph, last, step, kept = stretch_step(graph, walk, task, structure, writer, cb, step, last, base,
                                                        teacher, rng, cancel, clock, channel_maps)
@@ -433,8 +435,7 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
             break
         refused = test_refusal(base, last, config.max_drop)
         if refused and can_recover(task):
-            # the selection images passed a step the test images refuse: the walk has drifted from what can
-            # ship (it never ships: Run.select_step), so recover now rather than walk on, or go back, or stop
+            # the selection images passed a step the test images refuse (never shipped): recover, go back, or stop
             blocked = recovery_blocked(config, recoveries, clock)
             if blocked is not None:
                 reason = refused + blocked

@@ -202,6 +202,17 @@ def test_a_recovery_that_buys_no_step_ends_the_run(digits, tmp_path, monkeypatch
     assert state["recoveries"] == 1 and "the recovery before bought no further step" in run.status["message"]
 
 
+def test_with_no_room_for_a_stretch_a_recovery_that_buys_no_step_ends_the_run(digits, tmp_path, monkeypatch):
+    """Stretches on, but the budget has no room for one: the stall at step 3 is recovered (step 3, from step 2), the
+    recovery buys no step, and the run ends there rather than recover the same model again (a ResNet-56 upload
+    recovered its 2.14x model three times in a row at the end of its budget, each read on the selection images)."""
+    monkeypatch.setattr(engine, "stretch_fits", lambda task, writer, clock: False)
+    run, _, state = faked_run(digits, tmp_path, monkeypatch, 0.35, 0.0, max_recoveries=3, stretch=True)
+    assert [r.get("recovered_from") for r in run.history] == [None, None, None, 2]
+    assert state["recoveries"] == 1
+    assert "the recovery before bought no further step, and the budget has no room for a stretch" in run.status["message"]
+
+
 def test_a_time_budget_stops_the_run_and_keeps_the_finished_steps(digits, tmp_path, monkeypatch):
     """A clock on which each finished step takes 100 s and the final recovery is guessed at four steps (400 s),
     kept in reserve: with an 11.5-minute budget (690 s) two steps fit (a third would start at 200 s and leave
