@@ -48,6 +48,7 @@ from .training import PRECISIONS
 from .workspace import read_json
 
 RECOVER_MIRROR = ("auto", "on", "off")
+NO_STRETCH_ROOM = ", and the budget has no room for a stretch"
 STRETCH_EPOCHS = 3  # a stretch's recovery runs this many times ``recover_epochs``: it absorbs a removal
 MAX_LEARNING_RATE = 10.0  # above this SGD and AdamW diverge on any network; a typo, not a setting
 
@@ -378,7 +379,6 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
         if clock.would_pass_budget(clock.step_estimate() + time_to_finish(task, writer, clock)):
             reason = f"time budget reached ({config.time_budget:g} min); the finished steps are kept"
             break
-        before = Snapshot.of(graph, channel_maps, last)  # where a step the test images refuse goes back to
         step += 1
         cb.enter("step", step)
         t0 = time.perf_counter()
@@ -397,8 +397,7 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
             recovered_before = last.get("recovered_from") is not None and not last.get("stretch")
             stretch = config.stretch and can_recover(task) and stretch_fits(task, writer, clock)
             if recovered_before and not stretch:  # a second plain recovery of the same model buys no step either
-                reason += ("; the recovery before bought no further step, and the budget has no room for a stretch"
-                           if config.stretch else "; the recovery before bought no further step")
+                reason += "; the recovery before bought no further step" + (config.stretch and NO_STRETCH_ROOM or "")
                 break
             blocked = recovery_blocked(config, recoveries, clock) if can_recover(task) else ""
             if blocked is not None:
@@ -435,60 +434,19 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
             break
         refused = test_refusal(base, last, config.max_drop)
         if refused and can_recover(task):
-            # the selection images passed a step the test images refuse (never shipped): recover, go back, or stop
+            reason = refused  # the selection images passed a step the test images refuse (never shipped): recover
             blocked = recovery_blocked(config, recoveries, clock)
             if blocked is not None:
-                reason = refused + blocked
+                reason += blocked
                 break
-            graph, last, step, batch, stop = recover_refused(task, graph, writer, cb, step + 1, last, base, teacher,
-                                                             cancel, clock, before, channel_maps, len(move))
+            step += 1
+            last = recover_step(task, graph, writer, cb, step, last, teacher, cancel, clock)
             recoveries += 1
-            scores, macs = None, last["macs"]
-            if stop is not None:
-                reason = stop
+            scores, batch = None, config.clusters_per_step
+            if test_refusal(base, last, config.max_drop):  # going back instead was measured and lost (how-it-works)
+                reason += "; the recovery did not bring it back"
                 break
     return finish_run(task, graph, writer, cb, cancel, clock, teacher, last, reason, rejected)
-
-
-@dataclass
-class Snapshot:
-    """The loop's state before a step: the model, its Torch-Pruning history, the channel maps and the record the
-    step starts from; what :func:`recover_refused` goes back to."""
-    model: torch.nn.Module
-    history: list
-    maps: dict
-    record: dict
-
-    @classmethod
-    def of(cls, graph: PruningGraph, channel_maps: dict, record: dict) -> "Snapshot":
-        return cls(copy.deepcopy(graph.model), [list(h) for h in graph.history], copy.deepcopy(channel_maps), record)
-
-
-def recover_refused(task: Task, graph: PruningGraph, writer: RunWriter, cb: Callbacks, step: int, last: dict,
-                    base: dict, teacher, cancel: threading.Event, clock: "RunClock", before: Snapshot,
-                    channel_maps: dict, clusters: int):
-    """After the test images refused step ``last`` (``clusters`` clusters removed; :func:`test_refusal`): recover it
-    as step ``step``. When the recovery brings it back within the threshold on the test images the loop goes on from
-    it with full-sized steps; else back to the model before the refused step (``before``; the two records stay in
-    the history, never shipped) with half as many clusters a step, or, after a one-cluster step, the run ends.
-    Returns ``(graph, last, step, batch, stop)``: the graph and record to go on from, the last step number
-    written, the clusters of the next step, and why the run ends (None: it goes on).
-
-    Why go back rather than end: on our ResNet-20 upload (``bench/real_cifar.py --upload``) the test images refused
-    a two-cluster step at 1.22x, its recovery read 1.1 test points, and the run used to end there, 3 of its 14
-    budgeted minutes spent, at 1.16x."""
-    config = task.config
-    refused = test_refusal(base, last, config.max_drop)
-    recovered = recover_step(task, graph, writer, cb, step, last, teacher, cancel, clock)
-    if not test_refusal(base, recovered, config.max_drop):
-        return graph, recovered, step, config.clusters_per_step, None
-    if clusters <= 1:
-        return graph, recovered, step, 1, f"{refused}; the recovery did not bring it back"
-    cb.progress(1.0, f"step {step}: the recovery did not bring step {last['step']} back; back to step "
-                     f"{before.record['step']}, {max(1, clusters // 2)} cluster(s) a step")
-    channel_maps.clear()
-    channel_maps.update(before.maps)
-    return rebuild_graph(task, before.model, before.history), before.record, step, max(1, clusters // 2), None
 
 
 def rank_step(task: Task, plan: PrunePlan, left_alone: dict[str, str], widths: dict[str, int],

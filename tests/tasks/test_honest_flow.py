@@ -14,7 +14,7 @@ from core.claim import pack_correct, shipped_claim, training_received, unpack_co
 from core.models import load_model
 from core.prune import PruneConfig, run_pruning
 from core.car import exact_budget
-from core.runs import Run, removals, select_step
+from core.runs import Run, select_step
 from core.sources import load_dataset
 from tests.helpers import quick_config
 
@@ -116,30 +116,6 @@ def test_a_step_the_test_images_refuse_is_recovered_and_the_walk_goes_on(digits,
     assert [r["step"] for r in spent.history] == [0, 1, 2, 3] and spent.history[3]["recovered_from"] == 2, \
         "no recovery left in the walk, but the step it ends on is recovered before the run ends"
     assert "refuse step 2" in spent.status["message"] and "recoveries spent" in spent.status["message"]
-
-
-def test_a_refused_step_its_recovery_does_not_bring_back_is_left_and_the_walk_goes_on_smaller(digits, tmp_path,
-                                                                                               monkeypatch):
-    """The test images refuse step 2 (two clusters) and its recovery, step 3: the run goes back to step 1's model
-    and goes on with one cluster a step (step 4). A refused one-cluster step whose
-    recovery the test images refuse too ends the run, as before."""
-    loaded, data = digits
-    fake_metric(monkeypatch, 0.1, 0.0)
-    monkeypatch.setattr(engine, "test_refusal", lambda base, record, max_drop: (
-        f"the test images refuse step {record['step']}" if record["step"] in (2, 3) else None))
-    config = quick_config(max_steps=6, max_drop=1.0, recover_epochs=1, max_recoveries=3, clusters_per_step=2)
-    run_pruning(loaded, data, config, tmp_path / "run")
-    run = Run(tmp_path / "run")
-    hist = run.history
-    assert len(removals(hist[2])) == 2 and hist[3]["recovered_from"] == 2
-    assert hist[4].get("recovered_from") is None and len(removals(hist[4])) == 1, "back, one cluster a step"
-    assert sum(hist[4]["widths"].values()) == sum(hist[1]["widths"].values()) - 8, "from step 1's model"
-    assert run.rebuild_step(4)(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
-    assert "refuse" not in run.status["message"], "the run went on past the refusal"
-    run_pruning(loaded, data, dataclasses.replace(config, clusters_per_step=1), tmp_path / "one")
-    one = Run(tmp_path / "one")
-    assert [r["step"] for r in one.history] == [0, 1, 2, 3] and one.history[3]["recovered_from"] == 2
-    assert one.status["message"].startswith("the test images refuse step 2; the recovery did not bring it back")
 
 
 def test_a_stretch_the_recovery_brings_back_is_kept_and_the_run_goes_on(digits, tmp_path, monkeypatch):
