@@ -44,7 +44,7 @@ from .models import LoadedModel
 from .plan import PrunePlan
 from .runs import Run, RunWriter
 from .tasks.base import Task
-from .training import PRECISIONS
+from .training import check_precision
 from .workspace import read_json
 
 RECOVER_MIRROR = ("auto", "on", "off")
@@ -184,9 +184,7 @@ class PruneConfig:
             raise SettingsError(f"Unknown CAR method '{self.car}'. Choose one of: {', '.join(CAR_METHODS)}.")
         if self.device not in DEVICES:
             raise SettingsError(f"Unknown device '{self.device}'. Choose one of: {', '.join(DEVICES)}.")
-        if self.train_precision not in PRECISIONS:
-            raise SettingsError(f"Unknown training precision '{self.train_precision}'. Choose one of: "
-                                f"{', '.join(PRECISIONS)}.")
+        check_precision(self.train_precision)
         self.work_setting().validate()
         if self.ray_recovery and self.work_setting().where == "local":
             raise SettingsError("Recovery on Ray workers needs a Ray address or a number of local Ray workers "
@@ -397,7 +395,7 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
             recovered_before = last.get("recovered_from") is not None and not last.get("stretch")
             stretch = config.stretch and can_recover(task) and stretch_fits(task, writer, clock)
             if recovered_before and not stretch:  # a second plain recovery of the same model buys no step either
-                reason += "; the recovery before bought no further step" + (config.stretch and NO_STRETCH_ROOM or "")
+                reason += "; the recovery before bought no further step" + (NO_STRETCH_ROOM if config.stretch else "")
                 break
             blocked = recovery_blocked(config, recoveries, clock) if can_recover(task) else ""
             if blocked is not None:
@@ -466,7 +464,7 @@ def stretch_fits(task: Task, writer: RunWriter, clock: "RunClock") -> bool:
     control's repeat of that recovery on the original (the control is given every recovery of the run,
     ``core.claim.training_received``) and what the run keeps for its end (:func:`time_to_finish`)."""
     stretch = clock.recovery_estimate(STRETCH_EPOCHS * task.config.recover_epochs)
-    if task.config.control and hasattr(task, "control"):
+    if makes_control(task):
         stretch *= 2
     return not clock.would_pass_budget(clock.step_estimate() + time_to_finish(task, writer, clock) + stretch)
 
@@ -493,7 +491,7 @@ def finish_run(task: Task, graph: PruningGraph, writer: RunWriter, cb: Callbacks
     if final_recovery_due(last, task, clock):
         written = Run(writer.dir).history[-1]["step"]  # past ``last`` when a stretch was undone after it
         last = recover_step(task, graph, writer, cb, written + 1, last, teacher, cancel, clock)
-    if config.control and teacher is not None and hasattr(task, "control"):
+    if makes_control(task) and teacher is not None:
         needs = control_estimate(Run(writer.dir).history, task, clock)
         if clock.would_pass_budget(needs):
             reason += f"; no time left in the budget for the control (about {needs / 60:.0f} min)"
@@ -705,7 +703,7 @@ def time_to_finish(task: Task, writer: RunWriter, clock: RunClock) -> float:
         return 0.0
     recovery = clock.recovery_estimate(task.config.recover_epochs) if can_recover(task) else 0.0
     reserve = recovery
-    if task.config.control and hasattr(task, "control"):  # the control repeats that recovery too
+    if makes_control(task):  # the control repeats that recovery too
         reserve += recovery + control_estimate(Run(writer.dir).history, task, clock)
     return reserve
 
@@ -724,6 +722,11 @@ def control_estimate(history: list[dict], task: Task, clock: RunClock) -> float:
     batch_s = epoch_s / max(1, -(-n_train // task.config.batch_size)) if n_train else 0.0
     received = training_received(history, task.config.finetune_steps)
     return sum(received["recovery_epochs"]) * epoch_s + received["finetune_batches"] * batch_s
+
+
+def makes_control(task: Task) -> bool:
+    """Whether the run ends with the control: the settings ask for it and the task can make it (``Task.control``)."""
+    return task.config.control and hasattr(task, "control")
 
 
 def can_recover(task: Task) -> bool:

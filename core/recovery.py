@@ -40,7 +40,7 @@ from .models import InputSpec
 from .runs import ACTIVE_RUNS, Run, RunWriter
 from .sources import load_run_dataset
 from .stats import paired_figures
-from .training import PRECISIONS, augment, resolve_precision, train_steps
+from .training import augment, check_precision, resolve_precision, train_steps
 from .tasks.registry import task_plugin
 
 
@@ -71,8 +71,7 @@ class RecoveryConfig:
             raise SettingsError(f"The recovery batch size must be at least 1; got {self.batch_size}.")
         if not 0 <= self.kd_alpha <= 1 or self.kd_temperature <= 0:
             raise SettingsError("Distillation needs 0 <= alpha <= 1 and a positive temperature.")
-        if self.precision not in PRECISIONS:
-            raise SettingsError(f"Unknown training precision '{self.precision}'. Choose one of: {', '.join(PRECISIONS)}.")
+        check_precision(self.precision)
 
 
 @dataclass

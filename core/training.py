@@ -40,14 +40,19 @@ def native_bf16(device: torch.device | str) -> bool:
     return any(bool(getattr(cpu, name, lambda: False)()) for name in probes)
 
 
+def check_precision(name: str) -> None:
+    """Raise ``SettingsError`` unless ``name`` is one of :data:`PRECISIONS` (the settings' one check)."""
+    if name not in PRECISIONS:
+        raise SettingsError(f"Unknown training precision '{name}'. Choose one of: {', '.join(PRECISIONS)}.")
+
+
 def resolve_precision(name: str | None, device: torch.device | str) -> str:
     """``auto`` | ``fp32`` | ``bf16`` -> the precision training uses on ``device`` (``fp32`` or ``bf16``).
 
     Raises ``SettingsError`` for another name. An explicit ``bf16`` is kept on a device without native bfloat16
     (it is correct there, only slower)."""
     name = (name or "auto").lower()
-    if name not in PRECISIONS:
-        raise SettingsError(f"Unknown training precision '{name}'. Choose one of: {', '.join(PRECISIONS)}.")
+    check_precision(name)
     if name == "auto":
         return "bf16" if native_bf16(device) else "fp32"
     return name
@@ -85,7 +90,10 @@ def train_steps(model, opt: torch.optim.Optimizer, steps: int, batch_loss: Calla
     ``precision``: ``fp32`` or ``bf16`` (:func:`resolve_precision`; ``batch_loss`` runs under :func:`autocast`,
     the backward pass and the optimiser step outside it, as ``torch.autocast`` asks).
 
-    Returns each finished step's loss (fewer than ``steps`` when cancelled)."""
+    Returns each finished step's loss (fewer than ``steps`` when cancelled). Raises ``ValueError`` for any other
+    precision (``auto`` must be resolved first: read as fp32 it would silently train slower)."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"train_steps needs a resolved precision, fp32 or bf16; got '{precision}'.")
     losses: list[float] = []
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     with training_precision(model, precision):

@@ -74,6 +74,8 @@ def test_bf16_runs_the_convolutions_in_bfloat16_and_keeps_the_weights_float32_an
     assert all(p.dtype == torch.float32 and p.is_contiguous() for p in net.parameters())
     assert any(not torch.equal(a, b.detach()) for a, b in zip(before, net.parameters())), "it trained"
     assert not net.training
+    with pytest.raises(ValueError, match="resolved precision"):  # "auto" read as fp32 would train slower, silently
+        train_steps(net, opt, 1, lambda: nn.functional.cross_entropy(net(x), y), precision="auto")
 
 
 def test_the_distillation_loss_is_float32_from_bfloat16_logits():
