@@ -1,6 +1,4 @@
 """`python -m core ...`: the headless CLI."""
-import sys
+from .cli import exit_process, main
 
-from .cli import main
-
-sys.exit(main())
+exit_process(main())

@@ -635,6 +635,22 @@ def test_sigterm_during_export_leaves_no_partial_bundle(good_run, tmp_path):
     assert list(out.parent.iterdir()) == [], "no partial bundle, no zip"
 
 
+def test_a_terminated_cli_process_ends_without_waiting_for_threads_a_library_left(tmp_path):
+    """After a SIGTERM the CLI's clean-up has run; a non-daemon thread still sleeping (as a library's can be, left
+    by a half-done step) must not keep the process alive. Exit handlers still run (a temporary folder goes)."""
+    script = (
+        "import tempfile, threading, time\n"
+        "from core.cli import exit_process\n"
+        "from core.cli_common import EXIT_TERMINATED\n"
+        "threading.Thread(target=time.sleep, args=(600,)).start()\n"
+        "kept = tempfile.TemporaryDirectory(dir=%r)\n"
+        "print(kept.name, flush=True)\n"
+        "exit_process(EXIT_TERMINATED)\n" % str(tmp_path))
+    res = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 143, res.stderr
+    assert not Path(res.stdout.strip()).exists(), "the exit handlers ran: the temporary folder is gone"
+
+
 def test_sigterm_during_prune_cancels_keeps_steps_and_exits_143(tmp_path):
     """SIGTERM stops a prune as Ctrl-C does (completed steps kept, the summary printed), with SIGTERM's code."""
     out = tmp_path / "run"
