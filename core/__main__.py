@@ -1,4 +1,6 @@
-"""`python -m core ...`: the headless CLI."""
-from .cli import exit_process, main
+"""`python -m core ...`: the headless CLI (a SIGTERM'd command ends in ``main`` itself: ``core.cli.exit_process``)."""
+import sys
 
-exit_process(main())
+from .cli import main
+
+sys.exit(main())

@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         code, error = run_handler(handler, args, as_json)
         if as_json and not emitted():
             emit_json({"error": error or "the command produced no result", "exit_code": code})
+    if code == EXIT_TERMINATED and argv is None:  # the process's own entry (python -m core, the prunescope script)
+        exit_process(code)
     return code
 
 
@@ -81,6 +83,7 @@ def exit_process(code: int) -> None:
     and stay alive past 120 s on a loaded machine, its SIGTERM having arrived while a step was being rebuilt."""
     if code != EXIT_TERMINATED:
         sys.exit(code)
+    sys.stdout.flush()
     atexit._run_exitfuncs()  # weakref finalizers (temporary folders) and other exit handlers; not thread joins
     sys.stdout.flush()
     sys.stderr.flush()
