@@ -118,6 +118,29 @@ def test_a_step_the_test_images_refuse_is_recovered_and_the_walk_goes_on(digits,
     assert "refuse step 2" in spent.status["message"] and "recoveries spent" in spent.status["message"]
 
 
+def test_a_refused_step_its_recovery_does_not_bring_back_is_followed_by_a_stretch(digits, tmp_path, monkeypatch):
+    """The test images refuse step 2 and its recovery (step 3) too: the next step tries no plain candidate but is a
+    stretch (its removal, then its longer recovery), and the walk goes on from it. Without stretches the run ends
+    at the recovery, as before."""
+    loaded, data = digits
+    fake_metric(monkeypatch, 0.1, 0.0)
+    monkeypatch.setattr(engine, "test_refusal", lambda base, record, max_drop: (
+        f"the test images refuse step {record['step']}" if record["step"] in (2, 3) else None))
+    config = quick_config(max_steps=8, max_drop=1.0, recover_epochs=1, max_recoveries=3, stretch=True)
+    run_pruning(loaded, data, config, tmp_path / "run")
+    hist = Run(tmp_path / "run").history
+    assert hist[3]["recovered_from"] == 2 and not hist[3].get("stretch")
+    assert hist[4].get("stretch") and hist[4]["removed"] and hist[4]["macs"] < hist[3]["macs"], \
+        "after the refusal the next step is a stretch's removal"
+    recovered = next(r for r in hist[5:] if r.get("recovered_from") is not None)
+    assert recovered["stretch"] and recovered["recovery"]["epochs"] == engine.STRETCH_EPOCHS
+    assert hist[-1]["macs"] < recovered["macs"], "the walk went on from the kept stretch"
+    run_pruning(loaded, data, dataclasses.replace(config, stretch=False), tmp_path / "plain")
+    plain = Run(tmp_path / "plain")
+    assert [r["step"] for r in plain.history] == [0, 1, 2, 3]
+    assert "refuse step 2" in plain.status["message"] and "did not bring it back" in plain.status["message"]
+
+
 def test_a_stretch_the_recovery_brings_back_is_kept_and_the_run_goes_on(digits, tmp_path, monkeypatch):
     """0.35 points per cluster, 1.2 back per recovery, threshold 1.0: steps 1-2 keep a cluster each (0.7); the
     third (1.05) is undone, so step 3 is a stretch: a step's worth of clusters removed past the threshold (one
