@@ -4,7 +4,8 @@ A pruning run takes many accept/undo decisions on its *selection* images; after 
 figure of the last step is biased (the winner's curse: a real ResNet-56 read 0.0 points lost on its
 selection images after 47 decisions and lost 1.95 on 8,000 unseen ones). So the figure claimed for the
 shipped step is its **test** drop with its paired 95 % interval (``core.stats``), and the step itself
-passes a final acceptance on the test images (:func:`core.runs.select_step`). Beside the drop from the
+passes a final acceptance on the test images (:func:`core.runs.select_step`, which reads the steps' test drops
+as one non-decreasing curve of the compression). Beside the drop from the
 original as given stands the drop from the **control**: the original given the same fine-tuning and
 recoveries (``control.json``), since fine-tuning on the user's images also adapts a model to them.
 

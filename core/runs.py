@@ -726,6 +726,18 @@ def accepted_test_drops(history: list[dict]) -> dict[int, float]:
     return {step: total / count for total, count, *members in blocks for step in members}
 
 
+def passed_over(history: list[dict], max_drop: float) -> list[tuple[dict, float]]:
+    """The steps with fewer MACs than :func:`select_step`'s pick that are within ``max_drop`` on the selection
+    images and on their own test read, but not on the curve of the test reads (:func:`accepted_test_drops`):
+    ``(record, the curve's drop in points)``, fewest MACs first. What Review explains beside the pick."""
+    base, fitted = history[0], accepted_test_drops(history)
+    pick = next(r for r in history if r["step"] == select_step(history, max_drop))
+    return sorted(((r, fitted[r["step"]]) for r in history
+                   if r["macs"] < pick["macs"] and r["step"] in fitted and fitted[r["step"]] > max_drop + 1e-9
+                   and (base["metric"] - r["metric"]) * 100 <= max_drop + 1e-9 and _test_within(base, r, max_drop)),
+                  key=lambda item: item[0]["macs"])
+
+
 def shippable(record: dict) -> bool:
     """Whether the loop meant ``record``'s model to be kept: not a pruning step of a run that recovers
     (``awaits_recovery``: only its recovered steps ship; ``core.engine.final_recovery_due``), not the removal half

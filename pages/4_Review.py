@@ -11,7 +11,7 @@ from core.groups import removal_label
 from core.runs import Run, removals
 from ui.common import (change, format_macs, format_ms, format_params, format_pct, metrics_row, page_link, pick_run,
                        setup_page, started_at, state_badge, threshold_pick)
-from ui.review import compare_steps, control_line, drop_text, drops_line, latency_text, no_kept_step_panel
+from ui.review import compare_steps, control_line, drop_text, drops_line, latency_text, no_kept_step_panel, pooled_line
 from ui.state import get_registry
 from ui.tasks import task_ui
 
@@ -58,6 +58,7 @@ def pick_summary() -> None:
         if pick["step"]:
             st.markdown(drops_line(pick, metric))
             control_line(run, hist, pick)
+        pooled_line(hist, thr)
         if pick.get("recovered_from") is not None:
             st.caption(f"Step {pick['step']} is step {pick['recovered_from']} after a recovery fine-tune of "
                        f"{pick['recovery']['epochs']} epoch(s){' with KD' if pick['recovery'].get('kd') else ''}.")

@@ -15,7 +15,7 @@ from core.errors import PruneScopeError
 from core.jobs import JobAlreadyRunning, recovery_job
 from core.measure import LatencyComparison
 from core.recovery import RecoveryConfig
-from core.runs import Run
+from core.runs import Run, passed_over
 from ui.common import action_button, format_macs, format_ms, format_params, format_pct, job_status, page_link
 from ui.state import get_registry
 
@@ -50,6 +50,20 @@ def drops_line(record: dict, metric: str) -> str:
     test_part = (f"test {metric.lower()} {format_pct(test)}, drop {drop_text(record, 'test')}" if test is not None
                  else "no test images in this run (made without a test split)")
     return f"Selection drop {drop_text(record)} · {test_part}."
+
+
+def pooled_line(hist: list[dict], threshold: float) -> None:
+    """Why a smaller step that reads within the threshold on its own test images is not the pick: the final
+    acceptance reads the test drops as one non-decreasing curve of the compression (``core.runs.passed_over``)."""
+    passed = passed_over(hist, threshold)
+    if not passed:
+        return
+    record, fitted = passed[0]
+    own = (hist[0]["test_metric"] - record["test_metric"]) * 100
+    st.caption(f"Step {record['step']} ({hist[0]['macs'] / record['macs']:.2f}x fewer MACs) reads {own:.2f} test points "
+               f"lost on its own, but {fitted:.2f} on the curve of this run's test reads, where less pruned steps read "
+               f"worse: one lucky read on the same test images does not ship a model"
+               + (f" ({len(passed) - 1} more such step(s))." if len(passed) > 1 else "."))
 
 
 def control_line(run, hist: list[dict], pick: dict) -> None:

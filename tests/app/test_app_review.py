@@ -139,3 +139,19 @@ def test_a_finished_run_without_a_kept_step_says_why_and_what_to_change():
     assert f"More selection images: with {len(data.val)} one image is {100 / len(data.val):.2f} points" in page
     assert "Recovery epochs: with recovery when stalled" in page
     assert [p.proto.label for p in at.main.get("page_link")] == ["Change the settings and prune again"]
+
+
+def test_a_step_passed_over_by_the_curve_of_test_reads_is_explained(sample_run):
+    """Step 1 reads 8 test points lost, step 2 (fewer MACs) 3: within the run's 5-point budget on its own read, but
+    the final acceptance reads the test drops as one non-decreasing curve (5.5 for both), so Review says why the
+    smaller step is not the pick."""
+    path = sample_run / "history.jsonl"  # the sample run has no test split: give it test reads
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for record, drop in zip(records, (0.0, 8.0, 3.0)):
+        record["test_metric"] = 0.90 - drop / 100
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert Run(sample_run).select_step(5.0) == 0
+    at = goto(new_app().run(), "review")
+    assert_no_exception(at)
+    page = texts(at)
+    assert "Step 2 (" in page and "reads 3.00 test points lost on its own, but 5.50 on the curve" in page

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core.runs import accepted_test_drops, select_step
+from core.runs import accepted_test_drops, passed_over, select_step
 
 
 def _history(test_drops: list[float], selection_drop: float = 0.0) -> list[dict]:
@@ -29,6 +29,9 @@ def test_a_lucky_read_past_refused_steps_no_longer_ships_alone():
     assert select_step(history, 1.0) == 5
     assert select_step(history, 1.2) == 9, "a looser threshold takes the pooled block"
     assert select_step(history, 0.25) == 1
+    assert [(r["step"], round(f, 2)) for r, f in passed_over(history, 1.0)] == [(9, 1.13), (7, 1.13)], \
+        "Review names the smaller steps that pass on their own read but not on the curve"
+    assert passed_over(_history([0.1, 0.4, 0.9]), 1.0) == []
 
 
 def test_test_drops_that_grow_with_the_compression_are_read_as_they_are():
