@@ -361,16 +361,13 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
     base = measure_original(graph, task, writer, cb, cancel)
     channel_maps = {n: list(range(w)) for n, w in base["widths"].items()}
     structure = write_structure(graph, task, writer)
-    left_alone: dict[str, str] = structure["left_alone"]  # group root -> why its surgery cannot be trusted
     t_start = time.perf_counter()  # records' ``elapsed`` counts from the first step, as before budgets
-    scores: dict[str, np.ndarray] | None = None  # group root -> score per filter
-    batch = config.clusters_per_step  # the most clusters tried together at the next step
-    macs, last = base["macs"], base  # the current model's MACs; the last recorded step
-    recoveries, step, reason = 0, 0, "step limit reached"
-    stalled: str | None = None  # why the next step is a stall without trying candidates (unrecovered_refusal)
-    rejected: list[dict] = []  # moves the threshold undid (closest_rejected in the status)
-    stretch_macs = config.stretch_macs  # the next stretch's size, a fraction of the original MACs (halved when undone)
-    rank = functools.partial(rank_step, task, plan, left_alone, base["widths"], rng, cancel, cb)
+    scores, batch = None, config.clusters_per_step  # group root -> score per filter; the most clusters a step tries
+    # the current model's MACs; the last recorded step; the next stretch's size (of the original MACs; halved if undone)
+    macs, last, stretch_macs = base["macs"], base, config.stretch_macs
+    # reason: why it stopped (the step limit: the while's else); rejected: undone moves; stalled: unrecovered_refusal
+    recoveries, step, reason, rejected, stalled = 0, 0, "", [], None
+    rank = functools.partial(rank_step, task, plan, structure["left_alone"], base["widths"], rng, cancel, cb)
     while step < config.max_steps:
         if cancel.is_set():
             raise CancelledError("Cancelled.")
@@ -398,7 +395,7 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
             if recovered_before and not stretch:  # a second plain recovery of the same model buys no step either
                 reason += "; the recovery before bought no further step" + (NO_STRETCH_ROOM if config.stretch else "")
                 break
-            blocked = recovery_blocked(config, recoveries, clock) if can_recover(task) else ""
+            blocked = recovery_blocked(task, writer, recoveries, clock) if can_recover(task) else ""
             if blocked is not None:
                 reason += blocked
                 break
@@ -410,7 +407,7 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
                 scores, batch = None, config.clusters_per_step
                 if kept is False:  # undone: the next stretch is half as long
                     stretch_macs = max(stretch_macs / 2, config.step_macs or 0.0)
-                stop = after_stretch(task, base, last, kept, recovered_before, recoveries, clock)
+                stop = after_stretch(task, base, last, kept, recovered_before, recoveries, clock, writer)
                 if stop is not None:
                     reason = stop if kept else reason + stop
                     break
@@ -434,7 +431,7 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
         refused = test_refusal(base, last, config.max_drop)
         if refused and can_recover(task):
             reason = refused  # the selection images passed a step the test images refuse (never shipped): recover
-            blocked = recovery_blocked(config, recoveries, clock)
+            blocked = recovery_blocked(task, writer, recoveries, clock)
             if blocked is not None:
                 reason += blocked
                 break
@@ -443,9 +440,12 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
             recoveries += 1
             scores, batch = None, config.clusters_per_step
             stalled = unrecovered_refusal(base, last, reason, config.max_drop)
-            if stalled and not (config.stretch and stretch_fits(task, writer, clock)):
-                reason = stalled + (NO_STRETCH_ROOM if config.stretch else "")
+            blocked = stretch_blocked(task, writer, clock, recoveries) if stalled else None
+            if blocked is not None:
+                reason = stalled + blocked
                 break
+    else:
+        reason = "step limit reached"
     return finish_run(task, graph, writer, cb, cancel, clock, teacher, last, reason, rejected)
 
 
@@ -590,7 +590,7 @@ def stretch_step(graph: PruningGraph, walk: StretchWalk, task: Task, structure: 
 
 
 def after_stretch(task: Task, base: dict, last: dict, kept: bool | None, recovered_before: bool, recoveries: int,
-                  clock: "RunClock") -> str | None:
+                  clock: "RunClock", writer: RunWriter) -> str | None:
     """Why the run ends after a stretch (:func:`stretch_step`), or None to go on: from a kept stretch when it
     reached the MAC target; from an undone one (the text is added to the stall's
     reason) when a plain recovery was already tried, none is left, or no time is left for one."""
@@ -603,7 +603,7 @@ def after_stretch(task: Task, base: dict, last: dict, kept: bool | None, recover
         # -0.2 on 3,000 unseen images
     if recovered_before:
         return "; the recovery before bought no further step, nor did a stretch"
-    blocked = recovery_blocked(config, recoveries, clock)
+    blocked = recovery_blocked(task, writer, recoveries, clock)
     return None if blocked is None else "; the stretch did not come back" + blocked
 
 
@@ -621,13 +621,31 @@ def unrecovered_refusal(base: dict, recovered: dict, refused: str, max_drop: flo
     return refused + "; the recovery did not bring it back" if test_refusal(base, recovered, max_drop) else None
 
 
-def recovery_blocked(config: PruneConfig, recoveries: int, clock: "RunClock") -> str | None:
+def stretch_blocked(task: Task, writer: RunWriter, clock: "RunClock", recoveries: int) -> str | None:
+    """What keeps the loop from a stretch now, as the end of a stop reason, or None: stretches off (empty text),
+    every recovery spent, or no room in the budget for a stretch (:func:`stretch_fits`)."""
+    if not task.config.stretch:
+        return ""
+    blocked = recovery_blocked(task, writer, recoveries, clock)
+    if blocked is not None:
+        return blocked
+    return None if stretch_fits(task, writer, clock) else NO_STRETCH_ROOM
+
+
+def recovery_blocked(task: Task, writer: RunWriter, recoveries: int, clock: "RunClock") -> str | None:
     """What keeps the loop from a further recovery, as the end of a stop reason, or None: every one of
-    ``max_recoveries`` spent, or no time left in the budget for one as long as the last."""
+    ``max_recoveries`` spent, or no time left in the budget for one as long as the last and what the run keeps
+    for its end (:func:`time_to_finish`: with the control, the control's repeat of this recovery and the control).
+
+    Why the control's share: a ResNet-56 upload (``bench/real_cifar.py --upload``, 30-minute budget) recovered
+    its last model once more 18 minutes in, where only the recovery itself was checked against the budget, and
+    then had no time for the 12-minute control."""
+    config = task.config
     if recoveries >= config.max_recoveries:
         return f"; all {config.max_recoveries} recoveries spent"
-    if clock.would_pass_budget(clock.recovery_estimate(config.recover_epochs)):
-        return f"; no time left in the {config.time_budget:g}-minute budget for a recovery"
+    if clock.would_pass_budget(time_to_finish(task, writer, clock)):
+        return (f"; no time left in the {config.time_budget:g}-minute budget for a recovery"
+                + (" and the control" if makes_control(task) else ""))
     return None
 
 

@@ -134,8 +134,8 @@ def recover(model: nn.Module, train: ImageSet, spec: InputSpec, config: Recovery
     The incoming model is not a candidate: a pruned step was accepted *because* it scored well on the
     selection images, so its selection figure reads high (the winner's curse), and an epoch that is
     better on unseen images can score below it there. Whether to use the recovered model is the user's
-    choice (Review shows both steps with their test figures; ``select_step`` prefers the more accurate of
-    equal-MAC steps). ``select(model) -> float`` scores the model on the selection images (higher is
+    choice (Review shows both steps with their test figures; of equal-MAC steps within the threshold
+    ``select_step`` ships the more accurate on the selection images). ``select(model) -> float`` scores the model on the selection images (higher is
     better, e.g. accuracy); ``teacher`` is required when ``config.distill``. ``progress(done, total,
     message)`` counts mini-batches over all epochs. Cancelling stops at the next mini-batch and keeps the
     best epoch finished so far (the incoming model, ``best_epoch`` 0, if none finished).

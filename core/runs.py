@@ -651,7 +651,8 @@ class Run:
                                   "loaded.") from None
 
     def select_step(self, max_drop: float) -> int:
-        """The step with the fewest MACs whose metric drop (points) is within ``max_drop``."""
+        """The step that ships at ``max_drop`` points (:func:`select_step`: the fewest MACs within it on the
+        selection images and on the curve of the test reads)."""
         if not self.history:
             raise PruneScopeError(f"Run {self.name} has no completed step yet.")
         return select_step(self.history, max_drop)
@@ -680,17 +681,17 @@ def upload_names(spec: ModelSpec, data_source: str | None) -> dict[str, str]:
 
 
 def select_step(history: list[dict], max_drop: float) -> int:
-    """The step with the fewest MACs whose metric drop from step 0 (points) is within ``max_drop`` on the
-    selection images and, where the run measured test images, on those too (the final acceptance), read as one
-    curve (:func:`accepted_test_drops`).
+    """The step with the fewest MACs whose metric drop from step 0 (points) is within ``max_drop`` on the selection
+    images and, where the run measured test images, on those too (the final acceptance), read as one curve
+    (:func:`accepted_test_drops`).
 
-    The selection figure of a step the loop kept is biased by the decisions taken on it (the winner's
-    curse); the test images took no decision. But one acceptance per step on the same test images is a
-    look per step, and "the smallest step that passes" takes the luckiest of them: on a real ResNet-20
-    upload it shipped 1.82x on a read of exactly 1.0 points that lost 2.13 on 3,000 unseen images, past two
-    recovered steps the test images had refused. Reading the test drops as one non-decreasing curve of the
-    compression pools such a lucky read with its neighbours. A step ships only when its own read and the
-    curve's are both within ``max_drop``; among equal-MAC steps the more accurate on the selection images."""
+    The selection figure of a step the loop kept is biased by the decisions taken on it (the winner's curse); the test images took no decision. But one acceptance per step on the same test
+    images is a look per step, and "the smallest step that passes" takes the luckiest of them: on a real
+    ResNet-20 upload it shipped 1.82x on a read of exactly 1.0 points that lost 2.13 on 3,000 unseen images,
+    after recovered steps at 1.41x and 1.69x had read 1.3 and 1.2 (the curve pools the four from 1.41x at 1.13).
+    Reading the test drops as one non-decreasing curve of the compression pools such a lucky read with its
+    neighbours. A step ships only when its own read and the curve's are both within ``max_drop``; among
+    equal-MAC steps the more accurate on the selection images."""
     base = history[0]
     fitted = accepted_test_drops(history)
     ok = [r for r in history if (base["metric"] - r["metric"]) * 100 <= max_drop + 1e-9 and shippable(r)
@@ -701,20 +702,22 @@ def select_step(history: list[dict], max_drop: float) -> int:
 
 
 def accepted_test_drops(history: list[dict]) -> dict[int, float]:
-    """Step -> the test drop (points from step 0) the final acceptance reads: the isotonic (non-decreasing)
-    regression of the shippable steps' own test drops, from the fewest removed MACs to the most (equal MACs in
-    step order), by the pool-adjacent-violators algorithm (Barlow et al., "Statistical Inference under Order
-    Restrictions", 1972). Empty without test figures.
+    """Step -> the test drop (points from step 0) the final acceptance reads: the isotonic (non-decreasing) regression
+    of the shippable steps' own test drops, from the fewest removed MACs to the most (equal MACs, which the
+    compression does not order, from the best read to the worst: a recovery of a step that reads better than the
+    step is not pooled with it), by the pool-adjacent-violators algorithm (Barlow et al., "Statistical Inference
+    under Order Restrictions", 1972). Empty without test figures.
 
-    Why: a pruned model loses more the more it is pruned, so a step that reads better than a less pruned one
-    owes part of it to the particular test images; pooling the two reads is the least-squares estimate under
-    that order. The fitted drops never fall, so the steps a threshold accepts are the least pruned ones up to
-    the first it refuses: a lucky read after refused ones no longer ships alone."""
+    Why: a pruned model loses more the more it is pruned, so a step that reads better than a less pruned one owes
+    part of it to the particular test images; pooling the two reads is the least-squares estimate under that
+    order. The fitted drops never fall, so the steps the curve accepts at a threshold are the least pruned ones
+    up to the first it refuses (:func:`select_step` also skips a step whose own read is past the threshold): a
+    lucky read after refused ones no longer ships alone."""
     base = history[0]
     if base.get("test_metric") is None:
         return {}
     steps = sorted((r for r in history if shippable(r) and r.get("test_metric") is not None),
-                   key=lambda r: (-r["macs"], r["step"]))
+                   key=lambda r: (-r["macs"], base["test_metric"] - r["test_metric"], r["step"]))
     blocks: list[list[float]] = []  # [sum of drops, count, ...steps]
     for r in steps:
         blocks.append([(base["test_metric"] - r["test_metric"]) * 100, 1, r["step"]])

@@ -65,7 +65,8 @@ def format_pct(acc_fraction: float | None) -> str:
 
 
 def pick_smallest_within(history: list[dict], max_drop_points: float) -> dict:
-    """The record with the fewest MACs whose metric drop from step 0 is within ``max_drop_points``.
+    """The record of the step that ships at ``max_drop_points``: the fewest MACs within it on the selection
+    images and on the curve of the test reads.
 
     Uses :func:`core.runs.select_step`, so the review page and the CLI/export always agree on which
     step a threshold picks. Step 0 when nothing fits.

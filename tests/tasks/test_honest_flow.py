@@ -139,6 +139,10 @@ def test_a_refused_step_its_recovery_does_not_bring_back_is_followed_by_a_stretc
     plain = Run(tmp_path / "plain")
     assert [r["step"] for r in plain.history] == [0, 1, 2, 3]
     assert "refuse step 2" in plain.status["message"] and "did not bring it back" in plain.status["message"]
+    run_pruning(loaded, data, dataclasses.replace(config, max_recoveries=1), tmp_path / "spent")
+    spent = Run(tmp_path / "spent")
+    assert [r["step"] for r in spent.history] == [0, 1, 2, 3], "no recovery left for a stretch: the run ends there"
+    assert "did not bring it back" in spent.status["message"] and "recoveries spent" in spent.status["message"]
 
 
 def test_a_stretch_the_recovery_brings_back_is_kept_and_the_run_goes_on(digits, tmp_path, monkeypatch):

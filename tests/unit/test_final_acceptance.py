@@ -65,11 +65,15 @@ def test_without_test_figures_the_selection_figure_alone_decides():
     assert select_step(_history([0.5, 3.0, 0.2], selection_drop=1.5), 1.0) == 0, "the selection figure still counts"
 
 
-def test_of_equal_mac_steps_pooled_by_the_curve_only_one_within_the_threshold_on_its_own_read_ships():
-    """Two recoveries of the same model (equal MACs), the more accurate on the selection images reading 1.4 test
-    points lost, the other 0.2: the curve pools them at 0.8, but a read past the threshold never ships."""
+def test_equal_mac_steps_are_not_ordered_by_the_curve():
+    """A step and a later recovery of it have equal MACs, which say nothing about which should read worse: the
+    curve takes them from the best read to the worst, so a recovery that reads better than its step ships and
+    its step (1.4 test points lost) is not pooled with it; a read past the threshold never ships."""
     history = _history([0.3, 1.4, 0.2])
     history[3]["macs"] = history[2]["macs"]
     history[2]["metric"] = 0.805  # the better selection figure: it would win the tie
-    assert accepted_test_drops(history)[2] == accepted_test_drops(history)[3] == pytest.approx(0.8)
+    fitted = accepted_test_drops(history)
+    assert fitted[1] == fitted[3] == pytest.approx(0.25) and fitted[2] == pytest.approx(1.4)
     assert select_step(history, 1.0) == 3
+    history[3]["test_metric"], history[2]["test_metric"] = history[2]["test_metric"], history[3]["test_metric"]
+    assert select_step(history, 1.0) == 2, "the order follows the reads, not the step numbers"

@@ -144,6 +144,32 @@ def test_a_stretch_starts_only_with_room_for_its_recovery_twice_when_the_control
     assert engine.stretch_fits(task, writer, clock)
 
 
+def test_a_plain_recovery_in_the_loop_keeps_time_for_the_control(tmp_path, monkeypatch):
+    """A recovery the loop makes (a stall, a refused step) needs its own time, the control's repeat of it and the
+    control (``time_to_finish``), not only its own: a ResNet-56 upload recovered its last model 18 minutes into a
+    30-minute budget and then had no time for its 12-minute control."""
+    from types import SimpleNamespace
+
+    import core.engine as engine
+
+    task = SimpleNamespace(config=PruneConfig(control=True, recover_epochs=2, max_recoveries=5, time_budget=20.0),
+                           data=SimpleNamespace(train=list(range(1000))), recover=object(), control=object())
+    writer = SimpleNamespace(dir=tmp_path)
+    monkeypatch.setattr(engine, "Run", lambda folder: SimpleNamespace(history=[{"step": 0}]))
+    clock = engine.RunClock(task.config.time_budget)  # 1,200 s
+    clock.step_done(10.0)
+    clock.recovery_done(20.0, 2)
+    clock.start = time.perf_counter() - (1200 - 3 * 20.0 - 1.0)  # room for 20 + 20 + the control's 20, 1 s to spare
+    assert engine.recovery_blocked(task, writer, 0, clock) is None
+    clock.start -= 2.0  # the recovery alone (20 s) still fits, the control after it does not
+    assert not clock.would_pass_budget(20.0)
+    assert engine.recovery_blocked(task, writer, 0, clock) == \
+        "; no time left in the 20-minute budget for a recovery and the control"
+    task.config.control = False
+    assert engine.recovery_blocked(task, writer, 0, clock) is None, "without the control the recovery alone counts"
+    assert engine.recovery_blocked(task, writer, 5, clock) == "; all 5 recoveries spent"
+
+
 def test_a_recovery_is_estimated_per_epoch_so_a_stretch_is_not_the_next_plain_recovery():
     """A stretch recovers 3x the epochs of a plain one: after a 6-epoch stretch of 60 s the last step's 2-epoch
     recovery is reserved at 20 s, not 60 (the budget would otherwise stop the loop early); unknown epochs keep
