@@ -685,10 +685,11 @@ def select_step(history: list[dict], max_drop: float) -> int:
     images and, where the run measured test images, on those too (the final acceptance), read as one curve
     (:func:`accepted_test_drops`).
 
-    The selection figure of a step the loop kept is biased by the decisions taken on it (the winner's curse); the test images took no decision. But one acceptance per step on the same test
-    images is a look per step, and "the smallest step that passes" takes the luckiest of them: on a real
-    ResNet-20 upload it shipped 1.82x on a read of exactly 1.0 points that lost 2.13 on 3,000 unseen images,
-    after recovered steps at 1.41x and 1.69x had read 1.3 and 1.2 (the curve pools the four from 1.41x at 1.13).
+    The selection figure of a step the loop kept is biased by the decisions taken on it (the winner's curse);
+    the test images took no decision. But one acceptance per step on the same test images is a look per step,
+    and "the smallest step that passes" takes the luckiest of them: on a real ResNet-20 upload it shipped 1.82x
+    on a read of exactly 1.0 points that lost 2.13 on 3,000 unseen images, after recovered steps at 1.41x and
+    1.69x had read 1.3 and 1.2 (the curve pools the four from 1.41x at 1.13).
     Reading the test drops as one non-decreasing curve of the compression pools such a lucky read with its
     neighbours. A step ships only when its own read and the curve's are both within ``max_drop``; among
     equal-MAC steps the more accurate on the selection images."""

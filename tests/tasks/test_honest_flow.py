@@ -120,8 +120,9 @@ def test_a_step_the_test_images_refuse_is_recovered_and_the_walk_goes_on(digits,
 
 def test_a_refused_step_its_recovery_does_not_bring_back_is_followed_by_a_stretch(digits, tmp_path, monkeypatch):
     """The test images refuse step 2 and its recovery (step 3) too: the next step tries no plain candidate but is a
-    stretch (its removal, then its longer recovery), and the walk goes on from it. Without stretches the run ends
-    at the recovery, as before."""
+    stretch (its removal, then its longer recovery), and the walk goes on from it. When the test images refuse the
+    stretch's recovery as well, the run ends there. Without stretches, or with no recovery left, the run ends at
+    the recovery, as before."""
     loaded, data = digits
     fake_metric(monkeypatch, 0.1, 0.0)
     monkeypatch.setattr(engine, "test_refusal", lambda base, record, max_drop: (
@@ -139,6 +140,13 @@ def test_a_refused_step_its_recovery_does_not_bring_back_is_followed_by_a_stretc
     plain = Run(tmp_path / "plain")
     assert [r["step"] for r in plain.history] == [0, 1, 2, 3]
     assert "refuse step 2" in plain.status["message"] and "did not bring it back" in plain.status["message"]
+    monkeypatch.setattr(engine, "test_refusal", lambda base, record, max_drop: (
+        f"the test images refuse step {record['step']}" if record["step"] >= 2 else None))
+    run_pruning(loaded, data, config, tmp_path / "again")
+    again = Run(tmp_path / "again")
+    last = again.history[-1]
+    assert last["recovered_from"] is not None and last["stretch"], "the stretch's recovery is the run's last step"
+    assert again.status["message"].startswith(f"the test images refuse step {last['step']}: the recovery of the stretch")
     run_pruning(loaded, data, dataclasses.replace(config, max_recoveries=1), tmp_path / "spent")
     spent = Run(tmp_path / "spent")
     assert [r["step"] for r in spent.history] == [0, 1, 2, 3], "no recovery left for a stretch: the run ends there"
