@@ -56,6 +56,21 @@ def upload_sets(depth_record: dict) -> tuple[ImageSet, ImageSet, ImageSet, Input
     return subset(roles["train"]), subset(roles["val"]), subset(roles["unseen"]), spec
 
 
+def trained_originals(depths: list[int]):
+    """Per depth whose weights ``sample_models/train_cifar.py`` wrote: ``(depth, the trained original in eval
+    mode, upload_sets(...))``; a depth not trained yet is skipped with one line."""
+    manifest = json.loads(train_cifar.MANIFEST.read_text()) if train_cifar.MANIFEST.exists() else {"models": []}
+    trained = {m["name"]: m for m in manifest["models"]}
+    for depth in depths:
+        record = trained.get(f"cifar10_resnet{depth}")
+        if record is None:
+            print(f"ResNet-{depth}: not trained yet (sample_models/train_cifar.py); skipped")
+            continue
+        original = CifarResNet(depth)
+        original.load_state_dict(torch.load(train_cifar.MANIFEST.parent / record["weights"], weights_only=True))
+        yield depth, original.eval(), upload_sets(record)
+
+
 def pruned_copy(original: torch.nn.Module, fraction: float = 0.25) -> torch.nn.Module:
     """The original without the lowest-L1 ``fraction`` of every prunable group's filters (whole clusters of 8)."""
     graph = PruningGraph(copy.deepcopy(original).eval(), (1, 3, 32, 32))
@@ -103,18 +118,8 @@ def main() -> int:
     if args is None:
         return 0
     print(f"machine: {machine()}; native bf16 on this CPU: {native_bf16('cpu')}", flush=True)
-    manifest = json.loads(train_cifar.MANIFEST.read_text()) if train_cifar.MANIFEST.exists() else {"models": []}
-    trained = {m["name"]: m for m in manifest["models"]}
     rows, pairs = [], []
-    for depth in args.depths:
-        record = trained.get(f"cifar10_resnet{depth}")
-        if record is None:
-            print(f"ResNet-{depth}: not trained yet (sample_models/train_cifar.py); skipped")
-            continue
-        original = CifarResNet(depth)
-        original.load_state_dict(torch.load(train_cifar.MANIFEST.parent / record["weights"], weights_only=True))
-        original.eval()
-        train, selection, unseen, spec = upload_sets(record)
+    for depth, original, (train, selection, unseen, spec) in trained_originals(args.depths):
         pruned = pruned_copy(original)
         base = evaluate_accuracy(original, unseen, spec)
         cut = evaluate_accuracy(pruned, unseen, spec)
