@@ -22,10 +22,10 @@ import copy
 import sys
 import time
 
-from _common import machine, parse_with_data, parser, table
+from _common import machine, parse_with_data, table
 
 import train_cifar  # noqa: E402  (sample_models/, on sys.path by _common)
-from train_precision import pruned_copy, trained_originals  # noqa: E402
+from train_precision import pruned_copy, recovery_parser, trained_originals  # noqa: E402
 
 from core.evaluate import evaluate_accuracy  # noqa: E402
 from core.recovery import RecoveryConfig, recover  # noqa: E402
@@ -33,12 +33,8 @@ from core.stats import paired_drop  # noqa: E402
 
 
 def main() -> int:
-    ap = parser(__doc__)
-    ap.add_argument("--depths", type=int, nargs="+", default=[20, 56])
-    ap.add_argument("--epochs", type=int, default=6)
+    ap = recovery_parser(__doc__)
     ap.add_argument("--adapt-epochs", type=int, default=6)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--threads", type=int, default=2)
     args = parse_with_data(ap, train_cifar.DATA_ZIP)
     if args is None:
         return 0

@@ -108,12 +108,19 @@ def step_ratio(model: torch.nn.Module, teacher: torch.nn.Module, spec: InputSpec
     return best["fp32"] / best["bf16"]
 
 
-def main() -> int:
-    ap = parser(__doc__)
+def recovery_parser(doc: str | None):
+    """The arguments of a bench that recovers pruned ResNets on the upload: ``--depths``, ``--epochs`` (of each
+    recovery), ``--seeds`` and ``--threads``."""
+    ap = parser(doc)
     ap.add_argument("--depths", type=int, nargs="+", default=[20, 56])
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--threads", type=int, default=2)
+    return ap
+
+
+def main() -> int:
+    ap = recovery_parser(__doc__)
     args = parse_with_data(ap, train_cifar.DATA_ZIP)
     if args is None:
         return 0

@@ -695,8 +695,8 @@ def select_step(history: list[dict], max_drop: float) -> int:
     equal-MAC steps the more accurate on the selection images."""
     base = history[0]
     fitted = accepted_test_drops(history)
-    ok = [r for r in history if (base["metric"] - r["metric"]) * 100 <= max_drop + 1e-9 and shippable(r)
-          and _test_within(base, r, max_drop) and fitted.get(r["step"], 0.0) <= max_drop + 1e-9]
+    ok = [r for r in history if shippable(r) and _within(base, r, max_drop)
+          and _within(base, r, max_drop, "test_metric") and fitted.get(r["step"], 0.0) <= max_drop + 1e-9]
     if not ok:
         return 0
     return min(ok, key=lambda r: (r["macs"], -r["metric"]))["step"]
@@ -738,7 +738,7 @@ def passed_over(history: list[dict], max_drop: float) -> list[tuple[dict, float]
     pick = next(r for r in history if r["step"] == select_step(history, max_drop))
     return sorted(((r, fitted[r["step"]]) for r in history
                    if r["macs"] < pick["macs"] and r["step"] in fitted and fitted[r["step"]] > max_drop + 1e-9
-                   and (base["metric"] - r["metric"]) * 100 <= max_drop + 1e-9 and _test_within(base, r, max_drop)),
+                   and _within(base, r, max_drop) and _within(base, r, max_drop, "test_metric")),
                   key=lambda item: item[0]["macs"])
 
 
@@ -751,11 +751,12 @@ def shippable(record: dict) -> bool:
             and not (record.get("stretch") and record.get("recovered_from") is None))
 
 
-def _test_within(base: dict, record: dict, max_drop: float) -> bool:
-    """Whether ``record``'s test drop from ``base`` is within ``max_drop`` points (True without test figures)."""
-    if base.get("test_metric") is None or record.get("test_metric") is None:
+def _within(base: dict, record: dict, max_drop: float, key: str = "metric") -> bool:
+    """Whether ``record``'s drop from ``base`` in ``key`` (``metric``: the selection images, ``test_metric``: the test
+    images) is within ``max_drop`` points; True where either has no such figure (a run without a test split)."""
+    if base.get(key) is None or record.get(key) is None:
         return True
-    return (base["test_metric"] - record["test_metric"]) * 100 <= max_drop + 1e-9
+    return (base[key] - record[key]) * 100 <= max_drop + 1e-9
 
 
 def removals(record: dict) -> list[dict]:
