@@ -74,6 +74,7 @@ from core.models import InputSpec  # noqa: E402
 from core.ov_runtime import compile_cpu, latency_difference, time_interleaved, to_openvino  # noqa: E402
 from core.engine import run_claim  # noqa: E402
 from core.runs import Run, removals  # noqa: E402
+from core.stats import paired_drop  # noqa: E402
 from core.screen import SCREEN_RELATIVE_ERROR, global_shortlist, screen_filters, screened_order_scores  # noqa: E402
 
 
@@ -305,7 +306,9 @@ def upload_flow(depth: int, record: dict, folder: Path, unseen: ImageSet, flow: 
     run = Run(out)
     hist = run.history
     spec = InputSpec(height=32, width=32, mean=tuple(record["mean"]), std=tuple(record["std"]))
-    unseen_acc = {r["step"]: evaluate_accuracy(run.rebuild_step(r["step"]).eval(), unseen, spec).accuracy for r in hist}
+    unseen_correct = {r["step"]: evaluate_accuracy(run.rebuild_step(r["step"]).eval(), unseen, spec).correct.numpy()
+                      for r in hist}
+    unseen_acc = {step: float(correct.mean()) for step, correct in unseen_correct.items()}
     base = hist[0]
 
     def drop(a, b):
@@ -322,7 +325,7 @@ def upload_flow(depth: int, record: dict, folder: Path, unseen: ImageSet, flow: 
     shipped = claim["step"]
     rec = run.record(shipped)
     control = run.control()
-    control_acc = evaluate_accuracy(control, unseen, spec).accuracy if control is not None else None
+    control_correct = evaluate_accuracy(control, unseen, spec).correct.numpy() if control is not None else None
     unseen_drop = (unseen_acc[0] - unseen_acc[shipped]) * 100
     test = claim.get("test") or {}
     contains = (test["ci_low_points"] <= unseen_drop <= test["ci_high_points"]) if test else None
@@ -331,10 +334,18 @@ def upload_flow(depth: int, record: dict, folder: Path, unseen: ImageSet, flow: 
            "selection drop": drop(base["metric"], rec["metric"]),
            "test drop (claimed CI)": (f"{test['drop_points']:+.2f} ({test['ci_low_points']:+.2f}..{test['ci_high_points']:+.2f})"
                                       if test else "none"),
-           "unseen drop": f"{unseen_drop:+.2f}",
-           "unseen vs control": "no control" if control_acc is None else f"{(control_acc - unseen_acc[shipped]) * 100:+.2f}",
+           "unseen drop (95 % CI)": paired_text(unseen_correct[0], unseen_correct[shipped]),
+           "unseen vs control (95 % CI)": "no control" if control_correct is None else
+           paired_text(control_correct, unseen_correct[shipped]),
            "CI contains unseen": contains, "stop": run.status.get("message", "")}
     return row, steps
+
+
+def paired_text(before, after) -> str:
+    """'+1.23 (+0.30..+2.16)': the points ``after`` loses against ``before`` on the same images (per-image
+    correctness), with its paired 95 % interval (``core.stats.paired_drop``)."""
+    d = paired_drop(before, after)
+    return f"{d.drop_points:+.2f} ({d.low_points:+.2f}..{d.high_points:+.2f})"
 
 
 def step_kind(record: dict) -> str:
@@ -383,7 +394,7 @@ def upload_table(args, trained: dict) -> None:
     print(f"A user's upload (python -m core prune ... {options}), the shipped step (the run's own threshold, accepted "
           f"on its test images); drops in points, unseen = {len(roles['unseen'])} images:")
     print(table(rows, ["model", "flow", "wall min", "steps", "shipped", "MAC ratio", "selection drop",
-                       "test drop (claimed CI)", "unseen drop", "unseen vs control", "CI contains unseen", "stop"]))
+                       "test drop (claimed CI)", "unseen drop (95 % CI)", "unseen vs control (95 % CI)", "CI contains unseen", "stop"]))
 
 
 def recover_command(out: Path, args, step: int | None = None) -> list[str]:
