@@ -7,7 +7,7 @@ import sys
 from .cli_common import add_device_args, add_precision_arg, announce_device, print_summary, progress_printer
 from .device import set_threads
 from .eta import PhaseProgress, format_duration
-from .recovery import RecoveryConfig, recover_run_step, recovery_device
+from .recovery import KEEP_RULES, RecoveryConfig, recover_run_step, recovery_device
 from .runs import Run
 
 RECOVERY_DEFAULTS = RecoveryConfig()
@@ -20,6 +20,9 @@ def add_recover_command(sub) -> None:
     rc.add_argument("--epochs", type=int, default=RECOVERY_DEFAULTS.epochs,
                     help=f"passes over the train split (default {RECOVERY_DEFAULTS.epochs})")
     add_recovery_options(rc, "")
+    rc.add_argument("--keep", choices=KEEP_RULES, default=RECOVERY_DEFAULTS.keep,
+                    help="which finished epoch the step keeps: the last of the cosine schedule (default) or the best "
+                         "on the selection images (one more decision on them)")
     add_device_args(rc, default=None)
     add_precision_arg(rc, RECOVERY_DEFAULTS.precision)
     rc.add_argument("--trusted", action="store_true",
@@ -37,8 +40,9 @@ def add_recovery_options(p: argparse.ArgumentParser, prefix: str) -> None:
                    help=f"mini-batch size (default {RECOVERY_DEFAULTS.batch_size})")
 
 
-def recovery_config(epochs: int, kd: bool, lr: float, batch_size: int, precision: str = "auto") -> RecoveryConfig:
-    config = RecoveryConfig(epochs=epochs, lr=lr, batch_size=batch_size, distill=kd, precision=precision)
+def recovery_config(epochs: int, kd: bool, lr: float, batch_size: int, precision: str = "auto",
+                    keep: str = RECOVERY_DEFAULTS.keep) -> RecoveryConfig:
+    config = RecoveryConfig(epochs=epochs, lr=lr, batch_size=batch_size, distill=kd, precision=precision, keep=keep)
     config.validate()
     return config
 
@@ -54,7 +58,7 @@ def eta_printer():
 
 
 def cmd_recover(args) -> int:
-    config = recovery_config(args.epochs, args.kd, args.lr, args.batch_size, args.train_precision)
+    config = recovery_config(args.epochs, args.kd, args.lr, args.batch_size, args.train_precision, args.keep)
     set_threads(args.threads)
     run = Run(args.run)  # a bad path: one line, before any work
     step = args.step if args.step is not None else default_step(run)

@@ -50,6 +50,7 @@ from .workspace import read_json
 RECOVER_MIRROR = ("auto", "on", "off")
 NO_STRETCH_ROOM = ", and the budget has no room for a stretch"
 STRETCH_EPOCHS = 3  # a stretch's recovery runs this many times ``recover_epochs``: it absorbs a removal
+LAST_STRETCH_EPOCHS = 2  # the last stretch's recovery, up to this many times as long, as the budget allows
 MAX_LEARNING_RATE = 10.0  # above this SGD and AdamW diverge on any network; a typo, not a setting
 
 
@@ -389,9 +390,9 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
         if accepted is None:
             reason = stalled or f"the next clusters would exceed the {config.max_drop:g}-point " \
                 f"{task.metric_name} threshold"
-            recovered_before = last.get("recovered_from") is not None and not last.get("stretch")
+            recovered_before = last.get("recovered_from") is not None  # a stretch's too: see after_stretch
             stretch = config.stretch and can_recover(task) and stretch_fits(task, writer, clock)
-            if recovered_before and not stretch:  # a second plain recovery of the same model buys no step either
+            if recovered_before and not stretch:
                 reason += "; the recovery before bought no further step" + (NO_STRETCH_ROOM if config.stretch else "")
                 break
             blocked = recovery_blocked(task, writer, recoveries, clock) if can_recover(task) else ""
@@ -578,7 +579,7 @@ def stretch_step(graph: PruningGraph, walk: StretchWalk, task: Task, structure: 
 
     done = walked["step"] + 1
     recovered = recover_step(task, graph, writer, cb, done, walked, teacher, cancel, clock, judge=judge,
-                             epochs=STRETCH_EPOCHS * config.recover_epochs)
+                             epochs=stretch_recovery_epochs(task, writer, clock))
     lost, label = outcome["lost"], f"the stretch of steps {step}-{walked['step']}"
     if not recovered["undone"]:
         cb.progress(1.0, f"step {done}: {label} recovered to {lost:.2f} points lost; kept")
@@ -587,6 +588,26 @@ def stretch_step(graph: PruningGraph, walk: StretchWalk, task: Task, structure: 
     channel_maps.clear()
     channel_maps.update(maps_before)
     return rebuild_graph(task, *snapshot), last, done, False
+
+
+def stretch_recovery_epochs(task: Task, writer: RunWriter, clock: "RunClock") -> int:
+    """Epochs of a stretch's recovery: ``STRETCH_EPOCHS`` times ``recover_epochs``; or, when the budget will have
+    no room for another stretch after it (the last stretch the run can take), as many more as the budget holds
+    beside what the run keeps for its end (:func:`time_to_finish`), the control's repeat of each epoch counted,
+    up to ``LAST_STRETCH_EPOCHS`` times as many. Without a budget, or before any recovery was timed, the usual.
+
+    Why: the recovery of the last stretch is what the run ships, and longer recoveries come back further. Our
+    ResNet-56 upload's last stretch (2.14x fewer MACs, 4.03 points lost on 3,000 unseen images) recovered to 0.97
+    after 6 epochs and to 0.70 after 12 (``bench/recovery_epochs.py``); the minutes it takes are those the run
+    had spent on one-cluster steps and a second recovery that shipped nothing better."""
+    epochs = STRETCH_EPOCHS * task.config.recover_epochs
+    if clock.budget_s is None or not clock.recovery_seconds:
+        return epochs
+    epoch_s = clock.recovery_estimate(1) * (2 if makes_control(task) else 1)  # the control repeats each epoch
+    room = clock.budget_s - clock.elapsed() - time_to_finish(task, writer, clock) - epochs * epoch_s
+    if room >= clock.step_estimate() + epochs * epoch_s:  # another stretch fits after this one
+        return epochs
+    return epochs + int(min(max(room, 0.0) // epoch_s, (LAST_STRETCH_EPOCHS - 1) * epochs))
 
 
 def after_stretch(task: Task, base: dict, last: dict, kept: bool | None, recovered_before: bool, recoveries: int,
@@ -599,7 +620,13 @@ def after_stretch(task: Task, base: dict, last: dict, kept: bool | None, recover
     Why the second refusal ends the run: the stretch's longer recovery is the remedy the loop has for a step the
     test images refuse; walking on past it made the bundled cifar10 sample's default run, whose 400 test images
     refused every step from the first (1.75 to 6.75 points lost), take 14 steps instead of 2 for nothing that
-    could ship."""
+    could ship.
+
+    ``recovered_before``: the model the stall started from is a recovery, a stretch's included; a second recovery
+    of it buys no step (the loop ends where no stretch fits, :func:`prune_loop`, or this one was undone). Why a
+    stretch's too: on our ResNet-56 upload the plain recovery of the last stretch's recovered model moved its drop
+    on 3,000 unseen images from 0.97 to 1.23 points at the same MACs, and as one more look at the test images
+    (0.3 -> 0.0) it was the step shipped (``bench/real_cifar.py --upload``, step 26)."""
     config = task.config
     if kept:
         if config.mac_target is not None and last["macs"] <= config.mac_target * base["macs"]:
@@ -790,8 +817,8 @@ def recover_step(task: Task, graph: PruningGraph, writer: RunWriter, cb: Callbac
     ``step`` with ``recovered_from`` and ``recovery``, the loop going on from it; its record. ``judge(model)``,
     when given, returns keys the record gets before it is written (a stretch's outcome, :func:`stretch_step`).
 
-    The best finished epoch by the selection metric is kept even below the source step's figure (that
-    figure is the winner of the loop's decisions, so it reads high: ``core.recovery.recover``). A cancel
+    The schedule's last epoch is kept (``core.recovery.RecoveryConfig.keep``), even below the source step's
+    figure (that figure is the winner of the loop's decisions, so it reads high: ``core.recovery.recover``). A cancel
     before the first epoch ends raises ``CancelledError`` with the model as it came in."""
     cb.enter("step", step)
     t0 = time.perf_counter()

@@ -2,8 +2,8 @@
 
 Same schedule, loss and choice as the local recovery: SGD with Nesterov momentum, a cosine schedule over
 ``epochs`` x ``len(train) // batch_size`` mini-batches, the same augmentation, optional distillation from
-the teacher (Hinton et al.), and the best epoch by selection accuracy kept (the incoming model is not a
-candidate; a cancel keeps the best finished epoch). What DDP changes, and nothing else: every worker draws
+the teacher (Hinton et al.), and the epoch ``config.keep`` names kept (``core.recovery.keeps_epoch``: the last
+finished, or the best by selection accuracy; the incoming model is not a candidate). What DDP changes, and nothing else: every worker draws
 the same global mini-batch (the same seeded order and augmentation as the local recovery) and trains on its
 share of it (``batch[rank::world]``); DDP averages the gradients, so a step is the local step up to float
 summation order and one thing: BatchNorm in train mode normalises each worker's share with that share's
@@ -12,7 +12,7 @@ recovery's run-to-run spread, not value for value.
 
 A small actor (``_Board``) made by this process carries what the workers and this process share: the cancel
 flag (the workers agree on it with an all-reduce, so all stop at the same mini-batch), the progress count,
-each epoch's figures and the best epoch's weights (sent by rank 0; no shared storage is needed on a
+each epoch's figures and the kept epoch's weights (sent by rank 0; no shared storage is needed on a
 cluster). Nothing of it outlives the call: the board is killed and a Ray cluster the call started is shut
 down (``core.distributed.CarPool`` rules: one Ray connection per process).
 """
@@ -33,7 +33,7 @@ from .data import ImageSet, normalize
 from .distributed import WorkSetting
 from .errors import SettingsError
 from .models import InputSpec
-from .recovery import RecoveryConfig, RecoveryResult, batch_loss
+from .recovery import RecoveryConfig, RecoveryResult, batch_loss, keeps_epoch
 from .training import augment
 
 _CANCEL_CHECK_EVERY = 5  # mini-batches between the workers' checks of the cancel flag
@@ -141,8 +141,8 @@ def _train_loop(cfg: dict) -> None:
             score = float(evaluate_accuracy(plain.eval(), val, spec).accuracy)
             record = {"epoch": epoch, "selection": score, "train_loss": float(np.mean(losses)), "workers": world}
             state = None
-            if score > best_score:
-                best_score = score
+            if keeps_epoch(config, score, best_score):
+                best_score = max(score, best_score)
                 state = {k: v.detach().cpu().clone() for k, v in plain.state_dict().items()}
             ray.get(board.epoch.remote(record, state))
         ray.train.report({"epoch": epoch})  # every worker, every epoch (a barrier)
@@ -153,10 +153,10 @@ def recover_on_ray(model: nn.Module, train: ImageSet, val: ImageSet, spec: Input
                    progress: Callable[[int, int, str], None] | None = None, use_gpu: bool = False,
                    threads_per_worker: int = 1, n_workers: int | None = None) -> tuple[RecoveryResult, dict]:
     """:func:`core.recovery.recover` on ``n_workers`` (default ``setting.workers``, else 2) Ray Train workers (DDP); ``model`` is updated in place
-    to the best finished epoch by selection accuracy on ``val``. Returns the result and where it ran
+    to the finished epoch ``config.keep`` names (``core.recovery.keeps_epoch``; selection accuracy on ``val``). Returns the result and where it ran
     (``{"where", "address", "workers": [{rank, host, pid, device}], "seconds"}``). ``progress(done, total,
-    message)`` counts global mini-batches; a cancel stops every worker at the same mini-batch and keeps the best
-    finished epoch (``best_epoch`` 0: none finished, the model unchanged)."""
+    message)`` counts global mini-batches; a cancel stops every worker at the same mini-batch and keeps that
+    epoch among the finished ones (``best_epoch`` 0: none finished, the model unchanged)."""
     config.validate()
     setting.validate()
     if setting.where == "local":

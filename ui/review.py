@@ -144,8 +144,8 @@ def recovery_panel(run: Run, steps: list[int], default_step: int) -> None:
         action_button(c4, "Recover this step", start_recovery, key, step, epochs, kd, key="rv_rec_start",
                       type="primary", icon=":material/healing:", width="stretch")
     st.caption("Fine-tunes the step for N epochs over the train split (cosine schedule, the pruning loop's "
-               "augmentation), keeps the epoch best on the selection images (also on cancel) and adds it to "
-               "the run as a new step, measured on the selection and test images.")
+               "augmentation), keeps the schedule's last finished epoch (picking the best on the selection images "
+               "would be one more decision on them) and adds it to the run as a new step, measured on the selection and test images.")
     if st.session_state.get("rv_rec_error"):
         st.error(st.session_state["rv_rec_error"], icon=":material/error:")
     st.fragment(run_every=1.0 if running else None)(job_status)(registry, "recovery", key, "Recovery fine-tune",

@@ -224,6 +224,60 @@ def test_with_no_room_for_a_stretch_a_recovery_that_buys_no_step_ends_the_run(di
     assert "the recovery before bought no further step, and the budget has no room for a stretch" in run.status["message"]
 
 
+def test_a_stretch_s_recovered_model_is_not_recovered_again_where_no_stretch_fits(digits, tmp_path, monkeypatch):
+    """0.35 points per cluster, 0.1 back per recovery: the stretch (step 3, 1.05) is recovered to 0.95 (step 4,
+    kept), the next cluster (1.3) is undone at once, and the budget has no room for another stretch: the run ends
+    at step 4 rather than recover step 4's model again. A ResNet-56 upload's plain recovery of its last stretch's
+    recovered model moved it from 0.97 to 1.23 points lost on 3,000 unseen images and, as one more look at the
+    test images at the same MACs, was the step shipped."""
+    room = iter([True])  # room for the first stretch only
+    monkeypatch.setattr(engine, "stretch_fits", lambda task, writer, clock: next(room, False))
+    run, hist, state = faked_run(digits, tmp_path, monkeypatch, 0.35, 0.1, max_recoveries=3, stretch=True)
+    assert hist[3]["stretch"] and hist[4]["recovered_from"] == 3 and not hist[4]["undone"]
+    assert hist[-1]["step"] == 4 and state["recoveries"] == 1, "no recovery after the stretch's"
+    assert "the recovery before bought no further step, and the budget has no room for a stretch" in run.status["message"]
+    assert select_step(hist, 1.0) == 4
+
+
+def test_the_last_stretch_s_recovery_takes_what_the_budget_leaves_up_to_twice_as_long(monkeypatch):
+    """A stretch recovers ``STRETCH_EPOCHS`` x ``recover_epochs`` (here 6) epochs, each 10 s and another 10 s in
+    the control; a run with room for another stretch after this one keeps 6, a run that has none spends the rest
+    of its budget on this recovery, at most twice the epochs, and a run without a budget or a timed recovery keeps 6."""
+    class Task:
+        config = PruneConfig(recover_epochs=2, time_budget=10.0)
+
+        def control(self):  # the run makes the control: each epoch counts twice
+            pass
+
+        def recover(self):
+            pass
+
+    class Clock(engine.RunClock):
+        def __init__(self, elapsed: float, budget_s: float | None = 600.0):
+            super().__init__(None if budget_s is None else budget_s / 60)
+            self.at = elapsed
+            self.step_seconds, self.recovery_seconds, self.recovery_epochs = [30.0], [60.0], [6]
+
+        def elapsed(self) -> float:
+            return self.at
+
+    reserve = {"s": 0.0}
+    monkeypatch.setattr(engine, "time_to_finish", lambda task, writer, clock: reserve["s"])
+    task, usual = Task(), engine.STRETCH_EPOCHS * 2
+    assert engine.stretch_recovery_epochs(task, None, Clock(0.0)) == usual, "room for another stretch"
+    assert engine.stretch_recovery_epochs(task, None, Clock(600 - 120 - 100)) == usual + 5, \
+        "380 s in: 120 s for the usual 6 epochs, 100 s left = 5 more epochs at 20 s"
+    assert engine.stretch_recovery_epochs(task, None, Clock(600 - 120 - 140)) == 2 * usual, \
+        "140 s left would hold 7 more (less than another stretch's 150 s); capped at twice"
+    assert engine.stretch_recovery_epochs(task, None, Clock(590.0)) == usual, "never fewer than the usual"
+    reserve["s"] = 100.0  # what the run keeps for its end is not spent
+    assert engine.stretch_recovery_epochs(task, None, Clock(600 - 120 - 200)) == usual + 5
+    assert engine.stretch_recovery_epochs(task, None, Clock(0.0, budget_s=None)) == usual
+    untimed = Clock(500.0)
+    untimed.recovery_seconds = []
+    assert engine.stretch_recovery_epochs(task, None, untimed) == usual
+
+
 def test_a_time_budget_stops_the_run_and_keeps_the_finished_steps(digits, tmp_path, monkeypatch):
     """A clock on which each finished step takes 100 s and the final recovery is guessed at four steps (400 s),
     kept in reserve: with an 11.5-minute budget (690 s) two steps fit (a third would start at 200 s and leave

@@ -1,5 +1,6 @@
-"""Recovery fine-tune: it restores accuracy that a removal cost, keeps the best epoch, and a cancel
-keeps what was best so far; distillation from the original runs and is validated."""
+"""Recovery fine-tune: it restores accuracy that a removal cost, keeps the schedule's last epoch (or, asked, the
+best on the selection images), and a cancel keeps the incoming model when no epoch finished; distillation from the
+original runs and is validated."""
 from __future__ import annotations
 
 import copy
@@ -35,19 +36,37 @@ def _accuracy(spec, images):
     return lambda m: evaluate_accuracy(m, images, spec).accuracy
 
 
-def test_recovery_restores_accuracy_and_keeps_the_best_epoch(damaged):
+def test_recovery_restores_accuracy_and_keeps_the_last_epoch(damaged):
     model, original, data, spec = damaged
     model = copy.deepcopy(model)
     select = _accuracy(spec, data.val.subset(240))
     result = recover(model, data.train.subset(960), spec, RecoveryConfig(epochs=2, lr=0.01, batch_size=32), select)
     assert result.start_selection < 0.9, "the removal must cost accuracy for the test to mean anything"
-    best = max(e["selection"] for e in result.epochs)
-    assert select(model) == pytest.approx(best)
-    assert best > result.start_selection + 0.05
-    assert result.best_epoch in (1, 2) and not result.cancelled
+    assert select(model) == pytest.approx(result.epochs[-1]["selection"])
+    assert result.epochs[-1]["selection"] > result.start_selection + 0.05
+    assert result.best_epoch == 2 and not result.cancelled
 
 
-def test_the_best_finished_epoch_is_kept_even_below_the_incoming_model(damaged):
+@pytest.mark.parametrize("keep, kept", [("last", 3), ("best", 1)])
+def test_the_keep_rule_names_the_epoch_whose_weights_the_model_holds(damaged, keep, kept):
+    """A selection score that falls epoch after epoch: "last" keeps epoch 3's weights all the same (picking the
+    best of N epochs on the selection images is one more decision on them), "best" keeps epoch 1's."""
+    model = copy.deepcopy(damaged[0])
+    seen = []
+
+    def falling(m) -> float:  # the start, then epochs 1, 2, 3
+        seen.append(model_fingerprint(m))
+        return 1.0 - 0.1 * len(seen)
+
+    result = recover(model, damaged[2].train.subset(64), damaged[3],
+                     RecoveryConfig(epochs=3, batch_size=32, keep=keep), falling)
+    assert len(set(seen)) == 4, "each epoch moved the weights"
+    assert result.best_epoch == kept and model_fingerprint(model) == seen[kept]
+    with pytest.raises(SettingsError, match="keeps its last or best epoch"):
+        RecoveryConfig(keep="middle").validate()
+
+
+def test_the_kept_epoch_is_kept_even_below_the_incoming_model(damaged):
     """The incoming step's selection figure is no candidate (it reads high on the images that chose it):
     an epoch that scores below it is still the result, for the user to compare on the test images."""
     _, original, data, spec = damaged

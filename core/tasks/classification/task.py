@@ -177,8 +177,8 @@ class ClassificationTask:
 
     def recover(self, model: nn.Module, teacher: nn.Module | None, cancel, progress, epochs: int | None = None) -> dict:
         """A recovery fine-tune of ``model`` in place (``core.recovery.recover``: ``recover_epochs`` passes of
-        the train split, cosine schedule, distilled from ``teacher`` when ``recover_kd``), the best epoch by
-        selection accuracy kept; what the record stores under ``recovery`` (``best_epoch`` 0: cancelled
+        the train split, cosine schedule, distilled from ``teacher`` when ``recover_kd``), the schedule's last
+        epoch kept (``RecoveryConfig.keep``); what the record stores under ``recovery`` (``best_epoch`` 0: cancelled
         before an epoch finished, the model unchanged). ``epochs``: other than ``recover_epochs`` (a stretch's)."""
         rc = self.recovery_config(epochs)
         result = self._train_recovery(model, teacher, rc, cancel, progress)
