@@ -363,8 +363,8 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
     structure = write_structure(graph, task, writer)
     t_start = time.perf_counter()  # records' ``elapsed`` counts from the first step, as before budgets
     scores, batch = None, config.clusters_per_step  # group root -> score per filter; the most clusters a step tries
-    # the current model's MACs; the last recorded step; the next stretch's size (of the original MACs; halved if undone)
-    macs, last, stretch_macs = base["macs"], base, config.stretch_macs
+    # the current model's MACs; the last recorded step; the next stretch's size (StretchSize.after_undone)
+    macs, last, size = base["macs"], base, StretchSize.first(config)
     # reason: why it stopped (the step limit: the while's else); rejected: undone moves; stalled: unrecovered_refusal
     recoveries, step, reason, rejected, stalled = 0, 0, "", [], None
     rank = functools.partial(rank_step, task, plan, structure["left_alone"], base["widths"], rng, cancel, cb)
@@ -391,7 +391,7 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
             reason = stalled or f"the next clusters would exceed the {config.max_drop:g}-point " \
                 f"{task.metric_name} threshold"
             recovered_before = last.get("recovered_from") is not None  # a stretch's too: see after_stretch
-            stretch = config.stretch and can_recover(task) and stretch_fits(task, writer, clock)
+            stretch = config.stretch and can_recover(task) and stretch_fits(task, writer, clock, size.epochs)
             if recovered_before and not stretch:
                 reason += "; the recovery before bought no further step" + (NO_STRETCH_ROOM if config.stretch else "")
                 break
@@ -400,19 +400,18 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
                 reason += blocked
                 break
             if stretch:  # else a plain recovery, which does fit
-                walk = StretchWalk(candidates, scores, rank, stretch_macs, t_start)
+                walk = StretchWalk(candidates, scores, rank, size.macs, t_start, size.epochs)
                 graph, last, step, kept = stretch_step(graph, walk, task, structure, writer, cb, step, last, base,
                                                        teacher, rng, cancel, clock, channel_maps)
                 recoveries += kept is not None  # None: no removal fitted even the stretch's allowance
                 scores, batch = None, config.clusters_per_step
-                if kept is False:  # undone: the next stretch is half as long
-                    stretch_macs = max(stretch_macs / 2, config.step_macs or 0.0)
-                stop, stalled = after_stretch(task, base, last, kept, recovered_before, recoveries, clock, writer,
-                                              stalled), None
+                retry = kept is False and size.after_undone(config) and recovered_before  # from the same recovery
+                stop, stalled = after_stretch(task, base, last, kept, recovered_before and not retry, recoveries,
+                                              clock, writer, stalled), (reason if retry else None)
                 if stop is not None:
                     reason = stop if kept else reason + stop
                     break
-                if kept:
+                if kept or retry:
                     macs = last["macs"]
                     continue
                 step += 1
@@ -462,11 +461,11 @@ def rank_step(task: Task, plan: PrunePlan, left_alone: dict[str, str], widths: d
                                    lambda clusters: plan.filter_candidates(clusters, widths))
 
 
-def stretch_fits(task: Task, writer: RunWriter, clock: "RunClock") -> bool:
-    """Whether the budget has room for a stretch: a step, its recovery (``STRETCH_EPOCHS`` times the epochs), the
-    control's repeat of that recovery on the original (the control is given every recovery of the run,
-    ``core.claim.training_received``) and what the run keeps for its end (:func:`time_to_finish`)."""
-    stretch = clock.recovery_estimate(STRETCH_EPOCHS * task.config.recover_epochs)
+def stretch_fits(task: Task, writer: RunWriter, clock: "RunClock", epochs: int | None = None) -> bool:
+    """Whether the budget has room for a stretch: a step, its recovery (``epochs``, default ``STRETCH_EPOCHS`` times
+    ``recover_epochs``), the control's repeat of that recovery on the original (the control is given every
+    recovery of the run, ``core.claim.training_received``) and what the run keeps for its end (:func:`time_to_finish`)."""
+    stretch = clock.recovery_estimate(epochs or STRETCH_EPOCHS * task.config.recover_epochs)
     if makes_control(task):
         stretch *= 2
     return not clock.would_pass_budget(clock.step_estimate() + time_to_finish(task, writer, clock) + stretch)
@@ -508,12 +507,43 @@ def finish_run(task: Task, graph: PruningGraph, writer: RunWriter, cb: Callbacks
 class StretchWalk:
     """Where a stretch (:func:`stretch_step`) starts and how far it walks: the stalled step's ``candidates`` and
     ``scores``, ``rank(graph, scores, step) -> (scores, candidates)`` for its later steps, ``macs`` (the fraction of
-    the original MACs it removes at most) and ``t_start`` (what records' ``elapsed`` counts from)."""
+    the original MACs it removes at most), ``t_start`` (what records' ``elapsed`` counts from) and ``epochs`` (its
+    recovery's, before :func:`stretch_recovery_epochs` adds what the budget leaves; 0: the usual)."""
     candidates: list[Cluster]
     scores: dict | None
     rank: Callable
     macs: float
     t_start: float
+    epochs: int = 0
+
+
+@dataclass
+class StretchSize:
+    """The next stretch's size (:func:`stretch_step`): the fraction of the original MACs its walk removes at most
+    (``macs``) and its recovery's epochs (``epochs``)."""
+    macs: float
+    epochs: int
+
+    @classmethod
+    def first(cls, config: PruneConfig) -> "StretchSize":
+        return cls(config.stretch_macs, STRETCH_EPOCHS * config.recover_epochs)
+
+    def after_undone(self, config: PruneConfig) -> bool:
+        """Resize after an undone stretch: the walk halves, down to a step's worth (``step_macs``); once there, the
+        recovery doubles, up to ``LAST_STRETCH_EPOCHS`` times a stretch's usual. Returns whether the recovery grew:
+        only then is a second stretch from the same recovered model worth its time (:func:`prune_loop`).
+
+        Why: on our ResNet-20 upload (``bench/real_cifar.py --upload``) a one-cluster stretch to 1.31x recovered for
+        6 epochs read 1.2 points lost on the selection images and was undone, and the run ended 3.7 minutes into
+        its 14-minute budget; that recovered model lost 0.53 points on 3,000 unseen images."""
+        floor = config.step_macs or 0.0
+        if self.macs > floor + 1e-12:
+            self.macs = max(self.macs / 2, floor)
+            return False
+        most = LAST_STRETCH_EPOCHS * STRETCH_EPOCHS * config.recover_epochs
+        grew = self.epochs < most
+        self.epochs = min(2 * self.epochs, most)
+        return grew
 
 
 def stretch_step(graph: PruningGraph, walk: StretchWalk, task: Task, structure: dict, writer: RunWriter,
@@ -562,7 +592,7 @@ def stretch_step(graph: PruningGraph, walk: StretchWalk, task: Task, structure: 
                                 base["macs"], None, stretch=True, awaits_recovery=True, **task.step_extra(move))
         clock.step_done(time.perf_counter() - t0)
         candidates = None
-        if walked["macs"] <= goal + 1e-9 or not stretch_fits(task, writer, clock):
+        if walked["macs"] <= goal + 1e-9 or not stretch_fits(task, writer, clock, walk.epochs or None):
             break
     if walked is None:
         cb.progress(0.5, f"step {step}: no stretch (no move fits {allowance:g} points)")
@@ -579,7 +609,7 @@ def stretch_step(graph: PruningGraph, walk: StretchWalk, task: Task, structure: 
 
     done = walked["step"] + 1
     recovered = recover_step(task, graph, writer, cb, done, walked, teacher, cancel, clock, judge=judge,
-                             epochs=stretch_recovery_epochs(task, writer, clock))
+                             epochs=stretch_recovery_epochs(task, writer, clock, walk.epochs or None))
     lost, label = outcome["lost"], f"the stretch of steps {step}-{walked['step']}"
     if not recovered["undone"]:
         cb.progress(1.0, f"step {done}: {label} recovered to {lost:.2f} points lost; kept")
@@ -590,24 +620,26 @@ def stretch_step(graph: PruningGraph, walk: StretchWalk, task: Task, structure: 
     return rebuild_graph(task, *snapshot), last, done, False
 
 
-def stretch_recovery_epochs(task: Task, writer: RunWriter, clock: "RunClock") -> int:
-    """Epochs of a stretch's recovery: ``STRETCH_EPOCHS`` times ``recover_epochs``; or, when the budget will have
-    no room for another stretch after it (the last stretch the run can take), as many more as the budget holds
-    beside what the run keeps for its end (:func:`time_to_finish`), the control's repeat of each epoch counted,
-    up to ``LAST_STRETCH_EPOCHS`` times as many. Without a budget, or before any recovery was timed, the usual.
+def stretch_recovery_epochs(task: Task, writer: RunWriter, clock: "RunClock", epochs: int | None = None) -> int:
+    """Epochs of a stretch's recovery: ``epochs`` (default ``STRETCH_EPOCHS`` times ``recover_epochs``, the usual);
+    or, when the budget will have no room for another stretch after it (the last stretch the run can take), as many
+    more as the budget holds beside what the run keeps for its end (:func:`time_to_finish`), the control's repeat of
+    each epoch counted, up to ``LAST_STRETCH_EPOCHS`` times the usual. Without a budget, or before any recovery was
+    timed, ``epochs``.
 
     Why: the recovery of the last stretch is what the run ships, and longer recoveries come back further. Our
     ResNet-56 upload's last stretch (2.14x fewer MACs, 4.03 points lost on 3,000 unseen images) recovered to 0.97
     after 6 epochs and to 0.70 after 12 (``bench/recovery_epochs.py``); the minutes it takes are those the run
     had spent on one-cluster steps and a second recovery that shipped nothing better."""
-    epochs = STRETCH_EPOCHS * task.config.recover_epochs
+    usual = STRETCH_EPOCHS * task.config.recover_epochs
+    epochs = epochs or usual
     if clock.budget_s is None or not clock.recovery_seconds:
         return epochs
     epoch_s = clock.recovery_estimate(1) * (2 if makes_control(task) else 1)  # the control repeats each epoch
     room = clock.budget_s - clock.elapsed() - time_to_finish(task, writer, clock) - epochs * epoch_s
     if room >= clock.step_estimate() + epochs * epoch_s:  # another stretch fits after this one
         return epochs
-    return epochs + int(min(max(room, 0.0) // epoch_s, (LAST_STRETCH_EPOCHS - 1) * epochs))
+    return epochs + int(min(max(room, 0.0) // epoch_s, max(LAST_STRETCH_EPOCHS * usual - epochs, 0)))
 
 
 def after_stretch(task: Task, base: dict, last: dict, kept: bool | None, recovered_before: bool, recoveries: int,

@@ -217,7 +217,7 @@ def test_with_no_room_for_a_stretch_a_recovery_that_buys_no_step_ends_the_run(di
     """Stretches on, but the budget has no room for one: the stall at step 3 is recovered (step 3, from step 2), the
     recovery buys no step, and the run ends there rather than recover the same model again (a ResNet-56 upload
     recovered its 2.14x model three times in a row at the end of its budget, each read on the selection images)."""
-    monkeypatch.setattr(engine, "stretch_fits", lambda task, writer, clock: False)
+    monkeypatch.setattr(engine, "stretch_fits", lambda task, writer, clock, epochs=None: False)
     run, _, state = faked_run(digits, tmp_path, monkeypatch, 0.35, 0.0, max_recoveries=3, stretch=True)
     assert [r.get("recovered_from") for r in run.history] == [None, None, None, 2]
     assert state["recoveries"] == 1
@@ -231,12 +231,44 @@ def test_a_stretch_s_recovered_model_is_not_recovered_again_where_no_stretch_fit
     recovered model moved it from 0.97 to 1.23 points lost on 3,000 unseen images and, as one more look at the
     test images at the same MACs, was the step shipped."""
     room = iter([True])  # room for the first stretch only
-    monkeypatch.setattr(engine, "stretch_fits", lambda task, writer, clock: next(room, False))
+    monkeypatch.setattr(engine, "stretch_fits", lambda task, writer, clock, epochs=None: next(room, False))
     run, hist, state = faked_run(digits, tmp_path, monkeypatch, 0.35, 0.1, max_recoveries=3, stretch=True)
     assert hist[3]["stretch"] and hist[4]["recovered_from"] == 3 and not hist[4]["undone"]
     assert hist[-1]["step"] == 4 and state["recoveries"] == 1, "no recovery after the stretch's"
     assert "the recovery before bought no further step, and the budget has no room for a stretch" in run.status["message"]
     assert select_step(hist, 1.0) == 4
+
+
+def test_an_undone_stretch_from_a_recovered_model_is_tried_again_with_a_recovery_twice_as_long(digits, tmp_path,
+                                                                                               monkeypatch):
+    """0.35 points per cluster, 0.02 back per recovery; no room for a stretch at the first stall, room after. Steps
+    1-2 keep a cluster each (0.7); the stall is recovered (step 3, 0.68); the next cluster (1.03) is undone; the
+    stretch from that recovered model (step 4) recovers to 1.01 in 3 epochs (step 5, undone). Before, the run ended
+    there. Now the same stretch is tried again from step 3's model, without another plain recovery: its 6-epoch
+    recovery (step 7) reads 0.99 and is kept, and the run goes on from it."""
+    room = iter([False])
+    monkeypatch.setattr(engine, "stretch_fits", lambda task, writer, clock, epochs=None: next(room, True))
+    run, hist, state = faked_run(digits, tmp_path, monkeypatch, 0.35, 0.02, max_recoveries=5, stretch=True,
+                                 step_macs=0.04, stretch_macs=0.04)
+    assert hist[3]["recovered_from"] == 2 and hist[4]["stretch"] and hist[4]["removed"]
+    assert hist[5]["recovered_from"] == 4 and hist[5]["undone"] and hist[5]["recovery"]["epochs"] == engine.STRETCH_EPOCHS
+    assert hist[6]["stretch"] and hist[6]["removed"] and hist[6].get("recovered_from") is None, \
+        "the stretch is tried again at once, not after a recovery of the same model"
+    assert hist[6]["macs"] == hist[4]["macs"] and hist[6]["widths"] == hist[4]["widths"], "from step 3's model again"
+    assert hist[7]["recovered_from"] == 6 and not hist[7]["undone"]
+    assert hist[7]["recovery"]["epochs"] == 2 * engine.STRETCH_EPOCHS
+    assert len(hist) > 8 and hist[8]["macs"] < hist[7]["macs"], "went on from the kept stretch"
+    assert run.rebuild_step(7)(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_a_stretch_undone_halves_its_walk_then_doubles_its_recovery_once():
+    size = engine.StretchSize.first(PruneConfig(step_macs=0.04, stretch_macs=0.16, recover_epochs=2))
+    assert (size.macs, size.epochs) == (0.16, 6)
+    grew = [size.after_undone(PruneConfig(step_macs=0.04, recover_epochs=2)) for _ in range(4)]
+    assert grew == [False, False, True, False] and (size.macs, size.epochs) == (0.04, 12)
+    unbounded = engine.StretchSize(0.04, 6)  # no step size: the walk halves on, the recovery never grows
+    assert not any(unbounded.after_undone(PruneConfig(step_macs=None, recover_epochs=2)) for _ in range(3))
+    assert unbounded.epochs == 6 and unbounded.macs == pytest.approx(0.005)
 
 
 def test_the_last_stretch_s_recovery_takes_what_the_budget_leaves_up_to_twice_as_long(monkeypatch):
