@@ -94,7 +94,8 @@ class PruneConfig:
     # the best-ranked clusters up to ``STRETCH_STEPS`` steps' worth of MACs past the threshold and recovers them
     # (``STRETCH_EPOCHS`` times ``recover_epochs``), keeping the result only when the recovered model is back
     # within the threshold on all the selection images; else it goes back to the model before the stretch and
-    # recovers that. On by default: on our ResNet-56 upload (bench/real_cifar.py --upload) four stretches were
+    # recovers that, or, where that model is a recovery already, tries the stretch again from it with a recovery
+    # twice as long (StretchSize.after_undone). On by default: on our ResNet-56 upload (bench/real_cifar.py --upload) four stretches were
     # kept and the run shipped 1.67x fewer MACs at -0.03 points on 3,000 unseen images, where the loop without
     # stretches stopped at 1.29x (+0.40); ``--no-stretch`` is that loop.
     stretch: bool = True
