@@ -22,10 +22,9 @@ import copy
 import sys
 import time
 
-from _common import machine, parse_with_data, table
+from _common import table
 
-import train_cifar  # noqa: E402  (sample_models/, on sys.path by _common)
-from train_precision import pruned_copy, recovery_parser, trained_originals  # noqa: E402
+from train_precision import pruned_copy, recovery_args, recovery_parser, trained_originals  # noqa: E402
 
 from core.evaluate import evaluate_accuracy  # noqa: E402
 from core.recovery import RecoveryConfig, recover  # noqa: E402
@@ -38,10 +37,9 @@ def main() -> int:
     ap.add_argument("--schedules", type=int, nargs="+", default=[6, 12], help="recovery lengths to compare (epochs)")
     ap.add_argument("--run", help="a run folder whose step --step is recovered (instead of the L1-pruned copy)")
     ap.add_argument("--step", type=int)
-    args = parse_with_data(ap, train_cifar.DATA_ZIP)
+    args = recovery_args(ap)
     if args is None:
         return 0
-    print(f"machine: {machine()}", flush=True)
     rows = []
     for depth, original, (train, selection, unseen, spec) in trained_originals(args.depths):
         base = {"selection": evaluate_accuracy(original, selection, spec).accuracy,

@@ -22,10 +22,9 @@ import copy
 import sys
 import time
 
-from _common import machine, parse_with_data, table
+from _common import table
 
-import train_cifar  # noqa: E402  (sample_models/, on sys.path by _common)
-from train_precision import pruned_copy, recovery_parser, trained_originals  # noqa: E402
+from train_precision import pruned_copy, recovery_args, recovery_parser, trained_originals  # noqa: E402
 
 from core.evaluate import evaluate_accuracy  # noqa: E402
 from core.recovery import RecoveryConfig, recover  # noqa: E402
@@ -35,10 +34,9 @@ from core.stats import paired_drop  # noqa: E402
 def main() -> int:
     ap = recovery_parser(__doc__)
     ap.add_argument("--adapt-epochs", type=int, default=6)
-    args = parse_with_data(ap, train_cifar.DATA_ZIP)
+    args = recovery_args(ap)
     if args is None:
         return 0
-    print(f"machine: {machine()}", flush=True)
     rows, pairs = [], []
     for depth, original, (train, selection, unseen, spec) in trained_originals(args.depths):
         def select(model) -> float:

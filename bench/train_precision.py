@@ -119,12 +119,19 @@ def recovery_parser(doc: str | None):
     return ap
 
 
-def main() -> int:
-    ap = recovery_parser(__doc__)
+def recovery_args(ap, note: str = ""):
+    """A recovery bench's arguments from ``ap`` (:func:`recovery_parser` and what the bench added), with the machine
+    line (and ``note``) printed; None, after one ``skipped:`` line, when the real data is absent."""
     args = parse_with_data(ap, train_cifar.DATA_ZIP)
+    if args is not None:
+        print(f"machine: {machine()}{note}", flush=True)
+    return args
+
+
+def main() -> int:
+    args = recovery_args(recovery_parser(__doc__), f"; native bf16 on this CPU: {native_bf16('cpu')}")
     if args is None:
         return 0
-    print(f"machine: {machine()}; native bf16 on this CPU: {native_bf16('cpu')}", flush=True)
     rows, pairs = [], []
     for depth, original, (train, selection, unseen, spec) in trained_originals(args.depths):
         pruned = pruned_copy(original)

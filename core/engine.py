@@ -466,7 +466,7 @@ def stretch_fits(task: Task, writer: RunWriter, clock: "RunClock", epochs: int |
     """Whether the budget has room for a stretch: a step, its recovery (``epochs``, default ``STRETCH_EPOCHS`` times
     ``recover_epochs``), the control's repeat of that recovery on the original (the control is given every
     recovery of the run, ``core.claim.training_received``) and what the run keeps for its end (:func:`time_to_finish`)."""
-    stretch = clock.recovery_estimate(epochs or STRETCH_EPOCHS * task.config.recover_epochs)
+    stretch = clock.recovery_estimate(epochs or usual_stretch_epochs(task.config))
     if makes_control(task):
         stretch *= 2
     return not clock.would_pass_budget(clock.step_estimate() + time_to_finish(task, writer, clock) + stretch)
@@ -509,13 +509,18 @@ class StretchWalk:
     """Where a stretch (:func:`stretch_step`) starts and how far it walks: the stalled step's ``candidates`` and
     ``scores``, ``rank(graph, scores, step) -> (scores, candidates)`` for its later steps, ``macs`` (the fraction of
     the original MACs it removes at most), ``t_start`` (what records' ``elapsed`` counts from) and ``epochs`` (its
-    recovery's, before :func:`stretch_recovery_epochs` adds what the budget leaves; 0: the usual)."""
+    recovery's, before :func:`stretch_recovery_epochs` adds what the budget leaves)."""
     candidates: list[Cluster]
     scores: dict | None
     rank: Callable
     macs: float
     t_start: float
-    epochs: int = 0
+    epochs: int
+
+
+def usual_stretch_epochs(config: PruneConfig) -> int:
+    """A stretch's recovery epochs before any resizing: ``STRETCH_EPOCHS`` times ``recover_epochs``."""
+    return STRETCH_EPOCHS * config.recover_epochs
 
 
 @dataclass
@@ -527,7 +532,7 @@ class StretchSize:
 
     @classmethod
     def first(cls, config: PruneConfig) -> "StretchSize":
-        return cls(config.stretch_macs, STRETCH_EPOCHS * config.recover_epochs)
+        return cls(config.stretch_macs, usual_stretch_epochs(config))
 
     def after_undone(self, config: PruneConfig) -> bool:
         """Resize after an undone stretch: the walk halves, down to a step's worth (``step_macs``); once there, the
@@ -541,7 +546,7 @@ class StretchSize:
         if self.macs > floor + 1e-12:
             self.macs = max(self.macs / 2, floor)
             return False
-        most = LAST_STRETCH_EPOCHS * STRETCH_EPOCHS * config.recover_epochs
+        most = LAST_STRETCH_EPOCHS * usual_stretch_epochs(config)
         grew = self.epochs < most
         self.epochs = min(2 * self.epochs, most)
         return grew
@@ -593,7 +598,7 @@ def stretch_step(graph: PruningGraph, walk: StretchWalk, task: Task, structure: 
                                 base["macs"], None, stretch=True, awaits_recovery=True, **task.step_extra(move))
         clock.step_done(time.perf_counter() - t0)
         candidates = None
-        if walked["macs"] <= goal + 1e-9 or not stretch_fits(task, writer, clock, walk.epochs or None):
+        if walked["macs"] <= goal + 1e-9 or not stretch_fits(task, writer, clock, walk.epochs):
             break
     if walked is None:
         cb.progress(0.5, f"step {step}: no stretch (no move fits {allowance:g} points)")
@@ -610,7 +615,7 @@ def stretch_step(graph: PruningGraph, walk: StretchWalk, task: Task, structure: 
 
     done = walked["step"] + 1
     recovered = recover_step(task, graph, writer, cb, done, walked, teacher, cancel, clock, judge=judge,
-                             epochs=stretch_recovery_epochs(task, writer, clock, walk.epochs or None))
+                             epochs=stretch_recovery_epochs(task, writer, clock, walk.epochs))
     lost, label = outcome["lost"], f"the stretch of steps {step}-{walked['step']}"
     if not recovered["undone"]:
         cb.progress(1.0, f"step {done}: {label} recovered to {lost:.2f} points lost; kept")
@@ -632,7 +637,7 @@ def stretch_recovery_epochs(task: Task, writer: RunWriter, clock: "RunClock", ep
     ResNet-56 upload's last stretch (2.14x fewer MACs, 4.03 points lost on 3,000 unseen images) recovered to 0.97
     after 6 epochs and to 0.70 after 12 (``bench/recovery_epochs.py``); the minutes it takes are those the run
     had spent on one-cluster steps and a second recovery that shipped nothing better."""
-    usual = STRETCH_EPOCHS * task.config.recover_epochs
+    usual = usual_stretch_epochs(task.config)
     epochs = epochs or usual
     if clock.budget_s is None or not clock.recovery_seconds:
         return epochs
