@@ -29,7 +29,7 @@ TERMS: dict[str, str] = {
     "acceptable drop": "how many accuracy points below the original a step may be on the selection images",
     "recovery": "a longer fine-tune (whole passes of the train images) that becomes a step of its own when no "
                 "cluster fits the acceptable drop; the run goes on from it",
-    "control": "the original model given the same fine-tuning and recoveries as the run's last step, measured on "
+    "control": "the original model given the same fine-tuning and recoveries as the step the run ships, measured on "
                "the same images: how much of a step's figure is that training, not pruning",
 }
 

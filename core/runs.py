@@ -602,7 +602,7 @@ class Run:
         return record if isinstance(record, dict) else None
 
     def control(self, trusted: bool = False) -> nn.Module | None:
-        """The control of the run (the original given the training of its last step: ``control.pt``), or None
+        """The control of the run (the original given the training of the step the run ships, ``control.json``'s ``for_step``: ``control.pt``), or None
         for a run without one; ``trusted`` as for :meth:`fresh_model`."""
         path = self.dir / "control.pt"
         if not path.exists():

@@ -80,7 +80,17 @@ def control_line(run, hist: list[dict], pick: dict) -> None:
                f"mini-batches, recoveries of {control['received']['recovery_epochs']} epochs): test drop "
                f"{vs['drop_points']:+.2f} points (95 % CI {vs['ci_low_points']:+.2f} to {vs['ci_high_points']:+.2f}); "
                f"that training alone moved the original by {-gain['drop_points']:+.2f} points on the test images. "
-               "It holds for the run's last step; an earlier pick had less training.")
+               + control_scope(control, pick["step"]))
+
+
+def control_scope(control: dict, picked: int) -> str:
+    """Which step's training the control repeated (``for_step``; runs made before it was recorded: the last)."""
+    step = control.get("for_step")
+    if step is None:
+        return "It holds for the run's last step; an earlier pick had less training."
+    if step == picked:
+        return f"It holds for step {step}, the one the run ships."
+    return f"It holds for step {step}, the one the run ships; step {picked} had other training."
 
 
 def latency_text(record: dict) -> str:

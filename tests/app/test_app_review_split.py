@@ -55,6 +55,23 @@ def test_review_shows_test_figure_and_confidence_intervals(split_run):
     assert any(n.endswith("· test") for n in names), "the curve has a test trace beside the selection one"
 
 
+def test_the_pick_is_read_against_the_control_of_the_step_the_run_ships(split_run):
+    """A control that repeated the shipped step's training says so beside the pick; its test drop is read against
+    the control's own per-image correctness (here the original's, so the figure is the step's own test drop)."""
+    run = Run(split_run)
+    hist = run.history
+    shipped = run.select_step(10.0)
+    assert shipped > 0
+    control = {"metric": hist[0]["metric"], "test_metric": hist[0]["test_metric"], "correct": hist[0]["correct"],
+               "received": {"finetune_batches": 20, "recovery_epochs": []}, "for_step": shipped}
+    (split_run / "control.json").write_text(json.dumps(control))
+    at = goto(new_app().run(), "review")
+    page = texts(at)
+    drop = hist[shipped]["paired"]["test"]["drop_points"]
+    assert f"Against the original given the same training (20 fine-tuning mini-batches" in page
+    assert f"test drop {drop:+.2f} points" in page and f"It holds for step {shipped}, the one the run ships." in page
+
+
 def test_compare_two_steps_side_by_side(split_run):
     at = goto(new_app().run(), "review")
     at.selectbox(key="rv_cmp_step_a").set_value(0).run()

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 import core.engine as engine
-from core.claim import pack_correct, shipped_claim, training_received, unpack_correct
+from core.claim import lineage, pack_correct, shipped_claim, training_received, unpack_correct
 from core.models import load_model
 from core.prune import PruneConfig, run_pruning
 from core.car import exact_budget
+from core.engine import control_step
 from core.runs import Run, select_step
 from core.sources import load_dataset
 from tests.helpers import quick_config
@@ -344,6 +345,7 @@ def test_the_control_is_recorded_and_the_claim_is_the_test_drop_beside_it(digits
     assert control.exists()
     recorded = __import__("json").loads(control.read_text())
     assert recorded["received"] == {"finetune_batches": 2, "recovery_epochs": [1]}
+    assert recorded["for_step"] == summary["claim"]["step"] == 3, "the control repeats the shipped step's training"
     assert 0 <= recorded["metric"] <= 1 and 0 <= recorded["test_metric"] <= 1
     assert unpack_correct(recorded["correct"], "test").mean() == pytest.approx(recorded["test_metric"])
     trained_alike = run.control()  # its weights load into the original's architecture and differ from them
@@ -393,6 +395,29 @@ def test_packed_correctness_round_trips_and_the_received_training_is_counted():
     control = {"correct": pack_correct({"test": np.array([1, 1, 1, 1], bool)})}
     claim = shipped_claim([base, step], 1, control)
     assert claim["vs_control"]["drop_points"] == 50.0 and claim["control_vs_original"]["drop_points"] == -25.0
+
+
+def test_the_control_repeats_the_shipped_step_s_path_not_an_undone_stretch_nor_later_steps():
+    """A run as our ResNet-20 upload's: a recovered step, a stretch undone (the model went back to step 2), the same
+    stretch again with a longer recovery, kept, then a plain step the test images refuse and its recovery. The
+    shipped step 6 received 2 fine-tunings and recoveries of 2 and 12 epochs; the last step 3, and 2, 12 and 2; the
+    run as a whole 4, and 2, 6, 12 and 2 (what the control was given before)."""
+    def rec(step, sel, test, macs, **extra):
+        return {"step": step, "metric": sel, "test_metric": test, "macs": macs, **extra}
+    hist = [rec(0, 0.90, 0.90, 100),
+            rec(1, 0.89, 0.89, 90, awaits_recovery=True), rec(2, 0.90, 0.90, 90, recovered_from=1, recovery={"epochs": 2}),
+            rec(3, 0.85, 0.86, 80, stretch=True, awaits_recovery=True),
+            rec(4, 0.88, 0.89, 80, stretch=True, undone=True, recovered_from=3, recovery={"epochs": 6}),
+            rec(5, 0.85, 0.86, 80, stretch=True, awaits_recovery=True),
+            rec(6, 0.896, 0.896, 80, stretch=True, undone=False, recovered_from=5, recovery={"epochs": 12}),
+            rec(7, 0.89, 0.88, 75, awaits_recovery=True), rec(8, 0.89, 0.885, 75, recovered_from=7, recovery={"epochs": 2})]
+    assert [r["step"] for r in lineage(hist)] == [1, 2, 5, 6, 7, 8]
+    assert [r["step"] for r in lineage(hist, upto=4)] == [1, 2], "the undone stretch's walk went with it"
+    assert training_received(hist, 40) == {"finetune_batches": 120, "recovery_epochs": [2, 12, 2]}
+    assert select_step(hist, 1.0) == 6, "the test images refuse steps 7 and 8 (2.0 and 1.5 points)"
+    assert control_step(hist, 1.0) == 6
+    assert training_received(hist, 40, upto=6) == {"finetune_batches": 80, "recovery_epochs": [2, 12]}
+    assert control_step(hist[:2], 1.0) == 1, "a run that ships nothing gets the control of its last step"
 
 
 def test_fast_car_measures_no_more_filters_exactly_than_the_loop_budget(digits, tmp_path):

@@ -119,8 +119,8 @@ def test_a_budgeted_run_keeps_time_for_the_last_recovery_and_the_control(tmp_pat
 
 
 def test_a_stretch_starts_only_with_room_for_its_recovery_twice_when_the_control_repeats_it(tmp_path, monkeypatch):
-    """The control is given every recovery of the run, an undone stretch's too (core.claim.training_received), so a
-    stretch needs its own recovery (3x the epochs) and the control's repeat of it beside the step and the reserve;
+    """The control repeats a kept stretch's recovery (core.claim.training_received), and a stretch is not known to be
+    kept before its recovery, so a stretch needs its own recovery (3x the epochs) and the control's repeat of it beside the step and the reserve;
     a ResNet-20 upload whose stretch did not count the repeat ended with no time left for its control."""
     from types import SimpleNamespace
 
