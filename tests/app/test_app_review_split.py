@@ -68,7 +68,7 @@ def test_the_pick_is_read_against_the_control_of_the_step_the_run_ships(split_ru
     at = goto(new_app().run(), "review")
     page = texts(at)
     drop = hist[shipped]["paired"]["test"]["drop_points"]
-    assert f"Against the original given the same training (20 fine-tuning mini-batches" in page
+    assert "Against the original given the same training (20 fine-tuning mini-batches" in page
     assert f"test drop {drop:+.2f} points" in page and f"It holds for step {shipped}, the one the run ships." in page
 
 
