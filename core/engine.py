@@ -95,7 +95,7 @@ class PruneConfig:
     # (``STRETCH_EPOCHS`` times ``recover_epochs``), keeping the result only when the recovered model is back
     # within the threshold on all the selection images; else it goes back to the model before the stretch and
     # recovers that, or, where that model is a recovery already, tries the stretch again from it with a recovery
-    # twice as long (StretchSize.after_undone). On by default: on our ResNet-56 upload (bench/real_cifar.py --upload) four stretches were
+    # twice as long (StretchSize.resize). On by default: on our ResNet-56 upload (bench/real_cifar.py --upload) four stretches were
     # kept and the run shipped 1.67x fewer MACs at -0.03 points on 3,000 unseen images, where the loop without
     # stretches stopped at 1.29x (+0.40); ``--no-stretch`` is that loop.
     stretch: bool = True
@@ -364,7 +364,7 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
     structure = write_structure(graph, task, writer)
     t_start = time.perf_counter()  # records' ``elapsed`` counts from the first step, as before budgets
     scores, batch = None, config.clusters_per_step  # group root -> score per filter; the most clusters a step tries
-    # the current model's MACs; the last recorded step; the next stretch's size (StretchSize.after_undone)
+    # the current model's MACs; the last recorded step; the next stretch's size (StretchSize.resize)
     macs, last, size = base["macs"], base, StretchSize.first(config)
     # reason: why it stopped (the step limit: the while's else); rejected: undone moves; stalled: unrecovered_refusal
     recoveries, step, reason, rejected, stalled = 0, 0, "", [], None
@@ -406,7 +406,7 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
                                                        teacher, rng, cancel, clock, channel_maps)
                 recoveries += kept is not None  # None: no removal fitted even the stretch's allowance
                 scores, batch = None, config.clusters_per_step
-                retry = kept is False and size.after_undone(config) and recovered_before  # from the same recovery
+                retry = size.resize(kept, config, walk.taken) and recovered_before  # from the same recovery
                 stop, stalled = after_stretch(task, base, last, kept, recovered_before and not retry, recoveries,
                                               clock, writer, stalled), (reason if retry else None)
                 if stop is not None:
@@ -516,6 +516,7 @@ class StretchWalk:
     macs: float
     t_start: float
     epochs: int
+    taken: int = 0  # clusters the walk removed, set by stretch_step (StretchSize.resize)
 
 
 def usual_stretch_epochs(config: PruneConfig) -> int:
@@ -526,7 +527,7 @@ def usual_stretch_epochs(config: PruneConfig) -> int:
 @dataclass
 class StretchSize:
     """The next stretch's size (:func:`stretch_step`): the fraction of the original MACs its walk removes at most
-    (``macs``) and its recovery's epochs (``epochs``)."""
+    (``macs``; 0: one cluster) and its recovery's epochs (``epochs``); :meth:`resize` after each stretch."""
     macs: float
     epochs: int
 
@@ -534,22 +535,38 @@ class StretchSize:
     def first(cls, config: PruneConfig) -> "StretchSize":
         return cls(config.stretch_macs, usual_stretch_epochs(config))
 
-    def after_undone(self, config: PruneConfig) -> bool:
-        """Resize after an undone stretch: the walk halves, down to a step's worth (``step_macs``); once there, the
-        recovery doubles, up to ``LAST_STRETCH_EPOCHS`` times a stretch's usual. Returns whether the recovery grew:
-        only then is a second stretch from the same recovered model worth its time (:func:`prune_loop`).
+    def resize(self, kept: bool | None, config: PruneConfig, taken: int = 1) -> bool:
+        """Resize after a stretch whose walk removed ``taken`` clusters; returns whether the next stretch from the
+        same recovered model is worth its time (:func:`prune_loop`): only when its recovery grew or its walk
+        shrank, since the same stretch again repeats the same removal and the same recovery.
+
+        After an undone stretch (``kept`` False) the walk halves, down to a step's worth (``step_macs``); once there,
+        the recovery doubles, up to ``LAST_STRETCH_EPOCHS`` times a stretch's usual; once that is reached too, a
+        walk that took more than one cluster shrinks to one (``macs`` 0: the walk's first move is one cluster, and
+        it ends there). After a kept stretch a one-cluster walk grows back to a step's worth; None (nothing was
+        walked) changes nothing.
 
         Why: on our ResNet-20 upload (``bench/real_cifar.py --upload``) a one-cluster stretch to 1.31x recovered for
         6 epochs read 1.2 points lost on the selection images and was undone, and the run ended 3.7 minutes into
-        its 14-minute budget; that recovered model lost 0.53 points on 3,000 unseen images."""
+        its 14-minute budget; that recovered model lost 0.53 points on 3,000 unseen images. With the recovery
+        doubled the same upload went on to 1.73x, where a two-cluster stretch to 1.92x recovered for 12 epochs
+        read 1.4 and was undone, and the run ended with 2.4 of its 15 minutes unused."""
         floor = config.step_macs or 0.0
+        if kept:
+            self.macs = max(self.macs, floor)
+        if kept is not False:
+            return False
         if self.macs > floor + 1e-12:
             self.macs = max(self.macs / 2, floor)
             return False
         most = LAST_STRETCH_EPOCHS * usual_stretch_epochs(config)
-        grew = self.epochs < most
-        self.epochs = min(2 * self.epochs, most)
-        return grew
+        if self.epochs < most:
+            self.epochs = min(2 * self.epochs, most)
+            return True
+        if taken > 1 and self.macs > 0:
+            self.macs = 0.0
+            return True
+        return False
 
 
 def stretch_step(graph: PruningGraph, walk: StretchWalk, task: Task, structure: dict, writer: RunWriter,
@@ -594,6 +611,7 @@ def stretch_step(graph: PruningGraph, walk: StretchWalk, task: Task, structure: 
         if accepted is None:
             break
         move, metrics, tried = accepted
+        walk.taken += len(move)
         walked, _ = record_step(writer, cb, graph, here, move, metrics, tried, channel_maps, (t0, walk.t_start),
                                 base["macs"], None, stretch=True, awaits_recovery=True, **task.step_extra(move))
         clock.step_done(time.perf_counter() - t0)

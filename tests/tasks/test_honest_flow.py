@@ -262,13 +262,36 @@ def test_an_undone_stretch_from_a_recovered_model_is_tried_again_with_a_recovery
     assert run.rebuild_step(7)(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
 
 
-def test_a_stretch_undone_halves_its_walk_then_doubles_its_recovery_once():
+def test_an_undone_two_cluster_stretch_at_the_longest_recovery_is_tried_again_with_one_cluster(digits, tmp_path,
+                                                                                               monkeypatch):
+    """0.35 points per cluster, 0.02 back per recovery, stretches of 10 % of the MACs (two clusters here). After the
+    plain recovery (step 3) the two-cluster stretch is undone with 3 recovery epochs (steps 4-5) and with 6, the
+    most (steps 6-7); then, where the run used to end with its budget unused (our ResNet-20 upload: 2.4 of 15
+    minutes), the stretch is tried once more from step 3's model with one cluster: 0.97 points, kept (steps 8-9);
+    the stretch after it walks two clusters again."""
+    from core.runs import removals
+    room = iter([False])
+    monkeypatch.setattr(engine, "stretch_fits", lambda task, writer, clock, epochs=None: next(room, True))
+    _, hist, _ = faked_run(digits, tmp_path, monkeypatch, 0.35, 0.02, max_recoveries=6, stretch=True,
+                           step_macs=0.1, stretch_macs=0.1)
+    walks = {r["step"]: len(removals(r)) for r in hist if r.get("stretch") and r.get("recovered_from") is None}
+    assert walks == {4: 2, 6: 2, 8: 1, 10: 2}
+    assert [(hist[s]["recovered_from"], hist[s]["undone"], hist[s]["recovery"]["epochs"]) for s in (5, 7, 9)] == \
+        [(4, True, 3), (6, True, 6), (8, False, 6)]
+    assert hist[4]["macs"] == hist[6]["macs"] < hist[8]["macs"] < hist[3]["macs"], "each from step 3's model"
+
+
+def test_a_stretch_undone_halves_its_walk_then_doubles_its_recovery_once_then_walks_one_cluster():
+    config = PruneConfig(step_macs=0.04, recover_epochs=2)
     size = engine.StretchSize.first(PruneConfig(step_macs=0.04, stretch_macs=0.16, recover_epochs=2))
     assert (size.macs, size.epochs) == (0.16, 6)
-    grew = [size.after_undone(PruneConfig(step_macs=0.04, recover_epochs=2)) for _ in range(4)]
-    assert grew == [False, False, True, False] and (size.macs, size.epochs) == (0.04, 12)
+    retry = [size.resize(False, config, taken=2) for _ in range(5)]
+    assert retry == [False, False, True, True, False] and (size.macs, size.epochs) == (0.0, 12)
+    assert not size.resize(True, config) and (size.macs, size.epochs) == (0.04, 12), "a kept one-cluster walk grows back"
+    assert not size.resize(None, config) and (size.macs, size.epochs) == (0.04, 12), "nothing walked, nothing changes"
+    assert not size.resize(False, config, taken=1) and size.macs == 0.04, "one cluster was the least it could take"
     unbounded = engine.StretchSize(0.04, 6)  # no step size: the walk halves on, the recovery never grows
-    assert not any(unbounded.after_undone(PruneConfig(step_macs=None, recover_epochs=2)) for _ in range(3))
+    assert not any(unbounded.resize(False, PruneConfig(step_macs=None, recover_epochs=2), 2) for _ in range(3))
     assert unbounded.epochs == 6 and unbounded.macs == pytest.approx(0.005)
 
 
