@@ -173,6 +173,7 @@ UPLOAD_FLOWS = {  # name -> the prune options it adds to --max-drop and --cluste
     # stretches that walk on past the threshold (12 % of the MACs, steps within 3x it) before one recovery
     "walked-stretch": ["--stretch-macs", "0.12", "--stretch-allowance", "3"],
     "six-recoveries": ["--max-recoveries", "6"],  # the default before the budget governed (2026-12-05)
+    "ten-recoveries": ["--max-recoveries", "10"],  # the default before the one-cluster retry (2026-12-05, sixth session)
     "fp32": ["--train-precision", "fp32"],  # training in float32, the default before bf16 mixed precision (2026-12-05)
 }
 FLOWS = {"fast": ["--car", "fast"], "exact": ["--car", "exact"],

@@ -460,7 +460,7 @@ def test_fast_car_measures_no_more_filters_exactly_than_the_loop_budget(digits, 
 def test_the_default_flow_is_sized_for_real_models():
     c = PruneConfig()
     assert (c.clusters_per_step, c.step_macs, c.recover_epochs, c.control) == (8, 0.04, 2, True)
-    assert (c.stretch, c.recover_mirror, c.max_recoveries, c.stretch_macs, c.stretch_allowance) == (True, "auto", 10, 0.04, None)
+    assert (c.stretch, c.recover_mirror, c.max_recoveries, c.stretch_macs, c.stretch_allowance) == (True, "auto", 16, 0.04, None)
     with pytest.raises(Exception, match="MACs per step"):
         PruneConfig(step_macs=1.5).validate()
     with pytest.raises(Exception, match="time budget"):
