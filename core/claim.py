@@ -44,7 +44,8 @@ def lineage(history: list[dict], upto: int | None = None) -> list[dict]:
     """The records (step 0 left out) on the path of the model of step ``upto`` (default: the last step) from the
     original, in order. An undone stretch (``core.engine.stretch_step``) is not on it: its walk (the ``stretch``
     records that await its recovery) and its recovery (``undone``) are dropped, since the model went back to the
-    step before the walk."""
+    step before the walk. A recovery starts from the step it names (``recovered_from``): one appended after the
+    run (``python -m core recover --step N``) drops the steps after N."""
     path: list[dict] = []
     for record in history:
         if upto is not None and record.get("step", 0) > upto:
@@ -55,6 +56,10 @@ def lineage(history: list[dict], upto: int | None = None) -> list[dict]:
             while path and path[-1].get("stretch") and path[-1].get("recovered_from") is None:
                 path.pop()
             continue
+        source = record.get("recovered_from")
+        if source is not None:
+            while path and path[-1].get("step", 0) > source:
+                path.pop()
         path.append(record)
     return path
 

@@ -34,7 +34,7 @@ import torch
 
 from . import criteria
 from .car import CAR_METHODS
-from .claim import shipped_claim, training_received
+from .claim import lineage, shipped_claim, training_received
 from .criteria import Cluster, lowest_clusters, new_width
 from .device import DEVICES
 from .distributed import WorkSetting, open_pool
@@ -915,17 +915,22 @@ def run_control(task: Task, original, writer: RunWriter, cb: Callbacks, cancel: 
     if result is None:  # cancelled
         return
     digest = writer.write_weights("control.pt", model.state_dict())  # the original's architecture; sha256 kept
-    writer.write_json("control.json", {**result, "received": received, "for_step": target,
+    ships = target > 0 and target == select_step(history, task.config.max_drop)
+    writer.write_json("control.json", {**result, "received": received, "for_step": target, "ships": ships,
                                        "seconds": time.perf_counter() - t0, "weights_sha256": digest})
 
 
 def control_step(history: list[dict], max_drop: float) -> int:
     """The step whose training the control repeats: the one the run ships at its threshold (``core.runs.select_step``,
-    what the run's claim compares with the control), or the last step when it ships none. Why not always the last:
+    what the run's claim compares with the control), or, when it ships none, the last step its model came through. Why not always the last:
     the last can be a step the test images refused, and its recovery; on our ResNet-20 upload the last step's path
-    held 66 recovery epochs where the shipped step's held 58, and the control took half the run's time."""
+    held 66 recovery epochs where the shipped step's held 58, and the control took half the run's time. A run that
+    ships nothing: the last step on the path of its model (``core.claim.lineage``), not an undone stretch."""
     shipped = select_step(history, max_drop)
-    return shipped if shipped > 0 else history[-1]["step"]
+    if shipped > 0:
+        return shipped
+    path = lineage(history)
+    return path[-1]["step"] if path else 0
 
 
 def measure_original(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks,

@@ -57,19 +57,29 @@ def test_review_shows_test_figure_and_confidence_intervals(split_run):
 
 def test_the_pick_is_read_against_the_control_of_the_step_the_run_ships(split_run):
     """A control that repeated the shipped step's training says so beside the pick; its test drop is read against
-    the control's own per-image correctness (here the original's, so the figure is the step's own test drop)."""
+    the control's own per-image correctness (here the original's, so the figure is the step's own test drop). A
+    control whose training differs from the pick's says so; one of a run that ships nothing does not claim to be."""
+    from core.claim import training_received
+
     run = Run(split_run)
     hist = run.history
     shipped = run.select_step(10.0)
     assert shipped > 0
+    received = training_received(hist, run.config["prune"]["finetune_steps"], upto=shipped)
     control = {"metric": hist[0]["metric"], "test_metric": hist[0]["test_metric"], "correct": hist[0]["correct"],
-               "received": {"finetune_batches": 20, "recovery_epochs": []}, "for_step": shipped}
+               "received": received, "for_step": shipped, "ships": True}
     (split_run / "control.json").write_text(json.dumps(control))
     at = goto(new_app().run(), "review")
     page = texts(at)
     drop = hist[shipped]["paired"]["test"]["drop_points"]
-    assert "Against the original given the same training (20 fine-tuning mini-batches" in page
+    assert f"Against the original given the same training ({received['finetune_batches']} fine-tuning mini-batches" in page
     assert f"test drop {drop:+.2f} points" in page and f"It holds for step {shipped}, the one the run ships." in page
+    other = {**control, "received": {"finetune_batches": received["finetune_batches"] + 10, "recovery_epochs": [2]},
+             "ships": False}
+    (split_run / "control.json").write_text(json.dumps(other))
+    page = texts(goto(new_app().run(), "review"))
+    assert (f"It holds for step {shipped}, the last on the path of the run's model (the run ships none at its "
+            f"threshold); step {shipped} had other training.") in page
 
 
 def test_compare_two_steps_side_by_side(split_run):
