@@ -19,22 +19,20 @@ saying why, without them).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
 import torch
 
-from _common import ROOT, machine, parse_with_data, table
+from _common import machine, parse_with_data, table
 
 import train_cifar  # noqa: E402  (on sys.path through _common)
 from real_cifar import ranking_quality  # noqa: E402
+from train_precision import trained_originals  # noqa: E402
 
-from core.architectures import CifarResNet  # noqa: E402
 from core.car import compute_car  # noqa: E402
 from core.data import ImageSet, stratified_indices  # noqa: E402
 from core.evaluate import evaluate_accuracy  # noqa: E402
-from core.models import InputSpec  # noqa: E402
 
 
 def image_sets(n: int, seed: int = 7) -> dict[str, ImageSet]:
@@ -64,21 +62,10 @@ def main() -> int:
     args = parse_with_data(ap, train_cifar.DATA_ZIP)
     if args is None:
         return 0
-    torch.set_num_threads(args.threads)
-    manifest = json.loads(train_cifar.MANIFEST.read_text()) if train_cifar.MANIFEST.exists() else {"models": []}
-    trained = {m["name"]: m for m in manifest["models"]}
     sets = image_sets(args.images)
     print(f"machine: {machine()}; {args.images} images a set")
     sets_rows, pair_rows = [], []
-    for depth in args.depths:
-        name = f"cifar10_resnet{depth}"
-        if name not in trained:
-            print(f"ResNet-{depth}: not trained yet (python sample_models/train_cifar.py --depth {depth})")
-            continue
-        model = CifarResNet(depth, 10)
-        model.load_state_dict(torch.load(ROOT / "sample_models" / trained[name]["weights"], weights_only=True))
-        model.eval()
-        spec = InputSpec(height=32, width=32, mean=tuple(trained[name]["mean"]), std=tuple(trained[name]["std"]))
+    for depth, model, (*_, spec) in trained_originals(args.depths):
         car = {}
         for label, images in sets.items():
             t0 = time.perf_counter()

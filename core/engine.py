@@ -466,8 +466,9 @@ def rank_step(task: Task, plan: PrunePlan, left_alone: dict[str, str], widths: d
 
 def stretch_fits(task: Task, writer: RunWriter, clock: "RunClock", epochs: int | None = None) -> bool:
     """Whether the budget has room for a stretch: a step, its recovery (``epochs``, default ``STRETCH_EPOCHS`` times
-    ``recover_epochs``), the control's repeat of that recovery on the original (the control is given every
-    recovery of the run, ``core.claim.training_received``) and what the run keeps for its end (:func:`time_to_finish`)."""
+    ``recover_epochs``), the control's repeat of that recovery on the original (the control repeats a kept stretch's
+    recovery, ``core.claim.training_received``, and a stretch is not known to be kept before it ends) and what the
+    run keeps for its end (:func:`time_to_finish`)."""
     stretch = clock.recovery_estimate(epochs or usual_stretch_epochs(task.config))
     if makes_control(task):
         stretch *= 2
@@ -903,7 +904,7 @@ def run_control(task: Task, original, writer: RunWriter, cb: Callbacks, cancel: 
     that fine-tuning adapted to the user's images can read better than the original as given while it lost to the
     same training. Its progress is reported as part ``control`` of the last step, ``step``."""
     history = Run(writer.dir).history
-    target = control_step(history, task.config.max_drop)
+    target, ships = control_step(history, task.config.max_drop)
     received = training_received(history, task.config.finetune_steps, upto=target)
     if not received["finetune_batches"] and not received["recovery_epochs"]:
         return
@@ -915,22 +916,21 @@ def run_control(task: Task, original, writer: RunWriter, cb: Callbacks, cancel: 
     if result is None:  # cancelled
         return
     digest = writer.write_weights("control.pt", model.state_dict())  # the original's architecture; sha256 kept
-    ships = target > 0 and target == select_step(history, task.config.max_drop)
     writer.write_json("control.json", {**result, "received": received, "for_step": target, "ships": ships,
                                        "seconds": time.perf_counter() - t0, "weights_sha256": digest})
 
 
-def control_step(history: list[dict], max_drop: float) -> int:
-    """The step whose training the control repeats: the one the run ships at its threshold (``core.runs.select_step``,
-    what the run's claim compares with the control), or, when it ships none, the last step its model came through. Why not always the last:
-    the last can be a step the test images refused, and its recovery; on our ResNet-20 upload the last step's path
-    held 66 recovery epochs where the shipped step's held 58, and the control took half the run's time. A run that
-    ships nothing: the last step on the path of its model (``core.claim.lineage``), not an undone stretch."""
+def control_step(history: list[dict], max_drop: float) -> tuple[int, bool]:
+    """The step whose training the control repeats, and whether the run ships it: the step the run ships at its
+    threshold (``core.runs.select_step``, what the run's claim compares with the control); when it ships none, the
+    last step on the path of its model (``core.claim.lineage``; not an undone stretch). Why not the last step: it
+    can be a step the test images refused, and its recovery; on our ResNet-20 upload the last step's path held 66
+    recovery epochs where the shipped step's held 58, and the control took half the run's time."""
     shipped = select_step(history, max_drop)
     if shipped > 0:
-        return shipped
+        return shipped, True
     path = lineage(history)
-    return path[-1]["step"] if path else 0
+    return (path[-1]["step"] if path else 0), False
 
 
 def measure_original(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks,

@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from .tasks.registry import run_task_name, task_plugin
+from .claim import training_received
 from .custom_code import describe_call
 from .errors import TRUST_CONTROL, ModelLoadError, PruneScopeError, SettingsError, UntrustedRunError, one_line
 from .groups import rebuild_pruned
@@ -601,9 +602,18 @@ class Run:
             return None
         return record if isinstance(record, dict) else None
 
+    def control_covers(self, step: int) -> bool:
+        """Whether step ``step`` received the training the control was given (``core.claim.training_received``
+        against ``control.json``'s ``received``); False without a control or without the run's fine-tuning setting."""
+        control = self.control_record() or {}
+        finetune_steps = (self.config.get("prune") or {}).get("finetune_steps")
+        if finetune_steps is None or "received" not in control:
+            return False
+        return training_received(self.history, finetune_steps, upto=step) == control["received"]
+
     def control(self, trusted: bool = False) -> nn.Module | None:
-        """The control of the run (the original given the training of the step the run ships, ``control.json``'s ``for_step``: ``control.pt``), or None
-        for a run without one; ``trusted`` as for :meth:`fresh_model`."""
+        """The control of the run (``control.pt``: the original given the training of the step the run ships,
+        ``control.json``'s ``for_step``), or None for a run without one; ``trusted`` as for :meth:`fresh_model`."""
         path = self.dir / "control.pt"
         if not path.exists():
             return None

@@ -10,8 +10,7 @@ from __future__ import annotations
 import streamlit as st
 
 from core.advice import run_advice
-from core.claim import shipped_claim, training_received
-from core.engine import PruneConfig
+from core.claim import shipped_claim
 from core.errors import PruneScopeError
 from core.jobs import JobAlreadyRunning, recovery_job
 from core.measure import LatencyComparison
@@ -77,23 +76,21 @@ def control_line(run, hist: list[dict], pick: dict) -> None:
     vs, gain = claim.get("vs_control"), claim.get("control_vs_original")
     if vs is None or gain is None:
         return
-    finetune_steps = (run.config.get("prune") or {}).get("finetune_steps", PruneConfig.finetune_steps)
     st.caption(f"Against the original given the same training ({control['received']['finetune_batches']} fine-tuning "
                f"mini-batches, recoveries of {control['received']['recovery_epochs']} epochs): test drop "
                f"{vs['drop_points']:+.2f} points (95 % CI {vs['ci_low_points']:+.2f} to {vs['ci_high_points']:+.2f}); "
                f"that training alone moved the original by {-gain['drop_points']:+.2f} points on the test images. "
-               + control_scope(control, hist, pick["step"], finetune_steps))
+               + control_scope(control, pick["step"], run.control_covers(pick["step"])))
 
 
-def control_scope(control: dict, hist: list[dict], picked: int, finetune_steps: int) -> str:
+def control_scope(control: dict, picked: int, same: bool) -> str:
     """Which step's training the control repeated (``for_step``, and whether the run ships it: ``ships``; runs made
-    before they were recorded: the last step), and whether the picked step received the same training."""
+    before they were recorded: the last step), and whether the picked step received the same training (``same``)."""
     step = control.get("for_step")
     if step is None:
         return "It holds for the run's last step; an earlier pick had less training."
     which = (f"step {step}, the one the run ships" if control.get("ships", True)
              else f"step {step}, the last on the path of the run's model (the run ships none at its threshold)")
-    same = training_received(hist, finetune_steps, upto=picked) == control.get("received")
     return f"It holds for {which}" + ("." if same else f"; step {picked} had other training.")
 
 

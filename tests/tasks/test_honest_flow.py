@@ -438,12 +438,12 @@ def test_the_control_repeats_the_shipped_step_s_path_not_an_undone_stretch_nor_l
     assert [r["step"] for r in lineage(hist, upto=4)] == [1, 2], "the undone stretch's walk went with it"
     assert training_received(hist, 40) == {"finetune_batches": 120, "recovery_epochs": [2, 12, 2]}
     assert select_step(hist, 1.0) == 6, "the test images refuse steps 7 and 8 (2.0 and 1.5 points)"
-    assert control_step(hist, 1.0) == 6
+    assert control_step(hist, 1.0) == (6, True)
     assert training_received(hist, 40, upto=6) == {"finetune_batches": 80, "recovery_epochs": [2, 12]}
-    assert control_step(hist[:2], 1.0) == 1, "a run that ships nothing gets the control of its last step"
-    assert select_step(hist[:5], -1.0) == 0 and control_step(hist[:5], -1.0) == 2, \
+    assert control_step(hist[:2], 1.0) == (1, False), "a run that ships nothing gets the control of its last step"
+    assert select_step(hist[:5], -1.0) == 0 and control_step(hist[:5], -1.0) == (2, False), \
         "a run that ships nothing and ends on an undone stretch: the last step on its model's path"
-    assert control_step(hist[:1], 1.0) == 0
+    assert control_step(hist[:1], 1.0) == (0, False)
     appended = hist + [{"step": 9, "metric": 0.9, "test_metric": 0.9, "macs": 80, "recovered_from": 6,
                         "recovery": {"epochs": 3}}]  # python -m core recover --step 6, after the run
     assert [r["step"] for r in lineage(appended)] == [1, 2, 5, 6, 9]
