@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .claim import pack_correct
 from .data import DataSet, ImageSet, normalize
 from .device import resolve_device
 from .errors import DataError, PruneScopeError, SettingsError
@@ -317,15 +318,23 @@ def _pruning_history(run: Run, step: int) -> list:
 
 def _correct(model: nn.Module, data: DataSet, spec: InputSpec) -> dict[str, np.ndarray]:
     """Per role, whether each image is classified right (roles without images left out)."""
-    return {role: evaluate_accuracy(model, images, spec).correct.numpy()
+    return {role: accuracy.correct.numpy() for role, accuracy in _accuracies(model, data, spec).items()}
+
+
+def _accuracies(model: nn.Module, data: DataSet, spec: InputSpec) -> dict:
+    """Per role (``selection``, ``test``), the model's :func:`evaluate_accuracy`; roles without images left out."""
+    return {role: evaluate_accuracy(model, images, spec)
             for role, images in (("selection", data.val), ("test", data.test)) if len(images)}
 
 
 def _recovered_record(run: Run, source: dict, model: nn.Module, original: nn.Module, data: DataSet,
                       config: RecoveryConfig, result: RecoveryResult, seconds: float, device: torch.device) -> dict:
+    """The new step's record, with per-image correctness packed as the loop's steps carry it (``correct``,
+    ``core.claim.pack_correct``), so that its claim against the control can be read like theirs."""
     spec = run.spec.input
-    selection = evaluate_accuracy(model, data.val, spec)
-    test = evaluate_accuracy(model, data.test, spec) if len(data.test) else None
+    measured = _accuracies(model, data, spec)
+    selection, test = measured["selection"], measured.get("test")
+    correct = {role: accuracy.correct.numpy() for role, accuracy in measured.items()}
     macs, params = count_macs_params(model, spec)
     return {
         "step": max(run.steps()) + 1,
@@ -341,6 +350,6 @@ def _recovered_record(run: Run, source: dict, model: nn.Module, original: nn.Mod
                      "best_epoch": result.best_epoch, "cancelled": result.cancelled,
                      "start_selection": result.start_selection, "per_epoch": result.epochs, "config": asdict(config),
                      "device": str(device), "precision": result.precision},
-        "paired": paired_figures(_correct(original, data, spec), _correct(model, data, spec)),
+        "paired": paired_figures(_correct(original, data, spec), correct), "correct": pack_correct(correct),
         "seconds": seconds, "elapsed": (source.get("elapsed") or 0.0) + seconds,
     }

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.claim import shipped_claim, unpack_correct
 from core.cli_recover import recovery_note, recovery_summary
 from core.errors import PruneScopeError
 from core.eta import PhaseProgress
@@ -68,6 +69,11 @@ def test_recovered_step_has_both_figures_and_rebuilds(digits_run):
     assert record["paired"]["test"]["n"] == len(data.test) and record["paired"]["selection"]["n"] == len(data.val)
     assert {p.phase for p in seen} == {"recovery", "measuring"} and seen[-1].fraction == 1.0
     assert run.status["state"] == "done", "the run's status is restored"
+    for role, images in (("selection", data.val), ("test", data.test)):
+        assert (unpack_correct(record["correct"], role) == evaluate_accuracy(model, images, spec).correct.numpy()).all()
+    control = {"correct": run.history[0]["correct"]}  # a control that kept the original's answers
+    claim = shipped_claim(run.history, 3, control)
+    assert claim["vs_control"] == claim["test"], "the appended step is read against a control like a loop step"
     assert model(torch.zeros(2, *spec.shape(1)[1:])).shape == (2, 10)
 
 
