@@ -109,30 +109,34 @@ def evaluate_accuracy(model: nn.Module, data: ImageSet, spec: InputSpec, batch_s
 def count_macs_params(model: nn.Module, spec: InputSpec) -> tuple[int, int]:
     """Multiply-accumulates of conv and linear layers for one image, and the parameter count.
 
-    Counted from the real forward pass (hooks), so it follows whatever shape the model really has.
-    The frozen 1x1 embeddings that stand in for zero-padded shortcuts (``core.shortcuts``) are data
+    Counted from the real forward pass (hooks, :func:`layer_macs`), so it follows whatever shape the model
+    really has. The frozen 1x1 embeddings that stand in for zero-padded shortcuts (``core.shortcuts``) are data
     movement, not learned layers: their MACs and weights count as the pad they replace does (zero), so
     a model shows the same figures before and after its graph is built, on every page.
     """
-    macs = 0
+    macs = sum(layer_macs(model, spec).values())
+    embedded = {id(m.weight) for m in model.modules() if is_shortcut_embedding(m)}
+    params = sum(p.numel() for p in model.parameters() if id(p) not in embedded)
+    return int(macs), int(params)
 
-    def conv_hook(m: nn.Conv2d, inp, out):
-        nonlocal macs
-        kh, kw = m.kernel_size
-        macs += out.numel() // out.shape[0] * (m.in_channels // m.groups) * kh * kw
 
-    def linear_hook(m: nn.Linear, inp, out):
-        nonlocal macs
-        macs += out.numel() // out.shape[0] * m.in_features
+def layer_macs(model: nn.Module, spec: InputSpec) -> dict[str, int]:
+    """Module name -> multiply-accumulates of that conv or linear layer for one image (all its calls), from one
+    real forward pass of a zero image; frozen shortcut embeddings (``core.shortcuts``) left out (zero)."""
+    macs: dict[str, int] = {}
 
-    handles = []
-    for m in model.modules():
-        if is_shortcut_embedding(m):
-            continue
-        if isinstance(m, nn.Conv2d):
-            handles.append(m.register_forward_hook(conv_hook))
-        elif isinstance(m, nn.Linear):
-            handles.append(m.register_forward_hook(linear_hook))
+    def hook(name: str):
+        def count(m: nn.Module, inp, out):
+            if isinstance(m, nn.Conv2d):
+                kh, kw = m.kernel_size
+                per_output = (m.in_channels // m.groups) * kh * kw
+            else:
+                per_output = m.in_features
+            macs[name] = macs.get(name, 0) + out.numel() // out.shape[0] * per_output
+        return count
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear)) and not is_shortcut_embedding(m)]
     was_training = model.training
     model.eval()
     try:
@@ -142,6 +146,4 @@ def count_macs_params(model: nn.Module, spec: InputSpec) -> tuple[int, int]:
         for h in handles:
             h.remove()
         model.train(was_training)
-    embedded = {id(m.weight) for m in model.modules() if is_shortcut_embedding(m)}
-    params = sum(p.numel() for p in model.parameters() if id(p) not in embedded)
-    return int(macs), int(params)
+    return macs

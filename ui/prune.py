@@ -183,8 +183,8 @@ def budget_buys_text(minutes: float, buys: dict) -> str:
     """'**What 30 min buys:** 9–14 steps, down to 64 %–49 % of the MACs …' from ``Estimate.budget_buys``."""
     slow, fast = buys["slow"], buys["fast"]
     return (f"**What {minutes:g} min buys:** {slow['steps']}–{fast['steps']} steps, down to "
-            f"{slow['mac_fraction']:.0%}–{fast['mac_fraction']:.0%} of the original MACs (at most: the threshold can "
-            "stop the run sooner, and recoveries and the control take part of the time).")
+            f"{slow['mac_fraction']:.0%}–{fast['mac_fraction']:.0%} of the original MACs (the first figure if every "
+            "step needs a long recovery, the second if none does; the threshold can stop the run sooner).")
 
 
 def settings_text(config) -> str:

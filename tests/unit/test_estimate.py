@@ -149,3 +149,65 @@ def test_the_recoveries_upper_bound_counts_a_stretch_at_its_longer_recovery():
     assert with_stretch.breakdown[key][0] == 0.0, "a run may never stall"
     assert high / plain == pytest.approx((10 * STRETCH_EPOCHS + 1) / 11)
     assert with_stretch.seconds_high > without.seconds_high
+
+
+@pytest.mark.parametrize("make", [cifar_resnet20, SampleVGG,
+                                  lambda: __import__("torchvision").models.mobilenet_v2(num_classes=10)],
+                         ids=["resnet20-zero-pad-shortcuts", "vgg", "mobilenet_v2-depthwise"])
+def test_the_simulated_macs_are_the_pruned_model_s(make):
+    """The step simulation's MACs (MacModel) equal what the real pruner leaves, removal after removal: the old
+    per-filter sum counted a consumer's saving at its original width and, pruned far, passed the whole model."""
+    import random
+
+    from core.criteria import new_width
+    from core.estimate import MacModel
+    from core.evaluate import count_macs_params
+    from core.groups import PruningGraph
+
+    graph = PruningGraph(make().eval(), SPEC.shape(1))
+    groups = [g for g in graph.groups() if not g.left_alone]
+    macs = MacModel(graph.model, SPEC, groups)
+    assert macs.total() == count_macs_params(graph.model, SPEC)[0]
+    widths, pick = {g.gid: g.width for g in groups}, random.Random(0)
+    for _ in range(8):
+        group = pick.choice(groups)
+        target = new_width(widths[group.gid], 8)
+        if target is None:
+            continue
+        expected = macs.total(widths) - macs.saving(widths, group.gid, target)
+        graph.prune(group.root, list(range(widths[group.gid] - target)))
+        widths[group.gid] = target
+        assert count_macs_params(graph.model, SPEC)[0] == pytest.approx(expected, rel=1e-9)
+        assert macs.total(widths) == pytest.approx(expected, rel=1e-9)
+
+
+def test_what_a_budget_buys_never_leaves_less_than_nothing():
+    """No MAC target and a budget that buys every step: the ResNet-20 at one cluster a group keeps its stem, head
+    and one cluster a group, a fraction in (0, 1); the per-filter sum read -39 % here."""
+    config = PruneConfig(mac_target=None, max_steps=500, time_budget=24 * 60.0, control=False, recover_epochs=0)
+    buys = _est(config).budget_buys
+    assert 0.05 < buys["fast"]["mac_fraction"] < 0.5
+    assert buys["slow"]["mac_fraction"] == pytest.approx(buys["fast"]["mac_fraction"]), "both ends prune all there is"
+
+
+def test_the_slow_end_of_what_a_budget_buys_recovers_every_step_at_length():
+    """The slow end counts each step stalled and recovered at a stretch's longest, and the control repeating it:
+    stretches and the control make the same budget buy fewer steps there, while the fast end (no stall) is
+    unchanged."""
+    from core.estimate import _stall_seconds
+    from core.engine import LAST_STRETCH_EPOCHS, STRETCH_EPOCHS
+
+    base = PruneConfig(mac_target=None, max_steps=100, recover_epochs=2, control=False, stretch=False,
+                       time_budget=30.0)
+    ends = {}
+    for name, config in (("plain", base), ("stretch", dataclasses.replace(base, stretch=True)),
+                         ("stretch+control", dataclasses.replace(base, stretch=True, control=True))):
+        ends[name] = estimate_prune_time(cifar_resnet20().eval(), SPEC, 400, config, rates=RATES, n_train=5000)
+    epoch = 79 * RATES.train_step[1]  # ceil(5000 / 64) batches
+    assert _stall_seconds(base, RATES, 5000) == pytest.approx(2 * epoch)
+    assert _stall_seconds(dataclasses.replace(base, stretch=True, control=True), RATES, 5000) == pytest.approx(
+        2 * (2 * STRETCH_EPOCHS * LAST_STRETCH_EPOCHS * epoch))
+    slow = [ends[n].budget_buys["slow"]["steps"] for n in ("plain", "stretch", "stretch+control")]
+    assert slow[0] > slow[1] > slow[2] >= 1
+    fast_steps = {ends[n].budget_buys["fast"]["steps"] for n in ("plain", "stretch")}
+    assert len(fast_steps) == 1, "the fast end has no stall"
