@@ -712,6 +712,14 @@ def select_step(history: list[dict], max_drop: float) -> int:
     return min(ok, key=lambda r: (r["macs"], -r["metric"]))["step"]
 
 
+def on_the_curve(base: dict, record: dict) -> bool:
+    """Whether ``record`` is a point of the compression curve :func:`accepted_test_drops` fits: step 0, or a step with
+    fewer MACs. A recovery of the original (``recover --step 0``) removed nothing: other training, not compression,
+    moved its read, and pooled with the pruned steps it would lift their fitted drops (a fine-tuned original one
+    test image worse stopped a digits run from shipping at threshold 0)."""
+    return record["step"] == 0 or record["macs"] < base["macs"]
+
+
 def accepted_test_drops(history: list[dict]) -> dict[int, float]:
     """Step -> the test drop (points from step 0) the final acceptance reads: the isotonic (non-decreasing) regression
     of the shippable steps' own test drops, from the fewest removed MACs to the most (equal MACs, which the
@@ -723,11 +731,12 @@ def accepted_test_drops(history: list[dict]) -> dict[int, float]:
     part of it to the particular test images; pooling the two reads is the least-squares estimate under that
     order. The fitted drops never fall, so the steps the curve accepts at a threshold are the least pruned ones
     up to the first it refuses (:func:`select_step` also skips a step whose own read is past the threshold): a
-    lucky read after refused ones no longer ships alone."""
+    lucky read after refused ones no longer ships alone. Steps that removed no MACs are not on the curve
+    (:func:`on_the_curve`): :func:`select_step` reads their own test drop alone."""
     base = history[0]
     if base.get("test_metric") is None:
         return {}
-    steps = sorted((r for r in history if shippable(r) and r.get("test_metric") is not None),
+    steps = sorted((r for r in history if shippable(r) and r.get("test_metric") is not None and on_the_curve(base, r)),
                    key=lambda r: (-r["macs"], base["test_metric"] - r["test_metric"], r["step"]))
     blocks: list[list[float]] = []  # [sum of drops, count, ...steps]
     for r in steps:

@@ -170,21 +170,38 @@ def estimate_panel(state: AppState, config, running: bool) -> None:
     st.dataframe([{"part": k, "low": format_seconds(v[0]), "high": format_seconds(v[1])}
                   for k, v in est.breakdown.items()], hide_index=True, width="stretch")
     if getattr(config, "time_budget", None):
-        st.caption(f"Capped at the time budget ({config.time_budget:g} min): the run stops before a step would leave "
-                   "too little time for the last step's recovery and the control, and keeps the finished steps.")
+        st.caption(budget_caption(config.time_budget, est.seconds_high))
         if est.budget_buys:
-            st.markdown(budget_buys_text(config.time_budget, est.budget_buys))
+            st.markdown(budget_buys_text(config.time_budget, est.budget_buys, est.steps))
     if reused:
         st.caption("The finished analysis of the Analyse page will be reused: it is not part of this estimate.")
     st.caption("The threshold can stop a run earlier than either end; other work on the machine slows it.")
 
 
-def budget_buys_text(minutes: float, buys: dict) -> str:
-    """'**What 30 min buys:** 9–14 steps, down to 64 %–49 % of the MACs …' from ``Estimate.budget_buys``."""
-    slow, fast = buys["slow"], buys["fast"]
-    return (f"**What {minutes:g} min buys:** {slow['steps']}–{fast['steps']} steps, down to "
-            f"{slow['mac_fraction']:.0%}–{fast['mac_fraction']:.0%} of the original MACs (the first figure if every "
-            "step needs a long recovery, the second if none does; the threshold can stop the run sooner).")
+def budget_caption(minutes: float, seconds_high: float) -> str:
+    """Whether the time budget caps the estimate (its slow end reaches it) or the whole run fits in it."""
+    if seconds_high < minutes * 60.0 - 1e-6:
+        return f"The whole run fits in the time budget ({minutes:g} min) at either end of the estimate."
+    return (f"Capped at the time budget ({minutes:g} min): the run stops before a step would leave too little time "
+            "for the last step's recovery and the control, and keeps the finished steps.")
+
+
+def budget_buys_text(minutes: float, buys: dict, expected_steps: tuple[int, int] = (1, 1)) -> str:
+    """'**What 30 min buys:** 9–14 steps, leaving 64%–49% of the original MACs …' from ``Estimate.budget_buys``:
+    each range from its low to its high figure (the slow end can take more, smaller steps), one figure where both
+    agree, and why no step where it buys none (``expected_steps``: ``Estimate.steps``, none when no group can lose a
+    cluster)."""
+    steps = sorted(b["steps"] for b in buys.values())
+    if steps[-1] == 0:
+        why = ("no group can lose a cluster of this size" if max(expected_steps) == 0 else
+               "the analysis before the first step and the time kept for the last recovery and the control use it up")
+        return f"**What {minutes:g} min buys:** no pruning step: {why}."
+    left = [f"{f:.0%}" for f in sorted((b["mac_fraction"] for b in buys.values()), reverse=True)]
+    step_range = f"{steps[0]}–{steps[-1]} steps" if steps[0] != steps[-1] else \
+        f"{steps[0]} step{'s' if steps[0] != 1 else ''}"
+    left_range = f"{left[0]}–{left[-1]}" if left[0] != left[-1] else left[0]
+    return (f"**What {minutes:g} min buys:** {step_range}, leaving {left_range} of the original MACs (from every step "
+            "needing a long recovery to none needing one; the threshold can stop the run sooner).")
 
 
 def settings_text(config) -> str:

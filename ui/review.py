@@ -79,7 +79,7 @@ def control_line(run, hist: list[dict], pick: dict) -> None:
     st.caption(f"Against the original given the same training ({control['received']['finetune_batches']} fine-tuning "
                f"mini-batches, recoveries of {control['received']['recovery_epochs']} epochs): test drop "
                f"{vs['drop_points']:+.2f} points (95 % CI {vs['ci_low_points']:+.2f} to {vs['ci_high_points']:+.2f}); "
-               f"that training alone moved the original by {-gain['drop_points']:+.2f} points on the test images. "
+               f"that training alone moved the original by {0.0 - gain['drop_points']:+.2f} points on the test images. "
                + control_scope(control, pick["step"], run.control_covers(pick["step"])))
 
 

@@ -5,7 +5,7 @@ from core.prune import PruneConfig
 from core.runs import Run, removals
 from tests.app.apptest_tools import (assert_no_exception, goto, new_app, progress_values, texts, wait_until, with_sample)
 from tests.unit.test_criteria import fpgm  # noqa: F401  (the docs/extending.md example criterion, registered)
-from ui.prune import settings_text
+from ui.prune import budget_buys_text, budget_caption, settings_text
 from ui.state import get_registry
 
 
@@ -139,3 +139,18 @@ def test_a_newly_registered_criterion_is_offered_on_the_prune_page(fpgm):
     picker.set_value("fpgm").run()
     assert_no_exception(at)
     assert at.selectbox(key="pr_criterion").value == "fpgm"
+
+
+def test_what_a_budget_buys_reads_low_to_high_and_says_why_it_buys_no_step():
+    """A break test read "14–11 steps", "down to 48%–49%" (the slow end can take more, smaller steps and overshoot a
+    MAC target further), "12–12 steps" and "0–0 steps, down to 100%–100%"; and "Capped at the time budget" under an
+    estimate of a tenth of it."""
+    text = budget_buys_text(30, {"slow": {"steps": 14, "mac_fraction": 0.4773}, "fast": {"steps": 11, "mac_fraction": 0.4927}})
+    assert "11–14 steps" in text and "leaving 49%–48% of the original MACs" in text
+    assert "12 steps, leaving 50% of" in budget_buys_text(5, {e: {"steps": 12, "mac_fraction": 0.5} for e in ("slow", "fast")})
+    assert "1 step," in budget_buys_text(5, {e: {"steps": 1, "mac_fraction": 0.9} for e in ("slow", "fast")})
+    none = {e: {"steps": 0, "mac_fraction": 1.0} for e in ("slow", "fast")}
+    assert budget_buys_text(5, none, (0, 0)).endswith("no pruning step: no group can lose a cluster of this size.")
+    assert "use it up" in budget_buys_text(0.1, none, (3, 5)) and "100%" not in budget_buys_text(0.1, none, (3, 5))
+    assert budget_caption(30, 109.0).startswith("The whole run fits in the time budget (30 min)")
+    assert budget_caption(30, 1800.0).startswith("Capped at the time budget (30 min)")

@@ -74,6 +74,7 @@ def test_the_pick_is_read_against_the_control_of_the_step_the_run_ships(split_ru
     drop = hist[shipped]["paired"]["test"]["drop_points"]
     assert f"Against the original given the same training ({received['finetune_batches']} fine-tuning mini-batches" in page
     assert f"test drop {drop:+.2f} points" in page and f"It holds for step {shipped}, the one the run ships." in page
+    assert "moved the original by +0.00 points" in page, "a control that changed nothing reads +0.00, not -0.00"
     other = {**control, "received": {"finetune_batches": received["finetune_batches"] + 10, "recovery_epochs": [2]},
              "ships": False}
     (split_run / "control.json").write_text(json.dumps(other))

@@ -77,3 +77,14 @@ def test_equal_mac_steps_are_not_ordered_by_the_curve():
     assert select_step(history, 1.0) == 3
     history[3]["test_metric"], history[2]["test_metric"] = history[2]["test_metric"], history[3]["test_metric"]
     assert select_step(history, 1.0) == 2, "the order follows the reads, not the step numbers"
+
+
+def test_a_recovery_of_the_original_is_not_a_point_of_the_compression_curve():
+    """``recover --step 0`` appends the original fine-tuned, at the original's MACs (a break test: on a digits run
+    it read one test image worse, lifted the pruned steps' fitted drops and nothing shipped at threshold 0)."""
+    history = _history([0.0, 0.0, 0.0])
+    history.append({"step": 4, "metric": 0.80, "test_metric": 0.79, "macs": 1000, "recovered_from": 0})
+    fitted = accepted_test_drops(history)
+    assert 4 not in fitted and all(fitted[s] == pytest.approx(0.0) for s in (1, 2, 3))
+    assert select_step(history, 0.0) == 3
+    assert select_step(history, 1.0) == 3, "the fewest MACs still ship first"
