@@ -96,6 +96,8 @@ def test_a_stalled_run_recovers_goes_on_and_the_recovery_is_a_step_on_the_curve(
     assert recovered["widths"] == hist[2]["widths"] and recovered["macs"] == hist[2]["macs"]
     assert recovered["test_metric"] is not None and "test" in recovered["paired"]
     assert hist[4]["macs"] < hist[3]["macs"], "the run went on from the recovered model"
+    elapsed = [r["elapsed"] for r in hist[1:]]
+    assert elapsed == sorted(elapsed), "steps and recoveries count elapsed time from the same start"
     assert run.rebuild_step(3) is not None and run.rebuild_step(5)(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
     assert run.status["message"].startswith("the next clusters would exceed")
 
