@@ -31,6 +31,17 @@ from core.runs import Run
 from core.training import resolve_precision
 
 
+class PerFilterSum:
+    """The saving the estimate counted before :class:`core.estimate.MacModel`: ``macs_per_filter`` per removed
+    filter, at the original widths (a consumer's saving at its original output width)."""
+
+    def __init__(self, groups):
+        self.per_filter = {g.gid: g.macs_per_filter for g in groups}
+
+    def saving(self, widths: dict[int, int], gid: int, new_width: int) -> float:
+        return (widths[gid] - new_width) * self.per_filter[gid]
+
+
 def old_fractions(model, spec, config: PruneConfig) -> dict:
     """The MACs left that the per-filter sum (the estimate before MacModel) gave at both ends, all steps taken."""
     groups = [g for g in PruningGraph(copy.deepcopy(model), spec.shape(1)).groups() if not g.left_alone]
@@ -41,7 +52,7 @@ def old_fractions(model, spec, config: PruneConfig) -> dict:
     for name, biggest in (("fast", True), ("slow", False)):
         saved: list[float] = []
         _step_widths(groups, config.cluster, budget, config.max_steps, biggest, config.clusters_per_step, step_macs,
-                     saved)
+                     saved, PerFilterSum(groups))
         out[name] = 1.0 - (saved[-1] / total if saved else 0.0)
     return out
 

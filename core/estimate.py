@@ -259,42 +259,33 @@ def _in_channels(module: nn.Module) -> int:
 
 
 def _step_widths(groups: list[ChannelGroup], cluster: int, mac_budget: float, max_steps: int,
-                 biggest_first: bool, per_step: int = 1, step_macs: float | None = None,
-                 saved_after: list[float] | None = None, mac_model: MacModel | None = None) -> list[int]:
+                 biggest_first: bool, per_step: int, step_macs: float | None, saved_after: list[float],
+                 mac_model: MacModel) -> list[int]:
     """Total filters before each simulated step: one cluster leaves one group per removal, and a step takes
     removals until they save ``step_macs`` MACs (None: no such limit) or ``per_step`` removals, until
     ``mac_budget`` MACs are saved, ``max_steps`` steps are made or no group can lose a cluster.
-    ``saved_after``, when given, receives the MACs saved in all after each simulated step. A removal's saving is
-    ``mac_model``'s exact one at the widths reached (:class:`MacModel`); without one, ``macs_per_filter`` per
-    filter (an overcount once many groups are pruned)."""
+    ``saved_after`` receives the MACs saved in all after each simulated step. A removal's saving is ``mac_model``'s
+    at the widths reached (``saving(widths, group id, new width)``: :class:`MacModel`, exact)."""
     widths = {g.gid: g.width for g in groups}
-    per_filter = {g.gid: g.macs_per_filter for g in groups}
-
-    def saving(k: int, target: int) -> float:
-        if mac_model is not None:
-            return mac_model.saving(widths, k, target)
-        return (widths[k] - target) * per_filter[k]
-
     saved, out = 0.0, []
     in_step, step_saved = per_step, 0.0
     while saved < mac_budget:
-        options = {k: saving(k, t) for k, w in widths.items() if (t := new_width(w, cluster)) is not None}
+        options = {k: mac_model.saving(widths, k, t)
+                   for k, w in widths.items() if (t := new_width(w, cluster)) is not None}
         if not options:
             break
         if in_step >= per_step or (step_macs is not None and step_saved >= step_macs):
             if len(out) >= max_steps:
                 break
             out.append(sum(widths.values()))
-            if saved_after is not None:
-                saved_after.append(saved)
+            saved_after.append(saved)
             in_step, step_saved = 0, 0.0
         k = (max if biggest_first else min)(options, key=options.get)
         saved += options[k]
         step_saved += options[k]
         in_step += 1
         widths[k] = new_width(widths[k], cluster)
-    if saved_after is not None:  # entry i: saved after step i+1
-        saved_after[:] = saved_after[1:] + [saved] if out else []
+    saved_after[:] = saved_after[1:] + [saved] if out else []  # entry i: saved after step i+1
     return out
 
 
@@ -345,9 +336,8 @@ def estimate_prune_time(model: nn.Module, spec: InputSpec | ModelSpec, n_val: in
     step_macs = None if step_macs is None else step_macs * total_macs
     saved = ([], [])
     macs = MacModel(graph.model, ispec, groups)
-    low_widths = _step_widths(groups, config.cluster, budget, config.max_steps, True, per_step, step_macs, saved[0], macs)
-    high_widths = _step_widths(groups, config.cluster, budget, config.max_steps, False, per_step, step_macs, saved[1],
-                               macs)
+    low_widths, high_widths = (_step_widths(groups, config.cluster, budget, config.max_steps, biggest, per_step,
+                                            step_macs, saved[end], macs) for end, biggest in ((0, True), (1, False)))
     attempts = (1, min(config.patience + 1, 2))
     per_attempt = _add(_scaled(rates.train_step, config.finetune_steps), evaluation(), latency())
     scoring, tries = [0.0, 0.0], [0.0, 0.0]
@@ -399,9 +389,10 @@ def _budget_reserve(config, rates: Rates, n_train: int | None) -> tuple[tuple[fl
 
 def _stall_seconds(config, rates: Rates, n_train: int | None) -> float:
     """Slowest seconds a stalled step adds: its recovery (with stretches on, a stretch's at its longest,
-    ``LAST_STRETCH_EPOCHS`` x ``STRETCH_EPOCHS`` x ``recover_epochs``) and, with the control, the control's repeat of it. Why the slow end of what a budget buys
-    counts one per step: on our ResNet-20 and ResNet-56 uploads (``bench/real_cifar.py --upload``) the default flow
-    recovered after every second step, and recoveries took about two thirds of the loop's time."""
+    ``LAST_STRETCH_EPOCHS`` x ``STRETCH_EPOCHS`` x ``recover_epochs``) and, with the control, the control's repeat of
+    it. Why the slow end of what a budget buys counts one per step: on our ResNet-20 and ResNet-56 uploads
+    (``bench/real_cifar.py --upload``) the default flow recovered after every second step or so, and the recoveries
+    took more than half of the loop's time."""
     if not n_train or not getattr(config, "recover_epochs", 0):
         return 0.0
     epochs = config.recover_epochs * (STRETCH_EPOCHS * LAST_STRETCH_EPOCHS if getattr(config, "stretch", False) else 1)

@@ -316,9 +316,9 @@ def _pruning_history(run: Run, step: int) -> list:
     return run._weights(run.dir / "steps" / f"{step:04d}.pt", run.record(step).get("weights_sha256"))["pruning_history"]
 
 
-def _correct(model: nn.Module, data: DataSet, spec: InputSpec) -> dict[str, np.ndarray]:
-    """Per role, whether each image is classified right (roles without images left out)."""
-    return {role: accuracy.correct.numpy() for role, accuracy in _accuracies(model, data, spec).items()}
+def _correct(measured: dict) -> dict[str, np.ndarray]:
+    """Per role, whether each image is classified right, from :func:`_accuracies`."""
+    return {role: accuracy.correct.numpy() for role, accuracy in measured.items()}
 
 
 def _accuracies(model: nn.Module, data: DataSet, spec: InputSpec) -> dict:
@@ -334,7 +334,7 @@ def _recovered_record(run: Run, source: dict, model: nn.Module, original: nn.Mod
     spec = run.spec.input
     measured = _accuracies(model, data, spec)
     selection, test = measured["selection"], measured.get("test")
-    correct = {role: accuracy.correct.numpy() for role, accuracy in measured.items()}
+    correct = _correct(measured)
     macs, params = count_macs_params(model, spec)
     return {
         "step": max(run.steps()) + 1,
@@ -350,6 +350,6 @@ def _recovered_record(run: Run, source: dict, model: nn.Module, original: nn.Mod
                      "best_epoch": result.best_epoch, "cancelled": result.cancelled,
                      "start_selection": result.start_selection, "per_epoch": result.epochs, "config": asdict(config),
                      "device": str(device), "precision": result.precision},
-        "paired": paired_figures(_correct(original, data, spec), correct), "correct": pack_correct(correct),
+        "paired": paired_figures(_correct(_accuracies(original, data, spec)), correct), "correct": pack_correct(correct),
         "seconds": seconds, "elapsed": (source.get("elapsed") or 0.0) + seconds,
     }
