@@ -50,7 +50,8 @@ from .workspace import read_json
 RECOVER_MIRROR = ("auto", "on", "off")
 NO_STRETCH_ROOM = ", and the budget has no room for a stretch"
 STRETCH_EPOCHS = 3  # a stretch's recovery runs this many times ``recover_epochs``: it absorbs a removal
-LAST_STRETCH_EPOCHS = 2  # the last stretch's recovery, up to this many times as long, as the budget allows
+RETRY_STRETCH_EPOCHS = 2  # an undone stretch is tried again with a recovery up to this many times as long
+LAST_STRETCH_EPOCHS = 3  # the last stretch's recovery, up to this many times as long, as the budget allows
 MAX_LEARNING_RATE = 10.0  # above this SGD and AdamW diverge on any network; a typo, not a setting
 
 
@@ -544,7 +545,7 @@ class StretchSize:
         shrank, since the same stretch again repeats the same removal and the same recovery.
 
         After an undone stretch (``kept`` False) the walk halves, down to a step's worth (``step_macs``); once there,
-        the recovery doubles, up to ``LAST_STRETCH_EPOCHS`` times a stretch's usual; once that is reached too, a
+        the recovery doubles, up to ``RETRY_STRETCH_EPOCHS`` times a stretch's usual; once that is reached too, a
         walk that took more than one cluster shrinks to one (``macs`` 0: the walk's first move is one cluster, and
         it ends there). After a kept stretch a one-cluster walk grows back to a step's worth; None (nothing was
         walked) changes nothing.
@@ -562,7 +563,7 @@ class StretchSize:
         if self.macs > floor + 1e-12:
             self.macs = max(self.macs / 2, floor)
             return False
-        most = LAST_STRETCH_EPOCHS * usual_stretch_epochs(config)
+        most = RETRY_STRETCH_EPOCHS * usual_stretch_epochs(config)
         if self.epochs < most:
             self.epochs = min(2 * self.epochs, most)
             return True
@@ -654,17 +655,25 @@ def stretch_recovery_epochs(task: Task, writer: RunWriter, clock: "RunClock", ep
     each epoch counted, up to ``LAST_STRETCH_EPOCHS`` times the usual. Without a budget, or before any recovery was
     timed, ``epochs``.
 
-    Why: the recovery of the last stretch is what the run ships, and longer recoveries come back further. Our
-    ResNet-56 upload's last stretch (2.14x fewer MACs, 4.03 points lost on 3,000 unseen images) recovered to 0.97
-    after 6 epochs and to 0.70 after 12 (``bench/recovery_epochs.py``); the minutes it takes are those the run
-    had spent on one-cluster steps and a second recovery that shipped nothing better."""
+    Another stretch after this one needs, after its recovery: the plain step the loop tries first from the
+    recovered model (a full re-score, counted at the slowest step so far, :meth:`RunClock.slowest_step`), the next
+    stretch's first step and its recovery of ``epochs``, repeated by the control. Why the plain step: counting only
+    the next stretch's step, our ResNet-56 upload (``bench/real_cifar.py --upload``, 30 minutes) predicted room for
+    another stretch at step 27, gave this one the usual 6 epochs, tried a plain step after it, found no room for a
+    stretch (:func:`stretch_fits`) and ended with 3.6 minutes unspent; its shipped step lost 1.00 points on 3,000
+    unseen images where the same step recovered for 11 epochs (the leftover, an earlier run) lost 0.37.
+
+    Why longer recoveries: the recovery of the last stretch is what the run ships, and longer recoveries come back
+    further. Our ResNet-56 upload's last stretch (2.14x fewer MACs, 4.03 points lost on 3,000 unseen images)
+    recovered to 0.97 after 6 epochs and to 0.70 after 12 (``bench/recovery_epochs.py``); the minutes it takes are
+    those the run had spent on one-cluster steps and a second recovery that shipped nothing better."""
     usual = usual_stretch_epochs(task.config)
     epochs = epochs or usual
     if clock.budget_s is None or not clock.recovery_seconds:
         return epochs
     epoch_s = clock.recovery_estimate(1) * (2 if makes_control(task) else 1)  # the control repeats each epoch
     room = clock.budget_s - clock.elapsed() - time_to_finish(task, writer, clock) - epochs * epoch_s
-    if room >= clock.step_estimate() + epochs * epoch_s:  # another stretch fits after this one
+    if room >= clock.slowest_step() + clock.step_estimate() + epochs * epoch_s:  # another stretch fits after this one
         return epochs
     return epochs + int(min(max(room, 0.0) // epoch_s, max(LAST_STRETCH_EPOCHS * usual - epochs, 0)))
 
@@ -806,6 +815,11 @@ class RunClock:
     def step_estimate(self) -> float:
         """Seconds of the next step: the mean of the steps so far (0 before the first)."""
         return float(np.mean(self.step_seconds)) if self.step_seconds else 0.0
+
+    def slowest_step(self) -> float:
+        """Seconds of the slowest step so far (0 before the first): what a step that re-scores every group may take
+        (the first step, and the first after a recovery; :func:`stretch_recovery_epochs`)."""
+        return float(max(self.step_seconds)) if self.step_seconds else 0.0
 
     def recovery_estimate(self, epochs: int | None = None) -> float:
         """Seconds of the next recovery: the last one's, scaled to ``epochs`` when both are known (a stretch

@@ -48,7 +48,7 @@ from . import criteria
 from .car import FAST_EXACT_FRACTION, SENSITIVITY_FRACTIONS, CarScorer, filter_ablation
 from .criteria import new_width
 from .data import ImageSet, normalize
-from .engine import LAST_STRETCH_EPOCHS, STRETCH_EPOCHS
+from .engine import RETRY_STRETCH_EPOCHS, STRETCH_EPOCHS
 from .errors import SettingsError
 from .eta import format_duration
 from .evaluate import count_macs_params, layer_macs, predict_logits
@@ -389,13 +389,14 @@ def _budget_reserve(config, rates: Rates, n_train: int | None) -> tuple[tuple[fl
 
 def _stall_seconds(config, rates: Rates, n_train: int | None) -> float:
     """Slowest seconds a stalled step adds: its recovery (with stretches on, a stretch's at its longest,
-    ``LAST_STRETCH_EPOCHS`` x ``STRETCH_EPOCHS`` x ``recover_epochs``) and, with the control, the control's repeat of
+    ``RETRY_STRETCH_EPOCHS`` x ``STRETCH_EPOCHS`` x ``recover_epochs``, the longest a stall can repeat; only the
+    run's last stretch may take longer, ``core.engine.LAST_STRETCH_EPOCHS``) and, with the control, the control's repeat of
     it. Why the slow end of what a budget buys counts one per step: on our ResNet-20 and ResNet-56 uploads
     (``bench/real_cifar.py --upload``) the default flow recovered after every second step or so, and the recoveries
     took more than half of the loop's time."""
     if not n_train or not getattr(config, "recover_epochs", 0):
         return 0.0
-    epochs = config.recover_epochs * (STRETCH_EPOCHS * LAST_STRETCH_EPOCHS if getattr(config, "stretch", False) else 1)
+    epochs = config.recover_epochs * (STRETCH_EPOCHS * RETRY_STRETCH_EPOCHS if getattr(config, "stretch", False) else 1)
     seconds = epochs * math.ceil(n_train / config.batch_size) * rates.train_step[1]
     return seconds * (2 if getattr(config, "control", False) else 1)
 

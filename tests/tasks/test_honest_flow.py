@@ -297,10 +297,12 @@ def test_a_stretch_undone_halves_its_walk_then_doubles_its_recovery_once_then_wa
     assert unbounded.epochs == 6 and unbounded.macs == pytest.approx(0.005)
 
 
-def test_the_last_stretch_s_recovery_takes_what_the_budget_leaves_up_to_twice_as_long(monkeypatch):
+def test_the_last_stretch_s_recovery_takes_what_the_budget_leaves_up_to_three_times_as_long(monkeypatch):
     """A stretch recovers ``STRETCH_EPOCHS`` x ``recover_epochs`` (here 6) epochs, each 10 s and another 10 s in
-    the control; a run with room for another stretch after this one keeps 6, a run that has none spends the rest
-    of its budget on this recovery, at most twice the epochs, and a run without a budget or a timed recovery keeps 6."""
+    the control; a run with room for another stretch after this one (the plain step tried first, at the slowest
+    step so far, the next stretch's step at the mean, and its 6 epochs: 30 + 30 + 120 s) keeps 6, a run that has
+    none spends the rest of its budget on this recovery, at most three times the epochs, and a run without a budget
+    or a timed recovery keeps 6."""
     class Task:
         config = PruneConfig(recover_epochs=2, time_budget=10.0)
 
@@ -311,10 +313,10 @@ def test_the_last_stretch_s_recovery_takes_what_the_budget_leaves_up_to_twice_as
             pass
 
     class Clock(engine.RunClock):
-        def __init__(self, elapsed: float, budget_s: float | None = 600.0):
+        def __init__(self, elapsed: float, budget_s: float | None = 600.0, steps: tuple = (30.0,)):
             super().__init__(None if budget_s is None else budget_s / 60)
             self.at = elapsed
-            self.step_seconds, self.recovery_seconds, self.recovery_epochs = [30.0], [60.0], [6]
+            self.step_seconds, self.recovery_seconds, self.recovery_epochs = list(steps), [60.0], [6]
 
         def elapsed(self) -> float:
             return self.at
@@ -322,11 +324,16 @@ def test_the_last_stretch_s_recovery_takes_what_the_budget_leaves_up_to_twice_as
     reserve = {"s": 0.0}
     monkeypatch.setattr(engine, "time_to_finish", lambda task, writer, clock: reserve["s"])
     task, usual = Task(), engine.STRETCH_EPOCHS * 2
+    assert engine.LAST_STRETCH_EPOCHS == 3
     assert engine.stretch_recovery_epochs(task, None, Clock(0.0)) == usual, "room for another stretch"
+    assert engine.stretch_recovery_epochs(task, None, Clock(600 - 120 - 180)) == usual, "180 s: just room for one"
     assert engine.stretch_recovery_epochs(task, None, Clock(600 - 120 - 100)) == usual + 5, \
         "380 s in: 120 s for the usual 6 epochs, 100 s left = 5 more epochs at 20 s"
-    assert engine.stretch_recovery_epochs(task, None, Clock(600 - 120 - 140)) == 2 * usual, \
-        "140 s left would hold 7 more (less than another stretch's 150 s); capped at twice"
+    assert engine.stretch_recovery_epochs(task, None, Clock(600 - 120 - 170)) == usual + 8, \
+        "170 s left: the next stretch's step and recovery (150 s) fit, the plain step before it does not"
+    slow = (30.0, 200.0)  # a slow re-scoring step: another stretch needs 200 + 115 + 120 s
+    assert engine.stretch_recovery_epochs(task, None, Clock(600 - 120 - 400, steps=slow)) == 3 * usual, \
+        "400 s left would hold 20 more (less than another stretch's 435 s); capped at three times"
     assert engine.stretch_recovery_epochs(task, None, Clock(590.0)) == usual, "never fewer than the usual"
     reserve["s"] = 100.0  # what the run keeps for its end is not spent
     assert engine.stretch_recovery_epochs(task, None, Clock(600 - 120 - 200)) == usual + 5

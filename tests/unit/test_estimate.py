@@ -195,7 +195,7 @@ def test_the_slow_end_of_what_a_budget_buys_recovers_every_step_at_length():
     stretches and the control make the same budget buy fewer steps there, while the fast end (no stall) is
     unchanged."""
     from core.estimate import _stall_seconds
-    from core.engine import LAST_STRETCH_EPOCHS, STRETCH_EPOCHS
+    from core.engine import RETRY_STRETCH_EPOCHS, STRETCH_EPOCHS
 
     base = PruneConfig(mac_target=None, max_steps=100, recover_epochs=2, control=False, stretch=False,
                        time_budget=30.0)
@@ -206,7 +206,7 @@ def test_the_slow_end_of_what_a_budget_buys_recovers_every_step_at_length():
     epoch = 79 * RATES.train_step[1]  # ceil(5000 / 64) batches
     assert _stall_seconds(base, RATES, 5000) == pytest.approx(2 * epoch)
     assert _stall_seconds(dataclasses.replace(base, stretch=True, control=True), RATES, 5000) == pytest.approx(
-        2 * (2 * STRETCH_EPOCHS * LAST_STRETCH_EPOCHS * epoch))
+        2 * (2 * STRETCH_EPOCHS * RETRY_STRETCH_EPOCHS * epoch))
     slow = [ends[n].budget_buys["slow"]["steps"] for n in ("plain", "stretch", "stretch+control")]
     assert slow[0] > slow[1] > slow[2] >= 1
     fast_steps = {ends[n].budget_buys["fast"]["steps"] for n in ("plain", "stretch")}
