@@ -404,7 +404,8 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
                 reason += blocked
                 break
             if stretch:  # else a plain recovery, which does fit
-                walk = StretchWalk(candidates, scores, rank, size.macs, t_start, size.epochs)
+                walk = StretchWalk(candidates, scores, rank, size.macs, t_start, size.epochs,
+                                   functools.partial(size.after_undone, config, recovered_before))
                 graph, last, step, kept = stretch_step(graph, walk, task, structure, writer, cb, step, last, base,
                                                        teacher, rng, cancel, clock, channel_maps)
                 recoveries += kept is not None  # None: no removal fitted even the stretch's allowance
@@ -512,14 +513,16 @@ def finish_run(task: Task, graph: PruningGraph, writer: RunWriter, cb: Callbacks
 class StretchWalk:
     """Where a stretch (:func:`stretch_step`) starts and how far it walks: the stalled step's ``candidates`` and
     ``scores``, ``rank(graph, scores, step) -> (scores, candidates)`` for its later steps, ``macs`` (the fraction of
-    the original MACs it removes at most), ``t_start`` (what records' ``elapsed`` counts from) and ``epochs`` (its
-    recovery's, before :func:`stretch_recovery_epochs` adds what the budget leaves)."""
+    the original MACs it removes at most), ``t_start`` (what records' ``elapsed`` counts from), ``epochs`` (its
+    recovery's, before :func:`stretch_recovery_epochs` adds what the budget leaves) and ``after_undone(taken)``
+    (what the loop does when the stretch is undone: :meth:`StretchSize.after_undone`)."""
     candidates: list[Cluster]
     scores: dict | None
     rank: Callable
     macs: float
     t_start: float
     epochs: int
+    after_undone: Callable[[int], tuple[int, bool]] = lambda taken: (0, False)
     taken: int = 0  # clusters the walk removed, set by stretch_step (StretchSize.resize)
 
 
@@ -538,6 +541,17 @@ class StretchSize:
     @classmethod
     def first(cls, config: PruneConfig) -> "StretchSize":
         return cls(config.stretch_macs, usual_stretch_epochs(config))
+
+    def after_undone(self, config: PruneConfig, recovered_before: bool, taken: int) -> tuple[int, bool]:
+        """What the loop does after this stretch, should it be undone, its walk having removed ``taken`` clusters:
+        ``(epochs, stretch)``, the epochs of the recovery that follows and whether it is a stretch's (a step and
+        its scoring before it) or a plain recovery; ``(0, False)`` when the run ends there (:func:`prune_loop`:
+        from a recovered model, ``recovered_before``, only a retry follows, :meth:`resize`). Leaves this size as
+        it is."""
+        if not recovered_before:
+            return config.recover_epochs, False
+        trial = StretchSize(self.macs, self.epochs)
+        return (trial.epochs, True) if trial.resize(False, config, taken) else (0, False)
 
     def resize(self, kept: bool | None, config: PruneConfig, taken: int = 1) -> bool:
         """Resize after a stretch whose walk removed ``taken`` clusters; returns whether the next stretch from the
@@ -637,7 +651,8 @@ def stretch_step(graph: PruningGraph, walk: StretchWalk, task: Task, structure: 
 
     done = walked["step"] + 1
     recovered = recover_step(task, graph, writer, cb, done, walked, teacher, cancel, clock, judge=judge,
-                             epochs=stretch_recovery_epochs(task, writer, clock, walk.epochs))
+                             epochs=stretch_recovery_epochs(task, writer, clock, walk.epochs,
+                                                            walk.after_undone(walk.taken)))
     lost, label = outcome["lost"], f"the stretch of steps {step}-{walked['step']}"
     if not recovered["undone"]:
         cb.progress(1.0, f"step {done}: {label} recovered to {lost:.2f} points lost; kept")
@@ -648,12 +663,14 @@ def stretch_step(graph: PruningGraph, walk: StretchWalk, task: Task, structure: 
     return rebuild_graph(task, *snapshot), last, done, False
 
 
-def stretch_recovery_epochs(task: Task, writer: RunWriter, clock: "RunClock", epochs: int | None = None) -> int:
+def stretch_recovery_epochs(task: Task, writer: RunWriter, clock: "RunClock", epochs: int | None = None,
+                            undone: tuple[int, bool] = (0, False)) -> int:
     """Epochs of a stretch's recovery: ``epochs`` (default ``STRETCH_EPOCHS`` times ``recover_epochs``, the usual);
-    or, when the budget will have no room for another stretch after it (the last stretch the run can take), as many
-    more as the budget holds beside what the run keeps for its end (:func:`time_to_finish`), the control's repeat of
-    each epoch counted, up to ``LAST_STRETCH_EPOCHS`` times the usual. Without a budget, or before any recovery was
-    timed, ``epochs``.
+    or, when the budget will have no room for another stretch after it (the last stretch the run can take if it is
+    kept), as many more as the budget holds beside what the run keeps for its end (:func:`time_to_finish`) and what
+    follows should this stretch be undone (``undone``: :meth:`StretchSize.after_undone`, kept room for only when it
+    fits), the control's repeat of each epoch counted, up to ``LAST_STRETCH_EPOCHS`` times the usual. Without a
+    budget, or before any recovery was timed, ``epochs``.
 
     Another stretch after this one needs, after its recovery: the plain step the loop tries first from the
     recovered model (a full re-score, counted at the slowest step so far, :meth:`RunClock.slowest_step`), the next
@@ -662,6 +679,10 @@ def stretch_recovery_epochs(task: Task, writer: RunWriter, clock: "RunClock", ep
     another stretch at step 27, gave this one the usual 6 epochs, tried a plain step after it, found no room for a
     stretch (:func:`stretch_fits`) and ended with 3.6 minutes unspent; its shipped step lost 1.00 points on 3,000
     unseen images where the same step recovered for 11 epochs (the leftover, an earlier run) lost 0.37.
+
+    Why the room for an undone stretch's retry: on our ResNet-20 upload the leftover went to a two-cluster stretch
+    to 1.92x (18 epochs; 1.3 points lost on the selection images, undone), and the one-cluster retry at 1.82x that
+    an earlier run had taken there (0.7 selection, 0.6 on the unseen images) no longer fitted.
 
     Why longer recoveries: the recovery of the last stretch is what the run ships, and longer recoveries come back
     further. Our ResNet-56 upload's last stretch (2.14x fewer MACs, 4.03 points lost on 3,000 unseen images)
@@ -673,8 +694,13 @@ def stretch_recovery_epochs(task: Task, writer: RunWriter, clock: "RunClock", ep
         return epochs
     epoch_s = clock.recovery_estimate(1) * (2 if makes_control(task) else 1)  # the control repeats each epoch
     room = clock.budget_s - clock.elapsed() - time_to_finish(task, writer, clock) - epochs * epoch_s
-    if room >= clock.slowest_step() + clock.step_estimate() + epochs * epoch_s:  # another stretch fits after this one
+    # another stretch fits after this one: a re-scoring plain step, then the stretch's first step and recovery
+    if room >= clock.slowest_step() + clock.step_estimate() + epochs * epoch_s:
         return epochs
+    follow_epochs, follow_stretch = undone  # a retry is gated as any stretch (stretch_fits): its step and recovery
+    follow = follow_epochs * epoch_s + (clock.step_estimate() if follow_stretch else 0.0) if follow_epochs else 0.0
+    if room >= follow:  # what follows an undone stretch still fits: keep its room
+        room -= follow
     return epochs + int(min(max(room, 0.0) // epoch_s, max(LAST_STRETCH_EPOCHS * usual - epochs, 0)))
 
 

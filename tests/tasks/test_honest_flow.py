@@ -297,12 +297,26 @@ def test_a_stretch_undone_halves_its_walk_then_doubles_its_recovery_once_then_wa
     assert unbounded.epochs == 6 and unbounded.macs == pytest.approx(0.005)
 
 
+def test_what_follows_an_undone_stretch_is_known_before_its_recovery_and_the_size_is_left_as_it_is():
+    """``StretchSize.after_undone``: from a model that is not a recovery a plain recovery follows; from a recovery,
+    the retry :meth:`resize` would make (its epochs), or nothing where the run ends; the size itself is unchanged."""
+    config = PruneConfig(step_macs=0.04, recover_epochs=2)
+    size = engine.StretchSize(0.04, 6)
+    assert size.after_undone(config, False, 1) == (2, False), "a plain recovery of the model before"
+    assert size.after_undone(config, True, 1) == (12, True), "a retry with the recovery doubled"
+    assert (size.macs, size.epochs) == (0.04, 6)
+    longest = engine.StretchSize(0.04, 12)
+    assert longest.after_undone(config, True, 2) == (12, True), "a two-cluster walk is retried as one cluster"
+    assert longest.after_undone(config, True, 1) == (0, False), "nothing is left to try: the run ends"
+    assert engine.StretchSize(0.16, 6).after_undone(config, True, 3) == (0, False), "a halved walk: the run ends"
+
+
 def test_the_last_stretch_s_recovery_takes_what_the_budget_leaves_up_to_three_times_as_long(monkeypatch):
     """A stretch recovers ``STRETCH_EPOCHS`` x ``recover_epochs`` (here 6) epochs, each 10 s and another 10 s in
     the control; a run with room for another stretch after this one (the plain step tried first, at the slowest
     step so far, the next stretch's step at the mean, and its 6 epochs: 30 + 30 + 120 s) keeps 6, a run that has
-    none spends the rest of its budget on this recovery, at most three times the epochs, and a run without a budget
-    or a timed recovery keeps 6."""
+    none spends the rest of its budget on this recovery, at most three times the epochs, less what would follow
+    should it be undone (when that fits), and a run without a budget or a timed recovery keeps 6."""
     class Task:
         config = PruneConfig(recover_epochs=2, time_budget=10.0)
 
@@ -335,6 +349,13 @@ def test_the_last_stretch_s_recovery_takes_what_the_budget_leaves_up_to_three_ti
     assert engine.stretch_recovery_epochs(task, None, Clock(600 - 120 - 400, steps=slow)) == 3 * usual, \
         "400 s left would hold 20 more (less than another stretch's 435 s); capped at three times"
     assert engine.stretch_recovery_epochs(task, None, Clock(590.0)) == usual, "never fewer than the usual"
+    # should this stretch be undone: a retry (its step, 30 s, and 6 epochs, 120 s) or a plain recovery (2 epochs)
+    assert engine.stretch_recovery_epochs(task, None, Clock(600 - 120 - 170), undone=(6, True)) == usual + 1, \
+        "170 s left: 150 s kept for the retry, 20 s for one more epoch"
+    assert engine.stretch_recovery_epochs(task, None, Clock(600 - 120 - 170), undone=(2, False)) == usual + 6, \
+        "170 s left: 40 s kept for the plain recovery, 130 s for six more epochs"
+    assert engine.stretch_recovery_epochs(task, None, Clock(600 - 120 - 100), undone=(6, True)) == usual + 5, \
+        "100 s left: no retry would fit after it, so nothing is kept for one"
     reserve["s"] = 100.0  # what the run keeps for its end is not spent
     assert engine.stretch_recovery_epochs(task, None, Clock(600 - 120 - 200)) == usual + 5
     assert engine.stretch_recovery_epochs(task, None, Clock(0.0, budget_s=None)) == usual
