@@ -378,8 +378,7 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
         if clock.would_pass_budget(clock.step_estimate() + time_to_finish(task, writer, clock)):
             reason = f"time budget reached ({config.time_budget:g} min); the finished steps are kept"
             break
-        stalled = stalled or plain_step_crowds_out_stretch(task, writer, clock, last, size.epochs)
-        step += 1
+        step, stalled = step + 1, stalled or plain_step_crowds_out_stretch(task, writer, clock, last, size.epochs)
         cb.enter("step", step)
         t0 = time.perf_counter()
         scores, candidates = rank(graph, scores, step)
@@ -494,7 +493,7 @@ def plain_step_crowds_out_stretch(task: Task, writer: RunWriter, clock: "RunCloc
     if stretch_fits(task, writer, clock, epochs, before=clock.slowest_step()) or not stretch_fits(
             task, writer, clock, epochs):
         return None
-    return "the budget has room for one more stretch, not for a plain step before it"
+    return "no time in the budget for a plain step before a stretch"
 
 
 def write_structure(graph: PruningGraph, task: Task, writer: RunWriter) -> dict:

@@ -220,7 +220,8 @@ def test_with_no_room_for_a_stretch_a_recovery_that_buys_no_step_ends_the_run(di
     """Stretches on, but the budget has no room for one: the stall at step 3 is recovered (step 3, from step 2), the
     recovery buys no step, and the run ends there rather than recover the same model again (a ResNet-56 upload
     recovered its 2.14x model three times in a row at the end of its budget, each read on the selection images)."""
-    monkeypatch.setattr(engine, "stretch_fits", lambda task, writer, clock, epochs=None: False)
+    monkeypatch.setattr(engine, "stretch_fits", lambda task, writer, clock, epochs=None, before=0.0: False)
+    monkeypatch.setattr(engine, "plain_step_crowds_out_stretch", lambda *args: None)  # the scripted room decides
     run, _, state = faked_run(digits, tmp_path, monkeypatch, 0.35, 0.0, max_recoveries=3, stretch=True)
     assert [r.get("recovered_from") for r in run.history] == [None, None, None, 2]
     assert state["recoveries"] == 1
@@ -234,7 +235,8 @@ def test_a_stretch_s_recovered_model_is_not_recovered_again_where_no_stretch_fit
     recovered model moved it from 0.97 to 1.23 points lost on 3,000 unseen images and, as one more look at the
     test images at the same MACs, was the step shipped."""
     room = iter([True])  # room for the first stretch only
-    monkeypatch.setattr(engine, "stretch_fits", lambda task, writer, clock, epochs=None: next(room, False))
+    monkeypatch.setattr(engine, "stretch_fits", lambda task, writer, clock, epochs=None, before=0.0: next(room, False))
+    monkeypatch.setattr(engine, "plain_step_crowds_out_stretch", lambda *args: None)  # the scripted room decides
     run, hist, state = faked_run(digits, tmp_path, monkeypatch, 0.35, 0.1, max_recoveries=3, stretch=True)
     assert hist[3]["stretch"] and hist[4]["recovered_from"] == 3 and not hist[4]["undone"]
     assert hist[-1]["step"] == 4 and state["recoveries"] == 1, "no recovery after the stretch's"
@@ -250,7 +252,8 @@ def test_an_undone_stretch_from_a_recovered_model_is_tried_again_with_a_recovery
     there. Now the same stretch is tried again from step 3's model, without another plain recovery: its 6-epoch
     recovery (step 7) reads 0.99 and is kept, and the run goes on from it."""
     room = iter([False])
-    monkeypatch.setattr(engine, "stretch_fits", lambda task, writer, clock, epochs=None: next(room, True))
+    monkeypatch.setattr(engine, "stretch_fits", lambda task, writer, clock, epochs=None, before=0.0: next(room, True))
+    monkeypatch.setattr(engine, "plain_step_crowds_out_stretch", lambda *args: None)  # the scripted room decides
     run, hist, state = faked_run(digits, tmp_path, monkeypatch, 0.35, 0.02, max_recoveries=5, stretch=True,
                                  step_macs=0.04, stretch_macs=0.04)
     assert hist[3]["recovered_from"] == 2 and hist[4]["stretch"] and hist[4]["removed"]
@@ -273,7 +276,8 @@ def test_an_undone_two_cluster_stretch_at_the_longest_recovery_is_tried_again_wi
     the stretch after it walks two clusters again."""
     from core.runs import removals
     room = iter([False])
-    monkeypatch.setattr(engine, "stretch_fits", lambda task, writer, clock, epochs=None: next(room, True))
+    monkeypatch.setattr(engine, "stretch_fits", lambda task, writer, clock, epochs=None, before=0.0: next(room, True))
+    monkeypatch.setattr(engine, "plain_step_crowds_out_stretch", lambda *args: None)  # the scripted room decides
     _, hist, _ = faked_run(digits, tmp_path, monkeypatch, 0.35, 0.02, max_recoveries=6, stretch=True,
                            step_macs=0.1, stretch_macs=0.1)
     walks = {r["step"]: len(removals(r)) for r in hist if r.get("stretch") and r.get("recovered_from") is None}
