@@ -472,10 +472,17 @@ def stretch_fits(task: Task, writer: RunWriter, clock: "RunClock", epochs: int |
     ``recover_epochs``), the control's repeat of that recovery on the original (the control repeats a kept stretch's
     recovery, ``core.claim.training_received``, and a stretch is not known to be kept before it ends) and what the
     run keeps for its end (:func:`time_to_finish`); ``before``: seconds of other work first."""
-    stretch = clock.recovery_estimate(epochs or usual_stretch_epochs(task.config))
-    if makes_control(task):
-        stretch *= 2
-    return not clock.would_pass_budget(before + clock.step_estimate() + time_to_finish(task, writer, clock) + stretch)
+    needs = before + time_to_finish(task, writer, clock) + stretch_seconds(task, clock, epochs)
+    return not clock.would_pass_budget(needs)
+
+
+def stretch_seconds(task: Task, clock: "RunClock", epochs: int | None = None) -> float:
+    """Seconds of a stretch: its first step and its recovery of ``epochs`` (default ``STRETCH_EPOCHS`` times
+    ``recover_epochs``), twice when the run makes the control (which repeats a kept stretch's recovery). One formula
+    for the gate (:func:`stretch_fits`) and the prediction that a stretch is the last (:func:`stretch_recovery_epochs`):
+    where they differed, a run predicted room that the gate then refused."""
+    recovery = clock.recovery_estimate(epochs or usual_stretch_epochs(task.config))
+    return clock.step_estimate() + recovery * (2 if makes_control(task) else 1)
 
 
 def plain_step_crowds_out_stretch(task: Task, writer: RunWriter, clock: "RunClock", last: dict,
@@ -718,10 +725,11 @@ def stretch_recovery_epochs(task: Task, writer: RunWriter, clock: "RunClock", ep
     room = clock.budget_s - clock.elapsed() - time_to_finish(task, writer, clock) - epochs * epoch_s
     # another stretch fits after this one: its first step and recovery, the re-scoring before it and slack for the
     # estimates' drift, each at the slowest step so far (plain_step_crowds_out_stretch skips the plain step)
-    if room >= 2 * clock.slowest_step() + clock.step_estimate() + epochs * epoch_s:
+    if room >= 2 * clock.slowest_step() + stretch_seconds(task, clock, epochs):
         return epochs
-    follow_epochs, follow_stretch = undone  # a retry is gated as any stretch (stretch_fits): its step and recovery
-    follow = follow_epochs * epoch_s + (clock.step_estimate() if follow_stretch else 0.0) if follow_epochs else 0.0
+    follow_epochs, follow_stretch = undone  # a retry is gated as any stretch (stretch_fits)
+    follow = 0.0 if not follow_epochs else (
+        stretch_seconds(task, clock, follow_epochs) if follow_stretch else follow_epochs * epoch_s)
     if room >= follow:  # what follows an undone stretch still fits: keep its room
         room -= follow
     return epochs + int(min(max(room, 0.0) // epoch_s, max(LAST_STRETCH_EPOCHS * usual - epochs, 0)))
