@@ -153,6 +153,32 @@ class AppPage:
         self.page.wait_for_timeout(800)
         self.expect(self.page.get_by_test_id("stStatusWidgetRunningIcon")).to_have_count(0, timeout=30_000)
 
+    def watch_job(self, done: str, looks: dict, timeout_s: float, shot: str | None = None) -> set[str]:
+        """Watch a running job until the page shows ``done``; return the names of the ``looks`` seen meanwhile.
+
+        A job's live view (progress bar, ETA, Cancel) lasts only while it runs, and a small job on a fast
+        machine finishes within seconds: checking those one after another with ``expect`` lets the job end
+        between two checks (CI at b0ae800: a 2-step run done in 5 s, the ETA check then waited on a finished
+        page). Sampling the page every 200 ms and recording each look the first time it shows makes the
+        checks independent of the job's speed. ``looks`` maps a name to ``check(app, text) -> bool``, with
+        ``text`` the main area's text at that sample; ``shot``: a screenshot at the first sample where all
+        looks but those already gone have shown (the running page). Raises AssertionError when ``done`` does
+        not show within ``timeout_s``, or at once when a traceback shows."""
+        seen: set[str] = set()
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            text = self.main.inner_text()
+            if done in text:
+                return seen
+            if self.page.get_by_test_id("stException").count():
+                raise AssertionError(f"a traceback showed while waiting for {done!r}: {text[-2000:]}")
+            seen |= {name for name, check in looks.items() if name not in seen and check(self, text)}
+            if shot and seen == set(looks):
+                self.page.screenshot(path=str(ARTIFACTS / f"{shot}.png"), full_page=True)
+                shot = None
+            self.page.wait_for_timeout(200)
+        raise AssertionError(f"{done!r} did not show within {timeout_s:.0f} s; seen meanwhile: {sorted(seen)}")
+
     def no_exception(self) -> None:
         self.expect(self.page.get_by_test_id("stException")).to_have_count(0)
 
