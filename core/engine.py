@@ -471,8 +471,9 @@ def stretch_fits(task: Task, writer: RunWriter, clock: "RunClock", epochs: int |
     """Whether the budget has room for a stretch: a step, its recovery (``epochs``, default ``STRETCH_EPOCHS`` times
     ``recover_epochs``), the control's repeat of that recovery on the original (the control repeats a kept stretch's
     recovery, ``core.claim.training_received``, and a stretch is not known to be kept before it ends) and what the
-    run keeps for its end (:func:`time_to_finish`); ``before``: seconds of other work first."""
-    needs = before + time_to_finish(task, writer, clock) + stretch_seconds(task, clock, epochs)
+    run keeps for its end after a recovery (:func:`reserve_after_recovery`: the control; a stretch ends recovered,
+    so no final recovery is due after it); ``before``: seconds of other work first."""
+    needs = before + reserve_after_recovery(task, writer, clock) + stretch_seconds(task, clock, epochs)
     return not clock.would_pass_budget(needs)
 
 
@@ -693,7 +694,7 @@ def stretch_recovery_epochs(task: Task, writer: RunWriter, clock: "RunClock", ep
                             undone: tuple[int, bool] = (0, False)) -> int:
     """Epochs of a stretch's recovery: ``epochs`` (default ``STRETCH_EPOCHS`` times ``recover_epochs``, the usual);
     or, when the budget will have no room for another stretch after it (the last stretch the run can take if it is
-    kept), as many more as the budget holds beside what the run keeps for its end (:func:`time_to_finish`) and what
+    kept), as many more as the budget holds beside what the run keeps for its end (:func:`reserve_after_recovery`) and what
     follows should this stretch be undone (``undone``: :meth:`StretchSize.after_undone`, kept room for only when it
     fits), the control's repeat of each epoch counted, up to ``LAST_STRETCH_EPOCHS`` times the usual. Without a
     budget, or before any recovery was timed, ``epochs``.
@@ -722,7 +723,7 @@ def stretch_recovery_epochs(task: Task, writer: RunWriter, clock: "RunClock", ep
     if clock.budget_s is None or not clock.recovery_seconds:
         return epochs
     epoch_s = clock.recovery_estimate(1) * (2 if makes_control(task) else 1)  # the control repeats each epoch
-    room = clock.budget_s - clock.elapsed() - time_to_finish(task, writer, clock) - epochs * epoch_s
+    room = clock.budget_s - clock.elapsed() - reserve_after_recovery(task, writer, clock) - epochs * epoch_s
     # another stretch fits after this one: its first step and recovery, the re-scoring before it and slack for the
     # estimates' drift, each at the slowest step so far (plain_step_crowds_out_stretch skips the plain step)
     if room >= 2 * clock.slowest_step() + stretch_seconds(task, clock, epochs):
@@ -912,15 +913,27 @@ def final_recovery_due(last: dict, task: Task, clock: RunClock) -> bool:
 
 def time_to_finish(task: Task, writer: RunWriter, clock: RunClock) -> float:
     """Seconds the run keeps in reserve after its last step (0 without a budget): the last pruning step's recovery
-    (:func:`final_recovery_due`) and the control (:func:`control_estimate`), so that a budgeted run ends within its
-    budget with both."""
+    (:func:`final_recovery_due`), the control's repeat of it and the control (:func:`reserve_after_recovery`), so
+    that a budgeted run ends within its budget with both."""
     if clock.budget_s is None:
         return 0.0
     recovery = clock.recovery_estimate(task.config.recover_epochs) if can_recover(task) else 0.0
-    reserve = recovery
-    if makes_control(task):  # the control repeats that recovery too
-        reserve += recovery + control_estimate(Run(writer.dir).history, task, clock)
-    return reserve
+    return recovery * (2 if makes_control(task) else 1) + reserve_after_recovery(task, writer, clock)
+
+
+def reserve_after_recovery(task: Task, writer: RunWriter, clock: RunClock) -> float:
+    """Seconds the run keeps for its end after work that ends in a recovery (a stretch, kept or undone: either way
+    the last step is a recovered one and no final recovery is due): the control (:func:`control_estimate`) alone;
+    0 without a budget or the control. The stretch's own recovery and the control's repeat of it are the
+    stretch's (:func:`stretch_seconds`).
+
+    Why not :func:`time_to_finish`: it also keeps a final recovery and the control's repeat of it, due only after
+    a plain step. Counted beside a stretch's own recovery, on our ResNet-20 upload (``bench/real_cifar.py
+    --upload``, 15 minutes; 4.7 s an epoch) that held back about a minute: the run ended 2 minutes inside its
+    budget with no room found for the one-cluster retry after its undone two-cluster stretch."""
+    if clock.budget_s is None or not makes_control(task):
+        return 0.0
+    return control_estimate(Run(writer.dir).history, task, clock)
 
 
 def control_estimate(history: list[dict], task: Task, clock: RunClock) -> float:

@@ -340,7 +340,7 @@ def test_the_last_stretch_s_recovery_takes_what_the_budget_leaves_up_to_three_ti
             return self.at
 
     reserve = {"s": 0.0}
-    monkeypatch.setattr(engine, "time_to_finish", lambda task, writer, clock: reserve["s"])
+    monkeypatch.setattr(engine, "reserve_after_recovery", lambda task, writer, clock: reserve["s"])
     task, usual = Task(), engine.STRETCH_EPOCHS * 2
     assert engine.LAST_STRETCH_EPOCHS == 3
     assert engine.stretch_recovery_epochs(task, None, Clock(0.0)) == usual, "room for another stretch"
@@ -390,7 +390,7 @@ def test_a_stretch_is_taken_at_once_where_the_budget_holds_it_but_not_a_plain_st
         def elapsed(self) -> float:
             return self.at
 
-    monkeypatch.setattr(engine, "time_to_finish", lambda task, writer, clock: 0.0)
+    monkeypatch.setattr(engine, "reserve_after_recovery", lambda task, writer, clock: 0.0)
     recovered, task = {"step": 4, "recovered_from": 3}, Task()
     crowded = engine.plain_step_crowds_out_stretch
     assert crowded(task, None, Clock(600 - 170), recovered, 6), "170 s: the stretch (150 s) fits, not with 40 s more"
