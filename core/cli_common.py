@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import signal
 import sys
 import threading
@@ -177,6 +178,22 @@ def format_macs(macs: float) -> str:
 
 def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def process_started() -> float | None:
+    """When this process started, in ``time.time()`` seconds, or None where the system does not say (Linux:
+    ``/proc/self/stat`` field 22, in clock ticks since boot, against ``CLOCK_BOOTTIME``).
+
+    Why: a command's time budget (``--time-budget``) is the user's wait for the command, and the interpreter's
+    imports (about 2 s here) and the loading of the model and images come before the run; counted from the run's
+    own start, our ResNet-20 upload's 15-minute command took 900.7 s (``core.engine.run_task``'s ``started``)."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+    return time.time() - age if 0.0 <= age < 86400.0 else None
 
 
 class ProgressPrinter:

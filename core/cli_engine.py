@@ -80,8 +80,8 @@ def add_commands(sub, add_model_args, add_data_args) -> None:
         "step_macs", "a step removes clusters until they save this fraction of the original MACs (at most K); "
         "0 = K clusters per step"))
     pr.add_argument("--time-budget", type=float, metavar="MIN",
-                    help="minutes for the whole run: it stops stepping in time for the last step's recovery and the control, "
-                         "keeping the finished steps")
+                    help="minutes for the whole command, counted from its start (loading included): it stops stepping in "
+                         "time for the last step's recovery and the control, keeping the finished steps")
     pr.add_argument("--no-latency", action="store_true", help="skip OpenVINO latency per step")
     pr.add_argument("--no-analysis", action="store_true", help="skip the full CAR analysis of the original")
     pr.add_argument("--recover-epochs", type=int, metavar="N", help=default_help(

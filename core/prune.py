@@ -24,14 +24,17 @@ __all__ = ["Callbacks", "Progress", "PruneConfig", "car_with_tiebreak", "read_st
 def run_pruning(loaded: LoadedModel, data: DataSet, config: PruneConfig, run_dir: Path,
                 callbacks: Callbacks | None = None, cancel: threading.Event | None = None,
                 data_source: str | None = None, original_bytes: bytes | None = None,
-                data_options: dict | None = None, analysis: CarResult | None = None) -> dict:
+                data_options: dict | None = None, analysis: CarResult | None = None,
+                started: float | None = None) -> dict:
     """Run greedy cluster pruning of a classifier into ``run_dir``; returns ``core.engine.run_summary``.
 
     Every step is on disk when reported; ``original_bytes`` (a trusted pickle) is kept in the run so
     that its steps can be rebuilt. ``analysis``: a finished CAR analysis of this model (the app's
-    Analyse job), used instead of a new one when it was made on the very score images. Errors: ``SettingsError`` for bad settings or an unprunable model.
+    Analyse job), used instead of a new one when it was made on the very score images. ``started``: when the
+    user's wait began (``time.time()``), which the time budget counts from (``core.engine.run_task``). Errors:
+    ``SettingsError`` for bad settings or an unprunable model.
     """
     task = ClassificationTask(loaded.spec.input, data, config, analysis=analysis)
     run_config = {"data_source": data_source or data.source, "class_names": data.class_names,
                   "data_options": data_options or {"val_fraction": 0.2, "seed": 0}}
-    return run_task(task, loaded, run_config, run_dir, callbacks, cancel, original_bytes)
+    return run_task(task, loaded, run_config, run_dir, callbacks, cancel, original_bytes, started)

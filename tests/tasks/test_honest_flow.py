@@ -4,6 +4,7 @@ of the shipped step on the test images, and fast CAR's exact share capped inside
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 import pytest
@@ -421,6 +422,27 @@ def test_a_time_budget_stops_the_run_and_keeps_the_finished_steps(digits, tmp_pa
     hist = Run(tmp_path / "tight").history
     assert [r.get("recovered_from") for r in hist] == [None, None], "one step fits, its recovery does not"
     assert tight["claim"]["step"] == 0, "an unrecovered step of a run that recovers never ships"
+
+
+def test_the_time_budget_counts_from_when_the_users_wait_began(digits, tmp_path):
+    """``started`` (a CLI command's process start) moves the budget's start back: a run whose command began two
+    minutes ago has spent a 1-minute budget before its first step and keeps only the original; the clock reads the
+    time since then, and a ``started`` in the future counts as now. Why: our ResNet-20 upload's 15-minute command
+    took 900.7 s, its imports and image loading outside the run's own clock."""
+    from core.cli_common import process_started
+
+    loaded, data = digits
+    assert 119.0 <= engine.RunClock(1.0, started=time.time() - 120.0).elapsed() < 125.0
+    assert engine.RunClock(1.0, started=time.time() + 60.0).elapsed() < 5.0
+    late = run_pruning(loaded, data, quick_config(max_steps=3, time_budget=1.0), tmp_path / "late",
+                       started=time.time() - 120.0)
+    assert late["state"] == "done" and [r["step"] for r in Run(tmp_path / "late").history] == [0]
+    assert Run(tmp_path / "late").status["message"].startswith("time budget reached (1 min)")
+    on_time = run_pruning(loaded, data, quick_config(max_steps=1, time_budget=1.0), tmp_path / "on_time",
+                          started=time.time())
+    assert [r["step"] for r in Run(tmp_path / "on_time").history] == [0, 1]
+    began = process_started()  # this test process's start: before now, not before this machine's boot
+    assert began is not None and 0.0 < time.time() - began < 86400.0
 
 
 def test_the_control_is_recorded_and_the_claim_is_the_test_drop_beside_it(digits, tmp_path):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from ...claim import describe_claim
 from ...cli_common import (announce_device, config_from_args, device_from_args, export_exit_code,
-                           load_model_and_data, prepare_out, print_bundle, print_costs, print_summary, progress,
-                           progress_printer, removal_text, run_interruptible, summary_exit_code)
+                           load_model_and_data, prepare_out, print_bundle, print_costs, print_summary, process_started,
+                           progress, progress_printer, removal_text, run_interruptible, summary_exit_code)
 from ...evaluate import evaluate_accuracy
 from ...export import export_run
 from ...jsonout import emit_json
@@ -69,7 +69,7 @@ def cmd_prune_classification(args) -> int:
     original_bytes = loaded.pickle_bytes  # the bytes that were unpickled, never the file read again (issue 28)
     summary = run_interruptible(lambda cancel: run_pruning(
         loaded, data, config, out, Callbacks(step=print_step, event=printer.event), cancel=cancel,
-        data_source=args.data, original_bytes=original_bytes,
+        data_source=args.data, original_bytes=original_bytes, started=process_started(),
         data_options={"val_fraction": args.val_fraction, "seed": args.seed,
                       "test_fraction": data.split.get("test_fraction", 0.0), "split": data.split_record()}))
     if summary.get("claim"):

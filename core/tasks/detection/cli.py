@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from ...cli_common import (check_model_code_args, config_from_args, export_exit_code, prepare_out, print_bundle,
-                          print_costs, print_summary, progress, progress_printer, removal_text,
+                          print_costs, print_summary, process_started, progress, progress_printer, removal_text,
                           run_interruptible, summary_exit_code)
 from ...errors import ModelLoadError
 from ...jsonout import emit_json
@@ -108,7 +108,7 @@ def cmd_prune_detection(args) -> int:
 
     summary = run_interruptible(lambda cancel: run_detection_pruning(
         model, info, data, config, out, Callbacks(progress_printer("  "), on_step), cancel=cancel,
-        data_options={"val_fraction": args.val_fraction, "seed": args.seed}))
+        data_options={"val_fraction": args.val_fraction, "seed": args.seed}, started=process_started()))
     print_summary(summary, args.json)
     return summary_exit_code(summary)
 

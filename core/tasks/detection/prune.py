@@ -45,13 +45,14 @@ def detection_spec(model: nn.Module, info: dict) -> ModelSpec:
 
 def run_detection_pruning(model: nn.Module, info: dict, data: DetectionData, config: PruneConfig, run_dir: Path,
                           callbacks: Callbacks | None = None, cancel: threading.Event | None = None,
-                          data_options: dict | None = None) -> dict:
+                          data_options: dict | None = None, started: float | None = None) -> dict:
     """Prune an ``SSDDetector`` into ``run_dir``; returns the run summary (``core.engine.run_summary``).
 
     ``info``: ``mean``, ``std`` (the detector's normalisation), ``class_names``, ``source`` (e.g. a
     sample detector's manifest entry). Progress goes to ``callbacks.progress(fraction, message)``,
     each accepted step to ``callbacks.step(record)``; setting ``cancel`` stops after the current phase
-    and keeps the completed steps. Safe to call from a worker thread (touches no UI).
+    and keeps the completed steps. Safe to call from a worker thread (touches no UI). ``started``: when the
+    user's wait began (``time.time()``), which the time budget counts from (``core.engine.run_task``).
     """
     config = as_detection_config(config)
     config.validate()
@@ -63,4 +64,4 @@ def run_detection_pruning(model: nn.Module, info: dict, data: DetectionData, con
     run_config = {"data_source": data.source, "class_names": data.class_names,
                   "detector_config": dict(model.config), "eval_settings": EvalSettings().to_dict(),
                   "data_options": data_options or {"val_fraction": 0.2, "seed": 0}}
-    return run_task(task, LoadedModel(model, spec), run_config, run_dir, callbacks, cancel)
+    return run_task(task, LoadedModel(model, spec), run_config, run_dir, callbacks, cancel, started=started)
