@@ -438,8 +438,7 @@ def test_the_time_budget_counts_from_when_the_users_wait_began(digits, tmp_path)
                        started=time.time() - 120.0)
     assert late["state"] == "done" and [r["step"] for r in Run(tmp_path / "late").history] == [0]
     assert Run(tmp_path / "late").status["message"].startswith("time budget reached (1 min)")
-    on_time = run_pruning(loaded, data, quick_config(max_steps=1, time_budget=1.0), tmp_path / "on_time",
-                          started=time.time())
+    run_pruning(loaded, data, quick_config(max_steps=1, time_budget=1.0), tmp_path / "on_time", started=time.time())
     assert [r["step"] for r in Run(tmp_path / "on_time").history] == [0, 1]
     began = process_started()  # this test process's start: before now, not before this machine's boot
     assert began is not None and 0.0 < time.time() - began < 86400.0
