@@ -321,7 +321,7 @@ def test_the_last_stretch_s_recovery_takes_what_the_budget_leaves_up_to_three_ti
     the control; a run with room for another stretch after this one (the re-scoring and slack, each at the slowest
     step so far, the next stretch's step at the mean, and its 6 epochs: 30 + 30 + 30 + 120 s) keeps 6, a run that has
     none spends the rest of its budget on this recovery, at most three times the epochs, less what would follow
-    should it be undone (when that fits), and a run without a budget or a timed recovery keeps 6."""
+    should it be undone (when that fits) and one epoch spare, and a run without a budget or a timed recovery keeps 6."""
     class Task:
         config = PruneConfig(recover_epochs=2, time_budget=10.0)
 
@@ -342,27 +342,28 @@ def test_the_last_stretch_s_recovery_takes_what_the_budget_leaves_up_to_three_ti
 
     reserve = {"s": 0.0}
     monkeypatch.setattr(engine, "reserve_after_recovery", lambda task, writer, clock: reserve["s"])
+    monkeypatch.setattr(engine, "recovery_epoch_seconds", lambda task, writer, clock: 2 * clock.recovery_estimate(1))
     task, usual = Task(), engine.STRETCH_EPOCHS * 2
     assert engine.LAST_STRETCH_EPOCHS == 3
     assert engine.stretch_recovery_epochs(task, None, Clock(0.0)) == usual, "room for another stretch"
     assert engine.stretch_recovery_epochs(task, None, Clock(600 - 120 - 210)) == usual, "210 s: just room for one"
-    assert engine.stretch_recovery_epochs(task, None, Clock(600 - 120 - 100)) == usual + 5, \
-        "380 s in: 120 s for the usual 6 epochs, 100 s left = 5 more epochs at 20 s"
-    assert engine.stretch_recovery_epochs(task, None, Clock(600 - 120 - 170)) == usual + 8, \
-        "170 s left: the next stretch's step and recovery (150 s) fit, not with the re-scoring and slack (210 s)"
+    assert engine.stretch_recovery_epochs(task, None, Clock(600 - 120 - 100)) == usual + 4, \
+        "380 s in: 120 s for the usual 6 epochs, 100 s left = one epoch spare and 4 more epochs at 20 s"
+    assert engine.stretch_recovery_epochs(task, None, Clock(600 - 120 - 170)) == usual + 7, \
+        "170 s left: the next stretch (150 s) fits, not with the re-scoring and slack (210 s); 20 s spare"
     slow = (30.0, 200.0)  # a slow re-scoring step: another stretch needs 200 + 200 + 115 + 120 s
     assert engine.stretch_recovery_epochs(task, None, Clock(600 - 120 - 400, steps=slow)) == 3 * usual, \
         "400 s left would hold 20 more (less than another stretch's 635 s); capped at three times"
     assert engine.stretch_recovery_epochs(task, None, Clock(590.0)) == usual, "never fewer than the usual"
     # should this stretch be undone: a retry (its step, 30 s, and 6 epochs, 120 s) or a plain recovery (2 epochs)
-    assert engine.stretch_recovery_epochs(task, None, Clock(600 - 120 - 170), undone=(6, True)) == usual + 1, \
-        "170 s left: 150 s kept for the retry, 20 s for one more epoch"
-    assert engine.stretch_recovery_epochs(task, None, Clock(600 - 120 - 170), undone=(2, False)) == usual + 6, \
-        "170 s left: 40 s kept for the plain recovery, 130 s for six more epochs"
-    assert engine.stretch_recovery_epochs(task, None, Clock(600 - 120 - 100), undone=(6, True)) == usual + 5, \
+    assert engine.stretch_recovery_epochs(task, None, Clock(600 - 120 - 190), undone=(6, True)) == usual + 1, \
+        "190 s left: 150 s kept for the retry, 20 s spare, 20 s for one more epoch"
+    assert engine.stretch_recovery_epochs(task, None, Clock(600 - 120 - 170), undone=(2, False)) == usual + 5, \
+        "170 s left: 40 s kept for the plain recovery, 20 s spare, 110 s for five more epochs"
+    assert engine.stretch_recovery_epochs(task, None, Clock(600 - 120 - 100), undone=(6, True)) == usual + 4, \
         "100 s left: no retry would fit after it, so nothing is kept for one"
     reserve["s"] = 100.0  # what the run keeps for its end is not spent
-    assert engine.stretch_recovery_epochs(task, None, Clock(600 - 120 - 200)) == usual + 5
+    assert engine.stretch_recovery_epochs(task, None, Clock(600 - 120 - 200)) == usual + 4
     assert engine.stretch_recovery_epochs(task, None, Clock(0.0, budget_s=None)) == usual
     untimed = Clock(500.0)
     untimed.recovery_seconds = []
@@ -392,6 +393,7 @@ def test_a_stretch_is_taken_at_once_where_the_budget_holds_it_but_not_a_plain_st
             return self.at
 
     monkeypatch.setattr(engine, "reserve_after_recovery", lambda task, writer, clock: 0.0)
+    monkeypatch.setattr(engine, "recovery_epoch_seconds", lambda task, writer, clock: 2 * clock.recovery_estimate(1))
     recovered, task = {"step": 4, "recovered_from": 3}, Task()
     crowded = engine.plain_step_crowds_out_stretch
     assert crowded(task, None, Clock(600 - 170), recovered, 6), "170 s: the stretch (150 s) fits, not with 40 s more"
