@@ -965,8 +965,8 @@ def reserve_after_recovery(task: Task, writer: RunWriter, clock: RunClock) -> fl
 
 def control_estimate(history: list[dict], task: Task, clock: RunClock) -> float:
     """Seconds the control will take (:func:`run_control`): the training the run's last step received
-    (``core.claim.training_received``) at this run's measured rates: each recovery epoch at the seconds per epoch of
-    its recoveries pooled (:func:`control_epoch_seconds`), each fine-tuning mini-batch at that epoch's time over its mini-batches. Before any
+    (``core.claim.training_received``) at this run's measured rates: each recovery epoch at the original's rate as
+    its recoveries tell it (:func:`control_epoch_seconds`), each fine-tuning mini-batch at that epoch's time over its mini-batches. Before any
     recovery: :meth:`RunClock.recovery_estimate`. Why: the control can cost as much training as the whole run (a
     ResNet-56 upload's: 600 mini-batches and 7 recoveries, 15 minutes past a 28-minute budget)."""
     if not recorded_recoveries(history):
@@ -984,16 +984,23 @@ def recorded_recoveries(history: list[dict]) -> list[dict]:
 
 
 def control_epoch_seconds(history: list[dict], clock: RunClock) -> float:
-    """Seconds the control takes for one recovery epoch, as :func:`control_estimate` counts it: the run's recovery
-    seconds over their epochs, all recoveries pooled; before any, :meth:`RunClock.recovery_estimate` of one epoch.
+    """Seconds the control takes for one recovery epoch, as :func:`control_estimate` counts it: the dearest epoch of
+    the recoveries of the largest model recovered so far (most MACs, the nearest to the original the control
+    trains), or the run's recovery seconds over their epochs pooled where that is more; before any recovery,
+    :meth:`RunClock.recovery_estimate` of one epoch.
 
-    Why pooled, not the mean of each recovery's rate: a recovery's measuring is a fixed cost, so the 2-epoch ones
-    ran at 4.9 s an epoch and the long ones at 4.35-4.45 on our ResNet-20 upload, and the control, one long
-    training, ran at about 4.4."""
+    Why not the pruned models' rate: the control trains the unpruned original, dearer per epoch than the models the
+    run recovered. On our ResNet-20 upload (``bench/real_cifar.py --upload``, 15 minutes) the recoveries pooled
+    ran at 4.41 s an epoch (4.15 at 21 M MACs, 4.79 at 38 M), the control on the 41-M original at 4.72; counted at
+    4.41 the control was estimated at 351 s, took 370, and the command ended 7 s past its budget. The mean of the
+    recoveries' rates (4.55) had been as wrong the other way on another run (378 s estimated, 362 taken)."""
     recoveries = recorded_recoveries(history)
     if not recoveries:
         return clock.recovery_estimate(1)
-    return sum(r["seconds"] for r in recoveries) / sum(r["recovery"]["epochs"] for r in recoveries)
+    pooled = sum(r["seconds"] for r in recoveries) / sum(r["recovery"]["epochs"] for r in recoveries)
+    largest = max(r.get("macs") or 0 for r in recoveries)
+    nearest = max(r["seconds"] / r["recovery"]["epochs"] for r in recoveries if (r.get("macs") or 0) == largest)
+    return max(pooled, nearest)
 
 
 def makes_control(task: Task) -> bool:
