@@ -27,7 +27,7 @@ from .export import EXIT_NOT_READY, bundle_shortfall
 from .integrity import MAX_SIDECAR_BYTES, read_bounded
 from .jsonout import emit_json
 from .plan import PrunePlan
-from .runs import removals
+from .runs import process_start_time, removals
 from .training import PRECISIONS
 from .models import default_input_spec, load_model, open_input_spec
 from .plausibility import quick_check
@@ -181,19 +181,13 @@ def progress(message: str) -> None:
 
 
 def process_started() -> float | None:
-    """When this process started, in ``time.time()`` seconds, or None where the system does not say (Linux:
-    ``/proc/self/stat`` field 22, in clock ticks since boot, against ``CLOCK_BOOTTIME``).
+    """When this process started, in ``time.time()`` seconds, or None where the system does not say
+    (``core.runs.process_start_time``, from ``/proc``).
 
     Why: a command's time budget (``--time-budget``) is the user's wait for the command, and the interpreter's
     imports (about 2 s here) and the loading of the model and images come before the run; counted from the run's
     own start, our ResNet-20 upload's 15-minute command took 900.7 s (``core.engine.run_task``'s ``started``)."""
-    try:
-        with open("/proc/self/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
-        age = time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, AttributeError):
-        return None
-    return time.time() - age if 0.0 <= age < 86400.0 else None
+    return process_start_time(os.getpid())
 
 
 class ProgressPrinter:
