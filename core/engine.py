@@ -714,8 +714,8 @@ def stretch_recovery_epochs(task: Task, writer: RunWriter, clock: "RunClock", ep
                             undone: tuple[int, bool] = (0, False)) -> int:
     """Epochs of a stretch's recovery: ``epochs`` (default ``STRETCH_EPOCHS`` times ``recover_epochs``, the usual);
     or, when the budget will have no room for another stretch after it (the last stretch the run can take if it is
-    kept), as many more as the budget holds beside what the run keeps for its end (:func:`reserve_after_recovery`) and what
-    follows should this stretch be undone (``undone``: :meth:`StretchSize.after_undone`, kept room for only when it
+    kept), as many more as the budget holds beside what the run keeps for its end (:func:`reserve_after_recovery`)
+    and what follows should this stretch be undone (``undone``: :meth:`StretchSize.after_undone`, kept room for only when it
     fits), the control's repeat of each epoch counted, up to ``LAST_STRETCH_EPOCHS`` times the usual. Without a
     budget, or before any recovery was timed, ``epochs``.
 
@@ -966,8 +966,8 @@ def reserve_after_recovery(task: Task, writer: RunWriter, clock: RunClock) -> fl
 def control_estimate(history: list[dict], task: Task, clock: RunClock) -> float:
     """Seconds the control will take (:func:`run_control`): the training the run's last step received
     (``core.claim.training_received``) at this run's measured rates: each recovery epoch at the original's rate as
-    its recoveries tell it (:func:`control_epoch_seconds`), each fine-tuning mini-batch at that epoch's time over its mini-batches. Before any
-    recovery: :meth:`RunClock.recovery_estimate`. Why: the control can cost as much training as the whole run (a
+    its recoveries tell it (:func:`control_epoch_seconds`), each fine-tuning mini-batch at that epoch's time over
+    its mini-batches. Before any recovery: :meth:`RunClock.recovery_estimate`. Why: the control can cost as much training as the whole run (a
     ResNet-56 upload's: 600 mini-batches and 7 recoveries, 15 minutes past a 28-minute budget)."""
     if not recorded_recoveries(history):
         return clock.recovery_estimate()
