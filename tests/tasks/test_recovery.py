@@ -50,7 +50,8 @@ def test_recovery_restores_accuracy_and_keeps_the_last_epoch(damaged):
 @pytest.mark.parametrize("keep, kept", [("last", 3), ("best", 1)])
 def test_the_keep_rule_names_the_epoch_whose_weights_the_model_holds(damaged, keep, kept):
     """A selection score that falls epoch after epoch: "last" keeps epoch 3's weights all the same (picking the
-    best of N epochs on the selection images is one more decision on them), "best" keeps epoch 1's."""
+    best of N epochs on the selection images is one more decision on them) and scores only that epoch, "best"
+    scores every epoch and keeps epoch 1's."""
     model = copy.deepcopy(damaged[0])
     seen = []
 
@@ -60,8 +61,11 @@ def test_the_keep_rule_names_the_epoch_whose_weights_the_model_holds(damaged, ke
 
     result = recover(model, damaged[2].train.subset(64), damaged[3],
                      RecoveryConfig(epochs=3, batch_size=32, keep=keep), falling)
-    assert len(set(seen)) == 4, "each epoch moved the weights"
-    assert result.best_epoch == kept and model_fingerprint(model) == seen[kept]
+    scored = [e["epoch"] for e in result.epochs if e["selection"] is not None]
+    assert scored == ([1, 2, 3] if keep == "best" else [3]), "only the rule best picks among the epochs' scores"
+    assert len(set(seen)) == 1 + len(scored), "each epoch moved the weights"
+    assert result.best_epoch == kept and model_fingerprint(model) == seen[scored.index(kept) + 1]
+    assert all(e["seconds"] > 0 for e in result.epochs), "each epoch's training time is recorded"
     with pytest.raises(SettingsError, match="keeps its last or best epoch"):
         RecoveryConfig(keep="middle").validate()
 

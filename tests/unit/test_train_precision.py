@@ -96,7 +96,7 @@ def test_a_bf16_recovery_learns_and_says_what_it_trained_in(monkeypatch):
 
     net = _net()
     start = select(net.eval())
-    result = recover(net, train, SPEC, RecoveryConfig(epochs=3, lr=0.05, batch_size=32), select)
+    result = recover(net, train, SPEC, RecoveryConfig(epochs=3, lr=0.05, batch_size=32, keep="best"), select)
     assert result.precision == "bf16" and result.to_dict()["precision"] == "bf16"
     assert result.best_epoch >= 1 and max(e["selection"] for e in result.epochs) > start
     assert all(p.dtype == torch.float32 and p.is_contiguous() for p in net.parameters())
