@@ -52,6 +52,7 @@ NO_STRETCH_ROOM = ", and the budget has no room for a stretch"
 STRETCH_EPOCHS = 3  # a stretch's recovery runs this many times ``recover_epochs``: it absorbs a removal
 RETRY_STRETCH_EPOCHS = 2  # an undone stretch is tried again with a recovery up to this many times as long
 LAST_STRETCH_EPOCHS = 3  # the last stretch's recovery, up to this many times as long, as the budget allows
+FINAL_STRETCH_EPOCHS = 2  # and at least this many times: a stretch starts only with room for it (least_final_epochs)
 MAX_LEARNING_RATE = 10.0  # above this SGD and AdamW diverge on any network; a typo, not a setting
 
 
@@ -473,12 +474,26 @@ def rank_step(task: Task, plan: PrunePlan, left_alone: dict[str, str], widths: d
 def stretch_fits(task: Task, writer: RunWriter, clock: "RunClock", epochs: int | None = None,
                  before: float = 0.0) -> bool:
     """Whether the budget has room for a stretch: a step, its recovery (``epochs``, default ``STRETCH_EPOCHS`` times
-    ``recover_epochs``), the control's repeat of that recovery on the original (the control repeats a kept stretch's
+    ``recover_epochs``, and at least what a last stretch gets, :func:`least_final_epochs`), the control's repeat of that recovery on the original (the control repeats a kept stretch's
     recovery, ``core.claim.training_received``, and a stretch is not known to be kept before it ends) and what the
     run keeps for its end after a recovery (:func:`reserve_after_recovery`: the control; a stretch ends recovered,
     so no final recovery is due after it); ``before``: seconds of other work first."""
-    needs = before + reserve_after_recovery(task, writer, clock) + stretch_seconds(task, writer, clock, epochs)
+    needs = before + reserve_after_recovery(task, writer, clock) + stretch_seconds(
+        task, writer, clock, least_final_epochs(task.config, epochs))
     return not clock.would_pass_budget(needs)
+
+
+def least_final_epochs(config: PruneConfig, epochs: int | None = None) -> int:
+    """The fewest epochs a stretch is started with room for: its own (``epochs``, default the usual,
+    :func:`usual_stretch_epochs`) and at least ``FINAL_STRETCH_EPOCHS`` times the usual, since any stretch may be the
+    run's last, and the last stretch's recovery is the training the shipped model ends with.
+
+    Why: on our ResNet-56 upload (``bench/real_cifar.py --upload``, 30 minutes) the room for one more stretch with
+    the usual 6 epochs was found after a stretch to 2.37x fewer MACs, which then got those 6 epochs (1.0 points lost
+    on 3,000 unseen images); the next stretch went to 2.64x and was recovered for the 7 epochs left (1.2 and 1.3
+    in two runs), and shipped. The run that gave the 2.37x stretch the 11 epochs left shipped it at 0.37."""
+    usual = usual_stretch_epochs(config)
+    return max(epochs or usual, FINAL_STRETCH_EPOCHS * usual)
 
 
 def stretch_seconds(task: Task, writer: RunWriter, clock: "RunClock", epochs: int | None = None) -> float:
@@ -721,7 +736,8 @@ def stretch_recovery_epochs(task: Task, writer: RunWriter, clock: "RunClock", ep
 
     Another stretch after this one needs, after its recovery: the re-scoring of the recovered model and slack for
     the drift of the estimates, each counted at the slowest step so far (:meth:`RunClock.slowest_step`), the next
-    stretch's first step and its recovery of ``epochs``, repeated by the control; where the budget then holds the
+    stretch's first step and its recovery of ``epochs`` and at least a last stretch's (:func:`least_final_epochs`),
+    repeated by the control; where the budget then holds the
     stretch but not a plain step before it, the loop skips that step (:func:`plain_step_crowds_out_stretch`). Why:
     counting only the next stretch's step, our ResNet-56 upload (``bench/real_cifar.py --upload``, 30 minutes)
     predicted room for another stretch at step 27, gave this one the usual 6 epochs, tried a plain step after it,
@@ -751,11 +767,11 @@ def stretch_recovery_epochs(task: Task, writer: RunWriter, clock: "RunClock", ep
     room = clock.budget_s - clock.elapsed() - reserve_after_recovery(task, writer, clock) - epochs * epoch_s
     # another stretch fits after this one: its first step and recovery, the re-scoring before it and slack for the
     # estimates' drift, each at the slowest step so far (plain_step_crowds_out_stretch skips the plain step)
-    if room >= 2 * clock.slowest_step() + stretch_seconds(task, writer, clock, epochs):
+    if room >= 2 * clock.slowest_step() + stretch_seconds(task, writer, clock, least_final_epochs(task.config, epochs)):
         return epochs
     follow_epochs, follow_stretch = undone  # a retry is gated as any stretch (stretch_fits)
-    follow = 0.0 if not follow_epochs else (
-        stretch_seconds(task, writer, clock, follow_epochs) if follow_stretch else follow_epochs * epoch_s)
+    follow = 0.0 if not follow_epochs else (stretch_seconds(
+        task, writer, clock, least_final_epochs(task.config, follow_epochs)) if follow_stretch else follow_epochs * epoch_s)
     if room >= follow:  # what follows an undone stretch still fits: keep its room
         room -= follow
     room -= epoch_s  # one epoch spare for the estimates' drift: the control must still fit after this recovery

@@ -319,7 +319,8 @@ def test_what_follows_an_undone_stretch_is_known_before_its_recovery_and_the_siz
 def test_the_last_stretch_s_recovery_takes_what_the_budget_leaves_up_to_three_times_as_long(monkeypatch):
     """A stretch recovers ``STRETCH_EPOCHS`` x ``recover_epochs`` (here 6) epochs, each 10 s and another 10 s in
     the control; a run with room for another stretch after this one (the re-scoring and slack, each at the slowest
-    step so far, the next stretch's step at the mean, and its 6 epochs: 30 + 30 + 30 + 120 s) keeps 6, a run that has
+    step so far, the next stretch's step at the mean, and at least a last stretch's 12 epochs: 30 + 30 + 30 + 240 s)
+    keeps 6, a run that has
     none spends the rest of its budget on this recovery, at most three times the epochs, less what would follow
     should it be undone (when that fits) and one epoch spare, and a run without a budget or a timed recovery keeps 6."""
     class Task:
@@ -346,18 +347,22 @@ def test_the_last_stretch_s_recovery_takes_what_the_budget_leaves_up_to_three_ti
     task, usual = Task(), engine.STRETCH_EPOCHS * 2
     assert engine.LAST_STRETCH_EPOCHS == 3
     assert engine.stretch_recovery_epochs(task, None, Clock(0.0)) == usual, "room for another stretch"
-    assert engine.stretch_recovery_epochs(task, None, Clock(600 - 120 - 210)) == usual, "210 s: just room for one"
+    assert engine.least_final_epochs(task.config) == 2 * usual
+    assert engine.stretch_recovery_epochs(task, None, Clock(600 - 120 - 330)) == usual, "330 s: just room for one"
+    assert engine.stretch_recovery_epochs(task, None, Clock(600 - 120 - 250)) == usual + 11, \
+        "250 s left: another stretch with the usual 6 epochs (210 s) fits, not with a last stretch's 12 (330 s)"
     assert engine.stretch_recovery_epochs(task, None, Clock(600 - 120 - 100)) == usual + 4, \
         "380 s in: 120 s for the usual 6 epochs, 100 s left = one epoch spare and 4 more epochs at 20 s"
     assert engine.stretch_recovery_epochs(task, None, Clock(600 - 120 - 170)) == usual + 7, \
-        "170 s left: the next stretch (150 s) fits, not with the re-scoring and slack (210 s); 20 s spare"
-    slow = (30.0, 200.0)  # a slow re-scoring step: another stretch needs 200 + 200 + 115 + 120 s
+        "170 s left: the next stretch (270 s) does not fit; 20 s spare"
+    slow = (30.0, 200.0)  # a slow re-scoring step: another stretch needs 200 + 200 + 115 + 240 s
     assert engine.stretch_recovery_epochs(task, None, Clock(600 - 120 - 400, steps=slow)) == 3 * usual, \
-        "400 s left would hold 20 more (less than another stretch's 635 s); capped at three times"
+        "400 s left would hold 19 more (less than another stretch's 755 s); capped at three times"
     assert engine.stretch_recovery_epochs(task, None, Clock(590.0)) == usual, "never fewer than the usual"
-    # should this stretch be undone: a retry (its step, 30 s, and 6 epochs, 120 s) or a plain recovery (2 epochs)
-    assert engine.stretch_recovery_epochs(task, None, Clock(600 - 120 - 190), undone=(6, True)) == usual + 1, \
-        "190 s left: 150 s kept for the retry, 20 s spare, 20 s for one more epoch"
+    # should this stretch be undone: a retry (its step, 30 s, and at least a last stretch's 12 epochs, 240 s; the
+    # gate it passes, stretch_fits) or a plain recovery (2 epochs)
+    assert engine.stretch_recovery_epochs(task, None, Clock(600 - 120 - 310), undone=(6, True)) == usual + 1, \
+        "310 s left: 270 s kept for the retry, 20 s spare, 20 s for one more epoch"
     assert engine.stretch_recovery_epochs(task, None, Clock(600 - 120 - 170), undone=(2, False)) == usual + 5, \
         "170 s left: 40 s kept for the plain recovery, 20 s spare, 110 s for five more epochs"
     assert engine.stretch_recovery_epochs(task, None, Clock(600 - 120 - 100), undone=(6, True)) == usual + 4, \
@@ -372,7 +377,7 @@ def test_the_last_stretch_s_recovery_takes_what_the_budget_leaves_up_to_three_ti
 
 def test_a_stretch_is_taken_at_once_where_the_budget_holds_it_but_not_a_plain_step_before_it(monkeypatch):
     """From a recovered model, with the budget holding a stretch (a 30-s step, 6 epochs of 10 s and the control's
-    repeat: 150 s) but not the slowest step (40 s) before it, the loop tries no candidate first; with room for both,
+    repeat, 150 s, counted at a last stretch's 12 epochs: 270 s) but not the slowest step (40 s) before it, the loop tries no candidate first; with room for both,
     or for neither, or from a model that is not a recovery, or with stretches off, it tries one as always."""
     class Task:
         config = PruneConfig(recover_epochs=2, time_budget=10.0)
@@ -396,12 +401,12 @@ def test_a_stretch_is_taken_at_once_where_the_budget_holds_it_but_not_a_plain_st
     monkeypatch.setattr(engine, "recovery_epoch_seconds", lambda task, writer, clock: 2 * clock.recovery_estimate(1))
     recovered, task = {"step": 4, "recovered_from": 3}, Task()
     crowded = engine.plain_step_crowds_out_stretch
-    assert crowded(task, None, Clock(600 - 170), recovered, 6), "170 s: the stretch (150 s) fits, not with 40 s more"
-    assert crowded(task, None, Clock(600 - 190), recovered, 6) is None, "190 s: room for both"
-    assert crowded(task, None, Clock(600 - 140), recovered, 6) is None, "140 s: no stretch fits either"
-    assert crowded(task, None, Clock(600 - 170), {"step": 4}, 6) is None, "not a recovered model"
+    assert crowded(task, None, Clock(600 - 290), recovered, 6), "290 s: the stretch (270 s) fits, not with 40 s more"
+    assert crowded(task, None, Clock(600 - 310), recovered, 6) is None, "310 s: room for both"
+    assert crowded(task, None, Clock(600 - 260), recovered, 6) is None, "260 s: no stretch fits either"
+    assert crowded(task, None, Clock(600 - 290), {"step": 4}, 6) is None, "not a recovered model"
     task.config = PruneConfig(recover_epochs=2, time_budget=10.0, stretch=False)
-    assert crowded(task, None, Clock(600 - 170), recovered, 6) is None, "stretches off"
+    assert crowded(task, None, Clock(600 - 290), recovered, 6) is None, "stretches off"
 
 
 def test_a_time_budget_stops_the_run_and_keeps_the_finished_steps(digits, tmp_path, monkeypatch):

@@ -120,10 +120,12 @@ def test_a_budgeted_run_keeps_time_for_the_last_recovery_and_the_control(tmp_pat
 
 def test_a_stretch_starts_only_with_room_for_its_recovery_twice_when_the_control_repeats_it(tmp_path, monkeypatch):
     """The control repeats a kept stretch's recovery (core.claim.training_received), and a stretch is not known to be
-    kept before its recovery, so a stretch needs its own recovery (3x the epochs) and the control's repeat of it beside the step and the reserve;
-    a ResNet-20 upload whose stretch did not count the repeat ended with no time left for its control. The reserve
-    is the control alone: a stretch ends recovered, so no final recovery is due after it (counting one held back
-    about a minute on the ResNet-20 upload)."""
+    kept before its recovery, so a stretch needs its own recovery and the control's repeat of it beside the step and
+    the reserve; a ResNet-20 upload whose stretch did not count the repeat ended with no time left for its control.
+    The recovery counted is the one a last stretch gets at least (``least_final_epochs``: twice a stretch's usual
+    3x, 12 epochs here), since any stretch may be the last. The reserve is the control alone: a stretch ends
+    recovered, so no final recovery is due after it (counting one held back about a minute on the ResNet-20
+    upload)."""
     from types import SimpleNamespace
 
     import core.engine as engine
@@ -134,12 +136,13 @@ def test_a_stretch_starts_only_with_room_for_its_recovery_twice_when_the_control
     monkeypatch.setattr(engine, "Run", lambda folder: SimpleNamespace(history=[{"step": 0}]))
     clock = engine.RunClock(1000 / 60)  # a 1000-s budget
     clock.step_done(10.0)
-    clock.recovery_done(20.0, 2)  # 10 s an epoch: a plain recovery 20 s, a stretch's 60 s
+    clock.recovery_done(20.0, 2)  # 10 s an epoch: a plain recovery 20 s, a stretch's 60 s, a last stretch's 120 s
+    assert engine.least_final_epochs(task.config) == 12 and engine.least_final_epochs(task.config, 18) == 18
     clock.start = time.perf_counter()
     # a stretch ends recovered: no final recovery is due after it, only the control (20 s, no recorded recovery)
     reserve = engine.reserve_after_recovery(task, writer, clock)
     assert reserve == pytest.approx(20.0) and engine.time_to_finish(task, writer, clock) == pytest.approx(60.0)
-    with_control = 10.0 + reserve + 2 * 60.0
+    with_control = 10.0 + reserve + 2 * 120.0
     clock.start -= 1000 - with_control - 1.0  # 1 s to spare
     assert engine.stretch_fits(task, writer, clock)
     clock.start -= 2.0
@@ -147,7 +150,7 @@ def test_a_stretch_starts_only_with_room_for_its_recovery_twice_when_the_control
     task.config.control = False  # no repeat: the stretch's recovery once, and no reserve
     assert engine.reserve_after_recovery(task, writer, clock) == 0.0
     assert engine.stretch_fits(task, writer, clock)
-    clock.start -= (with_control - 1.0) - (10.0 + 60.0) - 0.5  # 70.5 s left: the stretch alone (70 s) fits
+    clock.start -= (with_control - 1.0) - (10.0 + 120.0) - 0.5  # 130.5 s left: the stretch alone (130 s) fits
     assert engine.stretch_fits(task, writer, clock)
     clock.start -= 1.0
     assert not engine.stretch_fits(task, writer, clock)
