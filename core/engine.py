@@ -984,16 +984,22 @@ def reserve_after_recovery(task: Task, writer: RunWriter, clock: RunClock) -> fl
 def control_estimate(history: list[dict], task: Task, clock: RunClock) -> float:
     """Seconds the control will take (:func:`run_control`): the training the run's last step received
     (``core.claim.training_received``) at this run's measured rates: each recovery epoch at the original's rate as
-    its recoveries tell it (:func:`control_epoch_seconds`), each fine-tuning mini-batch at that epoch's time over
-    its mini-batches. Before any recovery: :meth:`RunClock.recovery_estimate`. Why: the control can cost as much training as the whole run (a
-    ResNet-56 upload's: 600 mini-batches and 7 recoveries, 15 minutes past a 28-minute budget)."""
+    the recoveries tell it (:func:`control_epoch_seconds`), each recovery's measuring beside its epochs
+    (:func:`recovery_overhead_seconds`), each fine-tuning mini-batch at the original's rate where the task measured
+    it (``finetune_batch_seconds``, the classification task's fine-tuning check), else at a recovery epoch's time
+    over its mini-batches. Before any recovery: :meth:`RunClock.recovery_estimate`. Why: the control can cost as
+    much training as the whole run (a ResNet-56 upload's: 600 mini-batches and 7 recoveries, 15 minutes past a
+    28-minute budget); counted at the largest recovered model's rate, measuring included, and its mini-batches at
+    the distilled recovery's rate, a ResNet-56 upload's control was estimated at 699 s and took 657."""
     if not recorded_recoveries(history):
         return clock.recovery_estimate()
     epoch_s = control_epoch_seconds(history, clock)
     n_train = len(getattr(getattr(task, "data", None), "train", None) or ())
-    batch_s = epoch_s / max(1, -(-n_train // task.config.batch_size)) if n_train else 0.0
+    batch_s = getattr(task, "finetune_batch_seconds", None) or (
+        epoch_s / max(1, -(-n_train // task.config.batch_size)) if n_train else 0.0)
     received = training_received(history, task.config.finetune_steps)
-    return sum(received["recovery_epochs"]) * epoch_s + received["finetune_batches"] * batch_s
+    return (sum(received["recovery_epochs"]) * epoch_s + len(received["recovery_epochs"]) * recovery_overhead_seconds(
+        history) + received["finetune_batches"] * batch_s)
 
 
 def recorded_recoveries(history: list[dict]) -> list[dict]:
@@ -1001,24 +1007,61 @@ def recorded_recoveries(history: list[dict]) -> list[dict]:
     return [r for r in history if r.get("recovered_from") is not None and (r.get("recovery") or {}).get("epochs")]
 
 
-def control_epoch_seconds(history: list[dict], clock: RunClock) -> float:
-    """Seconds the control takes for one recovery epoch, as :func:`control_estimate` counts it: the dearest epoch of
-    the recoveries of the largest model recovered so far (most MACs, the nearest to the original the control
-    trains), or the run's recovery seconds over their epochs pooled where that is more; before any recovery,
-    :meth:`RunClock.recovery_estimate` of one epoch.
+def epoch_training_seconds(record: dict) -> float | None:
+    """A recovery's seconds of training an epoch (the median of its epochs' ``seconds``, ``core.recovery.recover``),
+    without its measuring; None where its epochs carry no times (older runs, the Ray recovery)."""
+    times = [e["seconds"] for e in (record.get("recovery") or {}).get("per_epoch") or [] if e.get("seconds")]
+    return float(np.median(times)) if times else None
 
-    Why not the pruned models' rate: the control trains the unpruned original, dearer per epoch than the models the
-    run recovered. On our ResNet-20 upload (``bench/real_cifar.py --upload``, 15 minutes) the recoveries pooled
-    ran at 4.41 s an epoch (4.15 at 21 M MACs, 4.79 at 38 M), the control on the 41-M original at 4.72; counted at
-    4.41 the control was estimated at 351 s, took 370, and the command ended 7 s past its budget. The mean of the
-    recoveries' rates (4.55) had been as wrong the other way on another run (378 s estimated, 362 taken)."""
+
+def recovery_overhead_seconds(history: list[dict]) -> float:
+    """Seconds a recovery spends beside its epochs' training (scoring the model it starts from and its last epoch,
+    measuring the result), as the largest recovered model's took them: what the control's repeat of each recovery
+    adds to its epochs (it scores the same way, on the original). 0 where no recovery's epochs carry times."""
+    timed = [r for r in recorded_recoveries(history) if epoch_training_seconds(r) is not None]
+    if not timed:
+        return 0.0
+    largest = max(timed, key=lambda r: r.get("macs") or 0)
+    trained = sum(e["seconds"] for e in largest["recovery"]["per_epoch"] if e.get("seconds"))
+    return max(largest["seconds"] - trained, 0.0)
+
+
+def control_epoch_seconds(history: list[dict], clock: RunClock) -> float:
+    """Seconds the control takes to train one recovery epoch on the original, as :func:`control_estimate` counts it.
+
+    From the recoveries' epochs' training times (:func:`epoch_training_seconds`): a straight line through each
+    recovery's time against its model's MACs (weighted by the square root of its epochs), read at the original's MACs (step 0's), kept between the largest
+    recovered model's time and that time scaled by the original's MACs over that model's (the scaling alone while
+    the recoveries' MACs span less than a tenth of the original's). Where no epoch carries a time: the dearest
+    epoch of the largest model's recoveries, measuring included, or the recoveries pooled where that is more;
+    before any recovery, :meth:`RunClock.recovery_estimate` of one epoch.
+
+    Why a line: a recovery epoch's time hardly grows with the model's MACs, since the teacher (the original) runs
+    on every mini-batch whatever the student's size: on our ResNet-56 upload (``bench/real_cifar.py --upload``)
+    11.3 s at 105 M MACs, 11.1 at 75 M, 10.7 at 53 M. Why not the pruned models' rate: the control trains the
+    unpruned original, dearer per epoch; on our ResNet-20 upload the recoveries pooled ran at 4.41 s an epoch
+    (measuring included), the control on the 41-M-MAC original at 4.72, and the command ended 7 s past its budget.
+    Why not measuring included: a 2-epoch recovery's measuring made its epochs read 5.14 s, the control was
+    estimated 30 s high, and the run found no room for a step it had room for."""
     recoveries = recorded_recoveries(history)
     if not recoveries:
         return clock.recovery_estimate(1)
-    pooled = sum(r["seconds"] for r in recoveries) / sum(r["recovery"]["epochs"] for r in recoveries)
-    largest = max(r.get("macs") or 0 for r in recoveries)
-    nearest = max(r["seconds"] / r["recovery"]["epochs"] for r in recoveries if (r.get("macs") or 0) == largest)
-    return max(pooled, nearest)
+    timed = [(float(r.get("macs") or 0), epoch_training_seconds(r), r["recovery"]["epochs"]) for r in recoveries]
+    timed = [(m, t, n) for m, t, n in timed if t is not None and m > 0]
+    original = float(history[0].get("macs") or 0) if history else 0.0
+    if not timed or original <= 0:
+        pooled = sum(r["seconds"] for r in recoveries) / sum(r["recovery"]["epochs"] for r in recoveries)
+        largest = max(r.get("macs") or 0 for r in recoveries)
+        nearest = max(r["seconds"] / r["recovery"]["epochs"] for r in recoveries if (r.get("macs") or 0) == largest)
+        return max(pooled, nearest)
+    macs, secs, epochs = (np.array(column, dtype=float) for column in zip(*timed))
+    top = macs.max()
+    at_top = float(secs[macs == top].max())
+    scaled = at_top * max(original / top, 1.0)
+    if macs.max() - macs.min() < 0.1 * original:
+        return scaled
+    slope, intercept = np.polyfit(macs, secs, 1, w=np.sqrt(epochs))  # a median of more epochs varies less
+    return float(min(max(intercept + slope * original, at_top), scaled))
 
 
 def makes_control(task: Task) -> bool:

@@ -30,3 +30,7 @@ def test_a_harmful_finetuning_rate_is_halved_on_a_converged_model(one_thread):
     assert all(t["selection_drop_points"] > record["allowed_drop_points"] for t in record["tried"][:-1]), \
         "every rate halved cost more than the allowance (its point estimate decides)"
     assert all(torch.equal(before[k], v) for k, v in loaded.model.state_dict().items()), "the check used a copy"
+    last = record["tried"][-1]
+    assert all(t["batches"] == 20 and t["seconds"] > 0 for t in record["tried"])
+    assert task.finetune_batch_seconds == last["seconds"] / 20, \
+        "the original's mini-batch rate, measured here, is what the control's fine-tuning is estimated at"

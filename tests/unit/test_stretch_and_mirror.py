@@ -231,3 +231,39 @@ def test_the_control_s_repeat_of_a_recovery_epoch_is_counted_at_the_rate_its_che
     task.config.control = False
     assert engine.recovery_epoch_seconds(task, writer, clock) == pytest.approx(4.0)
     assert engine.control_epoch_seconds([{"step": 0}], clock) == pytest.approx(4.0), "no recovery: the clock's"
+
+
+def test_the_control_s_epochs_are_read_off_a_line_through_the_recoveries_training_times(tmp_path):
+    """Where the recoveries' epochs carry their training times (``core.recovery.recover``), the control's epoch is
+    read off a line through each recovery's time against its MACs at the original's, kept between the largest
+    recovered model's time and that time scaled by the MAC ratio; each repeated recovery adds the largest model's
+    measuring, and each fine-tuning mini-batch the original's measured rate. On a ResNet-56 upload the old rate
+    (the largest model's seconds over its epochs, measuring included; mini-batches at a distilled epoch's rate)
+    estimated the control at 699 s where it took 657; this one at 670."""
+    from types import SimpleNamespace
+
+    import core.engine as engine
+
+    def recovery(step, macs, seconds, epoch_s, epochs):
+        return {"step": step, "recovered_from": step - 1, "macs": macs, "seconds": seconds,
+                "recovery": {"epochs": epochs, "per_epoch": [{"epoch": e + 1, "seconds": epoch_s} for e in range(epochs)]}}
+
+    history = [{"step": 0, "macs": 100}, {"step": 1, "macs": 80}, recovery(2, 80, 6 * 9.0 + 3.0, 9.0, 6),
+               {"step": 3, "macs": 60}, recovery(4, 60, 6 * 8.0 + 2.0, 8.0, 6)]
+    clock = engine.RunClock(30.0)
+    # 8 s at 60, 9 s at 80: 10 s at 100 (between 9 and 9 x 100/80 = 11.25)
+    assert engine.control_epoch_seconds(history, clock) == pytest.approx(10.0)
+    assert engine.recovery_overhead_seconds(history) == pytest.approx(3.0), "the largest model's measuring"
+    task = SimpleNamespace(config=PruneConfig(), data=SimpleNamespace(train=list(range(1000))),
+                           finetune_batch_seconds=0.5)
+    received = engine.training_received(history, task.config.finetune_steps)
+    assert received["recovery_epochs"] == [6, 6]
+    assert engine.control_estimate(history, task, clock) == pytest.approx(
+        12 * 10.0 + 2 * 3.0 + received["finetune_batches"] * 0.5)
+    history[4]["recovery"]["per_epoch"] = [{"epoch": e, "seconds": 12.0} for e in range(1, 7)]
+    assert engine.control_epoch_seconds(history, clock) == pytest.approx(9.0), \
+        "a line falling towards the original reads no less than the largest model's time"
+    history[4] = recovery(4, 20, 6 * 2.0, 2.0, 6)  # 2 s at 20, 9 s at 80: 11.33 s at 100, past the scaled 11.25
+    assert engine.control_epoch_seconds(history, clock) == pytest.approx(9.0 * 100 / 80)
+    history[4] = recovery(4, 75, 6 * 8.5, 8.5, 6)  # 80 and 75: a span of less than a tenth, scaled alone
+    assert engine.control_epoch_seconds(history, clock) == pytest.approx(9.0 * 100 / 80)

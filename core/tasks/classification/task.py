@@ -127,6 +127,8 @@ class ClassificationTask:
         self.analysis = analysis
         self._report: ScoreReport | None = None
         self.finetune_lr: float | None = None  # set by check_finetune_lr
+        # seconds of one fine-tuning mini-batch of the original, measured by check_finetune_lr (the control's rate)
+        self.finetune_batch_seconds: float | None = None
         self._baseline_correct: dict[str, np.ndarray] | None = None
         self.mirror: dict | None = None  # mirror_check of the original, made when it is first measured
         self._decides = decision_mask_of(data.val, config)  # the selection images that score no filter
@@ -332,13 +334,17 @@ class ClassificationTask:
         for attempt in range(LR_HALVINGS + 1):
             trial = copy.deepcopy(model)
             with on_device(trial, self.device):
+                t0 = time.perf_counter()
                 finetune(trial, self.data.train, self.spec, c.finetune_steps, lr, c.batch_size,
                          np.random.default_rng(c.seed), cancel,
                          lambda f, m, a=attempt: progress((a + f) / (LR_HALVINGS + 1), f"learning rate {lr:g}: {m}"),
                          precision=self.precision)
+                seconds = time.perf_counter() - t0
                 correct = evaluate_accuracy(trial, self.data.val, self.spec).correct.numpy()
+            self.finetune_batch_seconds = seconds / c.finetune_steps  # the last try's: the kernels warmed up
             cost = paired_drop(self._baseline_correct["selection"], correct)
-            tried.append({"lr": lr, "selection_drop_points": cost.drop_points, "ci_low_points": cost.low_points})
+            tried.append({"lr": lr, "selection_drop_points": cost.drop_points, "ci_low_points": cost.low_points,
+                          "batches": c.finetune_steps, "seconds": seconds})
             if cost.drop_points <= allowed or attempt == LR_HALVINGS:
                 break
             lr /= 2
