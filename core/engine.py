@@ -474,10 +474,11 @@ def rank_step(task: Task, plan: PrunePlan, left_alone: dict[str, str], widths: d
 def stretch_fits(task: Task, writer: RunWriter, clock: "RunClock", epochs: int | None = None,
                  before: float = 0.0) -> bool:
     """Whether the budget has room for a stretch: a step, its recovery (``epochs``, default ``STRETCH_EPOCHS`` times
-    ``recover_epochs``, and at least what a last stretch gets, :func:`least_final_epochs`), the control's repeat of that recovery on the original (the control repeats a kept stretch's
-    recovery, ``core.claim.training_received``, and a stretch is not known to be kept before it ends) and what the
-    run keeps for its end after a recovery (:func:`reserve_after_recovery`: the control; a stretch ends recovered,
-    so no final recovery is due after it); ``before``: seconds of other work first."""
+    ``recover_epochs``, and at least what a last stretch gets, :func:`least_final_epochs`), the control's repeat of
+    that recovery on the original (the control repeats a kept stretch's recovery, ``core.claim.training_received``,
+    and a stretch is not known to be kept before it ends) and what the run keeps for its end after a recovery
+    (:func:`reserve_after_recovery`: the control; a stretch ends recovered, so no final recovery is due after it);
+    ``before``: seconds of other work first."""
     needs = before + reserve_after_recovery(task, writer, clock) + stretch_seconds(
         task, writer, clock, least_final_epochs(task.config, epochs))
     return not clock.would_pass_budget(needs)
@@ -770,8 +771,9 @@ def stretch_recovery_epochs(task: Task, writer: RunWriter, clock: "RunClock", ep
     if room >= 2 * clock.slowest_step() + stretch_seconds(task, writer, clock, least_final_epochs(task.config, epochs)):
         return epochs
     follow_epochs, follow_stretch = undone  # a retry is gated as any stretch (stretch_fits)
-    follow = 0.0 if not follow_epochs else (stretch_seconds(
-        task, writer, clock, least_final_epochs(task.config, follow_epochs)) if follow_stretch else follow_epochs * epoch_s)
+    follow = 0.0 if not follow_epochs else follow_epochs * epoch_s
+    if follow_epochs and follow_stretch:
+        follow = stretch_seconds(task, writer, clock, least_final_epochs(task.config, follow_epochs))
     if room >= follow:  # what follows an undone stretch still fits: keep its room
         room -= follow
     room -= epoch_s  # one epoch spare for the estimates' drift: the control must still fit after this recovery
