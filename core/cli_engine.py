@@ -14,7 +14,7 @@ from .clusters import PROFILES
 from .distributed import open_pool
 from .targets import DEFAULT_TARGET, TARGETS
 from .prune import PruneConfig
-from .engine import LAST_STRETCH_EPOCHS, RECOVER_MIRROR, RETRY_STRETCH_EPOCHS, STRETCH_EPOCHS
+from .engine import FINAL_STRETCH_EPOCHS, LAST_STRETCH_EPOCHS, RECOVER_MIRROR, RETRY_STRETCH_EPOCHS, STRETCH_EPOCHS
 from .tasks.registry import DEFAULT_TASK, task_names, task_plugin
 from .runs import Run
 from .workspace import atomic_write_json
@@ -96,7 +96,8 @@ def add_commands(sub, add_model_args, add_data_args) -> None:
     pr.add_argument("--stretch", action=argparse.BooleanOptionalAction, default=None,
                     help="where no cluster fits, first walk on past the threshold (--stretch-macs, --stretch-allowance) "
                          f"and keep those steps only if one recovery ({STRETCH_EPOCHS}x the epochs; up to "
-                         f"{LAST_STRETCH_EPOCHS * STRETCH_EPOCHS}x for the last stretch the budget allows, "
+                         f"{LAST_STRETCH_EPOCHS * STRETCH_EPOCHS}x for the last stretch the budget allows, which "
+                         f"starts only with room for {FINAL_STRETCH_EPOCHS * STRETCH_EPOCHS}x; "
                          f"{RETRY_STRETCH_EPOCHS * STRETCH_EPOCHS}x for a second try after an undone one) brings the "
                          "model back (default: "
                          "on; --no-stretch recovers the model as it is)")
