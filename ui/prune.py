@@ -16,7 +16,7 @@ import torch
 from core import criteria
 from core.car import CAR_METHODS
 from core.device import DEVICES, describe, resolve_device
-from core.engine import LAST_STRETCH_EPOCHS, RETRY_STRETCH_EPOCHS, STRETCH_EPOCHS
+from core.engine import FINAL_STRETCH_EPOCHS, LAST_STRETCH_EPOCHS, RETRY_STRETCH_EPOCHS, STRETCH_EPOCHS
 from core.errors import PruneScopeError
 from core.plan import PrunePlan, plan_from_sensitivity
 from core.training import PRECISIONS, resolve_precision
@@ -225,7 +225,8 @@ def settings_text(config) -> str:
             parts.append(f"stretches of {config.stretch_macs:.0%} of the MACs past the threshold, kept when a "
                          f"recovery of {STRETCH_EPOCHS}x the epochs brings them back (up to "
                          f"{RETRY_STRETCH_EPOCHS * STRETCH_EPOCHS}x for a second try, "
-                         f"{LAST_STRETCH_EPOCHS * STRETCH_EPOCHS}x for the last one the budget allows)")
+                         f"{LAST_STRETCH_EPOCHS * STRETCH_EPOCHS}x for the last one the budget allows, at least "
+                         f"{FINAL_STRETCH_EPOCHS * STRETCH_EPOCHS}x)")
     if getattr(config, "time_budget", None):
         parts.append(f"time budget {config.time_budget:g} min")
     if config.plan:
