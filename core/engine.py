@@ -516,10 +516,32 @@ def recovery_epoch_seconds(task: Task, writer: RunWriter, clock: "RunClock") -> 
     recovery's rate (4.31 s an epoch on our ResNet-20 upload, ``bench/real_cifar.py --upload``), the control's check
     at the end at the mean of all recoveries (4.55, its 2-epoch ones dearer by their measuring); over 76 epochs the
     difference (18 s) passed the budget and the run ended without its control."""
-    epoch_s = clock.recovery_estimate(1)
+    guess = unmeasured_epoch_seconds(task)
+    epoch_s = clock.recovery_estimate(1) if clock.recovery_seconds or guess is None else guess
     if makes_control(task):
-        epoch_s += control_epoch_seconds(Run(writer.dir).history, clock)
+        epoch_s += control_epoch_seconds(Run(writer.dir).history, clock, guess)
     return epoch_s
+
+
+DISTILLED_BATCH_COST = 1.5  # a distilled mini-batch's time over a plain one's: the teacher's forward pass added
+
+
+def unmeasured_epoch_seconds(task: Task) -> float | None:
+    """Seconds of a recovery epoch on the original before any recovery was timed: its mini-batches at the original's
+    fine-tuning rate (``finetune_batch_seconds``, timed by the classification task's fine-tuning check), times
+    ``DISTILLED_BATCH_COST`` when the recovery distils; None where the task timed none.
+
+    Why: before, an epoch was guessed at four steps' time (:meth:`RunClock.recovery_estimate`, a guess for a whole
+    recovery), 64 s on our ResNet-56 upload (``bench/real_cifar.py --upload``) where an epoch takes 11-12 s; at the
+    first stall a stretch's 12 epochs and the control's repeat of them then read 1,500 s, and whether the stretch
+    fitted a 30-minute budget turned on a second of step time: two runs of the same code took different paths from
+    step 3. The cost of the teacher: 153 ms against 102 ms a ResNet-56 mini-batch of 64 images on 2 cores, bf16."""
+    batch_s = getattr(task, "finetune_batch_seconds", None)
+    n_train = len(getattr(getattr(task, "data", None), "train", None) or ())
+    if not batch_s or not n_train:
+        return None
+    batches = max(1, n_train // task.config.batch_size)
+    return batches * batch_s * (DISTILLED_BATCH_COST if task.config.recover_kd else 1.0)
 
 
 def plain_step_crowds_out_stretch(task: Task, writer: RunWriter, clock: "RunClock", last: dict,
@@ -990,10 +1012,12 @@ def control_estimate(history: list[dict], task: Task, clock: RunClock) -> float:
     over its mini-batches. Before any recovery: :meth:`RunClock.recovery_estimate`. Why: the control can cost as
     much training as the whole run (a ResNet-56 upload's: 600 mini-batches and 7 recoveries, 15 minutes past a
     28-minute budget); counted at the largest recovered model's rate, measuring included, and its mini-batches at
-    the distilled recovery's rate, a ResNet-56 upload's control was estimated at 699 s and took 657."""
-    if not recorded_recoveries(history):
+    the distilled recovery's rate, a ResNet-56 upload's control was estimated at 699 s and took 657. Before any
+    recovery, with the original's mini-batch timed, its epochs at :func:`unmeasured_epoch_seconds`."""
+    guess = unmeasured_epoch_seconds(task)
+    if not recorded_recoveries(history) and guess is None:
         return clock.recovery_estimate()
-    epoch_s = control_epoch_seconds(history, clock)
+    epoch_s = control_epoch_seconds(history, clock, guess)
     n_train = len(getattr(getattr(task, "data", None), "train", None) or ())
     batch_s = getattr(task, "finetune_batch_seconds", None) or (
         epoch_s / max(1, -(-n_train // task.config.batch_size)) if n_train else 0.0)
@@ -1026,7 +1050,7 @@ def recovery_overhead_seconds(history: list[dict]) -> float:
     return max(largest["seconds"] - trained, 0.0)
 
 
-def control_epoch_seconds(history: list[dict], clock: RunClock) -> float:
+def control_epoch_seconds(history: list[dict], clock: RunClock, guess: float | None = None) -> float:
     """Seconds the control takes to train one recovery epoch on the original, as :func:`control_estimate` counts it.
 
     From the recoveries' epochs' training times (:func:`epoch_training_seconds`): a straight line through each
@@ -1034,7 +1058,8 @@ def control_epoch_seconds(history: list[dict], clock: RunClock) -> float:
     recovered model's time and that time scaled by the original's MACs over that model's (the scaling alone while
     the recoveries' MACs span less than a tenth of the original's). Where no epoch carries a time: the dearest
     epoch of the largest model's recoveries, measuring included, or the recoveries pooled where that is more;
-    before any recovery, :meth:`RunClock.recovery_estimate` of one epoch.
+    before any recovery, ``guess`` (:func:`unmeasured_epoch_seconds`), else :meth:`RunClock.recovery_estimate` of
+    one epoch.
 
     Why a line: a recovery epoch's time hardly grows with the model's MACs, since the teacher (the original) runs
     on every mini-batch whatever the student's size: on our ResNet-56 upload (``bench/real_cifar.py --upload``)
@@ -1045,7 +1070,7 @@ def control_epoch_seconds(history: list[dict], clock: RunClock) -> float:
     estimated 30 s high, and the run found no room for a step it had room for."""
     recoveries = recorded_recoveries(history)
     if not recoveries:
-        return clock.recovery_estimate(1)
+        return guess or clock.recovery_estimate(1)
     timed = [(float(r.get("macs") or 0), epoch_training_seconds(r), r["recovery"]["epochs"]) for r in recoveries]
     timed = [(m, t, n) for m, t, n in timed if t is not None and m > 0]
     original = float(history[0].get("macs") or 0) if history else 0.0

@@ -267,3 +267,36 @@ def test_the_control_s_epochs_are_read_off_a_line_through_the_recoveries_trainin
     assert engine.control_epoch_seconds(history, clock) == pytest.approx(9.0 * 100 / 80)
     history[4] = recovery(4, 75, 6 * 8.5, 8.5, 6)  # 80 and 75: a span of less than a tenth, scaled alone
     assert engine.control_epoch_seconds(history, clock) == pytest.approx(9.0 * 100 / 80)
+
+
+def test_before_any_recovery_an_epoch_is_guessed_from_the_original_s_timed_mini_batch(tmp_path, monkeypatch):
+    """Before any recovery was timed, a recovery epoch is its mini-batches at the original's fine-tuning rate (the
+    fine-tuning check's timing) times the teacher's cost, not four steps' time (a guess for a whole recovery: 64 s
+    an epoch on a ResNet-56 upload whose epochs took 11-12 s, which made a 12-epoch stretch at the first stall fit
+    a 30-minute budget or not by a second of step time). Without a timing the old guess stands."""
+    from types import SimpleNamespace
+
+    import core.engine as engine
+
+    task = SimpleNamespace(config=PruneConfig(control=True, recover_epochs=2, batch_size=100),
+                           data=SimpleNamespace(train=list(range(1000))), recover=object(), control=object(),
+                           finetune_batch_seconds=0.2)
+    history = [{"step": 0, "macs": 100}, {"step": 1, "macs": 90}]
+    monkeypatch.setattr(engine, "Run", lambda folder: SimpleNamespace(history=history))
+    clock = engine.RunClock(30.0)
+    clock.step_done(16.0)
+    writer = SimpleNamespace(dir=tmp_path)
+    epoch = 10 * 0.2 * engine.DISTILLED_BATCH_COST  # 10 mini-batches of 100
+    assert engine.unmeasured_epoch_seconds(task) == pytest.approx(epoch)
+    assert engine.recovery_epoch_seconds(task, writer, clock) == pytest.approx(2 * epoch), "the epoch and the control's"
+    received = engine.training_received(history, task.config.finetune_steps)
+    assert engine.control_estimate(history, task, clock) == pytest.approx(received["finetune_batches"] * 0.2)
+    task.config.recover_kd = False
+    assert engine.unmeasured_epoch_seconds(task) == pytest.approx(10 * 0.2)
+    task.finetune_batch_seconds = None  # no timing: four steps, as before
+    assert engine.recovery_epoch_seconds(task, writer, clock) == pytest.approx(2 * 4 * 16.0)
+    assert engine.control_estimate(history, task, clock) == pytest.approx(4 * 16.0)
+    clock.recovery_done(20.0, 2)  # once a recovery is timed, its rate
+    task.finetune_batch_seconds, task.config.recover_kd = 0.2, True
+    assert engine.recovery_epoch_seconds(task, writer, clock) == pytest.approx(10.0 + epoch), \
+        "the run's own epoch at the timed recovery's rate; the control's at the guess until the history holds one"
