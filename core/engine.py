@@ -372,10 +372,9 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
     structure = write_structure(graph, task, writer)
     t_start = clock.first_step = time.perf_counter()  # records' ``elapsed`` counts from the first step, as before budgets
     scores, batch = None, config.clusters_per_step  # group root -> score per filter; the most clusters a step tries
-    # the current model's MACs; the last recorded step; the next stretch's size (StretchSize.resize)
-    macs, last, size = base["macs"], base, StretchSize.first(config)
-    # reason: why it stopped (the step limit: the while's else); rejected: undone moves; stalled: unrecovered_refusal
-    recoveries, step, reason, rejected, stalled = 0, 0, "", [], None
+    # the current model's MACs; the last recorded step; the next stretch's size (StretchSize.resize); reason: why it
+    # stopped (the step limit: the while's else); rejected: undone moves; stalled: a stall's reason (no try)
+    macs, last, size, recoveries, step, reason, rejected, stalled = base["macs"], base, StretchSize.first(config), 0, 0, "", [], None
     rank = functools.partial(rank_step, task, plan, structure["left_alone"], base["widths"], rng, cancel, cb)
     while step < config.max_steps:
         if cancel.is_set():
@@ -394,8 +393,9 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
         moves = step_moves(candidates, batch, to_go, None if config.step_macs is None else config.step_macs * base["macs"])
         accepted, graph, broke_together = (None, graph, False) if stalled else try_candidates(  # stalled: no try
             graph, moves, task, structure, writer, cb, step, base["metric"], rng, cancel, rejected)
-        if broke_together:  # the clusters broke the threshold together: half as many at a time from here
-            batch = max(1, len(moves[0]) // 2)
+        if accepted is None and not stalled:
+            clock.stall_done(time.perf_counter() - t0)
+        batch = max(1, len(moves[0]) // 2) if broke_together else batch  # broke the threshold together: halve
         if accepted is None:
             reason = stalled or f"the next clusters would exceed the {config.max_drop:g}-point " \
                 f"{task.metric_name} threshold"
@@ -916,6 +916,7 @@ class RunClock:
         self.start = time.perf_counter() - (0.0 if started is None else max(time.time() - started, 0.0))
         self.budget_s = None if budget_minutes is None else budget_minutes * 60.0
         self.step_seconds: list[float] = []
+        self.stall_seconds: list[float] = []  # steps that kept no candidate: not recorded, not in step_estimate
         self.recovery_seconds: list[float] = []
         self.recovery_epochs: list[int | None] = []
         self.first_step: float | None = None  # when the loop's first step began: what records' ``elapsed`` counts from
@@ -933,6 +934,10 @@ class RunClock:
     def step_done(self, seconds: float) -> None:
         self.step_seconds.append(seconds)
 
+    def stall_done(self, seconds: float) -> None:
+        """A step that tried its candidates and kept none took ``seconds`` (:meth:`slowest_step` counts it)."""
+        self.stall_seconds.append(seconds)
+
     def recovery_done(self, seconds: float, epochs: int | None = None) -> None:
         self.recovery_seconds.append(seconds)
         self.recovery_epochs.append(epochs)
@@ -942,9 +947,16 @@ class RunClock:
         return float(np.mean(self.step_seconds)) if self.step_seconds else 0.0
 
     def slowest_step(self) -> float:
-        """Seconds of the slowest step so far (0 before the first): what a step that re-scores every group may take
-        (the first step, and the first after a recovery; :func:`stretch_recovery_epochs`)."""
-        return float(max(self.step_seconds)) if self.step_seconds else 0.0
+        """Seconds of the slowest step so far, kept or stalled (0 before the first): what a step that re-scores every
+        group may take (the first step, and the first after a recovery; :func:`stretch_recovery_epochs`), or one that
+        tries every candidate and keeps none.
+
+        Why the stalled ones: a stall tries every candidate, where a kept step stops at the first that fits. On our
+        ResNet-56 upload (``bench/real_cifar.py --upload``, 30 minutes) the step after the stretch to 2.37x was
+        predicted to leave room for another stretch at the slowest kept step (23 s); it stalled after four
+        candidates, the stretch no longer fitted, and the 2.37x stretch had been given 6 epochs instead of the
+        leftover."""
+        return float(max(self.step_seconds + self.stall_seconds, default=0.0))
 
     def recovery_estimate(self, epochs: int | None = None) -> float:
         """Seconds of the next recovery: the last one's, scaled to ``epochs`` when both are known (a stretch

@@ -300,3 +300,16 @@ def test_before_any_recovery_an_epoch_is_guessed_from_the_original_s_timed_mini_
     task.finetune_batch_seconds, task.config.recover_kd = 0.2, True
     assert engine.recovery_epoch_seconds(task, writer, clock) == pytest.approx(10.0 + epoch), \
         "the run's own epoch at the timed recovery's rate; the control's at the guess until the history holds one"
+
+
+def test_the_slowest_step_counts_a_stall_that_tried_every_candidate():
+    """A stall tries every candidate where a kept step stops at the first that fits; the room for a stretch after a
+    plain step counts the slowest of either (a ResNet-56 upload's stall after its 2.37x stretch took longer than its
+    slowest kept step, and the stretch the loop had kept room for no longer fitted)."""
+    import core.engine as engine
+
+    clock = engine.RunClock(30.0)
+    assert clock.slowest_step() == 0.0
+    clock.step_done(23.0)
+    clock.stall_done(31.0)
+    assert clock.slowest_step() == 31.0 and clock.step_estimate() == 23.0, "a stall is no step's mean"
