@@ -369,6 +369,10 @@ def test_the_last_stretch_s_recovery_takes_what_the_budget_leaves_up_to_three_ti
         "100 s left: no retry would fit after it, so nothing is kept for one"
     reserve["s"] = 100.0  # what the run keeps for its end is not spent
     assert engine.stretch_recovery_epochs(task, None, Clock(600 - 120 - 200)) == usual + 4
+    reserve["s"] = 500.0  # a control dearer than the spare epoch: 6 % of its estimate (30 s) is kept spare instead
+    assert engine.CONTROL_DRIFT == 0.06
+    assert engine.stretch_recovery_epochs(task, None, Clock(600 - 120 - 600)) == usual + 3, \
+        "100 s left after the control's 500: 30 s spare (not 20), 70 s for three more epochs"
     assert engine.stretch_recovery_epochs(task, None, Clock(0.0, budget_s=None)) == usual
     untimed = Clock(500.0)
     untimed.recovery_seconds = []
