@@ -351,10 +351,13 @@ def paired_text(before, after) -> str:
 
 def step_kind(record: dict) -> str:
     """What a step was: ``N cluster(s)``, ``recovery``, and for a stretch (``core.engine.stretch_step``) which half
-    it is and whether the loop undid it."""
+    it is and whether the loop undid it; a step taken after the loop went back (``core.engine.Fallback``) names the
+    step it went back to."""
     kind = "recovery" if record.get("recovered_from") is not None else f"{len(removals(record))} cluster(s)"
     if record.get("stretch"):
         kind += " (stretch" + (", undone)" if record.get("undone") else ")")
+    if record.get("from_step") is not None:
+        kind += f" from step {record['from_step']}"
     return kind
 
 

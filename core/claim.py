@@ -45,7 +45,8 @@ def lineage(history: list[dict], upto: int | None = None) -> list[dict]:
     original, in order. An undone stretch (``core.engine.stretch_step``) is not on it: its walk (the ``stretch``
     records that await its recovery) and its recovery (``undone``) are dropped, since the model went back to the
     step before the walk. A recovery starts from the step it names (``recovered_from``): one appended after the
-    run (``python -m core recover --step N``) drops the steps after N."""
+    run (``python -m core recover --step N``) drops the steps after N; so does the first step the loop took after
+    going back to step N (``from_step``: ``core.engine.Fallback``)."""
     path: list[dict] = []
     for record in history:
         if upto is not None and record.get("step", 0) > upto:
@@ -57,6 +58,7 @@ def lineage(history: list[dict], upto: int | None = None) -> list[dict]:
                 path.pop()
             continue
         source = record.get("recovered_from")
+        source = record.get("from_step") if source is None else source
         if source is not None:
             while path and path[-1].get("step", 0) > source:
                 path.pop()

@@ -377,9 +377,11 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
     # stopped (the step limit: the while's else); rejected: undone moves; stalled: a stall's reason (no try)
     macs, last, size, recoveries, step, reason, rejected, stalled = base["macs"], base, StretchSize.first(config), 0, 0, "", [], None
     rank = functools.partial(rank_step, task, plan, structure["left_alone"], base["widths"], rng, cancel, cb)
+    fallback = Fallback()  # the last model the test images accepted on the path, for a second refusal
     while step < config.max_steps:
         if cancel.is_set():
             raise CancelledError("Cancelled.")
+        fallback.note(graph, last, channel_maps, base, config.max_drop)
         if clock.would_pass_budget(clock.step_estimate() + time_to_finish(task, writer, clock)):
             reason = f"time budget reached ({config.time_budget:g} min); the finished steps are kept"
             break
@@ -411,7 +413,8 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
                 break
             if stretch:  # else a plain recovery, which does fit
                 walk = StretchWalk(candidates, scores, rank, size.macs, t_start, size.epochs,
-                                   functools.partial(size.after_undone, config, recovered_before))
+                                   functools.partial(size.after_undone, config, recovered_before), 0,
+                                   fallback.take_back())
                 graph, last, step, kept = stretch_step(graph, walk, task, structure, writer, cb, step, last, base,
                                                        teacher, rng, cancel, clock, channel_maps)
                 recoveries += kept is not None  # None: no removal fitted even the stretch's allowance
@@ -419,7 +422,11 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
                 retry = size.resize(kept, config, walk.taken) and recovered_before  # from the same recovery
                 stop, stalled = after_stretch(task, base, last, kept, recovered_before and not retry, recoveries,
                                               clock, writer, stalled), (reason if retry else None)
-                if stop is not None:
+                again = test_refusal(base, last, config.max_drop) if stop is not None and kept else None
+                back = again and fallback.back_off(task, writer, clock, recoveries, size, walk.taken, channel_maps, cb)
+                if back:  # the test images refused the stretch too: on from the last step they accepted
+                    (graph, last), stalled = back, f"{again}; back to step {back[1]['step']}"
+                if stop is not None and not back:
                     reason = stop if kept else reason + stop
                     break
                 if kept or retry:
@@ -440,24 +447,78 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
             reason = target_reached
             break
         refused = test_refusal(base, last, config.max_drop)
-        if refused and can_recover(task):
-            reason = refused  # the selection images passed a step the test images refuse (never shipped): recover
-            blocked = recovery_blocked(task, writer, recoveries, clock)
-            if blocked is not None:
-                reason += blocked
-                break
-            step += 1
-            last = recover_step(task, graph, writer, cb, step, last, teacher, cancel, clock)
-            recoveries += 1
+        if refused and can_recover(task):  # the selection images passed a step the test images refuse: recover
+            last, step, recoveries, stalled, reason = recover_refused(task, graph, writer, cb, step, last, base,
+                                                                      teacher, cancel, clock, recoveries, refused)
             scores, batch = None, config.clusters_per_step
-            stalled = unrecovered_refusal(base, last, reason, config.max_drop)
-            blocked = stretch_blocked(task, writer, clock, recoveries) if stalled else None
-            if blocked is not None:
-                reason = stalled + blocked
+            if reason is not None:
                 break
     else:
         reason = "step limit reached"
     return finish_run(task, graph, writer, cb, cancel, clock, teacher, last, reason, rejected)
+
+
+def recover_refused(task: Task, graph: PruningGraph, writer: RunWriter, cb: Callbacks, step: int, last: dict,
+                    base: dict, teacher, cancel: threading.Event, clock: "RunClock", recoveries: int, refused: str):
+    """A kept step the test images refuse (``refused``, :func:`test_refusal`; never shipped): recover it, when a
+    recovery is left and fits. Returns ``(last, step, recoveries, stalled, stop)``: the record to go on from, the
+    last step number written, the recoveries spent, the stall reason when the recovery did not bring the step
+    back (:func:`unrecovered_refusal`: the loop's next move is a stretch) and why the run ends (None: it goes on)."""
+    blocked = recovery_blocked(task, writer, recoveries, clock)
+    if blocked is not None:
+        return last, step, recoveries, None, refused + blocked
+    last = recover_step(task, graph, writer, cb, step + 1, last, teacher, cancel, clock)
+    stalled = unrecovered_refusal(base, last, refused, task.config.max_drop)
+    blocked = stretch_blocked(task, writer, clock, recoveries + 1) if stalled else None
+    return last, step + 1, recoveries + 1, stalled, None if blocked is None else stalled + blocked
+
+
+class Fallback:
+    """The last model on the run's path that the test images accepted: a recovered step within the threshold on
+    them (:func:`test_refusal`), its record, weights, Torch-Pruning history and channel maps, noted at the top of
+    each step of :func:`prune_loop`; and :meth:`back_off` to it.
+
+    Why: where the test images refuse a step, its recovery and the stretch taken from there (:func:`after_stretch`),
+    the path past the last accepted step is spent; ending there ended our ResNet-20 upload (``bench/real_cifar.py
+    --upload``, the teacher in channels-last) at 1.26x fewer MACs with 10 of its 15 minutes unspent."""
+
+    def __init__(self):
+        self.model = self.history = self.channel_maps = self.record = None
+        self.back_to: int | None = None  # set by back_off, taken by the next stretch's walk (StretchWalk.from_step)
+
+    def note(self, graph: PruningGraph, last: dict, channel_maps: dict, base: dict, max_drop: float) -> None:
+        """Keep ``last`` (the model ``graph`` holds) when it is a recovered step the test images accept, new."""
+        if last.get("recovered_from") is None or last.get("undone") or test_refusal(base, last, max_drop) \
+                or (self.record is not None and self.record["step"] == last["step"]):
+            return
+        self.model, self.history = copy.deepcopy(graph.model), [list(h) for h in graph.history]
+        self.channel_maps, self.record = copy.deepcopy(channel_maps), last
+
+    def take_back(self) -> int | None:
+        """The step a back-off returned to, once (the first record after it names it: ``from_step``)."""
+        back, self.back_to = self.back_to, None
+        return back
+
+    def back_off(self, task: Task, writer: RunWriter, clock: "RunClock", recoveries: int, size: "StretchSize",
+                 taken: int, channel_maps: dict, cb: Callbacks) -> tuple[PruningGraph, dict] | None:
+        """Back to the noted step with a smaller next stretch (``size``, as after an undone stretch that removed
+        ``taken`` clusters: :meth:`StretchSize.resize`): ``(graph, record)`` to go on from, ``channel_maps``
+        restored; None when no step was noted, the stretch cannot shrink, or no recovery or room for that stretch
+        is left (:func:`stretch_blocked`): the run ends as before. The steps past it stay in the history, where
+        the test curve (``core.runs.accepted_test_drops``) still counts their reads: they were looks at the test
+        images; the claim's path (``core.claim.lineage``) and the control leave them out."""
+        before = (size.macs, size.epochs)
+        if self.record is None:
+            return None
+        size.resize(False, task.config, taken)  # from another model than the refused stretch's: any change will do
+        if (size.macs, size.epochs) == before or stretch_blocked(task, writer, clock, recoveries) is not None \
+                or not stretch_fits(task, writer, clock, size.epochs):
+            return None
+        channel_maps.clear()
+        channel_maps.update(copy.deepcopy(self.channel_maps))
+        self.back_to = self.record["step"]
+        cb.progress(1.0, f"back to step {self.back_to}, the last step the test images accepted")
+        return rebuild_graph(task, copy.deepcopy(self.model), [list(h) for h in self.history]), self.record
 
 
 def rank_step(task: Task, plan: PrunePlan, left_alone: dict[str, str], widths: dict[str, int],
@@ -610,6 +671,7 @@ class StretchWalk:
     epochs: int
     after_undone: Callable[[int], tuple[int, bool]] = lambda taken: (0, False)
     taken: int = 0  # clusters the walk removed, set by stretch_step (StretchSize.resize)
+    from_step: int | None = None  # the step it starts from when the loop went back to it (Fallback.back_off)
 
 
 def usual_stretch_epochs(config: PruneConfig) -> int:
@@ -716,8 +778,9 @@ def stretch_step(graph: PruningGraph, walk: StretchWalk, task: Task, structure: 
             break
         move, metrics, tried = accepted
         walk.taken += len(move)
+        back = {"from_step": walk.from_step} if walk.from_step is not None and walked is None else {}
         walked, _ = record_step(writer, cb, graph, here, move, metrics, tried, channel_maps, (t0, walk.t_start),
-                                base["macs"], None, stretch=True, awaits_recovery=True, **task.step_extra(move))
+                                base["macs"], None, stretch=True, awaits_recovery=True, **back, **task.step_extra(move))
         clock.step_done(time.perf_counter() - t0)
         candidates = None
         if walked["macs"] <= goal + 1e-9 or not stretch_fits(task, writer, clock, walk.epochs):
@@ -815,10 +878,11 @@ def after_stretch(task: Task, base: dict, last: dict, kept: bool | None, recover
     :func:`unrecovered_refusal`) and they refuse its recovery too; from an undone one (the text is added to the
     stall's reason) when a plain recovery was already tried, none is left, or no time is left for one.
 
-    Why the second refusal ends the run: the stretch's longer recovery is the remedy the loop has for a step the
+    Why the second refusal ends the walk: the stretch's longer recovery is the remedy the loop has for a step the
     test images refuse; walking on past it made the bundled cifar10 sample's default run, whose 400 test images
     refused every step from the first (1.75 to 6.75 points lost), take 14 steps instead of 2 for nothing that
-    could ship.
+    could ship. The loop then goes back to the last recovered step the test images accepted, when there is one
+    and a smaller stretch fits (:class:`Fallback`), and ends only otherwise.
 
     ``recovered_before``: the model the stall started from is a recovery, a stretch's included; a second recovery
     of it buys no step (the loop ends where no stretch fits, :func:`prune_loop`, or this one was undone). Why a

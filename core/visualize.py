@@ -573,6 +573,8 @@ def _removed_text(r: dict) -> str:
             text += " (stretch, undone: back to the model before it)" if r.get("undone") else " (stretch, kept)"
         return text
     text = "; ".join(f"{rem.get('group')}: {rem.get('width_before')} → {rem.get('width_after')}" for rem in rems)
+    if r.get("from_step") is not None:
+        text += f" (from step {r['from_step']}: the test images refused the steps after it)"
     if r.get("stretch"):
         return text + " (stretch past the threshold, for a recovery to bring back)"
     return text + (" (ships once recovered)" if r.get("awaits_recovery") else "")

@@ -16,7 +16,7 @@ from core.models import load_model
 from core.prune import PruneConfig, run_pruning
 from core.car import exact_budget
 from core.engine import control_step
-from core.runs import Run, select_step
+from core.runs import Run, removals, select_step
 from core.sources import load_dataset
 from tests.helpers import quick_config
 
@@ -155,6 +155,35 @@ def test_a_refused_step_its_recovery_does_not_bring_back_is_followed_by_a_stretc
     spent = Run(tmp_path / "spent")
     assert [r["step"] for r in spent.history] == [0, 1, 2, 3], "no recovery left for a stretch: the run ends there"
     assert "did not bring it back" in spent.status["message"] and "recoveries spent" in spent.status["message"]
+
+
+def test_a_second_refusal_goes_back_to_the_last_step_the_test_images_accepted(digits, tmp_path, monkeypatch):
+    """The test images refuse step 2 and accept its recovery (step 3); they refuse step 4, its recovery (5) and the
+    recovery (7) of the stretch taken from there (6): the loop goes back to step 3's model, with a smaller next
+    stretch, and walks on from it. The claim's path and the control leave steps 4-7 out; the records keep them."""
+    loaded, data = digits
+    fake_metric(monkeypatch, 0.1, 0.0)
+    monkeypatch.setattr(engine, "test_refusal", lambda base, record, max_drop: (
+        f"the test images refuse step {record['step']}" if record["step"] in (2, 4, 5, 7) else None))
+    config = quick_config(max_steps=11, max_drop=1.0, recover_epochs=1, max_recoveries=6, stretch=True)
+    run_pruning(loaded, data, config, tmp_path / "run")
+    run = Run(tmp_path / "run")
+    hist = run.history
+    assert [r.get("recovered_from") for r in hist[:8]] == [None, None, None, 2, None, 4, None, 6]
+    assert hist[7]["stretch"] and not hist[7].get("undone"), "the selection images kept the stretch; the test refused it"
+    assert hist[8].get("from_step") == 3 and hist[8]["stretch"], "a stretch from step 3's model, not from step 7's"
+    assert hist[8]["widths"] != hist[7]["widths"] and hist[8]["macs"] < hist[3]["macs"]
+    assert all(hist[8]["widths"][n] <= w for n, w in hist[3]["widths"].items()), "it removed from step 3's widths"
+    assert hist[9]["recovered_from"] == 8 and hist[9]["stretch"]
+    assert hist[3]["macs"] - hist[8]["macs"] <= hist[5]["macs"] - hist[6]["macs"], \
+        "the next stretch is no larger than the refused one (its walk halved, down to one move)"
+    assert [r["step"] for r in lineage(hist, upto=9)] == [1, 2, 3, 8, 9]
+    assert training_received(hist, config.finetune_steps, upto=9)["recovery_epochs"] == [1, engine.STRETCH_EPOCHS]
+    assert run.rebuild_step(9)(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    removed = [c for r in lineage(hist, upto=9) for c in removals(r)]
+    assert len({(c["group"], f) for c in removed for f in c["filters_original"]}) == \
+        sum(len(c["filters_original"]) for c in removed), "the channel maps went back too: no filter removed twice"
+    assert not run.status["message"].startswith("the test images refuse step 7")
 
 
 def test_a_stretch_the_recovery_brings_back_is_kept_and_the_run_goes_on(digits, tmp_path, monkeypatch):
