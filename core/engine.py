@@ -375,7 +375,8 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
     scores, batch = None, config.clusters_per_step  # group root -> score per filter; the most clusters a step tries
     # the current model's MACs; the last recorded step; the next stretch's size (StretchSize.resize); reason: why it
     # stopped (the step limit: the while's else); rejected: undone moves; stalled: a stall's reason (no try)
-    macs, last, size, recoveries, step, reason, rejected, stalled = base["macs"], base, StretchSize.first(config), 0, 0, "", [], None
+    macs, last, size, recoveries = base["macs"], base, StretchSize.first(config), 0
+    step, reason, rejected, stalled = 0, "", [], None
     rank = functools.partial(rank_step, task, plan, structure["left_alone"], base["widths"], rng, cancel, cb)
     fallback = Fallback()  # the last model the test images accepted on the path, for a second refusal
     while step < config.max_steps:
