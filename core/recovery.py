@@ -19,7 +19,6 @@ it like any other step.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import threading
@@ -43,7 +42,7 @@ from .models import InputSpec
 from .runs import ACTIVE_RUNS, Run, RunWriter
 from .sources import load_run_dataset
 from .stats import paired_figures
-from .training import augment, check_precision, resolve_precision, train_steps, training_precision
+from .training import augment, check_precision, resolve_precision, train_steps
 from .tasks.registry import task_plugin
 
 
@@ -145,21 +144,6 @@ def batch_loss(out: torch.Tensor, y: torch.Tensor, x: torch.Tensor, teacher: nn.
     return distillation_loss(out, t_out, y, config.kd_alpha, config.kd_temperature)
 
 
-@contextlib.contextmanager
-def teacher_layout(teacher: nn.Module | None, precision: str):
-    """Inside: ``teacher`` (None: nothing) in the layout the student trains in (``core.training.training_precision``:
-    channels-last under bf16), back in the contiguous layout after.
-
-    Why: the teacher's forward pass runs on every mini-batch of a distilled recovery, the control's included; left
-    contiguous under bf16 it cost about 51 ms of a 153-ms ResNet-56 mini-batch of 64 images on 2 cores, and the
-    mini-batch took 137 ms with the teacher in channels-last (``bench/teacher_layout.py``)."""
-    if teacher is None:
-        yield
-        return
-    with training_precision(teacher, precision):
-        yield
-
-
 def epoch_batches(train: ImageSet, spec: InputSpec, config: "RecoveryConfig", gen: torch.Generator,
                   device: torch.device):
     """One epoch's augmented mini-batches ``(x, y)`` on ``device``, in an order drawn from ``gen``
@@ -207,34 +191,32 @@ def recover(model: nn.Module, train: ImageSet, spec: InputSpec, config: Recovery
                             precision=resolve_precision(config.precision, device))
     best_score, best_state = float("-inf"), copy.deepcopy(model.state_dict())
     done = 0
-    with teacher_layout(teacher, result.precision):  # the teacher runs every mini-batch: in the fast layout too
-        for epoch in range(1, config.epochs + 1):
-            model.train()
-            batches = epoch_batches(train, spec, config, gen, device)
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        batches = epoch_batches(train, spec, config, gen, device)
 
-            def epoch_loss() -> torch.Tensor:
-                x, y = next(batches)
-                return batch_loss(model(x), y, x, teacher, config)
+        def epoch_loss() -> torch.Tensor:
+            x, y = next(batches)
+            return batch_loss(model(x), y, x, teacher, config)
 
-            def epoch_progress(fraction: float, _message: str, epoch=epoch, start=done) -> None:
-                if progress:
-                    progress(start + round(fraction * steps_per_epoch), total,
-                             f"recovery epoch {epoch}/{config.epochs}")
+        def epoch_progress(fraction: float, _message: str, epoch=epoch, start=done) -> None:
+            if progress:
+                progress(start + round(fraction * steps_per_epoch), total, f"recovery epoch {epoch}/{config.epochs}")
 
-            t_epoch = time.perf_counter()
-            losses = train_steps(model, opt, steps_per_epoch, epoch_loss, cancel, epoch_progress, after_step=sched.step,
-                                 precision=result.precision)
-            train_s = time.perf_counter() - t_epoch
-            done += len(losses)
-            if len(losses) < steps_per_epoch:
-                result.cancelled = True
-                break
-            score = float(select(model.eval())) if scores_epoch(config, epoch) else None
-            result.epochs.append({"epoch": epoch, "selection": score, "train_loss": float(np.mean(losses)),
-                                  "seconds": train_s})
-            if keeps_epoch(config, score, best_score):
-                best_score = best_score if score is None else max(score, best_score)
-                best_state, result.best_epoch = copy.deepcopy(model.state_dict()), epoch
+        t_epoch = time.perf_counter()
+        losses = train_steps(model, opt, steps_per_epoch, epoch_loss, cancel, epoch_progress, after_step=sched.step,
+                             precision=result.precision)
+        train_s = time.perf_counter() - t_epoch
+        done += len(losses)
+        if len(losses) < steps_per_epoch:
+            result.cancelled = True
+            break
+        score = float(select(model.eval())) if scores_epoch(config, epoch) else None
+        result.epochs.append({"epoch": epoch, "selection": score, "train_loss": float(np.mean(losses)),
+                              "seconds": train_s})
+        if keeps_epoch(config, score, best_score):
+            best_score = best_score if score is None else max(score, best_score)
+            best_state, result.best_epoch = copy.deepcopy(model.state_dict()), epoch
     model.load_state_dict(best_state)
     model.eval()
     return result

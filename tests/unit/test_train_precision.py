@@ -106,30 +106,6 @@ def test_a_bf16_recovery_learns_and_says_what_it_trained_in(monkeypatch):
         RecoveryConfig(precision="half").validate()
 
 
-def test_a_distilled_bf16_recovery_runs_the_teacher_channels_last_and_hands_it_back_unchanged(monkeypatch):
-    """The teacher's forward pass runs in the student's layout (channels-last under bf16: ``teacher_layout``), and
-    the teacher comes back contiguous with the same weights, since the loop's later recoveries and the control
-    use the same teacher and export expects the contiguous layout."""
-    from core import recovery
-    monkeypatch.setattr(training, "native_bf16", lambda device: True)
-    teacher, seen = _net().eval(), []
-    before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    real = recovery.batch_loss
-
-    def batch_loss(out, y, x, t, config):
-        seen.append(t[0].weight.is_contiguous(memory_format=torch.channels_last))
-        return real(out, y, x, t, config)
-
-    monkeypatch.setattr(recovery, "batch_loss", batch_loss)
-    result = recover(_net(), _images(64), SPEC, RecoveryConfig(epochs=1, batch_size=32, distill=True),
-                     lambda m: 0.0, teacher=teacher)
-    assert result.precision == "bf16" and seen and all(seen), "the teacher ran channels-last on every mini-batch"
-    assert all(p.is_contiguous() for p in teacher.parameters())
-    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items()), "the teacher is not trained"
-    with recovery.teacher_layout(teacher, "fp32"):
-        assert teacher[0].weight.is_contiguous(), "fp32: the layout is left as it is"
-
-
 def test_the_setting_comes_from_the_cli_and_detection_refuses_bf16():
     base = ["prune", "--model", "m.pt", "--data", "d", "--out", "o"]
     assert config_from_args(build_parser().parse_args(base), PruneConfig).train_precision == "auto"
