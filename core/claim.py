@@ -46,7 +46,8 @@ def lineage(history: list[dict], upto: int | None = None) -> list[dict]:
     records that await its recovery) and its recovery (``undone``) are dropped, since the model went back to the
     step before the walk. A recovery starts from the step it names (``recovered_from``): one appended after the
     run (``python -m core recover --step N``) drops the steps after N; so does the first step the loop took after
-    going back to step N (``from_step``: ``core.engine.Fallback``)."""
+    going back to step N (``from_step``: ``core.engine.Fallback``). A recovery appended after the run to a step such
+    a return left behind starts from that step's own path."""
     path: list[dict] = []
     for record in history:
         if upto is not None and record.get("step", 0) > upto:
@@ -59,9 +60,11 @@ def lineage(history: list[dict], upto: int | None = None) -> list[dict]:
             continue
         source = record.get("recovered_from")
         source = record.get("from_step") if source is None else source
-        if source is not None:
+        if source is not None and (source == 0 or any(r.get("step") == source for r in path)):
             while path and path[-1].get("step", 0) > source:
                 path.pop()
+        elif source is not None:  # a step a return dropped from the path (a recovery appended to it after the run)
+            path = lineage(history, upto=source)
         path.append(record)
     return path
 

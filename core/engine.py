@@ -423,7 +423,8 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
                 retry = size.resize(kept, config, walk.taken) and recovered_before  # from the same recovery
                 stop, stalled = after_stretch(task, base, last, kept, recovered_before and not retry, recoveries,
                                               clock, writer, stalled), (reason if retry else None)
-                again = test_refusal(base, last, config.max_drop) if stop is not None and kept else None
+                again = test_refusal(base, last, config.max_drop) if stop is not None and kept \
+                    and not at_mac_target(config, base, last) else None  # after_stretch's second refusal
                 back = again and fallback.back_off(task, writer, clock, recoveries, size, walk.taken, channel_maps, cb)
                 if back:  # the test images refused the stretch too: on from the last step they accepted
                     (graph, last), stalled = back, f"{again}; back to step {back[1]['step']}"
@@ -517,7 +518,7 @@ class Fallback:
             return None
         channel_maps.clear()
         channel_maps.update(copy.deepcopy(self.channel_maps))
-        self.back_to = self.record["step"]
+        self.back_to = clock.path_end = self.record["step"]
         cb.progress(1.0, f"back to step {self.back_to}, the last step the test images accepted")
         return rebuild_graph(task, copy.deepcopy(self.model), [list(h) for h in self.history]), self.record
 
@@ -780,6 +781,7 @@ def stretch_step(graph: PruningGraph, walk: StretchWalk, task: Task, structure: 
         move, metrics, tried = accepted
         walk.taken += len(move)
         back = {"from_step": walk.from_step} if walk.from_step is not None and walked is None else {}
+        clock.path_end = None if back else clock.path_end  # the record names the back-off: lineage follows it
         walked, _ = record_step(writer, cb, graph, here, move, metrics, tried, channel_maps, (t0, walk.t_start),
                                 base["macs"], None, stretch=True, awaits_recovery=True, **back, **task.step_extra(move))
         clock.step_done(time.perf_counter() - t0)
@@ -892,7 +894,7 @@ def after_stretch(task: Task, base: dict, last: dict, kept: bool | None, recover
     (0.3 -> 0.0) it was the step shipped (``bench/real_cifar.py --upload``, step 26)."""
     config = task.config
     if kept:
-        if config.mac_target is not None and last["macs"] <= config.mac_target * base["macs"]:
+        if at_mac_target(config, base, last):
             return f"MAC target reached ({last['macs'] / base['macs']:.2f} of the original)"
         again = test_refusal(base, last, config.max_drop) if refused else None
         if again:
@@ -904,6 +906,11 @@ def after_stretch(task: Task, base: dict, last: dict, kept: bool | None, recover
         return "; the recovery before bought no further step, nor did a stretch"
     blocked = recovery_blocked(task, writer, recoveries, clock)
     return None if blocked is None else "; the stretch did not come back" + blocked
+
+
+def at_mac_target(config: PruneConfig, base: dict, last: dict) -> bool:
+    """Whether ``last`` has reached the run's MAC target (``mac_target`` of the original's, ``base``'s, MACs)."""
+    return config.mac_target is not None and last["macs"] <= config.mac_target * base["macs"]
 
 
 def loop_teacher(task: Task, original, graph: PruningGraph):
@@ -991,6 +998,8 @@ class RunClock:
         self.recovery_seconds: list[float] = []
         self.recovery_epochs: list[int | None] = []
         self.first_step: float | None = None  # when the loop's first step began: what records' ``elapsed`` counts from
+        # the step the loop's model is at when no record names it yet (a back-off: Fallback), for the control's estimate
+        self.path_end: int | None = None
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -1104,7 +1113,7 @@ def control_estimate(history: list[dict], task: Task, clock: RunClock) -> float:
     n_train = len(getattr(getattr(task, "data", None), "train", None) or ())
     batch_s = getattr(task, "finetune_batch_seconds", None) or (
         epoch_s / max(1, -(-n_train // task.config.batch_size)) if n_train else 0.0)
-    received = training_received(history, task.config.finetune_steps)
+    received = training_received(history, task.config.finetune_steps, upto=getattr(clock, "path_end", None))
     return (sum(received["recovery_epochs"]) * epoch_s + len(received["recovery_epochs"]) * recovery_overhead_seconds(
         history) + received["finetune_batches"] * batch_s)
 

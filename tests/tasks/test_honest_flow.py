@@ -186,6 +186,71 @@ def test_a_second_refusal_goes_back_to_the_last_step_the_test_images_accepted(di
     assert not run.status["message"].startswith("the test images refuse step 7")
 
 
+def test_after_a_back_off_the_budget_counts_the_control_of_the_path_the_loop_went_back_to(digits, tmp_path,
+                                                                                          monkeypatch):
+    """Between the back-off and the first record that names it, the control's estimate (what every budget gate
+    keeps for the run's end) counts the training of step 3's path, not of the abandoned step 7's."""
+    loaded, data = digits
+    fake_metric(monkeypatch, 0.1, 0.0)
+    monkeypatch.setattr(engine, "test_refusal", lambda base, record, max_drop: (
+        f"the test images refuse step {record['step']}" if record["step"] in (2, 4, 5, 7) else None))
+    counted, real = [], engine.training_received
+
+    def training_received(history, finetune_steps, upto=None):
+        received = real(history, finetune_steps, upto)
+        counted.append((len(history), upto, received))
+        return received
+
+    monkeypatch.setattr(engine, "training_received", training_received)
+    config = quick_config(max_steps=11, max_drop=1.0, recover_epochs=1, max_recoveries=6, stretch=True,
+                          time_budget=60.0, control=True)
+    run_pruning(loaded, data, config, tmp_path / "run")
+    hist = Run(tmp_path / "run").history
+    assert hist[8].get("from_step") == 3
+    pending = [(upto, received) for n, upto, received in counted if n == 8]  # records 0-7 written, none names step 3
+    assert pending and all(upto == 3 and received["recovery_epochs"] == [1] for upto, received in pending[-1:]), pending
+
+
+def test_a_refused_stretch_at_the_mac_target_ends_the_run_there(digits, tmp_path, monkeypatch):
+    """A stretch taken at a plain stall (no refusal before it) that reaches the MAC target and whose recovery the
+    test images refuse ends the run at the target, as before: only a second refusal goes back."""
+    loaded, data = digits
+    fake_metric(monkeypatch, 0.35, 1.2)
+    decide, recovered = engine.finetune_and_decide, engine.recovered_decision  # the fake's reads stay <= 100 %
+    monkeypatch.setattr(engine, "finetune_and_decide", lambda *a: dataclasses.replace(
+        decide(*a), accuracy=min(decide(*a).accuracy, 1.0)))
+    monkeypatch.setattr(engine, "recovered_decision", lambda *a: dataclasses.replace(
+        recovered(*a), accuracy=min(recovered(*a).accuracy, 1.0)))
+    monkeypatch.setattr(engine, "test_refusal", lambda base, record, max_drop: (
+        f"the test images refuse step {record['step']}" if record["step"] == 9 else None))
+    config = quick_config(mac_target=0.40, max_steps=16, max_drop=1.0, recover_epochs=1, max_recoveries=4,
+                          stretch=True)
+    run = run_pruning(loaded, data, config, tmp_path / "run")
+    hist = Run(tmp_path / "run").history
+    assert hist[9]["stretch"] and hist[9]["recovered_from"] == 8 and hist[9]["macs"] <= 0.40 * hist[0]["macs"]
+    assert hist[-1]["step"] == 9
+    assert not any(r.get("from_step") is not None for r in hist)
+    assert Run(tmp_path / "run").status["message"].startswith("MAC target reached"), run
+
+
+def test_a_recovery_appended_to_a_step_a_back_off_left_behind_keeps_that_steps_path():
+    """``python -m core recover --step 7`` after a run that went back from step 7 to step 3: the new recovery's
+    path is step 7's (and so is the control's training), not step 3's."""
+    def step(n, **k):
+        return {"step": n, **k}
+
+    def rec(n, source, epochs, **k):
+        return {"step": n, "recovered_from": source, "recovery": {"epochs": epochs}, **k}
+
+    hist = [step(0), step(1, awaits_recovery=True), step(2, awaits_recovery=True), rec(3, 2, 1),
+            step(4, awaits_recovery=True), rec(5, 4, 1), step(6, stretch=True, awaits_recovery=True),
+            rec(7, 6, 3, stretch=True, undone=False), step(8, stretch=True, awaits_recovery=True, from_step=3),
+            rec(9, 8, 3, stretch=True, undone=False), rec(10, 7, 2)]
+    assert [r["step"] for r in lineage(hist, upto=9)] == [1, 2, 3, 8, 9]
+    assert [r["step"] for r in lineage(hist, upto=10)] == [1, 2, 3, 4, 5, 6, 7, 10]
+    assert training_received(hist, 40, upto=10)["recovery_epochs"] == [1, 1, 3, 2]
+
+
 def test_a_stretch_the_recovery_brings_back_is_kept_and_the_run_goes_on(digits, tmp_path, monkeypatch):
     """0.35 points per cluster, 1.2 back per recovery, threshold 1.0: steps 1-2 keep a cluster each (0.7); the
     third (1.05) is undone, so step 3 is a stretch: a step's worth of clusters removed past the threshold (one
