@@ -414,8 +414,7 @@ def prune_loop(graph: PruningGraph, task: Task, writer: RunWriter, cb: Callbacks
                 break
             if stretch:  # else a plain recovery, which does fit
                 walk = StretchWalk(candidates, scores, rank, size.macs, t_start, size.epochs,
-                                   functools.partial(size.after_undone, config, recovered_before), 0,
-                                   fallback.take_back())
+                                   functools.partial(size.after_undone, config, recovered_before))
                 graph, last, step, kept = stretch_step(graph, walk, task, structure, writer, cb, step, last, base,
                                                        teacher, rng, cancel, clock, channel_maps)
                 recoveries += kept is not None  # None: no removal fitted even the stretch's allowance
@@ -486,7 +485,6 @@ class Fallback:
 
     def __init__(self):
         self.model = self.history = self.channel_maps = self.record = None
-        self.back_to: int | None = None  # set by back_off, taken by the next stretch's walk (StretchWalk.from_step)
 
     def note(self, graph: PruningGraph, last: dict, channel_maps: dict, base: dict, max_drop: float) -> None:
         """Keep ``last`` (the model ``graph`` holds) when it is a recovered step the test images accept, new."""
@@ -495,11 +493,6 @@ class Fallback:
             return
         self.model, self.history = copy.deepcopy(graph.model), [list(h) for h in graph.history]
         self.channel_maps, self.record = copy.deepcopy(channel_maps), last
-
-    def take_back(self) -> int | None:
-        """The step a back-off returned to, once (the first record after it names it: ``from_step``)."""
-        back, self.back_to = self.back_to, None
-        return back
 
     def back_off(self, task: Task, writer: RunWriter, clock: "RunClock", recoveries: int, size: "StretchSize",
                  taken: int, channel_maps: dict, cb: Callbacks) -> tuple[PruningGraph, dict] | None:
@@ -518,8 +511,8 @@ class Fallback:
             return None
         channel_maps.clear()
         channel_maps.update(copy.deepcopy(self.channel_maps))
-        self.back_to = clock.path_end = self.record["step"]
-        cb.progress(1.0, f"back to step {self.back_to}, the last step the test images accepted")
+        clock.path_end = self.record["step"]  # until the next stretch's first record names it (``from_step``)
+        cb.progress(1.0, f"back to step {clock.path_end}, the last step the test images accepted")
         return rebuild_graph(task, copy.deepcopy(self.model), [list(h) for h in self.history]), self.record
 
 
@@ -673,7 +666,6 @@ class StretchWalk:
     epochs: int
     after_undone: Callable[[int], tuple[int, bool]] = lambda taken: (0, False)
     taken: int = 0  # clusters the walk removed, set by stretch_step (StretchSize.resize)
-    from_step: int | None = None  # the step it starts from when the loop went back to it (Fallback.back_off)
 
 
 def usual_stretch_epochs(config: PruneConfig) -> int:
@@ -780,8 +772,8 @@ def stretch_step(graph: PruningGraph, walk: StretchWalk, task: Task, structure: 
             break
         move, metrics, tried = accepted
         walk.taken += len(move)
-        back = {"from_step": walk.from_step} if walk.from_step is not None and walked is None else {}
-        clock.path_end = None if back else clock.path_end  # the record names the back-off: lineage follows it
+        back = {} if clock.path_end is None else {"from_step": clock.path_end}  # the first record after a back-off
+        clock.path_end = None  # that record names it: lineage follows it
         walked, _ = record_step(writer, cb, graph, here, move, metrics, tried, channel_maps, (t0, walk.t_start),
                                 base["macs"], None, stretch=True, awaits_recovery=True, **back, **task.step_extra(move))
         clock.step_done(time.perf_counter() - t0)
@@ -998,7 +990,8 @@ class RunClock:
         self.recovery_seconds: list[float] = []
         self.recovery_epochs: list[int | None] = []
         self.first_step: float | None = None  # when the loop's first step began: what records' ``elapsed`` counts from
-        # the step the loop's model is at when no record names it yet (a back-off: Fallback), for the control's estimate
+        # the step the loop's model is at while no record names it (after a back-off, Fallback, until the next stretch's
+        # first record carries it as ``from_step``): the path the control's estimate counts
         self.path_end: int | None = None
 
     def elapsed(self) -> float:
